@@ -1,0 +1,280 @@
+"""Soak test: several gateway replicas under a steady request rate for a fixed time.
+
+Starts a demo upstream and N ``distillguard serve`` replicas as separate processes (state
+in PostgreSQL and counters in Redis by default, or SQLite + in-process counters with
+``--single``), sends chat completions round-robin at a fixed rate from an asyncio client
+scheduled on a clock (loopback only), and every interval records: resident memory of every
+process, requests sent, errors, and latency percentiles. Writes ``soak.csv``, ``soak.png``
+and ``soak.md`` into the output folder.
+
+    python bench/soak.py --minutes 30 --rate 200 --out bench/results/soak
+
+The run is bounded: it stops after ``--minutes`` and terminates every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Window:
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback only
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_processes(args: argparse.Namespace, workdir: Path,
+                    procs: list[subprocess.Popen[bytes]]) -> tuple[list[str], str]:
+    up_port = free_port()
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "distillguard.cli", "demo-upstream", "--port", str(up_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_http(f"http://127.0.0.1:{up_port}/v1/models")
+    admin_token = "adm-soak-" + uuid.uuid4().hex
+    replicas = 1 if args.single else args.replicas
+    db_name = None
+    if not args.single:
+        db_name = args.db_name
+        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc",
+                        f'CREATE DATABASE "{db_name}"'], check=True)
+    urls = []
+    config_path = workdir / "replica-0.yaml"
+    for i in range(replicas):
+        port, admin_port = free_port(), free_port()
+        cfg = {
+            "server": {"port": port, "admin_port": admin_port, "replica_id": f"r{i}"},
+            "admin": {"token": admin_token},
+            "upstream": {"base_url": f"http://127.0.0.1:{up_port}/v1"},
+            "limits": {"tiers": {"standard": {"requests_per_minute": 10_000_000,
+                                              "tokens_per_minute": None,
+                                              "tokens_per_day": None}}},
+            "ledger": {"path": str(workdir / f"ledger-{i}")},
+        }
+        if args.single:
+            cfg["state"] = {"url": f"sqlite:///{workdir / 'state.sqlite'}"}
+        else:
+            cfg["state"] = {"url": f"postgresql://postgres@127.0.0.1:5432/{db_name}"}
+            cfg["counters"] = {"backend": "redis", "prefix": "soak-" + uuid.uuid4().hex[:6]}
+        path = workdir / f"replica-{i}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        if i == 0:
+            config_path = path
+            subprocess.run([sys.executable, "-m", "distillguard.cli", "-c", str(path),
+                            "migrate"], check=True, stdout=subprocess.DEVNULL)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distillguard.cli", "-c", str(path), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / f"replica-{i}.log", "wb")))  # noqa: SIM115 - lives with the process
+        urls.append(f"http://127.0.0.1:{port}/v1")
+    for url in urls:
+        wait_http(url.removesuffix("/v1") + "/ready")
+    out = subprocess.run([sys.executable, "-m", "distillguard.cli", "-c", str(config_path),
+                          "accounts", "create", "soak"], capture_output=True, check=True)
+    del out
+    created = subprocess.run([sys.executable, "-m", "distillguard.cli", "-c",
+                              str(config_path), "keys", "create", "soak"],
+                             capture_output=True, check=True, text=True)
+    key = yaml.safe_load(created.stdout.splitlines()[0])["key"]
+    return urls, key
+
+
+async def load(urls: list[str], key: str, rate: float, seconds: float, interval: float,
+               procs: list[subprocess.Popen[bytes]], rows: list[dict[str, float]]) -> None:
+    body = {"model": "demo-chat-1", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}]}
+    headers = {"authorization": f"Bearer {key}"}
+    window = Window()
+    ps = [psutil.Process(p.pid) for p in procs]
+    connector = aiohttp.TCPConnector(limit=512)
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(url: str) -> None:
+            start = time.perf_counter()
+            try:
+                async with session.post(url + "/chat/completions", json=body,
+                                        headers=headers) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            window.latencies.append((time.perf_counter() - start) * 1000)
+            if ok:
+                window.ok += 1
+            else:
+                window.errors += 1
+
+        t0 = time.perf_counter()
+        next_report = t0 + interval
+        n = 0
+        while True:
+            now = time.perf_counter()
+            if now - t0 >= seconds:
+                break
+            due = t0 + n / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            task = asyncio.create_task(one(urls[n % len(urls)]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            window.sent += 1
+            n += 1
+            if time.perf_counter() >= next_report:
+                rows.append(snapshot(time.perf_counter() - t0, window, ps))
+                print(format_row(rows[-1]), flush=True)
+                window = Window()
+                next_report += interval
+        await asyncio.gather(*tasks)
+        rows.append(snapshot(time.perf_counter() - t0, window, ps))
+
+
+def snapshot(elapsed: float, w: Window, ps: list[psutil.Process]) -> dict[str, float]:
+    lat = sorted(w.latencies) or [0.0]
+    row: dict[str, float] = {
+        "elapsed_s": round(elapsed, 1), "sent": w.sent, "ok": w.ok, "errors": w.errors,
+        "error_rate": (w.errors / max(1, w.ok + w.errors)),
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+    }
+    for i, p in enumerate(ps):
+        name = "upstream" if i == 0 else f"replica{i - 1}"
+        try:
+            row[f"rss_mb_{name}"] = p.memory_info().rss / 2**20
+        except psutil.Error:
+            row[f"rss_mb_{name}"] = float("nan")
+    return row
+
+
+def format_row(row: dict[str, float]) -> str:
+    mem = " ".join(f"{k[7:]}={v:.0f}MB" for k, v in row.items() if k.startswith("rss_mb_"))
+    return (f"t={row['elapsed_s']:>7.0f}s sent={row['sent']:.0f} errors={row['errors']:.0f} "
+            f"p50={row['p50_ms']:.1f}ms p99={row['p99_ms']:.1f}ms {mem}")
+
+
+def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "soak.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    t = [r["elapsed_s"] / 60 for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    for key in rows[0]:
+        if key.startswith("rss_mb_"):
+            axes[0].plot(t, [r[key] for r in rows], label=key[7:])
+    axes[0].set_ylabel("RSS (MB)")
+    axes[0].legend(loc="upper left", fontsize=8)
+    axes[1].plot(t, [r["p50_ms"] for r in rows], label="p50")
+    axes[1].plot(t, [r["p99_ms"] for r in rows], label="p99")
+    axes[1].set_ylabel("latency (ms)")
+    axes[1].legend(loc="upper left", fontsize=8)
+    axes[2].plot(t, [100 * r["error_rate"] for r in rows])
+    axes[2].set_ylabel("errors (%)")
+    axes[2].set_xlabel("minutes")
+    fig.suptitle(f"soak: {args.rate:.0f} req/s for {args.minutes:g} min, "
+                 f"{'1 replica (SQLite)' if args.single else f'{args.replicas} replicas (PostgreSQL + Redis)'}")
+    fig.tight_layout()
+    fig.savefig(out / "soak.png", dpi=100)
+    first = [r for r in rows[1:4]] or rows[:1]
+    last = rows[-4:-1] or rows[-1:]
+    lines = ["| process | RSS first minutes (MB) | RSS last minutes (MB) | change |",
+             "|---|---|---|---|"]
+    for key in rows[0]:
+        if key.startswith("rss_mb_"):
+            a = statistics.median(r[key] for r in first)
+            b = statistics.median(r[key] for r in last)
+            lines.append(f"| {key[7:]} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f}% |")
+    total_sent = sum(r["sent"] for r in rows)
+    total_err = sum(r["errors"] for r in rows)
+    lines += ["", f"requests: {total_sent:.0f}, errors: {total_err:.0f} "
+                  f"({100 * total_err / max(1, total_sent):.3f}%), "
+                  f"median of per-interval p50: {statistics.median(r['p50_ms'] for r in rows):.1f} ms, "
+                  f"median of per-interval p99: {statistics.median(r['p99_ms'] for r in rows):.1f} ms"]
+    (out / "soak.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--rate", type=float, default=200, help="requests per second")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--single", action="store_true",
+                        help="one replica on SQLite and in-process counters")
+    parser.add_argument("--interval", type=float, default=10, help="seconds per sample")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak")
+    args = parser.parse_args()
+    args.db_name = "dgsoak_" + uuid.uuid4().hex[:8]
+    workdir = Path(tempfile.mkdtemp(prefix="dgsoak-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    rows: list[dict[str, float]] = []
+    try:
+        urls, key = start_processes(args, workdir, procs)
+        asyncio.run(load(urls, key, args.rate, args.minutes * 60, args.interval, procs, rows))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if rows:
+            write_outputs(rows, args.out, args)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.single:
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres",
+                            "-qc", f'DROP DATABASE IF EXISTS "{args.db_name}" WITH (FORCE)'],
+                           check=False, stdout=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""The ``distillguard`` command line.
+
+Every command reads the same settings as the server (``--config FILE`` or the
+``DISTILLGUARD_CONFIG`` variable, then environment overrides). Component commands
+(ledger, simulate, detect, ...) are registered as sub-groups in :data:`SUBCOMMANDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from distillguard.config import Settings, load_settings
+from distillguard.errors import ConfigError, DistillguardError
+from distillguard.exchange import parse_ts
+from distillguard.store import StateStore, open_state_store
+from distillguard.store.models import Account
+from distillguard.traceio import FormatError, read_accounts, write_accounts
+
+T = TypeVar("T")
+
+# Sub-command groups living in their own modules: (module, attribute). One line each.
+SUBCOMMANDS: list[tuple[str, str]] = [
+    ("distillguard.dashboard.cli", "dashboard"),
+    ("distillguard.provenance.cli", "provenance"),
+    ("distillguard.countermeasures.cli", "fingerprint"),
+]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class Context:
+    def __init__(self, config: str | None) -> None:
+        self.config_path = config
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+    async def with_store(self, fn: Callable[[StateStore], Coroutine[Any, Any, T]]) -> T:
+        store = open_state_store(self.settings.state.url)
+        try:
+            await store.migrate()
+            return await fn(store)
+        finally:
+            await store.close()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class _Group(click.Group):
+    """Turns expected errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, FormatError) as exc:
+            fail(str(exc))
+        except DistillguardError as exc:
+            fail(str(exc))
+
+
+@click.group(cls=_Group)
+@click.option("--config", "-c", envvar="DISTILLGUARD_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML settings file (see docs/configuration.md).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+@click.version_option(package_name="distillguard")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
+    """distillguard: access control, metering, audit and distillation defence for
+    OpenAI-compatible model APIs."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = Context(config)
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Public API address (server.host).")
+@click.option("--port", type=int, help="Public API port (server.port).")
+@click.option("--admin-port", type=int, help="Admin API port (server.admin_port).")
+@pass_ctx
+def serve(ctx: Context, host: str | None, port: int | None, admin_port: int | None) -> None:
+    """Run the gateway (public API and admin API)."""
+    from distillguard.serve import Stack
+
+    settings = ctx.settings
+    if host:
+        settings.server.host = host
+    if port is not None:
+        settings.server.port = port
+    if admin_port is not None:
+        settings.server.admin_port = admin_port
+    if not settings.admin.token:
+        click.echo("warning: no admin token configured; the admin API is disabled", err=True)
+    stack = Stack(settings)
+    click.echo(f"distillguard gateway on {stack.base_url}  admin on {stack.admin_url}"
+               + ("  (demo upstream)" if settings.upstream.is_demo else ""), err=True)
+    _install_uvloop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(stack.serve())
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@main.command("demo-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9000, show_default=True, type=int)
+@click.option("--chunk-delay-ms", default=0.0, show_default=True,
+              help="Delay between streamed chunks, to look like real generation.")
+def demo_upstream(host: str, port: int, chunk_delay_ms: float) -> None:
+    """Run only the built-in demo upstream (a deterministic OpenAI-compatible stand-in)."""
+    import uvicorn
+
+    from distillguard.demo_upstream import create_demo_upstream
+
+    uvicorn.run(create_demo_upstream(chunk_delay_ms / 1000), host=host, port=port,
+                log_level="warning", access_log=False)
+
+
+@main.command()
+@click.option("--dir", "workdir", default="distillguard-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where the demo keeps its state.")
+@click.option("--minutes", default=1.0, show_default=True,
+              help="Length of simulated traffic to replay through the gateway.")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--keep-running", is_flag=True, help="Leave the gateway up after the demo.")
+def demo(workdir: str, minutes: float, seed: int, keep_running: bool) -> None:
+    """Run everything on embedded defaults: SQLite state, demo upstream, simulated traffic
+    through the gateway with the official openai client, then a summary."""
+    from distillguard.demo import run_demo
+
+    run_demo(workdir, minutes=minutes, seed=seed, keep_running=keep_running)
+
+
+@main.command()
+@pass_ctx
+def migrate(ctx: Context) -> None:
+    """Create or upgrade the state store schema."""
+    async def go(store: StateStore) -> list[int]:
+        return await store.migrate()
+
+    store = open_state_store(ctx.settings.state.url)
+
+    async def once() -> list[int]:
+        try:
+            return await go(store)
+        finally:
+            await store.close()
+
+    applied = run(once())
+    click.echo(f"applied migrations: {applied}" if applied else "schema is up to date")
+
+
+@main.command("check-config")
+@pass_ctx
+def check_config(ctx: Context) -> None:
+    """Validate the settings and print them (secrets masked)."""
+    data = ctx.settings.model_dump(mode="json")
+    for section, option in (("admin", "token"), ("upstream", "api_key")):
+        if data[section].get(option):
+            data[section][option] = "***"
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+# -- accounts -----------------------------------------------------------------------------
+
+
+@main.group()
+def accounts() -> None:
+    """Create, list, change, import and export accounts."""
+
+
+@accounts.command("create")
+@click.argument("account_id")
+@click.option("--org")
+@click.option("--email-domain")
+@click.option("--country", help="ISO 3166-1 alpha-2 code, e.g. DE.")
+@click.option("--tier", default="standard", show_default=True,
+              help="Verification tier (unverified, standard, verified, trusted, ...).")
+@click.option("--payment-fingerprint")
+@click.option("--created-at", help="RFC 3339 time; default now.")
+@pass_ctx
+def accounts_create(ctx: Context, account_id: str, org: str | None, email_domain: str | None,
+                    country: str | None, tier: str, payment_fingerprint: str | None,
+                    created_at: str | None) -> None:
+    """Create one account."""
+    account = Account.from_public({
+        "account_id": account_id, "org": org, "email_domain": email_domain,
+        "country": country, "tier": tier, "payment_fingerprint": payment_fingerprint,
+        "created_at": created_at})
+
+    async def go(store: StateStore) -> Account:
+        return await store.put_account(account)
+
+    click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
+
+
+@accounts.command("list")
+@click.option("--query", "-q", help="Substring of id, org, email domain or payment fingerprint.")
+@click.option("--limit", default=100, show_default=True)
+@pass_ctx
+def accounts_list(ctx: Context, query: str | None, limit: int) -> None:
+    """List accounts as JSON Lines."""
+    async def go(store: StateStore) -> list[Account]:
+        return await store.list_accounts(query=query, limit=limit)
+
+    for account in run(ctx.with_store(go)):
+        click.echo(orjson.dumps(account.to_public()).decode())
+
+
+@accounts.command("show")
+@click.argument("account_id")
+@pass_ctx
+def accounts_show(ctx: Context, account_id: str) -> None:
+    """Show one account and its keys."""
+    async def go(store: StateStore) -> dict[str, Any]:
+        account = await store.get_account(account_id)
+        keys = await store.list_keys(account_id)
+        return {**account.to_public(), "keys": [k.to_public() for k in keys]}
+
+    click.echo(orjson.dumps(run(ctx.with_store(go)), option=orjson.OPT_INDENT_2).decode())
+
+
+@accounts.command("update")
+@click.argument("account_id")
+@click.option("--tier")
+@click.option("--status", type=click.Choice(["active", "suspended"]))
+@click.option("--country")
+@click.option("--org")
+@click.option("--payment-fingerprint")
+@click.option("--rpm", type=int, help="Requests per minute (overrides the tier).")
+@click.option("--tpm", type=int, help="Tokens per minute (overrides the tier).")
+@click.option("--tpd", type=int, help="Tokens per day (overrides the tier).")
+@pass_ctx
+def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | None,
+                    tpd: int | None, **fields: Any) -> None:
+    """Change an account's fields or limits."""
+    changes = {k: v for k, v in fields.items() if v is not None}
+
+    async def go(store: StateStore) -> Account:
+        if rpm is not None or tpm is not None or tpd is not None:
+            current = (await store.get_account(account_id)).limits
+            for option, value in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
+                                  ("tokens_per_day", tpd)):
+                if value is not None:
+                    current[option] = value
+            changes["limits"] = current
+        if not changes:
+            fail("nothing to change")
+        return await store.update_account(account_id, **changes)
+
+    click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
+
+
+@accounts.command("import")
+@click.argument("path", type=click.Path(allow_dash=True))
+@pass_ctx
+def accounts_import(ctx: Context, path: str) -> None:
+    """Import accounts (accounts format, JSON Lines); all or nothing."""
+    records = list(read_accounts(path))
+
+    async def go(store: StateStore) -> int:
+        return await store.import_accounts(records)
+
+    click.echo(f"imported {run(ctx.with_store(go))} accounts", err=True)
+
+
+@accounts.command("export")
+@click.argument("path", type=click.Path(allow_dash=True), default="-")
+@pass_ctx
+def accounts_export(ctx: Context, path: str) -> None:
+    """Export all accounts in the accounts format (JSON Lines)."""
+    async def go(store: StateStore) -> list[Account]:
+        out: list[Account] = []
+        while True:
+            batch = await store.list_accounts(limit=1000, offset=len(out))
+            out.extend(batch)
+            if len(batch) < 1000:
+                return out
+
+    count = write_accounts(run(ctx.with_store(go)), path)
+    if path != "-":
+        click.echo(f"exported {count} accounts to {path}", err=True)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.argument("account_id")
+@click.option("--name")
+@click.option("--expires-in-days", type=float)
+@click.option("--expires-at", help="RFC 3339 time.")
+@click.option("--rpm", type=int, help="Requests per minute for this key.")
+@click.option("--tpm", type=int, help="Tokens per minute for this key.")
+@click.option("--tpd", type=int, help="Tokens per day for this key.")
+@pass_ctx
+def keys_create(ctx: Context, account_id: str, name: str | None,
+                expires_in_days: float | None, expires_at: str | None, rpm: int | None,
+                tpm: int | None, tpd: int | None) -> None:
+    """Create a key. The secret is printed once, here, and never stored."""
+    expiry = None
+    if expires_at:
+        expiry = parse_ts(expires_at)
+    elif expires_in_days:
+        expiry = datetime.now(UTC) + timedelta(days=expires_in_days)
+    limits: dict[str, int | None] = {
+        k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
+                          ("tokens_per_day", tpd)) if v is not None}
+
+    async def go(store: StateStore) -> tuple[Any, str]:
+        return await store.create_key(account_id, name=name, expires_at=expiry, limits=limits)
+
+    key, secret = run(ctx.with_store(go))
+    click.echo(orjson.dumps({**key.to_public(), "key": secret}).decode())
+    click.echo("store this key now: it cannot be shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--account", "account_id")
+@pass_ctx
+def keys_list(ctx: Context, account_id: str | None) -> None:
+    """List keys (ids and state only, never secrets)."""
+    async def go(store: StateStore) -> list[Any]:
+        return await store.list_keys(account_id)
+
+    for key in run(ctx.with_store(go)):
+        click.echo(orjson.dumps(key.to_public()).decode())
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@pass_ctx
+def keys_revoke(ctx: Context, key_id: str) -> None:
+    """Revoke a key; every replica refuses it within one second."""
+    async def go(store: StateStore) -> Any:
+        return await store.revoke_key(key_id)
+
+    click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
+
+
+def _load_subcommands() -> None:
+    for module, attr in SUBCOMMANDS:
+        try:
+            group = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:  # pragma: no cover - a broken install
+            click.echo(f"warning: {module} unavailable: {exc}", err=True)
+            continue
+        main.add_command(group)
+
+
+_load_subcommands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

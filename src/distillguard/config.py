@@ -1,0 +1,210 @@
+"""Settings: one YAML file, overridable by environment variables, validated at start-up.
+
+Every option is documented in ``docs/configuration.md`` (a test checks that the two agree).
+Environment variables override the file: ``DISTILLGUARD_<SECTION>__<OPTION>``, for example
+``DISTILLGUARD_UPSTREAM__BASE_URL=http://127.0.0.1:8000/v1``. Three secrets have short
+names too: ``DISTILLGUARD_ADMIN_TOKEN``, ``DISTILLGUARD_UPSTREAM_API_KEY`` and
+``DISTILLGUARD_STATE_URL``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distillguard.errors import ConfigError
+from distillguard.exchange import Retention
+
+ENV_PREFIX = "DISTILLGUARD_"
+SHORT_ENV = {
+    "DISTILLGUARD_ADMIN_TOKEN": ("admin", "token"),
+    "DISTILLGUARD_UPSTREAM_API_KEY": ("upstream", "api_key"),
+    "DISTILLGUARD_STATE_URL": ("state", "url"),
+    "DISTILLGUARD_REDIS_URL": ("counters", "redis_url"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8081, ge=0, le=65535)
+    trusted_proxies: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    replica_id: str | None = None
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"trusted_proxies: {item!r} is not an IP network") from exc
+        return value
+
+
+class AdminSettings(_Section):
+    token: str | None = None
+
+
+class UpstreamSettings(_Section):
+    base_url: str = "demo"
+    api_key: str | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(512, gt=0)
+    models: list[str] = Field(default_factory=list)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.base_url == "demo"
+
+
+class StateSettings(_Section):
+    url: str = "sqlite:///distillguard.sqlite"
+    key_cache_ttl_s: float = Field(0.5, ge=0, le=1.0)
+    on_failure: Literal["open", "closed"] = "open"
+    stale_grace_s: float = Field(300.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("state.url must start with sqlite:// or postgresql://")
+        return value
+
+
+class CounterSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "dg"
+    on_failure: Literal["open", "closed"] = "open"
+
+
+class LimitSet(_Section):
+    """Limits for one subject; ``None`` means unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    tokens_per_day: int | None = Field(None, ge=0)
+
+
+def _default_tiers() -> dict[str, LimitSet]:
+    return {
+        "unverified": LimitSet(requests_per_minute=60, tokens_per_minute=40_000,
+                               tokens_per_day=1_000_000),
+        "standard": LimitSet(requests_per_minute=600, tokens_per_minute=400_000,
+                             tokens_per_day=20_000_000),
+        "verified": LimitSet(requests_per_minute=600, tokens_per_minute=400_000,
+                             tokens_per_day=20_000_000),
+        "trusted": LimitSet(requests_per_minute=6000, tokens_per_minute=4_000_000,
+                            tokens_per_day=None),
+    }
+
+
+class LimitSettings(_Section):
+    tiers: dict[str, LimitSet] = Field(default_factory=_default_tiers)
+    default_tier: str = "standard"
+
+
+class PipelineSettings(_Section):
+    queue_size: int = Field(10_000, gt=0)
+    retention: Retention = Retention.FULL
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    counters: CounterSettings = Field(default_factory=CounterSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    # Sections owned by later components (ledger, policy, detection, ...) are validated by
+    # those components when they start; they are kept here verbatim.
+    extensions: dict[str, Any] = Field(default_factory=dict)
+
+    def limits_for_tier(self, tier: str | None) -> LimitSet:
+        tiers = self.limits.tiers
+        return tiers.get(tier or self.limits.default_tier) or tiers.get(
+            self.limits.default_tier, LimitSet()
+        )
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, value in environ.items():
+        if name in SHORT_ENV:
+            section, option = SHORT_ENV[name]
+        elif name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, option = name[len(ENV_PREFIX):].lower().partition("__")
+        else:
+            continue
+        parsed: Any = value
+        if value[:1] in "[{" or value in ("true", "false", "null") or _is_number(value):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
+        data.setdefault(section, {})[option] = parsed
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Read settings from ``path`` (YAML), then environment variables, then ``overrides``.
+
+    Raises :class:`ConfigError` with every problem listed, naming the option.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {path} must hold a mapping at top level")
+        data = loaded
+    known = set(Settings.model_fields)
+    extensions = {k: data.pop(k) for k in list(data) if k not in known}
+    _apply_env(data, dict(os.environ if environ is None else environ))
+    for key in list(data):
+        if key not in known:
+            extensions[key] = data.pop(key)
+    for section, values in (overrides or {}).items():
+        target = data if section in known else extensions
+        if isinstance(values, dict):
+            target.setdefault(section, {}).update(values)
+        else:
+            target[section] = values
+    data.setdefault("extensions", {}).update(extensions)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"  {where}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems)) from None

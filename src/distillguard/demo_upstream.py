@@ -1,0 +1,235 @@
+"""A small deterministic OpenAI-compatible model stand-in, for the demo and the tests.
+
+It is not a model: the answer to a prompt is derived from the prompt's hash, so the same
+request always gets the same answer, with lengths like real chat answers (a log-normal
+spread around ~150 tokens, capped by ``max_tokens``). It serves ``/v1/models``,
+``/v1/chat/completions`` (streaming, ``stream_options.include_usage``), ``/v1/completions``
+and ``/v1/embeddings``. The model ``demo-reasoner-1`` also returns ``reasoning_content``,
+as reasoning models served by vLLM or DeepSeek's API do.
+
+Run it alone with ``distillguard demo-upstream --port 9000``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import random
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from distillguard.exchange import request_text
+
+CHAT_MODELS = ("demo-chat-1", "demo-reasoner-1", "demo-chat-2")
+COMPLETION_MODELS = ("demo-instruct-1",)
+EMBEDDING_MODELS = ("demo-embed-1",)
+ALL_MODELS = CHAT_MODELS + COMPLETION_MODELS + EMBEDDING_MODELS
+CREATED = 1_767_225_600  # 2026-01-01
+
+_WORDS = ["the", "model", "answer", "considers", "each", "step", "carefully", "and", "explains", "why", "result", "follows", "from", "given", "data", "first", "we", "define", "terms", "then", "compute", "value", "check", "edge", "cases", "finally", "summarise", "code", "function", "returns", "list", "of", "items", "sorted", "by", "key", "using", "a", "loop", "over", "input", "values", "while", "tracking", "state", "this", "approach", "runs", "in", "linear", "time", "memory", "stays", "constant", "example", "shows", "output", "for", "small", "case", "note", "that", "error", "handling", "matters", "when", "input", "is", "empty", "or", "invalid"]
+
+
+def count_tokens(text: str) -> int:
+    """Rough token count (~4 characters a token), as tokenizers give for English."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def _rng(*parts: Any) -> random.Random:
+    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def answer_tokens(prompt: str, model: str, max_tokens: int | None) -> list[str]:
+    rng = _rng(prompt, model)
+    length = int(min(2000, max(5, rng.lognormvariate(math.log(150), 0.7))))
+    if max_tokens is not None:
+        length = max(1, min(length, int(max_tokens)))
+    return [rng.choice(_WORDS) for _ in range(length)]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(message: str, status: int, code: str) -> Response:
+    return _json({"error": {"message": message, "type": "invalid_request_error",
+                            "param": None, "code": code}}, status)
+
+
+async def _body(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return _error("invalid JSON body", 400, "invalid_json")
+    if not isinstance(body, dict):
+        return _error("body must be a JSON object", 400, "invalid_body")
+    return body
+
+
+class DemoUpstream:
+    """The ASGI app. ``chunk_delay_s`` slows streaming to look like real generation."""
+
+    def __init__(self, chunk_delay_s: float = 0.0) -> None:
+        self.chunk_delay_s = chunk_delay_s
+        self.app = Starlette(routes=[
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+        ])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    async def models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": [
+            {"id": m, "object": "model", "created": CREATED, "owned_by": "distillguard-demo"}
+            for m in ALL_MODELS
+        ]})
+
+    async def chat(self, request: Request) -> Response:
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model")
+        if model not in CHAT_MODELS:
+            return _error(f"The model '{model}' does not exist", 404, "model_not_found")
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return _error("'messages' must be a non-empty list", 400, "invalid_messages")
+        prompt = request_text(body)
+        tokens = answer_tokens(prompt, model, body.get("max_completion_tokens")
+                               or body.get("max_tokens"))
+        reasoning = None
+        if model == "demo-reasoner-1":
+            reasoning = " ".join(answer_tokens("reason:" + prompt, model, 60))
+        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": len(tokens),
+                 "total_tokens": count_tokens(prompt) + len(tokens)}
+        ident = "chatcmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                self._chat_stream(ident, model, tokens, reasoning, usage, include_usage),
+                media_type="text/event-stream",
+            )
+        message: dict[str, Any] = {"role": "assistant", "content": " ".join(tokens)}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return _json({
+            "id": ident, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": "fp_demo",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "length" if body.get("max_tokens") == len(tokens)
+                         else "stop"}],
+            "usage": usage,
+        })
+
+    async def _chat_stream(
+        self, ident: str, model: str, tokens: list[str], reasoning: str | None,
+        usage: dict[str, int], include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "system_fingerprint": "fp_demo",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                 "finish_reason": finish}]}
+            if include_usage:
+                data["usage"] = None
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        if reasoning is not None:
+            yield chunk({"reasoning_content": reasoning})
+        for i in range(0, len(tokens), 4):
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            piece = " ".join(tokens[i:i + 4])
+            yield chunk({"content": piece if i == 0 else " " + piece})
+        yield chunk({}, "stop")
+        if include_usage:
+            yield b"data: " + orjson.dumps({
+                "id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [], "usage": usage}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    async def completions(self, request: Request) -> Response:
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model")
+        if model not in COMPLETION_MODELS + CHAT_MODELS:
+            return _error(f"The model '{model}' does not exist", 404, "model_not_found")
+        prompt = request_text(body)
+        tokens = answer_tokens(prompt, model, body.get("max_tokens") or 16)
+        text = " " + " ".join(tokens)
+        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": len(tokens),
+                 "total_tokens": count_tokens(prompt) + len(tokens)}
+        ident = "cmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+            async def gen() -> AsyncIterator[bytes]:
+                for i in range(0, len(tokens), 4):
+                    piece = " " + " ".join(tokens[i:i + 4])
+                    yield b"data: " + orjson.dumps({
+                        "id": ident, "object": "text_completion", "created": CREATED,
+                        "model": model, "choices": [{"index": 0, "text": piece,
+                                                     "logprobs": None, "finish_reason": None}],
+                    }) + b"\n\n"
+                if include_usage:
+                    yield b"data: " + orjson.dumps({
+                        "id": ident, "object": "text_completion", "created": CREATED,
+                        "model": model, "choices": [], "usage": usage}) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        return _json({
+            "id": ident, "object": "text_completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
+            "usage": usage,
+        })
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await _body(request)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model")
+        if model not in EMBEDDING_MODELS:
+            return _error(f"The model '{model}' does not exist", 404, "model_not_found")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            return _error("'input' must be a string or a non-empty list", 400, "invalid_input")
+        dims = int(body.get("dimensions") or 64)
+        data = []
+        total = 0
+        for i, text in enumerate(inputs):
+            text = text if isinstance(text, str) else orjson.dumps(text).decode()
+            rng = _rng(text, model)
+            vec = [rng.gauss(0, 1) for _ in range(dims)]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            values = [v / norm for v in vec]
+            encoded: Any = [round(v, 6) for v in values]
+            if body.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack(f"<{dims}f", *values)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+            total += count_tokens(text)
+        return _json({"object": "list", "data": data, "model": model,
+                      "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+
+def create_demo_upstream(chunk_delay_s: float = 0.0) -> DemoUpstream:
+    return DemoUpstream(chunk_delay_s)

@@ -1,0 +1,327 @@
+"""The Exchange record: one per request, the only thing that flows through the pipeline.
+
+The gateway builds an :class:`Exchange` when a request arrives, fills it in as the request
+is authenticated, checked and forwarded, and hands the finished record to the pipeline
+(:mod:`distillguard.pipeline`). Stages annotate it (``exchange.annotations[...]``); none
+invents its own ad hoc dict.
+
+An Exchange converts to and from one line of the public trace format (see
+``docs/formats.md``): :meth:`Exchange.to_trace` and :meth:`Exchange.from_trace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from distillguard.auth import Principal
+
+TRACE_FIELDS = (
+    "ts",
+    "account_id",
+    "key_id",
+    "client_ip",
+    "user_agent",
+    "request",
+    "response",
+    "status",
+    "latency_ms",
+)
+
+
+class Retention(StrEnum):
+    """What is kept of request and response bodies once an exchange is persisted.
+
+    ``full``: bodies are kept. ``hash``: only their SHA-256 is kept. Hashes are always
+    computed, so a body deleted later can still be matched against its hash.
+    """
+
+    FULL = "full"
+    HASH = "hash"
+
+
+def body_hash(body: Any) -> str | None:
+    """SHA-256 (hex) of a JSON body in canonical form (sorted keys, no spaces)."""
+    if body is None:
+        return None
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def new_exchange_id(now_ns: int | None = None) -> str:
+    """Time-ordered unique id: 13 hex digits of milliseconds, then 10 random hex digits."""
+    ms = (now_ns or time.time_ns()) // 1_000_000
+    return f"ex_{ms:013x}{os.urandom(5).hex()}"
+
+
+def parse_ts(value: str | datetime) -> datetime:
+    """Parse an RFC 3339 timestamp (``Z`` or offset) into an aware UTC datetime."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    text = value.strip()
+    if text.endswith("Z") or text.endswith("z"):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def format_ts(dt: datetime) -> str:
+    """RFC 3339 with millisecond precision and a ``Z`` suffix, as the trace format uses."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_body(cls, usage: Any) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        try:
+            return cls(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(slots=True)
+class Timings:
+    """Monotonic clock readings (seconds) taken along the request path."""
+
+    received: float = 0.0
+    upstream_sent: float | None = None
+    first_byte: float | None = None
+    finished: float | None = None
+
+    def ms(self, start: float | None, end: float | None) -> float | None:
+        if start is None or end is None:
+            return None
+        return round((end - start) * 1000.0, 3)
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self.ms(self.received, self.finished)
+
+    @property
+    def upstream_ms(self) -> float | None:
+        return self.ms(self.upstream_sent, self.finished)
+
+    @property
+    def time_to_first_byte_ms(self) -> float | None:
+        return self.ms(self.received, self.first_byte)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One API request and its outcome.
+
+    Fields are filled in as the request advances; a finished Exchange has a ``status``.
+    ``request`` and ``response`` hold the JSON bodies (for a stream, ``response`` is the
+    reassembled completion); ``retention`` says what persisting stages may keep of them.
+    """
+
+    id: str
+    ts: datetime
+    endpoint: str
+    method: str = "POST"
+    account_id: str | None = None
+    key_id: str | None = None
+    client_ip: str | None = None
+    user_agent: str | None = None
+    model: str | None = None
+    stream: bool = False
+    request: Any = None
+    response: Any = None
+    request_sha256: str | None = None
+    response_sha256: str | None = None
+    usage: Usage | None = None
+    status: int = 0
+    error_code: str | None = None
+    retention: Retention = Retention.FULL
+    timings: Timings = field(default_factory=Timings)
+    latency_ms_override: float | None = None
+    annotations: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    # The authenticated account and key; in memory only, never persisted or exported.
+    principal: Principal | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def start(cls, endpoint: str, method: str = "POST") -> Exchange:
+        now_ns = time.time_ns()
+        return cls(
+            id=new_exchange_id(now_ns),
+            ts=datetime.fromtimestamp(now_ns / 1e9, tz=UTC),
+            endpoint=endpoint,
+            method=method,
+            timings=Timings(received=time.perf_counter()),
+        )
+
+    @property
+    def latency_ms(self) -> float | None:
+        if self.latency_ms_override is not None:
+            return self.latency_ms_override
+        return self.timings.latency_ms
+
+    def seal_bodies(self) -> None:
+        """Compute body hashes (always) once the exchange is complete."""
+        if self.request is not None and self.request_sha256 is None:
+            self.request_sha256 = body_hash(self.request)
+        if self.response is not None and self.response_sha256 is None:
+            self.response_sha256 = body_hash(self.response)
+
+    def to_trace(self, retention: Retention | None = None) -> dict[str, Any]:
+        """This exchange as one object of the trace format (see docs/formats.md)."""
+        keep = (retention or self.retention) is Retention.FULL
+        self.seal_bodies()
+        line: dict[str, Any] = dict(self.extra)
+        usage = self.usage
+        response = self.response if keep else None
+        if keep and isinstance(response, dict) and usage is not None and "usage" not in response:
+            response = {**response, "usage": {"prompt_tokens": usage.prompt_tokens,
+                                              "completion_tokens": usage.completion_tokens}}
+        line.update(
+            {
+                "ts": format_ts(self.ts),
+                "exchange_id": self.id,
+                "account_id": self.account_id,
+                "key_id": self.key_id,
+                "client_ip": self.client_ip,
+                "user_agent": self.user_agent,
+                "endpoint": self.endpoint,
+                "request": self.request if keep else None,
+                "response": response,
+                "status": self.status,
+                "latency_ms": self.latency_ms,
+            }
+        )
+        if not keep or self.request is None:
+            line["request_sha256"] = self.request_sha256
+        if not keep or self.response is None:
+            line["response_sha256"] = self.response_sha256
+        if not keep and usage is not None:
+            line["usage"] = {"prompt_tokens": usage.prompt_tokens,
+                             "completion_tokens": usage.completion_tokens}
+        if self.model is not None and not keep:
+            line["model"] = self.model
+        if self.error_code:
+            line["error_code"] = self.error_code
+        return line
+
+    @classmethod
+    def from_trace(cls, line: dict[str, Any]) -> Exchange:
+        """Build an Exchange from one trace object; unknown fields land in ``extra``."""
+        if not isinstance(line, dict):
+            raise ValueError("a trace line must be a JSON object")
+        if "ts" not in line:
+            raise ValueError("a trace line needs 'ts'")
+        request = line.get("request")
+        response = line.get("response")
+        usage = Usage.from_body(response.get("usage")) if isinstance(response, dict) else None
+        if usage is None:
+            usage = Usage.from_body(line.get("usage"))
+        model = line.get("model")
+        if model is None and isinstance(request, dict):
+            model = request.get("model")
+        stream = bool(request.get("stream")) if isinstance(request, dict) else False
+        known = set(TRACE_FIELDS) | {"exchange_id", "endpoint", "request_sha256",
+                                     "response_sha256", "usage", "model", "error_code"}
+        latency = line.get("latency_ms")
+        ex = cls(
+            id=str(line.get("exchange_id") or new_exchange_id()),
+            ts=parse_ts(line["ts"]),
+            endpoint=str(line.get("endpoint") or "/v1/chat/completions"),
+            account_id=_opt_str(line.get("account_id")),
+            key_id=_opt_str(line.get("key_id")),
+            client_ip=_opt_str(line.get("client_ip")),
+            user_agent=_opt_str(line.get("user_agent")),
+            model=_opt_str(model),
+            stream=stream,
+            request=request,
+            response=response,
+            request_sha256=line.get("request_sha256"),
+            response_sha256=line.get("response_sha256"),
+            usage=usage,
+            status=int(line.get("status") or 0),
+            error_code=line.get("error_code"),
+            latency_ms_override=float(latency) if latency is not None else None,
+            extra={k: v for k, v in line.items() if k not in known},
+        )
+        return ex
+
+    def prompt_text(self) -> str:
+        """The user-visible prompt text of a chat or completions request, joined."""
+        return request_text(self.request)
+
+    def response_text(self) -> str:
+        return response_text(self.response)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def request_text(request: Any) -> str:
+    if not isinstance(request, dict):
+        return ""
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(
+            _content_text(m.get("content")) for m in messages if isinstance(m, dict)
+        )
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(p for p in prompt if isinstance(p, str))
+    inp = request.get("input")
+    if isinstance(inp, str):
+        return inp
+    return ""
+
+
+def response_text(response: Any) -> str:
+    if not isinstance(response, dict):
+        return ""
+    out = []
+    for choice in response.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        if isinstance(message, dict):
+            out.append(_content_text(message.get("content")))
+        elif isinstance(choice.get("text"), str):
+            out.append(choice["text"])
+    return "\n".join(out)

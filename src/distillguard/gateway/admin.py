@@ -1,0 +1,223 @@
+"""The admin HTTP API, on its own port, behind the admin credential.
+
+All routes live under ``/admin/v1`` and need ``Authorization: Bearer <admin token>``
+(``admin.token`` / ``DISTILLGUARD_ADMIN_TOKEN``). With no token configured the admin API
+refuses every request. Errors use the same OpenAI-format bodies as the public API.
+
+Routes (documented in docs/admin-api.md)::
+
+    GET    /admin/v1/accounts?query=&limit=&offset=    list accounts
+    POST   /admin/v1/accounts                          create an account (accounts format)
+    POST   /admin/v1/accounts/import                   import accounts JSON Lines (all or none)
+    GET    /admin/v1/accounts/export                   export accounts JSON Lines
+    GET    /admin/v1/accounts/{id}                     one account
+    PATCH  /admin/v1/accounts/{id}                     change tier, status, country, limits...
+    GET    /admin/v1/accounts/{id}/keys                the account's keys (never secrets)
+    POST   /admin/v1/accounts/{id}/keys                new key; the secret is in this answer only
+    DELETE /admin/v1/keys/{key_id}                     revoke a key
+
+Other components add their routes through :attr:`AdminAPI.routes` before the app is built.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from distillguard.errors import (
+    APIError,
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    NotFoundError,
+    PermissionDenied,
+    StoreError,
+    Unprocessable,
+)
+from distillguard.exchange import parse_ts
+from distillguard.gateway.errors import EXCEPTION_HANDLERS
+from distillguard.store.models import Account
+
+if TYPE_CHECKING:
+    from distillguard.gateway.app import Gateway
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
+def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:
+    """Parse JSON Lines, naming the first bad line; blank lines are skipped."""
+    out = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(parse(orjson.loads(line)))
+        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            raise Unprocessable(f"line {number}: {exc}", code="invalid_line") from None
+    return out
+
+
+class AdminAPI:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.routes: list[BaseRoute] = [
+            Route("/admin/v1/accounts", self.guard(self.list_accounts), methods=["GET"]),
+            Route("/admin/v1/accounts", self.guard(self.create_account), methods=["POST"]),
+            Route("/admin/v1/accounts/import", self.guard(self.import_accounts),
+                  methods=["POST"]),
+            Route("/admin/v1/accounts/export", self.guard(self.export_accounts),
+                  methods=["GET"]),
+            Route("/admin/v1/accounts/{account_id}", self.guard(self.get_account),
+                  methods=["GET"]),
+            Route("/admin/v1/accounts/{account_id}", self.guard(self.update_account),
+                  methods=["PATCH"]),
+            Route("/admin/v1/accounts/{account_id}/keys", self.guard(self.list_keys),
+                  methods=["GET"]),
+            Route("/admin/v1/accounts/{account_id}/keys", self.guard(self.create_key),
+                  methods=["POST"]),
+            Route("/admin/v1/keys/{key_id}", self.guard(self.revoke_key), methods=["DELETE"]),
+        ]
+
+    def guard(self, handler: Handler) -> Handler:
+        """Require the admin credential; map store errors to API errors."""
+
+        async def guarded(request: Request) -> Response:
+            self.authenticate(request)
+            try:
+                return await handler(request)
+            except NotFound as exc:
+                raise NotFoundError(str(exc)) from None
+            except StoreError as exc:
+                raise Unprocessable(str(exc), code="conflict") from None
+
+        return guarded
+
+    def authenticate(self, request: Request) -> None:
+        token = self.gateway.settings.admin.token
+        if not token:
+            raise PermissionDenied("The admin API is disabled: no admin token is configured.",
+                                   code="admin_disabled")
+        presented = request.headers.get("authorization", "")
+        scheme, _, value = presented.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                                 token.encode()):
+            raise AuthenticationFailed("Invalid admin credential.", code="invalid_admin_token")
+
+    def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
+        return Starlette(routes=[*self.routes, *(extra_routes or [])],
+                         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+
+    # -- accounts -----------------------------------------------------------------------
+
+    async def list_accounts(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = min(1000, int(q.get("limit", 100)))
+            offset = int(q.get("offset", 0))
+        except ValueError:
+            raise InvalidRequest("limit and offset must be integers.") from None
+        accounts = await self.gateway.store.list_accounts(query=q.get("query"), limit=limit,
+                                                          offset=offset)
+        return json_response({"object": "list",
+                              "data": [a.to_public() for a in accounts],
+                              "total": await self.gateway.store.count_accounts()})
+
+    async def create_account(self, request: Request) -> Response:
+        data = await json_body(request)
+        try:
+            account = Account.from_public(data)
+        except (ValueError, TypeError) as exc:
+            raise Unprocessable(str(exc), code="invalid_account") from None
+        await self.gateway.store.put_account(account)
+        return json_response(account.to_public(), 201)
+
+    async def import_accounts(self, request: Request) -> Response:
+        accounts = parse_jsonl(await request.body(), Account.from_public)
+        count = await self.gateway.store.import_accounts(accounts)
+        return json_response({"imported": count})
+
+    async def export_accounts(self, request: Request) -> Response:
+        lines: list[bytes] = []
+        offset = 0
+        while True:
+            batch = await self.gateway.store.list_accounts(limit=1000, offset=offset)
+            lines.extend(orjson.dumps(a.to_public()) for a in batch)
+            if len(batch) < 1000:
+                break
+            offset += 1000
+        return Response(b"\n".join(lines) + (b"\n" if lines else b""),
+                        media_type="application/x-ndjson")
+
+    async def get_account(self, request: Request) -> Response:
+        account = await self.gateway.store.get_account(request.path_params["account_id"])
+        return json_response(account.to_public())
+
+    async def update_account(self, request: Request) -> Response:
+        data = await json_body(request)
+        if not isinstance(data, dict) or not data:
+            raise Unprocessable("Send a JSON object with the fields to change.")
+        data.pop("account_id", None)
+        try:
+            account = await self.gateway.store.update_account(
+                request.path_params["account_id"], **data)
+        except ValueError as exc:
+            raise Unprocessable(str(exc)) from None
+        self.gateway.auth.forget()
+        return json_response(account.to_public())
+
+    # -- keys ---------------------------------------------------------------------------
+
+    async def list_keys(self, request: Request) -> Response:
+        account_id = request.path_params["account_id"]
+        await self.gateway.store.get_account(account_id)
+        keys = await self.gateway.store.list_keys(account_id)
+        return json_response({"object": "list", "data": [k.to_public() for k in keys]})
+
+    async def create_key(self, request: Request) -> Response:
+        raw = await request.body()
+        data = orjson.loads(raw) if raw.strip() else {}
+        if not isinstance(data, dict):
+            raise Unprocessable("Send a JSON object.")
+        expires_at = None
+        try:
+            if data.get("expires_at"):
+                expires_at = parse_ts(data["expires_at"])
+            elif data.get("expires_in_days"):
+                expires_at = datetime.now(UTC) + timedelta(days=float(data["expires_in_days"]))
+        except (ValueError, TypeError) as exc:
+            raise Unprocessable(f"bad expiry: {exc}", param="expires_at") from None
+        limits = data.get("limits") or {}
+        if not isinstance(limits, dict):
+            raise Unprocessable("'limits' must be an object.", param="limits")
+        key, secret = await self.gateway.store.create_key(
+            request.path_params["account_id"], name=data.get("name"), expires_at=expires_at,
+            limits=limits)
+        return json_response({**key.to_public(), "key": secret}, 201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        key = await self.gateway.store.revoke_key(request.path_params["key_id"])
+        self.gateway.auth.forget(key.key_id)
+        return json_response(key.to_public())
+
+
+__all__ = ["AdminAPI", "APIError", "json_response", "json_body", "parse_jsonl"]

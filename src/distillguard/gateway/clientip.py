@@ -1,0 +1,45 @@
+"""The client's IP address as seen through the configured trusted proxies.
+
+``X-Forwarded-For`` is read right to left: each hop added by a trusted proxy is skipped,
+and the first address not in ``server.trusted_proxies`` is the client. With no trusted
+proxies the header is ignored and the TCP peer is the client, so a client cannot spoof
+its address by sending the header itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from functools import lru_cache
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientIPResolver:
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self.networks: list[Network] = [ipaddress.ip_network(n, strict=False) for n in trusted]
+        self._trusted = lru_cache(maxsize=4096)(self._is_trusted)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    def resolve(self, peer: str | None, forwarded_for: str | None) -> str | None:
+        if not self.networks or peer is None or not self._trusted(peer):
+            return peer
+        if not forwarded_for:
+            return peer
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        client = peer
+        for hop in reversed(hops):
+            client = hop
+            if not self._trusted(hop):
+                break
+        try:
+            ipaddress.ip_address(client)
+        except ValueError:
+            return peer
+        return client

@@ -1,0 +1,292 @@
+"""Forwarding of the OpenAI endpoints: authenticate, check, forward, record.
+
+:func:`proxy_endpoint` serves ``/v1/chat/completions``, ``/v1/completions`` and
+``/v1/embeddings``. The request body goes upstream byte for byte unless the gateway has a
+reason to change it (today: asking a stream for its usage so it can be metered), and the
+response comes back unchanged; every request, refused or not, ends as one Exchange handed
+to the pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from distillguard.errors import (
+    APIError,
+    InvalidRequest,
+    NotFoundError,
+    PayloadTooLarge,
+    Unprocessable,
+    UpstreamError,
+)
+from distillguard.exchange import Exchange, Usage
+from distillguard.gateway.errors import denied_error, error_response, sse_error_event
+from distillguard.gateway.streaming import SSERelay
+from distillguard.pipeline import Denied, StreamFilter
+
+if TYPE_CHECKING:
+    from distillguard.gateway.app import Gateway
+
+log = logging.getLogger("distillguard.gateway")
+
+# Upstream response headers passed to the client; everything else is the gateway's own.
+_PASS_HEADERS = ("content-type", "openai-model", "openai-processing-ms", "openai-version",
+                 "x-request-id")
+_ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                  "/v1/embeddings": "embeddings"}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number.") from None
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.",
+                             code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc.msg} "
+            f"(line {exc.lineno}, column {exc.colno}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise Unprocessable("The request body must be a JSON object.", code="invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise Unprocessable("You must provide a model parameter (a string).", param="model",
+                            code="missing_model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise Unprocessable("'messages' must be a non-empty array.", param="messages",
+                                code="invalid_messages")
+        if not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise Unprocessable("Each message must be an object with a 'role'.",
+                                param="messages", code="invalid_messages")
+    elif kind == "completions" and "prompt" not in body:
+        raise Unprocessable("You must provide a prompt.", param="prompt",
+                            code="missing_prompt")
+    elif kind == "embeddings" and "input" not in body:
+        raise Unprocessable("You must provide an input.", param="input", code="missing_input")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise Unprocessable("'stream' must be a boolean.", param="stream",
+                            code="invalid_stream")
+    return body
+
+
+def _response_headers(exchange: Exchange, upstream_headers: dict[str, str] | None = None
+                      ) -> dict[str, str]:
+    headers = {k: v for k, v in (upstream_headers or {}).items() if k in _PASS_HEADERS}
+    headers.pop("content-type", None)
+    headers.update(exchange.annotations.get("ratelimit_headers") or {})
+    headers["x-distillguard-exchange-id"] = exchange.id
+    return headers
+
+
+async def proxy_endpoint(gateway: Gateway, request: Request) -> Response:
+    path = request.url.path
+    kind = _ENDPOINT_KIND[path]
+    exchange = Exchange.start(path)
+    exchange.retention = gateway.settings.pipeline.retention
+    exchange.client_ip = gateway.client_ip(request)
+    exchange.user_agent = request.headers.get("user-agent")
+    try:
+        return await _proxy(gateway, request, exchange, kind)
+    except APIError as exc:
+        exchange.status = exc.status
+        exchange.error_code = exc.code
+        exchange.timings.finished = time.perf_counter()
+        gateway.record(exchange)
+        return error_response(exc, _response_headers(exchange))
+
+
+async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: str) -> Response:
+    principal = await gateway.auth.authenticate(request.headers.get("authorization"))
+    exchange.principal = principal
+    exchange.account_id = principal.account.account_id
+    exchange.key_id = principal.key.key_id
+    raw = await read_body(request, gateway.settings.server.max_body_bytes)
+    body = parse_request(raw, kind)
+    exchange.request = body
+    exchange.model = body["model"]
+    exchange.stream = bool(body.get("stream"))
+    if not await gateway.models.has(exchange.model):
+        raise NotFoundError(f"The model '{exchange.model}' does not exist or you do not have "
+                            "access to it.", param="model", code="model_not_found")
+    decision = await gateway.pipeline.check(exchange)
+    if isinstance(decision, Denied):
+        raise denied_error(decision)
+
+    inject_usage = False
+    if exchange.stream and kind != "embeddings":
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            inject_usage = True
+            upstream_body = dict(body)
+            upstream_body["stream_options"] = {**(options or {}), "include_usage": True}
+            raw = orjson.dumps(upstream_body)
+
+    exchange.timings.upstream_sent = time.perf_counter()
+    upstream = await gateway.upstream.send(exchange.endpoint[len("/v1"):], raw,
+                                           stream=exchange.stream)
+    exchange.timings.first_byte = time.perf_counter()
+    if upstream.status >= 500:
+        detail = (await upstream.read())[:200].decode("utf-8", "replace")
+        log.warning("upstream answered %s on %s: %s", upstream.status, exchange.endpoint,
+                    detail)
+        raise UpstreamError(f"The model server returned an error (status {upstream.status}).",
+                            code="upstream_status_error")
+    content_type = upstream.headers.get("content-type", "")
+    if not exchange.stream or upstream.status != 200 or "event-stream" not in content_type:
+        payload = await upstream.read()
+        return _finish_plain(gateway, exchange, upstream.status, upstream.headers, payload)
+    relay = SSERelay(drop_usage_event=inject_usage)
+    filters = [f for f in (rf.stream_filter(exchange) for rf in gateway.response_filters)
+               if f is not None]
+    return StreamingResponse(
+        _relay_stream(gateway, exchange, upstream, relay, filters),
+        status_code=200,
+        media_type="text/event-stream",
+        headers={**_response_headers(exchange, upstream.headers),
+                 "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+def _finish_plain(gateway: Gateway, exchange: Exchange, status: int,
+                  headers: dict[str, str], payload: bytes) -> Response:
+    exchange.status = status
+    try:
+        parsed = orjson.loads(payload) if payload else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if status == 200 and not isinstance(parsed, dict):
+        raise UpstreamError("The model server sent a response that is not JSON.",
+                            code="upstream_bad_response")
+    if status == 200 and isinstance(parsed, dict) and gateway.response_filters:
+        filtered = _filter_body(gateway, exchange, parsed)
+        if filtered is not parsed:
+            parsed, payload = filtered, orjson.dumps(filtered)
+    exchange.response = parsed
+    if isinstance(parsed, dict):
+        exchange.usage = Usage.from_body(parsed.get("usage"))
+        if status >= 400 and isinstance(parsed.get("error"), dict):
+            exchange.error_code = str(parsed["error"].get("code") or "upstream_client_error")
+    exchange.timings.finished = time.perf_counter()
+    gateway.record(exchange)
+    return Response(payload, status_code=status,
+                    media_type=headers.get("content-type", "application/json"),
+                    headers=_response_headers(exchange, headers))
+
+
+def _filter_body(gateway: Gateway, exchange: Exchange, body: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Run the response filters in order; returns ``body`` itself when none changed it."""
+    out = body
+    for response_filter in gateway.response_filters:
+        changed = response_filter.filter_body(exchange, out)
+        if changed is not out:
+            exchange.annotations.setdefault("response_filtered", []).append(
+                response_filter.name)
+            out = changed
+    return out
+
+
+def _filter_event(event: bytes, filters: list[StreamFilter]) -> list[bytes]:
+    """One upstream SSE event through the stream filters: zero or more events to send."""
+    payload = b"".join(
+        line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+    if not payload:
+        return [event]
+    if payload == b"[DONE]":
+        held: list[bytes] = []
+        for i, stream_filter in enumerate(filters):
+            for chunk in stream_filter.flush():
+                held += _run_filters(chunk, filters[i + 1:])
+        return [*held, event]
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return [event]
+    if not isinstance(chunk, dict):
+        return [event]
+    return _run_filters(chunk, filters, event)
+
+
+def _run_filters(chunk: dict[str, Any], filters: list[StreamFilter],
+                 event: bytes | None = None) -> list[bytes]:
+    """A chunk through the filters; ``event`` (its original bytes) goes out unchanged when
+    every filter returned the chunk itself."""
+    current = chunk
+    for stream_filter in filters:
+        out = stream_filter.on_event(current)
+        if out is None:
+            return []
+        current = out
+    if current is chunk and event is not None:
+        return [event]
+    return [b"data: " + orjson.dumps(current) + b"\n\n"]
+
+
+async def _relay_stream(gateway: Gateway, exchange: Exchange, upstream: Any,
+                        relay: SSERelay, filters: list[StreamFilter] | None = None
+                        ) -> AsyncIterator[bytes]:
+    exchange.status = 200
+    # With filters active the client gets rewritten events; this second relay assembles
+    # what it actually received. Without filters, events pass byte for byte.
+    delivered = SSERelay(drop_usage_event=False) if filters else None
+    try:
+        async for chunk in upstream.iter_chunks():
+            for event in relay.feed(chunk):
+                if delivered is None:
+                    yield event
+                    continue
+                for out in _filter_event(event, filters or []):
+                    delivered.feed(out)
+                    yield out
+        rest = relay.flush()
+        if rest and delivered is None:
+            yield rest
+        elif rest and delivered is not None:
+            for out in _filter_event(rest, filters or []):
+                delivered.feed(out)
+                yield out
+        if not relay.done:
+            raise UpstreamError("The model server ended the stream before it was complete.",
+                                code="upstream_stream_incomplete")
+    except APIError as exc:
+        exchange.error_code = exc.code
+        exchange.annotations["stream_error"] = exc.message
+        yield sse_error_event(exc)
+    finally:
+        upstream.close()
+        if delivered is not None:
+            delivered.usage = relay.usage
+        exchange.response = (delivered or relay).assembled()
+        exchange.usage = Usage.from_body(relay.usage)
+        exchange.timings.finished = time.perf_counter()
+        if exchange.error_code is None and not relay.done:
+            exchange.error_code = "client_disconnected"
+        gateway.record(exchange)

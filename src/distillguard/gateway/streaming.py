@@ -1,0 +1,143 @@
+"""Server-Sent Events relay: forward upstream events and reassemble the completion.
+
+:class:`SSERelay` splits the upstream byte stream into whole events, hands each back to
+be forwarded unchanged, and builds from the ``data:`` payloads the non-streaming shape of
+the response (content, reasoning, tool calls, finish reasons, usage) for the Exchange.
+When the gateway itself asked for ``include_usage`` (to meter a stream whose client did
+not), the usage-only event is consumed here and not forwarded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_SEPARATORS = (b"\r\n\r\n", b"\n\n")
+
+
+class SSERelay:
+    def __init__(self, *, drop_usage_event: bool) -> None:
+        self.drop_usage_event = drop_usage_event
+        self._buffer = b""
+        self.done = False
+        self.usage: dict[str, Any] | None = None
+        self.meta: dict[str, Any] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
+        self.events = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes from upstream; return the complete events to forward, in order."""
+        self._buffer += data
+        out: list[bytes] = []
+        while True:
+            cut = -1
+            sep_len = 0
+            for sep in _SEPARATORS:
+                i = self._buffer.find(sep)
+                if i >= 0 and (cut < 0 or i < cut):
+                    cut, sep_len = i, len(sep)
+            if cut < 0:
+                break
+            event = self._buffer[: cut + sep_len]
+            self._buffer = self._buffer[cut + sep_len:]
+            if self._consume(event):
+                out.append(event)
+        return out
+
+    def flush(self) -> bytes:
+        """Whatever is left when upstream closes (an unterminated last event)."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            self._consume(rest)
+        return rest
+
+    def _consume(self, event: bytes) -> bool:
+        """Record one event; return False if it must not be forwarded."""
+        payload = b"".join(
+            line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")
+        )
+        if not payload:
+            return True
+        self.events += 1
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for field in ("id", "object", "created", "model", "system_fingerprint"):
+            if field in chunk and field not in self.meta:
+                self.meta[field] = chunk[field]
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    self._merge_choice(choice)
+            if not choices and self.drop_usage_event and isinstance(chunk.get("usage"), dict):
+                return False
+        return True
+
+    def _merge_choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        acc = self._choices.setdefault(index, {"index": index, "content": [], "reasoning": [],
+                                               "text": [], "tool_calls": {}, "role": None,
+                                               "finish_reason": None})
+        if choice.get("finish_reason"):
+            acc["finish_reason"] = choice["finish_reason"]
+        if isinstance(choice.get("text"), str):
+            acc["text"].append(choice["text"])
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return
+        if delta.get("role"):
+            acc["role"] = delta["role"]
+        if isinstance(delta.get("content"), str):
+            acc["content"].append(delta["content"])
+        for field in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(field), str):
+                acc["reasoning"].append(delta[field])
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            slot = acc["tool_calls"].setdefault(call.get("index", 0), {
+                "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            if call.get("id"):
+                slot["id"] = call["id"]
+            fn = call.get("function") or {}
+            if isinstance(fn.get("name"), str):
+                slot["function"]["name"] += fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                slot["function"]["arguments"] += fn["arguments"]
+
+    def assembled(self) -> dict[str, Any]:
+        """The stream as one non-streaming response body."""
+        choices = []
+        chat = self.meta.get("object") != "text_completion"
+        for index in sorted(self._choices):
+            acc = self._choices[index]
+            if chat:
+                message: dict[str, Any] = {"role": acc["role"] or "assistant",
+                                           "content": "".join(acc["content"])}
+                if acc["reasoning"]:
+                    message["reasoning_content"] = "".join(acc["reasoning"])
+                if acc["tool_calls"]:
+                    message["tool_calls"] = [acc["tool_calls"][i]
+                                             for i in sorted(acc["tool_calls"])]
+                choices.append({"index": index, "message": message,
+                                "finish_reason": acc["finish_reason"]})
+            else:
+                choices.append({"index": index, "text": "".join(acc["text"]),
+                                "finish_reason": acc["finish_reason"]})
+        body: dict[str, Any] = dict(self.meta)
+        if chat:
+            body["object"] = "chat.completion"
+        body["choices"] = choices
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body

@@ -1,0 +1,174 @@
+"""Running the gateway: the public API, the admin API and (for the demo) the demo upstream
+as uvicorn servers in one event loop.
+
+:class:`Stack` is what ``distillguard serve`` and ``distillguard demo`` run, and what the
+tests start on free ports. Components that add stages, checks or admin routes register
+through :data:`distillguard.components.DEFAULT_COMPONENTS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import uvicorn
+from starlette.routing import BaseRoute
+
+from distillguard.config import Settings
+from distillguard.demo_upstream import create_demo_upstream
+from distillguard.gateway.admin import AdminAPI
+from distillguard.gateway.app import Gateway
+from distillguard.pipeline import RequestCheck, ResponseFilter, Stage
+
+log = logging.getLogger("distillguard.serve")
+
+
+@dataclass
+class Extension:
+    """What one component adds to a running gateway."""
+
+    stages: list[Stage] = field(default_factory=list)
+    checks: list[RequestCheck] = field(default_factory=list)
+    admin_routes: list[BaseRoute] = field(default_factory=list)
+    response_filters: list[ResponseFilter] = field(default_factory=list)
+
+
+ExtensionFactory = Callable[[Settings], "Extension | None"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _server(app: Any, host: str, port: int, *,
+            lifespan: Literal["auto", "on", "off"]) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level="warning",
+                            access_log=False, proxy_headers=False, server_header=False,
+                            date_header=False, loop="none", http="auto",
+                            timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    return server
+
+
+class Stack:
+    """Gateway + admin API (+ demo upstream when ``upstream.base_url`` is ``demo``)."""
+
+    def __init__(self, settings: Settings, *, extensions: list[Extension] | None = None
+                 ) -> None:
+        self.settings = settings
+        self.demo_port: int | None = None
+        upstream_url = None
+        if settings.upstream.is_demo:
+            self.demo_port = free_port()
+            upstream_url = f"http://127.0.0.1:{self.demo_port}/v1"
+        if extensions is None:
+            from distillguard.components import load_extensions
+
+            extensions = load_extensions(settings)
+        self.extensions = extensions
+        self.gateway = Gateway.create(
+            settings,
+            upstream_url=upstream_url,
+            stages=[s for e in extensions for s in e.stages],
+            checks=[c for e in extensions for c in e.checks],
+            response_filters=[f for e in extensions for f in e.response_filters],
+        )
+        self.admin = AdminAPI(self.gateway)
+        self.servers: list[uvicorn.Server] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.server.host}:{self.settings.server.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.settings.server.admin_host}:{self.settings.server.admin_port}"
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        server_cfg = self.settings.server
+        if server_cfg.port == 0:
+            server_cfg.port = free_port(server_cfg.host)
+        if server_cfg.admin_port == 0:
+            server_cfg.admin_port = free_port(server_cfg.admin_host)
+        if self.demo_port is not None:
+            self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
+                                        lifespan="off"))
+        main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on")
+        admin_app = self.admin.app([r for e in self.extensions for r in e.admin_routes])
+        admin = _server(admin_app, server_cfg.admin_host, server_cfg.admin_port,
+                        lifespan="off")
+        self.servers += [main, admin]
+        tasks = [asyncio.create_task(s.serve()) for s in self.servers]
+        try:
+            while not all(s.started for s in self.servers):
+                if any(t.done() for t in tasks):
+                    break
+                await asyncio.sleep(0.01)
+            if ready is not None:
+                ready.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for server in self.servers:
+                server.should_exit = True
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.should_exit = True
+
+
+class StackThread:
+    """A :class:`Stack` on its own event loop in a background thread (demo and tests)."""
+
+    def __init__(self, stack: Stack) -> None:
+        import threading
+
+        self.stack = stack
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="distillguard-stack",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        ready = asyncio.Event()
+
+        async def main() -> None:
+            task = asyncio.create_task(self.stack.serve(ready))
+            waiter = asyncio.create_task(ready.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            self._ready.set()
+            await task
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:  # surfaced to the caller of start()
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.loop.close()
+
+    def start(self, timeout: float = 30.0) -> StackThread:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("the gateway did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"the gateway failed to start: {self._error!r}")
+        if not all(s.started for s in self.stack.servers):
+            raise RuntimeError("the gateway failed to start (port in use?)")
+        return self
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the stack's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stack.stop)
+            self._thread.join(timeout)

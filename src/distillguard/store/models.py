@@ -1,0 +1,144 @@
+"""Typed records kept in the state store: accounts and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from distillguard.exchange import format_ts, parse_ts
+
+KEY_PREFIX = "sk-dg-"
+ACCOUNT_FIELDS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
+                  "country", "tier")
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+
+
+@dataclass(slots=True)
+class Account:
+    account_id: str
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    org: str | None = None
+    email_domain: str | None = None
+    payment_fingerprint: str | None = None
+    country: str | None = None
+    tier: str = "standard"
+    status: AccountStatus = AccountStatus.ACTIVE
+    limits: dict[str, int | None] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_public(self) -> dict[str, Any]:
+        """The account as one object of the accounts format, plus status and limits."""
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            {
+                "account_id": self.account_id,
+                "created_at": format_ts(self.created_at).replace(".000Z", "Z"),
+                "org": self.org,
+                "email_domain": self.email_domain,
+                "payment_fingerprint": self.payment_fingerprint,
+                "country": self.country,
+                "tier": self.tier,
+                "status": str(self.status),
+            }
+        )
+        if self.limits:
+            out["limits"] = dict(self.limits)
+        return out
+
+    @classmethod
+    def from_public(cls, data: dict[str, Any]) -> Account:
+        """Build an account from one accounts-format object (only ``account_id`` required)."""
+        if not isinstance(data, dict):
+            raise ValueError("an account must be a JSON object")
+        account_id = data.get("account_id")
+        if not isinstance(account_id, str) or not account_id.strip():
+            raise ValueError("an account needs a non-empty string 'account_id'")
+        created = data.get("created_at")
+        status = data.get("status") or AccountStatus.ACTIVE
+        if status not in AccountStatus.__members__.values():
+            raise ValueError(f"account status must be one of {[s.value for s in AccountStatus]}")
+        limits = data.get("limits") or {}
+        if not isinstance(limits, dict):
+            raise ValueError("account 'limits' must be an object")
+        country = data.get("country")
+        known = set(ACCOUNT_FIELDS) | {"status", "limits"}
+        return cls(
+            account_id=account_id.strip(),
+            created_at=parse_ts(created) if created else datetime.now(UTC),
+            org=_s(data.get("org")),
+            email_domain=_s(data.get("email_domain")),
+            payment_fingerprint=_s(data.get("payment_fingerprint")),
+            country=country.upper() if isinstance(country, str) else None,
+            tier=str(data.get("tier") or "standard"),
+            status=AccountStatus(status),
+            limits={k: (None if v is None else int(v)) for k, v in limits.items()},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(slots=True)
+class ApiKey:
+    key_id: str
+    account_id: str
+    key_hash: str
+    name: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    limits: dict[str, int | None] = field(default_factory=dict)
+
+    def is_usable(self, now: datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or now < self.expires_at
+
+    def to_public(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "account_id": self.account_id,
+            "name": self.name,
+            "created_at": format_ts(self.created_at),
+            "expires_at": format_ts(self.expires_at) if self.expires_at else None,
+            "revoked_at": format_ts(self.revoked_at) if self.revoked_at else None,
+            "limits": dict(self.limits),
+        }
+
+
+def new_key_material() -> tuple[str, str]:
+    """A new ``(key_id, secret_key)``; the secret is shown once and never stored."""
+    key_id = "key_" + secrets.token_hex(6)
+    secret = secrets.token_hex(24)
+    return key_id, f"{KEY_PREFIX}{key_id[4:]}-{secret}"
+
+
+def hash_key(secret_key: str) -> str:
+    """Keys are 192-bit random, so a plain SHA-256 resists guessing; no salt is needed."""
+    return hashlib.sha256(secret_key.encode()).hexdigest()
+
+
+def key_id_of(secret_key: str) -> str | None:
+    """The public key id inside a presented key, or None if it is not a distillguard key."""
+    if not secret_key.startswith(KEY_PREFIX):
+        return None
+    body = secret_key[len(KEY_PREFIX):]
+    ident, sep, secret = body.partition("-")
+    if not sep or len(ident) != 12 or len(secret) != 48:
+        return None
+    return "key_" + ident
+
+
+def key_matches(secret_key: str, key_hash: str) -> bool:
+    return hmac.compare_digest(hash_key(secret_key), key_hash)

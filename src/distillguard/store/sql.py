@@ -1,0 +1,291 @@
+"""The state store on SQLAlchemy Core: SQLite (aiosqlite) or PostgreSQL (asyncpg).
+
+One implementation serves both databases: the SQL is the portable subset, timestamps are
+stored as RFC 3339 UTC text (which sorts in time order) and JSON as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from distillguard.errors import NotFound, StoreError
+from distillguard.exchange import parse_ts
+from distillguard.store.migrations import pending
+from distillguard.store.models import (
+    Account,
+    AccountStatus,
+    ApiKey,
+    hash_key,
+    new_key_material,
+)
+
+_ACCOUNT_COLUMNS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
+                    "country", "tier", "status", "limits", "extra")
+_UPDATABLE = {"org", "email_domain", "payment_fingerprint", "country", "tier", "status",
+              "limits", "extra", "created_at"}
+
+
+def async_url(url: str) -> str:
+    """Map a ``state.url`` to the SQLAlchemy async driver URL."""
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url[len("postgresql://"):]
+    raise StoreError(f"unsupported state store URL scheme in {url.split('://')[0]}://")
+
+
+def _ts(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else parse_ts(value)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class SQLStateStore:
+    """:class:`~distillguard.store.StateStore` on SQLite or PostgreSQL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            path = url[len("sqlite:///"):]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- migrations -------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied now."""
+        done: list[int] = []
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(text(
+                    "CREATE TABLE IF NOT EXISTS distillguard_migrations ("
+                    " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
+                    " applied_at TEXT NOT NULL)"
+                ))
+                if not self.is_sqlite:
+                    # Serialise concurrent start-ups of several replicas.
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(72707369)"))
+                rows = await conn.execute(text("SELECT version FROM distillguard_migrations"))
+                applied = {int(r[0]) for r in rows}
+                for version, description, statements in pending(applied):
+                    for statement in statements:
+                        await conn.execute(text(statement))
+                    await conn.execute(
+                        text("INSERT INTO distillguard_migrations VALUES (:v, :d, :t)"),
+                        {"v": version, "d": description, "t": _ts(datetime.now(UTC))},
+                    )
+                    done.append(version)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc.__class__.__name__}: {exc}") from exc
+        return done
+
+    # -- accounts -----------------------------------------------------------------------
+
+    @staticmethod
+    def _account_row(account: Account) -> dict[str, Any]:
+        return {
+            "account_id": account.account_id,
+            "created_at": _ts(account.created_at),
+            "org": account.org,
+            "email_domain": account.email_domain,
+            "payment_fingerprint": account.payment_fingerprint,
+            "country": account.country,
+            "tier": account.tier,
+            "status": str(account.status),
+            "limits": _json(account.limits),
+            "extra": _json(account.extra),
+        }
+
+    @staticmethod
+    def _account(row: Any) -> Account:
+        m = row._mapping
+        return Account(
+            account_id=m["account_id"],
+            created_at=parse_ts(m["created_at"]),
+            org=m["org"],
+            email_domain=m["email_domain"],
+            payment_fingerprint=m["payment_fingerprint"],
+            country=m["country"],
+            tier=m["tier"],
+            status=AccountStatus(m["status"]),
+            limits=orjson.loads(m["limits"]),
+            extra=orjson.loads(m["extra"]),
+        )
+
+    async def put_account(self, account: Account, *, replace: bool = False) -> Account:
+        row = self._account_row(account)
+        cols = ", ".join(_ACCOUNT_COLUMNS)
+        params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
+        sql = f"INSERT INTO accounts ({cols}) VALUES ({params})"
+        if replace:
+            updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:])
+            sql += f" ON CONFLICT (account_id) DO UPDATE SET {updates}"
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(text(sql), row)
+        except IntegrityError as exc:
+            raise StoreError(f"account {account.account_id!r} already exists") from exc
+        return account
+
+    async def import_accounts(self, accounts: Iterable[Account]) -> int:
+        """Insert or replace many accounts in one transaction (all or nothing)."""
+        rows = [self._account_row(a) for a in accounts]
+        if not rows:
+            return 0
+        cols = ", ".join(_ACCOUNT_COLUMNS)
+        params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:])
+        sql = (f"INSERT INTO accounts ({cols}) VALUES ({params}) "
+               f"ON CONFLICT (account_id) DO UPDATE SET {updates}")
+        async with self.engine.begin() as conn:
+            await conn.execute(text(sql), rows)
+        return len(rows)
+
+    async def get_account(self, account_id: str) -> Account:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                text("SELECT * FROM accounts WHERE account_id = :a"), {"a": account_id}
+            )).first()
+        if row is None:
+            raise NotFound(f"no account {account_id!r}")
+        return self._account(row)
+
+    async def list_accounts(
+        self, *, query: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Account]:
+        sql = "SELECT * FROM accounts"
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if query:
+            sql += (" WHERE account_id LIKE :q OR org LIKE :q OR email_domain LIKE :q"
+                    " OR payment_fingerprint LIKE :q")
+            params["q"] = f"%{query}%"
+        sql += " ORDER BY account_id LIMIT :limit OFFSET :offset"
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).all()
+        return [self._account(r) for r in rows]
+
+    async def count_accounts(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(text("SELECT COUNT(*) FROM accounts"))).scalar_one())
+
+    async def update_account(self, account_id: str, **changes: Any) -> Account:
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise StoreError(f"cannot update account fields {sorted(unknown)}")
+        account = await self.get_account(account_id)
+        for name, value in changes.items():
+            if name == "status":
+                value = AccountStatus(value)
+            elif name == "created_at" and isinstance(value, str):
+                value = parse_ts(value)
+            elif name == "country" and isinstance(value, str):
+                value = value.upper()
+            setattr(account, name, value)
+        await self.put_account(account, replace=True)
+        return account
+
+    # -- keys ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(row: Any) -> ApiKey:
+        m = row._mapping
+        return ApiKey(
+            key_id=m["key_id"],
+            account_id=m["account_id"],
+            key_hash=m["key_hash"],
+            name=m["name"],
+            created_at=parse_ts(m["created_at"]),
+            expires_at=_dt(m["expires_at"]),
+            revoked_at=_dt(m["revoked_at"]),
+            limits=orjson.loads(m["limits"]),
+        )
+
+    async def create_key(
+        self,
+        account_id: str,
+        *,
+        name: str | None = None,
+        expires_at: datetime | None = None,
+        limits: dict[str, int | None] | None = None,
+    ) -> tuple[ApiKey, str]:
+        await self.get_account(account_id)
+        key_id, secret = new_key_material()
+        key = ApiKey(key_id=key_id, account_id=account_id, key_hash=hash_key(secret),
+                     name=name, expires_at=expires_at, limits=dict(limits or {}))
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO api_keys (key_id, account_id, key_hash, name, created_at,"
+                     " expires_at, revoked_at, limits) VALUES (:k, :a, :h, :n, :c, :e, NULL, :l)"),
+                {"k": key.key_id, "a": account_id, "h": key.key_hash, "n": name,
+                 "c": _ts(key.created_at), "e": _ts(expires_at), "l": _json(key.limits)},
+            )
+        return key, secret
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                text("SELECT * FROM api_keys WHERE key_id = :k"), {"k": key_id}
+            )).first()
+        return None if row is None else self._key(row)
+
+    async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
+        sql = "SELECT * FROM api_keys"
+        params: dict[str, Any] = {}
+        if account_id is not None:
+            sql += " WHERE account_id = :a"
+            params["a"] = account_id
+        sql += " ORDER BY created_at, key_id"
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).all()
+        return [self._key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"no key {key_id!r}")
+        if key.revoked_at is None:
+            key.revoked_at = datetime.now(UTC)
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE api_keys SET revoked_at = :r WHERE key_id = :k"),
+                    {"r": _ts(key.revoked_at), "k": key_id},
+                )
+        return key
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

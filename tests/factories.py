@@ -1,0 +1,88 @@
+"""Small factories shared by the tests: settings, exchanges, accounts, running stacks."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from distillguard.config import Settings, load_settings
+from distillguard.exchange import Exchange, Usage
+from distillguard.serve import Stack, StackThread
+from distillguard.store.models import Account
+
+ADMIN_TOKEN = "adm-test-token-0123456789"
+_ids = itertools.count()
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    base: dict[str, dict[str, Any]] = {
+        "server": {"port": 0, "admin_port": 0},
+        "admin": {"token": ADMIN_TOKEN},
+        "upstream": {"base_url": "demo"},
+        "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
+        "ledger": {"path": str(tmp_path / "ledger")},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return load_settings(overrides=base, environ={})
+
+
+def make_exchange(
+    prompt: str = "Explain recursion.",
+    *,
+    account_id: str = "acct_1",
+    key_id: str = "key_000000000001",
+    ts: datetime | None = None,
+    model: str = "demo-chat-1",
+    answer: str = "Recursion is when a function calls itself.",
+    client_ip: str = "203.0.113.7",
+    user_agent: str = "OpenAI/Python 1.40.0",
+    status: int = 200,
+    **request_extra: Any,
+) -> Exchange:
+    n = next(_ids)
+    ex = Exchange.start("/v1/chat/completions")
+    ex.ts = ts or datetime(2026, 3, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=n)
+    ex.account_id, ex.key_id, ex.client_ip, ex.user_agent = account_id, key_id, client_ip, user_agent
+    ex.model = model
+    ex.request = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                  **request_extra}
+    ex.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                "finish_reason": "stop"}]}
+    ex.usage = Usage(prompt_tokens=len(prompt) // 4 + 1, completion_tokens=len(answer) // 4 + 1)
+    ex.status = status
+    ex.latency_ms_override = 800.0
+    return ex
+
+
+def make_account(account_id: str = "acct_1", **fields: Any) -> Account:
+    return Account.from_public({"account_id": account_id, "country": "DE", "tier": "standard",
+                                **fields})
+
+
+def start_stack(settings: Settings, **kwargs: Any) -> StackThread:
+    return StackThread(Stack(settings, **kwargs)).start()
+
+
+class Recorder:
+    """A pipeline stage that keeps every exchange it sees, for assertions."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    async def on_exchange(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+
+def start_recorded_stack(settings: Settings) -> tuple[StackThread, Recorder]:
+    """A running stack with the default components plus a :class:`Recorder` stage."""
+    from distillguard.components import load_extensions
+    from distillguard.serve import Extension
+
+    recorder = Recorder()
+    extensions = [*load_extensions(settings), Extension(stages=[recorder])]
+    return StackThread(Stack(settings, extensions=extensions)).start(), recorder

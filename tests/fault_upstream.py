@@ -1,0 +1,90 @@
+"""An upstream that misbehaves on purpose, chosen by the requested model name."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import orjson
+import uvicorn
+
+from distillguard.serve import free_port
+
+MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400"]
+
+_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+          "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
+_OK = {"id": "c1", "object": "chat.completion", "created": 1, "model": "ok-1",
+       "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
+                    "finish_reason": "stop"}],
+       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+class FaultyUpstream:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"] == "/v1/models":
+            data = {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
+            await self._send(send, 200, orjson.dumps(data))
+            return
+        model = orjson.loads(body).get("model")
+        if model == "fail-500":
+            await self._send(send, 500, b'{"error": {"message": "boom"}}')
+        elif model == "slow":
+            await asyncio.sleep(3)
+            await self._send(send, 200, orjson.dumps(_OK))
+        elif model == "bad-json":
+            await self._send(send, 200, b"<html>oops</html>")
+        elif model == "reject-400":
+            await self._send(send, 400, orjson.dumps({"error": {
+                "message": "max_tokens too large", "type": "invalid_request_error",
+                "param": "max_tokens", "code": None}}))
+        elif model in ("drop-stream", "no-done"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for _ in range(2):
+                await send({"type": "http.response.body",
+                            "body": b"data: " + orjson.dumps(_CHUNK) + b"\n\n",
+                            "more_body": True})
+            if model == "drop-stream":
+                raise ConnectionAbortedError("upstream dies mid-stream (on purpose)")
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await self._send(send, 200, orjson.dumps(_OK))
+
+    @staticmethod
+    async def _send(send: Any, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class FaultyUpstreamThread:
+    def __init__(self) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(FaultyUpstream(), host="127.0.0.1", port=self.port,
+                                log_level="critical", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> FaultyUpstreamThread:
+        self.thread.start()
+        while not self.server.started:
+            threading.Event().wait(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

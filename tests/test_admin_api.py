@@ -1,0 +1,69 @@
+"""The admin API: its credential, accounts, keys, import and export."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from distillguard.serve import StackThread
+
+
+def test_admin_requires_its_own_credential(stack: StackThread,
+                                           account_key: tuple[str, str]) -> None:
+    url = stack.stack.admin_url + "/admin/v1/accounts"
+    assert httpx.get(url).status_code == 401
+    _, api_key = account_key
+    r = httpx.get(url, headers={"authorization": f"Bearer {api_key}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
+
+
+def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -> None:
+    r = admin.post("/admin/v1/accounts", json={
+        "account_id": "acct_17", "created_at": "2026-02-20T09:00:00Z", "org": "Acme Ltd",
+        "email_domain": "acme.example", "payment_fingerprint": "pf_3c1e", "country": "de",
+        "tier": "unverified"})
+    assert r.status_code == 201 and r.json()["country"] == "DE"
+    assert admin.post("/admin/v1/accounts", json={"account_id": "acct_17"}).status_code == 422
+    assert admin.post("/admin/v1/accounts", json={"org": "x"}).status_code == 422
+    assert admin.get("/admin/v1/accounts/none").status_code == 404
+
+    created = admin.post("/admin/v1/accounts/acct_17/keys",
+                         json={"name": "prod", "expires_in_days": 30}).json()
+    secret = created["key"]
+    listed = admin.get("/admin/v1/accounts/acct_17/keys").json()["data"]
+    assert [k["key_id"] for k in listed] == [created["key_id"]]
+    assert secret not in orjson.dumps(listed).decode()  # shown once only
+
+    chat = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"authorization": f"Bearer {secret}"}
+    assert httpx.post(stack.stack.base_url + "/chat/completions", json=chat,
+                      headers=auth).status_code == 200
+    # Suspension is a 403 that tells the client not to retry.
+    admin.patch("/admin/v1/accounts/acct_17", json={"status": "suspended"}).raise_for_status()
+    r = httpx.post(stack.stack.base_url + "/chat/completions", json=chat, headers=auth)
+    assert r.status_code == 403 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["code"] == "account_suspended"
+    admin.patch("/admin/v1/accounts/acct_17", json={"status": "active"}).raise_for_status()
+    assert admin.delete(f"/admin/v1/keys/{created['key_id']}").json()["revoked_at"]
+    r = httpx.post(stack.stack.base_url + "/chat/completions", json=chat, headers=auth)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "revoked_api_key"
+
+    expired = admin.post("/admin/v1/accounts/acct_17/keys",
+                         json={"expires_at": "2020-01-01T00:00:00Z"}).json()["key"]
+    r = httpx.post(stack.stack.base_url + "/chat/completions", json=chat,
+                   headers={"authorization": f"Bearer {expired}"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "expired_api_key"
+
+
+def test_import_export_accounts_jsonl(admin: httpx.Client) -> None:
+    lines = [orjson.dumps({"account_id": f"imp_{i}", "country": "FR", "tier": "verified",
+                           "payment_fingerprint": "pf_x", "note": i}) for i in range(20)]
+    r = admin.post("/admin/v1/accounts/import", content=b"\n".join(lines))
+    assert r.json() == {"imported": 20}
+    bad = b"\n".join([*lines[:3], b'{"account_id": 5}'])
+    r = admin.post("/admin/v1/accounts/import", content=bad)
+    assert r.status_code == 422 and "line 4" in r.json()["error"]["message"]
+    exported = [orjson.loads(x) for x in admin.get("/admin/v1/accounts/export").content
+                .splitlines()]
+    mine = [a for a in exported if a["account_id"].startswith("imp_")]
+    assert len(mine) == 20 and mine[0]["note"] is not None and mine[0]["tier"] == "verified"

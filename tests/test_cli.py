@@ -1,0 +1,72 @@
+"""The command line against a SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from distillguard.cli import main
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"}}))
+    return str(path)
+
+
+def run(cfg: str, *args: str) -> str:
+    result = CliRunner().invoke(main, ["-c", cfg, *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_accounts_and_keys_commands(cfg: str, tmp_path: Path) -> None:
+    out = run(cfg, "accounts", "create", "acct_1", "--org", "Acme", "--country", "de",
+              "--tier", "unverified")
+    assert orjson.loads(out)["country"] == "DE"
+    run(cfg, "accounts", "update", "acct_1", "--tier", "verified", "--rpm", "5")
+    shown = orjson.loads(run(cfg, "accounts", "show", "acct_1"))
+    assert shown["tier"] == "verified" and shown["limits"] == {"requests_per_minute": 5}
+    created = orjson.loads(run(cfg, "keys", "create", "acct_1", "--name", "ci",
+                               "--expires-in-days", "2").splitlines()[0])
+    assert created["key"].startswith("sk-dg-")
+    listed = run(cfg, "keys", "list", "--account", "acct_1")
+    assert created["key_id"] in listed and created["key"] not in listed
+    assert orjson.loads(run(cfg, "keys", "revoke", created["key_id"]))["revoked_at"]
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(orjson.dumps({"account_id": f"b{i}", "org": "Beta"}).decode() + "\n"
+                           for i in range(5)))
+    run(cfg, "accounts", "import", str(src))
+    dst = tmp_path / "out.jsonl"
+    run(cfg, "accounts", "export", str(dst))
+    ids = [orjson.loads(line)["account_id"] for line in dst.read_text().splitlines()]
+    assert ids == ["acct_1", "b0", "b1", "b2", "b3", "b4"]
+
+
+def test_errors_are_one_clear_line(cfg: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["-c", cfg, "accounts", "show", "ghost"])
+    assert result.exit_code == 2 and "error: no account 'ghost'" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream:\n  timeout_s: -1\n")
+    result = CliRunner().invoke(main, ["-c", str(bad), "check-config"])
+    assert result.exit_code == 2 and "upstream.timeout_s" in result.stderr
+    src = tmp_path / "broken.jsonl"
+    src.write_text('{"account_id": "ok"}\n{"org": "no id"}\n')
+    result = CliRunner().invoke(main, ["-c", cfg, "accounts", "import", str(src)])
+    assert result.exit_code == 2 and "broken.jsonl:2" in result.stderr
+    # Nothing from the bad file was imported.
+    assert "ok" not in run(cfg, "accounts", "list")
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({"admin": {"token": "super-secret"},
+                                    "upstream": {"base_url": "http://x/v1", "api_key": "k"}}))
+    out = run(str(path), "check-config")
+    assert "super-secret" not in out and '"***"' in out

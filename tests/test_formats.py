@@ -1,0 +1,77 @@
+"""The public trace and accounts formats (docs/formats.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from distillguard.exchange import Exchange, Retention
+from distillguard.store.models import Account
+from distillguard.traceio import (
+    FormatError,
+    read_accounts,
+    read_trace,
+    write_accounts,
+    write_trace,
+)
+
+DESIGN_LINE = {
+    "ts": "2026-03-01T12:00:00.123Z", "account_id": "acct_17", "key_id": "key_17a",
+    "client_ip": "203.0.113.7", "user_agent": "openai-python/1.40.0",
+    "request": {"model": "m1", "messages": [{"role": "user", "content": "..."}],
+                "max_tokens": 1024},
+    "response": {"choices": [{"message": {"role": "assistant", "content": "..."}}],
+                 "usage": {"prompt_tokens": 12, "completion_tokens": 300}},
+    "status": 200, "latency_ms": 812, "campaign_hint": "kept"}
+
+
+def test_trace_line_from_design_round_trips(tmp_path: Path) -> None:
+    ex = Exchange.from_trace(DESIGN_LINE)
+    assert ex.model == "m1" and ex.usage and ex.usage.completion_tokens == 300
+    assert ex.latency_ms == 812 and ex.extra == {"campaign_hint": "kept"}
+    path = tmp_path / "t.jsonl"
+    write_trace([ex], path)
+    (back,) = list(read_trace(path))
+    out = back.to_trace()
+    for field, value in DESIGN_LINE.items():
+        assert out[field] == value, field
+
+
+def test_hash_retention_drops_bodies_keeps_hashes() -> None:
+    ex = Exchange.from_trace(DESIGN_LINE)
+    line = ex.to_trace(Retention.HASH)
+    assert line["request"] is None and line["response"] is None
+    assert len(line["request_sha256"]) == 64 and line["model"] == "m1"
+    assert line["usage"] == {"prompt_tokens": 12, "completion_tokens": 300}
+    assert Exchange.from_trace(line).usage.completion_tokens == 300
+
+
+def test_gzip_and_bad_lines_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl.gz"
+    write_trace([Exchange.from_trace(DESIGN_LINE)] * 3, path)
+    assert len(list(read_trace(path))) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(orjson.dumps(DESIGN_LINE) + b"\n\n{\"account_id\": 1}\n")
+    with pytest.raises(FormatError, match="bad.jsonl:3: a trace line needs 'ts'"):
+        list(read_trace(bad))
+    bad.write_bytes(b"{oops\n")
+    with pytest.raises(FormatError, match=":1: not valid JSON"):
+        list(read_trace(bad))
+
+
+def test_accounts_format(tmp_path: Path) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"account_id": "acct_17", "created_at": "2026-02-20T09:00:00Z", '
+                   '"org": "Acme Ltd", "email_domain": "acme.example", '
+                   '"payment_fingerprint": "pf_3c1e", "country": "DE", "tier": "standard"}\n'
+                   '{"account_id": "acct_18"}\n')
+    accounts = list(read_accounts(src))
+    assert accounts[0].org == "Acme Ltd" and accounts[1].tier == "standard"
+    out = tmp_path / "out.jsonl"
+    write_accounts(accounts, out)
+    first = orjson.loads(out.read_bytes().splitlines()[0])
+    assert first["created_at"] == "2026-02-20T09:00:00Z" and first["country"] == "DE"
+    with pytest.raises(ValueError):
+        Account.from_public({"account_id": ""})

@@ -1,0 +1,138 @@
+"""Every failure a client can meet gets the OpenAI error body and the right status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from distillguard.serve import StackThread
+from tests.factories import ADMIN_TOKEN, Recorder, make_settings, start_recorded_stack
+from tests.fault_upstream import FaultyUpstreamThread
+
+
+@pytest.fixture
+def faulty(tmp_path: Path) -> Iterator[tuple[StackThread, Recorder, str]]:
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(
+            tmp_path,
+            upstream={"base_url": upstream.url, "timeout_s": 0.5},
+            server={"max_body_bytes": 10_000, "trusted_proxies": ["127.0.0.0/8"]},
+            limits={"tiers": {"standard": {"requests_per_minute": 1000}}},
+        )
+        stack, recorder = start_recorded_stack(settings)
+        try:
+            admin = httpx.Client(base_url=stack.stack.admin_url,
+                                 headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+            admin.post("/admin/v1/accounts", json={"account_id": "acct_f"}).raise_for_status()
+            key = admin.post("/admin/v1/accounts/acct_f/keys", json={}).json()["key"]
+            yield stack, recorder, key
+        finally:
+            stack.stop()
+
+
+def _post(stack: StackThread, key: str | None, body: object, **kw: object) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    headers.update(kw.pop("headers", {}))  # type: ignore[arg-type]
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return httpx.post(stack.stack.base_url + "/chat/completions", content=content,
+                      headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def _error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def chat(model: str = "ok-1", **extra: object) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_auth_errors(faulty: tuple[StackThread, Recorder, str]) -> None:
+    stack, _, key = faulty
+    _error(_post(stack, None, chat()), 401, "missing_api_key")
+    _error(_post(stack, "sk-not-ours", chat()), 401, "invalid_api_key")
+    forged = key[:-4] + ("0000" if not key.endswith("0000") else "1111")
+    err = _error(_post(stack, forged, chat()), 401, "invalid_api_key")
+    assert key not in err["message"] and forged not in err["message"]
+
+
+def test_request_errors(faulty: tuple[StackThread, Recorder, str]) -> None:
+    stack, _, key = faulty
+    _error(_post(stack, key, b"{not json"), 400, "invalid_json")
+    _error(_post(stack, key, [1, 2]), 422, "invalid_body")
+    _error(_post(stack, key, {"model": "ok-1"}), 422, "invalid_messages")
+    _error(_post(stack, key, chat(stream="yes")), 422, "invalid_stream")
+    _error(_post(stack, key, chat("no-such-model")), 404, "model_not_found")
+    _error(_post(stack, key, chat(padding="x" * 20_000)), 413, "request_too_large")
+    r = httpx.get(stack.stack.base_url + "/files", headers={"authorization": f"Bearer {key}"})
+    _error(r, 404, "unknown_url")
+
+
+def test_upstream_failures(faulty: tuple[StackThread, Recorder, str]) -> None:
+    stack, recorder, key = faulty
+    _error(_post(stack, key, chat("fail-500")), 502, "upstream_status_error")
+    _error(_post(stack, key, chat("slow")), 504, "upstream_timeout")
+    _error(_post(stack, key, chat("bad-json")), 502, "upstream_bad_response")
+    # An upstream 4xx in OpenAI format is passed through as is.
+    err = _error(_post(stack, key, chat("reject-400")), 400)
+    assert err["param"] == "max_tokens"
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="fail-500", messages=[{"role": "user",
+                                                                   "content": "x"}])
+    assert info.value.status_code == 502
+    # The process is still healthy after all of that.
+    assert _post(stack, key, chat()).status_code == 200
+    stack.call(stack.stack.gateway.settle())
+    codes = [e.error_code for e in recorder.exchanges]
+    assert "upstream_timeout" in codes and "upstream_status_error" in codes
+
+
+@pytest.mark.parametrize("model,code", [("drop-stream", "upstream_error"),
+                                        ("no-done", "upstream_stream_incomplete")])
+def test_mid_stream_failure_sends_sse_error_then_closes(
+    faulty: tuple[StackThread, Recorder, str], model: str, code: str
+) -> None:
+    stack, recorder, key = faulty
+    with httpx.stream("POST", stack.stack.base_url + "/chat/completions",
+                      headers={"authorization": f"Bearer {key}"},
+                      json=chat(model, stream=True), timeout=10) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) == 3
+    error = orjson.loads(events[-1])["error"]
+    assert error["code"] == code and error["message"]
+    stack.call(stack.stack.gateway.settle())
+    last = recorder.exchanges[-1]
+    assert last.error_code == code
+    assert last.response["choices"][0]["message"]["content"] == "partial partial "
+
+
+def test_exchange_record_and_trusted_proxy_ip(faulty: tuple[StackThread, Recorder, str]
+                                              ) -> None:
+    stack, recorder, key = faulty
+    r = _post(stack, key, chat(), headers={"x-forwarded-for": "198.51.100.9, 10.0.0.1",
+                                           "user-agent": "curl/8.0"})
+    assert r.status_code == 200
+    stack.call(stack.stack.gateway.settle())
+    ex = recorder.exchanges[-1]
+    # 127.0.0.1 (peer) is trusted; 10.0.0.1 is not, so it is the client.
+    assert ex.client_ip == "10.0.0.1"
+    assert ex.account_id == "acct_f" and ex.key_id and ex.key_id[4:] in key
+    assert ex.user_agent == "curl/8.0" and ex.model == "ok-1" and ex.status == 200
+    assert ex.usage is not None and ex.usage.total_tokens == 4
+    assert ex.request_sha256 and ex.response_sha256
+    assert ex.timings.latency_ms is not None and ex.timings.upstream_ms is not None
+    line = ex.to_trace()
+    assert key not in orjson.dumps(line).decode()
+    assert line["request"]["model"] == "ok-1" and line["status"] == 200

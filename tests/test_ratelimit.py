@@ -1,0 +1,143 @@
+"""Rate limits and quotas: the counter stores directly, then through the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from distillguard.config import CounterSettings
+from distillguard.ratelimit import (
+    CounterRequest,
+    MemoryCounterStore,
+    RedisCounterStore,
+    _fmt_duration,
+)
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def counters(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    if request.param == "memory":
+        store = MemoryCounterStore()
+    else:
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        store = RedisCounterStore(CounterSettings(backend="redis", redis_url=url,
+                                                  prefix=prefix))
+    yield store
+    await store.close()
+
+
+async def test_request_window_admits_exactly_the_limit(counters) -> None:  # type: ignore[no-untyped-def]
+    now = 1_000_040.0  # 20 s into a minute window, previous window empty
+    req = [CounterRequest("account:a:rpm:60", 5, 60, 1)]
+    admitted = [(await counters.acquire(req, now)).admitted for _ in range(8)]
+    assert admitted == [True] * 5 + [False] * 3
+    denied = await counters.acquire(req, now)
+    # 40 s left in this window, then 12 s until 5 * (1 - f) + 1 <= 5 in the next one.
+    assert denied.blocking == 0 and denied.states[0].reset_s == pytest.approx(52)
+
+
+async def test_sliding_window_weights_previous_window(counters) -> None:  # type: ignore[no-untyped-def]
+    req = [CounterRequest("account:b:rpm:60", 10, 60, 1)]
+    start = 6_000_000.0  # start of a window
+    for _ in range(10):
+        assert (await counters.acquire(req, start + 1)).admitted
+    # A quarter into the next window 75% of the previous count still weighs: 7.5 used.
+    later = start + 60 + 15
+    results = [(await counters.acquire(req, later)).admitted for _ in range(4)]
+    assert results == [True, True, False, False]
+
+
+async def test_token_windows_check_then_charge(counters) -> None:  # type: ignore[no-untyped-def]
+    now = 9_000_030.0
+    check = [CounterRequest("key:k:tpm:60", 100, 60, 0)]
+    assert (await counters.acquire(check, now)).admitted
+    await counters.add([CounterRequest("key:k:tpm:60", 100, 60, 150)], now)
+    result = await counters.acquire(check, now)
+    assert not result.admitted and result.states[0].usage == 150
+
+
+async def test_any_counter_refusing_charges_none(counters) -> None:  # type: ignore[no-untyped-def]
+    now = 12_000_010.0
+    key_rpm = CounterRequest("key:k2:rpm:60", 100, 60, 1)
+    acct_rpm = CounterRequest("account:a2:rpm:60", 1, 60, 1)
+    assert (await counters.acquire([key_rpm, acct_rpm], now)).admitted
+    refused = await counters.acquire([key_rpm, acct_rpm], now)
+    assert not refused.admitted and refused.blocking == 1
+    alone = await counters.acquire([key_rpm], now)
+    assert alone.states[0].usage == 2  # the refused request was not counted
+
+
+def test_reset_format() -> None:
+    assert _fmt_duration(0.2) == "1s"
+    assert _fmt_duration(360) == "6m0s"
+    assert _fmt_duration(3723) == "1h2m3s"
+
+
+def test_gateway_429_with_headers_and_quota(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, limits={"tiers": {"standard": {
+        "requests_per_minute": 3, "tokens_per_minute": None, "tokens_per_day": None}}})
+    stack = start_stack(settings)
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "a1"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/a1/keys", json={}).json()["key"]
+        body = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]}
+        auth = {"authorization": f"Bearer {key}"}
+        codes = [httpx.post(stack.stack.base_url + "/chat/completions", json=body,
+                            headers=auth).status_code for _ in range(3)]
+        assert codes == [200, 200, 200]
+        r = httpx.post(stack.stack.base_url + "/chat/completions", json=body, headers=auth)
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "requests per minute" in r.json()["error"]["message"]
+        # The official client sees a RateLimitError.
+        client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(**body)
+
+        # A daily token quota on a key: once spent, the key is refused with insufficient_quota.
+        admin.post("/admin/v1/accounts", json={"account_id": "a2"}).raise_for_status()
+        key2 = admin.post("/admin/v1/accounts/a2/keys",
+                          json={"limits": {"tokens_per_day": 30}}).json()["key"]
+        auth2 = {"authorization": f"Bearer {key2}"}
+        first = httpx.post(stack.stack.base_url + "/chat/completions", json=body, headers=auth2)
+        assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 30
+        stack.call(stack.stack.gateway.settle())
+        r = httpx.post(stack.stack.base_url + "/chat/completions", json=body, headers=auth2)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+        assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("mode,status", [("open", 200), ("closed", 503)])
+def test_counter_store_down_fails_open_or_closed(tmp_path: Path, mode: str, status: int
+                                                 ) -> None:
+    from distillguard.serve import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = make_settings(tmp_path, counters={"backend": "redis", "redis_url": dead,
+                                                 "on_failure": mode})
+    stack = start_stack(settings)
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "a1"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/a1/keys", json={}).json()["key"]
+        r = httpx.post(stack.stack.base_url + "/chat/completions", timeout=10,
+                       headers={"authorization": f"Bearer {key}"},
+                       json={"model": "demo-chat-1",
+                             "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == status
+        if status == 503:
+            assert r.json()["error"]["code"] == "service_unavailable"
+    finally:
+        stack.stop()

@@ -1,0 +1,74 @@
+"""The state store on SQLite and on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from distillguard.errors import NotFound, StoreError
+from distillguard.store import open_state_store
+from distillguard.store.migrations import MIGRATIONS
+from distillguard.store.models import AccountStatus, key_id_of, key_matches
+from tests.factories import make_account
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = open_state_store(url)
+    applied = await s.migrate()
+    assert applied == [m[0] for m in MIGRATIONS]
+    assert await s.migrate() == []  # idempotent
+    yield s
+    await s.close()
+
+
+async def test_accounts_round_trip(store) -> None:  # type: ignore[no-untyped-def]
+    created = datetime(2026, 2, 20, 9, 0, tzinfo=UTC)
+    acct = make_account("acct_17", org="Acme Ltd", email_domain="acme.example",
+                        payment_fingerprint="pf_3c1e", created_at=created.isoformat(),
+                        custom_field={"x": 1})
+    await store.put_account(acct)
+    with pytest.raises(StoreError):
+        await store.put_account(acct)
+    got = await store.get_account("acct_17")
+    assert got.org == "Acme Ltd" and got.created_at == created
+    assert got.extra == {"custom_field": {"x": 1}}
+    updated = await store.update_account("acct_17", tier="verified", status="suspended",
+                                         limits={"requests_per_minute": 5})
+    assert updated.status is AccountStatus.SUSPENDED
+    again = await store.get_account("acct_17")
+    assert again.tier == "verified" and again.limits == {"requests_per_minute": 5}
+    assert [a.account_id for a in await store.list_accounts(query="Acme")] == ["acct_17"]
+    with pytest.raises(NotFound):
+        await store.get_account("nope")
+
+
+async def test_import_is_all_or_nothing_and_upserts(store) -> None:  # type: ignore[no-untyped-def]
+    await store.import_accounts([make_account(f"a{i}") for i in range(50)])
+    await store.import_accounts([make_account("a1", org="Changed")])
+    assert await store.count_accounts() == 50
+    assert (await store.get_account("a1")).org == "Changed"
+
+
+async def test_keys_hashed_revocable_expiring(store) -> None:  # type: ignore[no-untyped-def]
+    await store.put_account(make_account("acct_k"))
+    expiry = datetime.now(UTC) + timedelta(days=1)
+    key, secret = await store.create_key("acct_k", name="ci", expires_at=expiry,
+                                         limits={"tokens_per_day": 10})
+    assert key_id_of(secret) == key.key_id
+    stored = await store.get_key(key.key_id)
+    assert stored is not None and secret not in repr(stored)
+    assert key_matches(secret, stored.key_hash) and not key_matches(secret + "x", stored.key_hash)
+    assert stored.is_usable(datetime.now(UTC))
+    assert not stored.is_usable(expiry + timedelta(seconds=1))
+    revoked = await store.revoke_key(key.key_id)
+    assert revoked.revoked_at is not None
+    assert not (await store.get_key(key.key_id)).is_usable(datetime.now(UTC))
+    with pytest.raises(NotFound):
+        await store.create_key("missing-account")
