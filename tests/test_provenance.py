@@ -1,0 +1,93 @@
+"""Provenance look-up on a leak built from real answers (see tests/leakworld.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from distillguard.cli import main
+from distillguard.countermeasures import Fingerprinter
+from distillguard.provenance import ProvenanceIndex, build_report
+from distillguard.provenance.suspect import parse_item, read_suspect
+from distillguard.traceio import write_jsonl, write_trace
+from tests.leakworld import SECRET, World, build_world
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return build_world()
+
+
+def _report(world: World) -> dict:
+    items = [parse_item(i + 1, o) for i, o in enumerate(world.suspect)]
+    index = ProvenanceIndex([i for i in items if i is not None])
+    matches = index.scan(world.exchanges, progress=False)
+    return build_report(index, matches, fingerprinter=Fingerprinter(SECRET))
+
+
+def test_campaign_accounts_named_and_no_benign_account(world: World) -> None:
+    report = _report(world)
+    named = {a["account_id"] for a in report["accounts"]}
+    assert named == set(world.campaign)
+    assert not named & set(world.benign)  # the eval runner shares answers but is not named
+    assert any(a["account_id"] == "eval_runner" for a in report["incidental"])
+    # shares follow what each account really contributed to the leak
+    truth = Counter(s["_account"] for s in world.suspect if s["_account"])
+    for row in report["accounts"]:
+        assert abs(row["items"] - truth[row["account_id"]]) <= 0.25 * truth[row["account_id"]]
+        assert row["evidence"] and row["evidence"][0]["exchange_id"].startswith("ex_")
+
+
+def test_matching_survives_reformat_and_excerpt_not_unrelated(world: World) -> None:
+    report = _report(world)
+    matched_lines = {it["line"] for it in report["items"]}
+    by_kind: dict[str, list[bool]] = {}
+    for i, kind in enumerate(world.kinds):
+        by_kind.setdefault(kind, []).append(i + 1 in matched_lines)
+    rate = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    assert rate["verbatim"] == 1.0 and rate["reformat"] == 1.0
+    assert rate["excerpt"] >= 0.95
+    assert rate["paraphrase"] >= 0.4  # heavy paraphrase (half the common words) loses some
+    assert rate["unrelated"] == 0.0
+    # every matched item points at the account that really harvested it
+    for it in report["items"]:
+        truth = world.suspect[it["line"] - 1]["_account"]
+        assert truth in {m["account_id"] for m in it["matches"]}
+
+
+def test_cli_on_trace_with_html(world: World, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    write_trace(world.exchanges, trace)
+    suspect = tmp_path / "suspect.jsonl"
+    write_jsonl(({"prompt": "", "completion": s["output"]} for s in world.suspect), suspect)
+    out = tmp_path / "report.json"
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"countermeasures:\n  fingerprint:\n    secret: {SECRET}\n")
+    result = CliRunner().invoke(main, ["--config", str(config), "provenance", str(suspect),
+                                       "--trace", str(trace), "--out", str(out),
+                                       "--html", str(tmp_path / "report.html"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(out.read_bytes())
+    assert {a["account_id"] for a in report["accounts"]} == set(world.campaign)
+    assert all(a["fingerprint"]["slots"] > 0 for a in report["accounts"])
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert "camp_0" in (tmp_path / "report.html").read_text()
+
+
+def test_suspect_formats(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    rows = [{"instruction": "Add", "input": "1 2", "output": "The sum is three."},
+            {"prompt": "p", "completion": "c"},
+            {"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello there"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            "just a response", {"unrelated": 1}]
+    write_jsonl(rows, path)  # type: ignore[arg-type]
+    items = list(read_suspect(path))
+    assert [(i.prompt, i.response) for i in items] == [
+        ("Add\n1 2", "The sum is three."), ("p", "c"), ("hi", "hello there"), ("q", "a"),
+        ("", "just a response")]
