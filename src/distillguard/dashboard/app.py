@@ -1,0 +1,196 @@
+"""The dashboard's Starlette application: routing, log-in, rendering, errors.
+
+Page handlers live in :mod:`distillguard.dashboard.views`; they receive the
+:class:`Dashboard` (settings, data sources, templates) and the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from distillguard.config import Settings
+from distillguard.dashboard.security import (
+    HEADERS,
+    LoginThrottle,
+    Sessions,
+    same_origin,
+    token_matches,
+)
+from distillguard.dashboard.settings import DashboardSettings
+from distillguard.dashboard.sources import Sources
+
+log = logging.getLogger("distillguard.dashboard")
+HERE = Path(__file__).parent
+NAV = [("overview", "/", "Overview", "o"), ("campaigns", "/campaigns", "Campaigns", "c"),
+       ("accounts", "/accounts", "Accounts", "a"), ("review", "/review", "Review queue", "r"),
+       ("ledger", "/ledger", "Ledger", "l")]
+Page = Callable[["Dashboard", Request], Awaitable[Response]]
+
+
+class Lifecycle:
+    """A do-nothing pipeline stage whose start/close open and close the data sources."""
+
+    name = "dashboard"
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    async def start(self) -> None:
+        try:
+            await self.sources.open()
+        except Exception:  # the gateway serves without its dashboard; pages retry
+            log.exception("dashboard: could not open its data sources; pages will retry")
+
+    async def on_exchange(self, exchange: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self.sources.close()
+
+
+class Dashboard:
+    def __init__(self, settings: Settings, options: DashboardSettings) -> None:
+        self.settings = settings
+        self.options = options
+        token = settings.admin.token or ""
+        self.sessions = Sessions(options.signing_key(token), max_age_s=options.session_max_age_s,
+                                 secure=options.cookie_secure)
+        self.throttle = LoginThrottle(options.login_attempts_per_minute)
+        self.sources = Sources(settings)
+        self.lifecycle = Lifecycle(self.sources)
+        self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                               autoescape=select_autoescape(["html"]), trim_blocks=True,
+                               lstrip_blocks=True)
+        self.base = "/dashboard"
+
+    # -- rendering -------------------------------------------------------------------
+
+    def render(self, request: Request, template: str, status_code: int = 200,
+               **context: Any) -> HTMLResponse:
+        session = request.scope.get("dg_session")
+        flash = request.query_params.get("done")
+        flashes = [("ok", flash[:200])] if flash else []
+        html = self.env.get_template(template).render(
+            base=self.base, session=session, nav=NAV, flashes=flashes, **context)
+        return HTMLResponse(html, status_code=status_code, headers=HEADERS)
+
+    def redirect(self, url: str, done: str | None = None) -> RedirectResponse:
+        if done:
+            url += ("&" if "?" in url else "?") + "done=" + quote(done)
+        return RedirectResponse(url, status_code=303, headers=HEADERS)
+
+    # -- guards ------------------------------------------------------------------------
+
+    def page(self, handler: Page) -> Callable[[Request], Awaitable[Response]]:
+        """Require a session; for POST also the CSRF token and a same-origin request."""
+
+        async def endpoint(request: Request) -> Response:
+            session = self.sessions.load(request)
+            if session is None:
+                if request.method != "GET":
+                    raise HTTPException(403, "Your session has expired; log in again.")
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return self.redirect(f"{self.base}/login?next={quote(target)}")
+            request.scope["dg_session"] = session
+            if request.method == "POST":
+                form = await request.form()
+                token = form.get("csrf")
+                if not same_origin(request) or not self.sessions.csrf_ok(
+                        session, token if isinstance(token, str) else None):
+                    raise HTTPException(403, "The form token is missing or stale; reload the "
+                                             "page and try again.")
+            await self.sources.open()
+            await self.sources.refresh()
+            await self.sources.index.flush()  # show what the gateway has just served
+            return await handler(self, request)
+
+        return endpoint
+
+    # -- log-in ------------------------------------------------------------------------
+
+    async def login_form(self, request: Request) -> Response:
+        nxt = _safe_next(request.query_params.get("next"), self.base)
+        return self.render(request, "login.html", title="Log in", next=nxt,
+                           login_token=self.sessions.login_token(), error=None)
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form()
+        who = request.client.host if request.client else "?"
+        nxt = _safe_next(str(form.get("next") or ""), self.base)
+
+        def again(message: str, status: int) -> Response:
+            return self.render(request, "login.html", status_code=status, title="Log in", next=nxt,
+                               login_token=self.sessions.login_token(), error=message)
+
+        if not same_origin(request) or not self.sessions.login_token_ok(
+                str(form.get("login_token") or "")):
+            return again("The log-in form expired; try again.", 403)
+        if self.throttle.blocked(who):
+            return again("Too many failed attempts; wait a minute.", 429)
+        if not self.settings.admin.token:
+            return again("The dashboard is disabled: no admin token is configured.", 403)
+        if not token_matches(str(form.get("token") or ""), self.settings.admin.token):
+            self.throttle.failed(who)
+            log.warning("dashboard: failed log-in from %s", who)
+            return again("That is not the admin token.", 401)
+        self.throttle.succeeded(who)
+        response = self.redirect(nxt)
+        self.sessions.set_cookie(response, self.sessions.new())
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = self.sessions.load(request)
+        form = await request.form()
+        token = form.get("csrf")
+        if session is not None and not self.sessions.csrf_ok(
+                session, token if isinstance(token, str) else None):
+            raise HTTPException(403, "The form token is missing or stale.")
+        response = self.redirect(f"{self.base}/login")
+        self.sessions.clear_cookie(response)
+        return response
+
+    # -- application -------------------------------------------------------------------
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return self.render(request, "error.html", status_code=exc.status_code, title="Error",
+                           message=exc.detail, status=exc.status_code)
+
+    async def _server_error(self, request: Request, exc: Exception) -> Response:
+        log.exception("dashboard page %s failed", request.url.path, exc_info=exc)
+        return self.render(request, "error.html", status_code=500, title="Error", status=500,
+                           message="This page failed; the error is in the gateway log.")
+
+    def app(self) -> Starlette:
+        from distillguard.dashboard import views
+
+        routes = [
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+        for path, handler, methods in views.ROUTES:
+            routes.append(Route(path, self.page(handler), methods=methods))
+        return Starlette(routes=routes, exception_handlers={
+            HTTPException: self._http_error, Exception: self._server_error})
+
+
+def _safe_next(value: str | None, base: str) -> str:
+    """Only local dashboard paths, so the log-in page is not an open redirect."""
+    if value and value.startswith(base + "/") and not value.startswith("//") \
+            and "\\" not in value and "//" not in value[1:]:
+        return value
+    return base + "/"

@@ -1,0 +1,272 @@
+"""The dashboard's read model: a compact index of exchanges and per-minute roll-ups.
+
+The ledger is the record of every exchange, optimised for appending and proving. The
+dashboard needs other access paths (by account, key or address, in time order, counted
+per minute), so a background stage, :class:`IndexStage`, writes one narrow row per
+exchange (no bodies) and keeps per-minute counters, in the state store's database. Pages
+then read only the rows they show (keyset pagination) and the overview reads at most a
+few hundred roll-up rows whatever the size of the ledger. Bodies are fetched from the
+ledger by exchange id when a page shows one exchange.
+
+The tables are created by the dashboard at start-up (``CREATE ... IF NOT EXISTS``), not
+by the shared migrations, and belong to the dashboard only::
+
+    dashboard_exchanges (exchange_id PK, ts, account_id, key_id, client_ip, status,
+                         model, endpoint, capability, prompt_tokens, completion_tokens,
+                         latency_ms, error_code, denied_by)
+        indexes: (account_id, ts), (key_id, ts), (client_ip, ts), (ts)
+    dashboard_minutes   (minute PK, total, ok, denied, limited, errors, tokens)
+    dashboard_account_hours (account_id, hour) PK: total, errors, tokens; index (hour)
+    dashboard_account_mix   (account_id, capability, model) PK: n
+    dashboard_account_ips   (account_id, client_ip) PK: n, last_ts; index (client_ip)
+
+The per-account roll-ups make a campaign page cost one row per account and active hour
+(and per capability, model and address), not one per exchange: a harvesting account
+sends thousands of requests an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from distillguard.exchange import Exchange, format_ts
+
+log = logging.getLogger("distillguard.dashboard")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS dashboard_exchanges (
+        exchange_id TEXT PRIMARY KEY, ts TEXT NOT NULL, account_id TEXT, key_id TEXT,
+        client_ip TEXT, status INTEGER NOT NULL, model TEXT, endpoint TEXT,
+        capability TEXT, prompt_tokens INTEGER, completion_tokens INTEGER,
+        latency_ms REAL, error_code TEXT, denied_by TEXT)""",
+    "CREATE INDEX IF NOT EXISTS dashboard_exchanges_account ON dashboard_exchanges "
+    "(account_id, ts)",
+    "CREATE INDEX IF NOT EXISTS dashboard_exchanges_key ON dashboard_exchanges (key_id, ts)",
+    "CREATE INDEX IF NOT EXISTS dashboard_exchanges_ip ON dashboard_exchanges (client_ip, ts)",
+    "CREATE INDEX IF NOT EXISTS dashboard_exchanges_ts ON dashboard_exchanges (ts)",
+    """CREATE TABLE IF NOT EXISTS dashboard_minutes (
+        minute TEXT PRIMARY KEY, total INTEGER NOT NULL, ok INTEGER NOT NULL,
+        denied INTEGER NOT NULL, limited INTEGER NOT NULL, errors INTEGER NOT NULL,
+        tokens INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS dashboard_account_hours (
+        account_id TEXT NOT NULL, hour TEXT NOT NULL, total INTEGER NOT NULL,
+        errors INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (account_id, hour))""",
+    """CREATE TABLE IF NOT EXISTS dashboard_account_mix (
+        account_id TEXT NOT NULL, capability TEXT NOT NULL, model TEXT NOT NULL,
+        n INTEGER NOT NULL, PRIMARY KEY (account_id, capability, model))""",
+    """CREATE TABLE IF NOT EXISTS dashboard_account_ips (
+        account_id TEXT NOT NULL, client_ip TEXT NOT NULL, n INTEGER NOT NULL,
+        last_ts TEXT NOT NULL, PRIMARY KEY (account_id, client_ip))""",
+    "CREATE INDEX IF NOT EXISTS dashboard_account_ips_ip ON dashboard_account_ips (client_ip)",
+    "CREATE INDEX IF NOT EXISTS dashboard_account_hours_hour ON dashboard_account_hours (hour)",
+]
+
+_UPSERTS = {
+    "minutes": (
+        "INSERT INTO dashboard_minutes (minute, total, ok, denied, limited, errors, tokens)"
+        " VALUES (:minute, :total, :ok, :denied, :limited, :errors, :tokens)"
+        " ON CONFLICT (minute) DO UPDATE SET total = dashboard_minutes.total + excluded.total,"
+        " ok = dashboard_minutes.ok + excluded.ok,"
+        " denied = dashboard_minutes.denied + excluded.denied,"
+        " limited = dashboard_minutes.limited + excluded.limited,"
+        " errors = dashboard_minutes.errors + excluded.errors,"
+        " tokens = dashboard_minutes.tokens + excluded.tokens"),
+    "hours": (
+        "INSERT INTO dashboard_account_hours (account_id, hour, total, errors, tokens)"
+        " VALUES (:account_id, :hour, :total, :errors, :tokens)"
+        " ON CONFLICT (account_id, hour) DO UPDATE SET"
+        " total = dashboard_account_hours.total + excluded.total,"
+        " errors = dashboard_account_hours.errors + excluded.errors,"
+        " tokens = dashboard_account_hours.tokens + excluded.tokens"),
+    "mix": (
+        "INSERT INTO dashboard_account_mix (account_id, capability, model, n)"
+        " VALUES (:account_id, :capability, :model, :n)"
+        " ON CONFLICT (account_id, capability, model) DO UPDATE SET"
+        " n = dashboard_account_mix.n + excluded.n"),
+    "ips": (
+        "INSERT INTO dashboard_account_ips (account_id, client_ip, n, last_ts)"
+        " VALUES (:account_id, :client_ip, :n, :last_ts)"
+        " ON CONFLICT (account_id, client_ip) DO UPDATE SET"
+        " n = dashboard_account_ips.n + excluded.n, last_ts = CASE WHEN"
+        " excluded.last_ts > dashboard_account_ips.last_ts THEN excluded.last_ts"
+        " ELSE dashboard_account_ips.last_ts END"),
+}
+
+COLUMNS = ("exchange_id", "ts", "account_id", "key_id", "client_ip", "status", "model",
+           "endpoint", "capability", "prompt_tokens", "completion_tokens", "latency_ms",
+           "error_code", "denied_by")
+
+# A coarse label of what a prompt asks for, used when detection did not annotate one.
+_CAPABILITIES = [
+    ("code", re.compile(r"\b(python|function|code|program|sql|javascript|class|bug|"
+                        r"compile|regex|algorithm)\b", re.I)),
+    ("math", re.compile(r"\b(solve|equation|integral|prove|probability|calculate|"
+                        r"derivative|theorem|\d+\s*[-+*/^]\s*\d+)", re.I)),
+    ("reasoning", re.compile(r"\b(step by step|think|reason|explain why|chain of thought|"
+                             r"logic|puzzle)\b", re.I)),
+    ("translation", re.compile(r"\b(translate|translation|in french|in german|"
+                               r"in spanish)\b", re.I)),
+    ("summarise", re.compile(r"\b(summar|tl;?dr|abstract)", re.I)),
+    ("writing", re.compile(r"\b(write|essay|story|poem|email|letter)\b", re.I)),
+]
+
+
+def capability_of(exchange: Exchange) -> str:
+    features = exchange.annotations.get("features")
+    if isinstance(features, dict):
+        for key in ("capability", "task", "category"):
+            value = features.get(key)
+            if isinstance(value, str) and value:
+                return value[:40]
+    if exchange.endpoint.endswith("/embeddings"):
+        return "embedding"
+    prompt = exchange.prompt_text()[:2000]
+    for name, pattern in _CAPABILITIES:
+        if pattern.search(prompt):
+            return name
+    return "chat" if prompt else "other"
+
+
+def row_of(exchange: Exchange) -> dict[str, Any]:
+    usage = exchange.usage
+    return {
+        "exchange_id": exchange.id, "ts": format_ts(exchange.ts),
+        "account_id": exchange.account_id, "key_id": exchange.key_id,
+        "client_ip": exchange.client_ip, "status": int(exchange.status),
+        "model": exchange.model, "endpoint": exchange.endpoint,
+        "capability": capability_of(exchange),
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "latency_ms": exchange.latency_ms, "error_code": exchange.error_code,
+        "denied_by": exchange.annotations.get("denied_by"),
+    }
+
+
+def _minute_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        minute = row["ts"][:16]
+        m = out.setdefault(minute, {"minute": minute, "total": 0, "ok": 0, "denied": 0,
+                                    "limited": 0, "errors": 0, "tokens": 0})
+        status = row["status"]
+        m["total"] += 1
+        m["ok"] += status < 400
+        m["denied"] += status in (401, 403)
+        m["limited"] += status == 429
+        m["errors"] += status >= 400 and status not in (401, 403, 429)
+        m["tokens"] += (row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0)
+    return list(out.values())
+
+
+def _account_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    hours: dict[tuple[str, str], dict[str, Any]] = {}
+    mix: dict[tuple[str, str, str], dict[str, Any]] = {}
+    ips: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        account = row["account_id"]
+        if account is None:
+            continue
+        h = hours.setdefault((account, row["ts"][:13]), {
+            "account_id": account, "hour": row["ts"][:13], "total": 0, "errors": 0,
+            "tokens": 0})
+        h["total"] += 1
+        h["errors"] += row["status"] >= 400
+        h["tokens"] += (row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0)
+        cap, model = row["capability"] or "?", row["model"] or "?"
+        m = mix.setdefault((account, cap, model), {"account_id": account, "capability": cap,
+                                                   "model": model, "n": 0})
+        m["n"] += 1
+        if row["client_ip"]:
+            i = ips.setdefault((account, row["client_ip"]), {
+                "account_id": account, "client_ip": row["client_ip"], "n": 0,
+                "last_ts": row["ts"]})
+            i["n"] += 1
+            i["last_ts"] = max(i["last_ts"], row["ts"])
+    return {"hours": list(hours.values()), "mix": list(mix.values()),
+            "ips": list(ips.values())}
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # replicas starting together: CREATE ... IF NOT EXISTS is not atomic there
+            await conn.execute(text("SELECT pg_advisory_xact_lock(72707370)"))
+        for statement in SCHEMA:
+            await conn.execute(text(statement))
+
+
+async def write_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert index rows (ignoring ones already indexed) and add them to the roll-ups."""
+    if not rows:
+        return 0
+    cols = ", ".join(COLUMNS)
+    params = ", ".join(":" + c for c in COLUMNS)
+    async with engine.begin() as conn:
+        ids = [r["exchange_id"] for r in rows]
+        known: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join(f":i{i}" for i in range(len(chunk)))
+            found = await conn.execute(
+                text(f"SELECT exchange_id FROM dashboard_exchanges WHERE exchange_id IN ({marks})"),
+                {f"i{i}": v for i, v in enumerate(chunk)})
+            known.update(r[0] for r in found)
+        fresh = [r for r in rows if r["exchange_id"] not in known]
+        fresh = list({r["exchange_id"]: r for r in fresh}.values())
+        if not fresh:
+            return 0
+        await conn.execute(text(f"INSERT INTO dashboard_exchanges ({cols}) VALUES ({params})"),
+                           fresh)
+        batches = {"minutes": _minute_rows(fresh), **_account_rows(fresh)}
+        for name, values in batches.items():
+            if values:
+                await conn.execute(text(_UPSERTS[name]), values)
+    return len(fresh)
+
+
+class IndexStage:
+    """Background stage: index each exchange, written in batches of up to ``batch``."""
+
+    name = "dashboard_index"
+
+    def __init__(self, engine_provider: Any, *, batch: int = 500, flush_s: float = 0.5) -> None:
+        self._engine = engine_provider
+        self.batch = batch
+        self.flush_s = flush_s
+        self._rows: list[dict[str, Any]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def on_exchange(self, exchange: Exchange) -> None:
+        if exchange.status == 0:
+            return
+        self._rows.append(row_of(exchange))
+        if len(self._rows) >= self.batch:
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.flush_s)
+        await asyncio.shield(self.flush())
+
+    async def flush(self) -> None:
+        async with self._lock:
+            rows, self._rows = self._rows, []
+            if rows:
+                try:
+                    await write_rows(self._engine(), rows)
+                except Exception:
+                    log.exception("dashboard: could not index %d exchanges", len(rows))
+
+    async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()  # a flush under way is shielded and finishes
+        await self.flush()

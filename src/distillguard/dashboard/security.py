@@ -1,0 +1,136 @@
+"""Log-in sessions, CSRF tokens and response headers for the dashboard.
+
+A session is a cookie holding ``{"sid", "csrf"}`` signed with itsdangerous (HMAC-SHA1
+over a key derived from the session secret and the admin token; see
+:meth:`DashboardSettings.signing_key`). The cookie is ``HttpOnly``, ``SameSite=Strict``,
+``Secure`` (configurable) and scoped to ``/dashboard``. Every state-changing form carries
+the session's CSRF token; the log-in form carries a short-lived signed token of its own.
+POSTs whose ``Origin`` names another site are refused whatever the token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from starlette.requests import Request
+from starlette.responses import Response
+
+COOKIE = "dg_session"
+COOKIE_PATH = "/dashboard"
+LOGIN_TOKEN_MAX_AGE_S = 3600
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    sid: str
+    csrf: str
+
+
+class Sessions:
+    """Issues and checks session cookies and CSRF tokens."""
+
+    def __init__(self, key: bytes, *, max_age_s: int, secure: bool) -> None:
+        self._cookies = URLSafeTimedSerializer(key, salt="dashboard-session")
+        self._login = URLSafeTimedSerializer(key, salt="dashboard-login")
+        self.max_age_s = max_age_s
+        self.secure = secure
+
+    def new(self) -> Session:
+        return Session(sid=secrets.token_urlsafe(16), csrf=secrets.token_urlsafe(24))
+
+    def load(self, request: Request) -> Session | None:
+        raw = request.cookies.get(COOKIE)
+        if not raw:
+            return None
+        try:
+            data = self._cookies.loads(raw, max_age=self.max_age_s)
+        except (BadSignature, SignatureExpired):
+            return None
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
+                                                 for k in ("sid", "csrf")):
+            return None
+        return Session(sid=data["sid"], csrf=data["csrf"])
+
+    def set_cookie(self, response: Response, session: Session) -> None:
+        response.set_cookie(COOKIE, self._cookies.dumps({"sid": session.sid,
+                                                         "csrf": session.csrf}),
+                            max_age=self.max_age_s, path=COOKIE_PATH, secure=self.secure,
+                            httponly=True, samesite="strict")
+
+    def clear_cookie(self, response: Response) -> None:
+        response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=self.secure, httponly=True,
+                               samesite="strict")
+
+    @staticmethod
+    def csrf_ok(session: Session | None, presented: str | None) -> bool:
+        if session is None or not presented:
+            return False
+        return hmac.compare_digest(session.csrf.encode(), presented.encode())
+
+    def login_token(self) -> str:
+        return str(self._login.dumps(secrets.token_urlsafe(8)))
+
+    def login_token_ok(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        try:
+            self._login.loads(presented, max_age=LOGIN_TOKEN_MAX_AGE_S)
+        except (BadSignature, SignatureExpired):
+            return False
+        return True
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another origin."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin.split("://", 1)[-1] == host
+
+
+class LoginThrottle:
+    """At most ``per_minute`` failed log-ins per client address in any 60 s."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def _window(self, who: str) -> deque[float]:
+        window = self._failures[who]
+        cutoff = time.monotonic() - 60.0
+        while window and window[0] < cutoff:
+            window.popleft()
+        return window
+
+    def blocked(self, who: str) -> bool:
+        return len(self._window(who)) >= self.per_minute
+
+    def failed(self, who: str) -> None:
+        self._window(who).append(time.monotonic())
+        if len(self._failures) > 10_000:  # bound memory under a spray of addresses
+            self._failures.clear()
+
+    def succeeded(self, who: str) -> None:
+        self._failures.pop(who, None)
+
+
+def token_matches(presented: str, admin_token: str | None) -> bool:
+    if not admin_token or not presented:
+        return False
+    return hmac.compare_digest(presented.strip().encode(), admin_token.encode())

@@ -1,0 +1,474 @@
+"""The dashboard over HTTP: log-in, sessions, CSRF, pages; its index, graph and charts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from distillguard.dashboard import charts, dashboard_extension, graph, queries
+from distillguard.dashboard.index import create_schema, row_of, write_rows
+from distillguard.errors import ConfigError
+from distillguard.serve import StackThread
+from distillguard.store import open_state_store
+from tests.factories import ADMIN_TOKEN, make_exchange, make_settings, start_stack
+
+
+@pytest.fixture
+def dash(tmp_path: Path) -> Iterator[tuple[StackThread, httpx.Client]]:
+    stack = start_stack(make_settings(tmp_path))
+    with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+        try:
+            yield stack, client
+        finally:
+            stack.stop()
+
+
+def login(client: httpx.Client) -> str:
+    """Log in; returns the CSRF token and sets the session cookie on the client."""
+    form = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+    r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token,
+                                    "next": "/dashboard/accounts"})
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/accounts"
+    cookie = r.headers["set-cookie"]
+    for part in ("HttpOnly", "Secure", "SameSite=strict", "Path=/dashboard"):
+        assert part in cookie
+    # httpx keeps Secure cookies for https only; send it by hand over the test's http.
+    client.headers["cookie"] = "dg_session=" + r.cookies["dg_session"]
+    page = client.get("/accounts").text
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+
+
+def test_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dashboard.session_secret"):
+        dashboard_extension(make_settings(tmp_path, dashboard={"session_secret": "short"}))
+    with pytest.raises(ConfigError, match="dashboard.colour"):
+        dashboard_extension(make_settings(tmp_path, dashboard={"colour": "blue"}))
+    assert dashboard_extension(make_settings(tmp_path, dashboard={"enabled": False})) is None
+
+
+def test_pages_need_a_session(dash: tuple[StackThread, httpx.Client]) -> None:
+    _, client = dash
+    r = client.get("/campaigns?x=1")
+    assert r.status_code == 303
+    assert r.headers["location"] == "/dashboard/login?next=/dashboard/campaigns%3Fx%3D1"
+    assert client.post("/actions", data={"kind": "account"}).status_code == 403
+    client.headers["cookie"] = "dg_session=forged.value.sig"
+    assert client.get("/").status_code == 303
+    # the admin API's bearer token is not a session
+    assert client.get("/", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 303
+
+
+def test_login_logout_and_headers(dash: tuple[StackThread, httpx.Client]) -> None:
+    _, client = dash
+    csrf = login(client)
+    r = client.get("/")
+    assert r.status_code == 200
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
+    assert "https://" not in r.text and "http://" not in r.text.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    r = client.post("/logout", data={"csrf": csrf})
+    assert r.status_code == 303 and 'dg_session=""' in r.headers["set-cookie"]
+
+
+def test_login_rejects_bad_tokens_and_throttles(dash: tuple[StackThread, httpx.Client]) -> None:
+    _, client = dash
+    form = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+    assert client.post("/login", data={"token": ADMIN_TOKEN, "login_token": "x"}
+                       ).status_code == 403
+    for _ in range(10):
+        r = client.post("/login", data={"token": "nope", "login_token": token})
+        assert r.status_code == 401 and "set-cookie" not in r.headers
+    r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token})
+    assert r.status_code == 429  # even the right token waits out the minute
+
+
+def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) -> None:
+    _, client = dash
+    form = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+    for target in ("//evil.example/", "https://evil.example/", "/dashboard//evil.example"):
+        r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token,
+                                        "next": target})
+        assert r.headers["location"] == "/dashboard/"
+
+
+def test_action_forms_need_csrf_same_origin_and_a_reason(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    stack, client = dash
+    csrf = login(client)
+    admin = httpx.Client(base_url=stack.stack.admin_url,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    admin.post("/admin/v1/accounts", json={"account_id": "acct_x"}).raise_for_status()
+    form = {"kind": "account", "target": "acct_x", "action": "suspend",
+            "reason": "abuse report 7", "next": "/dashboard/accounts/acct_x"}
+    assert client.post("/actions", data=form).status_code == 403
+    assert client.post("/actions", data={**form, "csrf": "wrong"}).status_code == 403
+    assert client.post("/actions", data={**form, "csrf": csrf},
+                       headers={"origin": "http://evil.example"}).status_code == 403
+    assert client.post("/actions", data={**form, "csrf": csrf, "reason": ""}).status_code == 400
+    assert client.post("/actions", data={**form, "csrf": csrf, "action": "nuke"}
+                       ).status_code == 400
+    assert admin.get("/admin/v1/accounts/acct_x").json()["status"] == "active"
+    r = client.post("/actions", data={**form, "csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"].startswith(
+        "/dashboard/accounts/acct_x?done=")
+    assert admin.get("/admin/v1/accounts/acct_x").json()["status"] == "suspended"
+    page = client.get("/accounts/acct_x").text
+    assert "dashboard:account:suspend" in page and "abuse report 7" in page
+    r = client.post("/actions", data={**form, "csrf": csrf, "action": "reinstate",
+                                      "reason": "appeal upheld"})
+    assert r.status_code == 303
+    assert admin.get("/admin/v1/accounts/acct_x").json()["status"] == "active"
+    trail = client.get("/audit?subject=account:acct_x").text
+    assert trail.index("dashboard:account:reinstate") < trail.index("dashboard:account:suspend")
+    admin.close()
+
+
+def test_unknown_things_are_404_pages(dash: tuple[StackThread, httpx.Client]) -> None:
+    _, client = dash
+    login(client)
+    for path in ("/accounts/nobody", "/campaigns/c-none", "/exchanges/ex_nothing"):
+        r = client.get(path)
+        assert r.status_code == 404 and "<h1>404</h1>" in r.text
+
+
+# -- index, queries, graph, charts ----------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'i.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+async def _engine(url: str):  # type: ignore[no-untyped-def]
+    store = open_state_store(url)
+    await store.migrate()
+    await create_schema(store.engine)  # type: ignore[attr-defined]
+    return store
+
+
+async def test_index_rollups_and_keyset_pages(state_url: str) -> None:
+    store = await _engine(state_url)
+    engine = store.engine  # type: ignore[attr-defined]
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    rows = []
+    for i in range(230):
+        ex = make_exchange(f"q {i}", account_id=f"acct_{i % 3}", ts=t0 + timedelta(seconds=i),
+                           status=(429 if i % 10 == 0 else 403 if i % 25 == 1 else 200),
+                           client_ip=f"198.51.100.{i % 3}")
+        rows.append(row_of(ex))
+    assert await write_rows(engine, rows[:100]) == 100
+    assert await write_rows(engine, rows) == 130  # already indexed rows are not counted twice
+    b = queries.bucketing(t0 + timedelta(minutes=3), "1h")
+    t = await queries.traffic(engine, b, "1h")
+    assert sum(t["total"]) == 230
+    assert sum(t["limited"]) == 23 and sum(t["denied"]) == 10
+    assert sum(t["ok"]) == 230 - 23 - 10
+    for name in queries.RANGES:  # the SQL bucket keys agree with the Python ones
+        wide = queries.bucketing(t0 + timedelta(minutes=3), name)
+        assert sum((await queries.traffic(engine, wide, name))["total"]) == 230, name
+    seen: list[str] = []
+    before = None
+    while True:
+        page = await queries.exchanges_page(engine, column="account_id", values=["acct_1"],
+                                            before=before, limit=20)
+        if not page:
+            break
+        seen += [r["exchange_id"] for r in page]
+        before = (page[-1]["ts"], page[-1]["exchange_id"])
+    expected = sorted((r for r in rows if r["account_id"] == "acct_1"),
+                      key=lambda r: (r["ts"], r["exchange_id"]), reverse=True)
+    assert seen == [r["exchange_id"] for r in expected]
+    # the per-account roll-ups agree with the rows
+    profile = await queries.account_profile(engine, "acct_1")
+    assert profile["exchanges"] == len(expected) and profile["ips"] == 1
+    assert profile["by_hour"][12] == len(expected) and profile["first"] == expected[-1]["ts"]
+    ids = ["acct_0", "acct_1", "acct_2"]
+    last = await queries.group_last_hour(engine, ids)
+    assert last == datetime(2026, 3, 1, 12, 59, 59, tzinfo=UTC)
+    for name in ("1h", "7d"):
+        stats = await queries.group_stats(engine, ids, queries.bucketing(last, name), name)
+        assert sum(stats["series"]) == 230 and dict(stats["models"]) == {"demo-chat-1": 230}
+    examples = await queries.group_examples(engine, ids, last, limit=5)
+    assert [r["exchange_id"] for r in examples] == [r["exchange_id"] for r in sorted(
+        rows, key=lambda r: r["ts"], reverse=True)[:5]]
+    assert await queries.group_ips(engine, ["acct_2"]) == {"acct_2": {"198.51.100.2"}}
+    seconds = await queries.group_seconds(engine, ["acct_0"], "2026-03-01T12:03")
+    assert len(seconds["acct_0"]) == len([r for r in rows if r["account_id"] == "acct_0"
+                                          and r["ts"] >= "2026-03-01T12:03"])
+    assert (await queries.totals(engine))["exchanges"] == 230
+    busiest = await queries.busiest_accounts(engine, datetime(2026, 3, 1, 12, tzinfo=UTC), 2)
+    assert [(r["account_id"], int(r["total"])) for r in busiest] == [("acct_0", 77),
+                                                                    ("acct_1", 77)]
+    assert await queries.latest_minute(engine) == datetime(2026, 3, 1, 12, 3, tzinfo=UTC)
+    await store.close()
+
+
+async def test_account_search_by_ip_and_key(state_url: str) -> None:
+    from tests.factories import make_account
+
+    store = await _engine(state_url)
+    for name in ("acct_a", "acct_b", "acct_c"):
+        await store.put_account(make_account(name, org=f"Org {name}"))
+    key, _secret = await store.create_key("acct_b")
+    await write_rows(store.engine, [  # type: ignore[attr-defined]
+        row_of(make_exchange(account_id="acct_a", client_ip="203.0.113.9")),
+        row_of(make_exchange(account_id="acct_c", client_ip="203.0.113.44")),
+    ])
+    engine = store.engine  # type: ignore[attr-defined]
+
+    async def ids(q: str, after: str | None = None) -> list[str]:
+        return [r["account_id"] for r in await queries.search_accounts(engine, q, after=after,
+                                                                       limit=10)]
+    assert await ids("203.0.113.9") == ["acct_a"]
+    assert await ids("203.0.113.") == ["acct_a", "acct_c"]
+    assert await ids(key.key_id) == ["acct_b"]
+    assert await ids("Org acct_c") == ["acct_c"]
+    assert await ids("", after="acct_a") == ["acct_b", "acct_c"]
+    await store.close()
+
+
+def test_graph_links_what_accounts_share() -> None:
+    base = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    accounts = [{"account_id": f"a{i}", "payment_fingerprint": "pf_1" if i < 3 else f"pf_{i}",
+                 "created_at": (base + timedelta(minutes=5 * i if i < 3 else 3000 * i)
+                                ).isoformat()} for i in range(5)]
+    ips = {"a0": {"198.51.100.7"}, "a1": {"198.51.100.200"}, "a4": {"203.0.113.1"}}
+    seconds = {a: {f"2026-03-01T10:00:0{s}" for s in range(6)} for a in ("a2", "a3")}
+    g = graph.build_graph(accounts, ips, seconds, detected=[
+        {"a": "a3", "b": "a4", "type": "template", "detail": "same 6 leading words"}])
+    kinds = {(a, b, k) for a, b, k, _ in g.edges}
+    assert {("payment:pf_1", m, "payment") for m in ("a0", "a1", "a2")} <= kinds
+    assert {("network:198.51.100.0/24", m, "network") for m in ("a0", "a1")} <= kinds
+    assert ("a2", "a3", "lockstep") in kinds and ("a3", "a4", "template") in kinds
+    signup = [e for e in g.edges if e[2] == "signup"]
+    assert sorted(e[1] for e in signup) == ["a0", "a1", "a2"]
+    assert not any("a4" in (a, b) for a, b, k, _ in g.edges if k != "template")
+    svg = graph.render_svg(g, flagged={"a0"}, href=lambda a: f"/dashboard/accounts/{a}")
+    assert svg.count("<circle") == 5 and 'class="n flagged"' in svg
+    assert 'href="/dashboard/accounts/a3"' in svg
+
+
+def test_charts_draw_every_bucket() -> None:
+    svg = charts.stacked_bars([charts.Series("ok", [1, 0, 3], "s0"),
+                               charts.Series("denied", [1, 2, 0], "s1")],
+                              ["a", "b", "c"], title="T<1>", ident="x")
+    assert svg.count("<rect") == 4 + 2  # four non-zero segments and two legend swatches
+    assert "<title id=\"x-t\">T&lt;1&gt;</title>" in svg
+    line = charts.lines([charts.Series("open", [0, 1, 2])], ["a", "b", "c"], title="L",
+                        ident="y")
+    assert line.count("<polyline") == 1
+
+
+def test_open_over_time_counts_intervals() -> None:
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    b = queries.bucketing(t0 + timedelta(minutes=5), "1h")
+    counts = queries.open_over_time(
+        [(t0, None), (t0 + timedelta(minutes=2), t0 + timedelta(minutes=3, seconds=30))], b)
+    assert counts[-6:] == [1, 1, 2, 1, 1, 1]
+
+
+def test_login_throttle_is_per_address() -> None:
+    from distillguard.dashboard.security import LoginThrottle
+
+    throttle = LoginThrottle(2)
+    throttle.failed("1.1.1.1")
+    throttle.failed("1.1.1.1")
+    assert throttle.blocked("1.1.1.1") and not throttle.blocked("2.2.2.2")
+
+
+def test_cli_indexes_trace_files_once(tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from distillguard.cli import main
+    from distillguard.traceio import write_trace
+
+    config = tmp_path / "dg.yaml"
+    config.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"}}))
+    trace = tmp_path / "trace.jsonl"
+    write_trace([make_exchange(f"p{i}", account_id=f"acct_{i % 4}") for i in range(25)], trace)
+    runner = CliRunner()
+    result = runner.invoke(main, ["-c", str(config), "dashboard", "index", str(trace)])
+    assert result.exit_code == 0, result.output
+    assert "indexed 25 of 25 exchanges" in result.output
+    again = runner.invoke(main, ["-c", str(config), "dashboard", "index", str(trace)])
+    assert "indexed 0 of 25 exchanges (25 were already indexed)" in again.output
+
+
+def test_network_of() -> None:
+    assert graph.network_of("198.51.100.7") == "198.51.100.0/24"
+    assert graph.network_of("2001:db8:1:2::1") == "2001:db8:1::/48"
+    assert graph.network_of("1.2.3.999") is None and graph.network_of("bogus") is None
+
+
+def test_every_dashboard_option_is_documented() -> None:
+    from distillguard.dashboard.settings import DashboardSettings
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "dashboard.md").read_text()
+    for option in DashboardSettings.model_fields:
+        assert f"| `{option}` |" in text, f"dashboard.{option} missing from docs/dashboard.md"
+
+
+async def test_verdicts_from_detection_tables(state_url: str) -> None:
+    """Detection's campaigns / account_verdicts tables are read by their column names."""
+    from sqlalchemy import text as sql
+
+    from distillguard.dashboard.adapters import FileVerdicts, open_verdicts
+
+    store = await _engine(state_url)
+    engine = store.engine  # type: ignore[attr-defined]
+    settings = make_settings(Path("/nonexistent"))
+    assert isinstance(await open_verdicts(settings, engine), FileVerdicts)
+    async with engine.begin() as conn:
+        await conn.execute(sql("CREATE TABLE campaigns (campaign_id TEXT PRIMARY KEY,"
+                               " risk REAL, detected_at TEXT, evidence TEXT, status TEXT)"))
+        await conn.execute(sql("CREATE TABLE account_verdicts (account_id TEXT, risk REAL,"
+                               " flagged BOOLEAN, campaign_id TEXT, first_flagged_at TEXT,"
+                               " exchanges_before_flag INTEGER, reasons TEXT, updated_at TEXT)"))
+        await conn.execute(sql("INSERT INTO campaigns VALUES (:c, :r, :d, :e, :s)"), [
+            {"c": "c-1", "r": 0.9, "d": "2026-03-01T10:00:00Z", "e": '["shared pf"]',
+             "s": "open"},
+            {"c": "c-2", "r": 0.99, "d": "2026-03-02T10:00:00Z", "e": "[]", "s": "closed"}])
+        await conn.execute(sql("INSERT INTO account_verdicts VALUES (:a, :r, :f, :c, :t, :n,"
+                               " :why, :u)"), [
+            {"a": "a1", "r": 0.9, "f": True, "c": "c-1", "t": "2026-03-01T10:00:00Z", "n": 5,
+             "why": '["templates"]', "u": "2026-03-01T10:00:00Z"},
+            {"a": "a2", "r": 0.4, "f": False, "c": "c-1", "t": None, "n": None, "why": "[]",
+             "u": "2026-03-01T10:00:00Z"},
+            {"a": "a3", "r": 0.97, "f": True, "c": "c-2", "t": None, "n": None, "why": "[]",
+             "u": "2026-03-02T10:00:00Z"}])
+    verdicts = await open_verdicts(settings, engine)
+    assert type(verdicts).__name__ == "SQLVerdicts"
+    listed = await verdicts.campaigns(after=None, limit=10)
+    assert [(c["campaign_id"], c["size"]) for c in listed] == [("c-2", 1), ("c-1", 2)]
+    c1 = await verdicts.campaign("c-1")
+    assert c1.accounts == ["a1", "a2"] and c1.evidence == ["shared pf"]
+    assert await verdicts.flagged({"a1", "a2"}) == {"a1"}
+    assert await verdicts.campaigns_of("a1") == ["c-1"]
+    history = await verdicts.account_history("a1")
+    assert history[0]["reasons"] == ["templates"] and history[0]["exchanges_before_flag"] == 5
+    intervals = sorted(await verdicts.campaign_intervals())
+    assert intervals[0][1] is None and intervals[1][1] is not None  # c-2 is closed
+    await store.close()
+
+
+class ReviewQueueDouble:
+    """A stand-in PolicySource (the interface in dashboard/adapters.py) for the review and
+    ledger templates until the policy and ledger components provide theirs."""
+
+    ladder = ["flag", "throttle", "require_verification", "degrade", "suspend"]
+    review_available = True
+
+    def __init__(self) -> None:
+        self.decisions: list[tuple[str, str, str]] = []
+
+    async def review_items(self, *, status: str, after: str | None, limit: int) -> list:
+        if status != "open" or after:
+            return []
+        return [{"item_id": "r-1", "kind": "account", "subject": "acct_q", "risk": 0.91,
+                 "status": "open", "opened_at": "2026-03-01T10:00:00Z", "action": "throttle",
+                 "evidence": ["<b>2,400</b> templated prompts in 1 h"]}]
+
+    async def review_intervals(self) -> list:
+        return [(datetime(2026, 3, 1, 10, tzinfo=UTC), None)]
+
+    async def decide(self, item_id: str, decision: str, reason: str, actor: str) -> str:
+        self.decisions.append((item_id, decision, reason))
+        return f"{decision} recorded"
+
+    async def actions(self, subject: str) -> list:
+        return []
+
+    async def audit(self, subject: str | None = None, limit: int = 50) -> list:
+        return []
+
+
+class LedgerDouble:
+    async def checkpoint(self) -> dict:
+        return {"tree_size": 230, "root_hash": "ab" * 32, "timestamp": "2026-03-01T12:00:00Z"}
+
+    async def verify(self) -> dict:
+        return {"ok": True, "checked_at": "2026-03-01T12:01:00Z", "entries": 230}
+
+    async def proof(self, exchange_id: str) -> dict:
+        if exchange_id != "ex_1":
+            raise LookupError(f"no exchange {exchange_id}")
+        return {"leaf_index": 7, "tree_size": 230, "root_hash": "ab" * 32,
+                "path": ["cd" * 32, "ef" * 32], "valid": True}
+
+    async def exchange(self, exchange_id: str) -> dict | None:
+        return None
+
+
+def _sources(stack: StackThread):  # type: ignore[no-untyped-def]
+    return next(s for e in stack.stack.extensions for s in e.stages
+                if getattr(s, "name", "") == "dashboard").sources
+
+
+def test_review_queue_and_ledger_pages_render(dash: tuple[StackThread, httpx.Client]) -> None:
+    stack, client = dash
+    csrf = login(client)
+    queue, sources = ReviewQueueDouble(), _sources(stack)
+    sources.policy, sources.ledger = queue, LedgerDouble()
+    page = client.get("/review").text
+    assert "acct_q" in page and "&lt;b&gt;2,400&lt;/b&gt;" in page  # evidence is escaped
+    assert 'value="escalate"' in page
+    assert client.post("/review/r-1", data={"decision": "escalate", "reason": "ok"}
+                       ).status_code == 403  # no CSRF token
+    r = client.post("/review/r-1", data={"decision": "escalate", "reason": "needs legal",
+                                         "csrf": csrf})
+    assert r.status_code == 303 and queue.decisions == [("r-1", "escalate", "needs legal")]
+    overview = client.get("/?range=1h").text
+    assert re.search(r'<span class="n">1</span><span class="l"><a href="/dashboard/review">',
+                     overview)
+    ledger = client.get("/ledger?exchange_id=ex_1").text
+    assert "proof checks out" in ledger and "cd" * 32 in ledger and "230" in ledger
+    assert "no exchange ex_2" in client.get("/ledger?exchange_id=ex_2").text
+    r = client.post("/ledger/verify", data={"csrf": csrf})
+    assert r.status_code == 303
+    assert "verified" in client.get("/ledger").text
+
+
+@pytest.mark.postgres
+def test_pages_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    stack = start_stack(make_settings(tmp_path, state={"url": pg_url},
+                                      server={"trusted_proxies": ["127.0.0.1/32"]}))
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_pg", "org": "PG Org"}
+                   ).raise_for_status()
+        key = admin.post("/admin/v1/accounts/acct_pg/keys", json={}).json()["key"]
+        for i in range(5):
+            httpx.post(stack.stack.base_url + "/chat/completions",
+                       headers={"authorization": f"Bearer {key}",
+                                "x-forwarded-for": "192.0.2.44"},
+                       json={"model": "demo-chat-1",
+                             "messages": [{"role": "user", "content": f"Solve {i} + 1"}]})
+        stack.call(stack.stack.gateway.settle())
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+            csrf = login(client)
+            for path in ("/", "/?range=30d", "/campaigns", "/accounts?q=192.0.2.",
+                         "/accounts/acct_pg", "/review", "/ledger", "/audit"):
+                r = client.get(path)
+                assert r.status_code == 200, (path, r.text[:500])
+            assert "acct_pg" in client.get("/accounts?q=192.0.2.").text
+            assert "5 (0 refused or failed)" in client.get("/accounts/acct_pg").text
+            r = client.post("/actions", data={"kind": "account", "target": "acct_pg",
+                                              "action": "suspend", "reason": "pg test",
+                                              "csrf": csrf})
+            assert r.status_code == 303
+            assert "dashboard:account:suspend" in client.get("/audit").text
+        admin.close()
+    finally:
+        stack.stop()

@@ -1,0 +1,187 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright.
+
+A gateway is started with simulated traffic (tests/dashboard_seed.py); the tests log in,
+open a campaign, take an action with a reason, find it in the audit trail, and save a
+screenshot of every page to tests/artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.dashboard_seed import BENIGN, CAMPAIGN, seed
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
+pytestmark = pytest.mark.slow
+
+if not Path(CHROMIUM).exists():  # the CI install script installs Debian's chromium
+    pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("dash")
+    settings = make_settings(tmp, server={"trusted_proxies": ["127.0.0.1/32"]},
+                             dashboard={"verdicts_path": str(tmp / "verdicts.json")})
+    stack = start_stack(settings)
+    admin = httpx.Client(base_url=stack.stack.admin_url,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    keys = seed(admin, stack.stack.base_url, tmp / "verdicts.json")
+    stack.call(stack.stack.gateway.settle())
+    profile = tempfile.mkdtemp(prefix="dg-chromium-")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1280, "height": 900},
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        try:
+            yield {"stack": stack, "admin": admin, "keys": keys, "browser": browser,
+                   "url": stack.stack.admin_url + "/dashboard"}
+        finally:
+            browser.close()
+            admin.close()
+            stack.stop()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page(env: dict[str, Any]) -> Any:
+    """A logged-in page (the log-in itself is checked in test_login)."""
+    page = env["browser"].new_page()
+    page.goto(env["url"] + "/")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(env["url"] + "/")
+    return page
+
+
+def shot(page: Any, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_login(env: dict[str, Any]) -> None:
+    page = env["browser"].new_page()
+    external: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(env["url"]) else external.append(r.url))
+    page.goto(env["url"] + "/campaigns")
+    assert "/login" in page.url
+    shot(page, "login")
+    page.fill("#token", "wrong-token")
+    page.click("button[type=submit]")
+    assert page.locator("[role=alert]").inner_text() == "That is not the admin token."
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(env["url"] + "/campaigns")  # back where the user wanted to go
+    cookie = next(c for c in page.context.cookies() if c["name"] == "dg_session")
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    page.click("text=Log out")
+    page.wait_for_url("**/login")
+    page.goto(env["url"] + "/")
+    assert "/login" in page.url
+    assert external == []  # nothing loaded from outside the gateway
+    page.close()
+
+
+def test_overview(env: dict[str, Any], page: Any) -> None:
+    page.goto(env["url"] + "/?range=1h")
+    cards = page.locator(".card").all_inner_texts()
+    requests = int(cards[0].split()[0].replace(",", ""))
+    assert requests >= 14 * len(CAMPAIGN)
+    assert int(cards[2].split()[0]) >= 1  # the rate-limited campaign account
+    assert page.locator("svg.chart rect.s0").count() > 0
+    shot(page, "overview")
+
+
+def test_campaign_action_is_audited(env: dict[str, Any], page: Any) -> None:
+    page.goto(env["url"] + "/campaigns")
+    shot(page, "campaigns")
+    page.click("text=c-1")
+    page.wait_for_url("**/campaigns/c-1")
+    graph = page.locator("svg.graph").first
+    assert graph.locator("circle.n").count() == len(CAMPAIGN)
+    for kind in ("payment", "network", "signup", "lockstep"):
+        assert page.locator(f"svg.graph line.e.{kind}").count() > 0, kind
+    assert "pf_9f2c" in page.locator("svg.graph").first.inner_html()
+    assert page.locator("text=Example exchanges").count() == 1
+    shot(page, "campaign")
+    box = page.locator("section[aria-labelledby=graph-h]").bounding_box()
+    page.screenshot(path=str(ARTIFACTS / "campaign-graph.png"), full_page=True,
+                    clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16})
+    page.once("dialog", lambda d: d.accept())  # the confirmation before suspending
+    page.fill("#reason-campaign", "confirmed distillation campaign, ticket T-42")
+    page.click("button.act.suspend")
+    page.wait_for_url("**/campaigns/c-1?done=*")
+    trail = page.locator(".audit").inner_text()
+    assert "dashboard:campaign:suspend" in trail and "ticket T-42" in trail
+    page.goto(env["url"] + "/audit")
+    assert "ticket T-42" in page.locator("table").inner_text()
+    shot(page, "audit")
+    page.goto(env["url"] + f"/accounts/{CAMPAIGN[2]}")  # members show the campaign's actions
+    assert "ticket T-42" in page.locator(".audit").inner_text()
+    # the action took effect: the accounts are suspended and their keys stop working
+    assert env["admin"].get(f"/admin/v1/accounts/{CAMPAIGN[3]}").json()["status"] == "suspended"
+    r = httpx.post(env["stack"].stack.base_url + "/chat/completions",
+                   headers={"authorization": f"Bearer {env['keys'][CAMPAIGN[3]]}"},
+                   json={"model": "demo-chat-1", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code in (401, 403)
+
+
+def test_account_search_and_pages(env: dict[str, Any], page: Any) -> None:
+    page.goto(env["url"] + "/accounts")
+    page.fill("#q", "198.51.100.")
+    page.press("#q", "Enter")
+    rows = page.locator("table tbody tr").all_inner_texts()
+    assert len(rows) == len(CAMPAIGN) and all("acct_c" in r for r in rows)
+    shot(page, "accounts")
+    page.click(f"text={CAMPAIGN[1]}")
+    page.wait_for_url(f"**/accounts/{CAMPAIGN[1]}")
+    assert page.locator("main a[href$='/campaigns/c-1']").count() >= 1
+    assert page.locator("table.nav tbody tr").count() == 14
+    shot(page, "account")
+    page.locator("table.nav tbody tr a").first.click()
+    page.wait_for_url("**/exchanges/*")
+    assert "Request" in page.inner_text("main") or "not" in page.inner_text("main")
+    shot(page, "exchange")
+    page.goto(env["url"] + f"/accounts?q={BENIGN[0]}")
+    assert page.locator("table tbody tr").count() == 1
+    for name in ("review", "ledger"):
+        page.goto(env["url"] + f"/{name}")
+        assert page.locator("h1").count() == 1
+        shot(page, name)
+
+
+def test_keyboard(env: dict[str, Any], page: Any) -> None:
+    page.goto(env["url"] + "/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    page.keyboard.press("g")
+    page.keyboard.press("c")
+    page.wait_for_url("**/campaigns")
+    page.keyboard.press("j")
+    assert page.evaluate("document.activeElement.textContent") == "c-1"
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/campaigns/c-1")
+    # the graph's account nodes are links in the tab order
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.closest('svg.graph') !== null"):
+            break
+    else:
+        raise AssertionError("Tab never reached the account graph")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/accounts/acct_c*")
