@@ -1,0 +1,153 @@
+"""Where a client IP comes from: country, network (AS name and prefix) and whether it is a
+hosting / datacenter network, from an offline database.
+
+The default database is the one shipped inside the ``geoip2fast`` package (country and AS
+data derived from public registry and GeoLite-style sources, IPv4 and IPv6); nothing is
+fetched at run time. Other databases (a commercial MaxMind file, for example) plug in
+behind :class:`GeoIPDatabase`.
+
+Hosting networks are recognised by the AS name (a curated list of cloud, VPS and
+dedicated-server operators, :data:`HOSTING_AS_KEYWORDS`) and by operator-supplied CIDR
+lists. The list is a heuristic: a hosting provider missing from it is reported as not
+hosting, so rules built on it should be read as "known hosting network".
+
+Usage::
+
+    from distillguard.geoip import default_geoip
+    info = default_geoip().lookup("5.9.1.1")
+    info.country, info.asn_name, info.hosting      # 'DE', 'Hetzner Online GmbH', True
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+# Lower-case fragments of AS names of cloud, VPS, dedicated-server and CDN operators.
+HOSTING_AS_KEYWORDS: tuple[str, ...] = (
+    "amazon", "aws", "google", "microsoft", "azure", "digitalocean", "linode", "akamai",
+    "hetzner", "ovh", "vultr", "choopa", "contabo", "scaleway", "online s.a.s", "leaseweb",
+    "alibaba", "aliyun", "tencent", "huawei cloud", "oracle", "ibm", "softlayer",
+    "cloudflare", "fastly", "rackspace", "hostinger", "hosting", "datacenter",
+    "data center", "colocation", "server", "cloud", "vps", "m247", "packet host",
+    "equinix", "upcloud", "kamatera", "ionos", "1&1", "godaddy", "hostwinds", "psychz",
+    "quadranet", "colocrossing", "servers.com", "g-core", "gcore", "selectel",
+    "timeweb", "netcup", "strato", "zenlayer", "cogent", "datacamp", "worldstream",
+    "tzulo", "sharktech", "frantech", "buyvm", "host europe", "dreamhost", "bluehost",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkInfo:
+    """What the database says of one IP address."""
+
+    ip: str
+    country: str | None = None      # ISO 3166-1 alpha-2, None when unknown
+    asn_name: str | None = None     # AS (organisation) name, None when unknown
+    asn_network: str | None = None  # the AS's announced prefix containing the IP
+    prefix: str | None = None       # the IP's /24 (IPv4) or /48 (IPv6)
+    hosting: bool = False           # a known hosting / datacenter network
+    private: bool = False           # loopback, private or reserved range
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ip": self.ip, "country": self.country, "asn_name": self.asn_name,
+                "asn_network": self.asn_network, "prefix": self.prefix,
+                "hosting": self.hosting, "private": self.private}
+
+
+class GeoIPDatabase(Protocol):
+    """A source of country and AS data. ``country`` and ``asn`` return None when unknown."""
+
+    def country(self, ip: str) -> str | None: ...
+
+    def asn(self, ip: str) -> tuple[str | None, str | None]:
+        """(AS name, announced prefix)."""
+        ...
+
+
+def client_prefix(ip: str) -> str | None:
+    """The /24 of an IPv4 address or the /48 of an IPv6 address, as a network string."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+
+
+class Geoip2FastDatabase:
+    """The country and ASN files shipped inside the ``geoip2fast`` package."""
+
+    def __init__(self) -> None:
+        from geoip2fast import GeoIP2Fast
+
+        folder = os.path.dirname(__import__("geoip2fast").__file__)
+        # The ASN file carries countries as well; one reader serves both questions.
+        self._reader = GeoIP2Fast(
+            geoip2fast_data_file=os.path.join(folder, "geoip2fast-asn.dat.gz"), verbose=False)
+        self._lock = threading.Lock()
+
+    def _lookup(self, ip: str) -> Any:
+        with self._lock:
+            return self._reader.lookup(ip)
+
+    def country(self, ip: str) -> str | None:
+        code = getattr(self._lookup(ip), "country_code", "") or ""
+        return code if len(code) == 2 and code.isalpha() else None
+
+    def asn(self, ip: str) -> tuple[str | None, str | None]:
+        result = self._lookup(ip)
+        return (getattr(result, "asn_name", "") or None, getattr(result, "asn_cidr", "") or None)
+
+
+class GeoIP:
+    """Looks up :class:`NetworkInfo` with an LRU cache; safe to share between threads."""
+
+    def __init__(self, database: GeoIPDatabase | None = None, *,
+                 hosting_networks: Iterable[str] = (),
+                 hosting_keywords: Iterable[str] = HOSTING_AS_KEYWORDS,
+                 cache_size: int = 65_536) -> None:
+        self.database = database if database is not None else Geoip2FastDatabase()
+        self.hosting_networks = [ipaddress.ip_network(n, strict=False)
+                                 for n in hosting_networks]
+        self.hosting_keywords = tuple(k.lower() for k in hosting_keywords)
+        self.lookup = lru_cache(maxsize=cache_size)(self._lookup)  # type: ignore[method-assign]
+
+    def is_hosting_name(self, asn_name: str | None) -> bool:
+        if not asn_name:
+            return False
+        name = asn_name.lower()
+        return any(k in name for k in self.hosting_keywords)
+
+    def _lookup(self, ip: str) -> NetworkInfo:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return NetworkInfo(ip=ip)
+        if not addr.is_global:
+            return NetworkInfo(ip=ip, prefix=client_prefix(ip), private=True)
+        asn_name, asn_network = self.database.asn(ip)
+        hosting = self.is_hosting_name(asn_name) or any(
+            addr in net for net in self.hosting_networks if net.version == addr.version)
+        return NetworkInfo(ip=ip, country=self.database.country(ip), asn_name=asn_name,
+                           asn_network=asn_network, prefix=client_prefix(ip),
+                           hosting=hosting)
+
+
+_default: GeoIP | None = None
+_default_lock = threading.Lock()
+
+
+def default_geoip() -> GeoIP:
+    """The process-wide GeoIP on the shipped database (loaded once, about a second)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = GeoIP()
+    return _default

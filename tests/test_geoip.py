@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from distillguard.geoip import GeoIP, NetworkInfo, client_prefix, default_geoip
+
+
+class FixedDatabase:
+    def __init__(self, asn_name: str | None, country: str | None = "FR") -> None:
+        self.asn_name = asn_name
+        self.country_code = country
+
+    def country(self, ip: str) -> str | None:
+        return self.country_code
+
+    def asn(self, ip: str) -> tuple[str | None, str | None]:
+        return self.asn_name, "192.0.0.0/8" if self.asn_name else None
+
+
+def test_shipped_database_knows_hosting_and_residential_networks() -> None:
+    geo = default_geoip()
+    hetzner = geo.lookup("5.9.1.1")
+    assert (hetzner.country, hetzner.hosting, hetzner.prefix) == ("DE", True, "5.9.1.0/24")
+    assert "hetzner" in (hetzner.asn_name or "").lower()
+    isp = geo.lookup("81.2.69.160")
+    assert isp.country == "GB" and isp.hosting is False and isp.asn_name
+
+
+def test_private_and_malformed_addresses() -> None:
+    geo = GeoIP(FixedDatabase("OVH SAS"))
+    assert geo.lookup("10.1.2.3") == NetworkInfo(ip="10.1.2.3", prefix="10.1.2.0/24",
+                                                 private=True)
+    assert geo.lookup("not-an-ip") == NetworkInfo(ip="not-an-ip")
+
+
+def test_hosting_from_as_name_and_from_operator_networks() -> None:
+    assert GeoIP(FixedDatabase("OVH SAS")).lookup("51.1.2.3").hosting
+    plain = GeoIP(FixedDatabase("Deutsche Telekom AG"))
+    assert not plain.lookup("51.1.2.3").hosting
+    listed = GeoIP(FixedDatabase("Deutsche Telekom AG"), hosting_networks=["51.1.0.0/16"])
+    assert listed.lookup("51.1.2.3").hosting and not listed.lookup("52.1.2.3").hosting
+
+
+def test_client_prefix() -> None:
+    assert client_prefix("203.0.113.77") == "203.0.113.0/24"
+    assert client_prefix("2001:db8:1:2::5") == "2001:db8:1::/48"
+    assert client_prefix("x") is None
