@@ -84,9 +84,10 @@ class Geoip2FastDatabase:
     """The country and ASN files shipped inside the ``geoip2fast`` package."""
 
     def __init__(self) -> None:
+        import geoip2fast
         from geoip2fast import GeoIP2Fast
 
-        folder = os.path.dirname(__import__("geoip2fast").__file__)
+        folder = os.path.dirname(str(geoip2fast.__file__))
         # The ASN file carries countries as well; one reader serves both questions.
         self._reader = GeoIP2Fast(
             geoip2fast_data_file=os.path.join(folder, "geoip2fast-asn.dat.gz"), verbose=False)
