@@ -1,0 +1,150 @@
+"""One open ledger: its store, its Merkle tree in memory and its signing key.
+
+:class:`Ledger` is synchronous and thread-safe; the writer, the CLI, the HTTP routes and
+the dashboard all go through it. Appending with group commit lives in
+:mod:`distillguard.ledger.writer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from distillguard.exchange import format_ts
+from distillguard.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    SignerKey,
+    VerifierKey,
+    load_or_create_key,
+    public_path,
+)
+from distillguard.ledger.entry import Pending
+from distillguard.ledger.settings import LedgerConfig
+from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_store
+from distillguard.ledger.tree import MerkleTree
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class Ledger:
+    def __init__(self, config: LedgerConfig, *, create_key: bool = True,
+                 store: LedgerStore | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.url, durability=config.durability)
+        self.store.migrate()
+        self.lock = threading.RLock()
+        self.tree = MerkleTree(self.store.leaf_hashes)
+        self.tree.extend(self.store.iter_leaf_hashes())
+        self.key: SignerKey | None = None
+        if create_key or config.key_path.exists():
+            self.key = load_or_create_key(config.key_path, config.origin, create=create_key)
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    @property
+    def verifier(self) -> VerifierKey | None:
+        if self.key is not None:
+            return self.key.verifier
+        pub = public_path(self.config.key_path)
+        return VerifierKey.parse(pub.read_text()) if pub.exists() else None
+
+    def refresh(self) -> int:
+        """Catch up with entries other processes appended."""
+        with self.lock:
+            top = self.store.size()
+            if top > self.tree.size:
+                self.tree.extend(self.store.leaf_hashes(self.tree.size, top))
+            return self.tree.size
+
+    def append(self, pending: Sequence[Pending]) -> list[Row]:
+        """Append entries in one durable transaction; returns them with their indices."""
+
+        def make_rows(start: int) -> list[Row]:
+            with self.lock:
+                if start > self.tree.size:
+                    self.tree.extend(self.store.leaf_hashes(self.tree.size, start))
+                if start != self.tree.size:
+                    raise RuntimeError(f"ledger store holds {start} entries, the tree "
+                                       f"{self.tree.size}: entries were removed")
+            return [p.to_row(start + i) for i, p in enumerate(pending)]
+
+        rows = self.store.append(make_rows)
+        with self.lock:
+            if rows and rows[0].idx == self.tree.size:
+                for r in rows:
+                    self.tree.append(r.leaf_hash)
+        return rows
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self, *, only_if_grown: bool = False) -> StoredCheckpoint | None:
+        """Sign and store a checkpoint of the tree as it is now."""
+        if self.key is None:
+            raise CheckpointError(f"no signing key at {self.config.key_path}")
+        with self.lock:
+            size = self.tree.size
+            root = self.tree.root(size)
+        if only_if_grown:
+            last = self.store.latest_checkpoint()
+            if last is not None and last.tree_size >= size:
+                return None
+        note = Checkpoint(self.config.origin, size, root).sign(self.key)
+        ts = format_ts(datetime.now(UTC))
+        self.store.add_checkpoint(size, root, ts, note)
+        return self.store.latest_checkpoint()
+
+    # -- proofs ---------------------------------------------------------------------------
+
+    def root(self, size: int | None = None) -> bytes:
+        with self.lock:
+            return self.tree.root(size)
+
+    def inclusion(self, ref: str | int, size: int | None = None) -> dict[str, Any]:
+        """Inclusion proof of an entry (exchange/event id or index) in the tree of ``size``
+        (default: the latest checkpoint's size, else the current size)."""
+        row = self.find(ref)
+        if row is None:
+            raise LookupError(f"no ledger entry {ref}")
+        self.refresh()
+        note = None
+        if size is None:
+            last = self.store.latest_checkpoint()
+            if last is not None and last.tree_size > row.idx:
+                size, note = last.tree_size, last.note
+            else:
+                size = self.tree.size
+        with self.lock:
+            path = self.tree.inclusion(row.idx, size)
+            root = self.tree.root(size)
+        return {"version": 1, "type": "inclusion", "origin": self.config.origin,
+                "entry_id": row.entry_id, "leaf_index": row.idx, "tree_size": size,
+                "leaf": b64(row.leaf), "leaf_hash": row.leaf_hash.hex(),
+                "root_hash": root.hex(), "path": [p.hex() for p in path],
+                "checkpoint": note}
+
+    def consistency(self, old: int, new: int | None = None) -> dict[str, Any]:
+        self.refresh()
+        with self.lock:
+            n = self.tree.size if new is None else new
+            path = self.tree.consistency(old, n)
+            return {"version": 1, "type": "consistency", "origin": self.config.origin,
+                    "old_size": old, "new_size": n,
+                    "old_root": self.tree.root(old).hex(), "new_root": self.tree.root(n).hex(),
+                    "path": [p.hex() for p in path]}
+
+    def find(self, ref: str | int) -> Row | None:
+        if isinstance(ref, int) or ref.isdigit():
+            idx = int(ref)
+            return next(iter(self.store.iter_rows(idx, idx + 1)), None)
+        return self.store.find(ref)
+
+    def close(self) -> None:
+        self.store.close()

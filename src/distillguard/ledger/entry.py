@@ -1,0 +1,125 @@
+"""Ledger entries and their leaf encoding (entry format version 1, docs/ledger.md).
+
+The leaf of entry ``idx`` is the canonical JSON (sorted keys, no spaces, UTF-8) of an
+object that carries ``v`` (1), ``idx``, ``kind`` and the entry's fields. An exchange's
+leaf holds its metadata in the clear and the SHA-256 of its request and response bodies,
+never the bodies: bodies are stored beside the leaf (when the retention policy keeps them)
+and may be deleted later without changing any hash. An event's leaf holds the whole event.
+Embedding ``idx`` makes a moved entry detectable on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from distillguard.exchange import Exchange, Retention, canonical_json, format_ts
+from distillguard.ledger import merkle
+from distillguard.ledger.store import Row
+
+ENTRY_VERSION = 1
+KIND_EXCHANGE = "exchange"
+KIND_EVENT = "event"
+
+
+@dataclass(slots=True)
+class Pending:
+    """An entry waiting for its index."""
+
+    kind: str
+    entry_id: str
+    ts: str
+    account_id: str | None
+    fields: dict[str, Any]
+    request: bytes | None = None
+    response: bytes | None = None
+
+    def to_row(self, idx: int) -> Row:
+        obj = dict(self.fields)
+        obj["v"] = ENTRY_VERSION
+        obj["idx"] = idx
+        obj["kind"] = self.kind
+        leaf = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        return Row(idx, self.kind, self.entry_id, self.ts, self.account_id, leaf,
+                   merkle.leaf_hash(leaf), self.request, self.response)
+
+
+def from_exchange(ex: Exchange, retention: Retention) -> Pending:
+    ex.seal_bodies()
+    usage = ex.usage
+    ts = format_ts(ex.ts)
+    fields = {
+        "id": ex.id, "ts": ts, "endpoint": ex.endpoint, "method": ex.method,
+        "account_id": ex.account_id, "key_id": ex.key_id, "client_ip": ex.client_ip,
+        "user_agent": ex.user_agent, "model": ex.model, "stream": ex.stream,
+        "status": ex.status, "error_code": ex.error_code,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "latency_ms": ex.latency_ms,
+        "request_sha256": ex.request_sha256, "response_sha256": ex.response_sha256,
+    }
+    keep = retention is Retention.FULL
+    request = canonical_json(ex.request) if keep and ex.request is not None else None
+    response = canonical_json(ex.response) if keep and ex.response is not None else None
+    return Pending(KIND_EXCHANGE, ex.id, ts, ex.account_id, fields, request, response)
+
+
+def new_event_id() -> str:
+    return f"ev_{time.time_ns() // 1_000_000:013x}{os.urandom(5).hex()}"
+
+
+def check_event_name(name: str) -> None:
+    parts = name.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"audit event name {name!r} must be source:subject:action")
+
+
+def from_event(name: str, subject: str, actor: str | None, reason: str | None,
+               detail: dict[str, Any], *, ts: datetime | None = None) -> Pending:
+    check_event_name(name)
+    when = format_ts(ts or datetime.now(UTC))
+    event_id = new_event_id()
+    fields = {"id": event_id, "ts": when, "name": name, "subject": subject, "actor": actor,
+              "reason": reason, "detail": detail}
+    return Pending(KIND_EVENT, event_id, when, None, fields)
+
+
+def decode_leaf(leaf: bytes) -> dict[str, Any]:
+    value = orjson.loads(leaf)
+    if not isinstance(value, dict):
+        raise ValueError("a leaf is a JSON object")
+    return value
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def to_trace(row: Row) -> dict[str, Any]:
+    """An exchange entry as one trace-format object: bodies when retained, else hashes."""
+    leaf = decode_leaf(row.leaf)
+    request = orjson.loads(row.request) if row.request is not None else None
+    response = orjson.loads(row.response) if row.response is not None else None
+    out: dict[str, Any] = {
+        "ts": leaf.get("ts"), "exchange_id": leaf.get("id"),
+        "account_id": leaf.get("account_id"), "key_id": leaf.get("key_id"),
+        "client_ip": leaf.get("client_ip"), "user_agent": leaf.get("user_agent"),
+        "endpoint": leaf.get("endpoint"), "model": leaf.get("model"),
+        "request": request, "response": response, "status": leaf.get("status"),
+        "latency_ms": leaf.get("latency_ms"),
+        "request_sha256": leaf.get("request_sha256"),
+        "response_sha256": leaf.get("response_sha256"),
+        "ledger_index": row.idx,
+    }
+    if leaf.get("prompt_tokens") is not None:
+        out["usage"] = {"prompt_tokens": leaf.get("prompt_tokens"),
+                        "completion_tokens": leaf.get("completion_tokens")}
+    if leaf.get("error_code"):
+        out["error_code"] = leaf["error_code"]
+    return out

@@ -1,0 +1,85 @@
+"""The ``ledger:`` settings section, validated when the component starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distillguard.config import Settings
+from distillguard.errors import ConfigError
+from distillguard.exchange import Retention
+
+
+class LedgerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    path: str | None = None
+    url: str | None = None
+    key_path: str | None = None
+    origin: str = "distillguard/ledger"
+    durability: Literal["fsync", "process"] = "fsync"
+    max_batch: int = Field(8192, gt=0, le=1_000_000)
+    checkpoint_interval_s: float = Field(60.0, ge=0)
+    retention: Retention | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+                ("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("ledger.url must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("origin")
+    @classmethod
+    def _origin(cls, value: str) -> str:
+        if not value or any(c.isspace() or c == "+" for c in value):
+            raise ValueError("ledger.origin must be non-empty, without spaces or '+'")
+        return value
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """Resolved ledger settings: where it lives and how it writes."""
+
+    url: str
+    key_path: Path
+    origin: str = "distillguard/ledger"
+    durability: Literal["fsync", "process"] = "fsync"
+    max_batch: int = 8192
+    checkpoint_interval_s: float = 60.0
+    retention: Retention = Retention.FULL
+    enabled: bool = True
+
+
+def default_dir(settings: Settings) -> Path:
+    """Next to the SQLite state store: ``<state file without suffix>-ledger/``."""
+    url = settings.state.url
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        state = Path(url[len("sqlite:///"):])
+        return state.with_name(state.stem + "-ledger")
+    return Path("distillguard-ledger")
+
+
+def parse_settings(settings: Settings) -> LedgerConfig:
+    raw: Any = settings.extensions.get("ledger") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("ledger: the section must be a mapping")
+    try:
+        section = LedgerSection.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  ledger.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError("invalid configuration:\n" + problems) from None
+    base = Path(section.path) if section.path else default_dir(settings)
+    url = section.url or f"sqlite:///{base / 'ledger.sqlite'}"
+    key_path = Path(section.key_path) if section.key_path else base / "ledger.key"
+    return LedgerConfig(url=url, key_path=key_path, origin=section.origin,
+                        durability=section.durability, max_batch=section.max_batch,
+                        checkpoint_interval_s=section.checkpoint_interval_s,
+                        retention=section.retention or settings.pipeline.retention,
+                        enabled=section.enabled)

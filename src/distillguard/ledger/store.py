@@ -1,0 +1,237 @@
+"""Where ledger entries and checkpoints live: a small interface and its SQLite store.
+
+A store is synchronous and used from the ledger's writer thread (appends) and from worker
+threads (reads). :meth:`LedgerStore.append` runs one transaction under the store's write
+lock: it asks the caller for the rows given the next free index (so several writer
+processes can share one ledger) and returns once the transaction is committed with the
+configured durability. :mod:`distillguard.ledger.pgstore` is the PostgreSQL store.
+
+Tables (both stores)::
+
+    ledger_entries(idx PK, kind, entry_id, ts, account_id, leaf, leaf_hash,
+                   request, response)       -- request/response: retained bodies or NULL
+    ledger_checkpoints(seq PK, tree_size, root_hash, ts, note)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+Durability = Literal["fsync", "process"]
+
+
+@dataclass(slots=True)
+class Row:
+    idx: int
+    kind: str
+    entry_id: str
+    ts: str
+    account_id: str | None
+    leaf: bytes
+    leaf_hash: bytes
+    request: bytes | None = None
+    response: bytes | None = None
+
+    def as_tuple(self) -> tuple[object, ...]:
+        return (self.idx, self.kind, self.entry_id, self.ts, self.account_id, self.leaf,
+                self.leaf_hash, self.request, self.response)
+
+
+@dataclass(slots=True)
+class StoredCheckpoint:
+    seq: int
+    tree_size: int
+    root_hash: bytes
+    ts: str
+    note: str
+
+
+COLUMNS = "idx, kind, entry_id, ts, account_id, leaf, leaf_hash, request, response"
+MakeRows = Callable[[int], Sequence[Row]]
+
+
+class LedgerStore(Protocol):
+    location: str
+
+    def migrate(self) -> None: ...
+
+    def append(self, make_rows: MakeRows) -> list[Row]:
+        """In one transaction: lock, ``make_rows(next index)``, insert, commit durably."""
+        ...
+
+    def size(self) -> int: ...
+
+    def leaf_hashes(self, lo: int, hi: int) -> list[bytes]: ...
+
+    def iter_leaf_hashes(self, lo: int = 0, batch: int = 50_000) -> Iterator[bytes]: ...
+
+    def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
+                  batch: int = 20_000) -> Iterator[Row]:
+        """Rows in stored order (by idx) as they are, gaps and all."""
+        ...
+
+    def find(self, entry_id: str) -> Row | None: ...
+
+    def add_checkpoint(self, tree_size: int, root_hash: bytes, ts: str, note: str) -> None: ...
+
+    def checkpoints(self) -> list[StoredCheckpoint]: ...
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None: ...
+
+    def redact(self, before_ts: str, kind: str = "exchange") -> int:
+        """Delete retained bodies of entries older than ``before_ts``; entries stay."""
+        ...
+
+    def close(self) -> None: ...
+
+
+SQLITE_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS ledger_entries (
+        idx INTEGER PRIMARY KEY, kind TEXT NOT NULL, entry_id TEXT NOT NULL,
+        ts TEXT NOT NULL, account_id TEXT, leaf BLOB NOT NULL, leaf_hash BLOB NOT NULL,
+        request BLOB, response BLOB)""",
+    "CREATE INDEX IF NOT EXISTS ledger_entries_entry_id ON ledger_entries (entry_id)",
+    """CREATE TABLE IF NOT EXISTS ledger_checkpoints (
+        seq INTEGER PRIMARY KEY, tree_size INTEGER NOT NULL, root_hash BLOB NOT NULL,
+        ts TEXT NOT NULL, note TEXT NOT NULL)""",
+]
+
+
+def _row(r: Sequence[object]) -> Row:
+    return Row(*r)  # type: ignore[arg-type]
+
+
+class SQLiteStore:
+    """The default store: one SQLite file in WAL mode.
+
+    ``durability="fsync"`` (``synchronous=FULL``) makes every commit survive power loss;
+    ``"process"`` (``synchronous=NORMAL``) survives the death of the process, not of the
+    machine.
+    """
+
+    def __init__(self, path: str | Path, *, durability: Durability = "fsync") -> None:
+        self.path = Path(path)
+        self.location = f"sqlite:///{self.path}"
+        self.durability = durability
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            sync = "FULL" if self.durability == "fsync" else "NORMAL"
+            conn.execute(f"PRAGMA synchronous={sync}")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def migrate(self) -> None:
+        conn = self._conn()
+        for statement in SQLITE_SCHEMA:
+            conn.execute(statement)
+
+    def append(self, make_rows: MakeRows) -> list[Row]:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (top,) = conn.execute("SELECT max(idx) FROM ledger_entries").fetchone()
+                rows = list(make_rows(0 if top is None else top + 1))
+                conn.executemany(
+                    f"INSERT INTO ledger_entries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    [r.as_tuple() for r in rows])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return rows
+
+    def size(self) -> int:
+        (top,) = self._conn().execute("SELECT max(idx) FROM ledger_entries").fetchone()
+        return 0 if top is None else int(top) + 1
+
+    def leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
+        cur = self._conn().execute(
+            "SELECT leaf_hash FROM ledger_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+            (lo, hi))
+        return [r[0] for r in cur]
+
+    def iter_leaf_hashes(self, lo: int = 0, batch: int = 50_000) -> Iterator[bytes]:
+        while True:
+            got = self.leaf_hashes(lo, lo + batch)
+            yield from got
+            if len(got) < batch:
+                return
+            lo += batch
+
+    def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
+                  batch: int = 20_000) -> Iterator[Row]:
+        cols = COLUMNS if bodies else COLUMNS.replace("request, response", "NULL, NULL")
+        last = lo - 1
+        end = hi if hi is not None else 2**62
+        conn = self._conn()
+        while True:
+            got = conn.execute(
+                f"SELECT {cols} FROM ledger_entries WHERE idx > ? AND idx < ? "
+                "ORDER BY idx LIMIT ?", (last, end, batch)).fetchall()
+            for r in got:
+                yield _row(r)
+            if len(got) < batch:
+                return
+            last = got[-1][0]
+
+    def find(self, entry_id: str) -> Row | None:
+        r = self._conn().execute(f"SELECT {COLUMNS} FROM ledger_entries WHERE entry_id = ? "
+                                 "ORDER BY idx LIMIT 1", (entry_id,)).fetchone()
+        return None if r is None else _row(r)
+
+    def add_checkpoint(self, tree_size: int, root_hash: bytes, ts: str, note: str) -> None:
+        self._conn().execute(
+            "INSERT INTO ledger_checkpoints (tree_size, root_hash, ts, note) "
+            "VALUES (?,?,?,?)", (tree_size, root_hash, ts, note))
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        cur = self._conn().execute("SELECT seq, tree_size, root_hash, ts, note "
+                                   "FROM ledger_checkpoints ORDER BY seq")
+        return [StoredCheckpoint(*r) for r in cur]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        r = self._conn().execute("SELECT seq, tree_size, root_hash, ts, note FROM "
+                                 "ledger_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if r is None else StoredCheckpoint(*r)
+
+    def redact(self, before_ts: str, kind: str = "exchange") -> int:
+        cur = self._conn().execute(
+            "UPDATE ledger_entries SET request = NULL, response = NULL WHERE kind = ? AND "
+            "ts < ? AND (request IS NOT NULL OR response IS NOT NULL)", (kind, before_ts))
+        return cur.rowcount
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+
+def open_store(url: str, *, durability: Durability = "fsync") -> LedgerStore:
+    """``sqlite:///path`` or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url[len("sqlite:///"):], durability=durability)
+    if url.startswith(("postgresql://", "postgres://")):
+        from distillguard.ledger.pgstore import PostgresStore
+
+        return PostgresStore(url, durability=durability)
+    raise ValueError(f"ledger store URL {url!r} must start with sqlite:/// or postgresql://")
