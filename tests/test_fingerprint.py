@@ -12,7 +12,14 @@ from distillguard.countermeasures import Fingerprinter
 from distillguard.countermeasures.fingerprint import StreamMarker
 from distillguard.countermeasures.modeltest import model_test
 from distillguard.countermeasures.variants import FORMS, PAIRS, SLOT_RE, normal_form
-from tests.leakworld import SECRET, answer_pool, excerpt, reformat, unrelated_texts
+from tests.leakworld import (
+    SECRET,
+    answer_pool,
+    excerpt,
+    paraphrase,
+    reformat,
+    unrelated_texts,
+)
 
 fp = Fingerprinter(SECRET)
 
@@ -70,6 +77,10 @@ def test_trace_robustness_and_false_positive_rate(pool: list[str]) -> None:
         assert best[1].p_value > cut  # nobody else is named
     assert results["copy"].matches == results["copy"].slots
     assert results["rewrite-slots"].matches < results["rewrite-slots"].slots
+    # a word-level paraphrase rewrites the words the choices are keyed on (the word before
+    # each slot): the mark is lost, and no other account may be named instead
+    para = fp.trace([paraphrase(t, rng) for t in leaked], candidates)
+    assert all(s.subject == "acct_7" for s in para if s.p_value < cut), para[:3]
     # false positives: unmarked text, groups of 40 texts, against every candidate key
     unmarked = unrelated_texts() + rng.sample(pool, 2000)
     rng.shuffle(unmarked)
@@ -116,6 +127,33 @@ def test_model_test_separates_students(pool: list[str]) -> None:
     # a different provider's key finds nothing in either student
     other = Fingerprinter("another-providers-secret-000")
     assert model_test(other, out_marked)["p_value"] > 0.01
+
+
+def test_model_test_false_positive_rate_on_unmarked_text(pool: list[str]) -> None:
+    """The model test's p-value is valid under its null: on outputs that never saw a key
+    (an unmarked student's samples, unmarked real answers, unrelated prompts) the share of
+    tests under alpha stays at or below alpha."""
+    rng = random.Random(8)
+    clean = Trigram(rng.sample(pool, 3000))
+    unmarked = ([clean.sample(rng) for _ in range(2000)] + rng.sample(pool, 3000)
+                + unrelated_texts())
+    rng.shuffle(unmarked)
+    keys = [Fingerprinter(f"unmarked-text-key-{k:04d}") for k in range(80)]
+    tests = slots = 0
+    under = {0.01: 0, 0.05: 0}
+    for g in range(0, len(unmarked) - 200, 200):
+        found = keys[0].distinct_slots(unmarked[g:g + 200])
+        for key in keys:
+            score = key.score_slots(found, key.global_key, "global", kind="global")
+            tests += 1
+            slots += score.slots
+            for alpha in under:
+                under[alpha] += score.p_value < alpha
+    assert tests >= 2000 and slots / tests >= 20, (tests, slots / tests)
+    print(f"model test on unmarked text: {tests} tests, {slots / tests:.1f} global slots "
+          f"each, rate under 0.01: {under[0.01] / tests:.4f}, under 0.05: "
+          f"{under[0.05] / tests:.4f}")
+    assert under[0.01] / tests <= 0.02 and under[0.05] / tests <= 0.07, (under, tests)
 
 
 def test_cli_trace_and_model_test(pool: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -67,8 +67,8 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
         for m in ms:
             evidence[m.account_id or "(unknown)"].append(m)
     n = len(index.items)
-    accounts = []
-    incidental = []
+    named: list[dict[str, Any]] = []
+    incidental: list[dict[str, Any]] = []
     for account, value in sorted(credit.items(), key=lambda kv: -kv[1]):
         row: dict[str, Any] = {
             "account_id": account, "items": round(value, 3),
@@ -85,7 +85,7 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
         if fingerprinter is not None:
             texts = [index.items[i].response for i in credited_items[account]]
             row["fingerprint"] = fingerprinter.score_account(texts, account).to_dict()
-        accounts.append(row)
+        named.append(row)
     stats = index.stats
     return {
         "version": 1,
@@ -97,7 +97,7 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
                    "lsh_candidates": stats.candidates, "verified_matches": stats.matches},
         "rule": {"min_items": rule.min_items, "tie": rule.tie,
                  "min_containment": index.min_containment},
-        "accounts": accounts,
+        "accounts": named,
         "incidental": incidental,
         "items": [{"line": index.items[i].line,
                    "matches": [_match_dict(index, m) for m in ms[:5]]}
