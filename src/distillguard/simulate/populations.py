@@ -1,0 +1,232 @@
+"""Benign populations: casual users, SaaS integrations, evaluation runners, companies.
+
+The last three are the hard negatives (``hard_negative: true`` in the labels): each shares
+a surface trait with an attack campaign. SaaS integrations send thousands of templated
+prompts a day from datacenter addresses (like a heavy harvester); evaluation runners fire
+a benchmark's worth of single-turn GSM8K questions asking for worked solutions in one
+burst (like chain-of-thought harvesting) and move to a new model on release day; companies
+run many accounts from one office range with one payment method, created on one day
+(like a hydra cluster).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from distillguard.simulate.network import Block
+from distillguard.simulate.prompts import pool
+from distillguard.simulate.world import (
+    DAY,
+    HOUR,
+    NEW_MODEL,
+    OLD_MODEL,
+    SCRIPT_AGENTS,
+    UTC_OFFSET,
+    Client,
+    World,
+    benign_model,
+    exchange,
+    nhpp,
+    renewal,
+)
+
+Event = tuple[float, dict[str, Any]]
+FOLLOW_UPS = (
+    "Can you expand on the second point?", "Thanks. Can you make that shorter?",
+    "Why did you choose that approach over the alternatives?",
+    "What about the example you gave earlier? Can you walk through it step by step?",
+    "Could you rewrite your previous answer for a complete beginner?",
+    "I tried that and got an error. What should I change?",
+    "Can you turn that into a table?", "Are you sure about the first part?",
+    "Great, now do the same but in Python.", "ok and what would be the downside of that?",
+    "Summarize what you said in three bullet points.", "Can you give me a concrete example?",
+)
+COUNTRY_WEIGHTS = {"US": 40, "GB": 10, "DE": 12, "FR": 9, "ES": 6, "IT": 6, "CH": 2, "BR": 8}
+COMPANY_WORDS = ("Acme", "Northwind", "Globex", "Initech", "Umbrella", "Stark", "Wayne",
+                 "Hooli", "Vandelay", "Tyrell", "Cyberdyne", "Soylent", "Wonka", "Aperture")
+SAAS_TEMPLATES = (
+    ("You are a support triage assistant for {org}.",
+     "Classify the following customer message into one of: billing, bug, feature_request, "
+     "account, other. Reply with JSON {{\"category\": ..., \"urgency\": 1-5}}.\n\n"
+     "Message:\n{text}"),
+    ("You write concise summaries for {org}'s helpdesk.",
+     "Summarize this ticket in two sentences for the on-call engineer.\n\nTicket:\n{text}"),
+    ("You extract structured data for {org}.",
+     "Extract the product names, versions and error messages mentioned below as JSON."
+     "\n\nText:\n{text}"),
+    ("You are {org}'s localisation service.",
+     "Translate the following user text into German, keeping formatting.\n\n{text}"),
+    ("You moderate community posts for {org}.",
+     "Does this post violate the community guidelines? Answer yes or no and give one "
+     "reason.\n\nPost:\n{text}"),
+)
+EVAL_TEMPLATE = ("Solve the following grade-school math problem. Show your work, then give "
+                 "the final answer on its own line as '#### <number>'.\n\n{q}")
+
+
+def pick_country(rng: random.Random) -> str:
+    return rng.choices(list(COUNTRY_WEIGHTS), weights=list(COUNTRY_WEIGHTS.values()))[0]
+
+
+def company_name(rng: random.Random, world: World) -> tuple[str, str]:
+    word = rng.choice(COMPANY_WORDS)
+    suffix = world.new_id("", 4)
+    return f"{word} {rng.choice(('Ltd', 'Inc', 'GmbH', 'SAS', 'LLC'))}", \
+        f"{word.lower()}-{suffix}.example"
+
+
+def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[str],
+                  sessions_per_day: float, offset_h: float, *, business: bool = False,
+                  weekdays_only: bool = False, start: float | None = None) -> Iterator[Event]:
+    """Interactive multi-turn sessions: diurnal session starts, follow-ups that refer to
+    the previous turns (the history is re-sent), reading and typing time between turns."""
+    items = pool("chat", world.split)
+    conv = world.timing.conv
+    busy_until = 0.0
+    begin = world.start if start is None else start
+    for t in nhpp(rng, begin, world.end, sessions_per_day, offset_h, business, weekdays_only):
+        if t < busy_until:
+            continue
+        ip = ips[0] if len(ips) == 1 or rng.random() < 0.8 else rng.choice(ips[1:])
+        history: list[dict[str, str]] = []
+        turns = 1 + min(8, int(rng.expovariate(0.6)))
+        max_tokens = rng.choice((None, 1024, 2048, 4096))
+        for turn in range(turns):
+            text = rng.choice(items).text if turn == 0 else rng.choice(FOLLOW_UPS)
+            messages = [*history, {"role": "user", "content": text}]
+            ts, line = exchange(world, rng, t, client, benign_model(world, rng, t), messages,
+                                completion_tokens=conv.completion_tokens(rng),
+                                max_tokens=max_tokens, ip=ip)
+            yield ts, line
+            answer = line["response"]["choices"][0]["message"]["content"]
+            history = [*messages, {"role": "assistant", "content": answer}][-6:]
+            t += line["latency_ms"] / 1000 + 15 + rng.lognormvariate(math.log(40), 0.8)
+            if t >= world.end:
+                break
+        busy_until = t
+
+
+class Casual:
+    """A consumer with a home (and sometimes a mobile) residential address."""
+
+    def __init__(self, world: World, rng: random.Random) -> None:
+        self.world, self.rng = world, rng
+        self.country = pick_country(rng)
+        self.client = world.add_account("casual", country=self.country,
+                                        created_days_before=rng.uniform(1, 400))
+        home, mobile = world.net.residential(self.country), world.net.residential(self.country)
+        self.ips = [home.address(rng), mobile.address(rng)]
+        self.client.ip = self.ips[0]
+        self.sessions_per_day = min(12.0, rng.lognormvariate(math.log(0.8), 0.9))
+
+    def events(self) -> Iterator[Event]:
+        return chat_sessions(self.world, self.rng, self.client, self.ips,
+                             self.sessions_per_day, UTC_OFFSET[self.country])
+
+
+class Saas:
+    """An integration sending templated prompts all day from a few datacenter addresses."""
+
+    def __init__(self, world: World, rng: random.Random, per_day: float) -> None:
+        self.world, self.rng, self.per_day = world, rng, per_day
+        org, domain = company_name(rng, world)
+        self.country = pick_country(rng)
+        self.client = world.add_account("saas", hard_negative=True, org=org,
+                                        email_domain=domain, country=self.country,
+                                        tier="verified", created_days_before=rng.uniform(60, 700))
+        block = world.net.datacenter()
+        self.ips = [block.address(rng) for _ in range(rng.randint(1, 3))]
+        self.client.ip, self.client.user_agent = self.ips[0], rng.choice(SCRIPT_AGENTS[:3])
+        system, user = rng.choice(SAAS_TEMPLATES)
+        self.system, self.user = system.format(org=org), user
+
+    def events(self) -> Iterator[Event]:
+        items = pool("chat", self.world.split)
+        rng, code = self.rng, self.world.timing.code
+        for t in renewal(rng, self.world.timing.conv, self.world.start, self.world.end,
+                         self.per_day, UTC_OFFSET[self.country]):
+            text = rng.choice(items).text
+            messages = [{"role": "system", "content": self.system},
+                        {"role": "user", "content": self.user.format(text=text)}]
+            yield exchange(self.world, rng, t, self.client, OLD_MODEL, messages,
+                           completion_tokens=code.completion_tokens(rng) + 10, max_tokens=256,
+                           temperature=0.0, ip=rng.choice(self.ips))
+
+
+class EvalRunner:
+    """Runs the same slice of GSM8K as a benchmark every day or two, in one burst, and
+    evaluates a new model within hours of its release."""
+
+    def __init__(self, world: World, rng: random.Random, questions: int) -> None:
+        self.world, self.rng = world, rng
+        org, domain = company_name(rng, world)
+        self.client = world.add_account("eval_runner", hard_negative=True, org=org,
+                                        email_domain=domain, tier="verified",
+                                        created_days_before=rng.uniform(30, 400))
+        block: Block = world.net.datacenter()
+        self.client.ip, self.client.user_agent = block.address(rng), SCRIPT_AGENTS[2]
+        items = pool("math", world.split)
+        first = rng.randrange(max(1, len(items) - questions))
+        self.items = items[first:first + questions]
+        self.every = rng.choice((1.0, 1.0, 2.0)) * DAY
+        self.hour = rng.uniform(0, 24) * HOUR
+
+    def _runs(self) -> list[tuple[float, str]]:
+        w = self.world
+        runs = []
+        t = w.start + self.hour + self.rng.uniform(0, self.every - DAY + 1)
+        while t < w.end:
+            runs.append((t, OLD_MODEL if t < w.release_ts else NEW_MODEL))
+            t += self.every
+        release_run = w.release_ts + self.rng.uniform(1, 6) * HOUR
+        if w.start < w.release_ts and release_run < w.end:
+            runs.append((release_run, NEW_MODEL))
+        return sorted(runs)
+
+    def events(self) -> Iterator[Event]:
+        rng, code = self.rng, self.world.timing.code
+        last = 0.0
+        for start, model in self._runs():
+            t = max(start, last)
+            for item in self.items:
+                t += code.gap(rng, 0.5)
+                if t >= self.world.end:
+                    return
+                messages = [{"role": "user", "content": EVAL_TEMPLATE.format(q=item.text)}]
+                yield exchange(self.world, rng, t, self.client, model, messages,
+                               completion_tokens=self.world.timing.conv.completion_tokens(rng),
+                               reference=item.reference, max_tokens=1024, temperature=0.0)
+            last = t
+
+
+class Company:
+    """Many employee accounts behind one office range, one payment method, one domain,
+    all opened on the same day."""
+
+    def __init__(self, world: World, rng: random.Random, employees: int) -> None:
+        self.world, self.rng = world, rng
+        org, domain = company_name(rng, world)
+        self.country = pick_country(rng)
+        payment = world.new_id("pf_", 8)
+        office = world.net.residential(self.country)
+        self.nat = [office.address(rng) for _ in range(rng.randint(1, 3))]
+        opened = rng.uniform(20, 300)
+        self.staff: list[tuple[Client, float]] = []
+        for _ in range(employees):
+            client = world.add_account("company", hard_negative=True, org=org,
+                                       email_domain=domain, payment=payment,
+                                       country=self.country, tier="verified",
+                                       created_days_before=opened - rng.uniform(0, 0.2))
+            client.ip = rng.choice(self.nat)
+            self.staff.append((client, min(10.0, rng.lognormvariate(math.log(1.5), 0.7))))
+
+    def events(self) -> Iterator[Event]:
+        offset = UTC_OFFSET[self.country]
+        streams = [chat_sessions(self.world, random.Random(self.rng.random()), client,
+                                 [client.ip], per_day, offset, business=True,
+                                 weekdays_only=True) for client, per_day in self.staff]
+        return heapq.merge(*streams, key=lambda e: e[0])

@@ -1,0 +1,97 @@
+"""The traffic simulator: formats, ground truth, reproducibility."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distillguard.cli import main
+from distillguard.geoip import default_geoip
+from distillguard.simulate import simulate
+from distillguard.simulate.presets import ALL_TUNE
+from distillguard.traceio import iter_jsonl, read_accounts, read_trace
+
+LABEL_KEYS = {"account_id", "campaign_id", "campaign_type", "population", "hard_negative"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return simulate(tmp_path_factory.mktemp("smoke"), preset="smoke", seed=7)
+
+
+def _labels(path: Path) -> dict[str, dict[str, object]]:
+    return {rec["account_id"]: rec for _, rec in iter_jsonl(path)}
+
+
+def test_smoke_writes_three_files_in_the_public_formats(smoke: tuple[Path, Path, Path]) -> None:
+    trace, accounts, labels = smoke
+    assert [p.name for p in smoke] == ["trace.jsonl", "accounts.jsonl", "labels.jsonl"]
+    account_ids = {a.account_id for a in read_accounts(accounts)}
+    lab = _labels(labels)
+    assert set(lab) == account_ids
+    for rec in lab.values():
+        assert set(rec) == LABEL_KEYS
+        assert isinstance(rec["hard_negative"], bool)
+        assert (rec["campaign_id"] is None) == (rec["campaign_type"] is None)
+    exchanges = list(read_trace(trace))
+    assert len(exchanges) > 500
+    assert {ex.account_id for ex in exchanges} <= account_ids
+    times = [ex.ts for ex in exchanges]
+    assert times == sorted(times)
+    ex = exchanges[0]
+    assert ex.status == 200 and ex.usage is not None and ex.usage.completion_tokens > 0
+    assert ex.request["messages"][-1]["role"] == "user"
+    assert ex.response_text()
+    assert len({ex.id for ex in exchanges}) == len(exchanges)
+
+
+def test_smoke_covers_every_population_and_campaign_type(
+        smoke: tuple[Path, Path, Path]) -> None:
+    lab = _labels(smoke[2])
+    types = {r["campaign_type"] for r in lab.values() if r["campaign_type"]}
+    assert types == set(ALL_TUNE)
+    pops = Counter(r["population"] for r in lab.values())
+    assert {"casual", "saas", "eval_runner", "company", "attack"} == set(pops)
+    hard = {r["population"] for r in lab.values() if r["hard_negative"]}
+    assert hard == {"saas", "eval_runner", "company"}
+    sent = Counter(ex.account_id for ex in read_trace(smoke[0]))
+    by_type: dict[str, int] = defaultdict(int)
+    for acct, count in sent.items():
+        by_type[str(lab[acct]["campaign_type"] or lab[acct]["population"])] += count
+    assert all(by_type[t] > 0 for t in (*ALL_TUNE, "casual", "saas", "eval_runner"))
+
+
+def test_addresses_are_classified_by_geoip_as_intended(smoke: tuple[Path, Path, Path]) -> None:
+    lab = _labels(smoke[2])
+    geo = default_geoip()
+    hosting: dict[str, set[bool]] = defaultdict(set)
+    for ex in read_trace(smoke[0]):
+        rec = lab[str(ex.account_id)]
+        hosting[str(rec["campaign_type"] or rec["population"])].add(
+            geo.lookup(str(ex.client_ip)).hosting)
+    for kind in ("hydra", "heavy_single", "saas", "eval_runner", "rubric_grading"):
+        assert hosting[kind] == {True}, kind
+    for kind in ("casual", "company", "slow_low"):
+        assert hosting[kind] == {False}, kind
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+    a = simulate(tmp_path / "a", preset="smoke", seed=1, days=0.25)
+    b = simulate(tmp_path / "b", preset="smoke", seed=1, days=0.25)
+    c = simulate(tmp_path / "c", preset="smoke", seed=2, days=0.25)
+    for x, y in zip(a, b, strict=True):
+        assert x.read_bytes() == y.read_bytes()
+    assert a[0].read_bytes() != c[0].read_bytes()
+
+
+def test_cli_simulate(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path), "--preset", "smoke",
+                                       "--seed", "4", "--days", "0.2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "exchanges" in result.output
+    assert (tmp_path / "labels.jsonl").exists()
+    bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path), "--scale", "0"])
+    assert bad.exit_code != 0
