@@ -31,7 +31,6 @@ T = TypeVar("T")
 
 # Sub-command groups living in their own modules: (module, attribute). One line each.
 SUBCOMMANDS: list[tuple[str, str]] = [
-    ("distillguard.gateway.tracecli", "traces"),
     ("distillguard.dashboard.cli", "dashboard"),
     ("distillguard.provenance.cli", "provenance"),
     ("distillguard.countermeasures.cli", "fingerprint"),
