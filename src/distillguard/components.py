@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     from distillguard.serve import Extension
 
 DEFAULT_COMPONENTS: list[tuple[str, str]] = [
+    ("ledger", "distillguard.ledger.stage:component"),
     ("countermeasures", "distillguard.countermeasures:component"),
     ("dashboard", "distillguard.dashboard:dashboard_extension"),
+    ("sharing", "distillguard.sharing:component"),
 ]
 
 

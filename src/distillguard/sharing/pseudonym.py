@@ -1,0 +1,72 @@
+"""Pseudonyms and salted hashes: what stands in for personal values in a shared bundle.
+
+* Account identifiers become ``acct-`` + 16 hex digits of HMAC-SHA256 under the
+  partner's key. The same account always gets the same pseudonym for one partner (so
+  repeated shares correlate) and different, unlinkable pseudonyms for different partners.
+  A partner's key is ``partners.NAME.pseudonym_key`` or, by default, HMAC-SHA256 of the
+  partner name under the master ``sharing.pseudonym_key``.
+* Payment fingerprints become ``SHA-256(salt || fingerprint)`` with a random salt per
+  bundle carried in the indicator, so a partner holding the same fingerprint can match it
+  and nobody can read it back or link it across bundles without already knowing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+from distillguard.errors import ConfigError
+from distillguard.sharing.settings import SharingSettings
+
+
+def partner_key(options: SharingSettings, partner: str) -> bytes:
+    settings = options.partner(partner)
+    if settings.pseudonym_key:
+        return settings.pseudonym_key.encode()
+    master = options.master_key()
+    if master is None:
+        raise ConfigError(
+            f"sharing: no pseudonymisation key for partner {partner!r}: set "
+            f"sharing.pseudonym_key (or {options.pseudonym_key_env}) or "
+            f"sharing.partners.{partner}.pseudonym_key")
+    return hmac.new(master.encode(), b"partner:" + partner.encode(), hashlib.sha256).digest()
+
+
+class Pseudonymizer:
+    """Maps account identifiers for one partner; identity when pseudonymisation is off."""
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+        self._seen: dict[str, str] = {}
+
+    @classmethod
+    def for_partner(cls, options: SharingSettings, partner: str) -> Pseudonymizer:
+        if not options.partner(partner).pseudonymize:
+            return cls(None)
+        return cls(partner_key(options, partner))
+
+    @property
+    def active(self) -> bool:
+        return self.key is not None
+
+    def account(self, account_id: str) -> str:
+        if self.key is None:
+            return account_id
+        found = self._seen.get(account_id)
+        if found is None:
+            mac = hmac.new(self.key, b"account:" + account_id.encode(), hashlib.sha256)
+            found = self._seen[account_id] = "acct-" + mac.hexdigest()[:16]
+        return found
+
+    def text(self, value: str, account_ids: list[str]) -> str:
+        """Replace every account identifier in free text (evidence lines)."""
+        if self.key is None or not account_ids:
+            return value
+        ids = sorted(set(account_ids), key=len, reverse=True)
+        pattern = re.compile("|".join(rf"(?<![\w-]){re.escape(a)}(?![\w-])" for a in ids))
+        return pattern.sub(lambda m: self.account(m.group(0)), value)
+
+
+def salted_hash(salt: str, value: str) -> str:
+    return hashlib.sha256(salt.encode() + b"\x00" + value.encode()).hexdigest()
