@@ -1,0 +1,49 @@
+"""The ledger as a gateway component: the inline stage and the component factory.
+
+The stage is inline: :meth:`LedgerStage.on_exchange` returns once the exchange is durable
+(group commit, see :mod:`distillguard.ledger.writer`), after the client already has its
+response. It annotates the exchange with ``annotations["ledger"] = {"index": N}``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from distillguard.config import Settings
+from distillguard.exchange import Exchange
+from distillguard.ledger.settings import parse_settings
+from distillguard.ledger.writer import LedgerWriter, writer_for
+
+if TYPE_CHECKING:
+    from distillguard.serve import Extension
+
+
+class LedgerStage:
+    name = "ledger"
+    inline = True
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    async def start(self) -> None:
+        await self.writer.start()
+
+    async def close(self) -> None:
+        await self.writer.close()
+
+    async def on_exchange(self, exchange: Exchange) -> None:
+        index = await self.writer.append_exchange(exchange)
+        exchange.annotations["ledger"] = {"index": index}
+
+
+def component(settings: Settings) -> Extension | None:
+    """The ledger component (on unless ``ledger.enabled: false``)."""
+    from distillguard.ledger.routes import ledger_routes
+    from distillguard.serve import Extension
+
+    config = parse_settings(settings)
+    if not config.enabled:
+        return None
+    writer = writer_for(config)
+    return Extension(stages=[LedgerStage(writer)],
+                     admin_routes=ledger_routes(writer, settings))

@@ -1,0 +1,218 @@
+"""Walking a ledger and its checkpoints: every way stored data can be tampered with.
+
+:func:`verify_ledger` reads the entries in index order once and checks, per entry, that
+the stored leaf hash is the hash of the stored leaf, that the leaf names the index it is
+stored at, that the look-up columns agree with the leaf, and that a retained body still
+has the hash its leaf commits to (a deleted body is fine: that is redaction). It rebuilds
+the Merkle tree from the leaves as stored and compares it with every checkpoint (the
+stored ones and any the auditor brings), whose signatures it checks with the public key.
+
+What each problem means, and the entry it names as the first bad one:
+
+* ``modified``: a leaf whose stored hash, columns or retained body disagree with it;
+* ``deleted``: indices missing from the sequence (or cut off the end, below a checkpoint);
+* ``reordered``: an entry stored at another index than the one its leaf names;
+* ``inserted``: an entry whose index is already taken by the leaf of another (the later
+  entries were renumbered to make room);
+* ``checkpoint-signature``: a checkpoint whose signature does not verify;
+* ``checkpoint-mismatch``: a checkpoint whose root differs from the tree rebuilt from the
+  stored entries. An attacker who rewrote an entry *and* its stored hash is caught here;
+  the bad entry lies between the last matching checkpoint and this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from distillguard.ledger import merkle
+from distillguard.ledger.checkpoint import CheckpointError, VerifierKey, open_checkpoint
+from distillguard.ledger.store import LedgerStore
+from distillguard.ledger.tree import MerkleTree
+
+MAX_PROBLEMS = 100
+
+
+@dataclass(slots=True)
+class Problem:
+    kind: str
+    index: int | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "index": self.index, "message": self.message}
+
+
+@dataclass
+class Report:
+    entries: int = 0
+    checkpoints: int = 0
+    checkpoints_matched: int = 0
+    covered: int = 0
+    redacted_bodies: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    more_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad(self) -> int | None:
+        found = [p.index for p in self.problems if p.index is not None]
+        return min(found) if found else None
+
+    def add(self, kind: str, index: int | None, message: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(kind, index, message))
+        else:
+            self.more_problems += 1
+
+    def to_json(self) -> dict[str, Any]:
+        first = self.first_bad
+        out: dict[str, Any] = {
+            "ok": self.ok, "entries": self.entries, "checkpoints": self.checkpoints,
+            "checkpoints_matched": self.checkpoints_matched,
+            "covered_by_checkpoint": self.covered,
+            "uncovered": max(0, self.entries - self.covered),
+            "redacted_bodies": self.redacted_bodies,
+            "problems": [p.to_json() for p in self.problems],
+        }
+        if self.more_problems:
+            out["more_problems"] = self.more_problems
+        if first is not None:
+            out["first_bad"] = first
+            out["first_bad_problem"] = next(p.to_json() for p in self.problems
+                                            if p.index == first)
+        return out
+
+
+def _check_body(report: Report, idx: int, name: str, body: bytes | None,
+                digest: Any) -> None:
+    if body is None:
+        if digest is not None:
+            report.redacted_bodies += 1
+        return
+    if hashlib.sha256(body).hexdigest() != digest:
+        report.add("modified", idx, f"entry {idx}: the stored {name} body does not match "
+                                    "the hash its leaf commits to")
+
+
+def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
+                  extra_checkpoints: Sequence[str] = ()) -> Report:
+    """Check a whole ledger; see the module docstring. Reads every entry once."""
+    report = Report()
+    # -- checkpoints: signatures first; each valid one becomes a (size, root, label) target
+    targets: dict[int, list[tuple[bytes, str]]] = {}
+    notes = [(f"checkpoint #{c.seq}", c.note) for c in store.checkpoints()]
+    notes += [(f"supplied checkpoint {i + 1}", n) for i, n in enumerate(extra_checkpoints)]
+    report.checkpoints = len(notes)
+    for label, note in notes:
+        if key is None:
+            report.add("checkpoint-signature", None,
+                       f"{label}: no public key to check its signature with")
+            continue
+        try:
+            cp = open_checkpoint(note, key)
+        except CheckpointError as exc:
+            report.add("checkpoint-signature", None, f"{label}: {exc}")
+            continue
+        targets.setdefault(cp.tree_size, []).append((cp.root_hash, label))
+    sizes = sorted(targets)
+    if 0 in targets:
+        _compare(report, targets[0], merkle.EMPTY_ROOT, 0, 0)
+    matched_upto = 0
+    # -- entries, in stored order ---------------------------------------------------------
+    tree = MerkleTree()
+    seen = bytearray()
+    positions: list[tuple[int, int]] = []  # (stored index, index named by the leaf)
+    expected = 0
+    next_size = iter(s for s in sizes if s > 0)
+    want = next(next_size, None)
+    sha256 = hashlib.sha256
+    loads = orjson.loads
+    for row in store.iter_rows():
+        idx = row.idx
+        report.entries += 1
+        if idx != expected:
+            if idx > expected:
+                positions.append((expected, -1))  # gap: resolved below
+            expected = idx
+        expected += 1
+        h = sha256(b"\x00" + row.leaf).digest()
+        if h != row.leaf_hash:
+            report.add("modified", idx, f"entry {idx}: the stored leaf does not match its "
+                                        "stored hash")
+        try:
+            leaf = loads(row.leaf)
+            named = leaf["idx"]
+            if not isinstance(named, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            report.add("modified", idx, f"entry {idx}: the leaf is not a ledger entry")
+            leaf, named = {}, -2
+        if named >= 0:
+            if named >= len(seen):
+                seen.extend(b"\x00" * (named + 1 - len(seen) + 1024))
+            seen[named] = 1
+        if named != idx:
+            positions.append((idx, named))
+        if leaf and (leaf.get("id") != row.entry_id or leaf.get("kind") != row.kind
+                     or leaf.get("ts") != row.ts
+                     or leaf.get("account_id") != row.account_id):
+            report.add("modified", idx, f"entry {idx}: stored columns differ from the leaf")
+        if leaf.get("kind") == "exchange":
+            _check_body(report, idx, "request", row.request, leaf.get("request_sha256"))
+            _check_body(report, idx, "response", row.response, leaf.get("response_sha256"))
+        tree.append(h)
+        while want is not None and tree.size == want:
+            if _compare(report, targets[want], tree.root(), want, matched_upto):
+                matched_upto = want
+            want = next(next_size, None)
+    report.covered = min(max(sizes, default=0), report.entries)
+    # -- checkpoints beyond the stored entries: entries cut off the end -------------------
+    while want is not None:
+        for _root, label in targets[want]:
+            report.add("deleted", tree.size, f"{label} covers {want} entries but only "
+                                             f"{tree.size} are stored")
+        want = next(next_size, None)
+    _classify(report, positions, seen)
+    return report
+
+
+def _compare(report: Report, expected: list[tuple[bytes, str]], root: bytes, size: int,
+             matched_upto: int) -> bool:
+    ok = True
+    for want_root, label in expected:
+        if want_root == root:
+            report.checkpoints_matched += 1
+        else:
+            ok = False
+            report.add("checkpoint-mismatch", matched_upto,
+                       f"{label} (size {size}) does not match the stored entries: an entry "
+                       f"between index {matched_upto} and {size - 1} was changed")
+    return ok
+
+
+def _classify(report: Report, positions: list[tuple[int, int]], seen: bytearray) -> None:
+    """Name what happened where an entry is not at the index its leaf names."""
+    done_inserted = False
+    for idx, named in positions:
+        if named == -2:
+            continue
+        if named == -1:  # a gap in stored indices starting at idx
+            report.add("deleted", idx, f"entry {idx} is missing")
+        elif named > idx:
+            if idx < len(seen) and seen[idx]:
+                report.add("reordered", idx, f"the entry stored at {idx} is entry {named}")
+            else:
+                report.add("deleted", idx, f"entry {idx} is missing (entry {named} was "
+                                           f"moved into its place)")
+        elif not done_inserted:
+            report.add("inserted", named, f"an entry was inserted at {named}: entry "
+                                          f"{named} is now stored at {idx}")
+            done_inserted = True
