@@ -84,9 +84,18 @@ def seed(admin: httpx.Client, gateway_url: str, verdicts_path: Path) -> dict[str
                                    detected_at=base + timedelta(hours=1),
                                    evidence=["8 accounts share payment fingerprint pf_9f2c",
                                              "prompts follow 2 templates",
-                                             "requests arrive in lockstep from 198.51.100.0/24"])],
+                                             "requests arrive in lockstep from 198.51.100.0/24"],
+                                   extra={"edges": _template_links()})],
     ).write(verdicts_path)
     return keys
+
+
+def _template_links() -> list[dict[str, str]]:
+    """The links detection records for accounts sending the same prompt template (the
+    dashboard draws them; it does not find templates itself)."""
+    return [{"a": a, "b": b, "type": "template",
+             "detail": "same template: " + TEMPLATES[0].split("\n")[0][:40]}
+            for a, b in zip(CAMPAIGN, CAMPAIGN[1:], strict=False)]
 
 
 def _send(gw: httpx.Client, key: str, prompt: str, ip: str, model: str) -> int:

@@ -2,7 +2,8 @@
 
 A gateway is started with simulated traffic (tests/dashboard_seed.py); the tests log in,
 open a campaign, take an action with a reason, find it in the audit trail, and save a
-screenshot of every page to tests/artifacts/dashboard/.
+screenshot of every page to tests/artifacts/dashboard/. Every request the browser makes
+is recorded: the last test checks that none went anywhere but the gateway.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from tests.dashboard_seed import BENIGN, CAMPAIGN, seed
 from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.test_dashboard import LedgerDouble, ReviewQueueDouble, _sources
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
@@ -47,9 +49,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"])
+        requests: list[str] = []
+        browser.on("request", lambda r: requests.append(r.url))
         try:
             yield {"stack": stack, "admin": admin, "keys": keys, "browser": browser,
-                   "url": stack.stack.admin_url + "/dashboard"}
+                   "url": stack.stack.admin_url + "/dashboard", "requests": requests}
         finally:
             browser.close()
             admin.close()
@@ -112,7 +116,7 @@ def test_campaign_action_is_audited(env: dict[str, Any], page: Any) -> None:
     page.wait_for_url("**/campaigns/c-1")
     graph = page.locator("svg.graph").first
     assert graph.locator("circle.n").count() == len(CAMPAIGN)
-    for kind in ("payment", "network", "signup", "lockstep"):
+    for kind in ("payment", "network", "signup", "lockstep", "template"):
         assert page.locator(f"svg.graph line.e.{kind}").count() > 0, kind
     assert "pf_9f2c" in page.locator("svg.graph").first.inner_html()
     assert page.locator("text=Example exchanges").count() == 1
@@ -157,6 +161,12 @@ def test_account_search_and_pages(env: dict[str, Any], page: Any) -> None:
     shot(page, "exchange")
     page.goto(env["url"] + f"/accounts?q={BENIGN[0]}")
     assert page.locator("table tbody tr").count() == 1
+    page.goto(env["url"] + "/accounts?q=Shell 3 Ltd")  # by organisation
+    assert page.locator("table tbody tr").all_inner_texts()[0].startswith(CAMPAIGN[3])
+    key_id = env["admin"].get(f"/admin/v1/accounts/{BENIGN[2]}/keys").json()["data"][0]["key_id"]
+    page.fill("#q", key_id)  # by key id
+    page.press("#q", "Enter")
+    assert page.locator("table tbody tr").all_inner_texts()[0].startswith(BENIGN[2])
     for name in ("review", "ledger"):
         page.goto(env["url"] + f"/{name}")
         assert page.locator("h1").count() == 1
@@ -185,3 +195,41 @@ def test_keyboard(env: dict[str, Any], page: Any) -> None:
         raise AssertionError("Tab never reached the account graph")
     page.keyboard.press("Enter")
     page.wait_for_url("**/accounts/acct_c*")
+
+
+def test_review_queue_and_ledger_by_keyboard(env: dict[str, Any], page: Any) -> None:
+    """The review and ledger pages with content, operated by keyboard only. Their data
+    comes from the policy and ledger components; here the stand-ins of
+    tests/test_dashboard.py provide it through the same interfaces."""
+    sources = _sources(env["stack"])
+    saved = sources.policy, sources.ledger
+    queue = ReviewQueueDouble()
+    sources.policy, sources.ledger = queue, LedgerDouble()
+    try:
+        page.goto(env["url"] + "/review")
+        assert "<b>2,400</b> templated prompts" in page.inner_text("main")  # shown as text
+        shot(page, "review-items")
+        page.focus("#reason-1")
+        page.keyboard.type("needs a second look by legal")
+        for _ in range(3):  # the decisions follow the reason: confirm, dismiss, escalate
+            page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.value") == "escalate"
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert queue.decisions == [("r-1", "escalate", "needs a second look by legal")]
+        page.goto(env["url"] + "/ledger")
+        page.focus("#exchange_id")
+        page.keyboard.type("ex_1")
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/ledger?exchange_id=ex_1")
+        assert "proof checks out" in page.inner_text("main")
+        shot(page, "ledger-proof")
+    finally:
+        sources.policy, sources.ledger = saved
+
+
+def test_nothing_loaded_from_elsewhere(env: dict[str, Any]) -> None:
+    origin = env["url"].removesuffix("/dashboard")
+    seen = env["requests"]
+    assert any(u.endswith("/dashboard/static/dashboard.css") for u in seen)
+    assert len(seen) > 20 and [u for u in seen if not u.startswith(origin + "/")] == []
