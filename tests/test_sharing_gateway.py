@@ -1,0 +1,161 @@
+"""Partner indicators acting on live traffic: flag, block, account risk, review queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from distillguard.geoip import default_geoip
+from distillguard.sharing.export import BundleBuilder
+from distillguard.sharing.inputs import collect_from_files
+from distillguard.sharing.settings import parse_sharing_settings
+from distillguard.sharing.store import SharingStore, create_schema
+from distillguard.store import open_state_store
+from distillguard.store.models import Account
+from tests import sharingworld as world
+from tests.factories import start_recorded_stack
+
+
+def _partner_bundle(tmp_path: Path) -> dict[str, Any]:
+    """What a partner ("acme" exported to us, "globex") would send."""
+    folder = tmp_path / "partner"
+    folder.mkdir()
+    paths = world.write_world(folder)
+    options = parse_sharing_settings(world.sharing_section())
+    evidence = collect_from_files(paths["verdicts"], paths["trace"], paths["accounts"],
+                                  campaigns=None, min_risk=0.9, geoip=default_geoip())
+    bundle, _ = BundleBuilder(options, "globex").build(evidence)
+    return dict(json.loads(bundle.serialize()))
+
+
+async def _prepare(url: str, bundle: dict[str, Any]) -> dict[str, str]:
+    """Accounts (ours: one shares the partner's card), keys, and the imported bundle."""
+    store = open_state_store(url)
+    await store.migrate()
+    ours = [Account.from_public({"account_id": "acct_mule", "payment_fingerprint":
+                                 world.CAMPAIGN_PF, "country": "DE"}),
+            Account.from_public({"account_id": "acct_fine", "payment_fingerprint": "pf_x",
+                                 "country": "GB"})]
+    await store.import_accounts(ours)
+    keys = {a.account_id: (await store.create_key(a.account_id))[1] for a in ours}
+    engine = store.engine  # type: ignore[attr-defined]
+    await create_schema(engine)
+    await SharingStore(engine, ttl=timedelta(days=30)).import_bundle(
+        partner="acme", bundle_id=bundle["id"], objects=bundle["objects"], source="test",
+        sha256=None)
+    await store.close()
+    return keys
+
+
+def _chat(base: str, key: str, *, ip: str = "81.2.69.9", ua: str = world.COMMON_UA,
+          prompt: str = "What is the capital of France?") -> httpx.Response:
+    return httpx.post(f"{base}/chat/completions", timeout=30, headers={
+        "authorization": f"Bearer {key}", "x-forwarded-for": ip, "user-agent": ua},
+        json={"model": "demo-chat-1", "messages": [{"role": "user", "content": prompt}]})
+
+
+def _wait(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def _tables(url: str) -> dict[str, Any]:
+    from distillguard.policy.review import list_items
+
+    store = open_state_store(url)
+    engine = store.engine  # type: ignore[attr-defined]
+    try:
+        async with engine.connect() as conn:
+            matches = [dict(r._mapping) for r in await conn.execute(text(
+                "SELECT account_id, kind, hits, review_item FROM sharing_matches"))]
+            risk = {r[0]: r[1] for r in await conn.execute(text(
+                "SELECT account_id, risk FROM sharing_risk"))}
+        items = await list_items(engine, status="open", limit=100)
+        return {"matches": matches, "risk": risk,
+                "review": {i.subject: i for i in items if i.source == "sharing"}}
+    finally:
+        await store.close()
+
+
+def test_partner_indicators_flag_block_and_reach_the_review_queue(tmp_path: Path) -> None:
+    from tests.factories import make_settings
+
+    settings = make_settings(tmp_path, server={"trusted_proxies": ["127.0.0.0/8"]},
+                             sharing=world.sharing_section(actions={"user_agent": "block"}))
+    url = settings.state.url
+    keys = asyncio.run(_prepare(url, _partner_bundle(tmp_path)))
+    running, recorder = start_recorded_stack(settings)
+    try:
+        base = running.stack.base_url
+        # The account holding the partner's card is known before it sends anything.
+        state = _wait(lambda: (s := asyncio.run(_tables(url)))["review"] and s)
+        assert state["risk"] == {"acct_mule": 0.5}
+        mule_item = state["review"]["acct_mule"]
+        assert mule_item.kind == "account" and "payment" in mule_item.evidence[0]
+
+        assert _chat(base, keys["acct_fine"]).status_code == 200        # nothing matches
+        flagged = _chat(base, keys["acct_fine"], ip="5.9.10.250")       # network + AS
+        assert flagged.status_code == 200
+        templated = _chat(base, keys["acct_fine"], prompt=world.TEMPLATE + "problem 9000")
+        assert templated.status_code == 200
+        blocked = _chat(base, keys["acct_fine"], ua=world.CAMPAIGN_UA)  # configured: block
+        assert blocked.status_code == 403
+        assert blocked.headers["x-should-retry"] == "false"
+        assert blocked.json()["error"]["code"] == "shared_indicator"
+
+        seen = _wait(lambda: len(recorder.exchanges) >= 4 and recorder.exchanges)
+        notes = [e.annotations.get("sharing") for e in seen]
+        assert notes[0] is None
+        assert {m["kind"] for m in notes[1]["matches"]} == {"ip", "asn"}
+        assert notes[1]["action"] == "flag"
+        assert [m["kind"] for m in notes[2]["matches"]] == ["template"]
+        assert notes[3]["action"] == "block"
+
+        def fine_recorded() -> Any:
+            s = asyncio.run(_tables(url))
+            kinds = {m["kind"] for m in s["matches"] if m["account_id"] == "acct_fine"}
+            return kinds == {"ip", "asn", "template", "user_agent"} and s
+        state = _wait(fine_recorded)
+        assert state["risk"]["acct_fine"] == 1.0  # four indicators, capped
+        item = state["review"]["acct_fine"]
+        assert item.status == "open" and len(item.evidence) >= 4
+        assert all(m["review_item"] == item.item_id for m in state["matches"]
+                   if m["account_id"] == "acct_fine")
+        # A second hit counts but does not add risk or a second item.
+        assert _chat(base, keys["acct_fine"], ip="5.9.10.251").status_code == 200
+        _wait(lambda: any(m["hits"] == 2 for m in asyncio.run(_tables(url))["matches"]))
+        assert asyncio.run(_tables(url))["risk"]["acct_fine"] == 1.0
+    finally:
+        running.stop()
+
+
+def test_expired_indicators_stop_acting(tmp_path: Path) -> None:
+    bundle = _partner_bundle(tmp_path)
+    url = f"sqlite:///{tmp_path}/state.sqlite"
+    asyncio.run(_prepare(url, bundle))
+
+    async def go() -> tuple[int, int, int]:
+        store = open_state_store(url)
+        sharing = SharingStore(store.engine, ttl=timedelta(days=30))  # type: ignore[attr-defined]
+        now = len(await sharing.active_indicators())
+        later = datetime.now(UTC) + timedelta(days=31)
+        after = len(await sharing.active_indicators(later))
+        purged = await sharing.purge_expired(later)
+        await store.close()
+        return now, after, purged
+
+    now, after, purged = asyncio.run(go())
+    assert now == 5 and after == 0 and purged == 5

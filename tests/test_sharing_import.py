@@ -1,0 +1,187 @@
+"""Importing partner bundles: validation, provenance, indicators with expiry, all or nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from distillguard.cli import main
+from distillguard.geoip import default_geoip
+from distillguard.sharing.export import BundleBuilder
+from distillguard.sharing.indicators import indicator_inputs
+from distillguard.sharing.inputs import collect_from_files
+from distillguard.sharing.settings import parse_sharing_settings
+from distillguard.sharing.store import SharingStore, create_schema
+from distillguard.sharing.validate import BundleError, parse_bundle
+from distillguard.store import open_state_store
+from tests import sharingworld as world
+
+TABLES = ("sharing_bundles", "sharing_objects", "sharing_indicators")
+
+
+def _bundle(tmp_path: Path) -> dict[str, Any]:
+    paths = world.write_world(tmp_path)
+    options = parse_sharing_settings(world.sharing_section())
+    evidence = collect_from_files(paths["verdicts"], paths["trace"], paths["accounts"],
+                                  campaigns=None, min_risk=0.9, geoip=default_geoip())
+    bundle, _ = BundleBuilder(options, "acme").build(evidence)
+    return dict(json.loads(bundle.serialize()))
+
+
+def _config(tmp_path: Path, url: str | None = None) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({
+        "state": {"url": url or f"sqlite:///{tmp_path}/state.sqlite"},
+        "sharing": world.sharing_section(max_bundle_bytes=200_000)}))
+    return config
+
+
+def _cli(config: Path, *args: str) -> Any:
+    return CliRunner().invoke(main, ["--config", str(config), "share", *args])
+
+
+def _counts(url: str) -> dict[str, int]:
+    async def go() -> dict[str, int]:
+        store = open_state_store(url)
+        try:
+            await create_schema(store.engine)  # type: ignore[attr-defined]
+            async with store.engine.connect() as conn:  # type: ignore[attr-defined]
+                return {t: int((await conn.execute(text(f"SELECT COUNT(*) FROM {t}")))
+                               .scalar_one()) for t in TABLES}
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def _import_and_check(tmp_path: Path, url: str) -> None:
+    config = _config(tmp_path, url)
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(_bundle(tmp_path)))
+    result = _cli(config, "import", str(path), "--partner", "globex")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["active"] == {"ip": 1, "asn": 1, "user_agent": 1, "template": 1,
+                                 "payment": 1}
+    assert summary["duplicate"] is False
+    rows = [json.loads(line) for line in _cli(config, "indicators").output.splitlines()]
+    assert {r["kind"] for r in rows} == {"ip", "asn", "user_agent", "template", "payment"}
+    assert all(r["partner"] == "globex" for r in rows)
+    assert {r["value"] for r in rows if r["kind"] == "asn"} == {"hetzner online gmbh"}
+    (bundle,) = [json.loads(line) for line in _cli(config, "bundles").output.splitlines()]
+    assert bundle["partner"] == "globex" and bundle["bundle_id"] == summary["bundle_id"]
+    assert bundle["source"].startswith("file:") and len(bundle["sha256"]) == 64
+    again = json.loads(_cli(config, "import", str(path), "--partner", "globex").output)
+    assert again["duplicate"] is True
+    assert _counts(url)["sharing_bundles"] == 1
+
+
+def test_import_keeps_provenance_and_activates_indicators(tmp_path: Path) -> None:
+    _import_and_check(tmp_path, f"sqlite:///{tmp_path}/state.sqlite")
+
+
+@pytest.mark.postgres
+def test_import_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    _import_and_check(tmp_path, pg_url)
+
+
+def _bad_bundles(good: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
+    def variant(change: Any) -> bytes:
+        copy = json.loads(json.dumps(good))
+        change(copy)
+        return json.dumps(copy).encode()
+
+    def last_bad_pattern(b: dict[str, Any]) -> None:
+        b["objects"][-3] = {**next(o for o in b["objects"] if o["type"] == "indicator"),
+                            "id": "indicator--0a3a8f3e-1b1b-4c3c-8d8d-9e9e9e9e9e9e",
+                            "pattern": "[ipv4-addr:value = "}
+
+    return {
+        "json": (b'{"type": "bundle", "objects": [', "not valid JSON"),
+        "spec": (variant(lambda b: b.update(spec_version="2.0")), "STIX 2.0 bundle"),
+        "object-spec": (variant(lambda b: b["objects"][1].update(spec_version="2.0")),
+                        "only \"2.1\" is accepted"),
+        "type": (variant(lambda b: b["objects"].append(
+            {"type": "x-acme-thing", "spec_version": "2.1",
+             "id": "x-acme-thing--1f6e3b0a-1c1c-4d4d-8e8e-9f9f9f9f9f9f"})),
+            "unknown object type 'x-acme-thing'"),
+        "big": (variant(lambda b: b["objects"][1].update(description="x" * 300_000)),
+                "the limit is 200000"),
+        "pattern": (variant(last_bad_pattern), "invalid object"),
+        "not-bundle": (b'{"type": "report"}', "not a STIX bundle"),
+    }
+
+
+def test_bad_bundles_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    url = f"sqlite:///{tmp_path}/state.sqlite"
+    good = _bundle(tmp_path)
+    assert _counts(url) == dict.fromkeys(TABLES, 0)
+    for name, (raw, message) in _bad_bundles(good).items():
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(raw)
+        result = _cli(config, "import", str(path), "--partner", "globex")
+        assert result.exit_code == 2, (name, result.output)
+        assert "refused, nothing imported" in result.output and message in result.output, (
+            name, result.output)
+        assert _counts(url) == dict.fromkeys(TABLES, 0), name
+
+
+def test_a_failing_write_rolls_back_the_whole_bundle(tmp_path: Path) -> None:
+    good = _bundle(tmp_path)
+    objects = good["objects"]
+
+    async def go() -> dict[str, int]:
+        store = open_state_store(f"sqlite:///{tmp_path}/s.sqlite")
+        engine = store.engine  # type: ignore[attr-defined]
+        await create_schema(engine)
+        sharing = SharingStore(engine, ttl=timedelta(days=30))
+        broken = [*objects, {"type": "indicator"}]  # fails half-way (no id)
+        with pytest.raises(KeyError):
+            await sharing.import_bundle(partner="acme", bundle_id=good["id"],
+                                        objects=broken, source="test", sha256=None)
+        async with engine.connect() as conn:
+            out = {t: int((await conn.execute(text(f"SELECT COUNT(*) FROM {t}")))
+                          .scalar_one()) for t in TABLES}
+        await store.close()
+        return out
+
+    assert asyncio.run(go()) == dict.fromkeys(TABLES, 0)
+
+
+def test_unknown_partner_and_validation_messages() -> None:
+    with pytest.raises(BundleError, match="not a TAXII|not a STIX"):
+        parse_bundle(b"[]", max_bytes=100)
+    with pytest.raises(BundleError) as info:
+        parse_bundle(b"{" + b" " * 200 + b"}", max_bytes=100)
+    assert info.value.status == 413
+
+
+def test_indicator_expiry_and_supported_patterns() -> None:
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    base = {"type": "indicator", "id": "indicator--1", "pattern_type": "stix",
+            "valid_from": "2026-02-01T00:00:00Z"}
+    ttl = timedelta(days=30)
+    (ip,) = indicator_inputs({**base, "pattern": "[ipv4-addr:value = '198.51.100.7']"},
+                             now=now, ttl=ttl)
+    assert (ip.kind, ip.value, ip.expires_at) == ("ip", "198.51.100.7/32", now + ttl)
+    (ua,) = indicator_inputs({**base, "valid_until": "2026-04-01T00:00:00Z", "pattern":
+                              "[network-traffic:extensions.'http-request-ext'.request_header"
+                              ".'User-Agent' MATCHES '^curl/']"}, now=now, ttl=ttl)
+    assert (ua.kind, ua.op, ua.expires_at.month) == ("user_agent", "MATCHES", 4)
+    either = indicator_inputs({**base, "pattern": "[autonomous-system:name = 'X'] OR "
+                               "[file:name = 'a.exe']"}, now=now, ttl=ttl)
+    assert [i.kind for i in either] == ["asn"]  # the testable half of an OR
+    for pattern in ("[ipv4-addr:value = '1.2.3.4' AND autonomous-system:name = 'X']",
+                    "[ipv4-addr:value = '1.2.3.4'] WITHIN 5 SECONDS",
+                    "[file:name = 'a.exe']",
+                    "[user-account:x_payment_fingerprint_sha256 = 'ab']"):  # no salt
+        assert indicator_inputs({**base, "pattern": pattern}, now=now, ttl=ttl) == [], pattern
+    assert indicator_inputs({**base, "revoked": True,
+                             "pattern": "[ipv4-addr:value = '1.2.3.4']"}, now=now, ttl=ttl) == []
