@@ -35,6 +35,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.provenance.cli", "provenance"),
     ("distillguard.countermeasures.cli", "fingerprint"),
     ("distillguard.simulate.cli", "simulate"),
+    ("distillguard.benchdetect.cli", "bench"),
 ]
 
 

@@ -1,0 +1,158 @@
+"""``bench detect``: metrics on verdicts constructed against known ground truth."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from distillguard.benchdetect import adjusted_rand_index, read_labels, run_baseline, score
+from distillguard.cli import main
+from distillguard.simulate import simulate
+from distillguard.traceio import read_trace
+from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return simulate(tmp_path_factory.mktemp("bench"), preset="smoke", seed=11, days=0.5)
+
+
+def _first_seen(trace: Path) -> dict[str, list]:
+    seen: dict[str, list] = defaultdict(list)
+    for ex in read_trace(trace):
+        seen[str(ex.account_id)].append(ex.ts)
+    return seen
+
+
+def _perfect(labels: Path, trace: Path, after: int = 3) -> Verdicts:
+    """Every attack account flagged (at its ``after``-th exchange, or its last when it sent
+    fewer), campaigns exactly as in the truth."""
+    truth = read_labels(labels)
+    seen = _first_seen(trace)
+    accounts, members = [], defaultdict(list)
+    for acct, t in truth.items():
+        times = sorted(seen.get(acct, []))
+        accounts.append(AccountVerdict(
+            account_id=acct, flagged=t.attack, risk=1.0 if t.attack else 0.0,
+            campaign_id=t.campaign_id,
+            first_flagged_at=times[min(after, len(times) - 1)] if t.attack and times else None))
+        if t.attack:
+            members[str(t.campaign_id)].append(acct)
+    return Verdicts(accounts=accounts,
+                    campaigns=[CampaignVerdict(campaign_id=c, accounts=m)
+                               for c, m in members.items()],
+                    extra={"elapsed_seconds": 2.0})
+
+
+def test_ari_known_values() -> None:
+    assert adjusted_rand_index(["a", "a", "b", "b"], ["x", "x", "y", "y"]) == 1.0
+    assert adjusted_rand_index(["a", "a", "b", "b"], ["y", "y", "x", "x"]) == 1.0
+    assert adjusted_rand_index(["a", "a", "a", "a"], ["1", "2", "3", "4"]) == 0.0
+    # merging two true groups: cells 3, rows 3, columns 7 of 15 pairs -> (3-1.4)/(5-1.4)
+    value = adjusted_rand_index(["a", "a", "b", "b", "c", "c"], ["x", "x", "x", "x", "y", "y"])
+    assert value == pytest.approx(4 / 9)
+
+
+def test_perfect_verdicts_score_perfectly(world: tuple[Path, Path, Path]) -> None:
+    trace, accounts, labels = world
+    s = score(trace, accounts, labels, _perfect(labels, trace))
+    o = s.overall
+    truth = read_labels(labels)
+    seen = _first_seen(trace)
+    assert o["precision"] == 1.0 and o["recall"] == 1.0 and o["f1"] == 1.0
+    assert o["benign_fpr"] == 0.0 and o["hard_negative_fpr"] == 0.0
+    assert o["ari"] == 1.0
+    assert o["campaigns_detected"] == o["campaigns"] == len(
+        {t.campaign_id for t in truth.values() if t.attack})
+    # flagged at the 4th exchange (or the last): exactly that many came before
+    before = sorted(min(3, len(seen[a]) - 1) for a, t in truth.items()
+                    if t.attack and a in seen)
+    assert o["exchanges_before_flag_median"] == pytest.approx(
+        (before[(len(before) - 1) // 2] + before[len(before) // 2]) / 2)
+    assert s.detector["elapsed_seconds"] == 2.0
+    assert s.detector["exchanges_per_second"] == pytest.approx(o["trace_exchanges"] / 2.0)
+    for kind, row in s.rows.items():
+        assert row["precision"] == 1.0 and row["recall"] == 1.0, kind
+        assert row["ari"] in (1.0, None), kind
+
+
+def test_empty_verdicts(world: tuple[Path, Path, Path]) -> None:
+    trace, accounts, labels = world
+    s = score(trace, accounts, labels, Verdicts())
+    o = s.overall
+    assert o["recall"] == 0.0 and o["precision"] is None and o["f1"] == 0.0
+    assert o["benign_fpr"] == 0.0 and o["campaigns_detected"] == 0
+    assert o["verdicts_missing"] == len(read_labels(labels))
+    assert all(not h for h in s.hours_to_flag.values())
+
+
+def test_half_right_verdicts(world: tuple[Path, Path, Path]) -> None:
+    """Every other attack account caught (all in one predicted campaign) and every benign
+    hard negative flagged: precision, recall, FPR and campaign counts follow exactly."""
+    trace, accounts, labels = world
+    truth = read_labels(labels)
+    seen = _first_seen(trace)
+    attack = sorted(a for a, t in truth.items() if t.attack)
+    caught = set(attack[::2])
+    hard = {a for a, t in truth.items() if t.hard_negative}
+    verdicts = []
+    for acct in truth:
+        flag = acct in caught or acct in hard
+        first = min(seen[acct]) + timedelta(hours=1) if flag and acct in seen else None
+        verdicts.append(AccountVerdict(account_id=acct, flagged=flag,
+                                       campaign_id="one" if flag else None,
+                                       first_flagged_at=first))
+    s = score(trace, accounts, labels, Verdicts(accounts=verdicts), elapsed_s=1.0)
+    o = s.overall
+    assert o["recall"] == pytest.approx(len(caught) / len(attack))
+    assert o["precision"] == pytest.approx(len(caught) / (len(caught) + len(hard)))
+    assert o["hard_negative_fpr"] == 1.0
+    benign = [t for t in truth.values() if not t.attack]
+    assert o["benign_fpr"] == pytest.approx(len(hard) / len(benign))
+    assert s.benign["casual"]["fpr"] == 0.0
+    campaigns = defaultdict(list)
+    for a in attack:
+        campaigns[truth[a].campaign_id].append(a)
+    expected = sum(1 for ms in campaigns.values()
+                   if 2 * sum(m in caught for m in ms) >= len(ms))
+    assert o["campaigns_detected"] == expected
+    hours = [h for hs in s.hours_to_flag.values() for h in hs]
+    assert hours and all(h == pytest.approx(1.0, abs=1e-3) for h in hours)
+
+
+def test_cli_bench_detect_and_baseline(world: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    trace, accounts, labels = world
+    runner = CliRunner()
+    out = tmp_path / "verdicts.json"
+    res = runner.invoke(main, ["bench", "baseline", "--trace", str(trace), "--accounts",
+                               str(accounts), "--out", str(out), "--per-day", "50"])
+    assert res.exit_code == 0, res.output
+    verdicts = Verdicts.read(out)
+    assert len(verdicts.accounts) == len(read_labels(labels))
+    assert any(v.flagged for v in verdicts.accounts)
+    png, js = tmp_path / "report.png", tmp_path / "scores.json"
+    res = runner.invoke(main, ["bench", "detect", "--trace", str(trace), "--accounts",
+                               str(accounts), "--labels", str(labels), "--verdicts", str(out),
+                               "--report", str(png), "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    for kind in ("hydra", "slow_low", "overall", "hard negatives", "casual"):
+        assert kind in res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b'"campaign_types"' in js.read_bytes()
+
+
+def test_baseline_flags_only_above_threshold(world: tuple[Path, Path, Path]) -> None:
+    trace, accounts, _ = world
+    counts: dict[str, int] = defaultdict(int)
+    for ex in read_trace(trace):
+        counts[str(ex.account_id)] += 1
+    verdicts = run_baseline(trace, accounts, per_day=40)
+    for v in verdicts.accounts:
+        # half a day of trace: flagged exactly when more than 40 exchanges were sent
+        assert v.flagged == (counts.get(v.account_id, 0) > 40), v.account_id
+        if v.flagged:
+            assert v.exchanges_before_flag == 40
