@@ -1,0 +1,251 @@
+"""``distillguard ledger ...``: keys, checkpoints, proofs, verification, export, redaction.
+
+Every command but ``verify-proof`` opens the ledger named by the settings (``ledger:``
+section); ``verify-proof`` needs only a public key and the file to check.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from distillguard.ledger.checkpoint import VerifierKey, load_or_create_key, public_path
+from distillguard.ledger.settings import LedgerConfig, parse_settings
+
+
+def _config(ctx: click.Context) -> LedgerConfig:
+    return parse_settings(ctx.find_root().obj.settings)
+
+
+def _open(ctx: click.Context, *, create_key: bool = False) -> Any:
+    from distillguard.ledger.core import Ledger
+
+    return Ledger(_config(ctx), create_key=create_key)
+
+
+def _emit(value: Any, out: str | None) -> None:
+    data = orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
+    if out:
+        Path(out).write_bytes(data)
+    else:
+        sys.stdout.write(data.decode())
+
+
+def _key(path: str | None, ctx: click.Context | None) -> VerifierKey:
+    if path is None:
+        if ctx is None:
+            raise click.UsageError("pass --key PUBLIC_KEY_FILE")
+        path = str(public_path(_config(ctx).key_path))
+    try:
+        return VerifierKey.parse(Path(path).read_text())
+    except OSError as exc:
+        raise click.UsageError(f"cannot read public key {path}: {exc.strerror}") from None
+
+
+@click.group("ledger")
+def ledger() -> None:
+    """The tamper-evident access ledger (docs/ledger.md)."""
+
+
+@ledger.command()
+@click.option("--force", is_flag=True, help="Replace an existing key (old checkpoints then "
+              "verify only with the old public key).")
+@click.pass_context
+def keygen(ctx: click.Context, force: bool) -> None:
+    """Create the checkpoint signing key; print the public (verifier) key."""
+    config = _config(ctx)
+    if config.key_path.exists():
+        if not force:
+            raise click.UsageError(f"{config.key_path} exists (--force replaces it)")
+        config.key_path.unlink()
+    key = load_or_create_key(config.key_path, config.origin)
+    click.echo(key.verifier.encode())
+    click.echo(f"signing key: {config.key_path}\npublic key:  {public_path(config.key_path)}",
+               err=True)
+
+
+@ledger.command()
+@click.pass_context
+def checkpoint(ctx: click.Context) -> None:
+    """Sign a checkpoint of the ledger as it is now and print it."""
+    lg = _open(ctx, create_key=True)
+    try:
+        lg.refresh()
+        cp = lg.checkpoint()
+        click.echo(cp.note, nl=False)
+    finally:
+        lg.close()
+
+
+@ledger.command()
+@click.argument("ref")
+@click.option("--tree-size", type=int, help="Prove against this (older) tree size.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the proof here.")
+@click.pass_context
+def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) -> None:
+    """Inclusion proof of entry REF (exchange id, event id or index), with the signed
+    checkpoint it leads to (signing one when none covers the entry yet)."""
+    lg = _open(ctx, create_key=True)
+    try:
+        row = lg.find(ref)
+        if row is None:
+            raise click.UsageError(f"no ledger entry {ref}")
+        last = lg.store.latest_checkpoint()
+        if tree_size is None and (last is None or last.tree_size <= row.idx):
+            lg.refresh()
+            lg.checkpoint()
+        proof = lg.inclusion(ref, tree_size)
+        if proof["checkpoint"] is None:
+            proof["checkpoint"] = _note_for(lg, proof["tree_size"])
+        _emit(proof, out)
+    finally:
+        lg.close()
+
+
+def _note_for(lg: Any, size: int) -> str | None:
+    for cp in reversed(lg.store.checkpoints()):
+        if cp.tree_size == size:
+            return str(cp.note)
+    return None
+
+
+@ledger.command()
+@click.argument("old_size", type=int)
+@click.argument("new_size", type=int, required=False)
+@click.option("--out", type=click.Path(dir_okay=False))
+@click.pass_context
+def consistency(ctx: click.Context, old_size: int, new_size: int | None,
+                out: str | None) -> None:
+    """Consistency proof that the tree of OLD_SIZE is a prefix of the tree of NEW_SIZE
+    (default: the latest checkpoint, signed now if the ledger has grown)."""
+    lg = _open(ctx, create_key=True)
+    try:
+        if new_size is None:
+            lg.refresh()
+            cp = lg.checkpoint(only_if_grown=True) or lg.store.latest_checkpoint()
+            new_size = cp.tree_size
+        proof = lg.consistency(old_size, new_size)
+        proof["old_checkpoint"] = _note_for(lg, old_size)
+        proof["new_checkpoint"] = _note_for(lg, new_size)
+        _emit(proof, out)
+    finally:
+        lg.close()
+
+
+@ledger.command()
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              help="Public key (default: the one next to the signing key).")
+@click.option("--checkpoint", "extra", multiple=True, type=click.Path(exists=True),
+              help="Also check against a checkpoint kept elsewhere (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
+           as_json: bool) -> None:
+    """Check every entry and checkpoint; exit 1 naming the first bad entry."""
+    from distillguard.ledger.store import open_store
+    from distillguard.ledger.verify import verify_ledger
+
+    config = _config(ctx)
+    store = open_store(config.url, durability=config.durability)
+    try:
+        store.migrate()
+        report = verify_ledger(store, _key(key_path, ctx),
+                               extra_checkpoints=[Path(p).read_text() for p in extra])
+    finally:
+        store.close()
+    doc = report.to_json()
+    if as_json:
+        _emit(doc, None)
+    else:
+        click.echo(f"{doc['entries']} entries, {doc['checkpoints']} checkpoints "
+                   f"({doc['checkpoints_matched']} matched), {doc['uncovered']} entries "
+                   f"after the last checkpoint, {doc['redacted_bodies']} bodies redacted")
+        for p in doc["problems"]:
+            click.echo(f"  {p['kind']}: {p['message']}")
+        if report.ok:
+            click.echo("ok")
+        else:
+            click.echo(f"TAMPERED: first bad entry {doc.get('first_bad')}")
+    sys.exit(0 if report.ok else 1)
+
+
+@ledger.command("verify-proof")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              required=True, help="The ledger's public key.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True),
+              help="A signed checkpoint you trust (inclusion: the one to prove against; "
+                   "consistency: your old one).")
+def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
+    """Check FILE (an inclusion or consistency proof, or a Parquet export) with only the
+    public key; exit 1 if it does not verify."""
+    from distillguard.ledger.verifier import VerificationFailed, verify_file
+
+    key = _key(key_path, None)
+    note = Path(checkpoint_path).read_text() if checkpoint_path else None
+    try:
+        result = verify_file(Path(file), key, checkpoint=note)
+    except (VerificationFailed, KeyError, ValueError) as exc:
+        click.echo(f"INVALID: {exc}")
+        sys.exit(1)
+    result.pop("entry", None)
+    click.echo("ok " + orjson.dumps(result).decode())
+
+
+@ledger.command()
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--start", type=int, default=0, show_default=True, help="First index.")
+@click.option("--end", type=int, help="End index (exclusive; default: everything).")
+@click.pass_context
+def export(ctx: click.Context, out: str, start: int, end: int | None) -> None:
+    """Export entries to Parquet with per-row inclusion proofs."""
+    from distillguard.ledger.export import export_parquet
+
+    lg = _open(ctx, create_key=True)
+    try:
+        header = export_parquet(lg, Path(out), start=start, end=end)
+    finally:
+        lg.close()
+    click.echo(f"{header['rows']} entries [{header['start']}, {header['end']}) to {out}, "
+               f"checkpoint size {header['tree_size']}")
+
+
+@ledger.command()
+@click.option("--before", required=True, help="Delete retained bodies of exchanges older "
+              "than this RFC 3339 time.")
+@click.pass_context
+def redact(ctx: click.Context, before: str) -> None:
+    """Delete stored bodies (privacy, retention); entries and proofs stay valid."""
+    from distillguard.exchange import format_ts, parse_ts
+    from distillguard.ledger.store import open_store
+
+    config = _config(ctx)
+    store = open_store(config.url, durability=config.durability)
+    try:
+        store.migrate()
+        n = store.redact(format_ts(parse_ts(before)))
+    finally:
+        store.close()
+    click.echo(f"bodies deleted from {n} entries")
+
+
+@ledger.command()
+@click.argument("ref")
+@click.pass_context
+def show(ctx: click.Context, ref: str) -> None:
+    """Print one entry (exchange in the trace format, or event)."""
+    from distillguard.ledger.routes import entry_json
+
+    lg = _open(ctx)
+    try:
+        row = lg.find(ref)
+        if row is None:
+            raise click.UsageError(f"no ledger entry {ref}")
+        _emit(entry_json(row), None)
+    finally:
+        lg.close()
+
