@@ -3,8 +3,8 @@ hosting / datacenter network, from an offline database.
 
 The default database is the one shipped inside the ``geoip2fast`` package (country and AS
 data derived from public registry and GeoLite-style sources, IPv4 and IPv6); nothing is
-fetched at run time. Other databases (a commercial MaxMind file, for example) plug in
-behind :class:`GeoIPDatabase`.
+fetched at run time. Other databases plug in behind :class:`GeoIPDatabase`; MaxMind's
+commercial GeoIP2 or free GeoLite2 ``.mmdb`` files through :class:`MaxMindDatabase`.
 
 Hosting networks are recognised by the AS name (a curated list of cloud, VPS and
 dedicated-server operators, :data:`HOSTING_AS_KEYWORDS`) and by operator-supplied CIDR
@@ -104,6 +104,73 @@ class Geoip2FastDatabase:
     def asn(self, ip: str) -> tuple[str | None, str | None]:
         result = self._lookup(ip)
         return (getattr(result, "asn_name", "") or None, getattr(result, "asn_cidr", "") or None)
+
+
+class MaxMindDatabase:
+    """MaxMind database files (GeoIP2 / GeoLite2, ``.mmdb``) through the ``geoip2`` reader.
+
+    ``country_path`` is a Country, City or Enterprise database; ``asn_path`` an ASN (or ISP)
+    database; ``anonymous_path`` an Anonymous IP database. Each is optional; a question no
+    file answers goes to ``fallback`` (for example :class:`Geoip2FastDatabase`) or is
+    unknown. Files are memory-mapped by ``maxminddb`` when its C extension is available,
+    so look-ups do no file I/O after the first touch of a page. Plug one in with::
+
+        GeoIP(MaxMindDatabase("/var/lib/GeoIP/GeoIP2-Country.mmdb",
+                              asn_path="/var/lib/GeoIP/GeoLite2-ASN.mmdb",
+                              fallback=Geoip2FastDatabase()))
+
+    or, for the policy component, ``networks.maxmind_*_db`` in the policy file.
+    """
+
+    def __init__(self, country_path: str | None = None, *, asn_path: str | None = None,
+                 anonymous_path: str | None = None,
+                 fallback: GeoIPDatabase | None = None) -> None:
+        import geoip2.database
+
+        self._country = geoip2.database.Reader(country_path) if country_path else None
+        self._asn = geoip2.database.Reader(asn_path) if asn_path else None
+        self._anonymous = geoip2.database.Reader(anonymous_path) if anonymous_path else None
+        self.fallback = fallback
+
+    def country(self, ip: str) -> str | None:
+        if self._country is None:
+            return self.fallback.country(ip) if self.fallback is not None else None
+        import geoip2.errors
+
+        try:
+            code = self._country.country(ip).country.iso_code
+        except (geoip2.errors.AddressNotFoundError, ValueError):
+            return None
+        return code.upper() if code else None
+
+    def asn(self, ip: str) -> tuple[str | None, str | None]:
+        if self._asn is None:
+            return self.fallback.asn(ip) if self.fallback is not None else (None, None)
+        import geoip2.errors
+
+        try:
+            found = self._asn.asn(ip)
+        except (geoip2.errors.AddressNotFoundError, ValueError):
+            return None, None
+        network = str(found.network) if found.network is not None else None
+        return found.autonomous_system_organization or None, network
+
+    def anonymous(self, ip: str) -> bool | None:
+        """True for a VPN, hosting proxy, public proxy, residential proxy or Tor exit in
+        the Anonymous IP database; None without that database."""
+        if self._anonymous is None:
+            return None
+        import geoip2.errors
+
+        try:
+            return bool(self._anonymous.anonymous_ip(ip).is_anonymous)
+        except (geoip2.errors.AddressNotFoundError, ValueError):
+            return False
+
+    def close(self) -> None:
+        for reader in (self._country, self._asn, self._anonymous):
+            if reader is not None:
+                reader.close()
 
 
 class GeoIP:

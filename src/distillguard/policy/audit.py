@@ -82,7 +82,8 @@ async def query(engine: AsyncEngine, subject: str | None = None, *, limit: int =
     """Events ``{ts, name, subject, actor, reason, detail, count}``, newest first."""
     await ensure_schema(engine)
     sql = "SELECT * FROM policy_audit"
-    where, params = [], {"limit": limit}
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
     if subject:
         where.append("subject = :s")
         params["s"] = subject
@@ -162,6 +163,8 @@ def ledger_writer(settings: Any) -> LedgerWriter | None:
     if factory is None:
         return None
     writer: LedgerWriter | None = factory(settings)
+    if getattr(getattr(writer, "config", None), "enabled", True) is False:
+        return None
     return writer
 
 

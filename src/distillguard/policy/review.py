@@ -125,7 +125,8 @@ async def list_items(engine: AsyncEngine, *, status: str = "open", after: str | 
                      limit: int = 50, subject: str | None = None) -> list[ReviewItem]:
     """Items in ``status`` (or ``all``), oldest first, after the item id ``after``."""
     await ensure_schema(engine)
-    where, params = [], {"limit": limit}
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
     if status != "all":
         if status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)} or all")

@@ -11,6 +11,7 @@ Tables::
                      not expired; ``updated_at`` is the refresh cursor
     policy_review    the review queue (open, escalated, confirmed, dismissed)
     policy_audit     typed audit events ``source:subject:action``
+    policy_screened  which accounts were screened against which lists (a digest)
     policy_cursor    where the verdict feed has read up to (one row per feed)
 
 Detection's tables (``campaigns``, ``account_verdicts``) are created here too, with the
@@ -59,6 +60,8 @@ POLICY_TABLES = [
         count INTEGER NOT NULL DEFAULT 1, ledger_seq INTEGER)""",
     "CREATE INDEX IF NOT EXISTS policy_audit_subject ON policy_audit (subject, ts)",
     "CREATE INDEX IF NOT EXISTS policy_audit_ts ON policy_audit (ts)",
+    """CREATE TABLE IF NOT EXISTS policy_screened (
+        account_id TEXT PRIMARY KEY, digest TEXT NOT NULL, screened_at TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS policy_cursor (
         feed TEXT PRIMARY KEY, position TEXT NOT NULL)""",
 ]

@@ -1,0 +1,260 @@
+"""The action ladder: flag, throttle, require_verification, degrade, suspend.
+
+Every action is a row in ``policy_actions`` with its reason, where it came from
+(``source``: ``verdicts``, ``review``, ``analyst``, ``screening``), what caused it
+(``caused_by``: ``campaign:c-3``, ``verdict:acct_17@<time>``, ``review:rv_...``,
+``analyst:<name>``), who applied it (``actor``), when it was created and when it expires.
+An action is active while it is neither revoked nor expired. Applying and lifting write an
+audit event in the same transaction. ``suspend`` also sets the account's status to
+``suspended`` (``actions.suspend_sets_account_status``), so authentication refuses the
+account on every replica within ``state.key_cache_ttl_s``; lifting the last active
+suspension (revoke, reinstate or expiry) sets it back to ``active``.
+
+The request check never reads this table: :class:`ActiveActions` mirrors the active rows
+in memory and is refreshed in the background from the ``updated_at`` cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from distillguard.exchange import parse_ts
+from distillguard.policy.audit import AuditEvent, record_in
+from distillguard.policy.document import LADDER
+from distillguard.policy.schema import ensure_schema, new_id, now_ts
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    action_id: str
+    account_id: str
+    action: str
+    reason: str
+    source: str
+    caused_by: str
+    actor: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None = None
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    updated_at: str = ""
+
+    @classmethod
+    def from_row(cls, row: Any) -> Action:
+        m = dict(row._mapping)
+        m["detail"] = orjson.loads(m["detail"]) if m["detail"] else {}
+        return cls(**m)
+
+    def active_at(self, now: str) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
+
+
+async def _lock(conn: AsyncConnection, account_id: str) -> None:
+    """Serialise ladder changes to one account across replicas (PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:a))"),
+                           {"a": "policy:" + account_id})
+
+
+async def _set_status(conn: AsyncConnection, account_id: str, status: str) -> None:
+    await conn.execute(text("UPDATE accounts SET status = :s WHERE account_id = :a"),
+                       {"s": status, "a": account_id})
+
+
+async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, reason: str,
+                       source: str, caused_by: str, actor: str,
+                       expires_in_s: float | None, detail: dict[str, Any] | None = None,
+                       event_source: str = "policy", set_status: bool = True,
+                       unless_revoked_after: str | None = None) -> Action | None:
+    """Apply ``action`` to an account; returns it, or None when nothing changed.
+
+    Nothing changes when the same action from the same ``source`` is already active (a
+    verdict repeated every few seconds does not pile up rows), or (for
+    automatic actions) when ``unless_revoked_after`` is given and an analyst lifted this
+    action on this account after that time: a decision by a person is not overridden by
+    the verdict that preceded it.
+    """
+    if action not in LADDER:
+        raise ValueError(f"unknown action {action!r}; the ladder is {', '.join(LADDER)}")
+    if not reason or not reason.strip():
+        raise ValueError("an action needs a reason")
+    await ensure_schema(engine)
+    now_dt = datetime.now(UTC)
+    now = now_ts(now_dt)
+    expires = now_ts(now_dt + timedelta(seconds=expires_in_s)) if expires_in_s else None
+    async with engine.begin() as conn:
+        await _lock(conn, account_id)
+        rows = (await conn.execute(text(
+            "SELECT * FROM policy_actions WHERE account_id = :a AND action = :x"),
+            {"a": account_id, "x": action})).all()
+        existing = [Action.from_row(r) for r in rows]
+        if any(a.source == source and a.active_at(now) for a in existing):
+            return None
+        if unless_revoked_after is not None and any(
+                a.revoked_at and a.revoked_by != "expiry" and a.revoked_at > unless_revoked_after
+                for a in existing):
+            return None
+        item = Action(action_id=new_id("act"), account_id=account_id, action=action,
+                      reason=reason.strip(), source=source, caused_by=caused_by, actor=actor,
+                      created_at=now, expires_at=expires, detail=dict(detail or {}),
+                      updated_at=now)
+        await conn.execute(text(
+            "INSERT INTO policy_actions (action_id, account_id, action, reason, source,"
+            " caused_by, actor, created_at, expires_at, revoked_at, revoked_by,"
+            " revoke_reason, detail, updated_at) VALUES (:i, :a, :x, :r, :s, :c, :actor,"
+            " :t, :e, NULL, NULL, NULL, :d, :t)"),
+            {"i": item.action_id, "a": account_id, "x": action, "r": item.reason,
+             "s": source, "c": caused_by, "actor": actor, "t": now, "e": expires,
+             "d": orjson.dumps(item.detail).decode()})
+        if action == "suspend" and set_status:
+            await _set_status(conn, account_id, "suspended")
+        await record_in(conn, AuditEvent(
+            name=f"{event_source}:account:{action}", subject=f"account:{account_id}",
+            actor=actor, reason=item.reason,
+            detail={"action_id": item.action_id, "source": source, "caused_by": caused_by,
+                    "expires_at": expires, **item.detail}))
+    return item
+
+
+async def _lift(conn: AsyncConnection, item: Action, *, by: str, reason: str, at: str,
+                event: str, set_status: bool) -> None:
+    await conn.execute(text(
+        "UPDATE policy_actions SET revoked_at = :t, revoked_by = :b, revoke_reason = :r,"
+        " updated_at = :u WHERE action_id = :i AND revoked_at IS NULL"),
+        {"t": at, "b": by, "r": reason, "u": now_ts(), "i": item.action_id})
+    if item.action == "suspend" and set_status:
+        still = (await conn.execute(text(
+            "SELECT COUNT(*) FROM policy_actions WHERE account_id = :a AND action = 'suspend'"
+            " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > :n)"),
+            {"a": item.account_id, "n": now_ts()})).scalar_one()
+        if not still:
+            await _set_status(conn, item.account_id, "active")
+    await record_in(conn, AuditEvent(
+        name=event, subject=f"account:{item.account_id}", actor=by, reason=reason,
+        detail={"action_id": item.action_id, "action": item.action,
+                "caused_by": item.caused_by}))
+
+
+async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | None,
+                 by: str, reason: str, event_source: str = "policy",
+                 set_status: bool = True) -> list[Action]:
+    """Lift the account's active actions (all, or those named); returns what was lifted.
+    Reinstating an account is ``revoke(..., actions=None)`` and also clears a suspension
+    set outside the ladder (the account's status)."""
+    await ensure_schema(engine)
+    now = now_ts()
+    async with engine.begin() as conn:
+        await _lock(conn, account_id)
+        rows = (await conn.execute(text(
+            "SELECT * FROM policy_actions WHERE account_id = :a AND revoked_at IS NULL"),
+            {"a": account_id})).all()
+        lifted = [a for a in (Action.from_row(r) for r in rows)
+                  if a.active_at(now) and (actions is None or a.action in actions)]
+        for item in lifted:
+            await _lift(conn, item, by=by, reason=reason, at=now,
+                        event=f"{event_source}:account:revoke", set_status=set_status)
+        if actions is None and set_status:
+            await _set_status(conn, account_id, "active")
+    return lifted
+
+
+async def expire_due(engine: AsyncEngine, *, set_status: bool = True) -> list[Action]:
+    """Mark actions whose time ran out (``policy:account:expire``); lifts suspensions."""
+    await ensure_schema(engine)
+    now = now_ts()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT * FROM policy_actions WHERE revoked_at IS NULL AND expires_at IS NOT NULL"
+            " AND expires_at <= :n"), {"n": now})).all()
+    done = []
+    for item in (Action.from_row(r) for r in rows):
+        async with engine.begin() as conn:
+            await _lock(conn, item.account_id)
+            await _lift(conn, item, by="expiry", reason=f"{item.action} expired",
+                        at=item.expires_at or now, event="policy:account:expire",
+                        set_status=set_status)
+        done.append(item)
+    return done
+
+
+async def list_actions(engine: AsyncEngine, account_id: str | None = None, *,
+                       active_only: bool = False, limit: int = 200) -> list[Action]:
+    await ensure_schema(engine)
+    sql = "SELECT * FROM policy_actions"
+    params: dict[str, Any] = {"limit": limit}
+    where = []
+    if account_id is not None:
+        where.append("account_id = :a")
+        params["a"] = account_id
+    if active_only:
+        where.append("revoked_at IS NULL AND (expires_at IS NULL OR expires_at > :n)")
+        params["n"] = now_ts()
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at DESC LIMIT :limit"
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(sql), params)).all()
+    return [Action.from_row(r) for r in rows]
+
+
+class ActiveActions:
+    """In-memory mirror of the active actions, per account, for the request check."""
+
+    OVERLAP_S = 5.0  # re-read a little before the cursor: commits may land out of order
+
+    def __init__(self) -> None:
+        self._by_account: dict[str, dict[str, Action]] = {}
+        self.cursor = ""
+        self.loaded = False
+
+    def for_account(self, account_id: str | None, now: str) -> list[Action]:
+        if not account_id:
+            return []
+        found = self._by_account.get(account_id)
+        if not found:
+            return []
+        return [a for a in found.values() if a.active_at(now)]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_account.values())
+
+    def apply(self, item: Action) -> None:
+        bucket = self._by_account.setdefault(item.account_id, {})
+        if item.revoked_at is not None:
+            bucket.pop(item.action_id, None)
+            if not bucket:
+                self._by_account.pop(item.account_id, None)
+        else:
+            bucket[item.action_id] = item
+
+    async def refresh(self, engine: AsyncEngine) -> int:
+        """Read rows changed since the cursor; returns how many were read."""
+        if not self.loaded:
+            sql = ("SELECT * FROM policy_actions WHERE revoked_at IS NULL AND"
+                   " (expires_at IS NULL OR expires_at > :c)")
+            params = {"c": now_ts()}
+        else:
+            since = parse_ts(self.cursor) - timedelta(seconds=self.OVERLAP_S)
+            sql = "SELECT * FROM policy_actions WHERE updated_at > :c"
+            params = {"c": now_ts(since)}
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(sql), params)).all()
+        for item in (Action.from_row(r) for r in rows):
+            self.apply(item)
+            if item.updated_at > self.cursor:
+                self.cursor = item.updated_at
+        if not self.loaded:
+            self.cursor = self.cursor or now_ts()
+            self.loaded = True
+        return len(rows)

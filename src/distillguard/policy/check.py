@@ -1,0 +1,157 @@
+"""The request check that enforces the policy, from memory only.
+
+Order, first refusal wins:
+
+1. ``suspend`` action active: 403 ``account_suspended``.
+2. ``require_verification`` active and the account's tier below
+   ``actions.verification_tier``: 403 ``verification_required``.
+3. The tier's model list (``tiers.<tier>.models``): 403 ``model_not_permitted``.
+4. Jurisdiction rules in file order: 403 ``access_denied`` (deny) or ``tier_required``.
+
+Allowed requests collect what shapes the answer: ``degrade`` (action, rules, the tier's
+``reasoning`` capability) sets ``exchange.annotations["degrade"] = {"reasoning":
+"strip"|"summarise", "fingerprint": bool}``, which the countermeasures response filter
+applies. Throttling is :class:`distillguard.policy.limits.PolicyLimiter`, the next check.
+
+Refusals are blocks, not rate limits: status 403 with ``x-should-retry: false`` so the
+official clients do not retry, and a message that says what to do. Each one is counted
+by the audit aggregator (``policy:request:deny``). What was decided is kept in
+``exchange.annotations["policy"]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from distillguard.exchange import Exchange
+from distillguard.pipeline import Allowed, Decision, Denied
+from distillguard.policy.actions import Action, ActiveActions
+from distillguard.policy.audit import DenialAggregator
+from distillguard.policy.jurisdiction import RequestFacts, deny_message, evaluate
+from distillguard.policy.schema import now_ts
+
+if TYPE_CHECKING:
+    from distillguard.policy.compiled import CompiledPolicy, PolicyHolder
+    from distillguard.policy.runtime import PolicyRuntime
+
+_REASONING_RANK = {"pass": 0, "summarise": 1, "strip": 2}
+
+
+def _stricter(a: str | None, b: str | None) -> str | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if _REASONING_RANK[a] >= _REASONING_RANK[b] else b
+
+
+class PolicyCheck:
+    name = "policy"
+
+    def __init__(self, holder: PolicyHolder, actions: ActiveActions,
+                 denials: DenialAggregator, runtime: PolicyRuntime | None = None) -> None:
+        self.holder = holder
+        self.actions = actions
+        self.denials = denials
+        self.runtime = runtime
+        self.denied = 0
+
+    async def start(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.start()
+
+    async def close(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+
+    def _deny(self, exchange: Exchange, *, rule: str, code: str, message: str,
+              notes: dict[str, Any]) -> Denied:
+        self.denied += 1
+        notes["denied"] = {"rule": rule, "code": code}
+        exchange.annotations["policy"] = notes
+        self.denials.note(account_id=exchange.account_id, rule=rule, code=code,
+                          reason=message, model=exchange.model, client_ip=exchange.client_ip)
+        return Denied(reason=message, code=code, status=403, retry=False)
+
+    async def check(self, exchange: Exchange) -> Decision:
+        principal = exchange.principal
+        if principal is None:
+            return Allowed()
+        return self.decide(exchange, self.holder.current)
+
+    def decide(self, exchange: Exchange, policy: CompiledPolicy) -> Decision:
+        account = exchange.principal.account if exchange.principal else None
+        tier = account.tier if account is not None else ""
+        active = self.actions.for_account(exchange.account_id, now_ts())
+        by_kind: dict[str, Action] = {}
+        for item in active:
+            by_kind.setdefault(item.action, item)
+        notes: dict[str, Any] = {"tier": tier, "actions": sorted(by_kind)}
+        contact = policy.contact
+        suspended = by_kind.get("suspend")
+        if suspended is not None:
+            until = f" until {suspended.expires_at[:16].replace('T', ' ')} UTC" \
+                if suspended.expires_at else ""
+            return self._deny(exchange, rule="action:suspend", code="account_suspended",
+                              notes=notes, message=(
+                                  f"This account is suspended{until} following a review of "
+                                  f"its usage. If you believe this is a mistake, contact "
+                                  f"{contact} quoting reference {suspended.action_id}."))
+        verify = by_kind.get("require_verification")
+        needed = policy.document.actions.verification_tier
+        if verify is not None and policy.rank(tier) < policy.rank(needed):
+            how = (f"Complete verification at {policy.verification_url}" if
+                   policy.verification_url else f"Contact {contact} to verify your identity")
+            return self._deny(exchange, rule="action:require_verification",
+                              code="verification_required", notes=notes, message=(
+                                  f"This account must be verified before it can continue. "
+                                  f"{how}; quote reference {verify.action_id}."))
+        model = exchange.model or ""
+        tier_policy = policy.tier(tier)
+        if tier_policy is not None and tier_policy.models is not None \
+                and not tier_policy.models.fullmatch(model):
+            upgrade = (f"verify your account at {policy.verification_url}" if
+                       policy.verification_url else f"contact {contact}")
+            return self._deny(exchange, rule=f"tier:{tier}", code="model_not_permitted",
+                              notes=notes, message=(
+                                  f"The model '{model}' is not available to {tier} accounts. "
+                                  f"To use it, {upgrade} to move to a higher tier."))
+        facts = RequestFacts(model=model, endpoint=exchange.endpoint, tier=tier,
+                             tier_rank=policy.rank(tier),
+                             declared_country=account.country if account else None,
+                             network=policy.networks.lookup(exchange.client_ip))
+        outcome = evaluate(policy.rules, facts) if policy.rules else None
+        if outcome is not None and outcome.denied_by is not None:
+            rule = outcome.denied_by
+            code = "tier_required" if rule.effect == "require_tier" else "access_denied"
+            return self._deny(exchange, rule=f"rule:{rule.name}", code=code, notes=notes,
+                              message=deny_message(rule, facts, contact,
+                                                   policy.verification_url))
+        reasoning = tier_policy.reasoning if tier_policy is not None else None
+        if reasoning == "pass":
+            reasoning = None
+        fingerprint = False
+        reasons = []
+        degraded = by_kind.get("degrade")
+        if degraded is not None:
+            spec = degraded.detail.get("degrade") or policy.document.actions.degrade.model_dump()
+            reasoning = _stricter(reasoning, spec.get("reasoning", "strip"))
+            fingerprint = fingerprint or bool(spec.get("fingerprint", True))
+            reasons.append("action:degrade")
+        for rule in outcome.degrade if outcome is not None else ():
+            spec = rule.degrade or {}
+            reasoning = _stricter(reasoning, spec.get("reasoning", "strip"))
+            fingerprint = fingerprint or bool(spec.get("fingerprint", True))
+            reasons.append(f"rule:{rule.name}")
+        if reasoning is not None or fingerprint:
+            current = exchange.annotations.get("degrade")
+            if isinstance(current, dict):
+                reasoning = _stricter(reasoning, current.get("reasoning"))
+                fingerprint = fingerprint or bool(current.get("fingerprint"))
+            exchange.annotations["degrade"] = {"reasoning": reasoning or "pass",
+                                               "fingerprint": fingerprint}
+            notes["degrade"] = reasons or [f"tier:{tier}"]
+        if "flag" in by_kind:
+            notes["flagged"] = by_kind["flag"].action_id
+        exchange.annotations["policy"] = notes
+        return Allowed()

@@ -1,0 +1,61 @@
+"""The policy component's factory and its settings section.
+
+```yaml
+policy:
+  enabled: true
+  file: /etc/distillguard/policy.yaml   # the policy file (docs/policy.md); none = defaults
+```
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from distillguard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distillguard.config import Settings
+    from distillguard.serve import Extension
+
+
+class PolicySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    file: str | None = None
+
+
+def parse_settings(raw: Any) -> PolicySettings:
+    try:
+        return PolicySettings.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"policy.{where}: {first['msg']}") from None
+
+
+def component(settings: Settings) -> Extension | None:
+    """Factory for :data:`distillguard.components.DEFAULT_COMPONENTS`; validates the
+    policy file now, so a bad file stops start-up with an error naming the option."""
+    from distillguard.policy.admin import PolicyAdmin
+    from distillguard.policy.check import PolicyCheck
+    from distillguard.policy.compiled import PolicyHolder
+    from distillguard.policy.limits import PolicyLimiter
+    from distillguard.policy.runtime import PolicyRuntime
+    from distillguard.ratelimit import open_counter_store
+    from distillguard.serve import Extension
+
+    ps = parse_settings(settings.extensions.get("policy"))
+    if not ps.enabled:
+        return None
+    holder = PolicyHolder(ps.file)
+    runtime = PolicyRuntime(settings, holder)
+    check = PolicyCheck(holder, runtime.actions, runtime.denials, runtime)
+    limiter = PolicyLimiter(settings, open_counter_store(settings.counters), holder,
+                            runtime.actions, runtime.denials)
+    extension = Extension(checks=[check, limiter], stages=[limiter],
+                          admin_routes=PolicyAdmin(settings, runtime).routes())
+    extension.runtime = runtime  # type: ignore[attr-defined]
+    return extension

@@ -1,0 +1,105 @@
+"""Network facts about a client address: geo-IP (country, AS, hosting) and anonymizers.
+
+:class:`NetworkSet` answers "is this address in any of these networks" with a binary
+search over merged integer ranges, so a list of thousands of Tor exit addresses costs a
+few comparisons per request. Anonymizer lists are read from ``networks.anonymizer_cidrs``
+and ``networks.anonymizer_files`` (one address or CIDR per line, ``#`` comments: the
+format of the Tor Project's exit list and of most published VPN range lists) and, when a
+MaxMind Anonymous IP database is configured, from that database.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from distillguard.errors import ConfigError
+from distillguard.geoip import GeoIP, NetworkInfo
+
+
+class NetworkSet:
+    def __init__(self, networks: Iterable[str]) -> None:
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for item in networks:
+            net = ipaddress.ip_network(item.strip(), strict=False)
+            ranges[net.version].append((int(net.network_address),
+                                        int(net.broadcast_address)))
+        self._starts: dict[int, list[int]] = {}
+        self._ends: dict[int, list[int]] = {}
+        self.size = 0
+        for version, spans in ranges.items():
+            merged: list[tuple[int, int]] = []
+            for start, end in sorted(spans):
+                if merged and start <= merged[-1][1] + 1:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+                else:
+                    merged.append((start, end))
+            self._starts[version] = [s for s, _ in merged]
+            self._ends[version] = [e for _, e in merged]
+            self.size += len(merged)
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        value = int(addr)
+        starts = self._starts[addr.version]
+        i = bisect.bisect_right(starts, value) - 1
+        return i >= 0 and value <= self._ends[addr.version][i]
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+
+def read_network_file(path: str) -> list[str]:
+    """Addresses and CIDRs from a text file, one per line; ``#`` starts a comment. Lines
+    of the Tor bulk exit list (``ExitAddress 1.2.3.4 ...``) are understood too."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"networks.anonymizer_files: cannot read {path}: "
+                          f"{exc.strerror}") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("ExitAddress "):
+            line = line.split()[1]
+        elif " " in line:
+            continue  # other Tor exit-list fields (ExitNode, Published, LastStatus)
+        try:
+            ipaddress.ip_network(line, strict=False)
+        except ValueError:
+            raise ConfigError(f"networks.anonymizer_files: {path} line {number}: "
+                              f"{line!r} is not an IP address or network") from None
+        out.append(line)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClientNetwork:
+    info: NetworkInfo
+    anonymizer: bool
+
+
+class NetworkFacts:
+    """Everything the rules ask about a client address, from memory."""
+
+    def __init__(self, geoip: GeoIP, anonymizers: NetworkSet) -> None:
+        self.geoip = geoip
+        self.anonymizers = anonymizers
+        self._anon_db = getattr(geoip.database, "anonymous", None)
+
+    def lookup(self, ip: str | None) -> ClientNetwork:
+        if not ip:
+            return ClientNetwork(NetworkInfo(ip=""), False)
+        info = self.geoip.lookup(ip)
+        anonymous = ip in self.anonymizers
+        if not anonymous and self._anon_db is not None and not info.private:
+            anonymous = bool(self._anon_db(ip))
+        return ClientNetwork(info, anonymous)

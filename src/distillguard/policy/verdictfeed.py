@@ -1,0 +1,252 @@
+"""Detection verdicts become ladder actions, within seconds.
+
+:class:`VerdictFeed` polls detection's tables in the state store (``account_verdicts``,
+history rows of which the latest per account is current, and ``campaigns``) every
+``verdicts.poll_interval_s`` (default 1 s) from a cursor on ``updated_at``, and applies
+the policy file's ``verdicts.rules`` to each new row. ``distillguard policy
+apply-verdicts FILE`` applies the same rules to a verdicts document (the public format of
+:mod:`distillguard.verdicts`).
+
+A rule whose condition names ``campaign_status`` or ``campaign_risk_at_least`` is a
+campaign rule: it runs on campaign rows and acts on every account the campaign lists
+(``caused_by`` = ``campaign:<id>``). The others run on account verdicts (``caused_by`` =
+``verdict:<account>@<updated_at>``). ``action: review`` opens a review item proposing
+``propose`` instead of acting. An automatic action is not re-applied while the same
+action from verdicts is active on the account, nor after an analyst lifted it later than
+the verdict was written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from distillguard.exchange import parse_ts
+from distillguard.policy.actions import apply_action
+from distillguard.policy.compiled import CompiledPolicy
+from distillguard.policy.document import VerdictRule
+from distillguard.policy.review import open_item
+from distillguard.policy.schema import ensure_schema
+from distillguard.verdicts import Verdicts
+
+log = logging.getLogger("distillguard.policy")
+OVERLAP_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictRow:
+    account_id: str
+    risk: float
+    flagged: bool
+    campaign_id: str | None
+    reasons: list[str]
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRow:
+    campaign_id: str
+    risk: float
+    status: str
+    accounts: list[str]
+    evidence: list[str]
+    updated_at: str
+
+
+def _is_campaign_rule(rule: VerdictRule) -> bool:
+    return rule.when.campaign_status is not None or rule.when.campaign_risk_at_least is not None
+
+
+def account_rule_matches(rule: VerdictRule, v: VerdictRow) -> bool:
+    w = rule.when
+    if _is_campaign_rule(rule):
+        return False
+    if w.risk_at_least is not None and v.risk < w.risk_at_least:
+        return False
+    if w.flagged is not None and v.flagged != w.flagged:
+        return False
+    return w.in_campaign is None or bool(v.campaign_id) == w.in_campaign
+
+
+def campaign_rule_matches(rule: VerdictRule, c: CampaignRow) -> bool:
+    w = rule.when
+    if not _is_campaign_rule(rule):
+        return False
+    if w.campaign_status is not None and c.status not in w.campaign_status:
+        return False
+    return w.campaign_risk_at_least is None or c.risk >= w.campaign_risk_at_least
+
+
+def _loads(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if not value:
+        return []
+    try:
+        loaded = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return [str(value)]
+    if isinstance(loaded, list):
+        return [str(v) for v in loaded]
+    return [str(loaded)]
+
+
+class VerdictActions:
+    """Applies verdict rules; shared by the feed and ``apply-verdicts``."""
+
+    def __init__(self, engine: AsyncEngine, policy: CompiledPolicy) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.applied = 0
+        self.reviews = 0
+
+    async def _act(self, rule: VerdictRule, account_id: str, *, risk: float, evidence: list[str],
+                   caused_by: str, since: str | None, kind: str = "account",
+                   subject: str | None = None) -> None:
+        if rule.action == "review":
+            await open_item(self.engine, kind=kind, subject=subject or account_id, risk=risk,
+                            evidence=evidence or [f"verdict rule {rule.name}"],
+                            source="verdicts", action=rule.propose)
+            self.reviews += 1
+            return
+        detail: dict[str, Any] = {"rule": rule.name, "risk": risk}
+        if evidence:
+            detail["evidence"] = evidence[:5]
+        reason = f"verdict rule {rule.name}: risk {risk:.2f}" + (
+            f"; {evidence[0]}" if evidence else "")
+        made = await apply_action(
+            self.engine, account_id=account_id, action=rule.action, reason=reason[:500],
+            source="verdicts", caused_by=caused_by, actor="detection",
+            expires_in_s=self.policy.expiry_for(rule.expires_in), detail=detail,
+            set_status=self.policy.document.actions.suspend_sets_account_status,
+            unless_revoked_after=since)
+        if made is not None:
+            self.applied += 1
+
+    async def on_verdict(self, v: VerdictRow) -> None:
+        for rule in self.policy.document.verdicts.rules:
+            if account_rule_matches(rule, v):
+                await self._act(rule, v.account_id, risk=v.risk, evidence=v.reasons,
+                                caused_by=f"verdict:{v.account_id}@{v.updated_at}",
+                                since=v.updated_at or None)
+
+    async def on_campaign(self, c: CampaignRow) -> None:
+        for rule in self.policy.document.verdicts.rules:
+            if not campaign_rule_matches(rule, c):
+                continue
+            if rule.action == "review":
+                await self._act(rule, c.campaign_id, risk=c.risk, evidence=c.evidence,
+                                caused_by=f"campaign:{c.campaign_id}", since=None,
+                                kind="campaign", subject=c.campaign_id)
+                continue
+            for account_id in c.accounts:
+                await self._act(rule, account_id, risk=c.risk, evidence=c.evidence,
+                                caused_by=f"campaign:{c.campaign_id}",
+                                since=c.updated_at or None)
+
+    async def apply_document(self, doc: Verdicts) -> None:
+        for a in doc.accounts:
+            await self.on_verdict(VerdictRow(a.account_id, a.risk, a.flagged, a.campaign_id,
+                                             a.reasons, ""))
+        for c in doc.campaigns:
+            await self.on_campaign(CampaignRow(
+                c.campaign_id, c.risk, str(c.extra.get("status") or "detected"),
+                c.accounts, c.evidence, ""))
+
+
+def _overlap(cursor: str) -> str:
+    if not cursor:
+        return ""
+    try:
+        from datetime import timedelta
+
+        back = parse_ts(cursor) - timedelta(seconds=OVERLAP_S)
+    except ValueError:
+        return cursor
+    return back.strftime("%Y-%m-%dT%H:%M:%S")   # a prefix: sorts before that second
+
+
+class VerdictFeed:
+    """Polls ``account_verdicts`` and ``campaigns``; see the module docstring."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.cursors = {"account_verdicts": "", "campaigns": ""}
+        self._seen: dict[str, set[tuple[str, str]]] = {"account_verdicts": set(),
+                                                       "campaigns": set()}
+        self.loaded = False
+
+    async def _load_cursors(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT feed, position FROM policy_cursor"))).all()
+        for feed, position in rows:
+            if feed in self.cursors and position > self.cursors[feed]:
+                self.cursors[feed] = position
+        self.loaded = True
+
+    async def _save(self, feed: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO policy_cursor (feed, position) VALUES (:f, :p) ON CONFLICT (feed)"
+                " DO UPDATE SET position = excluded.position"
+                " WHERE policy_cursor.position < excluded.position"),
+                {"f": feed, "p": self.cursors[feed]})
+
+    def _fresh(self, feed: str, key: tuple[str, str]) -> bool:
+        seen = self._seen[feed]
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def _prune(self, feed: str) -> None:
+        floor = _overlap(self.cursors[feed])
+        self._seen[feed] = {k for k in self._seen[feed] if k[1] >= floor}
+
+    async def poll(self, actions: VerdictActions, limit: int = 5000) -> int:
+        """One pass over both tables; returns the number of new rows handled."""
+        await ensure_schema(self.engine)
+        if not self.loaded:
+            await self._load_cursors()
+        handled = 0
+        async with self.engine.connect() as conn:
+            vrows = (await conn.execute(text(
+                "SELECT account_id, risk, flagged, campaign_id, reasons, updated_at FROM"
+                " account_verdicts WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
+                {"c": _overlap(self.cursors["account_verdicts"]), "n": limit})).all()
+        latest: dict[str, VerdictRow] = {}
+        for r in vrows:
+            if not r.updated_at or not self._fresh("account_verdicts", (r.account_id,
+                                                                        r.updated_at)):
+                continue
+            latest[r.account_id] = VerdictRow(r.account_id, float(r.risk or 0.0),
+                                              bool(r.flagged), r.campaign_id,
+                                              _loads(r.reasons), r.updated_at)
+            self.cursors["account_verdicts"] = max(self.cursors["account_verdicts"],
+                                                   r.updated_at)
+        for v in latest.values():
+            await actions.on_verdict(v)
+            handled += 1
+        async with self.engine.connect() as conn:
+            crows = (await conn.execute(text(
+                "SELECT campaign_id, risk, status, accounts, evidence, updated_at FROM"
+                " campaigns WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
+                {"c": _overlap(self.cursors["campaigns"]), "n": limit})).all()
+        for r in crows:
+            if not r.updated_at or not self._fresh("campaigns", (r.campaign_id, r.updated_at)):
+                continue
+            await actions.on_campaign(CampaignRow(
+                r.campaign_id, float(r.risk or 0.0), str(r.status or "detected"),
+                _loads(r.accounts), _loads(r.evidence), r.updated_at))
+            self.cursors["campaigns"] = max(self.cursors["campaigns"], r.updated_at)
+            handled += 1
+        for feed in self.cursors:
+            if handled:
+                await self._save(feed)
+            self._prune(feed)
+        return handled

@@ -1,0 +1,453 @@
+"""The policy layer end to end: a running gateway, the official openai client, the admin
+API and detection's verdict tables."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from distillguard.errors import ConfigError
+from distillguard.serve import Stack, StackThread
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+
+POLICY = """
+version: 1
+messages: {contact: compliance@example.test, verification_url: "https://example.test/verify"}
+tiers:
+  unverified: {models: ["demo-chat-*"]}
+rules:
+  - name: embargo
+    when: {country: [KP, IR, SY, CU]}
+    deny: "Access from {country} is not permitted under export regulations."
+  - name: reasoner-from-hosting
+    when: {model: ["demo-reasoner-*"], hosting: true}
+    require_tier: trusted
+actions:
+  throttle: {limits: {requests_per_minute: 2}}
+verdicts:
+  poll_interval_s: 0.2
+  rules:
+    - {name: high-risk, when: {risk_at_least: 0.9}, action: throttle, expires_in: 1h}
+    - {name: confirmed-campaign, when: {campaign_status: [confirmed]}, action: suspend}
+screening:
+  lists: [screening.csv]
+  interval_s: 0.5
+refresh_s: 0.2
+"""
+
+SCREENING_CSV = """_id,source,entity_number,type,programs,name,alt_names
+e1,Entity List (EL) - Bureau of Industry and Security,,Entity,EAR,\
+"HUAWEI TECHNOLOGIES CO., LTD.",Huawei; Huawei Technologies
+e2,Specially Designated Nationals (SDN) - Treasury Department,12345,Individual,RUSSIA-EO14024,\
+"IVANOV, Sergei Petrovich",
+"""
+
+
+def write_policy(folder: Path, body: str = POLICY) -> Path:
+    (folder / "screening.csv").write_text(SCREENING_CSV)
+    path = folder / "policy.yaml"
+    path.write_text(body)
+    return path
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
+    folder = tmp_path_factory.mktemp("policy")
+    settings = make_settings(folder, policy={"file": str(write_policy(folder))},
+                             server={"trusted_proxies": ["127.0.0.1/32"]})
+    stack = start_stack(settings)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(running: StackThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=running.stack.admin_url,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}",
+                               "x-distillguard-actor": "analyst@example.test"}) as client:
+        yield client
+
+
+def new_account(admin: httpx.Client, **fields: Any) -> tuple[str, str]:
+    account_id = "acct_" + uuid.uuid4().hex[:8]
+    admin.post("/admin/v1/accounts", json={"account_id": account_id, "country": "DE",
+                                           **fields}).raise_for_status()
+    key = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={}).json()["key"]
+    return account_id, key
+
+
+class Counting:
+    """An openai client whose HTTP requests are counted (to see retries)."""
+
+    def __init__(self, stack: StackThread, key: str, ip: str | None = None) -> None:
+        self.sent = 0
+        headers = {"x-forwarded-for": ip} if ip else {}
+        self.http = httpx.Client(event_hooks={"request": [self._count]})
+        self.client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key,
+                                    max_retries=2, http_client=self.http,
+                                    default_headers=headers)
+
+    def _count(self, request: httpx.Request) -> None:
+        self.sent += 1
+
+    def chat(self, model: str = "demo-chat-1", prompt: str = "Explain recursion.") -> Any:
+        return self.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}])
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def until(predicate: Any, timeout: float = 10.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_denied_country_through_trusted_proxy(running: StackThread, admin: httpx.Client) -> None:
+    _, key = new_account(admin)
+    blocked = Counting(running, key, ip="175.45.176.1")   # a North Korean address
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        blocked.chat()
+    assert err.value.status_code == 403
+    assert err.value.response.headers["x-should-retry"] == "false"
+    body = err.value.body
+    assert isinstance(body, dict) and body["code"] == "access_denied"
+    assert "KP is not permitted" in body["message"]
+    assert "compliance@example.test" in body["message"]
+    assert blocked.sent == 1, "the client retried a deliberate block"
+    ok = Counting(running, key, ip="81.2.69.142")          # GB
+    assert ok.chat().choices[0].message.content
+    blocked.close()
+    ok.close()
+
+
+def test_declared_country_counts_too(running: StackThread, admin: httpx.Client) -> None:
+    _, key = new_account(admin, country="IR")
+    client = Counting(running, key)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat()
+    client.close()
+
+
+def test_tier_gated_model(running: StackThread, admin: httpx.Client) -> None:
+    _, key = new_account(admin, tier="unverified")
+    client = Counting(running, key)
+    assert client.chat("demo-chat-2").choices
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.chat("demo-reasoner-1")
+    body = err.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_permitted"
+    assert "https://example.test/verify" in body["message"]
+    assert client.sent == 2
+    # Hosting networks need a trusted account for the reasoner; a home network does not.
+    _, std_key = new_account(admin, tier="standard")
+    hosted = Counting(running, std_key, ip="5.9.1.1")
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        hosted.chat("demo-reasoner-1")
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "tier_required"
+    assert Counting(running, std_key, ip="81.2.69.142").chat("demo-reasoner-1").choices
+    _, trusted_key = new_account(admin, tier="trusted")
+    assert Counting(running, trusted_key, ip="5.9.1.1").chat("demo-reasoner-1").choices
+    client.close()
+    hosted.close()
+
+
+def test_suspended_account_is_blocked_without_retries(running: StackThread,
+                                                      admin: httpx.Client) -> None:
+    account_id, key = new_account(admin)
+    client = Counting(running, key)
+    assert client.chat().choices
+    r = admin.post("/admin/v1/policy/actions", json={
+        "account_id": account_id, "action": "suspend", "reason": "abuse report 12",
+        "expires_in": "7d"})
+    assert r.status_code == 201, r.text
+    action = r.json()["data"][0]
+    assert action["actor"] == "analyst@example.test" and action["expires_at"]
+    time.sleep(0.6)  # the key cache (state.key_cache_ttl_s)
+    client.sent = 0
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.chat()
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "account_suspended"
+    assert client.sent == 1
+    assert admin.get(f"/admin/v1/accounts/{account_id}").json()["status"] == "suspended"
+    r = admin.post("/admin/v1/policy/actions/revoke",
+                   json={"account_id": account_id, "reason": "appeal upheld"})
+    assert [a["action"] for a in r.json()["data"]] == ["suspend"]
+    until(lambda: _ok(client))
+    events = admin.get("/admin/v1/policy/audit",
+                       params={"subject": f"account:{account_id}"}).json()["data"]
+    names = [e["name"] for e in events]
+    assert names[:2] == ["admin:account:revoke", "admin:account:suspend"]
+    assert events[1]["reason"] == "abuse report 12"
+    client.close()
+
+
+def _ok(client: Counting) -> bool:
+    try:
+        client.chat()
+    except openai.APIStatusError:
+        return False
+    return True
+
+
+def test_throttle_tightens_limits(running: StackThread, admin: httpx.Client) -> None:
+    account_id, key = new_account(admin)
+    r = admin.post("/admin/v1/policy/actions", json={
+        "account_id": account_id, "action": "throttle", "reason": "bursty harvesting",
+        "expires_in": "1h"})
+    assert r.status_code == 201
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+    first = client.chat.completions.with_raw_response.create(
+        model="demo-chat-1", messages=[{"role": "user", "content": "hi"}])
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    client.chat.completions.create(model="demo-chat-1",
+                                   messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="demo-chat-1",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert "temporarily reduced limits" in str(err.value.body)
+    # An account without the action keeps its tier's limits.
+    _, other = new_account(admin)
+    plain = openai.OpenAI(base_url=running.stack.base_url, api_key=other, max_retries=0)
+    for _ in range(4):
+        plain.chat.completions.create(model="demo-chat-1",
+                                      messages=[{"role": "user", "content": "hi"}])
+
+
+def test_degrade_strips_reasoning(running: StackThread, admin: httpx.Client) -> None:
+    account_id, key = new_account(admin, tier="trusted")
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+
+    def reasoning() -> Any:
+        out = client.chat.completions.create(
+            model="demo-reasoner-1", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+        return getattr(out.choices[0].message, "reasoning_content", None)
+
+    assert reasoning()  # trusted accounts see reasoning by default
+    admin.post("/admin/v1/policy/actions", json={
+        "account_id": account_id, "action": "degrade", "reason": "campaign c-9 member"}
+    ).raise_for_status()
+    assert reasoning() is None
+    stream = client.chat.completions.create(
+        model="demo-reasoner-1", stream=True,
+        messages=[{"role": "user", "content": "Why is the sky blue?"}])
+    chunks = list(stream)
+    assert chunks and not any(getattr(c.choices[0].delta, "reasoning_content", None)
+                              for c in chunks if c.choices)
+
+
+def _db(stack: StackThread) -> str:
+    return stack.stack.settings.state.url.replace("sqlite:///", "sqlite+aiosqlite:///")
+
+
+def insert_rows(url: str, sql: str, rows: list[dict[str, Any]]) -> None:
+    import asyncio
+
+    async def go() -> None:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            await conn.execute(text(sql), rows)
+        await engine.dispose()
+
+    asyncio.run(go())
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def test_verdict_rows_become_actions_within_seconds(running: StackThread,
+                                                   admin: httpx.Client) -> None:
+    risky, risky_key = new_account(admin)
+    members = [new_account(admin) for _ in range(2)]
+    calm, calm_key = new_account(admin)
+    url = _db(running)
+    insert_rows(url, "INSERT INTO account_verdicts VALUES (:a, :r, :f, NULL, NULL, 12, :why, :t)",
+                [{"a": risky, "r": 0.95, "f": 1, "why": '["template prompts"]', "t": _now()},
+                 {"a": calm, "r": 0.2, "f": 0, "why": "[]", "t": _now()}])
+    insert_rows(url, "INSERT INTO campaigns VALUES (:c, 0.99, :t, :e, :a, 'confirmed', :t)",
+                [{"c": "c-" + uuid.uuid4().hex[:6], "t": _now(),
+                  "e": '["shared payment fingerprint"]',
+                  "a": orjson.dumps([m[0] for m in members]).decode()}])
+    throttled = openai.OpenAI(base_url=running.stack.base_url, api_key=risky_key,
+                              max_retries=0)
+
+    def is_throttled() -> bool:
+        r = throttled.chat.completions.with_raw_response.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": "x"}])
+        return r.headers.get("x-ratelimit-limit-requests") == "2"
+
+    assert until(is_throttled, 5.0) < 5.0
+    member = Counting(running, members[0][1])
+    until(lambda: not _ok(member), 5.0)
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        member.chat()
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert _ok(Counting(running, calm_key))
+    actions = admin.get("/admin/v1/policy/actions", params={"account": members[1][0]}).json()
+    assert actions["data"][0]["action"] == "suspend"
+    assert actions["data"][0]["caused_by"].startswith("campaign:c-")
+    assert actions["data"][0]["source"] == "verdicts"
+
+
+def test_screening_matches_go_to_review(running: StackThread, admin: httpx.Client) -> None:
+    hit, hit_key = new_account(admin, org="Huawei Technologies Company Limited")
+    person, _ = new_account(admin, org="Northwind Traders", name="Sergey Ivanov")
+    clean, _ = new_account(admin, org="Huawei Fan Club Berlin e.V.")
+
+    def items() -> dict[str, Any]:
+        rows = admin.get("/admin/v1/review", params={"status": "open", "limit": 500}
+                         ).json()["data"]
+        return {r["subject"]: r for r in rows if r["source"] == "screening"}
+
+    until(lambda: hit in items() and person in items(), 10.0)
+    found = items()
+    assert clean not in found
+    assert "HUAWEI TECHNOLOGIES CO., LTD." in found[hit]["evidence"][0]
+    assert found[hit]["action"] == "suspend"
+    # A match is not a block: the account keeps working until an analyst confirms.
+    client = Counting(running, hit_key)
+    assert _ok(client)
+    r = admin.post(f"/admin/v1/review/{found[person]['item_id']}",
+                   json={"decision": "dismiss", "reason": "different person, DOB differs"})
+    assert r.json()["status"] == "dismissed" and r.json()["applied"] == []
+    r = admin.post(f"/admin/v1/review/{found[hit]['item_id']}",
+                   json={"decision": "confirm", "reason": "same entity per legal"})
+    assert [a["action"] for a in r.json()["applied"]] == ["suspend"]
+    until(lambda: not _ok(client), 5.0)
+    assert admin.post(f"/admin/v1/review/{found[hit]['item_id']}",
+                      json={"decision": "dismiss", "reason": "again"}).status_code == 422
+    client.close()
+
+
+def test_denials_are_aggregated_into_audit_events(running: StackThread,
+                                                 admin: httpx.Client) -> None:
+    account_id, key = new_account(admin, tier="unverified")
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+    for _ in range(5):
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="demo-reasoner-1",
+                                           messages=[{"role": "user", "content": "x"}])
+    running.call(running.stack.extensions[1].runtime.flush_audit(force=True))  # type: ignore[attr-defined]
+    events = admin.get("/admin/v1/policy/audit",
+                       params={"subject": f"account:{account_id}"}).json()["data"]
+    deny = [e for e in events if e["name"] == "policy:request:deny"]
+    assert sum(e["count"] for e in deny) == 5
+    assert deny[0]["detail"]["code"] == "model_not_permitted"
+    assert deny[0]["detail"]["models"] == ["demo-reasoner-1"]
+
+
+def test_reload_under_load_without_a_failed_request(tmp_path: Path) -> None:
+    path = write_policy(tmp_path)
+    stack = start_stack(make_settings(tmp_path, policy={"file": str(path)}))
+    admin = httpx.Client(base_url=stack.stack.admin_url,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    try:
+        _, key = new_account(admin, tier="trusted")
+        failures: list[str] = []
+        served = [0]
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=stack.stack.base_url,
+                              headers={"authorization": f"Bearer {key}"}) as c:
+                while not stop.is_set():
+                    r = c.post("/chat/completions", json={
+                        "model": "demo-chat-1", "messages": [{"role": "user", "content": "x"}]})
+                    if r.status_code != 200:
+                        failures.append(r.text)
+                    served[0] += 1
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        chat = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+        assert chat.chat.completions.create(
+            model="demo-chat-2", messages=[{"role": "user", "content": "x"}]).choices
+        for i in range(4):
+            path.write_text(POLICY.replace(
+                "tiers:\n", f'tiers:\n  trusted: {{models: ["demo-chat-1", "demo-x-{i}"]}}\n'))
+            r = admin.post("/admin/v1/policy/reload")
+            assert r.status_code == 200, r.text
+            time.sleep(0.2)
+        with pytest.raises(openai.PermissionDeniedError):   # the new file took effect
+            chat.chat.completions.create(
+                model="demo-chat-2", messages=[{"role": "user", "content": "x"}])
+        path.write_text(POLICY.replace("require_tier: trusted", "require_tier: platinum"))
+        r = admin.post("/admin/v1/policy/reload")
+        assert r.status_code == 422 and "rules.1" in r.text and "platinum" in r.text
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert failures == [] and served[0] > 10
+        status = admin.get("/admin/v1/policy").json()
+        assert status["generation"] == 5
+        names = [e["name"] for e in admin.get("/admin/v1/policy/audit").json()["data"]]
+        assert names.count("policy:file:reload") == 4
+        assert "policy:file:reload_failed" in names
+    finally:
+        admin.close()
+        stack.stop()
+
+
+def test_bad_policy_file_stops_start_up_naming_the_option(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, POLICY.replace("KP, IR", "KP, IRN"))
+    with pytest.raises(ConfigError) as err:
+        Stack(make_settings(tmp_path, policy={"file": str(path)}))
+    assert "rules.0.when.country" in str(err.value) and "'IRN'" in str(err.value)
+    with pytest.raises(ConfigError, match="policy.file: cannot read"):
+        Stack(make_settings(tmp_path, policy={"file": str(tmp_path / "missing.yaml")}))
+    with pytest.raises(ConfigError, match="policy.colour"):
+        Stack(make_settings(tmp_path, policy={"colour": "red"}))
+
+
+@pytest.mark.postgres
+def test_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    path = write_policy(tmp_path)
+    stack = start_stack(make_settings(tmp_path, policy={"file": str(path)},
+                                      state={"url": pg_url}))
+    admin = httpx.Client(base_url=stack.stack.admin_url,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    try:
+        risky, key = new_account(admin, org="HUAWEI TECHNOLOGIES CO LTD")
+        insert_rows(pg_url.replace("postgresql://", "postgresql+asyncpg://"),
+                    "INSERT INTO account_verdicts VALUES (:a, 0.97, 1, NULL, NULL, 3, '[]', :t)",
+                    [{"a": risky, "t": _now()}])
+        client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+
+        def throttled() -> bool:
+            r = client.chat.completions.with_raw_response.create(
+                model="demo-chat-1", messages=[{"role": "user", "content": "x"}])
+            return r.headers.get("x-ratelimit-limit-requests") == "2"
+
+        until(throttled, 5.0)
+        until(lambda: any(i["subject"] == risky for i in admin.get(
+            "/admin/v1/review").json()["data"]), 10.0)
+        events = admin.get("/admin/v1/policy/audit",
+                           params={"subject": f"account:{risky}"}).json()["data"]
+        assert "policy:account:throttle" in [e["name"] for e in events]
+    finally:
+        admin.close()
+        stack.stop()
