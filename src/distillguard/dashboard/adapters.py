@@ -9,7 +9,8 @@ Each ``open_*`` returns an object with the small interface the pages use, or a f
 * policy: :class:`LocalPolicy` offers only ``suspend`` and ``reinstate`` (the state
   store's account status)
   and keeps its audit trail in ``dashboard_audit`` when the policy component is absent;
-* ledger: ``None`` when the ledger component is absent (pages say so).
+* ledger: :class:`~distillguard.ledger.source.LedgerView`, or ``None`` when the ledger
+  component is switched off (pages say so).
 """
 
 from __future__ import annotations
@@ -248,8 +249,10 @@ async def open_policy(settings: Settings, engine: AsyncEngine) -> PolicySource:
 
 
 async def open_ledger(settings: Settings) -> LedgerSource | None:
-    """None until a ledger component provides a :class:`LedgerSource`."""
-    return None
+    """The ledger component's read side; None when ``ledger.enabled`` is false."""
+    from distillguard.ledger.source import open_source
+
+    return open_source(settings)
 
 
 def parse_when(value: str | None) -> datetime | None:

@@ -1,0 +1,102 @@
+"""The ledger as the dashboard reads it (the ``LedgerSource`` interface of
+:mod:`distillguard.dashboard.adapters`) and as the provenance look-up scans it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from distillguard.config import Settings
+from distillguard.exchange import Exchange, format_ts
+from distillguard.ledger import entry
+from distillguard.ledger.checkpoint import CheckpointError, open_checkpoint
+from distillguard.ledger.core import Ledger
+from distillguard.ledger.settings import parse_settings
+from distillguard.ledger.verifier import VerificationFailed, verify_inclusion_bundle
+from distillguard.ledger.verify import verify_ledger
+from distillguard.ledger.writer import LedgerWriter, writer_for
+
+
+class LedgerView:
+    """Read side of the process's shared writer (opened on first use)."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    async def _ledger(self) -> Ledger:
+        return self.writer.ledger or await self.writer.start()
+
+    async def checkpoint(self) -> dict[str, Any] | None:
+        lg = await self._ledger()
+        cp = await asyncio.to_thread(lg.store.latest_checkpoint)
+        if cp is None:
+            return None
+        key = lg.verifier
+        status = "no public key"
+        if key is not None:
+            try:
+                open_checkpoint(cp.note, key)
+                status = "valid"
+            except CheckpointError as exc:
+                status = f"INVALID: {exc}"
+        return {"tree_size": cp.tree_size, "root_hash": cp.root_hash.hex(),
+                "time": cp.ts, "origin": lg.config.origin,
+                "key_id": key.key_id.hex() if key else None, "signature": status,
+                "entries_now": lg.size}
+
+    async def verify(self) -> dict[str, Any]:
+        lg = await self._ledger()
+        report = await asyncio.to_thread(verify_ledger, lg.store, lg.verifier)
+        doc = report.to_json()
+        out: dict[str, Any] = {
+            "ok": report.ok, "checked_at": format_ts(datetime.now(UTC)),
+            "entries": report.entries, "checkpoints": report.checkpoints,
+            "checkpoints_matched": report.checkpoints_matched,
+            "uncovered": doc["uncovered"], "redacted_bodies": report.redacted_bodies,
+            "problems": len(report.problems) + report.more_problems,
+        }
+        if not report.ok:
+            out["first_bad"] = report.first_bad
+            out["first_problem"] = doc.get("first_bad_problem", doc["problems"][0])["message"]
+        return out
+
+    async def proof(self, exchange_id: str) -> dict[str, Any]:
+        lg = await self._ledger()
+        proof = await asyncio.to_thread(lg.inclusion, exchange_id)
+        valid = False
+        key = lg.verifier
+        if key is not None and proof.get("checkpoint"):
+            try:
+                verify_inclusion_bundle(proof, key)
+                valid = True
+            except VerificationFailed:
+                valid = False
+        return {"leaf_index": proof["leaf_index"], "tree_size": proof["tree_size"],
+                "root_hash": proof["root_hash"], "leaf_hash": proof["leaf_hash"],
+                "path": proof["path"], "valid": valid,
+                "signed": bool(proof.get("checkpoint"))}
+
+    async def exchange(self, exchange_id: str) -> dict[str, Any] | None:
+        lg = await self._ledger()
+        row = await asyncio.to_thread(lg.store.find, exchange_id)
+        if row is None or row.kind != entry.KIND_EXCHANGE:
+            return None
+        return entry.to_trace(row)
+
+
+def open_source(settings: Settings) -> LedgerView | None:
+    config = parse_settings(settings)
+    if not config.enabled:
+        return None
+    return LedgerView(writer_for(config))
+
+
+def iter_exchanges(ledger: Ledger) -> Iterator[Exchange]:
+    """Every exchange entry as an :class:`Exchange` (bodies when still retained)."""
+    for row in ledger.store.iter_rows():
+        if row.kind == entry.KIND_EXCHANGE:
+            ex = Exchange.from_trace(entry.to_trace(row))
+            ex.extra.pop("ledger_index", None)
+            yield ex
