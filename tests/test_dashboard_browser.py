@@ -124,6 +124,10 @@ def test_campaign_action_is_audited(env: dict[str, Any], page: Any) -> None:
     box = page.locator("section[aria-labelledby=graph-h]").bounding_box()
     page.screenshot(path=str(ARTIFACTS / "campaign-graph.png"), full_page=True,
                     clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"] + 16})
+    page.click("text=Links as a list")  # the same links as text, detection's included
+    listed = page.locator("section[aria-labelledby=graph-h] details").inner_text()
+    assert "shared prompt template: acct_c0 and acct_c1 (same template:" in listed
+    assert "lockstep timing:" in listed and "pf_9f2c" in listed
     page.once("dialog", lambda d: d.accept())  # the confirmation before suspending
     page.fill("#reason-campaign", "confirmed distillation campaign, ticket T-42")
     page.click("button.act.suspend")

@@ -79,7 +79,7 @@ async def detail_page(dash: Dashboard, request: Request) -> Response:
         request, "campaign.html", title=f"Campaign {campaign_id}", section="campaigns",
         c=campaign, status=str(campaign.extra.get("status") or "open"), graph_svg=svg, g=g,
         edge_types=graph.EDGE_TYPES, edge_counts=g.counts(),
-        hub_members=_hub_members(g), lockstep=[e for e in g.edges if e[2] == "lockstep"][:50],
+        hub_members=_hub_members(g), direct=[e for e in g.edges if e[0] not in g.hubs][:100],
         timeline=charts.stacked_bars([charts.Series("requests", stats["series"], "s0")],
                                      b.labels, title="Campaign requests over time",
                                      ident="timeline"),
