@@ -1,0 +1,266 @@
+"""TAXII 2.1: taxii2-client against our server, and our client against OASIS medallion."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from taxii2client.exceptions import AccessError
+from taxii2client.v21 import Collection, Server, as_pages
+
+from distillguard.cli import main
+from distillguard.serve import StackThread, free_port
+from tests import sharingworld as world
+from tests.factories import make_settings, start_stack
+
+MEDIA = "application/taxii+json;version=2.1"
+OUT, IN = world.COLLECTIONS[0]["id"], world.COLLECTIONS[1]["id"]
+SECRET = {name: p["token"] for name, p in world.PARTNERS.items()}
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[StackThread, Path]]:
+    settings = make_settings(tmp_path, sharing=world.sharing_section())
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"state": {"url": settings.state.url},
+                                  "sharing": world.sharing_section()}))
+    running = start_stack(settings)
+    try:
+        yield running, config
+    finally:
+        running.stop()
+
+
+def _export(config: Path, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    paths = world.write_world(tmp_path)
+    out = tmp_path / "bundle.json"
+    result = CliRunner().invoke(main, [
+        "--config", str(config), "share", "export", "--verdicts", str(paths["verdicts"]),
+        "--trace", str(paths["trace"]), "--accounts", str(paths["accounts"]),
+        "--partner", "globex", "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(out.read_text()))
+
+
+def _root(running: StackThread) -> str:
+    return f"{running.stack.admin_url}/taxii2/distillguard/"
+
+
+def test_taxii2_client_reads_our_collections(served: tuple[StackThread, Path],
+                                            tmp_path: Path) -> None:
+    running, config = served
+    bundle = _export(config, tmp_path, "--publish", "outbound")
+    total = len(bundle["objects"])
+    server = Server(f"{running.stack.admin_url}/taxii2/", user="globex",
+                    password=SECRET["globex"])
+    assert server.title == "distillguard TAXII server"
+    (api_root,) = server.api_roots
+    assert api_root.url == _root(running) and api_root.versions == [MEDIA]
+    assert [c.id for c in api_root.collections] == [OUT]  # globex sees only what it reads
+    collection = api_root.collections[0]
+    assert collection.can_read and not collection.can_write
+
+    pages = list(as_pages(collection.get_objects, per_request=7))
+    assert len(pages) == -(-total // 7) and pages[-1]["more"] is False
+    assert sorted(o["id"] for p in pages for o in p["objects"]) == sorted(
+        o["id"] for o in bundle["objects"])
+    manifest = [m for p in as_pages(collection.get_manifest, per_request=10)
+                for m in p["objects"]]
+    assert len(manifest) == total
+    assert all(m["media_type"] == "application/stix+json;version=2.1" for m in manifest)
+    later = collection.get_objects(added_after=manifest[9]["date_added"])
+    assert len(later["objects"]) == total - 10
+    assert len(collection.get_objects(**{"type": "indicator"})["objects"]) == 5
+    campaign = next(o for o in bundle["objects"] if o["type"] == "campaign")
+    assert collection.get_object(campaign["id"])["objects"] == [campaign]
+
+    bundle2 = _export(config, tmp_path, "--publish", "outbound")  # new versions
+    campaign2 = next(o for o in bundle2["objects"] if o["type"] == "campaign")
+    assert campaign2["id"] == campaign["id"]
+    assert collection.object_versions(campaign["id"])["versions"] == [
+        v["version"] for v in sorted(
+            (m for m in collection.get_manifest(id=campaign["id"], version="all")["objects"]),
+            key=lambda m: m["version"])]
+    assert len(collection.get_manifest(id=campaign["id"], version="all")["objects"]) == 2
+    assert collection.get_object(campaign["id"])["objects"] == [campaign2]  # last
+
+    raw = httpx.get(f"{_root(running)}collections/{OUT}/objects/?limit=3",
+                    auth=("globex", SECRET["globex"]), headers={"accept": MEDIA})
+    assert raw.headers["content-type"] == MEDIA
+    assert raw.headers["x-taxii-date-added-first"] <= raw.headers["x-taxii-date-added-last"]
+    assert raw.json()["more"] is True and raw.json()["next"]
+
+
+def test_taxii2_client_writes_and_partner_objects_become_indicators(
+        served: tuple[StackThread, Path], tmp_path: Path) -> None:
+    running, config = served
+    bundle = _export(config, tmp_path)
+    inbound = Collection(f"{_root(running)}collections/{IN}/", user="acme",
+                         password=SECRET["acme"])
+    assert inbound.can_write and not inbound.can_read
+    status = inbound.add_objects({"objects": bundle["objects"]})
+    assert status.status == "complete"
+    assert status.success_count == len(bundle["objects"]) and status.failure_count == 0
+    again = inbound.add_objects({"objects": bundle["objects"][:3]})
+    assert again.failure_count == 3  # the same versions are already there
+    server = Server(f"{running.stack.admin_url}/taxii2/", user="acme", password=SECRET["acme"])
+    assert server.api_roots[0].get_status(status.id).success_count == status.success_count
+    with pytest.raises(AccessError):
+        inbound.get_objects()
+
+    result = CliRunner().invoke(main, ["--config", str(config), "share", "indicators"])
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert {r["partner"] for r in rows} == {"acme"} and len(rows) == 5
+    result = CliRunner().invoke(main, ["--config", str(config), "share", "bundles"])
+    prov = [json.loads(line) for line in result.output.splitlines()]
+    assert [p["objects"] for p in prov] == [len(bundle["objects"]), 3]  # one per envelope
+    assert all(p["source"] == "taxii:inbound" and p["partner"] == "acme" for p in prov)
+
+
+def test_authentication_permissions_and_error_bodies(served: tuple[StackThread, Path]
+                                                     ) -> None:
+    running, _ = served
+    root = _root(running)
+    objects = f"{root}collections/{OUT}/objects/"
+
+    def get(url: str, who: str | None = "globex", **headers: str) -> httpx.Response:
+        auth = (who, SECRET[who]) if who else None
+        return httpx.get(url, auth=auth, headers={"accept": MEDIA, **headers})
+
+    anonymous = get(objects, None)
+    assert anonymous.status_code == 401 and "Basic" in anonymous.headers["www-authenticate"]
+    assert anonymous.headers["content-type"] == MEDIA
+    assert anonymous.json()["http_status"] == "401" and anonymous.json()["title"]
+    wrong = httpx.get(objects, auth=("globex", SECRET["acme"]), headers={"accept": MEDIA})
+    assert wrong.status_code == 401
+    bearer = httpx.get(objects, headers={"accept": MEDIA,
+                                         "authorization": f"Bearer {SECRET['globex']}"})
+    assert bearer.status_code == 200
+    assert get(f"{root}collections/{IN}/objects/").status_code == 404  # not globex's
+    assert get(f"{root}collections/{IN}/objects/", "acme").status_code == 403  # write-only
+    assert get(f"{running.stack.admin_url}/taxii2/other/", "acme").status_code == 404
+    assert get(objects, accept="application/json").status_code == 406
+    assert get(objects + "?added_after=yesterday").status_code == 400
+    assert get(objects + "?next=garbage").status_code == 400
+    assert get(f"{root}collections/").json() == {"collections": [
+        {"id": OUT, "title": "Our campaigns", "can_read": True, "can_write": False,
+         "media_types": ["application/stix+json;version=2.1"], "alias": "outbound"}]}
+
+    inbound = f"{root}collections/{IN}/objects/"
+    denied = httpx.post(objects, auth=("globex", SECRET["globex"]), content=b"{}",
+                        headers={"accept": MEDIA, "content-type": MEDIA})
+    assert denied.status_code == 403
+    wrong_type = httpx.post(inbound, auth=("acme", SECRET["acme"]), content=b"{}",
+                            headers={"accept": MEDIA, "content-type": "application/json"})
+    assert wrong_type.status_code == 415
+    unknown = {"objects": [{"type": "x-thing", "spec_version": "2.1",
+                            "id": "x-thing--1f6e3b0a-1c1c-4d4d-8e8e-9f9f9f9f9f9f"}]}
+    bad = httpx.post(inbound, auth=("acme", SECRET["acme"]), json=unknown,
+                     headers={"accept": MEDIA, "content-type": MEDIA})
+    assert bad.status_code == 422 and "unknown object type" in bad.json()["description"]
+    assert bad.headers["content-type"] == MEDIA
+    broken = httpx.post(inbound, auth=("acme", SECRET["acme"]), content=b"{not json",
+                        headers={"accept": MEDIA, "content-type": MEDIA})
+    assert broken.status_code == 400
+
+
+# -- our client against OASIS medallion ---------------------------------------------------
+
+MED_COLLECTION = "91a7b528-80eb-42ed-a74d-c6fbd5a26116"
+
+
+@pytest.fixture
+def medallion(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    data = {
+        "/discovery": {"title": "peer", "description": "a partner's TAXII server",
+                       "default": f"{base}/peer/", "api_roots": [f"{base}/peer/"]},
+        "peer": {"information": {"title": "peer", "versions": [MEDIA],
+                                 "max_content_length": 10_000_000},
+                 "status": [],
+                 "collections": [{"id": MED_COLLECTION, "title": "shared", "can_read": True,
+                                  "can_write": True, "objects": [], "manifest": [],
+                                  "media_types": ["application/stix+json;version=2.1"]}]}}
+    (tmp_path / "medallion-data.json").write_text(json.dumps(data))
+    (tmp_path / "medallion.json").write_text(json.dumps({
+        "backend": {"module": "medallion.backends.memory_backend",
+                    "module_class": "MemoryBackend",
+                    "filename": str(tmp_path / "medallion-data.json")},
+        "users": {"peer": "peer-secret-123"}, "taxii": {"max_page_size": 20}}))
+    log = open(tmp_path / "medallion.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "medallion.scripts.run", "--port",
+                             str(port), "--log-level", "ERROR",
+                             str(tmp_path / "medallion.json")], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError((tmp_path / "medallion.log").read_text()) from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_our_client_pushes_to_and_polls_medallion(medallion: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"state": {"url": f"sqlite:///{tmp_path}/state.sqlite"},
+                                  "sharing": world.sharing_section()}))
+    bundle = _export(config, tmp_path)
+    path = tmp_path / "bundle.json"
+    creds = ["--user", "peer", "--password", "peer-secret-123"]
+
+    def share(*args: str) -> Any:
+        result = CliRunner().invoke(main, ["--config", str(config), "share", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    pushed = share("push", str(path), "--server", f"{medallion}/taxii2/",
+                   "--collection", MED_COLLECTION, *creds)
+    assert pushed["status"] == "complete"
+    assert pushed["success_count"] == len(bundle["objects"])
+    # The peer holds what we pushed (read back with the reference client).
+    peer = Collection(f"{medallion}/peer/collections/{MED_COLLECTION}/", user="peer",
+                      password="peer-secret-123")
+    held = [o for p in as_pages(peer.get_objects, per_request=20) for o in p["objects"]]
+    assert sorted(o["id"] for o in held) == sorted(o["id"] for o in bundle["objects"])
+
+    polled = share("poll", "--server", f"{medallion}/peer/", "--collection", MED_COLLECTION,
+                   "--partner", "acme", *creds)
+    assert polled["objects"] == len(bundle["objects"]) and polled["indicators"] == 5
+    assert sum(polled["active"].values()) == 5
+    nothing = share("poll", "--server", f"{medallion}/peer/", "--collection", MED_COLLECTION,
+                    "--partner", "acme", *creds)
+    assert nothing["objects"] == 0  # the cursor moved past everything
+
+    newer = _export(config, tmp_path)  # new versions of the same objects
+    share("push", str(path), "--server", f"{medallion}/peer/", "--collection",
+          MED_COLLECTION, *creds)
+    again = share("poll", "--server", f"{medallion}/peer/", "--collection", MED_COLLECTION,
+                  "--partner", "acme", *creds)
+    # Versioned objects come again; the identity is unchanged and observables are immutable.
+    versioned = [o for o in newer["objects"] if "modified" in o and o["type"] != "identity"]
+    assert again["objects"] == len(versioned)
+    assert again["new_or_updated"] == again["objects"]
+
+    wrong = CliRunner().invoke(main, ["--config", str(config), "share", "poll", "--server",
+                                      f"{medallion}/peer/", "--collection", MED_COLLECTION,
+                                      "--partner", "acme", "--user", "peer",
+                                      "--password", "nope"])
+    assert wrong.exit_code == 2 and "401" in wrong.output
