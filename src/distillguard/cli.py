@@ -36,6 +36,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.countermeasures.cli", "fingerprint"),
     ("distillguard.simulate.cli", "simulate"),
     ("distillguard.benchdetect.cli", "bench"),
+    ("distillguard.sharing.cli", "share"),
 ]
 
 
