@@ -6,9 +6,10 @@ Each ``open_*`` returns an object with the small interface the pages use, or a f
   ``campaigns`` and ``account_verdicts`` tables in the state store; with
   ``dashboard.verdicts_path`` set, :class:`FileVerdicts` reads that verdicts document (the
   public format written by batch detection) instead;
-* policy: :class:`LocalPolicy` offers only ``suspend`` and ``reinstate`` (the state
-  store's account status)
-  and keeps its audit trail in ``dashboard_audit`` when the policy component is absent;
+* policy: :class:`distillguard.policy.dashboard.DashboardPolicy` (the whole ladder, the
+  review queue, audit events); with the policy component switched off,
+  :class:`LocalPolicy` offers only ``suspend`` and ``reinstate`` (the state store's
+  account status) and keeps its audit trail in ``dashboard_audit``;
 * ledger: :class:`~distillguard.ledger.source.LedgerView`, or ``None`` when the ledger
   component is switched off (pages say so).
 """
@@ -243,6 +244,13 @@ async def open_verdicts(settings: Settings, engine: AsyncEngine) -> VerdictsSour
 
 
 async def open_policy(settings: Settings, engine: AsyncEngine) -> PolicySource:
+    """The policy component's source (:mod:`distillguard.policy.dashboard`) unless it is
+    switched off (``policy.enabled: false``); then :class:`LocalPolicy`."""
+    from distillguard.policy.dashboard import open_dashboard_policy
+
+    policy = await open_dashboard_policy(settings, engine)
+    if policy is not None:
+        return policy
     local = LocalPolicy(engine)
     await local.start()
     return local

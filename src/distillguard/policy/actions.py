@@ -164,8 +164,13 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
         for item in lifted:
             await _lift(conn, item, by=by, reason=reason, at=now,
                         event=f"{event_source}:account:revoke", set_status=set_status)
-        if actions is None and set_status:
-            await _set_status(conn, account_id, "active")
+        if actions is None:
+            if set_status:
+                await _set_status(conn, account_id, "active")
+            await record_in(conn, AuditEvent(
+                name=f"{event_source}:account:reinstate", subject=f"account:{account_id}",
+                actor=by, reason=reason,
+                detail={"lifted": [a.action_id for a in lifted]}))
     return lifted
 
 

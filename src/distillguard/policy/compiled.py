@@ -154,3 +154,19 @@ class PolicyHolder:
             self.current = fresh
             self.generation += 1
             return fresh
+
+
+_holders: dict[str, PolicyHolder] = {}
+_holders_lock = threading.Lock()
+
+
+def shared_holder(path: str | Path | None) -> PolicyHolder:
+    """The process's one :class:`PolicyHolder` for a policy file, so the gateway's check,
+    the admin API and the dashboard read the same value and see the same reloads."""
+    key = str(Path(path).resolve()) if path is not None else ""
+    with _holders_lock:
+        holder = _holders.get(key)
+        if holder is None:
+            holder = _holders[key] = PolicyHolder(path)
+        return holder
+

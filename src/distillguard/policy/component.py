@@ -41,7 +41,7 @@ def component(settings: Settings) -> Extension | None:
     policy file now, so a bad file stops start-up with an error naming the option."""
     from distillguard.policy.admin import PolicyAdmin
     from distillguard.policy.check import PolicyCheck
-    from distillguard.policy.compiled import PolicyHolder
+    from distillguard.policy.compiled import shared_holder
     from distillguard.policy.limits import PolicyLimiter
     from distillguard.policy.runtime import PolicyRuntime
     from distillguard.ratelimit import open_counter_store
@@ -50,7 +50,7 @@ def component(settings: Settings) -> Extension | None:
     ps = parse_settings(settings.extensions.get("policy"))
     if not ps.enabled:
         return None
-    holder = PolicyHolder(ps.file)
+    holder = shared_holder(ps.file)
     runtime = PolicyRuntime(settings, holder)
     check = PolicyCheck(holder, runtime.actions, runtime.denials, runtime)
     limiter = PolicyLimiter(settings, open_counter_store(settings.counters), holder,
