@@ -108,9 +108,16 @@ class World:
                       user_agent=self.rng.choice(SDK_AGENTS))
 
 
+_second: list[Any] = [None, ""]
+
+
 def iso(ts: float) -> str:
+    """RFC 3339 with milliseconds and ``Z`` (the trace's form); caches the last second."""
     ms = int(round(ts * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+    sec = ms // 1000
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{ms % 1000:03d}Z"
 
 
 def diurnal(hour: float, business: bool = False) -> float:
