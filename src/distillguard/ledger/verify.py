@@ -123,8 +123,9 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
             continue
         targets.setdefault(cp.tree_size, []).append((cp.root_hash, label))
     sizes = sorted(targets)
+    mismatches: list[tuple[int, int, str]] = []
     if 0 in targets:
-        _compare(report, targets[0], merkle.EMPTY_ROOT, 0, 0)
+        _compare(mismatches, report, targets[0], merkle.EMPTY_ROOT, 0, 0)
     matched_upto = 0
     # -- entries, in stored order ---------------------------------------------------------
     tree = MerkleTree()
@@ -170,7 +171,7 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
             _check_body(report, idx, "response", row.response, leaf.get("response_sha256"))
         tree.append(h)
         while want is not None and tree.size == want:
-            if _compare(report, targets[want], tree.root(), want, matched_upto):
+            if _compare(mismatches, report, targets[want], tree.root(), want, matched_upto):
                 matched_upto = want
             want = next(next_size, None)
     report.covered = min(max(sizes, default=0), report.entries)
@@ -181,10 +182,12 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
                                              f"{tree.size} are stored")
         want = next(next_size, None)
     _classify(report, positions, seen)
+    _report_mismatches(report, mismatches)
     return report
 
 
-def _compare(report: Report, expected: list[tuple[bytes, str]], root: bytes, size: int,
+def _compare(mismatches: list[tuple[int, int, str]], report: Report,
+             expected: list[tuple[bytes, str]], root: bytes, size: int,
              matched_upto: int) -> bool:
     ok = True
     for want_root, label in expected:
@@ -192,10 +195,20 @@ def _compare(report: Report, expected: list[tuple[bytes, str]], root: bytes, siz
             report.checkpoints_matched += 1
         else:
             ok = False
-            report.add("checkpoint-mismatch", matched_upto,
-                       f"{label} (size {size}) does not match the stored entries: an entry "
-                       f"between index {matched_upto} and {size - 1} was changed")
+            mismatches.append((matched_upto, size, label))
     return ok
+
+
+def _report_mismatches(report: Report, mismatches: list[tuple[int, int, str]]) -> None:
+    """A checkpoint that does not match is explained by the first entry problem in its
+    range when there is one; otherwise the range is all the evidence there is."""
+    local = sorted(p.index for p in report.problems if p.index is not None)
+    for lo, size, label in mismatches:
+        inside = [i for i in local if lo <= i < size]
+        where = inside[0] if inside else lo
+        report.add("checkpoint-mismatch", where,
+                   f"{label} (size {size}) does not match the stored entries: an entry "
+                   f"between index {lo} and {size - 1} was changed")
 
 
 def _classify(report: Report, positions: list[tuple[int, int]], seen: bytearray) -> None:
