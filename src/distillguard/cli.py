@@ -37,6 +37,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.simulate.cli", "simulate"),
     ("distillguard.benchdetect.cli", "bench"),
     ("distillguard.sharing.cli", "share"),
+    ("distillguard.policy.cli", "policy"),
+    ("distillguard.policy.cli", "review"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ class CompiledPolicy:
         return parse_duration(value)
 
 
-def _geoip(doc: PolicyDocument, base: Path | None) -> GeoIP:
+def _geoip(doc: PolicyDocument, base: Path | None) -> Callable[[], GeoIP]:
+    """Check the configured databases now; open them (or the shipped one) on first use."""
     n = doc.networks
 
     def resolve(path: str | None) -> str | None:
@@ -83,17 +85,25 @@ def _geoip(doc: PolicyDocument, base: Path | None) -> GeoIP:
     paths = {k: resolve(getattr(n, k)) for k in ("maxmind_country_db", "maxmind_asn_db",
                                                    "maxmind_anonymous_db")}
     if not any(paths.values()) and not n.hosting_cidrs:
-        return default_geoip()
-    database: Any = default_geoip().database
+        return default_geoip
+    database: Any = None
     if any(paths.values()):
         try:
             database = MaxMindDatabase(paths["maxmind_country_db"],
                                        asn_path=paths["maxmind_asn_db"],
-                                       anonymous_path=paths["maxmind_anonymous_db"],
-                                       fallback=database)
+                                       anonymous_path=paths["maxmind_anonymous_db"])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"networks: cannot open a MaxMind database: {exc}") from None
-    return GeoIP(database, hosting_networks=n.hosting_cidrs)
+    hosting = list(n.hosting_cidrs)
+
+    def build() -> GeoIP:
+        shipped = default_geoip().database
+        if database is None:
+            return GeoIP(shipped, hosting_networks=hosting)
+        database.fallback = shipped
+        return GeoIP(database, hosting_networks=hosting)
+
+    return build
 
 
 def compile_policy(doc: PolicyDocument, *, source: str = "defaults",
@@ -151,6 +161,7 @@ class PolicyHolder:
         raised (the caller reports it); on success the new value replaces it."""
         with self._lock:
             fresh = load_policy(self.path)
+            fresh.networks.lookup("8.8.8.8")   # open the databases before the swap
             self.current = fresh
             self.generation += 1
             return fresh

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +90,19 @@ class ClientNetwork:
 class NetworkFacts:
     """Everything the rules ask about a client address, from memory."""
 
-    def __init__(self, geoip: GeoIP, anonymizers: NetworkSet) -> None:
-        self.geoip = geoip
+    def __init__(self, geoip: Callable[[], GeoIP], anonymizers: NetworkSet) -> None:
+        self._factory = geoip
+        self._geoip: GeoIP | None = None
         self.anonymizers = anonymizers
-        self._anon_db = getattr(geoip.database, "anonymous", None)
+        self._anon_db: Callable[[str], bool | None] | None = None
+
+    @property
+    def geoip(self) -> GeoIP:
+        """The database, opened on first use (the runtime opens it at start-up)."""
+        if self._geoip is None:
+            self._geoip = self._factory()
+            self._anon_db = getattr(self._geoip.database, "anonymous", None)
+        return self._geoip
 
     def lookup(self, ip: str | None) -> ClientNetwork:
         if not ip:

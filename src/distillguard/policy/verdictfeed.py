@@ -132,7 +132,8 @@ class VerdictActions:
         for rule in self.policy.document.verdicts.rules:
             if account_rule_matches(rule, v):
                 await self._act(rule, v.account_id, risk=v.risk, evidence=v.reasons,
-                                caused_by=f"verdict:{v.account_id}@{v.updated_at}",
+                                caused_by=f"verdict:{v.account_id}" + (
+                                    f"@{v.updated_at}" if v.updated_at else ""),
                                 since=v.updated_at or None)
 
     async def on_campaign(self, c: CampaignRow) -> None:

@@ -1,0 +1,109 @@
+"""``distillguard policy`` and ``distillguard review`` against a SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from distillguard.cli import main
+
+POLICY = {
+    "version": 1,
+    "tiers": {"unverified": {"models": ["demo-chat-*"]}},
+    "rules": [{"name": "embargo", "when": {"country": ["KP"]},
+               "deny": "Access from {country} is not permitted."}],
+    "verdicts": {"rules": [
+        {"name": "risky", "when": {"risk_at_least": 0.9}, "action": "throttle",
+         "expires_in": "2h"},
+        {"name": "watch", "when": {"flagged": True}, "action": "review", "propose": "suspend"},
+        {"name": "campaign", "when": {"campaign_status": ["detected"]}, "action": "degrade"},
+    ]},
+    "screening": {"lists": ["list.json"]},
+}
+LIST = {"version": 1, "entries": [
+    {"id": "x1", "name": "Rosoboronexport OAO", "aliases": ["Rosoboron Export"],
+     "source": "SDN"},
+    {"id": "x2", "name": "Li Wei Zhang", "type": "Individual", "source": "EL"},
+]}
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "list.json").write_bytes(orjson.dumps(LIST))
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
+                                    "policy": {"file": str(tmp_path / "policy.yaml")}}))
+    return str(path)
+
+
+def run(cfg: str, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(main, ["-c", cfg, *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def test_check_and_explain(cfg: str, tmp_path: Path) -> None:
+    out = run(cfg, "policy", "check")
+    assert "valid" in out and "rule embargo: deny" in out and "screening entries: 2" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**POLICY, "rules": [{"name": "x", "require_tier": "gold"}]}))
+    out = run(cfg, "policy", "check", str(bad), code=2)
+    assert "rules.0 (x).require_tier: unknown tier 'gold'" in out
+    decided = orjson.loads(run(cfg, "policy", "explain", "--model", "demo-chat-1",
+                               "--ip", "175.45.176.1"))
+    assert decided["network"]["country"] == "KP"
+    assert decided["decision"]["denied"] == "rule:embargo"
+    decided = orjson.loads(run(cfg, "policy", "explain", "--model", "demo-reasoner-1",
+                               "--tier", "unverified", "--ip", "81.2.69.142"))
+    assert decided["decision"]["code"] == "model_not_permitted"
+    assert "Rosoboron Export" in run(cfg, "policy", "screen-name", "ROSOBORON-EXPORT")
+
+
+def test_actions_verdicts_screening_and_review(cfg: str, tmp_path: Path) -> None:
+    for account, org in (("acct_a", "Rosoboronexport"), ("acct_b", "Acme Robotics"),
+                         ("acct_c", None)):
+        args = ["accounts", "create", account] + (["--org", org] if org else [])
+        run(cfg, *args)
+    out = run(cfg, "policy", "apply", "acct_b", "--action", "suspend", "--reason",
+              "chargeback fraud", "--expires", "3d", "--actor", "ana")
+    assert "suspend acct_b until" in out
+    assert orjson.loads(run(cfg, "accounts", "show", "acct_b"))["status"] == "suspended"
+    run(cfg, "policy", "apply", "acct_b", "--action", "nuke", "--reason", "x", code=2)
+    run(cfg, "policy", "revoke", "acct_b", "--reason", "appeal upheld", "--actor", "ana")
+    assert orjson.loads(run(cfg, "accounts", "show", "acct_b"))["status"] == "active"
+    verdicts = {"version": 1,
+                "accounts": [{"account_id": "acct_c", "risk": 0.95, "flagged": True}],
+                "campaigns": [{"campaign_id": "c-1", "accounts": ["acct_a", "acct_c"],
+                               "risk": 0.9, "evidence": ["one payment fingerprint"]}]}
+    (tmp_path / "v.json").write_bytes(orjson.dumps(verdicts))
+    out = run(cfg, "policy", "apply-verdicts", str(tmp_path / "v.json"))
+    assert "3 action(s) applied, 1 review item(s)" in out
+    active = orjson.loads(run(cfg, "policy", "actions", "--active"))
+    assert sorted((a["account_id"], a["action"]) for a in active) == [
+        ("acct_a", "degrade"), ("acct_c", "degrade"), ("acct_c", "throttle")]
+    throttle = next(a for a in active if a["action"] == "throttle")
+    assert throttle["caused_by"] == "verdict:acct_c" and throttle["expires_at"]
+    # Applying the same document again changes nothing.
+    assert "0 action(s) applied" in run(cfg, "policy", "apply-verdicts",
+                                        str(tmp_path / "v.json"))
+    assert "1 review item(s)" in run(cfg, "policy", "screen")
+    assert "screened 0" in run(cfg, "policy", "screen")   # nothing changed since
+    listed = orjson.loads(run(cfg, "review", "list", "--json"))
+    by_source = {i["source"]: i for i in listed}
+    assert set(by_source) == {"verdicts", "screening"}
+    assert by_source["screening"]["subject"] == "acct_a"
+    run(cfg, "review", "dismiss", by_source["verdicts"]["item_id"], code=2)  # no reason
+    out = run(cfg, "review", "dismiss", by_source["verdicts"]["item_id"], "--reason",
+              "benign load test")
+    assert "dismissed" in out
+    out = run(cfg, "review", "confirm", by_source["screening"]["item_id"], "--actor", "lead")
+    assert "suspend applied to acct_a" in out
+    events = orjson.loads(run(cfg, "policy", "audit", "--subject", "account:acct_a"))
+    names = [e["name"] for e in events]
+    assert names[0] == "cli:account:suspend" and "review:item:confirm" in names
+    assert events[0]["actor"] == "lead"
