@@ -92,7 +92,9 @@ def verdicts() -> Verdicts:
         + [AccountVerdict(a, risk=0.05) for a in LEGIT],
         campaigns=[CampaignVerdict("c-7", accounts=list(CAMPAIGN), risk=0.98,
                                    detected_at=T0 + timedelta(minutes=20),
-                                   evidence=[f"{CAMPAIGN[0]} and {CAMPAIGN[1]} share a card",
+                                   evidence=[f"{CAMPAIGN[0]} and {CAMPAIGN[1]} share a card "
+                                             f"({CAMPAIGN_PF}, org Shell Co 0) from "
+                                             "5.9.10.11",
                                              "120 templated prompts from one /24"]),
                    CampaignVerdict("c-8", accounts=[LEGIT[0]], risk=0.3)])
 

@@ -88,7 +88,8 @@ def test_nothing_personal_leaves_and_pseudonyms_differ_per_partner(tmp_path: Pat
     users_g = {o["user_id"] for o in _by_type(globex, "user-account")}
     assert len(users_a) == 6 and not users_a & users_g
     evidence = _by_type(acme, "campaign")[0]["x_distillguard_evidence"][0]
-    assert evidence.startswith("acct-") and "share a card" in evidence
+    assert evidence.startswith("acct-") and "share a card ([redacted], org [redacted])" \
+        " from 5.9.10.0/24" in evidence
     assert _export(tmp_path, "acme") and users_a == {
         o["user_id"] for o in _by_type(_export(tmp_path, "acme"), "user-account")}
 

@@ -60,6 +60,7 @@ class CampaignEvidence:
     features: dict[str, dict[str, ValueStats]] = field(
         default_factory=lambda: {k: {} for k in FEATURES})
     payment: dict[str, ValueStats] = field(default_factory=dict)
+    personal: set[str] = field(default_factory=set)  # members' orgs, domains, cards
 
     @property
     def campaign_id(self) -> str:
@@ -94,6 +95,11 @@ class EvidenceCollector:
         for account in accounts:
             if account.payment_fingerprint:
                 by_fp.setdefault(account.payment_fingerprint, []).append(account)
+        for account in accounts:
+            ev = self.member.get(account.account_id)
+            if ev is not None:
+                ev.personal.update(v for v in (account.org, account.email_domain,
+                                               account.payment_fingerprint) if v)
         for fp, holders in by_fp.items():
             for ev in self.evidence.values():
                 inside = [a for a in holders if self.member.get(a.account_id) is ev]

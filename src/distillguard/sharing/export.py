@@ -117,8 +117,10 @@ class BundleBuilder:
                 "x_distillguard_campaign_id": cid,
                 "x_distillguard_risk": round(v.risk, 4),
                 "x_distillguard_account_count": len(members),
-                "x_distillguard_evidence": [self.pseudonyms.text(e, members)
-                                            for e in v.evidence][:50],
+                "x_distillguard_evidence": [
+                    self.pseudonyms.text(e, members, ev.personal,
+                                         keep_addresses=self.options.share_exact_ips)
+                    for e in v.evidence][:50],
             })
         infra = stix2.Infrastructure(
             id=self._id("infrastructure", cid),

@@ -17,6 +17,7 @@ import hmac
 import re
 
 from distillguard.errors import ConfigError
+from distillguard.geoip import client_prefix
 from distillguard.sharing.settings import SharingSettings
 
 
@@ -59,13 +60,26 @@ class Pseudonymizer:
             found = self._seen[account_id] = "acct-" + mac.hexdigest()[:16]
         return found
 
-    def text(self, value: str, account_ids: list[str]) -> str:
-        """Replace every account identifier in free text (evidence lines)."""
-        if self.key is None or not account_ids:
+    def text(self, value: str, account_ids: list[str], personal: set[str] | None = None,
+             *, keep_addresses: bool = False) -> str:
+        """Free text (evidence lines) with account identifiers replaced by pseudonyms,
+        other personal values (orgs, e-mail domains, payment fingerprints) by
+        ``[redacted]`` and IP addresses by their /24 (/48) network."""
+        if self.key is None:
             return value
-        ids = sorted(set(account_ids), key=len, reverse=True)
-        pattern = re.compile("|".join(rf"(?<![\w-]){re.escape(a)}(?![\w-])" for a in ids))
-        return pattern.sub(lambda m: self.account(m.group(0)), value)
+        if account_ids:
+            ids = sorted(set(account_ids), key=len, reverse=True)
+            pattern = re.compile("|".join(rf"(?<![\w-]){re.escape(a)}(?![\w-])" for a in ids))
+            value = pattern.sub(lambda m: self.account(m.group(0)), value)
+        for item in sorted(personal or (), key=len, reverse=True):
+            if len(item) >= 3:
+                value = re.sub(re.escape(item), "[redacted]", value, flags=re.IGNORECASE)
+        if not keep_addresses:
+            value = _IPV4.sub(lambda m: client_prefix(m.group(0)) or m.group(0), value)
+        return value
+
+
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d./])")
 
 
 def salted_hash(salt: str, value: str) -> str:
