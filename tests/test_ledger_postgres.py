@@ -66,7 +66,7 @@ def test_postgres_ledger(pg_url: str, tmp_path: Path) -> None:
         # tampering on the server is caught
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("UPDATE ledger_entries SET leaf = convert_to(replace(convert_from("
-                         "leaf, 'UTF8'), '"status":200', '"status":201'), 'UTF8') "
+                         "leaf, 'UTF8'), '\"status\":200', '\"status\":201'), 'UTF8') "
                          "WHERE idx = 5")
         report = verify_ledger(one.store, one.verifier)
         assert report.first_bad == 5 and report.problems[0].kind == "modified"
