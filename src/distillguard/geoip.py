@@ -111,8 +111,8 @@ class MaxMindDatabase:
 
     ``country_path`` is a Country, City or Enterprise database; ``asn_path`` an ASN (or ISP)
     database; ``anonymous_path`` an Anonymous IP database. Each is optional; a question no
-    file answers goes to ``fallback`` (for example :class:`Geoip2FastDatabase`) or is
-    unknown. Files are memory-mapped by ``maxminddb`` when its C extension is available,
+    file answers (no file, or an address the file does not cover) goes to ``fallback``
+    (for example :class:`Geoip2FastDatabase`) or is unknown. Files are memory-mapped by ``maxminddb`` when its C extension is available,
     so look-ups do no file I/O after the first touch of a page. Plug one in with::
 
         GeoIP(MaxMindDatabase("/var/lib/GeoIP/GeoIP2-Country.mmdb",
@@ -139,9 +139,13 @@ class MaxMindDatabase:
 
         try:
             code = self._country.country(ip).country.iso_code
-        except (geoip2.errors.AddressNotFoundError, ValueError):
+        except ValueError:
             return None
-        return code.upper() if code else None
+        except geoip2.errors.AddressNotFoundError:
+            code = None
+        if not code:
+            return self.fallback.country(ip) if self.fallback is not None else None
+        return code.upper()
 
     def asn(self, ip: str) -> tuple[str | None, str | None]:
         if self._asn is None:
@@ -150,8 +154,10 @@ class MaxMindDatabase:
 
         try:
             found = self._asn.asn(ip)
-        except (geoip2.errors.AddressNotFoundError, ValueError):
+        except ValueError:
             return None, None
+        except geoip2.errors.AddressNotFoundError:
+            return self.fallback.asn(ip) if self.fallback is not None else (None, None)
         network = str(found.network) if found.network is not None else None
         return found.autonomous_system_organization or None, network
 

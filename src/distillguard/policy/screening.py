@@ -3,7 +3,7 @@
 A list is CSV or JSON (documented in docs/policy.md, "Screening lists"):
 
 * CSV with a header row. ``name`` is required; ``alt_names`` (aliases separated by ``;``),
-  ``source``, ``id`` (or ``entity_number`` / ``_id``), ``country``, ``programs`` and
+  ``source``, ``id`` (or ``_id`` / ``entity_number``), ``country``, ``programs`` and
   ``type`` (``Individual`` marks a person) are optional; other columns are ignored. The
   CSV export of the US Consolidated Screening List has this shape.
 * JSON: ``{"version": 1, "entries": [{"id", "name", "aliases": [...], "source",
@@ -13,7 +13,8 @@ A list is CSV or JSON (documented in docs/policy.md, "Screening lists"):
 Matching uses ``rapidfuzz``: names are normalised (case, punctuation, accents, and legal
 forms such as *Ltd*, *LLC*, *GmbH*, *OOO*, *Co.* are dropped), then compared with
 ``token_sort_ratio`` so word order and small spelling or transliteration differences
-(*Sergey*/*Sergei*) still match. A person listed with a middle name or patronymic also
+(*Sergey*/*Sergei*) still match; names are also compared with spaces removed
+(*Zhongguancun* / *Zhong Guan Cun*). A person listed with a middle name or patronymic also
 matches without it. A score at or above ``screening.threshold`` (default 90)
 is a match. Matches are never blocked automatically: they open a review item with the
 evidence, and an analyst confirms or dismisses it.
@@ -38,6 +39,7 @@ from distillguard.errors import ConfigError
 LEGAL_FORMS = frozenset([
     "ltd", "limited", "llc", "inc", "incorporated", "co", "company", "corp", "corporation",
     "gmbh", "ag", "sa", "plc", "jsc", "ojsc", "pjsc", "cjsc", "oao", "ooo", "zao", "pao",
+    "joint", "stock",
     "bv", "nv", "srl", "spa", "pte", "pvt", "llp", "lp", "sarl", "sas", "kg", "ug", "oy",
     "ab", "as", "aps", "kk", "the", "of", "and", "group", "holding", "holdings",
 ])
@@ -91,6 +93,8 @@ class ScreeningList:
                     self._names.append(norm)
                     self._owners.append((entry, raw))
 
+        self._compact = [n.replace(" ", "") for n in self._names]
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -101,6 +105,9 @@ class ScreeningList:
             return []
         found = process.extract(norm, self._names, scorer=fuzz.token_sort_ratio,
                                 processor=None, score_cutoff=threshold, limit=10)
+        # Spacing differs between transliterations (Zhongguancun / Zhong Guan Cun).
+        found += process.extract(norm.replace(" ", ""), self._compact, scorer=fuzz.ratio,
+                                 processor=None, score_cutoff=threshold, limit=10)
         out: dict[str, Match] = {}
         for _name, score, index in found:
             entry, raw = self._owners[index]
@@ -136,7 +143,7 @@ def _entry(data: dict[str, Any], number: int, origin: str) -> ListEntry:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"screening.lists: {origin} entry {number} has no 'name'")
-    ident = data.get("id") or data.get("entity_number") or data.get("_id") or f"{number}"
+    ident = data.get("id") or data.get("_id") or data.get("entity_number") or f"{number}"
     aliases = _split_aliases(data.get("aliases")) + _split_aliases(data.get("alt_names"))
     programs = data.get("programs")
     if isinstance(programs, list):

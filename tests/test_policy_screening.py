@@ -1,0 +1,84 @@
+"""Denied-party screening: list formats and fuzzy matching on realistic name variants."""
+
+from __future__ import annotations
+
+import pytest
+
+from distillguard.errors import ConfigError
+from distillguard.policy.screening import ScreeningList, normalise, parse_list
+
+CSL_CSV = b'''_id,source,entity_number,type,programs,name,title,addresses,alt_names
+a1,Entity List (EL) - Bureau of Industry and Security,,Entity,,"HUAWEI TECHNOLOGIES CO., LTD.",,"Shenzhen, CN","Huawei; Huawei Technologies Company"
+a2,Specially Designated Nationals (SDN) - Treasury Department,7001,Individual,RUSSIA-EO14024,"IVANOV, Sergei Petrovich",,,
+a3,Entity List (EL) - Bureau of Industry and Security,,Entity,,Harbin Institute of Technology,,,HIT; Harbin Polytechnic University
+a4,Specially Designated Nationals (SDN) - Treasury Department,7002,Entity,RUSSIA-EO14024,"JOINT STOCK COMPANY ROSOBORONEXPORT",,,"ROSOBORONEXPORT OAO; OJSC ROSOBORONEXPORT"
+a5,Nonproliferation Sanctions (ISN) - State Department,,Entity,,"Beijing Zhong Guan Cun Nanotech Ltd.",,,
+'''
+
+
+@pytest.fixture(scope="module")
+def lists() -> ScreeningList:
+    return ScreeningList(parse_list(CSL_CSV, "csl.csv"))
+
+
+@pytest.mark.parametrize("name,entry", [
+    ("Huawei Technologies Co Ltd", "a1"),
+    ("HUAWEI TECHNOLOGIES COMPANY LIMITED", "a1"),
+    ("Huawai Technologies", "a1"),                   # a typo
+    ("huawei", "a1"),                                # listed alias
+    ("Sergey Ivanov", "a2"),                         # transliteration, no patronymic
+    ("Ivanov, Sergei P.", "a2"),
+    ("Sergei Petrovich Ivanov", "a2"),               # word order
+    ("Harbin Institute of Technology", "a3"),
+    ("Harbin Polytechnical University", "a3"),
+    ("Rosoboronexport JSC", "a4"),
+    ("Rosoboronéxport", "a4"),                       # an accent
+    ("Beijing Zhongguancun Nanotech", "a5"),         # words run together
+])
+def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
+    found = lists.match(name, threshold=90)
+    assert found and found[0].entry.entry_id == entry, (name, found)
+    assert found[0].score >= 90
+
+
+@pytest.mark.parametrize("name", [
+    "Acme Robotics Ltd",
+    "Huawei Fan Club Berlin e.V.",
+    "Harbin Engineering University",                 # a different listed-sounding name
+    "Ivan Sergeev",
+    "Sergei Ivanova Bakery",
+    "Hitachi Ltd",
+    "Technologies Co Ltd",                           # only legal form and generic words
+    "",
+])
+def test_non_matches(lists: ScreeningList, name: str) -> None:
+    assert lists.match(name, threshold=90) == []
+
+
+def test_evidence_names_the_list_and_entry(lists: ScreeningList) -> None:
+    match = lists.match("Sergey Ivanov", threshold=90, field="name")[0]
+    text = match.evidence()
+    assert "'Sergey Ivanov'" in text and "IVANOV, Sergei Petrovich" in text
+    assert "Specially Designated Nationals" in text and "a2" in text
+
+
+def test_json_formats_and_errors() -> None:
+    ours = b'{"version": 1, "entries": [{"id": "x", "name": "Example Arms Ltd", ' \
+           b'"aliases": ["ExArms"], "source": "internal"}]}'
+    csl_api = b'{"results": [{"id": "y", "name": "Example Arms", "alt_names": ["EA"]}]}'
+    bare = b'[{"name": "Example Arms"}]'
+    for raw in (ours, csl_api, bare):
+        found = ScreeningList(parse_list(raw, "x.json")).match("EXAMPLE ARMS LIMITED",
+                                                                 threshold=90)
+        assert found, raw
+    for raw, needle in ((b'{"version": 3, "entries": []}', "unsupported version"),
+                        (b'[{"alias": "x"}]', "no 'name'"),
+                        (b"id,alias\n1,x\n", "'name' column"),
+                        (b"{broken", "not valid JSON")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_list(raw, "bad")
+
+
+def test_normalise() -> None:
+    assert normalise("  The Ürümqi Trading Co., Ltd. ") == "urumqi trading"
+    assert normalise("OOO «Romashka»") == "romashka"
