@@ -95,10 +95,11 @@ def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[st
         history: list[dict[str, str]] = []
         turns = 1 + min(8, int(rng.expovariate(0.6)))
         max_tokens = rng.choice((None, 1024, 2048, 4096))
+        model = benign_model(world, rng, t)
         for turn in range(turns):
             text = rng.choice(items).text if turn == 0 else rng.choice(FOLLOW_UPS)
             messages = [*history, {"role": "user", "content": text}]
-            ts, line = exchange(world, rng, t, client, benign_model(world, rng, t), messages,
+            ts, line = exchange(world, rng, t, client, model, messages,
                                 completion_tokens=conv.completion_tokens(rng),
                                 max_tokens=max_tokens, ip=ip)
             yield ts, line
