@@ -401,10 +401,12 @@ class LedgerDouble:
         return {"ok": True, "checked_at": "2026-03-01T12:01:00Z", "entries": 230}
 
     async def proof(self, exchange_id: str) -> dict:
-        if exchange_id != "ex_1":
+        signed = {"ex_1": True, "ex_new": False, "ex_bad": True}
+        if exchange_id not in signed:
             raise LookupError(f"no exchange {exchange_id}")
         return {"leaf_index": 7, "tree_size": 230, "root_hash": "ab" * 32,
-                "path": ["cd" * 32, "ef" * 32], "valid": True}
+                "path": ["cd" * 32, "ef" * 32], "valid": exchange_id == "ex_1",
+                "signed": signed[exchange_id]}
 
     async def exchange(self, exchange_id: str) -> dict | None:
         return None
@@ -434,6 +436,9 @@ def test_review_queue_and_ledger_pages_render(dash: tuple[StackThread, httpx.Cli
     ledger = client.get("/ledger?exchange_id=ex_1").text
     assert "proof checks out" in ledger and "cd" * 32 in ledger and "230" in ledger
     assert "no exchange ex_2" in client.get("/ledger?exchange_id=ex_2").text
+    newest = client.get("/ledger?exchange_id=ex_new").text  # not under a checkpoint yet
+    assert "not yet checkpointed" in newest and "does NOT" not in newest
+    assert "proof does NOT check out" in client.get("/ledger?exchange_id=ex_bad").text
     r = client.post("/ledger/verify", data={"csrf": csrf})
     assert r.status_code == 303
     assert "verified" in client.get("/ledger").text

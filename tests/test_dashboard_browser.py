@@ -19,7 +19,7 @@ import pytest
 
 from tests.dashboard_seed import BENIGN, CAMPAIGN, seed
 from tests.factories import ADMIN_TOKEN, make_settings, start_stack
-from tests.test_dashboard import LedgerDouble, ReviewQueueDouble, _sources
+from tests.test_dashboard import _sources
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "dashboard"
@@ -34,7 +34,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("dash")
     settings = make_settings(tmp, server={"trusted_proxies": ["127.0.0.1/32"]},
-                             dashboard={"verdicts_path": str(tmp / "verdicts.json")})
+                             dashboard={"verdicts_path": str(tmp / "verdicts.json")},
+                             ledger={"checkpoint_interval_s": 0.5})
     stack = start_stack(settings)
     admin = httpx.Client(base_url=stack.stack.admin_url,
                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
@@ -202,34 +203,44 @@ def test_keyboard(env: dict[str, Any], page: Any) -> None:
 
 
 def test_review_queue_and_ledger_by_keyboard(env: dict[str, Any], page: Any) -> None:
-    """The review and ledger pages with content, operated by keyboard only. Their data
-    comes from the policy and ledger components; here the stand-ins of
-    tests/test_dashboard.py provide it through the same interfaces."""
-    sources = _sources(env["stack"])
-    saved = sources.policy, sources.ledger
-    queue = ReviewQueueDouble()
-    sources.policy, sources.ledger = queue, LedgerDouble()
-    try:
-        page.goto(env["url"] + "/review")
-        assert "<b>2,400</b> templated prompts" in page.inner_text("main")  # shown as text
-        shot(page, "review-items")
-        page.focus("#reason-1")
-        page.keyboard.type("needs a second look by legal")
-        for _ in range(3):  # the decisions follow the reason: confirm, dismiss, escalate
-            page.keyboard.press("Tab")
-        assert page.evaluate("document.activeElement.value") == "escalate"
-        with page.expect_navigation():
-            page.keyboard.press("Enter")
-        assert queue.decisions == [("r-1", "escalate", "needs a second look by legal")]
-        page.goto(env["url"] + "/ledger")
-        page.focus("#exchange_id")
-        page.keyboard.type("ex_1")
+    """A review item opened through the policy component's interface is decided by
+    keyboard; an exchange's inclusion proof is checked against the real ledger."""
+    from distillguard.policy.review import open_item
+
+    stack = env["stack"]
+    stack.call(open_item(_sources(stack).engine, kind="account", subject=BENIGN[4],
+                         risk=0.91, evidence=["<b>2,400</b> templated prompts in 1 h"],
+                         source="test:browser", action="throttle"))
+    page.goto(env["url"] + "/review")
+    assert "<b>2,400</b> templated prompts" in page.inner_text("main")  # shown as text
+    shot(page, "review-items")
+    page.focus("#reason-1")
+    page.keyboard.type("needs a second look by legal")
+    for _ in range(3):  # the decisions follow the reason: confirm, dismiss, escalate
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.value") == "escalate"
+    with page.expect_navigation():
         page.keyboard.press("Enter")
-        page.wait_for_url("**/ledger?exchange_id=ex_1")
-        assert "proof checks out" in page.inner_text("main")
-        shot(page, "ledger-proof")
-    finally:
-        sources.policy, sources.ledger = saved
+    page.goto(env["url"] + "/review?status=escalated")
+    assert BENIGN[4] in page.inner_text("main")
+    page.goto(env["url"] + "/audit")
+    assert "needs a second look by legal" in page.inner_text("main")
+    page.goto(env["url"] + f"/accounts/{BENIGN[0]}")
+    page.locator("table.nav tbody tr a").first.click()
+    page.wait_for_url("**/exchanges/*")
+    exchange_id = page.url.rsplit("/", 1)[1]
+    page.focus("text=Inclusion proof in the ledger")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/ledger?exchange_id={exchange_id}")
+    assert "proof checks out" in page.inner_text("main"), page.inner_text("main")
+    page.click("text=Verify the whole ledger now")
+    for _ in range(50):
+        page.goto(env["url"] + "/ledger?exchange_id=" + exchange_id)
+        if "Verification is running" not in page.inner_text("main"):
+            break
+        page.wait_for_timeout(100)
+    assert "verified at" in page.inner_text("main")
+    shot(page, "ledger-proof")
 
 
 def test_nothing_loaded_from_elsewhere(env: dict[str, Any]) -> None:
