@@ -98,19 +98,9 @@ def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) 
         if tree_size is None and (last is None or last.tree_size <= row.idx):
             lg.refresh()
             lg.checkpoint()
-        proof = lg.inclusion(ref, tree_size)
-        if proof["checkpoint"] is None:
-            proof["checkpoint"] = _note_for(lg, proof["tree_size"])
-        _emit(proof, out)
+        _emit(lg.inclusion(ref, tree_size), out)
     finally:
         lg.close()
-
-
-def _note_for(lg: Any, size: int) -> str | None:
-    for cp in reversed(lg.store.checkpoints()):
-        if cp.tree_size == size:
-            return str(cp.note)
-    return None
 
 
 @ledger.command()
@@ -129,8 +119,8 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
             cp = lg.checkpoint(only_if_grown=True) or lg.store.latest_checkpoint()
             new_size = cp.tree_size
         proof = lg.consistency(old_size, new_size)
-        proof["old_checkpoint"] = _note_for(lg, old_size)
-        proof["new_checkpoint"] = _note_for(lg, new_size)
+        proof["old_checkpoint"] = lg.note_at(old_size)
+        proof["new_checkpoint"] = lg.note_at(new_size)
         _emit(proof, out)
     finally:
         lg.close()

@@ -121,6 +121,8 @@ class Ledger:
                 size, note = last.tree_size, last.note
             else:
                 size = self.tree.size
+        else:
+            note = self.note_at(size)
         with self.lock:
             path = self.tree.inclusion(row.idx, size)
             root = self.tree.root(size)
@@ -129,6 +131,13 @@ class Ledger:
                 "leaf": b64(row.leaf), "leaf_hash": row.leaf_hash.hex(),
                 "root_hash": root.hex(), "path": [p.hex() for p in path],
                 "checkpoint": note}
+
+    def note_at(self, size: int) -> str | None:
+        """The newest stored signed checkpoint of tree size ``size``, if any."""
+        for cp in reversed(self.store.checkpoints()):
+            if cp.tree_size == size:
+                return cp.note
+        return None
 
     def consistency(self, old: int, new: int | None = None) -> dict[str, Any]:
         self.refresh()
