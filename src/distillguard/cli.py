@@ -39,6 +39,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.sharing.cli", "share"),
     ("distillguard.policy.cli", "policy"),
     ("distillguard.policy.cli", "review"),
+    ("distillguard.ledger.cli", "ledger"),
 ]
 
 
