@@ -43,6 +43,7 @@ verdicts:
 screening:
   lists: [screening.csv]
   interval_s: 0.5
+audit: {flush_interval_s: 0.3}
 refresh_s: 0.2
 """
 
@@ -358,6 +359,25 @@ def test_denials_are_aggregated_into_audit_events(running: StackThread,
     assert deny[0]["detail"]["models"] == ["demo-reasoner-1"]
 
 
+def test_audit_events_reach_the_ledger(running: StackThread, admin: httpx.Client) -> None:
+    account_id, _ = new_account(admin)
+    admin.post("/admin/v1/policy/actions", json={
+        "account_id": account_id, "action": "flag", "reason": "odd prompt templates"}
+    ).raise_for_status()
+
+    def forwarded() -> list[dict[str, Any]]:
+        rows = admin.get("/admin/v1/policy/audit",
+                         params={"subject": f"account:{account_id}"}).json()["data"]
+        return [r for r in rows if (r["ledger_seq"] or -1) >= 0]
+
+    until(lambda: bool(forwarded()), 10.0)
+    seq = forwarded()[0]["ledger_seq"]
+    entry = admin.get(f"/admin/v1/ledger/entries/{seq}")
+    assert entry.status_code == 200, entry.text
+    text_ = entry.text
+    assert "admin:account:flag" in text_ and "odd prompt templates" in text_
+
+
 def test_reload_under_load_without_a_failed_request(tmp_path: Path) -> None:
     path = write_policy(tmp_path)
     stack = start_stack(make_settings(tmp_path, policy={"file": str(path)}))
@@ -451,3 +471,52 @@ def test_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     finally:
         admin.close()
         stack.stop()
+
+
+def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from distillguard.serve import free_port
+
+    policy = write_policy(tmp_path)
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "server": {"port": port, "admin_port": admin_port},
+        "admin": {"token": ADMIN_TOKEN}, "upstream": {"base_url": "demo"},
+        "state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
+        "ledger": {"path": str(tmp_path / "ledger")}, "policy": {"file": str(policy)}}))
+    proc = subprocess.Popen([sys.executable, "-m", "distillguard.cli", "-c", str(cfg), "serve"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    admin = httpx.Client(base_url=f"http://127.0.0.1:{admin_port}",
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    def generation() -> int:
+        try:
+            status = admin.get("/admin/v1/policy").json()
+        except httpx.HTTPError:
+            return 0
+        return int(status["generation"]) if status["passes"] else 0   # runtime started
+
+    try:
+        until(lambda: generation() == 1, 30.0)
+        policy.write_text(POLICY.replace("name: embargo", "name: embargo-v2"))
+        os.kill(proc.pid, signal.SIGHUP)
+        until(lambda: generation() == 2, 10.0)
+        assert "embargo-v2" in admin.get("/admin/v1/policy").json()["rules"]
+        policy.write_text("rules: [{name: broken}]")
+        os.kill(proc.pid, signal.SIGHUP)
+        until(lambda: "policy:file:reload_failed" in admin.get(
+            "/admin/v1/policy/audit").text, 10.0)
+        assert generation() == 2 and proc.poll() is None   # still serving the old policy
+    finally:
+        admin.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert proc.stderr is not None
+        proc.stderr.close()
