@@ -177,3 +177,28 @@ def test_export_from_the_running_systems_state(tmp_path: Path) -> None:
     assert evidence.campaign_id == "c-7" and evidence.exchanges == 120
     assert set(evidence.verdict.accounts) == set(world.CAMPAIGN)
     assert world.CAMPAIGN_PF in evidence.payment
+
+
+def test_template_fingerprint_follows_its_definition() -> None:
+    import hashlib
+    import re
+
+    def reference(system: str, user: str) -> str:  # docs/sharing.md, "tfp1", literally
+        norm = lambda t: re.sub(r"[0-9]+", "0", " ".join(t.lower().split()))  # noqa: E731
+        lead = " ".join(norm(user).split(" ")[:8])
+        return "tfp1:" + hashlib.sha256(f"{norm(system)}\0{lead}".encode()).hexdigest()[:16]
+
+    cases = [("", "Solve 12 + 30 step by step, then explain"),
+             ("You are a TUTOR.\n\n", "  word " + " " * 900 + "two three 4 5 6 7 8 9 10"),
+             ("sys", "x" * 2000 + " tail words here"),
+             ("", "short"), ("", "1 2 3 4 5 6 7 8 9 10 11"), (" A\tB ", "a\u00a0b 7x 8")]
+    for system, user in cases:
+        body = {"messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": user}]}
+        assert template_fingerprint(body) == reference(system, user), (system, user[:20])
+    same = [template_fingerprint({"messages": [{"role": "user", "content":
+                                                world.TEMPLATE + f"problem {n} of {n * 3}"}]})
+            for n in range(5)]
+    assert len(set(same)) == 1
+    assert template_fingerprint({"prompt": "abc"}) == reference("", "abc")
+    assert template_fingerprint({"messages": []}) is None

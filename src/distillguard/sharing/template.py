@@ -3,8 +3,9 @@
 A harvesting campaign sends thousands of prompts cut from a few templates ("You are a
 helpful tutor. Solve step by step: <problem>"). The fingerprint keeps what a template
 fixes and drops what it varies: the system prompt and the first
-:data:`LEADING_WORDS` words of the first user message, lower-cased, digits folded to
-``0`` and white space collapsed; then ``tfp1:`` + 16 hex digits of their SHA-256.
+:data:`LEADING_WORDS` words of the first user message, lower-cased, runs of ASCII digits
+folded to ``0`` and white space (``str.split``) collapsed to single spaces; then
+``tfp1:`` + 16 hex digits of their SHA-256.
 
 It is deliberately simple so that any partner can recompute it from this description;
 a template whose variable part comes first is not caught by it.
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 from typing import Any
 
 VERSION = "tfp1"
 LEADING_WORDS = 8
-_DIGITS = re.compile(r"\d+")
-_SPACE = re.compile(r"\s+")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _text(content: Any) -> str:
@@ -32,7 +33,17 @@ def _text(content: Any) -> str:
 
 
 def _normal(text: str) -> str:
-    return _SPACE.sub(" ", _DIGITS.sub("0", text.lower())).strip()
+    return _DIGITS.sub("0", " ".join(text.lower().split()))
+
+
+_normal_system = lru_cache(maxsize=1024)(_normal)  # system prompts repeat
+
+
+def _lead(text: str) -> str:
+    """The first words of the normalised text (splitting first: folding digits and case
+    never moves a word boundary, so only the words kept are normalised)."""
+    words = text.split(maxsplit=LEADING_WORDS)[:LEADING_WORDS]
+    return _DIGITS.sub("0", " ".join(words).lower())
 
 
 def template_fingerprint(request: Any) -> str | None:
@@ -47,13 +58,13 @@ def template_fingerprint(request: Any) -> str | None:
                 continue
             role = message.get("role")
             if role in ("system", "developer") and not system:
-                system = _normal(_text(message.get("content")))
+                system = _normal_system(_text(message.get("content")))
             elif role == "user" and user is None:
-                user = _normal(_text(message.get("content")))
+                user = _lead(_text(message.get("content")))
     elif isinstance(request.get("prompt"), str):
-        user = _normal(request["prompt"])
+        user = _lead(request["prompt"])
     if not user:
         return None
-    lead = " ".join(user.split(" ")[:LEADING_WORDS])
+    lead = user
     digest = hashlib.sha256(f"{system}\x00{lead}".encode()).hexdigest()[:16]
     return f"{VERSION}:{digest}"
