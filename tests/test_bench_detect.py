@@ -67,7 +67,7 @@ def test_perfect_verdicts_score_perfectly(world: tuple[Path, Path, Path]) -> Non
     assert o["benign_fpr"] == 0.0 and o["hard_negative_fpr"] == 0.0
     assert o["ari"] == 1.0
     assert o["campaigns_detected"] == o["campaigns"] == len(
-        {t.campaign_id for t in truth.values() if t.attack})
+        {t.campaign_id for t in truth.values() if t.attack and t.account_id in seen})
     # flagged at the 4th exchange (or the last): exactly that many came before
     before = sorted(min(3, len(seen[a]) - 1) for a, t in truth.items()
                     if t.attack and a in seen)
@@ -87,6 +87,7 @@ def test_empty_verdicts(world: tuple[Path, Path, Path]) -> None:
     assert o["recall"] == 0.0 and o["precision"] is None and o["f1"] == 0.0
     assert o["benign_fpr"] == 0.0 and o["campaigns_detected"] == 0
     assert o["verdicts_missing"] == len(read_labels(labels))
+    assert o["inactive_accounts"] == len(set(read_labels(labels)) - set(_first_seen(trace)))
     assert all(not h for h in s.hours_to_flag.values())
 
 
@@ -96,7 +97,7 @@ def test_half_right_verdicts(world: tuple[Path, Path, Path]) -> None:
     trace, accounts, labels = world
     truth = read_labels(labels)
     seen = _first_seen(trace)
-    attack = sorted(a for a, t in truth.items() if t.attack)
+    attack = sorted(a for a, t in truth.items() if t.attack and a in seen)
     caught = set(attack[::2])
     hard = {a for a, t in truth.items() if t.hard_negative}
     verdicts = []
@@ -109,10 +110,10 @@ def test_half_right_verdicts(world: tuple[Path, Path, Path]) -> None:
     s = score(trace, accounts, labels, Verdicts(accounts=verdicts), elapsed_s=1.0)
     o = s.overall
     assert o["recall"] == pytest.approx(len(caught) / len(attack))
-    assert o["precision"] == pytest.approx(len(caught) / (len(caught) + len(hard)))
+    assert o["precision"] == pytest.approx(len(caught) / (len(caught) + len(hard & set(seen))))
     assert o["hard_negative_fpr"] == 1.0
-    benign = [t for t in truth.values() if not t.attack]
-    assert o["benign_fpr"] == pytest.approx(len(hard) / len(benign))
+    benign = [t for t in truth.values() if not t.attack and t.account_id in seen]
+    assert o["benign_fpr"] == pytest.approx(len(hard & set(seen)) / len(benign))
     assert s.benign["casual"]["fpr"] == 0.0
     campaigns = defaultdict(list)
     for a in attack:

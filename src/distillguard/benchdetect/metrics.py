@@ -6,6 +6,8 @@ the number of accounts, not exchanges.
 
 Definitions (per campaign type ``T`` and overall):
 
+* only accounts with at least one exchange in the trace count (an account that sent
+  nothing cannot be judged); their number is reported as ``inactive_accounts``;
 * recall: flagged attack accounts / attack accounts (of type ``T``);
 * precision: flagged attack accounts / all flagged accounts. Per type, the benign
   accounts flagged count against every type: ``TP_T / (TP_T + FP)``;
@@ -179,8 +181,10 @@ def score(trace: str | Path, accounts: str | Path, labels: str | Path,
             member_of.get(account) if account in flagged else None)
         return f"p:{cid}" if cid else f"solo:{account}"
 
-    attack = [t for t in truth.values() if t.attack]
-    benign = [t for t in truth.values() if not t.attack]
+    # Accounts that sent nothing in the trace cannot be judged; they are left out.
+    active = [t for t in truth.values() if t.account_id in activity]
+    attack = [t for t in active if t.attack]
+    benign = [t for t in active if not t.attack]
     fp = sum(1 for t in benign if t.account_id in flagged)
     scores = Scores()
 
@@ -254,6 +258,7 @@ def score(trace: str | Path, accounts: str | Path, labels: str | Path,
         "hard_negative_fpr": _ratio(sum(1 for t in hard if t.account_id in flagged), len(hard)),
         "f1": None,
         "verdicts_missing": len(set(truth) - set(by_account)),
+        "inactive_accounts": len(truth) - len(active),
         "trace_exchanges": sum(a.exchanges for a in activity.values()),
     })
     p, r = overall["precision"], overall["recall"]

@@ -122,7 +122,7 @@ class Casual:
         home, mobile = world.net.residential(self.country), world.net.residential(self.country)
         self.ips = [home.address(rng), mobile.address(rng)]
         self.client.ip = self.ips[0]
-        self.sessions_per_day = min(12.0, rng.lognormvariate(math.log(0.8), 0.9))
+        self.sessions_per_day = min(40.0, rng.lognormvariate(math.log(0.8), 1.1))
 
     def events(self) -> Iterator[Event]:
         return chat_sessions(self.world, self.rng, self.client, self.ips,

@@ -69,7 +69,7 @@ def build_campaign(kind: str, world: World, rng: random.Random, p: Preset,
     size, rate = n(p.campaign_size, scale, 2), p.per_account_day
     start = rng.choice((0.0, 0.0, rng.uniform(0.1, 0.4)))
     builders: dict[str, Callable[[], c.Campaign]] = {
-        "hydra": lambda: c.Hydra(world, rng, size * 2, rate, start),
+        "hydra": lambda: c.Hydra(world, rng, size * 2, rate * 0.35, start),
         "reseller": lambda: c.Reseller(world, rng, rng.randint(1, 2), max(3, size // 2),
                                        rate * 6, start),
         "heavy_single": lambda: c.HeavySingle(world, rng, rate * 25, start),
@@ -79,7 +79,7 @@ def build_campaign(kind: str, world: World, rng: random.Random, p: Preset,
         "rubric_grading": lambda: c.RubricGrading(world, rng, max(2, size // 4), rate * 1.5,
                                                   start),
         "model_switch": lambda: c.ModelSwitch(world, rng, max(2, size // 3), rate, 0.0),
-        "tool_harvest": lambda: c.ToolHarvest(world, rng, size, rate * 0.7, start),
+        "tool_harvest": lambda: c.ToolHarvest(world, rng, size, rate * 0.3, start),
     }
     if kind not in builders:
         raise ValueError(f"unknown campaign type {kind!r}")
