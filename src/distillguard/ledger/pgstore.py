@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 
@@ -101,17 +102,25 @@ class PostgresStore:
 
     def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
                   batch: int = 20_000) -> Iterator[Row]:
+        for r in self._select(lo, 2**62 if hi is None else hi, bodies, batch):
+            yield _row(r)
+
+    def iter_tuples(self, lo: int, hi: int, batch: int = 20_000
+                    ) -> Iterator[tuple[Any, ...]]:
+        for r in self._select(lo, hi, True, batch):
+            yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+
+    def _select(self, lo: int, hi: int, bodies: bool, batch: int
+                ) -> Iterator[tuple[Any, ...]]:
         cols = COLUMNS if bodies else COLUMNS.replace("request, response",
                                                       "NULL::bytea, NULL::bytea")
         last = lo - 1
-        end = hi if hi is not None else 2**62
         conn = self._conn()
         while True:
             got = conn.execute(
                 f"SELECT {cols} FROM ledger_entries WHERE idx > %s AND idx < %s "
-                "ORDER BY idx LIMIT %s", (last, end, batch)).fetchall()
-            for r in got:
-                yield _row(r)
+                "ORDER BY idx LIMIT %s", (last, hi, batch)).fetchall()
+            yield from got
             if len(got) < batch:
                 return
             last = int(got[-1][0])  # type: ignore[call-overload]

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Durability = Literal["fsync", "process"]
 
@@ -73,6 +73,11 @@ class LedgerStore(Protocol):
     def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
                   batch: int = 20_000) -> Iterator[Row]:
         """Rows in stored order (by idx) as they are, gaps and all."""
+        ...
+
+    def iter_tuples(self, lo: int, hi: int, batch: int = 20_000
+                    ) -> Iterator[tuple[Any, ...]]:
+        """Raw rows (``COLUMNS`` order, bytes for blobs) with ``lo <= idx < hi``."""
         ...
 
     def find(self, entry_id: str) -> Row | None: ...
@@ -178,16 +183,23 @@ class SQLiteStore:
 
     def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
                   batch: int = 20_000) -> Iterator[Row]:
+        for r in self._select(lo, 2**62 if hi is None else hi, bodies, batch):
+            yield _row(r)
+
+    def iter_tuples(self, lo: int, hi: int, batch: int = 20_000
+                    ) -> Iterator[tuple[Any, ...]]:
+        return self._select(lo, hi, True, batch)
+
+    def _select(self, lo: int, hi: int, bodies: bool, batch: int
+                ) -> Iterator[tuple[Any, ...]]:
         cols = COLUMNS if bodies else COLUMNS.replace("request, response", "NULL, NULL")
         last = lo - 1
-        end = hi if hi is not None else 2**62
         conn = self._conn()
         while True:
             got = conn.execute(
                 f"SELECT {cols} FROM ledger_entries WHERE idx > ? AND idx < ? "
-                "ORDER BY idx LIMIT ?", (last, end, batch)).fetchall()
-            for r in got:
-                yield _row(r)
+                "ORDER BY idx LIMIT ?", (last, hi, batch)).fetchall()
+            yield from got
             if len(got) < batch:
                 return
             last = got[-1][0]

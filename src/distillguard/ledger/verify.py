@@ -23,7 +23,8 @@ What each problem means, and the entry it names as the first bad one:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,12 @@ import orjson
 
 from distillguard.ledger import merkle
 from distillguard.ledger.checkpoint import CheckpointError, VerifierKey, open_checkpoint
-from distillguard.ledger.store import LedgerStore
+from distillguard.ledger.store import LedgerStore, open_store
 from distillguard.ledger.tree import MerkleTree
 
 MAX_PROBLEMS = 100
+RANGE = 100_000  # entries per worker task
+PARALLEL_MIN = 200_000  # smaller ledgers are checked in this process
 
 
 @dataclass(slots=True)
@@ -91,20 +94,105 @@ class Report:
         return out
 
 
-def _check_body(report: Report, idx: int, name: str, body: bytes | None,
-                digest: Any) -> None:
-    if body is None:
-        if digest is not None:
-            report.redacted_bodies += 1
+@dataclass
+class RangeResult:
+    """What checking the stored rows with ``lo <= idx < hi`` found (see
+    :func:`check_range`); the Merkle tree and checkpoints are checked by the caller."""
+
+    entries: int = 0
+    redacted: int = 0
+    hashes: list[bytes] = field(default_factory=list)
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def check_range(rows: Iterable[tuple[Any, ...]], lo: int, hi: int) -> RangeResult:
+    """Per-entry checks of stored rows (``COLUMNS`` order, by idx) meant to fill
+    ``[lo, hi)``: leaf hash, index named by the leaf, look-up columns, retained bodies.
+    ``positions`` lists gaps ``(idx, -1)`` and entries stored elsewhere than the index
+    their leaf names ``(idx, named)``."""
+    out = RangeResult()
+    problems = out.problems
+    hashes = out.hashes
+    positions = out.positions
+    sha256 = hashlib.sha256
+    loads = orjson.loads
+    expected = lo
+    for idx, kind, entry_id, ts, account_id, leaf_raw, stored_hash, request, response in rows:
+        out.entries += 1
+        if idx != expected:
+            if idx > expected:
+                positions.append((expected, -1))
+            expected = idx
+        expected += 1
+        h = sha256(b"\x00" + leaf_raw).digest()
+        hashes.append(h)
+        if h != stored_hash:
+            problems.append(Problem("modified", idx, f"entry {idx}: the stored leaf does not "
+                                                     "match its stored hash"))
+        try:
+            leaf = loads(leaf_raw)
+            named = leaf["idx"]
+            if not isinstance(named, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            problems.append(Problem("modified", idx, f"entry {idx}: the leaf is not a "
+                                                     "ledger entry"))
+            continue
+        if named != idx:
+            positions.append((idx, named))
+        if (leaf.get("id") != entry_id or leaf.get("kind") != kind or leaf.get("ts") != ts
+                or leaf.get("account_id") != account_id):
+            problems.append(Problem("modified", idx, f"entry {idx}: stored columns differ "
+                                                     "from the leaf"))
+        if kind == "exchange":
+            for name, body, digest in (("request", request, leaf.get("request_sha256")),
+                                       ("response", response, leaf.get("response_sha256"))):
+                if body is None:
+                    if digest is not None:
+                        out.redacted += 1
+                elif sha256(body).hexdigest() != digest:
+                    problems.append(Problem("modified", idx, f"entry {idx}: the stored {name} "
+                                            "body does not match the hash its leaf commits to"))
+    if expected < hi:
+        positions.append((expected, -1))
+    return out
+
+
+def _check_stored_range(location: str, lo: int, hi: int) -> RangeResult:
+    """Worker process: open the store by its location and check one range."""
+    store = open_store(location)
+    try:
+        return check_range(store.iter_tuples(lo, hi), max(lo, 0), hi)
+    finally:
+        store.close()
+
+
+def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
+    top = store.size()
+    bounds = [(lo, min(top, lo + RANGE)) for lo in range(0, top, RANGE)]
+    if bounds:
+        bounds[0] = (-(2**62), bounds[0][1])  # rows moved to negative indices, if any
+    if workers <= 1 or top < PARALLEL_MIN:
+        for lo, hi in bounds:
+            yield check_range(store.iter_tuples(lo, hi), max(lo, 0), hi)
         return
-    if hashlib.sha256(body).hexdigest() != digest:
-        report.add("modified", idx, f"entry {idx}: the stored {name} body does not match "
-                                    "the hash its leaf commits to")
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_check_stored_range, store.location, lo, hi)
+                   for lo, hi in bounds]
+        for fut in futures:
+            yield fut.result()
 
 
 def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
-                  extra_checkpoints: Sequence[str] = ()) -> Report:
-    """Check a whole ledger; see the module docstring. Reads every entry once."""
+                  extra_checkpoints: Sequence[str] = (), workers: int | None = None
+                  ) -> Report:
+    """Check a whole ledger; see the module docstring. Reads every entry once; large
+    ledgers are read by ``workers`` processes (default: one per CPU), each a range."""
     report = Report()
     # -- checkpoints: signatures first; each valid one becomes a (size, root, label) target
     targets: dict[int, list[tuple[bytes, str]]] = {}
@@ -127,53 +215,29 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
     if 0 in targets:
         _compare(mismatches, report, targets[0], merkle.EMPTY_ROOT, 0, 0)
     matched_upto = 0
-    # -- entries, in stored order ---------------------------------------------------------
+    # -- entries, range by range, in stored order -----------------------------------------
     tree = MerkleTree()
-    seen = bytearray()
-    positions: list[tuple[int, int]] = []  # (stored index, index named by the leaf)
-    expected = 0
+    positions: list[tuple[int, int]] = []
     next_size = iter(s for s in sizes if s > 0)
     want = next(next_size, None)
-    sha256 = hashlib.sha256
-    loads = orjson.loads
-    for row in store.iter_rows():
-        idx = row.idx
-        report.entries += 1
-        if idx != expected:
-            if idx > expected:
-                positions.append((expected, -1))  # gap: resolved below
-            expected = idx
-        expected += 1
-        h = sha256(b"\x00" + row.leaf).digest()
-        if h != row.leaf_hash:
-            report.add("modified", idx, f"entry {idx}: the stored leaf does not match its "
-                                        "stored hash")
-        try:
-            leaf = loads(row.leaf)
-            named = leaf["idx"]
-            if not isinstance(named, int):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            report.add("modified", idx, f"entry {idx}: the leaf is not a ledger entry")
-            leaf, named = {}, -2
-        if named >= 0:
-            if named >= len(seen):
-                seen.extend(b"\x00" * (named + 1 - len(seen) + 1024))
-            seen[named] = 1
-        if named != idx:
-            positions.append((idx, named))
-        if leaf and (leaf.get("id") != row.entry_id or leaf.get("kind") != row.kind
-                     or leaf.get("ts") != row.ts
-                     or leaf.get("account_id") != row.account_id):
-            report.add("modified", idx, f"entry {idx}: stored columns differ from the leaf")
-        if leaf.get("kind") == "exchange":
-            _check_body(report, idx, "request", row.request, leaf.get("request_sha256"))
-            _check_body(report, idx, "response", row.response, leaf.get("response_sha256"))
-        tree.append(h)
-        while want is not None and tree.size == want:
-            if _compare(mismatches, report, targets[want], tree.root(), want, matched_upto):
-                matched_upto = want
-            want = next(next_size, None)
+    for part in _ranges(store, workers or os.cpu_count() or 1):
+        report.entries += part.entries
+        report.redacted_bodies += part.redacted
+        positions += part.positions
+        for problem in part.problems:
+            report.add(problem.kind, problem.index, problem.message)
+        append = tree.append
+        if want is None or tree.size + len(part.hashes) < want:
+            for h in part.hashes:
+                append(h)
+            continue
+        for h in part.hashes:
+            append(h)
+            while want is not None and tree.size == want:
+                if _compare(mismatches, report, targets[want], tree.root(), want,
+                            matched_upto):
+                    matched_upto = want
+                want = next(next_size, None)
     report.covered = min(max(sizes, default=0), report.entries)
     # -- checkpoints beyond the stored entries: entries cut off the end -------------------
     while want is not None:
@@ -181,7 +245,7 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
             report.add("deleted", tree.size, f"{label} covers {want} entries but only "
                                              f"{tree.size} are stored")
         want = next(next_size, None)
-    _classify(report, positions, seen)
+    _classify(report, positions)
     _report_mismatches(report, mismatches)
     return report
 
@@ -211,16 +275,16 @@ def _report_mismatches(report: Report, mismatches: list[tuple[int, int, str]]) -
                    f"between index {lo} and {size - 1} was changed")
 
 
-def _classify(report: Report, positions: list[tuple[int, int]], seen: bytearray) -> None:
+def _classify(report: Report, positions: list[tuple[int, int]]) -> None:
     """Name what happened where an entry is not at the index its leaf names."""
+    named_elsewhere = {n for _, n in positions if n >= 0}
     done_inserted = False
-    for idx, named in positions:
-        if named == -2:
-            continue
+    for idx, named in sorted(positions):
         if named == -1:  # a gap in stored indices starting at idx
             report.add("deleted", idx, f"entry {idx} is missing")
         elif named > idx:
-            if idx < len(seen) and seen[idx]:
+            # entry idx still exists somewhere: stored in its place, or moved elsewhere
+            if idx in named_elsewhere:
                 report.add("reordered", idx, f"the entry stored at {idx} is entry {named}")
             else:
                 report.add("deleted", idx, f"entry {idx} is missing (entry {named} was "
