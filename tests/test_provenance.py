@@ -1,8 +1,10 @@
-"""Provenance look-up on a leak built from real answers (see tests/leakworld.py)."""
+"""Provenance look-up on a leak built from real answers (see tests/leakworld.py) and on a
+campaign of the traffic simulator (distillguard.simulate)."""
 
 from __future__ import annotations
 
-from collections import Counter
+import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import orjson
@@ -14,7 +16,15 @@ from distillguard.countermeasures import Fingerprinter
 from distillguard.provenance import ProvenanceIndex, build_report
 from distillguard.provenance.suspect import parse_item, read_suspect
 from distillguard.traceio import write_jsonl, write_trace
-from tests.leakworld import SECRET, World, build_world
+from tests.leakworld import (
+    SECRET,
+    World,
+    build_world,
+    excerpt,
+    paraphrase,
+    reformat,
+    unrelated_texts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +101,51 @@ def test_suspect_formats(tmp_path: Path) -> None:
     assert [(i.prompt, i.response) for i in items] == [
         ("Add\n1 2", "The sum is three."), ("p", "c"), ("hi", "hello there"), ("q", "a"),
         ("", "just a response")]
+
+
+def test_simulated_campaign_harvest_attributed(tmp_path: Path) -> None:
+    """The harvest of one simulated campaign (ten accounts sharing the work), a third of it
+    reformatted, excerpted or paraphrased, mixed with unrelated text and scanned against
+    the whole simulated trace (other campaigns, SaaS resellers, evaluation runners, casual
+    users): the campaign's accounts are named, no benign account is."""
+    from distillguard.simulate import simulate
+    from distillguard.traceio import iter_jsonl, read_trace
+
+    trace, _accounts, labels_path = simulate(tmp_path / "sim", preset="smoke", seed=0)
+    labels = {o["account_id"]: o for _, o in iter_jsonl(labels_path)}
+    exchanges = list(read_trace(trace))
+    members: dict[str, set[str]] = defaultdict(set)
+    for account, label in labels.items():
+        if label["campaign_id"]:
+            members[label["campaign_id"]].add(account)
+    campaign = max(members.values(), key=len)  # the largest network of accounts
+    rng = random.Random(4)
+    harvest = [(e.account_id, e.response_text()) for e in exchanges
+               if e.account_id in campaign and e.status == 200 and e.response_text()]
+    transforms = {"verbatim": lambda t: t, "reformat": lambda t: reformat(t, rng),
+                  "excerpt": excerpt, "paraphrase": lambda t: paraphrase(t, rng)}
+    suspect: list[tuple[str, str, str]] = []  # (true account, kind, text)
+    for account, text in rng.sample(harvest, min(300, len(harvest))):
+        kind = rng.choice(list(transforms))
+        suspect.append((account or "", kind, transforms[kind](text)))
+    suspect += [("", "unrelated", t) for t in rng.sample(unrelated_texts(), 150)]
+    rng.shuffle(suspect)
+    items = [parse_item(i + 1, {"output": text}) for i, (_, _, text) in enumerate(suspect)]
+    index = ProvenanceIndex([i for i in items if i is not None])
+    report = build_report(index, index.scan(exchanges, progress=False))
+
+    named = {a["account_id"] for a in report["accounts"]}
+    truth = Counter(account for account, _, _ in suspect if account)
+    assert named <= campaign
+    assert not any(labels[a]["population"] != "attack" for a in named)
+    assert {a for a, n in truth.items() if n >= 10} <= named
+    matched = {it["line"]: it for it in report["items"]}
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for line, (_, kind, _) in enumerate(suspect, start=1):
+        by_kind[kind].append(line in matched)
+    rate = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    assert min(rate["verbatim"], rate["reformat"], rate["excerpt"]) >= 0.95, rate
+    assert rate["paraphrase"] >= 0.5 and rate["unrelated"] == 0.0, rate
+    right = [suspect[line - 1][0] in {m["account_id"] for m in it["matches"]}
+             for line, it in matched.items() if suspect[line - 1][0]]
+    assert sum(right) >= 0.95 * len(right)

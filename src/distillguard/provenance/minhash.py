@@ -1,7 +1,8 @@
 """Word shingles and MinHash signatures, computed in batches with numpy.
 
 Text is normalised before shingling so that reformatting does not matter: lower case,
-words only (punctuation, Markdown and whitespace dropped), and every fingerprint variant
+words only (punctuation, Markdown, list markers at line starts such as ``1)`` or ``-``,
+and whitespace dropped), and every fingerprint variant
 folded to one form (so the per-account marks of :mod:`distillguard.countermeasures` do
 not make two copies of one answer look different). Shingles are word 3-grams: each word
 gets a 64-bit hash (CRC-32 and Adler-32, cached) and a 3-gram hash mixes its three words'
@@ -32,6 +33,8 @@ _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _WORD_IDS: dict[str, int] = {}
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# List markers a reformatter adds or removes at line starts ("1)", "2.", "-", "*", "(3)")
+_LIST_MARKERS = re.compile(r"(?m)^[ \t]*(?:(?:[-*+\u2022]|\(?\d{1,3}[.)])[ \t]+)+")
 _FOLD = {form.replace("'", ""): PAIRS[pair][0] for form, (pair, _i) in FORMS.items()
          if " " not in form}
 _FOLD.update({form: PAIRS[pair][0] for form, (pair, _i) in FORMS.items() if " " not in form})
@@ -39,6 +42,7 @@ _EMPTY = np.zeros(0, dtype=np.uint64)
 
 
 def words(text: str, *, fold: bool = True) -> list[str]:
+    text = _LIST_MARKERS.sub("", text)
     raw = _WORD.findall(text.lower().replace("\u2019", "'"))
     return " ".join(_FOLD.get(w, w) for w in raw).split() if fold else raw
 
