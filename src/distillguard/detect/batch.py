@@ -1,0 +1,146 @@
+"""The batch path: a trace file through the detector, in time order, on DuckDB.
+
+Trace lines are not guaranteed to be in time order, and a trace may be larger than
+memory. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
+request bodies never trip schema inference), sorts it by timestamp with a memory limit
+and spills to a temporary folder when it must, and hands the rows back in Arrow record
+batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
+records, then features (:func:`~distillguard.detect.features.extract_many`), then goes
+through :class:`~distillguard.detect.engine.Detector` one exchange at a time, exactly as
+the online stage feeds it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import orjson
+
+from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
+from distillguard.detect.engine import Detector
+from distillguard.detect.features import extract_many
+from distillguard.detect.scoring import AccountFacts
+from distillguard.exchange import Exchange
+from distillguard.geoip import GeoIP
+from distillguard.traceio import FormatError, read_accounts
+from distillguard.verdicts import Verdicts
+
+BATCH_ROWS = 4_096
+
+
+@dataclass
+class BatchResult:
+    verdicts: Verdicts
+    exchanges: int
+    accounts: int
+    evaluations: int
+
+
+def facts_from_accounts(path: str | Path) -> Iterator[tuple[str, AccountFacts]]:
+    for account in read_accounts(path):
+        yield account.account_id, AccountFacts(
+            created_at=account.created_at.timestamp() if account.created_at else None,
+            org=account.org, payment=account.payment_fingerprint,
+            email_domain=account.email_domain)
+
+
+def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
+                      temp_dir: str | None = None, batch_rows: int = BATCH_ROWS
+                      ) -> Iterator[list[bytes]]:
+    """The trace's lines sorted by timestamp (ties in file order), in blocks."""
+    path = str(trace)
+    if not Path(path).exists():
+        raise FormatError(f"{path}: no such trace file")
+    spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
+    con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
+                                 "preserve_insertion_order": True})
+    try:
+        rel = con.sql(
+            "SELECT json::VARCHAR AS line, "
+            " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
+            " row_number() OVER () AS n "
+            "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
+            params={"path": path})
+        reader = rel.to_arrow_reader(batch_rows)
+        for batch in reader:
+            yield [v.encode() for v in batch.column(0).to_pylist()]
+    except duckdb.Error as exc:
+        raise FormatError(f"{path}: cannot read trace ({exc})") from None
+    finally:
+        con.close()
+
+
+def run_batch(trace: str | Path, calibration: Calibration, *,
+              accounts: str | Path | None = None, tick_seconds: float = 60.0,
+              memory_limit: str = "1GB", collect: bool = False,
+              geoip: GeoIP | None = None,
+              on_block: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
+    """Detect over a whole trace; returns the verdicts and the detector (for calibration)."""
+    detector = Detector(calibration, tick_seconds=tick_seconds, collect=collect)
+    listed: list[str] = []
+    if accounts is not None:
+        for account_id, facts in facts_from_accounts(accounts):
+            detector.add_account(account_id, facts)
+            listed.append(account_id)
+    count = 0
+    for lines in iter_sorted_lines(trace, memory_limit=memory_limit):
+        exchanges = []
+        for line in lines:
+            try:
+                exchanges.append(Exchange.from_trace(orjson.loads(line)))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
+                                  f"{exc}") from None
+        for features in extract_many(exchanges, geoip):
+            if features.account_id:
+                detector.observe(features)
+        count += len(exchanges)
+        if on_block is not None:
+            on_block(count)
+    detector.finish()
+    verdicts = detector.verdicts(listed)
+    verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
+                                  "tick_seconds": tick_seconds,
+                                  "threshold": calibration.threshold,
+                                  "target_fpr": calibration.target_fpr}
+    return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
+
+
+def read_labels(path: str | Path) -> dict[str, bool]:
+    """account_id -> True for attack accounts (a non-null campaign_id)."""
+    from distillguard.traceio import iter_jsonl
+
+    out: dict[str, bool] = {}
+    for _, rec in iter_jsonl(path):
+        if isinstance(rec, dict) and isinstance(rec.get("account_id"), str):
+            out[rec["account_id"]] = rec.get("campaign_id") is not None
+    return out
+
+
+def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
+              target_fpr: float = 0.001, tick_seconds: float = 60.0) -> Calibration:
+    """Two replays of a labelled trace: the first collects feature snapshots and fits the
+    model, the second replays with that model and sets the threshold from every benign
+    account's peak risk, so the threshold is exactly what detection would see."""
+    attack = read_labels(labels)
+    _, first = run_batch(trace, Calibration.neutral(), accounts=accounts,
+                         tick_seconds=tick_seconds, collect=True)
+    snaps = [(a, row) for a, row in first.snapshots if a in attack]
+    if not snaps:
+        raise ValueError("no labelled account in the trace")
+    model = fit_model(np.vstack([row for _, row in snaps]),
+                      np.array([attack[a] for a, _ in snaps], dtype=int))
+    replay = Calibration(model=model, threshold=1.01, target_fpr=target_fpr)
+    _, second = run_batch(trace, replay, accounts=accounts, tick_seconds=tick_seconds)
+    benign = [a for a, is_attack in attack.items() if not is_attack]
+    peaks = np.array([second.status[a].peak if a in second.status else 0.0 for a in benign])
+    threshold, over = threshold_for(peaks, target_fpr)
+    return Calibration(model=model, threshold=threshold, target_fpr=target_fpr, fitted_on={
+        "trace_sha256": file_sha256(trace), "labels_sha256": file_sha256(labels),
+        "tick_seconds": tick_seconds, "snapshots": len(snaps), "benign": len(benign),
+        "attack": len(attack) - len(benign), "benign_flagged_at_threshold": over})

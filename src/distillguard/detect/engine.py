@@ -1,0 +1,269 @@
+"""The detector: one logic for the batch command and the online stage.
+
+:class:`Detector` takes :class:`~distillguard.detect.features.ExchangeFeatures` in time
+order. Each updates the account's sketches; whenever the trace clock passes the next
+evaluation time (every ``tick_seconds``), the detector *evaluates*: it refreshes the
+cross-account links of the accounts that moved, updates the account graph and its
+communities, scores every affected account, and flags those whose risk reaches the
+calibrated threshold. An evaluation sees only exchanges that came before it, so
+``first_flagged_at`` (the time of the exchange that triggered the evaluation) and
+``exchanges_before_flag`` (the account's exchanges seen by then) say honestly how early a
+campaign was caught. Flags are sticky; risk and campaign membership are kept up to date.
+
+Evaluations are driven by the timestamps in the data, never by the wall clock, so the
+batch path and the online path give the same verdicts on the same exchanges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from distillguard.detect.calibration import Calibration
+from distillguard.detect.evidence import account_reasons, campaign_evidence
+from distillguard.detect.features import ExchangeFeatures
+from distillguard.detect.graph import AccountGraph, Community
+from distillguard.detect.linking import LinkIndex
+from distillguard.detect.scoring import AccountFacts, account_vector, community_vector
+from distillguard.detect.sketches import AccountState
+from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
+
+SIGNUP_WINDOW_S = 3_600
+RISK_STEP = 0.05
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+@dataclass(slots=True)
+class AccountStatus:
+    risk: float = 0.0
+    peak: float = 0.0
+    flagged: bool = False
+    campaign_id: str | None = None
+    first_flagged_at: float | None = None
+    exchanges_before_flag: int | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def verdict(self, account_id: str) -> AccountVerdict:
+        return AccountVerdict(account_id=account_id, risk=self.risk, flagged=self.flagged,
+                              campaign_id=self.campaign_id,
+                              first_flagged_at=_dt(self.first_flagged_at),
+                              exchanges_before_flag=self.exchanges_before_flag,
+                              reasons=list(self.reasons))
+
+
+@dataclass(slots=True)
+class CampaignStatus:
+    campaign_id: str
+    accounts: list[str]
+    risk: float
+    detected_at: float
+    evidence: list[str]
+
+    def verdict(self) -> CampaignVerdict:
+        return CampaignVerdict(campaign_id=self.campaign_id, accounts=list(self.accounts),
+                               risk=self.risk, detected_at=_dt(self.detected_at),
+                               evidence=list(self.evidence))
+
+
+@dataclass
+class Changes:
+    """What one evaluation changed (the online stage writes these)."""
+
+    at: float
+    accounts: list[AccountVerdict] = field(default_factory=list)
+    campaigns: list[CampaignVerdict] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.accounts or self.campaigns)
+
+
+class Detector:
+    def __init__(self, calibration: Calibration, *, tick_seconds: float = 60.0,
+                 collect: bool = False, links: LinkIndex | None = None) -> None:
+        self.calibration = calibration
+        self.tick_seconds = tick_seconds
+        self.states: dict[str, AccountState] = {}
+        self.facts: dict[str, AccountFacts] = {}
+        self.links = links or LinkIndex()
+        self.graph = AccountGraph()
+        self.status: dict[str, AccountStatus] = {}
+        self.campaigns: dict[str, CampaignStatus] = {}
+        self.vectors: dict[str, np.ndarray] = {}
+        self.dirty: set[str] = set()
+        self.next_tick: float | None = None
+        self.last_ts = 0.0
+        self.exchanges = 0
+        self.evaluations = 0
+        self._campaign_seq = 0
+        self.collect = collect
+        self.snapshots: list[tuple[str, np.ndarray]] = []
+        self._marks: dict[str, int] = {}
+
+    # -- input ------------------------------------------------------------------------
+
+    def add_account(self, account_id: str, facts: AccountFacts) -> None:
+        """Register what the account record says (before or after its first exchange)."""
+        self.facts[account_id] = facts
+        bucket = None if facts.created_at is None else int(facts.created_at // SIGNUP_WINDOW_S)
+        self.links.set_static(account_id, facts.payment, bucket)
+
+    def observe(self, f: ExchangeFeatures) -> Changes | None:
+        """Take one exchange (in time order); returns what an evaluation it triggered
+        changed, evaluated *before* this exchange is counted."""
+        changes = None
+        if self.next_tick is None:
+            self.next_tick = (math.floor(f.ts / self.tick_seconds) + 1) * self.tick_seconds
+        elif f.ts >= self.next_tick:
+            changes = self.evaluate(f.ts)
+            self.next_tick = (math.floor(f.ts / self.tick_seconds) + 1) * self.tick_seconds
+        state = self.states.get(f.account_id)
+        if state is None:
+            state = self.states[f.account_id] = AccountState(f.account_id)
+        state.update(f)
+        self.dirty.add(f.account_id)
+        self.last_ts = max(self.last_ts, f.ts)
+        self.exchanges += 1
+        return changes
+
+    def finish(self) -> Changes | None:
+        """Evaluate what came after the last evaluation (end of a trace)."""
+        return self.evaluate(self.last_ts) if self.dirty else None
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def evaluate(self, now: float) -> Changes:
+        self.evaluations += 1
+        dirty = sorted(self.dirty)
+        self.dirty.clear()
+        for aid in dirty:
+            state = self.states[aid]
+            state.flush()
+            self.links.update(state)
+            self.vectors[aid] = account_vector(state, self.facts.get(aid))
+        changed = self.links.refresh(self.states)
+        touched = set(dirty) | self.graph.update(self.links.edges, changed)
+        for aid in dirty:
+            community = self.graph.of.get(aid)
+            if community is not None:
+                touched |= community.members
+        ids = sorted(a for a in touched if a in self.states)
+        if not ids:
+            return Changes(now)
+        community_rows: dict[int, np.ndarray] = {}
+        rows = []
+        for aid in ids:
+            community = self.graph.of.get(aid)
+            key = id(community)
+            if key not in community_rows:
+                community_rows[key] = community_vector(community, self.vectors, self.states,
+                                                       self.facts)
+            rows.append(np.concatenate([self.vectors[aid], community_rows[key]]))
+        matrix = np.vstack(rows)
+        risks = self.calibration.model.risk(matrix)
+        if self.collect:
+            self._snapshot(ids, matrix)
+        return self._apply(now, ids, matrix, risks)
+
+    def _snapshot(self, ids: list[str], matrix: np.ndarray) -> None:
+        """Keep feature rows for fitting: an account's row when its volume passes 1, 2, 4,
+        8, ... and every 50 exchanges after that (bounded per account)."""
+        for aid, row in zip(ids, matrix, strict=True):
+            count = self.states[aid].count
+            mark = self._marks.get(aid, 0)
+            if count >= mark:
+                self.snapshots.append((aid, row))
+                self._marks[aid] = count * 2 if count < 50 else count + 50
+
+    def _apply(self, now: float, ids: list[str], matrix: np.ndarray, risks: np.ndarray
+               ) -> Changes:
+        changes = Changes(now)
+        threshold = self.calibration.threshold
+        changed: set[str] = set()
+        for aid, row, risk in zip(ids, matrix, risks, strict=True):
+            st = self.status.setdefault(aid, AccountStatus())
+            r = float(risk)
+            newly = not st.flagged and r >= threshold
+            if newly:
+                st.flagged = True
+                st.first_flagged_at = now
+                st.exchanges_before_flag = self.states[aid].count
+            if newly or abs(r - st.risk) >= RISK_STEP or (st.flagged and not st.reasons):
+                st.reasons = account_reasons(self.calibration.model, row)
+                changed.add(aid)
+            if abs(r - st.risk) >= 1e-6:
+                st.risk = r
+            st.peak = max(st.peak, r)
+        moved, changes.campaigns = self._campaigns(now, set(ids))
+        changes.accounts = [self.status[a].verdict(a) for a in sorted(changed | moved)]
+        return changes
+
+    def _campaigns(self, now: float, touched: set[str]
+                   ) -> tuple[set[str], list[CampaignVerdict]]:
+        """Give flagged accounts of each community a stable campaign id."""
+        out: list[CampaignVerdict] = []
+        changed: set[str] = set()
+        claimed: set[str] = set()
+        communities = sorted(
+            (c for c in self.graph.communities if c.size >= 2 and not touched.isdisjoint(
+                c.members)), key=lambda c: (-c.size, min(c.members)))
+        for community in communities:
+            flagged = sorted(m for m in community.members
+                             if m in self.status and self.status[m].flagged)
+            if not flagged:
+                continue
+            old = Counter(self.status[m].campaign_id for m in flagged
+                          if self.status[m].campaign_id and
+                          self.status[m].campaign_id not in claimed)
+            if old:
+                cid = max(sorted(old), key=lambda k: old[k])
+            else:
+                self._campaign_seq += 1
+                cid = f"c-{self._campaign_seq}"
+            claimed.add(cid)
+            for m in flagged:
+                if self.status[m].campaign_id != cid:
+                    self.status[m].campaign_id = cid
+                    changed.add(m)
+            update = self._update_campaign(now, cid, community, flagged)
+            if update is not None:
+                out.append(update)
+        return changed, out
+
+    def _update_campaign(self, now: float, cid: str, community: Community,
+                         flagged: list[str]) -> CampaignVerdict | None:
+        members = sorted(community.members)
+        risk = float(np.mean([self.status[m].risk if m in self.status else 0.0
+                              for m in members]))
+        existing = self.campaigns.get(cid)
+        accounts = sorted(set(flagged) | set(existing.accounts if existing else []))
+        accounts = [a for a in accounts if self.status[a].campaign_id == cid]
+        evidence = campaign_evidence(community, self.states, flagged)
+        if existing is None:
+            existing = self.campaigns[cid] = CampaignStatus(cid, accounts, risk, now, evidence)
+            return existing.verdict()
+        if (existing.accounts != accounts or abs(existing.risk - risk) >= RISK_STEP
+                or existing.evidence[:1] != evidence[:1]):
+            existing.accounts, existing.risk, existing.evidence = accounts, risk, evidence
+            return existing.verdict()
+        return None
+
+    # -- output -----------------------------------------------------------------------
+
+    def verdicts(self, account_ids: list[str] | None = None) -> Verdicts:
+        """The verdicts document: every account seen (and every listed one) once."""
+        ids = sorted(set(self.states) | set(self.facts) | set(account_ids or []))
+        accounts = [self.status.get(a, AccountStatus()).verdict(a) for a in ids]
+        for cid, campaign in self.campaigns.items():
+            campaign.accounts = sorted(a for a in campaign.accounts
+                                       if self.status[a].campaign_id == cid)
+        campaigns = [c.verdict() for c in sorted(self.campaigns.values(),
+                                                  key=lambda c: c.detected_at)
+                     if c.accounts]
+        return Verdicts(accounts=accounts, campaigns=campaigns)

@@ -1,0 +1,164 @@
+"""The account graph and its communities: candidate campaigns.
+
+Nodes are accounts with at least one cross-account link (:mod:`.linking`); an edge's
+weight adds its kinds' weights. Communities are found with networkx's Louvain method
+(seeded, so the same graph always gives the same partition), run per connected
+component: a component of two or three accounts is one community as it is, and a large
+component (two campaigns sharing a hosting /24, say) is split.
+
+Communities are kept between evaluations: a component whose node and edge sets did not
+change keeps its partition, so Louvain runs only where the graph moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+KIND_WEIGHTS: dict[str, float] = {"template": 1.0, "lockstep": 1.0, "payment": 2.0,
+                                  "prefix": 0.6, "signup": 0.4}
+LOUVAIN_SEED = 20260301
+LOUVAIN_RESOLUTION = 1.0
+
+
+def edge_weight(kinds: Mapping[str, float]) -> float:
+    return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, value) for kind, value in kinds.items())
+
+
+@dataclass
+class Community:
+    members: frozenset[str]
+    kinds: dict[str, int] = field(default_factory=dict)   # evidence kind -> member count
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+@dataclass
+class AccountGraph:
+    """Partition of linked accounts into communities, updated evaluation by evaluation.
+
+    The networkx graph is updated pair by pair. Louvain re-runs on a changed connected
+    component only when it has grown or shrunk by more than ``rerun_share`` since its
+    last run; smaller changes place each new account in the community it is most
+    strongly linked to."""
+
+    rerun_share: float = 0.15
+    graph: nx.Graph = field(default_factory=nx.Graph)
+    of: dict[str, Community] = field(default_factory=dict)
+    _label: dict[str, int] = field(default_factory=dict)
+    _members: dict[int, set[str]] = field(default_factory=dict)
+    _communities: dict[int, Community] = field(default_factory=dict)
+    _base: dict[int, int] = field(default_factory=dict)   # label -> component size at split
+    _next_label: int = 0
+    _previous: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def communities(self) -> list[Community]:
+        return [self._communities[k] for k in sorted(self._communities)]
+
+    def update(self, edges: Mapping[tuple[str, str], Mapping[str, float]],
+               changed: set[tuple[str, str]]) -> set[str]:
+        """Apply the changed pairs; returns the accounts whose community changed."""
+        graph = self.graph
+        touched: set[str] = set()
+        for a, b in sorted(changed):
+            kinds = edges.get((a, b))
+            if kinds:
+                graph.add_edge(a, b, weight=edge_weight(kinds), kinds=dict(kinds))
+            elif graph.has_edge(a, b):
+                graph.remove_edge(a, b)
+            touched.update((a, b))
+        for node in sorted(touched):
+            if node in graph and graph.degree(node) == 0:
+                graph.remove_node(node)
+        if not touched:
+            return set()
+        components: list[set[str]] = []
+        seen: set[str] = set()
+        for node in sorted(touched):
+            if node not in seen and node in graph:
+                nodes = nx.node_connected_component(graph, node)
+                seen |= nodes
+                components.append(nodes)
+        touched |= seen
+        self._previous = {}
+        for label in {self._label[n] for n in touched if n in self._label}:
+            for node in self._members.pop(label, set()):
+                self._previous[node] = label
+                self._label.pop(node, None)
+                touched.add(node)
+            self._communities.pop(label, None)
+        fresh: set[int] = set()
+        for nodes in components:
+            for n, label in self._partition(graph, nodes).items():
+                self._label[n] = label
+                self._members.setdefault(label, set()).add(n)
+                fresh.add(label)
+        for label in fresh:
+            self._communities[label] = self._community(graph, self._members[label])
+        for node in touched:
+            if node in self._label:
+                self.of[node] = self._communities[self._label[node]]
+            else:
+                self.of.pop(node, None)
+        return touched
+
+    def _partition(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
+        old = [self._previous[n] for n in nodes if n in self._previous]
+        size = len(nodes)
+        if old:
+            base = max(self._base.get(k, 0) for k in set(old))
+            kept = len(old)
+            if abs(size - base) <= self.rerun_share * max(base, 1) and kept >= 0.5 * size:
+                return self._extend(graph, nodes)
+        if size <= 3:
+            groups = [set(nodes)]
+        else:
+            groups = nx.community.louvain_communities(
+                graph.subgraph(sorted(nodes)), weight="weight",
+                resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
+        out: dict[str, int] = {}
+        for group in sorted(groups, key=min):
+            label = self._next_label
+            self._next_label += 1
+            self._base[label] = size
+            out.update((n, label) for n in group)
+        return out
+
+    def _extend(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in nodes:
+            if n in self._previous:
+                out[n] = self._previous[n]
+        pending = sorted(n for n in nodes if n not in out)
+        while pending:
+            rest = []
+            for node in pending:
+                weights: dict[int, float] = {}
+                for nb, data in graph[node].items():
+                    if nb in out:
+                        weights[out[nb]] = weights.get(out[nb], 0.0) + data["weight"]
+                if weights:
+                    out[node] = max(sorted(weights), key=weights.__getitem__)
+                else:
+                    rest.append(node)
+            if len(rest) == len(pending):
+                label = self._next_label
+                self._next_label += 1
+                self._base[label] = len(rest)
+                out.update((n, label) for n in rest)
+                break
+            pending = rest
+        return out
+
+    @staticmethod
+    def _community(graph: nx.Graph, group: set[str]) -> Community:
+        kinds: dict[str, set[str]] = {}
+        for a, b, data in graph.subgraph(group).edges(data=True):
+            for kind in data["kinds"]:
+                kinds.setdefault(kind, set()).update((a, b))
+        return Community(frozenset(group), {k: len(v) for k, v in kinds.items()})

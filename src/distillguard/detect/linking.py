@@ -1,0 +1,182 @@
+"""Cross-account links: which accounts behave as one.
+
+Four kinds of evidence connect two accounts, each kept in an index whose size grows with
+the number of accounts, not of exchanges:
+
+* **template**: both accounts send a large share of their traffic with the same template
+  frame or the same SimHash LSH band (their *dominant* keys, from
+  :meth:`AccountState.dominant_keys`);
+* **lockstep**: the accounts were active in nearly the same time buckets (in the spirit
+  of SynchroTrap and CopyCatch): Jaccard similarity of their activity MinHashes, found
+  with datasketch's :class:`~datasketch.MinHashLSH`;
+* **infrastructure**: the same payment fingerprint, the same client /24, or the same
+  sign-up window;
+* the account records' sign-up window counts only together with another link kind.
+
+A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
+says little; groups larger than ``max_group`` make no edges. Within a group each account
+links to a few neighbours on a hash ring rather than to every member, which keeps a group
+of *n* accounts to O(n) edges while leaving it connected.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from datasketch import MinHashLSH
+
+from distillguard.detect.sketches import AccountState
+
+KINDS = ("template", "lockstep", "payment", "prefix", "signup")
+RING_NEIGHBOURS = 3
+
+
+def _ring_key(account_id: str) -> int:
+    return zlib.crc32(account_id.encode())
+
+
+Pair = tuple[str, str]
+
+
+def _pair(a: str, b: str) -> Pair:
+    return (a, b) if a < b else (b, a)
+
+
+@dataclass
+class LinkIndex:
+    """Group memberships by key, per evidence kind, and the edges they make.
+
+    Edges are maintained incrementally: a group whose membership changed is re-linked at
+    the next :meth:`refresh`, which returns the pairs whose evidence changed."""
+
+    template_share: float = 0.25
+    template_min_count: int = 3
+    lockstep_threshold: float = 0.5
+    lockstep_min_buckets: int = 4
+    max_group: int = 400
+    groups: dict[str, dict[object, set[str]]] = field(
+        default_factory=lambda: {k: defaultdict(set) for k in KINDS if k != "lockstep"})
+    member_keys: dict[str, dict[str, set[object]]] = field(default_factory=dict)
+    edges: dict[Pair, dict[str, float]] = field(default_factory=dict)
+    _group_edges: dict[tuple[str, object], set[Pair]] = field(default_factory=dict)
+    _counts: dict[Pair, dict[str, int]] = field(default_factory=dict)
+    _dirty_groups: set[tuple[str, object]] = field(default_factory=set)
+    _lockstep: dict[Pair, float] = field(default_factory=dict)
+    _dirty_pairs: set[Pair] = field(default_factory=set)
+    _lsh: MinHashLSH | None = None
+    _in_lsh: set[str] = field(default_factory=set)
+    _active: set[str] = field(default_factory=set)
+
+    def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
+        new = set(keys)
+        mine = self.member_keys.setdefault(account_id, {})
+        old = mine.get(kind, set())
+        if new == old:
+            return
+        groups = self.groups[kind]
+        for key in old - new:
+            members = groups.get(key)
+            if members is not None:
+                members.discard(account_id)
+                if not members:
+                    del groups[key]
+            self._dirty_groups.add((kind, key))
+        for key in new - old:
+            groups[key].add(account_id)
+            self._dirty_groups.add((kind, key))
+        mine[kind] = new
+
+    def set_static(self, account_id: str, payment: str | None, signup_bucket: int | None
+                   ) -> None:
+        """Keys from the account record, set once when the account is first seen."""
+        self._set_keys("payment", account_id, [payment] if payment else [])
+        self._set_keys("signup", account_id, [] if signup_bucket is None else [signup_bucket])
+
+    def update(self, state: AccountState) -> None:
+        """Refresh the account's behavioural keys and lockstep candidates."""
+        aid = state.account_id
+        if aid not in self._active:
+            # Groups count only active accounts: its static groups must be re-linked.
+            self._active.add(aid)
+            for kind, keys in self.member_keys.get(aid, {}).items():
+                self._dirty_groups.update((kind, k) for k in keys)
+        self._set_keys("template", aid, [k for k, _ in state.dominant_keys(
+            self.template_share, self.template_min_count)])
+        prefix = state.top_prefix
+        self._set_keys("prefix", aid, [prefix] if prefix else [])
+        if state.active_buckets >= self.lockstep_min_buckets:
+            self._lockstep_candidates(state)
+
+    def _lockstep_candidates(self, state: AccountState) -> None:
+        if self._lsh is None:
+            self._lsh = MinHashLSH(threshold=self.lockstep_threshold,
+                                   num_perm=len(state.activity.hashvalues))
+        lsh = self._lsh
+        aid = state.account_id
+        if aid in self._in_lsh:
+            lsh.remove(aid)
+        for other in sorted(lsh.query(state.activity)):
+            self._dirty_pairs.add(_pair(aid, other))
+        for pair in [p for p in self._lockstep if aid in p]:
+            self._dirty_pairs.add(pair)
+        lsh.insert(aid, state.activity)
+        self._in_lsh.add(aid)
+
+    def _ring(self, members: set[str]) -> set[Pair]:
+        if len(members) > self.max_group:
+            return set()
+        ring = sorted((m for m in members if m in self._active), key=lambda m: (_ring_key(m), m))
+        n = len(ring)
+        out: set[Pair] = set()
+        for i, a in enumerate(ring):
+            for step in range(1, min(RING_NEIGHBOURS, n - 1) + 1):
+                out.add(_pair(a, ring[(i + step) % n]))
+        return out
+
+    def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
+        """Re-link changed groups and lockstep candidates; returns the pairs whose edge
+        changed (``self.edges`` then holds ``(a, b) -> {kind: weight}``, a < b)."""
+        changed: set[Pair] = set()
+        for group in sorted(self._dirty_groups, key=repr):
+            kind, key = group
+            old = self._group_edges.pop(group, set())
+            new = self._ring(self.groups[kind].get(key, set()))
+            if new:
+                self._group_edges[group] = new
+            for pair in old - new:
+                counts = self._counts[pair]
+                counts[kind] -= 1
+                if not counts[kind]:
+                    del counts[kind]
+                changed.add(pair)
+            for pair in new - old:
+                self._counts.setdefault(pair, {})
+                self._counts[pair][kind] = self._counts[pair].get(kind, 0) + 1
+                changed.add(pair)
+        self._dirty_groups.clear()
+        for pair in sorted(self._dirty_pairs):
+            a, b = pair
+            sim = states[a].activity.jaccard(states[b].activity)
+            had = pair in self._lockstep
+            if sim >= self.lockstep_threshold:
+                self._lockstep[pair] = sim
+                changed.add(pair)
+            elif had:
+                del self._lockstep[pair]
+                changed.add(pair)
+        self._dirty_pairs.clear()
+        for pair in changed:
+            kinds: dict[str, float] = {k: 1.0 for k in self._counts.get(pair, {})}
+            if pair in self._lockstep:
+                kinds["lockstep"] = self._lockstep[pair]
+            # A shared sign-up window alone is coincidence; keep it only beside others.
+            if kinds and set(kinds) != {"signup"}:
+                self.edges[pair] = kinds
+            else:
+                self.edges.pop(pair, None)
+            if not self._counts.get(pair):
+                self._counts.pop(pair, None)
+        return changed

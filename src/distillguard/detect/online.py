@@ -1,0 +1,172 @@
+"""The online path: a background pipeline stage feeding the same detector.
+
+:class:`DetectionStage` is a background :class:`~distillguard.pipeline.Stage`: the
+gateway never waits for it. For each finished exchange it computes the features (stored
+as ``exchange.annotations["features"]``), feeds them to
+:class:`~distillguard.detect.engine.Detector`, and when an evaluation falls due runs it in
+a worker thread so the event loop keeps serving requests. What an evaluation changed is
+written to the state store's database (SQLite or PostgreSQL, the engine of
+:mod:`distillguard.store`) in two tables that policy and the dashboard read:
+
+* ``campaigns(campaign_id PK, risk, detected_at, evidence JSON, accounts JSON, status,
+  updated_at)``: one row per campaign, updated in place (``status`` is set to ``open``
+  when the campaign is created and then left to analysts);
+* ``account_verdicts(account_id, risk, flagged, campaign_id, first_flagged_at,
+  exchanges_before_flag, reasons JSON, updated_at, PK (account_id, updated_at))``: a row
+  each time an account's verdict changes; the latest row is current.
+
+Timestamps are RFC 3339 UTC (:func:`distillguard.exchange.format_ts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from distillguard.detect.calibration import Calibration
+from distillguard.detect.engine import Changes, Detector
+from distillguard.detect.features import extract
+from distillguard.detect.scoring import AccountFacts
+from distillguard.exchange import Exchange, format_ts, parse_ts
+from distillguard.geoip import GeoIP
+from distillguard.store.sql import async_url
+
+log = logging.getLogger("distillguard.detect")
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS campaigns (
+        campaign_id TEXT PRIMARY KEY, risk REAL NOT NULL, detected_at TEXT,
+        evidence TEXT NOT NULL DEFAULT '[]', accounts TEXT NOT NULL DEFAULT '[]',
+        status TEXT NOT NULL DEFAULT 'open', updated_at TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS account_verdicts (
+        account_id TEXT NOT NULL, risk REAL NOT NULL, flagged INTEGER NOT NULL,
+        campaign_id TEXT, first_flagged_at TEXT, exchanges_before_flag INTEGER,
+        reasons TEXT NOT NULL DEFAULT '[]', updated_at TEXT NOT NULL,
+        PRIMARY KEY (account_id, updated_at))""",
+    "CREATE INDEX IF NOT EXISTS account_verdicts_campaign ON account_verdicts (campaign_id)",
+)
+_UPSERT_ACCOUNT = text(
+    "INSERT INTO account_verdicts (account_id, risk, flagged, campaign_id, first_flagged_at,"
+    " exchanges_before_flag, reasons, updated_at) VALUES (:account_id, :risk, :flagged,"
+    " :campaign_id, :first_flagged_at, :exchanges_before_flag, :reasons, :updated_at)"
+    " ON CONFLICT (account_id, updated_at) DO UPDATE SET risk = excluded.risk,"
+    " flagged = excluded.flagged, campaign_id = excluded.campaign_id,"
+    " first_flagged_at = excluded.first_flagged_at,"
+    " exchanges_before_flag = excluded.exchanges_before_flag, reasons = excluded.reasons")
+_UPSERT_CAMPAIGN = text(
+    "INSERT INTO campaigns (campaign_id, risk, detected_at, evidence, accounts, status,"
+    " updated_at) VALUES (:campaign_id, :risk, :detected_at, :evidence, :accounts, 'open',"
+    " :updated_at) ON CONFLICT (campaign_id) DO UPDATE SET risk = excluded.risk,"
+    " evidence = excluded.evidence, accounts = excluded.accounts,"
+    " updated_at = excluded.updated_at")
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def create_tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        for statement in SCHEMA:
+            await conn.execute(text(statement))
+
+
+async def write_changes(engine: AsyncEngine, changes: Changes) -> None:
+    """Write one evaluation's changes in one transaction."""
+    at = format_ts(datetime.fromtimestamp(changes.at, UTC))
+    accounts = [{**{k: v for k, v in a.to_json().items()
+                    if k in ("account_id", "risk", "campaign_id", "first_flagged_at",
+                             "exchanges_before_flag")},
+                 "flagged": int(a.flagged), "reasons": _json(a.reasons), "updated_at": at}
+                for a in changes.accounts]
+    campaigns = [{"campaign_id": c.campaign_id, "risk": round(c.risk, 6),
+                  "detected_at": format_ts(c.detected_at) if c.detected_at else None,
+                  "evidence": _json(c.evidence), "accounts": _json(c.accounts),
+                  "updated_at": at} for c in changes.campaigns]
+    async with engine.begin() as conn:
+        if accounts:
+            await conn.execute(_UPSERT_ACCOUNT, accounts)
+        if campaigns:
+            await conn.execute(_UPSERT_CAMPAIGN, campaigns)
+
+
+class DetectionStage:
+    """Background stage: features, detector, verdict tables."""
+
+    name = "detect"
+    inline = False
+
+    def __init__(self, state_url: str, calibration: Calibration, *,
+                 tick_seconds: float = 60.0, geoip: GeoIP | None = None) -> None:
+        self.detector = Detector(calibration, tick_seconds=tick_seconds)
+        self.state_url = state_url
+        self.geoip = geoip
+        self.engine: AsyncEngine | None = None
+        self._known: set[str] = set()
+        self.written = 0
+
+    async def start(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.state_url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        self.engine = create_async_engine(async_url(self.state_url), **kwargs)
+        await create_tables(self.engine)
+
+    async def _facts(self, account_id: str) -> None:
+        self._known.add(account_id)
+        assert self.engine is not None
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(text(
+                    "SELECT created_at, org, payment_fingerprint, email_domain FROM accounts"
+                    " WHERE account_id = :a"), {"a": account_id})).first()
+        except Exception:  # no accounts table (a bare database): behaviour only
+            log.debug("no account record for %s", account_id, exc_info=True)
+            return
+        if row is not None:
+            m = row._mapping
+            created = m["created_at"]
+            self.detector.add_account(account_id, AccountFacts(
+                created_at=parse_ts(created).timestamp() if created else None,
+                org=m["org"], payment=m["payment_fingerprint"],
+                email_domain=m["email_domain"]))
+
+    async def on_exchange(self, exchange: Exchange) -> None:
+        if not exchange.account_id or exchange.status == 0:
+            return
+        if self.engine is None:
+            await self.start()
+        features = extract(exchange, self.geoip)
+        exchange.annotations["features"] = features.to_json()
+        if exchange.account_id not in self._known:
+            await self._facts(exchange.account_id)
+        due = self.detector.next_tick is not None and features.ts >= self.detector.next_tick
+        if due:  # an evaluation: off the event loop
+            changes = await asyncio.to_thread(self.detector.observe, features)
+        else:
+            changes = self.detector.observe(features)
+        if changes:
+            await self._write(changes)
+
+    async def flush(self) -> None:
+        """Evaluate what arrived since the last evaluation now (shutdown, tests)."""
+        changes = await asyncio.to_thread(self.detector.finish)
+        if changes:
+            await self._write(changes)
+
+    async def _write(self, changes: Changes) -> None:
+        assert self.engine is not None
+        await write_changes(self.engine, changes)
+        self.written += len(changes.accounts) + len(changes.campaigns)
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.flush()
+            await self.engine.dispose()
+            self.engine = None

@@ -1,0 +1,34 @@
+"""The ``detect`` settings section, validated at start-up.
+
+```yaml
+detect:
+  enabled: true          # the online detection stage (background, off the request path)
+  calibration: null      # calibration file; null: the one shipped with distillguard
+  tick_seconds: 60       # evaluate links and risk every this many seconds of traffic
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distillguard.errors import ConfigError
+
+
+class DetectSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    calibration: str | None = None
+    tick_seconds: float = Field(60.0, gt=0.0, le=86_400.0)
+
+
+def parse_settings(section: Any) -> DetectSettings:
+    try:
+        return DetectSettings.model_validate(section or {})
+    except ValidationError as exc:
+        problems = "\n".join(f"  detect.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError("invalid configuration:\n" + problems) from None

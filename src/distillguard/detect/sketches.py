@@ -1,0 +1,237 @@
+"""Per-account behaviour in bounded memory: sketches, never the raw history.
+
+Each account keeps an :class:`AccountState` whose size does not grow with its traffic:
+
+* counters (volume, reasoning, rubric, tool use, harvest, multi-turn, hosting, errors);
+* a capability histogram over the fixed categories;
+* heavy hitters (Space-Saving, :class:`TopK`) of its template keys, SimHash LSH keys,
+  models, user agents, IP prefixes and AS names: template reuse and concentration;
+* a HyperLogLog (datasketch) of distinct skeleton fingerprints: template diversity;
+* Welford mean and variance of log inter-arrival gaps: timing regularity;
+* a 24-bin hour-of-day histogram: the diurnal pattern;
+* a MinHash (datasketch) of the minute buckets it was active in: lockstep with others.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasketch import HyperLogLog, MinHash
+
+from distillguard.detect.features import CATEGORIES, ExchangeFeatures
+
+ACTIVITY_BUCKET_S = 120
+ACTIVITY_PERM = 64
+_HLL_P = 8
+
+
+class TopK:
+    """Space-Saving heavy hitters: at most ``k`` counters; counts over-estimate by at most
+    the smallest counter."""
+
+    __slots__ = ("k", "counts")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.counts: dict[object, int] = {}
+
+    def add(self, item: object, weight: int = 1) -> None:
+        counts = self.counts
+        if item in counts:
+            counts[item] += weight
+        elif len(counts) < self.k:
+            counts[item] = weight
+        else:
+            victim = min(counts, key=counts.__getitem__)
+            floor = counts.pop(victim)
+            counts[item] = floor + weight
+
+    def top(self, n: int = 1) -> list[tuple[object, int]]:
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
+
+    def max_count(self) -> int:
+        return max(self.counts.values(), default=0)
+
+
+@dataclass(slots=True)
+class Welford:
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+def _identity(value: int) -> int:
+    return value
+
+
+def _hll() -> HyperLogLog:
+    # The SimHash is already a well-mixed hash: feed its low 32 bits directly.
+    return HyperLogLog(p=_HLL_P, hashfunc=_identity)
+
+
+def _minhash() -> MinHash:
+    return MinHash(num_perm=ACTIVITY_PERM, seed=7)
+
+
+@dataclass(slots=True)
+class AccountState:
+    """Everything detection remembers of one account (a few KB, whatever its volume)."""
+
+    account_id: str
+    count: int = 0
+    first_ts: float = 0.0
+    last_ts: float = 0.0
+    reasoning: int = 0
+    rubric: int = 0
+    tool_use: int = 0
+    harvest: int = 0
+    multi_turn: int = 0
+    system_like: int = 0
+    hosting: int = 0
+    errors: int = 0
+    model_switches: int = 0
+    last_model: str = ""
+    log_ratio_sum: float = 0.0
+    max_tokens_sum: float = 0.0
+    categories: np.ndarray = field(default_factory=lambda: np.zeros(len(CATEGORIES)))
+    hours: np.ndarray = field(default_factory=lambda: np.zeros(24))
+    gaps: Welford = field(default_factory=Welford)
+    templates: TopK = field(default_factory=lambda: TopK(12))
+    lsh: TopK = field(default_factory=lambda: TopK(16))
+    user_agents: TopK = field(default_factory=lambda: TopK(4))
+    prefixes: TopK = field(default_factory=lambda: TopK(6))
+    asns: TopK = field(default_factory=lambda: TopK(4))
+    distinct: HyperLogLog = field(default_factory=_hll)
+    activity: MinHash = field(default_factory=_minhash)
+    active_buckets: int = 0
+    last_bucket: int = -1
+    pending_buckets: list[bytes] = field(default_factory=list)
+    examples: list[str] = field(default_factory=list)
+
+    def update(self, f: ExchangeFeatures) -> None:
+        if self.count == 0:
+            self.first_ts = f.ts
+        else:
+            self.gaps.add(math.log1p(max(0.0, f.ts - self.last_ts)))
+        self.count += 1
+        self.last_ts = max(self.last_ts, f.ts)
+        self.reasoning += f.reasoning
+        self.rubric += f.rubric
+        self.tool_use += f.tool_use
+        self.harvest += f.harvest
+        self.multi_turn += f.depth > 0
+        self.hosting += f.hosting
+        self.errors += f.status >= 400
+        if self.last_model and f.model != self.last_model:
+            self.model_switches += 1
+        self.last_model = f.model
+        self.log_ratio_sum += math.log1p(f.output_ratio)
+        self.max_tokens_sum += min(f.max_tokens, 32_768)
+        self.categories[f.category] += 1
+        self.hours[int(f.ts // 3600) % 24] += 1
+        for key in f.template_keys:
+            self.templates.add(key)
+        for key in f.lsh_keys:
+            self.lsh.add(key)
+        self.user_agents.add(f.user_agent)
+        if f.ip_prefix:
+            self.prefixes.add(f.ip_prefix)
+        if f.asn:
+            self.asns.add(f.asn)
+        self.distinct.update(f.simhash & 0xFFFFFFFF)
+        bucket = int(f.ts // ACTIVITY_BUCKET_S)
+        if bucket != self.last_bucket:
+            self.last_bucket = bucket
+            self.active_buckets += 1
+            self.pending_buckets.append(bucket.to_bytes(8, "little"))
+        if len(self.examples) < 3 and (not self.examples or f.reasoning or f.rubric
+                                       or f.tool_use or f.harvest):
+            self.examples.append(f.exchange_id)
+
+    def flush(self) -> None:
+        """Fold the activity buckets seen since the last call into the MinHash."""
+        if self.pending_buckets:
+            self.activity.update_batch(self.pending_buckets)
+            self.pending_buckets.clear()
+
+    # -- derived behaviour -------------------------------------------------------------
+
+    def share(self, n: int) -> float:
+        return n / self.count if self.count else 0.0
+
+    def dominant_keys(self, min_share: float, min_count: int) -> list[tuple[int, float]]:
+        """Template and LSH keys seen in at least ``min_share`` of the account's traffic."""
+        out = []
+        for topk in (self.templates, self.lsh):
+            for key, n in topk.counts.items():
+                if n >= min_count and n / self.count >= min_share:
+                    out.append((int(key), n / self.count))  # type: ignore[call-overload]
+        return out
+
+    @property
+    def template_reuse(self) -> float:
+        """Share of exchanges carrying the account's most frequent template frame."""
+        return self.share(self.templates.max_count())
+
+    @property
+    def diversity(self) -> float:
+        """Distinct skeleton fingerprints per exchange (1.0: every prompt different)."""
+        if not self.count:
+            return 1.0
+        with warnings.catch_warnings():   # small counts: datasketch warns, the value is fine
+            warnings.simplefilter("ignore", UserWarning)
+            return min(1.0, self.distinct.count() / self.count)
+
+    @property
+    def concentration(self) -> float:
+        """Share of the account's most used capability category."""
+        return float(self.categories.max() / self.count) if self.count else 0.0
+
+    @property
+    def diurnal_entropy(self) -> float:
+        """Entropy of the hour-of-day histogram over log(24): 1.0 is round-the-clock."""
+        total = self.hours.sum()
+        if total <= 0:
+            return 0.0
+        p = self.hours[self.hours > 0] / total
+        return float(-(p * np.log(p)).sum() / math.log(24))
+
+    @property
+    def timing_regularity(self) -> float:
+        """1 / (1 + std of log gaps): near 1 for a metronome, lower for human bursts."""
+        if self.gaps.n < 3:
+            return 0.0
+        return 1.0 / (1.0 + self.gaps.std)
+
+    @property
+    def rate_per_hour(self) -> float:
+        span = max(self.last_ts - self.first_ts, 60.0)
+        return self.count * 3600.0 / span
+
+    @property
+    def top_asn(self) -> str | None:
+        top = self.asns.top(1)
+        return str(top[0][0]) if top else None
+
+    @property
+    def top_prefix(self) -> str | None:
+        top = self.prefixes.top(1)
+        return str(top[0][0]) if top else None
+
+    @property
+    def top_user_agent(self) -> str | None:
+        top = self.user_agents.top(1)
+        return str(top[0][0]) if top else None
