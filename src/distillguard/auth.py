@@ -14,10 +14,12 @@ refuses every request with 503. Unknown keys are refused either way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from distillguard.errors import (
     AuthenticationFailed,
@@ -55,12 +57,34 @@ class Authenticator:
         self.stale_grace_s = stale_grace_s
         self.store_failures = 0
         self._cache: dict[str, tuple[float, ApiKey | None, Account | None]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[ApiKey | None, Account | None]]] = {}
 
     async def _lookup(self, key_id: str) -> tuple[ApiKey | None, Account | None]:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < self.cache_ttl_s:
             return hit[1], hit[2]
+        # One store round trip per key at a time: concurrent requests for the same key
+        # share the look-up already under way instead of each starting their own (under
+        # load, a cache expiry would otherwise fan out into one query per waiting request).
+        # The look-up is its own task, so a client that goes away does not cancel it for
+        # the others.
+        task = self._inflight.get(key_id)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(key_id, now, hit))
+            self._inflight[key_id] = task
+            task.add_done_callback(lambda t: self._lookup_done(key_id, t))
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, key_id: str, task: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key_id) is task:
+            del self._inflight[key_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter went away
+
+    async def _fetch(self, key_id: str, now: float,
+                     hit: tuple[float, ApiKey | None, Account | None] | None
+                     ) -> tuple[ApiKey | None, Account | None]:
         try:
             key = await self.store.get_key(key_id)
             account = None

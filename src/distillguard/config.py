@@ -120,6 +120,8 @@ class LimitSettings(_Section):
 class PipelineSettings(_Section):
     queue_size: int = Field(10_000, gt=0)
     retention: Retention = Retention.FULL
+    trace_path: str | None = None
+    trace_flush_s: float = Field(1.0, gt=0)
 
 
 class Settings(_Section):

@@ -29,6 +29,7 @@ from distillguard.exchange import Exchange
 from distillguard.gateway.clientip import ClientIPResolver
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.gateway.proxy import proxy_endpoint
+from distillguard.gateway.tracelog import TraceLog, trace_path_for
 from distillguard.metrics import GatewayMetrics
 from distillguard.pipeline import Pipeline, RequestCheck, ResponseFilter, Stage
 from distillguard.ratelimit import CounterStore, RateLimiter, open_counter_store
@@ -94,12 +95,18 @@ def build_pipeline(
     """The default pipeline, in order.
 
     Checks: rate limits and quotas, then ``extra_checks`` (policy).
-    Stages: token accounting (rate limiter), metrics, then ``extra_stages`` (ledger,
-    online detection, ...).
+    Stages: token accounting (rate limiter), metrics, the trace log (when
+    ``pipeline.trace_path`` is set), then ``extra_stages`` (ledger, online detection, ...).
     """
     limiter = RateLimiter(settings, counters)
     checks: list[RequestCheck] = [limiter, *extra_checks]
-    stages: list[Stage] = [limiter, metrics, *extra_stages]
+    stages: list[Stage] = [limiter, metrics]
+    if settings.pipeline.trace_path:
+        stages.append(TraceLog(trace_path_for(settings.pipeline.trace_path,
+                                              settings.server.replica_id),
+                               settings.pipeline.retention,
+                               flush_s=settings.pipeline.trace_flush_s))
+    stages.extend(extra_stages)
     return Pipeline(stages, checks, queue_size=settings.pipeline.queue_size)
 
 

@@ -1,0 +1,151 @@
+"""Trace export (the trace log stage), trace import (replay into stages) and the key
+look-up that concurrent requests share."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from distillguard.auth import Authenticator
+from distillguard.cli import main
+from distillguard.exchange import Retention
+from distillguard.gateway.tracecli import import_traces
+from distillguard.serve import Extension
+from distillguard.store import open_state_store
+from distillguard.traceio import read_trace
+from tests.factories import (
+    ADMIN_TOKEN,
+    Recorder,
+    make_account,
+    make_exchange,
+    make_settings,
+    start_stack,
+)
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "demo-chat-1", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Name a prime."}], **extra}
+
+
+@pytest.mark.parametrize("suffix,retention", [("jsonl", "full"), ("jsonl.gz", "hash")])
+def test_trace_log_records_every_exchange(tmp_path: Path, suffix: str, retention: str
+                                          ) -> None:
+    settings = make_settings(tmp_path, server={"replica_id": "r7"},
+                             pipeline={"trace_path": str(tmp_path / f"t-{{replica}}.{suffix}"),
+                                       "retention": retention})
+    stack = start_stack(settings)
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "tr"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/tr/keys", json={}).json()["key"]
+        auth = {"authorization": f"Bearer {key}"}
+        url = stack.stack.base_url + "/chat/completions"
+        assert httpx.post(url, json=_chat(), headers=auth).status_code == 200
+        with httpx.stream("POST", url, json=_chat(stream=True), headers=auth) as r:
+            streamed = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert streamed[-1] == "data: [DONE]"
+        assert httpx.post(url, json=_chat()).status_code == 401
+    finally:
+        stack.stop()  # shutdown flushes the log
+    path = tmp_path / f"t-r7.{suffix}"
+    if suffix.endswith(".gz"):
+        assert gzip.decompress(path.read_bytes()).count(b"\n") == 3
+    lines = list(read_trace(path))
+    assert [ex.status for ex in lines] == [200, 200, 401]
+    plain, stream, refused = lines
+    assert plain.account_id == stream.account_id == "tr" and refused.account_id is None
+    assert key not in path.read_bytes().decode("latin-1")
+    assert plain.usage is not None and plain.usage.total_tokens > 0
+    assert stream.usage is not None and stream.usage.total_tokens > 0
+    if retention == "full":
+        assert plain.request == _chat()
+        assert stream.response["choices"][0]["message"]["content"]
+    else:
+        assert plain.request is None and plain.response is None
+        assert plain.request_sha256 and plain.response_sha256 and plain.model == "demo-chat-1"
+
+
+async def test_import_replays_into_stages_in_order(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+    monkeypatch.setattr("distillguard.components.load_extensions",
+                        lambda settings: [Extension(stages=[recorder])])
+    exchanges = [make_exchange(f"q{i}", account_id=f"a{i % 3}") for i in range(20)]
+    settings = make_settings(tmp_path, pipeline={"retention": "hash"})
+    count, errors = await import_traces(settings, iter(exchanges))
+    assert count == 20 and errors == {}
+    assert [ex.id for ex in recorder.exchanges] == [ex.id for ex in exchanges]
+    assert all(ex.retention is Retention.HASH and ex.request_sha256
+               for ex in recorder.exchanges)
+
+
+def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> None:
+    trace = tmp_path / "in.jsonl"
+    trace.write_bytes(b"".join(orjson.dumps(make_exchange(f"p{i}").to_trace()) + b"\n"
+                               for i in range(12)))
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
+                                   "ledger": {"path": str(tmp_path / "ledger")}}))
+    runner = CliRunner()
+    checked = runner.invoke(main, ["traces", "check", str(trace)], catch_exceptions=False)
+    assert checked.exit_code == 0 and "12 exchanges, 1 accounts" in checked.stdout
+    done = runner.invoke(main, ["-c", str(cfg), "traces", "import", "--sort", str(trace)],
+                         catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    assert "imported 12 exchanges" in done.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ts": "2026-03-01T00:00:00Z"}\n{"account_id": "x"}\n')
+    failed = runner.invoke(main, ["traces", "check", str(bad)])
+    assert failed.exit_code == 2 and f"{bad}:2" in failed.stderr
+
+
+class CountingStore:
+    """The real SQLite store, counting and slowing key look-ups."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.key_lookups = 0
+
+    async def get_key(self, key_id: str) -> Any:
+        self.key_lookups += 1
+        await asyncio.sleep(0.05)
+        return await self.inner.get_key(key_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_concurrent_requests_share_one_key_lookup(tmp_path: Path) -> None:
+    inner = open_state_store(f"sqlite:///{tmp_path / 'auth.sqlite'}")
+    await inner.migrate()
+    try:
+        await inner.put_account(make_account("acct_sf"))
+        _, secret = await inner.create_key("acct_sf")
+        store = CountingStore(inner)
+        auth = Authenticator(store, cache_ttl_s=0.2)  # type: ignore[arg-type]
+        header = f"Bearer {secret}"
+        # One caller gives up mid look-up; the others still get their answer.
+        quitter = asyncio.ensure_future(auth.authenticate(header))
+        others = [asyncio.ensure_future(auth.authenticate(header)) for _ in range(50)]
+        await asyncio.sleep(0.01)
+        quitter.cancel()
+        principals = await asyncio.gather(*others)
+        assert {p.account.account_id for p in principals} == {"acct_sf"}
+        assert store.key_lookups == 1
+        await auth.authenticate(header)  # cached
+        assert store.key_lookups == 1
+        await asyncio.sleep(0.25)  # expired: one more look-up for the next burst
+        await asyncio.gather(*(auth.authenticate(header) for _ in range(20)))
+        assert store.key_lookups == 2
+    finally:
+        await inner.close()
