@@ -31,6 +31,7 @@ T = TypeVar("T")
 
 # Sub-command groups living in their own modules: (module, attribute). One line each.
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("distillguard.gateway.tracecli", "traces"),
     ("distillguard.dashboard.cli", "dashboard"),
     ("distillguard.provenance.cli", "provenance"),
     ("distillguard.countermeasures.cli", "fingerprint"),
