@@ -3,8 +3,9 @@
 Starts a demo upstream and N ``distillguard serve`` replicas as separate processes (state
 in PostgreSQL and counters in Redis by default, or SQLite + in-process counters with
 ``--single``), sends chat completions round-robin at a fixed rate from an asyncio client
-scheduled on a clock (loopback only), and every interval records: resident memory of every
-process, requests sent, errors, and latency percentiles. Writes ``soak.csv``, ``soak.png``
+scheduled on a clock (loopback only; every ``--stream-every``-th request streams), and every
+interval records: resident memory of every process (the load client included), requests
+sent, errors, and latency percentiles. Writes ``soak.csv``, ``soak.png``
 and ``soak.md`` into the output folder.
 
     python bench/soak.py --minutes 30 --rate 200 --out bench/results/soak
@@ -121,24 +122,28 @@ def start_processes(args: argparse.Namespace, workdir: Path,
 
 
 async def load(urls: list[str], key: str, rate: float, seconds: float, interval: float,
-               procs: list[subprocess.Popen[bytes]], rows: list[dict[str, float]]) -> None:
+               procs: list[subprocess.Popen[bytes]], rows: list[dict[str, float]],
+               stream_every: int = 5) -> None:
     body = {"model": "demo-chat-1", "max_tokens": 64,
             "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}]}
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"authorization": f"Bearer {key}"}
     window = Window()
-    ps = [psutil.Process(p.pid) for p in procs]
+    ps = [psutil.Process(p.pid) for p in procs] + [psutil.Process()]
     connector = aiohttp.TCPConnector(limit=512)
+    timeout = aiohttp.ClientTimeout(total=30)  # a request slower than this counts as an error
     tasks: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def one(url: str) -> None:
+        async def one(url: str, stream: bool) -> None:
             start = time.perf_counter()
             try:
-                async with session.post(url + "/chat/completions", json=body,
+                async with session.post(url + "/chat/completions",
+                                        json=stream_body if stream else body,
                                         headers=headers) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except aiohttp.ClientError:
+                    data = await r.read()
+                    ok = r.status == 200 and (not stream or data.endswith(b"data: [DONE]\n\n"))
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             window.latencies.append((time.perf_counter() - start) * 1000)
             if ok:
@@ -156,7 +161,8 @@ async def load(urls: list[str], key: str, rate: float, seconds: float, interval:
             due = t0 + n / rate
             if due > now:
                 await asyncio.sleep(due - now)
-            task = asyncio.create_task(one(urls[n % len(urls)]))
+            task = asyncio.create_task(
+                one(urls[n % len(urls)], stream_every > 0 and n % stream_every == 0))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             window.sent += 1
@@ -179,7 +185,8 @@ def snapshot(elapsed: float, w: Window, ps: list[psutil.Process]) -> dict[str, f
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
     }
     for i, p in enumerate(ps):
-        name = "upstream" if i == 0 else f"replica{i - 1}"
+        name = ("upstream" if i == 0 else "client" if i == len(ps) - 1
+                else f"replica{i - 1}")
         try:
             row[f"rss_mb_{name}"] = p.memory_info().rss / 2**20
         except psutil.Error:
@@ -249,6 +256,8 @@ def main() -> None:
     parser.add_argument("--single", action="store_true",
                         help="one replica on SQLite and in-process counters")
     parser.add_argument("--interval", type=float, default=10, help="seconds per sample")
+    parser.add_argument("--stream-every", type=int, default=5,
+                        help="every n-th request streams (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak")
     args = parser.parse_args()
     args.db_name = "dgsoak_" + uuid.uuid4().hex[:8]
@@ -257,7 +266,8 @@ def main() -> None:
     rows: list[dict[str, float]] = []
     try:
         urls, key = start_processes(args, workdir, procs)
-        asyncio.run(load(urls, key, args.rate, args.minutes * 60, args.interval, procs, rows))
+        asyncio.run(load(urls, key, args.rate, args.minutes * 60, args.interval, procs, rows,
+                         args.stream_every))
     finally:
         for p in procs:
             if p.poll() is None:
