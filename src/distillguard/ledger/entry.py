@@ -54,6 +54,9 @@ def _ts(dt: datetime) -> str:
     """``format_ts`` (RFC 3339, milliseconds, ``Z``), several times faster."""
     if dt.tzinfo is not UTC:
         dt = dt.astimezone(UTC)
+    text = dt.isoformat()
+    if len(text) == 32:  # YYYY-MM-DDTHH:MM:SS.ffffff+00:00
+        return text[:23] + "Z"
     return dt.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
