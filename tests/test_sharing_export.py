@@ -167,16 +167,33 @@ def test_export_from_the_running_systems_state(tmp_path: Path) -> None:
                 await conn.execute(text(
                     "INSERT INTO account_verdicts VALUES (:a, 0.9, 1, 'c-7')"), {"a": a})
         paths = world.write_world(tmp_path)
+        from distillguard.dashboard.index import create_schema
+
+        await create_schema(engine)  # the dashboard's exchange index of the gateway
+        async with engine.begin() as conn:
+            for n, line in enumerate(world.trace_lines()):
+                await conn.execute(text(
+                    "INSERT INTO dashboard_exchanges (exchange_id, ts, account_id, client_ip,"
+                    " status) VALUES (:i, :t, :a, :ip, 200)"),
+                    {"i": f"ex_{n}", "t": line["ts"], "a": line["account_id"],
+                     "ip": line["client_ip"]})
         try:
-            return await collect_from_state(store, trace=paths["trace"], campaigns=None,
-                                            min_risk=0.9, geoip=default_geoip())
+            with_trace = await collect_from_state(store, trace=paths["trace"], campaigns=None,
+                                                  min_risk=0.9, geoip=default_geoip())
+            indexed = await collect_from_state(store, trace=None, campaigns=None,
+                                               min_risk=0.9, geoip=default_geoip())
+            return with_trace, indexed
         finally:
             await store.close()
 
-    (evidence,) = asyncio.run(go())  # confirmed c-7 despite its risk; dismissed c-9 not
+    (evidence,), (indexed,) = asyncio.run(go())  # confirmed c-7 despite its risk; not c-9
     assert evidence.campaign_id == "c-7" and evidence.exchanges == 120
     assert set(evidence.verdict.accounts) == set(world.CAMPAIGN)
     assert world.CAMPAIGN_PF in evidence.payment
+    # Without a trace: networks and times from the index, no user agents or templates.
+    assert indexed.exchanges == 120 and indexed.first_seen == evidence.first_seen
+    assert set(indexed.features["ip"]) == {"5.9.10.0/24"}
+    assert not indexed.features["user_agent"] and not indexed.features["template"]
 
 
 def test_template_fingerprint_follows_its_definition() -> None:

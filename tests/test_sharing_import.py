@@ -185,3 +185,47 @@ def test_indicator_expiry_and_supported_patterns() -> None:
         assert indicator_inputs({**base, "pattern": pattern}, now=now, ttl=ttl) == [], pattern
     assert indicator_inputs({**base, "revoked": True,
                              "pattern": "[ipv4-addr:value = '1.2.3.4']"}, now=now, ttl=ttl) == []
+
+
+@pytest.mark.postgres
+def test_matches_risk_and_taxii_collections_on_postgresql(pg_url: str) -> None:
+    from distillguard.sharing import taxiistore
+
+    objects = [{"type": "indicator", "spec_version": "2.1", "pattern_type": "stix",
+                "id": f"indicator--{i:08d}-1b1b-4c3c-8d8d-9e9e9e9e9e9e",
+                "created": "2026-03-01T00:00:00.000Z", "modified": f"2026-03-0{1 + i % 2}"
+                "T00:00:00.000Z", "valid_from": "2026-03-01T00:00:00Z",
+                "pattern": f"[ipv4-addr:value = '198.51.100.{i}']"} for i in range(5)]
+
+    async def go() -> None:
+        store = open_state_store(pg_url)
+        engine = store.engine  # type: ignore[attr-defined]
+        await create_schema(engine)
+        await taxiistore.create_schema(engine)
+        sharing = SharingStore(engine, ttl=timedelta(days=30))
+        when = datetime(2026, 3, 2, tzinfo=UTC)
+        first = await sharing.record_match(account_id="a1", partner="acme",
+                                           indicator_id="indicator--x", kind="ip",
+                                           value="198.51.100.0/24", when=when, risk=0.4)
+        again = await sharing.record_match(account_id="a1", partner="acme",
+                                           indicator_id="indicator--x", kind="ip",
+                                           value="198.51.100.0/24", when=when, risk=0.4)
+        other = await sharing.record_match(account_id="a1", partner="acme",
+                                           indicator_id="indicator--y", kind="ua",
+                                           value="x", when=when, risk=0.4)
+        assert (first, again, other) == (True, False, True)
+        assert await sharing.risk() == {"a1": pytest.approx(0.8)}
+        assert (await sharing.matches("a1"))[0]["hits"] == 2
+        async with engine.begin() as conn:
+            ok, failed = await taxiistore.add_objects(conn, "c1", objects, "acme")
+        assert len(ok) == 5 and not failed
+        page = await taxiistore.query(engine, "c1", limit=2, types=["indicator"])
+        assert page.more and len(page.rows) == 2 and page.next
+        rest = await taxiistore.query(engine, "c1", limit=10, after=page.next)
+        assert [r["id"] for r in page.rows + rest.rows] == [o["id"] for o in objects]
+        newest = await taxiistore.query(engine, "c1", limit=10,
+                                        added_after=page.rows[-1]["date_added"])
+        assert len(newest.rows) == 3
+        await store.close()
+
+    asyncio.run(go())
