@@ -97,10 +97,13 @@ async def poll(remote: Remote, store: SharingStore, *, partner: str, page_size: 
     since = None if reset else await store.cursor(key, remote.collection)
     objects, newest = await asyncio.to_thread(fetch, remote, since, page_size)
     check_objects(objects)
+    bundle_id = f"taxii-poll--{uuid.uuid4()}"
+    summary = ImportSummary(partner=partner, bundle_id=bundle_id)
     async with store.engine.begin() as conn:
-        summary = await store.import_objects(
-            conn, partner=partner, bundle_id=f"taxii-poll--{uuid.uuid4()}", objects=objects,
-            source=f"poll:{key}/collections/{remote.collection}", sha256=None)
+        if objects:  # an empty poll leaves no provenance record
+            summary = await store.import_objects(
+                conn, partner=partner, bundle_id=bundle_id, objects=objects,
+                source=f"poll:{key}/collections/{remote.collection}", sha256=None)
         if newest:
             await store.set_cursor(conn, key, remote.collection, newest)
     return summary
