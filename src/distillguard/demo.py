@@ -30,6 +30,7 @@ from distillguard.serve import Stack, StackThread
 # (title, "module:function"): each step is called with the running StackThread, the demo
 # folder and a context dict (settings, keys, admin client) it may add to. One line each.
 DEMO_STEPS: list[tuple[str, str]] = [
+    ("Tamper-evident ledger", "distillguard.ledger.demo:step"),
     ("Analyst dashboard", "distillguard.dashboard.demo:step"),
 ]
 DemoStep = Callable[[StackThread, Path, dict[str, Any]], None]
