@@ -75,6 +75,8 @@ def page(env: dict[str, Any]) -> Any:
 
 def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    width = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], f"{name}: the page is wider than the window {width}"
 
 
 def test_login(env: dict[str, Any]) -> None:
