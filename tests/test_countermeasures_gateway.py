@@ -102,3 +102,36 @@ def test_fingerprint_differs_per_account_and_traces_back(
     seen = [e for e in recorder.exchanges if e.account_id == a_id]  # type: ignore[attr-defined]
     assert seen and all(e.annotations["countermeasures"]["fingerprint"] for e in seen)
     assert seen[0].response_text() == texts_a[0]  # the record holds what the client got
+
+
+def test_model_test_through_an_openai_compatible_api(
+    running: tuple[StackThread, object, httpx.Client], tmp_path: Path
+) -> None:
+    """``fingerprint model-test --base-url``: the suspect is queried through its API only.
+    Answers served through the gateway carry the model-wide mark; the same model's answers
+    to a tier that is not fingerprinted do not."""
+    import orjson
+    from click.testing import CliRunner
+
+    from distillguard.cli import main
+    from distillguard.traceio import write_jsonl
+
+    stack, _, admin = running
+    _, marked = _client(stack, admin, "standard")
+    _, unmarked = _client(stack, admin, "trusted")
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(({"prompt": f"Question {i}: summarise what usually happens."}
+                 for i in range(40)), prompts)
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"countermeasures:\n  fingerprint:\n    secret: {SECRET}\n")
+    results = {}
+    for name, client in (("marked", marked), ("unmarked", unmarked)):
+        run = CliRunner().invoke(main, [
+            "--config", str(config), "fingerprint", "model-test", "--base-url",
+            stack.stack.base_url, "--model", "demo-chat-1", "--prompts", str(prompts),
+            "--api-key", client.api_key, "--out", str(tmp_path / f"{name}.json")])
+        assert run.exit_code == 0, run.output
+        results[name] = orjson.loads((tmp_path / f"{name}.json").read_bytes())
+    assert results["marked"]["slots"] >= 20, results
+    assert results["marked"]["trained_on_marked_outputs"], results
+    assert not results["unmarked"]["trained_on_marked_outputs"], results
