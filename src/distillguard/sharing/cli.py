@@ -16,13 +16,11 @@ import click
 import orjson
 
 from distillguard.errors import DistillguardError
-from distillguard.geoip import default_geoip
 from distillguard.sharing.settings import SharingSettings, parse_sharing_settings
-from distillguard.sharing.store import SharingStore, create_schema
-from distillguard.sharing.validate import BundleError, parse_bundle
 
 if TYPE_CHECKING:
     from distillguard.cli import Context
+    from distillguard.sharing.store import SharingStore
 
 T = TypeVar("T")
 pass_ctx = click.pass_obj  # the distillguard.cli.Context of the main group
@@ -42,6 +40,7 @@ def _echo(data: Any) -> None:
 
 async def _sharing_store(ctx: Context, store: Any) -> SharingStore:
     from distillguard.sharing import taxiistore
+    from distillguard.sharing.store import SharingStore, create_schema
 
     await create_schema(store.engine)
     await taxiistore.create_schema(store.engine)
@@ -81,6 +80,7 @@ def export_cmd(ctx: Context, partner: str, out: str, verdicts: str | None,
                trace: str | None, accounts: str | None, campaigns: tuple[str, ...],
                min_risk: float, collection: str | None) -> None:
     """Export campaigns as a STIX 2.1 bundle for one partner."""
+    from distillguard.geoip import default_geoip
     from distillguard.sharing import inputs
     from distillguard.sharing.export import BundleBuilder
 
@@ -133,6 +133,8 @@ async def _publish(ctx: Context, store: Any, ref: str, objects: list[dict[str, A
 @pass_ctx
 def import_cmd(ctx: Context, bundle: str, partner: str) -> None:
     """Validate a partner's STIX 2.1 bundle and import its indicators (all or nothing)."""
+    from distillguard.sharing.validate import BundleError, parse_bundle
+
     options = _options(ctx)
     options.partner(partner)
     try:
@@ -225,6 +227,7 @@ def push_cmd(ctx: Context, bundle: str, server: str, collection: str, user: str 
              password: str | None, token: str | None) -> None:
     """Add a bundle's objects to a partner's TAXII 2.1 collection."""
     from distillguard.sharing.client import push_objects
+    from distillguard.sharing.validate import parse_bundle
 
     parsed = parse_bundle(_read(bundle), max_bytes=_options(ctx).max_bundle_bytes)
     _echo(push_objects(_remote(server, collection, user, password, token), parsed.objects))
@@ -260,6 +263,7 @@ def serve_cmd(ctx: Context, host: str, port: int) -> None:
     from starlette.applications import Starlette
 
     from distillguard.sharing import taxiistore
+    from distillguard.sharing.store import create_schema
     from distillguard.sharing.taxii import TaxiiServer
     from distillguard.store import open_state_store
 
