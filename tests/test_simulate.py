@@ -46,6 +46,9 @@ def test_smoke_writes_three_files_in_the_public_formats(smoke: tuple[Path, Path,
     assert ex.request["messages"][-1]["role"] == "user"
     assert ex.response_text()
     assert len({ex.id for ex in exchanges}) == len(exchanges)
+    # chat front-ends stream; the trace holds the reassembled completion with its usage
+    streamed = [ex for ex in exchanges if ex.stream]
+    assert streamed and all(ex.usage and ex.response_text() for ex in streamed)
 
 
 def test_smoke_covers_every_population_and_campaign_type(

@@ -81,7 +81,8 @@ def company_name(rng: random.Random, world: World) -> tuple[str, str]:
 
 def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[str],
                   sessions_per_day: float, offset_h: float, *, business: bool = False,
-                  weekdays_only: bool = False, start: float | None = None) -> Iterator[Event]:
+                  weekdays_only: bool = False, start: float | None = None,
+                  stream: bool = False) -> Iterator[Event]:
     """Interactive multi-turn sessions: diurnal session starts, follow-ups that refer to
     the previous turns (the history is re-sent), reading and typing time between turns."""
     items = pool("chat", world.split)
@@ -101,7 +102,7 @@ def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[st
             messages = [*history, {"role": "user", "content": text}]
             ts, line = exchange(world, rng, t, client, model, messages,
                                 completion_tokens=conv.completion_tokens(rng),
-                                max_tokens=max_tokens, ip=ip)
+                                max_tokens=max_tokens, ip=ip, stream=stream)
             yield ts, line
             answer = line["response"]["choices"][0]["message"]["content"]
             history = [*messages, {"role": "assistant", "content": answer}][-6:]
@@ -123,10 +124,12 @@ class Casual:
         self.ips = [home.address(rng), mobile.address(rng)]
         self.client.ip = self.ips[0]
         self.sessions_per_day = min(40.0, rng.lognormvariate(math.log(0.8), 1.1))
+        self.stream = rng.random() < 0.6   # chat front-ends stream their answers
 
     def events(self) -> Iterator[Event]:
         return chat_sessions(self.world, self.rng, self.client, self.ips,
-                             self.sessions_per_day, UTC_OFFSET[self.country])
+                             self.sessions_per_day, UTC_OFFSET[self.country],
+                             stream=self.stream)
 
 
 class Saas:
@@ -229,5 +232,6 @@ class Company:
         offset = UTC_OFFSET[self.country]
         streams = [chat_sessions(self.world, random.Random(self.rng.random()), client,
                                  [client.ip], per_day, offset, business=True,
-                                 weekdays_only=True) for client, per_day in self.staff]
+                                 weekdays_only=True, stream=client.account_id[-1] < "8")
+                   for client, per_day in self.staff]
         return heapq.merge(*streams, key=lambda e: e[0])

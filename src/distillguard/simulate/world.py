@@ -199,9 +199,13 @@ def exchange(world: World, rng: random.Random, ts: float,
              client: Client, model: str, messages: list[dict[str, str]], *,
              completion_tokens: int, reference: str = "", max_tokens: int | None = 1024,
              temperature: float | None = None, reasoning: bool = False,
-             ip: str | None = None) -> tuple[float, dict[str, Any]]:
-    """One finished chat-completions exchange as a trace line."""
+             ip: str | None = None, stream: bool = False) -> tuple[float, dict[str, Any]]:
+    """One finished chat-completions exchange as a trace line (for a stream, the
+    response is the reassembled completion, as the gateway records it)."""
     request: dict[str, Any] = {"model": model, "messages": messages}
+    if stream:
+        request["stream"] = True
+        request["stream_options"] = {"include_usage": True}
     if max_tokens is not None:
         request["max_tokens"] = max_tokens
         completion_tokens = min(completion_tokens, max_tokens)
