@@ -137,7 +137,12 @@ def test_partner_indicators_flag_block_and_reach_the_review_queue(tmp_path: Path
         # A second hit counts but does not add risk or a second item.
         assert _chat(base, keys["acct_fine"], ip="5.9.10.251").status_code == 200
         _wait(lambda: any(m["hits"] == 2 for m in asyncio.run(_tables(url))["matches"]))
-        assert asyncio.run(_tables(url))["risk"]["acct_fine"] == 1.0
+        final = asyncio.run(_tables(url))
+        assert final["risk"]["acct_fine"] == 1.0
+        # Reloading indicators (every 0.2 s here) does not count the card match again.
+        (mule,) = [m for m in final["matches"] if m["account_id"] == "acct_mule"]
+        assert mule["kind"] == "payment" and mule["hits"] == 0
+        assert final["risk"]["acct_mule"] == 0.5
     finally:
         running.stop()
 

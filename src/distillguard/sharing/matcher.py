@@ -270,21 +270,22 @@ class MatchStage:
                               blocked=found["action"] == "block")
 
     async def record(self, account_id: str, hit: Hit, when: datetime, *,
-                     blocked: bool = False) -> None:
+                     blocked: bool = False, hits: int = 1) -> None:
         store = self.matcher.store
         options = self.matcher.options
         first = await store.record_match(
             account_id=account_id, partner=hit.partner, indicator_id=hit.indicator_id,
-            kind=hit.kind, value=hit.value, when=when, risk=options.match_risk)
+            kind=hit.kind, value=hit.value, when=when, risk=options.match_risk, hits=hits)
         if not first:
             return
         opener = review_opener()
         if opener is None:
             return
         risk = (await store.risk()).get(account_id, options.match_risk)
+        outcome = ("request blocked" if blocked else "request flagged") if hits else (
+            "matched when the indicator was loaded")
         evidence = [f"matched a {hit.kind} indicator shared by partner {hit.partner}: "
-                    f"{hit.value}", f"indicator {hit.indicator_id}",
-                    "request blocked" if blocked else "request flagged"]
+                    f"{hit.value}", f"indicator {hit.indicator_id}", outcome]
         item = opener(store.engine, kind="account", subject=account_id, risk=risk,
                       evidence=evidence, source="sharing")
         if inspect.isawaitable(item):
@@ -302,10 +303,13 @@ class Refresher:
         self.matcher = matcher
         self.stage = stage
         self._task: asyncio.Task[None] | None = None
+        self._known: set[tuple[str, Hit]] = set()
 
     async def once(self) -> None:
         for account_id, hit in await self.matcher.refresh():
-            await self.stage.record(account_id, hit, datetime.now(UTC))
+            if (account_id, hit) not in self._known:
+                await self.stage.record(account_id, hit, datetime.now(UTC), hits=0)
+                self._known.add((account_id, hit))
 
     async def start(self) -> None:
         await self.once()

@@ -189,22 +189,24 @@ class SharingStore:
             return int(result.rowcount or 0)
 
     async def record_match(self, *, account_id: str, partner: str, indicator_id: str,
-                           kind: str, value: str, when: datetime, risk: float
-                           ) -> bool:
-        """Count a hit; True when this account matched this indicator for the first time
+                           kind: str, value: str, when: datetime, risk: float,
+                           hits: int = 1) -> bool:
+        """Count ``hits`` requests (0: a match found without traffic, such as a payment
+        fingerprint); True when this account matched this indicator for the first time
         (its risk was then raised by ``risk``)."""
         async with self.engine.begin() as conn:
             updated = await conn.execute(text(
-                "UPDATE sharing_matches SET hits = hits + 1, last_seen = :t"
+                "UPDATE sharing_matches SET hits = hits + :n, last_seen = CASE WHEN :n > 0"
+                " THEN :t ELSE last_seen END"
                 " WHERE account_id = :a AND partner = :p AND indicator_id = :i"),
-                {"t": ts(when), "a": account_id, "p": partner, "i": indicator_id})
+                {"n": hits, "t": ts(when), "a": account_id, "p": partner, "i": indicator_id})
             if updated.rowcount:
                 return False
             await conn.execute(text(
-                "INSERT INTO sharing_matches VALUES (:a, :p, :i, :k, :v, :t, :t, 1, NULL)"
+                "INSERT INTO sharing_matches VALUES (:a, :p, :i, :k, :v, :t, :t, :n, NULL)"
                 " ON CONFLICT DO NOTHING"),
                 {"a": account_id, "p": partner, "i": indicator_id, "k": kind, "v": value,
-                 "t": ts(when)})
+                 "t": ts(when), "n": hits})
             row = (await conn.execute(text(
                 "SELECT risk, indicators FROM sharing_risk WHERE account_id = :a"),
                 {"a": account_id})).first()
