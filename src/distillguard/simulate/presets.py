@@ -65,8 +65,8 @@ def n(value: float, scale: float, minimum: int = 1) -> int:
 
 
 def build_campaign(kind: str, world: World, rng: random.Random, p: Preset,
-                   scale: float) -> c.Campaign:
-    size, rate = n(p.campaign_size, scale, 2), p.per_account_day
+                   size: int) -> c.Campaign:
+    rate = p.per_account_day
     start = rng.choice((0.0, 0.0, rng.uniform(0.1, 0.4)))
     builders: dict[str, Callable[[], c.Campaign]] = {
         "hydra": lambda: c.Hydra(world, rng, size * 2, rate * 0.35, start),
@@ -101,8 +101,11 @@ def build_actors(world: World, p: Preset, scale: float) -> list[Any]:
         actors.append(EvalRunner(world, stream(), p.eval_questions))
     for _ in range(n(p.companies, scale)):
         actors.append(Company(world, stream(), n(p.company_size, 1.0, 2)))
+    # Campaign accounts grow linearly with the scale: more campaigns above 1, smaller
+    # ones below (a campaign keeps at least two accounts).
     copies = n(p.campaign_copies, scale)
+    size = n(p.campaign_size * p.campaign_copies * scale / copies, 1.0, 2)
     for kind in p.campaigns:
         for _ in range(copies):
-            actors.append(build_campaign(kind, world, stream(), p, scale))
+            actors.append(build_campaign(kind, world, stream(), p, size))
     return actors
