@@ -76,7 +76,7 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
 
 
 def run_batch(trace: str | Path, calibration: Calibration, *,
-              accounts: str | Path | None = None, tick_seconds: float = 60.0,
+              accounts: str | Path | None = None, tick_seconds: float = 300.0,
               memory_limit: str = "1GB", collect: bool = False,
               geoip: GeoIP | None = None,
               on_block: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
@@ -123,7 +123,7 @@ def read_labels(path: str | Path) -> dict[str, bool]:
 
 
 def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
-              target_fpr: float = 0.001, tick_seconds: float = 60.0) -> Calibration:
+              target_fpr: float = 0.001, tick_seconds: float = 300.0) -> Calibration:
     """Two replays of a labelled trace: the first collects feature snapshots and fits the
     model, the second replays with that model and sets the threshold from every benign
     account's peak risk, so the threshold is exactly what detection would see."""

@@ -30,7 +30,7 @@ from distillguard.detect.calibration import Calibration
 @click.option("--out", type=click.Path(dir_okay=False), help="Verdicts file to write.")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")
-@click.option("--tick-seconds", default=60.0, show_default=True, type=float,
+@click.option("--tick-seconds", default=300.0, show_default=True, type=float,
               help="Evaluate links and risk every this many seconds of trace time.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="DuckDB memory limit for sorting the trace (spills to disk beyond it).")
@@ -62,7 +62,7 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
               help="labels.jsonl: account_id and campaign_id (null for benign accounts).")
 @click.option("--target-fpr", default=0.001, show_default=True, type=float,
               help="Share of benign accounts allowed to be flagged.")
-@click.option("--tick-seconds", default=60.0, show_default=True, type=float)
+@click.option("--tick-seconds", default=300.0, show_default=True, type=float)
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 def calibrate(trace: str, accounts: str | None, labels: str, target_fpr: float,
               tick_seconds: float, out: str) -> None:

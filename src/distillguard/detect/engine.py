@@ -85,7 +85,7 @@ class Changes:
 
 
 class Detector:
-    def __init__(self, calibration: Calibration, *, tick_seconds: float = 60.0,
+    def __init__(self, calibration: Calibration, *, tick_seconds: float = 300.0,
                  collect: bool = False, links: LinkIndex | None = None) -> None:
         self.calibration = calibration
         self.tick_seconds = tick_seconds

@@ -11,7 +11,7 @@ What is computed:
   quoted strings replaced by placeholders; its layout (line markers such as ``###``,
   ``Input:``), first and last three words are hashed into three *template keys* (a fixed
   frame around a changing payload shows in at least one of them);
-* **locality-sensitive fingerprint**: a 64-bit SimHash of the skeleton's word bigrams
+* **locality-sensitive fingerprint**: a 64-bit SimHash of the skeleton's words
   (numpy, vectorised over the batch), banded into four 16-bit LSH keys so that near
   copies of one prompt share keys;
 * **signals**: reasoning elicitation (``step by step``, ``show your reasoning``, ...),
@@ -194,13 +194,13 @@ def frame_keys(text: str, words: Sequence[str]) -> tuple[int, int, int]:
 
 
 def simhashes(docs: Sequence[Sequence[str]]) -> list[int]:
-    """64-bit SimHash of each document's word bigrams, in one numpy pass over the batch."""
+    """64-bit SimHash of each document's words (the first 128), in one numpy pass over the
+    batch. Four 16-bit bands: two fingerprints within Hamming distance 3 share a band."""
     ids: list[int] = []
     owners: list[int] = []
     for k, words in enumerate(docs):
-        grams = [a + " " + b for a, b in zip(words, words[1:], strict=False)] or list(words)
-        for gram in grams[:96]:
-            ids.append(_hash(gram))
+        for word in words[:128]:
+            ids.append(_hash(word))
             owners.append(k)
     out = np.zeros(len(docs), dtype=np.uint64)
     if ids:

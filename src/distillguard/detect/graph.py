@@ -158,7 +158,10 @@ class AccountGraph:
     @staticmethod
     def _community(graph: nx.Graph, group: set[str]) -> Community:
         kinds: dict[str, set[str]] = {}
-        for a, b, data in graph.subgraph(group).edges(data=True):
-            for kind in data["kinds"]:
-                kinds.setdefault(kind, set()).update((a, b))
+        adjacency = graph.adj
+        for a in group:
+            for b, data in adjacency[a].items():
+                if b in group:
+                    for kind in data["kinds"]:
+                        kinds.setdefault(kind, set()).add(a)
         return Community(frozenset(group), {k: len(v) for k, v in kinds.items()})

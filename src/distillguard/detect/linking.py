@@ -107,7 +107,8 @@ class LinkIndex:
             self.template_share, self.template_min_count)])
         prefix = state.top_prefix
         self._set_keys("prefix", aid, [prefix] if prefix else [])
-        if state.active_buckets >= self.lockstep_min_buckets:
+        if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
+            state.activity_changed = False
             self._lockstep_candidates(state)
 
     def _lockstep_candidates(self, state: AccountState) -> None:

@@ -103,7 +103,7 @@ class DetectionStage:
     inline = False
 
     def __init__(self, state_url: str, calibration: Calibration, *,
-                 tick_seconds: float = 60.0, geoip: GeoIP | None = None) -> None:
+                 tick_seconds: float = 300.0, geoip: GeoIP | None = None) -> None:
         self.detector = Detector(calibration, tick_seconds=tick_seconds)
         self.state_url = state_url
         self.geoip = geoip

@@ -4,7 +4,7 @@
 detect:
   enabled: true          # the online detection stage (background, off the request path)
   calibration: null      # calibration file; null: the one shipped with distillguard
-  tick_seconds: 60       # evaluate links and risk every this many seconds of traffic
+  tick_seconds: 300      # evaluate links and risk every this many seconds of traffic
 ```
 """
 
@@ -22,7 +22,7 @@ class DetectSettings(BaseModel):
 
     enabled: bool = True
     calibration: str | None = None
-    tick_seconds: float = Field(60.0, gt=0.0, le=86_400.0)
+    tick_seconds: float = Field(300.0, gt=0.0, le=86_400.0)
 
 
 def parse_settings(section: Any) -> DetectSettings:

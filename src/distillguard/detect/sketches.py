@@ -77,8 +77,15 @@ def _identity(value: int) -> int:
     return value
 
 
+def _mix32(h: int) -> int:
+    """32 well-mixed bits of a 64-bit value (a SimHash's own bits are correlated)."""
+    h = ((h ^ (h >> 33)) * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
+    h = ((h ^ (h >> 33)) * 0xC4CEB9FE1A85EC53) & 0xFFFFFFFFFFFFFFFF
+    return (h ^ (h >> 33)) & 0xFFFFFFFF
+
+
 def _hll() -> HyperLogLog:
-    # The SimHash is already a well-mixed hash: feed its low 32 bits directly.
+    # Values arrive already hashed (:func:`_mix32`).
     return HyperLogLog(p=_HLL_P, hashfunc=_identity)
 
 
@@ -119,6 +126,7 @@ class AccountState:
     active_buckets: int = 0
     last_bucket: int = -1
     pending_buckets: list[bytes] = field(default_factory=list)
+    activity_changed: bool = False
     examples: list[str] = field(default_factory=list)
 
     def update(self, f: ExchangeFeatures) -> None:
@@ -151,7 +159,7 @@ class AccountState:
             self.prefixes.add(f.ip_prefix)
         if f.asn:
             self.asns.add(f.asn)
-        self.distinct.update(f.simhash & 0xFFFFFFFF)
+        self.distinct.update(_mix32(f.simhash))
         bucket = int(f.ts // ACTIVITY_BUCKET_S)
         if bucket != self.last_bucket:
             self.last_bucket = bucket
@@ -166,6 +174,7 @@ class AccountState:
         if self.pending_buckets:
             self.activity.update_batch(self.pending_buckets)
             self.pending_buckets.clear()
+            self.activity_changed = True
 
     # -- derived behaviour -------------------------------------------------------------
 

@@ -1,0 +1,77 @@
+"""Detection quality and batch throughput, side by side with the volume baseline.
+
+    python3 -m bench.detect_bench --dir DIR [--runs 3]
+
+DIR holds a simulated world (``distillguard simulate --out DIR --preset heldout``).
+Each run times the baseline (``distillguard.benchdetect.run_baseline``) and the detector
+(``distillguard.detect.batch.run_batch`` with the shipped calibration) alternately in
+this process, on the same trace; the medians and their ratio are reported, then both
+verdicts are scored with ``distillguard.benchdetect.score``. Results go to
+DIR/detect_bench.json and a Markdown table on standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from distillguard.benchdetect import run_baseline, score
+from distillguard.detect.batch import run_batch
+from distillguard.detect.calibration import Calibration
+from distillguard.verdicts import Verdicts
+
+
+def _timed(fn: Any) -> tuple[float, Any]:
+    began = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - began, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dir", required=True, type=Path)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tick-seconds", type=float, default=300.0)
+    args = ap.parse_args()
+    trace, accounts, labels = (args.dir / n for n in ("trace.jsonl", "accounts.jsonl",
+                                                      "labels.jsonl"))
+    calibration = Calibration.read()
+    base_times, det_times = [], []
+    base: Verdicts | None = None
+    ours: Verdicts | None = None
+    exchanges = 0
+    for _ in range(args.runs):
+        t, base = _timed(lambda: run_baseline(trace, accounts))
+        base_times.append(t)
+        t, (result, _d) = _timed(lambda: run_batch(trace, calibration, accounts=accounts,
+                                                    tick_seconds=args.tick_seconds))
+        det_times.append(t)
+        ours, exchanges = result.verdicts, result.exchanges
+    assert base is not None and ours is not None
+    b, d = statistics.median(base_times), statistics.median(det_times)
+    out: dict[str, Any] = {
+        "exchanges": exchanges, "runs": args.runs,
+        "baseline_seconds": base_times, "detector_seconds": det_times,
+        "baseline_exchanges_per_s": exchanges / b, "detector_exchanges_per_s": exchanges / d,
+        "detector_time_over_baseline": d / b,
+        "scores": {"detector": score(trace, accounts, labels, ours, d).to_json(),
+                   "baseline": score(trace, accounts, labels, base, b).to_json()}}
+    (args.dir / "detect_bench.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    ours.write(args.dir / "verdicts.json")
+    print(f"exchanges: {exchanges}; median of {args.runs} alternating runs")
+    print(f"| detector | exchanges/s | time vs baseline |\n|---|---|---|\n"
+          f"| baseline-volume | {exchanges / b:,.0f} | 1.00 |\n"
+          f"| distillguard detect | {exchanges / d:,.0f} | {d / b:.2f} |")
+    for name in ("detector", "baseline"):
+        print(f"\n{name}: overall {orjson.dumps(out['scores'][name]['overall']).decode()}")
+        for kind, row in out["scores"][name]["campaign_types"].items():
+            print(f"  {kind}: {orjson.dumps(row).decode()}")
+
+
+if __name__ == "__main__":
+    main()

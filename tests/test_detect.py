@@ -1,0 +1,180 @@
+"""Campaign detection end to end on a simulated trace: the batch command, the online stage
+(same verdicts), the verdict tables on SQLite and PostgreSQL, calibration."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from click.testing import CliRunner
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from distillguard.cli import main
+from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
+from distillguard.detect.batch import iter_sorted_lines, read_labels, run_batch
+from distillguard.detect.calibration import Calibration, threshold_for
+from distillguard.detect.engine import Changes
+from distillguard.detect.online import DetectionStage, write_changes
+from distillguard.exchange import Exchange
+from distillguard.simulate import simulate
+from distillguard.store.sql import async_url
+from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
+
+TICK = 600.0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return simulate(tmp_path_factory.mktemp("detect"), preset="smoke", seed=5, days=0.5)
+
+
+@pytest.fixture(scope="module")
+def batch(world: tuple[Path, Path, Path]) -> Verdicts:
+    trace, accounts, _ = world
+    result, _detector = run_batch(trace, Calibration.read(), accounts=accounts,
+                                  tick_seconds=TICK)
+    return result.verdicts
+
+
+def test_trace_is_read_in_time_order(tmp_path: Path, world: tuple[Path, Path, Path]) -> None:
+    lines = world[0].read_bytes().splitlines()
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_bytes(b"\n".join(reversed(lines)) + b"\n")
+    out = [orjson.loads(x)["ts"] for block in iter_sorted_lines(shuffled, batch_rows=100)
+           for x in block]
+    assert len(out) == len(lines) and out == sorted(out)
+
+
+def test_batch_verdicts_cover_every_account(world: tuple[Path, Path, Path],
+                                            batch: Verdicts) -> None:
+    labels = read_labels(world[2])
+    ids = [a.account_id for a in batch.accounts]
+    assert sorted(ids) == sorted(labels) and len(ids) == len(set(ids))
+    flagged = [a for a in batch.accounts if a.flagged]
+    assert flagged, "the smoke world has campaigns; some account must be flagged"
+    for a in flagged:
+        assert a.reasons and a.first_flagged_at is not None and a.exchanges_before_flag
+    # the detector finds attackers rather than benign users
+    hits = sum(labels[a.account_id] for a in flagged)
+    assert hits >= 0.8 * len(flagged)
+    members = {m for c in batch.campaigns for m in c.accounts}
+    assert all(c.evidence and c.detected_at for c in batch.campaigns)
+    assert members == {a.account_id for a in flagged if a.campaign_id}
+
+
+def test_cli_writes_the_verdicts_format(tmp_path: Path, world: tuple[Path, Path, Path]
+                                        ) -> None:
+    out = tmp_path / "verdicts.json"
+    result = CliRunner().invoke(main, ["detect", "--trace", str(world[0]), "--accounts",
+                                       str(world[1]), "--out", str(out),
+                                       "--tick-seconds", str(TICK)])
+    assert result.exit_code == 0, result.output
+    doc = orjson.loads(out.read_bytes())
+    assert doc["version"] == 1
+    assert len(Verdicts.read(out).accounts) == len(read_labels(world[2]))
+    bad = CliRunner().invoke(main, ["detect", "--trace", str(world[0])])
+    assert bad.exit_code != 0 and "--out" in bad.output
+
+
+async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage:
+    """Replay the trace through the online stage, with account records in the store."""
+    from distillguard.store import open_state_store
+    from distillguard.traceio import read_accounts
+
+    store = open_state_store(state_url)
+    await store.migrate()
+    await store.import_accounts(read_accounts(accounts))
+    await store.close()
+    stage = DetectionStage(state_url, Calibration.read(), tick_seconds=TICK)
+    await stage.start()
+    for lines in iter_sorted_lines(trace):
+        for line in lines:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+    await stage.flush()
+    return stage
+
+
+def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path, Path, Path],
+                                               batch: Verdicts) -> None:
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
+        stage = await _online(world[0], world[1], url)
+        await stage.close()
+        engine = create_async_engine(async_url(url))
+        try:
+            reader = SQLVerdicts(engine, await tables(engine))
+            latest = []
+            for a in batch.accounts:
+                rows = await reader.account_history(a.account_id)
+                if rows:
+                    latest.append(AccountVerdict.from_json(rows[0]))
+            campaigns = [await reader.campaign(c.campaign_id) for c in batch.campaigns]
+            return latest, [c for c in campaigns if c is not None]
+        finally:
+            await engine.dispose()
+
+    latest, campaigns = asyncio.run(go())
+    by_id = {a.account_id: a for a in latest}
+    for expected in batch.accounts:
+        got = by_id.get(expected.account_id)
+        if got is None:      # never evaluated online either way: not flagged
+            assert not expected.flagged
+            continue
+        assert got.flagged == expected.flagged
+        assert got.campaign_id == expected.campaign_id
+        assert got.first_flagged_at == expected.first_flagged_at
+        assert got.exchanges_before_flag == expected.exchanges_before_flag
+        assert got.risk == pytest.approx(expected.risk, abs=0.05)
+    assert sorted((c.campaign_id, c.detected_at) for c in campaigns) == sorted(
+        (c.campaign_id, c.detected_at) for c in batch.campaigns)
+
+
+@pytest.mark.postgres
+def test_verdict_tables_on_postgres(pg_url: str) -> None:
+    async def go() -> None:
+        stage = DetectionStage(pg_url, Calibration.read())
+        await stage.start()
+        assert stage.engine is not None
+        changes = Changes(at=1_772_000_000.0, accounts=[
+            AccountVerdict("acct_a", risk=0.97, flagged=True, campaign_id="c-1",
+                           reasons=["reasoning elicitation in 90% of prompts"],
+                           exchanges_before_flag=12)],
+            campaigns=[CampaignVerdict("c-1", accounts=["acct_a"], risk=0.9,
+                                       evidence=["2 linked accounts"])])
+        changes.accounts[0].first_flagged_at = changes.campaigns[0].detected_at = \
+            __import__("datetime").datetime.fromtimestamp(changes.at,
+                                                          __import__("datetime").UTC)
+        await write_changes(stage.engine, changes)
+        await write_changes(stage.engine, changes)    # the same evaluation again: upsert
+        changes.at += 60
+        changes.accounts[0].risk = 0.5
+        await write_changes(stage.engine, changes)
+        reader = SQLVerdicts(stage.engine, await tables(stage.engine))
+        history = await reader.account_history("acct_a")
+        assert [h["risk"] for h in history] == [0.5, 0.97]
+        campaign = await reader.campaign("c-1")
+        assert campaign is not None and campaign.accounts == ["acct_a"]
+        assert campaign.extra.get("status") == "open"
+        assert (await reader.campaigns(after=None, limit=10))[0]["campaign_id"] == "c-1"
+        await stage.close()
+
+    asyncio.run(go())
+
+
+def test_threshold_from_target_fpr() -> None:
+    peaks = np.linspace(0.0, 0.999, 1000)
+    threshold, over = threshold_for(peaks, 0.001)
+    assert over == 1 and threshold > peaks[-2]
+    threshold0, over0 = threshold_for(peaks, 0.0)
+    assert over0 == 0 and threshold0 > peaks[-1]
+    assert threshold_for(peaks, 0.001) == (threshold, over)     # reproducible
+
+
+def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
+    cal = Calibration.read()
+    assert 0.0 < cal.threshold <= 1.0 and cal.target_fpr == 0.001
+    assert cal.fitted_on["trace_sha256"] and cal.fitted_on["benign"] > 100
