@@ -363,8 +363,10 @@ async def test_verdicts_from_detection_tables(state_url: str) -> None:
 
 
 class ReviewQueueDouble:
-    """A stand-in PolicySource (the interface in dashboard/adapters.py) for the review and
-    ledger templates until the policy and ledger components provide theirs."""
+    """A stand-in PolicySource (the interface in dashboard/adapters.py): it lets this test
+    drive the review and ledger templates through states (escaped evidence, failing and
+    not yet checkpointed proofs) that the real components produce only rarely. The real
+    ones are exercised in tests/test_dashboard_browser.py."""
 
     ladder = ["flag", "throttle", "require_verification", "degrade", "suspend"]
     review_available = True
