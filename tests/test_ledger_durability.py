@@ -40,6 +40,7 @@ def _run_and_kill(directory: Path, seconds: float) -> list[tuple[int, str]]:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     reader.join(10)
+    proc.stdout.close()
     return acked
 
 

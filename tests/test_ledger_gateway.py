@@ -70,7 +70,8 @@ def test_exchanges_are_recorded_and_provable(stack: StackThread, admin: httpx.Cl
     consistency = admin.get("/admin/v1/ledger/consistency",
                             params={"old": first["tree_size"],
                                     "new": second["tree_size"]}).json()
-    consistency["old_checkpoint"], consistency["new_checkpoint"] = first["note"], second["note"]
+    assert (consistency["old_checkpoint"], consistency["new_checkpoint"]) == \
+        (first["note"], second["note"])
     verify_consistency_bundle(consistency, verifier)
 
     assert admin.get("/admin/v1/ledger/proof/ex_nope").status_code == 404

@@ -112,6 +112,8 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
             proof = await asyncio.to_thread(lg.consistency, old, _int(request, "new"))
         except ProofError as exc:
             raise InvalidRequest(str(exc), param="old") from None
+        proof["old_checkpoint"] = await asyncio.to_thread(lg.note_at, proof["old_size"])
+        proof["new_checkpoint"] = await asyncio.to_thread(lg.note_at, proof["new_size"])
         return JSONResponse(proof)
 
     async def get_entry(request: Request) -> Response:
