@@ -157,3 +157,19 @@ def test_baseline_flags_only_above_threshold(world: tuple[Path, Path, Path]) -> 
         assert v.flagged == (counts.get(v.account_id, 0) > 40), v.account_id
         if v.flagged:
             assert v.exchanges_before_flag == 40
+
+
+def test_baseline_orders_mixed_timestamp_forms(tmp_path: Path) -> None:
+    """Lines out of order and with UTC offsets are processed in true time order."""
+    trace, accounts = tmp_path / "t.jsonl", tmp_path / "a.jsonl"
+    times = ["2026-03-02T10:00:00.000Z", "2026-03-02T12:30:00+02:00",   # 10:30 UTC
+             "2026-03-02T11:00:00.000Z", "2026-03-02T13:30:00+02:00",   # 11:30 UTC
+             "2026-03-02T09:00:00.000Z"]
+    trace.write_text("".join(f'{{"ts": "{t}", "account_id": "a1"}}\n' for t in times))
+    accounts.write_text('{"account_id": "a1"}\n{"account_id": "a2"}\n')
+    verdicts = {v.account_id: v for v in run_baseline(trace, accounts, per_day=3).accounts}
+    flagged = verdicts["a1"]
+    assert flagged.flagged and flagged.exchanges_before_flag == 3
+    assert flagged.first_flagged_at is not None
+    assert flagged.first_flagged_at.isoformat() == "2026-03-02T11:00:00+00:00"
+    assert not verdicts["a2"].flagged

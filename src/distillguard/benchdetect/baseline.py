@@ -15,7 +15,7 @@ from collections import defaultdict, deque
 from datetime import datetime
 from pathlib import Path
 
-from distillguard.exchange import parse_ts
+from distillguard.exchange import format_ts, parse_ts
 from distillguard.traceio import iter_jsonl, read_accounts
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 
@@ -27,8 +27,12 @@ def run_baseline(trace: str | Path, accounts: str | Path, per_day: int = 300) ->
     payment = {a.account_id: a.payment_fingerprint for a in read_accounts(accounts)}
     events: list[tuple[str, str]] = []
     for _, line in iter_jsonl(trace):
-        if isinstance(line.get("account_id"), str):
-            events.append((str(line["ts"]), line["account_id"]))
+        if isinstance(line.get("account_id"), str) and line.get("ts") is not None:
+            raw = line["ts"]
+            # the trace's own form sorts as text; other RFC 3339 forms are normalised
+            key = raw if isinstance(raw, str) and len(raw) == 24 and raw.endswith("Z") \
+                else format_ts(parse_ts(raw))
+            events.append((key, line["account_id"]))
     events.sort()
     windows: dict[str, deque[float]] = defaultdict(deque)
     seen: dict[str, int] = defaultdict(int)
