@@ -196,8 +196,9 @@ def test_suspended_account_is_blocked_without_retries(running: StackThread,
     events = admin.get("/admin/v1/policy/audit",
                        params={"subject": f"account:{account_id}"}).json()["data"]
     names = [e["name"] for e in events]
-    assert names[:2] == ["admin:account:revoke", "admin:account:suspend"]
-    assert events[1]["reason"] == "abuse report 12"
+    assert names[:3] == ["admin:account:reinstate", "admin:account:revoke",
+                         "admin:account:suspend"]
+    assert events[2]["reason"] == "abuse report 12"
     client.close()
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from distillguard.exchange import parse_ts
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.document import LADDER
-from distillguard.policy.schema import ensure_schema, new_id, now_ts
+from distillguard.policy.schema import ensure_schema, new_id, now_ts, reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +174,13 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
     return lifted
 
 
-async def expire_due(engine: AsyncEngine, *, set_status: bool = True) -> list[Action]:
-    """Mark actions whose time ran out (``policy:account:expire``); lifts suspensions."""
+async def expire_due(engine: AsyncEngine, *, set_status: bool = True,
+                     conn: AsyncConnection | None = None) -> list[Action]:
+    """Mark actions whose time ran out (``policy:account:expire``); lifts suspensions.
+    ``conn`` is a connection to read with (the background pass shares one)."""
     await ensure_schema(engine)
     now = now_ts()
-    async with engine.connect() as conn:
+    async with reading(conn or engine) as conn:
         rows = (await conn.execute(text(
             "SELECT * FROM policy_actions WHERE revoked_at IS NULL AND expires_at IS NOT NULL"
             " AND expires_at <= :n"), {"n": now})).all()
@@ -243,7 +245,7 @@ class ActiveActions:
         else:
             bucket[item.action_id] = item
 
-    async def refresh(self, engine: AsyncEngine) -> int:
+    async def refresh(self, source: AsyncEngine | AsyncConnection) -> int:
         """Read rows changed since the cursor; returns how many were read."""
         if not self.loaded:
             sql = ("SELECT * FROM policy_actions WHERE revoked_at IS NULL AND"
@@ -253,7 +255,7 @@ class ActiveActions:
             since = parse_ts(self.cursor) - timedelta(seconds=self.OVERLAP_S)
             sql = "SELECT * FROM policy_actions WHERE updated_at > :c"
             params = {"c": now_ts(since)}
-        async with engine.connect() as conn:
+        async with reading(source) as conn:
             rows = (await conn.execute(text(sql), params)).all()
         for item in (Action.from_row(r) for r in rows):
             self.apply(item)

@@ -128,7 +128,8 @@ class CompiledRule:
             return False
         if self.anonymizer is not None and f.network.anonymizer != self.anonymizer:
             return False
-        if self.networks is not None and f.network.info.ip not in self.networks:
+        if self.networks is not None and not self.networks.contains(f.network.version,
+                                                                    f.network.value):
             return False
         if self.asn_name is not None:
             name = (f.network.info.asn_name or "").lower()

@@ -22,7 +22,7 @@ from distillguard.exchange import Exchange
 from distillguard.pipeline import Decision, Denied
 from distillguard.policy.actions import ActiveActions
 from distillguard.policy.audit import DenialAggregator
-from distillguard.policy.schema import now_ts
+from distillguard.policy.check import _now
 from distillguard.ratelimit import CounterStore, RateLimiter
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class PolicyLimiter(RateLimiter):
         tier = policy.tier(account.tier)
         if tier is not None and tier.limits is not None:
             sets.append(("policytier", account.account_id, tier.limits))
-        for item in self.actions.for_account(account.account_id, now_ts()):
+        for item in self.actions.for_account(account.account_id, _now()):
             if item.action == "throttle":
                 custom = item.detail.get("limits")
                 limits = (LimitSet(**custom) if isinstance(custom, dict)

@@ -14,6 +14,7 @@ import bisect
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from distillguard.errors import ConfigError
@@ -46,10 +47,15 @@ class NetworkSet:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        value = int(addr)
-        starts = self._starts[addr.version]
+        return self.contains(addr.version, int(addr))
+
+    def contains(self, version: int, value: int) -> bool:
+        """Membership of an address already parsed to (IP version, integer)."""
+        starts = self._starts.get(version)
+        if not starts:
+            return False
         i = bisect.bisect_right(starts, value) - 1
-        return i >= 0 and value <= self._ends[addr.version][i]
+        return i >= 0 and value <= self._ends[version][i]
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -85,6 +91,8 @@ def read_network_file(path: str) -> list[str]:
 class ClientNetwork:
     info: NetworkInfo
     anonymizer: bool
+    version: int = 0     # the address parsed once: IP version and integer value
+    value: int = -1
 
 
 class NetworkFacts:
@@ -95,6 +103,7 @@ class NetworkFacts:
         self._geoip: GeoIP | None = None
         self.anonymizers = anonymizers
         self._anon_db: Callable[[str], bool | None] | None = None
+        self.lookup = lru_cache(maxsize=65_536)(self._lookup)  # type: ignore[method-assign]
 
     @property
     def geoip(self) -> GeoIP:
@@ -105,10 +114,19 @@ class NetworkFacts:
         return self._geoip
 
     def lookup(self, ip: str | None) -> ClientNetwork:
+        """Facts about ``ip``, cached (LRU, 65,536 addresses) for the life of the policy."""
+        return self._lookup(ip)
+
+    def _lookup(self, ip: str | None) -> ClientNetwork:
         if not ip:
             return ClientNetwork(NetworkInfo(ip=""), False)
         info = self.geoip.lookup(ip)
-        anonymous = ip in self.anonymizers
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return ClientNetwork(info, False)
+        version, value = addr.version, int(addr)
+        anonymous = self.anonymizers.contains(version, value)
         if not anonymous and self._anon_db is not None and not info.private:
             anonymous = bool(self._anon_db(ip))
-        return ClientNetwork(info, anonymous)
+        return ClientNetwork(info, anonymous, version, value)

@@ -157,11 +157,19 @@ class PolicyRuntime:
             except ConfigError as exc:
                 log.error("policy: reload on SIGHUP refused, keeping the running policy: %s",
                           exc)
-        await expire_due(self.engine,
-                         set_status=policy.document.actions.suspend_sets_account_status)
-        if policy.document.verdicts.enabled and self.feed is not None:
-            await self.feed.poll(VerdictActions(self.engine, policy))
-        await self.actions.refresh(self.engine)
+        # One connection serves every read of the pass (most passes only read); writes
+        # happen only when there is something to change.
+        applier = VerdictActions(self.engine, policy)
+        async with self.engine.connect() as conn:
+            expired = await expire_due(
+                self.engine, conn=conn,
+                set_status=policy.document.actions.suspend_sets_account_status)
+            if policy.document.verdicts.enabled and self.feed is not None:
+                await self.feed.poll(applier, conn=conn)
+            if not expired and not applier.applied:
+                await self.actions.refresh(conn)
+        if expired or applier.applied:   # read what was just written, on a new snapshot
+            await self.actions.refresh(self.engine)
         await self.flush_audit()
         now = time.monotonic()
         if len(policy.screening) and now - self._last_screen >= \

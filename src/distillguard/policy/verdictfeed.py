@@ -24,14 +24,14 @@ from typing import Any
 
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from distillguard.exchange import parse_ts
 from distillguard.policy.actions import apply_action
 from distillguard.policy.compiled import CompiledPolicy
 from distillguard.policy.document import VerdictRule
 from distillguard.policy.review import open_item
-from distillguard.policy.schema import ensure_schema
+from distillguard.policy.schema import ensure_schema, reading
 from distillguard.verdicts import Verdicts
 
 log = logging.getLogger("distillguard.policy")
@@ -209,17 +209,23 @@ class VerdictFeed:
         floor = _overlap(self.cursors[feed])
         self._seen[feed] = {k for k in self._seen[feed] if k[1] >= floor}
 
-    async def poll(self, actions: VerdictActions, limit: int = 5000) -> int:
-        """One pass over both tables; returns the number of new rows handled."""
+    async def poll(self, actions: VerdictActions, limit: int = 5000,
+                   conn: AsyncConnection | None = None) -> int:
+        """One pass over both tables; returns the number of new rows handled. ``conn``
+        is a connection to read with (the background pass shares one)."""
         await ensure_schema(self.engine)
         if not self.loaded:
             await self._load_cursors()
         handled = 0
-        async with self.engine.connect() as conn:
-            vrows = (await conn.execute(text(
+        async with reading(conn or self.engine) as rconn:
+            vrows = (await rconn.execute(text(
                 "SELECT account_id, risk, flagged, campaign_id, reasons, updated_at FROM"
                 " account_verdicts WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
                 {"c": _overlap(self.cursors["account_verdicts"]), "n": limit})).all()
+            crows = (await rconn.execute(text(
+                "SELECT campaign_id, risk, status, accounts, evidence, updated_at FROM"
+                " campaigns WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
+                {"c": _overlap(self.cursors["campaigns"]), "n": limit})).all()
         latest: dict[str, VerdictRow] = {}
         for r in vrows:
             if not r.updated_at or not self._fresh("account_verdicts", (r.account_id,
@@ -233,11 +239,6 @@ class VerdictFeed:
         for v in latest.values():
             await actions.on_verdict(v)
             handled += 1
-        async with self.engine.connect() as conn:
-            crows = (await conn.execute(text(
-                "SELECT campaign_id, risk, status, accounts, evidence, updated_at FROM"
-                " campaigns WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
-                {"c": _overlap(self.cursors["campaigns"]), "n": limit})).all()
         for r in crows:
             if not r.updated_at or not self._fresh("campaigns", (r.campaign_id, r.updated_at)):
                 continue
