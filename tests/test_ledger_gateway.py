@@ -110,3 +110,29 @@ def test_audit_events_share_the_gateway_ledger(stack: StackThread, admin: httpx.
     assert checkpoint["signature"] == "valid"
     verified = stack.call(view.verify())
     assert verified["ok"] and verified["entries"] >= 2, orjson.dumps(verified)
+
+
+def test_dashboard_ledger_page_on_the_real_ledger(stack: StackThread, admin: httpx.Client,
+                                                  account_key: tuple[str, str]) -> None:
+    from tests.test_dashboard import login
+
+    _, key = account_key
+    r = httpx.post(stack.stack.base_url + "/chat/completions",
+                   json={"model": "demo-chat-1", "messages": [{"role": "user",
+                                                               "content": "page"}]},
+                   headers={"authorization": f"Bearer {key}"})
+    exchange_id = r.headers["x-distillguard-exchange-id"]
+    _wait_entry(admin, exchange_id)
+    checkpoint = admin.post("/admin/v1/ledger/checkpoint").json()
+    with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+        csrf = login(client)
+        page = client.get("/ledger", params={"exchange_id": exchange_id}).text
+        assert "proof checks out" in page and checkpoint["root_hash"] in page
+        assert "no ledger entry ex_missing" in client.get(
+            "/ledger", params={"exchange_id": "ex_missing"}).text
+        client.post("/ledger/verify", data={"csrf": csrf})
+        deadline = time.monotonic() + 20
+        while "verified" not in (page := client.get("/ledger").text):
+            assert time.monotonic() < deadline, page
+            time.sleep(0.1)
+        assert "FAILED" not in page
