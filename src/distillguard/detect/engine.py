@@ -218,9 +218,10 @@ class Detector:
                              if m in self.status and self.status[m].flagged)
             if not flagged:
                 continue
-            old = Counter(self.status[m].campaign_id for m in flagged
-                          if self.status[m].campaign_id and
-                          self.status[m].campaign_id not in claimed)
+            old: Counter[str] = Counter(
+                c for m in flagged
+                if (c := self.status[m].campaign_id) is not None and c not in claimed)
+            cid: str
             if old:
                 cid = max(sorted(old), key=lambda k: old[k])
             else:

@@ -85,7 +85,7 @@ def campaign_evidence(community: Community, states: Mapping[str, AccountState],
         "hosting networks": sum(states[m].hosting for m in members) / total,
     }
     out.append(f"{total} exchanges; " + ", ".join(f"{k} {_pct(v)}" for k, v in shares.items()))
-    asns = [states[m].top_asn for m in members if states[m].top_asn]
+    asns = [a for m in members if (a := states[m].top_asn)]
     if asns:
         top = max(sorted(set(asns)), key=asns.count)
         out.append(f"most common network: {top} ({asns.count(top)} of {size} accounts)")

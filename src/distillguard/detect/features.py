@@ -10,7 +10,8 @@ What is computed:
 * **template skeleton**: the prompt lower-cased, with code blocks, URLs, numbers and
   quoted strings replaced by placeholders; its layout (line markers such as ``###``,
   ``Input:``), first and last three words are hashed into three *template keys* (a fixed
-  frame around a changing payload shows in at least one of them);
+  frame around a changing payload shows in at least one of them), plus the system
+  prompt's skeleton when the request has one;
 * **locality-sensitive fingerprint**: a 64-bit SimHash of the skeleton's words
   (numpy, vectorised over the batch), banded into four 16-bit LSH keys so that near
   copies of one prompt share keys;
@@ -102,7 +103,7 @@ class ExchangeFeatures:
     exchange_id: str
     account_id: str
     ts: float                      # seconds since the epoch
-    template_keys: tuple[int, int, int]  # layout, head and tail of the skeleton
+    template_keys: tuple[int, ...]  # layout, head, tail (and system prompt) of the skeleton
     simhash: int                   # 64-bit SimHash of the skeleton
     reasoning: bool
     rubric: bool
@@ -186,11 +187,32 @@ def shape(text: str) -> str:
     return " ".join(parts[:16])
 
 
-def frame_keys(text: str, words: Sequence[str]) -> tuple[int, int, int]:
-    """Hashes of the prompt's layout, its first and its last FRAME_WORDS skeleton words."""
+def frame_keys(text: str, words: Sequence[str], system: str = "") -> tuple[int, ...]:
+    """Hashes of the prompt's layout, its first and its last FRAME_WORDS skeleton words,
+    and of the system prompt's skeleton when there is one."""
     head = " ".join(words[:FRAME_WORDS])
     tail = " ".join(words[-FRAME_WORDS:])
-    return _hash("s|" + shape(text)), _hash("h|" + head), _hash("t|" + tail)
+    keys = (_hash("s|" + shape(text)), _hash("h|" + head), _hash("t|" + tail))
+    if system:
+        return (*keys, _hash("y|" + " ".join(skeleton_words(system)[:40])))
+    return keys
+
+
+def _last_user(request: Any) -> str:
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if isinstance(messages, list):
+        for m in reversed(messages):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return request_text({"messages": [m]})
+    return ""
+
+
+def _system(request: Any) -> str:
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(str(m.get("content") or "") for m in messages
+                     if isinstance(m, dict) and m.get("role") in ("system", "developer"))
 
 
 def simhashes(docs: Sequence[Sequence[str]]) -> list[int]:
@@ -205,10 +227,12 @@ def simhashes(docs: Sequence[Sequence[str]]) -> list[int]:
     out = np.zeros(len(docs), dtype=np.uint64)
     if ids:
         hashes = np.asarray(ids, dtype=np.uint64) * _M1   # spread crc/adler bits
-        bits = ((hashes[:, None] >> _BITS) & _ONE).astype(np.int32) * 2 - 1
-        sums = np.zeros((len(docs), 64), dtype=np.int32)
-        np.add.at(sums, np.asarray(owners, dtype=np.intp), bits)
-        out = ((sums > 0).astype(np.uint64) << _BITS).sum(axis=1, dtype=np.uint64)
+        bits = ((hashes[:, None] >> _BITS) & _ONE).astype(np.int16) * 2 - 1
+        owner = np.asarray(owners, dtype=np.intp)
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        sums = np.add.reduceat(bits, starts, axis=0)     # tokens are grouped by document
+        packed = ((sums > 0).astype(np.uint64) << _BITS).sum(axis=1, dtype=np.uint64)
+        out[owner[starts]] = packed
     return [int(v) for v in out]
 
 
@@ -255,15 +279,19 @@ def extract_many(exchanges: Sequence[Exchange], geoip: GeoIP | None = None
     geo = geoip or default_geoip()
     skeletons = []
     texts = []
+    prompts = []
     for ex in exchanges:
         text = request_text(ex.request)
         if len(text) > _HEAD_CHARS + _TAIL_CHARS:
             text = text[:_HEAD_CHARS] + "\n" + text[-_TAIL_CHARS:]
         texts.append(text)
-        skeletons.append(skeleton_words(text))
+        prompt = _last_user(ex.request) or text    # the template lives in the user turn
+        prompts.append(prompt)
+        skeletons.append(skeleton_words(prompt))
     hashes = simhashes(skeletons)
     out = []
-    for ex, text, words, sim in zip(exchanges, texts, skeletons, hashes, strict=True):
+    for ex, text, prompt, words, sim in zip(exchanges, texts, prompts, skeletons, hashes,
+                                            strict=True):
         low = text.lower()
         req = ex.request if isinstance(ex.request, dict) else {}
         tool = bool(req.get("tools") or req.get("functions")) or _any(low, TOOL_PHRASES)
@@ -271,7 +299,7 @@ def extract_many(exchanges: Sequence[Exchange], geoip: GeoIP | None = None
         usage = ex.usage
         out.append(ExchangeFeatures(
             exchange_id=ex.id, account_id=ex.account_id or "", ts=ex.ts.timestamp(),
-            template_keys=frame_keys(text, words), simhash=sim,
+            template_keys=frame_keys(prompt, words, _system(req)), simhash=sim,
             reasoning=_any(low, REASONING_PHRASES), rubric=_any(low, RUBRIC_PHRASES),
             tool_use=tool, category=_category(low, words, tool), depth=_depth(req),
             max_tokens=_int(req.get("max_tokens") or req.get("max_completion_tokens"), 0),
