@@ -16,6 +16,7 @@ in memory and is refreshed in the background from the ``updated_at`` cursor.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -218,12 +219,16 @@ async def list_actions(engine: AsyncEngine, account_id: str | None = None, *,
 class ActiveActions:
     """In-memory mirror of the active actions, per account, for the request check."""
 
-    OVERLAP_S = 5.0  # re-read a little before the cursor: commits may land out of order
+    # For this long after the cursor moved, re-read a little before it: commits may land
+    # out of order. After that only rows past the cursor are read, so an idle pass reads
+    # nothing however many actions were written at once.
+    OVERLAP_S = 5.0
 
     def __init__(self) -> None:
         self._by_account: dict[str, dict[str, Action]] = {}
         self.cursor = ""
         self.loaded = False
+        self._moved_at = 0.0
 
     def for_account(self, account_id: str | None, now: str) -> list[Action]:
         if not account_id:
@@ -252,15 +257,18 @@ class ActiveActions:
                    " (expires_at IS NULL OR expires_at > :c)")
             params = {"c": now_ts()}
         else:
-            since = parse_ts(self.cursor) - timedelta(seconds=self.OVERLAP_S)
+            since = self.cursor
+            if time.monotonic() - self._moved_at < self.OVERLAP_S:
+                since = now_ts(parse_ts(self.cursor) - timedelta(seconds=self.OVERLAP_S))
             sql = "SELECT * FROM policy_actions WHERE updated_at > :c"
-            params = {"c": now_ts(since)}
+            params = {"c": since}
         async with reading(source) as conn:
             rows = (await conn.execute(text(sql), params)).all()
         for item in (Action.from_row(r) for r in rows):
             self.apply(item)
             if item.updated_at > self.cursor:
                 self.cursor = item.updated_at
+                self._moved_at = time.monotonic()
         if not self.loaded:
             self.cursor = self.cursor or now_ts()
             self.loaded = True

@@ -15,7 +15,7 @@ clients may retry after it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from distillguard.config import LimitSet, Settings
 from distillguard.exchange import Exchange
@@ -28,6 +28,20 @@ from distillguard.ratelimit import CounterStore, RateLimiter
 if TYPE_CHECKING:
     from distillguard.auth import Principal
     from distillguard.policy.compiled import PolicyHolder
+
+
+class _Limits(dict[str, int | None]):
+    """A limit set readable both as a mapping and by attribute, as the rate limiter's
+    ``_requests`` reads it."""
+
+    def __init__(self, limits: LimitSet) -> None:
+        super().__init__(limits.model_dump())
+
+    def __getattr__(self, name: str) -> int | None:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class PolicyLimiter(RateLimiter):
@@ -48,19 +62,19 @@ class PolicyLimiter(RateLimiter):
             self._closed = True
             await self.counters.close()
 
-    def _limit_sets(self, principal: Principal) -> list[tuple[str, str, LimitSet]]:
+    def _limit_sets(self, principal: Principal) -> list[tuple[str, str, Any]]:
         account = principal.account
         policy = self.holder.current
-        sets = []
+        sets: list[tuple[str, str, Any]] = []
         tier = policy.tier(account.tier)
         if tier is not None and tier.limits is not None:
-            sets.append(("policytier", account.account_id, tier.limits))
+            sets.append(("policytier", account.account_id, _Limits(tier.limits)))
         for item in self.actions.for_account(account.account_id, _now()):
             if item.action == "throttle":
                 custom = item.detail.get("limits")
                 limits = (LimitSet(**custom) if isinstance(custom, dict)
                           else policy.document.actions.throttle.limits)
-                sets.append(("throttle", account.account_id, limits))
+                sets.append(("throttle", account.account_id, _Limits(limits)))
                 break
         return sets
 

@@ -19,7 +19,9 @@ the verdict was written.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -160,54 +162,88 @@ class VerdictActions:
                 c.accounts, c.evidence, ""))
 
 
-def _overlap(cursor: str) -> str:
-    if not cursor:
-        return ""
+def _window_floor(cursor: str) -> str:
+    """A prefix that sorts before every timestamp within OVERLAP_S before ``cursor``."""
     try:
-        from datetime import timedelta
-
         back = parse_ts(cursor) - timedelta(seconds=OVERLAP_S)
     except ValueError:
         return cursor
-    return back.strftime("%Y-%m-%dT%H:%M:%S")   # a prefix: sorts before that second
+    return back.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+_FEEDS = {
+    "account_verdicts": ("account_id", "account_id, risk, flagged, campaign_id, reasons,"
+                                       " updated_at"),
+    "campaigns": ("campaign_id", "campaign_id, risk, status, accounts, evidence, updated_at"),
+}
 
 
 class VerdictFeed:
-    """Polls ``account_verdicts`` and ``campaigns``; see the module docstring."""
+    """Polls ``account_verdicts`` and ``campaigns``; see the module docstring.
+
+    Each table is read in ``(updated_at, id)`` order from a keyset cursor, ``limit`` rows a
+    pass, so a burst of any size (one detection pass writes all its rows with the same
+    time) is worked through in order. For OVERLAP_S seconds after the cursor moved, rows
+    up to OVERLAP_S older than it are read again too (a writer that committed late), and
+    the ones already handled are skipped; an idle pass reads nothing old.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.cursors = {"account_verdicts": "", "campaigns": ""}
-        self._seen: dict[str, set[tuple[str, str]]] = {"account_verdicts": set(),
-                                                       "campaigns": set()}
+        self.cursors = {feed: ("", "") for feed in _FEEDS}
+        self._seen: dict[str, set[tuple[str, str]]] = {feed: set() for feed in _FEEDS}
+        self._moved_at = dict.fromkeys(_FEEDS, 0.0)
         self.loaded = False
+
+    def _recent(self, feed: str) -> bool:
+        return time.monotonic() - self._moved_at[feed] < OVERLAP_S
 
     async def _load_cursors(self) -> None:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(text("SELECT feed, position FROM policy_cursor"))).all()
         for feed, position in rows:
-            if feed in self.cursors and position > self.cursors[feed]:
-                self.cursors[feed] = position
+            if feed in self.cursors:
+                ts, _, key = str(position).partition("\t")
+                if (ts, key) > self.cursors[feed]:
+                    self.cursors[feed] = (ts, key)
         self.loaded = True
 
     async def _save(self, feed: str) -> None:
+        ts, key = self.cursors[feed]
         async with self.engine.begin() as conn:
             await conn.execute(text(
                 "INSERT INTO policy_cursor (feed, position) VALUES (:f, :p) ON CONFLICT (feed)"
                 " DO UPDATE SET position = excluded.position"
                 " WHERE policy_cursor.position < excluded.position"),
-                {"f": feed, "p": self.cursors[feed]})
+                {"f": feed, "p": f"{ts}\t{key}"})
 
-    def _fresh(self, feed: str, key: tuple[str, str]) -> bool:
+    async def _fetch(self, conn: AsyncConnection, feed: str, limit: int) -> list[Any]:
+        key_col, cols = _FEEDS[feed]
+        ts, key = self.cursors[feed]
+        rows = list((await conn.execute(text(
+            f"SELECT {cols} FROM {feed} WHERE updated_at > :t OR (updated_at = :t AND"
+            f" {key_col} > :k) ORDER BY updated_at, {key_col} LIMIT :n"),
+            {"t": ts, "k": key, "n": limit})).all())
+        late: list[Any] = []
+        if ts and self._recent(feed):
+            late = list((await conn.execute(text(
+                f"SELECT {cols} FROM {feed} WHERE updated_at >= :f AND updated_at < :t"
+                f" ORDER BY updated_at, {key_col} LIMIT :n"),
+                {"f": _window_floor(ts), "t": ts, "n": limit * 4})).all())
+        if rows:
+            last = rows[-1]
+            self.cursors[feed] = (last.updated_at, getattr(last, key_col))
+            self._moved_at[feed] = time.monotonic()
+        fresh = []
         seen = self._seen[feed]
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
-
-    def _prune(self, feed: str) -> None:
-        floor = _overlap(self.cursors[feed])
-        self._seen[feed] = {k for k in self._seen[feed] if k[1] >= floor}
+        for r in [*late, *rows]:
+            ident = (getattr(r, key_col), r.updated_at)
+            if r.updated_at and ident not in seen:
+                seen.add(ident)
+                fresh.append(r)
+        floor = _window_floor(self.cursors[feed][0])
+        self._seen[feed] = {k for k in seen if k[1] >= floor}
+        return fresh
 
     async def poll(self, actions: VerdictActions, limit: int = 5000,
                    conn: AsyncConnection | None = None) -> int:
@@ -217,38 +253,24 @@ class VerdictFeed:
         if not self.loaded:
             await self._load_cursors()
         handled = 0
+        before = dict(self.cursors)
         async with reading(conn or self.engine) as rconn:
-            vrows = (await rconn.execute(text(
-                "SELECT account_id, risk, flagged, campaign_id, reasons, updated_at FROM"
-                " account_verdicts WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
-                {"c": _overlap(self.cursors["account_verdicts"]), "n": limit})).all()
-            crows = (await rconn.execute(text(
-                "SELECT campaign_id, risk, status, accounts, evidence, updated_at FROM"
-                " campaigns WHERE updated_at >= :c ORDER BY updated_at LIMIT :n"),
-                {"c": _overlap(self.cursors["campaigns"]), "n": limit})).all()
+            vrows = await self._fetch(rconn, "account_verdicts", limit)
+            crows = await self._fetch(rconn, "campaigns", limit)
         latest: dict[str, VerdictRow] = {}
-        for r in vrows:
-            if not r.updated_at or not self._fresh("account_verdicts", (r.account_id,
-                                                                        r.updated_at)):
-                continue
+        for r in sorted(vrows, key=lambda r: r.updated_at):
             latest[r.account_id] = VerdictRow(r.account_id, float(r.risk or 0.0),
                                               bool(r.flagged), r.campaign_id,
                                               _loads(r.reasons), r.updated_at)
-            self.cursors["account_verdicts"] = max(self.cursors["account_verdicts"],
-                                                   r.updated_at)
         for v in latest.values():
             await actions.on_verdict(v)
             handled += 1
         for r in crows:
-            if not r.updated_at or not self._fresh("campaigns", (r.campaign_id, r.updated_at)):
-                continue
             await actions.on_campaign(CampaignRow(
                 r.campaign_id, float(r.risk or 0.0), str(r.status or "detected"),
                 _loads(r.accounts), _loads(r.evidence), r.updated_at))
-            self.cursors["campaigns"] = max(self.cursors["campaigns"], r.updated_at)
             handled += 1
         for feed in self.cursors:
-            if handled:
+            if self.cursors[feed] != before[feed]:
                 await self._save(feed)
-            self._prune(feed)
         return handled
