@@ -1,11 +1,12 @@
 """The ledger's Merkle tree in memory: compact, incremental, with proofs on demand.
 
-Leaves are grouped in chunks of 256. Memory holds the hashes of every complete chunk and
-of every perfect subtree above it (about 64 bytes per 256 entries, so 250 MB per billion
-entries), plus the leaf hashes of the last, incomplete chunk. A proof or an old root that
-needs hashes inside a complete chunk reads that chunk's 256 leaf hashes from the store
-(``fetch``), with a small cache. Appending costs one leaf hash plus, on average, just over
-one node hash per entry.
+Leaves are grouped in chunks of 64. Memory holds the hashes of every complete chunk and
+of every perfect subtree above it (two hashes per 64 entries: about 2.3 bytes per entry
+as Python objects, 230 MB per hundred million entries), plus the leaf hashes of the last,
+incomplete chunk. A proof or an old root that needs hashes inside a complete chunk reads
+that chunk's 64 leaf hashes from the store (``fetch``) and hashes its 63 inner nodes
+once, kept in a small cache. Roots of past sizes are memoised. Appending costs one leaf
+hash plus, on average, just over one node hash per entry.
 
 The tree is not thread-safe by itself; :class:`~distillguard.ledger.writer.LedgerWriter`
 guards it with a lock.
@@ -18,9 +19,10 @@ from collections.abc import Callable, Iterable
 
 from distillguard.ledger import merkle
 
-CHUNK_BITS = 8
+CHUNK_BITS = 6
 CHUNK = 1 << CHUNK_BITS
-_CACHE_CHUNKS = 64
+_CACHE_CHUNKS = 256
+_CACHE_ROOTS = 64
 
 Fetch = Callable[[int, int], list[bytes]]
 
@@ -33,7 +35,8 @@ class MerkleTree:
         self._fetch = fetch
         self._tail: list[bytes] = []
         self._levels: list[list[bytes]] = [[]]  # level j: subtrees of 2**(CHUNK_BITS+j)
-        self._cache: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._cache: OrderedDict[int, list[list[bytes]]] = OrderedDict()
+        self._roots: OrderedDict[int, bytes] = OrderedDict()
 
     def append(self, leaf_hash: bytes) -> None:
         tail = self._tail
@@ -66,13 +69,13 @@ class MerkleTree:
         if level >= CHUNK_BITS:
             return self._levels[level - CHUNK_BITS][lo >> level]
         chunk = lo >> CHUNK_BITS
-        leaves = self._chunk(chunk)
         off = lo - (chunk << CHUNK_BITS)
-        return merkle.perfect_root(leaves[off:off + (1 << level)])
+        if chunk == self.size >> CHUNK_BITS:  # the incomplete chunk: still growing
+            return merkle.perfect_root(self._tail[off:off + (1 << level)])
+        return self._chunk(chunk)[level][off >> level]
 
-    def _chunk(self, chunk: int) -> list[bytes]:
-        if chunk == self.size >> CHUNK_BITS:
-            return self._tail
+    def _chunk(self, chunk: int) -> list[list[bytes]]:
+        """Every level of a complete chunk: leaf hashes, then each level of inner nodes."""
         found = self._cache.get(chunk)
         if found is not None:
             self._cache.move_to_end(chunk)
@@ -80,9 +83,13 @@ class MerkleTree:
         if self._fetch is None:
             raise LookupError("leaf hashes of complete chunks need a store to read from")
         lo = chunk << CHUNK_BITS
-        found = self._fetch(lo, lo + CHUNK)
-        if len(found) != CHUNK:
-            raise LookupError(f"store returned {len(found)} leaf hashes for chunk {chunk}")
+        level = self._fetch(lo, lo + CHUNK)
+        if len(level) != CHUNK:
+            raise LookupError(f"store returned {len(level)} leaf hashes for chunk {chunk}")
+        found = [level]
+        while len(level) > 1:
+            level = [merkle.node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+            found.append(level)
         self._cache[chunk] = found
         if len(self._cache) > _CACHE_CHUNKS:
             self._cache.popitem(last=False)
@@ -90,6 +97,7 @@ class MerkleTree:
 
     def forget_cache(self) -> None:
         self._cache.clear()
+        self._roots.clear()
 
     # -- queries --------------------------------------------------------------------------
 
@@ -97,7 +105,12 @@ class MerkleTree:
         n = self.size if size is None else size
         if not 0 <= n <= self.size:
             raise merkle.ProofError(f"tree size {n} is beyond the ledger's {self.size}")
-        return merkle.mth(self, 0, n)
+        found = self._roots.get(n)
+        if found is None:
+            found = self._roots[n] = merkle.mth(self, 0, n)
+            if len(self._roots) > _CACHE_ROOTS:
+                self._roots.popitem(last=False)
+        return found
 
     def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
         n = self.size if size is None else size
