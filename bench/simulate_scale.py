@@ -3,9 +3,11 @@
 Runs ``distillguard simulate --preset large`` in a child process, twice per round,
 alternating: a short run (``--days`` D) and a long run (4 x D days) with the same actors,
 so the long run writes about four times the exchanges. The child's RSS is sampled every
-0.2 s with psutil. Reported per run: exchanges, exchanges/s, peak RSS and RSS at 25/50/75 %
-of the run; and the ratios long/short of exchanges and peak RSS (flat memory: RSS ratio
-near 1 while exchanges grow 4x). Medians over --rounds.
+0.2 s with psutil. Reported per run: exchanges, exchanges/s (start-up included), peak RSS and RSS at
+25/50/75 % of the run; the steady-state rate (the long run's extra exchanges over its extra
+seconds, which cancels start-up: loading the data sets and the geo-IP database); and the
+ratios long/short of exchanges and peak RSS (flat memory: RSS ratio near 1 while exchanges
+grow 4x). Medians over --rounds.
 
     python -m bench.simulate_scale --scale 0.1 --days 1 --rounds 2
 """
@@ -13,6 +15,7 @@ near 1 while exchanges grow 4x). Medians over --rounds.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -82,7 +85,12 @@ def main() -> None:
         print(f"| {name} | {last['days']:g} | {med(rows, 'exchanges'):,.0f} | "
               f"{med(rows, 'exchanges_per_s'):,.0f} | {med(rows, 'trace_mb'):,.0f} | "
               f"{med(rows, 'rss_peak_mb'):.0f} | {last['rss_25_50_75_mb']} |")
-    print(f"\nlong/short: exchanges x{med(long, 'exchanges') / med(short, 'exchanges'):.2f}, "
+    marginal = (med(long, "exchanges") - med(short, "exchanges")) / max(
+        1e-9, med(long, "seconds") - med(short, "seconds"))
+    print(f"\nsteady-state generation (extra exchanges / extra seconds of the long run): "
+          f"{marginal:,.0f} exchanges/s; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    print(f"long/short: exchanges x{med(long, 'exchanges') / med(short, 'exchanges'):.2f}, "
           f"peak RSS x{med(long, 'rss_peak_mb') / med(short, 'rss_peak_mb'):.2f}, "
           f"exchanges/s x{med(long, 'exchanges_per_s') / med(short, 'exchanges_per_s'):.2f}")
     shutil.rmtree(tmp, ignore_errors=True)
