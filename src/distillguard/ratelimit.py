@@ -254,6 +254,7 @@ _LIMIT_KINDS = (
     ("tokens_per_minute", "tpm", MINUTE, True),
     ("tokens_per_day", "tpd", DAY, False),
 )
+_OPTIONS = tuple(option for option, *_ in _LIMIT_KINDS)
 
 
 class RateLimiter:
@@ -272,21 +273,29 @@ class RateLimiter:
         self.fail_open = settings.counters.on_failure == "open"
         self.failures = 0
 
-    def _limit_sets(self, principal: Principal) -> list[tuple[str, str, LimitSet]]:
+    def _limit_sets(self, principal: Principal) -> list[tuple[str, str, dict[str, int | None]]]:
+        """(scope, subject, limits) for the account and, if it has its own, the key.
+
+        Plain dicts on the request path: the tier's limits were validated with the
+        settings, the account's and key's overrides when they were stored.
+        """
         account = principal.account
-        tier = self.settings.limits_for_tier(account.tier).model_dump()
-        tier.update({k: v for k, v in account.limits.items() if k in tier})
-        sets = [("account", account.account_id, LimitSet(**tier))]
+        tier: LimitSet = self.settings.limits_for_tier(account.tier)
+        values = {option: getattr(tier, option) for option in _OPTIONS}
+        for option, value in account.limits.items():
+            if option in values:
+                values[option] = value
+        sets = [("account", account.account_id, values)]
         if principal.key.limits:
-            sets.append(("key", principal.key.key_id, LimitSet(**{
-                k: v for k, v in principal.key.limits.items() if k in tier})))
+            sets.append(("key", principal.key.key_id,
+                         {option: principal.key.limits.get(option) for option in _OPTIONS}))
         return sets
 
     def _requests(self, principal: Principal, tokens: int | None) -> list[CounterRequest]:
         out = []
         for scope, subject, limits in self._limit_sets(principal):
             for option, short, window, sliding in _LIMIT_KINDS:
-                limit = getattr(limits, option)
+                limit = limits[option]
                 if limit is None:
                     continue
                 if short == "rpm":

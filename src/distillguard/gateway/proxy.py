@@ -259,13 +259,20 @@ async def _relay_stream(gateway: Gateway, exchange: Exchange, upstream: Any,
     delivered = SSERelay(drop_usage_event=False) if filters else None
     try:
         async for chunk in upstream.iter_chunks():
-            for event in relay.feed(chunk):
-                if delivered is None:
-                    yield event
-                    continue
+            # Events that arrived together leave together: one write per upstream read
+            # rather than one per event (each write is a trip through the ASGI stack).
+            events = relay.feed(chunk)
+            if delivered is None:
+                if events:
+                    yield b"".join(events)
+                continue
+            outs = []
+            for event in events:
                 for out in _filter_event(event, filters or []):
                     delivered.feed(out)
-                    yield out
+                    outs.append(out)
+            if outs:
+                yield b"".join(outs)
         rest = relay.flush()
         if rest and delivered is None:
             yield rest
