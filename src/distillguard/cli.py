@@ -77,7 +77,18 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 class _Group(click.Group):
-    """Turns expected errors into one clear line instead of a traceback."""
+    """Turns expected errors into one clear line instead of a traceback, and imports the
+    sub-command groups of :data:`SUBCOMMANDS` only when one is called (or for ``--help``),
+    so that everyday commands start without loading every component."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(attr for _, attr in SUBCOMMANDS)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            command = _load_subcommand(self, cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -381,17 +392,18 @@ def keys_revoke(ctx: Context, key_id: str) -> None:
     click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
 
 
-def _load_subcommands() -> None:
+def _load_subcommand(group: click.Group, name: str) -> click.Command | None:
     for module, attr in SUBCOMMANDS:
+        if attr != name:
+            continue
         try:
-            group = getattr(importlib.import_module(module), attr)
+            command: click.Command = getattr(importlib.import_module(module), attr)
         except ImportError as exc:  # pragma: no cover - a broken install
             click.echo(f"warning: {module} unavailable: {exc}", err=True)
-            continue
-        main.add_command(group)
-
-
-_load_subcommands()
+            return None
+        group.add_command(command, name)
+        return command
+    return None
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))
