@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -19,6 +21,7 @@ from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, write_changes
 from distillguard.exchange import Exchange
+from distillguard.serve import StackThread
 from distillguard.simulate import simulate
 from distillguard.store.sql import async_url
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
@@ -178,3 +181,39 @@ def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
     cal = Calibration.read()
     assert 0.0 < cal.threshold <= 1.0 and cal.target_fpr == 0.001
     assert cal.fitted_on["trace_sha256"] and cal.fitted_on["benign"] > 100
+
+
+def test_gateway_runs_the_detection_stage(stack: StackThread,
+                                          account_key: tuple[str, str]) -> None:
+    """The default components include the online stage: features land on the exchange,
+    the account record is read from the state store, and the tables exist."""
+    account_id, key = account_key
+    stages = [s for s in stack.stack.gateway.pipeline.stages if isinstance(s, DetectionStage)]
+    assert len(stages) == 1
+    stage = stages[0]
+    with httpx.Client(base_url=stack.stack.base_url,
+                      headers={"authorization": f"Bearer {key}"}) as client:
+        for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
+            r = client.post("/chat/completions", json={
+                "model": "demo-chat-1", "messages": [{"role": "user", "content": q}]})
+            assert r.status_code == 200
+    pipeline = stack.stack.gateway.pipeline
+    for _ in range(100):      # the gateway hands exchanges over after responding
+        stack.call(pipeline.drain())
+        if stage.detector.exchanges == 2:
+            break
+        time.sleep(0.05)
+    assert not pipeline.stage_errors
+    assert stage.detector.exchanges == 2
+    assert stage.detector.states[account_id].reasoning == 1
+    assert account_id in stage.detector.facts
+    stack.call(stage.flush())
+    engine = stage.engine
+    assert engine is not None
+
+    async def names() -> dict[str, list[str]]:
+        return await tables(engine)
+
+    found = stack.call(names())
+    assert set(found) == {"campaigns", "account_verdicts"}
+    assert "updated_at" in found["account_verdicts"]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 DEFAULT_COMPONENTS: list[tuple[str, str]] = [
     ("ledger", "distillguard.ledger.stage:component"),
     ("policy", "distillguard.policy.component:component"),
+    ("detect", "distillguard.detect:component"),
     ("countermeasures", "distillguard.countermeasures:component"),
     ("dashboard", "distillguard.dashboard:dashboard_extension"),
     ("sharing", "distillguard.sharing:component"),
