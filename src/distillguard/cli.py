@@ -41,6 +41,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.policy.cli", "policy"),
     ("distillguard.policy.cli", "review"),
     ("distillguard.ledger.cli", "ledger"),
+    ("distillguard.detect.cli", "detect"),
 ]
 
 
