@@ -81,13 +81,15 @@ def test_addresses_are_classified_by_geoip_as_intended(smoke: tuple[Path, Path, 
         assert hosting[kind] == {False}, kind
 
 
-def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+def test_same_seed_same_bytes_other_seed_differs_any_worker_count(tmp_path: Path) -> None:
     a = simulate(tmp_path / "a", preset="smoke", seed=1, days=0.25)
     b = simulate(tmp_path / "b", preset="smoke", seed=1, days=0.25)
     c = simulate(tmp_path / "c", preset="smoke", seed=2, days=0.25)
-    for x, y in zip(a, b, strict=True):
-        assert x.read_bytes() == y.read_bytes()
+    d = simulate(tmp_path / "d", preset="smoke", seed=1, days=0.25, workers=3)
+    for x, y, z in zip(a, b, d, strict=True):
+        assert x.read_bytes() == y.read_bytes() == z.read_bytes()
     assert a[0].read_bytes() != c[0].read_bytes()
+    assert not list((tmp_path / "d").glob(".*part*"))
 
 
 def test_cli_simulate(tmp_path: Path) -> None:

@@ -18,8 +18,10 @@ __all__ = ["CAMPAIGN_TYPES", "PRESETS", "Label", "SimulationResult", "run", "sim
 
 
 def simulate(out_dir: str | Path, preset: str = "smoke", seed: int = 0, *,
-             scale: float = 1.0, days: float | None = None,
-             progress: bool = False) -> tuple[Path, Path, Path]:
-    """Write a simulated trace, its accounts and labels; return (trace, accounts, labels)."""
-    result = run(out_dir, preset=preset, seed=seed, scale=scale, days=days, progress=progress)
+             scale: float = 1.0, days: float | None = None, progress: bool = False,
+             workers: int = 1) -> tuple[Path, Path, Path]:
+    """Write a simulated trace, its accounts and labels; return (trace, accounts, labels).
+    ``workers`` > 1 generates in that many processes (same bytes as one)."""
+    result = run(out_dir, preset=preset, seed=seed, scale=scale, days=days,
+                 progress=progress, workers=workers)
     return result.trace, result.accounts, result.labels

@@ -19,15 +19,17 @@ from distillguard.simulate.presets import PRESETS
 @click.option("--scale", default=1.0, show_default=True, type=float,
               help="Multiply the number of accounts and campaigns.")
 @click.option("--days", type=float, help="Simulated days (default: the preset's).")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Generate in this many processes (the output is the same).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def simulate(out_dir: str, preset: str, seed: int, scale: float, days: float | None,
-             quiet: bool) -> None:
+             workers: int, quiet: bool) -> None:
     """Simulate multi-day API traffic (benign populations and distillation campaigns) with
     per-account ground truth."""
     began = time.perf_counter()
     try:
         result = run(out_dir, preset=preset, seed=seed, scale=scale, days=days,
-                     progress=not quiet)
+                     progress=not quiet, workers=workers)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     elapsed = time.perf_counter() - began

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from distillguard.simulate.network import NetworkAllocator
+from distillguard.simulate.parallel import generate
 from distillguard.simulate.presets import PRESETS, build_actors
 from distillguard.simulate.timing import timing_model
 from distillguard.simulate.world import DAY, World
@@ -53,9 +54,12 @@ def make_world(preset: str, seed: int, days: float | None,
 
 
 def run(out_dir: str | Path, preset: str = "smoke", seed: int = 0, scale: float = 1.0,
-        days: float | None = None, progress: bool = False) -> SimulationResult:
+        days: float | None = None, progress: bool = False,
+        workers: int = 1) -> SimulationResult:
     if scale <= 0:
         raise ValueError("--scale must be positive")
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world, p = make_world(preset, seed, days)
@@ -64,6 +68,10 @@ def run(out_dir: str | Path, preset: str = "smoke", seed: int = 0, scale: float 
     paths = (out / "trace.jsonl", out / "accounts.jsonl", out / "labels.jsonl")
     write_accounts((world.accounts[i] for i in order), paths[1])
     write_jsonl((world.labels[i].to_json() for i in order), paths[2])
+    if workers > 1:
+        count = generate(actors, paths[0], workers, progress, f"simulate {preset}")
+        return SimulationResult(trace=paths[0], accounts=paths[1], labels=paths[2],
+                                exchanges=count, account_count=len(order))
     merged: Iterator[tuple[float, dict[str, Any]]] = heapq.merge(
         *(a.events() for a in actors), key=lambda e: e[0])
     bar = tqdm(unit=" ex", unit_scale=True, disable=not progress, mininterval=0.5,
