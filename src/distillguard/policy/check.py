@@ -28,7 +28,7 @@ from distillguard.exchange import Exchange
 from distillguard.pipeline import Allowed, Decision, Denied
 from distillguard.policy.actions import Action, ActiveActions
 from distillguard.policy.audit import DenialAggregator
-from distillguard.policy.jurisdiction import RequestFacts, deny_message, evaluate
+from distillguard.policy.jurisdiction import deny_message
 from distillguard.policy.schema import now_ts
 
 if TYPE_CHECKING:
@@ -127,17 +127,17 @@ class PolicyCheck:
                               notes=notes, message=(
                                   f"The model '{model}' is not available to {tier} accounts. "
                                   f"To use it, {upgrade} to move to a higher tier."))
-        facts = RequestFacts(model=model, endpoint=exchange.endpoint, tier=tier,
-                             tier_rank=policy.rank(tier),
-                             declared_country=account.country if account else None,
-                             network=policy.networks.lookup(exchange.client_ip))
-        outcome = evaluate(policy.rules, facts) if policy.rules else None
-        if outcome is not None and outcome.denied_by is not None:
-            rule = outcome.denied_by
-            code = "tier_required" if rule.effect == "require_tier" else "access_denied"
-            return self._deny(exchange, rule=f"rule:{rule.name}", code=code, notes=notes,
-                              message=deny_message(rule, facts, contact,
-                                                   policy.verification_url))
+        outcome = None
+        if policy.rules:
+            outcome, facts = policy.judge(model, exchange.endpoint, tier,
+                                          account.country if account else None,
+                                          exchange.client_ip)
+            if outcome.denied_by is not None:
+                rule = outcome.denied_by
+                code = "tier_required" if rule.effect == "require_tier" else "access_denied"
+                return self._deny(exchange, rule=f"rule:{rule.name}", code=code, notes=notes,
+                                  message=deny_message(rule, facts, contact,
+                                                       policy.verification_url))
         reasoning = tier_policy.reasoning if tier_policy is not None else None
         if reasoning == "pass":
             reasoning = None

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from distillguard.config import LimitSet
 from distillguard.errors import ConfigError
 from distillguard.geoip import GeoIP, MaxMindDatabase, default_geoip
 from distillguard.policy.document import PolicyDocument, load_document, parse_duration
-from distillguard.policy.jurisdiction import CompiledRule, compile_globs
+from distillguard.policy.jurisdiction import (
+    CompiledRule,
+    RequestFacts,
+    RuleOutcome,
+    compile_globs,
+    evaluate,
+)
 from distillguard.policy.networks import NetworkFacts, NetworkSet, read_network_file
 from distillguard.policy.screening import ScreeningList, load_lists
 
@@ -45,6 +52,10 @@ class CompiledPolicy:
     networks: NetworkFacts
     screening: ScreeningList
     default_expiry_s: float | None
+    _judge: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_judge", lru_cache(maxsize=65_536)(self._judge_uncached))
 
     @property
     def contact(self) -> str:
@@ -60,6 +71,20 @@ class CompiledPolicy:
 
     def tier(self, name: str | None) -> CompiledTier | None:
         return self.tiers.get(name or "")
+
+    def judge(self, model: str, endpoint: str, tier: str, declared_country: str | None,
+              ip: str | None) -> tuple[RuleOutcome, RequestFacts]:
+        """The rules' outcome for these facts, memoised (LRU): a client sends the same
+        model from the same address many times, and the rules depend on nothing else."""
+        return self._judge(model, endpoint, tier, declared_country, ip)  # type: ignore[no-any-return]
+
+    def _judge_uncached(self, model: str, endpoint: str, tier: str,
+                        declared_country: str | None,
+                        ip: str | None) -> tuple[RuleOutcome, RequestFacts]:
+        facts = RequestFacts(model=model, endpoint=endpoint, tier=tier,
+                             tier_rank=self.rank(tier), declared_country=declared_country,
+                             network=self.networks.lookup(ip))
+        return evaluate(self.rules, facts), facts
 
     def expiry_for(self, value: Any) -> float | None:
         """Seconds until an action expires: ``"default"`` uses actions.default_expiry."""
