@@ -1,7 +1,7 @@
 """The PostgreSQL ledger store (``ledger.url: postgresql://...``), on psycopg 3.
 
 Appends run in one transaction under a transaction-scoped advisory lock, so several
-gateway replicas can share one ledger; rows go in with ``COPY``.
+gateway replicas can share one ledger; rows go in with binary ``COPY``.
 ``durability="fsync"`` commits with ``synchronous_commit = on`` (the server flushes its
 WAL, and waits for synchronous standbys, before answering); ``"process"`` uses
 ``synchronous_commit = local`` (the primary's own flush only). Neither uses ``off``,
@@ -25,6 +25,7 @@ from distillguard.ledger.store import (
 )
 
 LOCK_KEY = 0x6C656467  # "ledg"
+COPY_TYPES = ["int8", "text", "text", "text", "text", "bytea", "bytea", "bytea", "bytea"]
 
 PG_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS ledger_entries (
@@ -77,7 +78,9 @@ class PostgresStore:
             top = conn.execute("SELECT max(idx) FROM ledger_entries").fetchone()
             start = 0 if top is None or top[0] is None else int(top[0]) + 1  # type: ignore[call-overload]
             rows = list(make_rows(start))
-            with conn.cursor().copy(f"COPY ledger_entries ({COLUMNS}) FROM STDIN") as copy:
+            with conn.cursor().copy(
+                    f"COPY ledger_entries ({COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(COPY_TYPES)
                 for r in rows:
                     copy.write_row(r.as_tuple())
         return rows
