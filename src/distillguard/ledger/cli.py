@@ -91,14 +91,11 @@ def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) 
     checkpoint it leads to (signing one when none covers the entry yet)."""
     lg = _open(ctx, create_key=True)
     try:
-        row = lg.find(ref)
-        if row is None:
-            raise click.UsageError(f"no ledger entry {ref}")
-        last = lg.store.latest_checkpoint()
-        if tree_size is None and (last is None or last.tree_size <= row.idx):
-            lg.refresh()
-            lg.checkpoint()
-        _emit(lg.inclusion(ref, tree_size), out)
+        try:
+            proof = lg.inclusion(ref, tree_size, sign_if_needed=True)
+        except LookupError:
+            raise click.UsageError(f"no ledger entry {ref}") from None
+        _emit(proof, out)
     finally:
         lg.close()
 

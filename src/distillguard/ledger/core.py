@@ -107,9 +107,11 @@ class Ledger:
         with self.lock:
             return self.tree.root(size)
 
-    def inclusion(self, ref: str | int, size: int | None = None) -> dict[str, Any]:
+    def inclusion(self, ref: str | int, size: int | None = None, *,
+                  sign_if_needed: bool = False) -> dict[str, Any]:
         """Inclusion proof of an entry (exchange/event id or index) in the tree of ``size``
-        (default: the latest checkpoint's size, else the current size)."""
+        (default: the latest checkpoint's size; when that does not cover the entry, a new
+        checkpoint if ``sign_if_needed`` and the key is at hand, else the current size)."""
         row = self.find(ref)
         if row is None:
             raise LookupError(f"no ledger entry {ref}")
@@ -117,6 +119,8 @@ class Ledger:
         note = None
         if size is None:
             last = self.store.latest_checkpoint()
+            if (last is None or last.tree_size <= row.idx) and sign_if_needed and self.key:
+                last = self.checkpoint()
             if last is not None and last.tree_size > row.idx:
                 size, note = last.tree_size, last.note
             else:

@@ -4,8 +4,9 @@
 ``GET  /admin/v1/ledger/checkpoint``     latest signed checkpoint (``?sign=1`` signs one)
 ``POST /admin/v1/ledger/checkpoint``     sign a checkpoint of the current tree now
 ``GET  /admin/v1/ledger/key``            the verifier (public) key, signed-note encoding
-``GET  /admin/v1/ledger/proof/{ref}``    inclusion proof of an entry (id or index);
-                                         ``?tree_size=N`` for an older tree
+``GET  /admin/v1/ledger/proof/{ref}``    inclusion proof of an entry (id or index) with
+                                         a checkpoint that covers it (signed now if
+                                         needed); ``?tree_size=N`` for an older tree
 ``GET  /admin/v1/ledger/consistency``    ``?old=M&new=N`` consistency proof
 ``GET  /admin/v1/ledger/entries/{ref}``  the stored entry (trace format for exchanges)
 =======================================  ==============================================
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -95,7 +97,9 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
         lg = await ledger()
         ref = request.path_params["ref"]
         try:
-            proof = await asyncio.to_thread(lg.inclusion, ref, _int(request, "tree_size"))
+            proof = await asyncio.to_thread(partial(lg.inclusion, ref,
+                                                    _int(request, "tree_size"),
+                                                    sign_if_needed=True))
         except LookupError:
             raise NotFoundError(f"No ledger entry {ref}.", code="entry_not_found") from None
         except ProofError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from distillguard.config import Settings
@@ -64,7 +65,8 @@ class LedgerView:
 
     async def proof(self, exchange_id: str) -> dict[str, Any]:
         lg = await self._ledger()
-        proof = await asyncio.to_thread(lg.inclusion, exchange_id)
+        proof = await asyncio.to_thread(partial(lg.inclusion, exchange_id,
+                                                sign_if_needed=True))
         valid = False
         key = lg.verifier
         if key is not None and proof.get("checkpoint"):
