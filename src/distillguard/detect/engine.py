@@ -34,6 +34,7 @@ from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 
 SIGNUP_WINDOW_S = 3_600
 RISK_STEP = 0.05
+MIN_OWN_EXCHANGES = 3
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -188,14 +189,16 @@ class Detector:
         changed: set[str] = set()
         for aid, row, risk in zip(ids, matrix, risks, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
-            r = float(risk)
+            # An unlinked account is judged on its own traffic only once there is some.
+            r = float(risk) if (aid in self.graph.of or self.states[aid].count
+                                >= MIN_OWN_EXCHANGES) else 0.0
             newly = not st.flagged and r >= threshold
             if newly:
                 st.flagged = True
                 st.first_flagged_at = now
                 st.exchanges_before_flag = self.states[aid].count
             if newly or abs(r - st.risk) >= RISK_STEP or (st.flagged and not st.reasons):
-                st.reasons = account_reasons(self.calibration.model, row)
+                st.reasons = account_reasons(self.calibration.model, row, aid in self.graph.of)
                 changed.add(aid)
             if abs(r - st.risk) >= 1e-6:
                 st.risk = r

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from distillguard.detect.graph import Community
-from distillguard.detect.scoring import FEATURES, Model
+from distillguard.detect.scoring import ACCOUNT_FEATURES, FEATURES, Model
 from distillguard.detect.sketches import AccountState
 
 
@@ -58,8 +58,11 @@ def _describe(name: str, value: float) -> str:
     return f"group average: {_TEXT[base](value)}" if base in _TEXT else f"{name}={value:.3g}"
 
 
-def account_reasons(model: Model, row: np.ndarray, limit: int = 4) -> list[str]:
+def account_reasons(model: Model, row: np.ndarray, linked: bool, limit: int = 4) -> list[str]:
+    """The features that raise the risk most; group features only for linked accounts."""
     contrib = model.contributions(row)
+    if not linked:
+        contrib[len(ACCOUNT_FEATURES):] = 0.0
     order = np.argsort(-contrib)
     return [_describe(FEATURES[i], float(row[i])) for i in order[:limit] if contrib[i] > 0.05]
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-KIND_WEIGHTS: dict[str, float] = {"template": 1.0, "lockstep": 1.0, "payment": 2.0,
-                                  "prefix": 0.6, "signup": 0.4}
+# Infrastructure an operator controls (payment, addresses) outweighs shared templates,
+# which unrelated campaigns may copy from the same public source.
+KIND_WEIGHTS: dict[str, float] = {"template": 0.5, "lockstep": 1.0, "payment": 2.0,
+                                  "prefix": 1.0, "signup": 0.4}
 LOUVAIN_SEED = 20260301
 LOUVAIN_RESOLUTION = 1.0
 
@@ -43,10 +45,10 @@ class AccountGraph:
 
     The networkx graph is updated pair by pair. Louvain re-runs on a changed connected
     component only when it has grown or shrunk by more than ``rerun_share`` since its
-    last run; smaller changes place each new account in the community it is most
+    last run (10 %); smaller changes place each new account in the community it is most
     strongly linked to."""
 
-    rerun_share: float = 0.15
+    rerun_share: float = 0.1
     graph: nx.Graph = field(default_factory=nx.Graph)
     of: dict[str, Community] = field(default_factory=dict)
     _label: dict[str, int] = field(default_factory=dict)
