@@ -7,9 +7,10 @@ so the long run writes about four times the exchanges. The child's RSS is sample
 25/50/75 % of the run; the steady-state rate (the long run's extra exchanges over its extra
 seconds, which cancels start-up: loading the data sets and the geo-IP database); and the
 ratios long/short of exchanges and peak RSS (flat memory: RSS ratio near 1 while exchanges
-grow 4x). Medians over --rounds.
+grow 4x). With ``--workers W`` each round also runs the long span with W processes
+(``simulate --workers``) and reports the speed-up. Medians over --rounds.
 
-    python -m bench.simulate_scale --scale 0.1 --days 1 --rounds 2
+    python -m bench.simulate_scale --scale 0.1 --days 1 --rounds 2 --workers 2
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ from typing import Any
 import psutil
 
 
-def one_run(scale: float, days: float, out: Path) -> dict[str, Any]:
+def one_run(scale: float, days: float, out: Path, workers: int = 1) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "distillguard.cli", "simulate", "--out", str(out),
-           "--preset", "large", "--scale", str(scale), "--days", str(days), "--quiet"]
+           "--preset", "large", "--scale", str(scale), "--days", str(days), "--quiet",
+           "--workers", str(workers)]
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     child = psutil.Process(proc.pid)
     samples: list[tuple[float, int]] = []
     while proc.poll() is None:
         try:
-            samples.append((time.perf_counter() - began, child.memory_info().rss))
+            rss = child.memory_info().rss + sum(
+                c.memory_info().rss for c in child.children(recursive=True))
+            samples.append((time.perf_counter() - began, rss))
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
@@ -66,21 +70,30 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--days", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Also run the long span with this many worker processes.")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="dgsim-"))
     short: list[dict[str, Any]] = []
     long: list[dict[str, Any]] = []
+    par: list[dict[str, Any]] = []
     for r in range(args.rounds):
         short.append(one_run(args.scale, args.days, tmp / f"s{r}"))
         long.append(one_run(args.scale, args.days * 4, tmp / f"l{r}"))
         print(f"round {r + 1}: short {short[-1]}\n         long  {long[-1]}", flush=True)
+        if args.workers > 1:
+            par.append(one_run(args.scale, args.days * 4, tmp / f"p{r}", args.workers))
+            print(f"         long, {args.workers} workers {par[-1]}", flush=True)
 
     def med(rows: list[dict[str, Any]], key: str) -> float:
         return float(statistics.median(row[key] for row in rows))
 
     print("\n| run | days | exchanges | exchanges/s | trace MB | peak RSS MB | RSS at 25/50/75 % |")
     print("|---|---|---|---|---|---|---|")
-    for name, rows in (("short", short), ("long", long)):
+    runs = [("short", short), ("long", long)]
+    if par:
+        runs.append((f"long, {args.workers} workers", par))
+    for name, rows in runs:
         last = rows[-1]
         print(f"| {name} | {last['days']:g} | {med(rows, 'exchanges'):,.0f} | "
               f"{med(rows, 'exchanges_per_s'):,.0f} | {med(rows, 'trace_mb'):,.0f} | "
@@ -93,6 +106,10 @@ def main() -> None:
     print(f"long/short: exchanges x{med(long, 'exchanges') / med(short, 'exchanges'):.2f}, "
           f"peak RSS x{med(long, 'rss_peak_mb') / med(short, 'rss_peak_mb'):.2f}, "
           f"exchanges/s x{med(long, 'exchanges_per_s') / med(short, 'exchanges_per_s'):.2f}")
+    if par:
+        print(f"{args.workers} workers / 1 (long span): exchanges/s "
+              f"x{med(par, 'exchanges_per_s') / med(long, 'exchanges_per_s'):.2f}, "
+              f"peak RSS (all processes) x{med(par, 'rss_peak_mb') / med(long, 'rss_peak_mb'):.2f}")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
