@@ -84,7 +84,8 @@ class PolicyRuntime:
         if writer is not None:
             self.forwarder = LedgerForwarder(self.engine, writer)
         await self.actions.refresh(self.engine)
-        self.policy.networks.geoip.lookup("8.8.8.8")  # load the database now, not per request
+        # Open the geo-IP database now (about a second), off the event loop.
+        await asyncio.to_thread(self.policy.networks.lookup, "8.8.8.8")
         self._install_sighup()
         self._task = asyncio.create_task(self._loop(), name="distillguard-policy")
 
