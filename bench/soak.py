@@ -123,7 +123,8 @@ def start_processes(args: argparse.Namespace, workdir: Path,
 
 async def load(urls: list[str], key: str, rate: float, seconds: float, interval: float,
                procs: list[subprocess.Popen[bytes]], rows: list[dict[str, float]],
-               stream_every: int = 5) -> None:
+               stream_every: int = 5, error_kinds: dict[str, int] | None = None) -> None:
+    error_kinds = {} if error_kinds is None else error_kinds
     body = {"model": "demo-chat-1", "max_tokens": 64,
             "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}]}
     stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -142,14 +143,17 @@ async def load(urls: list[str], key: str, rate: float, seconds: float, interval:
                                         json=stream_body if stream else body,
                                         headers=headers) as r:
                     data = await r.read()
-                    ok = r.status == 200 and (not stream or data.endswith(b"data: [DONE]\n\n"))
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
+                    kind = "" if r.status == 200 else f"http_{r.status}"
+                    if not kind and stream and not data.endswith(b"data: [DONE]\n\n"):
+                        kind = "stream_error"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                kind = exc.__class__.__name__
             window.latencies.append((time.perf_counter() - start) * 1000)
-            if ok:
+            if not kind:
                 window.ok += 1
             else:
                 window.errors += 1
+                error_kinds[kind] = error_kinds.get(kind, 0) + 1
 
         t0 = time.perf_counter()
         next_report = t0 + interval
@@ -200,7 +204,8 @@ def format_row(row: dict[str, float]) -> str:
             f"p50={row['p50_ms']:.1f}ms p99={row['p99_ms']:.1f}ms {mem}")
 
 
-def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namespace) -> None:
+def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namespace,
+                  error_kinds: dict[str, int] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +249,9 @@ def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namesp
                   f"({100 * total_err / max(1, total_sent):.3f}%), "
                   f"median of per-interval p50: {statistics.median(r['p50_ms'] for r in rows):.1f} ms, "
                   f"median of per-interval p99: {statistics.median(r['p99_ms'] for r in rows):.1f} ms"]
+    if error_kinds:
+        lines.append("errors by kind: " + ", ".join(f"{k}: {v}" for k, v in
+                                                     sorted(error_kinds.items())))
     (out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -264,10 +272,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dgsoak-"))
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[dict[str, float]] = []
+    error_kinds: dict[str, int] = {}
     try:
         urls, key = start_processes(args, workdir, procs)
         asyncio.run(load(urls, key, args.rate, args.minutes * 60, args.interval, procs, rows,
-                         args.stream_every))
+                         args.stream_every, error_kinds))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -278,7 +287,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         if rows:
-            write_outputs(rows, args.out, args)
+            write_outputs(rows, args.out, args, error_kinds)
+            args.out.mkdir(parents=True, exist_ok=True)
+            for log in workdir.glob("replica-*.log"):  # kept: warnings behind any error
+                shutil.copy(log, args.out / log.name)
         shutil.rmtree(workdir, ignore_errors=True)
         if not args.single:
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres",
