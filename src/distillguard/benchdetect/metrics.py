@@ -151,14 +151,82 @@ def _scan_trace(trace: str | Path, flags: dict[str, datetime],
     return activity, camp_before
 
 
-def score(trace: str | Path, accounts: str | Path, labels: str | Path,
-          verdicts: Verdicts, elapsed_s: float | None = None) -> Scores:
-    truth = read_labels(labels)
-    known = {a.account_id for a in read_accounts(accounts)}
-    missing_labels = known - set(truth)
-    if missing_labels:
-        raise ValueError(f"{len(missing_labels)} accounts have no label, e.g. "
-                         f"{sorted(missing_labels)[0]}")
+@dataclass(slots=True)
+class _Judge:
+    """The verdicts and what the trace says about each account, to score a group."""
+
+    by_account: dict[str, AccountVerdict]
+    member_of: dict[str, str]
+    flagged: set[str]
+    activity: dict[str, AccountActivity]
+    campaign_flags: dict[str, datetime]
+    campaign_before: Counter[str]
+    false_positives: int = 0
+
+    def cluster(self, account: str) -> str:
+        v = self.by_account.get(account)
+        cid = (v.campaign_id if v and v.flagged else None) or (
+            self.member_of.get(account) if account in self.flagged else None)
+        return f"p:{cid}" if cid else f"solo:{account}"
+
+    def _delays(self, caught: list[Truth]) -> tuple[list[float], list[float]]:
+        before: list[float] = []
+        hours: list[float] = []
+        for t in caught:
+            v, act = self.by_account[t.account_id], self.activity.get(t.account_id)
+            if v.first_flagged_at is not None and act is not None:
+                before.append(act.before_flag)
+                if act.first_ts is not None:
+                    hours.append(max(0.0, (v.first_flagged_at - act.first_ts)
+                                     .total_seconds() / 3600))
+            elif v.exchanges_before_flag is not None:
+                before.append(v.exchanges_before_flag)
+        return before, hours
+
+    def _campaign_delays(self, campaigns: dict[str, list[Truth]],
+                         ) -> tuple[list[float], list[float]]:
+        hours: list[float] = []
+        before: list[float] = []
+        for cid, ms in campaigns.items():
+            firsts = [act.first_ts for m in ms
+                      if (act := self.activity.get(m.account_id)) is not None and act.first]
+            if firsts and cid in self.campaign_flags:
+                start = min(t for t in firsts if t)
+                hours.append(max(0.0, (self.campaign_flags[cid] - start).total_seconds() / 3600))
+                before.append(self.campaign_before[cid])
+        return hours, before
+
+    def block(self, members: list[Truth]) -> tuple[dict[str, Any], list[float]]:
+        """The metrics row of a group of attack accounts, and its hours to flag."""
+        caught = [t for t in members if t.account_id in self.flagged]
+        campaigns: dict[str, list[Truth]] = defaultdict(list)
+        for t in members:
+            campaigns[str(t.campaign_id)].append(t)
+        detected = sum(1 for ms in campaigns.values()
+                       if sum(m.account_id in self.flagged for m in ms) * 2 >= len(ms))
+        before, hours = self._delays(caught)
+        camp_hours, camp_before = self._campaign_delays(campaigns)
+        tp = len(caught)
+        return {
+            "accounts": len(members), "flagged": tp,
+            "exchanges": sum(self.activity[t.account_id].exchanges for t in members
+                             if t.account_id in self.activity),
+            "precision": _ratio(tp, tp + self.false_positives),
+            "recall": _ratio(tp, len(members)),
+            "campaigns": len(campaigns), "campaigns_detected": detected,
+            "ari": adjusted_rand_index([str(t.campaign_id) for t in members],
+                                       [self.cluster(t.account_id) for t in members])
+            if len(members) >= 2 else None,
+            "exchanges_before_flag_median": _median(before),
+            "exchanges_before_flag_p90": _quantile(before, 0.9),
+            "hours_to_flag_median": _median(hours),
+            "hours_to_flag_p90": _quantile(hours, 0.9),
+            "campaign_hours_to_first_flag_median": _median(camp_hours),
+            "campaign_exchanges_before_first_flag_median": _median(camp_before),
+        }, hours
+
+
+def _judge(trace: str | Path, truth: dict[str, Truth], verdicts: Verdicts) -> _Judge:
     by_account: dict[str, AccountVerdict] = {v.account_id: v for v in verdicts.accounts}
     member_of: dict[str, str] = {}
     for camp in verdicts.campaigns:
@@ -173,96 +241,53 @@ def score(trace: str | Path, accounts: str | Path, labels: str | Path,
         true_id = campaign_of.get(account)
         if true_id and (true_id not in campaign_flags or when < campaign_flags[true_id]):
             campaign_flags[true_id] = when
-    activity, camp_before_counts = _scan_trace(trace, flags, campaign_of, campaign_flags)
+    activity, campaign_before = _scan_trace(trace, flags, campaign_of, campaign_flags)
+    return _Judge(by_account, member_of, flagged, activity, campaign_flags, campaign_before)
 
-    def predicted_cluster(account: str) -> str:
-        v = by_account.get(account)
-        cid = (v.campaign_id if v and v.flagged else None) or (
-            member_of.get(account) if account in flagged else None)
-        return f"p:{cid}" if cid else f"solo:{account}"
 
+def score(trace: str | Path, accounts: str | Path, labels: str | Path,
+          verdicts: Verdicts, elapsed_s: float | None = None) -> Scores:
+    truth = read_labels(labels)
+    known = {a.account_id for a in read_accounts(accounts)}
+    missing_labels = known - set(truth)
+    if missing_labels:
+        raise ValueError(f"{len(missing_labels)} accounts have no label, e.g. "
+                         f"{sorted(missing_labels)[0]}")
+    judge = _judge(trace, truth, verdicts)
     # Accounts that sent nothing in the trace cannot be judged; they are left out.
-    active = [t for t in truth.values() if t.account_id in activity]
+    active = [t for t in truth.values() if t.account_id in judge.activity]
     attack = [t for t in active if t.attack]
     benign = [t for t in active if not t.attack]
-    fp = sum(1 for t in benign if t.account_id in flagged)
+    judge.false_positives = sum(1 for t in benign if t.account_id in judge.flagged)
     scores = Scores()
-
-    def block(members: list[Truth]) -> dict[str, Any]:
-        tp = [t for t in members if t.account_id in flagged]
-        campaigns: dict[str, list[Truth]] = defaultdict(list)
-        for t in members:
-            campaigns[str(t.campaign_id)].append(t)
-        detected = sum(1 for ms in campaigns.values()
-                       if sum(m.account_id in flagged for m in ms) * 2 >= len(ms))
-        before: list[float] = []
-        hours: list[float] = []
-        for t in tp:
-            v, act = by_account[t.account_id], activity.get(t.account_id)
-            if v.first_flagged_at is not None and act is not None:
-                before.append(act.before_flag)
-                if act.first_ts is not None:
-                    hours.append(max(0.0, (v.first_flagged_at - act.first_ts)
-                                     .total_seconds() / 3600))
-            elif v.exchanges_before_flag is not None:
-                before.append(v.exchanges_before_flag)
-        camp_hours: list[float] = []
-        camp_before: list[float] = []
-        for cid, ms in campaigns.items():
-            firsts = [act.first_ts for m in ms
-                      if (act := activity.get(m.account_id)) is not None and act.first]
-            if firsts and cid in campaign_flags:
-                camp_hours.append(max(0.0, (campaign_flags[cid] - min(t for t in firsts if t))
-                                      .total_seconds() / 3600))
-                camp_before.append(camp_before_counts[cid])
-        return {
-            "accounts": len(members), "flagged": len(tp),
-            "exchanges": sum(activity[t.account_id].exchanges for t in members
-                             if t.account_id in activity),
-            "precision": _ratio(len(tp), len(tp) + fp), "recall": _ratio(len(tp), len(members)),
-            "campaigns": len(campaigns), "campaigns_detected": detected,
-            "ari": adjusted_rand_index([str(t.campaign_id) for t in members],
-                                       [predicted_cluster(t.account_id) for t in members])
-            if len(members) >= 2 else None,
-            "exchanges_before_flag_median": _median(before),
-            "exchanges_before_flag_p90": _quantile(before, 0.9),
-            "hours_to_flag_median": _median(hours),
-            "hours_to_flag_p90": _quantile(hours, 0.9),
-            "campaign_hours_to_first_flag_median": _median(camp_hours),
-            "campaign_exchanges_before_first_flag_median": _median(camp_before),
-            "_hours": hours,
-        }
-
     by_type: dict[str, list[Truth]] = defaultdict(list)
     for t in attack:
         by_type[str(t.campaign_type)].append(t)
     for kind in sorted(by_type):
-        row = block(by_type[kind])
-        scores.hours_to_flag[kind] = row.pop("_hours")
-        scores.rows[kind] = row
-    overall = block(attack)
-    overall.pop("_hours")
+        scores.rows[kind], scores.hours_to_flag[kind] = judge.block(by_type[kind])
+    overall, _ = judge.block(attack)
     pops: dict[str, list[Truth]] = defaultdict(list)
     for t in benign:
         pops[t.population].append(t)
     for name, members in sorted(pops.items()):
-        n_fp = sum(1 for t in members if t.account_id in flagged)
+        n_fp = sum(1 for t in members if t.account_id in judge.flagged)
         scores.benign[name] = {"accounts": len(members), "flagged": n_fp,
                                "fpr": _ratio(n_fp, len(members)),
                                "hard_negative": any(t.hard_negative for t in members)}
     hard = [t for t in benign if t.hard_negative]
+    fp = judge.false_positives
+    p, r = overall["precision"], overall["recall"]
     overall.update({
         "benign_accounts": len(benign), "benign_flagged": fp,
         "benign_fpr": _ratio(fp, len(benign)),
         "hard_negative_accounts": len(hard),
-        "hard_negative_fpr": _ratio(sum(1 for t in hard if t.account_id in flagged), len(hard)),
-        "f1": None,
-        "verdicts_missing": len(set(truth) - set(by_account)),
+        "hard_negative_fpr": _ratio(sum(1 for t in hard if t.account_id in judge.flagged),
+                                    len(hard)),
+        "f1": 2 * p * r / (p + r) if p and r else 0.0,
+        "verdicts_missing": len(set(truth) - set(judge.by_account)),
         "inactive_accounts": len(truth) - len(active),
-        "trace_exchanges": sum(a.exchanges for a in activity.values()),
+        "trace_exchanges": sum(a.exchanges for a in judge.activity.values()),
     })
-    p, r = overall["precision"], overall["recall"]
-    overall["f1"] = 2 * p * r / (p + r) if p and r else 0.0
     scores.overall = overall
     elapsed = elapsed_s
     if elapsed is None:
