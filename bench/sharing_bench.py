@@ -153,7 +153,7 @@ def main() -> None:
         results["read"].append(timed(lambda: sum(1 for _ in read_trace(big))))
         results["export"].append(timed(export))
         raw = json.dumps(bundle).encode()
-        results["validate"].append(timed(lambda: parse_bundle(raw, max_bytes=10**8)))
+        results["validate"].append(timed(lambda raw=raw: parse_bundle(raw, max_bytes=10**8)))
         url = f"sqlite:///{tmp}/import{run}.sqlite"
 
         async def do_import(url: str = url, raw: bytes = raw) -> None:
