@@ -194,6 +194,16 @@ def test_export_from_the_running_systems_state(tmp_path: Path) -> None:
     assert indexed.exchanges == 120 and indexed.first_seen == evidence.first_seen
     assert set(indexed.features["ip"]) == {"5.9.10.0/24"}
     assert not indexed.features["user_agent"] and not indexed.features["template"]
+    # The same through the command line, on the same state store.
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"state": {"url": f"sqlite:///{tmp_path}/state.sqlite"},
+                                  "sharing": world.sharing_section()}))
+    out = tmp_path / "state-bundle.json"
+    result = CliRunner().invoke(main, ["--config", str(config), "share", "export",
+                                       "--partner", "acme", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    kinds = {o.get("x_distillguard_kind") for o in json.loads(out.read_text())["objects"]}
+    assert {"ip", "asn", "payment"} <= kinds and "user_agent" not in kinds
 
 
 def test_template_fingerprint_follows_its_definition() -> None:
