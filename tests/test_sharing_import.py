@@ -229,3 +229,19 @@ def test_matches_risk_and_taxii_collections_on_postgresql(pg_url: str) -> None:
         await store.close()
 
     asyncio.run(go())
+
+
+def test_small_commands(tmp_path: Path) -> None:
+    import hashlib
+
+    config = _config(tmp_path)
+    made = json.loads(CliRunner().invoke(main, ["share", "partner-secret"]).output)
+    assert hashlib.sha256(made["secret"].encode()).hexdigest() == made["token_sha256"]
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(_bundle(tmp_path)))
+    assert _cli(config, "import", str(path), "--partner", "acme").exit_code == 0
+    assert _cli(config, "matches").output == ""
+    purge = _cli(config, "purge")
+    assert purge.exit_code == 0 and "deleted 0 expired" in purge.output
+    unknown = _cli(config, "import", str(path), "--partner", "nobody")
+    assert unknown.exit_code == 2 and "unknown partner 'nobody'" in unknown.output
