@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import os
 import shutil
 import signal
 import statistics
@@ -184,6 +185,7 @@ def snapshot(elapsed: float, w: Window, ps: list[psutil.Process]) -> dict[str, f
     lat = sorted(w.latencies) or [0.0]
     row: dict[str, float] = {
         "elapsed_s": round(elapsed, 1), "sent": w.sent, "ok": w.ok, "errors": w.errors,
+        "loadavg_1m": os.getloadavg()[0],
         "error_rate": (w.errors / max(1, w.ok + w.errors)),
         "p50_ms": statistics.median(lat),
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
@@ -225,24 +227,39 @@ def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namesp
     axes[0].legend(loc="upper left", fontsize=8)
     axes[1].plot(t, [r["p50_ms"] for r in rows], label="p50")
     axes[1].plot(t, [r["p99_ms"] for r in rows], label="p99")
-    axes[1].set_ylabel("latency (ms)")
+    axes[1].set_ylabel("latency (ms, log scale)")
+    axes[1].set_yscale("log")
     axes[1].legend(loc="upper left", fontsize=8)
-    axes[2].plot(t, [100 * r["error_rate"] for r in rows])
+    axes[2].plot(t, [100 * r["error_rate"] for r in rows], label="errors (%)")
+    if "loadavg_1m" in rows[0]:  # the machine's load: other work competing for the CPUs
+        axes[2].plot(t, [r["loadavg_1m"] for r in rows], label="load average (1 min)")
     axes[2].set_ylabel("errors (%)")
+    axes[2].legend(loc="upper left", fontsize=8)
     axes[2].set_xlabel("minutes")
     fig.suptitle(f"soak: {args.rate:.0f} req/s for {args.minutes:g} min, "
                  f"{'1 replica (SQLite)' if args.single else f'{args.replicas} replicas (PostgreSQL + Redis)'}")
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=100)
-    first = [r for r in rows[1:4]] or rows[:1]
-    last = rows[-4:-1] or rows[-1:]
-    lines = ["| process | RSS first minutes (MB) | RSS last minutes (MB) | change |",
-             "|---|---|---|---|"]
+    import numpy as np
+
+    # Memory after warm-up (the first third of the run: caches, pools and the allocator
+    # fill up) against the end, and the fitted growth over the rest of the run.
+    elapsed = np.array([r["elapsed_s"] for r in rows])
+    settled = elapsed >= elapsed[-1] / 3
+
+    def at(values: np.ndarray, seconds: float) -> float:
+        return float(values[int(np.argmin(abs(elapsed - seconds)))])
+
+    lines = ["| process | RSS at 1 min (MB) | after warm-up (MB) | at the end (MB) | "
+             "growth after warm-up (MB/hour) |", "|---|---|---|---|---|"]
     for key in rows[0]:
         if key.startswith("rss_mb_"):
-            a = statistics.median(r[key] for r in first)
-            b = statistics.median(r[key] for r in last)
-            lines.append(f"| {key[7:]} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f}% |")
+            values = np.array([r[key] for r in rows])
+            slope = (float(np.polyfit(elapsed[settled] / 3600, values[settled], 1)[0])
+                     if settled.sum() > 2 else float("nan"))
+            lines.append(f"| {key[7:]} | {at(values, 60):.1f} | "
+                         f"{at(values, elapsed[-1] / 3):.1f} | {values[-1]:.1f} | "
+                         f"{slope:+.2f} |")
     total_sent = sum(r["sent"] for r in rows)
     total_err = sum(r["errors"] for r in rows)
     lines += ["", f"requests: {total_sent:.0f}, errors: {total_err:.0f} "
@@ -267,7 +284,14 @@ def main() -> None:
     parser.add_argument("--stream-every", type=int, default=5,
                         help="every n-th request streams (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak")
+    parser.add_argument("--from-csv", type=Path,
+                        help="only redraw the plot and summary from an earlier soak.csv")
     args = parser.parse_args()
+    if args.from_csv:
+        with open(args.from_csv, newline="") as fh:
+            old_rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        write_outputs(old_rows, args.out, args)
+        return
     args.db_name = "dgsoak_" + uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="dgsoak-"))
     procs: list[subprocess.Popen[bytes]] = []
