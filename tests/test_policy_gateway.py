@@ -25,7 +25,7 @@ POLICY = """
 version: 1
 messages: {contact: compliance@example.test, verification_url: "https://example.test/verify"}
 tiers:
-  unverified: {models: ["demo-chat-*"]}
+  unverified: {models: ["demo-chat-*"], limits: {requests_per_minute: 3}}
 rules:
   - name: embargo
     when: {country: [KP, IR, SY, CU]}
@@ -233,6 +233,22 @@ def test_throttle_tightens_limits(running: StackThread, admin: httpx.Client) -> 
     for _ in range(4):
         plain.chat.completions.create(model="demo-chat-1",
                                       messages=[{"role": "user", "content": "hi"}])
+
+
+def test_tier_limits_apply_on_top_of_the_settings(running: StackThread,
+                                                  admin: httpx.Client) -> None:
+    _, key = new_account(admin, tier="unverified")
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+    first = client.chat.completions.with_raw_response.create(
+        model="demo-chat-1", messages=[{"role": "user", "content": "hi"}])
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    for _ in range(2):
+        client.chat.completions.create(model="demo-chat-1",
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="demo-chat-1",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert "for this account's tier" in str(err.value.body)
 
 
 def test_degrade_strips_reasoning(running: StackThread, admin: httpx.Client) -> None:
