@@ -42,6 +42,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("distillguard.policy.cli", "review"),
     ("distillguard.ledger.cli", "ledger"),
     ("distillguard.detect.cli", "detect"),
+    ("distillguard.detect_spark.cli", "spark"),
 ]
 
 
