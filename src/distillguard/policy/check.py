@@ -28,7 +28,7 @@ from distillguard.exchange import Exchange
 from distillguard.pipeline import Allowed, Decision, Denied
 from distillguard.policy.actions import Action, ActiveActions
 from distillguard.policy.audit import DenialAggregator
-from distillguard.policy.jurisdiction import deny_message
+from distillguard.policy.jurisdiction import CompiledRule, deny_message
 from distillguard.policy.schema import now_ts
 
 if TYPE_CHECKING:
@@ -138,31 +138,40 @@ class PolicyCheck:
                 return self._deny(exchange, rule=f"rule:{rule.name}", code=code, notes=notes,
                                   message=deny_message(rule, facts, contact,
                                                        policy.verification_url))
-        reasoning = tier_policy.reasoning if tier_policy is not None else None
-        if reasoning == "pass":
-            reasoning = None
-        fingerprint = False
-        reasons = []
-        degraded = by_kind.get("degrade")
-        if degraded is not None:
-            spec = degraded.detail.get("degrade") or policy.document.actions.degrade.model_dump()
-            reasoning = _stricter(reasoning, spec.get("reasoning", "strip"))
-            fingerprint = fingerprint or bool(spec.get("fingerprint", True))
-            reasons.append("action:degrade")
-        for rule in outcome.degrade if outcome is not None else ():
-            spec = rule.degrade or {}
-            reasoning = _stricter(reasoning, spec.get("reasoning", "strip"))
-            fingerprint = fingerprint or bool(spec.get("fingerprint", True))
-            reasons.append(f"rule:{rule.name}")
-        if reasoning is not None or fingerprint:
-            current = exchange.annotations.get("degrade")
-            if isinstance(current, dict):
-                reasoning = _stricter(reasoning, current.get("reasoning"))
-                fingerprint = fingerprint or bool(current.get("fingerprint"))
-            exchange.annotations["degrade"] = {"reasoning": reasoning or "pass",
-                                               "fingerprint": fingerprint}
+        reasons = _degrade(exchange, policy, tier_policy.reasoning if tier_policy else None,
+                           by_kind.get("degrade"), outcome.degrade if outcome else ())
+        if reasons is not None:
             notes["degrade"] = reasons or [f"tier:{tier}"]
         if "flag" in by_kind:
             notes["flagged"] = by_kind["flag"].action_id
         exchange.annotations["policy"] = notes
         return Allowed()
+
+
+def _degrade(exchange: Exchange, policy: CompiledPolicy, tier_reasoning: str | None,
+             action: Action | None, rules: tuple[CompiledRule, ...]) -> list[str] | None:
+    """Combine the tier's reasoning capability, a degrade action and degrade rules (the
+    strictest wins) into ``exchange.annotations["degrade"]``; returns the reasons, or None
+    when the answer passes untouched."""
+    reasoning = None if tier_reasoning == "pass" else tier_reasoning
+    fingerprint = False
+    reasons = []
+    specs: list[tuple[str, dict[str, Any]]] = []
+    if action is not None:
+        specs.append(("action:degrade", action.detail.get("degrade")
+                      or policy.document.actions.degrade.model_dump()))
+    specs += [(f"rule:{rule.name}", rule.degrade or {}) for rule in rules]
+    for why, spec in specs:
+        reasoning = _stricter(reasoning, spec.get("reasoning", "strip"))
+        fingerprint = fingerprint or bool(spec.get("fingerprint", True))
+        reasons.append(why)
+    if reasoning is None and not fingerprint:
+        return None
+    current = exchange.annotations.get("degrade")
+    if isinstance(current, dict):
+        reasoning = _stricter(reasoning, current.get("reasoning"))
+        fingerprint = fingerprint or bool(current.get("fingerprint"))
+    exchange.annotations["degrade"] = {"reasoning": reasoning or "pass",
+                                       "fingerprint": fingerprint}
+    return reasons
+
