@@ -82,6 +82,16 @@ class LedgerWriter:
             if thread is not None:
                 self._queue.put(_STOP)
                 thread.join()
+            leftovers = []  # appends that raced with the stop: written, not dropped
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    leftovers.append(item)
+            if leftovers and self.ledger is not None:
+                self._write(leftovers)
             if self.ledger is not None:
                 self.ledger.close()
                 self.ledger = None
