@@ -43,16 +43,21 @@ def test_limits_and_revocation_hold_across_three_replicas(
         body = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 5}
         urls = itertools.cycle([r.stack.base_url for r in replicas])
-        targets = [next(urls) for _ in range(250)]
+        targets = [next(urls) for _ in range(180)]
 
         def send(url: str) -> int:
             return httpx.post(url + "/chat/completions", json=body, timeout=30,
                               headers={"authorization": f"Bearer {key}"}).status_code
 
-        if time.time() % 60 > 40:  # keep the burst inside one minute window
-            time.sleep(61 - time.time() % 60)
+        # The minute limit is a weighted sliding window: a burst that crosses into the next
+        # fixed window legitimately gets part of the new window's budget. Start the burst
+        # at the beginning of a window so that, even on a loaded machine, it stays in one.
+        if time.time() % 60 > 3:
+            time.sleep(60.2 - time.time() % 60)
+        started = time.time()
         with ThreadPoolExecutor(12) as pool:
             codes = list(pool.map(send, targets))
+        assert time.time() // 60 == started // 60, "the burst outlasted its minute window"
         admitted = codes.count(200)
         assert abs(admitted - limit) <= 0.02 * limit, codes
         assert set(codes) <= {200, 429}
