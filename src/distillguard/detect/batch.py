@@ -107,6 +107,7 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
     verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
                                   "tick_seconds": tick_seconds,
                                   "threshold": calibration.threshold,
+                                  "community_threshold": calibration.community_threshold,
                                   "target_fpr": calibration.target_fpr}
     return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
 
@@ -124,9 +125,12 @@ def read_labels(path: str | Path) -> dict[str, bool]:
 
 def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
               target_fpr: float = 0.001, tick_seconds: float = 300.0) -> Calibration:
-    """Two replays of a labelled trace: the first collects feature snapshots and fits the
-    model, the second replays with that model and sets the threshold from every benign
-    account's peak risk, so the threshold is exactly what detection would see."""
+    """Two replays of a labelled trace. The first collects feature snapshots and fits the
+    account model and the community model (a community is an attack one when most of its
+    members are attack accounts); the second replays with both models and sets the
+    thresholds from every benign account's peak risks, so they are exactly what detection
+    would see: first the account threshold, then the community threshold among the
+    benign accounts the first leaves unflagged, within the same false-positive budget."""
     attack = read_labels(labels)
     _, first = run_batch(trace, Calibration.neutral(), accounts=accounts,
                          tick_seconds=tick_seconds, collect=True)
@@ -135,12 +139,30 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
         raise ValueError("no labelled account in the trace")
     model = fit_model(np.vstack([row for _, row in snaps]),
                       np.array([attack[a] for a, _ in snaps], dtype=int))
-    replay = Calibration(model=model, threshold=1.01, target_fpr=target_fpr)
+    groups = [(row, sum(attack.get(m, False) for m in members) * 2 > len(members))
+              for members, row in first.group_snapshots]
+    community = None
+    if len({y for _, y in groups}) == 2:
+        community = fit_model(np.vstack([r for r, _ in groups]),
+                              np.array([y for _, y in groups], dtype=int))
+    replay = Calibration(model=model, threshold=1.01, target_fpr=target_fpr,
+                         community=community)
     _, second = run_batch(trace, replay, accounts=accounts, tick_seconds=tick_seconds)
     benign = [a for a, is_attack in attack.items() if not is_attack]
-    peaks = np.array([second.status[a].peak if a in second.status else 0.0 for a in benign])
+    status = second.status
+    peaks = np.array([status[a].peak if a in status else 0.0 for a in benign])
     threshold, over = threshold_for(peaks, target_fpr)
-    return Calibration(model=model, threshold=threshold, target_fpr=target_fpr, fitted_on={
+    group_threshold, group_over = 1.01, 0
+    if community is not None:
+        left = np.array([status[a].peak_group if a in status else 0.0
+                         for a, p in zip(benign, peaks, strict=True) if p < threshold])
+        budget = max(0.0, target_fpr * len(benign) - over) / max(1, left.size)
+        group_threshold, group_over = threshold_for(left, budget)
+    return Calibration(model=model, threshold=threshold, target_fpr=target_fpr,
+                       community=community, community_threshold=group_threshold,
+                       fitted_on={
         "trace_sha256": file_sha256(trace), "labels_sha256": file_sha256(labels),
-        "tick_seconds": tick_seconds, "snapshots": len(snaps), "benign": len(benign),
-        "attack": len(attack) - len(benign), "benign_flagged_at_threshold": over})
+        "tick_seconds": tick_seconds, "snapshots": len(snaps),
+        "community_snapshots": len(groups), "benign": len(benign),
+        "attack": len(attack) - len(benign),
+        "benign_flagged_at_threshold": over + group_over})

@@ -12,6 +12,7 @@ otherwise. Format (version 1)::
 
     {"version": 1, "features": [...], "mean": [...], "scale": [...], "coef": [...],
      "intercept": b, "threshold": t, "target_fpr": 0.001,
+     "community": {"features": [...], "mean", "scale", "coef", "intercept", "threshold"},
      "fitted_on": {"trace_sha256": ..., "accounts": n, "benign": n, "attack": n,
                    "snapshots": n, "benign_flagged_at_threshold": n}}
 """
@@ -27,28 +28,46 @@ from typing import Any
 import numpy as np
 import orjson
 
-from distillguard.detect.scoring import FEATURES, Model
+from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, Model
 from distillguard.errors import ConfigError
 
 CALIBRATION_VERSION = 1
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.json")
 
 
+def _model_json(model: Model) -> dict[str, Any]:
+    return {"mean": model.mean.round(8).tolist(), "scale": model.scale.round(8).tolist(),
+            "coef": model.coef.round(8).tolist(), "intercept": round(model.intercept, 8)}
+
+
+def _model(data: dict[str, Any]) -> Model:
+    return Model(mean=np.asarray(data["mean"], dtype=float),
+                 scale=np.asarray(data["scale"], dtype=float),
+                 coef=np.asarray(data["coef"], dtype=float),
+                 intercept=float(data["intercept"]))
+
+
 @dataclass
 class Calibration:
+    """The account model and threshold, and the community model and threshold: an
+    account is flagged when its own risk or its community's reaches the threshold."""
+
     model: Model
     threshold: float
     target_fpr: float
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    community: Model | None = None
+    community_threshold: float = 1.01
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": CALIBRATION_VERSION, "features": list(FEATURES),
-                "mean": self.model.mean.round(8).tolist(),
-                "scale": self.model.scale.round(8).tolist(),
-                "coef": self.model.coef.round(8).tolist(),
-                "intercept": round(self.model.intercept, 8),
-                "threshold": self.threshold, "target_fpr": self.target_fpr,
-                "fitted_on": self.fitted_on}
+        out = {"version": CALIBRATION_VERSION, "features": list(FEATURES),
+               **_model_json(self.model), "threshold": self.threshold,
+               "target_fpr": self.target_fpr, "fitted_on": self.fitted_on}
+        if self.community is not None:
+            out["community"] = {"features": list(COMMUNITY_FEATURES),
+                                **_model_json(self.community),
+                                "threshold": self.community_threshold}
+        return out
 
     @classmethod
     def from_json(cls, data: Any, source: str = "calibration") -> Calibration:
@@ -57,13 +76,15 @@ class Calibration:
         if list(data.get("features") or []) != list(FEATURES):
             raise ConfigError(f"{source}: fitted for other features; run "
                               "`distillguard detect calibrate` again")
-        model = Model(mean=np.asarray(data["mean"], dtype=float),
-                      scale=np.asarray(data["scale"], dtype=float),
-                      coef=np.asarray(data["coef"], dtype=float),
-                      intercept=float(data["intercept"]))
-        return cls(model=model, threshold=float(data["threshold"]),
+        community = data.get("community")
+        if community is not None and list(community.get("features") or []) != list(
+                COMMUNITY_FEATURES):
+            raise ConfigError(f"{source}: community model fitted for other features")
+        return cls(model=_model(data), threshold=float(data["threshold"]),
                    target_fpr=float(data["target_fpr"]),
-                   fitted_on=dict(data.get("fitted_on") or {}))
+                   fitted_on=dict(data.get("fitted_on") or {}),
+                   community=_model(community) if community else None,
+                   community_threshold=float(community["threshold"]) if community else 1.01)
 
     @classmethod
     def neutral(cls) -> Calibration:

@@ -24,11 +24,16 @@ from datetime import UTC, datetime
 import numpy as np
 
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.evidence import account_reasons, campaign_evidence
+from distillguard.detect.evidence import account_reasons, campaign_evidence, group_reasons
 from distillguard.detect.features import ExchangeFeatures
 from distillguard.detect.graph import AccountGraph, Community
 from distillguard.detect.linking import LinkIndex
-from distillguard.detect.scoring import AccountFacts, account_vector, community_vector
+from distillguard.detect.scoring import (
+    ACCOUNT_FEATURES,
+    AccountFacts,
+    account_vector,
+    community_vector,
+)
 from distillguard.detect.sketches import AccountState
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 
@@ -45,6 +50,8 @@ def _dt(ts: float | None) -> datetime | None:
 class AccountStatus:
     risk: float = 0.0
     peak: float = 0.0
+    peak_group: float = 0.0
+    reported: float = 0.0      # the risk of the last verdict handed out (online rows)
     flagged: bool = False
     campaign_id: str | None = None
     first_flagged_at: float | None = None
@@ -106,6 +113,8 @@ class Detector:
         self.collect = collect
         self.snapshots: list[tuple[str, np.ndarray]] = []
         self._marks: dict[str, int] = {}
+        self.group_snapshots: list[tuple[frozenset[str], np.ndarray]] = []
+        self._groups_seen: set[frozenset[str]] = set()
 
     # -- input ------------------------------------------------------------------------
 
@@ -158,19 +167,32 @@ class Detector:
         if not ids:
             return Changes(now)
         community_rows: dict[int, np.ndarray] = {}
+        community_risk: dict[int, float] = {}
+        group_model = self.calibration.community
         rows = []
         for aid in ids:
             community = self.graph.of.get(aid)
             key = id(community)
             if key not in community_rows:
-                community_rows[key] = community_vector(community, self.vectors, self.states,
-                                                       self.facts)
+                crow = community_vector(community, self.vectors, self.states, self.facts)
+                community_rows[key] = crow
+                community_risk[key] = float(group_model.risk(crow[None, :])[0]) if (
+                    group_model is not None and community is not None) else 0.0
+                if self.collect and community is not None:
+                    self._group_snapshot(community.members, crow)
             rows.append(np.concatenate([self.vectors[aid], community_rows[key]]))
         matrix = np.vstack(rows)
         risks = self.calibration.model.risk(matrix)
+        group_risks = np.array([community_risk[id(self.graph.of.get(a))] for a in ids])
         if self.collect:
             self._snapshot(ids, matrix)
-        return self._apply(now, ids, matrix, risks)
+        return self._apply(now, ids, matrix, risks, group_risks)
+
+    def _group_snapshot(self, members: frozenset[str], row: np.ndarray) -> None:
+        """A community's row, once per distinct membership."""
+        if members not in self._groups_seen:
+            self._groups_seen.add(members)
+            self.group_snapshots.append((members, row))
 
     def _snapshot(self, ids: list[str], matrix: np.ndarray) -> None:
         """Keep feature rows for fitting: an account's row when its volume passes 1, 2, 4,
@@ -182,27 +204,35 @@ class Detector:
                 self.snapshots.append((aid, row))
                 self._marks[aid] = count * 2 if count < 50 else count + 50
 
-    def _apply(self, now: float, ids: list[str], matrix: np.ndarray, risks: np.ndarray
-               ) -> Changes:
+    def _apply(self, now: float, ids: list[str], matrix: np.ndarray, risks: np.ndarray,
+               group_risks: np.ndarray) -> Changes:
         changes = Changes(now)
-        threshold = self.calibration.threshold
+        cal = self.calibration
         changed: set[str] = set()
-        for aid, row, risk in zip(ids, matrix, risks, strict=True):
+        for aid, row, risk, group in zip(ids, matrix, risks, group_risks, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
             # An unlinked account is judged on its own traffic only once there is some.
-            r = float(risk) if (aid in self.graph.of or self.states[aid].count
-                                >= MIN_OWN_EXCHANGES) else 0.0
-            newly = not st.flagged and r >= threshold
+            own = float(risk) if (aid in self.graph.of or self.states[aid].count
+                                  >= MIN_OWN_EXCHANGES) else 0.0
+            g = float(group)
+            st.peak = max(st.peak, own)
+            st.peak_group = max(st.peak_group, g)
+            r = max(own, g)
+            newly = not st.flagged and (own >= cal.threshold or g >= cal.community_threshold)
             if newly:
                 st.flagged = True
                 st.first_flagged_at = now
                 st.exchanges_before_flag = self.states[aid].count
-            if newly or abs(r - st.risk) >= RISK_STEP or (st.flagged and not st.reasons):
-                st.reasons = account_reasons(self.calibration.model, row, aid in self.graph.of)
+            if newly or abs(r - st.reported) >= RISK_STEP or (st.flagged and not st.reasons):
+                st.reported = r
+                st.reasons = account_reasons(cal.model, row, aid in self.graph.of)
+                if cal.community is not None and g >= cal.community_threshold:
+                    st.reasons = [f"its linked group scores {g:.2f} as a campaign",
+                                  *group_reasons(cal.community, row[len(ACCOUNT_FEATURES):]),
+                                  *st.reasons][:6]
                 changed.add(aid)
             if abs(r - st.risk) >= 1e-6:
                 st.risk = r
-            st.peak = max(st.peak, r)
         moved, changes.campaigns = self._campaigns(now, set(ids))
         changes.accounts = [self.status[a].verdict(a) for a in sorted(changed | moved)]
         return changes

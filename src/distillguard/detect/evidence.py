@@ -67,6 +67,15 @@ def account_reasons(model: Model, row: np.ndarray, linked: bool, limit: int = 4)
     return [_describe(FEATURES[i], float(row[i])) for i in order[:limit] if contrib[i] > 0.05]
 
 
+def group_reasons(model: Model, row: np.ndarray, limit: int = 3) -> list[str]:
+    """The community features that raise the community model's risk most."""
+    contrib = model.contributions(row)
+    offset = len(ACCOUNT_FEATURES)
+    order = np.argsort(-contrib)
+    return [_describe(FEATURES[offset + i], float(row[i])) for i in order[:limit]
+            if contrib[i] > 0.05]
+
+
 _KIND_TEXT = {"template": "share template frames", "lockstep": "act in lockstep",
               "payment": "share payment fingerprints", "prefix": "share client /24 networks",
               "signup": "signed up in the same window"}
