@@ -142,8 +142,12 @@ def run_spark(spark: SparkSession, trace: str | Path, calibration: Calibration, 
             detector.observe(features)
     detector.finish()
     verdicts = detector.verdicts(listed)
-    verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
-                                  "tick_seconds": tick_seconds,
-                                  "threshold": calibration.threshold,
-                                  "target_fpr": calibration.target_fpr}
+    # The same summary as the DuckDB path writes.
+    summary: dict[str, Any] = {"exchanges": count, "evaluations": detector.evaluations,
+                               "tick_seconds": tick_seconds,
+                               "threshold": calibration.threshold}
+    if hasattr(calibration, "community_threshold"):
+        summary["community_threshold"] = calibration.community_threshold
+    summary["target_fpr"] = calibration.target_fpr
+    verdicts.extra["detector"] = summary
     return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector

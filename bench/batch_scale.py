@@ -1,0 +1,164 @@
+"""Batch detection at scale: DuckDB vs Spark local mode, and how each grows with the trace.
+
+For each size N (ascending) the first N lines of one large simulated trace (time-ordered,
+so a prefix is the trace's first days, every account in the accounts file) go through
+``distillguard detect`` (DuckDB) and ``distillguard spark detect --master local[K]``,
+alternately, each in its own process (start-up included: a JVM for Spark), --runs times.
+Reported per size: median seconds and exchanges/s of each engine, the ratio
+Spark/DuckDB, each engine's time relative to the smallest size (the curve: linear growth
+gives N/N0), and whether the two verdicts files are identical. Rows are appended to
+--results as they finish (JSON Lines), so a run cut short keeps its points; --plot draws
+the curve from that file.
+
+    distillguard simulate --out /work/bench-data/large-10m --preset large --scale 1.3 --quiet
+    python -m bench.batch_scale --trace /work/bench-data/large-10m/trace.jsonl \\
+        --accounts /work/bench-data/large-10m/accounts.jsonl \\
+        --sizes 1000000,2000000,5000000,10000000 --plot docs/images/batch_scale.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def prefix(trace: Path, n: int, work: Path) -> Path:
+    """The first n lines of the trace (made once, reused)."""
+    out = work / f"prefix-{n}.jsonl"
+    if out.exists():
+        return out
+    tmp = out.with_suffix(".part")
+    written = 0
+    with trace.open("rb") as src, tmp.open("wb") as dst:
+        for line in src:
+            if written == n:
+                break
+            if not line.endswith(b"\n"):    # a trace still being written: cut line
+                break
+            dst.write(line)
+            written += 1
+    if written < n:
+        tmp.unlink()
+        raise SystemExit(f"{trace} has only {written} complete lines, {n} asked")
+    tmp.rename(out)
+    return out
+
+
+def timed(cmd: list[str]) -> float:
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - began
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def same_verdicts(a: Path, b: Path) -> bool:
+    """Every account and campaign verdict equal (the files' summaries may differ)."""
+    x, y = json.loads(a.read_bytes()), json.loads(b.read_bytes())
+    return bool(x["accounts"] == y["accounts"] and x["campaigns"] == y["campaigns"]
+                and x["detector"]["evaluations"] == y["detector"]["evaluations"])
+
+
+def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: str,
+            extra: list[str]) -> dict[str, Any]:
+    cli = [sys.executable, "-m", "distillguard.cli"]
+    duck_out, spark_out = work / f"duck-{n}.json", work / f"spark-{n}.json"
+    common = ["--trace", str(trace), "--accounts", str(accounts), *extra]
+    duck_cmd = [*cli, "detect", *common, "--out", str(duck_out)]
+    spark_cmd = [*cli, "spark", "detect", *common, "--out", str(spark_out), "--master", master,
+                 "--conf", "spark.ui.enabled=false"]
+    duck, spark = [], []
+    for i in range(runs):
+        order = [(duck, duck_cmd), (spark, spark_cmd)]
+        for times, cmd in order if i % 2 == 0 else order[::-1]:
+            times.append(timed(cmd))
+    same = same_verdicts(duck_out, spark_out)
+    d, s = statistics.median(duck), statistics.median(spark)
+    return {"exchanges": n, "runs": runs, "master": master, "duckdb_s": round(d, 1),
+            "spark_s": round(s, 1), "duckdb_per_s": round(n / d), "spark_per_s": round(n / s),
+            "spark_over_duckdb": round(s / d, 2), "same_verdicts": same,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["exchanges"])
+    xs = [r["exchanges"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(xs, [r["duckdb_s"] for r in rows], "o-", label="DuckDB (one process)")
+    ax.plot(xs, [r["spark_s"] for r in rows], "s-",
+            label=f"Spark local mode ({rows[0]['master']})")
+    ax.set_xlabel("exchanges (millions)")
+    ax.set_ylabel("batch detection time, s (median)")
+    ax.set_title("Batch detection time vs trace size (shared 2-core machine)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    rows = sorted(rows, key=lambda r: r["exchanges"])
+    base = rows[0]
+    lines = ["| exchanges | DuckDB s | Spark s | Spark / DuckDB | DuckDB vs smallest | "
+             "Spark vs smallest | size vs smallest | same verdicts |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['exchanges']:,} | {r['duckdb_s']} | {r['spark_s']} | "
+            f"{r['spark_over_duckdb']} | {r['duckdb_s'] / base['duckdb_s']:.2f} | "
+            f"{r['spark_s'] / base['spark_s']:.2f} | "
+            f"{r['exchanges'] / base['exchanges']:.1f} | {'yes' if r['same_verdicts'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", type=Path)
+    ap.add_argument("--accounts", type=Path)
+    ap.add_argument("--sizes", default="1000000,2000000,5000000,10000000")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--calibration", help="passed to both engines (default: shipped)")
+    ap.add_argument("--work", type=Path, default=Path("/work/bench-data/batch-scale"))
+    ap.add_argument("--results", type=Path, help="JSON Lines of rows (default: WORK/rows)")
+    ap.add_argument("--plot", type=Path, help="PNG of the curve")
+    ap.add_argument("--plot-only", action="store_true", help="only table + plot from results")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = args.results or args.work / "rows.jsonl"
+    if not args.plot_only:
+        if args.trace is None or args.accounts is None:
+            ap.error("--trace and --accounts are required")
+        extra = ["--calibration", args.calibration] if args.calibration else []
+        for n in sorted(int(s) for s in args.sizes.split(",")):
+            part = prefix(args.trace, n, args.work)
+            row = measure(part, args.accounts, args.work, n, args.runs, args.master, extra)
+            print(json.dumps(row), flush=True)
+            with results.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    for row in rows:    # re-check from the verdicts files kept in WORK
+        duck, spark = (args.work / f"{e}-{row['exchanges']}.json" for e in ("duck", "spark"))
+        if duck.exists() and spark.exists():
+            row["same_verdicts"] = same_verdicts(duck, spark)
+    if rows:
+        print(table(rows))
+        if args.plot:
+            plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
