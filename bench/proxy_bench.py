@@ -109,6 +109,24 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
+    def quiesce(self, limit_s: float = 30.0) -> None:
+        """Wait until the started processes are idle (below 5% of a CPU together over one
+        second): an earlier measurement's backlog must not run into the next one."""
+        import psutil
+
+        procs = []
+        for p in self.procs:
+            try:
+                procs.append(psutil.Process(p.pid))
+            except psutil.Error:
+                continue
+        deadline = time.time() + limit_s
+        while time.time() < deadline:
+            before = sum(process_cpu_s_of(p) for p in procs)
+            time.sleep(1.0)
+            if sum(process_cpu_s_of(p) for p in procs) - before < 0.05:
+                return
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -229,6 +247,14 @@ def wrk(target: Target, stream: bool, seconds: float, connections: int,
             "cpu_ms_per_request": 1000 * cpu_used / max(1, total)}
 
 
+def process_cpu_s_of(proc: Any) -> float:
+    try:
+        times = proc.cpu_times()
+    except Exception:  # the process is gone
+        return 0.0
+    return float(times.user + times.system)
+
+
 def process_cpu_s(process: subprocess.Popen[bytes] | None) -> float:
     """CPU seconds (user + system) used so far by a process and its children."""
     import psutil
@@ -330,12 +356,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row: dict[str, Any] = {}
                 for stream in (False, True):
                     kind = "stream" if stream else "plain"
-                    fixed_rate(target, stream, min(args.rates), 1.0, args.client_cpu)  # warm-up
+                    wrk(target, stream, 1, 4, args.client_cpu, workdir)  # warm-up
+                    fleet.quiesce()
                     sat = row[f"wrk_{kind}"] = wrk(target, stream, args.wrk_seconds,
                                                    args.connections, args.client_cpu, workdir)
                     report = (f"run {r + 1} {target.name:>17} {kind:>6}: {sat['rps']:6.0f} "
                               f"req/s saturated ({sat['cpu_ms_per_request']:.3f} ms CPU/req)")
                     for rate in args.rates:
+                        fleet.quiesce()
+                        if rate > 0.9 * sat["rps"]:
+                            # Beyond what it can serve: latency grows without bound and the
+                            # abandoned backlog would disturb every later measurement.
+                            row[f"fixed_{kind}_{rate:g}"] = None
+                            report += f"; {rate:g}/s over capacity, not measured"
+                            continue
                         fixed = row[f"fixed_{kind}_{rate:g}"] = fixed_rate(
                             target, stream, rate, args.seconds, args.client_cpu)
                         report += (f"; {rate:g}/s p50 {fixed['p50_ms']:.2f} "
@@ -375,11 +409,14 @@ def summarise(results: dict[str, Any]) -> str:
             line = f"| {name} | {kind} | {cpu:.3f} | {rps:.0f} |"
             for rate in rates:
                 key = f"fixed_{kind}_{rate:g}"
+                if any(run[name][key] is None for run in runs):
+                    line += " over capacity | | |"
+                    continue
                 p50 = med(run[name][key]["p50_ms"] for run in runs)
                 p99 = med(run[name][key]["p99_ms"] for run in runs)
                 errors = sum(run[name][key]["errors"] for run in runs)
                 added = ""
-                if name != "direct":
+                if name != "direct" and all(run["direct"][key] for run in runs):
                     a50 = med(run[name][key]["p50_ms"] - run["direct"][key]["p50_ms"]
                               for run in runs)
                     a99 = med(run[name][key]["p99_ms"] - run["direct"][key]["p99_ms"]
