@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -217,3 +220,22 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     found = stack.call(names())
     assert set(found) == {"campaigns", "account_verdicts"}
     assert "updated_at" in found["account_verdicts"]
+
+
+def test_calibration_is_reproducible(tmp_path: Path, world: tuple[Path, Path, Path]) -> None:
+    """The same labelled trace gives the same calibration file, whatever the process's
+    string-hash seed (set iteration order must not reach the result)."""
+    trace, accounts, labels = world
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"cal{seed}.json"
+        subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "calibrate",
+                        "--trace", str(trace), "--accounts", str(accounts), "--labels",
+                        str(labels), "--tick-seconds", str(TICK), "--out", str(out)],
+                       check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    cal = Calibration.from_json(orjson.loads(outs[0]))
+    assert cal.fitted_on["benign_flagged_at_threshold"] <= cal.target_fpr * cal.fitted_on[
+        "benign"]

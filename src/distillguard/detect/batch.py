@@ -124,7 +124,8 @@ def read_labels(path: str | Path) -> dict[str, bool]:
 
 
 def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
-              target_fpr: float = 0.001, tick_seconds: float = 300.0) -> Calibration:
+              target_fpr: float = 0.001, tick_seconds: float = 300.0,
+              with_community: bool = False) -> Calibration:
     """Two replays of a labelled trace. The first collects feature snapshots and fits the
     account model and the community model (a community is an attack one when most of its
     members are attack accounts); the second replays with both models and sets the
@@ -142,7 +143,7 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
     groups = [(row, sum(attack.get(m, False) for m in members) * 2 > len(members))
               for members, row in first.group_snapshots]
     community = None
-    if len({y for _, y in groups}) == 2:
+    if with_community and len({y for _, y in groups}) == 2:
         community = fit_model(np.vstack([r for r, _ in groups]),
                               np.array([y for _, y in groups], dtype=int))
     replay = Calibration(model=model, threshold=1.01, target_fpr=target_fpr,

@@ -63,16 +63,18 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
 @click.option("--target-fpr", default=0.001, show_default=True, type=float,
               help="Share of benign accounts allowed to be flagged.")
 @click.option("--tick-seconds", default=300.0, show_default=True, type=float)
+@click.option("--community/--no-community", default=False, show_default=True,
+              help="Also fit the community model (flags linked groups as a whole).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 def calibrate(trace: str, accounts: str | None, labels: str, target_fpr: float,
-              tick_seconds: float, out: str) -> None:
+              tick_seconds: float, community: bool, out: str) -> None:
     """Fit the risk model and set the threshold for a target false-positive rate."""
     if not 0.0 <= target_fpr < 1.0:
         raise click.BadParameter("must be in [0, 1)", param_hint="--target-fpr")
     began = time.perf_counter()
     try:
         calibration = run_calibration(trace, labels, accounts=accounts, target_fpr=target_fpr,
-                                      tick_seconds=tick_seconds)
+                                      tick_seconds=tick_seconds, with_community=community)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     calibration.write(out)

@@ -120,9 +120,17 @@ class AccountGraph:
         if size <= 3:
             groups = [set(nodes)]
         else:
+            # A fresh graph with nodes and edges in sorted order: a subgraph view would
+            # iterate a set (string-hash order, different in every process) and the
+            # seeded Louvain would then not repeat itself across runs.
+            ordered = nx.Graph()
+            ordered.add_nodes_from(sorted(nodes))
+            ordered.add_edges_from(sorted(
+                ((a, b, {"weight": d["weight"]}) if a < b else (b, a, {"weight": d["weight"]})
+                 for a, b, d in graph.subgraph(nodes).edges(data=True)),
+                key=lambda e: (e[0], e[1])))
             groups = nx.community.louvain_communities(
-                graph.subgraph(sorted(nodes)), weight="weight",
-                resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
+                ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
         out: dict[str, int] = {}
         for group in sorted(groups, key=min):
             label = self._next_label
