@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,19 +52,30 @@ def prefix(trace: Path, n: int, work: Path) -> Path:
 
 
 def timed(cmd: list[str]) -> float:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}   # the same string hashing in both engines
     began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - began
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     return elapsed
 
 
+def canonical(doc: dict[str, Any]) -> tuple[Any, ...]:
+    """A verdicts document with each campaign named by its accounts and evidence lines
+    sorted: campaign numbering and the order of equally ranked evidence follow Python's
+    string hashing (PYTHONHASHSEED), which differs between processes."""
+    names = {c["campaign_id"]: tuple(c["accounts"]) for c in doc["campaigns"]}
+    accounts = [{**a, "campaign_id": names.get(a["campaign_id"], a["campaign_id"])}
+                for a in doc["accounts"]]
+    campaigns = sorted(({**c, "campaign_id": None, "evidence": sorted(c["evidence"])}
+                        for c in doc["campaigns"]), key=lambda c: c["accounts"])
+    return accounts, campaigns, doc["detector"]["evaluations"]
+
+
 def same_verdicts(a: Path, b: Path) -> bool:
-    """Every account and campaign verdict equal (the files' summaries may differ)."""
-    x, y = json.loads(a.read_bytes()), json.loads(b.read_bytes())
-    return bool(x["accounts"] == y["accounts"] and x["campaigns"] == y["campaigns"]
-                and x["detector"]["evaluations"] == y["detector"]["evaluations"])
+    """Every account and campaign verdict equal (see :func:`canonical`)."""
+    return canonical(json.loads(a.read_bytes())) == canonical(json.loads(b.read_bytes()))
 
 
 def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: str,

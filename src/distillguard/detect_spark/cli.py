@@ -66,6 +66,7 @@ def detect(trace: str, accounts: str | None, out: str, calibration_path: str | N
     began = time.perf_counter()
     owned = SparkSession.getActiveSession() is None   # stop only a session made here
     spark_session = session(master, conf=conf)
+    spark_session.sparkContext.setLogLevel("WARN")
     try:
         result, _ = run_spark(spark_session, trace, calibration, accounts=accounts,
                               tick_seconds=tick_seconds, partitions=partitions)
