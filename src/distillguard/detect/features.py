@@ -226,13 +226,15 @@ def simhashes(docs: Sequence[Sequence[str]]) -> list[int]:
             owners.append(k)
     out = np.zeros(len(docs), dtype=np.uint64)
     if ids:
-        hashes = np.asarray(ids, dtype=np.uint64) * _M1   # spread crc/adler bits
-        bits = ((hashes[:, None] >> _BITS) & _ONE).astype(np.int16) * 2 - 1
+        hashes = np.asarray(ids, dtype="<u8") * _M1   # spread crc/adler bits
+        # column j = bit j of each token hash (little-endian bytes, little bit order)
+        bits = np.unpackbits(hashes.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
         owner = np.asarray(owners, dtype=np.intp)
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        sums = np.add.reduceat(bits, starts, axis=0)     # tokens are grouped by document
-        packed = ((sums > 0).astype(np.uint64) << _BITS).sum(axis=1, dtype=np.uint64)
-        out[owner[starts]] = packed
+        ones = np.add.reduceat(bits.astype(np.int32), starts, axis=0)  # grouped by document
+        tokens = np.diff(np.r_[starts, owner.size])
+        set_bits = (2 * ones > tokens[:, None]).astype(np.uint64)     # more +1 than -1
+        out[owner[starts]] = (set_bits << _BITS).sum(axis=1, dtype=np.uint64)
     return [int(v) for v in out]
 
 
