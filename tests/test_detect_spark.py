@@ -56,16 +56,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def duck(world: tuple[Path, Path]) -> BatchResult:
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped calibration, read once, so every run of the module uses the same one."""
+    path = tmp_path_factory.mktemp("calibration") / "calibration.json"
+    Calibration.read().write(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def duck(world: tuple[Path, Path], calibration: Path) -> BatchResult:
     trace, accounts = world
-    result, _ = run_batch(trace, Calibration.read(), accounts=accounts)
+    result, _ = run_batch(trace, Calibration.read(calibration), accounts=accounts)
     return result
 
 
 def test_spark_and_duckdb_give_the_same_verdicts(spark: object, world: tuple[Path, Path],
-                                                 duck: BatchResult) -> None:
+                                                 duck: BatchResult, calibration: Path
+                                                 ) -> None:
     trace, accounts = world
-    sparked, _ = run_spark(spark, trace, Calibration.read(),  # type: ignore[arg-type]
+    sparked, _ = run_spark(spark, trace, Calibration.read(calibration),  # type: ignore[arg-type]
                            accounts=accounts, partitions=4)
     assert sparked.exchanges == duck.exchanges > 500
     assert sparked.evaluations == duck.evaluations
@@ -75,13 +84,15 @@ def test_spark_and_duckdb_give_the_same_verdicts(spark: object, world: tuple[Pat
 
 
 def test_cli_writes_the_same_verdicts(spark: object, world: tuple[Path, Path],
-                                      duck: BatchResult, tmp_path: Path) -> None:
+                                      duck: BatchResult, calibration: Path,
+                                      tmp_path: Path) -> None:
     from distillguard.cli import main
 
     trace, accounts = world
     out = tmp_path / "spark.json"
     result = CliRunner().invoke(main, ["spark", "detect", "--trace", str(trace), "--accounts",
-                                       str(accounts), "--out", str(out), "--partitions", "3"])
+                                       str(accounts), "--out", str(out), "--partitions", "3",
+                                       "--calibration", str(calibration)])
     assert result.exit_code == 0, result.output
     assert same_verdicts(orjson.loads(out.read_bytes()), duck.verdicts.to_json())
     assert spark.sparkContext._jsc is not None  # type: ignore[attr-defined]  # still running
