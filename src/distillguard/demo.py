@@ -30,6 +30,7 @@ from distillguard.serve import Stack, StackThread
 # (title, "module:function"): each step is called with the running StackThread, the demo
 # folder and a context dict (settings, keys, admin client) it may add to. One line each.
 DEMO_STEPS: list[tuple[str, str]] = [
+    ("Simulated campaigns: detection, policy, sharing", "distillguard.simulate.demo:step"),
     ("Tamper-evident ledger", "distillguard.ledger.demo:step"),
     ("Analyst dashboard", "distillguard.dashboard.demo:step"),
 ]
@@ -58,13 +59,37 @@ def write_demo_settings(workdir: Path) -> Path:
     path = workdir / "distillguard.yaml"
     if not path.exists():
         path.write_text(yaml.safe_dump({
-            "server": {"host": "127.0.0.1", "port": 0, "admin_port": 0},
+            # The campaign step replays simulated clients' addresses as a local proxy would.
+            "server": {"host": "127.0.0.1", "port": 0, "admin_port": 0,
+                       "trusted_proxies": ["127.0.0.1/32"]},
             "admin": {"token": "adm-" + secrets.token_hex(16)},
             "upstream": {"base_url": "demo"},
             "state": {"url": f"sqlite:///{(workdir / 'state.sqlite').resolve()}"},
             "ledger": {"path": str((workdir / "ledger").resolve())},
+            "policy": {"file": str((workdir / "policy.yaml").resolve())},
+            "sharing": {"pseudonym_key": secrets.token_hex(24), "partners": {
+                "demo-partner": {"token": "partner-" + secrets.token_hex(16)}}},
         }, sort_keys=False))
+    policy = workdir / "policy.yaml"
+    if not policy.exists():
+        policy.write_text(DEMO_POLICY)
     return path
+
+
+DEMO_POLICY = """\
+# The demo's access policy (format: docs/policy.md).
+version: 1
+rules:
+  - name: embargo
+    when: {country: [CU, IR, KP, SY]}
+    deny: "Access from {country} is not permitted under export regulations."
+verdicts:
+  rules:
+    - {name: flagged, when: {flagged: true}, action: flag}
+    - {name: campaign-throttle, when: {risk_at_least: 0.5, in_campaign: true},
+       action: throttle, expires_in: 24h}
+    - {name: review-high, when: {risk_at_least: 0.95}, action: review, propose: suspend}
+"""
 
 
 def run_demo(workdir: str, *, minutes: float = 1.0, seed: int = 7,
@@ -120,7 +145,8 @@ def run_demo(workdir: str, *, minutes: float = 1.0, seed: int = 7,
                 bar.update(1)
         stack.call(stack.stack.gateway.settle())
         click.echo(f"responses by status: {dict(statuses)}")
-        context: dict[str, Any] = {"settings": settings, "keys": keys, "admin": admin}
+        context: dict[str, Any] = {"settings": settings, "keys": keys, "admin": admin,
+                                   "seed": seed}
         for title, target in DEMO_STEPS:
             click.echo(f"\n== {title}")
             module, _, attr = target.partition(":")
