@@ -98,13 +98,14 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: r["exchanges"])
-    xs = [r["exchanges"] / 1e6 for r in rows]
+    unit, div = ("millions", 1e6) if rows[-1]["exchanges"] >= 1e6 else ("thousands", 1e3)
+    xs = [r["exchanges"] / div for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     ax.plot(xs, [r["duckdb_s"] for r in rows], "o-", label="DuckDB (one process)")
     ax.plot(xs, [r["spark_s"] for r in rows], "s-",
             label=f"Spark local mode ({rows[0]['master']})")
-    ax.set_xlabel("exchanges (millions)")
-    ax.set_ylabel("batch detection time, s (median)")
+    ax.set_xlabel(f"exchanges ({unit}, prefixes of one simulated trace)")
+    ax.set_ylabel(f"batch detection time, s (median of {rows[0]['runs']})")
     ax.set_title("Batch detection time vs trace size (shared 2-core machine)")
     ax.grid(alpha=0.3)
     ax.legend()
