@@ -107,11 +107,143 @@ SQLITE_SCHEMA = [
 ]
 
 
-def _row(r: Sequence[object]) -> Row:
-    return Row(*r)  # type: ignore[arg-type]
+class _Conn(Protocol):
+    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
 
 
-class SQLiteStore:
+class SQLStore:
+    """What the SQLite and PostgreSQL stores share: per-thread connections and every
+    query but the schema and the append.
+
+    A subclass sets the parameter placeholder (written ``?`` here), the SQL for a NULL
+    blob column, opens connections (``_connect``) and says how fetched values become
+    plain Python values (``_value``, ``_bytes``, ``_checkpoint``).
+    """
+
+    placeholder = "?"
+    null_blob = "NULL"
+
+    def __init__(self, location: str, durability: Durability) -> None:
+        self.location = location
+        self.durability = durability
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._conns_lock = threading.Lock()
+
+    def _connect(self) -> _Conn:
+        raise NotImplementedError
+
+    def _closed(self, conn: Any) -> bool:
+        return False
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._closed(conn):
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> Any:
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        return self._conn().execute(sql, params)
+
+    @staticmethod
+    def _value(v: Any) -> Any:
+        return v
+
+    @staticmethod
+    def _bytes(v: Any) -> bytes:
+        return v  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _checkpoint(r: Sequence[Any]) -> StoredCheckpoint:
+        return StoredCheckpoint(*r)
+
+    def _row(self, r: Sequence[Any]) -> Row:
+        return Row(*(self._value(v) for v in r))
+
+    def size(self) -> int:
+        top = self._execute("SELECT max(idx) FROM ledger_entries").fetchone()
+        return 0 if top is None or top[0] is None else int(top[0]) + 1
+
+    def leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
+        cur = self._execute(
+            "SELECT leaf_hash FROM ledger_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+            (lo, hi))
+        return [self._bytes(r[0]) for r in cur]
+
+    def iter_leaf_hashes(self, lo: int = 0, batch: int = 50_000) -> Iterator[bytes]:
+        while True:
+            got = self.leaf_hashes(lo, lo + batch)
+            yield from got
+            if len(got) < batch:
+                return
+            lo += batch
+
+    def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
+                  batch: int = 20_000) -> Iterator[Row]:
+        for r in self._select(lo, 2**62 if hi is None else hi, bodies, batch):
+            yield self._row(r)
+
+    def iter_tuples(self, lo: int, hi: int, batch: int = 20_000
+                    ) -> Iterator[tuple[Any, ...]]:
+        for r in self._select(lo, hi, True, batch):
+            yield tuple(self._value(v) for v in r)
+
+    def _select(self, lo: int, hi: int, bodies: bool, batch: int
+                ) -> Iterator[tuple[Any, ...]]:
+        cols = COLUMNS if bodies else COLUMNS.replace(
+            "request, response", f"{self.null_blob}, {self.null_blob}")
+        last = lo - 1
+        while True:
+            got = self._execute(
+                f"SELECT {cols} FROM ledger_entries WHERE idx > ? AND idx < ? "
+                "ORDER BY idx LIMIT ?", (last, hi, batch)).fetchall()
+            yield from got
+            if len(got) < batch:
+                return
+            last = int(got[-1][0])
+
+    def find(self, entry_id: str) -> Row | None:
+        r = self._execute(f"SELECT {COLUMNS} FROM ledger_entries WHERE entry_id = ? "
+                          "ORDER BY idx LIMIT 1", (entry_id,)).fetchone()
+        return None if r is None else self._row(r)
+
+    def add_checkpoint(self, tree_size: int, root_hash: bytes, ts: str, note: str) -> None:
+        self._execute(
+            "INSERT INTO ledger_checkpoints (tree_size, root_hash, ts, note) "
+            "VALUES (?,?,?,?)", (tree_size, root_hash, ts, note))
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        cur = self._execute("SELECT seq, tree_size, root_hash, ts, note "
+                            "FROM ledger_checkpoints ORDER BY seq")
+        return [self._checkpoint(r) for r in cur]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        r = self._execute("SELECT seq, tree_size, root_hash, ts, note FROM "
+                          "ledger_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if r is None else self._checkpoint(r)
+
+    def redact(self, before_ts: str, kind: str = "exchange") -> int:
+        cur = self._execute(
+            "UPDATE ledger_entries SET request = NULL, response = NULL WHERE kind = ? AND "
+            "ts < ? AND (request IS NOT NULL OR response IS NOT NULL)", (kind, before_ts))
+        return int(cur.rowcount)
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+
+class SQLiteStore(SQLStore):
     """The default store: one SQLite file in WAL mode.
 
     ``durability="fsync"`` (``synchronous=FULL``) makes every commit survive power loss;
@@ -121,26 +253,20 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, durability: Durability = "fsync") -> None:
         self.path = Path(path)
-        self.location = f"sqlite:///{self.path}"
-        self.durability = durability
+        super().__init__(f"sqlite:///{self.path}", durability)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        sync = "FULL" if self.durability == "fsync" else "NORMAL"
+        conn.execute(f"PRAGMA synchronous={sync}")
+        return conn
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            sync = "FULL" if self.durability == "fsync" else "NORMAL"
-            conn.execute(f"PRAGMA synchronous={sync}")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+        return super()._conn()  # type: ignore[no-any-return]
 
     def migrate(self) -> None:
         conn = self._conn()
@@ -162,80 +288,6 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 raise
         return rows
-
-    def size(self) -> int:
-        (top,) = self._conn().execute("SELECT max(idx) FROM ledger_entries").fetchone()
-        return 0 if top is None else int(top) + 1
-
-    def leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
-        cur = self._conn().execute(
-            "SELECT leaf_hash FROM ledger_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
-            (lo, hi))
-        return [r[0] for r in cur]
-
-    def iter_leaf_hashes(self, lo: int = 0, batch: int = 50_000) -> Iterator[bytes]:
-        while True:
-            got = self.leaf_hashes(lo, lo + batch)
-            yield from got
-            if len(got) < batch:
-                return
-            lo += batch
-
-    def iter_rows(self, lo: int = 0, hi: int | None = None, *, bodies: bool = True,
-                  batch: int = 20_000) -> Iterator[Row]:
-        for r in self._select(lo, 2**62 if hi is None else hi, bodies, batch):
-            yield _row(r)
-
-    def iter_tuples(self, lo: int, hi: int, batch: int = 20_000
-                    ) -> Iterator[tuple[Any, ...]]:
-        return self._select(lo, hi, True, batch)
-
-    def _select(self, lo: int, hi: int, bodies: bool, batch: int
-                ) -> Iterator[tuple[Any, ...]]:
-        cols = COLUMNS if bodies else COLUMNS.replace("request, response", "NULL, NULL")
-        last = lo - 1
-        conn = self._conn()
-        while True:
-            got = conn.execute(
-                f"SELECT {cols} FROM ledger_entries WHERE idx > ? AND idx < ? "
-                "ORDER BY idx LIMIT ?", (last, hi, batch)).fetchall()
-            yield from got
-            if len(got) < batch:
-                return
-            last = got[-1][0]
-
-    def find(self, entry_id: str) -> Row | None:
-        r = self._conn().execute(f"SELECT {COLUMNS} FROM ledger_entries WHERE entry_id = ? "
-                                 "ORDER BY idx LIMIT 1", (entry_id,)).fetchone()
-        return None if r is None else _row(r)
-
-    def add_checkpoint(self, tree_size: int, root_hash: bytes, ts: str, note: str) -> None:
-        self._conn().execute(
-            "INSERT INTO ledger_checkpoints (tree_size, root_hash, ts, note) "
-            "VALUES (?,?,?,?)", (tree_size, root_hash, ts, note))
-
-    def checkpoints(self) -> list[StoredCheckpoint]:
-        cur = self._conn().execute("SELECT seq, tree_size, root_hash, ts, note "
-                                   "FROM ledger_checkpoints ORDER BY seq")
-        return [StoredCheckpoint(*r) for r in cur]
-
-    def latest_checkpoint(self) -> StoredCheckpoint | None:
-        r = self._conn().execute("SELECT seq, tree_size, root_hash, ts, note FROM "
-                                 "ledger_checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        return None if r is None else StoredCheckpoint(*r)
-
-    def redact(self, before_ts: str, kind: str = "exchange") -> int:
-        cur = self._conn().execute(
-            "UPDATE ledger_entries SET request = NULL, response = NULL WHERE kind = ? AND "
-            "ts < ? AND (request IS NOT NULL OR response IS NOT NULL)", (kind, before_ts))
-        return cur.rowcount
-
-    def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
-        self._local = threading.local()
 
 
 def open_store(url: str, *, durability: Durability = "fsync") -> LedgerStore:
