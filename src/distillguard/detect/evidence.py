@@ -86,7 +86,7 @@ def campaign_evidence(community: Community, states: Mapping[str, AccountState],
     members = sorted(community.members)
     size = len(members)
     out = [f"{size} linked accounts, {len(flagged)} flagged"]
-    for kind, n in sorted(community.kinds.items(), key=lambda kv: -kv[1]):
+    for kind, n in sorted(community.kinds.items(), key=lambda kv: (-kv[1], kv[0])):
         out.append(f"{n} of {size} accounts {_KIND_TEXT.get(kind, kind)}")
     total = sum(states[m].count for m in members) or 1
     shares = {

@@ -26,7 +26,8 @@ LOUVAIN_RESOLUTION = 1.0
 
 
 def edge_weight(kinds: Mapping[str, float]) -> float:
-    return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, value) for kind, value in kinds.items())
+    # Summed in kind order: the total must not depend on the order the kinds were added.
+    return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
 
 
 @dataclass
@@ -88,7 +89,7 @@ class AccountGraph:
                 components.append(nodes)
         touched |= seen
         self._previous = {}
-        for label in {self._label[n] for n in touched if n in self._label}:
+        for label in sorted({self._label[n] for n in touched if n in self._label}):
             for node in self._members.pop(label, set()):
                 self._previous[node] = label
                 self._label.pop(node, None)
@@ -100,9 +101,9 @@ class AccountGraph:
                 self._label[n] = label
                 self._members.setdefault(label, set()).add(n)
                 fresh.add(label)
-        for label in fresh:
+        for label in sorted(fresh):
             self._communities[label] = self._community(graph, self._members[label])
-        for node in touched:
+        for node in sorted(touched):
             if node in self._label:
                 self.of[node] = self._communities[self._label[node]]
             else:
@@ -141,7 +142,7 @@ class AccountGraph:
 
     def _extend(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
         out: dict[str, int] = {}
-        for n in nodes:
+        for n in sorted(nodes):
             if n in self._previous:
                 out[n] = self._previous[n]
         pending = sorted(n for n in nodes if n not in out)
@@ -169,9 +170,10 @@ class AccountGraph:
     def _community(graph: nx.Graph, group: set[str]) -> Community:
         kinds: dict[str, set[str]] = {}
         adjacency = graph.adj
-        for a in group:
+        for a in sorted(group):
             for b, data in adjacency[a].items():
                 if b in group:
                     for kind in data["kinds"]:
                         kinds.setdefault(kind, set()).add(a)
-        return Community(frozenset(group), {k: len(v) for k, v in kinds.items()})
+        # Kinds in name order, whatever order the members' edges were met in.
+        return Community(frozenset(group), {k: len(kinds[k]) for k in sorted(kinds)})

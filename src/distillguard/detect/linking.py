@@ -77,14 +77,14 @@ class LinkIndex:
         if new == old:
             return
         groups = self.groups[kind]
-        for key in old - new:
+        for key in sorted(old - new, key=repr):
             members = groups.get(key)
             if members is not None:
                 members.discard(account_id)
                 if not members:
                     del groups[key]
             self._dirty_groups.add((kind, key))
-        for key in new - old:
+        for key in sorted(new - old, key=repr):
             groups[key].add(account_id)
             self._dirty_groups.add((kind, key))
         mine[kind] = new
@@ -169,8 +169,8 @@ class LinkIndex:
                 del self._lockstep[pair]
                 changed.add(pair)
         self._dirty_pairs.clear()
-        for pair in changed:
-            kinds: dict[str, float] = {k: 1.0 for k in self._counts.get(pair, {})}
+        for pair in sorted(changed):
+            kinds: dict[str, float] = {k: 1.0 for k in sorted(self._counts.get(pair, {}))}
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
             # A shared sign-up window alone is coincidence; keep it only beside others.
