@@ -85,6 +85,25 @@ def test_cli_writes_the_verdicts_format(tmp_path: Path, world: tuple[Path, Path,
     assert bad.exit_code != 0 and "--out" in bad.output
 
 
+
+def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
+    """The same trace gives byte-identical verdicts whatever the process's string-hash
+    seed: no set or dict iteration order may reach campaign ids, evidence or risks."""
+    trace, accounts, _ = simulate(tmp_path / "sim", preset="smoke", seed=0)
+    seeds = ("1", "2", "3")
+    runs = [subprocess.Popen([sys.executable, "-m", "distillguard.cli", "detect",
+                              "--trace", str(trace), "--accounts", str(accounts),
+                              "--out", str(tmp_path / f"verdicts{seed}.json")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+            for seed in seeds]
+    for run in runs:
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err.decode()
+    outs = [(tmp_path / f"verdicts{seed}.json").read_bytes() for seed in seeds]
+    assert outs[0] == outs[1] == outs[2]
+    assert Verdicts.read(tmp_path / "verdicts1.json").campaigns
+
 async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage:
     """Replay the trace through the online stage, with account records in the store."""
     from distillguard.store import open_state_store
