@@ -13,7 +13,7 @@ the online stage feeds it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import orjson
 
 from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
 from distillguard.detect.engine import Detector
-from distillguard.detect.features import extract_many
+from distillguard.detect.features import ExchangeFeatures, extract_many
 from distillguard.detect.scoring import AccountFacts
 from distillguard.exchange import Exchange
 from distillguard.geoip import GeoIP
@@ -31,6 +31,8 @@ from distillguard.traceio import FormatError, read_accounts
 from distillguard.verdicts import Verdicts
 
 BATCH_ROWS = 4_096
+# Evaluate links and risk every this many seconds of trace time (every batch path).
+TICK_SECONDS = 300.0
 
 
 @dataclass
@@ -75,18 +77,38 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
         con.close()
 
 
-def run_batch(trace: str | Path, calibration: Calibration, *,
-              accounts: str | Path | None = None, tick_seconds: float = 300.0,
-              memory_limit: str = "1GB", collect: bool = False,
-              geoip: GeoIP | None = None,
-              on_block: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
-    """Detect over a whole trace; returns the verdicts and the detector (for calibration)."""
+def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calibration, *,
+                 accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
+                 collect: bool = False) -> tuple[BatchResult, Detector]:
+    """Feed every exchange's features, in time order, through the detector (``None``: an
+    exchange without an account, counted but not observed); returns the verdicts, with
+    the detector's summary, and the detector (for calibration). Every batch path (DuckDB,
+    Spark) ends here, so they give the same verdicts on the same exchanges."""
     detector = Detector(calibration, tick_seconds=tick_seconds, collect=collect)
     listed: list[str] = []
     if accounts is not None:
         for account_id, facts in facts_from_accounts(accounts):
             detector.add_account(account_id, facts)
             listed.append(account_id)
+    count = 0
+    for f in features:
+        count += 1
+        if f is not None:
+            detector.observe(f)
+    detector.finish()
+    verdicts = detector.verdicts(listed)
+    verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
+                                  "tick_seconds": tick_seconds,
+                                  "threshold": calibration.threshold,
+                                  "community_threshold": calibration.community_threshold,
+                                  "target_fpr": calibration.target_fpr}
+    return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
+
+
+def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
+                    on_block: Callable[[int], None] | None
+                    ) -> Iterator[ExchangeFeatures | None]:
+    """The trace's features in time order (None for exchanges without an account)."""
     count = 0
     for lines in iter_sorted_lines(trace, memory_limit=memory_limit):
         exchanges = []
@@ -97,19 +119,22 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
                 raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
                                   f"{exc}") from None
         for features in extract_many(exchanges, geoip):
-            if features.account_id:
-                detector.observe(features)
+            yield features if features.account_id else None
         count += len(exchanges)
         if on_block is not None:
             on_block(count)
-    detector.finish()
-    verdicts = detector.verdicts(listed)
-    verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
-                                  "tick_seconds": tick_seconds,
-                                  "threshold": calibration.threshold,
-                                  "community_threshold": calibration.community_threshold,
-                                  "target_fpr": calibration.target_fpr}
-    return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
+
+
+def run_batch(trace: str | Path, calibration: Calibration, *,
+              accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
+              memory_limit: str = "1GB", collect: bool = False,
+              geoip: GeoIP | None = None,
+              on_block: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
+    """Detect over a whole trace; returns the verdicts and the detector (for calibration)."""
+    return run_features(_trace_features(trace, memory_limit=memory_limit, geoip=geoip,
+                                        on_block=on_block),
+                        calibration, accounts=accounts, tick_seconds=tick_seconds,
+                        collect=collect)
 
 
 def read_labels(path: str | Path) -> dict[str, bool]:
@@ -124,7 +149,7 @@ def read_labels(path: str | Path) -> dict[str, bool]:
 
 
 def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
-              target_fpr: float = 0.001, tick_seconds: float = 300.0,
+              target_fpr: float = 0.001, tick_seconds: float = TICK_SECONDS,
               with_community: bool = False) -> Calibration:
     """Two replays of a labelled trace. The first collects feature snapshots and fits the
     account model and the community model (a community is an attack one when most of its

@@ -17,8 +17,8 @@ import time
 import click
 import orjson
 
+from distillguard.detect.batch import TICK_SECONDS, BatchResult, run_batch
 from distillguard.detect.batch import calibrate as run_calibration
-from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
 
 
@@ -30,7 +30,7 @@ from distillguard.detect.calibration import Calibration
 @click.option("--out", type=click.Path(dir_okay=False), help="Verdicts file to write.")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")
-@click.option("--tick-seconds", default=300.0, show_default=True, type=float,
+@click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
               help="Evaluate links and risk every this many seconds of trace time.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="DuckDB memory limit for sorting the trace (spills to disk beyond it).")
@@ -46,7 +46,11 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
     began = time.perf_counter()
     result, _ = run_batch(trace, calibration, accounts=accounts, tick_seconds=tick_seconds,
                           memory_limit=memory_limit)
-    elapsed = time.perf_counter() - began
+    write_verdicts(result, out, time.perf_counter() - began)
+
+
+def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
+    """Write the verdicts file and say on stderr what was found (every batch command)."""
     result.verdicts.write(out)
     flagged = sum(1 for a in result.verdicts.accounts if a.flagged)
     click.echo(f"{result.exchanges} exchanges, {result.accounts} accounts: {flagged} flagged "
@@ -62,7 +66,7 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
               help="labels.jsonl: account_id and campaign_id (null for benign accounts).")
 @click.option("--target-fpr", default=0.001, show_default=True, type=float,
               help="Share of benign accounts allowed to be flagged.")
-@click.option("--tick-seconds", default=300.0, show_default=True, type=float)
+@click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float)
 @click.option("--community/--no-community", default=False, show_default=True,
               help="Also fit the community model (flags linked groups as a whole).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
