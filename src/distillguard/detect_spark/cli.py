@@ -12,16 +12,14 @@ extra (``pip install 'distillguard[spark]'``) and Java 17 or later. See docs/spa
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import click
 
-from distillguard.detect.batch import run_batch
+from distillguard.detect.batch import TICK_SECONDS
 from distillguard.detect.calibration import Calibration
+from distillguard.detect.cli import write_verdicts
 from distillguard.errors import ConfigError
-
-TICK_SECONDS: float = inspect.signature(run_batch).parameters["tick_seconds"].default
 
 
 @click.group("spark")
@@ -73,10 +71,4 @@ def detect(trace: str, accounts: str | None, out: str, calibration_path: str | N
     finally:
         if owned:
             spark_session.stop()
-    elapsed = time.perf_counter() - began
-    result.verdicts.write(out)
-    flagged = sum(1 for a in result.verdicts.accounts if a.flagged)
-    click.echo(f"{result.exchanges} exchanges, {result.accounts} accounts: {flagged} flagged "
-               f"in {len(result.verdicts.campaigns)} campaigns; {elapsed:.1f} s "
-               f"({result.exchanges / max(elapsed, 1e-9):,.0f} exchanges/s) -> {out}",
-               err=True)
+    write_verdicts(result, out, time.perf_counter() - began)

@@ -21,7 +21,6 @@ exchanges in the same order and the verdicts are identical.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from distillguard.detect.batch import BATCH_ROWS, BatchResult, facts_from_accounts, run_batch
+from distillguard.detect.batch import BATCH_ROWS, TICK_SECONDS, BatchResult, run_features
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
 from distillguard.detect.features import ExchangeFeatures, extract_many
@@ -41,9 +40,6 @@ from distillguard.traceio import FormatError
 if TYPE_CHECKING:
     from pyspark import RDD
     from pyspark.sql import SparkSession
-
-# The DuckDB path's evaluation interval, so both paths default to the same one.
-TICK_SECONDS: float = inspect.signature(run_batch).parameters["tick_seconds"].default
 
 # Sort key of a line that failed to parse: before every exchange, so the driver sees it
 # first and stops with the line number.
@@ -128,26 +124,7 @@ def sorted_features(spark: SparkSession, trace: str | Path, *,
 def run_spark(spark: SparkSession, trace: str | Path, calibration: Calibration, *,
               accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
               partitions: int | None = None) -> tuple[BatchResult, Detector]:
-    """Detect over a whole trace with Spark doing the reading, features and sort."""
-    detector = Detector(calibration, tick_seconds=tick_seconds)
-    listed: list[str] = []
-    if accounts is not None:
-        for account_id, facts in facts_from_accounts(accounts):
-            detector.add_account(account_id, facts)
-            listed.append(account_id)
-    count = 0
-    for features in sorted_features(spark, trace, partitions=partitions):
-        count += 1
-        if features is not None:
-            detector.observe(features)
-    detector.finish()
-    verdicts = detector.verdicts(listed)
-    # The same summary as the DuckDB path writes.
-    summary: dict[str, Any] = {"exchanges": count, "evaluations": detector.evaluations,
-                               "tick_seconds": tick_seconds,
-                               "threshold": calibration.threshold}
-    if hasattr(calibration, "community_threshold"):
-        summary["community_threshold"] = calibration.community_threshold
-    summary["target_fpr"] = calibration.target_fpr
-    verdicts.extra["detector"] = summary
-    return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
+    """Detect over a whole trace with Spark doing the reading, features and sort; the
+    detector pass is the DuckDB path's own (:func:`~distillguard.detect.batch.run_features`)."""
+    return run_features(sorted_features(spark, trace, partitions=partitions), calibration,
+                        accounts=accounts, tick_seconds=tick_seconds)
