@@ -170,6 +170,21 @@ def test_tier_gated_model(running: StackThread, admin: httpx.Client) -> None:
     hosted.close()
 
 
+def test_model_listing_hides_what_the_tier_may_not_call(running: StackThread,
+                                                        admin: httpx.Client) -> None:
+    _, key = new_account(admin, tier="unverified")
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == ["demo-chat-1", "demo-chat-2"]
+    assert client.models.retrieve("demo-chat-2").id == "demo-chat-2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("demo-reasoner-1")
+    client.close()
+    _, std_key = new_account(admin, tier="standard")
+    standard = openai.OpenAI(base_url=running.stack.base_url, api_key=std_key, max_retries=0)
+    assert {"demo-reasoner-1", "demo-embed-1"} <= {m.id for m in standard.models.list()}
+    standard.close()
+
+
 def test_suspended_account_is_blocked_without_retries(running: StackThread,
                                                       admin: httpx.Client) -> None:
     account_id, key = new_account(admin)

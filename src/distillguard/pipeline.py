@@ -29,6 +29,10 @@ every parsed ``data:`` chunk. A filter that has nothing to do for an exchange re
 body unchanged (the same object) or no stream filter, and the gateway then forwards the
 upstream bytes untouched. The exchange records what the client received.
 
+A request check may also implement ``visible_models(principal, models) -> list`` to hide,
+from ``GET /v1/models`` and ``GET /v1/models/{id}``, the models (OpenAI model objects) that
+it would refuse to this key's account anyway; policy uses it for tier-gated models.
+
 Stages and checks may implement ``async start()`` and ``async close()``.
 The default stages are listed in :func:`distillguard.gateway.app.build_pipeline`.
 """
@@ -153,6 +157,15 @@ class Pipeline:
             close = getattr(part, "close", None)
             if close is not None:
                 await close()
+
+    def visible_models(self, principal: Any, models: list[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+        """The models this principal may see, after every check that filters listings."""
+        for check in self.checks:
+            visible = getattr(check, "visible_models", None)
+            if visible is not None:
+                models = visible(principal, models)
+        return models
 
     async def check(self, exchange: Exchange) -> Decision:
         for check in self.checks:

@@ -213,15 +213,16 @@ class Gateway:
         async def proxy(request: Request) -> Response:
             return await proxy_endpoint(self, request)
 
+        async def visible_models(request: Request) -> list[dict[str, Any]]:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            return self.pipeline.visible_models(principal, await self.models.list())
+
         async def list_models(request: Request) -> Response:
-            await self.auth.authenticate(request.headers.get("authorization"))
-            data = await self.models.list()
-            return _json({"object": "list", "data": data})
+            return _json({"object": "list", "data": await visible_models(request)})
 
         async def get_model(request: Request) -> Response:
-            await self.auth.authenticate(request.headers.get("authorization"))
             model_id = request.path_params["model"]
-            for model in await self.models.list():
+            for model in await visible_models(request):
                 if model["id"] == model_id:
                     return _json(model)
             raise NotFoundError(f"The model '{model_id}' does not exist.",

@@ -84,6 +84,15 @@ class PolicyCheck:
                           reason=message, model=exchange.model, client_ip=exchange.client_ip)
         return Denied(reason=message, code=code, status=403, retry=False)
 
+    def visible_models(self, principal: Any, models: list[dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+        """Hide the models the account's tier may not call (``tiers.<tier>.models``)."""
+        account = getattr(principal, "account", None)
+        tier_policy = self.holder.current.tier(account.tier if account is not None else "")
+        if tier_policy is None or tier_policy.models is None:
+            return models
+        return [m for m in models if tier_policy.models.fullmatch(str(m.get("id", "")))]
+
     async def check(self, exchange: Exchange) -> Decision:
         principal = exchange.principal
         if principal is None:
