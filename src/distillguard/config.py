@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,6 +21,7 @@ from distillguard.errors import ConfigError
 from distillguard.exchange import Retention
 
 ENV_PREFIX = "DISTILLGUARD_"
+SectionT = TypeVar("SectionT", bound=BaseModel)
 SHORT_ENV = {
     "DISTILLGUARD_ADMIN_TOKEN": ("admin", "token"),
     "DISTILLGUARD_UPSTREAM_API_KEY": ("upstream", "api_key"),
@@ -202,11 +203,27 @@ def load_settings(
         else:
             target[section] = values
     data.setdefault("extensions", {}).update(extensions)
+    return _validate(Settings, data, prefix="")
+
+
+def validate_section(model: type[SectionT], raw: Any, section: str) -> SectionT:
+    """Validate one component's settings section (``settings.extensions[section]``).
+
+    Raises :class:`ConfigError` listing every problem with its full option name, in the
+    same form as :func:`load_settings`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: the section must be a mapping")
+    return _validate(model, raw, prefix=section + ".")
+
+
+def _validate(model: type[SectionT], data: dict[str, Any], *, prefix: str) -> SectionT:
     try:
-        return Settings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            problems.append(f"  {where}: {err['msg']}")
+            problems.append(f"  {prefix}{where}: {err['msg']}")
         raise ConfigError("invalid configuration:\n" + "\n".join(problems)) from None

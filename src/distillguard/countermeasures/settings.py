@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from distillguard.config import validate_section
 from distillguard.countermeasures.reasoning import LeakAction, ReasoningMode
 from distillguard.errors import ConfigError
 
@@ -72,9 +73,4 @@ class CountermeasuresSettings(_Section):
 
 
 def parse_settings(raw: Any) -> CountermeasuresSettings:
-    try:
-        return CountermeasuresSettings.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"countermeasures.{where}: {first['msg']}") from None
+    return validate_section(CountermeasuresSettings, raw, "countermeasures")

@@ -6,9 +6,9 @@ import hashlib
 import hmac
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from distillguard.errors import ConfigError
+from distillguard.config import validate_section
 
 
 class DashboardSettings(BaseModel):
@@ -39,13 +39,4 @@ class DashboardSettings(BaseModel):
 
 
 def parse_dashboard_settings(raw: Any) -> DashboardSettings:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("dashboard: the section must be a mapping")
-    try:
-        return DashboardSettings.model_validate(raw)
-    except ValidationError as exc:
-        problems = [f"  dashboard.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                    for e in exc.errors()]
-        raise ConfigError("invalid configuration:\n" + "\n".join(problems)) from None
+    return validate_section(DashboardSettings, raw, "dashboard")

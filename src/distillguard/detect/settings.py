@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from distillguard.errors import ConfigError
+from distillguard.config import validate_section
 
 
 class DetectSettings(BaseModel):
@@ -26,9 +26,4 @@ class DetectSettings(BaseModel):
 
 
 def parse_settings(section: Any) -> DetectSettings:
-    try:
-        return DetectSettings.model_validate(section or {})
-    except ValidationError as exc:
-        problems = "\n".join(f"  detect.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError("invalid configuration:\n" + problems) from None
+    return validate_section(DetectSettings, section, "detect")

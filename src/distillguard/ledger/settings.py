@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from distillguard.config import Settings
-from distillguard.errors import ConfigError
+from distillguard.config import Settings, validate_section
 from distillguard.exchange import Retention
 
 
@@ -66,15 +65,8 @@ def default_dir(settings: Settings) -> Path:
 
 
 def parse_settings(settings: Settings) -> LedgerConfig:
-    raw: Any = settings.extensions.get("ledger") or {}
-    if not isinstance(raw, dict):
-        raise ConfigError("ledger: the section must be a mapping")
-    try:
-        section = LedgerSection.model_validate(raw)
-    except ValidationError as exc:
-        problems = "\n".join(f"  ledger.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError("invalid configuration:\n" + problems) from None
+    section = validate_section(LedgerSection, settings.extensions.get("ledger") or {},
+                               "ledger")
     base = Path(section.path) if section.path else default_dir(settings)
     url = section.url or f"sqlite:///{base / 'ledger.sqlite'}"
     key_path = Path(section.key_path) if section.key_path else base / "ledger.key"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from distillguard.errors import ConfigError
+from distillguard.config import validate_section
 
 if TYPE_CHECKING:
     from distillguard.config import Settings
@@ -28,12 +28,7 @@ class PolicySettings(BaseModel):
 
 
 def parse_settings(raw: Any) -> PolicySettings:
-    try:
-        return PolicySettings.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"policy.{where}: {first['msg']}") from None
+    return validate_section(PolicySettings, raw, "policy")
 
 
 def component(settings: Settings) -> Extension | None:

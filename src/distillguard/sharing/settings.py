@@ -42,8 +42,9 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from distillguard.config import validate_section
 from distillguard.errors import ConfigError
 
 KINDS = ("ip", "asn", "user_agent", "template", "payment")
@@ -150,12 +151,7 @@ class SharingSettings(_Section):
 
 
 def parse_sharing_settings(raw: Any) -> SharingSettings:
-    try:
-        options = SharingSettings.model_validate(raw or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"sharing.{where}: {first['msg']}") from None
+    options = validate_section(SharingSettings, raw, "sharing")
     for name, partner in options.partners.items():
         for ref in [*partner.read, *partner.write]:
             if options.collection(ref) is None:
