@@ -23,7 +23,7 @@ import orjson
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError
 from distillguard.exchange import parse_ts
-from distillguard.store import StateStore, open_state_store
+from distillguard.store import StateStore, all_accounts, open_state_store
 from distillguard.store.models import Account
 from distillguard.traceio import FormatError, read_accounts, write_accounts
 
@@ -320,15 +320,7 @@ def accounts_import(ctx: Context, path: str) -> None:
 @pass_ctx
 def accounts_export(ctx: Context, path: str) -> None:
     """Export all accounts in the accounts format (JSON Lines)."""
-    async def go(store: StateStore) -> list[Account]:
-        out: list[Account] = []
-        while True:
-            batch = await store.list_accounts(limit=1000, offset=len(out))
-            out.extend(batch)
-            if len(batch) < 1000:
-                return out
-
-    count = write_accounts(run(ctx.with_store(go)), path)
+    count = write_accounts(run(ctx.with_store(all_accounts)), path)
     if path != "-":
         click.echo(f"exported {count} accounts to {path}", err=True)
 

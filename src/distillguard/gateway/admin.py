@@ -44,6 +44,7 @@ from distillguard.errors import (
 )
 from distillguard.exchange import parse_ts
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
+from distillguard.store import all_accounts
 from distillguard.store.models import Account
 
 if TYPE_CHECKING:
@@ -157,14 +158,8 @@ class AdminAPI:
         return json_response({"imported": count})
 
     async def export_accounts(self, request: Request) -> Response:
-        lines: list[bytes] = []
-        offset = 0
-        while True:
-            batch = await self.gateway.store.list_accounts(limit=1000, offset=offset)
-            lines.extend(orjson.dumps(a.to_public()) for a in batch)
-            if len(batch) < 1000:
-                break
-            offset += 1000
+        lines = [orjson.dumps(a.to_public())
+                 for a in await all_accounts(self.gateway.store)]
         return Response(b"\n".join(lines) + (b"\n" if lines else b""),
                         media_type="application/x-ndjson")
 

@@ -23,8 +23,7 @@ from distillguard.errors import DistillguardError
 from distillguard.exchange import parse_ts
 from distillguard.geoip import GeoIP
 from distillguard.sharing.evidence import CampaignEvidence, EvidenceCollector
-from distillguard.store import StateStore
-from distillguard.store.models import Account
+from distillguard.store import StateStore, all_accounts
 from distillguard.traceio import read_accounts, read_trace
 from distillguard.verdicts import CampaignVerdict, Verdicts
 
@@ -75,15 +74,6 @@ def collect_from_files(verdicts: str | Path, trace: str | Path, accounts: str | 
     return collector.result()
 
 
-async def _all_accounts(store: StateStore) -> list[Account]:
-    out: list[Account] = []
-    while True:
-        batch = await store.list_accounts(limit=1000, offset=len(out))
-        out.extend(batch)
-        if len(batch) < 1000:
-            return out
-
-
 async def state_campaigns(engine: AsyncEngine) -> list[CampaignVerdict]:
     from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
 
@@ -107,7 +97,7 @@ async def collect_from_state(store: StateStore, *, trace: str | Path | None,
                              geoip: GeoIP | None) -> list[CampaignEvidence]:
     engine: AsyncEngine = store.engine  # type: ignore[attr-defined]
     chosen = choose(await state_campaigns(engine), campaigns, min_risk)
-    collector = EvidenceCollector(chosen, await _all_accounts(store), geoip)
+    collector = EvidenceCollector(chosen, await all_accounts(store), geoip)
     if trace is not None:
         for ex in read_trace(trace):
             collector.add(ts=ex.ts, account_id=ex.account_id, client_ip=ex.client_ip,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from distillguard.store.models import Account, AccountStatus, ApiKey
 
-__all__ = ["Account", "AccountStatus", "ApiKey", "StateStore", "open_state_store"]
+__all__ = ["Account", "AccountStatus", "ApiKey", "StateStore", "all_accounts", "open_state_store"]
 
 
 class StateStore(Protocol):
@@ -51,6 +51,16 @@ class StateStore(Protocol):
     async def revoke_key(self, key_id: str) -> ApiKey: ...
 
     async def import_accounts(self, accounts: Iterable[Account]) -> int: ...
+
+
+async def all_accounts(store: StateStore, *, page: int = 1000) -> list[Account]:
+    """Every account of the store, read a page at a time."""
+    out: list[Account] = []
+    while True:
+        batch = await store.list_accounts(limit=page, offset=len(out))
+        out.extend(batch)
+        if len(batch) < page:
+            return out
 
 
 def open_state_store(url: str) -> StateStore:
