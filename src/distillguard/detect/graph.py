@@ -65,7 +65,10 @@ class AccountGraph:
 
     def update(self, edges: Mapping[tuple[str, str], Mapping[str, float]],
                changed: set[tuple[str, str]]) -> set[str]:
-        """Apply the changed pairs; returns the accounts whose community changed."""
+        """Apply the changed pairs; returns the accounts whose community changed (joined,
+        left, or other members or link kinds). Louvain and the re-placement run over each
+        connected component a changed pair touches, but an account whose community came
+        out as it was is not returned, so nothing downstream re-scores it."""
         graph = self.graph
         touched: set[str] = set()
         for a, b in sorted(changed):
@@ -87,14 +90,18 @@ class AccountGraph:
                 nodes = nx.node_connected_component(graph, node)
                 seen |= nodes
                 components.append(nodes)
+        endpoints = set(touched)      # accounts with a changed edge
         touched |= seen
         self._previous = {}
+        earlier: dict[int, Community] = {}
         for label in sorted({self._label[n] for n in touched if n in self._label}):
             for node in self._members.pop(label, set()):
                 self._previous[node] = label
                 self._label.pop(node, None)
                 touched.add(node)
-            self._communities.pop(label, None)
+            community = self._communities.pop(label, None)
+            if community is not None:
+                earlier[label] = community
         fresh: set[int] = set()
         for nodes in components:
             for n, label in self._partition(graph, nodes).items():
@@ -102,13 +109,24 @@ class AccountGraph:
                 self._members.setdefault(label, set()).add(n)
                 fresh.add(label)
         for label in sorted(fresh):
-            self._communities[label] = self._community(graph, self._members[label])
-        for node in sorted(touched):
+            members = self._members[label]
+            kept = earlier.get(label)
+            # A community with the same members and no changed edge among them is as it was.
+            if kept is not None and kept.members == members and endpoints.isdisjoint(members):
+                self._communities[label] = kept
+            else:
+                self._communities[label] = self._community(graph, members)
+        moved: set[str] = set()
+        for node in touched:
+            before = self.of.get(node)
+            after: Community | None = None
             if node in self._label:
-                self.of[node] = self._communities[self._label[node]]
+                after = self.of[node] = self._communities[self._label[node]]
             else:
                 self.of.pop(node, None)
-        return touched
+            if after is not before and (after is None or before is None or after != before):
+                moved.add(node)
+        return moved
 
     def _partition(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
         old = [self._previous[n] for n in nodes if n in self._previous]
@@ -168,12 +186,17 @@ class AccountGraph:
 
     @staticmethod
     def _community(graph: nx.Graph, group: set[str]) -> Community:
+        # Only counts come out, so members and edges may be visited in any order; the
+        # graph's own adjacency dicts are read directly (the view layer is the cost here).
         kinds: dict[str, set[str]] = {}
-        adjacency = graph.adj
-        for a in sorted(group):
+        adjacency = graph._adj
+        for a in group:
             for b, data in adjacency[a].items():
                 if b in group:
                     for kind in data["kinds"]:
-                        kinds.setdefault(kind, set()).add(a)
+                        members = kinds.get(kind)
+                        if members is None:
+                            members = kinds[kind] = set()
+                        members.add(a)
         # Kinds in name order, whatever order the members' edges were met in.
         return Community(frozenset(group), {k: len(kinds[k]) for k in sorted(kinds)})

@@ -21,11 +21,13 @@ of *n* accounts to O(n) edges while leaving it connected.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from datasketch import MinHashLSH
 
 from distillguard.detect.sketches import AccountState
@@ -43,6 +45,15 @@ Pair = tuple[str, str]
 
 def _pair(a: str, b: str) -> Pair:
     return (a, b) if a < b else (b, a)
+
+
+def _jaccards(states: dict[str, AccountState], pairs: list[Pair]) -> np.ndarray:
+    """Estimated Jaccard similarity of each pair's activity MinHashes (the share of equal
+    hash values, as :meth:`datasketch.MinHash.jaccard` computes it), in one pass."""
+    left = np.vstack([states[a].activity.hashvalues for a, _ in pairs])
+    right = np.vstack([states[b].activity.hashvalues for _, b in pairs])
+    equal = np.count_nonzero(left == right, axis=1).astype(float)
+    return equal / float(left.shape[1])
 
 
 @dataclass
@@ -65,6 +76,10 @@ class LinkIndex:
     _counts: dict[Pair, dict[str, int]] = field(default_factory=dict)
     _dirty_groups: set[tuple[str, object]] = field(default_factory=set)
     _lockstep: dict[Pair, float] = field(default_factory=dict)
+    _lockstep_of: dict[str, set[Pair]] = field(default_factory=dict)
+    _ring_keys: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Per group, its active members in ring order, kept sorted as members come and go.
+    _rings: dict[tuple[str, object], list[tuple[int, str]]] = field(default_factory=dict)
     _dirty_pairs: set[Pair] = field(default_factory=set)
     _lsh: MinHashLSH | None = None
     _in_lsh: set[str] = field(default_factory=set)
@@ -77,17 +92,36 @@ class LinkIndex:
         if new == old:
             return
         groups = self.groups[kind]
-        for key in sorted(old - new, key=repr):
+        active = account_id in self._active
+        for key in old - new:
             members = groups.get(key)
             if members is not None:
                 members.discard(account_id)
                 if not members:
                     del groups[key]
+            if active:
+                self._ring_leave((kind, key), account_id)
             self._dirty_groups.add((kind, key))
-        for key in sorted(new - old, key=repr):
+        for key in new - old:
             groups[key].add(account_id)
+            if active:
+                self._ring_join((kind, key), account_id)
             self._dirty_groups.add((kind, key))
         mine[kind] = new
+
+    def _ring_join(self, group: tuple[str, object], account_id: str) -> None:
+        bisect.insort(self._rings.setdefault(group, []), self._ring_key(account_id))
+
+    def _ring_leave(self, group: tuple[str, object], account_id: str) -> None:
+        ring = self._rings.get(group)
+        if ring is None:
+            return
+        key = self._ring_key(account_id)
+        i = bisect.bisect_left(ring, key)
+        if i < len(ring) and ring[i] == key:
+            del ring[i]
+        if not ring:
+            del self._rings[group]
 
     def set_static(self, account_id: str, payment: str | None, signup_bucket: int | None
                    ) -> None:
@@ -102,7 +136,9 @@ class LinkIndex:
             # Groups count only active accounts: its static groups must be re-linked.
             self._active.add(aid)
             for kind, keys in self.member_keys.get(aid, {}).items():
-                self._dirty_groups.update((kind, k) for k in keys)
+                for k in keys:
+                    self._ring_join((kind, k), aid)
+                    self._dirty_groups.add((kind, k))
         self._set_keys("template", aid, [k for k, _ in state.dominant_keys(
             self.template_share, self.template_min_count)])
         prefix = state.top_prefix
@@ -119,32 +155,42 @@ class LinkIndex:
         aid = state.account_id
         if aid in self._in_lsh:
             lsh.remove(aid)
-        for other in sorted(lsh.query(state.activity)):
-            self._dirty_pairs.add(_pair(aid, other))
-        for pair in [p for p in self._lockstep if aid in p]:
-            self._dirty_pairs.add(pair)
+        self._dirty_pairs.update((aid, o) if aid < o else (o, aid)
+                                 for o in lsh.query(state.activity))
+        self._dirty_pairs.update(self._lockstep_of.get(aid, ()))
         lsh.insert(aid, state.activity)
         self._in_lsh.add(aid)
 
-    def _ring(self, members: set[str]) -> set[Pair]:
-        if len(members) > self.max_group:
+    def _ring_key(self, account_id: str) -> tuple[int, str]:
+        key = self._ring_keys.get(account_id)
+        if key is None:
+            key = self._ring_keys[account_id] = (_ring_key(account_id), account_id)
+        return key
+
+    def _ring(self, group: tuple[str, object]) -> set[Pair]:
+        """The group's edges: each active member to its next neighbours on the ring."""
+        kind, key = group
+        if len(self.groups[kind].get(key, ())) > self.max_group:
             return set()
-        ring = sorted((m for m in members if m in self._active), key=lambda m: (_ring_key(m), m))
+        ring = [aid for _, aid in self._rings.get(group, ())]
         n = len(ring)
         out: set[Pair] = set()
+        steps = range(1, min(RING_NEIGHBOURS, n - 1) + 1)
         for i, a in enumerate(ring):
-            for step in range(1, min(RING_NEIGHBOURS, n - 1) + 1):
-                out.add(_pair(a, ring[(i + step) % n]))
+            for step in steps:
+                b = ring[(i + step) % n]
+                out.add((a, b) if a < b else (b, a))
         return out
 
     def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
         """Re-link changed groups and lockstep candidates; returns the pairs whose edge
         changed (``self.edges`` then holds ``(a, b) -> {kind: weight}``, a < b)."""
         changed: set[Pair] = set()
-        for group in sorted(self._dirty_groups, key=repr):
+        # Every group and pair is handled on its own, so the order does not matter.
+        for group in self._dirty_groups:
             kind, key = group
             old = self._group_edges.pop(group, set())
-            new = self._ring(self.groups[kind].get(key, set()))
+            new = self._ring(group)
             if new:
                 self._group_edges[group] = new
             for pair in old - new:
@@ -158,18 +204,27 @@ class LinkIndex:
                 self._counts[pair][kind] = self._counts[pair].get(kind, 0) + 1
                 changed.add(pair)
         self._dirty_groups.clear()
-        for pair in sorted(self._dirty_pairs):
-            a, b = pair
-            sim = states[a].activity.jaccard(states[b].activity)
-            had = pair in self._lockstep
-            if sim >= self.lockstep_threshold:
-                self._lockstep[pair] = sim
-                changed.add(pair)
-            elif had:
-                del self._lockstep[pair]
-                changed.add(pair)
+        if self._dirty_pairs:
+            pairs = list(self._dirty_pairs)
+            sims = _jaccards(states, pairs)
+            threshold = self.lockstep_threshold
+            for pair, sim in zip(pairs, sims.tolist(), strict=True):
+                if sim >= threshold:
+                    if pair not in self._lockstep:
+                        self._lockstep_of.setdefault(pair[0], set()).add(pair)
+                        self._lockstep_of.setdefault(pair[1], set()).add(pair)
+                    self._lockstep[pair] = sim
+                    changed.add(pair)
+                elif pair in self._lockstep:
+                    del self._lockstep[pair]
+                    for aid in pair:
+                        mine = self._lockstep_of[aid]
+                        mine.discard(pair)
+                        if not mine:
+                            del self._lockstep_of[aid]
+                    changed.add(pair)
         self._dirty_pairs.clear()
-        for pair in sorted(changed):
+        for pair in changed:
             kinds: dict[str, float] = {k: 1.0 for k in sorted(self._counts.get(pair, {}))}
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
