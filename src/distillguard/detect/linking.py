@@ -184,7 +184,8 @@ class LinkIndex:
 
     def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
         """Re-link changed groups and lockstep candidates; returns the pairs whose edge
-        changed (``self.edges`` then holds ``(a, b) -> {kind: weight}``, a < b)."""
+        really changed: appeared, went, or changed kinds or similarity (``self.edges``
+        then holds ``(a, b) -> {kind: weight}``, a < b)."""
         changed: set[Pair] = set()
         # Every group and pair is handled on its own, so the order does not matter.
         for group in self._dirty_groups:
@@ -224,15 +225,18 @@ class LinkIndex:
                             del self._lockstep_of[aid]
                     changed.add(pair)
         self._dirty_pairs.clear()
+        moved: set[Pair] = set()
         for pair in changed:
             kinds: dict[str, float] = {k: 1.0 for k in sorted(self._counts.get(pair, {}))}
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
             # A shared sign-up window alone is coincidence; keep it only beside others.
             if kinds and set(kinds) != {"signup"}:
-                self.edges[pair] = kinds
-            else:
-                self.edges.pop(pair, None)
+                if self.edges.get(pair) != kinds:
+                    self.edges[pair] = kinds
+                    moved.add(pair)
+            elif self.edges.pop(pair, None) is not None:
+                moved.add(pair)
             if not self._counts.get(pair):
                 self._counts.pop(pair, None)
-        return changed
+        return moved
