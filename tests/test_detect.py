@@ -74,13 +74,20 @@ def test_batch_verdicts_cover_every_account(world: tuple[Path, Path, Path],
 def test_cli_writes_the_verdicts_format(tmp_path: Path, world: tuple[Path, Path, Path]
                                         ) -> None:
     out = tmp_path / "verdicts.json"
+    log = tmp_path / "progress.jsonl"
     result = CliRunner().invoke(main, ["detect", "--trace", str(world[0]), "--accounts",
                                        str(world[1]), "--out", str(out),
-                                       "--tick-seconds", str(TICK)])
+                                       "--tick-seconds", str(TICK), "--progress-log", str(log)])
     assert result.exit_code == 0, result.output
     doc = orjson.loads(out.read_bytes())
     assert doc["version"] == 1
     assert len(Verdicts.read(out).accounts) == len(read_labels(world[2]))
+    # progress: every 10,000 exchanges and at the end, in order, with time and memory
+    points = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    total = sum(1 for _ in world[0].open("rb"))
+    assert [p["exchanges"] for p in points] == [*range(10_000, total, 10_000), total]
+    assert all(a["seconds"] <= b["seconds"] for a, b in zip(points, points[1:], strict=False))
+    assert all(p["rss_mb"] > 0 for p in points)
     bad = CliRunner().invoke(main, ["detect", "--trace", str(world[0])])
     assert bad.exit_code != 0 and "--out" in bad.output
 

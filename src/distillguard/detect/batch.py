@@ -79,7 +79,8 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
 
 def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calibration, *,
                  accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
-                 collect: bool = False) -> tuple[BatchResult, Detector]:
+                 collect: bool = False, on_progress: Callable[[int], None] | None = None,
+                 progress_every: int = 10_000) -> tuple[BatchResult, Detector]:
     """Feed every exchange's features, in time order, through the detector (``None``: an
     exchange without an account, counted but not observed); returns the verdicts, with
     the detector's summary, and the detector (for calibration). Every batch path (DuckDB,
@@ -95,7 +96,11 @@ def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calib
         count += 1
         if f is not None:
             detector.observe(f)
+        if on_progress is not None and not count % progress_every:
+            on_progress(count)
     detector.finish()
+    if on_progress is not None and (count % progress_every or not count):
+        on_progress(count)
     verdicts = detector.verdicts(listed)
     verdicts.extra["detector"] = {"exchanges": count, "evaluations": detector.evaluations,
                                   "tick_seconds": tick_seconds,
@@ -129,12 +134,13 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
               accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
               memory_limit: str = "1GB", collect: bool = False,
               geoip: GeoIP | None = None,
-              on_block: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
+              on_block: Callable[[int], None] | None = None,
+              on_progress: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
     """Detect over a whole trace; returns the verdicts and the detector (for calibration)."""
     return run_features(_trace_features(trace, memory_limit=memory_limit, geoip=geoip,
                                         on_block=on_block),
                         calibration, accounts=accounts, tick_seconds=tick_seconds,
-                        collect=collect)
+                        collect=collect, on_progress=on_progress)
 
 
 def read_labels(path: str | Path) -> dict[str, bool]:

@@ -12,10 +12,15 @@ accounts (docs/detection.md).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from types import TracebackType
+from typing import IO
 
 import click
 import orjson
+from tqdm import tqdm
 
 from distillguard.detect.batch import TICK_SECONDS, BatchResult, run_batch
 from distillguard.detect.batch import calibrate as run_calibration
@@ -34,9 +39,12 @@ from distillguard.detect.calibration import Calibration
               help="Evaluate links and risk every this many seconds of trace time.")
 @click.option("--memory-limit", default="1GB", show_default=True,
               help="DuckDB memory limit for sorting the trace (spills to disk beyond it).")
+@click.option("--progress-log", type=click.Path(dir_okay=False),
+              help="Also write progress as JSON Lines (exchanges, seconds, resident MB).")
 @click.pass_context
 def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str | None,
-           calibration_path: str | None, tick_seconds: float, memory_limit: str) -> None:
+           calibration_path: str | None, tick_seconds: float, memory_limit: str,
+           progress_log: str | None) -> None:
     """Find distillation campaigns in a trace and write verdicts with evidence."""
     if ctx.invoked_subcommand is not None:
         return
@@ -44,9 +52,52 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
         raise click.UsageError("--trace and --out are required (or use a sub-command)")
     calibration = Calibration.read(calibration_path)
     began = time.perf_counter()
-    result, _ = run_batch(trace, calibration, accounts=accounts, tick_seconds=tick_seconds,
-                          memory_limit=memory_limit)
+    with Progress(progress_log) as progress:
+        result, _ = run_batch(trace, calibration, accounts=accounts,
+                              tick_seconds=tick_seconds, memory_limit=memory_limit,
+                              on_progress=progress)
     write_verdicts(result, out, time.perf_counter() - began)
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory now (Linux), not its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+class Progress:
+    """Exchanges through the detector so far: a bar on a terminal's stderr and, when
+    asked, a JSON Lines log of (exchanges, seconds since the start, resident MB) that
+    benchmarks read to draw how time and memory grow with the trace."""
+
+    def __init__(self, log: str | None = None) -> None:
+        self.began = time.perf_counter()
+        self.bar = tqdm(unit=" ex", unit_scale=True, disable=None, mininterval=1.0,
+                        file=sys.stderr, desc="detect")
+        self.log: IO[bytes] | None = open(log, "wb") if log else None  # noqa: SIM115
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        self.bar.update(count - self.done)
+        self.done = count
+        if self.log is not None:
+            self.log.write(orjson.dumps({
+                "exchanges": count, "seconds": round(time.perf_counter() - self.began, 3),
+                "rss_mb": resident_mb()}) + b"\n")
+            self.log.flush()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:

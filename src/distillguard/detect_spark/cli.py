@@ -18,7 +18,7 @@ import click
 
 from distillguard.detect.batch import TICK_SECONDS
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.cli import write_verdicts
+from distillguard.detect.cli import Progress, write_verdicts
 from distillguard.errors import ConfigError
 
 
@@ -44,9 +44,11 @@ def spark() -> None:
               help="Input splits and sort partitions (default: Spark's split of the input).")
 @click.option("--conf", "confs", multiple=True, metavar="KEY=VALUE",
               help="Extra Spark setting, e.g. spark.driver.memory=4g (repeatable).")
+@click.option("--progress-log", type=click.Path(dir_okay=False),
+              help="Also write progress as JSON Lines (exchanges, seconds, driver MB).")
 def detect(trace: str, accounts: str | None, out: str, calibration_path: str | None,
            tick_seconds: float, master: str | None, partitions: int | None,
-           confs: tuple[str, ...]) -> None:
+           confs: tuple[str, ...], progress_log: str | None) -> None:
     """Find distillation campaigns in a trace with Spark; write verdicts with evidence."""
     try:
         from distillguard.detect_spark.job import run_spark, session
@@ -66,8 +68,10 @@ def detect(trace: str, accounts: str | None, out: str, calibration_path: str | N
     spark_session = session(master, conf=conf)
     spark_session.sparkContext.setLogLevel("WARN")
     try:
-        result, _ = run_spark(spark_session, trace, calibration, accounts=accounts,
-                              tick_seconds=tick_seconds, partitions=partitions)
+        with Progress(progress_log) as progress:
+            result, _ = run_spark(spark_session, trace, calibration, accounts=accounts,
+                                  tick_seconds=tick_seconds, partitions=partitions,
+                                  on_progress=progress)
     finally:
         if owned:
             spark_session.stop()

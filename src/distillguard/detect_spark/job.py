@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,8 +123,9 @@ def sorted_features(spark: SparkSession, trace: str | Path, *,
 
 def run_spark(spark: SparkSession, trace: str | Path, calibration: Calibration, *,
               accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
-              partitions: int | None = None) -> tuple[BatchResult, Detector]:
+              partitions: int | None = None,
+              on_progress: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
     """Detect over a whole trace with Spark doing the reading, features and sort; the
     detector pass is the DuckDB path's own (:func:`~distillguard.detect.batch.run_features`)."""
     return run_features(sorted_features(spark, trace, partitions=partitions), calibration,
-                        accounts=accounts, tick_seconds=tick_seconds)
+                        accounts=accounts, tick_seconds=tick_seconds, on_progress=on_progress)
