@@ -75,10 +75,13 @@ def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: 
     cli = [sys.executable, "-m", "distillguard.cli"]
     duck_out, spark_out = work / f"duck-{n}.json", work / f"spark-{n}.json"
     common = ["--trace", str(trace), "--accounts", str(accounts), *extra]
-    duck_cmd = [*cli, "detect", *common, "--out", str(duck_out)]
+    duck_cmd = [*cli, "detect", *common, "--out", str(duck_out),
+                "--progress-log", str(work / f"duck-{n}.progress.jsonl")]
     spark_cmd = [*cli, "spark", "detect", *common, "--out", str(spark_out), "--master", master,
-                 "--conf", "spark.ui.enabled=false"]
-    duck, spark = [], []
+                 "--conf", "spark.ui.enabled=false",
+                 "--progress-log", str(work / f"spark-{n}.progress.jsonl")]
+    duck: list[float] = []
+    spark: list[float] = []
     for i in range(runs):
         order = [(duck, duck_cmd), (spark, spark_cmd)]
         for times, cmd in order if i % 2 == 0 else order[::-1]:
@@ -114,6 +117,37 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out)
 
 
+def plot_progress(work: Path, n: int, out: Path) -> None:
+    """Within the runs on n exchanges: seconds and resident memory against exchanges
+    processed so far (each engine's --progress-log), i.e. how the cost of one exchange
+    moves as the detector's state grows over the trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for engine, label, mark in (("duck", "DuckDB", "-"), ("spark", "Spark local mode", "--")):
+        log = work / f"{engine}-{n}.progress.jsonl"
+        if not log.exists():
+            continue
+        points = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        xs = [p["exchanges"] / 1e6 for p in points]
+        left.plot(xs, [p["seconds"] for p in points], mark, label=label)
+        right.plot(xs, [p["rss_mb"] for p in points], mark, label=f"{label} (driver)")
+    left.set_xlabel("exchanges processed (millions)")
+    left.set_ylabel("seconds since the start")
+    right.set_xlabel("exchanges processed (millions)")
+    right.set_ylabel("resident memory, MB")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"One batch detection run over {n:,} exchanges")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     rows = sorted(rows, key=lambda r: r["exchanges"])
     base = rows[0]
@@ -141,6 +175,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, help="JSON Lines of rows (default: WORK/rows)")
     ap.add_argument("--plot", type=Path, help="PNG of the curve")
     ap.add_argument("--plot-only", action="store_true", help="only table + plot from results")
+    ap.add_argument("--progress-plot", type=Path,
+                    help="PNG of time and memory within the runs on the largest size")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.results or args.work / "rows.jsonl"
@@ -163,6 +199,8 @@ def main() -> None:
         print(table(rows))
         if args.plot:
             plot(rows, args.plot)
+        if args.progress_plot:
+            plot_progress(args.work, max(r["exchanges"] for r in rows), args.progress_plot)
 
 
 if __name__ == "__main__":
