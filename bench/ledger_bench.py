@@ -184,13 +184,13 @@ def build_large(directory: Path, exchanges: list[Exchange], n: int) -> tuple[Led
     plain.q.put(None)
     plain.thread.join()
     batch = 10_000
+    ids = [ex.id for ex in exchanges]
     for start in range(0, n, batch):
-        chunk = [exchanges[i % len(exchanges)] for i in range(start, min(n, start + batch))]
         pending = []
-        for k, ex in enumerate(chunk):
-            p = entry.from_exchange(ex, Retention.FULL)
-            p.entry_id = p.fields["id"] = f"{ex.id}-{start + k}"
-            pending.append(p)
+        for i in range(start, min(n, start + batch)):
+            ex = exchanges[i % len(exchanges)]
+            ex.id = f"{ids[i % len(exchanges)]}-{i}"
+            pending.append(entry.from_exchange(ex, Retention.FULL))
         lg.append(pending)
         plain.conn.execute("BEGIN")
         plain.conn.executemany(

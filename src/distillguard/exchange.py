@@ -165,6 +165,10 @@ class Exchange:
     extra: dict[str, Any] = field(default_factory=dict)
     # The authenticated account and key; in memory only, never persisted or exported.
     principal: Principal | None = field(default=None, repr=False, compare=False)
+    # The canonical JSON that seal_bodies hashed, kept so that a stage persisting the
+    # bodies stores exactly the bytes behind the hashes without serialising them again.
+    request_json: bytes | None = field(default=None, repr=False, compare=False)
+    response_json: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, endpoint: str, method: str = "POST") -> Exchange:
@@ -186,9 +190,11 @@ class Exchange:
     def seal_bodies(self) -> None:
         """Compute body hashes (always) once the exchange is complete."""
         if self.request is not None and self.request_sha256 is None:
-            self.request_sha256 = body_hash(self.request)
+            self.request_json = canonical_json(self.request)
+            self.request_sha256 = hashlib.sha256(self.request_json).hexdigest()
         if self.response is not None and self.response_sha256 is None:
-            self.response_sha256 = body_hash(self.response)
+            self.response_json = canonical_json(self.response)
+            self.response_sha256 = hashlib.sha256(self.response_json).hexdigest()
 
     def to_trace(self, retention: Retention | None = None) -> dict[str, Any]:
         """This exchange as one object of the trace format (see docs/formats.md)."""

@@ -30,7 +30,13 @@ KIND_EVENT = "event"
 
 @dataclass(slots=True)
 class Pending:
-    """An entry waiting for its index."""
+    """An entry waiting for its index.
+
+    :meth:`encode` turns ``fields`` into the canonical JSON on either side of the
+    ``idx`` member once (``from_exchange`` and ``from_event`` call it, off the writer's
+    thread); :meth:`to_row` then only splices the index in and hashes the leaf. Fields
+    changed after encoding are not seen.
+    """
 
     kind: str
     entry_id: str
@@ -39,13 +45,31 @@ class Pending:
     fields: dict[str, Any]
     request: bytes | None = None
     response: bytes | None = None
+    _head: bytes = b""
+    _tail: bytes = b""
+
+    def encode(self) -> Pending:
+        """Split the leaf object at its ``idx`` key. Canonical JSON sorts keys by code
+        point, so every key below ``"idx"`` precedes it and every other follows it: the
+        two halves joined around ``"idx":N`` are exactly the canonical JSON of the whole."""
+        below: dict[str, Any] = {}
+        above: dict[str, Any] = {"kind": self.kind, "v": ENTRY_VERSION}
+        for key, value in self.fields.items():
+            if key in ("idx", "kind", "v"):
+                continue
+            (below if key < "idx" else above)[key] = value
+        self._head = orjson.dumps(below, option=orjson.OPT_SORT_KEYS)[:-1]
+        self._head += b',"idx":' if below else b'"idx":'
+        self._tail = b"," + orjson.dumps(above, option=orjson.OPT_SORT_KEYS)[1:]
+        return self
+
+    def leaf(self, idx: int) -> bytes:
+        if not self._head:
+            self.encode()
+        return b"%s%d%s" % (self._head, idx, self._tail)
 
     def to_row(self, idx: int) -> Row:
-        obj = dict(self.fields)
-        obj["v"] = ENTRY_VERSION
-        obj["idx"] = idx
-        obj["kind"] = self.kind
-        leaf = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        leaf = self.leaf(idx)
         return Row(idx, self.kind, self.entry_id, self.ts, self.account_id, leaf,
                    merkle.leaf_hash(leaf), self.request, self.response)
 
@@ -70,19 +94,21 @@ def _ts(dt: datetime) -> str:
     return f"{prefix}.{dt.microsecond // 1000:03d}Z"
 
 
-def _body(body: Any, known: str | None, keep: bool) -> tuple[str | None, bytes | None]:
+def _body(body: Any, known: str | None, sealed: bytes | None, keep: bool
+          ) -> tuple[str | None, bytes | None]:
     if body is None:
         return known, None
     if known is not None and not keep:
         return known, None
-    raw = canonical_json(body)
+    raw = sealed if sealed is not None and known is not None else canonical_json(body)
     return known or hashlib.sha256(raw).hexdigest(), raw if keep else None
 
 
 def from_exchange(ex: Exchange, retention: Retention) -> Pending:
     keep = retention is Retention.FULL
-    ex.request_sha256, request = _body(ex.request, ex.request_sha256, keep)
-    ex.response_sha256, response = _body(ex.response, ex.response_sha256, keep)
+    ex.request_sha256, request = _body(ex.request, ex.request_sha256, ex.request_json, keep)
+    ex.response_sha256, response = _body(ex.response, ex.response_sha256, ex.response_json,
+                                         keep)
     usage = ex.usage
     ts = _ts(ex.ts)
     fields = {
@@ -95,7 +121,8 @@ def from_exchange(ex: Exchange, retention: Retention) -> Pending:
         "latency_ms": ex.latency_ms,
         "request_sha256": ex.request_sha256, "response_sha256": ex.response_sha256,
     }
-    return Pending(KIND_EXCHANGE, ex.id, ts, ex.account_id, fields, request, response)
+    return Pending(KIND_EXCHANGE, ex.id, ts, ex.account_id, fields, request,
+                   response).encode()
 
 
 def new_event_id() -> str:
@@ -115,7 +142,7 @@ def from_event(name: str, subject: str, actor: str | None, reason: str | None,
     event_id = new_event_id()
     fields = {"id": event_id, "ts": when, "name": name, "subject": subject, "actor": actor,
               "reason": reason, "detail": detail}
-    return Pending(KIND_EVENT, event_id, when, None, fields)
+    return Pending(KIND_EVENT, event_id, when, None, fields).encode()
 
 
 def decode_leaf(leaf: bytes) -> dict[str, Any]:
