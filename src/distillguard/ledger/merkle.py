@@ -41,8 +41,10 @@ def split_point(n: int) -> int:
 def perfect_root(hashes: Sequence[bytes]) -> bytes:
     """Root of a perfect subtree given its 2**k leaf hashes, in order."""
     level = list(hashes)
+    sha256 = hashlib.sha256
     while len(level) > 1:
-        level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        level = [sha256(NODE_PREFIX + level[i] + level[i + 1]).digest()
+                 for i in range(0, len(level), 2)]
     return level[0]
 
 
