@@ -11,7 +11,8 @@ Measured in one process, ledger and baseline alternately, medians of --runs:
   (``durability: fsync``, group commit). The baseline is the same group-commit writer
   (a thread, a queue, one transaction per batch, WAL, ``synchronous=FULL``) inserting
   id, time, account, status, model and the two JSON bodies into a plain table indexed by
-  id: everything a log needs, nothing a proof needs.
+  id, with the ledger's SQLite settings (16 KiB pages): everything a log needs, nothing a
+  proof needs.
 * inclusion proof: median time of ``Ledger.inclusion(exchange_id)`` (look-up by id,
   leaf hashes of one chunk from the store, audit path) for --proofs random entries of
   the --n-verify ledger, against the baseline's look-up of the same row by id.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import queue
 import random
 import shutil
@@ -45,6 +47,7 @@ from distillguard.exchange import Exchange, Retention
 from distillguard.ledger import entry
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig
+from distillguard.ledger.store import PAGE_SIZE
 from distillguard.ledger.verify import verify_ledger
 from distillguard.ledger.writer import LedgerWriter
 
@@ -97,6 +100,7 @@ PLAIN = """CREATE TABLE IF NOT EXISTS log (seq INTEGER PRIMARY KEY, id TEXT NOT 
 class PlainWriter:
     def __init__(self, path: Path, max_batch: int = 8192) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # the ledger's SQLite settings
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute(PLAIN)
@@ -234,6 +238,10 @@ def scan_plain(path: Path) -> float:
     return time.perf_counter() - t
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-append", type=int, default=200_000)
@@ -250,7 +258,7 @@ def main() -> None:
     pool = body_pool()
     print(f"scratch: {base}; {len(pool)} distinct exchanges, mean body "
           f"{statistics.mean(len(orjson.dumps(r)) + len(orjson.dumps(q)) for q, r in pool):.0f}"
-          " bytes")
+          f" bytes ({load()})")
     ours: list[float] = []
     theirs: list[float] = []
     for run in range(0 if args.skip_append else args.runs):
@@ -264,7 +272,7 @@ def main() -> None:
                 theirs.append(asyncio.run(appends_plain(directory, exchanges,
                                                         args.producers)))
             shutil.rmtree(directory)
-        print(f"run {run + 1}: ledger {ours[-1]:,.0f}/s, plain {theirs[-1]:,.0f}/s")
+        print(f"run {run + 1}: ledger {ours[-1]:,.0f}/s, plain {theirs[-1]:,.0f}/s ({load()})")
     if ours:
         a, b = statistics.median(ours), statistics.median(theirs)
         print(f"appends/s (median of {args.runs}): ledger {a:,.0f}  plain {b:,.0f}  "
@@ -286,7 +294,7 @@ def main() -> None:
               f"{time.perf_counter() - t:.0f} s")
     p_ours, p_theirs = proof_times(lg, plain, args.n_verify, args.proofs)
     print(f"inclusion proof (median of {args.proofs}): {p_ours * 1e6:.0f} us  "
-          f"plain look-up {p_theirs * 1e6:.0f} us  ratio {p_ours / p_theirs:.1f}")
+          f"plain look-up {p_theirs * 1e6:.0f} us  ratio {p_ours / p_theirs:.1f} ({load()})")
     v_ours, v_theirs = [], []
     for _ in range(2):
         t = time.perf_counter()
@@ -294,6 +302,8 @@ def main() -> None:
         v_ours.append(time.perf_counter() - t)
         assert report.ok and report.entries == args.n_verify, report.to_json()
         v_theirs.append(scan_plain(plain))
+        print(f"verification {v_ours[-1]:.1f} s, plain full scan {v_theirs[-1]:.1f} s "
+              f"({load()})")
     v, s = statistics.median(v_ours), statistics.median(v_theirs)
     print(f"full verification of {args.n_verify:,}: {v:.1f} s  plain full scan {s:.1f} s  "
           f"ratio {v / s:.2f}")

@@ -86,13 +86,16 @@ def test_stored_bodies_are_the_bytes_behind_the_hashes() -> None:
 
 
 def test_a_ledger_written_before_the_split_encoding_still_verifies(tmp_path: Path) -> None:
-    """Rows as the previous writer stored them (leaf encoded whole, 4 KiB pages) read,
-    prove and verify the same, and new appends continue the same tree."""
+    """Rows as the previous writer stored them (leaf encoded whole, 4 KiB pages, no index
+    of leaf hashes) read, prove and verify the same, and new appends continue the tree."""
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     for statement in SQLITE_SCHEMA:
-        conn.execute(statement)
+        if "ledger_entries_leaf_hash" not in statement:
+            conn.execute(statement)
+    assert "ledger_entries_leaf_hash" not in str(conn.execute("PRAGMA index_list("
+                                                              "ledger_entries)").fetchall())
     old = [entry.from_exchange(make_exchange(f"old {i}"), Retention.FULL) for i in range(100)]
     rows = []
     for i, p in enumerate(old):
@@ -104,7 +107,11 @@ def test_a_ledger_written_before_the_split_encoding_still_verifies(tmp_path: Pat
     conn.close()
     lg = Ledger(LedgerConfig(url=f"sqlite:///{path}", key_path=tmp_path / "k"))
     try:
-        assert lg.store._conn().execute("PRAGMA page_size").fetchone()[0] == 4096
+        conn = lg.store._conn()
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT leaf_hash FROM ledger_entries "
+                            "WHERE idx >= 0 AND idx < 64 ORDER BY idx").fetchall()
+        assert "COVERING INDEX ledger_entries_leaf_hash" in str(plan)  # added on open
         assert lg.root() == merkle.root_of([r[6] for r in rows])
         lg.checkpoint()
         lg.append([entry.from_exchange(make_exchange(f"new {i}"), Retention.FULL)

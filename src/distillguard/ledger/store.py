@@ -102,6 +102,10 @@ SQLITE_SCHEMA = [
         ts TEXT NOT NULL, account_id TEXT, leaf BLOB NOT NULL, leaf_hash BLOB NOT NULL,
         request BLOB, response BLOB)""",
     "CREATE INDEX IF NOT EXISTS ledger_entries_entry_id ON ledger_entries (entry_id)",
+    # Covering index of the leaf hashes: a proof's 64 hashes and the whole tree at start-up
+    # are read from it instead of from the rows with their bodies. A file written before
+    # it existed gets it on its next start (about 2 s per million entries).
+    "CREATE INDEX IF NOT EXISTS ledger_entries_leaf_hash ON ledger_entries (idx, leaf_hash)",
     """CREATE TABLE IF NOT EXISTS ledger_checkpoints (
         seq INTEGER PRIMARY KEY, tree_size INTEGER NOT NULL, root_hash BLOB NOT NULL,
         ts TEXT NOT NULL, note TEXT NOT NULL)""",
