@@ -170,11 +170,16 @@ class AccountState:
             self.examples.append(f.exchange_id)
 
     def flush(self) -> None:
-        """Fold the activity buckets seen since the last call into the MinHash."""
+        """Fold the activity buckets seen since the last call into the MinHash. Only a
+        MinHash that really moved marks the activity as changed: once an account has been
+        active for a while, most new buckets lower none of its minima, and its lockstep
+        similarities with every other account are then exactly what they were."""
         if self.pending_buckets:
+            before = self.activity.hashvalues.copy()
             self.activity.update_batch(self.pending_buckets)
             self.pending_buckets.clear()
-            self.activity_changed = True
+            if not np.array_equal(before, self.activity.hashvalues):
+                self.activity_changed = True
 
     # -- derived behaviour -------------------------------------------------------------
 
