@@ -36,6 +36,10 @@ TRACE_FIELDS = (
     "latency_ms",
 )
 
+# Trace fields an Exchange has a place for; any other lands in ``extra``.
+_KNOWN_FIELDS = frozenset(TRACE_FIELDS) | {"exchange_id", "endpoint", "request_sha256",
+                                           "response_sha256", "usage", "model", "error_code"}
+
 
 class Retention(StrEnum):
     """What is kept of request and response bodies once an exchange is persisted.
@@ -250,8 +254,6 @@ class Exchange:
         if model is None and isinstance(request, dict):
             model = request.get("model")
         stream = bool(request.get("stream")) if isinstance(request, dict) else False
-        known = set(TRACE_FIELDS) | {"exchange_id", "endpoint", "request_sha256",
-                                     "response_sha256", "usage", "model", "error_code"}
         latency = line.get("latency_ms")
         ex = cls(
             id=str(line.get("exchange_id") or new_exchange_id()),
@@ -271,7 +273,7 @@ class Exchange:
             status=int(line.get("status") or 0),
             error_code=line.get("error_code"),
             latency_ms_override=float(latency) if latency is not None else None,
-            extra={k: v for k, v in line.items() if k not in known},
+            extra={k: v for k, v in line.items() if k not in _KNOWN_FIELDS},
         )
         return ex
 
@@ -287,7 +289,8 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """The text of one message's ``content`` (a string, or the text parts of a list)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -305,7 +308,7 @@ def request_text(request: Any) -> str:
     messages = request.get("messages")
     if isinstance(messages, list):
         return "\n".join(
-            _content_text(m.get("content")) for m in messages if isinstance(m, dict)
+            content_text(m.get("content")) for m in messages if isinstance(m, dict)
         )
     prompt = request.get("prompt")
     if isinstance(prompt, str):
@@ -327,7 +330,7 @@ def response_text(response: Any) -> str:
             continue
         message = choice.get("message")
         if isinstance(message, dict):
-            out.append(_content_text(message.get("content")))
+            out.append(content_text(message.get("content")))
         elif isinstance(choice.get("text"), str):
             out.append(choice["text"])
     return "\n".join(out)

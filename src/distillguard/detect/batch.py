@@ -5,7 +5,7 @@ memory. DuckDB reads the JSON Lines file (each line as one JSON value, so unusua
 request bodies never trip schema inference), sorts it by timestamp with a memory limit
 and spills to a temporary folder when it must, and hands the rows back in Arrow record
 batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
-records, then features (:func:`~distillguard.detect.features.extract_many`), then goes
+records, then features (:class:`~distillguard.detect.features.Extractor`), then goes
 through :class:`~distillguard.detect.engine.Detector` one exchange at a time, exactly as
 the online stage feeds it.
 """
@@ -23,7 +23,7 @@ import orjson
 
 from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
 from distillguard.detect.engine import Detector
-from distillguard.detect.features import ExchangeFeatures, extract_many
+from distillguard.detect.features import ExchangeFeatures, Extractor
 from distillguard.detect.scoring import AccountFacts
 from distillguard.exchange import Exchange
 from distillguard.geoip import GeoIP
@@ -115,17 +115,18 @@ def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None
                     ) -> Iterator[ExchangeFeatures | None]:
     """The trace's features in time order (None for exchanges without an account)."""
     count = 0
+    block = Extractor(geoip)
     for lines in iter_sorted_lines(trace, memory_limit=memory_limit):
-        exchanges = []
         for line in lines:
             try:
-                exchanges.append(Exchange.from_trace(orjson.loads(line)))
+                exchange = Exchange.from_trace(orjson.loads(line))
             except (ValueError, TypeError, KeyError) as exc:
                 raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
                                   f"{exc}") from None
-        for features in extract_many(exchanges, geoip):
+            block.add(exchange)   # keeps what features need; the parsed line goes now
+        count += len(block)
+        for features in block.take():
             yield features if features.account_id else None
-        count += len(exchanges)
         if on_block is not None:
             on_block(count)
 
