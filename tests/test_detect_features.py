@@ -8,8 +8,24 @@ import orjson
 import pytest
 
 from distillguard.datasets import data_dir
-from distillguard.detect.features import CATEGORIES, extract, extract_many, simhashes
+from distillguard.detect.features import CATEGORIES, FeatureCache, extract, extract_many
+from distillguard.detect.prompts import (
+    CATEGORY_WORDS,
+    REASONING_PHRASES,
+    RUBRIC_PHRASES,
+    TOOL_PHRASES,
+    LineFeatures,
+    _hash,
+    frame_keys,
+    phrase_bits,
+    prompt_features,
+    simhashes,
+    skeleton_words,
+    topics,
+)
 from distillguard.detect.sketches import AccountState, TopK
+from distillguard.detect.textcache import TextCache
+from distillguard.exchange import Exchange
 from tests.factories import make_exchange
 
 
@@ -110,3 +126,137 @@ def test_repetitive_account_has_low_diversity() -> None:
         state.update(f)
     assert state.diversity < 0.1 and state.template_reuse == pytest.approx(1.0)
     assert state.share(state.reasoning) == 1.0
+
+
+# --- one logic for blocks, single exchanges, caches and line-by-line skeletons ---------
+
+def _varied_exchanges() -> list[Exchange]:
+    """Exchanges of every request shape the features read, with repeated and near-repeated
+    prompts (campaign-style job tags), long prompts, code blocks and odd characters."""
+    qs = _gsm8k(12)
+    code = _code_alpaca()[:6]
+    long_text = "\n".join(_arena(8))
+    prompts = [
+        *qs, *qs[:4],                                             # exact repeats
+        *(f"Solve step by step.\n\n{q}\n[job-{i:06x}]" for i, q in enumerate(qs[:6])),
+        *(f"Solve step by step.\n\n{qs[0]}\n[job-{i:06x}]" for i in range(4)),
+        *(r["instruction"] + "\n```python\n" + r["output"] + "\n```\nExplain." for r in code),
+        "```\nunclosed code block\n### Response:\n1. a\n2. b",
+        long_text, long_text + "\n[job-1]", "x" * 5000 + "\n### Input:\nsee http://a.b/c",
+        "Rate the answer on a scale of 1-10.\nResponse A: 'yes'\nResponse B: \"no\"",
+        "ΟΔΥΣΣΕΥΣ ΚΑΙ ΣΙΣΥΦΟΣ\nİstanbul İZMİR\r\nTabs\tand\u2028separators",
+        "", "   \n\n  ", "Use the available tools: search(query).", "tools: calc",
+        "Translate 'bonjour' to English.", "Write a poem about 3.14, 1,000 and 12:30.",
+    ]
+    out = [make_exchange(p, account_id=f"acct_{i % 5}", max_tokens=100 + i,
+                         temperature=0.5 if i % 3 else None) for i, p in enumerate(prompts)]
+    system = make_exchange(qs[1])
+    system.request["messages"].insert(0, {"role": "system", "content": "You grade math."})
+    developer = make_exchange(qs[1])
+    developer.request["messages"][:0] = [{"role": "developer", "content": ""},
+                                         {"role": "system", "content": ["odd", 1]}]
+    turns = make_exchange("and now?", n=3, logprobs=True)
+    turns.request["messages"][:0] = [{"role": "user", "content": qs[2]},
+                                     {"role": "assistant", "content": "42"}, "junk"]
+    parts = make_exchange("ignored", tools=[{"type": "function"}])
+    parts.request["messages"] = [{"role": "user", "content": [
+        {"type": "text", "text": qs[3]}, {"type": "image_url"}, {"type": "text", "text": "!"}]}]
+    no_user = make_exchange("x", functions=[{}])
+    no_user.request["messages"] = [{"role": "system", "content": "Only a system prompt."}]
+    completion = make_exchange("x", client_ip="10.0.0.1")
+    completion.request = {"model": "m", "prompt": ["Q: 2+2?", 7, "A:"], "max_tokens": "12"}
+    embedding = make_exchange("x", client_ip="not an ip")
+    embedding.request, embedding.usage = {"model": "e", "input": "embed me"}, None
+    bare = make_exchange("x", client_ip="2001:db8::1")
+    bare.request, bare.usage = None, None
+    listed = make_exchange("x")
+    listed.request = ["not", "a", "dict"]
+    return [*out, system, developer, turns, parts, no_user, completion, embedding, bare,
+            listed]
+
+
+def test_block_equals_one_by_one_and_cache_equals_no_cache() -> None:
+    exchanges = _varied_exchanges()
+    alone = [extract(ex, cache=FeatureCache(entries=0)) for ex in exchanges]  # no cache
+    assert extract_many(exchanges, cache=FeatureCache()) == alone
+    # a tiny cache evicts all the time; a warm cache answers from what it kept
+    tiny = FeatureCache(entries=3, chars=2_000)
+    warm = FeatureCache()
+    for _ in range(2):
+        for start in range(0, len(exchanges), 7):
+            block = exchanges[start:start + 7]
+            assert extract_many(block, cache=tiny) == alone[start:start + 7]
+            assert extract_many(block, cache=warm) == alone[start:start + 7]
+    assert [extract(ex, cache=warm) for ex in exchanges] == alone
+    assert len(warm.prompts) > 0 and len(tiny.prompts) <= 3 and len(tiny.lines) <= 6
+    # what each signal means is unchanged
+    by_prompt = {ex.request["messages"][-1]["content"]: f
+                 for ex, f in zip(exchanges, alone, strict=True)
+                 if isinstance(ex.request, dict) and len(ex.request.get("messages", [])) == 1
+                 and isinstance(ex.request["messages"][0]["content"], str)}
+    assert by_prompt["Solve step by step.\n\n" + _gsm8k(1)[0] + "\n[job-000000]"].reasoning
+    assert by_prompt["Use the available tools: search(query)."].tool_use
+    assert CATEGORIES[by_prompt["Translate 'bonjour' to English."].category] == "translation"
+
+
+def test_line_by_line_skeleton_equals_whole_text() -> None:
+    """prompt_features builds a prompt's skeleton, layout and topics from its lines; the
+    whole-text functions are the reference."""
+    prompts = [ex.request["messages"][-1]["content"] for ex in _varied_exchanges()
+               if isinstance(ex.request, dict) and ex.request.get("messages")]
+    prompts = [p for p in prompts if isinstance(p, str)]
+    prompts += [r["instruction"] + "\n" + r["input"] for r in _code_alpaca()[:200]]
+    prompts += _arena(60) + _toolformer(30)
+    lines = TextCache[LineFeatures](entries=50)
+    for cache in (lines, None, lines):
+        got = prompt_features(prompts, cache)
+        for prompt, pf in zip(prompts, got, strict=True):
+            words = skeleton_words(prompt)
+            assert pf.frame == frame_keys(prompt, words), prompt
+            assert pf.topics == topics(words)
+        assert [pf.simhash for pf in got] == simhashes([skeleton_words(p) for p in prompts])
+
+
+def _simhash_reference(words: list[str]) -> int:
+    """SimHash in plain Python: bit j is set when most of the first 128 words' spread
+    hashes have bit j set."""
+    hashes = [(_hash(w) * 0x9E3779B97F4A7C15) % (1 << 64) for w in words[:128]]
+    return sum(1 << j for j in range(64)
+               if 2 * sum(h >> j & 1 for h in hashes) > len(hashes))
+
+
+def test_simhash_matches_plain_python() -> None:
+    docs = [skeleton_words(p) for p in _arena(40) + _gsm8k(40)]
+    docs += [[], ["one"], ["w"] * 300, [f"w{i % 7}" for i in range(129)]]
+    assert simhashes(docs) == [_simhash_reference(d) for d in docs]
+
+
+def test_phrase_search_equals_substring_tests() -> None:
+    texts = [t.lower() for t in _arena(40) + _toolformer(20)]
+    texts += ["let's think step-by-step", "score the answer. \"score\": 3", "c++ and ```",
+              "responseb response a", "json schemajson schema", ""]
+    groups = [REASONING_PHRASES, RUBRIC_PHRASES, TOOL_PHRASES,
+              *(literals for _, _, literals in CATEGORY_WORDS)]
+    for low in texts:
+        want = sum(1 << bit for bit, phrases in enumerate(groups)
+                   if any(p in low for p in phrases))
+        assert phrase_bits(low) == want, low
+
+
+def test_text_cache_is_bounded_and_least_recently_used_goes_first() -> None:
+    cache = TextCache[int](entries=3, chars=1_024)
+    for i, text in enumerate(["a", "b", "c"]):
+        cache.put(text, i)
+    assert cache.get("a") == 0          # "a" is now the most recently used
+    cache.put("d", 3)
+    assert cache.get("b") is None and cache.get("a") == 0 and len(cache) == 3
+    cache.put("x" * 5, 4)               # longer than chars // 256: never kept
+    assert cache.get("x" * 5) is None
+    for i in range(200):
+        cache.put(f"{i:03d}", i)
+    assert len(cache) == 3 and cache.size == 9
+    chars = TextCache[int](entries=1_000, chars=256 * 10)
+    for i in range(1_000):
+        chars.put(f"{i:010d}", i)
+    assert chars.size == 2_560 and len(chars) == 256 and chars.get(f"{999:010d}") == 999
+    assert TextCache[int](entries=0).get("a") is None
