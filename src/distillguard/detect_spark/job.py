@@ -5,7 +5,7 @@ What runs where:
 * **distributed** (Spark executors, in parallel): reading the JSON Lines trace (local
   files, HDFS, S3 or any Hadoop file system; globs and ``.gz`` accepted), parsing each
   line into an :class:`~distillguard.exchange.Exchange`, per-exchange feature extraction
-  with the project's own :func:`~distillguard.detect.features.extract_many` (inside
+  with the project's own :class:`~distillguard.detect.features.Extractor` (inside
   ``mapPartitions``, in blocks of :data:`~distillguard.detect.batch.BATCH_ROWS`), and the
   global sort by (timestamp, position in the input), a range-partitioned shuffle that
   spills to disk;
@@ -33,7 +33,7 @@ import orjson
 from distillguard.detect.batch import BATCH_ROWS, TICK_SECONDS, BatchResult, run_features
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
-from distillguard.detect.features import ExchangeFeatures, extract_many
+from distillguard.detect.features import ExchangeFeatures, Extractor
 from distillguard.exchange import Exchange
 from distillguard.traceio import FormatError
 
@@ -49,16 +49,17 @@ Row = tuple[tuple[float, int, int], Any]
 
 
 def _block(part: int, block: list[tuple[bytes, int]]) -> Iterator[Row]:
-    exchanges: list[Exchange] = []
+    extractor = Extractor()
     positions: list[int] = []
     for raw, n in block:
         try:
-            exchanges.append(Exchange.from_trace(orjson.loads(raw)))
+            exchange = Exchange.from_trace(orjson.loads(raw))
         except (ValueError, TypeError, KeyError) as exc:
             yield (_BAD, part, n), f"bad trace line {n + 1} of input split {part}: {exc}"
             continue
+        extractor.add(exchange)
         positions.append(n)
-    for features, n in zip(extract_many(exchanges), positions, strict=True):
+    for features, n in zip(extractor.take(), positions, strict=True):
         # Exchanges without an account are counted but not observed (as in the DuckDB path).
         yield (features.ts, part, n), features if features.account_id else None
 
