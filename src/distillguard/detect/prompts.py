@@ -296,16 +296,13 @@ def line_features(line: str) -> LineFeatures:
     return LineFeatures(tuple(words), tuple(_word_hashes(words)), _marker(low), topics(words))
 
 
-def _lines(lines: list[str], memo: TextCache[LineFeatures]) -> list[LineFeatures]:
-    out = []
-    get, put = memo.get, memo.put
-    for line in lines:
-        info = get(line)
-        if info is None:
-            info = line_features(line)
-            put(line, info)
-        out.append(info)
-    return out
+def _layout_of(prompt: str, memo: TextCache[LineFeatures]) -> str:
+    """shape(prompt), with the markers of the lines kept in ``memo`` taken from there."""
+    markers = []
+    for line in prompt.split("\n", LAYOUT_LINES)[:LAYOUT_LINES]:
+        info = memo.get(line)
+        markers.append(_marker(line.lower()) if info is None else info.marker)
+    return _layout(markers)
 
 
 def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | None = None
@@ -320,9 +317,9 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
         if "```" in head:   # a code block may span lines: the whole text at once
             words = _skeleton(head.lower())
             docs.append(_word_hashes(words[:SIMHASH_WORDS]))
-            rest.append((shape(prompt), words, words, topics(words)))
+            rest.append((_layout_of(prompt, memo), words, words, topics(words)))
             continue
-        infos = _lines(head.split("\n"), memo)
+        infos = memo.map(head.split("\n"), line_features)
         hashes: list[int] = []
         topic = 0
         for info in infos:
@@ -341,8 +338,8 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
                 break
         if head is prompt:
             layout = _layout([info.marker for info in infos[:LAYOUT_LINES]])
-        else:
-            layout = shape(prompt)
+        else:   # the layout reads the first lines of the whole prompt
+            layout = _layout_of(prompt, memo)
         docs.append(hashes)
         rest.append((layout, first, last, topic))
     return [PromptFeatures(_frame(layout, first, last), sim, topic)
