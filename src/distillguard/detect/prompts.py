@@ -291,6 +291,8 @@ class TextFeatures(NamedTuple):
 
 
 def line_features(line: str) -> LineFeatures:
+    """Skeleton words, their hashes, layout marker and topics of one line (without a
+    code block: those are read with the whole prompt)."""
     low = line.lower()
     words = _skeleton(low)
     return LineFeatures(tuple(words), tuple(_word_hashes(words)), _marker(low), topics(words))
@@ -336,7 +338,7 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
             last[:0] = info.words
             if len(last) >= FRAME_WORDS:
                 break
-        if head is prompt:
+        if len(prompt) <= HEAD_CHARS + TAIL_CHARS:   # the lines are the prompt's own
             layout = _layout([info.marker for info in infos[:LAYOUT_LINES]])
         else:   # the layout reads the first lines of the whole prompt
             layout = _layout_of(prompt, memo)
