@@ -53,11 +53,17 @@ class Pending:
         point, so every key below ``"idx"`` precedes it and every other follows it: the
         two halves joined around ``"idx":N`` are exactly the canonical JSON of the whole."""
         below: dict[str, Any] = {}
-        above: dict[str, Any] = {"kind": self.kind, "v": ENTRY_VERSION}
+        above: dict[str, Any] = {}
         for key, value in self.fields.items():
-            if key in ("idx", "kind", "v"):
-                continue
-            (below if key < "idx" else above)[key] = value
+            if key not in ("idx", "kind", "v"):
+                (below if key < "idx" else above)[key] = value
+        return self._encode(below, above)
+
+    def _encode(self, below: dict[str, Any], above: dict[str, Any]) -> Pending:
+        """``encode`` given ``fields`` already split at ``"idx"`` (``above`` gains
+        ``kind`` and ``v``)."""
+        above["kind"] = self.kind
+        above["v"] = ENTRY_VERSION
         self._head = orjson.dumps(below, option=orjson.OPT_SORT_KEYS)[:-1]
         self._head += b',"idx":' if below else b'"idx":'
         self._tail = b"," + orjson.dumps(above, option=orjson.OPT_SORT_KEYS)[1:]
@@ -111,18 +117,18 @@ def from_exchange(ex: Exchange, retention: Retention) -> Pending:
                                          keep)
     usage = ex.usage
     ts = _ts(ex.ts)
-    fields = {
-        "id": ex.id, "ts": ts, "endpoint": ex.endpoint, "method": ex.method,
-        "account_id": ex.account_id, "key_id": ex.key_id, "client_ip": ex.client_ip,
-        "user_agent": ex.user_agent, "model": ex.model, "stream": ex.stream,
-        "status": ex.status, "error_code": ex.error_code,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "latency_ms": ex.latency_ms,
-        "request_sha256": ex.request_sha256, "response_sha256": ex.response_sha256,
-    }
-    return Pending(KIND_EXCHANGE, ex.id, ts, ex.account_id, fields, request,
-                   response).encode()
+    # the leaf's keys below "idx", then the others: Pending.encode's split, done here
+    below = {"account_id": ex.account_id, "client_ip": ex.client_ip,
+             "completion_tokens": usage.completion_tokens if usage else None,
+             "endpoint": ex.endpoint, "error_code": ex.error_code, "id": ex.id}
+    above = {"key_id": ex.key_id, "latency_ms": ex.latency_ms, "method": ex.method,
+             "model": ex.model, "prompt_tokens": usage.prompt_tokens if usage else None,
+             "request_sha256": ex.request_sha256, "response_sha256": ex.response_sha256,
+             "status": ex.status, "stream": ex.stream, "ts": ts,
+             "user_agent": ex.user_agent}
+    pending = Pending(KIND_EXCHANGE, ex.id, ts, ex.account_id, {**below, **above}, request,
+                      response)
+    return pending._encode(below, above)
 
 
 def new_event_id() -> str:
