@@ -11,6 +11,8 @@ Tables (both stores)::
     ledger_entries(idx PK, kind, entry_id, ts, account_id, leaf, leaf_hash,
                    request, response)       -- request/response: retained bodies or NULL
     ledger_checkpoints(seq PK, tree_size, root_hash, ts, note)
+
+indexed by ``entry_id``; SQLite also keeps a covering index of ``(idx, leaf_hash)``.
 """
 
 from __future__ import annotations
