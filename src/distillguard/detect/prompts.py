@@ -13,7 +13,7 @@ distinct text (:class:`~distillguard.detect.features.Extractor` caches them):
 
 Apart from code blocks (which may span lines) every placeholder, word and line marker
 lies within one line, so a prompt's skeleton is its lines' skeletons one after another:
-:func:`prompt_features` computes each distinct line once (:func:`line_features`, kept in
+:func:`prompt_features` computes each distinct line once (:func:`lines_features`, kept in
 a bounded cache), and campaigns, which change one line of a template (a payload, a job
 tag), pay for that line only. The tests check this against :func:`skeleton_words` and
 :func:`shape` on whole texts.
@@ -290,19 +290,28 @@ class TextFeatures(NamedTuple):
     length: int                   # characters of the lower-cased text
 
 
-def line_features(line: str) -> LineFeatures:
-    """Skeleton words, their hashes, layout marker and topics of one line (without a
-    code block: those are read with the whole prompt)."""
-    low = line.lower()
-    words = _skeleton(low)
-    return LineFeatures(tuple(words), tuple(_word_hashes(words)), _marker(low), topics(words))
+def lines_features(lines: Sequence[str]) -> list[LineFeatures]:
+    """Skeleton words, their hashes, layout marker and topics of each line (lines without
+    a code block: those are read with their whole prompt). Words new to the word-hash
+    cache are hashed once each for all the lines."""
+    lows = [line.lower() for line in lines]
+    docs = [_skeleton(low) for low in lows]
+    new = set().union(*docs).difference(_TOKEN_CACHE)
+    if len(_TOKEN_CACHE) + len(new) <= _TOKEN_CACHE_SIZE:
+        _TOKEN_CACHE.update({word: _crc_adler(word) for word in new})
+        get = _TOKEN_CACHE.__getitem__
+        hashes = [tuple(map(get, words)) for words in docs]
+    else:   # the cache is full: hash what it lacks word by word
+        hashes = [tuple(_word_hashes(words)) for words in docs]
+    return [LineFeatures(tuple(words), h, _marker(low), topics(words))
+            for low, words, h in zip(lows, docs, hashes, strict=True)]
 
 
-def _layout_of(prompt: str, memo: TextCache[LineFeatures]) -> str:
-    """shape(prompt), with the markers of the lines kept in ``memo`` taken from there."""
+def _layout_of(prompt: str, known: dict[str, LineFeatures]) -> str:
+    """shape(prompt), with the markers of the lines in ``known`` taken from there."""
     markers = []
     for line in prompt.split("\n", LAYOUT_LINES)[:LAYOUT_LINES]:
-        info = memo.get(line)
+        info = known.get(line)
         markers.append(_marker(line.lower()) if info is None else info.marker)
     return _layout(markers)
 
@@ -312,16 +321,36 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
     """Template keys, SimHash (one numpy pass) and topics of each prompt, from its
     lines' features (kept in ``lines``, when given) unless a code block may span lines."""
     memo: TextCache[LineFeatures] = lines if lines is not None else TextCache(0)
-    docs = []
-    rest = []
+    split: list[list[str] | None] = []   # each prompt's lines (None: read whole)
+    known: dict[str, LineFeatures] = {}  # this call's lines, kept or computed
+    missing: dict[str, None] = {}
     for prompt in prompts:
         head = _head_and_tail(prompt)
         if "```" in head:   # a code block may span lines: the whole text at once
-            words = _skeleton(head.lower())
-            docs.append(_word_hashes(words[:SIMHASH_WORDS]))
-            rest.append((_layout_of(prompt, memo), words, words, topics(words)))
+            split.append(None)
             continue
-        infos = memo.map(head.split("\n"), line_features)
+        split.append(head.split("\n"))
+        for line in split[-1] or ():
+            if line not in known and line not in missing:
+                info = memo.get(line)
+                if info is None:
+                    missing[line] = None
+                else:
+                    known[line] = info
+    if missing:
+        todo = list(missing)
+        for line, info in zip(todo, lines_features(todo), strict=True):
+            known[line] = info
+            memo.put(line, info)
+    docs = []
+    rest = []
+    for prompt, lines_of in zip(prompts, split, strict=True):
+        if lines_of is None:
+            words = _skeleton(_head_and_tail(prompt).lower())
+            docs.append(_word_hashes(words[:SIMHASH_WORDS]))
+            rest.append((_layout_of(prompt, known), words, words, topics(words)))
+            continue
+        infos = [known[line] for line in lines_of]
         hashes: list[int] = []
         topic = 0
         for info in infos:
@@ -341,7 +370,7 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
         if len(prompt) <= HEAD_CHARS + TAIL_CHARS:   # the lines are the prompt's own
             layout = _layout([info.marker for info in infos[:LAYOUT_LINES]])
         else:   # the layout reads the first lines of the whole prompt
-            layout = _layout_of(prompt, memo)
+            layout = _layout_of(prompt, known)
         docs.append(hashes)
         rest.append((layout, first, last, topic))
     return [PromptFeatures(_frame(layout, first, last), sim, topic)

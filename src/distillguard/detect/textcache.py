@@ -11,7 +11,6 @@ characters of keys in all; texts longer than ``chars // 256`` characters are nev
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -42,24 +41,6 @@ class TextCache(Generic[V]):
             except KeyError:  # evicted meanwhile by another thread
                 pass
         return value
-
-    def map(self, texts: Iterable[str], compute: Callable[[str], V]) -> list[V]:
-        """The value of each text: the kept one, or ``compute(text)`` (then kept)."""
-        data = self._data
-        move = data.move_to_end
-        out = []
-        for text in texts:
-            value = data.get(text)
-            if value is None:
-                value = compute(text)
-                self.put(text, value)
-            else:
-                try:  # noqa: SIM105 (as in get)
-                    move(text)
-                except KeyError:
-                    pass
-            out.append(value)
-        return out
 
     def put(self, text: str, value: V) -> None:
         if len(text) > self.longest or self.entries == 0:
