@@ -222,3 +222,50 @@ def test_parallel_verification_finds_the_same(ledger: Ledger,
     assert ("deleted", 21) in kinds and ("reordered", 15) not in kinds
     single = verify_ledger(ledger.store, ledger.verifier, workers=1)
     assert [p.to_json() for p in single.problems] == [p.to_json() for p in report.problems]
+
+
+def test_an_export_names_an_entry_rewritten_with_its_hash(ledger: Ledger,
+                                                          tmp_path: Path) -> None:
+    """With the rows of an export kept elsewhere (checked against their signed
+    checkpoint), an entry rewritten together with its stored hash is named exactly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distillguard.ledger.export import export_parquet
+    from distillguard.ledger.verifier import verified_rows
+
+    export = tmp_path / "kept.parquet"
+    export_parquet(ledger, export, start=10, end=40)
+    db = _db(ledger)
+    leaf = _leaf(db, 25)
+    leaf["status"] = 403
+    _put(db, 25, leaf)
+    assert ledger.verifier is not None
+    reference = dict(verified_rows(export, ledger.verifier))
+    assert sorted(reference) == list(range(10, 40))
+    report = verify_ledger(ledger.store, ledger.verifier, reference=reference)
+    assert _problem(report) == ("modified", 25)
+    kinds = {(p.kind, p.index) for p in report.problems}
+    assert ("checkpoint-mismatch", 25) in kinds  # the mismatch is explained by the entry
+    assert {p.index for p in report.problems if p.kind == "modified"} == {25}
+    # the CLI takes the export as it is; an export that does not check is refused
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"ledger:\n  path: {tmp_path / 'l'}\n")
+    runner = CliRunner()
+    bad = runner.invoke(main, ["-c", str(config), "ledger", "verify", "--export",
+                               str(export), "--json"])
+    assert bad.exit_code == 1
+    doc = orjson.loads(bad.output)
+    assert doc["first_bad"] == 25 and doc["first_bad_problem"]["kind"] == "modified"
+    forged = tmp_path / "forged.parquet"
+    table = pq.read_table(export)
+    hashes = table.column("leaf_hash").to_pylist()
+    hashes[3] = bytes(32)
+    column = table.schema.get_field_index("leaf_hash")
+    forged_table = table.set_column(column, table.schema.field(column),
+                                    pa.array(hashes, type=table.schema.field(column).type))
+    pq.write_table(forged_table.replace_schema_metadata(table.schema.metadata), forged)
+    refused = runner.invoke(main, ["-c", str(config), "ledger", "verify", "--export",
+                                   str(forged)])
+    assert refused.exit_code != 0
+    assert "does not verify: row 13: leaf hash does not match" in refused.output

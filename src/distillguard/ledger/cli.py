@@ -128,20 +128,32 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
               help="Public key (default: the one next to the signing key).")
 @click.option("--checkpoint", "extra", multiple=True, type=click.Path(exists=True),
               help="Also check against a checkpoint kept elsewhere (repeatable).")
+@click.option("--export", "exports", multiple=True, type=click.Path(exists=True),
+              help="Also compare each entry with its row in a Parquet export kept elsewhere, "
+                   "once the export checks against its signed checkpoint (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
-           as_json: bool) -> None:
+           exports: tuple[str, ...], as_json: bool) -> None:
     """Check every entry and checkpoint; exit 1 naming the first bad entry."""
     from distillguard.ledger.store import open_store
+    from distillguard.ledger.verifier import VerificationFailed, verified_rows
     from distillguard.ledger.verify import verify_ledger
 
     config = _config(ctx)
+    key = _key(key_path, ctx)
+    reference: dict[int, bytes] = {}
+    for export in exports:
+        try:
+            reference.update(verified_rows(Path(export), key))
+        except VerificationFailed as exc:
+            raise click.ClickException(f"{export} does not verify: {exc}") from None
     store = open_store(config.url, durability=config.durability)
     try:
         store.migrate()
-        report = verify_ledger(store, _key(key_path, ctx),
-                               extra_checkpoints=[Path(p).read_text() for p in extra])
+        report = verify_ledger(store, key,
+                               extra_checkpoints=[Path(p).read_text() for p in extra],
+                               reference=reference)
     finally:
         store.close()
     doc = report.to_json()

@@ -8,6 +8,7 @@ Parquet exports) and uses only :mod:`distillguard.ledger.merkle` and
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,7 @@ def verify_consistency_bundle(proof: dict[str, Any], key: VerifierKey,
             "new_size": new.tree_size}
 
 
-def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
-    """Check every row of a Parquet export: its leaf, hash and inclusion path against the
-    signed checkpoint stored in the file's metadata."""
+def _export_checkpoint(path: Path, key: VerifierKey) -> Checkpoint:
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(path).metadata or {}
@@ -82,8 +81,16 @@ def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
     if raw is None:
         raise VerificationFailed(f"{path} is not a ledger export")
     header = orjson.loads(raw)
-    cp = _signed(header.get("checkpoint"), key, str(path))
-    rows = 0
+    return _signed(header.get("checkpoint"), key, str(path))
+
+
+def verified_rows(path: Path, key: VerifierKey) -> Iterator[tuple[int, bytes]]:
+    """``(index, leaf hash)`` of every row of a Parquet export, each checked first: its
+    leaf, hash and inclusion path against the signed checkpoint in the file's metadata.
+    Raises :class:`VerificationFailed` at the first row that does not check."""
+    import pyarrow.parquet as pq
+
+    cp = _export_checkpoint(path, key)
     table = pq.ParquetFile(path)
     for batch in table.iter_batches(columns=["idx", "leaf", "leaf_hash", "inclusion_path"]):
         cols = batch.to_pydict()
@@ -96,7 +103,13 @@ def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
                 merkle.verify_inclusion(idx, cp.tree_size, lh, path_nodes, cp.root_hash)
             except merkle.ProofError as exc:
                 raise VerificationFailed(f"row {idx}: {exc}") from None
-            rows += 1
+            yield idx, lh
+
+
+def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
+    """Check every row of a Parquet export (see :func:`verified_rows`)."""
+    cp = _export_checkpoint(path, key)
+    rows = sum(1 for _ in verified_rows(path, key))
     return {"ok": True, "type": "export", "rows": rows, "tree_size": cp.tree_size}
 
 

@@ -17,14 +17,15 @@ What each problem means, and the entry it names as the first bad one:
 * ``checkpoint-signature``: a checkpoint whose signature does not verify;
 * ``checkpoint-mismatch``: a checkpoint whose root differs from the tree rebuilt from the
   stored entries. An attacker who rewrote an entry *and* its stored hash is caught here;
-  the bad entry lies between the last matching checkpoint and this one.
+  the bad entry lies between the last matching checkpoint and this one, and is named
+  (``modified``) when leaf hashes from a verified export are passed as ``reference``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,10 +197,15 @@ def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
 
 
 def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
-                  extra_checkpoints: Sequence[str] = (), workers: int | None = None
-                  ) -> Report:
+                  extra_checkpoints: Sequence[str] = (), workers: int | None = None,
+                  reference: Mapping[int, bytes] | None = None) -> Report:
     """Check a whole ledger; see the module docstring. Reads every entry once; large
-    ledgers are read by ``workers`` processes (default: one per CPU), each a range."""
+    ledgers are read by ``workers`` processes (default: one per CPU), each a range.
+
+    ``reference`` maps leaf indices to leaf hashes known independently of the store (the
+    rows of a Parquet export checked against its signed checkpoint,
+    :func:`~distillguard.ledger.verifier.verified_rows`): an entry whose rebuilt leaf hash
+    differs is ``modified`` even when its stored hash was rewritten to match."""
     report = Report()
     # -- checkpoints: signatures first; each valid one becomes a (size, root, label) target
     targets: dict[int, list[tuple[bytes, str]]] = {}
@@ -233,6 +239,8 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
         positions += part.positions
         for problem in part.problems:
             report.add(problem.kind, problem.index, problem.message)
+        if reference:
+            _compare_reference(report, reference, tree.size, part.hashes)
         append = tree.append
         if want is None or tree.size + len(part.hashes) < want:
             for h in part.hashes:
@@ -255,6 +263,17 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
     _classify(report, positions)
     _report_mismatches(report, mismatches)
     return report
+
+
+def _compare_reference(report: Report, reference: Mapping[int, bytes], start: int,
+                       hashes: list[bytes]) -> None:
+    """Leaf ``start + i`` of the rebuilt tree against the independently known hash."""
+    lo, hi = max(start, min(reference)), min(start + len(hashes), max(reference) + 1)
+    for pos in range(lo, hi):
+        want = reference.get(pos)
+        if want is not None and want != hashes[pos - start]:
+            report.add("modified", pos, f"entry {pos}: its leaf is not the one the export "
+                                        "verified against a signed checkpoint holds")
 
 
 def _compare(mismatches: list[tuple[int, int, str]], report: Report,
