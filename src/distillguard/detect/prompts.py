@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import ahocorasick_rs
@@ -203,29 +204,32 @@ def simhashes(docs: Sequence[Sequence[str]]) -> list[int]:
     """64-bit SimHash of each document's words (the first SIMHASH_WORDS), in one numpy
     pass over the batch. Four 16-bit bands: two fingerprints within Hamming distance 3
     share a band."""
-    return simhashes_of([_word_hashes(words[:SIMHASH_WORDS]) for words in docs])
+    return simhashes_of([_packed(_word_hashes(words[:SIMHASH_WORDS])) for words in docs])
 
 
-def simhashes_of(docs: Sequence[Sequence[int]]) -> list[int]:
-    """:func:`simhashes` from each document's word hashes (the first SIMHASH_WORDS).
+def _packed(hashes: Iterable[int]) -> bytes:
+    """Word hashes as unsigned 64-bit integers in machine order, 8 bytes each."""
+    return array("Q", hashes).tobytes()
+
+
+def simhashes_of(docs: Sequence[bytes]) -> list[int]:
+    """:func:`simhashes` from each document's word hashes (:func:`_packed`; the first
+    SIMHASH_WORDS are used).
 
     Each word's 64-bit hash is unpacked into 64 bytes of 0/1; a document's per-bit counts
     are sums of those rows. A document has at most SIMHASH_WORDS (128) words, so a count
     fits in a byte and eight counts are summed at once in each uint64 lane (no carry
     crosses a byte)."""
-    flat: list[int] = []
-    sizes: list[int] = []
-    for hashes in docs:
-        head = hashes[:SIMHASH_WORDS]
-        flat.extend(head)
-        sizes.append(len(head))
+    heads = [doc[:8 * SIMHASH_WORDS] for doc in docs]
     out = [0] * len(docs)
+    flat = b"".join(heads)
     if not flat:
         return out
-    spread = np.array(flat, dtype=np.uint64) * _M1        # spread crc/adler bits
+    spread = np.frombuffer(flat, dtype=np.uint64) * _M1   # spread crc/adler bits
     # row i, column j = bit j of word i's hash (little-endian bytes, little bit order)
-    bits = np.unpackbits(spread.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    tokens = np.array(sizes, dtype=np.intp)
+    raw = spread.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)
+    bits = np.unpackbits(raw, axis=1, bitorder="little")
+    tokens = np.array([len(h) // 8 for h in heads], dtype=np.intp)
     full = np.flatnonzero(tokens)                         # documents with words
     starts = (np.cumsum(tokens) - tokens)[full]
     counts = np.add.reduceat(bits.view(np.uint64), starts, axis=0).view(np.uint8)
@@ -265,8 +269,9 @@ def phrase_bits(low: str) -> int:
 class LineFeatures(NamedTuple):
     """What one line gives (computed once per distinct line)."""
 
-    words: tuple[str, ...]        # skeleton words (no code block starts in the line)
-    hashes: tuple[int, ...]       # the words' hashes (for SimHash)
+    head: tuple[str, ...]         # the first FRAME_WORDS skeleton words
+    tail: tuple[str, ...]         # the last FRAME_WORDS skeleton words
+    hashes: bytes                 # the first SIMHASH_WORDS words' hashes (_packed)
     marker: str | None            # layout part (None: a blank line)
     topics: int
 
@@ -300,10 +305,11 @@ def lines_features(lines: Sequence[str]) -> list[LineFeatures]:
     if len(_TOKEN_CACHE) + len(new) <= _TOKEN_CACHE_SIZE:
         _TOKEN_CACHE.update({word: _crc_adler(word) for word in new})
         get = _TOKEN_CACHE.__getitem__
-        hashes = [tuple(map(get, words)) for words in docs]
+        hashes = [_packed(map(get, words[:SIMHASH_WORDS])) for words in docs]
     else:   # the cache is full: hash what it lacks word by word
-        hashes = [tuple(_word_hashes(words)) for words in docs]
-    return [LineFeatures(tuple(words), h, _marker(low), topics(words))
+        hashes = [_packed(_word_hashes(words[:SIMHASH_WORDS])) for words in docs]
+    return [LineFeatures(tuple(words[:FRAME_WORDS]), tuple(words[-FRAME_WORDS:]), h,
+                         _marker(low), topics(words))
             for low, words, h in zip(lows, docs, hashes, strict=True)]
 
 
@@ -347,31 +353,33 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
     for prompt, lines_of in zip(prompts, split, strict=True):
         if lines_of is None:
             words = _skeleton(_head_and_tail(prompt).lower())
-            docs.append(_word_hashes(words[:SIMHASH_WORDS]))
+            docs.append(_packed(_word_hashes(words[:SIMHASH_WORDS])))
             rest.append((_layout_of(prompt, known), words, words, topics(words)))
             continue
         infos = [known[line] for line in lines_of]
-        hashes: list[int] = []
+        chunks = []
+        size = 0
         topic = 0
         for info in infos:
-            if len(hashes) < SIMHASH_WORDS:
-                hashes.extend(info.hashes)
+            if size < 8 * SIMHASH_WORDS:
+                chunks.append(info.hashes)
+                size += len(info.hashes)
             topic |= info.topics
         first: list[str] = []
         for info in infos:
-            first.extend(info.words)
+            first.extend(info.head)
             if len(first) >= FRAME_WORDS:
                 break
         last: list[str] = []
         for info in reversed(infos):
-            last[:0] = info.words
+            last[:0] = info.tail
             if len(last) >= FRAME_WORDS:
                 break
         if len(prompt) <= HEAD_CHARS + TAIL_CHARS:   # the lines are the prompt's own
             layout = _layout([info.marker for info in infos[:LAYOUT_LINES]])
         else:   # the layout reads the first lines of the whole prompt
             layout = _layout_of(prompt, known)
-        docs.append(hashes)
+        docs.append(b"".join(chunks))
         rest.append((layout, first, last, topic))
     return [PromptFeatures(_frame(layout, first, last), sim, topic)
             for (layout, first, last, topic), sim in zip(rest, simhashes_of(docs), strict=True)]
