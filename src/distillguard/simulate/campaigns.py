@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from distillguard.simulate.harness import Harness
 from distillguard.simulate.network import Block, NetworkAllocator
 from distillguard.simulate.populations import FOLLOW_UPS, chat_sessions, pick_country
 from distillguard.simulate.prompts import Item, pool, selfinstruct_prompt
@@ -33,35 +34,11 @@ from distillguard.simulate.world import (
 )
 
 Event = tuple[float, dict[str, Any]]
-HARVEST_SYSTEMS = (
-    "You are a helpful assistant. Give a complete, high-quality answer.",
-    "You are an expert assistant. Answer thoroughly and accurately.",
-    "You are a helpful, knowledgeable assistant. Provide a detailed response.",
-    "",
-)
-COT_TEMPLATES = (
-    "Think step by step and show your complete reasoning before the final answer. "
-    "Put your reasoning inside <thinking></thinking> tags.\n\n{q}",
-    "{q}\n\nBefore answering, write out your full chain of thought, every intermediate "
-    "step, then the answer.",
-    "Explain your reasoning in detail, as if teaching a student, then state the final "
-    "answer.\nProblem: {q}",
-    "Let's reason carefully. Question: {q}\nWrite all of your internal reasoning first.",
-)
-RUBRIC_TEMPLATES = (
-    "You are a strict grader. Score the response to the question on a 1-10 scale for "
-    "correctness, helpfulness and clarity. Output JSON {{\"score\": int, \"rationale\": str}}."
-    "\n\nQuestion:\n{q}\n\nResponse:\n{a}",
-    "Evaluate the following answer against the rubric (accuracy 0-4, completeness 0-3, "
-    "style 0-3). Return the total and a one-sentence justification.\n\n[Question]\n{q}\n\n"
-    "[Answer]\n{a}",
-    "Which response is better, A or B? Consider correctness first, then clarity. Reply with "
-    "'A' or 'B' and a short reason.\n\nQuestion: {q}\n\nResponse A:\n{a}\n\nResponse B:\n{b}",
-)
 
 
 class Campaign:
-    """Common parts: the id, the accounts and the harvest prompt."""
+    """Common parts: the id, the accounts, the operator's harness and the harvest
+    prompt."""
 
     kind = ""
 
@@ -72,7 +49,7 @@ class Campaign:
         self.start = world.start + start_frac * world.days * DAY
         self.variation = Variation(paraphrase=rng.uniform(0.3, 0.7),
                                    reorder=rng.uniform(0.1, 0.4), noise=rng.uniform(0.2, 0.5))
-        self.system = rng.choice(HARVEST_SYSTEMS)
+        self.harness = Harness.draw(rng)
 
     def account(self, **kw: Any) -> Client:
         kw.setdefault("created_days_before", (self.world.start - self.start) / DAY
@@ -83,8 +60,9 @@ class Campaign:
         return client
 
     def harvest_messages(self, item: Item) -> list[dict[str, str]]:
-        text = self.variation.apply(self.rng, item.text, item.input)
-        system = self.system if self.rng.random() < 0.9 else self.rng.choice(HARVEST_SYSTEMS)
+        text = self.harness.frame(self.variation.apply(self.rng, item.text, item.input))
+        # One request in ten goes through a code path that sets no system prompt.
+        system = self.harness.system if self.rng.random() < 0.9 else ""
         if not system:
             return [{"role": "user", "content": text}]
         return [{"role": "system", "content": system}, {"role": "user", "content": text}]
@@ -263,7 +241,7 @@ class CotElicitation(Campaign):
         items = pool("math", self.world.split)
         for t in renewal(rng, self.world.timing.conv, self.start, self.world.end, self.per_day):
             item = rng.choice(items)
-            text = rng.choice(COT_TEMPLATES).format(q=item.text)
+            text = rng.choice(self.harness.cot).format(q=item.text)
             if rng.random() < self.variation.noise:
                 text = add_noise(rng, text)
             model = REASONER if rng.random() < 0.5 else OLD_MODEL
@@ -304,7 +282,7 @@ class RubricGrading(Campaign):
         for t in renewal(rng, self.world.timing.conv, self.start, self.world.end, self.per_day):
             item = rng.choice(items)
             question = f"{item.text}\n{item.input}".strip()
-            text = rng.choice(RUBRIC_TEMPLATES).format(q=question, a=self._candidate(item),
+            text = rng.choice(self.harness.rubric).format(q=question, a=self._candidate(item),
                                                        b=self._candidate(rng.choice(items)))
             if rng.random() < self.variation.noise:
                 text = add_noise(rng, text)

@@ -45,6 +45,8 @@ FOLLOW_UPS = (
     "Great, now do the same but in Python.", "ok and what would be the downside of that?",
     "Summarize what you said in three bullet points.", "Can you give me a concrete example?",
 )
+# Share of consumer accounts opened in the two weeks before the trace starts.
+NEW_SIGNUP_SHARE = 0.12
 COUNTRY_WEIGHTS = {"US": 40, "GB": 10, "DE": 12, "FR": 9, "ES": 6, "IT": 6, "CH": 2, "BR": 8}
 COMPANY_WORDS = ("Acme", "Northwind", "Globex", "Initech", "Umbrella", "Stark", "Wayne",
                  "Hooli", "Vandelay", "Tyrell", "Cyberdyne", "Soylent", "Wonka", "Aperture")
@@ -118,8 +120,10 @@ class Casual:
     def __init__(self, world: World, rng: random.Random) -> None:
         self.world, self.rng = world, rng
         self.country = pick_country(rng)
+        # A service that keeps growing has a steady share of brand-new sign-ups.
+        age = rng.uniform(0.2, 14) if rng.random() < NEW_SIGNUP_SHARE else rng.uniform(1, 400)
         self.client = world.add_account("casual", country=self.country,
-                                        created_days_before=rng.uniform(1, 400))
+                                        created_days_before=age)
         home, mobile = world.net.residential(self.country), world.net.residential(self.country)
         self.ips = [home.address(rng), mobile.address(rng)]
         self.client.ip = self.ips[0]
