@@ -73,7 +73,12 @@ def test_template_keys_and_simhash() -> None:
     assert len({f.template_keys[0] for f in framed}) == 1
     assert len({f.template_keys[1] for f in framed}) == 1
     free = extract_many([make_exchange(p) for p in _arena(30)])
-    assert len({f.template_keys[2] for f in free}) > 20
+    assert len({f.template_keys[-1] for f in free}) > 20
+    # one plain paragraph has no layout to share: only its head and tail are keys
+    plain = extract_many([make_exchange(q) for q in qs if "\n" not in q.strip()])
+    assert plain and all(len(f.template_keys) == 2 for f in plain)
+    assert len({f.template_keys[0] for f in framed} & {k for f in plain
+                                                         for k in f.template_keys}) == 0
     # near copies share LSH bands; unrelated prompts rarely do
     a, b = qs[3], qs[3].replace(" the ", " a ", 1)
     near = extract_many([make_exchange(a), make_exchange(b)])

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, Model
+from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, Model, standardise
 from distillguard.errors import ConfigError
 
 CALIBRATION_VERSION = 1
@@ -141,7 +141,7 @@ def fit_model(rows: np.ndarray, labels: np.ndarray) -> Model:
         raise ValueError("calibration needs both benign and attack accounts in the trace")
     scaler = StandardScaler().fit(rows)
     scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
-    z = (rows - scaler.mean_) / scale
+    z = standardise(rows, scaler.mean_, scale)
     clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, solver="lbfgs")
     clf.fit(z, labels)
     return Model(mean=np.asarray(scaler.mean_, dtype=float), scale=np.asarray(scale),

@@ -25,9 +25,16 @@ LOUVAIN_SEED = 20260301
 LOUVAIN_RESOLUTION = 1.0
 
 
+# A template link with no shared infrastructure or timing beside it is what two separate
+# operators copying the same public prompt also show: it counts for this share of its
+# weight, so Louvain keeps operators apart that only templates join.
+TEMPLATE_ALONE = 0.2
+
+
 def edge_weight(kinds: Mapping[str, float]) -> float:
     # Summed in kind order: the total must not depend on the order the kinds were added.
-    return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
+    total = sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
+    return total * TEMPLATE_ALONE if set(kinds) <= {"template", "signup"} else total
 
 
 @dataclass

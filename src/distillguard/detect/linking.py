@@ -8,7 +8,8 @@ the number of accounts, not of exchanges:
   :meth:`AccountState.dominant_keys`);
 * **lockstep**: the accounts were active in nearly the same time buckets (in the spirit
   of SynchroTrap and CopyCatch): Jaccard similarity of their activity MinHashes, found
-  with datasketch's :class:`~datasketch.MinHashLSH`;
+  with datasketch's :class:`~datasketch.MinHashLSH`, well above what two independent
+  accounts as busy would share by chance;
 * **infrastructure**: the same payment fingerprint, the same client /24, or the same
   sign-up window;
 * the account records' sign-up window counts only together with another link kind.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasketch import MinHashLSH
 
-from distillguard.detect.sketches import AccountState
+from distillguard.detect.sketches import ACTIVITY_BUCKET_S, AccountState
 
 KINDS = ("template", "lockstep", "payment", "prefix", "signup")
 RING_NEIGHBOURS = 3
@@ -45,6 +46,21 @@ Pair = tuple[str, str]
 
 def _pair(a: str, b: str) -> Pair:
     return (a, b) if a < b else (b, a)
+
+
+def _density(state: AccountState) -> float:
+    """Share of the activity buckets of its active span in which the account was seen."""
+    span = (state.last_ts - state.first_ts) / ACTIVITY_BUCKET_S + 1.0
+    return min(1.0, state.active_buckets / span)
+
+
+def chance_jaccard(a: AccountState, b: AccountState) -> float:
+    """The activity similarity two independent accounts this busy would show anyway: two
+    integrations busy round the clock share nearly every bucket without any common
+    operator, so lockstep must exceed this by a margin."""
+    p, q = _density(a), _density(b)
+    union = p + q - p * q
+    return p * q / union if union > 0 else 0.0
 
 
 def _jaccards(states: dict[str, AccountState], pairs: list[Pair]) -> np.ndarray:
@@ -67,6 +83,7 @@ class LinkIndex:
     template_min_count: int = 3
     lockstep_threshold: float = 0.5
     lockstep_min_buckets: int = 4
+    lockstep_margin: float = 0.25
     max_group: int = 400
     groups: dict[str, dict[object, set[str]]] = field(
         default_factory=lambda: {k: defaultdict(set) for k in KINDS if k != "lockstep"})
@@ -209,8 +226,10 @@ class LinkIndex:
             pairs = list(self._dirty_pairs)
             sims = _jaccards(states, pairs)
             threshold = self.lockstep_threshold
+            margin = self.lockstep_margin
             for pair, sim in zip(pairs, sims.tolist(), strict=True):
-                if sim >= threshold:
+                if sim >= threshold and sim - chance_jaccard(
+                        states[pair[0]], states[pair[1]]) >= margin:
                     if pair not in self._lockstep:
                         self._lockstep_of.setdefault(pair[0], set()).add(pair)
                         self._lockstep_of.setdefault(pair[1], set()).add(pair)

@@ -5,8 +5,8 @@ distinct text (:class:`~distillguard.detect.features.Extractor` caches them):
 
 * :func:`skeleton_words`: the prompt lower-cased, with code blocks, URLs, numbers and
   quoted strings replaced by placeholders, as words; :func:`shape`: its layout (line
-  markers such as ``###``, ``Input:``); :func:`frame_keys`: hashes of the layout, the first
-  and the last FRAME_WORDS words; :func:`simhashes`: 64-bit SimHashes (numpy, one pass
+  markers such as ``###``, ``Input:``); :func:`frame_keys`: hashes of the layout (none
+  for one plain paragraph), the first and the last FRAME_WORDS words; :func:`simhashes`: 64-bit SimHashes (numpy, one pass
   over many prompts); together in :func:`prompt_features`;
 * :func:`text_features`: reasoning, rubric and tool-use phrases and the category literals
   of a request's whole text, found in one Aho-Corasick pass.
@@ -174,14 +174,22 @@ def _hash(word: str) -> int:
     return h
 
 
-def _frame(layout: str, head: Sequence[str], tail: Sequence[str]) -> tuple[int, int, int]:
-    return (_crc_adler("s|" + layout), _crc_adler("h|" + " ".join(head[:FRAME_WORDS])),
-            _crc_adler("t|" + " ".join(tail[-FRAME_WORDS:])))
+# One plain paragraph (or nothing) is no layout to share: nearly every prompt has it.
+_PLAIN_LAYOUTS = ("", "~")
+
+
+def _frame(layout: str, head: Sequence[str], tail: Sequence[str]) -> tuple[int, ...]:
+    words = (_crc_adler("h|" + " ".join(head[:FRAME_WORDS])),
+             _crc_adler("t|" + " ".join(tail[-FRAME_WORDS:])))
+    if layout in _PLAIN_LAYOUTS:
+        return words
+    return (_crc_adler("s|" + layout), *words)
 
 
 def frame_keys(text: str, words: Sequence[str], system: str = "") -> tuple[int, ...]:
-    """Hashes of the prompt's layout, its first and its last FRAME_WORDS skeleton words,
-    and of the system prompt's skeleton when there is one."""
+    """Hashes of the prompt's layout (unless it is one plain paragraph, which every
+    other prompt shares), its first and its last FRAME_WORDS skeleton words, and of the
+    system prompt's skeleton when there is one."""
     keys = _frame(shape(text), words, words)
     if system:
         return (*keys, system_key(system))
@@ -280,7 +288,7 @@ class PromptFeatures(NamedTuple):
     """What the prompt (the last user turn) gives, computed once per distinct prompt.
     (Tuples of plain values: the garbage collector stops tracking cached ones.)"""
 
-    frame: tuple[int, int, int]   # layout, head and tail keys (frame_keys)
+    frame: tuple[int, ...]        # layout (if any), head and tail keys (frame_keys)
     simhash: int
     topics: int                   # bit i: a keyword of CATEGORY_WORDS[i] among the words
 

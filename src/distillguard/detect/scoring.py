@@ -31,11 +31,14 @@ ACCOUNT_FEATURES = (
     "model_switch_rate", "log_age_days", "error_share",
 )
 _MEAN_OF = ("template_reuse", "concentration", "reasoning_share", "rubric_share",
-            "tool_share", "multi_turn_share", "hosting_share", "diurnal_entropy",
-            "log_age_days", "timing_regularity")
+            "tool_share", "harvest_share", "multi_turn_share", "hosting_share",
+            "diurnal_entropy", "log_age_days", "timing_regularity")
+# Every community feature is bounded whatever the group's size (a share of members, a
+# mean over members, or 1 - 1/size), so a large community of ordinary users cannot push
+# the model outside the range it was fitted on.
 COMMUNITY_FEATURES = (
-    "log_size", "template_linked", "lockstep_linked", "payment_linked", "prefix_linked",
-    "signup_linked", "log_community_volume", "same_org", "same_asn",
+    "group_size", "template_linked", "lockstep_linked", "payment_linked", "prefix_linked",
+    "signup_linked", "log_member_volume", "same_org", "same_asn",
     *(f"mean_{name}" for name in _MEAN_OF),
 )
 FEATURES = ACCOUNT_FEATURES + COMMUNITY_FEATURES
@@ -85,13 +88,24 @@ def community_vector(community: Community | None, vectors: Mapping[str, np.ndarr
     same_org = max((orgs.count(o) for o in set(orgs) if o), default=0) / size
     asns = [states[m].top_asn for m in members]
     same_asn = max((asns.count(a) for a in set(asns) if a), default=0) / size
-    return np.array([math.log(size), *linked, math.log1p(volume), same_org, same_asn,
+    return np.array([1.0 - 1.0 / size, *linked, math.log1p(volume / size), same_org, same_asn,
                      *rows[:, _MEAN_INDEX].mean(axis=0)], dtype=float)
+
+
+# Standardised features are clipped to this many standard deviations. A feature that
+# barely varied in the calibration traffic (tool-use prompts, say) has a tiny scale, so an
+# unseen value would otherwise stand dozens of deviations out and decide the risk alone,
+# in whichever direction its weight happened to point.
+Z_CLIP = 4.0
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return np.asarray(np.clip((x - mean) / scale, -Z_CLIP, Z_CLIP), dtype=float)
 
 
 @dataclass(slots=True)
 class Model:
-    """Standardise, then logistic: ``risk = 1 / (1 + exp(-(w . z + b)))``."""
+    """Standardise (clipped), then logistic: ``risk = 1 / (1 + exp(-(w . z + b)))``."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -99,7 +113,7 @@ class Model:
     intercept: float
 
     def margins(self, x: np.ndarray) -> np.ndarray:
-        z = (x - self.mean) / self.scale
+        z = standardise(x, self.mean, self.scale)
         return np.asarray(z @ self.coef + self.intercept, dtype=float)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
@@ -107,4 +121,4 @@ class Model:
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """Each feature's share of the margin for one row (positive: towards attack)."""
-        return np.asarray(((x - self.mean) / self.scale) * self.coef, dtype=float)
+        return np.asarray(standardise(x, self.mean, self.scale) * self.coef, dtype=float)

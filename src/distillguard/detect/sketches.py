@@ -150,10 +150,13 @@ class AccountState:
         self.max_tokens_sum += min(f.max_tokens, 32_768)
         self.categories[f.category] += 1
         self.hours[int(f.ts // 3600) % 24] += 1
-        for key in f.template_keys:
-            self.templates.add(key)
-        for key in f.lsh_keys:
-            self.lsh.add(key)
+        if f.depth == 0:
+            # A follow-up turn ("can you give an example?") is short and generic: people
+            # who never met type the same ones, so only opening turns carry a template.
+            for key in f.template_keys:
+                self.templates.add(key)
+            for key in f.lsh_keys:
+                self.lsh.add(key)
         self.user_agents.add(f.user_agent)
         if f.ip_prefix:
             self.prefixes.add(f.ip_prefix)
