@@ -39,7 +39,7 @@ from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 
 SIGNUP_WINDOW_S = 3_600
 RISK_STEP = 0.05
-MIN_OWN_EXCHANGES = 3
+MIN_OWN_EXCHANGES = 10
 
 
 def _dt(ts: float | None) -> datetime | None:

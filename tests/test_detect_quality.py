@@ -1,0 +1,136 @@
+"""Detection quality on small, hand-built traces: each test fails if the detector loses a
+property the held-out results depend on (attribution of operators that share public
+templates, lockstep that is more than chance, template evidence that ordinary users do
+not share, risk that an unseen feature value cannot decide alone)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from distillguard.benchdetect import score
+from distillguard.detect.batch import run_batch
+from distillguard.detect.calibration import Calibration
+from distillguard.detect.features import ExchangeFeatures, extract_many
+from distillguard.detect.graph import AccountGraph, edge_weight
+from distillguard.detect.linking import LinkIndex, chance_jaccard
+from distillguard.detect.scoring import Z_CLIP, Model
+from distillguard.detect.sketches import AccountState
+from distillguard.simulate import simulate
+from distillguard.simulate.harness import Harness
+from tests.factories import make_exchange
+
+T0 = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
+
+
+def _features(account: str, ts: float, **kw: object) -> ExchangeFeatures:
+    base = ExchangeFeatures(
+        exchange_id=f"ex-{account}-{ts}", account_id=account, ts=ts, template_keys=(1, 2, 3),
+        simhash=0, reasoning=False, rubric=False, tool_use=False, category=0, depth=0,
+        max_tokens=0, n=1, logprobs=False, temperature=None, prompt_tokens=10,
+        completion_tokens=10, model="m", user_agent="ua", ip_prefix=None, asn=None,
+        hosting=False, status=200)
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_operators_joined_only_by_a_template_are_separate_communities() -> None:
+    """Two operators with their own infrastructure, both sending one public template:
+    Louvain must keep them apart."""
+    edges: dict[tuple[str, str], dict[str, float]] = {}
+    groups = {"a": [f"a{i}" for i in range(8)], "b": [f"b{i}" for i in range(8)]}
+    for members in groups.values():
+        for i, x in enumerate(members):
+            for y in members[i + 1:i + 4]:
+                edges[(x, y)] = {"prefix": 1.0, "template": 1.0}
+    for x in groups["a"]:
+        for y in groups["b"][:4]:
+            edges[(x, y)] = {"template": 1.0}
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    found = {frozenset(c.members) for c in graph.communities}
+    assert found == {frozenset(m) for m in groups.values()}
+    assert edge_weight({"template": 1.0}) < edge_weight({"prefix": 1.0}) / 2
+
+
+def test_round_the_clock_accounts_are_not_in_lockstep() -> None:
+    """Two integrations busy in every bucket share them by chance; two quiet accounts
+    that wake up together are in lockstep."""
+    links = LinkIndex()
+    states = {a: AccountState(a) for a in ("busy1", "busy2", "q1", "q2")}
+    for minute in range(0, 24 * 60, 2):
+        for a in ("busy1", "busy2"):
+            states[a].update(_features(a, T0 + minute * 60 + 1))
+    for hour in range(0, 24, 3):
+        for a in ("q1", "q2"):
+            states[a].update(_features(a, T0 + hour * 3600 + 5))
+    for state in states.values():
+        state.flush()
+        links.update(state)
+    links.refresh(states)
+    kinds = {pair: set(k) for pair, k in links.edges.items()}
+    assert "lockstep" in kinds.get(("q1", "q2"), set())
+    assert "lockstep" not in kinds.get(("busy1", "busy2"), set())
+    assert chance_jaccard(states["busy1"], states["busy2"]) > 0.9
+    assert chance_jaccard(states["q1"], states["q2"]) < 0.05
+
+
+def test_follow_up_turns_make_no_template_evidence() -> None:
+    """Users who never met send the same short follow-ups; only opening turns count."""
+    follow = "Can you give me a concrete example?"
+    states = []
+    for n, opener in enumerate(("How do tides work?", "Best pasta recipe for four people?")):
+        state = AccountState(f"user{n}")
+        history = [{"role": "user", "content": opener},
+                   {"role": "assistant", "content": "Here is an answer."}]
+        for i in range(6):
+            ex = make_exchange(follow, account_id=state.account_id,
+                               ts=datetime(2026, 3, 2, 10, i, tzinfo=UTC))
+            ex.request["messages"] = [*history, {"role": "user", "content": follow}]
+            state.update(extract_many([ex])[0])
+        states.append(state)
+    assert all(s.dominant_keys(0.25, 3) == [] for s in states)
+
+
+def test_an_unseen_feature_value_cannot_decide_the_risk_alone() -> None:
+    """A feature that never varied in calibration (tiny scale) is clipped, so a value far
+    outside what the model saw moves the margin by at most Z_CLIP times its weight."""
+    model = Model(mean=np.array([0.0, 0.5]), scale=np.array([0.001, 0.2]),
+                  coef=np.array([-1.0, 2.0]), intercept=0.0)
+    x = np.array([[1.0, 0.9]])
+    assert model.margins(x)[0] == pytest.approx(-Z_CLIP + 2.0 * 2.0)
+    assert model.contributions(x[0])[0] == pytest.approx(-Z_CLIP)
+
+
+def test_each_operator_writes_its_own_harness() -> None:
+    import random
+
+    harnesses = {Harness.draw(random.Random(seed)) for seed in range(40)}
+    assert len({h.cot for h in harnesses}) >= 35
+    assert len({h.system for h in harnesses}) >= 25
+    assert all("{q}" in t for h in harnesses for t in h.cot)
+    assert all("{q}" in t and "{a}" in t for h in harnesses for t in h.rubric)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    trace, accounts, labels = simulate(tmp_path_factory.mktemp("quality"), preset="smoke",
+                                       seed=11, scale=2.0)
+    result, _ = run_batch(trace, Calibration.read(), accounts=accounts)
+    return score(trace, accounts, labels, result.verdicts, 1.0).to_json()
+
+
+def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None:
+    """The shipped calibration on a smoke world it was not fitted on: no benign account
+    flagged, most campaign accounts caught early, campaigns attributed."""
+    overall = scored["overall"]
+    assert isinstance(overall, dict)
+    benign = scored["benign"]
+    assert isinstance(benign, dict)
+    assert sum(row["flagged"] for row in benign.values()) == 0
+    assert overall["recall"] >= 0.8
+    assert overall["ari"] >= 0.6
+    assert overall["campaigns_detected"] >= overall["campaigns"] - 2
+    assert overall["campaign_exchanges_before_first_flag_median"] <= 100
