@@ -211,7 +211,8 @@ class Detector:
         changed: set[str] = set()
         for aid, row, risk, group in zip(ids, matrix, risks, group_risks, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
-            # An unlinked account is judged on its own traffic only once there is some.
+            # An unlinked account is judged on its own traffic only once there is enough of
+            # it: a few single-turn prompts from a new account are how many people start.
             own = float(risk) if (aid in self.graph.of or self.states[aid].count
                                   >= MIN_OWN_EXCHANGES) else 0.0
             g = float(group)
