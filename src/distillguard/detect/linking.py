@@ -4,8 +4,8 @@ Four kinds of evidence connect two accounts, each kept in an index whose size gr
 the number of accounts, not of exchanges:
 
 * **template**: both accounts send a large share of their traffic with the same template
-  frame or the same SimHash LSH band (their *dominant* keys, from
-  :meth:`AccountState.dominant_keys`);
+  frame or at least two of the same SimHash LSH bands (their *dominant* keys, from
+  :meth:`AccountState.dominant_keys`; one 16-bit band is shared by chance too often);
 * **lockstep**: the accounts were active in nearly the same time buckets (in the spirit
   of SynchroTrap and CopyCatch): Jaccard similarity of their activity MinHashes, found
   with datasketch's :class:`~datasketch.MinHashLSH`, well above what two independent
@@ -35,6 +35,7 @@ from distillguard.detect.sketches import ACTIVITY_BUCKET_S, AccountState
 
 KINDS = ("template", "lockstep", "payment", "prefix", "signup")
 RING_NEIGHBOURS = 3
+MIN_SHARED_BANDS = 2
 
 
 def _ring_key(account_id: str) -> int:
@@ -86,7 +87,8 @@ class LinkIndex:
     lockstep_margin: float = 0.25
     max_group: int = 400
     groups: dict[str, dict[object, set[str]]] = field(
-        default_factory=lambda: {k: defaultdict(set) for k in KINDS if k != "lockstep"})
+        default_factory=lambda: {k: defaultdict(set) for k in (*KINDS, "lsh")
+                                 if k != "lockstep"})
     member_keys: dict[str, dict[str, set[object]]] = field(default_factory=dict)
     edges: dict[Pair, dict[str, float]] = field(default_factory=dict)
     _group_edges: dict[tuple[str, object], set[Pair]] = field(default_factory=dict)
@@ -156,8 +158,11 @@ class LinkIndex:
                 for k in keys:
                     self._ring_join((kind, k), aid)
                     self._dirty_groups.add((kind, k))
+        share, count = self.template_share, self.template_min_count
         self._set_keys("template", aid, [k for k, _ in state.dominant_keys(
-            self.template_share, self.template_min_count)])
+            share, count, frames=True, bands=False)])
+        self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
+            share, count, frames=False, bands=True)])
         prefix = state.top_prefix
         self._set_keys("prefix", aid, [prefix] if prefix else [])
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
@@ -246,7 +251,12 @@ class LinkIndex:
         self._dirty_pairs.clear()
         moved: set[Pair] = set()
         for pair in changed:
-            kinds: dict[str, float] = {k: 1.0 for k in sorted(self._counts.get(pair, {}))}
+            counts = self._counts.get(pair, {})
+            kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
+            # One shared 16-bit SimHash band happens by chance between unrelated accounts;
+            # near copies of one prompt share several bands.
+            if counts.get("lsh", 0) >= MIN_SHARED_BANDS:
+                kinds["template"] = 1.0
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
             # A shared sign-up window alone is coincidence; keep it only beside others.

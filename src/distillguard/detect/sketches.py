@@ -189,10 +189,12 @@ class AccountState:
     def share(self, n: int) -> float:
         return n / self.count if self.count else 0.0
 
-    def dominant_keys(self, min_share: float, min_count: int) -> list[tuple[int, float]]:
-        """Template and LSH keys seen in at least ``min_share`` of the account's traffic."""
+    def dominant_keys(self, min_share: float, min_count: int, *, frames: bool = True,
+                      bands: bool = True) -> list[tuple[int, float]]:
+        """Template (``frames``) and LSH (``bands``) keys seen in at least ``min_share`` of
+        the account's traffic."""
         out = []
-        for topk in (self.templates, self.lsh):
+        for topk in (self.templates,) * frames + (self.lsh,) * bands:
             for key, n in topk.counts.items():
                 if n >= min_count and n / self.count >= min_share:
                     out.append((int(key), n / self.count))  # type: ignore[call-overload]
