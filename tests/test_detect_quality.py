@@ -127,9 +127,7 @@ def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None
     flagged, most campaign accounts caught early, campaigns attributed."""
     overall = scored["overall"]
     assert isinstance(overall, dict)
-    benign = scored["benign"]
-    assert isinstance(benign, dict)
-    assert sum(row["flagged"] for row in benign.values()) == 0
+    assert overall["benign_accounts"] > 20 and overall["benign_flagged"] == 0
     assert overall["recall"] >= 0.8
     assert overall["ari"] >= 0.6
     assert overall["campaigns_detected"] >= overall["campaigns"] - 2
