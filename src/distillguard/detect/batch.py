@@ -12,8 +12,10 @@ the online stage feeds it.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,22 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
         con.close()
 
 
+@contextmanager
+def fewer_gc_passes(young: int = 50_000) -> Iterator[None]:
+    """Let the cyclic garbage collector run less often while a batch pass builds its
+    state. The detector keeps hundreds of thousands of long-lived objects (sketches,
+    link groups, the graph) and makes little cyclic garbage; with the default thresholds
+    the collector re-scans that state over and over (about a sixth of the CPU time of
+    ``detect`` on the large preset's first 80,000 exchanges). Reference counting still
+    frees everything acyclic at once, and the thresholds are restored afterwards."""
+    before = gc.get_threshold()
+    gc.set_threshold(young, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calibration, *,
                  accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
                  collect: bool = False, on_progress: Callable[[int], None] | None = None,
@@ -92,13 +110,14 @@ def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calib
             detector.add_account(account_id, facts)
             listed.append(account_id)
     count = 0
-    for f in features:
-        count += 1
-        if f is not None:
-            detector.observe(f)
-        if on_progress is not None and not count % progress_every:
-            on_progress(count)
-    detector.finish()
+    with fewer_gc_passes():
+        for f in features:
+            count += 1
+            if f is not None:
+                detector.observe(f)
+            if on_progress is not None and not count % progress_every:
+                on_progress(count)
+        detector.finish()
     if on_progress is not None and (count % progress_every or not count):
         on_progress(count)
     verdicts = detector.verdicts(listed)
