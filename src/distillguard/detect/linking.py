@@ -9,7 +9,8 @@ the number of accounts, not of exchanges:
 * **lockstep**: the accounts were active in nearly the same time buckets (in the spirit
   of SynchroTrap and CopyCatch): Jaccard similarity of their activity MinHashes, found
   with datasketch's :class:`~datasketch.MinHashLSH`, well above what two independent
-  accounts as busy would share by chance;
+  accounts as busy would share by chance; or they started sessions within seconds of
+  each other more often than their session counts make likely (*co-start*, below);
 * **infrastructure**: the same payment fingerprint, the same client /24, or the same
   sign-up window;
 * the account records' sign-up window counts only together with another link kind.
@@ -18,11 +19,22 @@ A key shared by very many accounts (a big corporate NAT, a sign-up window on lau
 says little; groups larger than ``max_group`` make no edges. Within a group each account
 links to a few neighbours on a hash ring rather than to every member, which keeps a group
 of *n* accounts to O(n) edges while leaving it connected.
+
+**Co-start.** Accounts that each send a few exchanges a day share too few activity
+buckets for the MinHash above, but a scheduler that drives them makes several start at
+once, again and again. An account's *session starts* (an exchange after half an hour of
+its silence: a conversation's follow-ups do not count) are indexed by 10-second bucket;
+two accounts whose starts fell within two buckets of each other ``k`` times are linked
+when ``k >= 2`` and a Poisson count with the rate two independent accounts with as many
+starts over their span (at least a day) would show reaches ``k`` with probability at most
+``costart_alpha``. Only the last few minutes of buckets are kept, and each evaluation
+looks up only the new starts of the accounts that moved.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
@@ -31,11 +43,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from datasketch import MinHashLSH
 
-from distillguard.detect.sketches import ACTIVITY_BUCKET_S, AccountState
+from distillguard.detect.sketches import ACTIVITY_BUCKET_S, BURST_BUCKET_S, AccountState
 
 KINDS = ("template", "lockstep", "payment", "prefix", "signup")
 RING_NEIGHBOURS = 3
 MIN_SHARED_BANDS = 2
+COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
+COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
+COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is kept
 
 
 def _ring_key(account_id: str) -> int:
@@ -64,6 +79,23 @@ def chance_jaccard(a: AccountState, b: AccountState) -> float:
     return p * q / union if union > 0 else 0.0
 
 
+def poisson_tail(rate: float, k: int) -> float:
+    """P(X >= k) for X ~ Poisson(rate)."""
+    term = math.exp(-rate)
+    below = 0.0
+    for i in range(k):
+        below += term
+        term *= rate / (i + 1)
+    return max(0.0, 1.0 - below)
+
+
+def costart_chance(a: AccountState, b: AccountState) -> float:
+    """Expected co-starts of two independent accounts with these session counts."""
+    span = max(max(a.last_ts, b.last_ts) - min(a.first_ts, b.first_ts), COSTART_MIN_SPAN_S)
+    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
+    return a.session_starts * b.session_starts * window / span
+
+
 def _jaccards(states: dict[str, AccountState], pairs: list[Pair]) -> np.ndarray:
     """Estimated Jaccard similarity of each pair's activity MinHashes (the share of equal
     hash values, as :meth:`datasketch.MinHash.jaccard` computes it), in one pass."""
@@ -86,6 +118,7 @@ class LinkIndex:
     lockstep_min_buckets: int = 4
     lockstep_margin: float = 0.25
     max_group: int = 400
+    costart_alpha: float = 1e-4
     groups: dict[str, dict[object, set[str]]] = field(
         default_factory=lambda: {k: defaultdict(set) for k in (*KINDS, "lsh")
                                  if k != "lockstep"})
@@ -103,6 +136,13 @@ class LinkIndex:
     _lsh: MinHashLSH | None = None
     _in_lsh: set[str] = field(default_factory=set)
     _active: set[str] = field(default_factory=set)
+    # Co-start: recent session starts by bucket, counts per pair, linked pairs.
+    _starts: dict[int, list[str]] = field(default_factory=dict)
+    _newest_start: int = 0
+    _costarts: dict[Pair, int] = field(default_factory=dict)
+    _costart: set[Pair] = field(default_factory=set)
+    _costart_of: dict[str, set[Pair]] = field(default_factory=dict)
+    _costart_dirty: set[Pair] = field(default_factory=set)
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -168,6 +208,35 @@ class LinkIndex:
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False
             self._lockstep_candidates(state)
+        if state.pending_starts:
+            self._costart_candidates(state)
+
+    def _costart_candidates(self, state: AccountState) -> None:
+        """Count the account's new session starts against the starts already indexed
+        (each pair of starts is counted once, by whichever came second into the index)."""
+        aid = state.account_id
+        for bucket in state.pending_starts:
+            for near in range(bucket - COSTART_NEIGHBOURS, bucket + COSTART_NEIGHBOURS + 1):
+                for other in self._starts.get(near, ()):
+                    if other != aid:
+                        pair = (aid, other) if aid < other else (other, aid)
+                        self._costarts[pair] = self._costarts.get(pair, 0) + 1
+                        self._costart_dirty.add(pair)
+            self._starts.setdefault(bucket, []).append(aid)
+            self._newest_start = max(self._newest_start, bucket)
+        state.pending_starts.clear()
+        # More starts make chance co-starts likelier: its links are tested again.
+        self._costart_dirty.update(self._costart_of.get(aid, ()))
+
+    def _prune_starts(self) -> None:
+        oldest = self._newest_start - int(COSTART_KEEP_S // BURST_BUCKET_S)
+        for bucket in [b for b in self._starts if b < oldest]:
+            del self._starts[bucket]
+
+    def _costart_linked(self, states: dict[str, AccountState], pair: Pair) -> bool:
+        k = self._costarts.get(pair, 0)
+        return k >= 2 and poisson_tail(costart_chance(
+            states[pair[0]], states[pair[1]]), k) <= self.costart_alpha
 
     def _lockstep_candidates(self, state: AccountState) -> None:
         if self._lsh is None:
@@ -227,6 +296,23 @@ class LinkIndex:
                 self._counts[pair][kind] = self._counts[pair].get(kind, 0) + 1
                 changed.add(pair)
         self._dirty_groups.clear()
+        self._prune_starts()
+        for pair in sorted(self._costart_dirty):
+            if self._costart_linked(states, pair):
+                if pair not in self._costart:
+                    self._costart.add(pair)
+                    self._costart_of.setdefault(pair[0], set()).add(pair)
+                    self._costart_of.setdefault(pair[1], set()).add(pair)
+                    changed.add(pair)
+            elif pair in self._costart:
+                self._costart.discard(pair)
+                for aid in pair:
+                    mine = self._costart_of[aid]
+                    mine.discard(pair)
+                    if not mine:
+                        del self._costart_of[aid]
+                changed.add(pair)
+        self._costart_dirty.clear()
         if self._dirty_pairs:
             pairs = list(self._dirty_pairs)
             sims = _jaccards(states, pairs)
@@ -259,6 +345,8 @@ class LinkIndex:
                 kinds["template"] = 1.0
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
+            if pair in self._costart:
+                kinds["lockstep"] = 1.0
             # A shared sign-up window alone is coincidence; keep it only beside others.
             if kinds and set(kinds) != {"signup"}:
                 if self.edges.get(pair) != kinds:

@@ -24,6 +24,10 @@ from datasketch import HyperLogLog, MinHash
 from distillguard.detect.features import CATEGORIES, ExchangeFeatures
 
 ACTIVITY_BUCKET_S = 120
+# Session starts (an exchange after at least SESSION_GAP_S of the account's silence) are
+# placed in BURST_BUCKET_S buckets for the co-start link (see linking.py).
+SESSION_GAP_S = 1_800
+BURST_BUCKET_S = 10
 ACTIVITY_PERM = 64
 _HLL_P = 8
 
@@ -127,9 +131,14 @@ class AccountState:
     last_bucket: int = -1
     pending_buckets: list[bytes] = field(default_factory=list)
     activity_changed: bool = False
+    session_starts: int = 0
+    pending_starts: list[int] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
 
     def update(self, f: ExchangeFeatures) -> None:
+        if self.count == 0 or f.ts - self.last_ts >= SESSION_GAP_S:
+            self.session_starts += 1
+            self.pending_starts.append(int(f.ts // BURST_BUCKET_S))
         if self.count == 0:
             self.first_ts = f.ts
         else:
