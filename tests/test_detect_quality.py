@@ -77,6 +77,42 @@ def test_round_the_clock_accounts_are_not_in_lockstep() -> None:
     assert chance_jaccard(states["q1"], states["q2"]) < 0.05
 
 
+def test_accounts_a_scheduler_starts_together_are_linked() -> None:
+    """Quiet accounts (a few exchanges a day) of which a scheduler wakes a different few
+    at each tick, within seconds of each other, share too few activity buckets for the
+    MinHash; their repeated co-starts link them. Quiet accounts with as many sessions at
+    independent times, and a chat whose follow-up turns fall beside the scheduler's
+    sends, do not link."""
+    import random
+
+    rng = random.Random(3)
+    pool = [f"s{i}" for i in range(6)]
+    events: list[tuple[str, float]] = []
+    for tick in range(20):
+        at = T0 + tick * 8_640 + rng.uniform(0, 600)
+        events += [(a, at + rng.uniform(0, 20)) for a in rng.sample(pool, 3)]
+        events += [("chat", at - 60 + 60 * i) for i in range(3)]
+    for n in range(10):
+        events += [("free1", T0 + n * 17_280 + 3_000.0), ("free2", T0 + n * 17_280 + 5_000.0)]
+    links = LinkIndex()
+    states = {a: AccountState(a) for a, _ in events}
+    for t0 in range(int(T0), int(T0) + 2 * 86_400, 300):
+        window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
+        for ts, a in window:
+            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
+        for a in sorted({a for _, a in window}):
+            states[a].flush()
+            links.update(states[a])
+        links.refresh(states)
+    linked = set(links.edges)
+    graph = AccountGraph()
+    graph.update(links.edges, set(links.edges))
+    assert set(graph.of) >= set(pool) and len({id(graph.of[a]) for a in pool}) == 1
+    assert all(a.startswith("s") and b.startswith("s") for a, b in linked)
+    assert states["chat"].session_starts == 20
+    assert not links._lockstep   # the activity MinHash alone links none of them
+
+
 def test_follow_up_turns_make_no_template_evidence() -> None:
     """Users who never met send the same short follow-ups; only opening turns count."""
     follow = "Can you give me a concrete example?"
