@@ -168,3 +168,29 @@ def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None
     assert overall["ari"] >= 0.6
     assert overall["campaigns_detected"] >= overall["campaigns"] - 2
     assert overall["campaign_exchanges_before_first_flag_median"] <= 100
+
+
+def test_costart_counts_of_unlinked_pairs_are_forgotten() -> None:
+    """Two accounts that start together once and then never again leave no count behind
+    after three quiet days, so co-start counts stay bounded by recent traffic; a linked
+    pair keeps its count."""
+    links = LinkIndex()
+    states = {a: AccountState(a) for a in ("a", "b", "c", "d", "clock")}
+
+    def send(account: str, ts: float) -> None:
+        states[account].update(_features(account, ts, template_keys=()))
+        states[account].flush()
+        links.update(states[account])
+
+    send("a", T0)
+    send("b", T0 + 5)
+    for n in range(6):                      # c and d: a scheduler's pair, many times
+        send("c", T0 + 100 + n * 7_200)
+        send("d", T0 + 104 + n * 7_200)
+    links.refresh(states)
+    assert links._costarts[("a", "b")] == 1 and ("c", "d") in links._costart
+    for hour in range(1, 4 * 24):          # four days of another account's hourly sessions
+        send("clock", T0 + hour * 3_600 + 2_000.0 * (hour % 2))
+        links.refresh(states)
+    assert ("a", "b") not in links._costarts
+    assert links._costarts[("c", "d")] == 6 and ("c", "d") in links._costart

@@ -27,7 +27,8 @@ its silence: a conversation's follow-ups do not count) are indexed by 10-second 
 two accounts whose starts fell within two buckets of each other ``k`` times are linked
 when ``k >= 2`` and a Poisson count with the rate two independent accounts with as many
 starts over their span (at least a day) would show reaches ``k`` with probability at most
-``costart_alpha``. Only the last few minutes of buckets are kept, and each evaluation
+``costart_alpha``. Only the last few minutes of buckets are kept, the count of a pair that
+is not linked is forgotten after three days without a co-start, and each evaluation
 looks up only the new starts of the accounts that moved.
 """
 
@@ -51,6 +52,9 @@ MIN_SHARED_BANDS = 2
 COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
 COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
 COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is kept
+# A pair's co-start count is forgotten when the pair is not linked and has not started
+# together for this long, so the counts stay bounded by recent traffic.
+COSTART_PAIR_TTL_S = 3 * 86_400.0
 
 
 def _ring_key(account_id: str) -> int:
@@ -139,6 +143,8 @@ class LinkIndex:
     # Co-start: recent session starts by bucket, counts per pair, linked pairs.
     _starts: dict[int, list[str]] = field(default_factory=dict)
     _newest_start: int = 0
+    _costart_seen: dict[Pair, int] = field(default_factory=dict)   # pair -> last bucket
+    _pairs_pruned_at: int = 0
     _costarts: dict[Pair, int] = field(default_factory=dict)
     _costart: set[Pair] = field(default_factory=set)
     _costart_of: dict[str, set[Pair]] = field(default_factory=dict)
@@ -221,6 +227,7 @@ class LinkIndex:
                     if other != aid:
                         pair = (aid, other) if aid < other else (other, aid)
                         self._costarts[pair] = self._costarts.get(pair, 0) + 1
+                        self._costart_seen[pair] = bucket
                         self._costart_dirty.add(pair)
             self._starts.setdefault(bucket, []).append(aid)
             self._newest_start = max(self._newest_start, bucket)
@@ -232,6 +239,16 @@ class LinkIndex:
         oldest = self._newest_start - int(COSTART_KEEP_S // BURST_BUCKET_S)
         for bucket in [b for b in self._starts if b < oldest]:
             del self._starts[bucket]
+        # Once an hour of trace time: forget the counts of unlinked pairs that have not
+        # started together for COSTART_PAIR_TTL_S (one pass over the counted pairs).
+        hour = int(3_600 // BURST_BUCKET_S)
+        if self._newest_start - self._pairs_pruned_at >= hour:
+            self._pairs_pruned_at = self._newest_start
+            stale = self._newest_start - int(COSTART_PAIR_TTL_S // BURST_BUCKET_S)
+            for pair in [p for p, b in self._costart_seen.items()
+                         if b < stale and p not in self._costart]:
+                del self._costart_seen[pair]
+                self._costarts.pop(pair, None)
 
     def _costart_linked(self, states: dict[str, AccountState], pair: Pair) -> bool:
         k = self._costarts.get(pair, 0)
