@@ -27,9 +27,9 @@ What is computed:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from distillguard.detect.prompts import (
     CATEGORY_WORDS,
@@ -47,7 +47,6 @@ from distillguard.geoip import GeoIP, default_geoip
 
 CATEGORIES = ("other", "code", "math", "tool_use", "writing", "translation", "knowledge")
 SIMHASH_BANDS = 4
-V = TypeVar("V")
 
 
 @dataclass(slots=True)
@@ -136,29 +135,6 @@ class FeatureCache:
 _CACHE = FeatureCache()
 
 
-def _resolve(cache: TextCache[V], keys: Iterable[str],
-             compute: Callable[[list[str]], list[V]]) -> dict[str, V]:
-    """key -> value for every key: from the cache, else computed for the distinct
-    missing keys in one call (and cached)."""
-    found: dict[str, V] = {}
-    missing: dict[str, None] = {}
-    get = cache.get
-    for key in keys:
-        if key in found or key in missing:
-            continue
-        value = get(key)
-        if value is None:
-            missing[key] = None
-        else:
-            found[key] = value
-    if missing:
-        todo = list(missing)
-        for key, value in zip(todo, compute(todo), strict=True):
-            found[key] = value
-            cache.put(key, value)
-    return found
-
-
 def _system_keys(systems: list[str]) -> list[int]:
     return [system_key(s) for s in systems]
 
@@ -220,9 +196,9 @@ class Extractor:
     def take(self) -> list[ExchangeFeatures]:
         rows, self._rows = self._rows, []
         memo = self.cache
-        prompts = _resolve(memo.prompts, [r[1] for r in rows], memo.prompt_features)
-        texts = _resolve(memo.texts, [r[0] for r in rows], _text_features_many)
-        systems = _resolve(memo.systems, [r[2] for r in rows if r[2]], _system_keys)
+        prompts = memo.prompts.resolve([r[1] for r in rows], memo.prompt_features)
+        texts = memo.texts.resolve([r[0] for r in rows], _text_features_many)
+        systems = memo.systems.resolve([r[2] for r in rows if r[2]], _system_keys)
         out = []
         for (text, prompt, system, depth, tools, ident, account, ts, max_tokens, n, logprobs,
              temperature, prompt_tokens, completion_tokens, model, user_agent, ip_prefix,

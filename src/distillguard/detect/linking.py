@@ -100,6 +100,20 @@ def costart_chance(a: AccountState, b: AccountState) -> float:
     return a.session_starts * b.session_starts * window / span
 
 
+def _index_pair(index: dict[str, set[Pair]], pair: Pair) -> None:
+    """Record a linked pair under both of its accounts."""
+    index.setdefault(pair[0], set()).add(pair)
+    index.setdefault(pair[1], set()).add(pair)
+
+
+def _unindex_pair(index: dict[str, set[Pair]], pair: Pair) -> None:
+    for aid in pair:
+        mine = index[aid]
+        mine.discard(pair)
+        if not mine:
+            del index[aid]
+
+
 def _jaccards(states: dict[str, AccountState], pairs: list[Pair]) -> np.ndarray:
     """Estimated Jaccard similarity of each pair's activity MinHashes (the share of equal
     hash values, as :meth:`datasketch.MinHash.jaccard` computes it), in one pass."""
@@ -318,16 +332,11 @@ class LinkIndex:
             if self._costart_linked(states, pair):
                 if pair not in self._costart:
                     self._costart.add(pair)
-                    self._costart_of.setdefault(pair[0], set()).add(pair)
-                    self._costart_of.setdefault(pair[1], set()).add(pair)
+                    _index_pair(self._costart_of, pair)
                     changed.add(pair)
             elif pair in self._costart:
                 self._costart.discard(pair)
-                for aid in pair:
-                    mine = self._costart_of[aid]
-                    mine.discard(pair)
-                    if not mine:
-                        del self._costart_of[aid]
+                _unindex_pair(self._costart_of, pair)
                 changed.add(pair)
         self._costart_dirty.clear()
         if self._dirty_pairs:
@@ -339,17 +348,12 @@ class LinkIndex:
                 if sim >= threshold and sim - chance_jaccard(
                         states[pair[0]], states[pair[1]]) >= margin:
                     if pair not in self._lockstep:
-                        self._lockstep_of.setdefault(pair[0], set()).add(pair)
-                        self._lockstep_of.setdefault(pair[1], set()).add(pair)
+                        _index_pair(self._lockstep_of, pair)
                     self._lockstep[pair] = sim
                     changed.add(pair)
                 elif pair in self._lockstep:
                     del self._lockstep[pair]
-                    for aid in pair:
-                        mine = self._lockstep_of[aid]
-                        mine.discard(pair)
-                        if not mine:
-                            del self._lockstep_of[aid]
+                    _unindex_pair(self._lockstep_of, pair)
                     changed.add(pair)
         self._dirty_pairs.clear()
         moved: set[Pair] = set()

@@ -336,26 +336,12 @@ def prompt_features(prompts: Sequence[str], lines: TextCache[LineFeatures] | Non
     lines' features (kept in ``lines``, when given) unless a code block may span lines."""
     memo: TextCache[LineFeatures] = lines if lines is not None else TextCache(0)
     split: list[list[str] | None] = []   # each prompt's lines (None: read whole)
-    known: dict[str, LineFeatures] = {}  # this call's lines, kept or computed
-    missing: dict[str, None] = {}
     for prompt in prompts:
         head = _head_and_tail(prompt)
-        if "```" in head:   # a code block may span lines: the whole text at once
-            split.append(None)
-            continue
-        split.append(head.split("\n"))
-        for line in split[-1] or ():
-            if line not in known and line not in missing:
-                info = memo.get(line)
-                if info is None:
-                    missing[line] = None
-                else:
-                    known[line] = info
-    if missing:
-        todo = list(missing)
-        for line, info in zip(todo, lines_features(todo), strict=True):
-            known[line] = info
-            memo.put(line, info)
+        # a code block may span lines: such a prompt is read whole
+        split.append(None if "```" in head else head.split("\n"))
+    # this call's lines, kept or computed
+    known = memo.resolve((line for lines in split if lines for line in lines), lines_features)
     docs = []
     rest = []
     for prompt, lines_of in zip(prompts, split, strict=True):

@@ -11,6 +11,7 @@ characters of keys in all; texts longer than ``chars // 256`` characters are nev
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -55,6 +56,28 @@ class TextCache(Generic[V]):
         while len(data) > self.entries or self.size > self.chars:
             old, _ = data.popitem(last=False)
             self.size -= len(old)
+
+    def resolve(self, keys: Iterable[str], compute: Callable[[list[str]], list[V]]
+                ) -> dict[str, V]:
+        """``text -> value`` for every text in ``keys``: from the cache, else computed for
+        the distinct missing texts in one call to ``compute`` (and kept)."""
+        found: dict[str, V] = {}
+        missing: dict[str, None] = {}
+        get = self.get
+        for key in keys:
+            if key in found or key in missing:
+                continue
+            value = get(key)
+            if value is None:
+                missing[key] = None
+            else:
+                found[key] = value
+        if missing:
+            todo = list(missing)
+            for key, value in zip(todo, compute(todo), strict=True):
+                found[key] = value
+                self.put(key, value)
+        return found
 
     def clear(self) -> None:
         self._data.clear()
