@@ -134,7 +134,8 @@ def plot_progress(work: Path, n: int, out: Path) -> None:
         points = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
         xs = [p["exchanges"] / 1e6 for p in points]
         left.plot(xs, [p["seconds"] for p in points], mark, label=label)
-        right.plot(xs, [p["rss_mb"] for p in points], mark, label=f"{label} (driver)")
+        where = "driver" if engine == "spark" else "process"
+        right.plot(xs, [p["rss_mb"] for p in points], mark, label=f"{label} ({where})")
     left.set_xlabel("exchanges processed (millions)")
     left.set_ylabel("seconds since the start")
     right.set_xlabel("exchanges processed (millions)")
