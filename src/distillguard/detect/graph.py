@@ -133,7 +133,7 @@ class AccountGraph:
                 after = self.of[node] = self._communities[self._label[node]]
             else:
                 self.of.pop(node, None)
-            if after is not before and (after is None or before is None or after != before):
+            if after != before:     # a Community compares by members and kinds
                 moved.add(node)
         return moved
 

@@ -57,8 +57,9 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 
 
-def _ring_key(account_id: str) -> int:
-    return zlib.crc32(account_id.encode())
+def _ring_position(account_id: str) -> tuple[int, str]:
+    """Where an account sits on every group's ring (a hash, ties by id)."""
+    return zlib.crc32(account_id.encode()), account_id
 
 
 Pair = tuple[str, str]
@@ -147,7 +148,6 @@ class LinkIndex:
     _dirty_groups: set[tuple[str, object]] = field(default_factory=set)
     _lockstep: dict[Pair, float] = field(default_factory=dict)
     _lockstep_of: dict[str, set[Pair]] = field(default_factory=dict)
-    _ring_keys: dict[str, tuple[int, str]] = field(default_factory=dict)
     # Per group, its active members in ring order, kept sorted as members come and go.
     _rings: dict[tuple[str, object], list[tuple[int, str]]] = field(default_factory=dict)
     _dirty_pairs: set[Pair] = field(default_factory=set)
@@ -189,13 +189,13 @@ class LinkIndex:
         mine[kind] = new
 
     def _ring_join(self, group: tuple[str, object], account_id: str) -> None:
-        bisect.insort(self._rings.setdefault(group, []), self._ring_key(account_id))
+        bisect.insort(self._rings.setdefault(group, []), _ring_position(account_id))
 
     def _ring_leave(self, group: tuple[str, object], account_id: str) -> None:
         ring = self._rings.get(group)
         if ring is None:
             return
-        key = self._ring_key(account_id)
+        key = _ring_position(account_id)
         i = bisect.bisect_left(ring, key)
         if i < len(ring) and ring[i] == key:
             del ring[i]
@@ -282,12 +282,6 @@ class LinkIndex:
         self._dirty_pairs.update(self._lockstep_of.get(aid, ()))
         lsh.insert(aid, state.activity)
         self._in_lsh.add(aid)
-
-    def _ring_key(self, account_id: str) -> tuple[int, str]:
-        key = self._ring_keys.get(account_id)
-        if key is None:
-            key = self._ring_keys[account_id] = (_ring_key(account_id), account_id)
-        return key
 
     def _ring(self, group: tuple[str, object]) -> set[Pair]:
         """The group's edges: each active member to its next neighbours on the ring."""
