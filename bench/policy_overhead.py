@@ -36,6 +36,8 @@ import aiohttp
 import orjson
 import yaml
 
+from distillguard.serve import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin-token-0123456789"
 ANSWER = orjson.dumps({
@@ -43,14 +45,6 @@ ANSWER = orjson.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "Fine."},
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mock_upstream(port: int) -> None:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillguard.serve import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "bench" / ".venv-litellm"
 LITELLM = "litellm[proxy]==1.100.5"
@@ -54,14 +56,6 @@ MODEL = "bench-model"
 MESSAGES = [{"role": "user", "content": "Write one sentence about foxes."}]
 ADMIN_TOKEN = "adm-bench-0123456789abcdef"
 LITELLM_MASTER = "sk-master-bench-0123456789"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pinned(cpu: str | None, argv: list[str]) -> list[str]:

@@ -34,15 +34,10 @@ import aiohttp
 import psutil
 import yaml
 
+from bench.proxy_bench import wait_http
+from distillguard.serve import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -53,27 +48,13 @@ class Window:
     latencies: list[float] = field(default_factory=list)
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback only
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def start_processes(args: argparse.Namespace, workdir: Path,
                     procs: list[subprocess.Popen[bytes]]) -> tuple[list[str], str]:
     up_port = free_port()
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "distillguard.cli", "demo-upstream", "--port", str(up_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_http(f"http://127.0.0.1:{up_port}/v1/models")
+    wait_http(f"http://127.0.0.1:{up_port}/v1/models", timeout=60)
     admin_token = "adm-soak-" + uuid.uuid4().hex
     replicas = 1 if args.single else args.replicas
     db_name = None
@@ -111,7 +92,7 @@ def start_processes(args: argparse.Namespace, workdir: Path,
             stderr=open(workdir / f"replica-{i}.log", "wb")))  # noqa: SIM115 - lives with the process
         urls.append(f"http://127.0.0.1:{port}/v1")
     for url in urls:
-        wait_http(url.removesuffix("/v1") + "/ready")
+        wait_http(url.removesuffix("/v1") + "/ready", timeout=60)
     out = subprocess.run([sys.executable, "-m", "distillguard.cli", "-c", str(config_path),
                           "accounts", "create", "soak"], capture_output=True, check=True)
     del out
