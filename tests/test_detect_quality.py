@@ -36,23 +36,36 @@ def _features(account: str, ts: float, **kw: object) -> ExchangeFeatures:
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
-def test_operators_joined_only_by_a_template_are_separate_communities() -> None:
-    """Two operators with their own infrastructure, both sending one public template:
-    Louvain must keep them apart."""
-    edges: dict[tuple[str, str], dict[str, float]] = {}
-    groups = {"a": [f"a{i}" for i in range(8)], "b": [f"b{i}" for i in range(8)]}
-    for members in groups.values():
-        for i, x in enumerate(members):
-            for y in members[i + 1:i + 4]:
-                edges[(x, y)] = {"prefix": 1.0, "template": 1.0}
-    for x in groups["a"]:
-        for y in groups["b"][:4]:
-            edges[(x, y)] = {"template": 1.0}
+def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
+    """Two operators each use their own harness (a system prompt and an instruction
+    frame) around one public instruction they both copied: accounts of one operator are
+    template-linked at full strength, accounts of the two operators not at all, and
+    Louvain keeps the operators apart although their /24 clusters are joined only by
+    their templates."""
+    harness = {"a": (101, 201, 202), "b": (101, 301, 302)}   # frame 101 is public
+    links = LinkIndex()
+    states: dict[str, AccountState] = {}
+    for op, keys in harness.items():
+        for i in range(6):
+            aid = f"{op}{i}"
+            state = states[aid] = AccountState(aid)
+            links.set_static(aid, None, None)
+            for n in range(8):
+                state.update(_features(aid, T0 + 60 * n + i, template_keys=keys,
+                                       ip_prefix=f"{op}-net{i % 2}"))
+            state.flush()
+            links.update(state)
+    links.refresh(states)
+    assert links.frame_similarity("a0", "a1") == 1.0
+    assert links.frame_similarity("a0", "b0") == pytest.approx(1 / 3)
+    kinds = {pair: k for pair, k in links.edges.items()}
+    assert all(a[0] == b[0] for a, b in kinds), "a template link across operators"
+    assert any(set(k) == {"template"} for k in kinds.values())   # across /24 clusters
     graph = AccountGraph()
-    graph.update(edges, set(edges))
+    graph.update(links.edges, set(links.edges))
     found = {frozenset(c.members) for c in graph.communities}
-    assert found == {frozenset(m) for m in groups.values()}
-    assert edge_weight({"template": 1.0}) < edge_weight({"prefix": 1.0}) / 2
+    assert found == {frozenset(a for a in states if a[0] == op) for op in harness}
+    assert edge_weight({"template": 1 / 3}) < edge_weight({"template": 1.0}) / 2
 
 
 def test_round_the_clock_accounts_are_not_in_lockstep() -> None:
@@ -111,6 +124,47 @@ def test_accounts_a_scheduler_starts_together_are_linked() -> None:
     assert all(a.startswith("s") and b.startswith("s") for a, b in linked)
     assert states["chat"].session_starts == 20
     assert not links._lockstep   # the activity MinHash alone links none of them
+
+
+def test_a_scheduler_pool_too_large_for_pairs_is_linked_as_a_group() -> None:
+    """A scheduler wakes 3 of its 60 accounts at a time, so two of them rarely start
+    together twice and the pair test links them only into pieces; but each account starts
+    with *some* of the others again and again, which the group test (its co-starts with
+    a community, against the Poisson count by chance) links into one community. Accounts
+    with as many sessions at independent times stay unlinked."""
+    import random
+
+    import networkx as nx
+
+    rng = random.Random(5)
+    pool = [f"s{i:02d}" for i in range(60)]
+    events: list[tuple[str, float]] = []
+    for tick in range(150):
+        at = T0 + tick * 2_880 + rng.uniform(0, 600)
+        events += [(a, at + rng.uniform(0, 15)) for a in rng.sample(pool, 3)]
+    for n in range(10):
+        events += [(f"free{k}", T0 + n * 25_920 + rng.uniform(0, 25_000)) for k in range(6)]
+    links = LinkIndex()
+    graph = AccountGraph()
+    states = {a: AccountState(a) for a, _ in events}
+
+    for t0 in range(int(T0), int(T0) + 5 * 86_400, 300):
+        window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
+        for ts, a in window:
+            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
+        for a in sorted({a for _, a in window}):
+            states[a].flush()
+            links.update(states[a])
+        graph.update(links.edges, links.refresh(states))
+        links.group_costarts(states, graph.of.get)
+    pairs_only = nx.Graph(list(links._costart))
+    largest = max((len(c) for c in nx.connected_components(pairs_only)), default=0)
+    assert largest < 30            # the pair test alone leaves the pool in pieces
+    assert all(a.startswith("s") and b.startswith("s") for a, b in links.edges)
+    biggest = max(graph.communities, key=lambda c: c.size)
+    # accounts with only a few starts may stay out
+    assert biggest.size >= 40 and biggest.size >= largest + 10
+    assert "lockstep" in biggest.kinds
 
 
 def test_follow_up_turns_make_no_template_evidence() -> None:

@@ -27,16 +27,11 @@ LOUVAIN_SEED = 20260301
 LOUVAIN_RESOLUTION = 0.5
 
 
-# A template link with no shared infrastructure or timing beside it is what two separate
-# operators copying the same public prompt also show: it counts for this share of its
-# weight, so Louvain keeps operators apart that only templates join.
-TEMPLATE_ALONE = 0.2
-
-
 def edge_weight(kinds: Mapping[str, float]) -> float:
+    """Each kind's weight times its strength (a template link's strength is how much of
+    the two accounts' frames is common: see :meth:`.linking.LinkIndex.frame_similarity`)."""
     # Summed in kind order: the total must not depend on the order the kinds were added.
-    total = sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
-    return total * TEMPLATE_ALONE if set(kinds) <= {"template", "signup"} else total
+    return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
 
 
 @dataclass

@@ -29,7 +29,9 @@ when ``k >= 2`` and a Poisson count with the rate two independent accounts with 
 starts over their span (at least a day) would show reaches ``k`` with probability at most
 ``costart_alpha``. Only the last few minutes of buckets are kept, the count of a pair that
 is not linked is forgotten after three days without a co-start, and each evaluation
-looks up only the new starts of the accounts that moved.
+looks up only the new starts of the accounts that moved. A scheduler with a large pool
+rarely wakes the same two accounts together twice; :meth:`LinkIndex.group_costarts` then
+tests an account's co-starts against each community of its partners as a whole.
 """
 
 from __future__ import annotations
@@ -38,23 +40,28 @@ import bisect
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from datasketch import MinHashLSH
 
+from distillguard.detect.graph import Community
 from distillguard.detect.sketches import ACTIVITY_BUCKET_S, BURST_BUCKET_S, AccountState
 
 KINDS = ("template", "lockstep", "payment", "prefix", "signup")
 RING_NEIGHBOURS = 3
 MIN_SHARED_BANDS = 2
+# Two accounts that both have dominant frames are template-linked when at least this share
+# of the smaller frame set is common; their SimHash bands then do not link them.
+MIN_FRAME_SIMILARITY = 0.5
 COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
 COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
 COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is kept
 # A pair's co-start count is forgotten when the pair is not linked and has not started
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
+GROUP_COSTART_MIN = 3
 
 
 def _ring_position(account_id: str) -> tuple[int, str]:
@@ -134,10 +141,13 @@ class LinkIndex:
     template_share: float = 0.25
     template_min_count: int = 3
     lockstep_threshold: float = 0.5
-    lockstep_min_buckets: int = 4
+    lockstep_min_buckets: int = 12
     lockstep_margin: float = 0.25
     max_group: int = 400
     costart_alpha: float = 1e-4
+    # Stricter than a pair's: each account is tested against several groups, again as its
+    # starts accumulate.
+    group_costart_alpha: float = 1e-5
     groups: dict[str, dict[object, set[str]]] = field(
         default_factory=lambda: {k: defaultdict(set) for k in (*KINDS, "lsh")
                                  if k != "lockstep"})
@@ -163,6 +173,13 @@ class LinkIndex:
     _costart: set[Pair] = field(default_factory=set)
     _costart_of: dict[str, set[Pair]] = field(default_factory=dict)
     _costart_dirty: set[Pair] = field(default_factory=set)
+    _frames_moved: set[str] = field(default_factory=set)
+    # Group co-start: per account, the accounts it co-started with (the pair counts above);
+    # pairs linked because the account co-started with a community as a whole.
+    _partners: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    _group_costart: dict[str, set[Pair]] = field(default_factory=dict)
+    _group_tested: set[str] = field(default_factory=set)
+    _group_dirty: set[Pair] = field(default_factory=set)
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -219,8 +236,11 @@ class LinkIndex:
                     self._ring_join((kind, k), aid)
                     self._dirty_groups.add((kind, k))
         share, count = self.template_share, self.template_min_count
+        before = self.member_keys.get(aid, {}).get("template")
         self._set_keys("template", aid, [k for k, _ in state.dominant_keys(
             share, count, frames=True, bands=False)])
+        if self.member_keys[aid].get("template") != before:
+            self._frames_moved.add(aid)
         self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
             share, count, frames=False, bands=True)])
         prefix = state.top_prefix
@@ -243,6 +263,8 @@ class LinkIndex:
                         self._costarts[pair] = self._costarts.get(pair, 0) + 1
                         self._costart_seen[pair] = bucket
                         self._costart_dirty.add(pair)
+                        self._partners.setdefault(aid, {}).setdefault(other, []).append(bucket)
+                        self._partners.setdefault(other, {}).setdefault(aid, []).append(near)
             self._starts.setdefault(bucket, []).append(aid)
             self._newest_start = max(self._newest_start, bucket)
         state.pending_starts.clear()
@@ -259,10 +281,92 @@ class LinkIndex:
         if self._newest_start - self._pairs_pruned_at >= hour:
             self._pairs_pruned_at = self._newest_start
             stale = self._newest_start - int(COSTART_PAIR_TTL_S // BURST_BUCKET_S)
+            grouped = self._grouped_pairs()
             for pair in [p for p, b in self._costart_seen.items()
-                         if b < stale and p not in self._costart]:
+                         if b < stale and p not in self._costart and p not in grouped]:
                 del self._costart_seen[pair]
                 self._costarts.pop(pair, None)
+                for x, y in (pair, pair[::-1]):
+                    mine = self._partners.get(x)
+                    if mine is not None:
+                        mine.pop(y, None)
+                        if not mine:
+                            del self._partners[x]
+
+    def _grouped_pairs(self) -> set[Pair]:
+        return {p for pairs in self._group_costart.values() for p in pairs}
+
+    def _in_group_costart(self, pair: Pair) -> bool:
+        a, b = pair
+        return pair in self._group_costart.get(a, ()) or pair in self._group_costart.get(b, ())
+
+    def group_costarts(self, states: dict[str, AccountState],
+                       community_of: Callable[[str], Community | None]) -> None:
+        """Test the accounts whose co-start counts moved against groups of their co-start
+        partners as a whole: a scheduler wakes a few of its many accounts at a time, so
+        two of them rarely start together twice, but each account starts with *some*
+        member of its operator's group again and again.
+
+        The groups are each community a partner belongs to, and the union of those
+        communities that already hold lockstep evidence (a scheduler's pool found in
+        pieces). ``k`` is the number of the account's session starts at which some member
+        of the group started too (a wake-up of several members is one event); by chance,
+        each of its starts meets one with probability ``1 - exp(-density)``, the density
+        summing each member's starts over its own span (at least a day: shorter than the
+        pair's span, so the chance is over- rather than under-estimated). When ``k >=
+        GROUP_COSTART_MIN`` and the Poisson tail is at most ``group_costart_alpha``, the
+        account's
+        pairs with its partners in that group are linked as lockstep (applied at the next
+        :meth:`refresh`)."""
+        tested = sorted(self._group_tested)
+        self._group_tested.clear()
+        window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
+        densities: dict[int, float] = {}
+
+        def start_density(aid: str) -> float:
+            st = states.get(aid)
+            if st is None:
+                return 0.0
+            return st.session_starts * window / max(st.last_ts - st.first_ts,
+                                                    COSTART_MIN_SPAN_S)
+
+        def density(community: Community) -> float:
+            key = id(community)
+            if key not in densities:
+                densities[key] = math.fsum(start_density(m) for m in sorted(community.members))
+            return densities[key]
+
+        for aid in tested:
+            partners = self._partners.get(aid, {})
+            groups: dict[int, tuple[Community, list[str]]] = {}
+            for other in sorted(partners):
+                community = community_of(other)
+                if community is not None and len(community.members - {aid}) >= 2:
+                    groups.setdefault(id(community), (community, []))[1].append(other)
+            candidates = [([c], mates) for c, mates in groups.values()]
+            scheduled = [(c, mates) for c, mates in groups.values() if "lockstep" in c.kinds]
+            if len(scheduled) >= 2:
+                candidates.append(([c for c, _ in scheduled],
+                                   [m for _, mates in scheduled for m in mates]))
+            linked: set[Pair] = set()
+            mine = states[aid]
+            own = start_density(aid)
+            for communities, mates in candidates:
+                k = len({b for m in mates for b in partners[m]})
+                if k < GROUP_COSTART_MIN:
+                    continue
+                total = sum(density(c) - (own if aid in c.members else 0.0)
+                            for c in communities)
+                chance = mine.session_starts * -math.expm1(-max(total, 0.0))
+                if poisson_tail(chance, k) <= self.group_costart_alpha:
+                    linked.update(_pair(aid, m) for m in mates)
+            old = self._group_costart.get(aid, set())
+            if linked != old:
+                self._group_dirty |= linked ^ old
+                if linked:
+                    self._group_costart[aid] = linked
+                else:
+                    del self._group_costart[aid]
 
     def _costart_linked(self, states: dict[str, AccountState], pair: Pair) -> bool:
         k = self._costarts.get(pair, 0)
@@ -298,6 +402,18 @@ class LinkIndex:
                 out.add((a, b) if a < b else (b, a))
         return out
 
+    def frame_similarity(self, a: str, b: str) -> float | None:
+        """How much of two accounts' dominant template frames is common, None unless both
+        have some: the shared frames over the smaller set (an account whose traffic put
+        one of its operator's frames just under the dominance share still matches). One
+        operator's accounts use the same harness; two operators who copied one public
+        instruction share that frame and differ in the rest of theirs."""
+        fa = self.member_keys.get(a, {}).get("template")
+        fb = self.member_keys.get(b, {}).get("template")
+        if not fa or not fb:
+            return None
+        return round(len(fa & fb) / min(len(fa), len(fb)), 6)
+
     def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
         """Re-link changed groups and lockstep candidates; returns the pairs whose edge
         really changed: appeared, went, or changed kinds or similarity (``self.edges``
@@ -321,6 +437,14 @@ class LinkIndex:
                 self._counts[pair][kind] = self._counts[pair].get(kind, 0) + 1
                 changed.add(pair)
         self._dirty_groups.clear()
+        # An account whose set of frames changed has a new similarity to every account
+        # it shares a frame with, in groups that did not change as well.
+        for aid in sorted(self._frames_moved):
+            for key in self.member_keys.get(aid, {}).get("template", ()):
+                for pair in self._group_edges.get(("template", key), ()):
+                    if aid in pair:
+                        changed.add(pair)
+        self._frames_moved.clear()
         self._prune_starts()
         for pair in sorted(self._costart_dirty):
             if self._costart_linked(states, pair):
@@ -332,7 +456,11 @@ class LinkIndex:
                 self._costart.discard(pair)
                 _unindex_pair(self._costart_of, pair)
                 changed.add(pair)
+        for pair in self._costart_dirty:
+            self._group_tested.update(pair)
         self._costart_dirty.clear()
+        changed |= self._group_dirty
+        self._group_dirty.clear()
         if self._dirty_pairs:
             pairs = list(self._dirty_pairs)
             sims = _jaccards(states, pairs)
@@ -354,13 +482,18 @@ class LinkIndex:
         for pair in changed:
             counts = self._counts.get(pair, {})
             kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
+            kinds.pop("template", None)
+            similarity = self.frame_similarity(*pair)
+            if similarity is not None:
+                if similarity >= MIN_FRAME_SIMILARITY:
+                    kinds["template"] = similarity
             # One shared 16-bit SimHash band happens by chance between unrelated accounts;
             # near copies of one prompt share several bands.
-            if counts.get("lsh", 0) >= MIN_SHARED_BANDS:
+            elif counts.get("lsh", 0) >= MIN_SHARED_BANDS:
                 kinds["template"] = 1.0
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
-            if pair in self._costart:
+            if pair in self._costart or self._in_group_costart(pair):
                 kinds["lockstep"] = 1.0
             # A shared sign-up window alone is coincidence; keep it only beside others.
             if kinds and set(kinds) != {"signup"}:
