@@ -13,6 +13,7 @@ the online stage feeds it.
 from __future__ import annotations
 
 import gc
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -61,8 +62,13 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
     if not Path(path).exists():
         raise FormatError(f"{path}: no such trace file")
     spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
-    con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
-                                 "preserve_insertion_order": True})
+    try:
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
+                                     "preserve_insertion_order": True})
+    except BaseException:
+        if temp_dir is None:
+            shutil.rmtree(spill, ignore_errors=True)
+        raise
     try:
         rel = con.sql(
             "SELECT json::VARCHAR AS line, "
@@ -77,6 +83,8 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
         raise FormatError(f"{path}: cannot read trace ({exc})") from None
     finally:
         con.close()
+        if temp_dir is None:    # the sort's spill files (gigabytes on a large trace)
+            shutil.rmtree(spill, ignore_errors=True)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ accounts (docs/detection.md).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from types import TracebackType
@@ -25,6 +26,15 @@ from tqdm import tqdm
 from distillguard.detect.batch import TICK_SECONDS, BatchResult, run_batch
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
+
+
+def exit_on_sigterm() -> None:
+    """A stopped run (``kill``, a job scheduler's time limit) exits through Python, so the
+    sort's spill directory and open files are cleaned up as on an error."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 @click.group("detect", invoke_without_command=True)
@@ -52,6 +62,7 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
         raise click.UsageError("--trace and --out are required (or use a sub-command)")
     calibration = Calibration.read(calibration_path)
     began = time.perf_counter()
+    exit_on_sigterm()
     with Progress(progress_log) as progress:
         result, _ = run_batch(trace, calibration, accounts=accounts,
                               tick_seconds=tick_seconds, memory_limit=memory_limit,
