@@ -4,7 +4,9 @@ For each size N (ascending) the first N lines of one large simulated trace (time
 so a prefix is the trace's first days, every account in the accounts file) go through
 ``distillguard detect`` (DuckDB) and ``distillguard spark detect --master local[K]``,
 alternately, each in its own process (start-up included: a JVM for Spark), --runs times.
-Reported per size: median seconds and exchanges/s of each engine, the ratio
+With --together the two engines of one size run at the same time (each then has about
+one of two cores; used for the 10M point, where one after the other did not fit the time
+available). Reported per size: median seconds and exchanges/s of each engine, the ratio
 Spark/DuckDB, each engine's time relative to the smallest size (the curve: linear growth
 gives N/N0), and whether the two verdicts files are identical. Rows are appended to
 --results as they finish (JSON Lines), so a run cut short keeps its points; --plot draws
@@ -70,8 +72,30 @@ def same_verdicts(a: Path, b: Path) -> bool:
                 and x["detector"] == y["detector"])
 
 
+def timed_together(cmds: list[list[str]], logs: list[Path]) -> list[float]:
+    """Start every command at once (standard error of each to its log file); each one's
+    seconds from the common start to its end."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    began = time.perf_counter()
+    handles = [log.open("w") for log in logs]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh, env=env)
+             for cmd, fh in zip(cmds, handles, strict=True)]
+    ended: dict[int, float] = {}
+    while len(ended) < len(procs):
+        for i, proc in enumerate(procs):
+            if i not in ended and proc.poll() is not None:
+                ended[i] = time.perf_counter() - began
+        time.sleep(0.5)
+    for fh in handles:
+        fh.close()
+    for cmd, proc, log in zip(cmds, procs, logs, strict=True):
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-2000:]}")
+    return [ended[i] for i in range(len(procs))]
+
+
 def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: str,
-            extra: list[str]) -> dict[str, Any]:
+            extra: list[str], together: bool = False) -> dict[str, Any]:
     cli = [sys.executable, "-m", "distillguard.cli"]
     duck_out, spark_out = work / f"duck-{n}.json", work / f"spark-{n}.json"
     common = ["--trace", str(trace), "--accounts", str(accounts), *extra]
@@ -83,6 +107,12 @@ def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: 
     duck: list[float] = []
     spark: list[float] = []
     for i in range(runs):
+        if together:
+            d_s, s_s = timed_together([duck_cmd, spark_cmd], [
+                work / f"duck-{n}.stderr", work / f"spark-{n}.stderr"])
+            duck.append(d_s)
+            spark.append(s_s)
+            continue
         order = [(duck, duck_cmd), (spark, spark_cmd)]
         for times, cmd in order if i % 2 == 0 else order[::-1]:
             times.append(timed(cmd))
@@ -176,6 +206,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, help="JSON Lines of rows (default: WORK/rows)")
     ap.add_argument("--plot", type=Path, help="PNG of the curve")
     ap.add_argument("--plot-only", action="store_true", help="only table + plot from results")
+    ap.add_argument("--together", action="store_true",
+                    help="run the two engines at the same time (they then share the cores)")
     ap.add_argument("--progress-plot", type=Path,
                     help="PNG of time and memory within the runs on the largest size")
     args = ap.parse_args()
@@ -187,7 +219,9 @@ def main() -> None:
         extra = ["--calibration", args.calibration] if args.calibration else []
         for n in sorted(int(s) for s in args.sizes.split(",")):
             part = prefix(args.trace, n, args.work)
-            row = measure(part, args.accounts, args.work, n, args.runs, args.master, extra)
+            row = measure(part, args.accounts, args.work, n, args.runs, args.master, extra,
+                          together=args.together)
+            row["together"] = args.together
             print(json.dumps(row), flush=True)
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
