@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,6 +91,28 @@ def test_round_the_clock_accounts_are_not_in_lockstep() -> None:
     assert chance_jaccard(states["q1"], states["q2"]) < 0.05
 
 
+def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
+                   group: bool = False) -> tuple[LinkIndex, dict[str, AccountState],
+                                                 AccountGraph]:
+    """Feed (account, time) events through the links in 5-minute evaluations, as the
+    detector does; with ``group``, the account graph and the group co-start test too."""
+    links = LinkIndex()
+    graph = AccountGraph()
+    states = {a: AccountState(a) for a, _ in events}
+    for t0 in range(int(T0), int(T0) + days * 86_400, 300):
+        window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
+        for ts, a in window:
+            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
+        for a in sorted({a for _, a in window}):
+            states[a].flush()
+            links.update(states[a])
+        changed = links.refresh(states)
+        if group:
+            graph.update(links.edges, changed)
+            links.group_costarts(states, graph.of.get)
+    return links, states, graph
+
+
 def test_accounts_a_scheduler_starts_together_are_linked() -> None:
     """Quiet accounts (a few exchanges a day) of which a scheduler wakes a different few
     at each tick, within seconds of each other, share too few activity buckets for the
@@ -107,16 +130,7 @@ def test_accounts_a_scheduler_starts_together_are_linked() -> None:
         events += [("chat", at - 60 + 60 * i) for i in range(3)]
     for n in range(10):
         events += [("free1", T0 + n * 17_280 + 3_000.0), ("free2", T0 + n * 17_280 + 5_000.0)]
-    links = LinkIndex()
-    states = {a: AccountState(a) for a, _ in events}
-    for t0 in range(int(T0), int(T0) + 2 * 86_400, 300):
-        window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
-        for ts, a in window:
-            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
-        for a in sorted({a for _, a in window}):
-            states[a].flush()
-            links.update(states[a])
-        links.refresh(states)
+    links, states, _ = _replay_starts(events, 2, rng)
     linked = set(links.edges)
     graph = AccountGraph()
     graph.update(links.edges, set(links.edges))
@@ -144,19 +158,7 @@ def test_a_scheduler_pool_too_large_for_pairs_is_linked_as_a_group() -> None:
         events += [(a, at + rng.uniform(0, 15)) for a in rng.sample(pool, 3)]
     for n in range(10):
         events += [(f"free{k}", T0 + n * 25_920 + rng.uniform(0, 25_000)) for k in range(6)]
-    links = LinkIndex()
-    graph = AccountGraph()
-    states = {a: AccountState(a) for a, _ in events}
-
-    for t0 in range(int(T0), int(T0) + 5 * 86_400, 300):
-        window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
-        for ts, a in window:
-            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
-        for a in sorted({a for _, a in window}):
-            states[a].flush()
-            links.update(states[a])
-        graph.update(links.edges, links.refresh(states))
-        links.group_costarts(states, graph.of.get)
+    links, _, graph = _replay_starts(events, 5, rng, group=True)
     pairs_only = nx.Graph(list(links._costart))
     largest = max((len(c) for c in nx.connected_components(pairs_only)), default=0)
     assert largest < 30            # the pair test alone leaves the pool in pieces
