@@ -147,10 +147,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out)
 
 
-def plot_progress(work: Path, n: int, out: Path) -> None:
-    """Within the runs on n exchanges: seconds and resident memory against exchanges
-    processed so far (each engine's --progress-log), i.e. how the cost of one exchange
-    moves as the detector's state grows over the trace."""
+def plot_progress(work: Path, sizes: dict[str, int], out: Path) -> None:
+    """Within one run per engine (``sizes``: engine -> exchanges of its run): seconds and
+    resident memory against exchanges processed so far (each engine's --progress-log),
+    i.e. how the cost of one exchange moves as the detector's state grows over the
+    trace."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,10 +159,14 @@ def plot_progress(work: Path, n: int, out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for engine, label, mark in (("duck", "DuckDB", "-"), ("spark", "Spark local mode", "--")):
-        log = work / f"{engine}-{n}.progress.jsonl"
-        if not log.exists():
+        if engine not in sizes:
             continue
-        points = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        log = work / f"{engine}-{sizes[engine]}.progress.jsonl"
+        points = [json.loads(x) for x in log.read_text().splitlines()
+                  if x.strip()] if log.exists() else []
+        if not points:
+            continue
+        label = f"{label}, run on {sizes[engine]:,}"
         xs = [p["exchanges"] / 1e6 for p in points]
         left.plot(xs, [p["seconds"] for p in points], mark, label=label)
         where = "driver" if engine == "spark" else "process"
@@ -173,7 +178,7 @@ def plot_progress(work: Path, n: int, out: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"One batch detection run over {n:,} exchanges")
+    fig.suptitle("Within one batch detection run per engine")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -208,6 +213,8 @@ def main() -> None:
     ap.add_argument("--plot-only", action="store_true", help="only table + plot from results")
     ap.add_argument("--together", action="store_true",
                     help="run the two engines at the same time (they then share the cores)")
+    ap.add_argument("--progress-sizes",
+                    help="runs the progress plot shows, e.g. duck=10000000,spark=5000000")
     ap.add_argument("--progress-plot", type=Path,
                     help="PNG of time and memory within the runs on the largest size")
     args = ap.parse_args()
@@ -235,7 +242,12 @@ def main() -> None:
         if args.plot:
             plot(rows, args.plot)
         if args.progress_plot:
-            plot_progress(args.work, max(r["exchanges"] for r in rows), args.progress_plot)
+            largest = max(r["exchanges"] for r in rows)
+            sizes = {"duck": largest, "spark": largest}
+            for part in filter(None, (args.progress_sizes or "").split(",")):
+                engine, _, n = part.partition("=")
+                sizes[engine] = int(n)
+            plot_progress(args.work, sizes, args.progress_plot)
 
 
 if __name__ == "__main__":
