@@ -12,7 +12,8 @@ gives N/N0), and whether the two verdicts files are identical. Rows are appended
 --results as they finish (JSON Lines), so a run cut short keeps its points; --plot draws
 the curve from that file.
 
-    distillguard simulate --out /work/bench-data/large-10m --preset large --scale 1.3 --quiet
+    distillguard simulate --out /work/bench-data/large-10m --preset large --scale 1.3 --days 22 \\
+        --workers 2 --quiet    # 10,384,801 exchanges (the preset's 14 days give 6.6M)
     python -m bench.batch_scale --trace /work/bench-data/large-10m/trace.jsonl \\
         --accounts /work/bench-data/large-10m/accounts.jsonl \\
         --sizes 1000000,2000000,5000000,10000000 --plot docs/images/batch_scale.png
