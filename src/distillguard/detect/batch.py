@@ -65,24 +65,21 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
     try:
         con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
                                      "preserve_insertion_order": True})
-    except BaseException:
-        if temp_dir is None:
-            shutil.rmtree(spill, ignore_errors=True)
-        raise
-    try:
-        rel = con.sql(
-            "SELECT json::VARCHAR AS line, "
-            " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
-            " row_number() OVER () AS n "
-            "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
-            params={"path": path})
-        reader = rel.to_arrow_reader(batch_rows)
-        for batch in reader:
-            yield [v.encode() for v in batch.column(0).to_pylist()]
-    except duckdb.Error as exc:
-        raise FormatError(f"{path}: cannot read trace ({exc})") from None
+        try:
+            rel = con.sql(
+                "SELECT json::VARCHAR AS line, "
+                " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
+                " row_number() OVER () AS n "
+                "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
+                params={"path": path})
+            reader = rel.to_arrow_reader(batch_rows)
+            for batch in reader:
+                yield [v.encode() for v in batch.column(0).to_pylist()]
+        except duckdb.Error as exc:
+            raise FormatError(f"{path}: cannot read trace ({exc})") from None
+        finally:
+            con.close()
     finally:
-        con.close()
         if temp_dir is None:    # the sort's spill files (gigabytes on a large trace)
             shutil.rmtree(spill, ignore_errors=True)
 

@@ -315,9 +315,8 @@ class LinkIndex:
         summing each member's starts over its own span (at least a day: shorter than the
         pair's span, so the chance is over- rather than under-estimated). When ``k >=
         GROUP_COSTART_MIN`` and the Poisson tail is at most ``group_costart_alpha``, the
-        account's
-        pairs with its partners in that group are linked as lockstep (applied at the next
-        :meth:`refresh`)."""
+        account's pairs with its partners in that group are linked as lockstep (applied
+        at the next :meth:`refresh`)."""
         tested = sorted(self._group_tested)
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
