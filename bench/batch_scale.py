@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+ENGINES = ("duck", "spark")
+
 
 def prefix(trace: Path, n: int, work: Path) -> Path:
     """The first n lines of the trace (made once, reused)."""
@@ -96,33 +98,39 @@ def timed_together(cmds: list[list[str]], logs: list[Path]) -> list[float]:
 
 
 def measure(trace: Path, accounts: Path, work: Path, n: int, runs: int, master: str,
-            extra: list[str], together: bool = False) -> dict[str, Any]:
+            extra: list[str], together: bool = False,
+            engines: tuple[str, ...] = ENGINES) -> dict[str, Any]:
     cli = [sys.executable, "-m", "distillguard.cli"]
     duck_out, spark_out = work / f"duck-{n}.json", work / f"spark-{n}.json"
     common = ["--trace", str(trace), "--accounts", str(accounts), *extra]
-    duck_cmd = [*cli, "detect", *common, "--out", str(duck_out),
-                "--progress-log", str(work / f"duck-{n}.progress.jsonl")]
-    spark_cmd = [*cli, "spark", "detect", *common, "--out", str(spark_out), "--master", master,
-                 "--conf", "spark.ui.enabled=false",
-                 "--progress-log", str(work / f"spark-{n}.progress.jsonl")]
-    duck: list[float] = []
-    spark: list[float] = []
+    cmds = {
+        "duck": [*cli, "detect", *common, "--out", str(duck_out),
+                 "--progress-log", str(work / f"duck-{n}.progress.jsonl")],
+        "spark": [*cli, "spark", "detect", *common, "--out", str(spark_out), "--master", master,
+                  "--conf", "spark.ui.enabled=false",
+                  "--progress-log", str(work / f"spark-{n}.progress.jsonl")],
+    }
+    times: dict[str, list[float]] = {e: [] for e in engines}
     for i in range(runs):
         if together:
-            d_s, s_s = timed_together([duck_cmd, spark_cmd], [
-                work / f"duck-{n}.stderr", work / f"spark-{n}.stderr"])
-            duck.append(d_s)
-            spark.append(s_s)
+            ended = timed_together([cmds[e] for e in engines],
+                                   [work / f"{e}-{n}.stderr" for e in engines])
+            for e, secs in zip(engines, ended, strict=True):
+                times[e].append(secs)
             continue
-        order = [(duck, duck_cmd), (spark, spark_cmd)]
-        for times, cmd in order if i % 2 == 0 else order[::-1]:
-            times.append(timed(cmd))
-    same = same_verdicts(duck_out, spark_out)
-    d, s = statistics.median(duck), statistics.median(spark)
-    return {"exchanges": n, "runs": runs, "master": master, "duckdb_s": round(d, 1),
-            "spark_s": round(s, 1), "duckdb_per_s": round(n / d), "spark_per_s": round(n / s),
-            "spark_over_duckdb": round(s / d, 2), "same_verdicts": same,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for e in engines if i % 2 == 0 else engines[::-1]:
+            times[e].append(timed(cmds[e]))
+    row: dict[str, Any] = {"exchanges": n, "runs": runs, "master": master}
+    for e, name in (("duck", "duckdb"), ("spark", "spark")):
+        if e in times:
+            secs = statistics.median(times[e])
+            row[f"{name}_s"] = round(secs, 1)
+            row[f"{name}_per_s"] = round(n / secs)
+    if len(engines) == 2:
+        row["spark_over_duckdb"] = round(row["spark_s"] / row["duckdb_s"], 2)
+        row["same_verdicts"] = same_verdicts(duck_out, spark_out)
+    row["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return row
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
@@ -135,9 +143,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     unit, div = ("millions", 1e6) if rows[-1]["exchanges"] >= 1e6 else ("thousands", 1e3)
     xs = [r["exchanges"] / div for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(xs, [r["duckdb_s"] for r in rows], "o-", label="DuckDB (one process)")
-    ax.plot(xs, [r["spark_s"] for r in rows], "s-",
-            label=f"Spark local mode ({rows[0]['master']})")
+    for key, mark, label in (("duckdb_s", "o-", "DuckDB (one process)"),
+                             ("spark_s", "s-", f"Spark local mode ({rows[0]['master']})")):
+        points = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), mark, label=label)
     ax.set_xlabel(f"exchanges ({unit}, prefixes of one simulated trace)")
     ax.set_ylabel(f"batch detection time, s (median of {rows[0]['runs']})")
     ax.set_title("Batch detection time vs trace size (shared 2-core machine)")
@@ -186,17 +196,25 @@ def plot_progress(work: Path, sizes: dict[str, int], out: Path) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """One line per run (a row may hold one engine only: ``--engines``); each engine's
+    time relative to its own smallest measured size."""
     rows = sorted(rows, key=lambda r: r["exchanges"])
-    base = rows[0]
-    lines = ["| exchanges | DuckDB s | Spark s | Spark / DuckDB | DuckDB vs smallest | "
-             "Spark vs smallest | size vs smallest | same verdicts |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = {k: next((r for r in rows if k in r), None) for k in ("duckdb_s", "spark_s")}
+
+    def cell(r: dict[str, Any], key: str) -> tuple[str, str]:
+        b = base[key]
+        if key not in r or b is None:
+            return "-", "-"
+        return str(r[key]), f"{r[key] / b[key]:.2f} (size {r['exchanges'] / b['exchanges']:.0f} x)"
+
+    lines = ["| exchanges | DuckDB s | Spark s | Spark / DuckDB | DuckDB vs its smallest | "
+             "Spark vs its smallest | same verdicts |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['exchanges']:,} | {r['duckdb_s']} | {r['spark_s']} | "
-            f"{r['spark_over_duckdb']} | {r['duckdb_s'] / base['duckdb_s']:.2f} | "
-            f"{r['spark_s'] / base['spark_s']:.2f} | "
-            f"{r['exchanges'] / base['exchanges']:.1f} | {'yes' if r['same_verdicts'] else 'NO'} |")
+        (d, d_rel), (sp, s_rel) = cell(r, "duckdb_s"), cell(r, "spark_s")
+        same = {True: "yes", False: "NO"}.get(r.get("same_verdicts"), "-")  # type: ignore[arg-type]
+        lines.append(f"| {r['exchanges']:,} | {d} | {sp} | {r.get('spark_over_duckdb', '-')} | "
+                     f"{d_rel} | {s_rel} | {same} |")
     return "\n".join(lines)
 
 
@@ -212,6 +230,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, help="JSON Lines of rows (default: WORK/rows)")
     ap.add_argument("--plot", type=Path, help="PNG of the curve")
     ap.add_argument("--plot-only", action="store_true", help="only table + plot from results")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="which engines to run: duck, spark or both (default)")
     ap.add_argument("--together", action="store_true",
                     help="run the two engines at the same time (they then share the cores)")
     ap.add_argument("--progress-sizes",
@@ -225,10 +245,13 @@ def main() -> None:
         if args.trace is None or args.accounts is None:
             ap.error("--trace and --accounts are required")
         extra = ["--calibration", args.calibration] if args.calibration else []
+        engines = tuple(e for e in ENGINES if e in args.engines.split(","))
+        if not engines:
+            ap.error(f"--engines: choose from {', '.join(ENGINES)}")
         for n in sorted(int(s) for s in args.sizes.split(",")):
             part = prefix(args.trace, n, args.work)
             row = measure(part, args.accounts, args.work, n, args.runs, args.master, extra,
-                          together=args.together)
+                          together=args.together, engines=engines)
             row["together"] = args.together
             print(json.dumps(row), flush=True)
             with results.open("a") as fh:
