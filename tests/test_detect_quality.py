@@ -17,7 +17,7 @@ from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.features import ExchangeFeatures, extract_many
 from distillguard.detect.graph import AccountGraph, edge_weight
-from distillguard.detect.linking import LinkIndex, chance_jaccard
+from distillguard.detect.linking import LinkIndex, _pair, _ring_position, chance_jaccard
 from distillguard.detect.scoring import Z_CLIP, Model
 from distillguard.detect.sketches import AccountState
 from distillguard.simulate import simulate
@@ -67,6 +67,65 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
     found = {frozenset(c.members) for c in graph.communities}
     assert found == {frozenset(a for a in states if a[0] == op) for op in harness}
     assert edge_weight({"template": 1 / 3}) < edge_weight({"template": 1.0}) / 2
+
+
+def test_template_strength_follows_frames_on_every_link() -> None:
+    """x and y share a /24 and a frame group of twelve accounts, in which they are not
+    ring neighbours. When x takes on frames of its own, its template similarity to y
+    falls below the bar, and the pair's edge must lose its template kind although no
+    frame group it shares with y changed: a pair is re-judged whatever evidence put it in
+    the index."""
+    members = sorted((f"m{i}" for i in range(12)), key=_ring_position)
+    x, y = members[0], members[6]          # six steps apart on the ring: no ring edge
+    links = LinkIndex()
+    states = {a: AccountState(a) for a in members}
+    clock = iter(range(100_000))
+
+    def send(aid: str, keys: tuple[int, ...], n: int = 8) -> None:
+        prefix = "net-xy" if aid in (x, y) else f"net-{aid}"
+        for _ in range(n):
+            states[aid].update(_features(aid, T0 + 30 * next(clock), template_keys=keys,
+                                         ip_prefix=prefix))
+        states[aid].flush()
+        links.update(states[aid])
+
+    for aid in members:
+        send(aid, (11, 12, 21, 22, 23) if aid == y else (11, 12))
+    links.refresh(states)
+    assert links.frame_similarity(x, y) == 1.0
+    assert links.edges[_pair(x, y)] == {"prefix": 1.0, "template": 1.0}
+    send(x, (11, 12, 31, 32, 33), n=40)    # x's own frames: 2 of its 5 are y's
+    links.refresh(states)
+    assert links.frame_similarity(x, y) == pytest.approx(0.4)
+    assert links.edges[_pair(x, y)] == {"prefix": 1.0}
+
+
+@pytest.mark.parametrize(("others", "linked"), [(0, True), (4_000, False)])
+def test_costart_pair_test_is_stricter_among_more_accounts(others: int, linked: bool
+                                                            ) -> None:
+    """Two accounts with four session starts each over a day, two of them within seconds
+    of each other: a Poisson tail of about 4e-5, below the pair alpha among a thousand
+    accounts, but not among five thousand, where every account is compared with five
+    times as many others and such a pair is expected by chance."""
+    links = LinkIndex()
+    states: dict[str, AccountState] = {}
+
+    def send(account: str, ts: float) -> None:
+        state = states.setdefault(account, AccountState(account))
+        state.update(_features(account, ts, template_keys=()))
+        state.flush()
+        links.update(state)
+
+    for n, (ta, tb) in enumerate([(0, 4), (21_600, 21_603), (43_200, 50_000),
+                                  (64_800, 72_000)]):
+        send("a", T0 + ta + n)
+        send("b", T0 + tb + 86_400 * (n == 3) / 4)
+    for i in range(others):                 # far from a's and b's starts
+        send(f"o{i}", T0 + 100_000 + 7 * i)
+    links.refresh(states)
+    assert links._costarts[("a", "b")] == 2
+    assert links.costart_pair_alpha() == pytest.approx(1e-4 * min(1.0, 1_000 / (2 + others)))
+    assert (("a", "b") in links._costart) is linked
 
 
 def test_round_the_clock_accounts_are_not_in_lockstep() -> None:

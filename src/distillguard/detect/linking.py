@@ -27,9 +27,11 @@ its silence: a conversation's follow-ups do not count) are indexed by 10-second 
 two accounts whose starts fell within two buckets of each other ``k`` times are linked
 when ``k >= 2`` and a Poisson count with the rate two independent accounts with as many
 starts over their span (at least a day) would show reaches ``k`` with probability at most
-``costart_alpha``. Only the last few minutes of buckets are kept, the count of a pair that
-is not linked is forgotten after three days without a co-start, and each evaluation
-looks up only the new starts of the accounts that moved. A scheduler with a large pool
+``costart_alpha`` (divided by the active accounts per thousand beyond the first
+thousand: every account is compared with all the others). Only the last few minutes of
+buckets are kept, the count of a pair that is not linked is forgotten after three days
+without a co-start, and each evaluation looks up only the new starts of the accounts
+that moved. A scheduler with a large pool
 rarely wakes the same two accounts together twice; :meth:`LinkIndex.group_costarts` then
 tests an account's co-starts against each community of its partners as a whole.
 """
@@ -62,6 +64,9 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 GROUP_COSTART_MIN = 3
+# ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
+# every account is compared with more others, so the pair alpha shrinks in proportion.
+COSTART_POPULATION = 1_000
 
 
 def _ring_position(account_id: str) -> tuple[int, str]:
@@ -174,6 +179,9 @@ class LinkIndex:
     _costart_of: dict[str, set[Pair]] = field(default_factory=dict)
     _costart_dirty: set[Pair] = field(default_factory=set)
     _frames_moved: set[str] = field(default_factory=set)
+    # Per account, every pair of it that has an edge or ring-group evidence: when its
+    # frames change, each of these has a new template similarity, whichever link made it.
+    _pairs_of: dict[str, set[Pair]] = field(default_factory=dict)
     # Group co-start: per account, the accounts it co-started with (the pair counts above);
     # pairs linked because the account co-started with a community as a whole.
     _partners: dict[str, dict[str, list[int]]] = field(default_factory=dict)
@@ -367,10 +375,19 @@ class LinkIndex:
                 else:
                     del self._group_costart[aid]
 
-    def _costart_linked(self, states: dict[str, AccountState], pair: Pair) -> bool:
+    def costart_pair_alpha(self) -> float:
+        """The pair test's alpha now: ``costart_alpha`` for up to COSTART_POPULATION
+        active accounts, smaller in proportion beyond. Each account's starts are compared
+        with every other account's, so the chance that some pair of it passes grows with
+        the population; without this, a service of thousands links ordinary users to
+        busy campaign accounts on two coincidental starts."""
+        return self.costart_alpha * min(1.0, COSTART_POPULATION / max(len(self._active), 1))
+
+    def _costart_linked(self, states: dict[str, AccountState], pair: Pair,
+                        alpha: float) -> bool:
         k = self._costarts.get(pair, 0)
         return k >= 2 and poisson_tail(costart_chance(
-            states[pair[0]], states[pair[1]]), k) <= self.costart_alpha
+            states[pair[0]], states[pair[1]]), k) <= alpha
 
     def _lockstep_candidates(self, state: AccountState) -> None:
         if self._lsh is None:
@@ -436,17 +453,16 @@ class LinkIndex:
                 self._counts[pair][kind] = self._counts[pair].get(kind, 0) + 1
                 changed.add(pair)
         self._dirty_groups.clear()
-        # An account whose set of frames changed has a new similarity to every account
-        # it shares a frame with, in groups that did not change as well.
-        for aid in sorted(self._frames_moved):
-            for key in self.member_keys.get(aid, {}).get("template", ()):
-                for pair in self._group_edges.get(("template", key), ()):
-                    if aid in pair:
-                        changed.add(pair)
+        # An account whose set of frames changed has a new template similarity to every
+        # account it is paired with, whatever evidence paired them (a /24 or payment
+        # ring, an LSH band, lockstep), in groups that did not change as well.
+        for aid in self._frames_moved:
+            changed.update(self._pairs_of.get(aid, ()))
         self._frames_moved.clear()
         self._prune_starts()
+        alpha = self.costart_pair_alpha()
         for pair in sorted(self._costart_dirty):
-            if self._costart_linked(states, pair):
+            if self._costart_linked(states, pair, alpha):
                 if pair not in self._costart:
                     self._costart.add(pair)
                     _index_pair(self._costart_of, pair)
@@ -503,4 +519,8 @@ class LinkIndex:
                 moved.add(pair)
             if not self._counts.get(pair):
                 self._counts.pop(pair, None)
+            if pair in self.edges or pair in self._counts:
+                _index_pair(self._pairs_of, pair)
+            elif pair in self._pairs_of.get(pair[0], ()):
+                _unindex_pair(self._pairs_of, pair)
         return moved
