@@ -6,9 +6,9 @@ What runs where:
   files, HDFS, S3 or any Hadoop file system; globs and ``.gz`` accepted), parsing each
   line into an :class:`~distillguard.exchange.Exchange`, per-exchange feature extraction
   with the project's own :class:`~distillguard.detect.features.Extractor` (inside
-  ``mapPartitions``, in blocks of :data:`~distillguard.detect.batch.BATCH_ROWS`), and the
-  global sort by (timestamp, position in the input), a range-partitioned shuffle that
-  spills to disk;
+  ``mapPartitions``, in blocks of :data:`~distillguard.detect.batch.BATCH_ROWS`), kept
+  on the executors' disks, and the global sort by (timestamp, position in the input), a
+  range-partitioned shuffle that spills to disk;
 * **sequential** (the driver): the sorted feature rows stream back one partition at a
   time (``toLocalIterator``) into the same :class:`~distillguard.detect.engine.Detector`
   the DuckDB path and the online stage use. The detector's account sketches,
@@ -100,18 +100,27 @@ def sorted_features(spark: SparkSession, trace: str | Path, *,
                     partitions: int | None = None) -> Iterator[ExchangeFeatures | None]:
     """Every exchange's features (None for exchanges without an account), sorted by
     timestamp with ties in input order, streamed to the caller one partition at a time."""
+    from pyspark import StorageLevel
+
     sc = spark.sparkContext
     path = str(trace)
     try:
         lines = sc.textFile(path, minPartitions=partitions) if partitions \
             else sc.textFile(path)
         parts = partitions or max(1, lines.getNumPartitions())
-        ordered: RDD[Row] = (lines.mapPartitionsWithIndex(extract_partition)
-                   .sortByKey(ascending=True, numPartitions=parts))
-        for (ts, _, _), value in ordered.toLocalIterator(prefetchPartitions=True):
-            if ts == _BAD:
-                raise FormatError(f"{path}: {value}")
-            yield value
+        # sortByKey passes over its input three times (a count, a sample for the range
+        # bounds, then the shuffle): kept on the executors' disks after the first, the
+        # features are extracted once instead of three times.
+        extracted: RDD[Row] = lines.mapPartitionsWithIndex(extract_partition).persist(
+            StorageLevel.DISK_ONLY)
+        try:
+            ordered: RDD[Row] = extracted.sortByKey(ascending=True, numPartitions=parts)
+            for (ts, _, _), value in ordered.toLocalIterator(prefetchPartitions=True):
+                if ts == _BAD:
+                    raise FormatError(f"{path}: {value}")
+                yield value
+        finally:
+            extracted.unpersist()
     except FormatError:
         raise
     except Exception as exc:  # py4j / Spark errors: a missing path, an unreadable file
