@@ -15,9 +15,16 @@ import pytest
 from distillguard.benchdetect import score
 from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
+from distillguard.detect.engine import Detector
 from distillguard.detect.features import ExchangeFeatures, extract_many
 from distillguard.detect.graph import AccountGraph, edge_weight
-from distillguard.detect.linking import LinkIndex, _pair, _ring_position, chance_jaccard
+from distillguard.detect.linking import (
+    MIN_FRAME_SIMILARITY,
+    LinkIndex,
+    _pair,
+    _ring_position,
+    chance_jaccard,
+)
 from distillguard.detect.scoring import Z_CLIP, Model
 from distillguard.detect.sketches import AccountState
 from distillguard.simulate import simulate
@@ -266,11 +273,35 @@ def test_each_operator_writes_its_own_harness() -> None:
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], Detector]:
     trace, accounts, labels = simulate(tmp_path_factory.mktemp("quality"), preset="smoke",
                                        seed=11, scale=2.0)
-    result, _ = run_batch(trace, Calibration.read(), accounts=accounts)
-    return score(trace, accounts, labels, result.verdicts, 1.0).to_json()
+    result, detector = run_batch(trace, Calibration.read(), accounts=accounts)
+    return score(trace, accounts, labels, result.verdicts, 1.0).to_json(), detector
+
+
+@pytest.fixture(scope="module")
+def scored(smoke_run: tuple[dict[str, object], Detector]) -> dict[str, object]:
+    return smoke_run[0]
+
+
+def test_every_edge_agrees_with_its_accounts_frames(
+        smoke_run: tuple[dict[str, object], Detector]) -> None:
+    """After a whole trace, each edge's template kind is what the two accounts' frames
+    say now, whichever link made the pair (on this world, 13 of 291 edges disagreed when
+    only ring neighbours in a shared frame group were re-judged)."""
+    links = smoke_run[1].links
+    checked = 0
+    for (a, b), kinds in links.edges.items():
+        similarity = links.frame_similarity(a, b)
+        if similarity is None:
+            continue
+        checked += 1
+        if similarity >= MIN_FRAME_SIMILARITY:
+            assert kinds.get("template") == similarity, (a, b, kinds)
+        else:
+            assert "template" not in kinds, (a, b, kinds, similarity)
+    assert checked > 100
 
 
 def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None:
