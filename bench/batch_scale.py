@@ -212,7 +212,7 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         (d, d_rel), (sp, s_rel) = cell(r, "duckdb_s"), cell(r, "spark_s")
-        same = {True: "yes", False: "NO"}.get(r.get("same_verdicts"), "-")  # type: ignore[arg-type]
+        same = "-" if "same_verdicts" not in r else "yes" if r["same_verdicts"] else "NO"
         lines.append(f"| {r['exchanges']:,} | {d} | {sp} | {r.get('spark_over_duckdb', '-')} | "
                      f"{d_rel} | {s_rel} | {same} |")
     return "\n".join(lines)
