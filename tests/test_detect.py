@@ -291,3 +291,45 @@ def test_calibration_is_reproducible(tmp_path: Path, world: tuple[Path, Path, Pa
     cal = Calibration.from_json(orjson.loads(outs[0]))
     assert cal.fitted_on["benign_flagged_at_threshold"] <= cal.target_fpr * cal.fitted_on[
         "benign"]
+
+
+def test_thresholds_come_from_peaks_the_model_did_not_see(
+        world: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-fitting: each benign account's peak is scored by models fitted without its
+    fold's benign snapshots (all attack snapshots kept), the threshold is set from those
+    peaks, and the shipped model is fitted on everything."""
+    from distillguard.detect import batch as batch_module
+
+    trace, accounts, labels = world
+    attack = read_labels(labels)
+    fits: list[int] = []
+    replays: list[tuple[Calibration, object]] = []
+    real_fit, real_run = batch_module.fit_model, batch_module.run_batch
+
+    def fit_spy(rows: np.ndarray, y: np.ndarray) -> object:
+        fits.append(len(rows))
+        return real_fit(rows, y)
+
+    def run_spy(*args: object, **kw: object) -> object:
+        result = real_run(*args, **kw)  # type: ignore[arg-type]
+        replays.append((args[1], result[1]))  # type: ignore[index]
+        return result
+
+    monkeypatch.setattr(batch_module, "fit_model", fit_spy)
+    monkeypatch.setattr(batch_module, "run_batch", run_spy)
+    cal = batch_module.calibrate(trace, labels, accounts=accounts, tick_seconds=TICK,
+                                 folds=3)
+    first = replays[0][1]
+    snaps = [a for a, _ in first.snapshots if a in attack]  # type: ignore[attr-defined]
+    folds = [batch_module._fold(a, 3) for a in snaps]
+    expected = [sum(1 for a, f in zip(snaps, folds, strict=True) if attack[a] or f != k)
+                for k in range(3)]
+    assert fits == [*expected, len(snaps)]
+    assert all(n < len(snaps) for n in expected)       # every fold holds benign snapshots
+    peaks = []
+    for k, (_, detector) in enumerate(replays[1:]):
+        status = detector.status  # type: ignore[attr-defined]
+        peaks += [status[a].peak if a in status else 0.0 for a, bad in attack.items()
+                  if not bad and batch_module._fold(a, 3) == k]
+    assert cal.threshold == threshold_for(np.array(peaks), cal.target_fpr)[0]
+    assert cal.fitted_on["folds"] == 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,47 +180,87 @@ def read_labels(path: str | Path) -> dict[str, bool]:
     return out
 
 
+def _fold(account_id: str, folds: int) -> int:
+    """The account's cross-fitting fold (a hash of its id: reproducible in any process)."""
+    return zlib.crc32(account_id.encode()) % folds
+
+
 def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
               target_fpr: float = 0.001, tick_seconds: float = TICK_SECONDS,
-              with_community: bool = False) -> Calibration:
-    """Two replays of a labelled trace. The first collects feature snapshots and fits the
+              with_community: bool = False, folds: int = 3,
+              on_step: Callable[[str], None] | None = None) -> Calibration:
+    """Replays of a labelled trace. The first collects feature snapshots and fits the
     account model and the community model (a community is an attack one when most of its
-    members are attack accounts); the second replays with both models and sets the
-    thresholds from every benign account's peak risks, so they are exactly what detection
-    would see: first the account threshold, then the community threshold among the
-    benign accounts the first leaves unflagged, within the same false-positive budget."""
+    members are attack accounts) on all of them. The thresholds are then set from every
+    benign account's peak risks as detection would see them, in replays with the models,
+    first the account threshold, then the community threshold among the benign accounts
+    the first leaves unflagged, within the same false-positive budget.
+
+    With ``folds`` > 1 the peaks are *out of sample*: the benign accounts are split into
+    that many folds by a hash of their id, and each fold's peaks come from a replay with
+    models fitted without that fold's benign snapshots (attack snapshots are kept in
+    every fit). A model scores the benign accounts it was fitted on lower than new ones,
+    so a threshold at their in-sample peaks flags more benign accounts on other traffic
+    than the target allows. ``folds=1`` is the in-sample replay."""
+    if folds < 1:
+        raise ValueError("folds must be at least 1")
+    step = on_step or (lambda _msg: None)
     attack = read_labels(labels)
+    step("replay 1: collecting feature snapshots")
     _, first = run_batch(trace, Calibration.neutral(), accounts=accounts,
                          tick_seconds=tick_seconds, collect=True)
     snaps = [(a, row) for a, row in first.snapshots if a in attack]
     if not snaps:
         raise ValueError("no labelled account in the trace")
-    model = fit_model(np.vstack([row for _, row in snaps]),
-                      np.array([attack[a] for a, _ in snaps], dtype=int))
-    groups = [(row, sum(attack.get(m, False) for m in members) * 2 > len(members))
+    groups = [(members, row, sum(attack.get(m, False) for m in members) * 2 > len(members))
               for members, row in first.group_snapshots]
-    community = None
-    if with_community and len({y for _, y in groups}) == 2:
-        community = fit_model(np.vstack([r for r, _ in groups]),
-                              np.array([y for _, y in groups], dtype=int))
-    replay = Calibration(model=model, threshold=1.01, target_fpr=target_fpr,
-                         community=community)
-    _, second = run_batch(trace, replay, accounts=accounts, tick_seconds=tick_seconds)
+    fit_community = with_community and len({y for _, _, y in groups}) == 2
+
+    def fit(held: int | None) -> Calibration:
+        """The models fitted without fold ``held``'s benign accounts (None: on all)."""
+        def kept(aid: str) -> bool:
+            return held is None or attack[aid] or _fold(aid, folds) != held
+        rows = [(row, attack[a]) for a, row in snaps if kept(a)]
+        model = fit_model(np.vstack([r for r, _ in rows]),
+                          np.array([y for _, y in rows], dtype=int))
+        community = None
+        if fit_community:
+            kept_groups = [(row, y) for members, row, y in groups
+                           if held is None or y or all(kept(m) for m in members
+                                                       if m in attack)]
+            if len({y for _, y in kept_groups}) == 2:
+                community = fit_model(np.vstack([r for r, _ in kept_groups]),
+                                      np.array([y for _, y in kept_groups], dtype=int))
+        return Calibration(model=model, threshold=1.01, target_fpr=target_fpr,
+                           community=community)
+
     benign = [a for a, is_attack in attack.items() if not is_attack]
-    status = second.status
-    peaks = np.array([status[a].peak if a in status else 0.0 for a in benign])
+    peaks = np.zeros(len(benign))
+    group_peaks = np.zeros(len(benign))
+    slots = {a: i for i, a in enumerate(benign)}
+    for held in ([None] if folds == 1 else range(folds)):
+        name = "all accounts" if held is None else f"fold {held + 1} of {folds} held out"
+        step(f"replay {2 + (held or 0)}: peaks with the models fitted on {name}")
+        _, replayed = run_batch(trace, fit(held), accounts=accounts,
+                                tick_seconds=tick_seconds)
+        for aid in benign:
+            if held is None or _fold(aid, folds) == held:
+                status = replayed.status.get(aid)
+                if status is not None:
+                    peaks[slots[aid]] = status.peak
+                    group_peaks[slots[aid]] = status.peak_group
+    final = fit(None)
     threshold, over = threshold_for(peaks, target_fpr)
     group_threshold, group_over = 1.01, 0
-    if community is not None:
-        left = np.array([status[a].peak_group if a in status else 0.0
-                         for a, p in zip(benign, peaks, strict=True) if p < threshold])
+    if final.community is not None:
+        left = np.array([g for p, g in zip(peaks, group_peaks, strict=True) if p < threshold])
         budget = max(0.0, target_fpr * len(benign) - over) / max(1, left.size)
         group_threshold, group_over = threshold_for(left, budget)
-    return Calibration(model=model, threshold=threshold, target_fpr=target_fpr,
-                       community=community, community_threshold=group_threshold,
+    return Calibration(model=final.model, threshold=threshold, target_fpr=target_fpr,
+                       community=final.community, community_threshold=group_threshold,
                        fitted_on={
         "trace_sha256": file_sha256(trace), "labels_sha256": file_sha256(labels),
-        "tick_seconds": tick_seconds, "snapshots": len(snaps),
+        "tick_seconds": tick_seconds, "snapshots": len(snaps), "folds": folds,
         "community_snapshots": len(groups), "benign": len(benign),
         "attack": len(attack) - len(benign),
         "benign_flagged_at_threshold": over + group_over})

@@ -131,16 +131,23 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
 @click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float)
 @click.option("--community/--no-community", default=False, show_default=True,
               help="Also fit the community model (flags linked groups as a whole).")
+@click.option("--folds", default=3, show_default=True, type=int,
+              help="Set the thresholds from benign peaks scored by models fitted without "
+                   "them (cross-fitting in this many folds); 1: in-sample.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 def calibrate(trace: str, accounts: str | None, labels: str, target_fpr: float,
-              tick_seconds: float, community: bool, out: str) -> None:
+              tick_seconds: float, community: bool, folds: int, out: str) -> None:
     """Fit the risk model and set the threshold for a target false-positive rate."""
     if not 0.0 <= target_fpr < 1.0:
         raise click.BadParameter("must be in [0, 1)", param_hint="--target-fpr")
+    if folds < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--folds")
     began = time.perf_counter()
     try:
         calibration = run_calibration(trace, labels, accounts=accounts, target_fpr=target_fpr,
-                                      tick_seconds=tick_seconds, with_community=community)
+                                      tick_seconds=tick_seconds, with_community=community,
+                                      folds=folds,
+                                      on_step=lambda msg: click.echo(msg, err=True))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     calibration.write(out)
