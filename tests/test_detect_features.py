@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import orjson
 import pytest
 
 from distillguard.datasets import data_dir
-from distillguard.detect.features import CATEGORIES, FeatureCache, extract, extract_many
+from distillguard.detect.features import (
+    CATEGORIES,
+    ExchangeFeatures,
+    FeatureCache,
+    extract,
+    extract_many,
+)
 from distillguard.detect.prompts import (
     CATEGORY_WORDS,
     REASONING_PHRASES,
@@ -105,6 +112,15 @@ def test_harvest_depth_and_client() -> None:
     assert not extract(make_exchange("hi", client_ip="73.1.2.3")).hosting
 
 
+def _plain_features(i: int) -> ExchangeFeatures:
+    return ExchangeFeatures(
+        exchange_id=f"ex-{i}", account_id="h", ts=1_000.0 + 60 * i, template_keys=(),
+        simhash=i, reasoning=False, rubric=False, tool_use=False, category=0, depth=0,
+        max_tokens=0, n=1, logprobs=False, temperature=None, prompt_tokens=10,
+        completion_tokens=10, model="m", user_agent="ua", ip_prefix=None, asn=None,
+        hosting=False, status=200)
+
+
 def test_account_state_is_bounded() -> None:
     topk = TopK(4)
     for i in range(1000):
@@ -123,6 +139,32 @@ def test_account_state_is_bounded() -> None:
     assert len(state.lsh.counts) <= state.lsh.k
     assert sys.getsizeof(state.templates.counts) + sys.getsizeof(state.lsh.counts) <= 2 * small
     assert state.count == 1500 and state.diversity > 0.8
+
+
+def test_space_saving_keeps_what_it_inherited_apart() -> None:
+    """A counter taken over from an evicted item carries that item's count as its error:
+    its guaranteed count is what was really seen, never more."""
+    topk = TopK(3)
+    for item in ("a", "a", "a", "b", "c", "d", "e", "f"):
+        topk.add(item)
+    assert topk.guaranteed("a") == 3 and topk.errors.get("a", 0) == 0
+    for item, n in topk.counts.items():
+        assert 0 <= topk.guaranteed(item) <= n
+        assert topk.guaranteed(item) <= ("a", "a", "a", "b", "c", "d", "e", "f").count(item)
+    assert topk.max_guaranteed() == 3 and topk.max_count() >= 3
+
+
+def test_frames_that_only_filled_the_sketch_are_not_dominant() -> None:
+    """An account whose every prompt ends in new words (harvested items around one
+    system prompt): the sketch's counters all climb past a quarter of its traffic, but
+    only the system prompt's frame is really in every exchange."""
+    state = AccountState("h")
+    for i in range(40):
+        state.update(dataclasses.replace(_plain_features(i), template_keys=(
+            7, *(1_000 * k + i for k in range(1, 5)))))
+    assert min(state.templates.counts.values()) >= 10          # every counter climbed
+    assert state.dominant_keys(0.25, 3, frames=True, bands=False) == [(7, 1.0)]
+    assert state.template_reuse == 1.0
 
 
 def test_repetitive_account_has_low_diversity() -> None:

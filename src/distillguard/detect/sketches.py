@@ -33,14 +33,19 @@ _HLL_P = 8
 
 
 class TopK:
-    """Space-Saving heavy hitters: at most ``k`` counters; counts over-estimate by at most
-    the smallest counter."""
+    """Space-Saving heavy hitters: at most ``k`` counters. A new item takes the smallest
+    counter's place and count; ``errors`` keeps that inherited count, so ``counts`` may
+    over-estimate an item by its error and ``counts - errors`` (:meth:`guaranteed`)
+    never does. With many distinct items (every prompt's last words differ) the
+    counters all climb together, and only the guaranteed count says which items are
+    really frequent."""
 
-    __slots__ = ("k", "counts")
+    __slots__ = ("k", "counts", "errors")
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.counts: dict[object, int] = {}
+        self.errors: dict[object, int] = {}
 
     def add(self, item: object, weight: int = 1) -> None:
         counts = self.counts
@@ -51,13 +56,24 @@ class TopK:
         else:
             victim = min(counts, key=counts.__getitem__)
             floor = counts.pop(victim)
+            self.errors.pop(victim, None)
             counts[item] = floor + weight
+            self.errors[item] = floor
+
+    def guaranteed(self, item: object) -> int:
+        """How many times the item was certainly seen (0 if it is not counted)."""
+        return self.counts.get(item, 0) - self.errors.get(item, 0)
 
     def top(self, n: int = 1) -> list[tuple[object, int]]:
         return sorted(self.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
 
     def max_count(self) -> int:
         return max(self.counts.values(), default=0)
+
+    def max_guaranteed(self) -> int:
+        """The largest guaranteed count."""
+        return max((n - self.errors.get(item, 0) for item, n in self.counts.items()),
+                   default=0)
 
 
 @dataclass(slots=True)
@@ -201,18 +217,23 @@ class AccountState:
     def dominant_keys(self, min_share: float, min_count: int, *, frames: bool = True,
                       bands: bool = True) -> list[tuple[int, float]]:
         """Template (``frames``) and LSH (``bands``) keys seen in at least ``min_share`` of
-        the account's traffic."""
+        the account's traffic, by their guaranteed counts (:meth:`TopK.guaranteed`): in an
+        account of a few dozen exchanges whose prompts each end in new words, every
+        counter of the sketch climbs past the share, whatever the account sent."""
         out = []
         for topk in (self.templates,) * frames + (self.lsh,) * bands:
-            for key, n in topk.counts.items():
+            errors = topk.errors
+            for key, counted in topk.counts.items():
+                n = counted - errors.get(key, 0)
                 if n >= min_count and n / self.count >= min_share:
                     out.append((int(key), n / self.count))  # type: ignore[call-overload]
         return out
 
     @property
     def template_reuse(self) -> float:
-        """Share of exchanges carrying the account's most frequent template frame."""
-        return self.share(self.templates.max_count())
+        """Share of exchanges certainly carrying the account's most frequent template
+        frame (its guaranteed count)."""
+        return self.share(self.templates.max_guaranteed())
 
     @property
     def diversity(self) -> float:
