@@ -430,26 +430,6 @@ class LinkIndex:
             return None
         return round(len(fa & fb) / min(len(fa), len(fb)), 6)
 
-    def _rejudged_pairs(self, aid: str) -> Iterable[Pair]:
-        """The pairs of an account whose frames changed that may get a new template kind.
-        A pair that had none, whose accounts both hold frames and share none of them now,
-        still has none (with frames on both sides, LSH bands do not decide): it is
-        skipped, which leaves out most pairs of a busy /24 or payment ring."""
-        pairs = self._pairs_of.get(aid, ())
-        mine = self.member_keys.get(aid, {}).get("template")
-        if not mine:
-            return pairs
-        out = []
-        for pair in pairs:
-            edge = self.edges.get(pair)
-            if edge is None or "template" not in edge:
-                other = pair[1] if pair[0] == aid else pair[0]
-                theirs = self.member_keys.get(other, {}).get("template")
-                if theirs and mine.isdisjoint(theirs):
-                    continue
-            out.append(pair)
-        return out
-
     def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
         """Re-link changed groups and lockstep candidates; returns the pairs whose edge
         really changed: appeared, went, or changed kinds or similarity (``self.edges``
@@ -477,7 +457,7 @@ class LinkIndex:
         # account it is paired with, whatever evidence paired them (a /24 or payment
         # ring, an LSH band, lockstep), in groups that did not change as well.
         for aid in self._frames_moved:
-            changed.update(self._rejudged_pairs(aid))
+            changed.update(self._pairs_of.get(aid, ()))
         self._frames_moved.clear()
         self._prune_starts()
         alpha = self.costart_pair_alpha()
