@@ -333,3 +333,8 @@ def test_thresholds_come_from_peaks_the_model_did_not_see(
                   if not bad and batch_module._fold(a, 3) == k]
     assert cal.threshold == threshold_for(np.array(peaks), cal.target_fpr)[0]
     assert cal.fitted_on["folds"] == 3
+    bad = CliRunner().invoke(main, ["detect", "calibrate", "--trace", str(trace), "--labels",
+                                    str(labels), "--folds", "0", "--out",
+                                    str(trace.parent / "never.json")])
+    assert bad.exit_code == 2 and "--folds" in bad.output
+    assert not (trace.parent / "never.json").exists()
