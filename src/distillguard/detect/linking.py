@@ -146,7 +146,7 @@ class LinkIndex:
     template_share: float = 0.25
     template_min_count: int = 3
     lockstep_threshold: float = 0.5
-    lockstep_min_buckets: int = 12
+    lockstep_min_buckets: int = 48
     lockstep_margin: float = 0.25
     max_group: int = 400
     costart_alpha: float = 1e-4
