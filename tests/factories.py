@@ -1,13 +1,16 @@
-"""Small factories shared by the tests: settings, exchanges, accounts, running stacks."""
+"""Small factories shared by the tests: settings, exchanges, features, accounts, running
+stacks."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from distillguard.config import Settings, load_settings
+from distillguard.detect.features import ExchangeFeatures
 from distillguard.exchange import Exchange, Usage
 from distillguard.serve import Stack, StackThread
 from distillguard.store.models import Account
@@ -55,6 +58,17 @@ def make_exchange(
     ex.status = status
     ex.latency_ms_override = 800.0
     return ex
+
+
+def make_features(account: str, ts: float, **fields: Any) -> ExchangeFeatures:
+    """One exchange's detection features, plain unless ``fields`` say otherwise."""
+    base = ExchangeFeatures(
+        exchange_id=f"ex-{account}-{ts}", account_id=account, ts=ts, template_keys=(1, 2, 3),
+        simhash=0, reasoning=False, rubric=False, tool_use=False, category=0, depth=0,
+        max_tokens=0, n=1, logprobs=False, temperature=None, prompt_tokens=10,
+        completion_tokens=10, model="m", user_agent="ua", ip_prefix=None, asn=None,
+        hosting=False, status=200)
+    return dataclasses.replace(base, **fields)
 
 
 def make_account(account_id: str = "acct_1", **fields: Any) -> Account:

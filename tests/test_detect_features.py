@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import orjson
 import pytest
 
 from distillguard.datasets import data_dir
-from distillguard.detect.features import (
-    CATEGORIES,
-    ExchangeFeatures,
-    FeatureCache,
-    extract,
-    extract_many,
-)
+from distillguard.detect.features import CATEGORIES, FeatureCache, extract, extract_many
 from distillguard.detect.prompts import (
     CATEGORY_WORDS,
     REASONING_PHRASES,
@@ -33,7 +26,7 @@ from distillguard.detect.prompts import (
 from distillguard.detect.sketches import AccountState, TopK
 from distillguard.detect.textcache import TextCache
 from distillguard.exchange import Exchange
-from tests.factories import make_exchange
+from tests.factories import make_exchange, make_features
 
 
 def _code_alpaca() -> list[dict[str, str]]:
@@ -112,15 +105,6 @@ def test_harvest_depth_and_client() -> None:
     assert not extract(make_exchange("hi", client_ip="73.1.2.3")).hosting
 
 
-def _plain_features(i: int) -> ExchangeFeatures:
-    return ExchangeFeatures(
-        exchange_id=f"ex-{i}", account_id="h", ts=1_000.0 + 60 * i, template_keys=(),
-        simhash=i, reasoning=False, rubric=False, tool_use=False, category=0, depth=0,
-        max_tokens=0, n=1, logprobs=False, temperature=None, prompt_tokens=10,
-        completion_tokens=10, model="m", user_agent="ua", ip_prefix=None, asn=None,
-        hosting=False, status=200)
-
-
 def test_account_state_is_bounded() -> None:
     topk = TopK(4)
     for i in range(1000):
@@ -160,7 +144,7 @@ def test_frames_that_only_filled_the_sketch_are_not_dominant() -> None:
     only the system prompt's frame is really in every exchange."""
     state = AccountState("h")
     for i in range(40):
-        state.update(dataclasses.replace(_plain_features(i), template_keys=(
+        state.update(make_features("h", 1_000.0 + 60 * i, simhash=i, template_keys=(
             7, *(1_000 * k + i for k in range(1, 5)))))
     assert min(state.templates.counts.values()) >= 10          # every counter climbed
     assert state.dominant_keys(0.25, 3, frames=True, bands=False) == [(7, 1.0)]

@@ -5,7 +5,6 @@ not share, risk that an unseen feature value cannot decide alone)."""
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +15,7 @@ from distillguard.benchdetect import score
 from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
-from distillguard.detect.features import ExchangeFeatures, extract_many
+from distillguard.detect.features import extract_many
 from distillguard.detect.graph import AccountGraph, edge_weight
 from distillguard.detect.linking import (
     MIN_FRAME_SIMILARITY,
@@ -29,19 +28,9 @@ from distillguard.detect.scoring import Z_CLIP, Model
 from distillguard.detect.sketches import AccountState
 from distillguard.simulate import simulate
 from distillguard.simulate.harness import Harness
-from tests.factories import make_exchange
+from tests.factories import make_exchange, make_features
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
-
-
-def _features(account: str, ts: float, **kw: object) -> ExchangeFeatures:
-    base = ExchangeFeatures(
-        exchange_id=f"ex-{account}-{ts}", account_id=account, ts=ts, template_keys=(1, 2, 3),
-        simhash=0, reasoning=False, rubric=False, tool_use=False, category=0, depth=0,
-        max_tokens=0, n=1, logprobs=False, temperature=None, prompt_tokens=10,
-        completion_tokens=10, model="m", user_agent="ua", ip_prefix=None, asn=None,
-        hosting=False, status=200)
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
@@ -59,7 +48,7 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
             state = states[aid] = AccountState(aid)
             links.set_static(aid, None, None)
             for n in range(8):
-                state.update(_features(aid, T0 + 60 * n + i, template_keys=keys,
+                state.update(make_features(aid, T0 + 60 * n + i, template_keys=keys,
                                        ip_prefix=f"{op}-net{i % 2}"))
             state.flush()
             links.update(state)
@@ -91,7 +80,7 @@ def test_template_strength_follows_frames_on_every_link() -> None:
     def send(aid: str, keys: tuple[int, ...], n: int = 8) -> None:
         prefix = "net-xy" if aid in (x, y) else f"net-{aid}"
         for _ in range(n):
-            states[aid].update(_features(aid, T0 + 30 * next(clock), template_keys=keys,
+            states[aid].update(make_features(aid, T0 + 30 * next(clock), template_keys=keys,
                                          ip_prefix=prefix))
         states[aid].flush()
         links.update(states[aid])
@@ -119,7 +108,7 @@ def test_costart_pair_test_is_stricter_among_more_accounts(others: int, linked: 
 
     def send(account: str, ts: float) -> None:
         state = states.setdefault(account, AccountState(account))
-        state.update(_features(account, ts, template_keys=()))
+        state.update(make_features(account, ts, template_keys=()))
         state.flush()
         links.update(state)
 
@@ -142,10 +131,10 @@ def test_round_the_clock_accounts_are_not_in_lockstep() -> None:
     states = {a: AccountState(a) for a in ("busy1", "busy2", "q1", "q2")}
     for minute in range(0, 24 * 60, 2):
         for a in ("busy1", "busy2"):
-            states[a].update(_features(a, T0 + minute * 60 + 1))
+            states[a].update(make_features(a, T0 + minute * 60 + 1))
     for hour in range(0, 24, 3):
         for a in ("q1", "q2"):
-            states[a].update(_features(a, T0 + hour * 3600 + 5))
+            states[a].update(make_features(a, T0 + hour * 3600 + 5))
     for state in states.values():
         state.flush()
         links.update(state)
@@ -161,7 +150,7 @@ def _lockstep_pair(links: LinkIndex, buckets: dict[str, list[int]]) -> bool:
     states = {a: AccountState(a) for a in buckets}
     for a, active in buckets.items():
         for b in active:
-            states[a].update(_features(a, T0 + b * 120 + 1, template_keys=()))
+            states[a].update(make_features(a, T0 + b * 120 + 1, template_keys=()))
     for state in states.values():
         state.flush()
         links.update(state)
@@ -193,7 +182,7 @@ def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
     for t0 in range(int(T0), int(T0) + days * 86_400, 300):
         window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
         for ts, a in window:
-            states[a].update(_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
+            states[a].update(make_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
         for a in sorted({a for _, a in window}):
             states[a].flush()
             links.update(states[a])
@@ -349,7 +338,7 @@ def test_costart_counts_of_unlinked_pairs_are_forgotten() -> None:
     states = {a: AccountState(a) for a in ("a", "b", "c", "d", "clock")}
 
     def send(account: str, ts: float) -> None:
-        states[account].update(_features(account, ts, template_keys=()))
+        states[account].update(make_features(account, ts, template_keys=()))
         states[account].flush()
         links.update(states[account])
 
