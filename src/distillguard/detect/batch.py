@@ -216,10 +216,12 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
               for members, row in first.group_snapshots]
     fit_community = with_community and len({y for _, _, y in groups}) == 2
 
+    fold_of = {a: _fold(a, folds) for a, is_attack in attack.items() if not is_attack}
+
     def fit(held: int | None) -> Calibration:
         """The models fitted without fold ``held``'s benign accounts (None: on all)."""
         def kept(aid: str) -> bool:
-            return held is None or attack[aid] or _fold(aid, folds) != held
+            return held is None or attack[aid] or fold_of[aid] != held
         rows = [(row, attack[a]) for a, row in snaps if kept(a)]
         model = fit_model(np.vstack([r for r, _ in rows]),
                           np.array([y for _, y in rows], dtype=int))
@@ -234,22 +236,25 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
         return Calibration(model=model, threshold=1.01, target_fpr=target_fpr,
                            community=community)
 
-    benign = [a for a, is_attack in attack.items() if not is_attack]
+    benign = list(fold_of)
     peaks = np.zeros(len(benign))
     group_peaks = np.zeros(len(benign))
-    slots = {a: i for i, a in enumerate(benign)}
+    final: Calibration | None = None
     for held in ([None] if folds == 1 else range(folds)):
         name = "all accounts" if held is None else f"fold {held + 1} of {folds} held out"
         step(f"replay {2 + (held or 0)}: peaks with the models fitted on {name}")
-        _, replayed = run_batch(trace, fit(held), accounts=accounts,
-                                tick_seconds=tick_seconds)
-        for aid in benign:
-            if held is None or _fold(aid, folds) == held:
+        models = fit(held)
+        if held is None:
+            final = models
+        _, replayed = run_batch(trace, models, accounts=accounts, tick_seconds=tick_seconds)
+        for i, aid in enumerate(benign):
+            if held is None or fold_of[aid] == held:
                 status = replayed.status.get(aid)
                 if status is not None:
-                    peaks[slots[aid]] = status.peak
-                    group_peaks[slots[aid]] = status.peak_group
-    final = fit(None)
+                    peaks[i] = status.peak
+                    group_peaks[i] = status.peak_group
+    if final is None:
+        final = fit(None)
     threshold, over = threshold_for(peaks, target_fpr)
     group_threshold, group_over = 1.01, 0
     if final.community is not None:

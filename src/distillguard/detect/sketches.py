@@ -72,8 +72,7 @@ class TopK:
 
     def max_guaranteed(self) -> int:
         """The largest guaranteed count."""
-        return max((n - self.errors.get(item, 0) for item, n in self.counts.items()),
-                   default=0)
+        return max(map(self.guaranteed, self.counts), default=0)
 
 
 @dataclass(slots=True)
@@ -228,9 +227,8 @@ class AccountState:
         counter of the sketch climbs past the share, whatever the account sent."""
         out = []
         for topk in (self.templates,) * frames + (self.lsh,) * bands:
-            errors = topk.errors
-            for key, counted in topk.counts.items():
-                n = counted - errors.get(key, 0)
+            for key in topk.counts:
+                n = topk.guaranteed(key)
                 if n >= min_count and n / self.count >= min_share:
                     out.append((int(key), n / self.count))  # type: ignore[call-overload]
         return out
