@@ -21,7 +21,6 @@ from distillguard.detect.linking import (
     MIN_FRAME_SIMILARITY,
     LinkIndex,
     _pair,
-    _ring_position,
     chance_jaccard,
 )
 from distillguard.detect.scoring import Z_CLIP, Model
@@ -53,8 +52,8 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
             state.flush()
             links.update(state)
     links.refresh(states)
-    assert links.frame_similarity("a0", "a1") == 1.0
-    assert links.frame_similarity("a0", "b0") == pytest.approx(1 / 3)
+    assert links.frame_overlap("a0", "a1") == (1.0, 1.0)
+    assert links.frame_overlap("a0", "b0") == pytest.approx((1 / 3, 1 / 5))
     kinds = {pair: k for pair, k in links.edges.items()}
     assert all(a[0] == b[0] for a, b in kinds), "a template link across operators"
     assert any(set(k) == {"template"} for k in kinds.values())   # across /24 clusters
@@ -65,14 +64,41 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
     assert edge_weight({"template": 1 / 3}) < edge_weight({"template": 1.0}) / 2
 
 
+def test_a_public_frame_group_links_each_operator_within_itself() -> None:
+    """Two operators of ten accounts each hold their own frame and one public frame, so
+    any two of their accounts share half their frames and are template-linked. On the
+    public frame's ring, accounts with the same frame set sit together: only the pairs
+    around the two places where one operator's block meets the other's cross (at most
+    1 + 2 + 3 each), and a cross pair, sharing one of three distinct frames, weighs a
+    third of a pair within one operator. Louvain then finds the two operators."""
+    harness = {"a": (101, 201), "b": (101, 301)}
+    links = LinkIndex()
+    states: dict[str, AccountState] = {}
+    for op, keys in harness.items():
+        for i in range(10):
+            aid = f"{op}{i}"
+            state = states[aid] = AccountState(aid)
+            for n in range(8):
+                state.update(make_features(aid, T0 + 60 * n + i, template_keys=keys,
+                                       ip_prefix=f"{aid}-net"))
+            state.flush()
+            links.update(state)
+    links.refresh(states)
+    cross = {pair: kinds for pair, kinds in links.edges.items() if pair[0][0] != pair[1][0]}
+    assert 0 < len(cross) <= 2 * (1 + 2 + 3)     # on every shared ring, the same ends
+    assert all(kinds == {"template": pytest.approx(1 / 3)} for kinds in cross.values())
+    graph = AccountGraph()
+    graph.update(links.edges, set(links.edges))
+    found = {frozenset(c.members) for c in graph.communities}
+    assert found == {frozenset(a for a in states if a[0] == op) for op in harness}
+
+
 def test_template_strength_follows_frames_on_every_link() -> None:
-    """x and y share a /24 and a frame group of twelve accounts, in which they are not
-    ring neighbours. When x takes on frames of its own, its template similarity to y
-    falls below the bar, and the pair's edge must lose its template kind although no
-    frame group it shares with y changed: a pair is re-judged whatever evidence put it in
-    the index."""
-    members = sorted((f"m{i}" for i in range(12)), key=_ring_position)
-    x, y = members[0], members[6]          # six steps apart on the ring: no ring edge
+    """x and y share a /24 and a frame group of twelve accounts. When x takes on frames of
+    its own, its template similarity to y falls below the bar, and the pair's edge must
+    lose its template kind, whatever evidence put the pair in the index."""
+    members = [f"m{i}" for i in range(12)]
+    x, y = members[0], members[6]
     links = LinkIndex()
     states = {a: AccountState(a) for a in members}
     clock = iter(range(100_000))
@@ -88,11 +114,11 @@ def test_template_strength_follows_frames_on_every_link() -> None:
     for aid in members:
         send(aid, (11, 12, 21, 22, 23) if aid == y else (11, 12))
     links.refresh(states)
-    assert links.frame_similarity(x, y) == 1.0
-    assert links.edges[_pair(x, y)] == {"prefix": 1.0, "template": 1.0}
+    assert links.frame_overlap(x, y) == (1.0, 0.4)
+    assert links.edges[_pair(x, y)] == {"prefix": 1.0, "template": 0.4}
     send(x, (11, 12, 31, 32, 33), n=40)    # x's own frames: 2 of its 5 are y's
     links.refresh(states)
-    assert links.frame_similarity(x, y) == pytest.approx(0.4)
+    assert links.frame_overlap(x, y) == pytest.approx((0.4, 0.25))
     assert links.edges[_pair(x, y)] == {"prefix": 1.0}
 
 
@@ -307,14 +333,15 @@ def test_every_edge_agrees_with_its_accounts_frames(
     links = smoke_run[1].links
     checked = 0
     for (a, b), kinds in links.edges.items():
-        similarity = links.frame_similarity(a, b)
-        if similarity is None:
+        overlap = links.frame_overlap(a, b)
+        if overlap is None:
             continue
         checked += 1
-        if similarity >= MIN_FRAME_SIMILARITY:
-            assert kinds.get("template") == similarity, (a, b, kinds)
+        share, strength = overlap
+        if share >= MIN_FRAME_SIMILARITY:
+            assert kinds.get("template") == strength, (a, b, kinds)
         else:
-            assert "template" not in kinds, (a, b, kinds, similarity)
+            assert "template" not in kinds, (a, b, kinds, share)
     assert checked > 100
 
 

@@ -29,7 +29,7 @@ LOUVAIN_RESOLUTION = 0.5
 
 def edge_weight(kinds: Mapping[str, float]) -> float:
     """Each kind's weight times its strength (a template link's strength is how much of
-    the two accounts' frames is common: see :meth:`.linking.LinkIndex.frame_similarity`)."""
+    the two accounts' frames is common: see :meth:`.linking.LinkIndex.frame_overlap`)."""
     # Summed in kind order: the total must not depend on the order the kinds were added.
     return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
 

@@ -17,8 +17,10 @@ the number of accounts, not of exchanges:
 
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
 says little; groups larger than ``max_group`` make no edges. Within a group each account
-links to a few neighbours on a hash ring rather than to every member, which keeps a group
-of *n* accounts to O(n) edges while leaving it connected.
+links to a few neighbours on a ring rather than to every member, which keeps a group of
+*n* accounts to O(n) edges while leaving it connected. The ring is ordered by each
+account's dominant frame set first, so the sampled edges of a group two operators share
+join accounts of one harness.
 
 **Co-start.** Accounts that each send a few exchanges a day share too few activity
 buckets for the MinHash above, but a scheduler that drives them makes several start at
@@ -69,9 +71,19 @@ GROUP_COSTART_MIN = 3
 COSTART_POPULATION = 1_000
 
 
-def _ring_position(account_id: str) -> tuple[int, str]:
-    """Where an account sits on every group's ring (a hash, ties by id)."""
-    return zlib.crc32(account_id.encode()), account_id
+RingPosition = tuple[int, int, str]
+
+
+def _ring_position(account_id: str, signature: int = 0) -> RingPosition:
+    """Where an account sits on every group's ring: by its frame-set signature first, then
+    by a hash of its id (ties by id)."""
+    return signature, zlib.crc32(account_id.encode()), account_id
+
+
+def _signature(frames: Iterable[int]) -> int:
+    """A hash of an account's dominant frame set (0 for none)."""
+    ordered = sorted(frames)
+    return zlib.crc32(b",".join(b"%d" % f for f in ordered)) if ordered else 0
 
 
 Pair = tuple[str, str]
@@ -164,7 +176,8 @@ class LinkIndex:
     _lockstep: dict[Pair, float] = field(default_factory=dict)
     _lockstep_of: dict[str, set[Pair]] = field(default_factory=dict)
     # Per group, its active members in ring order, kept sorted as members come and go.
-    _rings: dict[tuple[str, object], list[tuple[int, str]]] = field(default_factory=dict)
+    _rings: dict[tuple[str, object], list[RingPosition]] = field(default_factory=dict)
+    _signatures: dict[str, int] = field(default_factory=dict)
     _dirty_pairs: set[Pair] = field(default_factory=set)
     _lsh: MinHashLSH | None = None
     _in_lsh: set[str] = field(default_factory=set)
@@ -214,13 +227,14 @@ class LinkIndex:
         mine[kind] = new
 
     def _ring_join(self, group: tuple[str, object], account_id: str) -> None:
-        bisect.insort(self._rings.setdefault(group, []), _ring_position(account_id))
+        bisect.insort(self._rings.setdefault(group, []), _ring_position(
+            account_id, self._signatures.get(account_id, 0)))
 
     def _ring_leave(self, group: tuple[str, object], account_id: str) -> None:
         ring = self._rings.get(group)
         if ring is None:
             return
-        key = _ring_position(account_id)
+        key = _ring_position(account_id, self._signatures.get(account_id, 0))
         i = bisect.bisect_left(ring, key)
         if i < len(ring) and ring[i] == key:
             del ring[i]
@@ -245,8 +259,10 @@ class LinkIndex:
                     self._dirty_groups.add((kind, k))
         share, count = self.template_share, self.template_min_count
         before = self.member_keys.get(aid, {}).get("template")
-        self._set_keys("template", aid, [k for k, _ in state.dominant_keys(
-            share, count, frames=True, bands=False)])
+        frames = [k for k, _ in state.dominant_keys(share, count, frames=True, bands=False)]
+        if set(frames) != (before or set()):
+            self._move_on_rings(aid, frames)
+        self._set_keys("template", aid, frames)
         if self.member_keys[aid].get("template") != before:
             self._frames_moved.add(aid)
         self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
@@ -258,6 +274,20 @@ class LinkIndex:
             self._lockstep_candidates(state)
         if state.pending_starts:
             self._costart_candidates(state)
+
+    def _move_on_rings(self, aid: str, frames: list[int]) -> None:
+        """Give the account its ring position for a new frame set, in every group it is
+        on: members that hold the same frames sit next to each other, so the ring edges
+        of a group two operators share (a public instruction, a hosting /24) join
+        accounts of one harness, and the group still stays connected."""
+        groups = [(kind, key) for kind, keys in self.member_keys.get(aid, {}).items()
+                  for key in keys] if aid in self._active else []
+        for group in groups:
+            self._ring_leave(group, aid)
+        self._signatures[aid] = _signature(frames)
+        for group in groups:
+            self._ring_join(group, aid)
+            self._dirty_groups.add(group)
 
     def _costart_candidates(self, state: AccountState) -> None:
         """Count the account's new session starts against the starts already indexed
@@ -408,7 +438,7 @@ class LinkIndex:
         kind, key = group
         if len(self.groups[kind].get(key, ())) > self.max_group:
             return set()
-        ring = [aid for _, aid in self._rings.get(group, ())]
+        ring = [pos[-1] for pos in self._rings.get(group, ())]
         n = len(ring)
         out: set[Pair] = set()
         steps = range(1, min(RING_NEIGHBOURS, n - 1) + 1)
@@ -418,17 +448,24 @@ class LinkIndex:
                 out.add((a, b) if a < b else (b, a))
         return out
 
-    def frame_similarity(self, a: str, b: str) -> float | None:
+    def frame_overlap(self, a: str, b: str) -> tuple[float, float] | None:
         """How much of two accounts' dominant template frames is common, None unless both
-        have some: the shared frames over the smaller set (an account whose traffic put
-        one of its operator's frames just under the dominance share still matches). One
-        operator's accounts use the same harness; two operators who copied one public
-        instruction share that frame and differ in the rest of theirs."""
+        have some: (shared frames over the smaller set, over the union).
+
+        The first decides whether they are linked: an account whose traffic put one of
+        its operator's frames just under the dominance share still matches, and one
+        operator's accounts use the same harness, while two operators who copied one
+        public instruction share that frame and differ in the rest of theirs. The second
+        (Jaccard) is the link's strength: two accounts that hold the same frames weigh
+        more in the account graph than two that share one frame of four, so Louvain
+        keeps apart operators joined only by a public frame."""
         fa = self.member_keys.get(a, {}).get("template")
         fb = self.member_keys.get(b, {}).get("template")
         if not fa or not fb:
             return None
-        return round(len(fa & fb) / min(len(fa), len(fb)), 6)
+        common = len(fa & fb)
+        return (round(common / min(len(fa), len(fb)), 6),
+                round(common / (len(fa) + len(fb) - common), 6))
 
     def refresh(self, states: dict[str, AccountState]) -> set[Pair]:
         """Re-link changed groups and lockstep candidates; returns the pairs whose edge
@@ -498,10 +535,11 @@ class LinkIndex:
             counts = self._counts.get(pair, {})
             kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
             kinds.pop("template", None)
-            similarity = self.frame_similarity(*pair)
-            if similarity is not None:
-                if similarity >= MIN_FRAME_SIMILARITY:
-                    kinds["template"] = similarity
+            overlap = self.frame_overlap(*pair)
+            if overlap is not None:
+                share, strength = overlap
+                if share >= MIN_FRAME_SIMILARITY:
+                    kinds["template"] = strength
             # One shared 16-bit SimHash band happens by chance between unrelated accounts;
             # near copies of one prompt share several bands.
             elif counts.get("lsh", 0) >= MIN_SHARED_BANDS:
