@@ -5,6 +5,7 @@ not share, risk that an unseen feature value cannot decide alone)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,33 @@ from tests.factories import make_exchange, make_features
 T0 = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
 
 
+def _link_operators(harness: dict[str, tuple[int, ...]], accounts: int,
+                    prefix: Callable[[str, int], str]
+                    ) -> tuple[LinkIndex, dict[str, AccountState]]:
+    """Each operator's accounts send eight exchanges with its frames, from the /24 that
+    ``prefix(operator, i)`` names; returns the refreshed link index and the states."""
+    links = LinkIndex()
+    states: dict[str, AccountState] = {}
+    for op, keys in harness.items():
+        for i in range(accounts):
+            aid = f"{op}{i}"
+            state = states[aid] = AccountState(aid)
+            links.set_static(aid, None, None)
+            for n in range(8):
+                state.update(make_features(aid, T0 + 60 * n + i, template_keys=keys,
+                                           ip_prefix=prefix(op, i)))
+            state.flush()
+            links.update(state)
+    links.refresh(states)
+    return links, states
+
+
+def _communities(links: LinkIndex) -> set[frozenset[str]]:
+    graph = AccountGraph()
+    graph.update(links.edges, set(links.edges))
+    return {frozenset(c.members) for c in graph.communities}
+
+
 def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
     """Two operators each use their own harness (a system prompt and an instruction
     frame) around one public instruction they both copied: accounts of one operator are
@@ -39,28 +67,14 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
     Louvain keeps the operators apart although their /24 clusters are joined only by
     their templates."""
     harness = {"a": (101, 201, 202), "b": (101, 301, 302)}   # frame 101 is public
-    links = LinkIndex()
-    states: dict[str, AccountState] = {}
-    for op, keys in harness.items():
-        for i in range(6):
-            aid = f"{op}{i}"
-            state = states[aid] = AccountState(aid)
-            links.set_static(aid, None, None)
-            for n in range(8):
-                state.update(make_features(aid, T0 + 60 * n + i, template_keys=keys,
-                                       ip_prefix=f"{op}-net{i % 2}"))
-            state.flush()
-            links.update(state)
-    links.refresh(states)
+    links, states = _link_operators(harness, 6, lambda op, i: f"{op}-net{i % 2}")
     assert links.frame_overlap("a0", "a1") == (1.0, 1.0)
     assert links.frame_overlap("a0", "b0") == pytest.approx((1 / 3, 1 / 5))
     kinds = {pair: k for pair, k in links.edges.items()}
     assert all(a[0] == b[0] for a, b in kinds), "a template link across operators"
     assert any(set(k) == {"template"} for k in kinds.values())   # across /24 clusters
-    graph = AccountGraph()
-    graph.update(links.edges, set(links.edges))
-    found = {frozenset(c.members) for c in graph.communities}
-    assert found == {frozenset(a for a in states if a[0] == op) for op in harness}
+    assert _communities(links) == {frozenset(a for a in states if a[0] == op)
+                                   for op in harness}
     assert edge_weight({"template": 1 / 3}) < edge_weight({"template": 1.0}) / 2
 
 
@@ -72,25 +86,12 @@ def test_a_public_frame_group_links_each_operator_within_itself() -> None:
     1 + 2 + 3 each), and a cross pair, sharing one of three distinct frames, weighs a
     third of a pair within one operator. Louvain then finds the two operators."""
     harness = {"a": (101, 201), "b": (101, 301)}
-    links = LinkIndex()
-    states: dict[str, AccountState] = {}
-    for op, keys in harness.items():
-        for i in range(10):
-            aid = f"{op}{i}"
-            state = states[aid] = AccountState(aid)
-            for n in range(8):
-                state.update(make_features(aid, T0 + 60 * n + i, template_keys=keys,
-                                       ip_prefix=f"{aid}-net"))
-            state.flush()
-            links.update(state)
-    links.refresh(states)
+    links, states = _link_operators(harness, 10, lambda op, i: f"{op}{i}-net")
     cross = {pair: kinds for pair, kinds in links.edges.items() if pair[0][0] != pair[1][0]}
     assert 0 < len(cross) <= 2 * (1 + 2 + 3)     # on every shared ring, the same ends
     assert all(kinds == {"template": pytest.approx(1 / 3)} for kinds in cross.values())
-    graph = AccountGraph()
-    graph.update(links.edges, set(links.edges))
-    found = {frozenset(c.members) for c in graph.communities}
-    assert found == {frozenset(a for a in states if a[0] == op) for op in harness}
+    assert _communities(links) == {frozenset(a for a in states if a[0] == op)
+                                   for op in harness}
 
 
 def test_template_strength_follows_frames_on_every_link() -> None:
