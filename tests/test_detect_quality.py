@@ -123,13 +123,14 @@ def test_template_strength_follows_frames_on_every_link() -> None:
     assert links.edges[_pair(x, y)] == {"prefix": 1.0}
 
 
-@pytest.mark.parametrize(("others", "linked"), [(0, True), (4_000, False)])
+@pytest.mark.parametrize(("others", "linked"), [(0, True), (2_000, False), (4_000, False)])
 def test_costart_pair_test_is_stricter_among_more_accounts(others: int, linked: bool
                                                             ) -> None:
     """Two accounts with four session starts each over a day, two of them within seconds
-    of each other: a Poisson tail of about 4e-5, below the pair alpha among a thousand
-    accounts, but not among four thousand, where every account is compared with four
-    times as many others and such a pair is expected by chance."""
+    of each other: a Poisson tail of 3.6e-5, below the pair alpha among a thousand
+    accounts, but not among two thousand (alpha 1e-4 x (1,000 / 2,002)^2 = 2.5e-5; in
+    proportion to the accounts alone it would be 5e-5 and link them) nor four thousand,
+    where there are four and sixteen times as many pairs."""
     links = LinkIndex()
     states: dict[str, AccountState] = {}
 
@@ -147,7 +148,7 @@ def test_costart_pair_test_is_stricter_among_more_accounts(others: int, linked: 
         send(f"o{i}", T0 + 100_000 + 7 * i)
     links.refresh(states)
     assert links._costarts[("a", "b")] == 2
-    assert links.costart_pair_alpha() == pytest.approx(1e-4 * min(1.0, 1_000 / (2 + others)))
+    assert links.costart_pair_alpha() == pytest.approx(1e-4 * min(1.0, 1_000 / (2 + others)) ** 2)
     assert (("a", "b") in links._costart) is linked
 
 

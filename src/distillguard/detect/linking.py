@@ -29,8 +29,9 @@ its silence: a conversation's follow-ups do not count) are indexed by 10-second 
 two accounts whose starts fell within two buckets of each other ``k`` times are linked
 when ``k >= 2`` and a Poisson count with the rate two independent accounts with as many
 starts over their span (at least a day) would show reaches ``k`` with probability at most
-``costart_alpha`` (divided by the active accounts per thousand beyond the first
-thousand: every account is compared with all the others). Only the last few minutes of
+``costart_alpha`` (divided by the square of the active accounts per thousand beyond the
+first thousand: every pair of accounts is compared, so the number of chance links stays
+bounded as the population grows). Only the last few minutes of
 buckets are kept, the count of a pair that is not linked is forgotten after three days
 without a co-start, and each evaluation looks up only the new starts of the accounts
 that moved. A scheduler with a large pool
@@ -67,7 +68,7 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 GROUP_COSTART_MIN = 3
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
-# every account is compared with more others, so the pair alpha shrinks in proportion.
+# there are more pairs to compare, so the pair alpha shrinks with their number.
 COSTART_POPULATION = 1_000
 
 
@@ -407,11 +408,15 @@ class LinkIndex:
 
     def costart_pair_alpha(self) -> float:
         """The pair test's alpha now: ``costart_alpha`` for up to COSTART_POPULATION
-        active accounts, smaller in proportion beyond. Each account's starts are compared
-        with every other account's, so the chance that some pair of it passes grows with
-        the population; without this, a service of thousands links ordinary users to
-        busy campaign accounts on two coincidental starts."""
-        return self.costart_alpha * min(1.0, COSTART_POPULATION / max(len(self._active), 1))
+        active accounts, and ``costart_alpha * (COSTART_POPULATION / N) ** 2`` among N
+        beyond. Every pair of accounts is compared, N * N / 2 of them, so the chance links
+        this allows stay as many as among COSTART_POPULATION accounts, however large the
+        service. Shrinking it only in proportion to N (each account's chance to be linked
+        kept constant) still let chance links grow with N: on the ``large`` preset's
+        first million exchanges, casual users of two to four exchanges joined to campaign
+        accounts by two coincidental starts were half the benign accounts flagged."""
+        scale = min(1.0, COSTART_POPULATION / max(len(self._active), 1))
+        return self.costart_alpha * scale * scale
 
     def _costart_linked(self, states: dict[str, AccountState], pair: Pair,
                         alpha: float) -> bool:
