@@ -108,7 +108,7 @@ def test_template_strength_follows_frames_on_every_link() -> None:
         prefix = "net-xy" if aid in (x, y) else f"net-{aid}"
         for _ in range(n):
             states[aid].update(make_features(aid, T0 + 30 * next(clock), template_keys=keys,
-                                         ip_prefix=prefix))
+                                             ip_prefix=prefix))
         states[aid].flush()
         links.update(states[aid])
 

@@ -261,10 +261,11 @@ class LinkIndex:
         share, count = self.template_share, self.template_min_count
         before = self.member_keys.get(aid, {}).get("template")
         frames = [k for k, _ in state.dominant_keys(share, count, frames=True, bands=False)]
-        if set(frames) != (before or set()):
+        moved = set(frames) != (before or set())
+        if moved:
             self._move_on_rings(aid, frames)
         self._set_keys("template", aid, frames)
-        if self.member_keys[aid].get("template") != before:
+        if moved:
             self._frames_moved.add(aid)
         self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
             share, count, frames=False, bands=True)])
