@@ -27,6 +27,7 @@ from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from distillguard.simulate import simulate
 from distillguard.store.sql import async_url
+from distillguard.traceio import FormatError
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 
 TICK = 600.0
@@ -93,6 +94,46 @@ def test_cli_writes_the_verdicts_format(tmp_path: Path, world: tuple[Path, Path,
 
 
 
+def test_reader_process_gives_the_same_verdicts(world: tuple[Path, Path, Path],
+                                                batch: Verdicts) -> None:
+    """Reading and features in a second process change nothing but speed."""
+    trace, accounts, _ = world
+    blocks: list[int] = []
+    result, _detector = run_batch(trace, Calibration.read(), accounts=accounts,
+                                  tick_seconds=TICK, reader="process",
+                                  on_block=blocks.append)
+    assert result.verdicts.to_json() == batch.to_json()
+    assert blocks and blocks[-1] == result.exchanges == len(trace.read_bytes().splitlines())
+    assert blocks == sorted(blocks)
+
+
+def test_auto_reader_uses_a_process_for_large_traces_only(
+        monkeypatch: pytest.MonkeyPatch, world: tuple[Path, Path, Path]) -> None:
+    from distillguard.detect import batch as batch_module
+
+    monkeypatch.setattr(batch_module.os, "cpu_count", lambda: 2)
+    assert not batch_module._use_reader_process(world[0], "auto")   # a few MB
+    monkeypatch.setattr(batch_module, "READER_PROCESS_MIN_BYTES", 1)
+    assert batch_module._use_reader_process(world[0], "auto")
+    assert not batch_module._use_reader_process(world[0], "inline")
+    monkeypatch.setattr(batch_module.os, "cpu_count", lambda: 1)
+    assert not batch_module._use_reader_process(world[0], "auto")
+    assert batch_module._use_reader_process(world[0], "process")
+
+
+@pytest.mark.parametrize("reader", ["process", "inline"])
+def test_bad_trace_line_is_reported_by_either_reader(tmp_path: Path, reader: str,
+                                                     world: tuple[Path, Path, Path]) -> None:
+    lines = world[0].read_bytes().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    # a line that parses as JSON but is not an exchange (no timestamp: sorted first)
+    broken.write_bytes(b"\n".join([*lines[:50], b'{"id": "x", "request": {}}', *lines[50:]]))
+    with pytest.raises(FormatError, match="bad trace line near exchange 1:"):
+        run_batch(broken, Calibration.read(), reader=reader)
+    with pytest.raises(ValueError, match="reader must be one of"):
+        run_batch(broken, Calibration.read(), reader="threads")
+
+
 def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
     """The same trace gives byte-identical verdicts whatever the process's string-hash
     seed: no set or dict iteration order may reach campaign ids, evidence or risks."""
@@ -111,17 +152,18 @@ def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
     assert outs[0] == outs[1] == outs[2]
     assert Verdicts.read(tmp_path / "verdicts1.json").campaigns
 
+@pytest.mark.parametrize("reader", ["inline", "process"])
 def test_detect_leaves_no_spill_directory(world: tuple[Path, Path, Path],
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, reader: str) -> None:
     """The sort's temporary directory is removed after a run, and after a run stopped
-    with SIGTERM (on a 10M-exchange trace it holds gigabytes)."""
+    with SIGTERM (on a 10M-exchange trace it holds gigabytes), with either reader."""
     import signal
     import time
 
     trace, accounts, _ = world
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "distillguard.cli", "detect", "--trace", str(trace),
-           "--accounts", str(accounts), "--out", str(tmp_path / "v.json")]
+           "--accounts", str(accounts), "--out", str(tmp_path / "v.json"), "--reader", reader]
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert not list(tmp_path.glob("distillguard-detect-*"))

@@ -13,13 +13,20 @@ the online stage feeds it.
 from __future__ import annotations
 
 import gc
+import os
+import pickle
 import shutil
+import struct
+import subprocess
+import sys
 import tempfile
+import traceback
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import duckdb
 import numpy as np
@@ -37,6 +44,11 @@ from distillguard.verdicts import Verdicts
 BATCH_ROWS = 4_096
 # Evaluate links and risk every this many seconds of trace time (every batch path).
 TICK_SECONDS = 300.0
+Features = Generator[ExchangeFeatures | None, None, None]
+READERS = ("auto", "process", "inline")
+# A trace at least this large is read in a second process under reader="auto" (starting
+# one costs about a second; below this the whole run takes a few seconds).
+READER_PROCESS_MIN_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -135,13 +147,13 @@ def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calib
     return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
 
 
-def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
-                    on_block: Callable[[int], None] | None
-                    ) -> Iterator[ExchangeFeatures | None]:
-    """The trace's features in time order (None for exchanges without an account)."""
+def _trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
+                        temp_dir: str | None = None) -> Iterator[list[tuple[Any, ...]]]:
+    """The trace's features in time order, block by block, as plain tuples
+    (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
     count = 0
     block = Extractor(geoip)
-    for lines in iter_sorted_lines(trace, memory_limit=memory_limit):
+    for lines in iter_sorted_lines(trace, memory_limit=memory_limit, temp_dir=temp_dir):
         for line in lines:
             try:
                 exchange = Exchange.from_trace(orjson.loads(line))
@@ -149,11 +161,129 @@ def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None
                 raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
                                   f"{exc}") from None
             block.add(exchange)   # keeps what features need; the parsed line goes now
-        count += len(block)
-        for features in block.take():
-            yield features if features.account_id else None
+            count += 1
+        yield block.take_rows()
+
+
+def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
+                    on_block: Callable[[int], None] | None, temp_dir: str | None = None
+                    ) -> Features:
+    """The trace's features in time order (None for exchanges without an account),
+    read and extracted in this process."""
+    count = 0
+    for rows in _trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
+                                    temp_dir=temp_dir):
+        count += len(rows)
+        for row in rows:
+            yield ExchangeFeatures(*row) if row[1] else None
         if on_block is not None:
             on_block(count)
+
+
+_HEADER = struct.Struct("<Q")     # the byte length of each message from the reader
+
+
+def _send(out: BinaryIO, kind: str, payload: object) -> None:
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_HEADER.pack(len(data)))
+    out.write(data)
+
+
+def _receive(stream: BinaryIO) -> tuple[str, Any] | None:
+    """The next message from the reader; None when it ended without one."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    kind, payload = pickle.loads(data)
+    return kind, payload
+
+
+def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
+    """The reader process (``python -m distillguard.detect.batch``): sort, parse and
+    extract; write each block of feature rows to ``fd`` (a write blocks while the
+    detector is behind, so at most a pipe's worth is in flight), then ``("end",
+    count)``. A bad trace is sent as ``("error", message)``, anything else as
+    ``("crash", traceback)``."""
+    count = 0
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        try:
+            for rows in _trace_feature_rows(trace, memory_limit=memory_limit, geoip=None,
+                                            temp_dir=temp_dir):
+                count += len(rows)
+                _send(out, "rows", rows)
+            _send(out, "end", count)
+        except FormatError as exc:
+            _send(out, "error", str(exc))
+        except BrokenPipeError:
+            return            # the detector stopped reading (it failed or was stopped)
+        except Exception:     # reported to the detector's process, which raises
+            _send(out, "crash", traceback.format_exc())
+
+
+def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
+                              on_block: Callable[[int], None] | None
+                              ) -> Features:
+    """The same features as :func:`_trace_features`, read and extracted in a second
+    process (a fresh interpreter running :func:`reader_main`, so nothing of the caller's
+    program is imported or copied there) while this one runs the detector. The spill
+    directory belongs to this process, which removes it however the run ends (the reader
+    is stopped first)."""
+    spill = tempfile.mkdtemp(prefix="distillguard-detect-")
+    read_fd, write_fd = os.pipe()
+    reader: subprocess.Popen[bytes] | None = None
+    try:
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "distillguard.detect.batch", str(trace), memory_limit,
+             spill, str(write_fd)], pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+        os.close(write_fd)    # the reader holds the only writing end now
+        write_fd = -1
+        count = 0
+        with os.fdopen(read_fd, "rb", buffering=1 << 20) as stream:
+            read_fd = -1
+            while True:
+                message = _receive(stream)
+                if message is None:
+                    code = reader.wait(10)
+                    raise RuntimeError(f"the trace reader process ended unexpectedly "
+                                       f"(exit code {code})")
+                kind, payload = message
+                if kind == "rows":
+                    count += len(payload)
+                    for row in payload:
+                        yield ExchangeFeatures(*row) if row[1] else None
+                    if on_block is not None:
+                        on_block(count)
+                elif kind == "end":
+                    break
+                elif kind == "error":
+                    raise FormatError(payload)
+                else:
+                    raise RuntimeError(f"the trace reader process failed:\n{payload}")
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        if reader is not None:
+            if reader.poll() is None:
+                reader.terminate()
+            reader.wait(10)
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _use_reader_process(trace: str | Path, reader: str) -> bool:
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}")
+    if reader != "auto":
+        return reader == "process"
+    try:
+        size = Path(trace).stat().st_size
+    except OSError:
+        return False          # the in-process path reports the missing file
+    return (os.cpu_count() or 1) >= 2 and size >= READER_PROCESS_MIN_BYTES
 
 
 def run_batch(trace: str | Path, calibration: Calibration, *,
@@ -161,12 +291,25 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
               memory_limit: str = "1GB", collect: bool = False,
               geoip: GeoIP | None = None,
               on_block: Callable[[int], None] | None = None,
-              on_progress: Callable[[int], None] | None = None) -> tuple[BatchResult, Detector]:
-    """Detect over a whole trace; returns the verdicts and the detector (for calibration)."""
-    return run_features(_trace_features(trace, memory_limit=memory_limit, geoip=geoip,
-                                        on_block=on_block),
-                        calibration, accounts=accounts, tick_seconds=tick_seconds,
-                        collect=collect, on_progress=on_progress)
+              on_progress: Callable[[int], None] | None = None,
+              reader: str = "auto") -> tuple[BatchResult, Detector]:
+    """Detect over a whole trace; returns the verdicts and the detector (for calibration).
+
+    ``reader``: ``"process"`` reads and extracts features in a second process (see
+    :func:`_trace_features_in_reader`), ``"inline"`` in this one; ``"auto"`` (default)
+    uses the second process for traces of READER_PROCESS_MIN_BYTES or more on a machine
+    with two or more cores, when no custom ``geoip`` is given (the reader loads the
+    default database itself). The verdicts are the same either way."""
+    if geoip is None and _use_reader_process(trace, reader):
+        features = _trace_features_in_reader(trace, memory_limit=memory_limit,
+                                             on_block=on_block)
+    else:
+        features = _trace_features(trace, memory_limit=memory_limit, geoip=geoip,
+                                   on_block=on_block)
+    with closing(features):   # a stopped run ends the reader and its spill files now
+        return run_features(features, calibration, accounts=accounts,
+                            tick_seconds=tick_seconds, collect=collect,
+                            on_progress=on_progress)
 
 
 def read_labels(path: str | Path) -> dict[str, bool]:
@@ -269,3 +412,7 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
         "community_snapshots": len(groups), "benign": len(benign),
         "attack": len(attack) - len(benign),
         "benign_flagged_at_threshold": over + group_over})
+
+
+if __name__ == "__main__":      # the reader process of _trace_features_in_reader
+    reader_main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

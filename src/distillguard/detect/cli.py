@@ -23,7 +23,7 @@ import click
 import orjson
 from tqdm import tqdm
 
-from distillguard.detect.batch import TICK_SECONDS, BatchResult, run_batch
+from distillguard.detect.batch import READERS, TICK_SECONDS, BatchResult, run_batch
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
 
@@ -51,10 +51,14 @@ def exit_on_sigterm() -> None:
               help="DuckDB memory limit for sorting the trace (spills to disk beyond it).")
 @click.option("--progress-log", type=click.Path(dir_okay=False),
               help="Also write progress as JSON Lines (exchanges, seconds, resident MB).")
+@click.option("--reader", type=click.Choice(READERS), default="auto", show_default=True,
+              help="Read the trace and extract features in a second process ('process') "
+                   "or in this one ('inline'); 'auto': a second process for traces of "
+                   "64 MiB or more on two or more cores. Verdicts are the same.")
 @click.pass_context
 def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str | None,
            calibration_path: str | None, tick_seconds: float, memory_limit: str,
-           progress_log: str | None) -> None:
+           progress_log: str | None, reader: str) -> None:
     """Find distillation campaigns in a trace and write verdicts with evidence."""
     if ctx.invoked_subcommand is not None:
         return
@@ -66,7 +70,7 @@ def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str
     with Progress(progress_log) as progress:
         result, _ = run_batch(trace, calibration, accounts=accounts,
                               tick_seconds=tick_seconds, memory_limit=memory_limit,
-                              on_progress=progress)
+                              on_progress=progress, reader=reader)
     write_verdicts(result, out, time.perf_counter() - began)
 
 

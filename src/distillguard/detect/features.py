@@ -194,19 +194,24 @@ class Extractor:
             info.asn_name if info else None, bool(info and info.hosting), ex.status))
 
     def take(self) -> list[ExchangeFeatures]:
+        return [ExchangeFeatures(*row) for row in self.take_rows()]
+
+    def take_rows(self) -> list[tuple[Any, ...]]:
+        """The block's features as plain tuples in :class:`ExchangeFeatures` field order
+        (cheap to send to another process: :mod:`.batch` extracts in one)."""
         rows, self._rows = self._rows, []
         memo = self.cache
         prompts = memo.prompts.resolve([r[1] for r in rows], memo.prompt_features)
         texts = memo.texts.resolve([r[0] for r in rows], _text_features_many)
         systems = memo.systems.resolve([r[2] for r in rows if r[2]], _system_keys)
-        out = []
+        out: list[tuple[Any, ...]] = []
         for (text, prompt, system, depth, tools, ident, account, ts, max_tokens, n, logprobs,
              temperature, prompt_tokens, completion_tokens, model, user_agent, ip_prefix,
              asn, hosting, status) in rows:
             p = prompts[prompt]
             t = texts[text]
             tool = tools or t.tool
-            out.append(ExchangeFeatures(
+            out.append((
                 ident, account, ts, (*p.frame, systems[system]) if system else p.frame,
                 p.simhash, t.reasoning, t.rubric, tool,
                 3 if tool else _CATEGORY_OF[p.topics | t.literals], depth, max_tokens, n,
