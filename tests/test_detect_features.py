@@ -138,6 +138,35 @@ def test_space_saving_keeps_what_it_inherited_apart() -> None:
     assert topk.max_guaranteed() == 3 and topk.max_count() >= 3
 
 
+def test_space_saving_evicts_the_first_smallest_counter() -> None:
+    """The listed-minimum eviction picks the same victims as scanning every counter for
+    the first (in insertion order) with the smallest count."""
+    import random
+
+    rng = random.Random(1)
+    for _ in range(500):
+        k = rng.randint(1, 8)
+        topk = TopK(k)
+        counts: dict[object, int] = {}
+        errors: dict[object, int] = {}
+        universe = rng.randint(1, 30)
+        for _ in range(rng.randint(0, 300)):
+            item = rng.randint(0, universe) if rng.random() < 0.7 else rng.randint(0, 3)
+            weight = rng.choice((1, 1, 1, 2, 0))
+            topk.add(item, weight)
+            if item in counts:
+                counts[item] += weight
+            elif len(counts) < k:
+                counts[item] = weight
+            else:
+                victim = min(counts, key=counts.__getitem__)
+                floor = counts.pop(victim)
+                errors.pop(victim, None)
+                counts[item], errors[item] = floor + weight, floor
+            assert list(topk.counts.items()) == list(counts.items())
+            assert topk.errors == errors
+
+
 def test_frames_that_only_filled_the_sketch_are_not_dominant() -> None:
     """An account whose every prompt ends in new words (harvested items around one
     system prompt): the sketch's counters all climb past a quarter of its traffic, but

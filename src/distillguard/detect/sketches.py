@@ -38,14 +38,24 @@ class TopK:
     over-estimate an item by its error and ``counts - errors`` (:meth:`guaranteed`)
     never does. With many distinct items (every prompt's last words differ) the
     counters all climb together, and only the guaranteed count says which items are
-    really frequent."""
+    really frequent.
 
-    __slots__ = ("k", "counts", "errors")
+    The victim is the first counter, in insertion order, holding the smallest count.
+    Finding it afresh costs a pass over all ``k`` counters, and when the counters climb
+    together nearly every add evicts; so the counters at the smallest count are listed
+    once (``_low``, in insertion order) and used up one eviction at a time. Counts only
+    grow, so no other counter can join that list before it is used up: the pass then
+    happens about once per ``k`` evictions, and the victims are the same."""
+
+    __slots__ = ("k", "counts", "errors", "_floor", "_low", "_next")
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.counts: dict[object, int] = {}
         self.errors: dict[object, int] = {}
+        self._floor = 0                   # the smallest count, when _low is valid
+        self._low: list[object] = []      # counters that held _floor, in insertion order
+        self._next = 0                    # _low[:_next] are used up
 
     def add(self, item: object, weight: int = 1) -> None:
         counts = self.counts
@@ -53,12 +63,28 @@ class TopK:
             counts[item] += weight
         elif len(counts) < self.k:
             counts[item] = weight
+            self._low.clear()             # a new small counter: list them again
+            self._next = 0
         else:
-            victim = min(counts, key=counts.__getitem__)
+            victim = self._victim()
             floor = counts.pop(victim)
             self.errors.pop(victim, None)
             counts[item] = floor + weight
             self.errors[item] = floor
+
+    def _victim(self) -> object:
+        counts, low, floor = self.counts, self._low, self._floor
+        i = self._next
+        while i < len(low):
+            candidate = low[i]
+            i += 1
+            if counts.get(candidate) == floor:    # not evicted or grown since
+                self._next = i
+                return candidate
+        self._floor = floor = min(counts.values())
+        low[:] = [key for key, n in counts.items() if n == floor]
+        self._next = 1
+        return low[0]
 
     def guaranteed(self, item: object) -> int:
         """How many times the item was certainly seen (0 if it is not counted)."""
