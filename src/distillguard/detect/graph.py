@@ -12,7 +12,7 @@ change keeps its partition, so Louvain runs only where the graph moved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -62,6 +62,7 @@ class AccountGraph:
     _base: dict[int, int] = field(default_factory=dict)   # label -> component size at split
     _next_label: int = 0
     _previous: dict[str, int] = field(default_factory=dict)
+    _neighbours: dict[str, dict[str, set[str]]] = field(default_factory=dict)
 
     @property
     def communities(self) -> list[Community]:
@@ -74,12 +75,20 @@ class AccountGraph:
         connected component a changed pair touches, but an account whose community came
         out as it was is not returned, so nothing downstream re-scores it."""
         graph = self.graph
+        adjacency = graph._adj
         touched: set[str] = set()
+        endpoints: set[str] = set()   # accounts that gained, lost or changed a link kind
         for a, b in sorted(changed):
             kinds = edges.get((a, b))
+            old = adjacency[a].get(b) if a in adjacency else None
+            had = old["kinds"].keys() if old is not None else set()
+            has = kinds.keys() if kinds else set()
+            if had != has:
+                endpoints.update((a, b))
+                self._index_kinds(a, b, had, has)
             if kinds:
                 graph.add_edge(a, b, weight=edge_weight(kinds), kinds=dict(kinds))
-            elif graph.has_edge(a, b):
+            elif old is not None:
                 graph.remove_edge(a, b)
             touched.update((a, b))
         for node in sorted(touched):
@@ -94,7 +103,6 @@ class AccountGraph:
                 nodes = nx.node_connected_component(graph, node)
                 seen |= nodes
                 components.append(nodes)
-        endpoints = set(touched)      # accounts with a changed edge
         touched |= seen
         self._previous = {}
         earlier: dict[int, Community] = {}
@@ -115,11 +123,12 @@ class AccountGraph:
         for label in sorted(fresh):
             members = self._members[label]
             kept = earlier.get(label)
-            # A community with the same members and no changed edge among them is as it was.
+            # A community with the same members and no link among them gained, lost or
+            # changed in kind is as it was (its kinds do not depend on link strengths).
             if kept is not None and kept.members == members and endpoints.isdisjoint(members):
                 self._communities[label] = kept
             else:
-                self._communities[label] = self._community(graph, members)
+                self._communities[label] = self._community(members)
         moved: set[str] = set()
         for node in touched:
             before = self.of.get(node)
@@ -188,19 +197,35 @@ class AccountGraph:
             pending = rest
         return out
 
-    @staticmethod
-    def _community(graph: nx.Graph, group: set[str]) -> Community:
-        # Only counts come out, so members and edges may be visited in any order; the
-        # graph's own adjacency dicts are read directly (the view layer is the cost here).
-        kinds: dict[str, set[str]] = {}
-        adjacency = graph._adj
-        for a in group:
-            for b, data in adjacency[a].items():
-                if b in group:
-                    for kind in data["kinds"]:
-                        members = kinds.get(kind)
-                        if members is None:
-                            members = kinds[kind] = set()
-                        members.add(a)
-        # Kinds in name order, whatever order the members' edges were met in.
-        return Community(frozenset(group), {k: len(kinds[k]) for k in sorted(kinds)})
+    def _index_kinds(self, a: str, b: str, before: Set[str], after: Set[str]) -> None:
+        """Keep ``_neighbours`` (kind -> account -> accounts it is linked to by that kind)
+        in step with one pair's kinds."""
+        for kind in before - after:
+            by_node = self._neighbours[kind]
+            for x, y in ((a, b), (b, a)):
+                mine = by_node[x]
+                mine.discard(y)
+                if not mine:
+                    del by_node[x]
+        for kind in after - before:
+            by_node = self._neighbours.setdefault(kind, {})
+            for x, y in ((a, b), (b, a)):
+                by_node.setdefault(x, set()).add(y)
+
+    def _community(self, group: set[str]) -> Community:
+        """The community of ``group``: for each link kind, how many members hold a link of
+        that kind to another member. Each member's neighbours by kind are kept as sets,
+        so the test is a set intersection rather than a walk over every member's links
+        (communities of a few hundred accounts, each with dozens of links, are re-counted
+        whenever a link among them appears or goes)."""
+        counts: dict[str, int] = {}
+        for kind in sorted(self._neighbours):
+            by_node = self._neighbours[kind]
+            n = 0
+            for a in group:
+                mine = by_node.get(a)
+                if mine is not None and not mine.isdisjoint(group):
+                    n += 1
+            if n:
+                counts[kind] = n
+        return Community(frozenset(group), counts)
