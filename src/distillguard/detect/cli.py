@@ -54,7 +54,7 @@ def exit_on_sigterm() -> None:
 @click.option("--reader", type=click.Choice(READERS), default="auto", show_default=True,
               help="Read the trace and extract features in a second process ('process') "
                    "or in this one ('inline'); 'auto': a second process for traces of "
-                   "64 MiB or more on two or more cores. Verdicts are the same.")
+                   "256 MiB or more on two or more cores. Verdicts are the same.")
 @click.pass_context
 def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str | None,
            calibration_path: str | None, tick_seconds: float, memory_limit: str,
