@@ -44,3 +44,26 @@ def test_community_kinds_follow_every_link_change() -> None:
         for community in graph.communities:
             assert community.kinds == _walked_kinds(graph, community.members)
             assert all(graph.of[m] is community for m in community.members)
+
+
+def test_communities_are_revisited_when_links_fill_in() -> None:
+    """One operator's two address clusters, joined at first by one template link, are
+    two communities; when the other cross links come (no account added), the component
+    is partitioned again and the operator is one community."""
+    inside = {"prefix": 1.0, "template": 1.0}
+    across = {"template": 0.75}
+    clusters = (["a1", "a2", "a3"], ["b1", "b2", "b3"])
+    edges: dict[tuple[str, str], dict[str, float]] = {}
+    for cluster in clusters:
+        for i, x in enumerate(cluster):
+            for y in cluster[i + 1:]:
+                edges[(x, y)] = dict(inside)
+    edges[("a1", "b1")] = dict(across)
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    assert {c.members for c in graph.communities} == {frozenset(c) for c in clusters}
+    more = {(a, b) for a in clusters[0] for b in clusters[1]} - {("a1", "b1")}
+    for pair in more:
+        edges[pair] = dict(across)
+    graph.update(edges, more)
+    assert [c.members for c in graph.communities] == [frozenset(clusters[0] + clusters[1])]

@@ -49,9 +49,11 @@ class AccountGraph:
     """Partition of linked accounts into communities, updated evaluation by evaluation.
 
     The networkx graph is updated pair by pair. Louvain re-runs on a changed connected
-    component only when it has grown or shrunk by more than ``rerun_share`` since its
-    last run (10 %); smaller changes place each new account in the community it is most
-    strongly linked to."""
+    component only when its accounts or its links have grown or shrunk by more than
+    ``rerun_share`` since its last run (10 %); smaller changes place each new account in
+    the community it is most strongly linked to. Links count too: one operator's two
+    address clusters, joined at first by a single template link, were split then, and
+    stayed split when the other cross links came, because no account was added."""
 
     rerun_share: float = 0.1
     graph: nx.Graph = field(default_factory=nx.Graph)
@@ -59,7 +61,8 @@ class AccountGraph:
     _label: dict[str, int] = field(default_factory=dict)
     _members: dict[int, set[str]] = field(default_factory=dict)
     _communities: dict[int, Community] = field(default_factory=dict)
-    _base: dict[int, int] = field(default_factory=dict)   # label -> component size at split
+    # label -> (accounts, links) of its connected component when it was partitioned
+    _base: dict[int, tuple[int, int]] = field(default_factory=dict)
     _next_label: int = 0
     _previous: dict[str, int] = field(default_factory=dict)
     _neighbours: dict[str, dict[str, set[str]]] = field(default_factory=dict)
@@ -144,11 +147,17 @@ class AccountGraph:
     def _partition(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
         old = [self._previous[n] for n in nodes if n in self._previous]
         size = len(nodes)
+        adjacency = graph._adj
+        links = sum(len(adjacency[n]) for n in nodes) // 2
         if old:
-            base = max(self._base.get(k, 0) for k in set(old))
-            kept = len(old)
-            if abs(size - base) <= self.rerun_share * max(base, 1) and kept >= 0.5 * size:
-                return self._extend(graph, nodes)
+            labels = set(old)
+            base = max(self._base[k][0] for k in labels)
+            base_links = max(self._base[k][1] for k in labels)
+            share = self.rerun_share
+            if (abs(size - base) <= share * max(base, 1)
+                    and abs(links - base_links) <= share * max(base_links, 1)
+                    and len(old) >= 0.5 * size):
+                return self._extend(graph, nodes, links)
         if size <= 3:
             groups = [set(nodes)]
         else:
@@ -167,11 +176,11 @@ class AccountGraph:
         for group in sorted(groups, key=min):
             label = self._next_label
             self._next_label += 1
-            self._base[label] = size
+            self._base[label] = (size, links)
             out.update((n, label) for n in group)
         return out
 
-    def _extend(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
+    def _extend(self, graph: nx.Graph, nodes: set[str], links: int) -> dict[str, int]:
         out: dict[str, int] = {}
         for n in sorted(nodes):
             if n in self._previous:
@@ -191,7 +200,7 @@ class AccountGraph:
             if len(rest) == len(pending):
                 label = self._next_label
                 self._next_label += 1
-                self._base[label] = len(rest)
+                self._base[label] = (len(rest), links)
                 out.update((n, label) for n in rest)
                 break
             pending = rest
