@@ -238,9 +238,13 @@ def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
     read_fd, write_fd = os.pipe()
     reader: subprocess.Popen[bytes] | None = None
     try:
+        # The reader imports the same distillguard as this process, wherever it came from.
+        package_root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         reader = subprocess.Popen(
             [sys.executable, "-m", "distillguard.detect.batch", str(trace), memory_limit,
-             spill, str(write_fd)], pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+             spill, str(write_fd)], pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": path})
         os.close(write_fd)    # the reader holds the only writing end now
         write_fd = -1
         count = 0
@@ -272,7 +276,11 @@ def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
         if reader is not None:
             if reader.poll() is None:
                 reader.terminate()
-            reader.wait(10)
+            try:
+                reader.wait(10)
+            except subprocess.TimeoutExpired:
+                reader.kill()
+                reader.wait()
         shutil.rmtree(spill, ignore_errors=True)
 
 
