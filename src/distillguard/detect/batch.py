@@ -150,7 +150,8 @@ def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calib
 
 
 def _trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
-                        temp_dir: str | None = None) -> Iterator[list[tuple[Any, ...]]]:
+                        temp_dir: str | None = None
+                        ) -> Generator[list[tuple[Any, ...]], None, None]:
     """The trace's features in time order, block by block, as plain tuples
     (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
     count = 0
@@ -167,19 +168,27 @@ def _trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | 
         yield block.take_rows()
 
 
+def _features(blocks: Generator[list[tuple[Any, ...]], None, None],
+              on_block: Callable[[int], None] | None) -> Features:
+    """Blocks of feature rows (from this process or the reader process) as features in
+    time order (None for exchanges without an account)."""
+    count = 0
+    with closing(blocks):     # closing this generator ends the source at once
+        for rows in blocks:
+            count += len(rows)
+            for row in rows:
+                yield ExchangeFeatures(*row) if row[1] else None
+            if on_block is not None:
+                on_block(count)
+
+
 def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
                     on_block: Callable[[int], None] | None, temp_dir: str | None = None
                     ) -> Features:
     """The trace's features in time order (None for exchanges without an account),
     read and extracted in this process."""
-    count = 0
-    for rows in _trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
-                                    temp_dir=temp_dir):
-        count += len(rows)
-        for row in rows:
-            yield ExchangeFeatures(*row) if row[1] else None
-        if on_block is not None:
-            on_block(count)
+    return _features(_trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
+                                         temp_dir=temp_dir), on_block)
 
 
 _HEADER = struct.Struct("<Q")     # the byte length of each message from the reader
@@ -208,16 +217,14 @@ def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
     """The reader process (``python -m distillguard.detect.batch``): sort, parse and
     extract; write each block of feature rows to ``fd`` (a write blocks while the
     detector is behind, so at most a pipe's worth is in flight), then ``("end",
-    count)``. A bad trace is sent as ``("error", message)``, anything else as
+    None)``. A bad trace is sent as ``("error", message)``, anything else as
     ``("crash", traceback)``."""
-    count = 0
     with os.fdopen(fd, "wb", buffering=1 << 20) as out:
         try:
             for rows in _trace_feature_rows(trace, memory_limit=memory_limit, geoip=None,
                                             temp_dir=temp_dir):
-                count += len(rows)
                 _send(out, "rows", rows)
-            _send(out, "end", count)
+            _send(out, "end", None)
         except FormatError as exc:
             _send(out, "error", str(exc))
         except BrokenPipeError:
@@ -230,6 +237,13 @@ def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
                               on_block: Callable[[int], None] | None
                               ) -> Features:
     """The same features as :func:`_trace_features`, read and extracted in a second
+    process (see :func:`_reader_blocks`)."""
+    return _features(_reader_blocks(trace, memory_limit=memory_limit), on_block)
+
+
+def _reader_blocks(trace: str | Path, *, memory_limit: str
+                   ) -> Generator[list[tuple[Any, ...]], None, None]:
+    """The trace's blocks of feature rows, read and extracted in a second
     process (a fresh interpreter running :func:`reader_main`, so nothing of the caller's
     program is imported or copied there) while this one runs the detector. The spill
     directory belongs to this process, which removes it however the run ends (the reader
@@ -247,7 +261,6 @@ def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
             env={**os.environ, "PYTHONPATH": path})
         os.close(write_fd)    # the reader holds the only writing end now
         write_fd = -1
-        count = 0
         with os.fdopen(read_fd, "rb", buffering=1 << 20) as stream:
             read_fd = -1
             while True:
@@ -258,11 +271,7 @@ def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
                                        f"(exit code {code})")
                 kind, payload = message
                 if kind == "rows":
-                    count += len(payload)
-                    for row in payload:
-                        yield ExchangeFeatures(*row) if row[1] else None
-                    if on_block is not None:
-                        on_block(count)
+                    yield payload
                 elif kind == "end":
                     break
                 elif kind == "error":
@@ -310,7 +319,7 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
     uses the second process for traces of READER_PROCESS_MIN_BYTES or more on a machine
     with two or more cores, when no custom ``geoip`` is given (the reader loads the
     default database itself). The verdicts are the same either way."""
-    if geoip is None and _use_reader_process(trace, reader):
+    if _use_reader_process(trace, reader) and geoip is None:
         features = _trace_features_in_reader(trace, memory_limit=memory_limit,
                                              on_block=on_block)
     else:

@@ -23,7 +23,13 @@ import click
 import orjson
 from tqdm import tqdm
 
-from distillguard.detect.batch import READERS, TICK_SECONDS, BatchResult, run_batch
+from distillguard.detect.batch import (
+    READER_PROCESS_MIN_BYTES,
+    READERS,
+    TICK_SECONDS,
+    BatchResult,
+    run_batch,
+)
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
 
@@ -54,7 +60,8 @@ def exit_on_sigterm() -> None:
 @click.option("--reader", type=click.Choice(READERS), default="auto", show_default=True,
               help="Read the trace and extract features in a second process ('process') "
                    "or in this one ('inline'); 'auto': a second process for traces of "
-                   "256 MiB or more on two or more cores. Verdicts are the same.")
+                   f"{READER_PROCESS_MIN_BYTES // 2**20} MiB or more on two or more cores. "
+                   "Verdicts are the same.")
 @click.pass_context
 def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str | None,
            calibration_path: str | None, tick_seconds: float, memory_limit: str,
