@@ -167,6 +167,30 @@ def test_space_saving_evicts_the_first_smallest_counter() -> None:
             assert topk.errors == errors
 
 
+def test_cached_readings_follow_the_sketches() -> None:
+    """The distinct-count estimate and the top AS name are kept between evaluations and
+    recomputed only when their sketch moved: after every exchange they read as they would
+    computed afresh, and ``TopK.first`` is ``top(1)``'s item."""
+    import random
+    import warnings
+
+    rng = random.Random(3)
+    state = AccountState("c")
+    for i in range(400):
+        state.update(make_features("c", 1_000.0 + 30 * i, simhash=rng.randrange(60),
+                                   asn=rng.choice(("AS1 A", "AS2 B", "AS3 C", "AS4 D",
+                                                   "AS5 E", "AS6 F"))))
+        if rng.random() < 0.3:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                fresh = min(1.0, state.distinct.count() / state.count)
+            assert state.diversity == fresh
+            top = state.asns.top(1)
+            assert state.top_asn == str(top[0][0])
+            assert state.asns.first() == top[0][0]
+    assert TopK(3).first() is None and AccountState("e").top_asn is None
+
+
 def test_frames_that_only_filled_the_sketch_are_not_dominant() -> None:
     """An account whose every prompt ends in new words (harvested items around one
     system prompt): the sketch's counters all climb past a quarter of its traffic, but

@@ -170,10 +170,11 @@ class Detector:
         community_rows: dict[int, np.ndarray] = {}
         community_risk: dict[int, float] = {}
         group_model = self.calibration.community
-        rows = []
+        keys = []
         for aid in ids:
             community = self.graph.of.get(aid)
             key = id(community)
+            keys.append(key)
             if key not in community_rows:
                 crow = community_vector(community, self.vectors, self.states, self.facts)
                 community_rows[key] = crow
@@ -181,10 +182,11 @@ class Detector:
                     group_model is not None and community is not None) else 0.0
                 if self.collect and community is not None:
                     self._group_snapshot(community.members, crow)
-            rows.append(np.concatenate([self.vectors[aid], community_rows[key]]))
-        matrix = np.vstack(rows)
+        # Each row: the account's own features, then its community's.
+        matrix = np.hstack([np.vstack([self.vectors[aid] for aid in ids]),
+                            np.vstack([community_rows[key] for key in keys])])
         risks = self.calibration.model.risk(matrix)
-        group_risks = np.array([community_risk[id(self.graph.of.get(a))] for a in ids])
+        group_risks = np.array([community_risk[key] for key in keys])
         if self.collect:
             self._snapshot(ids, matrix)
         return self._apply(now, ids, matrix, risks, group_risks)

@@ -377,13 +377,16 @@ class LinkIndex:
 
         for aid in tested:
             partners = self._partners.get(aid, {})
-            groups: dict[int, tuple[Community, list[str]]] = {}
-            for other in sorted(partners):
+            found: dict[int, tuple[Community, list[str]]] = {}
+            for other in partners:
                 community = community_of(other)
-                if community is not None and len(community.members - {aid}) >= 2:
-                    groups.setdefault(id(community), (community, []))[1].append(other)
-            candidates = [([c], mates) for c, mates in groups.values()]
-            scheduled = [(c, mates) for c, mates in groups.values() if "lockstep" in c.kinds]
+                if community is not None and community.size - (aid in community.members) >= 2:
+                    found.setdefault(id(community), (community, []))[1].append(other)
+            # In the order of each group's first partner by id, so that the sum over
+            # several groups below is always added up in the same order.
+            groups = sorted(found.values(), key=lambda g: min(g[1]))
+            candidates = [([c], mates) for c, mates in groups]
+            scheduled = [(c, mates) for c, mates in groups if "lockstep" in c.kinds]
             if len(scheduled) >= 2:
                 candidates.append(([c for c, _ in scheduled],
                                    [m for _, mates in scheduled for m in mates]))
@@ -391,7 +394,7 @@ class LinkIndex:
             mine = states[aid]
             own = start_density(aid)
             for communities, mates in candidates:
-                k = len({b for m in mates for b in partners[m]})
+                k = len(set().union(*[partners[m] for m in mates]))
                 if k < GROUP_COSTART_MIN:
                     continue
                 total = sum(density(c) - (own if aid in c.members else 0.0)

@@ -32,6 +32,11 @@ ACTIVITY_PERM = 64
 _HLL_P = 8
 
 
+def _rank(item: tuple[object, int]) -> tuple[int, str]:
+    """Order of :meth:`TopK.top`: highest count first, ties by the item's text."""
+    return -item[1], str(item[0])
+
+
 class TopK:
     """Space-Saving heavy hitters: at most ``k`` counters. A new item takes the smallest
     counter's place and count; ``errors`` keeps that inherited count, so ``counts`` may
@@ -91,7 +96,11 @@ class TopK:
         return self.counts.get(item, 0) - self.errors.get(item, 0)
 
     def top(self, n: int = 1) -> list[tuple[object, int]]:
-        return sorted(self.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
+        return sorted(self.counts.items(), key=_rank)[:n]
+
+    def first(self) -> object | None:
+        """The item ``top(1)`` would list first (None when empty), without sorting."""
+        return min(self.counts.items(), key=_rank)[0] if self.counts else None
 
     def max_count(self) -> int:
         return max(self.counts.values(), default=0)
@@ -181,6 +190,15 @@ class AccountState:
     session_starts: int = 0
     pending_starts: list[int] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)
+    # The distinct-count estimate and the registers it was computed from: an account's
+    # registers rise rarely once it has sent a few dozen prompts, and the estimate (a
+    # pass over all registers) is read at every evaluation.
+    _distinct_registers: bytes = b""
+    _distinct_estimate: float = 0.0
+    # The most common AS name, read for every member of a community at each evaluation,
+    # and whether an exchange since has changed it.
+    _top_asn: str | None = None
+    _asn_moved: bool = False
 
     def update(self, f: ExchangeFeatures) -> None:
         if self.count == 0 or f.ts - self.last_ts >= SESSION_GAP_S:
@@ -218,6 +236,7 @@ class AccountState:
             self.prefixes.add(f.ip_prefix)
         if f.asn:
             self.asns.add(f.asn)
+            self._asn_moved = True
         self.distinct.update(_mix32(f.simhash))
         bucket = int(f.ts // ACTIVITY_BUCKET_S)
         if bucket != self.last_bucket:
@@ -252,11 +271,13 @@ class AccountState:
         account of a few dozen exchanges whose prompts each end in new words, every
         counter of the sketch climbs past the share, whatever the account sent."""
         out = []
+        count = self.count
         for topk in (self.templates,) * frames + (self.lsh,) * bands:
-            for key in topk.counts:
-                n = topk.guaranteed(key)
-                if n >= min_count and n / self.count >= min_share:
-                    out.append((int(key), n / self.count))  # type: ignore[call-overload]
+            errors = topk.errors
+            for key, seen in topk.counts.items():
+                n = seen - errors.get(key, 0)      # TopK.guaranteed, inlined: a hot loop
+                if n >= min_count and n / count >= min_share:
+                    out.append((int(key), n / count))  # type: ignore[call-overload]
         return out
 
     @property
@@ -270,9 +291,13 @@ class AccountState:
         """Distinct skeleton fingerprints per exchange (1.0: every prompt different)."""
         if not self.count:
             return 1.0
-        with warnings.catch_warnings():   # small counts: datasketch warns, the value is fine
-            warnings.simplefilter("ignore", UserWarning)
-            return min(1.0, self.distinct.count() / self.count)
+        registers = self.distinct.reg.tobytes()
+        if registers != self._distinct_registers:
+            with warnings.catch_warnings():   # small counts: datasketch warns, the value is fine
+                warnings.simplefilter("ignore", UserWarning)
+                self._distinct_estimate = self.distinct.count()
+            self._distinct_registers = registers
+        return min(1.0, self._distinct_estimate / self.count)
 
     @property
     def concentration(self) -> float:
@@ -302,15 +327,18 @@ class AccountState:
 
     @property
     def top_asn(self) -> str | None:
-        top = self.asns.top(1)
-        return str(top[0][0]) if top else None
+        if self._asn_moved:
+            top = self.asns.first()
+            self._top_asn = None if top is None else str(top)
+            self._asn_moved = False
+        return self._top_asn
 
     @property
     def top_prefix(self) -> str | None:
-        top = self.prefixes.top(1)
-        return str(top[0][0]) if top else None
+        top = self.prefixes.first()
+        return None if top is None else str(top)
 
     @property
     def top_user_agent(self) -> str | None:
-        top = self.user_agents.top(1)
-        return str(top[0][0]) if top else None
+        top = self.user_agents.first()
+        return None if top is None else str(top)
