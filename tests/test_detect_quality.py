@@ -94,27 +94,6 @@ def test_a_public_frame_group_links_each_operator_within_itself() -> None:
                                    for op in harness}
 
 
-def test_accounts_with_the_same_frames_sit_together_by_address_block() -> None:
-    """Two operators who copied the same public prompts hold identical frame sets, so
-    every pair of their accounts is template-linked; each works from two /24 blocks of
-    its own. On each shared frame's ring, accounts of one block sit together, so ring
-    edges leave a block only where it meets the next one on the ring (1 + 2 + 3 pairs
-    at each of four meetings), rather than wherever the accounts' ids happen to fall:
-    an operator's own infrastructure, not chance, decides which accounts the shared
-    templates join."""
-    harness = {"a": (101, 102), "b": (101, 102)}
-    links, _ = _link_operators(harness, 12, lambda op, i: f"{op}-net{i % 2}")
-
-    def block(aid: str) -> str:
-        return f"{aid[0]}-net{int(aid[1:]) % 2}"
-
-    across = [pair for pair in links.edges if block(pair[0]) != block(pair[1])]
-    within = [pair for pair in links.edges if block(pair[0]) == block(pair[1])]
-    assert all(links.edges[pair].keys() == {"template"} for pair in across)
-    assert 0 < len(across) <= 4 * (1 + 2 + 3)
-    assert len(within) == 4 * 6 * 5 // 2     # every pair of a block: its /24 ring
-
-
 def test_template_strength_follows_frames_on_every_link() -> None:
     """x and y share a /24 and a frame group of twelve accounts. When x takes on frames of
     its own, its template similarity to y falls below the bar, and the pair's edge must

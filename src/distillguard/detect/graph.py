@@ -25,10 +25,6 @@ LOUVAIN_SEED = 20260301
 # Below 1, so that one operator whose accounts fall into a few payment or address
 # clusters stays one community (at 1.0 Louvain split such campaigns along them).
 LOUVAIN_RESOLUTION = 0.5
-# Louvain splits a component even where it has no community structure; the split is kept
-# only when it raises the component's modularity by at least this much over leaving the
-# component whole (see :func:`supported_partition`).
-MIN_MODULARITY_GAIN = 0.1
 
 
 def edge_weight(kinds: Mapping[str, float]) -> float:
@@ -36,24 +32,6 @@ def edge_weight(kinds: Mapping[str, float]) -> float:
     the two accounts' frames is common: see :meth:`.linking.LinkIndex.frame_overlap`)."""
     # Summed in kind order: the total must not depend on the order the kinds were added.
     return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
-
-
-def supported_partition(graph: nx.Graph, groups: list[set[str]]) -> list[set[str]]:
-    """Louvain's communities of one connected component, or the component whole when they
-    are barely better than that.
-
-    At resolution ``g`` the component as one community has modularity ``1 - g``.
-    Accounts of one operator linked only by co-start timing form a sparse component
-    without inner structure (accounts that started in the same days link more), and
-    Louvain still cuts it in two for a gain of a few hundredths; two operators joined by
-    a shared public template or a hosting /24 gain 0.15 or more, and a degree-preserving
-    random rewiring of either kind of component gains nothing. A gain below
-    :data:`MIN_MODULARITY_GAIN` keeps the component whole."""
-    if len(groups) < 2:
-        return groups
-    gain = nx.community.modularity(graph, groups, weight="weight",
-                                   resolution=LOUVAIN_RESOLUTION) - (1.0 - LOUVAIN_RESOLUTION)
-    return groups if gain >= MIN_MODULARITY_GAIN else [set(graph)]
 
 
 @dataclass
@@ -192,8 +170,8 @@ class AccountGraph:
                 ((a, b, {"weight": d["weight"]}) if a < b else (b, a, {"weight": d["weight"]})
                  for a, b, d in graph.subgraph(nodes).edges(data=True)),
                 key=lambda e: (e[0], e[1])))
-            groups = supported_partition(ordered, nx.community.louvain_communities(
-                ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED))
+            groups = nx.community.louvain_communities(
+                ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
         out: dict[str, int] = {}
         for group in sorted(groups, key=min):
             label = self._next_label

@@ -19,8 +19,8 @@ A key shared by very many accounts (a big corporate NAT, a sign-up window on lau
 says little; groups larger than ``max_group`` make no edges. Within a group each account
 links to a few neighbours on a ring rather than to every member, which keeps a group of
 *n* accounts to O(n) edges while leaving it connected. The ring is ordered by each
-account's dominant frame set first and its most used /24 second, so the sampled edges of
-a group two operators share join accounts of one harness, and of one address block.
+account's dominant frame set first, so the sampled edges of a group two operators share
+join accounts of one harness.
 
 **Co-start.** Accounts that each send a few exchanges a day share too few activity
 buckets for the MinHash above, but a scheduler that drives them makes several start at
@@ -85,15 +85,6 @@ def _signature(frames: Iterable[int]) -> int:
     """A hash of an account's dominant frame set (0 for none)."""
     ordered = sorted(frames)
     return zlib.crc32(b",".join(b"%d" % f for f in ordered)) if ordered else 0
-
-
-def _ring_signature(frames: Iterable[int], prefix: str | None) -> int:
-    """Where an account's ring position starts: its frame set, then its most used /24
-    (0 for neither). Accounts of one harness sit together on a ring, and among them
-    those of one address block: two operators who copied the same public prompts hold
-    the same frame sets, and their shared template group's ring edges then join each
-    operator's own accounts rather than the two operators at random."""
-    return _signature(frames) << 32 | zlib.crc32((prefix or "").encode())
 
 
 Pair = tuple[str, str]
@@ -271,15 +262,14 @@ class LinkIndex:
         before = self.member_keys.get(aid, {}).get("template")
         frames = [k for k, _ in state.dominant_keys(share, count, frames=True, bands=False)]
         moved = set(frames) != (before or set())
-        prefix = state.top_prefix
-        signature = _ring_signature(frames, prefix)
-        if signature != self._signatures.get(aid, 0):
-            self._move_on_rings(aid, signature)
+        if moved:
+            self._move_on_rings(aid, frames)
         self._set_keys("template", aid, frames)
         if moved:
             self._frames_moved.add(aid)
         self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
             share, count, frames=False, bands=True)])
+        prefix = state.top_prefix
         self._set_keys("prefix", aid, [prefix] if prefix else [])
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False
@@ -287,17 +277,16 @@ class LinkIndex:
         if state.pending_starts:
             self._costart_candidates(state)
 
-    def _move_on_rings(self, aid: str, signature: int) -> None:
-        """Give the account its ring position for a new frame set or /24 (see
-        :func:`_ring_signature`), in every group it is on: members that hold the same
-        frames sit next to each other, so the ring edges of a group two operators share
-        (a public instruction, a hosting /24) join accounts of one harness, and the group
-        still stays connected."""
+    def _move_on_rings(self, aid: str, frames: list[int]) -> None:
+        """Give the account its ring position for a new frame set, in every group it is
+        on: members that hold the same frames sit next to each other, so the ring edges
+        of a group two operators share (a public instruction, a hosting /24) join
+        accounts of one harness, and the group still stays connected."""
         groups = [(kind, key) for kind, keys in self.member_keys.get(aid, {}).items()
                   for key in keys] if aid in self._active else []
         for group in groups:
             self._ring_leave(group, aid)
-        self._signatures[aid] = signature
+        self._signatures[aid] = _signature(frames)
         for group in groups:
             self._ring_join(group, aid)
             self._dirty_groups.add(group)
