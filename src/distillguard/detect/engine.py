@@ -24,7 +24,12 @@ from datetime import UTC, datetime
 import numpy as np
 
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.evidence import account_reasons, campaign_evidence, group_reasons
+from distillguard.detect.evidence import (
+    account_reasons,
+    campaign_evidence,
+    campaign_headline,
+    group_reasons,
+)
 from distillguard.detect.features import ExchangeFeatures
 from distillguard.detect.graph import AccountGraph, Community
 from distillguard.detect.linking import LinkIndex
@@ -282,13 +287,16 @@ class Detector:
         existing = self.campaigns.get(cid)
         accounts = sorted(set(flagged) | set(existing.accounts if existing else []))
         accounts = [a for a in accounts if self.status[a].campaign_id == cid]
-        evidence = campaign_evidence(community, self.states, flagged)
         if existing is None:
+            evidence = campaign_evidence(community, self.states, flagged)
             existing = self.campaigns[cid] = CampaignStatus(cid, accounts, risk, now, evidence)
             return existing.verdict()
+        # The evidence (a walk over every member) is written out only when the campaign's
+        # verdict changes: its members, its risk by a step, or its headline.
         if (existing.accounts != accounts or abs(existing.risk - risk) >= RISK_STEP
-                or existing.evidence[:1] != evidence[:1]):
-            existing.accounts, existing.risk, existing.evidence = accounts, risk, evidence
+                or existing.evidence[:1] != [campaign_headline(community, flagged)]):
+            existing.accounts, existing.risk = accounts, risk
+            existing.evidence = campaign_evidence(community, self.states, flagged)
             return existing.verdict()
         return None
 

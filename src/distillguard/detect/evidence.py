@@ -81,11 +81,16 @@ _KIND_TEXT = {"template": "share template frames", "lockstep": "act in lockstep"
               "signup": "signed up in the same window"}
 
 
+def campaign_headline(community: Community, flagged: list[str]) -> str:
+    """The first line of :func:`campaign_evidence`: size and flagged members."""
+    return f"{community.size} linked accounts, {len(flagged)} flagged"
+
+
 def campaign_evidence(community: Community, states: Mapping[str, AccountState],
                       flagged: list[str]) -> list[str]:
     members = sorted(community.members)
     size = len(members)
-    out = [f"{size} linked accounts, {len(flagged)} flagged"]
+    out = [campaign_headline(community, flagged)]
     for kind, n in sorted(community.kinds.items(), key=lambda kv: (-kv[1], kv[0])):
         out.append(f"{n} of {size} accounts {_KIND_TEXT.get(kind, kind)}")
     total = sum(states[m].count for m in members) or 1
