@@ -67,3 +67,44 @@ def test_communities_are_revisited_when_links_fill_in() -> None:
         edges[pair] = dict(across)
     graph.update(edges, more)
     assert [c.members for c in graph.communities] == [frozenset(clusters[0] + clusters[1])]
+
+
+def _clique(names: list[str], kinds: dict[str, float]) -> dict[tuple[str, str], dict[str, float]]:
+    return {(a, b): dict(kinds) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def test_small_operators_in_a_large_component_are_split_apart() -> None:
+    """Modularity's resolution limit: two operators of eight accounts, each a clique of
+    template and /24 links, joined by two weak template links, sit in a component with
+    a large campaign of 120 accounts they touch by one link each. Louvain on the whole
+    component puts the two operators in one community (a random placement of so many
+    links would put fewer between them); partitioned on its own, that community falls
+    apart into the two, each linked to the other by a small share of its links."""
+    import networkx as nx
+
+    from distillguard.detect.graph import LOUVAIN_RESOLUTION, LOUVAIN_SEED
+
+    inside = {"prefix": 1.0, "template": 1.0}
+    a = [f"a{i}" for i in range(8)]
+    b = [f"b{i}" for i in range(8)]
+    big = [f"z{i:03d}" for i in range(120)]
+    edges = {**_clique(a, inside), **_clique(b, inside)}
+    edges.update(((x, y), {"payment": 1.0, "prefix": 1.0, "template": 1.0})
+                 for i, x in enumerate(big) for y in big[i + 1:i + 30])
+    edges[("a0", "b0")] = {"template": 0.2}
+    edges[("a1", "b1")] = {"template": 0.2}
+    edges[("a2", "z000")] = {"template": 0.2}
+    edges[("b2", "z001")] = {"template": 0.2}
+
+    whole = nx.Graph()
+    whole.add_nodes_from(sorted({n for pair in edges for n in pair}))
+    from distillguard.detect.graph import edge_weight
+    whole.add_edges_from((x, y, {"weight": edge_weight(k)}) for (x, y), k in sorted(edges.items()))
+    louvain = nx.community.louvain_communities(whole, weight="weight",
+                                               resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
+    assert frozenset(a + b) in {frozenset(c) for c in louvain}, "no resolution limit here"
+
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    found = {c.members for c in graph.communities}
+    assert frozenset(a) in found and frozenset(b) in found
