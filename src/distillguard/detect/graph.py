@@ -38,6 +38,19 @@ def edge_weight(kinds: Mapping[str, float]) -> float:
     return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
 
 
+def sorted_graph(graph: nx.Graph, nodes: set[str]) -> nx.Graph:
+    """A fresh graph of ``nodes`` and their links, in sorted order, with their weights: a
+    subgraph view would iterate a set (string-hash order, different in every process),
+    and the seeded Louvain would then not repeat itself across runs."""
+    ordered = nx.Graph()
+    ordered.add_nodes_from(sorted(nodes))
+    ordered.add_edges_from(sorted(
+        ((a, b, {"weight": w}) if a < b else (b, a, {"weight": w})
+         for a, b, w in graph.subgraph(nodes).edges(data="weight")),
+        key=lambda e: (e[0], e[1])))
+    return ordered
+
+
 def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     """``group`` (one of Louvain's communities of ``graph``), less the parts of it that
     are barely linked to the rest, each as a community of its own.
@@ -55,12 +68,7 @@ def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     development traces, against 0.3-4 % between operators."""
     if len(group) < 2 * 4:
         return [group]
-    sub = graph.subgraph(sorted(group))
-    ordered = nx.Graph()
-    ordered.add_nodes_from(sorted(group))
-    ordered.add_edges_from(sorted(((a, b, {"weight": w}) if a < b else (b, a, {"weight": w})
-                                   for a, b, w in sub.edges(data="weight")),
-                                  key=lambda e: (e[0], e[1])))
+    ordered = sorted_graph(graph, group)
     parts = nx.community.louvain_communities(
         ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
     if len(parts) < 2:
@@ -205,15 +213,7 @@ class AccountGraph:
         if size <= 3:
             groups = [set(nodes)]
         else:
-            # A fresh graph with nodes and edges in sorted order: a subgraph view would
-            # iterate a set (string-hash order, different in every process) and the
-            # seeded Louvain would then not repeat itself across runs.
-            ordered = nx.Graph()
-            ordered.add_nodes_from(sorted(nodes))
-            ordered.add_edges_from(sorted(
-                ((a, b, {"weight": d["weight"]}) if a < b else (b, a, {"weight": d["weight"]})
-                 for a, b, d in graph.subgraph(nodes).edges(data=True)),
-                key=lambda e: (e[0], e[1])))
+            ordered = sorted_graph(graph, nodes)
             groups = [part for group in nx.community.louvain_communities(
                 ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
                 for part in split_apart(ordered, group)]
