@@ -170,7 +170,8 @@ def test_space_saving_evicts_the_first_smallest_counter() -> None:
 def test_cached_readings_follow_the_sketches() -> None:
     """The distinct-count estimate and the top AS name are kept between evaluations and
     recomputed only when their sketch moved: after every exchange they read as they would
-    computed afresh, and ``TopK.first`` is ``top(1)``'s item."""
+    computed afresh, and ``TopK.first`` is the first item of the counters sorted by count
+    (highest first), ties by text."""
     import random
     import warnings
 
@@ -185,7 +186,7 @@ def test_cached_readings_follow_the_sketches() -> None:
                 warnings.simplefilter("ignore", UserWarning)
                 fresh = min(1.0, state.distinct.count() / state.count)
             assert state.diversity == fresh
-            top = state.asns.top(1)
+            top = sorted(state.asns.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
             assert state.top_asn == str(top[0][0])
             assert state.asns.first() == top[0][0]
     assert TopK(3).first() is None and AccountState("e").top_asn is None

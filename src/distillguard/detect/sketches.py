@@ -33,7 +33,8 @@ _HLL_P = 8
 
 
 def _rank(item: tuple[object, int]) -> tuple[int, str]:
-    """Order of :meth:`TopK.top`: highest count first, ties by the item's text."""
+    """Which counter :meth:`TopK.first` names: highest count first, ties by the item's
+    text."""
     return -item[1], str(item[0])
 
 
@@ -95,11 +96,8 @@ class TopK:
         """How many times the item was certainly seen (0 if it is not counted)."""
         return self.counts.get(item, 0) - self.errors.get(item, 0)
 
-    def top(self, n: int = 1) -> list[tuple[object, int]]:
-        return sorted(self.counts.items(), key=_rank)[:n]
-
     def first(self) -> object | None:
-        """The item ``top(1)`` would list first (None when empty), without sorting."""
+        """The most counted item, ties by its text (None when empty)."""
         return min(self.counts.items(), key=_rank)[0] if self.counts else None
 
     def max_count(self) -> int:
