@@ -29,6 +29,9 @@ LOUVAIN_RESOLUTION = 0.5
 # it weigh at most this share of its links (its conductance) becomes a community of its
 # own. See :func:`split_apart`.
 MAX_CONDUCTANCE = 0.05
+# The fewest accounts such a part may have (so a community is partitioned again only
+# when it holds at least two of them).
+MIN_PART = 4
 
 
 def edge_weight(kinds: Mapping[str, float]) -> float:
@@ -66,7 +69,7 @@ def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     clusters, which Louvain on the community alone also finds, are joined by the
     operator's own template and payment links: 6 % of their weight or more on the
     development traces, against 0.3-4 % between operators."""
-    if len(group) < 2 * 4:
+    if len(group) < 2 * MIN_PART:
         return [group]
     ordered = sorted_graph(graph, group)
     parts = nx.community.louvain_communities(
@@ -80,7 +83,7 @@ def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
         volume = sum(w for _, w in ordered.degree(part, weight="weight"))
         cut = sum(w for a, b, w in ordered.edges(part, data="weight")
                   if (a in part) != (b in part))
-        if len(part) >= 4 and cut <= MAX_CONDUCTANCE * min(volume, total - volume):
+        if len(part) >= MIN_PART and cut <= MAX_CONDUCTANCE * min(volume, total - volume):
             apart.append(set(part))
             rest -= part
     return [rest, *apart] if rest else apart
