@@ -1,8 +1,9 @@
 """The account graph and its communities: candidate campaigns.
 
 Nodes are accounts with at least one cross-account link (:mod:`.linking`); an edge's
-weight adds its kinds' weights. Communities are found with networkx's Louvain method
-(seeded, so the same graph always gives the same partition), run per connected
+weight adds its kinds' weights. The graph is a networkx graph, updated link by link;
+communities are found with igraph's Louvain (multilevel) method, in C (seeded, so the
+same graph always gives the same partition), run per connected
 component: a component of two or three accounts is one community as it is, and a large
 component (two campaigns sharing a hosting /24, say) is split.
 
@@ -12,10 +13,14 @@ change keeps its partition, so Louvain runs only where the graph moved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+import random
+from collections.abc import Iterator, Mapping, Set
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import igraph as ig
 import networkx as nx
+import numpy as np
 
 # Infrastructure an operator controls (payment, addresses) outweighs shared templates,
 # which unrelated campaigns may copy from the same public source.
@@ -41,22 +46,65 @@ def edge_weight(kinds: Mapping[str, float]) -> float:
     return sum(KIND_WEIGHTS.get(kind, 0.5) * min(1.0, kinds[kind]) for kind in sorted(kinds))
 
 
-def sorted_graph(graph: nx.Graph, nodes: set[str]) -> nx.Graph:
-    """A fresh graph of ``nodes`` and their links, in sorted order, with their weights: a
-    subgraph view would iterate a set (string-hash order, different in every process),
-    and the seeded Louvain would then not repeat itself across runs."""
-    ordered = nx.Graph()
-    ordered.add_nodes_from(sorted(nodes))
-    ordered.add_edges_from(sorted(
-        ((a, b, {"weight": w}) if a < b else (b, a, {"weight": w})
-         for a, b, w in graph.subgraph(nodes).edges(data="weight")),
-        key=lambda e: (e[0], e[1])))
-    return ordered
+@contextmanager
+def _seeded_igraph() -> Iterator[None]:
+    """igraph draws the order in which Louvain visits vertices from one process-wide
+    generator; a fresh seeded one for each run makes every run repeat itself."""
+    ig.set_random_number_generator(random.Random(LOUVAIN_SEED))
+    try:
+        yield
+    finally:
+        ig.set_random_number_generator(random)
 
 
-def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
-    """``group`` (one of Louvain's communities of ``graph``), less the parts of it that
-    are barely linked to the rest, each as a community of its own.
+@dataclass(slots=True)
+class Subgraph:
+    """``nodes`` and the links among them, numbered in sorted order for igraph (a view
+    over the networkx graph would iterate a set, in string-hash order, different in every
+    process, and the seeded Louvain would then not repeat itself across runs)."""
+
+    names: list[str]
+    sources: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, graph: nx.Graph, nodes: Set[str]) -> Subgraph:
+        names = sorted(nodes)
+        index = {n: i for i, n in enumerate(names)}
+        adjacency = graph._adj
+        sources: list[int] = []
+        targets: list[int] = []
+        weights: list[float] = []
+        for i, a in enumerate(names):
+            for b, data in adjacency[a].items():
+                j = index.get(b)
+                if j is not None and i < j:
+                    sources.append(i)
+                    targets.append(j)
+                    weights.append(data["weight"])
+        return cls(names, np.array(sources, dtype=np.int64), np.array(targets, dtype=np.int64),
+                   np.array(weights, dtype=float))
+
+    def louvain(self) -> list[np.ndarray]:
+        """Louvain's communities (igraph's multilevel method, seeded), as arrays of node
+        numbers."""
+        g = ig.Graph(n=len(self.names), edges=np.column_stack(
+            [self.sources, self.targets]).tolist())
+        with _seeded_igraph():
+            membership = g.community_multilevel(
+                weights=self.weights.tolist(), resolution=LOUVAIN_RESOLUTION).membership
+        labels = np.asarray(membership)
+        return [np.flatnonzero(labels == k) for k in range(int(labels.max()) + 1)] if len(
+            labels) else []
+
+    def names_of(self, part: np.ndarray) -> set[str]:
+        return {self.names[i] for i in part}
+
+
+def split_apart(sub: Subgraph) -> list[set[str]]:
+    """The nodes of ``sub`` (one of Louvain's communities of a larger graph), less the
+    parts of it that are barely linked to the rest, each as a community of its own.
 
     Modularity cannot see communities much smaller than the graph they are in (its
     resolution limit): in a component of thousands of accounts, operators of twenty
@@ -69,23 +117,27 @@ def split_apart(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     clusters, which Louvain on the community alone also finds, are joined by the
     operator's own template and payment links: 6 % of their weight or more on the
     development traces, against 0.3-4 % between operators."""
+    group = set(sub.names)
     if len(group) < 2 * MIN_PART:
         return [group]
-    ordered = sorted_graph(graph, group)
-    parts = nx.community.louvain_communities(
-        ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
+    parts = sub.louvain()
     if len(parts) < 2:
         return [group]
-    total = sum(w for _, w in ordered.degree(weight="weight"))
+    n = len(sub.names)
+    strength = (np.bincount(sub.sources, sub.weights, n)
+                + np.bincount(sub.targets, sub.weights, n))
+    total = float(strength.sum())
     apart: list[set[str]] = []
     rest = set(group)
-    for part in sorted(parts, key=min):
-        volume = sum(w for _, w in ordered.degree(part, weight="weight"))
-        cut = sum(w for a, b, w in ordered.edges(part, data="weight")
-                  if (a in part) != (b in part))
+    for part in sorted(parts, key=lambda p: sub.names[p[0]]):
+        inside = np.zeros(n, dtype=bool)
+        inside[part] = True
+        volume = float(strength[part].sum())
+        cut = float(sub.weights[inside[sub.sources] != inside[sub.targets]].sum())
         if len(part) >= MIN_PART and cut <= MAX_CONDUCTANCE * min(volume, total - volume):
-            apart.append(set(part))
-            rest -= part
+            names = sub.names_of(part)
+            apart.append(names)
+            rest -= names
     return [rest, *apart] if rest else apart
 
 
@@ -216,10 +268,9 @@ class AccountGraph:
         if size <= 3:
             groups = [set(nodes)]
         else:
-            ordered = sorted_graph(graph, nodes)
-            groups = [part for group in nx.community.louvain_communities(
-                ordered, weight="weight", resolution=LOUVAIN_RESOLUTION, seed=LOUVAIN_SEED)
-                for part in split_apart(ordered, group)]
+            whole = Subgraph.of(graph, nodes)
+            groups = [part for group in whole.louvain()
+                      for part in split_apart(Subgraph.of(graph, whole.names_of(group)))]
         out: dict[str, int] = {}
         for group in sorted(groups, key=min):
             label = self._next_label
