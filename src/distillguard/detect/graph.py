@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import igraph as ig
 import networkx as nx
 import numpy as np
 
@@ -50,6 +49,10 @@ def edge_weight(kinds: Mapping[str, float]) -> float:
 def _seeded_igraph() -> Iterator[None]:
     """igraph draws the order in which Louvain visits vertices from one process-wide
     generator; a fresh seeded one for each run makes every run repeat itself."""
+    # Imported here, not at the top: igraph imports matplotlib's pyplot (a second or so),
+    # which the trace reader process and the gateway never need.
+    import igraph as ig
+
     ig.set_random_number_generator(random.Random(LOUVAIN_SEED))
     try:
         yield
@@ -89,6 +92,8 @@ class Subgraph:
     def louvain(self) -> list[np.ndarray]:
         """Louvain's communities (igraph's multilevel method, seeded), as arrays of node
         numbers."""
+        import igraph as ig
+
         g = ig.Graph(n=len(self.names), edges=np.column_stack(
             [self.sources, self.targets]).tolist())
         with _seeded_igraph():
