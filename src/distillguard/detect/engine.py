@@ -45,6 +45,10 @@ from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 SIGNUP_WINDOW_S = 3_600
 RISK_STEP = 0.05
 MIN_OWN_EXCHANGES = 10
+# An account that sent exchanges since it was last evaluated is evaluated again once its
+# volume has grown by this share, or once this long has passed (see Detector.evaluate).
+DUE_GROWTH = 0.25
+DUE_SECONDS = 3_600.0
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -99,9 +103,14 @@ class Changes:
 
 class Detector:
     def __init__(self, calibration: Calibration, *, tick_seconds: float = 300.0,
-                 collect: bool = False, links: LinkIndex | None = None) -> None:
+                 collect: bool = False, links: LinkIndex | None = None,
+                 due_growth: float = DUE_GROWTH, due_seconds: float = DUE_SECONDS) -> None:
         self.calibration = calibration
         self.tick_seconds = tick_seconds
+        self.due_growth = due_growth
+        self.due_seconds = due_seconds
+        # Each account's volume and trace time when it was last evaluated.
+        self._evaluated: dict[str, tuple[int, float]] = {}
         self.states: dict[str, AccountState] = {}
         self.facts: dict[str, AccountFacts] = {}
         self.links = links or LinkIndex()
@@ -149,15 +158,34 @@ class Detector:
 
     def finish(self) -> Changes | None:
         """Evaluate what came after the last evaluation (end of a trace)."""
-        return self.evaluate(self.last_ts) if self.dirty else None
+        return self.evaluate(self.last_ts, everyone=True) if self.dirty else None
 
     # -- evaluation -------------------------------------------------------------------
 
-    def evaluate(self, now: float) -> Changes:
+    def _due(self, now: float) -> list[str]:
+        """The accounts with new exchanges that are due for evaluation: new ones, and
+        those whose volume grew by ``due_growth`` or that waited ``due_seconds`` since
+        they were last evaluated. Once an account has sent a few hundred exchanges, the
+        next few move none of its features by much; re-evaluating it, its links and its
+        community at every tick was most of an evaluation's work."""
+        growth, wait = 1.0 + self.due_growth, self.due_seconds
+        evaluated, states = self._evaluated, self.states
+        due = []
+        for aid in self.dirty:
+            last = evaluated.get(aid)
+            if (last is None or states[aid].count >= growth * last[0]
+                    or now - last[1] >= wait):
+                due.append(aid)
+        return due
+
+    def evaluate(self, now: float, *, everyone: bool = False) -> Changes:
+        """Evaluate the accounts that are due (``everyone``: all that sent exchanges since
+        they were last evaluated, as at the end of a trace)."""
         self.evaluations += 1
-        dirty = sorted(self.dirty)
-        self.dirty.clear()
+        dirty = sorted(self.dirty if everyone else self._due(now))
+        self.dirty.difference_update(dirty)
         for aid in dirty:
+            self._evaluated[aid] = (self.states[aid].count, now)
             state = self.states[aid]
             state.flush()
             self.links.update(state)

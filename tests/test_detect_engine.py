@@ -1,0 +1,46 @@
+"""The detector's evaluation schedule."""
+
+from __future__ import annotations
+
+import math
+
+from distillguard.detect.calibration import Calibration
+from distillguard.detect.engine import DUE_GROWTH, DUE_SECONDS, Detector
+from tests.factories import make_features
+
+
+def _volume(detector: Detector, account: str) -> int:
+    """The volume the account's last evaluation saw (its first feature is log1p of it)."""
+    return round(math.expm1(float(detector.vectors[account][0])))
+
+
+def test_accounts_are_evaluated_again_when_due() -> None:
+    """An account with new exchanges is evaluated again at a tick once its volume grew by
+    DUE_GROWTH or DUE_SECONDS passed since it was last evaluated; the end of a trace
+    evaluates every account with exchanges not yet evaluated."""
+    tick = 60.0
+    detector = Detector(Calibration.neutral(), tick_seconds=tick)
+    seen: list[int] = []
+    for i in range(1, 201):      # one exchange a minute: every exchange passes a tick
+        detector.observe(make_features("a", i * tick))
+        if "a" in detector.vectors and (not seen or _volume(detector, "a") != seen[-1]):
+            seen.append(_volume(detector, "a"))
+    assert seen[:4] == [1, 2, 3, 4]
+    for before, after in zip(seen, seen[1:], strict=False):
+        grown = after >= before * (1 + DUE_GROWTH)
+        waited = (after - before) * tick >= DUE_SECONDS
+        assert grown or waited, (before, after)
+        assert after - before <= max(before * DUE_GROWTH + 1, DUE_SECONDS / tick), "late"
+    assert len(seen) < 30, "evaluated at almost every tick"
+    assert _volume(detector, "a") < 200
+    detector.finish()
+    assert _volume(detector, "a") == 200
+    assert not detector.dirty
+
+
+def test_due_growth_zero_evaluates_at_every_tick() -> None:
+    detector = Detector(Calibration.neutral(), tick_seconds=60.0, due_growth=0.0)
+    for i in range(1, 51):
+        detector.observe(make_features("a", i * 60.0))
+        if i > 1:
+            assert _volume(detector, "a") == i - 1
