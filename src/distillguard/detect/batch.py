@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
-from distillguard.detect.engine import Detector
+from distillguard.detect.engine import DUE_GROWTH, Detector
 from distillguard.detect.features import ExchangeFeatures, Extractor
 from distillguard.detect.scoring import AccountFacts
 from distillguard.exchange import Exchange
@@ -117,13 +117,17 @@ def fewer_gc_passes(young: int = 50_000) -> Iterator[None]:
 
 def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calibration, *,
                  accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
-                 collect: bool = False, on_progress: Callable[[int], None] | None = None,
+                 collect: bool = False, every_tick: bool = False,
+                 on_progress: Callable[[int], None] | None = None,
                  progress_every: int = 10_000) -> tuple[BatchResult, Detector]:
     """Feed every exchange's features, in time order, through the detector (``None``: an
     exchange without an account, counted but not observed); returns the verdicts, with
     the detector's summary, and the detector (for calibration). Every batch path (DuckDB,
-    Spark) ends here, so they give the same verdicts on the same exchanges."""
-    detector = Detector(calibration, tick_seconds=tick_seconds, collect=collect)
+    Spark) ends here, so they give the same verdicts on the same exchanges.
+    ``every_tick``: evaluate every account with new exchanges at every tick, not only
+    those due (:meth:`Detector.evaluate`; calibration collects its rows so)."""
+    detector = Detector(calibration, tick_seconds=tick_seconds, collect=collect,
+                        due_growth=0.0 if every_tick else DUE_GROWTH)
     listed: list[str] = []
     if accounts is not None:
         for account_id, facts in facts_from_accounts(accounts):
@@ -307,7 +311,7 @@ def _use_reader_process(trace: str | Path, reader: str) -> bool:
 
 def run_batch(trace: str | Path, calibration: Calibration, *,
               accounts: str | Path | None = None, tick_seconds: float = TICK_SECONDS,
-              memory_limit: str = "1GB", collect: bool = False,
+              memory_limit: str = "1GB", collect: bool = False, every_tick: bool = False,
               geoip: GeoIP | None = None,
               on_block: Callable[[int], None] | None = None,
               on_progress: Callable[[int], None] | None = None,
@@ -328,7 +332,7 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
     with closing(features):   # a stopped run ends the reader and its spill files now
         return run_features(features, calibration, accounts=accounts,
                             tick_seconds=tick_seconds, collect=collect,
-                            on_progress=on_progress)
+                            every_tick=every_tick, on_progress=on_progress)
 
 
 def read_labels(path: str | Path) -> dict[str, bool]:
@@ -353,7 +357,11 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
               on_step: Callable[[str], None] | None = None) -> Calibration:
     """Replays of a labelled trace. The first collects feature snapshots and fits the
     account model and the community model (a community is an attack one when most of its
-    members are attack accounts) on all of them. The thresholds are then set from every
+    members are attack accounts) on all of them; it evaluates every account with new
+    exchanges at every tick, so the models see each account at more points of its growth
+    than detection's schedule would show them (on the tune preset, seed 1: 3,226 rows
+    against 2,983, and on the development traces one benign account fewer flagged by the
+    models fitted so). The thresholds are then set from every
     benign account's peak risks as detection would see them, in replays with the models,
     first the account threshold, then the community threshold among the benign accounts
     the first leaves unflagged, within the same false-positive budget.
@@ -370,7 +378,7 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
     attack = read_labels(labels)
     step("replay 1: collecting feature snapshots")
     _, first = run_batch(trace, Calibration.neutral(), accounts=accounts,
-                         tick_seconds=tick_seconds, collect=True)
+                         tick_seconds=tick_seconds, collect=True, every_tick=True)
     snaps = [(a, row) for a, row in first.snapshots if a in attack]
     if not snaps:
         raise ValueError("no labelled account in the trace")
