@@ -167,6 +167,20 @@ def test_space_saving_evicts_the_first_smallest_counter() -> None:
             assert topk.errors == errors
 
 
+def test_add_each_is_add_for_every_item() -> None:
+    import random
+
+    rng = random.Random(2)
+    one, many = TopK(5), TopK(5)
+    for _ in range(400):
+        items = [rng.randint(0, 12) for _ in range(rng.randint(0, 4))]
+        for item in items:
+            one.add(item)
+        many.add_each(items)
+        assert list(many.counts.items()) == list(one.counts.items())
+        assert many.errors == one.errors
+
+
 def test_cached_readings_follow_the_sketches() -> None:
     """The distinct-count estimate and the top AS name are kept between evaluations and
     recomputed only when their sketch moved: after every exchange they read as they would

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,15 @@ class TopK:
             self.errors.pop(victim, None)
             counts[item] = floor + weight
             self.errors[item] = floor
+
+    def add_each(self, items: Iterable[object]) -> None:
+        """:meth:`add` each item once (one call for an exchange's several keys)."""
+        counts = self.counts
+        for item in items:
+            if item in counts:
+                counts[item] += 1
+            else:
+                self.add(item)
 
     def _victim(self) -> object:
         counts, low, floor = self.counts, self._low, self._floor
@@ -171,8 +181,9 @@ class AccountState:
     last_model: str = ""
     log_ratio_sum: float = 0.0
     max_tokens_sum: float = 0.0
-    categories: np.ndarray = field(default_factory=lambda: np.zeros(len(CATEGORIES)))
-    hours: np.ndarray = field(default_factory=lambda: np.zeros(24))
+    # Plain lists: a numpy element's += costs several times a list's, at every exchange.
+    categories: list[int] = field(default_factory=lambda: [0] * len(CATEGORIES))
+    hours: list[int] = field(default_factory=lambda: [0] * 24)
     gaps: Welford = field(default_factory=Welford)
     templates: TopK = field(default_factory=lambda: TopK(12))
     lsh: TopK = field(default_factory=lambda: TopK(16))
@@ -225,10 +236,8 @@ class AccountState:
         if f.depth == 0:
             # A follow-up turn ("can you give an example?") is short and generic: people
             # who never met type the same ones, so only opening turns carry a template.
-            for key in f.template_keys:
-                self.templates.add(key)
-            for key in f.lsh_keys:
-                self.lsh.add(key)
+            self.templates.add_each(f.template_keys)
+            self.lsh.add_each(f.lsh_keys)
         self.user_agents.add(f.user_agent)
         if f.ip_prefix:
             self.prefixes.add(f.ip_prefix)
@@ -300,15 +309,16 @@ class AccountState:
     @property
     def concentration(self) -> float:
         """Share of the account's most used capability category."""
-        return float(self.categories.max() / self.count) if self.count else 0.0
+        return max(self.categories) / self.count if self.count else 0.0
 
     @property
     def diurnal_entropy(self) -> float:
         """Entropy of the hour-of-day histogram over log(24): 1.0 is round-the-clock."""
-        total = self.hours.sum()
+        hours = np.array(self.hours, dtype=float)
+        total = hours.sum()
         if total <= 0:
             return 0.0
-        p = self.hours[self.hours > 0] / total
+        p = hours[hours > 0] / total
         return float(-(p * np.log(p)).sum() / math.log(24))
 
     @property
