@@ -23,7 +23,7 @@ import tempfile
 import traceback
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -284,8 +284,11 @@ def _reader_blocks(trace: str | Path, *, memory_limit: str
                     raise RuntimeError(f"the trace reader process failed:\n{payload}")
     finally:
         for fd in (read_fd, write_fd):
+            # A stop (SIGTERM) can land between a call that took the descriptor over
+            # (os.fdopen, os.close) and the line that marks it gone: it may be closed.
             if fd >= 0:
-                os.close(fd)
+                with suppress(OSError):
+                    os.close(fd)
         if reader is not None:
             if reader.poll() is None:
                 reader.terminate()
