@@ -107,3 +107,27 @@ def test_small_operators_in_a_large_component_are_split_apart() -> None:
     graph.update(edges, set(edges))
     found = {c.members for c in graph.communities}
     assert frozenset(a) in found and frozenset(b) in found
+
+
+def test_subgraph_within_is_subgraph_of_those_nodes() -> None:
+    """Cutting a part out of a numbered subgraph gives what building it from the graph
+    for those nodes gives: the same names, links and weights, in the same order."""
+    import networkx as nx
+    import numpy as np
+
+    from distillguard.detect.graph import Subgraph
+
+    rng = random.Random(3)
+    graph = nx.Graph()
+    names = [f"n{i:02d}" for i in range(40)]
+    for _ in range(150):
+        a, b = rng.sample(names, 2)
+        graph.add_edge(a, b, weight=rng.random())
+    whole = Subgraph.of(graph, set(graph))
+    for _ in range(20):
+        part = np.array(sorted(rng.sample(range(len(whole.names)), rng.randint(1, 30))))
+        cut, built = whole.within(part), Subgraph.of(graph, whole.names_of(part))
+        assert cut.names == built.names
+        assert cut.sources.tolist() == built.sources.tolist()
+        assert cut.targets.tolist() == built.targets.tolist()
+        assert cut.weights.tolist() == built.weights.tolist()

@@ -185,8 +185,8 @@ class Detector:
         dirty = sorted(self.dirty if everyone else self._due(now))
         self.dirty.difference_update(dirty)
         for aid in dirty:
-            self._evaluated[aid] = (self.states[aid].count, now)
             state = self.states[aid]
+            self._evaluated[aid] = (state.count, now)
             state.flush()
             self.links.update(state)
             self.vectors[aid] = account_vector(state, self.facts.get(aid))

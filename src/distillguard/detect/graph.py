@@ -106,6 +106,16 @@ class Subgraph:
     def names_of(self, part: np.ndarray) -> set[str]:
         return {self.names[i] for i in part}
 
+    def within(self, part: np.ndarray) -> Subgraph:
+        """The nodes numbered ``part`` (ascending) and the links among them, numbered
+        afresh: what :meth:`of` would build for them from the graph, without walking it
+        again."""
+        number = np.full(len(self.names), -1, dtype=np.int64)
+        number[part] = np.arange(len(part))
+        keep = (number[self.sources] >= 0) & (number[self.targets] >= 0)
+        return Subgraph([self.names[i] for i in part], number[self.sources[keep]],
+                        number[self.targets[keep]], self.weights[keep])
+
 
 def split_apart(sub: Subgraph) -> list[set[str]]:
     """The nodes of ``sub`` (one of Louvain's communities of a larger graph), less the
@@ -275,7 +285,7 @@ class AccountGraph:
         else:
             whole = Subgraph.of(graph, nodes)
             groups = [part for group in whole.louvain()
-                      for part in split_apart(Subgraph.of(graph, whole.names_of(group)))]
+                      for part in split_apart(whole.within(group))]
         out: dict[str, int] = {}
         for group in sorted(groups, key=min):
             label = self._next_label
