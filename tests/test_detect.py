@@ -177,6 +177,39 @@ def test_detect_leaves_no_spill_directory(world: tuple[Path, Path, Path],
     _, err = run.communicate(timeout=60)
     assert run.returncode in (128 + signal.SIGTERM, 0), err.decode()
     assert not list(tmp_path.glob("distillguard-detect-*"))
+    assert not _processes_mentioning(str(tmp_path)), "the reader process outlived the run"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Running processes with ``text`` in their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_stops_held_are_delivered_when_the_block_ends() -> None:
+    """The reader process is started with SIGTERM held, so a stop that lands while it is
+    being started is not lost: it is delivered once the parent knows its child."""
+    import signal
+
+    from distillguard.detect.batch import _stops_held
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with _stops_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == []
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage:

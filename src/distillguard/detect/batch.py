@@ -16,10 +16,12 @@ import gc
 import os
 import pickle
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -237,6 +239,33 @@ def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
             _send(out, "crash", traceback.format_exc())
 
 
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _stops_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back until the block ends: meanwhile they are only noted,
+    and each noted one is raised again, to the handler it would have met, when the block
+    ends. Python runs signal handlers in the main thread only, so elsewhere this holds
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    before: dict[signal.Signals, Any] = {}
+    for stop in _STOPS:
+        handler = signal.getsignal(stop)
+        if handler is not None:      # None: set outside Python; left alone
+            before[stop] = signal.signal(stop, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        for stop, handler in before.items():
+            signal.signal(stop, handler)
+        for signum in noted:
+            signal.raise_signal(signum)
+
+
 def _trace_features_in_reader(trace: str | Path, *, memory_limit: str,
                               on_block: Callable[[int], None] | None
                               ) -> Features:
@@ -259,10 +288,14 @@ def _reader_blocks(trace: str | Path, *, memory_limit: str
         # The reader imports the same distillguard as this process, wherever it came from.
         package_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        reader = subprocess.Popen(
-            [sys.executable, "-m", "distillguard.detect.batch", str(trace), memory_limit,
-             spill, str(write_fd)], pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": path})
+        # A stop that landed while the child was being started, or before ``reader``
+        # was set, would leave it running unseen (and its DuckDB could make the spill
+        # directory again after it was removed), so stops wait until ``reader`` is set.
+        with _stops_held():
+            reader = subprocess.Popen(
+                [sys.executable, "-m", "distillguard.detect.batch", str(trace),
+                 memory_limit, spill, str(write_fd)], pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": path})
         os.close(write_fd)    # the reader holds the only writing end now
         write_fd = -1
         with os.fdopen(read_fd, "rb", buffering=1 << 20) as stream:
