@@ -131,3 +131,30 @@ def test_subgraph_within_is_subgraph_of_those_nodes() -> None:
         assert cut.sources.tolist() == built.sources.tolist()
         assert cut.targets.tolist() == built.targets.tolist()
         assert cut.weights.tolist() == built.weights.tolist()
+
+
+def test_links_that_move_without_growing_make_louvain_run_again() -> None:
+    """Links within groups move (a ring re-ordered, a lockstep window passing) while the
+    component keeps its accounts and its number of links. Two operators' links move
+    from one pairing of four address triangles to the other, two links at a time (each
+    step well under the re-run share); the partition follows them rather than keeping
+    the communities Louvain found before the links moved."""
+    inside = {"prefix": 1.0, "template": 1.0}
+    t = [[f"x{3 * i + j:02d}" for j in range(3)] for i in range(4)]
+    before = _clique(t[0] + t[1], inside) | _clique(t[2] + t[3], inside)
+    after = _clique(t[0] + t[2], inside) | _clique(t[1] + t[3], inside)
+    weak = {("x00", "x11"): {"template": 0.2}}    # keeps the four triangles one component
+    edges = {**before, **weak}
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    assert {c.members for c in graph.communities} == {frozenset(t[0] + t[1]),
+                                                      frozenset(t[2] + t[3])}
+    going, coming = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+    assert len(going) == len(coming) == 18
+    for old, new in zip(going, coming, strict=True):
+        del edges[old]
+        edges[new] = dict(inside)
+        graph.update(edges, {old, new})
+        assert len(graph.graph) == 12
+    assert {c.members for c in graph.communities} == {frozenset(t[0] + t[2]),
+                                                      frozenset(t[1] + t[3])}

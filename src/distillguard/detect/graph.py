@@ -171,11 +171,16 @@ class AccountGraph:
     """Partition of linked accounts into communities, updated evaluation by evaluation.
 
     The networkx graph is updated pair by pair. Louvain re-runs on a changed connected
-    component only when its accounts or its links have grown or shrunk by more than
-    ``rerun_share`` since its last run (10 %); smaller changes place each new account in
-    the community it is most strongly linked to. Links count too: one operator's two
-    address clusters, joined at first by a single template link, were split then, and
-    stayed split when the other cross links came, because no account was added."""
+    component only when its accounts have grown or shrunk by more than ``rerun_share``
+    since its last run (10 %), or when more than that share of its links appeared, went
+    or changed kind since then, counted over every evaluation in between; smaller changes
+    place each new account in the community it is most strongly linked to. Links count
+    too: one operator's two address clusters, joined at first by a single template link,
+    were split then, and stayed split when the other cross links came, because no
+    account was added. And they count as moves, not as a net total: links within a group
+    move all the time (a ring re-ordered as members join, a lockstep window passing), and
+    a component whose links had all moved but whose count had not kept the partition of
+    weeks before."""
 
     rerun_share: float = 0.1
     graph: nx.Graph = field(default_factory=nx.Graph)
@@ -185,6 +190,9 @@ class AccountGraph:
     _communities: dict[int, Community] = field(default_factory=dict)
     # label -> (accounts, links) of its connected component when it was partitioned
     _base: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # label -> links of its component that appeared, went or changed since Louvain last
+    # partitioned it (a net count misses churn: ring links that move within a group)
+    _churn: dict[int, int] = field(default_factory=dict)
     _next_label: int = 0
     _previous: dict[str, int] = field(default_factory=dict)
     _neighbours: dict[str, dict[str, set[str]]] = field(default_factory=dict)
@@ -203,6 +211,7 @@ class AccountGraph:
         adjacency = graph._adj
         touched: set[str] = set()
         endpoints: set[str] = set()   # accounts that gained, lost or changed a link kind
+        moved_at: dict[str, int] = {}  # account -> how many of its links did
         for a, b in sorted(changed):
             kinds = edges.get((a, b))
             old = adjacency[a].get(b) if a in adjacency else None
@@ -210,6 +219,8 @@ class AccountGraph:
             has = kinds.keys() if kinds else set()
             if had != has:
                 endpoints.update((a, b))
+                moved_at[a] = moved_at.get(a, 0) + 1
+                moved_at[b] = moved_at.get(b, 0) + 1
                 self._index_kinds(a, b, had, has)
             if kinds:
                 graph.add_edge(a, b, weight=edge_weight(kinds), kinds=dict(kinds))
@@ -241,7 +252,10 @@ class AccountGraph:
                 earlier[label] = community
         fresh: set[int] = set()
         for nodes in components:
-            for n, label in self._partition(graph, nodes).items():
+            # links that appeared, went or changed kind, each counted once from each end
+            # it has in the component
+            moves = (sum(moved_at.get(n, 0) for n in nodes) + 1) // 2
+            for n, label in self._partition(graph, nodes, moves).items():
                 self._label[n] = label
                 self._members.setdefault(label, set()).add(n)
                 fresh.add(label)
@@ -266,7 +280,7 @@ class AccountGraph:
                 moved.add(node)
         return moved
 
-    def _partition(self, graph: nx.Graph, nodes: set[str]) -> dict[str, int]:
+    def _partition(self, graph: nx.Graph, nodes: set[str], moves: int) -> dict[str, int]:
         old = [self._previous[n] for n in nodes if n in self._previous]
         size = len(nodes)
         adjacency = graph._adj
@@ -276,10 +290,14 @@ class AccountGraph:
             base = max(self._base[k][0] for k in labels)
             base_links = max(self._base[k][1] for k in labels)
             share = self.rerun_share
+            churn = max(self._churn.get(k, 0) for k in labels) + moves
             if (abs(size - base) <= share * max(base, 1)
-                    and abs(links - base_links) <= share * max(base_links, 1)
+                    and churn <= share * max(base_links, 1)
                     and len(old) >= 0.5 * size):
-                return self._extend(graph, nodes, links)
+                placed = self._extend(graph, nodes, links)
+                for label in set(placed.values()):
+                    self._churn[label] = churn
+                return placed
         if size <= 3:
             groups = [set(nodes)]
         else:
@@ -291,6 +309,7 @@ class AccountGraph:
             label = self._next_label
             self._next_label += 1
             self._base[label] = (size, links)
+            self._churn[label] = 0
             out.update((n, label) for n in group)
         return out
 
