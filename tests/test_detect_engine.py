@@ -44,3 +44,20 @@ def test_due_growth_zero_evaluates_at_every_tick() -> None:
         detector.observe(make_features("a", i * 60.0))
         if i > 1:
             assert _volume(detector, "a") == i - 1
+
+
+def test_session_starts_are_indexed_at_every_tick_due_or_not() -> None:
+    """Two accounts that a scheduler wakes together, session after session, are linked
+    by their co-starts while neither is due for evaluation: co-starts are counted only
+    against the last few minutes of starts, so each tick indexes every new start."""
+    detector = Detector(Calibration.neutral(), tick_seconds=60.0, due_growth=100.0,
+                        due_seconds=1e9)
+    t0 = 1_700_000_000.0
+    for session in range(20):       # a session every two hours, for 40 hours
+        at = t0 + session * 7_200.0
+        detector.observe(make_features("a", at))
+        detector.observe(make_features("b", at + 4.0))
+    detector.observe(make_features("c", t0 + 20 * 7_200.0))   # passes the last tick
+    assert detector._evaluated["a"][0] == 1, "a was evaluated again: not the case tested"
+    assert "lockstep" in detector.links.edges.get(("a", "b"), {})
+    assert detector.graph.of["a"] is detector.graph.of["b"]

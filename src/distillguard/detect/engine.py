@@ -184,6 +184,11 @@ class Detector:
         self.evaluations += 1
         dirty = sorted(self.dirty if everyone else self._due(now))
         self.dirty.difference_update(dirty)
+        # Session starts are indexed at every tick, due or not: a co-start is counted
+        # only against the starts of the last few minutes (linking.COSTART_KEEP_S), so
+        # starts indexed an hour late would meet none of their partners'.
+        for aid in sorted(self.dirty):
+            self.links.index_starts(self.states[aid])
         for aid in dirty:
             state = self.states[aid]
             self._evaluated[aid] = (state.count, now)

@@ -274,6 +274,13 @@ class LinkIndex:
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False
             self._lockstep_candidates(state)
+        self.index_starts(state)
+
+    def index_starts(self, state: AccountState) -> None:
+        """Count the account's session starts since the last call against those indexed
+        (see :meth:`_costart_candidates`). Only the last COSTART_KEEP_S of starts are
+        kept, so the detector calls this at every evaluation for every account with new
+        exchanges, due or not."""
         if state.pending_starts:
             self._costart_candidates(state)
 
