@@ -187,8 +187,9 @@ class Detector:
         # Session starts are indexed at every tick, due or not: a co-start is counted
         # only against the starts of the last few minutes (linking.COSTART_KEEP_S), so
         # starts indexed an hour late would meet none of their partners'.
-        for aid in sorted(self.dirty):
-            self.links.index_starts(self.states[aid])
+        states = self.states
+        for aid in sorted(a for a in self.dirty if states[a].pending_starts):
+            self.links.index_starts(states[aid])
         for aid in dirty:
             state = self.states[aid]
             self._evaluated[aid] = (state.count, now)

@@ -210,15 +210,14 @@ class AccountGraph:
         graph = self.graph
         adjacency = graph._adj
         touched: set[str] = set()
-        endpoints: set[str] = set()   # accounts that gained, lost or changed a link kind
-        moved_at: dict[str, int] = {}  # account -> how many of its links did
+        # account -> how many of its links appeared, went or changed kind
+        moved_at: dict[str, int] = {}
         for a, b in sorted(changed):
             kinds = edges.get((a, b))
             old = adjacency[a].get(b) if a in adjacency else None
             had = old["kinds"].keys() if old is not None else set()
             has = kinds.keys() if kinds else set()
             if had != has:
-                endpoints.update((a, b))
                 moved_at[a] = moved_at.get(a, 0) + 1
                 moved_at[b] = moved_at.get(b, 0) + 1
                 self._index_kinds(a, b, had, has)
@@ -264,7 +263,7 @@ class AccountGraph:
             kept = earlier.get(label)
             # A community with the same members and no link among them gained, lost or
             # changed in kind is as it was (its kinds do not depend on link strengths).
-            if kept is not None and kept.members == members and endpoints.isdisjoint(members):
+            if kept is not None and kept.members == members and moved_at.keys().isdisjoint(members):
                 self._communities[label] = kept
             else:
                 self._communities[label] = self._community(members)
