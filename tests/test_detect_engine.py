@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.engine import DUE_GROWTH, DUE_SECONDS, Detector
+from distillguard.detect.engine import DUE_GROWTH, DUE_SECONDS, MIN_OWN_EXCHANGES, Detector
 from tests.factories import make_features
 
 
@@ -61,3 +61,41 @@ def test_session_starts_are_indexed_at_every_tick_due_or_not() -> None:
     assert detector._evaluated["a"][0] == 1, "a was evaluated again: not the case tested"
     assert "lockstep" in detector.links.edges.get(("a", "b"), {})
     assert detector.graph.of["a"] is detector.graph.of["b"]
+
+
+def _flagging_calibration() -> Calibration:
+    """The neutral model scores every row 0.5; a threshold of 0.5 makes every account over
+    it as soon as it is judged (linked, or with MIN_OWN_EXCHANGES of its own)."""
+    cal = Calibration.neutral()
+    cal.threshold = 0.5
+    return cal
+
+
+def test_young_accounts_are_flagged_only_when_over_twice_in_a_row() -> None:
+    detector = Detector(_flagging_calibration(), tick_seconds=60.0, due_growth=0.0)
+    t0 = 1_700_000_000.0
+    history: list[tuple[int, bool, bool]] = []     # (a's volume, above, flagged) per session
+    for session in range(MIN_OWN_EXCHANGES - 1):
+        at = t0 + session * 7_200.0
+        detector.observe(make_features("a", at))
+        detector.observe(make_features("b", at + 4.0))
+        detector.observe(make_features("c", at + 3_600.0, template_keys=(7, 8, 9),
+                                       simhash=2**64 - 1))   # passes a tick between sessions
+        st = detector.status.get("a")
+        if st is not None:
+            history.append((_volume(detector, "a"), st.above, st.flagged))
+    first_over = next(i for i, (_, above, _) in enumerate(history) if above)
+    assert history[first_over][2] is False, "flagged at its first evaluation over"
+    assert history[first_over + 1][1:] == (True, True)
+    flagged_at = history[first_over + 1][0]
+    assert flagged_at < MIN_OWN_EXCHANGES
+    assert detector.status["a"].exchanges_before_flag == flagged_at
+    assert not detector.status["c"].flagged, "an unlinked young account is not judged"
+
+
+def test_accounts_with_enough_traffic_are_flagged_at_once() -> None:
+    detector = Detector(_flagging_calibration(), tick_seconds=60.0, due_growth=0.0)
+    for i in range(1, MIN_OWN_EXCHANGES + 2):
+        detector.observe(make_features("a", i * 60.0))
+    st = detector.status["a"]
+    assert st.flagged and st.exchanges_before_flag == MIN_OWN_EXCHANGES

@@ -62,6 +62,7 @@ class AccountStatus:
     peak_group: float = 0.0
     reported: float = 0.0      # the risk of the last verdict handed out (online rows)
     flagged: bool = False
+    above: bool = False        # its risk reached a threshold at its last evaluation
     campaign_id: str | None = None
     first_flagged_at: float | None = None
     exchanges_before_flag: int | None = None
@@ -261,7 +262,12 @@ class Detector:
             st.peak = max(st.peak, own)
             st.peak_group = max(st.peak_group, g)
             r = max(own, g)
-            newly = not st.flagged and (own >= cal.threshold or g >= cal.community_threshold)
+            over = own >= cal.threshold or g >= cal.community_threshold
+            # A young account is flagged only when two evaluations in a row find it over:
+            # a chance link to a campaign in someone's first few exchanges rarely lasts.
+            young = self.states[aid].count < MIN_OWN_EXCHANGES
+            newly = not st.flagged and over and (st.above or not young)
+            st.above = over
             if newly:
                 st.flagged = True
                 st.first_flagged_at = now
