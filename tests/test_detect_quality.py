@@ -34,14 +34,17 @@ T0 = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
 
 
 def _link_operators(harness: dict[str, tuple[int, ...]], accounts: int,
-                    prefix: Callable[[str, int], str]
+                    prefix: Callable[[str, int], str], *, first: int = 0,
+                    links: LinkIndex | None = None,
+                    states: dict[str, AccountState] | None = None
                     ) -> tuple[LinkIndex, dict[str, AccountState]]:
-    """Each operator's accounts send eight exchanges with its frames, from the /24 that
-    ``prefix(operator, i)`` names; returns the refreshed link index and the states."""
-    links = LinkIndex()
-    states: dict[str, AccountState] = {}
+    """Each operator's accounts (numbered from ``first``) send eight exchanges with its
+    frames, from the /24 that ``prefix(operator, i)`` names; returns the refreshed link
+    index and the states (``links`` and ``states`` if given, with the accounts added)."""
+    links = LinkIndex() if links is None else links
+    states = {} if states is None else states
     for op, keys in harness.items():
-        for i in range(accounts):
+        for i in range(first, first + accounts):
             aid = f"{op}{i}"
             state = states[aid] = AccountState(aid)
             links.set_static(aid, None, None)
@@ -81,17 +84,39 @@ def test_operators_sharing_one_public_frame_are_not_template_linked() -> None:
 def test_a_public_frame_group_links_each_operator_within_itself() -> None:
     """Two operators of ten accounts each hold their own frame and one public frame, so
     any two of their accounts share half their frames and are template-linked. On the
-    public frame's ring, accounts with the same frame set sit together: only the pairs
-    around the two places where one operator's block meets the other's cross (at most
-    1 + 2 + 3 each), and a cross pair, sharing one of three distinct frames, weighs a
-    third of a pair within one operator. Louvain then finds the two operators."""
+    public frame's ring (and on each SimHash band's, all shared here), accounts with the
+    same frame set sit together: only the pairs around the two places where one
+    operator's block meets the other's cross (at most 1 + 2 + 3 each), and a cross pair,
+    sharing one of three distinct frames, weighs a third of a pair within one operator.
+    Louvain then finds the two operators."""
     harness = {"a": (101, 201), "b": (101, 301)}
     links, states = _link_operators(harness, 10, lambda op, i: f"{op}{i}-net")
     cross = {pair: kinds for pair, kinds in links.edges.items() if pair[0][0] != pair[1][0]}
-    assert 0 < len(cross) <= 2 * (1 + 2 + 3)     # on every shared ring, the same ends
+    shared = [group for group in links._rings if len({a[0] for a in links.groups[group[0]][
+        group[1]]}) == 2]
+    assert shared
+    for group in shared:
+        assert len({p for p in links._ring(group) if p[0][0] != p[1][0]}) <= 2 * (1 + 2 + 3)
+    assert 0 < len(cross) <= len(shared) * 2 * (1 + 2 + 3)
     assert all(kinds == {"template": pytest.approx(1 / 3)} for kinds in cross.values())
     assert _communities(links) == {frozenset(a for a in states if a[0] == op)
                                    for op in harness}
+
+
+def test_frame_links_last_only_while_evidence_pairs_the_accounts() -> None:
+    """Frames give a link its strength; they do not keep it. When more accounts join, the
+    places where the operators' blocks meet on the shared rings move, and the cross pairs
+    those rings no longer hold lose their link: otherwise every pair a ring ever held
+    would stay linked, and a public frame's group would end up a complete graph."""
+    harness = {"a": (101, 201), "b": (101, 301)}
+    links, states = _link_operators(harness, 6, lambda op, i: f"{op}{i}-net")
+    before = {pair for pair in links.edges if pair[0][0] != pair[1][0]}
+    _link_operators(harness, 14, lambda op, i: f"{op}{i}-net", first=6, links=links,
+                    states=states)
+    held = set().union(*(links._ring(group) for group in links._rings))
+    assert set(links.edges) <= held
+    assert before - held, "every early cross pair is still on a ring: not the case tested"
+    assert not (before - held) & set(links.edges)
 
 
 def test_template_strength_follows_frames_on_every_link() -> None:

@@ -75,10 +75,15 @@ COSTART_POPULATION = 1_000
 RingPosition = tuple[int, int, str]
 
 
-def _ring_position(account_id: str, signature: int = 0) -> RingPosition:
-    """Where an account sits on every group's ring: by its frame-set signature first, then
-    by a hash of its id (ties by id)."""
-    return signature, zlib.crc32(account_id.encode()), account_id
+def _ring_position(group: tuple[str, object], account_id: str, signature: int = 0
+                   ) -> RingPosition:
+    """Where an account sits on a group's ring: by its frame-set signature first, then by
+    a hash of the group and its id (ties by id). The hash differs from group to group, so
+    accounts of one harness that share several groups get other neighbours on each ring:
+    the union of their rings is well knit, where one order for all would make a long
+    chain that community detection cuts into pieces."""
+    return (signature, zlib.crc32(f"{group[0]}\x00{group[1]}\x00{account_id}".encode()),
+            account_id)
 
 
 def _signature(frames: Iterable[int]) -> int:
@@ -229,13 +234,13 @@ class LinkIndex:
 
     def _ring_join(self, group: tuple[str, object], account_id: str) -> None:
         bisect.insort(self._rings.setdefault(group, []), _ring_position(
-            account_id, self._signatures.get(account_id, 0)))
+            group, account_id, self._signatures.get(account_id, 0)))
 
     def _ring_leave(self, group: tuple[str, object], account_id: str) -> None:
         ring = self._rings.get(group)
         if ring is None:
             return
-        key = _ring_position(account_id, self._signatures.get(account_id, 0))
+        key = _ring_position(group, account_id, self._signatures.get(account_id, 0))
         i = bisect.bisect_left(ring, key)
         if i < len(ring) and ring[i] == key:
             del ring[i]
@@ -551,7 +556,12 @@ class LinkIndex:
             counts = self._counts.get(pair, {})
             kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
             kinds.pop("template", None)
-            overlap = self.frame_overlap(*pair)
+            costart = pair in self._costart or self._in_group_costart(pair)
+            # Frames give the strength of a link that current evidence makes (a shared
+            # group's ring, lockstep); a pair that a ring once held and no longer does is
+            # not linked by frames alone, or a public frame's group would end up complete.
+            paired = bool(counts) or pair in self._lockstep or costart
+            overlap = self.frame_overlap(*pair) if paired else None
             if overlap is not None:
                 share, strength = overlap
                 if share >= MIN_FRAME_SIMILARITY:
@@ -562,7 +572,7 @@ class LinkIndex:
                 kinds["template"] = 1.0
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
-            if pair in self._costart or self._in_group_costart(pair):
+            if costart:
                 kinds["lockstep"] = 1.0
             # A shared sign-up window alone is coincidence; keep it only beside others.
             if kinds and set(kinds) != {"signup"}:
