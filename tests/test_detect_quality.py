@@ -119,6 +119,15 @@ def test_frame_links_last_only_while_evidence_pairs_the_accounts() -> None:
     assert not (before - held) & set(links.edges)
 
 
+def test_one_harness_on_several_rings_stays_one_community() -> None:
+    """Forty accounts of one operator share three frames and a /24. Each ring orders them
+    by its own hash, so their links knit one community; one order for every ring would
+    give the same three neighbours on each side on every ring, a long chain that Louvain
+    cuts into arcs."""
+    links, states = _link_operators({"a": (101, 201, 202)}, 40, lambda op, i: "a-net")
+    assert _communities(links) == {frozenset(states)}
+
+
 def test_template_strength_follows_frames_on_every_link() -> None:
     """x and y share a /24 and a frame group of twelve accounts. When x takes on frames of
     its own, its template similarity to y falls below the bar, and the pair's edge must
