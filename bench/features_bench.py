@@ -40,7 +40,11 @@ _HERE = Path(__file__).resolve().parents[1] / "src"
 
 def _worker(mode: str, trace: str, limit: int) -> dict[str, Any]:
     """Run one measurement in this process (the code PYTHONPATH points at)."""
-    from distillguard.detect.batch import BATCH_ROWS, _trace_features, iter_sorted_lines
+    from distillguard.detect.batch import _trace_features
+    try:
+        from distillguard.detect.reader import BATCH_ROWS, iter_sorted_lines
+    except ImportError:      # code from before the reader had a module of its own
+        from distillguard.detect.batch import BATCH_ROWS, iter_sorted_lines  # type: ignore[attr-defined,no-redef]
     from distillguard.detect.features import extract, extract_many
     from distillguard.exchange import Exchange
     from distillguard.geoip import default_geoip

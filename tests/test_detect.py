@@ -19,10 +19,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from distillguard.cli import main
 from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
-from distillguard.detect.batch import iter_sorted_lines, read_labels, run_batch
+from distillguard.detect.batch import read_labels, run_batch
 from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, write_changes
+from distillguard.detect.reader import iter_sorted_lines
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from distillguard.simulate import simulate

@@ -11,7 +11,8 @@ See docs/detection.md. The modules, one per concern:
 * :mod:`.calibration`: the fitted model and the threshold from a target FPR;
 * :mod:`.evidence`: human-readable reasons;
 * :mod:`.engine`: the detector both paths share;
-* :mod:`.batch`: the DuckDB batch path (``distillguard detect``);
+* :mod:`.reader`: the trace in time order on DuckDB, as feature rows (the reader process);
+* :mod:`.batch`: the batch path (``distillguard detect``);
 * :mod:`.online`: the background pipeline stage and the verdict tables.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from distillguard.detect.calibration import Calibration
 from distillguard.detect.settings import parse_settings
 
 if TYPE_CHECKING:
@@ -31,6 +31,9 @@ __all__ = ["component"]
 
 def component(settings: Settings) -> Extension | None:
     """Factory for :data:`distillguard.components.DEFAULT_COMPONENTS`: the online stage."""
+    # Imported here: the detector's modules (datasketch, scipy) cost about a second, which
+    # the trace reader process, importing only the feature modules, does not pay.
+    from distillguard.detect.calibration import Calibration
     from distillguard.detect.online import DetectionStage
     from distillguard.serve import Extension
 

@@ -1,49 +1,39 @@
 """The batch path: a trace file through the detector, in time order, on DuckDB.
 
-Trace lines are not guaranteed to be in time order, and a trace may be larger than
-memory. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
-request bodies never trip schema inference), sorts it by timestamp with a memory limit
-and spills to a temporary folder when it must, and hands the rows back in Arrow record
-batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
-records, then features (:class:`~distillguard.detect.features.Extractor`), then goes
-through :class:`~distillguard.detect.engine.Detector` one exchange at a time, exactly as
-the online stage feeds it.
+:mod:`.reader` sorts the trace by timestamp on DuckDB, with memory bounded, and turns it
+into feature rows, in this process or (on large traces) in a second one; each exchange's
+features then go through :class:`~distillguard.detect.engine.Detector` one at a time,
+exactly as the online stage feeds it.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import pickle
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import traceback
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import duckdb
 import numpy as np
-import orjson
 
 from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
 from distillguard.detect.engine import DUE_GROWTH, Detector
-from distillguard.detect.features import ExchangeFeatures, Extractor
+from distillguard.detect.features import ExchangeFeatures
+from distillguard.detect.reader import receive, trace_feature_rows
 from distillguard.detect.scoring import AccountFacts
-from distillguard.exchange import Exchange
 from distillguard.geoip import GeoIP
 from distillguard.traceio import FormatError, read_accounts
 from distillguard.verdicts import Verdicts
 
-BATCH_ROWS = 4_096
 # Evaluate links and risk every this many seconds of trace time (every batch path).
 TICK_SECONDS = 300.0
 Features = Generator[ExchangeFeatures | None, None, None]
@@ -69,36 +59,6 @@ def facts_from_accounts(path: str | Path) -> Iterator[tuple[str, AccountFacts]]:
             created_at=account.created_at.timestamp() if account.created_at else None,
             org=account.org, payment=account.payment_fingerprint,
             email_domain=account.email_domain)
-
-
-def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
-                      temp_dir: str | None = None, batch_rows: int = BATCH_ROWS
-                      ) -> Iterator[list[bytes]]:
-    """The trace's lines sorted by timestamp (ties in file order), in blocks."""
-    path = str(trace)
-    if not Path(path).exists():
-        raise FormatError(f"{path}: no such trace file")
-    spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
-    try:
-        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
-                                     "preserve_insertion_order": True})
-        try:
-            rel = con.sql(
-                "SELECT json::VARCHAR AS line, "
-                " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
-                " row_number() OVER () AS n "
-                "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
-                params={"path": path})
-            reader = rel.to_arrow_reader(batch_rows)
-            for batch in reader:
-                yield [v.encode() for v in batch.column(0).to_pylist()]
-        except duckdb.Error as exc:
-            raise FormatError(f"{path}: cannot read trace ({exc})") from None
-        finally:
-            con.close()
-    finally:
-        if temp_dir is None:    # the sort's spill files (gigabytes on a large trace)
-            shutil.rmtree(spill, ignore_errors=True)
 
 
 @contextmanager
@@ -155,25 +115,6 @@ def run_features(features: Iterable[ExchangeFeatures | None], calibration: Calib
     return BatchResult(verdicts, count, len(verdicts.accounts), detector.evaluations), detector
 
 
-def _trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
-                        temp_dir: str | None = None
-                        ) -> Generator[list[tuple[Any, ...]], None, None]:
-    """The trace's features in time order, block by block, as plain tuples
-    (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
-    count = 0
-    block = Extractor(geoip)
-    for lines in iter_sorted_lines(trace, memory_limit=memory_limit, temp_dir=temp_dir):
-        for line in lines:
-            try:
-                exchange = Exchange.from_trace(orjson.loads(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
-                                  f"{exc}") from None
-            block.add(exchange)   # keeps what features need; the parsed line goes now
-            count += 1
-        yield block.take_rows()
-
-
 def _features(blocks: Generator[list[tuple[Any, ...]], None, None],
               on_block: Callable[[int], None] | None) -> Features:
     """Blocks of feature rows (from this process or the reader process) as features in
@@ -193,50 +134,8 @@ def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None
                     ) -> Features:
     """The trace's features in time order (None for exchanges without an account),
     read and extracted in this process."""
-    return _features(_trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
+    return _features(trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
                                          temp_dir=temp_dir), on_block)
-
-
-_HEADER = struct.Struct("<Q")     # the byte length of each message from the reader
-
-
-def _send(out: BinaryIO, kind: str, payload: object) -> None:
-    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(_HEADER.pack(len(data)))
-    out.write(data)
-
-
-def _receive(stream: BinaryIO) -> tuple[str, Any] | None:
-    """The next message from the reader; None when it ended without one."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    kind, payload = pickle.loads(data)
-    return kind, payload
-
-
-def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
-    """The reader process (``python -m distillguard.detect.batch``): sort, parse and
-    extract; write each block of feature rows to ``fd`` (a write blocks while the
-    detector is behind, so at most a pipe's worth is in flight), then ``("end",
-    None)``. A bad trace is sent as ``("error", message)``, anything else as
-    ``("crash", traceback)``."""
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-        try:
-            for rows in _trace_feature_rows(trace, memory_limit=memory_limit, geoip=None,
-                                            temp_dir=temp_dir):
-                _send(out, "rows", rows)
-            _send(out, "end", None)
-        except FormatError as exc:
-            _send(out, "error", str(exc))
-        except BrokenPipeError:
-            return            # the detector stopped reading (it failed or was stopped)
-        except Exception:     # reported to the detector's process, which raises
-            _send(out, "crash", traceback.format_exc())
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT)
@@ -293,7 +192,7 @@ def _reader_blocks(trace: str | Path, *, memory_limit: str
         # directory again after it was removed), so stops wait until ``reader`` is set.
         with _stops_held():
             reader = subprocess.Popen(
-                [sys.executable, "-m", "distillguard.detect.batch", str(trace),
+                [sys.executable, "-m", "distillguard.detect.reader", str(trace),
                  memory_limit, spill, str(write_fd)], pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": path})
         os.close(write_fd)    # the reader holds the only writing end now
@@ -301,7 +200,7 @@ def _reader_blocks(trace: str | Path, *, memory_limit: str
         with os.fdopen(read_fd, "rb", buffering=1 << 20) as stream:
             read_fd = -1
             while True:
-                message = _receive(stream)
+                message = receive(stream)
                 if message is None:
                     code = reader.wait(10)
                     raise RuntimeError(f"the trace reader process ended unexpectedly "
@@ -475,7 +374,3 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
         "community_snapshots": len(groups), "benign": len(benign),
         "attack": len(attack) - len(benign),
         "benign_flagged_at_threshold": over + group_over})
-
-
-if __name__ == "__main__":      # the reader process of _trace_features_in_reader
-    reader_main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from distillguard.detect.batch import BATCH_ROWS, TICK_SECONDS, BatchResult, run_features
+from distillguard.detect.batch import TICK_SECONDS, BatchResult, run_features
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
 from distillguard.detect.features import ExchangeFeatures, Extractor
+from distillguard.detect.reader import BATCH_ROWS
 from distillguard.exchange import Exchange
 from distillguard.traceio import FormatError
 

@@ -1,0 +1,132 @@
+"""The trace in time order, as feature rows: what the batch path reads.
+
+Trace lines are not guaranteed to be in time order, and a trace may be larger than
+memory. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
+request bodies never trip schema inference), sorts it by timestamp with a memory limit
+and spills to a temporary folder when it must, and hands the rows back in Arrow record
+batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
+records, then rows of features (:class:`~distillguard.detect.features.Extractor`).
+
+On large traces this runs in a second process (``python -m distillguard.detect.reader``,
+started by :mod:`.batch`), which imports only what reading needs: the detector's modules
+(datasketch, scipy, igraph) would add about a second to its start.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import struct
+import sys
+import tempfile
+import traceback
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import duckdb
+import orjson
+
+from distillguard.detect.features import Extractor
+from distillguard.exchange import Exchange
+from distillguard.geoip import GeoIP
+from distillguard.traceio import FormatError
+
+BATCH_ROWS = 4_096
+
+
+def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
+                      temp_dir: str | None = None, batch_rows: int = BATCH_ROWS
+                      ) -> Iterator[list[bytes]]:
+    """The trace's lines sorted by timestamp (ties in file order), in blocks."""
+    path = str(trace)
+    if not Path(path).exists():
+        raise FormatError(f"{path}: no such trace file")
+    spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
+    try:
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
+                                     "preserve_insertion_order": True})
+        try:
+            rel = con.sql(
+                "SELECT json::VARCHAR AS line, "
+                " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
+                " row_number() OVER () AS n "
+                "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
+                params={"path": path})
+            reader = rel.to_arrow_reader(batch_rows)
+            for batch in reader:
+                yield [v.encode() for v in batch.column(0).to_pylist()]
+        except duckdb.Error as exc:
+            raise FormatError(f"{path}: cannot read trace ({exc})") from None
+        finally:
+            con.close()
+    finally:
+        if temp_dir is None:    # the sort's spill files (gigabytes on a large trace)
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
+                        temp_dir: str | None = None
+                        ) -> Generator[list[tuple[Any, ...]], None, None]:
+    """The trace's features in time order, block by block, as plain tuples
+    (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
+    count = 0
+    block = Extractor(geoip)
+    for lines in iter_sorted_lines(trace, memory_limit=memory_limit, temp_dir=temp_dir):
+        for line in lines:
+            try:
+                exchange = Exchange.from_trace(orjson.loads(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
+                                  f"{exc}") from None
+            block.add(exchange)   # keeps what features need; the parsed line goes now
+            count += 1
+        yield block.take_rows()
+
+
+_HEADER = struct.Struct("<Q")     # the byte length of each message from the reader
+
+
+def send(out: BinaryIO, kind: str, payload: object) -> None:
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(_HEADER.pack(len(data)))
+    out.write(data)
+
+
+def receive(stream: BinaryIO) -> tuple[str, Any] | None:
+    """The next message from the reader; None when it ended without one."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    kind, payload = pickle.loads(data)
+    return kind, payload
+
+
+def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
+    """The reader process (``python -m distillguard.detect.reader``): sort, parse and
+    extract; write each block of feature rows to ``fd`` (a write blocks while the
+    detector is behind, so at most a pipe's worth is in flight), then ``("end",
+    None)``. A bad trace is sent as ``("error", message)``, anything else as
+    ``("crash", traceback)``."""
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        try:
+            for rows in trace_feature_rows(trace, memory_limit=memory_limit, geoip=None,
+                                            temp_dir=temp_dir):
+                send(out, "rows", rows)
+            send(out, "end", None)
+        except FormatError as exc:
+            send(out, "error", str(exc))
+        except BrokenPipeError:
+            return            # the detector stopped reading (it failed or was stopped)
+        except Exception:     # reported to the detector's process, which raises
+            send(out, "crash", traceback.format_exc())
+
+
+
+if __name__ == "__main__":      # the reader process of batch._trace_features_in_reader
+    reader_main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
