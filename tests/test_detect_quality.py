@@ -251,7 +251,7 @@ def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
         changed = links.refresh(states)
         if group:
             graph.update(links.edges, changed)
-            links.group_costarts(states, graph.of.get)
+            links.group_costarts(states, graph.of)
     return links, states, graph
 
 

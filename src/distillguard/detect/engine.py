@@ -199,7 +199,7 @@ class Detector:
             self.vectors[aid] = account_vector(state, self.facts.get(aid))
         changed = self.links.refresh(self.states)
         touched = set(dirty) | self.graph.update(self.links.edges, changed)
-        self.links.group_costarts(self.states, self.graph.of.get)
+        self.links.group_costarts(self.states, self.graph.of)
         for aid in dirty:
             community = self.graph.of.get(aid)
             if community is not None:

@@ -45,7 +45,7 @@ import bisect
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -353,7 +353,7 @@ class LinkIndex:
         return pair in self._group_costart.get(a, ()) or pair in self._group_costart.get(b, ())
 
     def group_costarts(self, states: dict[str, AccountState],
-                       community_of: Callable[[str], Community | None]) -> None:
+                       communities: Mapping[str, Community]) -> None:
         """Test the accounts whose co-start counts moved against groups of their co-start
         partners as a whole: a scheduler wakes a few of its many accounts at a time, so
         two of them rarely start together twice, but each account starts with *some*
@@ -390,27 +390,36 @@ class LinkIndex:
         for aid in tested:
             partners = self._partners.get(aid, {})
             found: dict[int, tuple[Community, list[str]]] = {}
-            for other in partners:
-                community = community_of(other)
-                if community is not None and community.size - (aid in community.members) >= 2:
+            # Only partners in a community count. A busy account has co-started with
+            # thousands of accounts, most of them in none: the intersection runs in C.
+            for other in partners.keys() & communities.keys():
+                community = communities[other]
+                if community.size - (aid in community.members) >= 2:
                     found.setdefault(id(community), (community, []))[1].append(other)
             # In the order of each group's first partner by id, so that the sum over
             # several groups below is always added up in the same order.
             groups = sorted(found.values(), key=lambda g: min(g[1]))
-            candidates = [([c], mates) for c, mates in groups]
-            scheduled = [(c, mates) for c, mates in groups if "lockstep" in c.kinds]
+            # Each group's starts of this account met by a member, found once: the union
+            # candidate below reuses them.
+            met = [set().union(*[partners[m] for m in mates]) for _, mates in groups]
+            candidates = [([c], mates, buckets)
+                          for (c, mates), buckets in zip(groups, met, strict=True)]
+            scheduled = [(c, mates, buckets)
+                         for (c, mates), buckets in zip(groups, met, strict=True)
+                         if "lockstep" in c.kinds]
             if len(scheduled) >= 2:
-                candidates.append(([c for c, _ in scheduled],
-                                   [m for _, mates in scheduled for m in mates]))
+                candidates.append(([c for c, _, _ in scheduled],
+                                   [m for _, mates, _ in scheduled for m in mates],
+                                   set().union(*[buckets for _, _, buckets in scheduled])))
             linked: set[Pair] = set()
             mine = states[aid]
             own = start_density(aid)
-            for communities, mates in candidates:
-                k = len(set().union(*[partners[m] for m in mates]))
+            for group, mates, buckets in candidates:
+                k = len(buckets)
                 if k < GROUP_COSTART_MIN:
                     continue
                 total = sum(density(c) - (own if aid in c.members else 0.0)
-                            for c in communities)
+                            for c in group)
                 chance = mine.session_starts * -math.expm1(-max(total, 0.0))
                 if poisson_tail(chance, k) <= self.group_costart_alpha:
                     linked.update(_pair(aid, m) for m in mates)
