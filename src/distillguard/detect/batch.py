@@ -135,7 +135,7 @@ def _trace_features(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None
     """The trace's features in time order (None for exchanges without an account),
     read and extracted in this process."""
     return _features(trace_feature_rows(trace, memory_limit=memory_limit, geoip=geoip,
-                                         temp_dir=temp_dir), on_block)
+                                        temp_dir=temp_dir), on_block)
 
 
 _STOPS = (signal.SIGTERM, signal.SIGINT)

@@ -254,10 +254,10 @@ class Detector:
         changed: set[str] = set()
         for aid, row, risk, group in zip(ids, matrix, risks, group_risks, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
+            young = self.states[aid].count < MIN_OWN_EXCHANGES
             # An unlinked account is judged on its own traffic only once there is enough of
             # it: a few single-turn prompts from a new account are how many people start.
-            own = float(risk) if (aid in self.graph.of or self.states[aid].count
-                                  >= MIN_OWN_EXCHANGES) else 0.0
+            own = float(risk) if (aid in self.graph.of or not young) else 0.0
             g = float(group)
             st.peak = max(st.peak, own)
             st.peak_group = max(st.peak_group, g)
@@ -265,7 +265,6 @@ class Detector:
             over = own >= cal.threshold or g >= cal.community_threshold
             # A young account is flagged only when two evaluations in a row find it over:
             # a chance link to a campaign in someone's first few exchanges rarely lasts.
-            young = self.states[aid].count < MIN_OWN_EXCHANGES
             newly = not st.flagged and over and (st.above or not young)
             st.above = over
             if newly:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 # Infrastructure an operator controls (payment, addresses) outweighs shared templates,
 # which unrelated campaigns may copy from the same public source.
@@ -129,27 +131,18 @@ class Subgraph:
         ls, lt = label[self.sources], label[self.targets]
         across = ls != lt
         lo, hi = np.minimum(ls[across], lt[across]), np.maximum(ls[across], lt[across])
-        keys = lo * len(parts) + hi
-        pairs, where = np.unique(keys, return_inverse=True)
+        pairs, where = np.unique(lo * len(parts) + hi, return_inverse=True)
         cut = np.bincount(where, self.weights[across], len(pairs))
-        root = list(range(len(parts)))
-
-        def find(k: int) -> int:
-            while root[k] != k:
-                root[k] = root[root[k]]
-                k = root[k]
-            return k
-
-        for key, weight in zip(pairs.tolist(), cut.tolist(), strict=True):
-            a, b = divmod(key, len(parts))
-            if weight >= MIN_JOIN_SHARE * min(volume[a], volume[b]):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    root[max(ra, rb)] = min(ra, rb)
-        joined: dict[int, list[np.ndarray]] = {}
-        for k, part in enumerate(parts):
-            joined.setdefault(find(k), []).append(part)
-        return [np.sort(np.concatenate(group)) for _, group in sorted(joined.items())]
+        a, b = np.divmod(pairs, len(parts))
+        join = cut >= MIN_JOIN_SHARE * np.minimum(volume[a], volume[b])
+        # Parts joined directly or through others are one: connected components of the
+        # graph whose nodes are the parts and whose edges are the joins (numbered by
+        # their first part, so the order of the parts is kept).
+        _, joined = connected_components(coo_array(
+            (np.ones(int(join.sum())), (a[join], b[join])), shape=(len(parts), len(parts))),
+            directed=False)
+        return [np.sort(np.concatenate([parts[k] for k in np.flatnonzero(joined == c)]))
+                for c in range(int(joined.max()) + 1)]
 
     def names_of(self, part: np.ndarray) -> set[str]:
         return {self.names[i] for i in part}

@@ -399,14 +399,12 @@ class LinkIndex:
             # In the order of each group's first partner by id, so that the sum over
             # several groups below is always added up in the same order.
             groups = sorted(found.values(), key=lambda g: min(g[1]))
-            # Each group's starts of this account met by a member, found once: the union
-            # candidate below reuses them.
-            met = [set().union(*[partners[m] for m in mates]) for _, mates in groups]
-            candidates = [([c], mates, buckets)
-                          for (c, mates), buckets in zip(groups, met, strict=True)]
-            scheduled = [(c, mates, buckets)
-                         for (c, mates), buckets in zip(groups, met, strict=True)
-                         if "lockstep" in c.kinds]
+            # With each group, the starts of this account that a member met, found once:
+            # the union candidate below reuses them.
+            met = [(c, mates, set().union(*[partners[m] for m in mates]))
+                   for c, mates in groups]
+            candidates = [([c], mates, buckets) for c, mates, buckets in met]
+            scheduled = [group for group in met if "lockstep" in group[0].kinds]
             if len(scheduled) >= 2:
                 candidates.append(([c for c, _, _ in scheduled],
                                    [m for _, mates, _ in scheduled for m in mates],

@@ -67,7 +67,7 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
 
 
 def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
-                        temp_dir: str | None = None
+                       temp_dir: str | None = None
                         ) -> Generator[list[tuple[Any, ...]], None, None]:
     """The trace's features in time order, block by block, as plain tuples
     (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
@@ -116,7 +116,7 @@ def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
     with os.fdopen(fd, "wb", buffering=1 << 20) as out:
         try:
             for rows in trace_feature_rows(trace, memory_limit=memory_limit, geoip=None,
-                                            temp_dir=temp_dir):
+                                           temp_dir=temp_dir):
                 send(out, "rows", rows)
             send(out, "end", None)
         except FormatError as exc:
@@ -125,7 +125,6 @@ def reader_main(trace: str, memory_limit: str, temp_dir: str, fd: int) -> None:
             return            # the detector stopped reading (it failed or was stopped)
         except Exception:     # reported to the detector's process, which raises
             send(out, "crash", traceback.format_exc())
-
 
 
 if __name__ == "__main__":      # the reader process of batch._trace_features_in_reader
