@@ -23,6 +23,7 @@ from distillguard.detect.linking import (
     LinkIndex,
     _pair,
     chance_jaccard,
+    poisson_tail,
 )
 from distillguard.detect.scoring import Z_CLIP, Model
 from distillguard.detect.sketches import AccountState
@@ -309,6 +310,66 @@ def test_a_scheduler_pool_too_large_for_pairs_is_linked_as_a_group() -> None:
     # accounts with only a few starts may stay out
     assert biggest.size >= 40 and biggest.size >= largest + 10
     assert "lockstep" in biggest.kinds
+
+
+def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountState],
+                                 communities: dict[str, Any], aid: str) -> set[tuple[str, str]]:
+    """The group co-start test as its docstring defines it, with every union built: the
+    oracle for the short cuts of :meth:`LinkIndex.group_costarts`."""
+    import math
+
+    window = 5 * 10
+
+    def density(members: Any) -> float:
+        return math.fsum(states[m].session_starts * window / max(
+            states[m].last_ts - states[m].first_ts, 86_400.0) for m in sorted(members))
+
+    partners = links._partners.get(aid, {})
+    found: dict[int, tuple[Any, list[str]]] = {}
+    for other in sorted(partners.keys() & communities.keys()):
+        c = communities[other]
+        if c.size - (aid in c.members) >= 2:
+            found.setdefault(id(c), (c, []))[1].append(other)
+    groups = sorted(found.values(), key=lambda g: min(g[1]))
+    candidates = [([c], mates) for c, mates in groups]
+    scheduled = [g for g in groups if "lockstep" in g[0].kinds]
+    if len(scheduled) >= 2:
+        candidates.append(([c for c, _ in scheduled], [m for _, ms in scheduled for m in ms]))
+    own = density([aid])
+    linked: set[tuple[str, str]] = set()
+    for group, mates in candidates:
+        k = len(set().union(*[partners[m] for m in mates]))
+        total = sum(density(c.members) - (own if aid in c.members else 0.0) for c in group)
+        chance = states[aid].session_starts * -math.expm1(-max(total, 0.0))
+        if k >= 3 and poisson_tail(chance, k) <= links.group_costart_alpha:
+            linked.update((min(aid, m), max(aid, m)) for m in mates)
+    return linked
+
+
+def test_group_costart_short_cuts_decide_as_the_whole_test() -> None:
+    """The group test skips building a group's union of met starts when even the most
+    it could hold would not pass; on a pool with chance partners beside it, every
+    account's links come out as the full test's."""
+    import random
+
+    rng = random.Random(11)
+    pool = [f"s{i:02d}" for i in range(40)]
+    others = [f"o{i:02d}" for i in range(30)]
+    events: list[tuple[str, float]] = []
+    for tick in range(120):
+        at = T0 + tick * 2_880 + rng.uniform(0, 600)
+        events += [(a, at + rng.uniform(0, 15)) for a in rng.sample(pool, 3)]
+        events += [(a, at + rng.uniform(-30, 30)) for a in rng.sample(others, 1)]
+        events += [(a, T0 + tick * 2_880 + rng.uniform(0, 2_880)) for a in rng.sample(others, 4)]
+    links, states, graph = _replay_starts(events, 4, rng, group=True)
+    links._group_tested.update(links._partners)
+    links.group_costarts(states, graph.of)
+    tested = sorted(links._partners)
+    assert len(tested) >= 60
+    expected = {a: _group_costart_by_definition(links, states, graph.of, a) for a in tested}
+    assert any(expected.values())      # the pool is linked as a group ...
+    assert any(not v for v in expected.values())  # ... and some accounts are not
+    assert {a: links._group_costart.get(a, set()) for a in tested} == expected
 
 
 def test_follow_up_turns_make_no_template_evidence() -> None:

@@ -317,11 +317,14 @@ class LinkIndex:
                         self._costart_dirty.add(pair)
                         self._partners.setdefault(aid, {}).setdefault(other, []).append(bucket)
                         self._partners.setdefault(other, {}).setdefault(aid, []).append(near)
+                        self._group_tested.add(other)
             self._starts.setdefault(bucket, []).append(aid)
             self._newest_start = max(self._newest_start, bucket)
         state.pending_starts.clear()
-        # More starts make chance co-starts likelier: its links are tested again.
+        # More starts make chance co-starts likelier: its links are tested again, and so
+        # is its co-start with groups (its own starts and partners moved).
         self._costart_dirty.update(self._costart_of.get(aid, ()))
+        self._group_tested.add(aid)
 
     def _prune_starts(self) -> None:
         oldest = self._newest_start - int(COSTART_KEEP_S // BURST_BUCKET_S)
@@ -354,8 +357,9 @@ class LinkIndex:
 
     def group_costarts(self, states: dict[str, AccountState],
                        communities: Mapping[str, Community]) -> None:
-        """Test the accounts whose co-start counts moved against groups of their co-start
-        partners as a whole: a scheduler wakes a few of its many accounts at a time, so
+        """Test the accounts that started a session or co-started since their last test
+        (a partner's new start alone no longer re-tests them) against groups of their
+        co-start partners as a whole: a scheduler wakes a few of its many accounts at a time, so
         two of them rarely start together twice, but each account starts with *some*
         member of its operator's group again and again.
 
@@ -399,27 +403,32 @@ class LinkIndex:
             # In the order of each group's first partner by id, so that the sum over
             # several groups below is always added up in the same order.
             groups = sorted(found.values(), key=lambda g: min(g[1]))
-            # With each group, the starts of this account that a member met, found once:
-            # the union candidate below reuses them.
-            met = [(c, mates, set().union(*[partners[m] for m in mates]))
-                   for c, mates in groups]
-            candidates = [([c], mates, buckets) for c, mates, buckets in met]
+            # With each group, its members' lists of this account's starts they met.
+            met = [(c, mates, [partners[m] for m in mates]) for c, mates in groups]
+            candidates = [([c], mates, lists) for c, mates, lists in met]
             scheduled = [group for group in met if "lockstep" in group[0].kinds]
             if len(scheduled) >= 2:
                 candidates.append(([c for c, _, _ in scheduled],
                                    [m for _, mates, _ in scheduled for m in mates],
-                                   set().union(*[buckets for _, _, buckets in scheduled])))
+                                   [bs for _, _, lists in scheduled for bs in lists]))
             linked: set[Pair] = set()
             mine = states[aid]
             own = start_density(aid)
-            for group, mates, buckets in candidates:
-                k = len(buckets)
-                if k < GROUP_COSTART_MIN:
+            alpha = self.group_costart_alpha
+            for group, mates, lists in candidates:
+                # k is at most the lists' entries and at most the account's starts: when
+                # even that many would not pass, the union is not worth building (nearly
+                # every test of a busy account against a group it met by chance).
+                most = min(sum(map(len, lists)), mine.session_starts)
+                if most < GROUP_COSTART_MIN:
                     continue
                 total = sum(density(c) - (own if aid in c.members else 0.0)
                             for c in group)
                 chance = mine.session_starts * -math.expm1(-max(total, 0.0))
-                if poisson_tail(chance, k) <= self.group_costart_alpha:
+                if poisson_tail(chance, most) > alpha:
+                    continue
+                k = len(set().union(*lists))
+                if k >= GROUP_COSTART_MIN and poisson_tail(chance, k) <= alpha:
                     linked.update(_pair(aid, m) for m in mates)
             old = self._group_costart.get(aid, set())
             if linked != old:
@@ -536,8 +545,6 @@ class LinkIndex:
                 self._costart.discard(pair)
                 _unindex_pair(self._costart_of, pair)
                 changed.add(pair)
-        for pair in self._costart_dirty:
-            self._group_tested.update(pair)
         self._costart_dirty.clear()
         changed |= self._group_dirty
         self._group_dirty.clear()
