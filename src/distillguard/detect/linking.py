@@ -393,18 +393,28 @@ class LinkIndex:
 
         for aid in tested:
             partners = self._partners.get(aid, {})
-            found: dict[int, tuple[Community, list[str]]] = {}
-            # Only partners in a community count. A busy account has co-started with
-            # thousands of accounts, most of them in none: the intersection runs in C.
+            # Per group: the partners in it, and with each its list of this account's
+            # starts it met. Only partners in a community count. A busy account has
+            # co-started with thousands of accounts, most of them in none: the
+            # intersection runs in C.
+            found: dict[int, tuple[Community, list[str], list[list[int]]]] = {}
+            too_small: set[int] = set()
             for other in partners.keys() & communities.keys():
                 community = communities[other]
-                if community.size - (aid in community.members) >= 2:
-                    found.setdefault(id(community), (community, []))[1].append(other)
+                key = id(community)
+                entry = found.get(key)
+                if entry is None:
+                    if key in too_small:
+                        continue
+                    if community.size - (aid in community.members) < 2:
+                        too_small.add(key)
+                        continue
+                    entry = found[key] = (community, [], [])
+                entry[1].append(other)
+                entry[2].append(partners[other])
             # In the order of each group's first partner by id, so that the sum over
             # several groups below is always added up in the same order.
-            groups = sorted(found.values(), key=lambda g: min(g[1]))
-            # With each group, its members' lists of this account's starts they met.
-            met = [(c, mates, [partners[m] for m in mates]) for c, mates in groups]
+            met = sorted(found.values(), key=lambda g: min(g[1]))
             candidates = [([c], mates, lists) for c, mates, lists in met]
             scheduled = [group for group in met if "lockstep" in group[0].kinds]
             if len(scheduled) >= 2:
