@@ -372,6 +372,71 @@ def test_group_costart_short_cuts_decide_as_the_whole_test() -> None:
     assert {a: links._group_costart.get(a, set()) for a in tested} == expected
 
 
+class _ScanningLinks(LinkIndex):
+    """Forgets stale co-start pairs by a pass over every counted pair, once an hour:
+    the definition that :meth:`LinkIndex._prune_starts` keeps by looking only at the
+    hours that went stale."""
+
+    def _prune_starts(self) -> None:
+        oldest = self._newest_start - 60
+        for bucket in [b for b in self._starts if b < oldest]:
+            del self._starts[bucket]
+        if self._newest_start - self._pairs_pruned_at >= 360:
+            self._pairs_pruned_at = self._newest_start
+            stale = self._newest_start - 3 * 8_640
+            for pair in [p for p, b in self._costart_seen.items() if b < stale
+                         and p not in self._costart and not self._in_group_costart(p)]:
+                del self._costart_seen[pair]
+                self._costarts.pop(pair, None)
+                for x, y in (pair, pair[::-1]):
+                    self._partners[x].pop(y, None)
+                    if not self._partners[x]:
+                        del self._partners[x]
+
+
+def test_stale_co_start_pairs_are_forgotten_as_a_full_scan_would() -> None:
+    """Over eight days, a scheduler's pool (linked) and, for the first three, casual
+    accounts that co-start by chance now and then: the counts kept after every evaluation are those a pass over
+    every counted pair keeps, and some pairs were forgotten."""
+    import random
+
+    rng = random.Random(17)
+    pool = [f"s{i:02d}" for i in range(12)]
+    casual = [f"c{i:02d}" for i in range(40)]
+    events: list[tuple[str, float]] = []
+    for tick in range(8 * 24):
+        at = T0 + tick * 3_600 + rng.uniform(0, 1_800)
+        events += [(a, at + rng.uniform(0, 15)) for a in rng.sample(pool, 3)]
+        if tick < 3 * 24:       # independent sessions: chance co-starts, then silence
+            events += [(a, T0 + tick * 3_600 + rng.uniform(0, 3_600)) for a in casual]
+    events.sort(key=lambda e: e[1])
+    states = {a: AccountState(a) for a, _ in events}
+    shadow = {a: AccountState(a) for a, _ in events}
+    new, old = LinkIndex(), _ScanningLinks()
+    graph, old_graph = AccountGraph(), AccountGraph()
+    counted = 0
+    for t0 in range(int(T0), int(T0) + 8 * 86_400, 300):
+        window = [(ts, a) for a, ts in events if t0 <= ts < t0 + 300]
+        for ts, a in window:
+            for st in (states, shadow):
+                st[a].update(make_features(a, ts, template_keys=(), simhash=1))
+        for a in sorted({a for _, a in window}):
+            states[a].flush()
+            shadow[a].flush()
+            new.update(states[a])
+            old.update(shadow[a])
+        graph.update(new.edges, new.refresh(states))
+        old_graph.update(old.edges, old.refresh(shadow))
+        new.group_costarts(states, graph.of)
+        old.group_costarts(shadow, old_graph.of)
+        counted = max(counted, len(old._costart_seen))
+        assert new._costart_seen == old._costart_seen
+        assert new._costarts == old._costarts
+        assert new._partners == old._partners
+    assert new._costart            # the pool is linked ...
+    assert len(new._costart_seen) < counted    # ... and chance pairs were forgotten
+
+
 def test_follow_up_turns_make_no_template_evidence() -> None:
     """Users who never met send the same short follow-ups; only opening turns count."""
     follow = "Can you give me a concrete example?"
