@@ -381,10 +381,10 @@ class LinkIndex:
     def group_costarts(self, states: dict[str, AccountState],
                        communities: Mapping[str, Community]) -> None:
         """Test the accounts that started a session or co-started since their last test
-        (a partner's new start alone no longer re-tests them) against groups of their
-        co-start partners as a whole: a scheduler wakes a few of its many accounts at a time, so
-        two of them rarely start together twice, but each account starts with *some*
-        member of its operator's group again and again.
+        (a partner's new start alone does not re-test them) against groups of their
+        co-start partners as a whole: a scheduler wakes a few of its many accounts at a
+        time, so two of them rarely start together twice, but each account starts with
+        *some* member of its operator's group again and again.
 
         The groups are each community a partner belongs to, and the union of those
         communities that already hold lockstep evidence (a scheduler's pool found in
