@@ -66,7 +66,6 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 # A pair's co-start count is forgotten when the pair is not linked and has not started
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
-_HOUR_BUCKETS = int(3_600 // BURST_BUCKET_S)
 GROUP_COSTART_MIN = 3
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
@@ -194,11 +193,6 @@ class LinkIndex:
     _newest_start: int = 0
     _costart_seen: dict[Pair, int] = field(default_factory=dict)   # pair -> last bucket
     _pairs_pruned_at: int = 0
-    # Every co-start (its bucket, the pair) by the hour it fell in, so that forgetting
-    # stale pairs looks only at the hours that went stale; and the stale pairs kept
-    # because they were linked, looked at again at every prune.
-    _seen_log: dict[int, list[tuple[int, Pair]]] = field(default_factory=dict)
-    _stale_held: set[Pair] = field(default_factory=set)
     _costarts: dict[Pair, int] = field(default_factory=dict)
     _costart: set[Pair] = field(default_factory=set)
     _costart_of: dict[str, set[Pair]] = field(default_factory=dict)
@@ -320,8 +314,6 @@ class LinkIndex:
                         pair = (aid, other) if aid < other else (other, aid)
                         self._costarts[pair] = self._costarts.get(pair, 0) + 1
                         self._costart_seen[pair] = bucket
-                        self._seen_log.setdefault(bucket // _HOUR_BUCKETS, []).append(
-                            (bucket, pair))
                         self._costart_dirty.add(pair)
                         self._partners.setdefault(aid, {}).setdefault(other, []).append(bucket)
                         self._partners.setdefault(other, {}).setdefault(aid, []).append(near)
@@ -339,33 +331,15 @@ class LinkIndex:
         for bucket in [b for b in self._starts if b < oldest]:
             del self._starts[bucket]
         # Once an hour of trace time: forget the counts of unlinked pairs that have not
-        # started together for COSTART_PAIR_TTL_S. Only the co-starts of the hours that
-        # went stale since the last prune are looked at (a pass over every counted pair
-        # was 8 % of the detector on a long trace), and the stale pairs kept because
-        # they were linked.
-        if self._newest_start - self._pairs_pruned_at >= _HOUR_BUCKETS:
+        # started together for COSTART_PAIR_TTL_S (one pass over the counted pairs).
+        hour = int(3_600 // BURST_BUCKET_S)
+        if self._newest_start - self._pairs_pruned_at >= hour:
             self._pairs_pruned_at = self._newest_start
             stale = self._newest_start - int(COSTART_PAIR_TTL_S // BURST_BUCKET_S)
-            limit = stale // _HOUR_BUCKETS
-            seen = self._costart_seen
-            candidates = self._stale_held
-            self._stale_held = set()
-            for hour in sorted(h for h in self._seen_log if h <= limit):
-                events = self._seen_log.pop(hour)
-                if hour == limit:
-                    later = [(b, p) for b, p in events if b >= stale]
-                    if later:
-                        self._seen_log[hour] = later
-                # A pair's co-start that is not its last says nothing of it.
-                candidates.update(p for b, p in events if b < stale and seen.get(p) == b)
-            for pair in sorted(candidates):
-                last = seen.get(pair)
-                if last is None or last >= stale:
-                    continue
-                if pair in self._costart or self._in_group_costart(pair):
-                    self._stale_held.add(pair)
-                    continue
-                del seen[pair]
+            grouped = self._grouped_pairs()
+            for pair in [p for p, b in self._costart_seen.items()
+                         if b < stale and p not in self._costart and p not in grouped]:
+                del self._costart_seen[pair]
                 self._costarts.pop(pair, None)
                 for x, y in (pair, pair[::-1]):
                     mine = self._partners.get(x)
@@ -373,6 +347,9 @@ class LinkIndex:
                         mine.pop(y, None)
                         if not mine:
                             del self._partners[x]
+
+    def _grouped_pairs(self) -> set[Pair]:
+        return {p for pairs in self._group_costart.values() for p in pairs}
 
     def _in_group_costart(self, pair: Pair) -> bool:
         a, b = pair
