@@ -19,6 +19,9 @@ from distillguard.detect.engine import Detector
 from distillguard.detect.features import extract_many
 from distillguard.detect.graph import AccountGraph, edge_weight
 from distillguard.detect.linking import (
+    COSTART_MIN_SPAN_S,
+    COSTART_NEIGHBOURS,
+    GROUP_COSTART_MIN,
     MIN_FRAME_SIMILARITY,
     LinkIndex,
     _pair,
@@ -26,7 +29,7 @@ from distillguard.detect.linking import (
     poisson_tail,
 )
 from distillguard.detect.scoring import Z_CLIP, Model
-from distillguard.detect.sketches import AccountState
+from distillguard.detect.sketches import BURST_BUCKET_S, AccountState
 from distillguard.simulate import simulate
 from distillguard.simulate.harness import Harness
 from tests.factories import make_exchange, make_features
@@ -318,11 +321,12 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
     oracle for the short cuts of :meth:`LinkIndex.group_costarts`."""
     import math
 
-    window = 5 * 10
+    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
 
     def density(members: Any) -> float:
         return math.fsum(states[m].session_starts * window / max(
-            states[m].last_ts - states[m].first_ts, 86_400.0) for m in sorted(members))
+            states[m].last_ts - states[m].first_ts, COSTART_MIN_SPAN_S)
+            for m in sorted(members))
 
     partners = links._partners.get(aid, {})
     found: dict[int, tuple[Any, list[str]]] = {}
@@ -341,7 +345,7 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
         k = len(set().union(*[partners[m] for m in mates]))
         total = sum(density(c.members) - (own if aid in c.members else 0.0) for c in group)
         chance = states[aid].session_starts * -math.expm1(-max(total, 0.0))
-        if k >= 3 and poisson_tail(chance, k) <= links.group_costart_alpha:
+        if k >= GROUP_COSTART_MIN and poisson_tail(chance, k) <= links.group_costart_alpha:
             linked.update((min(aid, m), max(aid, m)) for m in mates)
     return linked
 

@@ -68,7 +68,7 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
 
 def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,
                        temp_dir: str | None = None
-                        ) -> Generator[list[tuple[Any, ...]], None, None]:
+                       ) -> Generator[list[tuple[Any, ...]], None, None]:
     """The trace's features in time order, block by block, as plain tuples
     (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
     count = 0
