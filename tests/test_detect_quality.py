@@ -21,7 +21,10 @@ from distillguard.detect.graph import AccountGraph, edge_weight
 from distillguard.detect.linking import (
     COSTART_MIN_SPAN_S,
     COSTART_NEIGHBOURS,
+    GROUP_COSTART_BURST,
+    GROUP_COSTART_LOCAL_S,
     GROUP_COSTART_MIN,
+    GROUP_COSTART_SAMPLE,
     MIN_FRAME_SIMILARITY,
     LinkIndex,
     _pair,
@@ -344,10 +347,33 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
     for group, mates in candidates:
         k = len(set().union(*[partners[m] for m in mates]))
         total = sum(density(c.members) - (own if aid in c.members else 0.0) for c in group)
-        chance = states[aid].session_starts * -math.expm1(-max(total, 0.0))
-        if k >= GROUP_COSTART_MIN and poisson_tail(chance, k) <= links.group_costart_alpha:
+        starts = states[aid].session_starts
+        chance = starts * -math.expm1(-max(total, 0.0))
+        members = set().union(*[c.members for c in group]) - {aid}
+        quiet = states[aid].count <= GROUP_COSTART_SAMPLE and len(
+            links._own_starts.get(aid, [])) == starts
+        local = _measured_chance(links, aid, members) if quiet and len(group) == 1 else None
+        alpha = links.group_costart_alpha
+        if k >= GROUP_COSTART_MIN and (poisson_tail(chance, k) <= alpha or (
+                local is not None and poisson_tail(
+                    max(chance / GROUP_COSTART_BURST, local * starts), k) <= alpha)):
             linked.update((min(aid, m), max(aid, m)) for m in mates)
     return linked
+
+
+def _measured_chance(links: LinkIndex, aid: str, members: set[str]) -> float | None:
+    """The measured chance of the group test as defined: the share of buckets around the
+    account's last starts, its own start's window left out, near a member's start."""
+    near = COSTART_NEIGHBOURS
+    reach = int(GROUP_COSTART_LOCAL_S // BURST_BUCKET_S)
+    theirs = {b for m in members for b in links._own_starts.get(m, [])}
+    first, last = links._history_from + near, links._newest_start - near
+    around = [y for s in links._own_starts.get(aid, [])[-GROUP_COSTART_SAMPLE:]
+              for y in range(s - reach, s + reach + 1)
+              if first <= y <= last and abs(y - s) > near]
+    if not around:
+        return None
+    return sum(any(y + d in theirs for d in range(-near, near + 1)) for y in around) / len(around)
 
 
 def test_group_costart_short_cuts_decide_as_the_whole_test() -> None:
@@ -374,6 +400,73 @@ def test_group_costart_short_cuts_decide_as_the_whole_test() -> None:
     assert any(expected.values())      # the pool is linked as a group ...
     assert any(not v for v in expected.values())  # ... and some accounts are not
     assert {a: links._group_costart.get(a, set()) for a in tested} == expected
+
+
+def test_group_chance_is_measured_so_a_schedulers_bursts_count_once() -> None:
+    """A scheduler wakes six of its 40 accounts at once, hourly: the model of independent
+    starts puts the chance of meeting the pool at about six times what the pool's start
+    windows really cover. An account woken with the pool at 4 of its 4 starts is linked
+    on the measured chance, where the model alone would not link it; an account with
+    as many starts at times of its own is not, and its measured chance is the pool's
+    coverage, not the model's."""
+    import math
+    import random
+
+    rng = random.Random(5)
+    pool = [f"s{i:02d}" for i in range(40)]
+    events: list[tuple[str, float]] = []
+    wakes = []
+    for tick in range(48):
+        at = T0 + tick * 3_600 + rng.uniform(0, 300)
+        wakes.append(at)
+        events += [(a, at + rng.uniform(0, 15)) for a in rng.sample(pool, 6)]
+    events += [("woken", at + rng.uniform(0, 15)) for at in rng.sample(wakes[20:], 4)]
+    events += [("own", T0 + rng.uniform(0, 2 * 86_400)) for _ in range(30)]
+    links, states, graph = _replay_starts(events, 2, rng, group=True)
+    community = graph.of["s00"]
+    assert "woken" in community.members and "own" not in community.members
+    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
+    modelled = -math.expm1(-math.fsum(
+        states[m].session_starts * window
+        / max(states[m].last_ts - states[m].first_ts, COSTART_MIN_SPAN_S)
+        for m in sorted(community.members - {"woken"})))
+    alpha = links.group_costart_alpha
+    assert poisson_tail(4 * modelled, 4) > alpha
+    assert any("woken" in pair for pair in links._group_costart.get("woken", ()))
+    assert "own" not in links._group_costart
+    for aid in ("woken", "own"):
+        measured = links._local_start_chance(aid, links.starts_of(community.members))
+        assert measured == _measured_chance(links, aid, community.members - {aid})
+        assert measured is not None and measured < modelled / 3
+        if aid == "own":
+            assert measured > modelled / 8
+    assert states["own"].session_starts > GROUP_COSTART_SAMPLE
+
+
+def test_measured_chance_does_not_carry_a_union_of_pools() -> None:
+    """Two schedulers' pools, each a lockstep community. An account woken with pool a at
+    5 of its 6 starts, which once started beside pool b, is linked to a's accounts on
+    the measured chance; the union of both pools, which the model fails, is not tried on
+    the measured chance, or a's pass would link it to b's accounts too."""
+    import random
+
+    rng = random.Random(5)
+    pools = {p: [f"{p}{i:02d}" for i in range(40)] for p in "ab"}
+    events: list[tuple[str, float]] = []
+    wakes: dict[str, list[float]] = {"a": [], "b": []}
+    for tick in range(48):
+        for p, shift in (("a", 0), ("b", 1_800)):
+            at = T0 + tick * 3_600 + shift + rng.uniform(0, 300)
+            wakes[p].append(at)
+            events += [(x, at + rng.uniform(0, 15)) for x in rng.sample(pools[p], 6)]
+    events += [("woken", at + rng.uniform(0, 15)) for at in rng.sample(wakes["a"][20:], 5)]
+    events += [("woken", wakes["b"][10] + 5.0)]
+    links, _, graph = _replay_starts(events, 2, rng, group=True)
+    assert graph.of["a00"] is not graph.of["b00"]
+    assert all("lockstep" in graph.of[p].kinds for p in ("a00", "b00"))
+    assert any(m.startswith("b") for m in links._partners["woken"])
+    mates = {m for pair in links._group_costart.get("woken", ()) for m in pair} - {"woken"}
+    assert len(mates) >= 10 and all(m.startswith("a") for m in mates)
 
 
 def test_follow_up_turns_make_no_template_evidence() -> None:

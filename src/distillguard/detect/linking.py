@@ -36,7 +36,9 @@ buckets are kept, the count of a pair that is not linked is forgotten after thre
 without a co-start, and each evaluation looks up only the new starts of the accounts
 that moved. A scheduler with a large pool
 rarely wakes the same two accounts together twice; :meth:`LinkIndex.group_costarts` then
-tests an account's co-starts against each community of its partners as a whole.
+tests an account's co-starts against each community of its partners as a whole, and
+for a quiet account measures the chance from the group's own recent starts (a scheduler
+wakes several at once, so their densities added up overstate it).
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 GROUP_COSTART_MIN = 3
+# The group test's local chance: how far around each of an account's starts the group's
+# starts are counted, and at most how many of its latest starts are measured.
+GROUP_COSTART_LOCAL_S = 3_600.0
+GROUP_COSTART_SAMPLE = 16
+# The measured chance is trusted down to this fraction of the modelled one: a scheduler's
+# wake-ups of two to five members at once make the model that many times too high, and
+# fewer measured windows than that would be noise.
+GROUP_COSTART_BURST = 4.0
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
 COSTART_POPULATION = 1_000
@@ -129,6 +139,26 @@ def costart_chance(a: AccountState, b: AccountState) -> float:
     span = max(max(a.last_ts, b.last_ts) - min(a.first_ts, b.first_ts), COSTART_MIN_SPAN_S)
     window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
     return a.session_starts * b.session_starts * window / span
+
+
+# A group's recent session starts: distinct buckets in order, and the members per bucket.
+GroupStarts = tuple[np.ndarray, np.ndarray]
+
+
+def _coverage(starts: np.ndarray, lo: int, hi: int) -> int:
+    """How many buckets in ``[lo, hi]`` lie within COSTART_NEIGHBOURS of one of the
+    sorted distinct ``starts``."""
+    near = COSTART_NEIGHBOURS
+    a, b = np.searchsorted(starts, [lo - near, hi + near + 1])
+    if a == b:
+        return 0
+    near_ones = starts[a:b]
+    begin = np.maximum(near_ones - near, lo)
+    end = np.minimum(near_ones + near, hi)
+    # The windows are as wide as each other, so their ends are in order: each adds what
+    # lies beyond the previous one's end.
+    begin[1:] = np.maximum(begin[1:], end[:-1] + 1)
+    return int(np.maximum(end - begin + 1, 0).sum())
 
 
 def _index_pair(index: dict[str, set[Pair]], pair: Pair) -> None:
@@ -207,6 +237,10 @@ class LinkIndex:
     _group_costart: dict[str, set[Pair]] = field(default_factory=dict)
     _group_tested: set[str] = field(default_factory=set)
     _group_dirty: set[Pair] = field(default_factory=set)
+    # Each account's session starts of the last COSTART_PAIR_TTL_S (from
+    # ``_history_from`` on), for the group test's measured chance.
+    _own_starts: dict[str, list[int]] = field(default_factory=dict)
+    _history_from: int = 0
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -319,6 +353,7 @@ class LinkIndex:
                         self._partners.setdefault(other, {}).setdefault(aid, []).append(near)
                         self._group_tested.add(other)
             self._starts.setdefault(bucket, []).append(aid)
+            self._own_starts.setdefault(aid, []).append(bucket)
             self._newest_start = max(self._newest_start, bucket)
         state.pending_starts.clear()
         # More starts make chance co-starts likelier: its links are tested again, and so
@@ -347,6 +382,13 @@ class LinkIndex:
                         mine.pop(y, None)
                         if not mine:
                             del self._partners[x]
+            # The starts the measured chance reads are kept as long as the pairs.
+            self._history_from = stale
+            for aid in [a for a, bs in self._own_starts.items() if bs[0] < stale]:
+                own = self._own_starts[aid]
+                del own[:bisect.bisect_left(own, stale)]
+                if not own:
+                    del self._own_starts[aid]
 
     def _grouped_pairs(self) -> set[Pair]:
         return {p for pairs in self._group_costart.values() for p in pairs}
@@ -366,17 +408,28 @@ class LinkIndex:
         The groups are each community a partner belongs to, and the union of those
         communities that already hold lockstep evidence (a scheduler's pool found in
         pieces). ``k`` is the number of the account's session starts at which some member
-        of the group started too (a wake-up of several members is one event); by chance,
+        of the group started too (a wake-up of several members is one event). By chance,
         each of its starts meets one with probability ``1 - exp(-density)``, the density
-        summing each member's starts over its own span (at least a day: shorter than the
-        pair's span, so the chance is over- rather than under-estimated). When ``k >=
-        GROUP_COSTART_MIN`` and the Poisson tail is at most ``group_costart_alpha``, the
-        account's pairs with its partners in that group are linked as lockstep (applied
-        at the next :meth:`refresh`)."""
+        summing each member's starts over its own span (at least a day): the model of
+        members that start on their own. When ``k >= GROUP_COSTART_MIN`` and the Poisson
+        tail is at most ``group_costart_alpha``, the account's pairs with its partners in
+        that group are linked as lockstep (applied at the next :meth:`refresh`).
+
+        A scheduler that wakes two to five members at once makes the model's chance
+        too high by about that many times, so a test the model fails is tried again
+        with the chance :meth:`_local_start_chance` measures around the account's recent
+        starts, but not below the model's over GROUP_COSTART_BURST. It is measured for
+        a quiet account only, of at most GROUP_COSTART_SAMPLE exchanges (too few for
+        template or activity evidence; every start of it is measured, and the chance is
+        per start, times its starts), against one community (a union's test would link
+        the account to every partner in it, and one community of the union passing
+        would carry the others), and only when ``k`` passes at that floor and fails
+        the model."""
         tested = sorted(self._group_tested)
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
         densities: dict[int, float] = {}
+        group_starts: dict[tuple[int, ...], GroupStarts] = {}
 
         def start_density(aid: str) -> float:
             st = states.get(aid)
@@ -424,6 +477,10 @@ class LinkIndex:
             linked: set[Pair] = set()
             mine = states[aid]
             own = start_density(aid)
+            # The chance is measured only for a quiet account, one whose every start
+            # the measure reads (see below).
+            quiet = mine.count <= GROUP_COSTART_SAMPLE and len(
+                self._own_starts.get(aid, ())) == mine.session_starts
             alpha = self.group_costart_alpha
             for group, mates, lists in candidates:
                 # k is at most the lists' entries and at most the account's starts: when
@@ -435,11 +492,26 @@ class LinkIndex:
                 total = sum(density(c) - (own if aid in c.members else 0.0)
                             for c in group)
                 chance = mine.session_starts * -math.expm1(-max(total, 0.0))
-                if poisson_tail(chance, most) > alpha:
+                # A test the model fails may pass on the measured chance, which is at
+                # least the model's over GROUP_COSTART_BURST: when even that floor
+                # fails, so would the test.
+                measured = quiet and len(group) == 1
+                floor = chance / GROUP_COSTART_BURST if measured else chance
+                if poisson_tail(floor, most) > alpha:
                     continue
                 k = len(set().union(*lists))
-                if k >= GROUP_COSTART_MIN and poisson_tail(chance, k) <= alpha:
-                    linked.update(_pair(aid, m) for m in mates)
+                if k < GROUP_COSTART_MIN or poisson_tail(floor, k) > alpha:
+                    continue
+                if poisson_tail(chance, k) > alpha:
+                    ids = tuple(sorted(id(c) for c in group))
+                    if ids not in group_starts:
+                        group_starts[ids] = self.starts_of(
+                            m for c in group for m in c.members)
+                    local = self._local_start_chance(aid, group_starts[ids])
+                    if local is None or poisson_tail(
+                            max(floor, local * mine.session_starts), k) > alpha:
+                        continue
+                linked.update(_pair(aid, m) for m in mates)
             old = self._group_costart.get(aid, set())
             if linked != old:
                 self._group_dirty |= linked ^ old
@@ -447,6 +519,53 @@ class LinkIndex:
                     self._group_costart[aid] = linked
                 else:
                     del self._group_costart[aid]
+
+    def starts_of(self, members: Iterable[str]) -> GroupStarts:
+        """The recent session starts of a group's members: distinct buckets in order, and
+        how many members started in each."""
+        own = self._own_starts
+        buckets = [b for m in members for b in own.get(m, ())]
+        if not buckets:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        distinct, counts = np.unique(np.array(buckets, np.int64), return_counts=True)
+        return distinct, counts
+
+    def _local_start_chance(self, aid: str, group: GroupStarts) -> float | None:
+        """The chance that one of the account's starts meets a start of the group by
+        coincidence, read off the group's starts around the account's own: the share of
+        the 10-second buckets within GROUP_COSTART_LOCAL_S of each of its last
+        GROUP_COSTART_SAMPLE starts (its own start's window left out) that lie within
+        COSTART_NEIGHBOURS of another member's start. Measured, not modelled: a
+        scheduler that wakes several members at once covers one window with all of
+        them, and a group busy by day is as busy around a day-time start as it is.
+        None when the account has no recent start with a window to measure."""
+        own = self._own_starts.get(aid)
+        if not own:
+            return None
+        distinct, counts = group
+        theirs = distinct
+        if len(distinct):
+            # The account's own starts, if it is a member, are not the group's.
+            mine, times = np.unique(np.array(own, np.int64), return_counts=True)
+            at = np.searchsorted(distinct, mine)
+            inside = at < len(distinct)
+            inside[inside] = distinct[at[inside]] == mine[inside]
+            others = counts.copy()
+            others[at[inside]] -= times[inside]
+            theirs = distinct[others > 0]
+        reach = int(GROUP_COSTART_LOCAL_S // BURST_BUCKET_S)
+        near = COSTART_NEIGHBOURS
+        covered = length = 0
+        for start in own[-GROUP_COSTART_SAMPLE:]:
+            lo = max(start - reach, self._history_from + near)
+            hi = min(start + reach, self._newest_start - near)
+            if hi < lo:
+                continue
+            mid_lo, mid_hi = max(start - near, lo), min(start + near, hi)
+            length += hi - lo + 1 - max(0, mid_hi - mid_lo + 1)
+            covered += (_coverage(theirs, lo, hi)
+                        - (_coverage(theirs, mid_lo, mid_hi) if mid_lo <= mid_hi else 0))
+        return covered / length if length else None
 
     def costart_pair_alpha(self) -> float:
         """The pair test's alpha now: ``costart_alpha`` for up to COSTART_POPULATION
