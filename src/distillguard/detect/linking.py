@@ -69,8 +69,9 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 GROUP_COSTART_MIN = 3
-# The group test's local chance: how far around each of an account's starts the group's
-# starts are counted, and at most how many of its latest starts are measured.
+# The group test's measured chance: how far around each of an account's starts the
+# group's starts are counted, and how many of its latest starts are measured (an account
+# of at most this many exchanges is quiet: every start of it is measured).
 GROUP_COSTART_LOCAL_S = 3_600.0
 GROUP_COSTART_SAMPLE = 16
 # The measured chance is trusted down to this fraction of the modelled one: a scheduler's
