@@ -21,6 +21,7 @@ from distillguard.detect.graph import AccountGraph, edge_weight
 from distillguard.detect.linking import (
     COSTART_MIN_SPAN_S,
     COSTART_NEIGHBOURS,
+    COSTART_PAIR_TTL_S,
     GROUP_COSTART_BURST,
     GROUP_COSTART_LOCAL_S,
     GROUP_COSTART_MIN,
@@ -575,3 +576,8 @@ def test_costart_counts_of_unlinked_pairs_are_forgotten() -> None:
         links.refresh(states)
     assert ("a", "b") not in links._costarts
     assert links._costarts[("c", "d")] == 6 and ("c", "d") in links._costart
+    # The starts kept for the group test's measured chance go after three days too.
+    assert not {"a", "b", "c", "d"} & links._own_starts.keys()
+    newest = links._newest_start
+    assert 0 < len(links._own_starts["clock"]) < states["clock"].session_starts
+    assert min(links._own_starts["clock"]) >= newest - COSTART_PAIR_TTL_S // BURST_BUCKET_S - 360
