@@ -368,7 +368,7 @@ def _measured_chance(links: LinkIndex, aid: str, members: set[str]) -> float | N
     near = COSTART_NEIGHBOURS
     reach = int(GROUP_COSTART_LOCAL_S // BURST_BUCKET_S)
     theirs = {b for m in members for b in links._own_starts.get(m, [])}
-    first, last = links._history_from + near, links._newest_start - near
+    first, last = links._starts_kept_from() + near, links._newest_start - near
     around = [y for s in links._own_starts.get(aid, [])[-GROUP_COSTART_SAMPLE:]
               for y in range(s - reach, s + reach + 1)
               if first <= y <= last and abs(y - s) > near]

@@ -238,10 +238,9 @@ class LinkIndex:
     _group_costart: dict[str, set[Pair]] = field(default_factory=dict)
     _group_tested: set[str] = field(default_factory=set)
     _group_dirty: set[Pair] = field(default_factory=set)
-    # Each account's session starts of the last COSTART_PAIR_TTL_S (from
-    # ``_history_from`` on), for the group test's measured chance.
+    # Each account's session starts from :meth:`_starts_kept_from` on, for the group
+    # test's measured chance.
     _own_starts: dict[str, list[int]] = field(default_factory=dict)
-    _history_from: int = 0
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -371,7 +370,7 @@ class LinkIndex:
         hour = int(3_600 // BURST_BUCKET_S)
         if self._newest_start - self._pairs_pruned_at >= hour:
             self._pairs_pruned_at = self._newest_start
-            stale = self._newest_start - int(COSTART_PAIR_TTL_S // BURST_BUCKET_S)
+            stale = self._starts_kept_from()
             grouped = self._grouped_pairs()
             for pair in [p for p, b in self._costart_seen.items()
                          if b < stale and p not in self._costart and p not in grouped]:
@@ -384,12 +383,16 @@ class LinkIndex:
                         if not mine:
                             del self._partners[x]
             # The starts the measured chance reads are kept as long as the pairs.
-            self._history_from = stale
             for aid in [a for a, bs in self._own_starts.items() if bs[0] < stale]:
                 own = self._own_starts[aid]
                 del own[:bisect.bisect_left(own, stale)]
                 if not own:
                     del self._own_starts[aid]
+
+    def _starts_kept_from(self) -> int:
+        """The oldest bucket whose co-start counts and session starts are still kept
+        (as of the last hourly prune)."""
+        return self._pairs_pruned_at - int(COSTART_PAIR_TTL_S // BURST_BUCKET_S)
 
     def _grouped_pairs(self) -> set[Pair]:
         return {p for pairs in self._group_costart.values() for p in pairs}
@@ -430,7 +433,7 @@ class LinkIndex:
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
         densities: dict[int, float] = {}
-        group_starts: dict[tuple[int, ...], GroupStarts] = {}
+        group_starts: dict[int, GroupStarts] = {}
 
         def start_density(aid: str) -> float:
             st = states.get(aid)
@@ -503,12 +506,11 @@ class LinkIndex:
                 k = len(set().union(*lists))
                 if k < GROUP_COSTART_MIN or poisson_tail(floor, k) > alpha:
                     continue
-                if poisson_tail(chance, k) > alpha:
-                    ids = tuple(sorted(id(c) for c in group))
-                    if ids not in group_starts:
-                        group_starts[ids] = self.starts_of(
-                            m for c in group for m in c.members)
-                    local = self._local_start_chance(aid, group_starts[ids])
+                if measured and poisson_tail(chance, k) > alpha:
+                    key = id(group[0])
+                    if key not in group_starts:
+                        group_starts[key] = self.starts_of(group[0].members)
+                    local = self._local_start_chance(aid, group_starts[key])
                     if local is None or poisson_tail(
                             max(floor, local * mine.session_starts), k) > alpha:
                         continue
@@ -556,9 +558,10 @@ class LinkIndex:
             theirs = distinct[others > 0]
         reach = int(GROUP_COSTART_LOCAL_S // BURST_BUCKET_S)
         near = COSTART_NEIGHBOURS
+        kept_from = self._starts_kept_from()
         covered = length = 0
         for start in own[-GROUP_COSTART_SAMPLE:]:
-            lo = max(start - reach, self._history_from + near)
+            lo = max(start - reach, kept_from + near)
             hi = min(start + reach, self._newest_start - near)
             if hi < lo:
                 continue
