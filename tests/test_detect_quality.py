@@ -319,18 +319,21 @@ def test_a_scheduler_pool_too_large_for_pairs_is_linked_as_a_group() -> None:
     assert "lockstep" in biggest.kinds
 
 
+def _start_density(states: dict[str, AccountState], members: Any) -> float:
+    """The members' session starts per co-start window, each over its own span (at least
+    a day), added up: the group test's model of members that start on their own."""
+    import math
+
+    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
+    return math.fsum(states[m].session_starts * window / max(
+        states[m].last_ts - states[m].first_ts, COSTART_MIN_SPAN_S) for m in sorted(members))
+
+
 def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountState],
                                  communities: dict[str, Any], aid: str) -> set[tuple[str, str]]:
     """The group co-start test as its docstring defines it, with every union built: the
     oracle for the short cuts of :meth:`LinkIndex.group_costarts`."""
     import math
-
-    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
-
-    def density(members: Any) -> float:
-        return math.fsum(states[m].session_starts * window / max(
-            states[m].last_ts - states[m].first_ts, COSTART_MIN_SPAN_S)
-            for m in sorted(members))
 
     partners = links._partners.get(aid, {})
     found: dict[int, tuple[Any, list[str]]] = {}
@@ -343,11 +346,12 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
     scheduled = [g for g in groups if "lockstep" in g[0].kinds]
     if len(scheduled) >= 2:
         candidates.append(([c for c, _ in scheduled], [m for _, ms in scheduled for m in ms]))
-    own = density([aid])
+    own = _start_density(states, [aid])
     linked: set[tuple[str, str]] = set()
     for group, mates in candidates:
         k = len(set().union(*[partners[m] for m in mates]))
-        total = sum(density(c.members) - (own if aid in c.members else 0.0) for c in group)
+        total = sum(_start_density(states, c.members) - (own if aid in c.members else 0.0)
+                    for c in group)
         starts = states[aid].session_starts
         chance = starts * -math.expm1(-max(total, 0.0))
         members = set().union(*[c.members for c in group]) - {aid}
@@ -426,11 +430,7 @@ def test_group_chance_is_measured_so_a_schedulers_bursts_count_once() -> None:
     links, states, graph = _replay_starts(events, 2, rng, group=True)
     community = graph.of["s00"]
     assert "woken" in community.members and "own" not in community.members
-    window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
-    modelled = -math.expm1(-math.fsum(
-        states[m].session_starts * window
-        / max(states[m].last_ts - states[m].first_ts, COSTART_MIN_SPAN_S)
-        for m in sorted(community.members - {"woken"})))
+    modelled = -math.expm1(-_start_density(states, community.members - {"woken"}))
     alpha = links.group_costart_alpha
     assert poisson_tail(4 * modelled, 4) > alpha
     assert any("woken" in pair for pair in links._group_costart.get("woken", ()))
