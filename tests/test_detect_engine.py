@@ -83,7 +83,7 @@ def test_young_accounts_are_flagged_only_when_over_twice_in_a_row() -> None:
                                        simhash=2**64 - 1))   # passes a tick between sessions
         st = detector.status.get("a")
         if st is not None:
-            history.append((_volume(detector, "a"), st.above, st.flagged))
+            history.append((_volume(detector, "a"), st.above_since is not None, st.flagged))
     first_over = next(i for i, (_, above, _) in enumerate(history) if above)
     assert history[first_over][2] is False, "flagged at its first evaluation over"
     assert history[first_over + 1][1:] == (True, True)
@@ -99,3 +99,71 @@ def test_accounts_with_enough_traffic_are_flagged_at_once() -> None:
         detector.observe(make_features("a", i * 60.0))
     st = detector.status["a"]
     assert st.flagged and st.exchanges_before_flag == MIN_OWN_EXCHANGES
+
+
+
+def _woken_with_a_pool_at_the_end(detector: Detector) -> None:
+    """A scheduler wakes 6 of its 40 accounts hourly for two days, and a new account with
+    them at the last four wake-ups, each time with members it has not met before (so no
+    pair of it starts together twice: only the group test can link it)."""
+    import random
+
+    rng = random.Random(5)
+    pool = [f"s{i:02d}" for i in range(40)]
+    met: set[str] = set()
+    events: list[tuple[float, str]] = []
+    for tick in range(48):
+        at = 1_700_000_000.0 + tick * 3_600 + rng.uniform(0, 300)
+        woken = rng.sample(pool if tick < 44 else sorted(set(pool) - met), 6)
+        if tick >= 44:
+            met.update(woken)
+            events.append((at + rng.uniform(0, 15), "late"))
+        events += [(at + rng.uniform(0, 15), a) for a in woken]
+    for ts, aid in sorted(events):
+        detector.observe(make_features(aid, ts, template_keys=(), simhash=rng.getrandbits(64)))
+
+
+def test_links_found_at_the_last_evaluation_are_applied_at_the_end() -> None:
+    """The group co-start test's links count from the next evaluation; at the end of a
+    trace there is none, so :meth:`Detector.finish` applies them at the same instant.
+    That second evaluation sees no new traffic: a young account it links is not flagged
+    on it (the hold wants evaluations at two times), while its pool is."""
+    premise = Detector(_flagging_calibration(), tick_seconds=300.0)
+    _woken_with_a_pool_at_the_end(premise)
+    premise.evaluate(premise.last_ts, everyone=True)
+    assert premise.links.links_pending and "late" not in premise.graph.of, (
+        "not the case tested: the last evaluation's links should be pending")
+
+    detector = Detector(_flagging_calibration(), tick_seconds=300.0)
+    _woken_with_a_pool_at_the_end(detector)
+    changes = detector.finish()
+    assert detector.graph.of["late"] is detector.graph.of["s00"]
+    assert not detector.links.links_pending
+    late = detector.status["late"]
+    assert not late.flagged and late.above_since == detector.last_ts
+    assert detector.status["s00"].flagged
+    assert changes is not None
+    reported = [v.account_id for v in changes.accounts]
+    assert "late" in reported and reported == sorted(set(reported))
+
+
+def test_two_evaluations_at_one_instant_are_one_look_for_the_young_account_hold() -> None:
+    """A young account found over at an evaluation, and again by a second evaluation at
+    the same trace time (the end of a trace, an online flush), is not flagged: the hold
+    wants evaluations at two times."""
+    detector = Detector(_flagging_calibration(), tick_seconds=60.0, due_growth=0.0)
+    t0 = 1_700_000_000.0
+    for session in range(MIN_OWN_EXCHANGES - 1):
+        at = t0 + session * 7_200.0
+        detector.observe(make_features("a", at))
+        detector.observe(make_features("b", at + 4.0))
+        detector.observe(make_features("c", at + 3_600.0, template_keys=(7, 8, 9),
+                                       simhash=2**64 - 1))
+        st = detector.status.get("a")
+        if st is not None and st.above_since is not None:
+            break
+    assert st is not None and st.above_since == at + 3_600.0 and not st.flagged
+    detector.observe(make_features("a", at + 3_600.0))    # at the evaluation's instant
+    detector.finish()
+    assert detector._evaluated["a"] == (_volume(detector, "a"), at + 3_600.0)
+    assert st.above_since == at + 3_600.0 and not st.flagged

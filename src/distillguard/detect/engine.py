@@ -62,7 +62,9 @@ class AccountStatus:
     peak_group: float = 0.0
     reported: float = 0.0      # the risk of the last verdict handed out (online rows)
     flagged: bool = False
-    above: bool = False        # its risk reached a threshold at its last evaluation
+    # When the run of evaluations that found its risk over a threshold began (None: its
+    # last evaluation did not).
+    above_since: float | None = None
     campaign_id: str | None = None
     first_flagged_at: float | None = None
     exchanges_before_flag: int | None = None
@@ -100,6 +102,14 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.accounts or self.campaigns)
+
+    def then(self, later: Changes) -> Changes:
+        """These changes followed by ``later`` ones, as one set of changes: an account's
+        or a campaign's latest verdict only."""
+        accounts = {v.account_id: v for v in (*self.accounts, *later.accounts)}
+        campaigns = {v.campaign_id: v for v in (*self.campaigns, *later.campaigns)}
+        return Changes(later.at, [accounts[a] for a in sorted(accounts)],
+                       list(campaigns.values()))
 
 
 class Detector:
@@ -158,8 +168,19 @@ class Detector:
         return changes
 
     def finish(self) -> Changes | None:
-        """Evaluate what came after the last evaluation (end of a trace)."""
-        return self.evaluate(self.last_ts, everyone=True) if self.dirty else None
+        """Evaluate what came after the last evaluation (end of a trace).
+
+        Links the group co-start test finds in an evaluation are applied at the next one
+        (:meth:`LinkIndex.group_costarts`). At the end there is no next tick, so when that
+        evaluation found some, one more at the same instant applies them. It sees no new
+        traffic, so it is not a second look for the young-account hold (which needs
+        evaluations at two times, see :meth:`_apply`)."""
+        if not self.dirty:
+            return None
+        changes = self.evaluate(self.last_ts, everyone=True)
+        if self.links.links_pending:
+            changes = changes.then(self.evaluate(self.last_ts, everyone=True))
+        return changes
 
     # -- evaluation -------------------------------------------------------------------
 
@@ -263,10 +284,15 @@ class Detector:
             st.peak_group = max(st.peak_group, g)
             r = max(own, g)
             over = own >= cal.threshold or g >= cal.community_threshold
-            # A young account is flagged only when two evaluations in a row find it over:
-            # a chance link to a campaign in someone's first few exchanges rarely lasts.
-            newly = not st.flagged and over and (st.above or not young)
-            st.above = over
+            # A young account is flagged only when evaluations in a row at two times find
+            # it over: a chance link to a campaign in someone's first few exchanges rarely
+            # lasts.
+            held = st.above_since is not None and st.above_since < now
+            newly = not st.flagged and over and (held or not young)
+            if not over:
+                st.above_since = None
+            elif st.above_since is None:
+                st.above_since = now
             if newly:
                 st.flagged = True
                 st.first_flagged_at = now

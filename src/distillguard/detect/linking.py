@@ -523,6 +523,12 @@ class LinkIndex:
                 else:
                     del self._group_costart[aid]
 
+    @property
+    def links_pending(self) -> bool:
+        """Whether :meth:`group_costarts` found links that the next :meth:`refresh` has
+        yet to apply."""
+        return bool(self._group_dirty)
+
     def starts_of(self, members: Iterable[str]) -> GroupStarts:
         """The recent session starts of a group's members: distinct buckets in order, and
         how many members started in each."""
