@@ -23,7 +23,7 @@ from distillguard.detect.batch import read_labels, run_batch
 from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, write_changes
-from distillguard.detect.reader import iter_sorted_lines
+from distillguard.detect.reader import _sorted_by_duckdb, in_time_order, iter_sorted_lines
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from distillguard.simulate import simulate
@@ -54,6 +54,61 @@ def test_trace_is_read_in_time_order(tmp_path: Path, world: tuple[Path, Path, Pa
     out = [orjson.loads(x)["ts"] for block in iter_sorted_lines(shuffled, batch_rows=100)
            for x in block]
     assert len(out) == len(lines) and out == sorted(out)
+
+
+def test_a_trace_in_time_order_is_read_as_it_lies(tmp_path: Path,
+                                                   world: tuple[Path, Path, Path]) -> None:
+    """The simulator writes its trace in time order: it is read without the sort, and
+    gives the lines the sort gives."""
+    trace = world[0]
+    assert in_time_order(trace)
+    lines = [x for block in iter_sorted_lines(trace, batch_rows=100) for x in block]
+    assert lines == trace.read_bytes().splitlines(keepends=True)
+    by_sort = [x for block in _sorted_by_duckdb(str(trace), "1GB", None, 100) for x in block]
+    assert [orjson.loads(x) for x in lines] == [orjson.loads(x) for x in by_sort]
+
+
+def _stamps(tmp_path: Path, *stamps: str, first_key: str = "ts") -> Path:
+    """A trace of one line per timestamp (``first_key`` opens each line)."""
+    path = tmp_path / "stamps.jsonl"
+    rows = [orjson.dumps({first_key: n, "ts": ts} if first_key != "ts" else {"ts": ts, "n": n})
+            for n, ts in enumerate(stamps)]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(("stamps", "order"), [
+    (("2026-03-02T00:00:01.000Z", "2026-03-02T00:00:01.000Z", "2026-03-02T00:00:02.500Z"),
+     None),
+    (("2026-03-02T00:00:02.000Z", "2026-03-02T00:00:01.999Z"), [1, 0]),
+    # 1.5 s, then 1.25 s: of other lengths, so compared as times, not as text
+    (("2026-03-02T00:00:01.5Z", "2026-03-02T00:00:01.25Z"), [1, 0]),
+    (("2026-03-02T00:00:01.25Z", "2026-03-02T00:00:01.5Z", "2026-03-02T00:00:02Z"), None),
+    # offsets: 01:00+01:00 is 00:00Z
+    (("2026-03-02T01:00:00+01:00", "2026-03-02T00:00:00Z", "2026-03-02T00:30:00Z"), None),
+    (("2026-03-02T02:00:00+01:00", "2026-03-02T00:30:00Z"), [1, 0]),
+    # a date that does not exist: the sort decides (no time: first)
+    (("2026-03-02T00:00:00.000Z", "2026-02-30T00:00:00+00:00"), [1, 0]),
+    (("2026-03-02 00:00:00Z", "2026-03-01T00:00:00Z"), [1, 0]),   # not the form read
+])
+def test_time_order_check(tmp_path: Path, stamps: tuple[str, ...], order: list[int] | None
+                          ) -> None:
+    """``order``: the lines' time order when the file is not in it (None: it is)."""
+    path = _stamps(tmp_path, *stamps)
+    assert in_time_order(path) is (order is None)
+    out = [orjson.loads(x)["n"] for block in iter_sorted_lines(path) for x in block]
+    assert out == (order or list(range(len(stamps))))
+
+
+def test_lines_that_do_not_open_with_their_time_are_sorted(tmp_path: Path) -> None:
+    path = _stamps(tmp_path, "2026-03-02T00:00:02Z", "2026-03-02T00:00:01Z",
+                   first_key="exchange_id")
+    assert not in_time_order(path)
+    assert [orjson.loads(x)["exchange_id"] for block in iter_sorted_lines(path)
+            for x in block] == [1, 0]
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b'{"ts": "2026-03-02T00:00:01Z"}\n\n{"ts": "2026-03-02T00:00:02Z"}\n')
+    assert not in_time_order(blank)
 
 
 def test_batch_verdicts_cover_every_account(world: tuple[Path, Path, Path],

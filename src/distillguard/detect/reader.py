@@ -1,7 +1,9 @@
 """The trace in time order, as feature rows: what the batch path reads.
 
 Trace lines are not guaranteed to be in time order, and a trace may be larger than
-memory. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
+memory. A trace that is already in order (as the trace writers and the simulator write
+it) is read as it lies, after one quick pass that checks so (:func:`in_time_order`);
+any other is sorted. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
 request bodies never trip schema inference), sorts it by timestamp with a memory limit
 and spills to a temporary folder when it must, and hands the rows back in Arrow record
 batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
 import tempfile
 import traceback
 from collections.abc import Generator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,11 +33,61 @@ import duckdb
 import orjson
 
 from distillguard.detect.features import Extractor
-from distillguard.exchange import Exchange
+from distillguard.exchange import Exchange, parse_ts
 from distillguard.geoip import GeoIP
 from distillguard.traceio import FormatError
 
 BATCH_ROWS = 4_096
+# A line that opens with its timestamp, written as RFC 3339 in a form both DuckDB and
+# exchange.parse_ts read (the form the trace writers use).
+_LEADING_TS = re.compile(
+    rb'\{"ts": ?"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d))"')
+
+
+def in_time_order(trace: str | Path) -> bool:
+    """Whether every line of the trace opens with its timestamp (see _LEADING_TS) and
+    none is earlier than the line before. Then the file's own order is the order the
+    sort would give (by timestamp, ties in file order), and the sort is not needed. A
+    line of any other form (no leading ``ts``, a blank line) says no: the sort reads it.
+
+    One pass over the bytes: a timestamp equal to the one before, or of the same length
+    in ``Z`` form, compares as text; only others are parsed."""
+    last = b""
+    last_dt: datetime | None = None
+    with open(trace, "rb") as f:
+        for line in f:
+            found = _LEADING_TS.match(line)
+            if found is None:
+                return False
+            ts = found.group(1)
+            if ts == last:
+                continue
+            if len(ts) == len(last) and ts.endswith(b"Z") and last.endswith(b"Z"):
+                if ts < last:
+                    return False
+                last, last_dt = ts, None
+                continue
+            try:
+                dt = parse_ts(ts.decode())
+                if last and dt < (last_dt or parse_ts(last.decode())):
+                    return False
+            except ValueError:      # a date that does not exist, such as 02-30
+                return False
+            last, last_dt = ts, dt
+    return True
+
+
+def _file_blocks(path: str, batch_rows: int) -> Iterator[list[bytes]]:
+    """The file's lines as they lie, in blocks."""
+    with open(path, "rb") as f:
+        block: list[bytes] = []
+        for line in f:
+            block.append(line)
+            if len(block) == batch_rows:
+                yield block
+                block = []
+        if block:
+            yield block
 
 
 def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
@@ -43,6 +97,14 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
     path = str(trace)
     if not Path(path).exists():
         raise FormatError(f"{path}: no such trace file")
+    if in_time_order(path):
+        yield from _file_blocks(path, batch_rows)
+    else:
+        yield from _sorted_by_duckdb(path, memory_limit, temp_dir, batch_rows)
+
+
+def _sorted_by_duckdb(path: str, memory_limit: str, temp_dir: str | None, batch_rows: int
+                      ) -> Iterator[list[bytes]]:
     spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
     try:
         con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
