@@ -1,13 +1,13 @@
 """The trace in time order, as feature rows: what the batch path reads.
 
 Trace lines are not guaranteed to be in time order, and a trace may be larger than
-memory. A trace that is already in order (as the trace writers and the simulator write
-it) is read as it lies, after one quick pass that checks so (:func:`in_time_order`);
-any other is sorted. DuckDB reads the JSON Lines file (each line as one JSON value, so unusual
-request bodies never trip schema inference), sorts it by timestamp with a memory limit
-and spills to a temporary folder when it must, and hands the rows back in Arrow record
-batches of bounded size. Each batch becomes :class:`~distillguard.exchange.Exchange`
-records, then rows of features (:class:`~distillguard.detect.features.Extractor`).
+memory. A trace already in order (as the simulator writes it) is read as it lies, after
+one quick pass that checks so (:func:`in_time_order`); any other is sorted: DuckDB reads
+the JSON Lines file (each line as one JSON value, so unusual request bodies never trip
+schema inference), sorts it by timestamp with a memory limit and spills to a temporary
+folder when it must, and hands the rows back in Arrow record batches of bounded size.
+Each batch becomes :class:`~distillguard.exchange.Exchange` records, then rows of
+features (:class:`~distillguard.detect.features.Extractor`).
 
 On large traces this runs in a second process (``python -m distillguard.detect.reader``,
 started by :mod:`.batch`), which imports only what reading needs: the detector's modules
@@ -39,7 +39,7 @@ from distillguard.traceio import FormatError
 
 BATCH_ROWS = 4_096
 # A line that opens with its timestamp, written as RFC 3339 in a form both DuckDB and
-# exchange.parse_ts read (the form the trace writers use).
+# exchange.parse_ts read (the form Exchange.to_trace and the simulator write).
 _LEADING_TS = re.compile(
     rb'\{"ts": ?"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d))"')
 
