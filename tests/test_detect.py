@@ -212,11 +212,14 @@ def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
 def test_detect_leaves_no_spill_directory(world: tuple[Path, Path, Path],
                                           tmp_path: Path, reader: str) -> None:
     """The sort's temporary directory is removed after a run, and after a run stopped
-    with SIGTERM (on a 10M-exchange trace it holds gigabytes), with either reader."""
+    with SIGTERM (on a 10M-exchange trace it holds gigabytes), with either reader. The
+    trace is out of time order, so that it is sorted."""
     import signal
     import time
 
-    trace, accounts, _ = world
+    _, accounts, _ = world
+    trace = tmp_path / "unsorted.jsonl"
+    trace.write_bytes(b"\n".join(reversed(world[0].read_bytes().splitlines())) + b"\n")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, "-m", "distillguard.cli", "detect", "--trace", str(trace),
            "--accounts", str(accounts), "--out", str(tmp_path / "v.json"), "--reader", reader]
