@@ -271,7 +271,8 @@ def test_stops_held_are_delivered_when_the_block_ends() -> None:
         signal.signal(signal.SIGTERM, before)
 
 
-async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage:
+async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "thread"
+                  ) -> DetectionStage:
     """Replay the trace through the online stage, with account records in the store."""
     from distillguard.store import open_state_store
     from distillguard.traceio import read_accounts
@@ -280,7 +281,7 @@ async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage
     await store.migrate()
     await store.import_accounts(read_accounts(accounts))
     await store.close()
-    stage = DetectionStage(state_url, Calibration.read(), tick_seconds=TICK)
+    stage = DetectionStage(state_url, Calibration.read(), tick_seconds=TICK, runs_in=runs_in)
     await stage.start()
     for lines in iter_sorted_lines(trace):
         for line in lines:
@@ -289,12 +290,13 @@ async def _online(trace: Path, accounts: Path, state_url: str) -> DetectionStage
     return stage
 
 
+@pytest.mark.parametrize("runs_in", ["thread", "process"])
 def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path, Path, Path],
-                                               batch: Verdicts) -> None:
+                                               batch: Verdicts, runs_in: str) -> None:
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
 
     async def go() -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
-        stage = await _online(world[0], world[1], url)
+        stage = await _online(world[0], world[1], url, runs_in)
         await stage.close()
         engine = create_async_engine(async_url(url))
         try:
@@ -323,6 +325,51 @@ def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path
         assert got.risk == pytest.approx(expected.risk, abs=0.05)
     assert sorted((c.campaign_id, c.detected_at) for c in campaigns) == sorted(
         (c.campaign_id, c.detected_at) for c in batch.campaigns)
+
+
+def test_a_detector_process_that_ends_is_started_again(
+        tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Killed mid-stream, the detector process is started again at the next exchange,
+    with the account records seen so far; the stage keeps taking exchanges, and the
+    error is logged. close() ends the process."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:400]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[DetectionStage, int | None]:
+        from distillguard.store import open_state_store
+        from distillguard.traceio import read_accounts
+
+        store = open_state_store(url)
+        await store.migrate()
+        await store.import_accounts(read_accounts(world[1]))
+        await store.close()
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
+        await stage.start()
+        worker = stage.worker
+        assert worker is not None
+        for line in lines[:200]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        first = dict(worker.stats)
+        assert worker._proc is not None
+        worker._proc.kill()
+        await worker._proc.wait()
+        for line in lines[200:]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        assert worker.starts == 2
+        assert worker.stats["exchanges"] == sum(
+            1 for x in lines[200:] if orjson.loads(x).get("account_id"))
+        assert worker.stats["records"] >= first["records"]
+        proc = worker._proc
+        await stage.close()
+        return stage, proc.returncode if proc is not None else None
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        stage, code = asyncio.run(go())
+    assert code is not None, "close() leaves no process behind"
+    assert any("detector process ended" in r.getMessage() for r in caplog.records)
+    assert stage.written > 0
 
 
 @pytest.mark.postgres
@@ -374,12 +421,14 @@ def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
 
 def test_gateway_runs_the_detection_stage(stack: StackThread,
                                           account_key: tuple[str, str]) -> None:
-    """The default components include the online stage: features land on the exchange,
-    the account record is read from the state store, and the tables exist."""
+    """The default components include the online stage, its detector in a process of its
+    own: the account record is read from the state store and sent there with the
+    exchanges' features, and the tables exist."""
     account_id, key = account_key
     stages = [s for s in stack.stack.gateway.pipeline.stages if isinstance(s, DetectionStage)]
     assert len(stages) == 1
     stage = stages[0]
+    assert stage.worker is not None and stage.detector is None
     with httpx.Client(base_url=stack.stack.base_url,
                       headers={"authorization": f"Bearer {key}"}) as client:
         for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
@@ -389,13 +438,13 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     pipeline = stack.stack.gateway.pipeline
     for _ in range(100):      # the gateway hands exchanges over after responding
         stack.call(pipeline.drain())
-        if stage.detector.exchanges == 2:
+        stack.call(stage.flush())
+        if stage.worker.stats.get("exchanges") == 2:
             break
         time.sleep(0.05)
     assert not pipeline.stage_errors
-    assert stage.detector.exchanges == 2
-    assert stage.detector.states[account_id].reasoning == 1
-    assert account_id in stage.detector.facts
+    assert stage.worker.stats["exchanges"] == 2 and stage.worker.stats["records"] >= 1
+    assert stage.worker.starts == 1
     stack.call(stage.flush())
     engine = stage.engine
     assert engine is not None

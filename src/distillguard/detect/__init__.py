@@ -13,7 +13,8 @@ See docs/detection.md. The modules, one per concern:
 * :mod:`.engine`: the detector both paths share;
 * :mod:`.reader`: the trace in time order on DuckDB, as feature rows (the reader process);
 * :mod:`.batch`: the batch path (``distillguard detect``);
-* :mod:`.online`: the background pipeline stage and the verdict tables.
+* :mod:`.online`: the background pipeline stage and the verdict tables;
+* :mod:`.worker`: the online detector's own process.
 """
 
 from __future__ import annotations
@@ -42,4 +43,5 @@ def component(settings: Settings) -> Extension | None:
         return None
     calibration = Calibration.read(section.calibration)   # fails fast on a bad file
     return Extension(stages=[DetectionStage(settings.state.url, calibration,
-                                            tick_seconds=section.tick_seconds)])
+                                            tick_seconds=section.tick_seconds,
+                                            runs_in=section.runs_in)])

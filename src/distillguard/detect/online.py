@@ -2,9 +2,10 @@
 
 :class:`DetectionStage` is a background :class:`~distillguard.pipeline.Stage`: the
 gateway never waits for it. For each finished exchange it computes the features (stored
-as ``exchange.annotations["features"]``), feeds them to
-:class:`~distillguard.detect.engine.Detector`, and when an evaluation falls due runs it in
-a worker thread so the event loop keeps serving requests. What an evaluation changed is
+as ``exchange.annotations["features"]``) and feeds them to
+:class:`~distillguard.detect.engine.Detector`, which runs in a process of its own
+(:mod:`.worker`; ``runs_in="process"``, the gateway's default) or in the gateway's
+process, evaluations in a worker thread (``runs_in="thread"``). What an evaluation changed is
 written to the state store's database (SQLite or PostgreSQL, the engine of
 :mod:`distillguard.store`) in two tables that policy and the dashboard read:
 
@@ -33,11 +34,13 @@ from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
 from distillguard.detect.features import extract
 from distillguard.detect.scoring import AccountFacts
+from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
 from distillguard.geoip import GeoIP
 from distillguard.store.sql import async_url
 
 log = logging.getLogger("distillguard.detect")
+RUNS_IN = ("process", "thread")
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS campaigns (
@@ -103,8 +106,17 @@ class DetectionStage:
     inline = False
 
     def __init__(self, state_url: str, calibration: Calibration, *,
-                 tick_seconds: float = 300.0, geoip: GeoIP | None = None) -> None:
-        self.detector = Detector(calibration, tick_seconds=tick_seconds)
+                 tick_seconds: float = 300.0, geoip: GeoIP | None = None,
+                 runs_in: str = "thread") -> None:
+        if runs_in not in RUNS_IN:
+            raise ValueError(f"runs_in must be one of {', '.join(RUNS_IN)}")
+        # In this process (its state can be read here), or in a process of its own.
+        self.detector: Detector | None = None
+        self.worker: DetectorProcess | None = None
+        if runs_in == "thread":
+            self.detector = Detector(calibration, tick_seconds=tick_seconds)
+        else:
+            self.worker = DetectorProcess(calibration, tick_seconds, self._write)
         self.state_url = state_url
         self.geoip = geoip
         self.engine: AsyncEngine | None = None
@@ -132,10 +144,14 @@ class DetectionStage:
         if row is not None:
             m = row._mapping
             created = m["created_at"]
-            self.detector.add_account(account_id, AccountFacts(
-                created_at=parse_ts(created).timestamp() if created else None,
-                org=m["org"], payment=m["payment_fingerprint"],
-                email_domain=m["email_domain"]))
+            facts = AccountFacts(created_at=parse_ts(created).timestamp() if created else None,
+                                 org=m["org"], payment=m["payment_fingerprint"],
+                                 email_domain=m["email_domain"])
+            if self.worker is not None:
+                await self.worker.add_account(account_id, facts)
+            else:
+                assert self.detector is not None
+                self.detector.add_account(account_id, facts)
 
     async def on_exchange(self, exchange: Exchange) -> None:
         if not exchange.account_id or exchange.status == 0:
@@ -146,16 +162,26 @@ class DetectionStage:
         exchange.annotations["features"] = features.to_json()
         if exchange.account_id not in self._known:
             await self._facts(exchange.account_id)
-        due = self.detector.next_tick is not None and features.ts >= self.detector.next_tick
+        if self.worker is not None:     # its changes are written as they come back
+            await self.worker.observe(features)
+            return
+        detector = self.detector
+        assert detector is not None
+        due = detector.next_tick is not None and features.ts >= detector.next_tick
         if due:  # an evaluation: off the event loop
-            changes = await asyncio.to_thread(self.detector.observe, features)
+            changes = await asyncio.to_thread(detector.observe, features)
         else:
-            changes = self.detector.observe(features)
+            changes = detector.observe(features)
         if changes:
             await self._write(changes)
 
     async def flush(self) -> None:
-        """Evaluate what arrived since the last evaluation now (shutdown, tests)."""
+        """Evaluate what arrived since the last evaluation now, and return once every
+        change so far is written (shutdown, tests)."""
+        if self.worker is not None:
+            await self.worker.finish()
+            return
+        assert self.detector is not None
         changes = await asyncio.to_thread(self.detector.finish)
         if changes:
             await self._write(changes)
@@ -167,6 +193,9 @@ class DetectionStage:
 
     async def close(self) -> None:
         if self.engine is not None:
-            await self.flush()
+            if self.worker is not None:
+                await self.worker.close()
+            else:
+                await self.flush()
             await self.engine.dispose()
             self.engine = None

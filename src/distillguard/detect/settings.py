@@ -5,12 +5,13 @@ detect:
   enabled: true          # the online detection stage (background, off the request path)
   calibration: null      # calibration file; null: the one shipped with distillguard
   tick_seconds: 300      # evaluate links and risk every this many seconds of traffic
+  runs_in: process       # the detector's own process; thread: the gateway's (a worker thread)
 ```
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +24,7 @@ class DetectSettings(BaseModel):
     enabled: bool = True
     calibration: str | None = None
     tick_seconds: float = Field(300.0, gt=0.0, le=86_400.0)
+    runs_in: Literal["process", "thread"] = "process"
 
 
 def parse_settings(section: Any) -> DetectSettings:
