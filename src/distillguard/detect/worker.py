@@ -87,6 +87,9 @@ class DetectorProcess:
     async def _put(self, kind: str, payload: object) -> None:
         if not self.running:
             if self._proc is not None:
+                if self._proc.returncode is None:     # alive, but its replies are lost
+                    self._proc.kill()
+                    await self._proc.wait()
                 log.error("the detector process ended (exit code %s); starting a new one "
                           "(its links and sketches start empty)", self._proc.returncode)
             await self._start()
@@ -133,6 +136,8 @@ class DetectorProcess:
                     log.error("the detector process failed:\n%s", payload)
         except asyncio.IncompleteReadError:
             pass                              # it ended
+        except Exception:
+            log.exception("reading from the detector process failed")
         finally:
             while self._waiting:
                 self._waiting.popleft().set_exception(
