@@ -4,8 +4,8 @@
 gateway never waits for it. For each finished exchange it computes the features (stored
 as ``exchange.annotations["features"]``) and feeds them to
 :class:`~distillguard.detect.engine.Detector`, which runs in a process of its own
-(:mod:`.worker`; ``runs_in="process"``, the gateway's default) or in the gateway's
-process, evaluations in a worker thread (``runs_in="thread"``). What an evaluation changed is
+(:mod:`.worker`; ``runs_in="process"``, the default) or in the gateway's process,
+evaluations in a worker thread (``runs_in="thread"``). What an evaluation changed is
 written to the state store's database (SQLite or PostgreSQL, the engine of
 :mod:`distillguard.store`) in two tables that policy and the dashboard read:
 
@@ -107,7 +107,7 @@ class DetectionStage:
 
     def __init__(self, state_url: str, calibration: Calibration, *,
                  tick_seconds: float = 300.0, geoip: GeoIP | None = None,
-                 runs_in: str = "thread") -> None:
+                 runs_in: str = "process") -> None:
         if runs_in not in RUNS_IN:
             raise ValueError(f"runs_in must be one of {', '.join(RUNS_IN)}")
         # In this process (its state can be read here), or in a process of its own.

@@ -51,7 +51,9 @@ def in_time_order(trace: str | Path) -> bool:
     line of any other form (no leading ``ts``, a blank line) says no: the sort reads it.
 
     One pass over the bytes: a timestamp equal to the one before, or of the same length
-    in ``Z`` form, compares as text; only others are parsed."""
+    in ``Z`` form, compares as text; only others are parsed. (A date that does not
+    exist, compared as text, is a bad line when the detector reads it, as it is after
+    the sort.)"""
     last = b""
     last_dt: datetime | None = None
     with open(trace, "rb") as f:
