@@ -24,6 +24,7 @@ from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, write_changes
 from distillguard.detect.reader import _sorted_by_duckdb, in_time_order, iter_sorted_lines
+from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from distillguard.simulate import simulate
@@ -345,8 +346,8 @@ def test_a_detector_process_that_ends_is_started_again(
         await store.close()
         stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
         await stage.start()
-        worker = stage.worker
-        assert worker is not None
+        worker = stage.runner
+        assert isinstance(worker, DetectorProcess)
         for line in lines[:200]:
             await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
         await stage.flush()
@@ -428,7 +429,8 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     stages = [s for s in stack.stack.gateway.pipeline.stages if isinstance(s, DetectionStage)]
     assert len(stages) == 1
     stage = stages[0]
-    assert stage.worker is not None and stage.detector is None
+    worker = stage.runner
+    assert isinstance(worker, DetectorProcess) and stage.detector is None
     with httpx.Client(base_url=stack.stack.base_url,
                       headers={"authorization": f"Bearer {key}"}) as client:
         for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
@@ -439,12 +441,12 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     for _ in range(100):      # the gateway hands exchanges over after responding
         stack.call(pipeline.drain())
         stack.call(stage.flush())
-        if stage.worker.stats.get("exchanges") == 2:
+        if worker.stats.get("exchanges") == 2:
             break
         time.sleep(0.05)
     assert not pipeline.stage_errors
-    assert stage.worker.stats["exchanges"] == 2 and stage.worker.stats["records"] >= 1
-    assert stage.worker.starts == 1
+    assert worker.stats["exchanges"] == 2 and worker.stats["records"] >= 1
+    assert worker.starts == 1
     stack.call(stage.flush())
     engine = stage.engine
     assert engine is not None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
-from distillguard.detect.features import extract
+from distillguard.detect.features import ExchangeFeatures, extract
 from distillguard.detect.scoring import AccountFacts
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
@@ -99,6 +100,37 @@ async def write_changes(engine: AsyncEngine, changes: Changes) -> None:
             await conn.execute(_UPSERT_CAMPAIGN, campaigns)
 
 
+class DetectorThread:
+    """The detector in the gateway's process (``runs_in="thread"``): each exchange is
+    observed on the event loop, an evaluation in a worker thread. The same calls as
+    :class:`~distillguard.detect.worker.DetectorProcess`, so the stage has one path."""
+
+    def __init__(self, calibration: Calibration, tick_seconds: float,
+                 on_changes: Callable[[Changes], Awaitable[None]]) -> None:
+        self.detector = Detector(calibration, tick_seconds=tick_seconds)
+        self.on_changes = on_changes
+
+    async def add_account(self, account_id: str, facts: AccountFacts) -> None:
+        self.detector.add_account(account_id, facts)
+
+    async def observe(self, features: ExchangeFeatures) -> None:
+        detector = self.detector
+        if detector.next_tick is not None and features.ts >= detector.next_tick:
+            changes = await asyncio.to_thread(detector.observe, features)   # evaluates
+        else:
+            changes = detector.observe(features)
+        if changes:
+            await self.on_changes(changes)
+
+    async def finish(self) -> None:
+        changes = await asyncio.to_thread(self.detector.finish)
+        if changes:
+            await self.on_changes(changes)
+
+    async def close(self) -> None:
+        await self.finish()
+
+
 class DetectionStage:
     """Background stage: features, detector, verdict tables."""
 
@@ -110,18 +142,19 @@ class DetectionStage:
                  runs_in: str = "process") -> None:
         if runs_in not in RUNS_IN:
             raise ValueError(f"runs_in must be one of {', '.join(RUNS_IN)}")
-        # In this process (its state can be read here), or in a process of its own.
-        self.detector: Detector | None = None
-        self.worker: DetectorProcess | None = None
-        if runs_in == "thread":
-            self.detector = Detector(calibration, tick_seconds=tick_seconds)
-        else:
-            self.worker = DetectorProcess(calibration, tick_seconds, self._write)
+        self.runner: DetectorThread | DetectorProcess = (
+            DetectorThread if runs_in == "thread" else DetectorProcess)(
+                calibration, tick_seconds, self._write)
         self.state_url = state_url
         self.geoip = geoip
         self.engine: AsyncEngine | None = None
         self._known: set[str] = set()
         self.written = 0
+
+    @property
+    def detector(self) -> Detector | None:
+        """The detector, when it runs in this process."""
+        return self.runner.detector if isinstance(self.runner, DetectorThread) else None
 
     async def start(self) -> None:
         kwargs: dict[str, Any] = {}
@@ -147,11 +180,7 @@ class DetectionStage:
             facts = AccountFacts(created_at=parse_ts(created).timestamp() if created else None,
                                  org=m["org"], payment=m["payment_fingerprint"],
                                  email_domain=m["email_domain"])
-            if self.worker is not None:
-                await self.worker.add_account(account_id, facts)
-            else:
-                assert self.detector is not None
-                self.detector.add_account(account_id, facts)
+            await self.runner.add_account(account_id, facts)
 
     async def on_exchange(self, exchange: Exchange) -> None:
         if not exchange.account_id or exchange.status == 0:
@@ -162,29 +191,12 @@ class DetectionStage:
         exchange.annotations["features"] = features.to_json()
         if exchange.account_id not in self._known:
             await self._facts(exchange.account_id)
-        if self.worker is not None:     # its changes are written as they come back
-            await self.worker.observe(features)
-            return
-        detector = self.detector
-        assert detector is not None
-        due = detector.next_tick is not None and features.ts >= detector.next_tick
-        if due:  # an evaluation: off the event loop
-            changes = await asyncio.to_thread(detector.observe, features)
-        else:
-            changes = detector.observe(features)
-        if changes:
-            await self._write(changes)
+        await self.runner.observe(features)     # what it changes goes to _write
 
     async def flush(self) -> None:
         """Evaluate what arrived since the last evaluation now, and return once every
         change so far is written (shutdown, tests)."""
-        if self.worker is not None:
-            await self.worker.finish()
-            return
-        assert self.detector is not None
-        changes = await asyncio.to_thread(self.detector.finish)
-        if changes:
-            await self._write(changes)
+        await self.runner.finish()
 
     async def _write(self, changes: Changes) -> None:
         assert self.engine is not None
@@ -193,9 +205,6 @@ class DetectionStage:
 
     async def close(self) -> None:
         if self.engine is not None:
-            if self.worker is not None:
-                await self.worker.close()
-            else:
-                await self.flush()
+            await self.runner.close()
             await self.engine.dispose()
             self.engine = None
