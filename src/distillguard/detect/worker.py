@@ -90,6 +90,10 @@ class DetectorProcess:
                 if self._proc.returncode is None:     # alive, but its replies are lost
                     self._proc.kill()
                     await self._proc.wait()
+                if self._pump is not None:
+                    # what it wrote before it ended is handed over, and whoever waits on
+                    # it is answered, before the new one's first reply can come
+                    await self._pump
                 log.error("the detector process ended (exit code %s); starting a new one "
                           "(its links and sketches start empty)", self._proc.returncode)
             await self._start()
