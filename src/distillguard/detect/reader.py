@@ -149,21 +149,27 @@ def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | N
         yield block.take_rows()
 
 
-_HEADER = struct.Struct("<Q")     # the byte length of each message from the reader
+# Messages over a pipe (the reader process's, the online detector process's): the byte
+# length of the pickled (kind, payload), then the pickle.
+MESSAGE_HEADER = struct.Struct("<Q")
+
+
+def framed(kind: str, payload: object) -> bytes:
+    """One message as it goes over the pipe."""
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    return MESSAGE_HEADER.pack(len(data)) + data
 
 
 def send(out: BinaryIO, kind: str, payload: object) -> None:
-    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(_HEADER.pack(len(data)))
-    out.write(data)
+    out.write(framed(kind, payload))
 
 
 def receive(stream: BinaryIO) -> tuple[str, Any] | None:
-    """The next message from the reader; None when it ended without one."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
+    """The next message (see :func:`framed`); None when the pipe ended without one."""
+    header = stream.read(MESSAGE_HEADER.size)
+    if len(header) < MESSAGE_HEADER.size:
         return None
-    (size,) = _HEADER.unpack(header)
+    (size,) = MESSAGE_HEADER.unpack(header)
     data = stream.read(size)
     if len(data) < size:
         return None

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
 from distillguard.detect.features import ExchangeFeatures
-from distillguard.detect.reader import _HEADER, receive, send
+from distillguard.detect.reader import MESSAGE_HEADER, framed, receive, send
 from distillguard.detect.scoring import AccountFacts
 
 log = logging.getLogger("distillguard.detect")
@@ -81,8 +81,7 @@ class DetectorProcess:
 
     def _write(self, kind: str, payload: object) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-        self._proc.stdin.write(_HEADER.pack(len(data)) + data)
+        self._proc.stdin.write(framed(kind, payload))
 
     async def _put(self, kind: str, payload: object) -> None:
         if not self.running:
@@ -125,8 +124,8 @@ class DetectorProcess:
         assert proc.stdout is not None
         try:
             while True:
-                header = await proc.stdout.readexactly(_HEADER.size)
-                (size,) = _HEADER.unpack(header)
+                header = await proc.stdout.readexactly(MESSAGE_HEADER.size)
+                (size,) = MESSAGE_HEADER.unpack(header)
                 kind, payload = pickle.loads(await proc.stdout.readexactly(size))
                 if kind == "changes":
                     await self._hand_over(payload)
