@@ -35,13 +35,13 @@ from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
 from distillguard.detect.features import ExchangeFeatures, extract
 from distillguard.detect.scoring import AccountFacts
+from distillguard.detect.settings import RUNS_IN
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
 from distillguard.geoip import GeoIP
 from distillguard.store.sql import async_url
 
 log = logging.getLogger("distillguard.detect")
-RUNS_IN = ("process", "thread")
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS campaigns (

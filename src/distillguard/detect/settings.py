@@ -11,11 +11,15 @@ detect:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from distillguard.config import validate_section
+
+# Where the online detector runs (see detect/online.py).
+RunsIn = Literal["process", "thread"]
+RUNS_IN: tuple[str, ...] = get_args(RunsIn)
 
 
 class DetectSettings(BaseModel):
@@ -24,7 +28,7 @@ class DetectSettings(BaseModel):
     enabled: bool = True
     calibration: str | None = None
     tick_seconds: float = Field(300.0, gt=0.0, le=86_400.0)
-    runs_in: Literal["process", "thread"] = "process"
+    runs_in: RunsIn = "process"
 
 
 def parse_settings(section: Any) -> DetectSettings:
