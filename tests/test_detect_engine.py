@@ -71,16 +71,22 @@ def _flagging_calibration() -> Calibration:
     return cal
 
 
+def _session(detector: Detector, at: float) -> None:
+    """Accounts a and b start a session together (their co-starts link them in time);
+    c, an unrelated account, sends an hour later, which passes a tick between sessions."""
+    detector.observe(make_features("a", at))
+    detector.observe(make_features("b", at + 4.0))
+    detector.observe(make_features("c", at + 3_600.0, template_keys=(7, 8, 9),
+                                   simhash=2**64 - 1))
+
+
 def test_young_accounts_are_flagged_only_when_over_twice_in_a_row() -> None:
     detector = Detector(_flagging_calibration(), tick_seconds=60.0, due_growth=0.0)
     t0 = 1_700_000_000.0
     history: list[tuple[int, bool, bool]] = []     # (a's volume, above, flagged) per session
     for session in range(MIN_OWN_EXCHANGES - 1):
         at = t0 + session * 7_200.0
-        detector.observe(make_features("a", at))
-        detector.observe(make_features("b", at + 4.0))
-        detector.observe(make_features("c", at + 3_600.0, template_keys=(7, 8, 9),
-                                       simhash=2**64 - 1))   # passes a tick between sessions
+        _session(detector, at)
         st = detector.status.get("a")
         if st is not None:
             history.append((_volume(detector, "a"), st.above_since is not None, st.flagged))
@@ -155,10 +161,7 @@ def test_two_evaluations_at_one_instant_are_one_look_for_the_young_account_hold(
     t0 = 1_700_000_000.0
     for session in range(MIN_OWN_EXCHANGES - 1):
         at = t0 + session * 7_200.0
-        detector.observe(make_features("a", at))
-        detector.observe(make_features("b", at + 4.0))
-        detector.observe(make_features("c", at + 3_600.0, template_keys=(7, 8, 9),
-                                       simhash=2**64 - 1))
+        _session(detector, at)
         st = detector.status.get("a")
         if st is not None and st.above_since is not None:
             break
