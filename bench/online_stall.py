@@ -8,8 +8,8 @@ may wait for the lock. This measures that wait on a realistic detector state:
 
 1. the detector is warmed with the first ``--warm`` exchanges of a trace (as a gateway
    that has been up for a while);
-2. the next ``--ticks`` evaluations' worth of exchanges are fed the way the stage feeds
-   them, while a heartbeat task on the same loop asks to wake every millisecond and
+2. the next ``--ticks`` evaluations' worth of exchanges are fed through the stage's own
+   runner (``DetectorThread`` or ``DetectorProcess``), as the stage feeds them, while a heartbeat task on the same loop asks to wake every millisecond and
    records how late each wake-up is.
 
 Lateness is reported over the whole feed, and for the thread modes also for the
@@ -41,8 +41,8 @@ import numpy as np
 
 from distillguard.detect.batch import facts_from_accounts
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.engine import Detector
 from distillguard.detect.features import ExchangeFeatures
+from distillguard.detect.online import DetectorThread
 from distillguard.detect.reader import trace_feature_rows
 from distillguard.detect.scoring import AccountFacts
 from distillguard.detect.worker import DetectorProcess
@@ -68,48 +68,36 @@ def read_features(trace: Path, warm: int, ticks: int, tick: float
     return first, rest
 
 
-def warmed(features: list[ExchangeFeatures], facts: list[tuple[str, AccountFacts]]
-           ) -> Detector:
-    detector = Detector(Calibration.read())
-    for account_id, record in facts:
-        detector.add_account(account_id, record)
-    for f in features:
-        detector.observe(f)
-    detector.finish()
-    return detector
-
-
-async def warmed_process(features: list[ExchangeFeatures],
-                         facts: list[tuple[str, AccountFacts]]) -> DetectorProcess:
+async def warmed(runs_in: str, features: list[ExchangeFeatures],
+                 facts: list[tuple[str, AccountFacts]]) -> DetectorThread | DetectorProcess:
+    """The online stage's detector runner, fed the warm-up exchanges and finished."""
     async def drop(changes: object) -> None:
         pass
 
-    worker = DetectorProcess(Calibration.read(), 300.0, drop)
+    runner = (DetectorThread if runs_in == "thread" else DetectorProcess)(
+        Calibration.read(), 300.0, drop)
     for account_id, record in facts:
-        await worker.add_account(account_id, record)
+        await runner.add_account(account_id, record)
     for f in features:
-        await worker.observe(f)
-    await worker.finish()
-    return worker
+        await runner.observe(f)
+    await runner.finish()
+    return runner
 
 
-async def feed(detector: Detector | DetectorProcess, features: list[ExchangeFeatures],
+async def feed(runner: DetectorThread | DetectorProcess, features: list[ExchangeFeatures],
                busy: list[tuple[float, float]]) -> None:
-    """Feed as DetectionStage.on_exchange does; ``busy`` gets each evaluation's span
-    (in this process only)."""
+    """Feed as DetectionStage.on_exchange does, then finish (until every evaluation is
+    done); ``busy`` gets the span of each evaluation run in this process."""
+    here = runner.detector if isinstance(runner, DetectorThread) else None
     for n, f in enumerate(features):
-        if isinstance(detector, DetectorProcess):
-            await detector.observe(f)
-        elif detector.next_tick is not None and f.ts >= detector.next_tick:
-            start = time.perf_counter()
-            await asyncio.to_thread(detector.observe, f)
+        tick = here.next_tick if here is not None else None
+        start = time.perf_counter()
+        await runner.observe(f)
+        if here is not None and tick is not None and here.next_tick != tick:   # evaluated
             busy.append((start, time.perf_counter()))
-        else:
-            detector.observe(f)
         if not n % 50:
             await asyncio.sleep(0)     # exchanges arrive over time: let the loop run
-    if isinstance(detector, DetectorProcess):
-        await detector.finish()        # until the process has evaluated all of them
+    await runner.finish()
 
 
 async def heartbeat(stop: asyncio.Event, late: list[tuple[float, float]]) -> None:
@@ -121,15 +109,21 @@ async def heartbeat(stop: asyncio.Event, late: list[tuple[float, float]]) -> Non
         late.append((time.perf_counter(), now - asked - HEARTBEAT_S))
 
 
-async def measure(detector: Detector | DetectorProcess, features: list[ExchangeFeatures]
+async def measure(runs_in: str, warm: list[ExchangeFeatures], rest: list[ExchangeFeatures],
+                  facts: list[tuple[str, AccountFacts]]
                   ) -> tuple[list[float], list[float], list[float]]:
+    """Warm a runner (not timed), then feed ``rest`` with the heartbeat on the loop."""
+    runner = await warmed(runs_in, warm, facts)
     busy: list[tuple[float, float]] = []
     late: list[tuple[float, float]] = []
     stop = asyncio.Event()
     beat = asyncio.create_task(heartbeat(stop, late))
-    await feed(detector, features, busy)
-    stop.set()
-    await beat
+    try:
+        await feed(runner, rest, busy)
+    finally:
+        stop.set()
+        await beat
+        await runner.close()
     spans = np.array(busy) if busy else np.zeros((0, 2))
     during: list[float] = []
     outside: list[float] = []
@@ -160,10 +154,8 @@ def main() -> None:
         if interval is not None:
             sys.setswitchinterval(interval)
         try:
-            if mode == "process":
-                results[mode] = asyncio.run(_in_process(warm, rest, facts))
-            else:
-                results[mode] = asyncio.run(measure(warmed(warm, facts), rest))
+            runs_in = "process" if mode == "process" else "thread"
+            results[mode] = asyncio.run(measure(runs_in, warm, rest, facts))
         finally:
             sys.setswitchinterval(before)
     print(f"\n{len(rest):,} exchanges fed after {len(warm):,}; heartbeat every "
@@ -178,16 +170,6 @@ def main() -> None:
         print(f"| {mode} | {pct(every, 50):.2f} / {pct(every, 99):.2f} / "
               f"{pct(every, 99.9):.2f} / {max(every, default=0):.2f} | {inside} | "
               f"{pct(outside, 50):.2f} / {pct(outside, 99):.2f} |")
-
-
-async def _in_process(warm: list[ExchangeFeatures], rest: list[ExchangeFeatures],
-                      facts: list[tuple[str, AccountFacts]]
-                      ) -> tuple[list[float], list[float], list[float]]:
-    worker = await warmed_process(warm, facts)
-    try:
-        return await measure(worker, rest)
-    finally:
-        await worker.close()
 
 
 if __name__ == "__main__":
