@@ -12,9 +12,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import orjson
 import pytest
 from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from distillguard.cli import main
@@ -22,7 +26,7 @@ from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
 from distillguard.detect.batch import read_labels, run_batch
 from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
-from distillguard.detect.online import DetectionStage, write_changes
+from distillguard.detect.online import DetectionStage, create_tables, write_changes
 from distillguard.detect.reader import _sorted_by_duckdb, in_time_order, iter_sorted_lines
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
@@ -371,6 +375,88 @@ def test_a_detector_process_that_ends_is_started_again(
     assert code is not None, "close() leaves no process behind"
     assert any("detector process ended" in r.getMessage() for r in caplog.records)
     assert stage.written > 0
+    served = _samples(stage.metrics)
+    assert served["distillguard_detector_restarts_total", ()] == 1
+    assert served["distillguard_detector_exchanges_total", ()] == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+
+
+def test_queued_bytes_show_a_detector_process_that_is_behind(
+        tmp_path: Path, world: tuple[Path, Path, Path]) -> None:
+    """While the detector process takes nothing (stopped), what the stage sends it waits
+    in the gateway, and the queued-bytes gauge shows it; once it runs again the queue
+    empties and every exchange arrives."""
+    import signal
+
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[float, float, DetectionStage]:
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
+        await stage.start()
+        await stage.on_exchange(Exchange.from_trace(orjson.loads(lines[0])))
+        worker = stage.runner
+        assert isinstance(worker, DetectorProcess) and worker._proc is not None
+        pid = worker._proc.pid
+
+        async def feed() -> None:
+            for line in lines[1:]:
+                await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            feeding = asyncio.create_task(feed())
+            while worker.queued_bytes == 0 and not feeding.done():
+                await asyncio.sleep(0.01)
+            behind = _samples(stage.metrics)["distillguard_detector_queued_bytes", ()]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await feeding
+        await stage.flush()
+        caught_up = _samples(stage.metrics)["distillguard_detector_queued_bytes", ()]
+        await stage.close()
+        return behind, caught_up, stage
+
+    behind, caught_up, stage = asyncio.run(go())
+    assert behind > 0 and caught_up == 0
+    assert isinstance(stage.runner, DetectorProcess)
+    assert stage.runner.stats["exchanges"] == stage.fed == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+
+
+def test_a_failed_verdict_write_is_counted_and_the_stage_goes_on(
+        tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """With the verdict tables gone, an evaluation's changes cannot be written: that is
+    logged and counted, the exchange that set it off is taken as usual, and the
+    detector's state is kept, so once the tables are back the next changes are written."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> DetectionStage:
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="thread")
+        await stage.start()
+        assert stage.engine is not None
+        async with stage.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE account_verdicts"))
+        half = len(lines) // 2
+        for line in lines[:half]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        assert stage.write_errors > 0 and stage.written_accounts == 0
+        await create_tables(stage.engine)
+        for line in lines[half:]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        await stage.close()
+        return stage
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        stage = asyncio.run(go())
+    assert stage.written_accounts > 0
+    assert stage.detector is not None and stage.detector.exchanges == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+    served = _samples(stage.metrics)
+    assert served["distillguard_detector_write_errors_total", ()] == stage.write_errors
+    assert any("are not stored" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.postgres
@@ -420,23 +506,29 @@ def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
     assert cal.fitted_on["trace_sha256"] and cal.fitted_on["benign"] > 100
 
 
+def _samples(collector: Collector) -> dict[tuple[str, tuple[str, ...]], float]:
+    """A collector's samples: (name, label values) -> value."""
+    return {(x.name, tuple(x.labels.values())): x.value
+            for family in collector.collect() for x in family.samples}
+
+
 def test_gateway_runs_the_detection_stage(stack: StackThread,
                                           account_key: tuple[str, str]) -> None:
     """The default components include the online stage, its detector in a process of its
     own: the account record is read from the state store and sent there with the
-    exchanges' features, and the tables exist."""
+    exchanges' features, the tables exist, and the gateway's /metrics serves the
+    detector's counts."""
     account_id, key = account_key
     stages = [s for s in stack.stack.gateway.pipeline.stages if isinstance(s, DetectionStage)]
     assert len(stages) == 1
     stage = stages[0]
     worker = stage.runner
     assert isinstance(worker, DetectorProcess) and stage.detector is None
-    with httpx.Client(base_url=stack.stack.base_url,
-                      headers={"authorization": f"Bearer {key}"}) as client:
-        for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
-            r = client.post("/chat/completions", json={
-                "model": "demo-chat-1", "messages": [{"role": "user", "content": q}]})
-            assert r.status_code == 200
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
+        reply = client.chat.completions.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": q}])
+        assert reply.choices[0].message.content
     pipeline = stack.stack.gateway.pipeline
     for _ in range(100):      # the gateway hands exchanges over after responding
         stack.call(pipeline.drain())
@@ -457,6 +549,25 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     found = stack.call(names())
     assert set(found) == {"campaigns", "account_verdicts"}
     assert "updated_at" in found["account_verdicts"]
+    served = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(served.text)}
+    value = {(x.name, tuple(x.labels.values())): x.value
+             for f in families.values() for x in f.samples}
+    assert value["distillguard_detector_exchanges_total", ()] == 2
+    assert value["distillguard_detector_evaluations_total", ()] >= 1
+    assert value["distillguard_detector_accounts", ()] == 1
+    assert value["distillguard_detector_restarts_total", ()] == 0
+    assert value["distillguard_detector_write_errors_total", ()] == 0
+    assert value["distillguard_detector_queued_bytes", ()] == 0
+    rows = sum(value["distillguard_detector_verdict_rows_total", (t,)]
+               for t in ("account_verdicts", "campaigns"))
+    assert rows == stage.written
+    # each evaluation's changes that were written took seconds, not minutes, to land
+    delays = value["distillguard_detector_verdict_delay_seconds_count", ()]
+    assert (delays > 0) == (stage.written > 0)
+    assert value["distillguard_detector_verdict_delay_seconds_sum", ()] < 60
+    assert _samples(stage.metrics) == {k: v for k, v in value.items()
+                                       if k[0].startswith("distillguard_detector_")}
 
 
 def test_calibration_is_reproducible(tmp_path: Path, world: tuple[Path, Path, Path]) -> None:

@@ -4,18 +4,31 @@
 (histogram, whole request), ``distillguard_upstream_duration_seconds``,
 ``distillguard_upstream_errors_total{kind}``, ``distillguard_rate_limited_total{limit}``,
 ``distillguard_denied_total{check}``, ``distillguard_tokens_total{kind}`` and
-``distillguard_pipeline_backlog``. Each gateway app has its own registry, so several apps
-(replicas in one test process) do not collide.
+``distillguard_pipeline_backlog``. A stage with metrics of its own (:class:`HasMetrics`:
+the online detector's, ``distillguard_detector_*``) is served beside them. Each gateway app
+has its own registry, so several apps (replicas in one test process) do not collide.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.registry import Collector
 
 from distillguard.exchange import Exchange
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
             120)
+
+
+@runtime_checkable
+class HasMetrics(Protocol):
+    """A pipeline stage whose own metrics are served at the gateway's ``/metrics``."""
+
+    @property
+    def metrics(self) -> Collector: ...
 
 
 class GatewayMetrics:
@@ -64,6 +77,12 @@ class GatewayMetrics:
         if exchange.usage is not None:
             self.tokens.labels("prompt").inc(exchange.usage.prompt_tokens)
             self.tokens.labels("completion").inc(exchange.usage.completion_tokens)
+
+    def serve_stage_metrics(self, stages: Iterable[object]) -> None:
+        """Serve the metrics of every stage in ``stages`` that has its own."""
+        for stage in stages:
+            if isinstance(stage, HasMetrics):
+                self.registry.register(stage.metrics)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -367,6 +367,11 @@ class Detector:
 
     # -- output -----------------------------------------------------------------------
 
+    def stats(self) -> dict[str, int]:
+        """What the detector holds and has done (logs, metrics)."""
+        return {"exchanges": self.exchanges, "accounts": len(self.states),
+                "records": len(self.facts), "evaluations": self.evaluations}
+
     def verdicts(self, account_ids: list[str] | None = None) -> Verdicts:
         """The verdicts document: every account seen (and every listed one) once."""
         ids = sorted(set(self.states) | set(self.facts) | set(account_ids or []))

@@ -17,17 +17,23 @@ written to the state store's database (SQLite or PostgreSQL, the engine of
   each time an account's verdict changes; the latest row is current.
 
 Timestamps are RFC 3339 UTC (:func:`distillguard.exchange.format_ts`).
+
+The stage's metrics (:class:`DetectorMetrics`) are served at the gateway's ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -105,10 +111,17 @@ class DetectorThread:
     observed on the event loop, an evaluation in a worker thread. The same calls as
     :class:`~distillguard.detect.worker.DetectorProcess`, so the stage has one path."""
 
+    restarts = 0         # it ends only with the gateway
+    queued_bytes = 0     # each exchange is observed before the next is taken
+
     def __init__(self, calibration: Calibration, tick_seconds: float,
                  on_changes: Callable[[Changes], Awaitable[None]]) -> None:
         self.detector = Detector(calibration, tick_seconds=tick_seconds)
         self.on_changes = on_changes
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.detector.stats()
 
     async def add_account(self, account_id: str, facts: AccountFacts) -> None:
         self.detector.add_account(account_id, facts)
@@ -131,6 +144,53 @@ class DetectorThread:
         await self.finish()
 
 
+# Seconds from an exchange that set off an evaluation to its changes being written.
+_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class DetectorMetrics(Collector):
+    """The online detector's metrics, read from the stage when ``/metrics`` is scraped.
+
+    The detector's own counts (evaluations, accounts) are those it reported with its last
+    evaluation; a detector process started again counts from zero, as any restarted
+    process's counters do."""
+
+    def __init__(self, stage: DetectionStage) -> None:
+        self.stage = stage
+        self.delay = Histogram(
+            "distillguard_detector_verdict_delay_seconds",
+            "From the exchange that set off an evaluation to its changes written to the "
+            "verdict tables (for policy to read)", buckets=_DELAY_BUCKETS, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        stage = self.stage
+        runner = stage.runner
+        stats = runner.stats
+        yield CounterMetricFamily("distillguard_detector_exchanges",
+                                  "Exchanges sent to the online detector", value=stage.fed)
+        yield CounterMetricFamily("distillguard_detector_evaluations",
+                                  "Evaluations the detector has run",
+                                  value=stats.get("evaluations", 0))
+        yield GaugeMetricFamily("distillguard_detector_accounts",
+                                "Accounts whose behaviour the detector keeps",
+                                value=stats.get("accounts", 0))
+        rows = CounterMetricFamily("distillguard_detector_verdict_rows",
+                                   "Verdict rows written, by table", labels=["table"])
+        rows.add_metric(["account_verdicts"], stage.written_accounts)
+        rows.add_metric(["campaigns"], stage.written_campaigns)
+        yield rows
+        yield CounterMetricFamily("distillguard_detector_write_errors",
+                                  "Evaluations whose changes could not be written",
+                                  value=stage.write_errors)
+        yield CounterMetricFamily("distillguard_detector_restarts",
+                                  "Times the detector process ended and another was started",
+                                  value=runner.restarts)
+        yield GaugeMetricFamily("distillguard_detector_queued_bytes",
+                                "Bytes sent to the detector process that it has not taken "
+                                "yet (it is behind)", value=runner.queued_bytes)
+        yield from self.delay.collect()
+
+
 class DetectionStage:
     """Background stage: features, detector, verdict tables."""
 
@@ -149,7 +209,21 @@ class DetectionStage:
         self.geoip = geoip
         self.engine: AsyncEngine | None = None
         self._known: set[str] = set()
-        self.written = 0
+        self.fed = 0
+        self.written_accounts = 0
+        self.written_campaigns = 0
+        self.write_errors = 0
+        self._metrics = DetectorMetrics(self)
+
+    @property
+    def metrics(self) -> DetectorMetrics:
+        """Served at the gateway's ``/metrics`` (:class:`distillguard.metrics.HasMetrics`)."""
+        return self._metrics
+
+    @property
+    def written(self) -> int:
+        """Verdict rows written (accounts and campaigns)."""
+        return self.written_accounts + self.written_campaigns
 
     @property
     def detector(self) -> Detector | None:
@@ -191,6 +265,7 @@ class DetectionStage:
         exchange.annotations["features"] = features.to_json()
         if exchange.account_id not in self._known:
             await self._facts(exchange.account_id)
+        self.fed += 1
         await self.runner.observe(features)     # what it changes goes to _write
 
     async def flush(self) -> None:
@@ -199,9 +274,21 @@ class DetectionStage:
         await self.runner.finish()
 
     async def _write(self, changes: Changes) -> None:
+        """Write one evaluation's changes. A failed write loses these changes (logged and
+        counted), not the detector's state: the next evaluation's are written as usual."""
         assert self.engine is not None
-        await write_changes(self.engine, changes)
-        self.written += len(changes.accounts) + len(changes.campaigns)
+        try:
+            await write_changes(self.engine, changes)
+        except Exception:
+            self.write_errors += 1
+            log.exception("writing the detector's changes failed: %d account and %d campaign"
+                          " verdicts of the evaluation at %s are not stored",
+                          len(changes.accounts), len(changes.campaigns),
+                          format_ts(datetime.fromtimestamp(changes.at, UTC)))
+            return
+        self.written_accounts += len(changes.accounts)
+        self.written_campaigns += len(changes.campaigns)
+        self._metrics.delay.observe(max(0.0, time.time() - changes.at))
 
     async def close(self) -> None:
         if self.engine is not None:

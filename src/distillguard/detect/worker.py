@@ -10,8 +10,8 @@ detector runs on another core, and the event loop waits for none of it.
 :class:`DetectorProcess` is the online stage's handle on that process
 (``python -m distillguard.detect.worker``). It sends account records and each exchange's
 features, in order, over a pipe (length-prefixed pickles, as the trace reader's), and
-hands each evaluation's changes, read back in order, to a callback (the stage writes
-them to the verdict tables). The detector sees the same sequence it would see in the
+hands each evaluation's changes, read back in order with the detector's counts, to a
+callback (the stage writes them to the verdict tables). The detector sees the same sequence it would see in the
 gateway's process, so the verdicts are the same.
 
 If the process ends unexpectedly, the error is logged and the next exchange starts a
@@ -31,7 +31,7 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
@@ -58,7 +58,8 @@ class DetectorProcess:
         self.tick_seconds = tick_seconds
         self.on_changes = on_changes
         self.starts = 0
-        self.stats: dict[str, int] = {}      # the detector's counts at the last finish()
+        # the detector's counts (Detector.stats) at its last evaluation or finish()
+        self.stats: dict[str, int] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._waiting: deque[asyncio.Future[None]] = deque()
@@ -68,6 +69,19 @@ class DetectorProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None and (
             self._pump is not None and not self._pump.done())
+
+    @property
+    def restarts(self) -> int:
+        """How many times the process ended and a new one was started."""
+        return max(0, self.starts - 1)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes written for the process that the pipe has not taken yet (it is behind)."""
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdin.transport.is_closing():
+            return 0
+        return int(proc.stdin.transport.get_write_buffer_size())
 
     async def _start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
@@ -127,8 +141,10 @@ class DetectorProcess:
                 header = await proc.stdout.readexactly(MESSAGE_HEADER.size)
                 (size,) = MESSAGE_HEADER.unpack(header)
                 kind, payload = pickle.loads(await proc.stdout.readexactly(size))
-                if kind == "changes":
-                    await self._hand_over(payload)
+                if kind == "evaluated":
+                    changes, self.stats = payload
+                    if changes:
+                        await self._hand_over(changes)
                 elif kind == "finished":
                     changes, self.stats = payload
                     if changes:
@@ -192,18 +208,13 @@ def worker_main(inp: BinaryIO, out: BinaryIO) -> None:
                 assert detector is not None, "init comes first"
                 if kind == "features":
                     changes = detector.observe(payload)
-                    if changes:
-                        send(out, "changes", changes)
+                    if changes is not None:       # it evaluated
+                        send(out, "evaluated", (changes, detector.stats()))
                         out.flush()
                 elif kind == "account":
                     detector.add_account(*payload)
                 elif kind == "finish":
-                    changes = detector.finish()
-                    stats: dict[str, Any] = {"exchanges": detector.exchanges,
-                                             "accounts": len(detector.states),
-                                             "records": len(detector.facts),
-                                             "evaluations": detector.evaluations}
-                    send(out, "finished", (changes, stats))
+                    send(out, "finished", (detector.finish(), detector.stats()))
                     out.flush()
             except Exception:
                 send(out, "crash", traceback.format_exc())

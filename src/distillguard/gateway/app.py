@@ -128,6 +128,7 @@ class Gateway:
         self.counters = counters
         self.upstream = upstream
         self.metrics = GatewayMetrics()
+        self.metrics.serve_stage_metrics(stages)
         self.pipeline = build_pipeline(settings, counters, self.metrics, stages, checks)
         self.auth = Authenticator(store, settings.state.key_cache_ttl_s,
                                   fail_open=settings.state.on_failure == "open",
