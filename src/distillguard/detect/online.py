@@ -44,7 +44,7 @@ from distillguard.detect.scoring import AccountFacts
 from distillguard.detect.settings import RUNS_IN
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
-from distillguard.geoip import GeoIP
+from distillguard.geoip import GeoIP, default_geoip
 from distillguard.store.sql import async_url
 
 log = logging.getLogger("distillguard.detect")
@@ -236,6 +236,10 @@ class DetectionStage:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine = create_async_engine(async_url(self.state_url), **kwargs)
         await create_tables(self.engine)
+        if self.geoip is None:
+            # Loaded here, off the event loop: on the first exchange it held the loop for
+            # the database's load (about 150 ms) unless policy had loaded it already.
+            self.geoip = await asyncio.to_thread(default_geoip)
 
     async def _facts(self, account_id: str) -> None:
         self._known.add(account_id)
