@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from distillguard.exchange import format_ts, parse_ts
+from distillguard.files import write_atomically
 
 VERDICTS_VERSION = 1
 
@@ -116,7 +117,7 @@ class Verdicts:
                           if k not in {"version", "accounts", "campaigns"}})
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        write_atomically(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
 
     @classmethod
     def read(cls, path: str | Path) -> Verdicts:

@@ -10,6 +10,7 @@ import orjson
 from distillguard.benchdetect.baseline import run_baseline
 from distillguard.benchdetect.metrics import score
 from distillguard.benchdetect.report import table, write_png
+from distillguard.files import output_path, write_atomically
 from distillguard.verdicts import Verdicts
 
 _file = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -25,9 +26,10 @@ def bench() -> None:
 @click.option("--accounts", required=True, type=_file)
 @click.option("--labels", required=True, type=_file, help="labels.jsonl of the simulator.")
 @click.option("--verdicts", required=True, type=_file, help="Verdicts document to score.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
               help="Write a PNG report here.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              callback=output_path,
               help="Write all metrics as JSON here.")
 @click.option("--elapsed", type=float,
               help="Detector run time in seconds (else the verdicts' elapsed_seconds).")
@@ -44,14 +46,14 @@ def detect(trace: Path, accounts: Path, labels: Path, verdicts: Path, report: Pa
         write_png(scores, report, title=f"{verdicts.name} on {trace.parent.name or trace.name}")
         click.echo(f"report: {report}", err=True)
     if json_out:
-        json_out.write_bytes(orjson.dumps(scores.to_json(), option=orjson.OPT_INDENT_2))
+        write_atomically(json_out, orjson.dumps(scores.to_json(), option=orjson.OPT_INDENT_2))
 
 
 @bench.command("baseline")
 @click.option("--trace", required=True, type=_file)
 @click.option("--accounts", required=True, type=_file)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the verdicts.")
+              callback=output_path, help="Where to write the verdicts.")
 @click.option("--per-day", default=300, show_default=True,
               help="Flag an account above this many exchanges in 24 hours.")
 def baseline(trace: Path, accounts: Path, out: Path, per_day: int) -> None:

@@ -8,6 +8,7 @@ import click
 import orjson
 
 from distillguard.countermeasures.fingerprint import Fingerprinter
+from distillguard.files import output_path
 
 
 def _fingerprinter(ctx: click.Context) -> Fingerprinter:
@@ -68,7 +69,7 @@ def trace(ctx: click.Context, texts: str, accounts: tuple[str, ...],
               help="Prompts to send (JSON Lines: strings or objects with a prompt field).")
 @click.option("--api-key", envvar="SUSPECT_API_KEY", default="none")
 @click.option("--alpha", default=0.01, show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=output_path)
 @click.pass_context
 def model_test_cmd(ctx: click.Context, outputs: str | None, base_url: str | None,
                    model: str | None, prompts: str | None, api_key: str, alpha: float,

@@ -30,6 +30,7 @@ import orjson
 
 from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, Model, standardise
 from distillguard.errors import ConfigError
+from distillguard.files import write_atomically
 
 CALIBRATION_VERSION = 1
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.json")
@@ -94,7 +95,7 @@ class Calibration:
                    target_fpr=0.0)
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        write_atomically(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
 
     @classmethod
     def read(cls, path: str | Path | None = None) -> Calibration:

@@ -32,6 +32,7 @@ from distillguard.detect.batch import (
 )
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
+from distillguard.files import output_path
 
 
 def exit_on_sigterm() -> None:
@@ -48,7 +49,8 @@ def exit_on_sigterm() -> None:
               help="Trace file (JSON Lines, any order; .gz accepted).")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False),
               help="Accounts file (JSON Lines): sign-up time, payment fingerprint, org.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Verdicts file to write.")
+@click.option("--out", type=click.Path(dir_okay=False), callback=output_path,
+              help="Verdicts file to write.")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")
 @click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
@@ -145,7 +147,7 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
 @click.option("--folds", default=3, show_default=True, type=int,
               help="Set the thresholds from benign peaks scored by models fitted without "
                    "them (cross-fitting in this many folds); 1: in-sample.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=output_path)
 def calibrate(trace: str, accounts: str | None, labels: str, target_fpr: float,
               tick_seconds: float, community: bool, folds: int, out: str) -> None:
     """Fit the risk model and set the threshold for a target false-positive rate."""

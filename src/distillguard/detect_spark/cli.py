@@ -20,6 +20,7 @@ from distillguard.detect.batch import TICK_SECONDS
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.cli import Progress, write_verdicts
 from distillguard.errors import ConfigError
+from distillguard.files import output_path
 
 
 @click.group("spark")
@@ -32,7 +33,7 @@ def spark() -> None:
               help="Trace: file, folder, glob or Hadoop URI (JSON Lines, any order, .gz ok).")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False),
               help="Accounts file (JSON Lines) on the driver.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=output_path,
               help="Verdicts file to write (on the driver).")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")

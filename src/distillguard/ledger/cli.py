@@ -13,6 +13,7 @@ from typing import Any
 import click
 import orjson
 
+from distillguard.files import output_path, write_atomically
 from distillguard.ledger.checkpoint import VerifierKey, load_or_create_key, public_path
 from distillguard.ledger.settings import LedgerConfig, parse_settings
 
@@ -30,7 +31,7 @@ def _open(ctx: click.Context, *, create_key: bool = False) -> Any:
 def _emit(value: Any, out: str | None) -> None:
     data = orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n"
     if out:
-        Path(out).write_bytes(data)
+        write_atomically(out, data)
     else:
         sys.stdout.write(data.decode())
 
@@ -84,7 +85,8 @@ def checkpoint(ctx: click.Context) -> None:
 @ledger.command()
 @click.argument("ref")
 @click.option("--tree-size", type=int, help="Prove against this (older) tree size.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the proof here.")
+@click.option("--out", type=click.Path(dir_okay=False), callback=output_path,
+              help="Write the proof here.")
 @click.pass_context
 def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) -> None:
     """Inclusion proof of entry REF (exchange id, event id or index), with the signed
@@ -103,7 +105,7 @@ def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) 
 @ledger.command()
 @click.argument("old_size", type=int)
 @click.argument("new_size", type=int, required=False)
-@click.option("--out", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), callback=output_path)
 @click.pass_context
 def consistency(ctx: click.Context, old_size: int, new_size: int | None,
                 out: str | None) -> None:
@@ -196,7 +198,7 @@ def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
 
 
 @ledger.command()
-@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, callback=output_path)
 @click.option("--start", type=int, default=0, show_default=True, help="First index.")
 @click.option("--end", type=int, help="End index (exclusive; default: everything).")
 @click.pass_context

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import orjson
 
+from distillguard.files import output_path, write_atomically
 from distillguard.provenance.lookup import ProvenanceIndex
 from distillguard.provenance.report import AttributionRule, build_report
 from distillguard.provenance.suspect import read_suspect
@@ -29,8 +30,9 @@ def _fingerprinter(ctx: click.Context) -> Any:
 @click.option("--trace", "trace_path", type=click.Path(exists=True, dir_okay=False),
               help="Search this trace (JSON Lines) instead of the ledger.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              callback=output_path,
               help="Where to write the JSON report.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), callback=output_path,
               help="Also write an HTML summary (with a PNG chart next to it).")
 @click.option("--min-containment", default=0.5, show_default=True,
               help="Share of an item's shingles that must occur in the exchange.")
@@ -58,7 +60,7 @@ def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_pat
                           source=source, fingerprinter=_fingerprinter(ctx))
     if proofs is not None:
         proofs(report)
-    Path(out_path).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    write_atomically(out_path, orjson.dumps(report, option=orjson.OPT_INDENT_2))
     if html_path:
         from distillguard.provenance.html import write_html
 

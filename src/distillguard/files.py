@@ -1,0 +1,68 @@
+"""Output files of the commands: checked before the work, written whole or not at all.
+
+A batch run can take twenty minutes; finding only at its end that ``--out`` names a
+directory that does not exist loses the run. :func:`output_path` is a click callback that
+checks the place first, and :func:`write_atomically` writes a file next to its
+destination and renames it over, so a reader (or a run stopped half-way) never sees half
+a file, and an older file stays as it was until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why a file could not be written at ``path`` (None: it can, as far as one can tell
+    without writing it)."""
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        return f"{target} is a directory"
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {parent} is not writable"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{target} is not writable"
+    return None
+
+
+def output_path(ctx: click.Context, param: click.Parameter, value: str | Path | None
+                ) -> str | Path | None:
+    """Click callback for an output file option: a clear usage error before any work when
+    the file could not be written (``-``, standard output, passes)."""
+    if value is None or str(value) == "-":
+        return value
+    problem = output_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole: into a temporary file in the same directory,
+    flushed to disk, then renamed over ``path``. On any failure the temporary file is
+    removed and ``path`` is as it was."""
+    target = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                     suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        # mkstemp makes the file readable by its owner only; give it the usual mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
