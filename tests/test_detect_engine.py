@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.engine import DUE_GROWTH, DUE_SECONDS, MIN_OWN_EXCHANGES, Detector
+from distillguard.detect.engine import (
+    DUE_GROWTH,
+    DUE_SECONDS,
+    MIN_OWN_EXCHANGES,
+    Detector,
+    new_campaign_id,
+)
 from tests.factories import make_features
 
 
@@ -170,3 +176,17 @@ def test_two_evaluations_at_one_instant_are_one_look_for_the_young_account_hold(
     detector.finish()
     assert detector._evaluated["a"] == (_volume(detector, "a"), at + 3_600.0)
     assert st.above_since == at + 3_600.0 and not st.flagged
+
+
+def test_new_campaign_ids_come_from_the_traffic_not_a_counter() -> None:
+    """The same finding gives the same id (batch, online, every run); a detector started
+    afresh, or another replica's, finding other accounts or at another time, gives
+    another id, instead of counting from c-1 again over campaigns already written."""
+    flagged = ["acct_a", "acct_b"]
+    first = new_campaign_id(1_772_000_000.5, flagged, set())
+    assert first == new_campaign_id(1_772_000_000.5, flagged, set())
+    assert first.startswith("c-") and len(first) == 12
+    assert new_campaign_id(1_772_000_300.5, flagged, set()) != first
+    assert new_campaign_id(1_772_000_000.5, ["acct_a", "acct_c"], set()) != first
+    assert new_campaign_id(1_772_000_000.5, flagged, {first}) == f"{first}-2"
+    assert new_campaign_id(1_772_000_000.5, flagged, {first, f"{first}-2"}) == f"{first}-3"

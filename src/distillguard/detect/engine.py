@@ -16,8 +16,10 @@ batch path and the online path give the same verdicts on the same exchanges.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -49,6 +51,20 @@ MIN_OWN_EXCHANGES = 10
 # volume has grown by this share, or once this long has passed (see Detector.evaluate).
 DUE_GROWTH = 0.25
 DUE_SECONDS = 3_600.0
+
+
+def new_campaign_id(now: float, flagged: list[str], taken: Container[str]) -> str:
+    """A new campaign's id, from when it was found and its flagged members (sorted): the
+    same traffic gives the same ids on the batch and the online path and in every run,
+    and a detector started afresh (a new detector process, another gateway replica) does
+    not hand out an id already written for another campaign, as a counter from 1 did."""
+    digest = hashlib.blake2b(f"{now!r}|{'|'.join(flagged)}".encode(), digest_size=5)
+    cid = base = f"c-{digest.hexdigest()}"
+    n = 1
+    while cid in taken:
+        n += 1
+        cid = f"{base}-{n}"
+    return cid
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -134,7 +150,6 @@ class Detector:
         self.last_ts = 0.0
         self.exchanges = 0
         self.evaluations = 0
-        self._campaign_seq = 0
         self.collect = collect
         self.snapshots: list[tuple[str, np.ndarray]] = []
         self._marks: dict[str, int] = {}
@@ -332,8 +347,7 @@ class Detector:
             if old:
                 cid = max(sorted(old), key=lambda k: old[k])
             else:
-                self._campaign_seq += 1
-                cid = f"c-{self._campaign_seq}"
+                cid = new_campaign_id(now, flagged, self.campaigns)
             claimed.add(cid)
             for m in flagged:
                 if self.status[m].campaign_id != cid:
