@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import orjson
 import pytest
+import redis as redis_sync
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -28,6 +29,8 @@ from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, create_tables, write_changes
 from distillguard.detect.reader import _sorted_by_duckdb, in_time_order, iter_sorted_lines
+from distillguard.detect.settings import StreamSettings
+from distillguard.detect.stream import decode
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
@@ -35,6 +38,7 @@ from distillguard.simulate import simulate
 from distillguard.store.sql import async_url
 from distillguard.traceio import FormatError
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
 
 TICK = 600.0
 
@@ -276,9 +280,7 @@ def test_stops_held_are_delivered_when_the_block_ends() -> None:
         signal.signal(signal.SIGTERM, before)
 
 
-async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "thread"
-                  ) -> DetectionStage:
-    """Replay the trace through the online stage, with account records in the store."""
+async def _import_accounts(state_url: str, accounts: Path) -> None:
     from distillguard.store import open_state_store
     from distillguard.traceio import read_accounts
 
@@ -286,6 +288,12 @@ async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "t
     await store.migrate()
     await store.import_accounts(read_accounts(accounts))
     await store.close()
+
+
+async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "thread"
+                  ) -> DetectionStage:
+    """Replay the trace through the online stage, with account records in the store."""
+    await _import_accounts(state_url, accounts)
     stage = DetectionStage(state_url, Calibration.read(), tick_seconds=TICK, runs_in=runs_in)
     await stage.start()
     for lines in iter_sorted_lines(trace):
@@ -295,28 +303,25 @@ async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "t
     return stage
 
 
-@pytest.mark.parametrize("runs_in", ["thread", "process"])
-def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path, Path, Path],
-                                               batch: Verdicts, runs_in: str) -> None:
-    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+async def _tables_verdicts(state_url: str, batch: Verdicts
+                           ) -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
+    """The latest verdict-table row of each account of ``batch``, and its campaigns."""
+    engine = create_async_engine(async_url(state_url))
+    try:
+        reader = SQLVerdicts(engine, await tables(engine))
+        latest = []
+        for a in batch.accounts:
+            rows = await reader.account_history(a.account_id)
+            if rows:
+                latest.append(AccountVerdict.from_json(rows[0]))
+        campaigns = [await reader.campaign(c.campaign_id) for c in batch.campaigns]
+        return latest, [c for c in campaigns if c is not None]
+    finally:
+        await engine.dispose()
 
-    async def go() -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
-        stage = await _online(world[0], world[1], url, runs_in)
-        await stage.close()
-        engine = create_async_engine(async_url(url))
-        try:
-            reader = SQLVerdicts(engine, await tables(engine))
-            latest = []
-            for a in batch.accounts:
-                rows = await reader.account_history(a.account_id)
-                if rows:
-                    latest.append(AccountVerdict.from_json(rows[0]))
-            campaigns = [await reader.campaign(c.campaign_id) for c in batch.campaigns]
-            return latest, [c for c in campaigns if c is not None]
-        finally:
-            await engine.dispose()
 
-    latest, campaigns = asyncio.run(go())
+def _assert_batch_verdicts(latest: list[AccountVerdict], campaigns: list[CampaignVerdict],
+                           batch: Verdicts) -> None:
     by_id = {a.account_id: a for a in latest}
     for expected in batch.accounts:
         got = by_id.get(expected.account_id)
@@ -332,6 +337,122 @@ def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path
         (c.campaign_id, c.detected_at) for c in batch.campaigns)
 
 
+@pytest.mark.parametrize("runs_in", ["thread", "process"])
+def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: tuple[Path, Path, Path],
+                                               batch: Verdicts, runs_in: str) -> None:
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
+        stage = await _online(world[0], world[1], url, runs_in)
+        await stage.close()
+        return await _tables_verdicts(url, batch)
+
+    _assert_batch_verdicts(*asyncio.run(go()), batch)
+
+
+@pytest.mark.redis
+def test_one_follower_detects_over_every_replica(
+        tmp_path: Path, world: tuple[Path, Path, Path], batch: Verdicts, redis_url: str,
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two replicas' stages (runs_in: follower) take alternate exchanges and add their
+    features to the Redis stream; `distillguard detect follow` reads it and writes the
+    verdicts the batch path gives on the whole trace. An entry that is not one of theirs
+    (here a pickle) is skipped and logged, not run."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+
+    async def publish() -> list[DetectionStage]:
+        await _import_accounts(url, world[1])
+        replicas = [DetectionStage(url, Calibration.read(), tick_seconds=TICK,
+                                   runs_in="follower", stream=stream) for _ in range(2)]
+        for n, line in enumerate(lines):
+            await replicas[n % 2].on_exchange(Exchange.from_trace(orjson.loads(line)))
+            if n == len(lines) // 2:
+                await replicas[0].runner.redis.xadd(    # type: ignore[attr-defined]
+                    stream.name, {"v": b"1", "f": __import__("pickle").dumps(object)})
+        for replica in replicas:
+            await replica.close()
+        return replicas
+
+    replicas = asyncio.run(publish())
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert client.xlen(stream.name) == sum(r.fed for r in replicas) + 1
+        assert all(r.fed > 0 and r.runner.dropped == 0 for r in replicas)
+        assert all(r.runner.stats == {} and r.written == 0 for r in replicas)
+        config = tmp_path / "follower.yaml"
+        config.write_text(orjson.dumps({
+            "state": {"url": url},
+            "detect": {"runs_in": "follower", "tick_seconds": TICK,
+                       "stream": {"url": redis_url, "name": stream.name}}}).decode())
+        with caplog.at_level("WARNING", logger="distillguard.detect"):
+            result = CliRunner().invoke(main, ["-c", str(config), "detect", "follow",
+                                               "--idle-exit", "1"])
+        assert result.exit_code == 0, result.output
+        assert f"followed {sum(r.fed for r in replicas):,} exchanges (1 bad" in result.output
+        assert any("skipped detector stream entry" in r.getMessage() for r in caplog.records)
+    finally:
+        client.delete(stream.name)
+        client.close()
+    _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
+
+
+@pytest.mark.redis
+def test_a_gateway_with_a_follower_adds_features_to_the_stream(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """With detect.runs_in: follower the gateway starts no detector of its own: each
+    exchange's features go to the stream."""
+    name = f"{redis_prefix}:features"
+    running = start_stack(make_settings(tmp_path, detect={
+        "runs_in": "follower", "stream": {"url": redis_url, "name": name}}))
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        admin = httpx.Client(base_url=running.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_f"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/acct_f/keys", json={"name": "t"}).json()["key"]
+        openai.OpenAI(base_url=running.stack.base_url, api_key=key).chat.completions.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": "Explain recursion."}])
+        stage = next(s for s in running.stack.gateway.pipeline.stages
+                     if isinstance(s, DetectionStage))
+        assert stage.detector is None and not isinstance(stage.runner, DetectorProcess)
+        for _ in range(100):     # the gateway hands exchanges over after responding
+            running.call(running.stack.gateway.pipeline.drain())
+            if client.xlen(name):
+                break
+            time.sleep(0.05)
+        entries = client.xrange(name)
+        assert len(entries) == 1
+        assert decode(entries[0][1]).account_id == "acct_f"
+    finally:
+        running.stop()
+        client.delete(name)
+        client.close()
+
+
+def test_a_replica_goes_on_when_the_stream_is_unreachable(
+        tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens on the stream's port: each exchange is counted as dropped, the
+    failure is logged once, and the stage raises nothing into the gateway."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:20]
+    stage = DetectionStage(f"sqlite:///{tmp_path / 'state.sqlite'}", Calibration.read(),
+                           runs_in="follower",
+                           stream=StreamSettings(url="redis://127.0.0.1:1/0"))
+
+    async def go() -> None:
+        for line in lines:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.close()
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        asyncio.run(go())
+    assert stage.runner.dropped == stage.fed == len(lines)
+    assert _samples(stage.metrics)["distillguard_detector_dropped_total", ()] == len(lines)
+    assert sum("cannot add features" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_detector_process_that_ends_is_started_again(
         tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
     """Killed mid-stream, the detector process is started again at the next exchange,
@@ -341,13 +462,7 @@ def test_a_detector_process_that_ends_is_started_again(
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
 
     async def go() -> tuple[DetectionStage, int | None]:
-        from distillguard.store import open_state_store
-        from distillguard.traceio import read_accounts
-
-        store = open_state_store(url)
-        await store.migrate()
-        await store.import_accounts(read_accounts(world[1]))
-        await store.close()
+        await _import_accounts(url, world[1])
         stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
         await stage.start()
         worker = stage.runner

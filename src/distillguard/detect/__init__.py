@@ -44,4 +44,5 @@ def component(settings: Settings) -> Extension | None:
     calibration = Calibration.read(section.calibration)   # fails fast on a bad file
     return Extension(stages=[DetectionStage(settings.state.url, calibration,
                                             tick_seconds=section.tick_seconds,
-                                            runs_in=section.runs_in)])
+                                            runs_in=section.runs_in,
+                                            stream=section.stream)])

@@ -134,6 +134,47 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
                err=True)
 
 
+@detect.command("follow")
+@click.option("--from-now", is_flag=True,
+              help="Start after the stream's newest entry (default: from the oldest it "
+                   "keeps, rebuilding the detector's state from them).")
+@click.option("--idle-exit", type=float,
+              help="Stop once the stream has had nothing new for this many seconds "
+                   "(default: follow until stopped).")
+@click.pass_context
+def follow(ctx: click.Context, from_now: bool, idle_exit: float | None) -> None:
+    """Run the one detector of every gateway replica (detect.runs_in: follower): read the
+    features the replicas add to the Redis stream (detect.stream), in order, and write
+    verdicts to the state store that their policy reads."""
+    import asyncio
+
+    from distillguard.detect.settings import parse_settings
+    from distillguard.detect.stream import Follower
+
+    settings = ctx.find_root().obj.settings
+    section = parse_settings(settings.extensions.get("detect"))
+    if not section.stream.url:
+        raise click.UsageError("set detect.stream.url (the Redis URL the replicas add "
+                               "features to) in the settings")
+
+    def progress(f: Follower) -> None:
+        stats = f.stage.runner.stats
+        click.echo(f"followed {f.read:,} exchanges ({f.bad} bad entries skipped); "
+                   f"{stats.get('evaluations', 0):,} evaluations, {stats.get('accounts', 0):,} "
+                   f"accounts; {f.stage.written:,} verdict rows written", err=True)
+
+    follower = Follower(settings.state.url, section, from_start=not from_now,
+                        on_progress=progress)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(stop, follower.stop.set)
+        await follower.run(idle_exit_s=idle_exit)
+
+    asyncio.run(run())
+
+
 @detect.command("calibrate")
 @click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False))

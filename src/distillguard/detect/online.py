@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import Histogram
@@ -41,7 +41,8 @@ from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Changes, Detector
 from distillguard.detect.features import ExchangeFeatures, extract
 from distillguard.detect.scoring import AccountFacts
-from distillguard.detect.settings import RUNS_IN
+from distillguard.detect.settings import RUNS_IN, StreamSettings
+from distillguard.detect.stream import StreamPublisher
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
 from distillguard.geoip import GeoIP, default_geoip
@@ -106,13 +107,50 @@ async def write_changes(engine: AsyncEngine, changes: Changes) -> None:
             await conn.execute(_UPSERT_CAMPAIGN, campaigns)
 
 
+class DetectorRunner(Protocol):
+    """Where the stage's detector runs, behind the same calls: :class:`DetectorThread`,
+    :class:`~distillguard.detect.worker.DetectorProcess` or, when one detector serves
+    every replica, :class:`~distillguard.detect.stream.StreamPublisher`."""
+
+    @property
+    def needs_accounts(self) -> bool:
+        """Whether the stage should send it account records (add_account)."""
+        ...
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The detector's counts (Detector.stats) as last reported; empty if elsewhere."""
+        ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def queued_bytes(self) -> int: ...
+
+    @property
+    def dropped(self) -> int:
+        """Exchanges that could not be handed to the detector."""
+        ...
+
+    async def add_account(self, account_id: str, facts: AccountFacts) -> None: ...
+
+    async def observe(self, features: ExchangeFeatures) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class DetectorThread:
     """The detector in the gateway's process (``runs_in="thread"``): each exchange is
     observed on the event loop, an evaluation in a worker thread. The same calls as
     :class:`~distillguard.detect.worker.DetectorProcess`, so the stage has one path."""
 
+    needs_accounts = True
     restarts = 0         # it ends only with the gateway
     queued_bytes = 0     # each exchange is observed before the next is taken
+    dropped = 0
 
     def __init__(self, calibration: Calibration, tick_seconds: float,
                  on_changes: Callable[[Changes], Awaitable[None]]) -> None:
@@ -185,6 +223,9 @@ class DetectorMetrics(Collector):
         yield CounterMetricFamily("distillguard_detector_restarts",
                                   "Times the detector process ended and another was started",
                                   value=runner.restarts)
+        yield CounterMetricFamily("distillguard_detector_dropped",
+                                  "Exchanges that could not be handed to the detector (its "
+                                  "stream unreachable)", value=runner.dropped)
         yield GaugeMetricFamily("distillguard_detector_queued_bytes",
                                 "Bytes sent to the detector process that it has not taken "
                                 "yet (it is behind)", value=runner.queued_bytes)
@@ -199,11 +240,16 @@ class DetectionStage:
 
     def __init__(self, state_url: str, calibration: Calibration, *,
                  tick_seconds: float = 300.0, geoip: GeoIP | None = None,
-                 runs_in: str = "process") -> None:
+                 runs_in: str = "process", stream: StreamSettings | None = None) -> None:
         if runs_in not in RUNS_IN:
             raise ValueError(f"runs_in must be one of {', '.join(RUNS_IN)}")
-        self.runner: DetectorThread | DetectorProcess = (
-            DetectorThread if runs_in == "thread" else DetectorProcess)(
+        self.runner: DetectorRunner
+        if runs_in == "follower":
+            if stream is None or not stream.url:
+                raise ValueError("runs_in='follower' needs the stream's settings")
+            self.runner = StreamPublisher(stream)
+        else:
+            self.runner = (DetectorThread if runs_in == "thread" else DetectorProcess)(
                 calibration, tick_seconds, self._write)
         self.state_url = state_url
         self.geoip = geoip
@@ -267,8 +313,15 @@ class DetectionStage:
             await self.start()
         features = extract(exchange, self.geoip)
         exchange.annotations["features"] = features.to_json()
-        if exchange.account_id not in self._known:
-            await self._facts(exchange.account_id)
+        await self.on_features(features)
+
+    async def on_features(self, features: ExchangeFeatures) -> None:
+        """Hand one exchange's features to the detector (the account's record first, the
+        first time it is seen). ``distillguard detect follow`` feeds the stream's here."""
+        if self.engine is None:
+            await self.start()
+        if self.runner.needs_accounts and features.account_id not in self._known:
+            await self._facts(features.account_id)
         self.fed += 1
         await self.runner.observe(features)     # what it changes goes to _write
 

@@ -52,6 +52,9 @@ class DetectorGone(RuntimeError):
 class DetectorProcess:
     """The parent's side: start, feed in order, collect changes (see the module text)."""
 
+    needs_accounts = True
+    dropped = 0
+
     def __init__(self, calibration: Calibration, tick_seconds: float,
                  on_changes: Callable[[Changes], Awaitable[None]]) -> None:
         self.calibration = calibration

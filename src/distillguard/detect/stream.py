@@ -1,0 +1,264 @@
+"""One detector for every gateway replica: features over a Redis stream.
+
+Each replica's own detector sees only the exchanges that replica served. Behind a load
+balancer that spreads an account's requests over three replicas, each sees a third of
+every account, and a campaign's links (its accounts' shared templates, their co-starts)
+are split three ways. With ``detect.runs_in: follower`` the replicas' stages extract each
+exchange's features as before but add them to a Redis stream (``XADD``, trimmed to about
+``detect.stream.max_length`` entries) instead of observing them, and one
+``distillguard detect follow`` reads the stream in order, runs the detector and writes
+the verdicts to the state store that every replica's policy reads.
+
+Entries are JSON, ``{"v": "1", "f": "[...]"}`` with the fields of
+:class:`~distillguard.detect.features.ExchangeFeatures` in order, never pickles: whoever
+can write to the stream must not be able to run code in the follower. An entry that does
+not decode is skipped, logged and counted.
+
+The follower starts from the oldest entry the stream keeps (or, with ``--from-now``,
+after the newest), so a follower started again rebuilds its sketches from the traffic
+the stream kept. Evaluation times come from the data, so the rows it writes again for
+the same traffic are the same rows (upserted), and campaign ids are the same
+(:func:`~distillguard.detect.engine.new_campaign_id`).
+
+If Redis cannot be reached, a replica logs it once, counts the exchanges it could not
+add (``distillguard_detector_dropped_total``) and goes on serving; detection misses those
+exchanges. The follower waits for Redis to come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import astuple, fields
+from typing import Any
+
+import orjson
+
+from distillguard.detect.features import ExchangeFeatures
+from distillguard.detect.scoring import AccountFacts
+from distillguard.detect.settings import DetectSettings, StreamSettings
+
+log = logging.getLogger("distillguard.detect")
+
+ENTRY_VERSION = b"1"
+# How long one blocking read waits for new entries (milliseconds), and how many it takes.
+READ_BLOCK_MS = 500
+READ_COUNT = 1_000
+# Socket timeouts towards Redis (seconds): a replica's stage must not hang on it.
+REDIS_TIMEOUT_S = 2.0
+
+_FIELDS = fields(ExchangeFeatures)
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _is_str(value: object) -> bool:
+    return type(value) is str
+
+
+def _is_optional_str(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+def _is_bool(value: object) -> bool:
+    return type(value) is bool
+
+
+def _is_keys(value: object) -> bool:
+    return type(value) is list and all(_is_u64(k) for k in value)
+
+
+# What each field of an entry must be, in the dataclass's order.
+_CHECKS: dict[str, Callable[[object], bool]] = {
+    "exchange_id": _is_str, "account_id": _is_str, "ts": _is_number,
+    "template_keys": _is_keys, "simhash": _is_u64, "reasoning": _is_bool,
+    "rubric": _is_bool, "tool_use": _is_bool, "category": _is_int, "depth": _is_int,
+    "max_tokens": _is_int, "n": _is_int, "logprobs": _is_bool,
+    "temperature": lambda v: v is None or _is_number(v), "prompt_tokens": _is_int,
+    "completion_tokens": _is_int, "model": _is_str, "user_agent": _is_str,
+    "ip_prefix": _is_optional_str, "asn": _is_optional_str, "hosting": _is_bool,
+    "status": _is_int,
+}
+assert list(_CHECKS) == [f.name for f in _FIELDS], "a check for every field, in order"
+
+
+def encode(features: ExchangeFeatures) -> dict[str, bytes]:
+    """One stream entry's fields."""
+    return {"v": ENTRY_VERSION, "f": orjson.dumps(astuple(features))}
+
+
+def decode(entry: dict[bytes, bytes]) -> ExchangeFeatures:
+    """The features of one stream entry; ValueError (saying what is wrong) for anything
+    that is not an entry this version wrote."""
+    version = entry.get(b"v")
+    if version != ENTRY_VERSION:
+        raise ValueError(f"unknown entry version {version!r}")
+    try:
+        values = orjson.loads(entry.get(b"f", b""))
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc.msg}") from None
+    if type(values) is not list or len(values) != len(_FIELDS):
+        raise ValueError(f"expected a list of {len(_FIELDS)} fields")
+    for (name, check), value in zip(_CHECKS.items(), values, strict=True):
+        if not check(value):
+            raise ValueError(f"bad {name}: {value!r:.60}")
+    values[3] = tuple(values[3])
+    if not values[1]:
+        raise ValueError("empty account_id")
+    return ExchangeFeatures(*values)
+
+
+def _client(url: str) -> Any:
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                   socket_connect_timeout=REDIS_TIMEOUT_S)
+
+
+class StreamPublisher:
+    """A replica's side (``runs_in: follower``): each exchange's features go to the
+    stream. The same calls as the stage's other runners; the detector is elsewhere, so
+    it reports no counts of its own, and account records are read by the follower."""
+
+    restarts = 0
+    queued_bytes = 0
+    needs_accounts = False
+
+    def __init__(self, settings: StreamSettings) -> None:
+        assert settings.url, "parse_settings makes sure of it"
+        self.settings = settings
+        self.redis = _client(settings.url)
+        self.published = 0
+        self.dropped = 0
+        self._failing = False
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    async def add_account(self, account_id: str, facts: AccountFacts) -> None:
+        """Not sent: the follower reads account records from the state store."""
+
+    async def observe(self, features: ExchangeFeatures) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            await self.redis.xadd(self.settings.name, encode(features),  # type: ignore[arg-type]
+                                  maxlen=self.settings.max_length, approximate=True)
+        except (RedisError, OSError) as exc:
+            self.dropped += 1
+            if not self._failing:
+                log.error("cannot add features to the detector stream %s (%s): detection "
+                          "misses this replica's exchanges until it is back",
+                          self.settings.name, type(exc).__name__)
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("the detector stream %s is back (%d exchanges were missed)",
+                        self.settings.name, self.dropped)
+            self._failing = False
+        self.published += 1
+
+    async def finish(self) -> None:
+        """Nothing waits here: every entry was added before observe() returned."""
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class Follower:
+    """``distillguard detect follow``: the stream, in order, through the online stage's
+    own detector path (:meth:`DetectionStage.on_features`), verdicts to the state store."""
+
+    def __init__(self, state_url: str, settings: DetectSettings, *, from_start: bool = True,
+                 on_progress: Callable[[Follower], None] | None = None,
+                 progress_every_s: float = 10.0) -> None:
+        from distillguard.detect.calibration import Calibration
+        from distillguard.detect.online import DetectionStage
+
+        stream = settings.stream
+        if not stream.url:
+            raise ValueError("detect.stream.url is not set")
+        self.stream = stream
+        self.stage = DetectionStage(state_url, Calibration.read(settings.calibration),
+                                    tick_seconds=settings.tick_seconds, runs_in="thread")
+        self.from_start = from_start
+        self.on_progress = on_progress
+        self.progress_every_s = progress_every_s
+        self.read = 0
+        self.bad = 0
+        self.last_id = b"0-0"
+        self.stop = asyncio.Event()
+
+    async def _start_id(self, redis: Any) -> bytes:
+        if self.from_start:
+            return b"0-0"
+        newest = await redis.xrevrange(self.stream.name, count=1)
+        return newest[0][0] if newest else b"0-0"
+
+    async def run(self, *, idle_exit_s: float | None = None) -> None:
+        """Follow until stopped (:attr:`stop`), or until the stream has had nothing new
+        for ``idle_exit_s``; then evaluate what is left and write it."""
+        from redis.exceptions import RedisError
+
+        redis = _client(self.stream.url or "")
+        await self.stage.start()
+        last_progress = time.monotonic()
+        idle_since = time.monotonic()
+        failing = False
+        try:
+            self.last_id = await self._start_id(redis)
+            while not self.stop.is_set():
+                try:
+                    reply = await redis.xread({self.stream.name: self.last_id},
+                                              count=READ_COUNT, block=READ_BLOCK_MS)
+                except (RedisError, OSError) as exc:
+                    if not failing:
+                        log.error("cannot read the detector stream %s (%s); waiting for it",
+                                  self.stream.name, type(exc).__name__)
+                    failing = True
+                    await asyncio.sleep(1.0)
+                    continue
+                failing = False
+                now = time.monotonic()
+                if not reply:
+                    if idle_exit_s is not None and now - idle_since >= idle_exit_s:
+                        break
+                    continue
+                idle_since = now
+                for _name, entries in reply:
+                    for entry_id, entry in entries:
+                        self.last_id = entry_id
+                        await self._take(entry_id, entry)
+                if self.on_progress is not None and now - last_progress >= self.progress_every_s:
+                    last_progress = now
+                    self.on_progress(self)
+            await self.stage.flush()
+        finally:
+            await self.stage.close()
+            await redis.aclose()
+        if self.on_progress is not None:
+            self.on_progress(self)
+
+    async def _take(self, entry_id: bytes, entry: dict[bytes, bytes]) -> None:
+        try:
+            features = decode(entry)
+        except ValueError as exc:
+            self.bad += 1
+            log.warning("skipped detector stream entry %s: %s", entry_id.decode(), exc)
+            return
+        self.read += 1
+        await self.stage.on_features(features)

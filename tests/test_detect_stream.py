@@ -1,0 +1,56 @@
+"""The detector stream's entries (detect/stream.py) and its settings; the replicas and
+the follower end to end are in test_detect.py."""
+
+from __future__ import annotations
+
+import pickle
+
+import orjson
+import pytest
+
+from distillguard.detect.settings import parse_settings
+from distillguard.detect.stream import decode, encode
+from distillguard.errors import ConfigError
+from tests.factories import make_features
+
+
+def test_an_entry_gives_back_the_features_it_was_made_from() -> None:
+    features = make_features("acct_a", 1_772_000_000.125, template_keys=(2**64 - 1, 0, 7),
+                             simhash=2**63 + 5, temperature=0.7, ip_prefix="203.0.113.0/24",
+                             asn="AS64500", hosting=True, reasoning=True)
+    entry = {k.encode(): v for k, v in encode(features).items()}
+    assert decode(entry) == features
+    assert decode({**entry, b"extra": b"x"}) == features
+
+
+def _entry(values: list[object]) -> dict[bytes, bytes]:
+    return {b"v": b"1", b"f": orjson.dumps(values)}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda e: {**e, b"v": b"2"}, "unknown entry version"),
+    (lambda e: {b"f": e[b"f"]}, "unknown entry version"),
+    (lambda e: {**e, b"f": pickle.dumps(object)}, "not JSON"),
+    (lambda e: {**e, b"f": b"{}"}, "expected a list"),
+    (lambda e: _entry(orjson.loads(e[b"f"])[:-1]), "expected a list"),
+    (lambda e: _entry(["x", "acct_a", "noon", *orjson.loads(e[b"f"])[3:]]), "bad ts"),
+    (lambda e: _entry([*orjson.loads(e[b"f"])[:3], [-1], *orjson.loads(e[b"f"])[4:]]),
+     "bad template_keys"),
+    (lambda e: _entry([*orjson.loads(e[b"f"])[:5], 1, *orjson.loads(e[b"f"])[6:]]),
+     "bad reasoning"),
+    (lambda e: _entry(["x", "", *orjson.loads(e[b"f"])[2:]]), "empty account_id"),
+])
+def test_an_entry_that_is_not_ours_is_refused(change: object, message: str) -> None:
+    good = {k.encode(): v for k, v in encode(make_features("acct_a", 1.0)).items()}
+    with pytest.raises(ValueError, match=message):
+        decode(change(good))  # type: ignore[operator]
+
+
+def test_a_follower_needs_the_stream_url() -> None:
+    with pytest.raises(ConfigError, match=r"detect\.stream\.url"):
+        parse_settings({"runs_in": "follower"})
+    section = parse_settings({"runs_in": "follower",
+                              "stream": {"url": "redis://127.0.0.1:6379/0"}})
+    assert section.stream.name == "distillguard:detect:features"
+    with pytest.raises(ConfigError, match=r"detect\.stream\.max_length"):
+        parse_settings({"stream": {"max_length": 10}})
