@@ -749,3 +749,17 @@ def test_thresholds_come_from_peaks_the_model_did_not_see(
                                     str(trace.parent / "never.json")])
     assert bad.exit_code == 2 and "--folds" in bad.output
     assert not (trace.parent / "never.json").exists()
+
+
+@pytest.mark.parametrize(("runs_in", "warned"), [("process", True), ("follower", False)])
+def test_a_replica_with_a_detector_of_its_own_is_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, runs_in: str, warned: bool) -> None:
+    from distillguard.detect import component
+
+    detect = {"runs_in": runs_in, "stream": {"url": "redis://127.0.0.1:6379/0"}}
+    with caplog.at_level("WARNING", logger="distillguard.detect"):
+        extension = component(make_settings(tmp_path, server={"replica_id": "r1"},
+                                            detect=detect))
+    assert extension is not None and len(extension.stages) == 1
+    assert any("sees only the traffic it serves" in r.getMessage()
+               for r in caplog.records) == warned

@@ -19,6 +19,7 @@ See docs/detection.md. The modules, one per concern:
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from distillguard.detect.settings import parse_settings
@@ -42,6 +43,12 @@ def component(settings: Settings) -> Extension | None:
     if not section.enabled:
         return None
     calibration = Calibration.read(section.calibration)   # fails fast on a bad file
+    if settings.server.replica_id and section.runs_in != "follower":
+        logging.getLogger("distillguard.detect").warning(
+            "server.replica_id is set but detect.runs_in is %s: this replica's detector "
+            "sees only the traffic it serves, and the verdict tables keep the latest row "
+            "any replica wrote; run one 'distillguard detect follow' for every replica "
+            "(detect.runs_in: follower, docs/detection.md)", section.runs_in)
     return Extension(stages=[DetectionStage(settings.state.url, calibration,
                                             tick_seconds=section.tick_seconds,
                                             runs_in=section.runs_in,
