@@ -431,6 +431,80 @@ def test_a_gateway_with_a_follower_adds_features_to_the_stream(
         client.close()
 
 
+@pytest.mark.redis
+def test_a_follower_serves_metrics_and_stops_on_sigterm(
+        tmp_path: Path, world: tuple[Path, Path, Path], redis_url: str,
+        redis_prefix: str) -> None:
+    """`detect follow` as a service: it takes what replicas add while it runs, serves
+    its metrics, and on SIGTERM evaluates what is left, writes it and exits cleanly."""
+    import signal
+
+    from distillguard.serve import free_port
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:1500]
+    config = tmp_path / "follower.yaml"
+    config.write_text(orjson.dumps({
+        "state": {"url": url},
+        "detect": {"runs_in": "follower", "tick_seconds": TICK,
+                   "stream": {"url": redis_url, "name": stream.name}}}).decode())
+    port = free_port()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
+         "--metrics-port", str(port)], stderr=subprocess.PIPE, text=True)
+
+    async def publish() -> int:
+        await _import_accounts(url, world[1])
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
+        for line in lines:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await replica.close()
+        return replica.fed
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        fed = asyncio.run(publish())
+        value: dict[tuple[str, tuple[str, ...]], float] = {}
+        for _ in range(300):
+            try:
+                served = httpx.get(f"http://127.0.0.1:{port}/metrics")
+            except httpx.TransportError:
+                served = None
+            if served is not None:
+                value = {(x.name, tuple(x.labels.values())): x.value
+                         for f in text_string_to_metric_families(served.text)
+                         for x in f.samples}
+                if value.get(("distillguard_detector_exchanges_total", ())) == fed:
+                    break
+            time.sleep(0.1)
+        assert value["distillguard_detector_exchanges_total", ()] == fed
+        assert value["distillguard_detector_stream_read_total", ()] == fed
+        assert value["distillguard_detector_stream_bad_entries_total", ()] == 0
+        assert value["distillguard_detector_stream_lag_seconds", ()] == 0
+        assert value["distillguard_detector_evaluations_total", ()] > 0
+        follower.send_signal(signal.SIGTERM)
+        _, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        client.delete(stream.name)
+        client.close()
+    assert follower.returncode == 0, err
+    assert f"followed {fed:,} exchanges" in err
+
+    async def rows() -> int:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return int((await conn.execute(
+                    text("SELECT count(*) FROM account_verdicts"))).scalar_one())
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(rows()) > 0
+
+
 def test_a_replica_goes_on_when_the_stream_is_unreachable(
         tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

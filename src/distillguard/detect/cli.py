@@ -141,8 +141,13 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
 @click.option("--idle-exit", type=float,
               help="Stop once the stream has had nothing new for this many seconds "
                    "(default: follow until stopped).")
+@click.option("--metrics-port", type=int,
+              help="Serve Prometheus metrics (the detector's and the stream's) on this "
+                   "port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.pass_context
-def follow(ctx: click.Context, from_now: bool, idle_exit: float | None) -> None:
+def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
+           metrics_port: int | None, metrics_host: str) -> None:
     """Run the one detector of every gateway replica (detect.runs_in: follower): read the
     features the replicas add to the Redis stream (detect.stream), in order, and write
     verdicts to the state store that their policy reads."""
@@ -165,6 +170,13 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None) -> None:
 
     follower = Follower(settings.state.url, section, from_start=not from_now,
                         on_progress=progress)
+    server = None
+    if metrics_port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(follower.metrics)
+        server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -172,7 +184,12 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None) -> None:
             loop.add_signal_handler(stop, follower.stop.set)
         await follower.run(idle_exit_s=idle_exit)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 @detect.command("calibrate")

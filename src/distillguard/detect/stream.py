@@ -31,11 +31,13 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, fields
 from typing import Any
 
 import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from distillguard.detect.features import ExchangeFeatures
 from distillguard.detect.scoring import AccountFacts
@@ -179,6 +181,30 @@ class StreamPublisher:
         await self.redis.aclose()
 
 
+def _id_ms(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+class FollowerMetrics(Collector):
+    """The follower's metrics: the detector's (as the gateway serves them with a detector
+    of its own) and the stream's (``detect follow --metrics-port``)."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        f = self.follower
+        yield from f.stage.metrics.collect()
+        yield CounterMetricFamily("distillguard_detector_stream_read",
+                                  "Stream entries the follower has read", value=f.read + f.bad)
+        yield CounterMetricFamily("distillguard_detector_stream_bad_entries",
+                                  "Stream entries skipped because they did not decode",
+                                  value=f.bad)
+        yield GaugeMetricFamily("distillguard_detector_stream_lag_seconds",
+                                "How far the stream's newest entry is ahead of the last "
+                                "one read (0: caught up)", value=f.lag_s)
+
+
 class Follower:
     """``distillguard detect follow``: the stream, in order, through the online stage's
     own detector path (:meth:`DetectionStage.on_features`), verdicts to the state store."""
@@ -201,7 +227,9 @@ class Follower:
         self.read = 0
         self.bad = 0
         self.last_id = b"0-0"
+        self.lag_s = 0.0
         self.stop = asyncio.Event()
+        self.metrics = FollowerMetrics(self)
 
     async def _start_id(self, redis: Any) -> bytes:
         if self.from_start:
@@ -239,10 +267,13 @@ class Follower:
                         break
                     continue
                 idle_since = now
+                taken = 0
                 for _name, entries in reply:
+                    taken += len(entries)
                     for entry_id, entry in entries:
                         self.last_id = entry_id
                         await self._take(entry_id, entry)
+                self.lag_s = await self._lag(redis) if taken >= READ_COUNT else 0.0
                 if self.on_progress is not None and now - last_progress >= self.progress_every_s:
                     last_progress = now
                     self.on_progress(self)
@@ -252,6 +283,14 @@ class Follower:
             await redis.aclose()
         if self.on_progress is not None:
             self.on_progress(self)
+
+    async def _lag(self, redis: Any) -> float:
+        """How far the newest entry is ahead of the last one read, in seconds (stream ids
+        begin with the millisecond Redis added the entry)."""
+        newest = await redis.xrevrange(self.stream.name, count=1)
+        if not newest:
+            return 0.0
+        return max(0.0, (_id_ms(newest[0][0]) - _id_ms(self.last_id)) / 1000.0)
 
     async def _take(self, entry_id: bytes, entry: dict[bytes, bytes]) -> None:
         try:
