@@ -837,3 +837,36 @@ def test_a_replica_with_a_detector_of_its_own_is_warned(
     assert extension is not None and len(extension.stages) == 1
     assert any("sees only the traffic it serves" in r.getMessage()
                for r in caplog.records) == warned
+
+
+def test_detect_over_the_ledger_gives_the_trace_verdicts(
+        tmp_path: Path, world: tuple[Path, Path, Path], batch: Verdicts) -> None:
+    """The trace replayed into the ledger (and its accounts into the state store), then
+    `detect --ledger`: the verdicts of the trace itself. With bodies redacted, it warns
+    that prompts cannot be read."""
+    config = tmp_path / "settings.yaml"
+    config.write_text(orjson.dumps({
+        "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
+        "ledger": {"path": str(tmp_path / "ledger")},
+        "detect": {"enabled": False}}).decode())
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(main, ["-c", str(config), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    cli("accounts", "import", str(world[1]))
+    cli("traces", "import", str(world[0]))
+    out = tmp_path / "verdicts.json"
+    cli("detect", "--ledger", "--out", str(out), "--tick-seconds", str(TICK))
+    got = Verdicts.read(out)
+    batch.write(tmp_path / "batch.json")      # as written (risks rounded)
+    expected = Verdicts.read(tmp_path / "batch.json")
+    assert got.accounts == expected.accounts and got.campaigns == expected.campaigns
+    cli("ledger", "redact", "--before", "2100-01-01T00:00:00Z")
+    warned = cli("detect", "--ledger", "--out", str(out), "--tick-seconds", str(TICK))
+    assert "exchanges have no bodies in the ledger" in warned
+    both = runner.invoke(main, ["-c", str(config), "detect", "--ledger", "--trace",
+                                str(world[0]), "--out", str(out)])
+    assert both.exit_code == 2 and "one of --trace or --ledger" in both.output

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import IO
 
@@ -47,6 +49,9 @@ def exit_on_sigterm() -> None:
 @click.group("detect", invoke_without_command=True)
 @click.option("--trace", type=click.Path(exists=True, dir_okay=False),
               help="Trace file (JSON Lines, any order; .gz accepted).")
+@click.option("--ledger", "from_ledger", is_flag=True,
+              help="Detect over every exchange in the ledger of the settings instead of a "
+                   "trace file (account records from the state store unless --accounts).")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False),
               help="Accounts file (JSON Lines): sign-up time, payment fingerprint, org.")
 @click.option("--out", type=click.Path(dir_okay=False), callback=output_path,
@@ -65,22 +70,65 @@ def exit_on_sigterm() -> None:
                    f"{READER_PROCESS_MIN_BYTES // 2**20} MiB or more on two or more cores. "
                    "Verdicts are the same.")
 @click.pass_context
-def detect(ctx: click.Context, trace: str | None, accounts: str | None, out: str | None,
-           calibration_path: str | None, tick_seconds: float, memory_limit: str,
-           progress_log: str | None, reader: str) -> None:
-    """Find distillation campaigns in a trace and write verdicts with evidence."""
+def detect(ctx: click.Context, trace: str | None, from_ledger: bool, accounts: str | None,
+           out: str | None, calibration_path: str | None, tick_seconds: float,
+           memory_limit: str, progress_log: str | None, reader: str) -> None:
+    """Find distillation campaigns in a trace (or the ledger) and write verdicts with
+    evidence."""
     if ctx.invoked_subcommand is not None:
         return
-    if not trace or not out:
-        raise click.UsageError("--trace and --out are required (or use a sub-command)")
+    if not out or bool(trace) == from_ledger:
+        raise click.UsageError("--out and one of --trace or --ledger are required (or use "
+                               "a sub-command)")
     calibration = Calibration.read(calibration_path)
     began = time.perf_counter()
     exit_on_sigterm()
-    with Progress(progress_log) as progress:
-        result, _ = run_batch(trace, calibration, accounts=accounts,
-                              tick_seconds=tick_seconds, memory_limit=memory_limit,
-                              on_progress=progress, reader=reader)
+    with tempfile.TemporaryDirectory(prefix="distillguard-ledger-") as spill:
+        if from_ledger:
+            trace, accounts = ledger_trace(ctx, Path(spill), accounts)
+        assert trace is not None
+        with Progress(progress_log) as progress:
+            result, _ = run_batch(trace, calibration, accounts=accounts,
+                                  tick_seconds=tick_seconds, memory_limit=memory_limit,
+                                  on_progress=progress, reader=reader)
     write_verdicts(result, out, time.perf_counter() - began)
+
+
+def ledger_trace(ctx: click.Context, into: Path, accounts: str | None
+                 ) -> tuple[str, str | None]:
+    """The ledger's exchanges as a trace file in ``into`` (then read as any trace, sorted
+    by time with memory bounded), and, unless ``accounts`` names a file, the state
+    store's account records beside it."""
+    import asyncio
+
+    from distillguard.ledger.core import Ledger
+    from distillguard.ledger.settings import parse_settings as ledger_settings
+    from distillguard.ledger.source import write_trace
+    from distillguard.store import all_accounts
+    from distillguard.traceio import write_accounts
+
+    root = ctx.find_root().obj
+    config = ledger_settings(root.settings)
+    if not config.enabled:
+        raise click.UsageError("the ledger is disabled in the settings (ledger.enabled)")
+    ledger = Ledger(config, create_key=False)
+    trace = into / "trace.jsonl"
+    try:
+        with tqdm(total=ledger.size, unit=" entries", unit_scale=True, disable=None,
+                  mininterval=1.0, file=sys.stderr, desc="ledger") as bar:
+            written = write_trace(ledger, trace, on_progress=lambda n: bar.update(n - bar.n))
+    finally:
+        ledger.close()
+    if written.without_bodies:
+        click.echo(f"warning: {written.without_bodies:,} of {written.exchanges:,} exchanges "
+                   "have no bodies in the ledger (ledger.retention: hash, or redacted); "
+                   "their prompts cannot be read, so template and prompt signals are "
+                   "missing for them", err=True)
+    if accounts is None:
+        path = into / "accounts.jsonl"
+        write_accounts(asyncio.run(root.with_store(all_accounts)), path)
+        accounts = str(path)
+    return str(trace), accounts
 
 
 def resident_mb() -> float | None:

@@ -1,13 +1,18 @@
 """The ledger as the dashboard reads it (the ``LedgerSource`` interface of
-:mod:`distillguard.dashboard.adapters`) and as the provenance look-up scans it."""
+:mod:`distillguard.dashboard.adapters`), as the provenance look-up scans it, and as batch
+detection reads it (:func:`write_trace`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from distillguard.config import Settings
 from distillguard.exchange import Exchange, format_ts
@@ -93,6 +98,34 @@ def open_source(settings: Settings) -> LedgerView | None:
     if not config.enabled:
         return None
     return LedgerView(writer_for(config))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceWritten:
+    exchanges: int
+    without_bodies: int      # retained as hashes only, or redacted
+
+
+def write_trace(ledger: Ledger, path: str | Path, *,
+                on_progress: Callable[[int], None] | None = None) -> TraceWritten:
+    """Every exchange entry of the ledger, in index order, as a trace file (JSON Lines, the
+    trace format of :func:`entry.to_trace`, with each line's ``ledger_index``): what
+    ``distillguard detect --ledger`` reads. ``on_progress`` gets the entries read so far
+    every 10,000 entries and at the end."""
+    exchanges = without_bodies = read = 0
+    with open(path, "wb") as out:
+        for row in ledger.store.iter_rows():
+            read += 1
+            if row.kind == entry.KIND_EXCHANGE:
+                line = entry.to_trace(row)
+                without_bodies += line["request"] is None
+                out.write(orjson.dumps(line) + b"\n")
+                exchanges += 1
+            if on_progress is not None and not read % 10_000:
+                on_progress(read)
+    if on_progress is not None:
+        on_progress(read)
+    return TraceWritten(exchanges, without_bodies)
 
 
 def iter_exchanges(ledger: Ledger) -> Iterator[Exchange]:
