@@ -80,6 +80,9 @@ def start_processes(args: argparse.Namespace, workdir: Path,
         else:
             cfg["state"] = {"url": f"postgresql://postgres@127.0.0.1:5432/{db_name}"}
             cfg["counters"] = {"backend": "redis", "prefix": "soak-" + uuid.uuid4().hex[:6]}
+        if args.follower:
+            cfg["detect"] = {"runs_in": "follower", "stream": {
+                "url": "redis://127.0.0.1:6379/0", "name": args.stream_name}}
         path = workdir / f"replica-{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         if i == 0:
@@ -93,6 +96,16 @@ def start_processes(args: argparse.Namespace, workdir: Path,
         urls.append(f"http://127.0.0.1:{port}/v1")
     for url in urls:
         wait_http(url.removesuffix("/v1") + "/ready", timeout=60)
+    args.names = ["upstream", *(f"replica{i}" for i in range(replicas))]
+    if args.follower:
+        args.follower_port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distillguard.cli", "-c", str(config_path), "detect",
+             "follow", "--metrics-port", str(args.follower_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / "follower.log", "wb")))  # noqa: SIM115 - lives with the process
+        args.names.append("follower")
+        wait_http(f"http://127.0.0.1:{args.follower_port}/metrics", timeout=60)
     out = subprocess.run([sys.executable, "-m", "distillguard.cli", "-c", str(config_path),
                           "accounts", "create", "soak"], capture_output=True, check=True)
     del out
@@ -105,7 +118,8 @@ def start_processes(args: argparse.Namespace, workdir: Path,
 
 async def load(urls: list[str], key: str, rate: float, seconds: float, interval: float,
                procs: list[subprocess.Popen[bytes]], rows: list[dict[str, float]],
-               stream_every: int = 5, error_kinds: dict[str, int] | None = None) -> None:
+               stream_every: int = 5, error_kinds: dict[str, int] | None = None,
+               names: list[str] | None = None) -> None:
     error_kinds = {} if error_kinds is None else error_kinds
     body = {"model": "demo-chat-1", "max_tokens": 64,
             "messages": [{"role": "user", "content": "Summarise the plot of Hamlet."}]}
@@ -154,15 +168,44 @@ async def load(urls: list[str], key: str, rate: float, seconds: float, interval:
             window.sent += 1
             n += 1
             if time.perf_counter() >= next_report:
-                rows.append(snapshot(time.perf_counter() - t0, window, ps))
+                rows.append(snapshot(time.perf_counter() - t0, window, ps, names))
                 print(format_row(rows[-1]), flush=True)
                 window = Window()
                 next_report += interval
         await asyncio.gather(*tasks)
-        rows.append(snapshot(time.perf_counter() - t0, window, ps))
+        rows.append(snapshot(time.perf_counter() - t0, window, ps, names))
 
 
-def snapshot(elapsed: float, w: Window, ps: list[psutil.Process]) -> dict[str, float]:
+def follower_metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {x.name: x.value for f in text_string_to_metric_families(text) for x in f.samples
+            if not x.labels}
+
+
+def follower_caught_up(port: int, wait_s: float = 60.0) -> dict[str, float]:
+    """The follower's counts once it has taken everything the replicas added (its stream
+    lag 0 and its exchange count steady for two seconds), and how long that took after
+    the load stopped."""
+    began = time.perf_counter()
+    last = follower_metrics(port)
+    while time.perf_counter() - began < wait_s:
+        time.sleep(2.0)
+        now = follower_metrics(port)
+        if (now["distillguard_detector_exchanges_total"]
+                == last["distillguard_detector_exchanges_total"]
+                and now["distillguard_detector_stream_lag_seconds"] == 0):
+            break
+        last = now
+    return {**now, "seconds_after_load": time.perf_counter() - began}
+
+
+def snapshot(elapsed: float, w: Window, ps: list[psutil.Process],
+             names: list[str] | None = None) -> dict[str, float]:
     lat = sorted(w.latencies) or [0.0]
     row: dict[str, float] = {
         "elapsed_s": round(elapsed, 1), "sent": w.sent, "ok": w.ok, "errors": w.errors,
@@ -172,8 +215,8 @@ def snapshot(elapsed: float, w: Window, ps: list[psutil.Process]) -> dict[str, f
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
     }
     for i, p in enumerate(ps):
-        name = ("upstream" if i == 0 else "client" if i == len(ps) - 1
-                else f"replica{i - 1}")
+        name = ("client" if i == len(ps) - 1 else names[i] if names
+                else "upstream" if i == 0 else f"replica{i - 1}")
         try:
             row[f"rss_mb_{name}"] = p.memory_info().rss / 2**20
         except psutil.Error:
@@ -250,6 +293,15 @@ def write_outputs(rows: list[dict[str, float]], out: Path, args: argparse.Namesp
     if error_kinds:
         lines.append("errors by kind: " + ", ".join(f"{k}: {v}" for k, v in
                                                      sorted(error_kinds.items())))
+    caught = getattr(args, "follower_caught_up", None)
+    if caught:
+        total_ok = sum(r["ok"] for r in rows)
+        lines.append(
+            f"follower: {caught['distillguard_detector_exchanges_total']:.0f} exchanges "
+            f"detected of {total_ok:.0f} answered, "
+            f"{caught['distillguard_detector_evaluations_total']:.0f} evaluations, "
+            f"{caught['distillguard_detector_stream_bad_entries_total']:.0f} bad entries; "
+            f"caught up {caught['seconds_after_load']:.0f} s after the load stopped")
     (out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -264,6 +316,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10, help="seconds per sample")
     parser.add_argument("--stream-every", type=int, default=5,
                         help="every n-th request streams (0: none)")
+    parser.add_argument("--follower", action="store_true",
+                        help="detection by one 'detect follow' process fed by every replica "
+                             "through a Redis stream (detect.runs_in: follower)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak")
     parser.add_argument("--from-csv", type=Path,
                         help="only redraw the plot and summary from an earlier soak.csv")
@@ -274,6 +329,9 @@ def main() -> None:
         write_outputs(old_rows, args.out, args)
         return
     args.db_name = "dgsoak_" + uuid.uuid4().hex[:8]
+    args.stream_name = f"dgsoak-{uuid.uuid4().hex[:8]}:features"
+    if args.follower and args.single:
+        parser.error("--follower needs the replicas' Redis (not --single)")
     workdir = Path(tempfile.mkdtemp(prefix="dgsoak-"))
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[dict[str, float]] = []
@@ -281,7 +339,9 @@ def main() -> None:
     try:
         urls, key = start_processes(args, workdir, procs)
         asyncio.run(load(urls, key, args.rate, args.minutes * 60, args.interval, procs, rows,
-                         args.stream_every, error_kinds))
+                         args.stream_every, error_kinds, args.names))
+        if args.follower:
+            args.follower_caught_up = follower_caught_up(args.follower_port)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -294,12 +354,15 @@ def main() -> None:
         if rows:
             write_outputs(rows, args.out, args, error_kinds)
             args.out.mkdir(parents=True, exist_ok=True)
-            for log in workdir.glob("replica-*.log"):  # kept: warnings behind any error
-                shutil.copy(log, args.out / log.name)
+            for log in [*workdir.glob("replica-*.log"), *workdir.glob("follower.log")]:
+                shutil.copy(log, args.out / log.name)    # kept: warnings behind any error
         shutil.rmtree(workdir, ignore_errors=True)
         if not args.single:
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres",
                             "-qc", f'DROP DATABASE IF EXISTS "{args.db_name}" WITH (FORCE)'],
+                           check=False, stdout=subprocess.DEVNULL)
+        if args.follower:
+            subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", args.stream_name],
                            check=False, stdout=subprocess.DEVNULL)
 
 
