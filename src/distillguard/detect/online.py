@@ -4,9 +4,11 @@
 gateway never waits for it. For each finished exchange it computes the features (stored
 as ``exchange.annotations["features"]``) and feeds them to
 :class:`~distillguard.detect.engine.Detector`, which runs in a process of its own
-(:mod:`.worker`; ``runs_in="process"``, the default) or in the gateway's process,
-evaluations in a worker thread (``runs_in="thread"``). What an evaluation changed is
-written to the state store's database (SQLite or PostgreSQL, the engine of
+(:mod:`.worker`; ``runs_in="process"``, the default), in the gateway's process,
+evaluations in a worker thread (``runs_in="thread"``), or, for every replica at once, in
+``distillguard detect follow``, which takes the features from a Redis stream and feeds
+them to this same stage (:mod:`.stream`; ``runs_in="follower"``). What an evaluation
+changed is written to the state store's database (SQLite or PostgreSQL, the engine of
 :mod:`distillguard.store`) in two tables that policy and the dashboard read:
 
 * ``campaigns(campaign_id PK, risk, detected_at, evidence JSON, accounts JSON, status,
