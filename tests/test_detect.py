@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,8 +30,8 @@ from distillguard.detect.calibration import Calibration, threshold_for
 from distillguard.detect.engine import Changes
 from distillguard.detect.online import DetectionStage, create_tables, write_changes
 from distillguard.detect.reader import _sorted_by_duckdb, in_time_order, iter_sorted_lines
-from distillguard.detect.settings import StreamSettings
-from distillguard.detect.stream import decode
+from distillguard.detect.settings import DetectSettings, StreamSettings
+from distillguard.detect.stream import Follower, decode
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
@@ -39,6 +40,7 @@ from distillguard.store.sql import async_url
 from distillguard.traceio import FormatError
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.tcp_proxy import CuttableProxy
 
 TICK = 600.0
 
@@ -503,6 +505,64 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
             await engine.dispose()
 
     assert asyncio.run(rows()) > 0
+
+
+@pytest.mark.redis
+def test_a_follower_waits_out_a_redis_outage(
+        tmp_path: Path, world: tuple[Path, Path, Path], redis_url: str, redis_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The follower reaches Redis through a connection that is cut: it logs once, waits,
+    and once Redis is back goes on from the last entry it read, so nothing the replicas
+    added meanwhile is missed."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    name = f"{redis_prefix}:features"
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CuttableProxy(port).start()
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:600]
+
+    async def until(check: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async def go() -> tuple[Follower, int]:
+        await _import_accounts(url, world[1])
+        follower = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
+                                                stream=StreamSettings(
+                                                    url=f"redis://127.0.0.1:{proxy.port}/0",
+                                                    name=name)))
+        following = asyncio.create_task(follower.run())
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower",
+                                 stream=StreamSettings(url=redis_url, name=name))
+        for line in lines[:300]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        first = replica.fed
+        await until(lambda: follower.read == first)
+        await asyncio.to_thread(proxy.cut)
+        for line in lines[300:]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await asyncio.sleep(1.5)
+        assert follower.read == first        # it cannot reach Redis
+        await asyncio.to_thread(proxy.restore)
+        await until(lambda: follower.read == replica.fed)
+        follower.stop.set()
+        await following
+        await replica.close()
+        return follower, replica.fed
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        with caplog.at_level("ERROR", logger="distillguard.detect"):
+            follower, fed = asyncio.run(go())
+    finally:
+        proxy.close()
+        client.delete(name)
+        client.close()
+    assert follower.read == fed and follower.bad == 0
+    assert sum("cannot read the detector stream" in r.getMessage()
+               for r in caplog.records) == 1
 
 
 def test_a_replica_goes_on_when_the_stream_is_unreachable(

@@ -287,7 +287,12 @@ class Follower:
     async def _lag(self, redis: Any) -> float:
         """How far the newest entry is ahead of the last one read, in seconds (stream ids
         begin with the millisecond Redis added the entry)."""
-        newest = await redis.xrevrange(self.stream.name, count=1)
+        from redis.exceptions import RedisError
+
+        try:
+            newest = await redis.xrevrange(self.stream.name, count=1)
+        except (RedisError, OSError):
+            return self.lag_s           # the next read says what is wrong
         if not newest:
             return 0.0
         return max(0.0, (_id_ms(newest[0][0]) - _id_ms(self.last_id)) / 1000.0)
