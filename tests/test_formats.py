@@ -75,3 +75,31 @@ def test_accounts_format(tmp_path: Path) -> None:
     assert first["created_at"] == "2026-02-20T09:00:00Z" and first["country"] == "DE"
     with pytest.raises(ValueError):
         Account.from_public({"account_id": ""})
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"account_id": "a1", "created_at": "yesterday"},
+     r"a\.jsonl:1: account 'created_at': not an RFC 3339 time .*'yesterday'"),
+    ({"account_id": "a1", "created_at": 5},
+     r"a\.jsonl:1: account 'created_at': expected an RFC 3339 time string, got int"),
+    ({"account_id": "a1", "limits": {"requests_per_minute": "lots"}},
+     r"a\.jsonl:1: account 'limits' values must be whole numbers or null"),
+])
+def test_a_bad_account_field_is_named(tmp_path: Path, record: dict[str, object],
+                                      message: str) -> None:
+    """A clear line naming the file, the line and the field, never a Python traceback."""
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(orjson.dumps(record) + b"\n")
+    with pytest.raises(FormatError, match=message):
+        list(read_accounts(src))
+
+
+def test_a_bad_trace_time_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "t.jsonl"
+    bad.write_bytes(orjson.dumps({**DESIGN_LINE, "ts": "noon"}) + b"\n"
+                    + orjson.dumps({**DESIGN_LINE, "ts": 1772000000}) + b"\n")
+    with pytest.raises(FormatError, match=r":1: not an RFC 3339 time .*'noon'"):
+        list(read_trace(bad))
+    bad.write_bytes(orjson.dumps({**DESIGN_LINE, "ts": 1772000000}) + b"\n")
+    with pytest.raises(FormatError, match=r":1: expected an RFC 3339 time string, got int"):
+        list(read_trace(bad))

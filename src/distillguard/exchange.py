@@ -73,10 +73,16 @@ def parse_ts(value: str | datetime) -> datetime:
     """Parse an RFC 3339 timestamp (``Z`` or offset) into an aware UTC datetime."""
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not isinstance(value, str):
+        raise ValueError(f"expected an RFC 3339 time string, got {type(value).__name__}")
     text = value.strip()
     if text.endswith("Z") or text.endswith("z"):
         text = text[:-1] + "+00:00"
-    dt = datetime.fromisoformat(text)
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 time (such as 2026-03-01T12:00:00Z): "
+                         f"{value[:40]!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)

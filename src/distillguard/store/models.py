@@ -63,24 +63,32 @@ class Account:
         if not isinstance(account_id, str) or not account_id.strip():
             raise ValueError("an account needs a non-empty string 'account_id'")
         created = data.get("created_at")
+        try:
+            created_at = parse_ts(created) if created else datetime.now(UTC)
+        except ValueError as exc:
+            raise ValueError(f"account 'created_at': {exc}") from None
         status = data.get("status") or AccountStatus.ACTIVE
         if status not in AccountStatus.__members__.values():
             raise ValueError(f"account status must be one of {[s.value for s in AccountStatus]}")
         limits = data.get("limits") or {}
         if not isinstance(limits, dict):
             raise ValueError("account 'limits' must be an object")
+        try:
+            limits = {k: (None if v is None else int(v)) for k, v in limits.items()}
+        except (ValueError, TypeError):
+            raise ValueError("account 'limits' values must be whole numbers or null") from None
         country = data.get("country")
         known = set(ACCOUNT_FIELDS) | {"status", "limits"}
         return cls(
             account_id=account_id.strip(),
-            created_at=parse_ts(created) if created else datetime.now(UTC),
+            created_at=created_at,
             org=_s(data.get("org")),
             email_domain=_s(data.get("email_domain")),
             payment_fingerprint=_s(data.get("payment_fingerprint")),
             country=country.upper() if isinstance(country, str) else None,
             tier=str(data.get("tier") or "standard"),
             status=AccountStatus(status),
-            limits={k: (None if v is None else int(v)) for k, v in limits.items()},
+            limits=limits,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
