@@ -565,6 +565,29 @@ def test_a_follower_waits_out_a_redis_outage(
                for r in caplog.records) == 1
 
 
+def test_a_follower_started_while_redis_is_down_waits_for_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Started with nothing listening at the stream's address (and --from-now, which
+    asks Redis where the stream ends), the follower logs once and waits; stopped, it
+    ends cleanly."""
+    follower = Follower(f"sqlite:///{tmp_path / 'state.sqlite'}", DetectSettings(
+        runs_in="follower", stream=StreamSettings(url="redis://127.0.0.1:1/0")),
+        from_start=False)
+
+    async def go() -> bool:
+        following = asyncio.create_task(follower.run())
+        await asyncio.sleep(1.5)
+        waiting = not following.done()
+        follower.stop.set()
+        await following
+        return waiting
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        assert asyncio.run(go())
+    assert sum("cannot read the detector stream" in r.getMessage()
+               for r in caplog.records) == 1
+
+
 def test_a_replica_goes_on_when_the_stream_is_unreachable(
         tmp_path: Path, world: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

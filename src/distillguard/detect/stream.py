@@ -247,10 +247,13 @@ class Follower:
         last_progress = time.monotonic()
         idle_since = time.monotonic()
         failing = False
+        started = False
         try:
-            self.last_id = await self._start_id(redis)
             while not self.stop.is_set():
                 try:
+                    if not started:
+                        self.last_id = await self._start_id(redis)
+                        started = True
                     reply = await redis.xread({self.stream.name: self.last_id},
                                               count=READ_COUNT, block=READ_BLOCK_MS)
                 except (RedisError, OSError) as exc:
