@@ -83,7 +83,7 @@ def detect(ctx: click.Context, trace: str | None, from_ledger: bool, accounts: s
     calibration = Calibration.read(calibration_path)
     began = time.perf_counter()
     exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="distillguard-ledger-") as spill:
+    with tempfile.TemporaryDirectory(prefix="distillguard-detect-") as spill:
         if from_ledger:
             trace, accounts = ledger_trace(ctx, Path(spill), accounts)
         assert trace is not None
@@ -224,7 +224,11 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
 
         registry = CollectorRegistry()
         registry.register(follower.metrics)
-        server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+        try:
+            server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
+        except OSError as exc:
+            raise click.UsageError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
+                                   f"{exc.strerror}") from None
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
