@@ -1,5 +1,5 @@
 """The detector stream's entries (detect/stream.py) and its settings; the replicas and
-the follower end to end are in test_detect.py."""
+the follower end to end are in test_detect_online.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,587 @@
+"""The online path: the detection stage in the gateway (its detector in a process of its
+own or a thread, or one follower for every replica through a Redis stream), the verdict
+tables, and the detector's metrics. Each gives the batch path's verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis as redis_sync
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from distillguard.cli import main
+from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
+from distillguard.detect import component
+from distillguard.detect.calibration import Calibration
+from distillguard.detect.engine import Changes
+from distillguard.detect.online import DetectionStage, create_tables, write_changes
+from distillguard.detect.reader import iter_sorted_lines
+from distillguard.detect.settings import DetectSettings, StreamSettings
+from distillguard.detect.stream import Follower, decode
+from distillguard.detect.worker import DetectorProcess
+from distillguard.exchange import Exchange
+from distillguard.serve import StackThread, free_port
+from distillguard.store.sql import async_url
+from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
+from tests.detectworld import TICK, World, batch_verdicts, import_accounts, make_world, samples
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.tcp_proxy import CuttableProxy
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def batch(world: World) -> Verdicts:
+    return batch_verdicts(world)
+
+
+async def _online(trace: Path, accounts: Path, state_url: str, runs_in: str = "thread"
+                  ) -> DetectionStage:
+    """Replay the trace through the online stage, with account records in the store."""
+    await import_accounts(state_url, accounts)
+    stage = DetectionStage(state_url, Calibration.read(), tick_seconds=TICK, runs_in=runs_in)
+    await stage.start()
+    for lines in iter_sorted_lines(trace):
+        for line in lines:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+    await stage.flush()
+    return stage
+
+
+async def _tables_verdicts(state_url: str, batch: Verdicts
+                           ) -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
+    """The latest verdict-table row of each account of ``batch``, and its campaigns."""
+    engine = create_async_engine(async_url(state_url))
+    try:
+        reader = SQLVerdicts(engine, await tables(engine))
+        latest = []
+        for a in batch.accounts:
+            rows = await reader.account_history(a.account_id)
+            if rows:
+                latest.append(AccountVerdict.from_json(rows[0]))
+        campaigns = [await reader.campaign(c.campaign_id) for c in batch.campaigns]
+        return latest, [c for c in campaigns if c is not None]
+    finally:
+        await engine.dispose()
+
+
+def _assert_batch_verdicts(latest: list[AccountVerdict], campaigns: list[CampaignVerdict],
+                           batch: Verdicts) -> None:
+    by_id = {a.account_id: a for a in latest}
+    for expected in batch.accounts:
+        got = by_id.get(expected.account_id)
+        if got is None:      # never evaluated online either way: not flagged
+            assert not expected.flagged
+            continue
+        assert got.flagged == expected.flagged
+        assert got.campaign_id == expected.campaign_id
+        assert got.first_flagged_at == expected.first_flagged_at
+        assert got.exchanges_before_flag == expected.exchanges_before_flag
+        assert got.risk == pytest.approx(expected.risk, abs=0.05)
+    assert sorted((c.campaign_id, c.detected_at) for c in campaigns) == sorted(
+        (c.campaign_id, c.detected_at) for c in batch.campaigns)
+
+
+@pytest.mark.parametrize("runs_in", ["thread", "process"])
+def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: World,
+                                               batch: Verdicts, runs_in: str) -> None:
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[list[AccountVerdict], list[CampaignVerdict]]:
+        stage = await _online(world[0], world[1], url, runs_in)
+        await stage.close()
+        return await _tables_verdicts(url, batch)
+
+    _assert_batch_verdicts(*asyncio.run(go()), batch)
+
+
+@pytest.mark.redis
+def test_one_follower_detects_over_every_replica(
+        tmp_path: Path, world: World, batch: Verdicts, redis_url: str,
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two replicas' stages (runs_in: follower) take alternate exchanges and add their
+    features to the Redis stream; `distillguard detect follow` reads it and writes the
+    verdicts the batch path gives on the whole trace. An entry that is not one of theirs
+    (here a pickle) is skipped and logged, not run."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+
+    async def publish() -> list[DetectionStage]:
+        await import_accounts(url, world[1])
+        replicas = [DetectionStage(url, Calibration.read(), tick_seconds=TICK,
+                                   runs_in="follower", stream=stream) for _ in range(2)]
+        for n, line in enumerate(lines):
+            await replicas[n % 2].on_exchange(Exchange.from_trace(orjson.loads(line)))
+            if n == len(lines) // 2:
+                await replicas[0].runner.redis.xadd(    # type: ignore[attr-defined]
+                    stream.name, {"v": b"1", "f": __import__("pickle").dumps(object)})
+        for replica in replicas:
+            await replica.close()
+        return replicas
+
+    replicas = asyncio.run(publish())
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert client.xlen(stream.name) == sum(r.fed for r in replicas) + 1
+        assert all(r.fed > 0 and r.runner.dropped == 0 for r in replicas)
+        assert all(r.runner.stats == {} and r.written == 0 for r in replicas)
+        config = tmp_path / "follower.yaml"
+        config.write_text(orjson.dumps({
+            "state": {"url": url},
+            "detect": {"runs_in": "follower", "tick_seconds": TICK,
+                       "stream": {"url": redis_url, "name": stream.name}}}).decode())
+        with caplog.at_level("WARNING", logger="distillguard.detect"):
+            result = CliRunner().invoke(main, ["-c", str(config), "detect", "follow",
+                                               "--idle-exit", "1"])
+        assert result.exit_code == 0, result.output
+        assert f"followed {sum(r.fed for r in replicas):,} exchanges (1 bad" in result.output
+        assert any("skipped detector stream entry" in r.getMessage() for r in caplog.records)
+    finally:
+        client.delete(stream.name)
+        client.close()
+    _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
+
+
+@pytest.mark.redis
+def test_a_gateway_with_a_follower_adds_features_to_the_stream(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """With detect.runs_in: follower the gateway starts no detector of its own: each
+    exchange's features go to the stream."""
+    name = f"{redis_prefix}:features"
+    running = start_stack(make_settings(tmp_path, detect={
+        "runs_in": "follower", "stream": {"url": redis_url, "name": name}}))
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        admin = httpx.Client(base_url=running.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_f"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/acct_f/keys", json={"name": "t"}).json()["key"]
+        openai.OpenAI(base_url=running.stack.base_url, api_key=key).chat.completions.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": "Explain recursion."}])
+        stage = next(s for s in running.stack.gateway.pipeline.stages
+                     if isinstance(s, DetectionStage))
+        assert stage.detector is None and not isinstance(stage.runner, DetectorProcess)
+        for _ in range(100):     # the gateway hands exchanges over after responding
+            running.call(running.stack.gateway.pipeline.drain())
+            if client.xlen(name):
+                break
+            time.sleep(0.05)
+        entries = client.xrange(name)
+        assert len(entries) == 1
+        assert decode(entries[0][1]).account_id == "acct_f"
+    finally:
+        running.stop()
+        client.delete(name)
+        client.close()
+
+
+@pytest.mark.redis
+def test_a_follower_serves_metrics_and_stops_on_sigterm(
+        tmp_path: Path, world: World, redis_url: str,
+        redis_prefix: str) -> None:
+    """`detect follow` as a service: it takes what replicas add while it runs, serves
+    its metrics, and on SIGTERM evaluates what is left, writes it and exits cleanly."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:1500]
+    config = tmp_path / "follower.yaml"
+    config.write_text(orjson.dumps({
+        "state": {"url": url},
+        "detect": {"runs_in": "follower", "tick_seconds": TICK,
+                   "stream": {"url": redis_url, "name": stream.name}}}).decode())
+    port = free_port()
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
+         "--metrics-port", str(port)], stderr=subprocess.PIPE, text=True)
+
+    async def publish() -> int:
+        await import_accounts(url, world[1])
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
+        for line in lines:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await replica.close()
+        return replica.fed
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        fed = asyncio.run(publish())
+        value: dict[tuple[str, tuple[str, ...]], float] = {}
+        for _ in range(300):
+            try:
+                served = httpx.get(f"http://127.0.0.1:{port}/metrics")
+            except httpx.TransportError:
+                served = None
+            if served is not None:
+                value = {(x.name, tuple(x.labels.values())): x.value
+                         for f in text_string_to_metric_families(served.text)
+                         for x in f.samples}
+                if value.get(("distillguard_detector_exchanges_total", ())) == fed:
+                    break
+            time.sleep(0.1)
+        assert value["distillguard_detector_exchanges_total", ()] == fed
+        assert value["distillguard_detector_stream_read_total", ()] == fed
+        assert value["distillguard_detector_stream_bad_entries_total", ()] == 0
+        assert value["distillguard_detector_stream_lag_seconds", ()] == 0
+        assert value["distillguard_detector_evaluations_total", ()] > 0
+        follower.send_signal(signal.SIGTERM)
+        _, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+        client.delete(stream.name)
+        client.close()
+    assert follower.returncode == 0, err
+    assert f"followed {fed:,} exchanges" in err
+
+    async def rows() -> int:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return int((await conn.execute(
+                    text("SELECT count(*) FROM account_verdicts"))).scalar_one())
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(rows()) > 0
+
+
+@pytest.mark.redis
+def test_a_follower_waits_out_a_redis_outage(
+        tmp_path: Path, world: World, redis_url: str, redis_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The follower reaches Redis through a connection that is cut: it logs once, waits,
+    and once Redis is back goes on from the last entry it read, so nothing the replicas
+    added meanwhile is missed."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    name = f"{redis_prefix}:features"
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CuttableProxy(port).start()
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:600]
+
+    async def until(check: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async def go() -> tuple[Follower, int]:
+        await import_accounts(url, world[1])
+        follower = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
+                                                stream=StreamSettings(
+                                                    url=f"redis://127.0.0.1:{proxy.port}/0",
+                                                    name=name)))
+        following = asyncio.create_task(follower.run())
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower",
+                                 stream=StreamSettings(url=redis_url, name=name))
+        for line in lines[:300]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        first = replica.fed
+        await until(lambda: follower.read == first)
+        await asyncio.to_thread(proxy.cut)
+        for line in lines[300:]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await asyncio.sleep(1.5)
+        assert follower.read == first        # it cannot reach Redis
+        await asyncio.to_thread(proxy.restore)
+        await until(lambda: follower.read == replica.fed)
+        follower.stop.set()
+        await following
+        await replica.close()
+        return follower, replica.fed
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        with caplog.at_level("ERROR", logger="distillguard.detect"):
+            follower, fed = asyncio.run(go())
+    finally:
+        proxy.close()
+        client.delete(name)
+        client.close()
+    assert follower.read == fed and follower.bad == 0
+    assert sum("cannot read the detector stream" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_a_follower_started_while_redis_is_down_waits_for_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Started with nothing listening at the stream's address (and --from-now, which
+    asks Redis where the stream ends), the follower logs once and waits; stopped, it
+    ends cleanly."""
+    follower = Follower(f"sqlite:///{tmp_path / 'state.sqlite'}", DetectSettings(
+        runs_in="follower", stream=StreamSettings(url="redis://127.0.0.1:1/0")),
+        from_start=False)
+
+    async def go() -> bool:
+        following = asyncio.create_task(follower.run())
+        await asyncio.sleep(1.5)
+        waiting = not following.done()
+        follower.stop.set()
+        await following
+        return waiting
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        assert asyncio.run(go())
+    assert sum("cannot read the detector stream" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_a_replica_goes_on_when_the_stream_is_unreachable(
+        tmp_path: Path, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens on the stream's port: each exchange is counted as dropped, the
+    failure is logged once, and the stage raises nothing into the gateway."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:20]
+    stage = DetectionStage(f"sqlite:///{tmp_path / 'state.sqlite'}", Calibration.read(),
+                           runs_in="follower",
+                           stream=StreamSettings(url="redis://127.0.0.1:1/0"))
+
+    async def go() -> None:
+        for line in lines:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.close()
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        asyncio.run(go())
+    assert stage.runner.dropped == stage.fed == len(lines)
+    assert samples(stage.metrics)["distillguard_detector_dropped_total", ()] == len(lines)
+    assert sum("cannot add features" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_detector_process_that_ends_is_started_again(
+        tmp_path: Path, world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """Killed mid-stream, the detector process is started again at the next exchange,
+    with the account records seen so far; the stage keeps taking exchanges, and the
+    error is logged. close() ends the process."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:400]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[DetectionStage, int | None]:
+        await import_accounts(url, world[1])
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
+        await stage.start()
+        worker = stage.runner
+        assert isinstance(worker, DetectorProcess)
+        for line in lines[:200]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        first = dict(worker.stats)
+        assert worker._proc is not None
+        worker._proc.kill()
+        await worker._proc.wait()
+        for line in lines[200:]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        assert worker.starts == 2
+        assert worker.stats["exchanges"] == sum(
+            1 for x in lines[200:] if orjson.loads(x).get("account_id"))
+        assert worker.stats["records"] >= first["records"]
+        proc = worker._proc
+        await stage.close()
+        return stage, proc.returncode if proc is not None else None
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        stage, code = asyncio.run(go())
+    assert code is not None, "close() leaves no process behind"
+    assert any("detector process ended" in r.getMessage() for r in caplog.records)
+    assert stage.written > 0
+    served = samples(stage.metrics)
+    assert served["distillguard_detector_restarts_total", ()] == 1
+    assert served["distillguard_detector_exchanges_total", ()] == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+
+
+def test_queued_bytes_show_a_detector_process_that_is_behind(
+        tmp_path: Path, world: World) -> None:
+    """While the detector process takes nothing (stopped), what the stage sends it waits
+    in the gateway, and the queued-bytes gauge shows it; once it runs again the queue
+    empties and every exchange arrives."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> tuple[float, float, DetectionStage]:
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="process")
+        await stage.start()
+        await stage.on_exchange(Exchange.from_trace(orjson.loads(lines[0])))
+        worker = stage.runner
+        assert isinstance(worker, DetectorProcess) and worker._proc is not None
+        pid = worker._proc.pid
+
+        async def feed() -> None:
+            for line in lines[1:]:
+                await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            feeding = asyncio.create_task(feed())
+            while worker.queued_bytes == 0 and not feeding.done():
+                await asyncio.sleep(0.01)
+            behind = samples(stage.metrics)["distillguard_detector_queued_bytes", ()]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await feeding
+        await stage.flush()
+        caught_up = samples(stage.metrics)["distillguard_detector_queued_bytes", ()]
+        await stage.close()
+        return behind, caught_up, stage
+
+    behind, caught_up, stage = asyncio.run(go())
+    assert behind > 0 and caught_up == 0
+    assert isinstance(stage.runner, DetectorProcess)
+    assert stage.runner.stats["exchanges"] == stage.fed == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+
+
+def test_a_failed_verdict_write_is_counted_and_the_stage_goes_on(
+        tmp_path: Path, world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """With the verdict tables gone, an evaluation's changes cannot be written: that is
+    logged and counted, the exchange that set it off is taken as usual, and the
+    detector's state is kept, so once the tables are back the next changes are written."""
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+
+    async def go() -> DetectionStage:
+        stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="thread")
+        await stage.start()
+        assert stage.engine is not None
+        async with stage.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE account_verdicts"))
+        half = len(lines) // 2
+        for line in lines[:half]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        assert stage.write_errors > 0 and stage.written_accounts == 0
+        await create_tables(stage.engine)
+        for line in lines[half:]:
+            await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await stage.flush()
+        await stage.close()
+        return stage
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        stage = asyncio.run(go())
+    assert stage.written_accounts > 0
+    assert stage.detector is not None and stage.detector.exchanges == sum(
+        1 for x in lines if orjson.loads(x).get("account_id"))
+    served = samples(stage.metrics)
+    assert served["distillguard_detector_write_errors_total", ()] == stage.write_errors
+    assert any("are not stored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.postgres
+def test_verdict_tables_on_postgres(pg_url: str) -> None:
+    async def go() -> None:
+        stage = DetectionStage(pg_url, Calibration.read())
+        await stage.start()
+        assert stage.engine is not None
+        changes = Changes(at=1_772_000_000.0, accounts=[
+            AccountVerdict("acct_a", risk=0.97, flagged=True, campaign_id="c-1",
+                           reasons=["reasoning elicitation in 90% of prompts"],
+                           exchanges_before_flag=12)],
+            campaigns=[CampaignVerdict("c-1", accounts=["acct_a"], risk=0.9,
+                                       evidence=["2 linked accounts"])])
+        changes.accounts[0].first_flagged_at = changes.campaigns[0].detected_at = \
+            __import__("datetime").datetime.fromtimestamp(changes.at,
+                                                          __import__("datetime").UTC)
+        await write_changes(stage.engine, changes)
+        await write_changes(stage.engine, changes)    # the same evaluation again: upsert
+        changes.at += 60
+        changes.accounts[0].risk = 0.5
+        await write_changes(stage.engine, changes)
+        reader = SQLVerdicts(stage.engine, await tables(stage.engine))
+        history = await reader.account_history("acct_a")
+        assert [h["risk"] for h in history] == [0.5, 0.97]
+        campaign = await reader.campaign("c-1")
+        assert campaign is not None and campaign.accounts == ["acct_a"]
+        assert campaign.extra.get("status") == "open"
+        assert (await reader.campaigns(after=None, limit=10))[0]["campaign_id"] == "c-1"
+        await stage.close()
+
+    asyncio.run(go())
+
+
+def test_gateway_runs_the_detection_stage(stack: StackThread,
+                                          account_key: tuple[str, str]) -> None:
+    """The default components include the online stage, its detector in a process of its
+    own: the account record is read from the state store and sent there with the
+    exchanges' features, the tables exist, and the gateway's /metrics serves the
+    detector's counts."""
+    account_id, key = account_key
+    stages = [s for s in stack.stack.gateway.pipeline.stages if isinstance(s, DetectionStage)]
+    assert len(stages) == 1
+    stage = stages[0]
+    worker = stage.runner
+    assert isinstance(worker, DetectorProcess) and stage.detector is None
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    for q in ("Think step by step: what is 17 * 23?", "Explain recursion."):
+        reply = client.chat.completions.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": q}])
+        assert reply.choices[0].message.content
+    pipeline = stack.stack.gateway.pipeline
+    for _ in range(100):      # the gateway hands exchanges over after responding
+        stack.call(pipeline.drain())
+        stack.call(stage.flush())
+        if worker.stats.get("exchanges") == 2:
+            break
+        time.sleep(0.05)
+    assert not pipeline.stage_errors
+    assert worker.stats["exchanges"] == 2 and worker.stats["records"] >= 1
+    assert worker.starts == 1
+    stack.call(stage.flush())
+    engine = stage.engine
+    assert engine is not None
+
+    async def names() -> dict[str, list[str]]:
+        return await tables(engine)
+
+    found = stack.call(names())
+    assert set(found) == {"campaigns", "account_verdicts"}
+    assert "updated_at" in found["account_verdicts"]
+    served = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(served.text)}
+    value = {(x.name, tuple(x.labels.values())): x.value
+             for f in families.values() for x in f.samples}
+    assert value["distillguard_detector_exchanges_total", ()] == 2
+    assert value["distillguard_detector_evaluations_total", ()] >= 1
+    assert value["distillguard_detector_accounts", ()] == 1
+    assert value["distillguard_detector_restarts_total", ()] == 0
+    assert value["distillguard_detector_write_errors_total", ()] == 0
+    assert value["distillguard_detector_queued_bytes", ()] == 0
+    rows = sum(value["distillguard_detector_verdict_rows_total", (t,)]
+               for t in ("account_verdicts", "campaigns"))
+    assert rows == stage.written
+    # each evaluation's changes that were written took seconds, not minutes, to land
+    delays = value["distillguard_detector_verdict_delay_seconds_count", ()]
+    assert (delays > 0) == (stage.written > 0)
+    assert value["distillguard_detector_verdict_delay_seconds_sum", ()] < 60
+    assert samples(stage.metrics) == {k: v for k, v in value.items()
+                                       if k[0].startswith("distillguard_detector_")}
+
+
+@pytest.mark.parametrize(("runs_in", "warned"), [("process", True), ("follower", False)])
+def test_a_replica_with_a_detector_of_its_own_is_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, runs_in: str, warned: bool) -> None:
+    detect = {"runs_in": runs_in, "stream": {"url": "redis://127.0.0.1:6379/0"}}
+    with caplog.at_level("WARNING", logger="distillguard.detect"):
+        extension = component(make_settings(tmp_path, server={"replica_id": "r1"},
+                                            detect=detect))
+    assert extension is not None and len(extension.stages) == 1
+    assert any("sees only the traffic it serves" in r.getMessage()
+               for r in caplog.records) == warned
