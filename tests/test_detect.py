@@ -383,8 +383,8 @@ def test_thresholds_come_from_peaks_the_model_did_not_see(
 def test_detect_over_the_ledger_gives_the_trace_verdicts(
         tmp_path: Path, world: World, batch: Verdicts) -> None:
     """The trace replayed into the ledger (and its accounts into the state store), then
-    `detect --ledger`: the verdicts of the trace itself. With bodies redacted, it warns
-    that prompts cannot be read."""
+    `detect --ledger`, or `detect --trace` on the ledger's Parquet export: the verdicts of
+    the trace itself. With bodies redacted, it warns that prompts cannot be read."""
     config = tmp_path / "settings.yaml"
     config.write_text(orjson.dumps({
         "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
@@ -405,6 +405,13 @@ def test_detect_over_the_ledger_gives_the_trace_verdicts(
     batch.write(tmp_path / "batch.json")      # as written (risks rounded)
     expected = Verdicts.read(tmp_path / "batch.json")
     assert got.accounts == expected.accounts and got.campaigns == expected.campaigns
+    # the ledger's Parquet export, read as a trace, gives them too
+    export = tmp_path / "ledger.parquet"
+    cli("ledger", "export", "--out", str(export))
+    cli("detect", "--trace", str(export), "--accounts", str(world[1]), "--out", str(out),
+        "--tick-seconds", str(TICK))
+    exported = Verdicts.read(out)
+    assert exported.accounts == expected.accounts and exported.campaigns == expected.campaigns
     cli("ledger", "redact", "--before", "2100-01-01T00:00:00Z")
     warned = cli("detect", "--ledger", "--out", str(out), "--tick-seconds", str(TICK))
     assert "exchanges have no bodies in the ledger" in warned

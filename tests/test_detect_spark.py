@@ -108,3 +108,25 @@ def test_a_bad_line_is_a_format_error(spark: object, world: tuple[Path, Path],
         run_spark(spark, bad, Calibration.read())  # type: ignore[arg-type]
     with pytest.raises(FormatError, match="cannot read trace"):
         run_spark(spark, tmp_path / "missing.jsonl", Calibration.read())  # type: ignore[arg-type]
+
+
+def test_a_ledger_export_gives_the_duckdb_verdicts(spark: object, world: tuple[Path, Path],
+                                                   calibration: Path, tmp_path: Path) -> None:
+    """The trace replayed into a ledger and exported to Parquet (`ledger export`): Spark
+    reads the export's exchange entries and gives the DuckDB path's verdicts on it."""
+    from distillguard.cli import main
+
+    config = tmp_path / "settings.yaml"
+    config.write_text(orjson.dumps({
+        "state": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
+        "ledger": {"path": str(tmp_path / "ledger")},
+        "detect": {"enabled": False}}).decode())
+    export = tmp_path / "ledger.parquet"
+    for args in (["traces", "import", str(world[0])], ["ledger", "export", "--out", str(export)]):
+        result = CliRunner().invoke(main, ["-c", str(config), *args])
+        assert result.exit_code == 0, result.output
+    duck, _ = run_batch(export, Calibration.read(calibration), accounts=world[1])
+    ours, _ = run_spark(spark, export, Calibration.read(calibration), accounts=world[1],
+                        partitions=3)  # type: ignore[arg-type]
+    assert ours.exchanges == duck.exchanges > 0
+    assert same_verdicts(ours.verdicts.to_json(), duck.verdicts.to_json())

@@ -99,28 +99,24 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
     path = str(trace)
     if not Path(path).exists():
         raise FormatError(f"{path}: no such trace file")
-    if in_time_order(path):
+    if path.endswith(".parquet"):
+        yield from _ledger_export_lines(path, memory_limit, temp_dir, batch_rows)
+    elif in_time_order(path):
         yield from _file_blocks(path, batch_rows)
     else:
         yield from _sorted_by_duckdb(path, memory_limit, temp_dir, batch_rows)
 
 
-def _sorted_by_duckdb(path: str, memory_limit: str, temp_dir: str | None, batch_rows: int
-                      ) -> Iterator[list[bytes]]:
+def _duckdb_batches(path: str, query: str, memory_limit: str, temp_dir: str | None,
+                    batch_rows: int) -> Iterator[Any]:
+    """``query`` (over ``$path``) on DuckDB, as Arrow record batches, with its memory
+    bounded (a sort spills to ``temp_dir``, or a temporary folder removed at the end)."""
     spill = temp_dir or tempfile.mkdtemp(prefix="distillguard-detect-")
     try:
         con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill,
                                      "preserve_insertion_order": True})
         try:
-            rel = con.sql(
-                "SELECT json::VARCHAR AS line, "
-                " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
-                " row_number() OVER () AS n "
-                "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n",
-                params={"path": path})
-            reader = rel.to_arrow_reader(batch_rows)
-            for batch in reader:
-                yield [v.encode() for v in batch.column(0).to_pylist()]
+            yield from con.sql(query, params={"path": path}).to_arrow_reader(batch_rows)
         except duckdb.Error as exc:
             raise FormatError(f"{path}: cannot read trace ({exc})") from None
         finally:
@@ -128,6 +124,33 @@ def _sorted_by_duckdb(path: str, memory_limit: str, temp_dir: str | None, batch_
     finally:
         if temp_dir is None:    # the sort's spill files (gigabytes on a large trace)
             shutil.rmtree(spill, ignore_errors=True)
+
+
+def _sorted_by_duckdb(path: str, memory_limit: str, temp_dir: str | None, batch_rows: int
+                      ) -> Iterator[list[bytes]]:
+    query = ("SELECT json::VARCHAR AS line, "
+             " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
+             " row_number() OVER () AS n "
+             "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n")
+    for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
+        yield [v.encode() for v in batch.column(0).to_pylist()]
+
+
+def _ledger_export_lines(path: str, memory_limit: str, temp_dir: str | None,
+                         batch_rows: int) -> Iterator[list[bytes]]:
+    """A ledger's Parquet export (``ledger export``, docs/ledger.md): its exchange entries
+    as trace lines, sorted by time, ties in ledger order (as ``detect --ledger`` reads the
+    ledger itself)."""
+    from distillguard.ledger.entry import trace_of
+
+    query = ("SELECT leaf, request, response, idx FROM read_parquet($path) "
+             "WHERE kind = 'exchange' "
+             "ORDER BY try_cast(ts AS TIMESTAMPTZ) NULLS FIRST, idx")
+    for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
+        columns = batch.to_pydict()
+        yield [orjson.dumps(trace_of(*entry)) for entry in zip(
+            columns["leaf"], columns["request"], columns["response"], columns["idx"],
+            strict=True)]
 
 
 def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,

@@ -3,7 +3,8 @@
 What runs where:
 
 * **distributed** (Spark executors, in parallel): reading the JSON Lines trace (local
-  files, HDFS, S3 or any Hadoop file system; globs and ``.gz`` accepted), parsing each
+  files, HDFS, S3 or any Hadoop file system; globs and ``.gz`` accepted) or a ledger's
+  Parquet export (a path ending in ``.parquet``: its exchange entries), parsing each
   line into an :class:`~distillguard.exchange.Exchange`, per-exchange feature extraction
   with the project's own :class:`~distillguard.detect.features.Extractor` (inside
   ``mapPartitions``, in blocks of :data:`~distillguard.detect.batch.BATCH_ROWS`), kept
@@ -82,6 +83,23 @@ def extract_partition(part: int, lines: Iterable[str]) -> Iterator[Row]:
         yield from _block(part, block)
 
 
+def extract_ledger_partition(part: int, rows: Iterable[Any]) -> Iterator[Row]:
+    """Rows of a ledger's Parquet export (exchange entries) -> ((ts, 0, ledger index),
+    features | None | error message): ties in the timestamp keep ledger order, as
+    ``detect --ledger`` and the DuckDB path's reading of the export do."""
+    from distillguard.ledger.entry import trace_of
+
+    block: list[tuple[bytes, int]] = []
+    for row in rows:
+        block.append((orjson.dumps(trace_of(bytes(row.leaf), row.request, row.response,
+                                            row.idx)), row.idx))
+        if len(block) >= BATCH_ROWS:
+            yield from _block(0, block)
+            block = []
+    if block:
+        yield from _block(0, block)
+
+
 def session(master: str | None = None, *, app_name: str = "distillguard-detect",
             conf: dict[str, str] | None = None) -> SparkSession:
     """A Spark session. ``master`` None keeps what ``spark-submit`` set (or local[*])."""
@@ -97,22 +115,35 @@ def session(master: str | None = None, *, app_name: str = "distillguard-detect",
     return builder.getOrCreate()
 
 
+def _input(spark: SparkSession, path: str, partitions: int | None
+           ) -> tuple[RDD[Any], Callable[[int, Any], Iterator[Row]]]:
+    """The input's records and what turns a split of them into sort keys and features:
+    lines of a JSON Lines trace, or the exchange entries of a ledger's Parquet export (a
+    path ending in ``.parquet``, docs/ledger.md)."""
+    if path.endswith(".parquet"):
+        rows: RDD[Any] = spark.read.parquet(path).where("kind = 'exchange'").select(
+            "leaf", "request", "response", "idx").rdd
+        return (rows.repartition(partitions) if partitions else rows), \
+            extract_ledger_partition
+    sc = spark.sparkContext
+    lines = sc.textFile(path, minPartitions=partitions) if partitions else sc.textFile(path)
+    return lines, extract_partition
+
+
 def sorted_features(spark: SparkSession, trace: str | Path, *,
                     partitions: int | None = None) -> Iterator[ExchangeFeatures | None]:
     """Every exchange's features (None for exchanges without an account), sorted by
     timestamp with ties in input order, streamed to the caller one partition at a time."""
     from pyspark import StorageLevel
 
-    sc = spark.sparkContext
     path = str(trace)
     try:
-        lines = sc.textFile(path, minPartitions=partitions) if partitions \
-            else sc.textFile(path)
-        parts = partitions or max(1, lines.getNumPartitions())
+        source, extract = _input(spark, path, partitions)
+        parts = partitions or max(1, source.getNumPartitions())
         # sortByKey passes over its input three times (a count, a sample for the range
         # bounds, then the shuffle): kept on the executors' disks after the first, the
         # features are extracted once instead of three times.
-        extracted: RDD[Row] = lines.mapPartitionsWithIndex(extract_partition).persist(
+        extracted: RDD[Row] = source.mapPartitionsWithIndex(extract).persist(
             StorageLevel.DISK_ONLY)
         try:
             ordered: RDD[Row] = extracted.sortByKey(ascending=True, numPartitions=parts)

@@ -164,9 +164,17 @@ def body_digest(body: bytes) -> str:
 
 def to_trace(row: Row) -> dict[str, Any]:
     """An exchange entry as one trace-format object: bodies when retained, else hashes."""
-    leaf = decode_leaf(row.leaf)
-    request = orjson.loads(row.request) if row.request is not None else None
-    response = orjson.loads(row.response) if row.response is not None else None
+    return trace_of(row.leaf, row.request, row.response, row.idx)
+
+
+def trace_of(leaf_bytes: bytes, request_json: bytes | str | None,
+             response_json: bytes | str | None, index: int) -> dict[str, Any]:
+    """:func:`to_trace` from an entry's parts: the leaf, the retained bodies (canonical
+    JSON, None when not retained) and its index; also what a row of the Parquet export
+    (``ledger export``) holds."""
+    leaf = decode_leaf(leaf_bytes)
+    request = orjson.loads(request_json) if request_json is not None else None
+    response = orjson.loads(response_json) if response_json is not None else None
     out: dict[str, Any] = {
         "ts": leaf.get("ts"), "exchange_id": leaf.get("id"),
         "account_id": leaf.get("account_id"), "key_id": leaf.get("key_id"),
@@ -176,7 +184,7 @@ def to_trace(row: Row) -> dict[str, Any]:
         "latency_ms": leaf.get("latency_ms"),
         "request_sha256": leaf.get("request_sha256"),
         "response_sha256": leaf.get("response_sha256"),
-        "ledger_index": row.idx,
+        "ledger_index": index,
     }
     if leaf.get("prompt_tokens") is not None:
         out["usage"] = {"prompt_tokens": leaf.get("prompt_tokens"),
