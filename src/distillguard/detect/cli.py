@@ -48,7 +48,8 @@ def exit_on_sigterm() -> None:
 
 @click.group("detect", invoke_without_command=True)
 @click.option("--trace", type=click.Path(exists=True, dir_okay=False),
-              help="Trace file (JSON Lines, any order; .gz accepted).")
+              help="Trace file (JSON Lines, any order; .gz accepted), or a ledger's "
+                   "Parquet export (.parquet).")
 @click.option("--ledger", "from_ledger", is_flag=True,
               help="Detect over every exchange in the ledger of the settings instead of a "
                    "trace file (account records from the state store unless --accounts).")

@@ -30,7 +30,8 @@ def spark() -> None:
 
 @spark.command("detect")
 @click.option("--trace", required=True,
-              help="Trace: file, folder, glob or Hadoop URI (JSON Lines, any order, .gz ok).")
+              help="Trace: file, folder, glob or Hadoop URI (JSON Lines, any order, .gz ok), "
+                   "or a ledger's Parquet export (.parquet).")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False),
               help="Accounts file (JSON Lines) on the driver.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=output_path,
