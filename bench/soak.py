@@ -6,7 +6,10 @@ in PostgreSQL and counters in Redis by default, or SQLite + in-process counters 
 scheduled on a clock (loopback only; every ``--stream-every``-th request streams), and every
 interval records: resident memory of every process (the load client included), requests
 sent, errors, and latency percentiles. Writes ``soak.csv``, ``soak.png``
-and ``soak.md`` into the output folder.
+and ``soak.md`` into the output folder. With ``--follower`` the replicas run
+``detect.runs_in: follower`` and one ``detect follow`` process detects over all of them
+(its memory tracked too); at the end the soak waits for it to catch up and reports how
+many of the answered exchanges it took.
 
     python bench/soak.py --minutes 30 --rate 200 --out bench/results/soak
 
