@@ -344,6 +344,60 @@ def test_a_follower_started_while_redis_is_down_waits_for_it(
                for r in caplog.records) == 1
 
 
+@pytest.mark.redis
+def test_a_replica_holds_its_features_while_redis_is_away(
+        tmp_path: Path, world: World, redis_url: str, redis_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The replica reaches Redis through a connection that is cut: what it takes meanwhile
+    waits in memory and is added, in order, once Redis answers again, so the stream holds
+    every exchange. With room for five, the oldest beyond that are dropped and counted."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block][:90]
+    exchanges = [Exchange.from_trace(orjson.loads(line)) for line in lines]
+    client = redis_sync.Redis.from_url(redis_url)
+
+    async def run(name: str, buffer: int) -> DetectionStage:
+        proxy = CuttableProxy(port).start()
+        try:
+            stage = DetectionStage(f"sqlite:///{tmp_path / 'state.sqlite'}",
+                                   Calibration.read(), runs_in="follower",
+                                   stream=StreamSettings(
+                                       url=f"redis://127.0.0.1:{proxy.port}/0", name=name,
+                                       buffer=buffer))
+            for ex in exchanges[:30]:
+                await stage.on_exchange(ex)
+            await asyncio.to_thread(proxy.cut)
+            for ex in exchanges[30:60]:
+                await stage.on_exchange(ex)
+            await asyncio.to_thread(proxy.restore)
+            await asyncio.sleep(1.1)          # past the retry pause
+            for ex in exchanges[60:]:
+                await stage.on_exchange(ex)
+            await stage.close()
+            return stage
+        finally:
+            proxy.close()
+
+    names = [f"{redis_prefix}:all", f"{redis_prefix}:five"]
+    try:
+        with caplog.at_level("ERROR", logger="distillguard.detect"):
+            whole = asyncio.run(run(names[0], 100))
+        assert whole.runner.dropped == 0
+        ids = [decode(fields).exchange_id for _, fields in client.xrange(names[0])]
+        assert ids == [ex.id for ex in exchanges if ex.account_id]
+        assert sum("cannot add features" in r.getMessage() for r in caplog.records) == 1
+        small = asyncio.run(run(names[1], 5))
+        ids = [decode(fields).exchange_id for _, fields in client.xrange(names[1])]
+        kept = [ex.id for ex in exchanges if ex.account_id]
+        # the outage's thirty did not fit in five; the first exchange after it, added to
+        # a full buffer, pushed out one more
+        assert small.runner.dropped == 26 and ids == kept[:30] + kept[56:]
+        assert samples(small.metrics)["distillguard_detector_dropped_total", ()] == 26
+    finally:
+        client.delete(*names)
+        client.close()
+
+
 def test_a_replica_goes_on_when_the_stream_is_unreachable(
         tmp_path: Path, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,6 +12,7 @@ detect:
     url: redis://127.0.0.1:6379/0
     name: distillguard:detect:features
     max_length: 1000000  # entries kept (trimmed approximately)
+    buffer: 100000       # entries a replica holds while Redis cannot be reached
 ```
 """
 
@@ -37,6 +38,8 @@ class StreamSettings(BaseModel):
     url: str | None = None
     name: str = Field("distillguard:detect:features", min_length=1)
     max_length: int = Field(1_000_000, ge=1_000)
+    # Entries a replica holds, in order, while Redis cannot be reached.
+    buffer: int = Field(100_000, ge=1)
 
 
 class DetectSettings(BaseModel):

@@ -20,9 +20,10 @@ the stream kept. Evaluation times come from the data, so the rows it writes agai
 the same traffic are the same rows (upserted), and campaign ids are the same
 (:func:`~distillguard.detect.engine.new_campaign_id`).
 
-If Redis cannot be reached, a replica logs it once, counts the exchanges it could not
-add (``distillguard_detector_dropped_total``) and goes on serving; detection misses those
-exchanges. The follower waits for Redis to come back.
+If Redis cannot be reached, a replica logs it once and goes on serving; the features wait
+in its memory, in order, up to ``detect.stream.buffer`` entries, and are added when Redis
+answers again. Beyond that the oldest are dropped and counted
+(``distillguard_detector_dropped_total``). The follower waits for Redis to come back.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, fields
 from typing import Any
@@ -51,6 +53,8 @@ READ_BLOCK_MS = 500
 READ_COUNT = 1_000
 # Socket timeouts towards Redis (seconds): a replica's stage must not hang on it.
 REDIS_TIMEOUT_S = 2.0
+# How long a replica waits after a failed add before it tries Redis again (seconds).
+STREAM_RETRY_S = 1.0
 
 _FIELDS = fields(ExchangeFeatures)
 
@@ -133,7 +137,12 @@ def _client(url: str) -> Any:
 class StreamPublisher:
     """A replica's side (``runs_in: follower``): each exchange's features go to the
     stream. The same calls as the stage's other runners; the detector is elsewhere, so
-    it reports no counts of its own, and account records are read by the follower."""
+    it reports no counts of its own, and account records are read by the follower.
+
+    While Redis cannot be reached, entries wait in memory, in order, up to
+    ``detect.stream.buffer`` of them (the oldest beyond that are dropped and counted), and
+    are added as soon as it answers again; it is tried again at most once a second, so
+    an unreachable host does not hold up every exchange for its connect timeout."""
 
     restarts = 0
     queued_bytes = 0
@@ -145,7 +154,8 @@ class StreamPublisher:
         self.redis = _client(settings.url)
         self.published = 0
         self.dropped = 0
-        self._failing = False
+        self.waiting: deque[dict[str, bytes]] = deque()
+        self._retry_at = 0.0
 
     @property
     def stats(self) -> dict[str, int]:
@@ -155,29 +165,57 @@ class StreamPublisher:
         """Not sent: the follower reads account records from the state store."""
 
     async def observe(self, features: ExchangeFeatures) -> None:
+        self.waiting.append(encode(features))
+        if len(self.waiting) > self.settings.buffer:
+            self.waiting.popleft()
+            self.dropped += 1
+        if self._retry_at and time.monotonic() < self._retry_at:
+            return
+        await self._send()
+
+    async def _send(self) -> None:
+        """Add every waiting entry, in order, in one round trip."""
         from redis.exceptions import RedisError
 
+        entries = list(self.waiting)
+        name, most = self.settings.name, self.settings.max_length
         try:
-            await self.redis.xadd(self.settings.name, encode(features),  # type: ignore[arg-type]
-                                  maxlen=self.settings.max_length, approximate=True)
+            if len(entries) == 1:       # the usual case: a pipeline costs more for one
+                await self.redis.xadd(name, entries[0],  # type: ignore[arg-type]
+                                      maxlen=most, approximate=True)
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for fields in entries:
+                        pipe.xadd(name, fields,  # type: ignore[arg-type]
+                                  maxlen=most, approximate=True)
+                    await pipe.execute()
         except (RedisError, OSError) as exc:
-            self.dropped += 1
-            if not self._failing:
-                log.error("cannot add features to the detector stream %s (%s): detection "
-                          "misses this replica's exchanges until it is back",
-                          self.settings.name, type(exc).__name__)
-            self._failing = True
+            if not self._retry_at:
+                log.error("cannot add features to the detector stream %s (%s): they wait "
+                          "here (at most %d) until it is back", self.settings.name,
+                          type(exc).__name__, self.settings.buffer)
+            self._retry_at = time.monotonic() + STREAM_RETRY_S
             return
-        if self._failing:
-            log.warning("the detector stream %s is back (%d exchanges were missed)",
-                        self.settings.name, self.dropped)
-            self._failing = False
-        self.published += 1
+        for _ in entries:
+            self.waiting.popleft()
+        self.published += len(entries)
+        if self._retry_at:
+            log.warning("the detector stream %s is back: %d waiting entries added, %d "
+                        "dropped", self.settings.name, len(entries), self.dropped)
+            self._retry_at = 0.0
 
     async def finish(self) -> None:
-        """Nothing waits here: every entry was added before observe() returned."""
+        """Add what is waiting, if Redis answers."""
+        if self.waiting:
+            await self._send()
 
     async def close(self) -> None:
+        await self.finish()
+        if self.waiting:
+            self.dropped += len(self.waiting)
+            log.error("%d features never reached the detector stream %s",
+                      len(self.waiting), self.settings.name)
+            self.waiting.clear()
         await self.redis.aclose()
 
 
