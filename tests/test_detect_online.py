@@ -321,6 +321,33 @@ def test_a_follower_waits_out_a_redis_outage(
                for r in caplog.records) == 1
 
 
+@pytest.mark.redis
+def test_a_failed_lag_look_up_keeps_the_last_lag(tmp_path: Path, redis_url: str,
+                                                 redis_prefix: str) -> None:
+    """The stream's lag is read after a full read; Redis failing at that moment leaves
+    the last lag as it was instead of ending the follower (the next read reports it)."""
+    from distillguard.detect.stream import _client
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = CuttableProxy(port).start()
+    follower = Follower(f"sqlite:///{tmp_path / 'state.sqlite'}", DetectSettings(
+        runs_in="follower", stream=StreamSettings(url=redis_url, name=f"{redis_prefix}:f")))
+    follower.lag_s = 12.5
+
+    async def go() -> float:
+        client = _client(f"redis://127.0.0.1:{proxy.port}/0")
+        try:
+            await asyncio.to_thread(proxy.cut)
+            return await follower._lag(client)
+        finally:
+            await client.aclose()
+
+    try:
+        assert asyncio.run(go()) == 12.5
+    finally:
+        proxy.close()
+
+
 def test_a_follower_started_while_redis_is_down_waits_for_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Started with nothing listening at the stream's address (and --from-now, which
