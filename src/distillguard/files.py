@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import click
@@ -50,17 +50,16 @@ def write_atomically(path: str | Path, data: bytes) -> None:
     flushed to disk, then renamed over ``path``. On any failure the temporary file is
     removed and ``path`` is as it was."""
     target = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                     suffix=".part")
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+    # Created exclusively with mode 0666, which the kernel narrows by the umask: the
+    # file gets the mode any new file would (mkstemp's 0600 would need a chmod, and
+    # learning the umask means setting it, for every thread of the process at once).
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        # mkstemp makes the file readable by its owner only; give it the usual mode
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
