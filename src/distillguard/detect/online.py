@@ -284,10 +284,6 @@ class DetectionStage:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine = create_async_engine(async_url(self.state_url), **kwargs)
         await create_tables(self.engine)
-        if self.geoip is None:
-            # Loaded here, off the event loop: on the first exchange it held the loop for
-            # the database's load (about 150 ms) unless policy had loaded it already.
-            self.geoip = await asyncio.to_thread(default_geoip)
 
     async def _facts(self, account_id: str) -> None:
         self._known.add(account_id)
@@ -313,6 +309,11 @@ class DetectionStage:
             return
         if self.engine is None:
             await self.start()
+        if self.geoip is None:
+            # Loaded off the event loop, and only where exchanges are extracted (not in
+            # `detect follow`): extract() would hold the loop for the database's load
+            # (about 150 ms) unless policy had loaded it already.
+            self.geoip = await asyncio.to_thread(default_geoip)
         features = extract(exchange, self.geoip)
         exchange.annotations["features"] = features.to_json()
         await self.on_features(features)
