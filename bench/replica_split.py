@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,9 @@ def merge(parts: list[Verdicts]) -> Verdicts:
     accounts: dict[str, AccountVerdict] = {}
     campaigns: list[CampaignVerdict] = []
     for n, part in enumerate(parts):
-        for c in part.campaigns:
-            campaigns.append(CampaignVerdict(f"r{n}:{c.campaign_id}", accounts=c.accounts,
-                                             risk=c.risk, detected_at=c.detected_at,
-                                             evidence=c.evidence))
+        campaigns += [replace(c, campaign_id=f"r{n}:{c.campaign_id}") for c in part.campaigns]
         for v in part.accounts:
-            mine = AccountVerdict(v.account_id, risk=v.risk, flagged=v.flagged,
-                                  campaign_id=f"r{n}:{v.campaign_id}" if v.campaign_id else None,
-                                  first_flagged_at=v.first_flagged_at,
-                                  exchanges_before_flag=v.exchanges_before_flag,
-                                  reasons=v.reasons)
+            mine = replace(v, campaign_id=f"r{n}:{v.campaign_id}" if v.campaign_id else None)
             held = accounts.get(v.account_id)
             if held is None or _kinder(mine, held):
                 accounts[v.account_id] = mine
