@@ -396,10 +396,13 @@ def test_a_replica_holds_its_features_while_redis_is_away(
             await asyncio.to_thread(proxy.cut)
             for ex in exchanges[30:60]:
                 await stage.on_exchange(ex)
+            # what waits for Redis shows as queued
+            assert samples(stage.metrics)["distillguard_detector_queued_bytes", ()] > 0
             await asyncio.to_thread(proxy.restore)
             await asyncio.sleep(1.1)          # past the retry pause
             for ex in exchanges[60:]:
                 await stage.on_exchange(ex)
+            assert samples(stage.metrics)["distillguard_detector_queued_bytes", ()] == 0
             await stage.close()
             return stage
         finally:

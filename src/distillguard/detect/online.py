@@ -229,8 +229,9 @@ class DetectorMetrics(Collector):
                                   "Exchanges that could not be handed to the detector (its "
                                   "stream unreachable)", value=runner.dropped)
         yield GaugeMetricFamily("distillguard_detector_queued_bytes",
-                                "Bytes sent to the detector process that it has not taken "
-                                "yet (it is behind)", value=runner.queued_bytes)
+                                "Bytes sent to the detector that it has not taken yet (its "
+                                "process is behind, or its stream unreachable)",
+                                value=runner.queued_bytes)
         yield from self.delay.collect()
 
 

@@ -145,7 +145,6 @@ class StreamPublisher:
     an unreachable host does not hold up every exchange for its connect timeout."""
 
     restarts = 0
-    queued_bytes = 0
     needs_accounts = False
 
     def __init__(self, settings: StreamSettings) -> None:
@@ -160,6 +159,11 @@ class StreamPublisher:
     @property
     def stats(self) -> dict[str, int]:
         return {}
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the entries waiting for Redis (0 while it answers)."""
+        return sum(len(v) for fields in self.waiting for v in fields.values())
 
     async def add_account(self, account_id: str, facts: AccountFacts) -> None:
         """Not sent: the follower reads account records from the state store."""
