@@ -534,15 +534,18 @@ def test_queued_bytes_show_a_detector_process_that_is_behind(
         1 for x in lines if orjson.loads(x).get("account_id"))
 
 
-def test_a_failed_verdict_write_is_counted_and_the_stage_goes_on(
-        tmp_path: Path, world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_changes_that_could_not_be_written_wait_for_the_next_write(
+        tmp_path: Path, world: World, batch: Verdicts,
+        caplog: pytest.LogCaptureFixture) -> None:
     """With the verdict tables gone, an evaluation's changes cannot be written: that is
-    logged and counted, the exchange that set it off is taken as usual, and the
-    detector's state is kept, so once the tables are back the next changes are written."""
+    logged and counted, the exchange that set it off is taken as usual, and the changes
+    wait. Once the tables are back, the next write carries them too: the tables end up
+    with the batch path's verdicts, as if nothing had failed."""
     lines = [x for block in iter_sorted_lines(world[0]) for x in block]
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
 
-    async def go() -> DetectionStage:
+    async def go() -> tuple[DetectionStage, float, float]:
+        await import_accounts(url, world[1])
         stage = DetectionStage(url, Calibration.read(), tick_seconds=TICK, runs_in="thread")
         await stage.start()
         assert stage.engine is not None
@@ -552,21 +555,24 @@ def test_a_failed_verdict_write_is_counted_and_the_stage_goes_on(
         for line in lines[:half]:
             await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
         assert stage.write_errors > 0 and stage.written_accounts == 0
+        waiting = samples(stage.metrics)["distillguard_detector_unwritten_rows", ()]
         await create_tables(stage.engine)
         for line in lines[half:]:
             await stage.on_exchange(Exchange.from_trace(orjson.loads(line)))
         await stage.flush()
+        after = samples(stage.metrics)["distillguard_detector_unwritten_rows", ()]
         await stage.close()
-        return stage
+        return stage, waiting, after
 
     with caplog.at_level("ERROR", logger="distillguard.detect"):
-        stage = asyncio.run(go())
-    assert stage.written_accounts > 0
+        stage, waiting, after = asyncio.run(go())
+    assert waiting > 0 and after == 0
     assert stage.detector is not None and stage.detector.exchanges == sum(
         1 for x in lines if orjson.loads(x).get("account_id"))
     served = samples(stage.metrics)
     assert served["distillguard_detector_write_errors_total", ()] == stage.write_errors
-    assert any("are not stored" in r.getMessage() for r in caplog.records)
+    assert any("wait for the next write" in r.getMessage() for r in caplog.records)
+    _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
 
 
 @pytest.mark.postgres

@@ -220,8 +220,12 @@ class DetectorMetrics(Collector):
         rows.add_metric(["campaigns"], stage.written_campaigns)
         yield rows
         yield CounterMetricFamily("distillguard_detector_write_errors",
-                                  "Evaluations whose changes could not be written",
-                                  value=stage.write_errors)
+                                  "Failed writes of the detector's changes (they wait for "
+                                  "the next write)", value=stage.write_errors)
+        yield GaugeMetricFamily("distillguard_detector_unwritten_rows",
+                                "Account and campaign verdicts waiting to be written (the "
+                                "state store failed, or a follower stands by)",
+                                value=stage.unwritten_rows)
         yield CounterMetricFamily("distillguard_detector_restarts",
                                   "Times the detector process ended and another was started",
                                   value=runner.restarts)
@@ -262,6 +266,11 @@ class DetectionStage:
         self.written_accounts = 0
         self.written_campaigns = 0
         self.write_errors = 0
+        # Changes not written yet (a failed write, a follower standing by), and whether
+        # this stage may write them (see write_unwritten).
+        self._unwritten: Changes | None = None
+        self._write_lock = asyncio.Lock()
+        self.may_write: Callable[[], bool] = lambda: True
         self._metrics = DetectorMetrics(self)
 
     @property
@@ -333,26 +342,55 @@ class DetectionStage:
         """Evaluate what arrived since the last evaluation now, and return once every
         change so far is written (shutdown, tests)."""
         await self.runner.finish()
+        await self.write_unwritten()
 
     async def _write(self, changes: Changes) -> None:
-        """Write one evaluation's changes. A failed write loses these changes (logged and
-        counted), not the detector's state: the next evaluation's are written as usual."""
-        assert self.engine is not None
-        try:
-            await write_changes(self.engine, changes)
-        except Exception:
-            self.write_errors += 1
-            log.exception("writing the detector's changes failed: %d account and %d campaign"
-                          " verdicts of the evaluation at %s are not stored",
-                          len(changes.accounts), len(changes.campaigns),
-                          format_ts(datetime.fromtimestamp(changes.at, UTC)))
-            return
-        self.written_accounts += len(changes.accounts)
-        self.written_campaigns += len(changes.campaigns)
-        self._metrics.delay.observe(max(0.0, time.time() - changes.at))
+        """Take one evaluation's changes and write what is waiting (see
+        :meth:`write_unwritten`)."""
+        self._unwritten = changes if self._unwritten is None else self._unwritten.then(
+            changes)
+        await self.write_unwritten()
+
+    async def write_unwritten(self) -> None:
+        """Write the changes that are waiting, as one set: each account's and campaign's
+        latest verdict. A failed write is logged and counted, and its changes wait for the
+        next one: the verdict tables end up with every change, in order, once the store
+        answers again. What waits is bounded by the accounts and campaigns the detector
+        knows, not by the evaluations missed. While :attr:`may_write` says no (a follower
+        standing by) the changes only wait."""
+        async with self._write_lock:
+            if self._unwritten is None or not self.may_write():
+                return
+            assert self.engine is not None
+            changes, self._unwritten = self._unwritten, None
+            try:
+                await write_changes(self.engine, changes)
+            except Exception:
+                self.write_errors += 1
+                # Changes that came in meanwhile are later than these.
+                self._unwritten = changes if self._unwritten is None else changes.then(
+                    self._unwritten)
+                log.exception("writing the detector's changes failed: %d account and %d "
+                              "campaign verdicts up to the evaluation at %s wait for the "
+                              "next write", len(changes.accounts), len(changes.campaigns),
+                              format_ts(datetime.fromtimestamp(changes.at, UTC)))
+                return
+            self.written_accounts += len(changes.accounts)
+            self.written_campaigns += len(changes.campaigns)
+            self._metrics.delay.observe(max(0.0, time.time() - changes.at))
+
+    @property
+    def unwritten_rows(self) -> int:
+        """Account and campaign verdicts waiting to be written."""
+        u = self._unwritten
+        return 0 if u is None else len(u.accounts) + len(u.campaigns)
 
     async def close(self) -> None:
         if self.engine is not None:
             await self.runner.close()
+            await self.write_unwritten()
+            if self.unwritten_rows and self.may_write():
+                log.error("%d verdicts of the detector were never written: the state store "
+                          "did not take them", self.unwritten_rows)
             await self.engine.dispose()
             self.engine = None
