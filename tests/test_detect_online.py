@@ -99,6 +99,30 @@ def _assert_batch_verdicts(latest: list[AccountVerdict], campaigns: list[Campaig
         (c.campaign_id, c.detected_at) for c in batch.campaigns)
 
 
+def _metrics_of(port: int) -> dict[tuple[str, tuple[str, ...]], float]:
+    """A metrics endpoint's samples ({} while it does not answer)."""
+    try:
+        served = httpx.get(f"http://127.0.0.1:{port}/metrics")
+    except httpx.TransportError:
+        return {}
+    return {(x.name, tuple(x.labels.values())): x.value
+            for f in text_string_to_metric_families(served.text) for x in f.samples}
+
+
+def _rows(url: str) -> int:
+    """Rows in the account verdict table."""
+    async def count() -> int:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return int((await conn.execute(
+                    text("SELECT count(*) FROM account_verdicts"))).scalar_one())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(count())
+
+
 @pytest.mark.parametrize("runs_in", ["thread", "process"])
 def test_online_stage_gives_the_batch_verdicts(tmp_path: Path, world: World,
                                                batch: Verdicts, runs_in: str) -> None:
@@ -225,22 +249,16 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         fed = asyncio.run(publish())
         value: dict[tuple[str, tuple[str, ...]], float] = {}
         for _ in range(300):
-            try:
-                served = httpx.get(f"http://127.0.0.1:{port}/metrics")
-            except httpx.TransportError:
-                served = None
-            if served is not None:
-                value = {(x.name, tuple(x.labels.values())): x.value
-                         for f in text_string_to_metric_families(served.text)
-                         for x in f.samples}
-                if value.get(("distillguard_detector_exchanges_total", ())) == fed:
-                    break
+            value = _metrics_of(port)
+            if value.get(("distillguard_detector_exchanges_total", ())) == fed:
+                break
             time.sleep(0.1)
         assert value["distillguard_detector_exchanges_total", ()] == fed
         assert value["distillguard_detector_stream_read_total", ()] == fed
         assert value["distillguard_detector_stream_bad_entries_total", ()] == 0
         assert value["distillguard_detector_stream_lag_seconds", ()] == 0
         assert value["distillguard_detector_evaluations_total", ()] > 0
+        assert value["distillguard_detector_follower_leading", ()] == 1
         follower.send_signal(signal.SIGTERM)
         _, err = follower.communicate(timeout=60)
     finally:
@@ -251,16 +269,84 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
     assert follower.returncode == 0, err
     assert f"followed {fed:,} exchanges" in err
 
-    async def rows() -> int:
-        engine = create_async_engine(async_url(url))
-        try:
-            async with engine.connect() as conn:
-                return int((await conn.execute(
-                    text("SELECT count(*) FROM account_verdicts"))).scalar_one())
-        finally:
-            await engine.dispose()
+    assert _rows(url) > 0
 
-    assert asyncio.run(rows()) > 0
+
+@pytest.mark.redis
+def test_a_standby_follower_takes_over_when_the_leader_dies(
+        tmp_path: Path, world: World, batch: Verdicts, redis_url: str,
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two followers on one stream: the first (a `detect follow` process) holds the lease
+    and writes; the second follows the same entries without writing. The first is
+    killed (SIGKILL: it cannot give the lease back); within the lease the second takes
+    over, writes what it held, and follows the rest: the tables end up with the batch
+    verdicts of the whole trace."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1)
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+    half = len(lines) // 2
+    config = tmp_path / "follower.yaml"
+    config.write_text(orjson.dumps({
+        "state": {"url": url},
+        "detect": {"runs_in": "follower", "tick_seconds": TICK,
+                   "stream": stream.model_dump()}}).decode())
+    port = free_port()
+    client = redis_sync.Redis.from_url(redis_url)
+
+    async def until(check: Callable[[], bool], seconds: float = 60.0) -> None:
+        for _ in range(int(seconds / 0.05)):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async def go(leader: subprocess.Popen[str]) -> tuple[Follower, int, int, int]:
+        await import_accounts(url, world[1])
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
+        for line in lines[:half]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        first = replica.fed
+        await until(lambda: _metrics_of(port).get(
+            ("distillguard_detector_stream_read_total", ())) == first)
+        assert _metrics_of(port)["distillguard_detector_follower_leading", ()] == 1
+        standby = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
+                                               stream=stream))
+        following = asyncio.create_task(standby.run())
+        await until(lambda: standby.read == first)
+        await asyncio.sleep(1.5)                    # several of its lease attempts
+        assert not standby.leading and standby.stage.written == 0
+        assert standby.stage.unwritten_rows > 0
+        written_by_leader = await asyncio.to_thread(_rows, url)
+        leader.kill()
+        leader.wait(timeout=10)
+        for line in lines[half:]:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await replica.close()
+        await until(lambda: standby.read == replica.fed)
+        await until(lambda: standby.leading, seconds=10)
+        # It writes what it held as it takes over, not at its next evaluation.
+        await until(lambda: standby.stage.unwritten_rows == 0, seconds=10)
+        standby.stop.set()
+        await following
+        return standby, replica.fed, written_by_leader, standby.stage.written
+
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
+         "--metrics-port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        with caplog.at_level("INFO", logger="distillguard.detect"):
+            standby, fed, by_leader, by_standby = asyncio.run(go(leader))
+    finally:
+        if leader.poll() is None:
+            leader.kill()
+        leader.communicate(timeout=10)
+        client.delete(stream.name, f"{stream.name}:leader")
+        client.close()
+    assert standby.read == fed and by_leader > 0 and by_standby > 0
+    assert standby.stage.unwritten_rows == 0
+    assert any("stands by" in r.getMessage() for r in caplog.records)
+    assert any("holds the lease" in r.getMessage() for r in caplog.records)
+    _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
 
 
 @pytest.mark.redis

@@ -1,8 +1,9 @@
 """The detector stream's entries (detect/stream.py) and its settings; the replicas and
-the follower end to end are in test_detect_online.py."""
+the follower end to end are in test_detect_online.py; the followers' lease."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import orjson
@@ -54,3 +55,38 @@ def test_a_follower_needs_the_stream_url() -> None:
     assert section.stream.name == "distillguard:detect:features"
     with pytest.raises(ConfigError, match=r"detect\.stream\.max_length"):
         parse_settings({"stream": {"max_length": 10}})
+
+
+@pytest.mark.redis
+def test_one_follower_holds_the_lease_and_stops_writing_before_it_runs_out(
+        redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Of two followers, the first to ask holds the lease. Left unrenewed, its holder
+    stops counting itself the writer (at LEASE_TRUST of the lease) before Redis lets it
+    go; the other then takes it, and the first, renewing late, learns it lost it."""
+    from distillguard.detect.stream import LEASE_TRUST, Leadership, _client
+
+    key = f"{redis_prefix}:leader"
+
+    async def go() -> None:
+        redis = _client(redis_url)
+        first, second = Leadership(redis, key, 1.0), Leadership(redis, key, 1.0)
+        try:
+            assert await first.renew() is True
+            assert first.current() and await second.renew() is False
+            assert not second.current()
+            await asyncio.sleep(LEASE_TRUST * 1.0 + 0.05)
+            assert not first.current()          # it no longer writes...
+            assert await second.renew() is False   # ...before the lease is free
+            await asyncio.sleep(0.3)
+            assert await second.renew() is True and second.current()
+            assert await first.renew() is False and not first.held
+            await second.release()
+            assert not second.current() and await first.renew() is True
+            await first.release()
+        finally:
+            await redis.delete(key)
+            await redis.aclose()
+
+    with caplog.at_level("WARNING", logger="distillguard.detect"):
+        asyncio.run(go())
+    assert any("ran out: standing by" in r.getMessage() for r in caplog.records)

@@ -199,7 +199,9 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
            metrics_port: int | None, metrics_host: str) -> None:
     """Run the one detector of every gateway replica (detect.runs_in: follower): read the
     features the replicas add to the Redis stream (detect.stream), in order, and write
-    verdicts to the state store that their policy reads."""
+    verdicts to the state store that their policy reads. Several may run: the holder of
+    a lease in Redis writes, the others stand by, current, and take over when it stops
+    or dies."""
     import asyncio
 
     from distillguard.detect.settings import parse_settings
@@ -215,7 +217,9 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
         stats = f.stage.runner.stats
         click.echo(f"followed {f.read:,} exchanges ({f.bad} bad entries skipped); "
                    f"{stats.get('evaluations', 0):,} evaluations, {stats.get('accounts', 0):,} "
-                   f"accounts; {f.stage.written:,} verdict rows written", err=True)
+                   f"accounts; {f.stage.written:,} verdict rows written"
+                   f"{'' if f.leading else ' (standing by: another follower writes)'}",
+                   err=True)
 
     follower = Follower(settings.state.url, section, from_start=not from_now,
                         on_progress=progress)

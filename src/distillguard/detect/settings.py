@@ -13,6 +13,8 @@ detect:
     name: distillguard:detect:features
     max_length: 1000000  # entries kept (trimmed approximately)
     buffer: 100000       # entries a replica holds while Redis cannot be reached
+    lease_seconds: 10    # of several followers, the lease holder writes; a standby
+                         # takes over within this long after the holder dies
 ```
 """
 
@@ -40,6 +42,8 @@ class StreamSettings(BaseModel):
     max_length: int = Field(1_000_000, ge=1_000)
     # Entries a replica holds, in order, while Redis cannot be reached.
     buffer: int = Field(100_000, ge=1)
+    # Of several followers, only the holder of a lease this long writes (stream.py).
+    lease_seconds: float = Field(10.0, ge=1.0, le=600.0)
 
 
 class DetectSettings(BaseModel):

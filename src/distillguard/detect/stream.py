@@ -24,11 +24,19 @@ If Redis cannot be reached, a replica logs it once and goes on serving; the feat
 in its memory, in order, up to ``detect.stream.buffer`` entries, and are added when Redis
 answers again. Beyond that the oldest are dropped and counted
 (``distillguard_detector_dropped_total``). The follower waits for Redis to come back.
+
+Several followers may run on one stream, for a standby that is current when it takes
+over: each reads the whole stream and runs the detector, and only the holder of a lease
+in Redis (:class:`Leadership`) writes. The others keep their changes (latest per account
+and campaign, see :meth:`DetectionStage.write_unwritten`) and write them the moment they
+take the lease: when its holder stops (it gives the lease back) or dies (the lease runs
+out after ``detect.stream.lease_seconds``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -55,6 +63,11 @@ READ_COUNT = 1_000
 REDIS_TIMEOUT_S = 2.0
 # How long a replica waits after a failed add before it tries Redis again (seconds).
 STREAM_RETRY_S = 1.0
+# A leading follower writes for this share of its lease after it sent the renewal that
+# was granted, and stops writing after that unless a later renewal was granted: the lease
+# runs out in Redis only later, so a follower that can no longer reach Redis stops
+# writing before any other can take over, whatever the delays on the way.
+LEASE_TRUST = 0.8
 
 _FIELDS = fields(ExchangeFeatures)
 
@@ -223,6 +236,66 @@ class StreamPublisher:
         await self.redis.aclose()
 
 
+class Leadership:
+    """Which of the followers of one stream writes verdicts: the holder of a lease in
+    Redis, a key set only if absent and with an expiry, renewed by its holder only while
+    it still holds the token it set (redis-py's :class:`~redis.asyncio.lock.Lock`, whose
+    scripts do these checks in Redis).
+
+    :meth:`current` says whether this follower may write now: until LEASE_TRUST of the
+    lease after the last renewal it sent that was granted. A follower cut off from Redis
+    so stops writing before its lease runs out in Redis and another takes it."""
+
+    def __init__(self, redis: Any, key: str, lease_s: float) -> None:
+        from redis.asyncio.lock import Lock
+
+        self.key = key
+        self.lease_s = lease_s
+        self.lock = Lock(redis, key, timeout=lease_s, blocking=False, thread_local=False,
+                         raise_on_release_error=False)
+        self.held = False
+        self._valid_until = 0.0
+
+    def current(self) -> bool:
+        return time.monotonic() < self._valid_until
+
+    async def renew(self) -> bool:
+        """Take the lease if it is free, or renew it if this follower holds it. Returns
+        whether this call took it (it was not held before)."""
+        from redis.exceptions import LockError, RedisError
+
+        sent = time.monotonic()
+        try:
+            if self.held:
+                await self.lock.reacquire()
+                taken = False
+            else:
+                if not await self.lock.acquire():
+                    return False
+                taken = True
+        except LockError:
+            # Run out in Redis (a renewal came too late) and maybe taken by another.
+            self.held = False
+            self._valid_until = 0.0
+            log.warning("this follower's lease %s ran out: standing by", self.key)
+            return False
+        except (RedisError, OSError):
+            return False            # current() runs out on its own if this goes on
+        self.held = True
+        self._valid_until = sent + self.lease_s * LEASE_TRUST
+        return taken
+
+    async def release(self) -> None:
+        """Give the lease back (a follower that stops), so a standby takes it at once."""
+        from redis.exceptions import RedisError
+
+        self._valid_until = 0.0
+        if self.held:
+            self.held = False
+            with contextlib.suppress(RedisError, OSError):
+                await self.lock.release()
+
+
 def _id_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
@@ -245,6 +318,10 @@ class FollowerMetrics(Collector):
         yield GaugeMetricFamily("distillguard_detector_stream_lag_seconds",
                                 "How far the stream's newest entry is ahead of the last "
                                 "one read (0: caught up)", value=f.lag_s)
+        yield GaugeMetricFamily("distillguard_detector_follower_leading",
+                                "1 while this follower holds the lease and writes "
+                                "verdicts, 0 while it stands by",
+                                value=int(f.leading))
 
 
 class Follower:
@@ -276,6 +353,25 @@ class Follower:
         self.lag_s = 0.0
         self.stop = asyncio.Event()
         self.metrics = FollowerMetrics(self)
+        self.leadership: Leadership | None = None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this follower holds the lease and writes (see :class:`Leadership`)."""
+        return self.leadership is not None and self.leadership.current()
+
+    async def _renew(self) -> None:
+        assert self.leadership is not None
+        if await self.leadership.renew():
+            log.info("this follower holds the lease %s: it writes the verdicts (%d "
+                     "waiting)", self.leadership.key, self.stage.unwritten_rows)
+            await self.stage.write_unwritten()
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease (or wait for it) three times per lease."""
+        while True:
+            await asyncio.sleep(self.stream.lease_seconds / 3)
+            await self._renew()
 
     async def _start_id(self, redis: Any) -> bytes:
         if self.from_start:
@@ -289,7 +385,15 @@ class Follower:
         from redis.exceptions import RedisError
 
         redis = _client(self.stream.url or "")
+        leadership = self.leadership = Leadership(redis, f"{self.stream.name}:leader",
+                                                  self.stream.lease_seconds)
+        self.stage.may_write = leadership.current
         await self.stage.start()
+        await self._renew()
+        if not leadership.held:
+            log.info("another follower holds the lease %s (or Redis cannot be reached): "
+                     "this one stands by, following without writing", leadership.key)
+        lease = asyncio.create_task(self._keep_lease())
         last_progress = time.monotonic()
         idle_since = time.monotonic()
         failing = False
@@ -328,7 +432,11 @@ class Follower:
                     self.on_progress(self)
             await self.stage.flush()
         finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
             await self.stage.close()
+            await leadership.release()
             await redis.aclose()
         if self.on_progress is not None:
             self.on_progress(self)
