@@ -308,8 +308,31 @@ def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
     assert cal.fitted_on["trace_sha256"] and cal.fitted_on["benign"] > 100
 
 
-
-
+def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -> None:
+    """The shipped calibration is refitted whenever detection changes: the documented
+    commands (docs/detection.md, Calibration) run on this code give the shipped model
+    and thresholds. A change to features, links or communities that moves what the
+    model was fitted on fails here until the file is refitted (a stale model's
+    threshold no longer holds the target false-positive rate it says it does)."""
+    shipped = Calibration.read()
+    tune = tmp_path / "tune"
+    subprocess.run([sys.executable, "-m", "distillguard.cli", "simulate", "--out", str(tune),
+                    "--preset", "tune", "--seed", "1", "--days", "2", "--quiet"],
+                   check=True, capture_output=True)
+    out = tmp_path / "calibration.json"
+    subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "calibrate",
+                    "--trace", str(tune / "trace.jsonl"), "--accounts",
+                    str(tune / "accounts.jsonl"), "--labels", str(tune / "labels.jsonl"),
+                    "--target-fpr", "0.001", "--folds", "3", "--out", str(out)],
+                   check=True, capture_output=True)
+    fresh = Calibration.read(out)
+    assert fresh.fitted_on == shipped.fitted_on
+    assert fresh.threshold == pytest.approx(shipped.threshold, abs=1e-9)
+    for part in ("mean", "scale", "coef"):
+        assert getattr(fresh.model, part) == pytest.approx(getattr(shipped.model, part),
+                                                           abs=1e-6), part
+    assert fresh.model.intercept == pytest.approx(shipped.model.intercept, abs=1e-6)
+    assert fresh.community is None and shipped.community is None
 
 
 def test_calibration_is_reproducible(tmp_path: Path, world: World) -> None:
