@@ -14,7 +14,7 @@ detect:
     max_length: 1000000  # entries kept (trimmed approximately)
     buffer: 100000       # entries a replica holds while Redis cannot be reached
     lease_seconds: 10    # of several followers, the lease holder writes; a standby
-                         # takes over within this long after the holder dies
+                         # takes over within 4/3 of this after the holder dies
 ```
 """
 
