@@ -350,6 +350,67 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
 
 
 @pytest.mark.redis
+def test_a_leading_follower_writes_what_waits_without_a_new_evaluation(
+        tmp_path: Path, world: World, batch: Verdicts, redis_url: str,
+        redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The verdict table is gone while the follower evaluates the whole stream: its
+    writes fail (logged once) and the changes wait. Once the table is back they are
+    written at the follower's next lease renewal, with no exchange or evaluation to set
+    it off, and the tables hold the batch verdicts."""
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1)
+    lines = [x for block in iter_sorted_lines(world[0]) for x in block]
+
+    async def until(check: Callable[[], bool]) -> None:
+        for _ in range(600):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async def go() -> Follower:
+        await import_accounts(url, world[1])
+        follower = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
+                                                stream=stream))
+        following = asyncio.create_task(follower.run())
+        await until(lambda: follower.leading)
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
+        await replica.start()           # it creates the tables too
+        assert follower.stage.engine is not None
+        async with follower.stage.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE account_verdicts"))
+        for line in lines:
+            await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
+        await replica.close()
+        await until(lambda: follower.read == replica.fed)
+        await until(lambda: follower.stage.runner.queued_bytes == 0)
+        evaluations = None
+        while evaluations != follower.stage.runner.stats.get("evaluations"):
+            evaluations = follower.stage.runner.stats.get("evaluations")
+            await asyncio.sleep(1.0)     # the detector has taken everything: settled
+        await until(lambda: follower.stage.write_errors >= 2)
+        assert follower.stage.unwritten_rows > 0
+        await create_tables(follower.stage.engine)
+        await until(lambda: follower.stage.unwritten_rows == 0)
+        assert follower.stage.runner.stats.get("evaluations") == evaluations
+        follower.stop.set()
+        await following
+        return follower
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        with caplog.at_level("WARNING", logger="distillguard.detect"):
+            asyncio.run(go())
+    finally:
+        client.delete(stream.name, f"{stream.name}:leader")
+        client.close()
+    failed = [r for r in caplog.records if "wait for the next write" in r.getMessage()]
+    assert len(failed) == 1
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
+
+
+@pytest.mark.redis
 def test_a_follower_waits_out_a_redis_outage(
         tmp_path: Path, world: World, redis_url: str, redis_prefix: str,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -270,6 +270,7 @@ class DetectionStage:
         # this stage may write them (see write_unwritten).
         self._unwritten: Changes | None = None
         self._write_lock = asyncio.Lock()
+        self._write_failing = False
         self.may_write: Callable[[], bool] = lambda: True
         self._metrics = DetectorMetrics(self)
 
@@ -370,11 +371,18 @@ class DetectionStage:
                 # Changes that came in meanwhile are later than these.
                 self._unwritten = changes if self._unwritten is None else changes.then(
                     self._unwritten)
-                log.exception("writing the detector's changes failed: %d account and %d "
-                              "campaign verdicts up to the evaluation at %s wait for the "
-                              "next write", len(changes.accounts), len(changes.campaigns),
-                              format_ts(datetime.fromtimestamp(changes.at, UTC)))
+                if not self._write_failing:      # once per outage, not at every retry
+                    log.exception("writing the detector's changes failed: %d account and "
+                                  "%d campaign verdicts up to the evaluation at %s wait "
+                                  "for the next write", len(changes.accounts),
+                                  len(changes.campaigns),
+                                  format_ts(datetime.fromtimestamp(changes.at, UTC)))
+                self._write_failing = True
                 return
+            if self._write_failing:
+                log.warning("the detector's changes are written again (%d failed writes "
+                            "so far)", self.write_errors)
+                self._write_failing = False
             self.written_accounts += len(changes.accounts)
             self.written_campaigns += len(changes.campaigns)
             self._metrics.delay.observe(max(0.0, time.time() - changes.at))

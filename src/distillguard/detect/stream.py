@@ -361,10 +361,14 @@ class Follower:
         return self.leadership is not None and self.leadership.current()
 
     async def _renew(self) -> None:
+        """Take or renew the lease; while it is held, write what waits: all a standby
+        held when it takes over, and whatever a failed write or a late renewal left
+        (without waiting for the next evaluation)."""
         assert self.leadership is not None
         if await self.leadership.renew():
             log.info("this follower holds the lease %s: it writes the verdicts (%d "
                      "waiting)", self.leadership.key, self.stage.unwritten_rows)
+        if self.leading and self.stage.unwritten_rows:
             await self.stage.write_unwritten()
 
     async def _keep_lease(self) -> None:
@@ -432,10 +436,12 @@ class Follower:
                     self.on_progress(self)
             await self.stage.flush()
         finally:
+            # The lease is kept while the last evaluation is written: a long one must
+            # not outlast it.
+            await self.stage.close()
             lease.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
-            await self.stage.close()
             await leadership.release()
             await redis.aclose()
         if self.on_progress is not None:
