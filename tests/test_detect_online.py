@@ -109,6 +109,23 @@ def _metrics_of(port: int) -> dict[tuple[str, tuple[str, ...]], float]:
             for f in text_string_to_metric_families(served.text) for x in f.samples}
 
 
+def _repeated_rows(url: str) -> int:
+    """Account verdict rows that repeat the account's previous row (rows are written
+    only when a verdict changes)."""
+    async def read() -> list[tuple[object, ...]]:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return [tuple(r) for r in (await conn.execute(text(
+                    "SELECT account_id, flagged, campaign_id, risk, reasons FROM "
+                    "account_verdicts ORDER BY account_id, updated_at"))).all()]
+        finally:
+            await engine.dispose()
+
+    rows = asyncio.run(read())
+    return sum(1 for before, row in zip(rows, rows[1:], strict=False) if before == row)
+
+
 def _rows(url: str) -> int:
     """Rows in the account verdict table."""
     async def count() -> int:
@@ -344,6 +361,9 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
         client.close()
     assert standby.read == fed and by_leader > 0 and by_standby > 0
     assert standby.stage.unwritten_rows == 0
+    # The standby's rows carry the times of the evaluations that gave them: a verdict the
+    # leader wrote is upserted, not copied under the takeover's time.
+    assert _repeated_rows(url) == 0
     assert any("stands by" in r.getMessage() for r in caplog.records)
     assert any("holds the lease" in r.getMessage() for r in caplog.records)
     _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -49,6 +49,7 @@ from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
 from distillguard.geoip import GeoIP, default_geoip
 from distillguard.store.sql import async_url
+from distillguard.verdicts import AccountVerdict, CampaignVerdict
 
 log = logging.getLogger("distillguard.detect")
 
@@ -90,23 +91,80 @@ async def create_tables(engine: AsyncEngine) -> None:
             await conn.execute(text(statement))
 
 
+async def write_verdicts(engine: AsyncEngine,
+                         accounts: Iterable[tuple[AccountVerdict, float]],
+                         campaigns: Iterable[tuple[CampaignVerdict, float]]) -> None:
+    """Write verdicts, each with the time of the evaluation that gave it (its row's
+    ``updated_at``), in one transaction."""
+    times: dict[float, str] = {}
+
+    def ts(at: float) -> str:
+        if at not in times:
+            times[at] = format_ts(datetime.fromtimestamp(at, UTC))
+        return times[at]
+
+    account_rows = [{**{k: v for k, v in a.to_json().items()
+                        if k in ("account_id", "risk", "campaign_id", "first_flagged_at",
+                                 "exchanges_before_flag")},
+                     "flagged": int(a.flagged), "reasons": _json(a.reasons),
+                     "updated_at": ts(at)} for a, at in accounts]
+    campaign_rows = [{"campaign_id": c.campaign_id, "risk": round(c.risk, 6),
+                      "detected_at": format_ts(c.detected_at) if c.detected_at else None,
+                      "evidence": _json(c.evidence), "accounts": _json(c.accounts),
+                      "updated_at": ts(at)} for c, at in campaigns]
+    async with engine.begin() as conn:
+        if account_rows:
+            await conn.execute(_UPSERT_ACCOUNT, account_rows)
+        if campaign_rows:
+            await conn.execute(_UPSERT_CAMPAIGN, campaign_rows)
+
+
 async def write_changes(engine: AsyncEngine, changes: Changes) -> None:
     """Write one evaluation's changes in one transaction."""
-    at = format_ts(datetime.fromtimestamp(changes.at, UTC))
-    accounts = [{**{k: v for k, v in a.to_json().items()
-                    if k in ("account_id", "risk", "campaign_id", "first_flagged_at",
-                             "exchanges_before_flag")},
-                 "flagged": int(a.flagged), "reasons": _json(a.reasons), "updated_at": at}
-                for a in changes.accounts]
-    campaigns = [{"campaign_id": c.campaign_id, "risk": round(c.risk, 6),
-                  "detected_at": format_ts(c.detected_at) if c.detected_at else None,
-                  "evidence": _json(c.evidence), "accounts": _json(c.accounts),
-                  "updated_at": at} for c in changes.campaigns]
-    async with engine.begin() as conn:
-        if accounts:
-            await conn.execute(_UPSERT_ACCOUNT, accounts)
-        if campaigns:
-            await conn.execute(_UPSERT_CAMPAIGN, campaigns)
+    await write_verdicts(engine, ((a, changes.at) for a in changes.accounts),
+                         ((c, changes.at) for c in changes.campaigns))
+
+
+class WaitingChanges:
+    """Verdicts not written yet (a failed write, a follower standing by): each account's
+    and campaign's latest, with the time of the evaluation that gave it. Written late, a
+    row keeps that time, so it is the row a follower that did write it wrote (the same
+    key, upserted), not a copy under a later time. Adding an evaluation's changes costs
+    what they hold, not what waits; what waits is bounded by the accounts and campaigns
+    the detector knows."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, tuple[AccountVerdict, float]] = {}
+        self.campaigns: dict[str, tuple[CampaignVerdict, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.accounts) + len(self.campaigns)
+
+    def add(self, changes: Changes) -> None:
+        for a in changes.accounts:
+            self.accounts[a.account_id] = (a, changes.at)
+        for c in changes.campaigns:
+            self.campaigns[c.campaign_id] = (c, changes.at)
+
+    def take(self) -> WaitingChanges:
+        """Everything waiting, leaving this empty."""
+        taken = WaitingChanges()
+        taken.accounts, self.accounts = self.accounts, {}
+        taken.campaigns, self.campaigns = self.campaigns, {}
+        return taken
+
+    def put_back(self, older: WaitingChanges) -> None:
+        """Give back what a failed write took: what came in since is later, and stays."""
+        for aid, entry in older.accounts.items():
+            self.accounts.setdefault(aid, entry)
+        for cid, centry in older.campaigns.items():
+            self.campaigns.setdefault(cid, centry)
+
+    @property
+    def latest(self) -> float:
+        """The time of the latest evaluation whose verdicts wait."""
+        return max((at for _, at in (*self.accounts.values(), *self.campaigns.values())),
+                   default=0.0)
 
 
 class DetectorRunner(Protocol):
@@ -268,7 +326,7 @@ class DetectionStage:
         self.write_errors = 0
         # Changes not written yet (a failed write, a follower standing by), and whether
         # this stage may write them (see write_unwritten).
-        self._unwritten: Changes | None = None
+        self._waiting = WaitingChanges()
         self._write_lock = asyncio.Lock()
         self._write_failing = False
         self.may_write: Callable[[], bool] = lambda: True
@@ -346,52 +404,47 @@ class DetectionStage:
         await self.write_unwritten()
 
     async def _write(self, changes: Changes) -> None:
-        """Take one evaluation's changes and write what is waiting (see
+        """Take one evaluation's changes and write what waits (see
         :meth:`write_unwritten`)."""
-        self._unwritten = changes if self._unwritten is None else self._unwritten.then(
-            changes)
+        self._waiting.add(changes)
         await self.write_unwritten()
 
     async def write_unwritten(self) -> None:
-        """Write the changes that are waiting, as one set: each account's and campaign's
-        latest verdict. A failed write is logged and counted, and its changes wait for the
-        next one: the verdict tables end up with every change, in order, once the store
-        answers again. What waits is bounded by the accounts and campaigns the detector
-        knows, not by the evaluations missed. While :attr:`may_write` says no (a follower
-        standing by) the changes only wait."""
+        """Write the verdicts that wait (:class:`WaitingChanges`). A failed write is
+        counted and logged (once per outage) and what it held waits for the next one: the
+        verdict tables end up with every current verdict once the store answers again.
+        While :attr:`may_write` says no (a follower standing by) verdicts only wait."""
         async with self._write_lock:
-            if self._unwritten is None or not self.may_write():
+            if not self._waiting or not self.may_write():
                 return
             assert self.engine is not None
-            changes, self._unwritten = self._unwritten, None
+            taken = self._waiting.take()
             try:
-                await write_changes(self.engine, changes)
+                await write_verdicts(self.engine, taken.accounts.values(),
+                                     taken.campaigns.values())
             except Exception:
                 self.write_errors += 1
-                # Changes that came in meanwhile are later than these.
-                self._unwritten = changes if self._unwritten is None else changes.then(
-                    self._unwritten)
+                self._waiting.put_back(taken)
                 if not self._write_failing:      # once per outage, not at every retry
                     log.exception("writing the detector's changes failed: %d account and "
                                   "%d campaign verdicts up to the evaluation at %s wait "
-                                  "for the next write", len(changes.accounts),
-                                  len(changes.campaigns),
-                                  format_ts(datetime.fromtimestamp(changes.at, UTC)))
+                                  "for the next write", len(taken.accounts),
+                                  len(taken.campaigns),
+                                  format_ts(datetime.fromtimestamp(taken.latest, UTC)))
                 self._write_failing = True
                 return
             if self._write_failing:
                 log.warning("the detector's changes are written again (%d failed writes "
                             "so far)", self.write_errors)
                 self._write_failing = False
-            self.written_accounts += len(changes.accounts)
-            self.written_campaigns += len(changes.campaigns)
-            self._metrics.delay.observe(max(0.0, time.time() - changes.at))
+            self.written_accounts += len(taken.accounts)
+            self.written_campaigns += len(taken.campaigns)
+            self._metrics.delay.observe(max(0.0, time.time() - taken.latest))
 
     @property
     def unwritten_rows(self) -> int:
         """Account and campaign verdicts waiting to be written."""
-        u = self._unwritten
-        return 0 if u is None else len(u.accounts) + len(u.campaigns)
+        return len(self._waiting)
 
     async def close(self) -> None:
         if self.engine is not None:
