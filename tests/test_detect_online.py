@@ -99,6 +99,15 @@ def _assert_batch_verdicts(latest: list[AccountVerdict], campaigns: list[Campaig
         (c.campaign_id, c.detected_at) for c in batch.campaigns)
 
 
+async def _until(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Return once ``check()`` is true (polled every 50 ms); fail after ``seconds``."""
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
 def _metrics_of(port: int) -> dict[tuple[str, tuple[str, ...]], float]:
     """A metrics endpoint's samples ({} while it does not answer)."""
     try:
@@ -310,26 +319,19 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
     port = free_port()
     client = redis_sync.Redis.from_url(redis_url)
 
-    async def until(check: Callable[[], bool], seconds: float = 60.0) -> None:
-        for _ in range(int(seconds / 0.05)):
-            if check():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("timed out")
-
     async def go(leader: subprocess.Popen[str]) -> tuple[Follower, int, int, int]:
         await import_accounts(url, world[1])
         replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
         for line in lines[:half]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         first = replica.fed
-        await until(lambda: _metrics_of(port).get(
+        await _until(lambda: _metrics_of(port).get(
             ("distillguard_detector_stream_read_total", ())) == first)
         assert _metrics_of(port)["distillguard_detector_follower_leading", ()] == 1
         standby = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
                                                stream=stream))
         following = asyncio.create_task(standby.run())
-        await until(lambda: standby.read == first)
+        await _until(lambda: standby.read == first)
         await asyncio.sleep(1.5)                    # several of its lease attempts
         assert not standby.leading and standby.stage.written == 0
         assert standby.stage.unwritten_rows > 0
@@ -339,10 +341,10 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
         for line in lines[half:]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         await replica.close()
-        await until(lambda: standby.read == replica.fed)
-        await until(lambda: standby.leading, seconds=10)
+        await _until(lambda: standby.read == replica.fed)
+        await _until(lambda: standby.leading, seconds=10)
         # It writes what it held as it takes over, not at its next evaluation.
-        await until(lambda: standby.stage.unwritten_rows == 0, seconds=10)
+        await _until(lambda: standby.stage.unwritten_rows == 0, seconds=10)
         standby.stop.set()
         await following
         return standby, replica.fed, written_by_leader, standby.stage.written
@@ -381,19 +383,12 @@ def test_a_leading_follower_writes_what_waits_without_a_new_evaluation(
     stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1)
     lines = [x for block in iter_sorted_lines(world[0]) for x in block]
 
-    async def until(check: Callable[[], bool]) -> None:
-        for _ in range(600):
-            if check():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("timed out")
-
     async def go() -> Follower:
         await import_accounts(url, world[1])
         follower = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
                                                 stream=stream))
         following = asyncio.create_task(follower.run())
-        await until(lambda: follower.leading)
+        await _until(lambda: follower.leading)
         replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
         await replica.start()           # it creates the tables too
         assert follower.stage.engine is not None
@@ -402,16 +397,16 @@ def test_a_leading_follower_writes_what_waits_without_a_new_evaluation(
         for line in lines:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         await replica.close()
-        await until(lambda: follower.read == replica.fed)
-        await until(lambda: follower.stage.runner.queued_bytes == 0)
+        await _until(lambda: follower.read == replica.fed)
+        await _until(lambda: follower.stage.runner.queued_bytes == 0)
         evaluations = None
         while evaluations != follower.stage.runner.stats.get("evaluations"):
             evaluations = follower.stage.runner.stats.get("evaluations")
             await asyncio.sleep(1.0)     # the detector has taken everything: settled
-        await until(lambda: follower.stage.write_errors >= 2)
+        await _until(lambda: follower.stage.write_errors >= 2)
         assert follower.stage.unwritten_rows > 0
         await create_tables(follower.stage.engine)
-        await until(lambda: follower.stage.unwritten_rows == 0)
+        await _until(lambda: follower.stage.unwritten_rows == 0)
         assert follower.stage.runner.stats.get("evaluations") == evaluations
         follower.stop.set()
         await following
@@ -443,13 +438,6 @@ def test_a_follower_waits_out_a_redis_outage(
     proxy = CuttableProxy(port).start()
     lines = [x for block in iter_sorted_lines(world[0]) for x in block][:600]
 
-    async def until(check: Callable[[], bool]) -> None:
-        for _ in range(300):
-            if check():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("timed out")
-
     async def go() -> tuple[Follower, int]:
         await import_accounts(url, world[1])
         follower = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
@@ -462,14 +450,14 @@ def test_a_follower_waits_out_a_redis_outage(
         for line in lines[:300]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         first = replica.fed
-        await until(lambda: follower.read == first)
+        await _until(lambda: follower.read == first)
         await asyncio.to_thread(proxy.cut)
         for line in lines[300:]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         await asyncio.sleep(1.5)
         assert follower.read == first        # it cannot reach Redis
         await asyncio.to_thread(proxy.restore)
-        await until(lambda: follower.read == replica.fed)
+        await _until(lambda: follower.read == replica.fed)
         follower.stop.set()
         await following
         await replica.close()
