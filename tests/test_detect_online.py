@@ -308,7 +308,7 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
     over, writes what it held, and follows the rest: the tables end up with the batch
     verdicts of the whole trace."""
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
-    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1)
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=2)
     lines = [x for block in iter_sorted_lines(world[0]) for x in block]
     half = len(lines) // 2
     config = tmp_path / "follower.yaml"
@@ -380,7 +380,7 @@ def test_a_leading_follower_writes_what_waits_without_a_new_evaluation(
     written at the follower's next lease renewal, with no exchange or evaluation to set
     it off, and the tables hold the batch verdicts."""
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
-    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1)
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=2)
     lines = [x for block in iter_sorted_lines(world[0]) for x in block]
 
     async def go() -> Follower:
