@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from pathlib import Path
 
 import orjson
 import pytest
@@ -91,3 +92,41 @@ def test_one_follower_holds_the_lease_and_stops_writing_before_it_runs_out(
     with caplog.at_level("WARNING", logger="distillguard.detect"):
         asyncio.run(go())
     assert any("ran out: standing by" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.redis
+def test_a_failed_renewal_does_not_end_the_follower_s_renewals(
+        tmp_path: Path, redis_url: str, redis_prefix: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected error in one renewal is logged, and the next renewals go on: a
+    follower whose renewals stopped would stop writing with no one to take over."""
+    from distillguard.detect.settings import DetectSettings, StreamSettings
+    from distillguard.detect.stream import Follower, Leadership
+
+    calls = 0
+    renew = Leadership.renew
+
+    async def failing_once(self: Leadership) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("boom")
+        return await renew(self)
+
+    monkeypatch.setattr(Leadership, "renew", failing_once)
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features", lease_seconds=1.5)
+    follower = Follower(f"sqlite:///{tmp_path}/state.sqlite",
+                        DetectSettings(runs_in="follower", stream=stream))
+
+    async def go() -> bool:
+        following = asyncio.create_task(follower.run())
+        await asyncio.sleep(3.0)        # six renewals, the second one failing
+        leading = follower.leading
+        follower.stop.set()
+        await following
+        return leading
+
+    with caplog.at_level("ERROR", logger="distillguard.detect"):
+        assert asyncio.run(go()) and calls >= 4
+    assert any("renewing the follower's lease failed" in r.getMessage()
+               for r in caplog.records)

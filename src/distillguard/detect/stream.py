@@ -372,10 +372,15 @@ class Follower:
             await self.stage.write_unwritten()
 
     async def _keep_lease(self) -> None:
-        """Renew the lease (or wait for it) three times per lease."""
+        """Renew the lease (or wait for it) three times per lease. Nothing ends this but
+        the follower's end: a follower whose renewals stopped would stop writing, and with
+        no standby nobody would write."""
         while True:
             await asyncio.sleep(self.stream.lease_seconds / 3)
-            await self._renew()
+            try:
+                await self._renew()
+            except Exception:
+                log.exception("renewing the follower's lease failed; trying again")
 
     async def _start_id(self, redis: Any) -> bytes:
         if self.from_start:
