@@ -294,6 +294,7 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         client.close()
     assert follower.returncode == 0, err
     assert f"followed {fed:,} exchanges" in err
+    assert "this follower writes the verdicts" in err and "standing by" not in err
 
     assert _rows(url) > 0
 
@@ -366,7 +367,7 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
     # The standby's rows carry the times of the evaluations that gave them: a verdict the
     # leader wrote is upserted, not copied under the takeover's time.
     assert _repeated_rows(url) == 0
-    assert any("stands by" in r.getMessage() for r in caplog.records)
+    assert any("follows without writing" in r.getMessage() for r in caplog.records)
     assert any("holds the lease" in r.getMessage() for r in caplog.records)
     _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
 

@@ -221,8 +221,15 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
                    f"{'' if f.leading else ' (standing by: another follower writes)'}",
                    err=True)
 
+    def leading(f: Follower) -> None:
+        click.echo(f"holds the lease {f.stream.name}:leader: this follower writes the "
+                   "verdicts" if f.leading else
+                   f"does not hold the lease {f.stream.name}:leader (another follower "
+                   "does, or Redis cannot be reached): following without writing",
+                   err=True)
+
     follower = Follower(settings.state.url, section, from_start=not from_now,
-                        on_progress=progress)
+                        on_progress=progress, on_leading=leading)
     server = None
     if metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server

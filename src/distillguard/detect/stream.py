@@ -334,7 +334,8 @@ class Follower:
 
     def __init__(self, state_url: str, settings: DetectSettings, *, from_start: bool = True,
                  on_progress: Callable[[Follower], None] | None = None,
-                 progress_every_s: float = 10.0) -> None:
+                 progress_every_s: float = 10.0,
+                 on_leading: Callable[[Follower], None] | None = None) -> None:
         from distillguard.detect.calibration import Calibration
         from distillguard.detect.online import DetectionStage
 
@@ -347,6 +348,9 @@ class Follower:
         self.from_start = from_start
         self.on_progress = on_progress
         self.progress_every_s = progress_every_s
+        # Called when this follower starts or stops writing (``leading`` says which).
+        self.on_leading = on_leading
+        self._was_leading: bool | None = None
         self.read = 0
         self.bad = 0
         self.last_id = b"0-0"
@@ -365,10 +369,20 @@ class Follower:
         held when it takes over, and whatever a failed write or a late renewal left
         (without waiting for the next evaluation)."""
         assert self.leadership is not None
-        if await self.leadership.renew():
-            log.info("this follower holds the lease %s: it writes the verdicts (%d "
-                     "waiting)", self.leadership.key, self.stage.unwritten_rows)
-        if self.leading and self.stage.unwritten_rows:
+        await self.leadership.renew()
+        leading = self.leading
+        if leading != self._was_leading:
+            self._was_leading = leading
+            if leading:
+                log.info("this follower holds the lease %s: it writes the verdicts (%d "
+                         "waiting)", self.leadership.key, self.stage.unwritten_rows)
+            else:
+                log.info("this follower does not hold the lease %s (another does, or "
+                         "Redis cannot be reached): it follows without writing",
+                         self.leadership.key)
+            if self.on_leading is not None:
+                self.on_leading(self)
+        if leading and self.stage.unwritten_rows:
             await self.stage.write_unwritten()
 
     async def _keep_lease(self) -> None:
@@ -399,9 +413,6 @@ class Follower:
         self.stage.may_write = leadership.current
         await self.stage.start()
         await self._renew()
-        if not leadership.held:
-            log.info("another follower holds the lease %s (or Redis cannot be reached): "
-                     "this one stands by, following without writing", leadership.key)
         lease = asyncio.create_task(self._keep_lease())
         last_progress = time.monotonic()
         idle_since = time.monotonic()
@@ -444,13 +455,13 @@ class Follower:
             # The lease is kept while the last evaluation is written: a long one must
             # not outlast it.
             await self.stage.close()
+            if self.on_progress is not None:
+                self.on_progress(self)      # the last word, while it still says who wrote
             lease.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
             await leadership.release()
             await redis.aclose()
-        if self.on_progress is not None:
-            self.on_progress(self)
 
     async def _lag(self, redis: Any) -> float:
         """How far the newest entry is ahead of the last one read, in seconds (stream ids
