@@ -294,7 +294,7 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         client.close()
     assert follower.returncode == 0, err
     assert f"followed {fed:,} exchanges" in err
-    assert "this follower writes the verdicts" in err and "standing by" not in err
+    assert "this follower writes the verdicts" in err and "not writing" not in err
 
     assert _rows(url) > 0
 

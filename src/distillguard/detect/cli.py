@@ -218,7 +218,7 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
         click.echo(f"followed {f.read:,} exchanges ({f.bad} bad entries skipped); "
                    f"{stats.get('evaluations', 0):,} evaluations, {stats.get('accounts', 0):,} "
                    f"accounts; {f.stage.written:,} verdict rows written"
-                   f"{'' if f.leading else ' (standing by: another follower writes)'}",
+                   f"{'' if f.leading else ' (not writing: it does not hold the lease)'}",
                    err=True)
 
     def leading(f: Follower) -> None:
