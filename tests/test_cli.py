@@ -70,3 +70,28 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
                                     "upstream": {"base_url": "http://x/v1", "api_key": "k"}}))
     out = run(str(path), "check-config")
     assert "super-secret" not in out and '"***"' in out
+
+
+def test_check_config_checks_every_component_section(tmp_path: Path) -> None:
+    """check-config validates the components' sections too, as they would be at start-up,
+    and names a section that no component reads (a misspelt one is otherwise ignored)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"detect": {"runs_in": "follower", "stream": {
+        "url": "redis://127.0.0.1:6379/0", "lease_seconds": 0.5}}}))
+    result = CliRunner().invoke(main, ["-c", str(bad), "check-config"])
+    assert result.exit_code == 2 and "detect.stream.lease_seconds" in result.stderr
+    for section, value, option in (("sharing", {"enabled": "maybe"}, "sharing.enabled"),
+                                   ("dashboard", {"nope": 1}, "dashboard.nope"),
+                                   ("ledger", {"nope": 1}, "ledger.nope")):
+        bad.write_text(yaml.safe_dump({section: value}))
+        result = CliRunner().invoke(main, ["-c", str(bad), "check-config"])
+        assert result.exit_code == 2 and option in result.stderr, (section, result.stderr)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"detct": {"enabled": False}}))
+    result = CliRunner().invoke(main, ["-c", str(typo), "check-config"])
+    assert result.exit_code == 0
+    assert "no component reads the section 'detct'" in result.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"detect": {"tick_seconds": 60}, "ledger": {}}))
+    result = CliRunner().invoke(main, ["-c", str(good), "check-config"])
+    assert result.exit_code == 0 and result.stderr == ""

@@ -204,7 +204,13 @@ def migrate(ctx: Context) -> None:
 @main.command("check-config")
 @pass_ctx
 def check_config(ctx: Context) -> None:
-    """Validate the settings and print them (secrets masked)."""
+    """Validate the settings, each component's section included, and print them
+    (secrets masked)."""
+    from distillguard.components import check_sections
+
+    for section in check_sections(ctx.settings):
+        click.echo(f"warning: no component reads the section {section!r} (misspelt?)",
+                   err=True)
     data = ctx.settings.model_dump(mode="json")
     for section, option in (("admin", "token"), ("upstream", "api_key")):
         if data[section].get(option):

@@ -26,6 +26,33 @@ DEFAULT_COMPONENTS: list[tuple[str, str]] = [
 ]
 
 
+# Each component's settings check (``module:function``), pure validation (no file,
+# connection or process), for ``distillguard check-config``: the function takes the
+# component's section, except the ledger's, which also reads the state settings.
+SETTINGS_CHECKS: list[tuple[str, str]] = [
+    ("ledger", "distillguard.ledger.settings:parse_settings"),
+    ("policy", "distillguard.policy.component:parse_settings"),
+    ("detect", "distillguard.detect.settings:parse_settings"),
+    ("countermeasures", "distillguard.countermeasures.settings:parse_settings"),
+    ("dashboard", "distillguard.dashboard.settings:parse_dashboard_settings"),
+    ("sharing", "distillguard.sharing.settings:parse_sharing_settings"),
+]
+WHOLE_SETTINGS = frozenset({"ledger"})
+
+
+def check_sections(settings: Settings) -> list[str]:
+    """Validate every component's section as its component would at start-up (raises
+    :class:`~distillguard.errors.ConfigError`, naming the option). Returns the sections
+    of the file that no component reads (a misspelt section name is otherwise silently
+    ignored)."""
+    for section, target in SETTINGS_CHECKS:
+        module, _, attr = target.partition(":")
+        check = getattr(importlib.import_module(module), attr)
+        check(settings if section in WHOLE_SETTINGS else settings.extensions.get(section))
+    known = {section for section, _ in SETTINGS_CHECKS}
+    return sorted(k for k in settings.extensions if k not in known)
+
+
 def load_extensions(settings: Settings) -> list[Extension]:
     out = []
     for _name, target in DEFAULT_COMPONENTS:
