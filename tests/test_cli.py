@@ -95,3 +95,9 @@ def test_check_config_checks_every_component_section(tmp_path: Path) -> None:
     good.write_text(yaml.safe_dump({"detect": {"tick_seconds": 60}, "ledger": {}}))
     result = CliRunner().invoke(main, ["-c", str(good), "check-config"])
     assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_every_component_has_a_settings_check() -> None:
+    from distillguard.components import DEFAULT_COMPONENTS, SETTINGS_CHECKS
+
+    assert [name for name, _ in SETTINGS_CHECKS] == [name for name, _ in DEFAULT_COMPONENTS]
