@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -27,8 +28,7 @@ from distillguard.cli import main
 from distillguard.dashboard.sqlverdicts import SQLVerdicts, tables
 from distillguard.detect import component
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.engine import Changes
-from distillguard.detect.online import DetectionStage, create_tables, write_changes
+from distillguard.detect.online import DetectionStage, create_tables, write_verdicts
 from distillguard.detect.reader import iter_sorted_lines
 from distillguard.detect.settings import DetectSettings, StreamSettings
 from distillguard.detect.stream import Follower, decode
@@ -737,20 +737,19 @@ def test_verdict_tables_on_postgres(pg_url: str) -> None:
         stage = DetectionStage(pg_url, Calibration.read())
         await stage.start()
         assert stage.engine is not None
-        changes = Changes(at=1_772_000_000.0, accounts=[
-            AccountVerdict("acct_a", risk=0.97, flagged=True, campaign_id="c-1",
-                           reasons=["reasoning elicitation in 90% of prompts"],
-                           exchanges_before_flag=12)],
-            campaigns=[CampaignVerdict("c-1", accounts=["acct_a"], risk=0.9,
-                                       evidence=["2 linked accounts"])])
-        changes.accounts[0].first_flagged_at = changes.campaigns[0].detected_at = \
-            __import__("datetime").datetime.fromtimestamp(changes.at,
-                                                          __import__("datetime").UTC)
-        await write_changes(stage.engine, changes)
-        await write_changes(stage.engine, changes)    # the same evaluation again: upsert
-        changes.at += 60
-        changes.accounts[0].risk = 0.5
-        await write_changes(stage.engine, changes)
+        at = 1_772_000_000.0
+        account = AccountVerdict("acct_a", risk=0.97, flagged=True, campaign_id="c-1",
+                                 reasons=["reasoning elicitation in 90% of prompts"],
+                                 exchanges_before_flag=12,
+                                 first_flagged_at=datetime.fromtimestamp(at, UTC))
+        campaign = CampaignVerdict("c-1", accounts=["acct_a"], risk=0.9,
+                                   evidence=["2 linked accounts"],
+                                   detected_at=datetime.fromtimestamp(at, UTC))
+        await write_verdicts(stage.engine, [(account, at)], [(campaign, at)])
+        # The same evaluation again: upserted.
+        await write_verdicts(stage.engine, [(account, at)], [(campaign, at)])
+        account.risk = 0.5
+        await write_verdicts(stage.engine, [(account, at + 60)], [(campaign, at + 60)])
         reader = SQLVerdicts(stage.engine, await tables(stage.engine))
         history = await reader.account_history("acct_a")
         assert [h["risk"] for h in history] == [0.5, 0.97]

@@ -119,12 +119,6 @@ async def write_verdicts(engine: AsyncEngine,
             await conn.execute(_UPSERT_CAMPAIGN, campaign_rows)
 
 
-async def write_changes(engine: AsyncEngine, changes: Changes) -> None:
-    """Write one evaluation's changes in one transaction."""
-    await write_verdicts(engine, ((a, changes.at) for a in changes.accounts),
-                         ((c, changes.at) for c in changes.campaigns))
-
-
 class WaitingChanges:
     """Verdicts not written yet (a failed write, a follower standing by): each account's
     and campaign's latest, with the time of the evaluation that gave it. Written late, a
@@ -376,8 +370,6 @@ class DetectionStage:
     async def on_exchange(self, exchange: Exchange) -> None:
         if not exchange.account_id or exchange.status == 0:
             return
-        if self.engine is None:
-            await self.start()
         if self.geoip is None:
             # Loaded off the event loop, and only where exchanges are extracted (not in
             # `detect follow`): extract() would hold the loop for the database's load
