@@ -35,10 +35,6 @@ def batch(world: World) -> Verdicts:
     return batch_verdicts(world)
 
 
-
-
-
-
 def test_trace_is_read_in_time_order(tmp_path: Path, world: World) -> None:
     lines = world[0].read_bytes().splitlines()
     shuffled = tmp_path / "shuffled.jsonl"

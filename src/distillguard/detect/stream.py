@@ -396,11 +396,15 @@ class Follower:
             except Exception:
                 log.exception("renewing the follower's lease failed; trying again")
 
+    async def _newest_id(self, redis: Any) -> bytes | None:
+        """The id of the stream's newest entry (None: the stream is empty)."""
+        newest = await redis.xrevrange(self.stream.name, count=1)
+        return newest[0][0] if newest else None
+
     async def _start_id(self, redis: Any) -> bytes:
         if self.from_start:
             return b"0-0"
-        newest = await redis.xrevrange(self.stream.name, count=1)
-        return newest[0][0] if newest else b"0-0"
+        return await self._newest_id(redis) or b"0-0"
 
     async def run(self, *, idle_exit_s: float | None = None) -> None:
         """Follow until stopped (:attr:`stop`), or until the stream has had nothing new
@@ -469,12 +473,12 @@ class Follower:
         from redis.exceptions import RedisError
 
         try:
-            newest = await redis.xrevrange(self.stream.name, count=1)
+            newest = await self._newest_id(redis)
         except (RedisError, OSError):
             return self.lag_s           # the next read says what is wrong
-        if not newest:
+        if newest is None:
             return 0.0
-        return max(0.0, (_id_ms(newest[0][0]) - _id_ms(self.last_id)) / 1000.0)
+        return max(0.0, (_id_ms(newest) - _id_ms(self.last_id)) / 1000.0)
 
     async def _take(self, entry_id: bytes, entry: dict[bytes, bytes]) -> None:
         try:
