@@ -11,8 +11,8 @@ detector runs on another core, and the event loop waits for none of it.
 (``python -m distillguard.detect.worker``). It sends account records and each exchange's
 features, in order, over a pipe (length-prefixed pickles, as the trace reader's), and
 hands each evaluation's changes, read back in order with the detector's counts, to a
-callback (the stage writes them to the verdict tables). The detector sees the same sequence it would see in the
-gateway's process, so the verdicts are the same.
+callback (the stage writes them to the verdict tables). The detector sees the same
+sequence it would see in the gateway's process, so the verdicts are the same.
 
 If the process ends unexpectedly, the error is logged and the next exchange starts a
 new one, which is sent the account records seen so far; its links and sketches start
@@ -144,15 +144,11 @@ class DetectorProcess:
                 header = await proc.stdout.readexactly(MESSAGE_HEADER.size)
                 (size,) = MESSAGE_HEADER.unpack(header)
                 kind, payload = pickle.loads(await proc.stdout.readexactly(size))
-                if kind == "evaluated":
+                if kind in ("evaluated", "finished"):
                     changes, self.stats = payload
                     if changes:
                         await self._hand_over(changes)
-                elif kind == "finished":
-                    changes, self.stats = payload
-                    if changes:
-                        await self._hand_over(changes)
-                    if self._waiting:
+                    if kind == "finished" and self._waiting:
                         self._waiting.popleft().set_result(None)
                 elif kind == "crash":
                     log.error("the detector process failed:\n%s", payload)
@@ -166,10 +162,12 @@ class DetectorProcess:
                     DetectorGone("the detector process ended before answering"))
 
     async def _hand_over(self, changes: Changes) -> None:
+        """Give the changes to the callback. The stage keeps what it could not write; any
+        other error is logged and does not end the reading of the process's answers."""
         try:
             await self.on_changes(changes)
-        except Exception:     # a failed write loses these changes, not the detector
-            log.exception("writing the detector's changes failed")
+        except Exception:
+            log.exception("handing over the detector's changes failed")
 
     async def close(self) -> None:
         """Finish, then end the process (killed if it does not end in time)."""
