@@ -66,21 +66,24 @@ def _block(part: int, block: list[tuple[bytes, int]]) -> Iterator[Row]:
         yield (features.ts, part, n), features if features.account_id else None
 
 
-def extract_partition(part: int, lines: Iterable[str]) -> Iterator[Row]:
-    """Lines of input split ``part`` -> ((ts, part, line in split), features | None | error
-    message); features are extracted in blocks of BATCH_ROWS. Splits are numbered in input
-    order (files by name, then offset), so (part, line) is the position in the input."""
+def _in_blocks(part: int, lines: Iterable[tuple[bytes, int]]) -> Iterator[Row]:
+    """(trace line, position) pairs through :func:`_block`, BATCH_ROWS at a time."""
     block: list[tuple[bytes, int]] = []
-    for n, line in enumerate(lines):
-        raw = line.strip()
-        if not raw:
-            continue
-        block.append((raw.encode(), n))
+    for entry in lines:
+        block.append(entry)
         if len(block) >= BATCH_ROWS:
             yield from _block(part, block)
             block = []
     if block:
         yield from _block(part, block)
+
+
+def extract_partition(part: int, lines: Iterable[str]) -> Iterator[Row]:
+    """Lines of input split ``part`` -> ((ts, part, line in split), features | None | error
+    message); features are extracted in blocks of BATCH_ROWS. Splits are numbered in input
+    order (files by name, then offset), so (part, line) is the position in the input."""
+    return _in_blocks(part, ((raw.encode(), n) for n, line in enumerate(lines)
+                             if (raw := line.strip())))
 
 
 def extract_ledger_partition(part: int, rows: Iterable[Any]) -> Iterator[Row]:
@@ -89,15 +92,8 @@ def extract_ledger_partition(part: int, rows: Iterable[Any]) -> Iterator[Row]:
     ``detect --ledger`` and the DuckDB path's reading of the export do."""
     from distillguard.ledger.entry import trace_of
 
-    block: list[tuple[bytes, int]] = []
-    for row in rows:
-        block.append((orjson.dumps(trace_of(bytes(row.leaf), row.request, row.response,
-                                            row.idx)), row.idx))
-        if len(block) >= BATCH_ROWS:
-            yield from _block(0, block)
-            block = []
-    if block:
-        yield from _block(0, block)
+    return _in_blocks(0, ((orjson.dumps(trace_of(bytes(row.leaf), row.request, row.response,
+                                                 row.idx)), row.idx) for row in rows))
 
 
 def session(master: str | None = None, *, app_name: str = "distillguard-detect",
