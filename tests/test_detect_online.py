@@ -108,10 +108,12 @@ async def _until(check: Callable[[], bool], seconds: float = 30.0) -> None:
     raise AssertionError("timed out")
 
 
-def _metrics_of(port: int) -> dict[tuple[str, tuple[str, ...]], float]:
-    """A metrics endpoint's samples ({} while it does not answer)."""
+def _metrics_of(port: int | str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """The samples a metrics endpoint serves, (name, label values) -> value ({} while it
+    does not answer): a port on this machine, or the endpoint's URL."""
+    url = port if isinstance(port, str) else f"http://127.0.0.1:{port}/metrics"
     try:
-        served = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        served = httpx.get(url)
     except httpx.TransportError:
         return {}
     return {(x.name, tuple(x.labels.values())): x.value
@@ -799,10 +801,7 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     found = stack.call(names())
     assert set(found) == {"campaigns", "account_verdicts"}
     assert "updated_at" in found["account_verdicts"]
-    served = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/metrics")
-    families = {f.name: f for f in text_string_to_metric_families(served.text)}
-    value = {(x.name, tuple(x.labels.values())): x.value
-             for f in families.values() for x in f.samples}
+    value = _metrics_of(stack.stack.base_url.removesuffix("/v1") + "/metrics")
     assert value["distillguard_detector_exchanges_total", ()] == 2
     assert value["distillguard_detector_evaluations_total", ()] >= 1
     assert value["distillguard_detector_accounts", ()] == 1
