@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import (
     DUE_GROWTH,
     DUE_SECONDS,
     MIN_OWN_EXCHANGES,
+    CampaignStatus,
     Detector,
     new_campaign_id,
 )
@@ -190,3 +192,52 @@ def test_new_campaign_ids_come_from_the_traffic_not_a_counter() -> None:
     assert new_campaign_id(1_772_000_000.5, ["acct_a", "acct_c"], set()) != first
     assert new_campaign_id(1_772_000_000.5, flagged, {first}) == f"{first}-2"
     assert new_campaign_id(1_772_000_000.5, flagged, {first, f"{first}-2"}) == f"{first}-3"
+
+
+def test_a_flagged_account_found_under_the_threshold_says_when_it_was_flagged() -> None:
+    """Flags are sticky. When a later evaluation finds a flagged account under the
+    threshold (here the threshold is raised; its risk stays 0.5, less than a risk step
+    from what was reported), its verdict is handed out again, and its first reason says
+    when it was flagged and where its risk is now; once over again, the line goes."""
+    detector = Detector(_flagging_calibration(), tick_seconds=60.0, due_growth=0.0)
+    minute = 0
+
+    def send(n: int) -> None:
+        nonlocal minute
+        for _ in range(n):
+            minute += 1
+            detector.observe(make_features("a", 1_700_000_000.0 + minute * 60.0))
+
+    send(MIN_OWN_EXCHANGES + 1)
+    st = detector.status["a"]
+    assert st.flagged and not any(r.startswith("flagged") for r in st.reasons)
+    assert st.first_flagged_at is not None
+    when = datetime.fromtimestamp(st.first_flagged_at, UTC).strftime("%Y-%m-%d %H:%M")
+    detector.calibration.threshold = 0.6
+    changes = detector.observe(make_features("a", 1_700_000_000.0 + (minute + 1) * 60.0))
+    assert changes is not None and [v.account_id for v in changes.accounts] == ["a"]
+    verdict = changes.accounts[0]
+    assert verdict.flagged and verdict.risk == 0.5
+    assert verdict.reasons[0] == (
+        f"flagged {when} UTC at {st.exchanges_before_flag} exchanges, risk up to 0.50; "
+        "now 0.50, under the threshold 0.600")
+    detector.calibration.threshold = 0.5
+    send(2)
+    assert st.flagged and not any(r.startswith("flagged") for r in st.reasons)
+
+
+def test_a_campaign_counts_the_accounts_it_holds_that_are_no_longer_linked() -> None:
+    """A campaign keeps the accounts flagged as its members after their links went (flags
+    and campaign ids are sticky); its headline says so, from the account list it is
+    handed out with."""
+    campaign = CampaignStatus("c-1", ["a", "b", "c"], 0.9, 0.0, ["3 of 2 ..."],
+                              linked=frozenset({"a", "b", "d"}), flagged=2)
+    assert campaign.verdict().evidence[0] == (
+        "3 linked accounts, 2 flagged; 1 more account flagged as a member earlier is no "
+        "longer linked")
+    campaign.accounts = ["a", "b", "c", "e"]
+    assert campaign.verdict().evidence == [
+        "3 linked accounts, 2 flagged; 2 more accounts flagged as members earlier are no "
+        "longer linked", "3 of 2 ..."]
+    campaign.accounts = ["a", "b"]
+    assert campaign.verdict().evidence[0] == "3 linked accounts, 2 flagged"

@@ -77,6 +77,8 @@ class AccountStatus:
     peak: float = 0.0
     peak_group: float = 0.0
     reported: float = 0.0      # the risk of the last verdict handed out (online rows)
+    # Whether the evaluation behind the last verdict handed out found it over a threshold.
+    reported_over: bool = False
     flagged: bool = False
     # When the run of evaluations that found its risk over a threshold began (None: its
     # last evaluation did not).
@@ -100,12 +102,20 @@ class CampaignStatus:
     accounts: list[str]
     risk: float
     detected_at: float
-    evidence: list[str]
+    evidence: list[str]          # after the headline (see :meth:`headline`)
+    # The community's members, and how many of them were flagged, when the evidence
+    # was written.
+    linked: frozenset[str] = frozenset()
+    flagged: int = 0
+
+    def headline(self) -> str:
+        return campaign_headline(len(self.linked), self.flagged,
+                                 sum(a not in self.linked for a in self.accounts))
 
     def verdict(self) -> CampaignVerdict:
         return CampaignVerdict(campaign_id=self.campaign_id, accounts=list(self.accounts),
                                risk=self.risk, detected_at=_dt(self.detected_at),
-                               evidence=list(self.evidence))
+                               evidence=[self.headline(), *self.evidence])
 
 
 @dataclass
@@ -312,19 +322,40 @@ class Detector:
                 st.flagged = True
                 st.first_flagged_at = now
                 st.exchanges_before_flag = self.states[aid].count
-            if newly or abs(r - st.reported) >= RISK_STEP or (st.flagged and not st.reasons):
-                st.reported = r
+            if newly or abs(r - st.reported) >= RISK_STEP or (st.flagged and (
+                    not st.reasons or over != st.reported_over)):
+                st.reported, st.reported_over = r, over
                 st.reasons = account_reasons(cal.model, row, aid in self.graph.of)
                 if cal.community is not None and g >= cal.community_threshold:
                     st.reasons = [f"its linked group scores {g:.2f} as a campaign",
                                   *group_reasons(cal.community, row[len(ACCOUNT_FEATURES):]),
                                   *st.reasons][:6]
+                if st.flagged and not over:
+                    st.reasons = [self._flagged_before(aid, st, own, g), *st.reasons][:6]
                 changed.add(aid)
             if abs(r - st.risk) >= 1e-6:
                 st.risk = r
         moved, changes.campaigns = self._campaigns(now, set(ids))
         changes.accounts = [self.status[a].verdict(a) for a in sorted(changed | moved)]
         return changes
+
+    def _flagged_before(self, aid: str, st: AccountStatus, own: float, group: float
+                        ) -> str:
+        """The first reason of a flagged account whose latest evaluation found it under
+        the thresholds: flags are sticky (policy may have acted, and an analyst decides
+        on a release), so the verdict says when it was flagged and that its evidence has
+        weakened since, rather than listing only what its risk is made of now."""
+        assert st.first_flagged_at is not None
+        when = datetime.fromtimestamp(st.first_flagged_at, UTC).strftime("%Y-%m-%d %H:%M")
+        cal = self.calibration
+        line = (f"flagged {when} UTC at {st.exchanges_before_flag} exchanges, risk up to "
+                f"{max(st.peak, st.peak_group):.2f}; now {own:.2f}, under the threshold "
+                f"{cal.threshold:.3f}")
+        if cal.community is not None:
+            line += f", its group {group:.2f} under {cal.community_threshold:.3f}"
+        if st.campaign_id is not None and aid not in self.graph.of:
+            line += ", no longer linked to its campaign's accounts"
+        return line
 
     def _campaigns(self, now: float, touched: set[str]
                    ) -> tuple[set[str], list[CampaignVerdict]]:
@@ -368,13 +399,17 @@ class Detector:
         accounts = [a for a in accounts if self.status[a].campaign_id == cid]
         if existing is None:
             evidence = campaign_evidence(community, self.states, flagged)
-            existing = self.campaigns[cid] = CampaignStatus(cid, accounts, risk, now, evidence)
+            existing = self.campaigns[cid] = CampaignStatus(
+                cid, accounts, risk, now, evidence, community.members, len(flagged))
             return existing.verdict()
         # The evidence (a walk over every member) is written out only when the campaign's
         # verdict changes: its members, its risk by a step, or its headline.
+        headline = campaign_headline(community.size, len(flagged),
+                                     sum(a not in community.members for a in accounts))
         if (existing.accounts != accounts or abs(existing.risk - risk) >= RISK_STEP
-                or existing.evidence[:1] != [campaign_headline(community, flagged)]):
+                or existing.headline() != headline):
             existing.accounts, existing.risk = accounts, risk
+            existing.linked, existing.flagged = community.members, len(flagged)
             existing.evidence = campaign_evidence(community, self.states, flagged)
             return existing.verdict()
         return None

@@ -81,16 +81,26 @@ _KIND_TEXT = {"template": "share template frames", "lockstep": "act in lockstep"
               "signup": "signed up in the same window"}
 
 
-def campaign_headline(community: Community, flagged: list[str]) -> str:
-    """The first line of :func:`campaign_evidence`: size and flagged members."""
-    return f"{community.size} linked accounts, {len(flagged)} flagged"
+def campaign_headline(linked: int, flagged: int, unlinked: int) -> str:
+    """A campaign's first line of evidence: its community's size and flagged members, and
+    the accounts attributed to it that are no longer linked to it (flags and campaign
+    ids are sticky: an account flagged as a member keeps both after its links went, and
+    the campaign's account list keeps it, so the count says why the list is longer)."""
+    line = f"{linked} linked accounts, {flagged} flagged"
+    if unlinked == 1:
+        line += "; 1 more account flagged as a member earlier is no longer linked"
+    elif unlinked:
+        line += f"; {unlinked} more accounts flagged as members earlier are no longer linked"
+    return line
 
 
 def campaign_evidence(community: Community, states: Mapping[str, AccountState],
                       flagged: list[str]) -> list[str]:
+    """A campaign's evidence after its headline (:func:`campaign_headline`): how its
+    community's members are linked, what they send, from where, and examples."""
     members = sorted(community.members)
     size = len(members)
-    out = [campaign_headline(community, flagged)]
+    out: list[str] = []
     for kind, n in sorted(community.kinds.items(), key=lambda kv: (-kv[1], kv[0])):
         out.append(f"{n} of {size} accounts {_KIND_TEXT.get(kind, kind)}")
     total = sum(states[m].count for m in members) or 1
