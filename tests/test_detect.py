@@ -137,6 +137,39 @@ def test_cli_writes_the_verdicts_format(tmp_path: Path, world: World
     assert bad.exit_code != 0 and "--out" in bad.output
 
 
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--tick-seconds", "0", "not in (0, 86400]"),
+    ("--tick-seconds", "-5", "not in (0, 86400]"),
+    ("--tick-seconds", "nan", "not in (0, 86400]"),
+    ("--memory-limit", "bogus", "a size such as 1GB"),
+])
+def test_cli_rejects_a_bad_option_before_reading(tmp_path: Path, world: World, option: str,
+                                                 value: str, says: str) -> None:
+    """A tick of 0 divided by zero, a negative one ran with every exchange an evaluation,
+    and a memory limit DuckDB cannot parse raised from DuckDB, with a traceback, when the
+    trace needed sorting."""
+    out = tmp_path / "verdicts.json"
+    unsorted = tmp_path / "unsorted.jsonl"
+    unsorted.write_bytes(b"".join(reversed(world[0].read_bytes().splitlines(True)[:200])))
+    result = CliRunner().invoke(main, ["detect", "--trace", str(unsorted), "--out", str(out),
+                                       option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output and says in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+    calibrate = CliRunner().invoke(main, ["detect", "calibrate", "--trace", str(unsorted),
+                                          "--labels", str(world[2]), "--out", str(out),
+                                          "--tick-seconds", "0"])
+    assert calibrate.exit_code == 2 and "not in (0, 86400]" in calibrate.output
+
+
+def test_the_library_rejects_a_bad_tick_or_memory_limit(world: World) -> None:
+    with pytest.raises(ValueError, match="tick_seconds must be a positive number"):
+        run_batch(world[0], Calibration.neutral(), tick_seconds=0.0)
+    with pytest.raises(ValueError, match="not a memory limit DuckDB can work within"):
+        run_batch(world[0], Calibration.neutral(), memory_limit="lots")
+
+
 
 def test_reader_process_gives_the_same_verdicts(world: World,
                                                 batch: Verdicts) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from distillguard.detect.calibration import Calibration, file_sha256, fit_model, threshold_for
 from distillguard.detect.engine import DUE_GROWTH, Detector
 from distillguard.detect.features import ExchangeFeatures
-from distillguard.detect.reader import receive, trace_feature_rows
+from distillguard.detect.reader import check_memory_limit, receive, trace_feature_rows
 from distillguard.detect.scoring import AccountFacts
 from distillguard.geoip import GeoIP
 from distillguard.traceio import FormatError, read_accounts
@@ -258,6 +258,7 @@ def run_batch(trace: str | Path, calibration: Calibration, *,
     uses the second process for traces of READER_PROCESS_MIN_BYTES or more on a machine
     with two or more cores, when no custom ``geoip`` is given (the reader loads the
     default database itself). The verdicts are the same either way."""
+    check_memory_limit(memory_limit)
     if _use_reader_process(trace, reader) and geoip is None:
         features = _trace_features_in_reader(trace, memory_limit=memory_limit,
                                              on_block=on_block)

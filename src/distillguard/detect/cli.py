@@ -34,6 +34,7 @@ from distillguard.detect.batch import (
 )
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
+from distillguard.detect.reader import check_memory_limit
 from distillguard.files import output_path
 
 
@@ -44,6 +45,20 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def tick_seconds_of(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    """What the settings file's detect.tick_seconds allows (detect/settings.py)."""
+    if not 0.0 < value <= 86_400.0:       # false for NaN too
+        raise click.BadParameter(f"{value} is not in (0, 86400] seconds")
+    return value
+
+
+def memory_limit_of(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_memory_limit(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group("detect", invoke_without_command=True)
@@ -60,9 +75,11 @@ def exit_on_sigterm() -> None:
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")
 @click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
+              callback=tick_seconds_of,
               help="Evaluate links and risk every this many seconds of trace time.")
-@click.option("--memory-limit", default="1GB", show_default=True,
-              help="DuckDB memory limit for sorting the trace (spills to disk beyond it).")
+@click.option("--memory-limit", default="1GB", show_default=True, callback=memory_limit_of,
+              help="DuckDB memory limit for sorting the trace (spills to disk beyond it): "
+                   "a size such as 1GB or 500MB, or a share of RAM such as 50%.")
 @click.option("--progress-log", type=click.Path(dir_okay=False),
               help="Also write progress as JSON Lines (exchanges, seconds, resident MB).")
 @click.option("--reader", type=click.Choice(READERS), default="auto", show_default=True,
@@ -263,7 +280,8 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
               help="labels.jsonl: account_id and campaign_id (null for benign accounts).")
 @click.option("--target-fpr", default=0.001, show_default=True, type=float,
               help="Share of benign accounts allowed to be flagged.")
-@click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float)
+@click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
+              callback=tick_seconds_of)
 @click.option("--community/--no-community", default=False, show_default=True,
               help="Also fit the community model (flags linked groups as a whole).")
 @click.option("--folds", default=3, show_default=True, type=int,

@@ -142,6 +142,9 @@ class Detector:
     def __init__(self, calibration: Calibration, *, tick_seconds: float = 300.0,
                  collect: bool = False, links: LinkIndex | None = None,
                  due_growth: float = DUE_GROWTH, due_seconds: float = DUE_SECONDS) -> None:
+        if not 0.0 < tick_seconds < math.inf:
+            raise ValueError(f"tick_seconds must be a positive number of seconds, not "
+                             f"{tick_seconds!r}")
         self.calibration = calibration
         self.tick_seconds = tick_seconds
         self.due_growth = due_growth

@@ -107,6 +107,21 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
         yield from _sorted_by_duckdb(path, memory_limit, temp_dir, batch_rows)
 
 
+def check_memory_limit(memory_limit: str) -> str:
+    """``memory_limit`` if DuckDB takes it as its memory limit (a size such as ``1GB``,
+    ``500MB``, ``2GiB``, or a share of RAM such as ``50%``) and can run a query within
+    it; otherwise ValueError with a message that says what is wanted. Checked before a
+    trace is read, rather than when a trace turns out to need sorting."""
+    try:
+        with duckdb.connect(config={"memory_limit": memory_limit}) as con:
+            con.execute("SELECT 1").fetchall()
+    except duckdb.Error:
+        raise ValueError(f"{memory_limit!r} is not a memory limit DuckDB can work within: "
+                         "give a size such as 1GB, 500MB or 2GiB, or a share of RAM such "
+                         "as 50%") from None
+    return memory_limit
+
+
 def _duckdb_batches(path: str, query: str, memory_limit: str, temp_dir: str | None,
                     batch_rows: int) -> Iterator[Any]:
     """``query`` (over ``$path``) on DuckDB, as Arrow record batches, with its memory
