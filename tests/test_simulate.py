@@ -98,5 +98,9 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "exchanges" in result.output
     assert (tmp_path / "labels.jsonl").exists()
-    bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path), "--scale", "0"])
-    assert bad.exit_code != 0
+    for option, value in (("--scale", "0"), ("--scale", "nan"), ("--days", "nan"),
+                          ("--days", "inf")):
+        bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "bad"), option,
+                                        value])
+        assert bad.exit_code != 0
+        assert f"{option} must be a positive number" in bad.output, bad.output

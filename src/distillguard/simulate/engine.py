@@ -8,6 +8,7 @@ held in memory (memory does not grow with the number of exchanges or days).
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +45,8 @@ def make_world(preset: str, seed: int, days: float | None,
     p = PRESETS[preset]
     rng = random.Random(f"distillguard-simulate:{p.seed_salt}:{seed}")
     span = float(days if days is not None else p.days)
-    if span <= 0:
-        raise ValueError("--days must be positive")
+    if not 0 < span < math.inf:           # false for NaN too
+        raise ValueError("--days must be a positive number")
     world = World(seed=seed, start=start.timestamp(), days=span, split=p.split,
                   timing=timing_model(), net=NetworkAllocator(random.Random(rng.random())),
                   rng=rng)
@@ -56,8 +57,8 @@ def make_world(preset: str, seed: int, days: float | None,
 def run(out_dir: str | Path, preset: str = "smoke", seed: int = 0, scale: float = 1.0,
         days: float | None = None, progress: bool = False,
         workers: int = 1) -> SimulationResult:
-    if scale <= 0:
-        raise ValueError("--scale must be positive")
+    if not 0 < scale < math.inf:          # false for NaN too
+        raise ValueError("--scale must be a positive number")
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     out = Path(out_dir)
