@@ -5,6 +5,7 @@ not share, risk that an unseen feature value cannot decide alone)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -242,17 +243,21 @@ def test_a_busy_first_hour_together_is_not_lockstep() -> None:
 
 
 def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
-                   group: bool = False) -> tuple[LinkIndex, dict[str, AccountState],
-                                                 AccountGraph]:
+                   group: bool = False,
+                   frames: Callable[[str, int], tuple[int, ...]] | None = None
+                   ) -> tuple[LinkIndex, dict[str, AccountState], AccountGraph]:
     """Feed (account, time) events through the links in 5-minute evaluations, as the
-    detector does; with ``group``, the account graph and the group co-start test too."""
+    detector does; with ``group``, the account graph and the group co-start test too.
+    ``frames(account, n)``: the template keys of the account's n-th exchange (none)."""
     links = LinkIndex()
     graph = AccountGraph()
     states = {a: AccountState(a) for a, _ in events}
     for t0 in range(int(T0), int(T0) + days * 86_400, 300):
         window = sorted((ts, a) for a, ts in events if t0 <= ts < t0 + 300)
         for ts, a in window:
-            states[a].update(make_features(a, ts, template_keys=(), simhash=rng.getrandbits(64)))
+            keys = () if frames is None else frames(a, states[a].count)
+            states[a].update(make_features(a, ts, template_keys=keys,
+                                           simhash=rng.getrandbits(64)))
         for a in sorted({a for _, a in window}):
             states[a].flush()
             links.update(states[a])
@@ -359,11 +364,26 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
             links._own_starts.get(aid, [])) == starts
         local = _measured_chance(links, aid, members) if quiet and len(group) == 1 else None
         alpha = links.group_costart_alpha
+        if quiet and len(group) == 1:
+            share = _frame_share(links, states, group[0].members)
+            if share is not None and not share[0].isdisjoint(states[aid].templates.counts):
+                alpha /= share[1]
         if k >= GROUP_COSTART_MIN and (poisson_tail(chance, k) <= alpha or (
                 local is not None and poisson_tail(
                     max(chance / GROUP_COSTART_BURST, local * starts), k) <= alpha)):
             linked.update((min(aid, m), max(aid, m)) for m in mates)
     return linked
+
+
+def _frame_share(links: LinkIndex, states: dict[str, AccountState], members: Any
+                 ) -> tuple[set[object], float] | None:
+    """A community's dominant frames and the share of the accounts seen whose frame
+    sketches hold any of them, as defined (None: it has no dominant frame)."""
+    frames = {f for m in members for f in links.member_keys.get(m, {}).get("template", ())}
+    if not frames:
+        return None
+    seen = [st for st in states.values() if st.count]
+    return frames, sum(not frames.isdisjoint(st.templates.counts) for st in seen) / len(seen)
 
 
 def _measured_chance(links: LinkIndex, aid: str, members: set[str]) -> float | None:
@@ -442,6 +462,59 @@ def test_group_chance_is_measured_so_a_schedulers_bursts_count_once() -> None:
         if aid == "own":
             assert measured > modelled / 8
     assert states["own"].session_starts > GROUP_COSTART_SAMPLE
+
+
+def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chance(
+        ) -> None:
+    """A scheduler wakes 6 of its 40 accounts hourly; every prompt of theirs carries one
+    frame. Two late accounts are each woken with the pool at 3 of their 3 starts, each
+    time with members they have not met (so only the group test can link them); one
+    sends that frame in two of its three prompts (too few for a frame of its own), the
+    other never. Co-starting like that and carrying the frame would happen by chance
+    with the co-start tail times the share of accounts carrying it: the first account is
+    linked, the second, with the same timing evidence, is not."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    pool = [f"s{i:02d}" for i in range(40)]
+    met: dict[str, set[str]] = {"framed": set(), "plain": set()}
+    late = {40 + 2 * i: "framed" for i in range(3)} | {41 + 2 * i: "plain" for i in range(3)}
+    events: list[tuple[str, float]] = []
+    for tick in range(48):
+        at = T0 + tick * 3_600 + rng.uniform(0, 300)
+        who = late.get(tick)
+        woken = rng.sample(pool if who is None else sorted(set(pool) - met[who]), 6)
+        if who is not None:
+            met[who].update(woken)
+            events.append((who, at + rng.uniform(0, 15)))
+        events += [(a, at + rng.uniform(0, 15)) for a in woken]
+    events += [(f"free{k:03d}", T0 + rng.uniform(0, 2 * 86_400)) for k in range(300)]
+
+    def frames(aid: str, n: int) -> tuple[int, ...]:
+        if aid.startswith("s") or (aid == "framed" and n < 2):
+            return (101,)
+        return (zlib.crc32(f"{aid}{n}".encode()) + 1_000,)
+
+    links, states, graph = _replay_starts(events, 2, rng, group=True, frames=frames)
+    community = graph.of["s00"]
+    assert links.community_frames(community)[0] == {101}
+    share = links.community_frames(community)[1]
+    assert share == _frame_share(links, states, community.members)[1]  # type: ignore[index]
+    assert share < 0.2
+    assert "framed" in community.members and "plain" not in graph.of
+    assert links._group_costart.get("framed") and not links._group_costart.get("plain")
+    # the timing alone would not link it, at the model's or the measured chance
+    alpha = links.group_costart_alpha
+    others = community.members - {"framed"}
+    modelled = 3 * -math.expm1(-_start_density(states, others))
+    measured = _measured_chance(links, "framed", set(others))
+    assert measured is not None
+    p = poisson_tail(max(modelled / GROUP_COSTART_BURST, 3 * measured), 3)
+    assert alpha < p <= alpha / share
+    for aid in ("framed", "plain"):
+        assert links._group_costart.get(aid, set()) == _group_costart_by_definition(
+            links, states, graph.of, aid)
 
 
 def test_measured_chance_does_not_carry_a_union_of_pools() -> None:

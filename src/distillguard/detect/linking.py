@@ -38,7 +38,10 @@ that moved. A scheduler with a large pool
 rarely wakes the same two accounts together twice; :meth:`LinkIndex.group_costarts` then
 tests an account's co-starts against each community of its partners as a whole, and
 for a quiet account measures the chance from the group's own recent starts (a scheduler
-wakes several at once, so their densities added up overstate it).
+wakes several at once, so their densities added up overstate it). A quiet account that
+also carries one of the community's template frames in its prompts (any count: too few
+for a frame of its own) is held to alpha over the share of accounts that carry one of
+them, the chance of carrying one by coincidence.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import bisect
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +81,11 @@ GROUP_COSTART_SAMPLE = 16
 # wake-ups of two to five members at once make the model that many times too high, and
 # fewer measured windows than that would be noise.
 GROUP_COSTART_BURST = 4.0
+# A quiet account's group test is passed at alpha over the share of accounts carrying one
+# of the community's frames when it carries one too (LinkIndex.group_costarts); a share
+# below this counts as this, so the timing alone must still reach 100 x the alpha and a
+# rare frame cannot link an account on a couple of chance co-starts.
+FRAME_SHARE_FLOOR = 0.01
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
 COSTART_POPULATION = 1_000
@@ -241,6 +249,11 @@ class LinkIndex:
     # Each account's session starts from :meth:`_starts_kept_from` on, for the group
     # test's measured chance.
     _own_starts: dict[str, list[int]] = field(default_factory=dict)
+    # Per template key, the accounts whose frame sketch holds it at all (any count), as
+    # of their last evaluation; per account, those keys. The group test's frame chance
+    # reads them.
+    _carriers: dict[object, set[str]] = field(default_factory=dict)
+    _carried: dict[str, frozenset[object]] = field(default_factory=dict)
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -313,7 +326,49 @@ class LinkIndex:
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False
             self._lockstep_candidates(state)
+        self._carry(aid, state.templates.counts.keys())
         self.index_starts(state)
+
+    def _carry(self, aid: str, keys: KeysView[object]) -> None:
+        """Note the template keys the account's frame sketch holds now."""
+        old = self._carried.get(aid, frozenset())
+        if keys == old:
+            return
+        new = frozenset(keys)
+        for key in old - new:
+            mine = self._carriers[key]
+            mine.discard(aid)
+            if not mine:
+                del self._carriers[key]
+        for key in new - old:
+            self._carriers.setdefault(key, set()).add(aid)
+        self._carried[aid] = new
+
+    def _carries_frame_of(self, keys: Iterable[object], community: Community) -> bool:
+        """Whether any of ``keys`` is a dominant frame of a member of the community (as
+        :meth:`community_frames` would find, without its union over every member)."""
+        holders = self.groups["template"]
+        members = community.members
+        for key in keys:
+            held = holders.get(key)
+            if held is not None and not held.isdisjoint(members):
+                return True
+        return False
+
+    def community_frames(self, community: Community) -> tuple[set[object], float]:
+        """The community's dominant template frames (its members' together), and the
+        share of accounts whose frame sketches hold any of them at all: the chance that
+        an account unrelated to the community carries one of its frames (1.0 when it has
+        none)."""
+        frames: set[object] = set()
+        for m in community.members:
+            frames.update(self.member_keys.get(m, {}).get("template", ()))
+        if not frames:
+            return frames, 1.0
+        holders: set[str] = set()
+        for key in frames:
+            holders |= self._carriers.get(key, set())
+        return frames, len(holders) / max(1, len(self._carried))
 
     def index_starts(self, state: AccountState) -> None:
         """Count the account's session starts since the last call against those indexed
@@ -428,12 +483,22 @@ class LinkIndex:
         per start, times its starts), against one community (a union's test would link
         the account to every partner in it, and one community of the union passing
         would carry the others), and only when ``k`` passes at that floor and fails
-        the model."""
+        the model.
+
+        Such a quiet account that also carries one of the community's dominant template
+        frames (its frame sketch holds it at all, :meth:`_carries_frame_of`) is tested at
+        ``group_costart_alpha`` over the share of accounts whose sketches hold one of
+        them (:meth:`community_frames`, at least FRAME_SHARE_FLOOR): an account
+        unrelated to the community would co-start so *and* carry one of its frames with
+        the product of the two chances. A scheduler's accounts of two to five exchanges
+        send the operator's frame in some prompts, as an ordinary user of a public
+        instruction format may, but too rarely for a frame of their own."""
         tested = sorted(self._group_tested)
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
         densities: dict[int, float] = {}
         group_starts: dict[int, GroupStarts] = {}
+        group_frames: dict[int, float] = {}
 
         def start_density(aid: str) -> float:
             st = states.get(aid)
@@ -486,6 +551,7 @@ class LinkIndex:
             quiet = mine.count <= GROUP_COSTART_SAMPLE and len(
                 self._own_starts.get(aid, ())) == mine.session_starts
             alpha = self.group_costart_alpha
+            carried = mine.templates.counts.keys()
             for group, mates, lists in candidates:
                 # k is at most the lists' entries and at most the account's starts: when
                 # even that many would not pass, the union is not worth building (nearly
@@ -501,18 +567,27 @@ class LinkIndex:
                 # fails, so would the test.
                 measured = quiet and len(group) == 1
                 floor = chance / GROUP_COSTART_BURST if measured else chance
-                if poisson_tail(floor, most) > alpha:
+                # A quiet account that also carries one of the community's frames would
+                # do both by chance with the co-start tail times the share of accounts
+                # that carry one of them: its test passes at alpha over that share.
+                bar = alpha
+                if measured and self._carries_frame_of(carried, group[0]):
+                    key = id(group[0])
+                    if key not in group_frames:
+                        group_frames[key] = self.community_frames(group[0])[1]
+                    bar = alpha / max(group_frames[key], FRAME_SHARE_FLOOR)
+                if poisson_tail(floor, most) > bar:
                     continue
                 k = len(set().union(*lists))
-                if k < GROUP_COSTART_MIN or poisson_tail(floor, k) > alpha:
+                if k < GROUP_COSTART_MIN or poisson_tail(floor, k) > bar:
                     continue
-                if measured and poisson_tail(chance, k) > alpha:
+                if measured and poisson_tail(chance, k) > bar:
                     key = id(group[0])
                     if key not in group_starts:
                         group_starts[key] = self.starts_of(group[0].members)
                     local = self._local_start_chance(aid, group_starts[key])
                     if local is None or poisson_tail(
-                            max(floor, local * mine.session_starts), k) > alpha:
+                            max(floor, local * mine.session_starts), k) > bar:
                         continue
                 linked.update(_pair(aid, m) for m in mates)
             old = self._group_costart.get(aid, set())
