@@ -75,6 +75,17 @@ def test_commands_and_standalone_verifier(tmp_path: Path) -> None:
     code, out = _run("ledger", "verify-proof", str(cons), "--key", str(pub),
                      "--checkpoint", str(old_note))
     assert code == 0 and '"old_size":20' in out, out
+    # a key or checkpoint that is not one is a usage error, not a traceback
+    binary = tmp_path / "binary.dat"
+    binary.write_bytes(b"\xef\xbb\x00\xff" * 8)
+    for args, says in (
+            (["--key", str(old_note)], "is not a ledger public key"),
+            (["--key", str(binary)], "is not a ledger public key"),
+            (["--key", str(pub), "--checkpoint", str(binary)], "is not a signed checkpoint"),
+            (["--key", str(pub), "--checkpoint", str(tmp_path)], "is a directory")):
+        result = CliRunner().invoke(main, ["ledger", "verify-proof", str(cons), *args])
+        assert result.exit_code == 2 and says in result.output, (args, result.output)
+        assert isinstance(result.exception, SystemExit)
 
     # export, redact, export again: proofs still check out without the bodies
     export = tmp_path / "e.parquet"

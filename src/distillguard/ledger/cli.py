@@ -14,7 +14,12 @@ import click
 import orjson
 
 from distillguard.files import output_path, write_atomically
-from distillguard.ledger.checkpoint import VerifierKey, load_or_create_key, public_path
+from distillguard.ledger.checkpoint import (
+    CheckpointError,
+    VerifierKey,
+    load_or_create_key,
+    public_path,
+)
 from distillguard.ledger.settings import LedgerConfig, parse_settings
 
 
@@ -45,6 +50,9 @@ def _key(path: str | None, ctx: click.Context | None) -> VerifierKey:
         return VerifierKey.parse(Path(path).read_text())
     except OSError as exc:
         raise click.UsageError(f"cannot read public key {path}: {exc.strerror}") from None
+    except (CheckpointError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"{path} is not a ledger public key ({exc}); the ledger "
+                               "writes its own beside its private key, as .pub") from None
 
 
 @click.group("ledger")
@@ -178,7 +186,7 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
               required=True, help="The ledger's public key.")
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True),
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False),
               help="A signed checkpoint you trust (inclusion: the one to prove against; "
                    "consistency: your old one).")
 def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
@@ -187,7 +195,11 @@ def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
     from distillguard.ledger.verifier import VerificationFailed, verify_file
 
     key = _key(key_path, None)
-    note = Path(checkpoint_path).read_text() if checkpoint_path else None
+    try:
+        note = Path(checkpoint_path).read_text() if checkpoint_path else None
+    except UnicodeDecodeError:
+        raise click.UsageError(f"{checkpoint_path} is not a signed checkpoint (not "
+                               "text)") from None
     try:
         result = verify_file(Path(file), key, checkpoint=note)
     except (VerificationFailed, KeyError, ValueError) as exc:
