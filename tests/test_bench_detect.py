@@ -144,6 +144,11 @@ def test_cli_bench_detect_and_baseline(world: tuple[Path, Path, Path], tmp_path:
         assert kind in res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b'"campaign_types"' in js.read_bytes()
+    for elapsed in ("-3", "0", "nan"):     # a negative rate was printed for these
+        res = runner.invoke(main, ["bench", "detect", "--trace", str(trace), "--accounts",
+                                   str(accounts), "--labels", str(labels), "--verdicts",
+                                   str(out), "--elapsed", elapsed])
+        assert res.exit_code == 2 and "not a positive number of seconds" in res.output
 
 
 def test_baseline_flags_only_above_threshold(world: tuple[Path, Path, Path]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -21,6 +22,13 @@ def bench() -> None:
     """Measure detection against simulated ground truth."""
 
 
+def _positive(_ctx: click.Context, _param: click.Parameter, value: float | None
+              ) -> float | None:
+    if value is not None and not 0.0 < value < math.inf:     # false for NaN too
+        raise click.BadParameter(f"{value} is not a positive number of seconds")
+    return value
+
+
 @bench.command("detect")
 @click.option("--trace", required=True, type=_file)
 @click.option("--accounts", required=True, type=_file)
@@ -31,7 +39,7 @@ def bench() -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               callback=output_path,
               help="Write all metrics as JSON here.")
-@click.option("--elapsed", type=float,
+@click.option("--elapsed", type=float, callback=_positive,
               help="Detector run time in seconds (else the verdicts' elapsed_seconds).")
 def detect(trace: Path, accounts: Path, labels: Path, verdicts: Path, report: Path | None,
            json_out: Path | None, elapsed: float | None) -> None:
