@@ -75,6 +75,18 @@ def test_commands_and_standalone_verifier(tmp_path: Path) -> None:
     code, out = _run("ledger", "verify-proof", str(cons), "--key", str(pub),
                      "--checkpoint", str(old_note))
     assert code == 0 and '"old_size":20' in out, out
+    # sizes and ranges a proof or an export cannot have are usage errors, not tracebacks
+    for args, says in ((["prove", ids[30], "--tree-size", "20"], "not in a tree of size 20"),
+                       (["prove", ids[3], "--tree-size", "999"], "beyond the ledger's"),
+                       (["consistency", "30", "20"], "no consistency proof"),
+                       (["consistency", "999"], "no consistency proof"),
+                       (["export", "--out", str(tmp_path / "x.parquet"), "--start", "-1"],
+                        "not in the range"),
+                       (["export", "--out", str(tmp_path / "x.parquet"), "--start", "30",
+                         "--end", "20"], "before --start 30")):
+        result = CliRunner().invoke(main, ["-c", c, "ledger", *args])
+        assert result.exit_code == 2 and says in result.output, (args, result.output)
+        assert isinstance(result.exception, SystemExit)
     # a key or checkpoint that is not one is a usage error, not a traceback
     binary = tmp_path / "binary.dat"
     binary.write_bytes(b"\xef\xbb\x00\xff" * 8)

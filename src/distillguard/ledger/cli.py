@@ -20,6 +20,7 @@ from distillguard.ledger.checkpoint import (
     load_or_create_key,
     public_path,
 )
+from distillguard.ledger.merkle import ProofError
 from distillguard.ledger.settings import LedgerConfig, parse_settings
 
 
@@ -105,6 +106,8 @@ def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) 
             proof = lg.inclusion(ref, tree_size, sign_if_needed=True)
         except LookupError:
             raise click.UsageError(f"no ledger entry {ref}") from None
+        except ProofError as exc:         # a tree size the entry is not in
+            raise click.UsageError(str(exc)) from None
         _emit(proof, out)
     finally:
         lg.close()
@@ -125,7 +128,10 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
             lg.refresh()
             cp = lg.checkpoint(only_if_grown=True) or lg.store.latest_checkpoint()
             new_size = cp.tree_size
-        proof = lg.consistency(old_size, new_size)
+        try:
+            proof = lg.consistency(old_size, new_size)
+        except ProofError as exc:         # sizes out of order or beyond the ledger
+            raise click.UsageError(str(exc)) from None
         proof["old_checkpoint"] = lg.note_at(old_size)
         proof["new_checkpoint"] = lg.note_at(new_size)
         _emit(proof, out)
@@ -211,13 +217,17 @@ def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
 
 @ledger.command()
 @click.option("--out", type=click.Path(dir_okay=False), required=True, callback=output_path)
-@click.option("--start", type=int, default=0, show_default=True, help="First index.")
-@click.option("--end", type=int, help="End index (exclusive; default: everything).")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First index.")
+@click.option("--end", type=click.IntRange(min=0),
+              help="End index (exclusive; default: everything).")
 @click.pass_context
 def export(ctx: click.Context, out: str, start: int, end: int | None) -> None:
     """Export entries to Parquet with per-row inclusion proofs."""
     from distillguard.ledger.export import export_parquet
 
+    if end is not None and end < start:
+        raise click.BadParameter(f"{end} is before --start {start}", param_hint="--end")
     lg = _open(ctx, create_key=True)
     try:
         header = export_parquet(lg, Path(out), start=start, end=end)
