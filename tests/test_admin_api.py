@@ -27,6 +27,15 @@ def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -
     assert admin.post("/admin/v1/accounts", json={"org": "x"}).status_code == 422
     assert admin.get("/admin/v1/accounts/none").status_code == 404
 
+    for bad, param in (({"expires_in_days": "inf"}, "expires_at"),
+                       ({"expires_in_days": 1e12}, "expires_at"),
+                       ({"limits": {"requests_per_minute": -1}}, None)):
+        r = admin.post("/admin/v1/accounts/acct_17/keys", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["param"] == param
+    assert admin.patch("/admin/v1/accounts/acct_17", json={"country": "XYZ"}).status_code == 422
+    assert admin.post("/admin/v1/accounts", json={"account_id": "acct_18",
+                                                   "country": "Germany"}).status_code == 422
     created = admin.post("/admin/v1/accounts/acct_17/keys",
                          json={"name": "prod", "expires_in_days": 30}).json()
     secret = created["key"]

@@ -101,3 +101,25 @@ def test_every_component_has_a_settings_check() -> None:
     from distillguard.components import DEFAULT_COMPONENTS, SETTINGS_CHECKS
 
     assert [name for name, _ in SETTINGS_CHECKS] == [name for name, _ in DEFAULT_COMPONENTS]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["accounts", "create", "acct_x", "--country", "ZZZ"], "ISO 3166-1 alpha-2"),
+    (["accounts", "create", "acct_x", "--created-at", "notatime"], "not an RFC 3339 time"),
+    (["accounts", "update", "acct_1", "--rpm", "-3"], "at least 0"),
+    (["keys", "create", "acct_1", "--expires-in-days", "-1"], "is not in (0, 36500] days"),
+    (["keys", "create", "acct_1", "--expires-in-days", "nan"], "is not in (0, 36500] days"),
+    (["keys", "create", "acct_1", "--expires-in-days", "inf"], "is not in (0, 36500] days"),
+    (["keys", "create", "acct_1", "--expires-at", "notatime"], "not an RFC 3339 time"),
+    (["keys", "create", "acct_1", "--tpm", "-1"], "at least 0"),
+])
+def test_bad_account_and_key_options_are_refused(cfg: str, args: list[str], says: str) -> None:
+    """Each of these was a traceback (a date, NaN or infinity), or was kept: a country no
+    jurisdiction rule matches, a negative limit, a key expiring days ago."""
+    run(cfg, "accounts", "create", "acct_1", "--country", "DE")
+    result = CliRunner().invoke(main, ["-c", cfg, *args])
+    assert result.exit_code == 2, result.output
+    assert says in result.output and isinstance(result.exception, SystemExit)
+    shown = orjson.loads(run(cfg, "accounts", "show", "acct_1"))
+    assert shown["keys"] == [] and "limits" not in shown
+    assert "acct_x" not in run(cfg, "accounts", "list")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from distillguard.errors import NotFound, StoreError
+from distillguard.errors import InvalidRecord, NotFound, StoreError
 from distillguard.store import open_state_store
 from distillguard.store.migrations import MIGRATIONS
-from distillguard.store.models import AccountStatus, key_id_of, key_matches
+from distillguard.store.models import Account, AccountStatus, key_id_of, key_matches
 from tests.factories import make_account
 
 
@@ -72,3 +72,32 @@ async def test_keys_hashed_revocable_expiring(store) -> None:  # type: ignore[no
     assert not (await store.get_key(key.key_id)).is_usable(datetime.now(UTC))
     with pytest.raises(NotFound):
         await store.create_key("missing-account")
+
+
+async def test_records_the_store_will_not_keep(store) -> None:  # type: ignore[no-untyped-def]
+    """A country no jurisdiction rule could match, a negative or fractional limit, or a
+    date that is not one is refused with the field named, as InvalidRecord (a StoreError
+    for the command line and the admin API, a ValueError for parsers); nothing is
+    written."""
+    await store.put_account(make_account("acct_v"))
+    for bad in ({"country": "ZZZ"}, {"country": "Germany"}, {"country": 49},
+                {"limits": {"requests_per_minute": -1}},
+                {"limits": {"tokens_per_day": 2.5}}, {"limits": {"tokens_per_day": True}},
+                {"created_at": "yesterday"}):
+        with pytest.raises(InvalidRecord) as raised:
+            await store.update_account("acct_v", **bad)
+        field = next(iter(bad))
+        assert (next(iter(bad[field])) if field == "limits" else field) in str(raised.value)
+        with pytest.raises(ValueError):
+            Account.from_public({"account_id": "acct_w", **bad})
+    assert (await store.get_account("acct_v")).country == "DE"
+    updated = await store.update_account("acct_v", country="de",
+                                         limits={"requests_per_minute": "60",
+                                                 "tokens_per_day": 5000.0,
+                                                 "tokens_per_minute": None})
+    assert updated.country == "DE" and updated.limits == {
+        "requests_per_minute": 60, "tokens_per_day": 5000, "tokens_per_minute": None}
+    with pytest.raises(InvalidRecord, match="'requests_per_minute'"):
+        await store.create_key("acct_v", limits={"requests_per_minute": -5})
+    assert await store.list_keys("acct_v") == []
+    assert issubclass(InvalidRecord, StoreError) and issubclass(InvalidRecord, ValueError)

@@ -339,6 +339,10 @@ def keys() -> None:
     """Create, list and revoke API keys."""
 
 
+# A key lives at most this long (a hundred years: beyond it datetime overflows soon).
+MAX_KEY_DAYS = 36_500
+
+
 @keys.command("create")
 @click.argument("account_id")
 @click.option("--name")
@@ -354,8 +358,14 @@ def keys_create(ctx: Context, account_id: str, name: str | None,
     """Create a key. The secret is printed once, here, and never stored."""
     expiry = None
     if expires_at:
-        expiry = parse_ts(expires_at)
-    elif expires_in_days:
+        try:
+            expiry = parse_ts(expires_at)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--expires-at") from None
+    elif expires_in_days is not None:
+        if not 0 < expires_in_days <= MAX_KEY_DAYS:      # false for NaN too
+            raise click.BadParameter(f"{expires_in_days} is not in (0, {MAX_KEY_DAYS}] days",
+                                     param_hint="--expires-in-days")
         expiry = datetime.now(UTC) + timedelta(days=expires_in_days)
     limits: dict[str, int | None] = {
         k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),

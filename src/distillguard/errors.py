@@ -46,6 +46,11 @@ class NotFound(StoreError):
     """The requested object does not exist."""
 
 
+class InvalidRecord(StoreError, ValueError):
+    """The state store will not keep this account or key as given; the message names the
+    field and what it takes. A ValueError too, for callers that parse records."""
+
+
 class APIError(DistillguardError):
     status: int = 500
     type: str = "api_error"

@@ -199,7 +199,7 @@ class AdminAPI:
                 expires_at = parse_ts(data["expires_at"])
             elif data.get("expires_in_days"):
                 expires_at = datetime.now(UTC) + timedelta(days=float(data["expires_in_days"]))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise Unprocessable(f"bad expiry: {exc}", param="expires_at") from None
         limits = data.get("limits") or {}
         if not isinstance(limits, dict):

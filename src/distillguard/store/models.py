@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from distillguard.errors import InvalidRecord
 from distillguard.exchange import format_ts, parse_ts
 
 KEY_PREFIX = "sk-dg-"
@@ -58,26 +59,19 @@ class Account:
     def from_public(cls, data: dict[str, Any]) -> Account:
         """Build an account from one accounts-format object (only ``account_id`` required)."""
         if not isinstance(data, dict):
-            raise ValueError("an account must be a JSON object")
+            raise InvalidRecord("an account must be a JSON object")
         account_id = data.get("account_id")
         if not isinstance(account_id, str) or not account_id.strip():
-            raise ValueError("an account needs a non-empty string 'account_id'")
+            raise InvalidRecord("an account needs a non-empty string 'account_id'")
         created = data.get("created_at")
         try:
             created_at = parse_ts(created) if created else datetime.now(UTC)
         except ValueError as exc:
-            raise ValueError(f"account 'created_at': {exc}") from None
+            raise InvalidRecord(f"account 'created_at': {exc}") from None
         status = data.get("status") or AccountStatus.ACTIVE
         if status not in AccountStatus.__members__.values():
-            raise ValueError(f"account status must be one of {[s.value for s in AccountStatus]}")
-        limits = data.get("limits") or {}
-        if not isinstance(limits, dict):
-            raise ValueError("account 'limits' must be an object")
-        try:
-            limits = {k: (None if v is None else int(v)) for k, v in limits.items()}
-        except (ValueError, TypeError):
-            raise ValueError("account 'limits' values must be whole numbers or null") from None
-        country = data.get("country")
+            raise InvalidRecord(
+                f"account status must be one of {[s.value for s in AccountStatus]}")
         known = set(ACCOUNT_FIELDS) | {"status", "limits"}
         return cls(
             account_id=account_id.strip(),
@@ -85,12 +79,53 @@ class Account:
             org=_s(data.get("org")),
             email_domain=_s(data.get("email_domain")),
             payment_fingerprint=_s(data.get("payment_fingerprint")),
-            country=country.upper() if isinstance(country, str) else None,
+            country=check_country(data.get("country")),
             tier=str(data.get("tier") or "standard"),
             status=AccountStatus(status),
-            limits=limits,
+            limits=check_limits(data.get("limits") or {}, "account"),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def check_country(value: Any) -> str | None:
+    """An account's country as stored: an ISO 3166-1 alpha-2 code, upper case (None when
+    not given). Jurisdiction rules match these codes, so a code of another shape (``ZZZ``,
+    ``Germany``) is refused rather than kept where no rule would ever match it."""
+    if value is None or value == "":
+        return None
+    code = value.strip().upper() if isinstance(value, str) else ""
+    if len(code) != 2 or not ("A" <= code[0] <= "Z" and "A" <= code[1] <= "Z"):
+        raise InvalidRecord(f"account 'country' must be an ISO 3166-1 alpha-2 code such as "
+                            f"DE, not {value!r}")
+    return code
+
+
+def check_limits(limits: Any, owner: str) -> dict[str, int | None]:
+    """An account's or a key's limits as stored: whole numbers of at least 0, or null
+    (no override)."""
+    if not isinstance(limits, dict):
+        raise InvalidRecord(f"{owner} 'limits' must be an object")
+    out: dict[str, int | None] = {}
+    for name, value in limits.items():
+        if value is None:
+            out[name] = None
+        elif _whole_at_least_0(value):
+            out[name] = int(value)
+        else:
+            raise InvalidRecord(f"{owner} limit {name!r} must be a whole number of at "
+                                f"least 0, or null; not {value!r}")
+    return out
+
+
+def _whole_at_least_0(value: Any) -> bool:
+    """60, 60.0 and "60" are; -1, 60.5, True and "sixty" are not."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    return isinstance(value, str) and value.strip().isdigit()
 
 
 def _s(value: Any) -> str | None:

@@ -16,13 +16,15 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from distillguard.errors import NotFound, StoreError
+from distillguard.errors import InvalidRecord, NotFound, StoreError
 from distillguard.exchange import parse_ts
 from distillguard.store.migrations import pending
 from distillguard.store.models import (
     Account,
     AccountStatus,
     ApiKey,
+    check_country,
+    check_limits,
     hash_key,
     new_key_material,
 )
@@ -203,12 +205,17 @@ class SQLStateStore:
             raise StoreError(f"cannot update account fields {sorted(unknown)}")
         account = await self.get_account(account_id)
         for name, value in changes.items():
-            if name == "status":
-                value = AccountStatus(value)
-            elif name == "created_at" and isinstance(value, str):
-                value = parse_ts(value)
-            elif name == "country" and isinstance(value, str):
-                value = value.upper()
+            try:
+                if name == "status":
+                    value = AccountStatus(value)
+                elif name == "created_at" and isinstance(value, str):
+                    value = parse_ts(value)
+            except ValueError as exc:
+                raise InvalidRecord(f"account {name!r}: {exc}") from None
+            if name == "country":
+                value = check_country(value)
+            elif name == "limits":
+                value = check_limits(value, "account")
             setattr(account, name, value)
         await self.put_account(account, replace=True)
         return account
@@ -240,7 +247,7 @@ class SQLStateStore:
         await self.get_account(account_id)
         key_id, secret = new_key_material()
         key = ApiKey(key_id=key_id, account_id=account_id, key_hash=hash_key(secret),
-                     name=name, expires_at=expires_at, limits=dict(limits or {}))
+                     name=name, expires_at=expires_at, limits=check_limits(limits or {}, "key"))
         async with self.engine.begin() as conn:
             await conn.execute(
                 text("INSERT INTO api_keys (key_id, account_id, key_hash, name, created_at,"
