@@ -26,6 +26,10 @@ def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -
     assert admin.post("/admin/v1/accounts", json={"account_id": "acct_17"}).status_code == 422
     assert admin.post("/admin/v1/accounts", json={"org": "x"}).status_code == 422
     assert admin.get("/admin/v1/accounts/none").status_code == 404
+    # a negative offset is refused (PostgreSQL would fail on it); a limit is kept in 1-1000
+    r = admin.get("/admin/v1/accounts", params={"offset": "-1"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "offset"
+    assert len(admin.get("/admin/v1/accounts", params={"limit": "-1"}).json()["data"]) == 1
 
     for bad, param in (({"expires_in_days": "inf"}, "expires_at"),
                        ({"expires_in_days": 1e12}, "expires_at"),

@@ -253,7 +253,7 @@ def accounts_create(ctx: Context, account_id: str, org: str | None, email_domain
 
 @accounts.command("list")
 @click.option("--query", "-q", help="Substring of id, org, email domain or payment fingerprint.")
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @pass_ctx
 def accounts_list(ctx: Context, query: str | None, limit: int) -> None:
     """List accounts as JSON Lines."""

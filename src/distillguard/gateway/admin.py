@@ -133,10 +133,12 @@ class AdminAPI:
     async def list_accounts(self, request: Request) -> Response:
         q = request.query_params
         try:
-            limit = min(1000, int(q.get("limit", 100)))
+            limit = max(1, min(1000, int(q.get("limit", 100))))
             offset = int(q.get("offset", 0))
         except ValueError:
             raise InvalidRequest("limit and offset must be integers.") from None
+        if offset < 0:   # PostgreSQL refuses a negative OFFSET (SQLite ignores it)
+            raise InvalidRequest("offset must be at least 0.", param="offset")
         accounts = await self.gateway.store.list_accounts(query=q.get("query"), limit=limit,
                                                           offset=offset)
         return json_response({"object": "list",

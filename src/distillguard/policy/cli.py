@@ -52,7 +52,9 @@ def _with_ops(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())
     except (ValueError, LookupError) as exc:
-        click.echo(f"error: {str(exc).strip(chr(39))}", err=True)
+        # A KeyError's str() quotes its message; other errors' messages may end in a quote.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        click.echo(f"error: {message}", err=True)
         sys.exit(2)
 
 
@@ -173,7 +175,7 @@ def revoke(ctx: click.Context, accounts: tuple[str, ...], names: tuple[str, ...]
 @policy.command("actions")
 @click.option("--account")
 @click.option("--active", is_flag=True, help="Only active actions.")
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @click.pass_context
 def actions_cmd(ctx: click.Context, account: str | None, active: bool, limit: int) -> None:
     """List actions, newest first (JSON)."""
@@ -234,7 +236,7 @@ def screen_name(ctx: click.Context, name: str) -> None:
 
 @policy.command("audit")
 @click.option("--subject", help="For example account:acct_17.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @click.pass_context
 def audit_cmd(ctx: click.Context, subject: str | None, limit: int) -> None:
     """Audit events, newest first (JSON)."""
@@ -273,7 +275,7 @@ def review() -> None:
 @review.command("list")
 @click.option("--status", default="open", show_default=True,
               type=click.Choice(["open", "escalated", "confirmed", "dismissed", "all"]))
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def review_list(ctx: click.Context, status: str, limit: int, as_json: bool) -> None:
