@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
+from distillguard.cliparams import positive_problem
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError
 from distillguard.exchange import parse_ts
@@ -363,9 +364,9 @@ def keys_create(ctx: Context, account_id: str, name: str | None,
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--expires-at") from None
     elif expires_in_days is not None:
-        if not 0 < expires_in_days <= MAX_KEY_DAYS:      # false for NaN too
-            raise click.BadParameter(f"{expires_in_days} is not in (0, {MAX_KEY_DAYS}] days",
-                                     param_hint="--expires-in-days")
+        problem = positive_problem(expires_in_days, MAX_KEY_DAYS, "days")
+        if problem:
+            raise click.BadParameter(problem, param_hint="--expires-in-days")
         expiry = datetime.now(UTC) + timedelta(days=expires_in_days)
     limits: dict[str, int | None] = {
         k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ import orjson
 from distillguard.benchdetect.baseline import run_baseline
 from distillguard.benchdetect.metrics import score
 from distillguard.benchdetect.report import table, write_png
+from distillguard.cliparams import positive
 from distillguard.files import output_path, write_atomically
 from distillguard.verdicts import Verdicts
 
@@ -20,13 +20,6 @@ _file = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.group("bench")
 def bench() -> None:
     """Measure detection against simulated ground truth."""
-
-
-def _positive(_ctx: click.Context, _param: click.Parameter, value: float | None
-              ) -> float | None:
-    if value is not None and not 0.0 < value < math.inf:     # false for NaN too
-        raise click.BadParameter(f"{value} is not a positive number of seconds")
-    return value
 
 
 @bench.command("detect")
@@ -39,7 +32,7 @@ def _positive(_ctx: click.Context, _param: click.Parameter, value: float | None
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               callback=output_path,
               help="Write all metrics as JSON here.")
-@click.option("--elapsed", type=float, callback=_positive,
+@click.option("--elapsed", type=float, callback=positive(),
               help="Detector run time in seconds (else the verdicts' elapsed_seconds).")
 def detect(trace: Path, accounts: Path, labels: Path, verdicts: Path, report: Path | None,
            json_out: Path | None, elapsed: float | None) -> None:

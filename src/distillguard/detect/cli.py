@@ -25,6 +25,7 @@ import click
 import orjson
 from tqdm import tqdm
 
+from distillguard.cliparams import positive
 from distillguard.detect.batch import (
     READER_PROCESS_MIN_BYTES,
     READERS,
@@ -35,6 +36,7 @@ from distillguard.detect.batch import (
 from distillguard.detect.batch import calibrate as run_calibration
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.reader import check_memory_limit
+from distillguard.detect.settings import MAX_TICK_SECONDS
 from distillguard.files import output_path
 
 
@@ -47,11 +49,8 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def tick_seconds_of(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
-    """What the settings file's detect.tick_seconds allows (detect/settings.py)."""
-    if not 0.0 < value <= 86_400.0:       # false for NaN too
-        raise click.BadParameter(f"{value} is not in (0, 86400] seconds")
-    return value
+# What the settings file's detect.tick_seconds allows (detect/settings.py).
+tick_seconds_of = positive(MAX_TICK_SECONDS)
 
 
 def memory_limit_of(_ctx: click.Context, _param: click.Parameter, value: str) -> str:

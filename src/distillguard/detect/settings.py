@@ -30,6 +30,8 @@ from distillguard.errors import ConfigError
 # Where the online detector runs (see detect/online.py and detect/stream.py).
 RunsIn = Literal["process", "thread", "follower"]
 RUNS_IN: tuple[str, ...] = get_args(RunsIn)
+# The longest evaluation tick (a day), in the settings file and on the command line.
+MAX_TICK_SECONDS = 86_400.0
 
 
 class StreamSettings(BaseModel):
@@ -51,7 +53,7 @@ class DetectSettings(BaseModel):
 
     enabled: bool = True
     calibration: str | None = None
-    tick_seconds: float = Field(300.0, gt=0.0, le=86_400.0)
+    tick_seconds: float = Field(300.0, gt=0.0, le=MAX_TICK_SECONDS)
     runs_in: RunsIn = "process"
     stream: StreamSettings = Field(default_factory=StreamSettings)
 
