@@ -123,3 +123,59 @@ def test_bad_account_and_key_options_are_refused(cfg: str, args: list[str], says
     shown = orjson.loads(run(cfg, "accounts", "show", "acct_1"))
     assert shown["keys"] == [] and "limits" not in shown
     assert "acct_x" not in run(cfg, "accounts", "list")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["serve", "--port", "99999"], "0<=x<=65535"),
+    (["serve", "--admin-port", "-1"], "0<=x<=65535"),
+    (["demo-upstream", "--port", "70000"], "0<=x<=65535"),
+    (["demo-upstream", "--chunk-delay-ms", "nan"], "nan is not in [0, inf) ms"),
+    (["demo", "--minutes", "-1"], "is not a positive number of minutes"),
+    (["demo", "--minutes", "nan"], "is not a positive number of minutes"),
+    (["provenance", "{file}", "--trace", "{file}", "--out", "r.json",
+      "--min-containment", "2"], "2.0 is not in (0, 1]"),
+    (["provenance", "{file}", "--trace", "{file}", "--out", "r.json", "--min-items", "0"],
+     "x>=1"),
+    (["fingerprint", "trace", "{file}", "--account", "a", "--alpha", "5"],
+     "5.0 is not in (0, 1)"),
+    (["fingerprint", "model-test", "--outputs", "{file}", "--alpha", "nan"],
+     "nan is not in (0, 1)"),
+    (["share", "export", "--partner", "p", "--min-risk", "nan"], "nan is not in [0, 1]"),
+    (["share", "serve", "--port", "70000"], "0<=x<=65535"),
+    (["detect", "follow", "--idle-exit", "nan"], "is not a positive number of seconds"),
+    (["detect", "follow", "--metrics-port", "99999"], "0<=x<=65535"),
+    (["dashboard", "index", "{file}", "--batch", "0"], "x>=1"),
+    (["bench", "baseline", "--trace", "{file}", "--accounts", "{file}", "--out", "v.json",
+      "--per-day", "0"], "x>=1"),
+    (["spark", "detect", "--trace", "{file}", "--out", "v.json", "--tick-seconds", "0"],
+     "not in (0, 86400] seconds"),
+])
+def test_out_of_range_options_are_refused_before_anything_runs(
+        cfg: str, tmp_path: Path, args: list[str], says: str) -> None:
+    """Each was taken as given: a port past 65535 (the server then hung without a word,
+    or the metrics server raised OverflowError), NaN minutes (a traceback), a
+    containment share of 2 or a significance level of 5 (a report that looks valid), a
+    NaN idle time (follow forever), a batch of 0 rows, a volume threshold of 0."""
+    some = tmp_path / "some.jsonl"
+    some.write_text('{"text": "x"}\n')
+    argv = [a.replace("{file}", str(some)) for a in args]
+    result = CliRunner().invoke(main, ["-c", cfg, *argv])
+    assert result.exit_code == 2, result.output
+    assert says in result.output and isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "v.json").exists()
+
+
+def test_serve_on_a_taken_port_is_one_clear_error(cfg: str) -> None:
+    """uvicorn logged the failed bind, then exited from inside the event loop with a
+    traceback (and the announcement had already named the address as served)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["-c", cfg, "serve", "--port", str(port),
+                                           "--admin-port", "0"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: cannot listen for the public API on 127.0.0.1:{port}: Address already in "
+        f"use (while attempting to bind on address ('127.0.0.1', {port}))")
+    assert "Traceback" not in result.output and "gateway on" not in result.output

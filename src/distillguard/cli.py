@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from distillguard.cliparams import positive_problem
+from distillguard.cliparams import PORT, positive, positive_problem, within
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError
 from distillguard.exchange import parse_ts
@@ -121,8 +122,8 @@ def main(ctx: click.Context, config: str | None, verbose: bool) -> None:
 
 @main.command()
 @click.option("--host", help="Public API address (server.host).")
-@click.option("--port", type=int, help="Public API port (server.port).")
-@click.option("--admin-port", type=int, help="Admin API port (server.admin_port).")
+@click.option("--port", type=PORT, help="Public API port (server.port).")
+@click.option("--admin-port", type=PORT, help="Admin API port (server.admin_port).")
 @pass_ctx
 def serve(ctx: Context, host: str | None, port: int | None, admin_port: int | None) -> None:
     """Run the gateway (public API and admin API)."""
@@ -138,11 +139,22 @@ def serve(ctx: Context, host: str | None, port: int | None, admin_port: int | No
     if not settings.admin.token:
         click.echo("warning: no admin token configured; the admin API is disabled", err=True)
     stack = Stack(settings)
-    click.echo(f"distillguard gateway on {stack.base_url}  admin on {stack.admin_url}"
-               + ("  (demo upstream)" if settings.upstream.is_demo else ""), err=True)
+
+    async def run() -> None:
+        ready = asyncio.Event()
+        serving = asyncio.create_task(stack.serve(ready))
+        waiting = asyncio.create_task(ready.wait())
+        await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not serving.done():        # listening: its ports are known now (even 0)
+            click.echo(f"distillguard gateway on {stack.base_url}  admin on "
+                       f"{stack.admin_url}"
+                       + ("  (demo upstream)" if settings.upstream.is_demo else ""), err=True)
+        await serving
+
     _install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(stack.serve())
+        asyncio.run(run())
 
 
 def _install_uvloop() -> None:
@@ -155,8 +167,9 @@ def _install_uvloop() -> None:
 
 @main.command("demo-upstream")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=9000, show_default=True, type=int)
-@click.option("--chunk-delay-ms", default=0.0, show_default=True,
+@click.option("--port", default=9000, show_default=True, type=PORT)
+@click.option("--chunk-delay-ms", default=0.0, show_default=True, type=float,
+              callback=within(0, math.inf, high_open=True, unit="ms"),
               help="Delay between streamed chunks, to look like real generation.")
 def demo_upstream(host: str, port: int, chunk_delay_ms: float) -> None:
     """Run only the built-in demo upstream (a deterministic OpenAI-compatible stand-in)."""
@@ -171,7 +184,8 @@ def demo_upstream(host: str, port: int, chunk_delay_ms: float) -> None:
 @main.command()
 @click.option("--dir", "workdir", default="distillguard-demo", show_default=True,
               type=click.Path(file_okay=False), help="Where the demo keeps its state.")
-@click.option("--minutes", default=1.0, show_default=True,
+@click.option("--minutes", default=1.0, show_default=True, type=float,
+              callback=positive(unit="minutes"),
               help="Length of simulated traffic to replay through the gateway.")
 @click.option("--seed", default=7, show_default=True)
 @click.option("--keep-running", is_flag=True, help="Leave the gateway up after the demo.")

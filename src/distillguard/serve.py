@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute
 
 from distillguard.config import Settings
 from distillguard.demo_upstream import create_demo_upstream
+from distillguard.errors import ConfigError
 from distillguard.gateway.admin import AdminAPI
 from distillguard.gateway.app import Gateway
 from distillguard.pipeline import RequestCheck, ResponseFilter, Stage
@@ -44,6 +45,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def listen(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket on ``host``:``port`` (port 0: one the system picks for it), or
+    ConfigError naming the address and why it cannot be had (taken, not this machine's).
+    Left to uvicorn, a failed bind is logged and then exits the process from inside the
+    event loop, with a traceback."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen for the {what} on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
 
 
 def _server(app: Any, host: str, port: int, *,
@@ -92,19 +107,30 @@ class Stack:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server_cfg = self.settings.server
-        if server_cfg.port == 0:
-            server_cfg.port = free_port(server_cfg.host)
-        if server_cfg.admin_port == 0:
-            server_cfg.admin_port = free_port(server_cfg.admin_host)
-        if self.demo_port is not None:
-            self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
-                                        lifespan="off"))
+        # Every address is taken before any server starts: one that cannot be had is one
+        # clear error, and a port of 0 becomes the one the system gave.
+        sockets: list[socket.socket] = []
+        try:
+            sockets.append(listen(server_cfg.host, server_cfg.port, "public API"))
+            sockets.append(listen(server_cfg.admin_host, server_cfg.admin_port, "admin API"))
+            if self.demo_port is not None:
+                sockets.append(listen("127.0.0.1", self.demo_port, "demo upstream"))
+        except ConfigError:
+            for sock in sockets:
+                sock.close()
+            raise
+        server_cfg.port = int(sockets[0].getsockname()[1])
+        server_cfg.admin_port = int(sockets[1].getsockname()[1])
         main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on")
         admin_app = self.admin.app([r for e in self.extensions for r in e.admin_routes])
         admin = _server(admin_app, server_cfg.admin_host, server_cfg.admin_port,
                         lifespan="off")
         self.servers += [main, admin]
-        tasks = [asyncio.create_task(s.serve()) for s in self.servers]
+        if self.demo_port is not None:
+            self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
+                                        lifespan="off"))
+        tasks = [asyncio.create_task(s.serve(sockets=[sock]))
+                 for s, sock in zip(self.servers, sockets, strict=True)]
         try:
             while not all(s.started for s in self.servers):
                 if any(t.done() for t in tasks):
@@ -143,6 +169,8 @@ class StackThread:
             task = asyncio.create_task(self.stack.serve(ready))
             waiter = asyncio.create_task(ready.wait())
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():       # it failed to start: its error is recorded below first
+                await task
             self._ready.set()
             await task
 
@@ -158,6 +186,8 @@ class StackThread:
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError("the gateway did not start in time")
+        if isinstance(self._error, ConfigError):      # an address it cannot listen on
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"the gateway failed to start: {self._error!r}")
         if not all(s.started for s in self.stack.servers):

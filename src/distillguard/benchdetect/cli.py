@@ -55,7 +55,7 @@ def detect(trace: Path, accounts: Path, labels: Path, verdicts: Path, report: Pa
 @click.option("--accounts", required=True, type=_file)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               callback=output_path, help="Where to write the verdicts.")
-@click.option("--per-day", default=300, show_default=True,
+@click.option("--per-day", default=300, show_default=True, type=click.IntRange(min=1),
               help="Flag an account above this many exchanges in 24 hours.")
 def baseline(trace: Path, accounts: Path, out: Path, per_day: int) -> None:
     """Reference baseline detector (volume threshold, payment grouping): writes verdicts."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import orjson
 
+from distillguard.cliparams import within
 from distillguard.countermeasures.fingerprint import Fingerprinter
 from distillguard.files import output_path
 
@@ -39,7 +40,9 @@ def fingerprint() -> None:
 @click.option("--account", "accounts", multiple=True, help="Candidate account (repeatable).")
 @click.option("--accounts-file", type=click.Path(exists=True, dir_okay=False),
               help="Accounts JSON Lines: every account in it is a candidate.")
-@click.option("--alpha", default=0.01, show_default=True)
+@click.option("--alpha", default=0.01, show_default=True, type=float,
+              callback=within(0, 1, low_open=True, high_open=True),
+              help="Significance level of the test.")
 @click.pass_context
 def trace(ctx: click.Context, texts: str, accounts: tuple[str, ...],
           accounts_file: str | None, alpha: float) -> None:
@@ -68,7 +71,9 @@ def trace(ctx: click.Context, texts: str, accounts: tuple[str, ...],
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
               help="Prompts to send (JSON Lines: strings or objects with a prompt field).")
 @click.option("--api-key", envvar="SUSPECT_API_KEY", default="none")
-@click.option("--alpha", default=0.01, show_default=True)
+@click.option("--alpha", default=0.01, show_default=True, type=float,
+              callback=within(0, 1, low_open=True, high_open=True),
+              help="Significance level of the test.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), callback=output_path)
 @click.pass_context
 def model_test_cmd(ctx: click.Context, outputs: str | None, base_url: str | None,

@@ -29,7 +29,8 @@ def dashboard() -> None:
 @dashboard.command("index")
 @click.argument("traces", nargs=-1, required=True, type=click.Path(exists=True,
                                                                    dir_okay=False))
-@click.option("--batch", default=2000, show_default=True, help="Rows per transaction.")
+@click.option("--batch", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Rows per transaction.")
 @click.pass_context
 def index_traces(ctx: click.Context, traces: tuple[str, ...], batch: int) -> None:
     """Index trace files (the public trace format) for the dashboard's pages."""

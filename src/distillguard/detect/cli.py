@@ -25,7 +25,7 @@ import click
 import orjson
 from tqdm import tqdm
 
-from distillguard.cliparams import positive
+from distillguard.cliparams import PORT, positive
 from distillguard.detect.batch import (
     READER_PROCESS_MIN_BYTES,
     READERS,
@@ -203,10 +203,10 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
 @click.option("--from-now", is_flag=True,
               help="Start after the stream's newest entry (default: from the oldest it "
                    "keeps, rebuilding the detector's state from them).")
-@click.option("--idle-exit", type=float,
+@click.option("--idle-exit", type=float, callback=positive(),
               help="Stop once the stream has had nothing new for this many seconds "
                    "(default: follow until stopped).")
-@click.option("--metrics-port", type=int,
+@click.option("--metrics-port", type=PORT,
               help="Serve Prometheus metrics (the detector's and the stream's) on this "
                    "port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)

@@ -18,7 +18,7 @@ import click
 
 from distillguard.detect.batch import TICK_SECONDS
 from distillguard.detect.calibration import Calibration
-from distillguard.detect.cli import Progress, write_verdicts
+from distillguard.detect.cli import Progress, tick_seconds_of, write_verdicts
 from distillguard.errors import ConfigError
 from distillguard.files import output_path
 
@@ -39,6 +39,7 @@ def spark() -> None:
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration file (default: the one shipped with distillguard).")
 @click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
+              callback=tick_seconds_of,
               help="Evaluate links and risk every this many seconds of trace time.")
 @click.option("--master", default=None,
               help="Spark master URL (default: what spark-submit set, else local[*]).")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import orjson
 
+from distillguard.cliparams import within
 from distillguard.files import output_path, write_atomically
 from distillguard.provenance.lookup import ProvenanceIndex
 from distillguard.provenance.report import AttributionRule, build_report
@@ -34,9 +35,10 @@ def _fingerprinter(ctx: click.Context) -> Any:
               help="Where to write the JSON report.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), callback=output_path,
               help="Also write an HTML summary (with a PNG chart next to it).")
-@click.option("--min-containment", default=0.5, show_default=True,
+@click.option("--min-containment", default=0.5, show_default=True, type=float,
+              callback=within(0, 1, low_open=True),
               help="Share of an item's shingles that must occur in the exchange.")
-@click.option("--min-items", default=3, show_default=True,
+@click.option("--min-items", default=3, show_default=True, type=click.IntRange(min=1),
               help="Items an account must be credited with to be named.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context

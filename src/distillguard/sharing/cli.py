@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import orjson
 
+from distillguard.cliparams import PORT, within
 from distillguard.errors import DistillguardError
 from distillguard.sharing.settings import SharingSettings, parse_sharing_settings
 
@@ -71,7 +72,7 @@ def share() -> None:
 @click.option("--accounts", type=click.Path(dir_okay=False), help="Accounts file.")
 @click.option("--campaign", "campaigns", multiple=True, help="Campaign id (repeatable); "
               "default: every confirmed campaign.")
-@click.option("--min-risk", default=0.9, show_default=True,
+@click.option("--min-risk", default=0.9, show_default=True, type=float, callback=within(0, 1),
               help="Risk that counts as confirmed when detection records no status.")
 @click.option("--publish", "collection", help="Also add the objects to this collection of "
               "our TAXII server.")
@@ -255,7 +256,7 @@ def poll_cmd(ctx: Context, server: str, collection: str, user: str | None,
 
 @share.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8443, show_default=True, type=int)
+@click.option("--port", default=8443, show_default=True, type=PORT)
 @pass_ctx
 def serve_cmd(ctx: Context, host: str, port: int) -> None:
     """Run only the TAXII 2.1 server (under /taxii2/) on its own port."""
