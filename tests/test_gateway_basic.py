@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from distillguard.serve import StackThread
 
@@ -14,3 +15,27 @@ def test_chat_completion_through_gateway_with_openai_client(
         model="demo-chat-1", messages=[{"role": "user", "content": "Say hello"}], max_tokens=20)
     assert out.choices[0].message.content
     assert out.usage is not None and out.usage.completion_tokens <= 20
+
+
+def test_the_demo_upstream_refuses_a_bad_token_limit_as_the_api_does(
+    stack: StackThread, account_key: tuple[str, str]
+) -> None:
+    """A string limit made the demo upstream fail with a 500 (a 502 at the gateway); a
+    negative one was answered with one token."""
+    _, key = account_key
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    chat = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]}
+    for param, value, code in [("max_tokens", "lots", "invalid_type"),
+                               ("max_completion_tokens", 2.5, "invalid_type"),
+                               ("max_tokens", True, "invalid_type"),
+                               ("max_tokens", -5, "integer_below_min_value")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**chat, extra_body={param: value})  # type: ignore[call-overload]
+        assert refused.value.status_code == 400 and refused.value.code == code, value
+        assert isinstance(refused.value.body, dict) and refused.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="demo-chat-1", prompt="hi", extra_body={
+            "max_tokens": 0})
+    assert info.value.code == "integer_below_min_value"
+    out = client.chat.completions.create(**chat, max_completion_tokens=3)  # type: ignore[call-overload]
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"

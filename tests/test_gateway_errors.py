@@ -72,6 +72,9 @@ def test_request_errors(faulty: tuple[StackThread, Recorder, str]) -> None:
     _error(_post(stack, key, [1, 2]), 422, "invalid_body")
     _error(_post(stack, key, {"model": "ok-1"}), 422, "invalid_messages")
     _error(_post(stack, key, chat(stream="yes")), 422, "invalid_stream")
+    # The gateway adds include_usage to a stream's options: a string there was a 500.
+    _error(_post(stack, key, chat(stream=True, stream_options="x")), 422,
+           "invalid_stream_options")
     _error(_post(stack, key, chat("no-such-model")), 404, "model_not_found")
     _error(_post(stack, key, chat(padding="x" * 20_000)), 413, "request_too_large")
     r = httpx.get(stack.stack.base_url + "/files", headers={"authorization": f"Bearer {key}"})

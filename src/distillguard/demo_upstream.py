@@ -61,9 +61,27 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def _error(message: str, status: int, code: str) -> Response:
+def _error(message: str, status: int, code: str, param: str | None = None) -> Response:
     return _json({"error": {"message": message, "type": "invalid_request_error",
-                            "param": None, "code": code}}, status)
+                            "param": param, "code": code}}, status)
+
+
+def _token_limit(body: dict[str, Any], *names: str) -> int | None | Response:
+    """The first of ``names`` the body sets (a whole number of at least 1, as the OpenAI
+    API requires), None when it sets none, or the 400 answer the API gives a bad one."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            return _error(f"Invalid type for '{name}': expected an integer, but got "
+                          f"{type(value).__name__}.", 400, "invalid_type", name)
+        if value < 1:
+            return _error(f"Invalid '{name}': integer below minimum value. Expected a value "
+                          f">= 1, but got {value} instead.", 400, "integer_below_min_value",
+                          name)
+        return value
+    return None
 
 
 async def _body(request: Request) -> dict[str, Any] | Response:
@@ -106,9 +124,11 @@ class DemoUpstream:
             return _error(f"The model '{model}' does not exist", 404, "model_not_found")
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error("'messages' must be a non-empty list", 400, "invalid_messages")
+        limit = _token_limit(body, "max_completion_tokens", "max_tokens")
+        if isinstance(limit, Response):
+            return limit
         prompt = request_text(body)
-        tokens = answer_tokens(prompt, model, body.get("max_completion_tokens")
-                               or body.get("max_tokens"))
+        tokens = answer_tokens(prompt, model, limit)
         reasoning = None
         if model == "demo-reasoner-1":
             reasoning = " ".join(answer_tokens("reason:" + prompt, model, 60))
@@ -128,7 +148,7 @@ class DemoUpstream:
             "id": ident, "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": "fp_demo",
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "length" if body.get("max_tokens") == len(tokens)
+                         "finish_reason": "length" if limit == len(tokens)
                          else "stop"}],
             "usage": usage,
         })
@@ -170,8 +190,11 @@ class DemoUpstream:
         model = body.get("model")
         if model not in COMPLETION_MODELS + CHAT_MODELS:
             return _error(f"The model '{model}' does not exist", 404, "model_not_found")
+        limit = _token_limit(body, "max_tokens")
+        if isinstance(limit, Response):
+            return limit
         prompt = request_text(body)
-        tokens = answer_tokens(prompt, model, body.get("max_tokens") or 16)
+        tokens = answer_tokens(prompt, model, 16 if limit is None else limit)
         text = " " + " ".join(tokens)
         usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": len(tokens),
                  "total_tokens": count_tokens(prompt) + len(tokens)}

@@ -94,6 +94,11 @@ def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
     if stream is not None and not isinstance(stream, bool):
         raise Unprocessable("'stream' must be a boolean.", param="stream",
                             code="invalid_stream")
+    # The gateway adds include_usage to a stream's options (to meter it), so it reads them.
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise Unprocessable("'stream_options' must be an object.", param="stream_options",
+                            code="invalid_stream_options")
     return body
 
 
