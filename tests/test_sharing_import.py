@@ -80,6 +80,16 @@ def _import_and_check(tmp_path: Path, url: str) -> None:
     again = json.loads(_cli(config, "import", str(path), "--partner", "globex").output)
     assert again["duplicate"] is True
     assert _counts(url)["sharing_bundles"] == 1
+    # Other contents under an id already imported were called a duplicate, and dropped.
+    changed = json.loads(path.read_text())
+    changed["objects"] = [o for o in changed["objects"] if o["type"] != "indicator"]
+    path.write_text(json.dumps(changed))
+    refused = _cli(config, "import", str(path), "--partner", "globex")
+    assert refused.exit_code != 0
+    assert (f"refused, nothing imported: bundle {summary['bundle_id']} was imported from "
+            "globex at ") in refused.output
+    assert "with other contents" in refused.output and "Traceback" not in refused.output
+    assert _counts(url)["sharing_bundles"] == 1
 
 
 def test_import_keeps_provenance_and_activates_indicators(tmp_path: Path) -> None:

@@ -145,9 +145,12 @@ def import_cmd(ctx: Context, bundle: str, partner: str) -> None:
 
     async def go(store: Any) -> Any:
         sharing = await _sharing_store(ctx, store)
-        return await sharing.import_bundle(partner=partner, bundle_id=parsed.bundle_id,
-                                           objects=parsed.objects, source=f"file:{bundle}",
-                                           sha256=parsed.sha256)
+        try:
+            return await sharing.import_bundle(
+                partner=partner, bundle_id=parsed.bundle_id, objects=parsed.objects,
+                source=f"file:{bundle}", sha256=parsed.sha256)
+        except BundleError as exc:
+            raise DistillguardError(f"{bundle}: refused, nothing imported: {exc}") from None
 
     _echo(run(ctx.with_store(go)).to_json())
 

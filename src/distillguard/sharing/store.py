@@ -110,9 +110,18 @@ class SharingStore:
         now = now or datetime.now(UTC)
         summary = ImportSummary(partner=partner, bundle_id=bundle_id, objects=len(objects))
         seen = (await conn.execute(text(
-            "SELECT 1 FROM sharing_bundles WHERE partner = :p AND bundle_id = :b"),
-            {"p": partner, "b": bundle_id})).first()
+            "SELECT sha256, received_at FROM sharing_bundles WHERE partner = :p"
+            " AND bundle_id = :b"), {"p": partner, "b": bundle_id})).first()
         if seen is not None:
+            # The same bundle again is a duplicate; another bundle under an id already
+            # used would have its objects dropped without a word.
+            if sha256 is not None and seen[0] is not None and seen[0] != sha256:
+                from distillguard.sharing.validate import BundleError  # STIX parsing
+
+                raise BundleError(
+                    f"bundle {bundle_id} was imported from {partner} at {seen[1]} with "
+                    f"other contents (SHA-256 {seen[0][:16]}...); a changed bundle needs an "
+                    "id of its own", status=409)
             summary.duplicate = True
             return summary
         for obj in objects:
