@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import orjson
@@ -106,3 +107,24 @@ def test_a_bad_trace_time_is_named(tmp_path: Path) -> None:
     bad.write_bytes(orjson.dumps({**DESIGN_LINE, "ts": 1772000000}) + b"\n")
     with pytest.raises(FormatError, match=r":1: expected an RFC 3339 time string, got int"):
         list(read_trace(bad))
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("status", "ok", "'status' must be an HTTP status code, not 'ok'"),
+    ("status", 200.5, "'status' must be an HTTP status code, not 200.5"),
+    ("status", -1, "'status' must be an HTTP status code, not -1"),
+    ("latency_ms", "slow", "'latency_ms' must be a number of milliseconds, not 'slow'"),
+    ("latency_ms", -3, "'latency_ms' must be a number of milliseconds, not -3"),
+])
+def test_a_bad_trace_number_is_named(tmp_path: Path, field: str, value: object,
+                                     says: str) -> None:
+    """int('ok') said "invalid literal for int() with base 10", naming no field; a
+    negative latency or status was kept."""
+    bad = tmp_path / "t.jsonl"
+    bad.write_bytes(orjson.dumps(DESIGN_LINE) + b"\n"
+                    + orjson.dumps({**DESIGN_LINE, field: value}) + b"\n")
+    with pytest.raises(FormatError, match=f":2: {re.escape(says)}$"):
+        list(read_trace(bad))
+    bad.write_bytes(orjson.dumps({**DESIGN_LINE, "status": 200, "latency_ms": 12}) + b"\n")
+    (good,) = read_trace(bad)
+    assert good.status == 200 and good.latency_ms_override == 12.0

@@ -12,12 +12,13 @@ An Exchange converts to and from one line of the public trace format (see
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -260,7 +261,7 @@ class Exchange:
         if model is None and isinstance(request, dict):
             model = request.get("model")
         stream = bool(request.get("stream")) if isinstance(request, dict) else False
-        latency = line.get("latency_ms")
+        latency = _trace_number(line, "latency_ms", "a number of milliseconds", float)
         ex = cls(
             id=str(line.get("exchange_id") or new_exchange_id()),
             ts=parse_ts(line["ts"]),
@@ -276,9 +277,9 @@ class Exchange:
             request_sha256=line.get("request_sha256"),
             response_sha256=line.get("response_sha256"),
             usage=usage,
-            status=int(line.get("status") or 0),
+            status=_trace_number(line, "status", "an HTTP status code", int) or 0,
             error_code=line.get("error_code"),
-            latency_ms_override=float(latency) if latency is not None else None,
+            latency_ms_override=latency,
             extra={k: v for k, v in line.items() if k not in _KNOWN_FIELDS},
         )
         return ex
@@ -289,6 +290,28 @@ class Exchange:
 
     def response_text(self) -> str:
         return response_text(self.response)
+
+
+N = TypeVar("N", int, float)
+
+
+def _trace_number(line: dict[str, Any], name: str, what: str, kind: type[N]) -> N | None:
+    """A trace line's numeric field (None when absent), or ValueError naming the field:
+    ``int("ok")``'s own message says neither which field nor what it wants."""
+    value = line.get(name)
+    if value is None:
+        return None
+    if type(value) is kind and value >= 0 and math.isfinite(value):   # nearly every line
+        return value
+    try:
+        number = kind(value)
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise ValueError
+        if kind is int and isinstance(value, float) and value != number:
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"'{name}' must be {what}, not {value!r}") from None
+    return number
 
 
 def _opt_str(value: Any) -> str | None:
