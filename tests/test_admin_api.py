@@ -80,3 +80,35 @@ def test_import_export_accounts_jsonl(admin: httpx.Client) -> None:
                 .splitlines()]
     mine = [a for a in exported if a["account_id"].startswith("imp_")]
     assert len(mine) == 20 and mine[0]["note"] is not None and mine[0]["tier"] == "verified"
+
+
+def test_a_tier_not_configured_or_a_field_of_the_wrong_type_is_refused(
+        admin: httpx.Client) -> None:
+    """An unknown tier was stored (and the account then served the default tier's
+    limits); org 5 was stored as a number; a key body that is not JSON was a 500; a
+    store check was answered with the code 'conflict'."""
+    def refused(r: httpx.Response, param: str | None, says: str) -> None:
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and says in error["message"], error
+
+    refused(admin.post("/admin/v1/accounts", json={"account_id": "t1", "tier": "gold"}),
+            "tier", "account 't1': unknown tier 'gold' (limits.tiers: standard, trusted, "
+            "unverified, verified)")
+    refused(admin.post("/admin/v1/accounts/import", content=b'{"account_id": "t2"}\n'
+                       b'{"account_id": "t3", "tier": "gold"}\n'), "tier", "'t3'")
+    assert admin.get("/admin/v1/accounts/t2").status_code == 404     # all or nothing
+    admin.post("/admin/v1/accounts", json={"account_id": "t4"}).raise_for_status()
+    refused(admin.patch("/admin/v1/accounts/t4", json={"tier": "gold"}), "tier",
+            "account 't4': unknown tier 'gold'")
+    refused(admin.patch("/admin/v1/accounts/t4", json={"tier": ["verified"]}), "tier",
+            "unknown tier ['verified']")
+    changed = admin.patch("/admin/v1/accounts/t4", json={"tier": "verified", "org": 5})
+    assert changed.json()["tier"] == "verified" and changed.json()["org"] == "5"
+    r = admin.post("/admin/v1/accounts/t4/keys", content=b"{")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    refused(admin.post("/admin/v1/accounts/t4/keys", json={"name": 5}), "name",
+            "'name' must be a string")
+    r = admin.post("/admin/v1/accounts/t4/keys", json={"limits": {"tokens_per_day": -1}})
+    assert r.json()["error"]["code"] == "unprocessable_request"
+    assert admin.get("/admin/v1/accounts/t4/keys").json()["data"] == []

@@ -112,17 +112,32 @@ def test_every_component_has_a_settings_check() -> None:
     (["keys", "create", "acct_1", "--expires-in-days", "inf"], "is not in (0, 36500] days"),
     (["keys", "create", "acct_1", "--expires-at", "notatime"], "not an RFC 3339 time"),
     (["keys", "create", "acct_1", "--tpm", "-1"], "at least 0"),
+    (["accounts", "create", "acct_x", "--tier", "gold"],
+     "account 'acct_x': unknown tier 'gold' (limits.tiers: standard, trusted, unverified, "
+     "verified)"),
+    (["accounts", "update", "acct_1", "--tier", "gold"], "account 'acct_1': unknown tier"),
 ])
 def test_bad_account_and_key_options_are_refused(cfg: str, args: list[str], says: str) -> None:
     """Each of these was a traceback (a date, NaN or infinity), or was kept: a country no
-    jurisdiction rule matches, a negative limit, a key expiring days ago."""
+    jurisdiction rule matches, a negative limit, a key expiring days ago, a tier that is
+    not configured (served the default tier's limits)."""
     run(cfg, "accounts", "create", "acct_1", "--country", "DE")
     result = CliRunner().invoke(main, ["-c", cfg, *args])
     assert result.exit_code == 2, result.output
     assert says in result.output and isinstance(result.exception, SystemExit)
     shown = orjson.loads(run(cfg, "accounts", "show", "acct_1"))
-    assert shown["keys"] == [] and "limits" not in shown
+    assert shown["keys"] == [] and "limits" not in shown and shown["tier"] == "standard"
     assert "acct_x" not in run(cfg, "accounts", "list")
+
+
+def test_an_import_with_an_unknown_tier_imports_nothing(cfg: str, tmp_path: Path) -> None:
+    records = tmp_path / "accounts.jsonl"
+    records.write_text('{"account_id": "a1", "tier": "verified"}\n'
+                       '{"account_id": "a2", "tier": "gold"}\n')
+    result = CliRunner().invoke(main, ["-c", cfg, "accounts", "import", str(records)])
+    assert result.exit_code == 2
+    assert "account 'a2': unknown tier 'gold'" in result.output
+    assert run(cfg, "accounts", "list") == ""
 
 
 @pytest.mark.parametrize(("args", "says"), [

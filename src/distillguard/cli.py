@@ -259,6 +259,7 @@ def accounts_create(ctx: Context, account_id: str, org: str | None, email_domain
         "account_id": account_id, "org": org, "email_domain": email_domain,
         "country": country, "tier": tier, "payment_fingerprint": payment_fingerprint,
         "created_at": created_at})
+    ctx.settings.check_tier(account.tier, account.account_id)
 
     async def go(store: StateStore) -> Account:
         return await store.put_account(account)
@@ -307,6 +308,8 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
                     tpd: int | None, **fields: Any) -> None:
     """Change an account's fields or limits."""
     changes = {k: v for k, v in fields.items() if v is not None}
+    if "tier" in changes:
+        ctx.settings.check_tier(changes["tier"], account_id)
 
     async def go(store: StateStore) -> Account:
         if rpm is not None or tpm is not None or tpd is not None:
@@ -329,6 +332,8 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
 def accounts_import(ctx: Context, path: str) -> None:
     """Import accounts (accounts format, JSON Lines); all or nothing."""
     records = list(read_accounts(path))
+    for record in records:
+        ctx.settings.check_tier(record.tier, record.account_id)
 
     async def go(store: StateStore) -> int:
         return await store.import_accounts(records)

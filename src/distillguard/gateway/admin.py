@@ -35,6 +35,7 @@ from starlette.routing import BaseRoute, Route
 from distillguard.errors import (
     APIError,
     AuthenticationFailed,
+    InvalidRecord,
     InvalidRequest,
     NotFound,
     NotFoundError,
@@ -108,6 +109,8 @@ class AdminAPI:
                 return await handler(request)
             except NotFound as exc:
                 raise NotFoundError(str(exc)) from None
+            except InvalidRecord as exc:      # a field that cannot be right, named
+                raise Unprocessable(str(exc)) from None
             except StoreError as exc:
                 raise Unprocessable(str(exc), code="conflict") from None
 
@@ -151,11 +154,14 @@ class AdminAPI:
             account = Account.from_public(data)
         except (ValueError, TypeError) as exc:
             raise Unprocessable(str(exc), code="invalid_account") from None
+        self._check_tier(account)
         await self.gateway.store.put_account(account)
         return json_response(account.to_public(), 201)
 
     async def import_accounts(self, request: Request) -> Response:
         accounts = parse_jsonl(await request.body(), Account.from_public)
+        for account in accounts:
+            self._check_tier(account)
         count = await self.gateway.store.import_accounts(accounts)
         return json_response({"imported": count})
 
@@ -164,6 +170,16 @@ class AdminAPI:
                  for a in await all_accounts(self.gateway.store)]
         return Response(b"\n".join(lines) + (b"\n" if lines else b""),
                         media_type="application/x-ndjson")
+
+    def _check_tier(self, account: Account | Any, account_id: str | None = None) -> None:
+        """An account's tier (or a tier given for ``account_id``) must be one of
+        ``limits.tiers``."""
+        tier, whose = ((account.tier, account.account_id) if isinstance(account, Account)
+                       else (account, account_id))
+        try:
+            self.gateway.settings.check_tier(tier, whose)
+        except InvalidRecord as exc:
+            raise Unprocessable(str(exc), param="tier", code="invalid_account") from None
 
     async def get_account(self, request: Request) -> Response:
         account = await self.gateway.store.get_account(request.path_params["account_id"])
@@ -174,6 +190,8 @@ class AdminAPI:
         if not isinstance(data, dict) or not data:
             raise Unprocessable("Send a JSON object with the fields to change.")
         data.pop("account_id", None)
+        if "tier" in data:
+            self._check_tier(data["tier"], request.path_params["account_id"])
         try:
             account = await self.gateway.store.update_account(
                 request.path_params["account_id"], **data)
@@ -191,10 +209,11 @@ class AdminAPI:
         return json_response({"object": "list", "data": [k.to_public() for k in keys]})
 
     async def create_key(self, request: Request) -> Response:
-        raw = await request.body()
-        data = orjson.loads(raw) if raw.strip() else {}
+        data = await json_body(request) if (await request.body()).strip() else {}
         if not isinstance(data, dict):
             raise Unprocessable("Send a JSON object.")
+        if data.get("name") is not None and not isinstance(data["name"], str):
+            raise Unprocessable("'name' must be a string.", param="name")
         expires_at = None
         try:
             if data.get("expires_at"):

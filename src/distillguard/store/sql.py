@@ -212,7 +212,11 @@ class SQLStateStore:
                     value = parse_ts(value)
             except ValueError as exc:
                 raise InvalidRecord(f"account {name!r}: {exc}") from None
-            if name == "country":
+            if name in ("org", "email_domain", "payment_fingerprint"):
+                value = None if value is None else str(value)    # as Account.from_public
+            elif name == "tier" and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}")
+            elif name == "country":
                 value = check_country(value)
             elif name == "limits":
                 value = check_limits(value, "account")
