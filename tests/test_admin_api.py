@@ -93,8 +93,8 @@ def test_a_tier_not_configured_or_a_field_of_the_wrong_type_is_refused(
         assert error["param"] == param and says in error["message"], error
 
     refused(admin.post("/admin/v1/accounts", json={"account_id": "t1", "tier": "gold"}),
-            "tier", "account 't1': unknown tier 'gold' (limits.tiers: standard, trusted, "
-            "unverified, verified)")
+            "tier", "account 't1': unknown tier 'gold' (tiers of limits.tiers and the policy "
+            "file: standard, trusted, unverified, verified)")
     refused(admin.post("/admin/v1/accounts/import", content=b'{"account_id": "t2"}\n'
                        b'{"account_id": "t3", "tier": "gold"}\n'), "tier", "'t3'")
     assert admin.get("/admin/v1/accounts/t2").status_code == 404     # all or nothing

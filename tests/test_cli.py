@@ -113,8 +113,8 @@ def test_every_component_has_a_settings_check() -> None:
     (["keys", "create", "acct_1", "--expires-at", "notatime"], "not an RFC 3339 time"),
     (["keys", "create", "acct_1", "--tpm", "-1"], "at least 0"),
     (["accounts", "create", "acct_x", "--tier", "gold"],
-     "account 'acct_x': unknown tier 'gold' (limits.tiers: standard, trusted, unverified, "
-     "verified)"),
+     "account 'acct_x': unknown tier 'gold' (tiers of limits.tiers and the policy file: "
+     "standard, trusted, unverified, verified)"),
     (["accounts", "update", "acct_1", "--tier", "gold"], "account 'acct_1': unknown tier"),
 ])
 def test_bad_account_and_key_options_are_refused(cfg: str, args: list[str], says: str) -> None:
@@ -194,3 +194,20 @@ def test_serve_on_a_taken_port_is_one_clear_error(cfg: str) -> None:
         f"error: cannot listen for the public API on 127.0.0.1:{port}: Address already in "
         f"use (while attempting to bind on address ('127.0.0.1', {port}))")
     assert "Traceback" not in result.output and "gateway on" not in result.output
+
+
+def test_a_tier_the_policy_file_names_is_a_tier(tmp_path: Path) -> None:
+    """A tier of the policy's tier_order that has no entry in limits.tiers is legitimate:
+    its accounts get the default tier's limits and the policy ranks them."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"version": 1, "tier_order": [
+        "unverified", "standard", "verified", "enterprise"]}))
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
+                                   "policy": {"file": str(policy)}}))
+    made = orjson.loads(run(str(cfg), "accounts", "create", "acct_e", "--tier", "enterprise"))
+    assert made["tier"] == "enterprise"
+    result = CliRunner().invoke(main, ["-c", str(cfg), "accounts", "update", "acct_e",
+                                       "--tier", "platinum"])
+    assert result.exit_code == 2 and ("enterprise, standard, trusted, unverified, verified)"
+                                      in result.output)

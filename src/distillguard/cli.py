@@ -22,6 +22,7 @@ import click
 import orjson
 
 from distillguard.cliparams import PORT, positive, positive_problem, within
+from distillguard.components import check_tier, known_tiers
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError
 from distillguard.exchange import parse_ts
@@ -259,7 +260,7 @@ def accounts_create(ctx: Context, account_id: str, org: str | None, email_domain
         "account_id": account_id, "org": org, "email_domain": email_domain,
         "country": country, "tier": tier, "payment_fingerprint": payment_fingerprint,
         "created_at": created_at})
-    ctx.settings.check_tier(account.tier, account.account_id)
+    check_tier(account.tier, known_tiers(ctx.settings), account.account_id)
 
     async def go(store: StateStore) -> Account:
         return await store.put_account(account)
@@ -309,7 +310,7 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
     """Change an account's fields or limits."""
     changes = {k: v for k, v in fields.items() if v is not None}
     if "tier" in changes:
-        ctx.settings.check_tier(changes["tier"], account_id)
+        check_tier(changes["tier"], known_tiers(ctx.settings), account_id)
 
     async def go(store: StateStore) -> Account:
         if rpm is not None or tpm is not None or tpd is not None:
@@ -332,8 +333,9 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
 def accounts_import(ctx: Context, path: str) -> None:
     """Import accounts (accounts format, JSON Lines); all or nothing."""
     records = list(read_accounts(path))
+    known = known_tiers(ctx.settings)
     for record in records:
-        ctx.settings.check_tier(record.tier, record.account_id)
+        check_tier(record.tier, known, record.account_id)
 
     async def go(store: StateStore) -> int:
         return await store.import_accounts(records)

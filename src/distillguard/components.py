@@ -53,6 +53,36 @@ def check_sections(settings: Settings) -> list[str]:
     return sorted(k for k in settings.extensions if k not in known)
 
 
+# Components whose settings name verification tiers besides limits.tiers
+# (``module:function`` taking the Settings, returning tier names).
+TIER_SOURCES: list[tuple[str, str]] = [
+    ("policy", "distillguard.policy.component:policy_tiers"),
+]
+
+
+def known_tiers(settings: Settings) -> frozenset[str]:
+    """The tiers an account may have: those of ``limits.tiers`` and those a component
+    names (the policy file's ``tier_order``)."""
+    tiers = set(settings.limits.tiers)
+    for _section, target in TIER_SOURCES:
+        module, _, attr = target.partition(":")
+        tiers.update(getattr(importlib.import_module(module), attr)(settings))
+    return frozenset(tiers)
+
+
+def check_tier(tier: object, known: frozenset[str], account_id: str | None = None) -> str:
+    """``tier`` if it is one of ``known`` (:func:`known_tiers`); otherwise InvalidRecord.
+    An account of a tier named nowhere was served the default tier's limits, and policy
+    rules written for the tier it was meant to have never matched it."""
+    if isinstance(tier, str) and tier in known:
+        return tier
+    from distillguard.errors import InvalidRecord
+
+    whose = f"account {account_id!r}" if account_id else "account"
+    raise InvalidRecord(f"{whose}: unknown tier {tier!r} (tiers of limits.tiers and the "
+                        f"policy file: {', '.join(sorted(known))})")
+
+
 def load_extensions(settings: Settings) -> list[Extension]:
     out = []
     for _name, target in DEFAULT_COMPONENTS:

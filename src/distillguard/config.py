@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from distillguard.errors import ConfigError, InvalidRecord
+from distillguard.errors import ConfigError
 from distillguard.exchange import Retention
 
 ENV_PREFIX = "DISTILLGUARD_"
@@ -136,16 +136,6 @@ class Settings(_Section):
     # Sections owned by later components (ledger, policy, detection, ...) are validated by
     # those components when they start; they are kept here verbatim.
     extensions: dict[str, Any] = Field(default_factory=dict)
-
-    def check_tier(self, tier: Any, account_id: str | None = None) -> str:
-        """``tier`` if it names one of ``limits.tiers``; otherwise InvalidRecord. An
-        account of a tier not configured was served the default tier's limits, and
-        policy rules written for the tier it was meant to have never matched it."""
-        if isinstance(tier, str) and tier in self.limits.tiers:
-            return tier
-        whose = f"account {account_id!r}" if account_id else "account"
-        raise InvalidRecord(f"{whose}: unknown tier {tier!r} (limits.tiers: "
-                            f"{', '.join(sorted(self.limits.tiers))})")
 
     def limits_for_tier(self, tier: str | None) -> LimitSet:
         tiers = self.limits.tiers

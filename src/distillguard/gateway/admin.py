@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from distillguard.components import check_tier, known_tiers
 from distillguard.errors import (
     APIError,
     AuthenticationFailed,
@@ -160,8 +161,9 @@ class AdminAPI:
 
     async def import_accounts(self, request: Request) -> Response:
         accounts = parse_jsonl(await request.body(), Account.from_public)
+        known = known_tiers(self.gateway.settings)
         for account in accounts:
-            self._check_tier(account)
+            self._check_tier(account, known=known)
         count = await self.gateway.store.import_accounts(accounts)
         return json_response({"imported": count})
 
@@ -171,13 +173,15 @@ class AdminAPI:
         return Response(b"\n".join(lines) + (b"\n" if lines else b""),
                         media_type="application/x-ndjson")
 
-    def _check_tier(self, account: Account | Any, account_id: str | None = None) -> None:
+    def _check_tier(self, account: Account | Any, account_id: str | None = None, *,
+                    known: frozenset[str] | None = None) -> None:
         """An account's tier (or a tier given for ``account_id``) must be one of
-        ``limits.tiers``."""
+        :func:`~distillguard.components.known_tiers`."""
         tier, whose = ((account.tier, account.account_id) if isinstance(account, Account)
                        else (account, account_id))
         try:
-            self.gateway.settings.check_tier(tier, whose)
+            check_tier(tier, known_tiers(self.gateway.settings) if known is None else known,
+                       whose)
         except InvalidRecord as exc:
             raise Unprocessable(str(exc), param="tier", code="invalid_account") from None
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 from distillguard.config import validate_section
+from distillguard.errors import ConfigError
 
 if TYPE_CHECKING:
     from distillguard.config import Settings
@@ -29,6 +30,19 @@ class PolicySettings(BaseModel):
 
 def parse_settings(raw: Any) -> PolicySettings:
     return validate_section(PolicySettings, raw, "policy")
+
+
+def policy_tiers(settings: Settings) -> list[str]:
+    """The policy file's ``tier_order`` (for :func:`distillguard.components.known_tiers`);
+    none when the component is off. A file that does not load names no tiers here: its
+    own errors are reported where it is used (start-up, ``policy check``)."""
+    from distillguard.policy.document import load_document
+
+    try:
+        ps = parse_settings(settings.extensions.get("policy"))
+        return load_document(ps.file).tier_order if ps.enabled else []
+    except ConfigError:
+        return []
 
 
 def component(settings: Settings) -> Extension | None:
