@@ -269,3 +269,41 @@ def test_an_export_names_an_entry_rewritten_with_its_hash(ledger: Ledger,
                                    str(forged)])
     assert refused.exit_code != 0
     assert "does not verify: row 13: leaf hash does not match" in refused.output
+
+
+def test_a_column_rewritten_as_text_is_reported_not_a_crash(ledger: Ledger) -> None:
+    """SQLite keeps the type an UPDATE gives: replace() on a BLOB stores TEXT, and
+    verify raised TypeError ("Strings must be encoded before hashing") with a traceback
+    instead of naming the entry."""
+    db = _db(ledger)
+    db.execute("UPDATE ledger_entries SET request = replace(request, 'prompt', 'PROMPT')"
+               " WHERE idx = 5")
+    db.execute("UPDATE ledger_entries SET response = CAST(response AS TEXT) WHERE idx = 8")
+    db.execute("UPDATE ledger_entries SET leaf = CAST(leaf AS TEXT) WHERE idx = 12")
+    report = _verify(ledger)
+    found = {(p.index, p.message) for p in report.problems}
+    assert (5, "entry 5: request is stored as str, not bytes") in found
+    assert (5, "entry 5: the stored request body does not match the hash its leaf "
+               "commits to") in found
+    # The same bytes as text still hash alike; the type alone is reported.
+    assert {m for i, m in found if i == 8} == {"entry 8: response is stored as str, "
+                                               "not bytes"}
+    assert {m for i, m in found if i == 12} == {"entry 12: leaf is stored as str, not bytes"}
+    assert report.first_bad == 5 and report.checkpoints_matched == 4
+
+
+def test_a_checkpoint_row_rewritten_beside_its_signed_note(ledger: Ledger,
+                                                            tmp_path: Path) -> None:
+    """Only the note is trusted; its size and root columns were not compared with it, so
+    a rewrite of them verified as ok."""
+    db = _db(ledger)
+    db.execute("UPDATE ledger_checkpoints SET root_hash = X'00' WHERE tree_size = 20")
+    report = _verify(ledger)
+    assert [(p.kind, p.message) for p in report.problems] == [
+        ("checkpoint-signature", "checkpoint #2: its stored size or root differ from its "
+                                 "signed note")]
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"ledger:\n  path: {tmp_path / 'l'}\n")
+    bad = CliRunner().invoke(main, ["-c", str(config), "ledger", "verify"])
+    assert bad.exit_code == 1
+    assert bad.output.splitlines()[-1] == "TAMPERED: the checkpoints (no entry named)"

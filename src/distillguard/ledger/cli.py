@@ -184,7 +184,9 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
         if report.ok:
             click.echo("ok")
         else:
-            click.echo(f"TAMPERED: first bad entry {doc.get('first_bad')}")
+            first = doc.get("first_bad")
+            click.echo("TAMPERED: " + (f"first bad entry {first}" if first is not None
+                                       else "the checkpoints (no entry named)"))
     sys.exit(0 if report.ok else 1)
 
 

@@ -14,7 +14,8 @@ What each problem means, and the entry it names as the first bad one:
 * ``reordered``: an entry stored at another index than the one its leaf names;
 * ``inserted``: an entry whose index is already taken by the leaf of another (the later
   entries were renumbered to make room);
-* ``checkpoint-signature``: a checkpoint whose signature does not verify;
+* ``checkpoint-signature``: a checkpoint whose signature does not verify, or whose stored
+  size or root differ from the ones its signed note holds;
 * ``checkpoint-mismatch``: a checkpoint whose root differs from the tree rebuilt from the
   stored entries. An attacker who rewrote an entry *and* its stored hash is caught here;
   the bad entry lies between the last matching checkpoint and this one, and is named
@@ -121,6 +122,18 @@ def check_range(rows: Iterable[tuple[Any, ...]], lo: int, hi: int) -> RangeResul
     expected = lo
     for idx, kind, entry_id, ts, account_id, leaf_raw, stored_hash, request, response in rows:
         out.entries += 1
+        if not (type(leaf_raw) is bytes and type(stored_hash) is bytes
+                and (request is None or type(request) is bytes)
+                and (response is None or type(response) is bytes)):
+            # The store writes bytes; SQLite keeps whatever type an UPDATE puts there
+            # (replace() on a BLOB gives TEXT), and hashing text raised TypeError.
+            problems.append(Problem("modified", idx, f"entry {idx}: "
+                                    + _not_bytes(leaf=leaf_raw, leaf_hash=stored_hash,
+                                                 request=request, response=response)))
+            leaf_raw, stored_hash, request, response = (
+                _as_bytes(leaf_raw), _as_bytes(stored_hash),
+                None if request is None else _as_bytes(request),
+                None if response is None else _as_bytes(response))
         if idx != expected:
             if idx > expected:
                 positions.append((expected, -1))
@@ -160,6 +173,21 @@ def check_range(rows: Iterable[tuple[Any, ...]], lo: int, hi: int) -> RangeResul
     if expected < hi:
         positions.append((expected, -1))
     return out
+
+
+def _as_bytes(value: Any) -> bytes:
+    """A stored column as the bytes it would have held (text as UTF-8)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogatepass")
+
+
+def _not_bytes(**columns: Any) -> str:
+    wrong = [f"{name} is stored as {type(value).__name__}" for name, value in columns.items()
+             if value is not None and type(value) is not bytes]
+    if columns["leaf"] is None or columns["leaf_hash"] is None:
+        wrong.insert(0, "leaf or leaf_hash is missing")
+    return ", ".join(wrong) + ", not bytes"
 
 
 def _bad_body(idx: int, name: str) -> Problem:
@@ -209,7 +237,8 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
     report = Report()
     # -- checkpoints: signatures first; each valid one becomes a (size, root, label) target
     targets: dict[int, list[tuple[bytes, str]]] = {}
-    notes = [(f"checkpoint #{c.seq}", c.note) for c in store.checkpoints()]
+    stored = {f"checkpoint #{c.seq}": c for c in store.checkpoints()}
+    notes = [(label, c.note) for label, c in stored.items()]
     notes += [(f"supplied checkpoint {i + 1}", n) for i, n in enumerate(extra_checkpoints)]
     report.checkpoints = len(notes)
     for label, note in notes:
@@ -222,6 +251,13 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
         except CheckpointError as exc:
             report.add("checkpoint-signature", None, f"{label}: {exc}")
             continue
+        row = stored.get(label)
+        if row is not None and (row.tree_size != cp.tree_size
+                                or row.root_hash != cp.root_hash):
+            # Only the signed note is trusted; the columns beside it are what look-ups
+            # read, and a rewrite of them alone is still tampering.
+            report.add("checkpoint-signature", None, f"{label}: its stored size or root "
+                                                     "differ from its signed note")
         targets.setdefault(cp.tree_size, []).append((cp.root_hash, label))
     sizes = sorted(targets)
     mismatches: list[tuple[int, int, str]] = []
