@@ -62,6 +62,16 @@ def test_check_and_explain(cfg: str, tmp_path: Path) -> None:
                                "--tier", "unverified", "--ip", "81.2.69.142"))
     assert decided["decision"]["code"] == "model_not_permitted"
     assert "Rosoboron Export" in run(cfg, "policy", "screen-name", "ROSOBORON-EXPORT")
+    # A typo'd address was looked up as no network and the request reported as allowed;
+    # a country of another shape matched no rule, unlike any stored account's.
+    out = run(cfg, "policy", "explain", "--model", "demo-chat-1", "--ip", "175.45.176.300",
+              code=2)
+    assert "'175.45.176.300' is not an IPv4 or IPv6 address" in out
+    out = run(cfg, "policy", "explain", "--model", "demo-chat-1", "--country", "PRK", code=2)
+    assert "ISO 3166-1 alpha-2" in out
+    decided = orjson.loads(run(cfg, "policy", "explain", "--model", "demo-chat-1",
+                               "--country", "kp"))
+    assert decided["decision"]["denied"] == "rule:embargo"
 
 
 def test_actions_verdicts_screening_and_review(cfg: str, tmp_path: Path) -> None:

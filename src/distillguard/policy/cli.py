@@ -100,11 +100,37 @@ def check(ctx: click.Context, file: str | None) -> None:
     click.echo(f"  screening entries: {len(compiled.screening)}")
 
 
+def _ip_address(_ctx: click.Context, _param: click.Parameter, value: str | None
+                ) -> str | None:
+    """An address the lookup can place: a typo was looked up as no network at all, and
+    the answer read as a request from nowhere in particular being allowed."""
+    import ipaddress
+
+    if value is not None:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+def _country(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """As an account's country is stored (check_country): a code of another shape
+    matches no jurisdiction rule, so the answer would not be the one an account gets."""
+    from distillguard.store.models import check_country
+
+    try:
+        return check_country(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @policy.command("explain")
 @click.option("--model", required=True)
-@click.option("--ip", help="Client IP address.")
+@click.option("--ip", callback=_ip_address, help="Client IP address.")
 @click.option("--tier", default="standard", show_default=True)
-@click.option("--country", help="The account's declared country.")
+@click.option("--country", callback=_country,
+              help="The account's declared country (ISO 3166-1 alpha-2).")
 @click.pass_context
 def explain(ctx: click.Context, model: str, ip: str | None, tier: str,
             country: str | None) -> None:
@@ -115,8 +141,8 @@ def explain(ctx: click.Context, model: str, ip: str | None, tier: str,
     compiled = load_policy(_policy_file(ctx))
     net = compiled.networks.lookup(ip)
     facts = RequestFacts(model=model, endpoint="/v1/chat/completions", tier=tier,
-                         tier_rank=compiled.rank(tier),
-                         declared_country=country.upper() if country else None, network=net)
+                         tier_rank=compiled.rank(tier), declared_country=country,
+                         network=net)
     out: dict[str, Any] = {"network": net.info.to_json(), "anonymizer": net.anonymizer}
     gate = compiled.tier(tier)
     if gate is not None and gate.models is not None and not gate.models.fullmatch(model):
