@@ -21,7 +21,7 @@ def test_the_demo_upstream_refuses_a_bad_token_limit_as_the_api_does(
     stack: StackThread, account_key: tuple[str, str]
 ) -> None:
     """A string limit made the demo upstream fail with a 500 (a 502 at the gateway); a
-    negative one was answered with one token."""
+    negative one was answered with one token; a completions prompt of 5 was answered."""
     _, key = account_key
     client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
     chat = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]}
@@ -37,5 +37,11 @@ def test_the_demo_upstream_refuses_a_bad_token_limit_as_the_api_does(
         client.completions.create(model="demo-chat-1", prompt="hi", extra_body={
             "max_tokens": 0})
     assert info.value.code == "integer_below_min_value"
+    for prompt in (5, [], [[1, 2], "x"], [True], {"text": "hi"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="demo-chat-1", prompt=prompt)  # type: ignore[arg-type]
+        assert info.value.code == "invalid_type", prompt
+    for prompt in ("hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):
+        assert client.completions.create(model="demo-chat-1", prompt=prompt, max_tokens=2)
     out = client.chat.completions.create(**chat, max_completion_tokens=3)  # type: ignore[call-overload]
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"

@@ -84,6 +84,19 @@ def _token_limit(body: dict[str, Any], *names: str) -> int | None | Response:
     return None
 
 
+def _is_prompt(prompt: Any) -> bool:
+    """What the completions API takes as ``prompt``: a string, or a non-empty array of
+    strings, of tokens (integers) or of token arrays."""
+    if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    def token(t: Any) -> bool:
+        return isinstance(t, int) and not isinstance(t, bool)
+    return (all(isinstance(p, str) for p in prompt) or all(token(t) for t in prompt)
+            or all(isinstance(p, list) and p and all(token(t) for t in p) for p in prompt))
+
+
 async def _body(request: Request) -> dict[str, Any] | Response:
     try:
         body = orjson.loads(await request.body())
@@ -190,6 +203,10 @@ class DemoUpstream:
         model = body.get("model")
         if model not in COMPLETION_MODELS + CHAT_MODELS:
             return _error(f"The model '{model}' does not exist", 404, "model_not_found")
+        if not _is_prompt(body.get("prompt")):
+            return _error("Invalid type for 'prompt': expected a string, an array of strings, "
+                          "an array of tokens or an array of token arrays.", 400,
+                          "invalid_type", "prompt")
         limit = _token_limit(body, "max_tokens")
         if isinstance(limit, Response):
             return limit
