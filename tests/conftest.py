@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
@@ -80,3 +81,13 @@ def account_key(admin: httpx.Client) -> tuple[str, str]:
     r = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "t"})
     r.raise_for_status()
     return account_id, r.json()["key"]
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored() -> Iterator[None]:
+    """Commands run in-process (CliRunner) install their own SIGTERM handler (``detect``
+    exits through SystemExit on it); left in place, a SIGTERM meant for the test run
+    became a SystemExit inside whichever test was running."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
