@@ -109,6 +109,8 @@ def test_a_tier_not_configured_or_a_field_of_the_wrong_type_is_refused(
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     refused(admin.post("/admin/v1/accounts/t4/keys", json={"name": 5}), "name",
             "'name' must be a string")
+    refused(admin.patch("/admin/v1/accounts/t4", json={"limits": {"tokens_per_day": "²"}}),
+            None, "must be a whole number of at least 0")     # was int()'s own message
     r = admin.post("/admin/v1/accounts/t4/keys", json={"limits": {"tokens_per_day": -1}})
     assert r.json()["error"]["code"] == "unprocessable_request"
     assert admin.get("/admin/v1/accounts/t4/keys").json()["data"] == []

@@ -309,6 +309,7 @@ def test_network_of() -> None:
     assert graph.network_of("198.51.100.7") == "198.51.100.0/24"
     assert graph.network_of("2001:db8:1:2::1") == "2001:db8:1::/48"
     assert graph.network_of("1.2.3.999") is None and graph.network_of("bogus") is None
+    assert graph.network_of("1.2.3.²") is None      # str.isdigit() takes "²", int() does not
 
 
 def test_every_dashboard_option_is_documented() -> None:

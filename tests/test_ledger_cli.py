@@ -83,13 +83,22 @@ def test_commands_and_standalone_verifier(tmp_path: Path) -> None:
                        (["export", "--out", str(tmp_path / "x.parquet"), "--start", "-1"],
                         "not in the range"),
                        (["export", "--out", str(tmp_path / "x.parquet"), "--start", "30",
-                         "--end", "20"], "before --start 30")):
+                         "--end", "20"], "before --start 30"),
+                       # an index SQLite cannot hold raised OverflowError; "²" is a digit
+                       # to str.isdigit() and not to int()
+                       (["show", "99999999999999999999"], "no ledger entry 99999999999999999999"),
+                       (["prove", "99999999999999999999"], "no ledger entry"),
+                       (["show", "²"], "no ledger entry ²"),
+                       (["show", "50"], "no ledger entry 50")):
         result = CliRunner().invoke(main, ["-c", c, "ledger", *args])
         assert result.exit_code == 2 and says in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit)
     # a key or checkpoint that is not one is a usage error, not a traceback
     binary = tmp_path / "binary.dat"
     binary.write_bytes(b"\xef\xbb\x00\xff" * 8)
+    superscript = tmp_path / "superscript.txt"      # a tree size of "²" raised ValueError
+    origin, _size, rest = old_note.read_text().split("\n", 2)
+    superscript.write_text(f"{origin}\n²\n{rest}")
     for args, says in (
             (["--key", str(old_note)], "is not a ledger public key"),
             (["--key", str(binary)], "is not a ledger public key"),
@@ -98,6 +107,9 @@ def test_commands_and_standalone_verifier(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, ["ledger", "verify-proof", str(cons), *args])
         assert result.exit_code == 2 and says in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit)
+    code, out = _run("ledger", "verify-proof", str(cons), "--key", str(pub), "--checkpoint",
+                     str(superscript))
+    assert code == 1 and "tree size '²' is not a decimal number" in out, out
 
     # export, redact, export again: proofs still check out without the bodies
     export = tmp_path / "e.parquet"

@@ -64,7 +64,8 @@ class AccountGraph:
 def network_of(ip: str) -> str | None:
     """The /24 (IPv4) or /48 (IPv6) an address is in, or None if it is not an address."""
     parts = ip.split(".")
-    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+    if len(parts) == 4 and all(p.isascii() and p.isdigit() and len(p) <= 3 and int(p) < 256
+                               for p in parts):
         return f"{parts[0]}.{parts[1]}.{parts[2]}.0/24"
     try:
         addr = ipaddress.ip_address(ip)

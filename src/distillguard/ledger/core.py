@@ -154,8 +154,13 @@ class Ledger:
                     "path": [p.hex() for p in path]}
 
     def find(self, ref: str | int) -> Row | None:
-        if isinstance(ref, int) or ref.isdigit():
+        """The entry at index ``ref`` (digits), or with that entry id; None when there
+        is none. An index past the ledger is none, rather than a number the database
+        cannot hold (a 20-digit index raised OverflowError in SQLite)."""
+        if isinstance(ref, int) or (ref.isascii() and ref.isdigit()):
             idx = int(ref)
+            if not 0 <= idx < self.store.size():
+                return None
             return next(iter(self.store.iter_rows(idx, idx + 1)), None)
         return self.store.find(ref)
 

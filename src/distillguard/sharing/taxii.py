@@ -287,7 +287,7 @@ class TaxiiServer:
                              f"send the envelope as {MEDIA_TAXII}")
         limit = self.options.max_bundle_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise TaxiiError(413, "Payload Too Large",
                              f"the envelope is {declared} bytes; the limit is {limit}")
         raw = await request.body()

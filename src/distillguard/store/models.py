@@ -125,7 +125,8 @@ def _whole_at_least_0(value: Any) -> bool:
         return value >= 0
     if isinstance(value, float):
         return value.is_integer() and value >= 0
-    return isinstance(value, str) and value.strip().isdigit()
+    # isdigit() alone takes "²" and other digits int() refuses
+    return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
 def _s(value: Any) -> str | None:
