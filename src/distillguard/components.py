@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from distillguard.errors import InvalidRecord
+
 if TYPE_CHECKING:
     from distillguard.config import Settings
     from distillguard.serve import Extension
@@ -76,8 +78,6 @@ def check_tier(tier: object, known: frozenset[str], account_id: str | None = Non
     rules written for the tier it was meant to have never matched it."""
     if isinstance(tier, str) and tier in known:
         return tier
-    from distillguard.errors import InvalidRecord
-
     whose = f"account {account_id!r}" if account_id else "account"
     raise InvalidRecord(f"{whose}: unknown tier {tier!r} (tiers of limits.tiers and the "
                         f"policy file: {', '.join(sorted(known))})")

@@ -155,7 +155,7 @@ class AdminAPI:
             account = Account.from_public(data)
         except (ValueError, TypeError) as exc:
             raise Unprocessable(str(exc), code="invalid_account") from None
-        self._check_tier(account)
+        self._check_tier(account.tier, account.account_id)
         await self.gateway.store.put_account(account)
         return json_response(account.to_public(), 201)
 
@@ -163,7 +163,7 @@ class AdminAPI:
         accounts = parse_jsonl(await request.body(), Account.from_public)
         known = known_tiers(self.gateway.settings)
         for account in accounts:
-            self._check_tier(account, known=known)
+            self._check_tier(account.tier, account.account_id, known=known)
         count = await self.gateway.store.import_accounts(accounts)
         return json_response({"imported": count})
 
@@ -173,15 +173,13 @@ class AdminAPI:
         return Response(b"\n".join(lines) + (b"\n" if lines else b""),
                         media_type="application/x-ndjson")
 
-    def _check_tier(self, account: Account | Any, account_id: str | None = None, *,
+    def _check_tier(self, tier: Any, account_id: str, *,
                     known: frozenset[str] | None = None) -> None:
-        """An account's tier (or a tier given for ``account_id``) must be one of
-        :func:`~distillguard.components.known_tiers`."""
-        tier, whose = ((account.tier, account.account_id) if isinstance(account, Account)
-                       else (account, account_id))
+        """The account's tier must be one of :func:`~distillguard.components.known_tiers`
+        (given as ``known`` when several accounts are checked)."""
         try:
             check_tier(tier, known_tiers(self.gateway.settings) if known is None else known,
-                       whose)
+                       account_id)
         except InvalidRecord as exc:
             raise Unprocessable(str(exc), param="tier", code="invalid_account") from None
 

@@ -87,6 +87,27 @@ class Account:
         )
 
 
+def account_change(name: str, value: Any) -> Any:
+    """One field of an account update as the account keeps it (text fields as
+    :meth:`Account.from_public` reads them), or InvalidRecord naming the field."""
+    try:
+        if name == "status":
+            return AccountStatus(value)
+        if name == "created_at" and isinstance(value, str):
+            return parse_ts(value)
+    except ValueError as exc:
+        raise InvalidRecord(f"account {name!r}: {exc}") from None
+    if name in ("org", "email_domain", "payment_fingerprint"):
+        return _s(value)
+    if name == "tier" and (not isinstance(value, str) or not value.strip()):
+        raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}")
+    if name == "country":
+        return check_country(value)
+    if name == "limits":
+        return check_limits(value, "account")
+    return value
+
+
 def check_country(value: Any) -> str | None:
     """An account's country as stored: an ISO 3166-1 alpha-2 code, upper case (None when
     not given). Jurisdiction rules match these codes, so a code of another shape (``ZZZ``,

@@ -16,14 +16,14 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from distillguard.errors import InvalidRecord, NotFound, StoreError
+from distillguard.errors import NotFound, StoreError
 from distillguard.exchange import parse_ts
 from distillguard.store.migrations import pending
 from distillguard.store.models import (
     Account,
     AccountStatus,
     ApiKey,
-    check_country,
+    account_change,
     check_limits,
     hash_key,
     new_key_material,
@@ -205,22 +205,7 @@ class SQLStateStore:
             raise StoreError(f"cannot update account fields {sorted(unknown)}")
         account = await self.get_account(account_id)
         for name, value in changes.items():
-            try:
-                if name == "status":
-                    value = AccountStatus(value)
-                elif name == "created_at" and isinstance(value, str):
-                    value = parse_ts(value)
-            except ValueError as exc:
-                raise InvalidRecord(f"account {name!r}: {exc}") from None
-            if name in ("org", "email_domain", "payment_fingerprint"):
-                value = None if value is None else str(value)    # as Account.from_public
-            elif name == "tier" and (not isinstance(value, str) or not value.strip()):
-                raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}")
-            elif name == "country":
-                value = check_country(value)
-            elif name == "limits":
-                value = check_limits(value, "account")
-            setattr(account, name, value)
+            setattr(account, name, account_change(name, value))
         await self.put_account(account, replace=True)
         return account
 
