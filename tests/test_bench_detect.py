@@ -178,3 +178,25 @@ def test_baseline_orders_mixed_timestamp_forms(tmp_path: Path) -> None:
     assert flagged.first_flagged_at is not None
     assert flagged.first_flagged_at.isoformat() == "2026-03-02T11:00:00+00:00"
     assert not verdicts["a2"].flagged
+
+
+def test_missed_by_volume_counts_each_missed_account_by_its_exchanges(tmp_path: Path) -> None:
+    from bench.missed_by_volume import missed_by_volume
+
+    trace = tmp_path / "t.jsonl"
+    sent = {"a1": 1, "a2": 2, "a3": 2, "a4": 5, "b1": 3}
+    trace.write_text("".join(f'{{"ts": "2026-03-01T00:00:0{i}Z", "account_id": "{a}"}}\n'
+                             for a, n in sent.items() for i in range(n)))
+    labels = tmp_path / "l.jsonl"
+    labels.write_text(
+        "".join(f'{{"account_id": "{a}", "campaign_id": "c1", "campaign_type": "slow_low"}}\n'
+                for a in ("a1", "a2", "a3", "a4"))
+        + '{"account_id": "b1", "campaign_id": null}\n')
+    verdicts = tmp_path / "v.json"
+    Verdicts(accounts=[AccountVerdict(account_id=a, risk=1.0 if a in ("a2", "b1") else 0.0,
+                                      flagged=a in ("a2", "b1"))
+                       for a in sent], campaigns=[]).write(verdicts)
+    (row,) = missed_by_volume(trace, labels, verdicts).values()
+    assert (row.flagged, row.missed) == (1, 3)
+    assert dict(row.missed_by_exchanges) == {1: 1, 2: 1, 5: 1}
+    assert (row.at_most_2, row.at_most_2_flagged) == (3, 1)
