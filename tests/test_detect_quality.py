@@ -263,7 +263,10 @@ def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
             links.update(states[a])
         changed = links.refresh(states)
         if group:
-            graph.update(links.edges, changed)
+            grouped = set(graph.of)
+            moved = graph.update(links.edges, changed)
+            links.retest_partners(sorted(a for a in moved if a in graph.of
+                                         and a not in grouped), states)
             links.group_costarts(states, graph.of)
     return links, states, graph
 
@@ -377,13 +380,15 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
 
 def _frame_share(links: LinkIndex, states: dict[str, AccountState], members: Any
                  ) -> tuple[set[object], float] | None:
-    """A community's dominant frames and the share of the accounts seen whose frame
-    sketches hold any of them, as defined (None: it has no dominant frame)."""
+    """A community's dominant frames and the share of the accounts seen outside it whose
+    frame sketches hold any of them, counted with one carrier more than seen, as defined
+    (None: it has no dominant frame)."""
     frames = {f for m in members for f in links.member_keys.get(m, {}).get("template", ())}
     if not frames:
         return None
-    seen = [st for st in states.values() if st.count]
-    return frames, sum(not frames.isdisjoint(st.templates.counts) for st in seen) / len(seen)
+    outside = [st for a, st in states.items() if st.count and a not in members]
+    carry = sum(not frames.isdisjoint(st.templates.counts) for st in outside)
+    return frames, (carry + 1) / (len(outside) + 1)
 
 
 def _measured_chance(links: LinkIndex, aid: str, members: set[str]) -> float | None:
@@ -502,6 +507,10 @@ def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chan
     share = links.community_frames(community)[1]
     by_definition = _frame_share(links, states, community.members)
     assert by_definition is not None and share == by_definition[1] < 0.2
+    # no account outside the community sends its frame: the chance is one in as many
+    # outsiders as were seen, plus one (its members, which all send it, do not count)
+    outsiders = [a for a, st in states.items() if st.count and a not in community.members]
+    assert share == 1 / (len(outsiders) + 1)
     assert "framed" in community.members and "plain" not in graph.of
     assert links._group_costart.get("framed") and not links._group_costart.get("plain")
     # the timing alone would not link it, at the model's or the measured chance
@@ -515,6 +524,36 @@ def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chan
     for aid in ("framed", "plain"):
         assert links._group_costart.get(aid, set()) == _group_costart_by_definition(
             links, states, graph.of, aid)
+
+
+def test_a_quiet_account_is_tested_again_when_its_partners_community_forms() -> None:
+    """A scheduler wakes 6 of its 40 accounts hourly; its first five wake-ups each wake
+    members not woken before, so no two of them have co-started yet. One more account is
+    woken at each of those five and starts no more: when it was tested, none of its
+    partners was in a community. Once the pool's co-starts link the pool, it is tested
+    again against the pool's community and linked. An account with as many starts at
+    independent times in the same hours is not."""
+    import random
+
+    rng = random.Random(2)
+    pool = [f"s{i:02d}" for i in range(40)]
+    events: list[tuple[float, str]] = []
+    for tick in range(48):
+        at = T0 + tick * 3_600 + rng.uniform(0, 300)
+        woken = pool[6 * tick:6 * tick + 6] if tick < 5 else rng.sample(pool, 6)
+        events += [(at + rng.uniform(0, 15), a) for a in woken]
+        if tick < 5:
+            events.append((at + rng.uniform(0, 15), "early"))
+    events += [(T0 + rng.uniform(0, 5 * 3_600), "own") for _ in range(5)]
+    detector = Detector(Calibration.read())
+    for ts, aid in sorted(events):
+        detector.observe(make_features(aid, ts, simhash=rng.getrandbits(64),
+                                       template_keys=(rng.getrandbits(30),)))
+    detector.finish()
+    assert "early" in detector.graph.of
+    assert detector.graph.of["early"].members <= {*pool, "early"}
+    assert detector.links._group_costart.get("early")
+    assert "own" not in detector.graph.of
 
 
 def test_measured_chance_does_not_carry_a_union_of_pools() -> None:

@@ -247,7 +247,11 @@ class Detector:
             self.links.update(state)
             self.vectors[aid] = account_vector(state, self.facts.get(aid))
         changed = self.links.refresh(self.states)
-        touched = set(dirty) | self.graph.update(self.links.edges, changed)
+        grouped = set(self.graph.of)
+        moved = self.graph.update(self.links.edges, changed)
+        touched = set(dirty) | moved
+        self.links.retest_partners(sorted(a for a in moved if a in self.graph.of
+                                          and a not in grouped), self.states)
         self.links.group_costarts(self.states, self.graph.of)
         for aid in dirty:
             community = self.graph.of.get(aid)

@@ -40,8 +40,8 @@ tests an account's co-starts against each community of its partners as a whole, 
 for a quiet account measures the chance from the group's own recent starts (a scheduler
 wakes several at once, so their densities added up overstate it). A quiet account that
 also carries one of the community's template frames in its prompts (any count: too few
-for a frame of its own) is held to alpha over the share of accounts that carry one of
-them, the chance of carrying one by coincidence.
+for a frame of its own) is held to alpha over the share of the accounts outside the
+community that carry one of them, the chance of carrying one by coincidence.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ GROUP_COSTART_SAMPLE = 16
 # wake-ups of two to five members at once make the model that many times too high, and
 # fewer measured windows than that would be noise.
 GROUP_COSTART_BURST = 4.0
-# A quiet account's group test is passed at alpha over the share of accounts carrying one
-# of the community's frames when it carries one too (LinkIndex.group_costarts); a share
+# A quiet account's group test is passed at alpha over the share of the accounts outside
+# the community carrying one of its frames when it carries one too (LinkIndex.group_costarts); a share
 # below this counts as this, so the timing alone must still reach 100 x the alpha and a
 # rare frame cannot link an account on a couple of chance co-starts.
 FRAME_SHARE_FLOOR = 0.01
@@ -357,18 +357,25 @@ class LinkIndex:
 
     def community_frames(self, community: Community) -> tuple[set[object], float]:
         """The community's dominant template frames (its members' together), and the
-        share of accounts whose frame sketches hold any of them at all: the chance that
-        an account unrelated to the community carries one of its frames (1.0 when it has
-        none)."""
+        chance that an account unrelated to the community carries one of them (1.0 when
+        it has none): the share of the accounts outside the community whose frame
+        sketches hold any of them at all, counted with one carrier more than seen (add
+        one: a frame no outsider has sent yet is not taken to be impossible by chance).
+        The members are left out: the frames are theirs, so counting them would measure
+        the community's size, not coincidence."""
+        members = community.members
         frames: set[object] = set()
-        for m in community.members:
+        for m in members:
             frames.update(self.member_keys.get(m, {}).get("template", ()))
         if not frames:
             return frames, 1.0
         holders: set[str] = set()
         for key in frames:
             holders |= self._carriers.get(key, set())
-        return frames, len(holders) / max(1, len(self._carried))
+        outside = len(holders) - len(holders & members)
+        carried = self._carried
+        population = len(carried) - sum(1 for m in members if m in carried)
+        return frames, (outside + 1) / (population + 1)
 
     def index_starts(self, state: AccountState) -> None:
         """Count the account's session starts since the last call against those indexed
@@ -487,8 +494,9 @@ class LinkIndex:
 
         Such a quiet account that also carries one of the community's dominant template
         frames (its frame sketch holds it at all, :meth:`_carries_frame_of`) is tested at
-        ``group_costart_alpha`` over the share of accounts whose sketches hold one of
-        them (:meth:`community_frames`, at least FRAME_SHARE_FLOOR): an account
+        ``group_costart_alpha`` over the share of the accounts outside the community
+        whose sketches hold one of them (:meth:`community_frames`, at least
+        FRAME_SHARE_FLOOR): an account
         unrelated to the community would co-start so *and* carry one of its frames with
         the product of the two chances. A scheduler's accounts of two to five exchanges
         send the operator's frame in some prompts, as an ordinary user of a public
@@ -597,6 +605,22 @@ class LinkIndex:
                     self._group_costart[aid] = linked
                 else:
                     del self._group_costart[aid]
+
+    def retest_partners(self, joined: Iterable[str], states: Mapping[str, AccountState]
+                        ) -> None:
+        """Have :meth:`group_costarts` test again the quiet co-start partners of accounts
+        that have just joined a community. A quiet account is otherwise tested only when
+        it or a partner starts; the partners it met may be linked into its operator's
+        community only later, and the account, which starts rarely, would not be tested
+        against that community. Only partners with starts enough for the test to pass
+        (GROUP_COSTART_MIN) are tested again."""
+        tested, partners = self._group_tested, self._partners
+        for aid in joined:
+            for other in partners.get(aid, ()):
+                st = states.get(other)
+                if (st is not None and st.count <= GROUP_COSTART_SAMPLE
+                        and st.session_starts >= GROUP_COSTART_MIN):
+                    tested.add(other)
 
     @property
     def links_pending(self) -> bool:
