@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
+
 import httpx
 import orjson
 
+from distillguard.exchange import format_ts
 from distillguard.serve import StackThread
 
 
@@ -31,12 +35,18 @@ def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -
     assert r.status_code == 400 and r.json()["error"]["param"] == "offset"
     assert len(admin.get("/admin/v1/accounts", params={"limit": "-1"}).json()["data"]) == 1
 
-    for bad, param in (({"expires_in_days": "inf"}, "expires_at"),
-                       ({"expires_in_days": 1e12}, "expires_at"),
+    for bad, param in (({"expires_in_days": "inf"}, "expires_in_days"),
+                       ({"expires_in_days": 1e12}, "expires_in_days"),
+                       ({"expires_in_days": -5}, "expires_in_days"),
+                       ({"expires_in_days": True}, "expires_in_days"),
+                       ({"expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
+                       ({"expires_at": 5}, "expires_at"),
                        ({"limits": {"requests_per_minute": -1}}, None)):
         r = admin.post("/admin/v1/accounts/acct_17/keys", json=bad)
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["error"]["param"] == param
+    # a key is never created already expired (a typo in a year, a sign), nor kept
+    assert admin.get("/admin/v1/accounts/acct_17/keys").json()["data"] == []
     assert admin.patch("/admin/v1/accounts/acct_17", json={"country": "XYZ"}).status_code == 422
     assert admin.post("/admin/v1/accounts", json={"account_id": "acct_18",
                                                    "country": "Germany"}).status_code == 422
@@ -61,8 +71,10 @@ def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -
     r = httpx.post(stack.stack.base_url + "/chat/completions", json=chat, headers=auth)
     assert r.status_code == 401 and r.json()["error"]["code"] == "revoked_api_key"
 
+    soon = datetime.now(UTC) + timedelta(seconds=1)
     expired = admin.post("/admin/v1/accounts/acct_17/keys",
-                         json={"expires_at": "2020-01-01T00:00:00Z"}).json()["key"]
+                         json={"expires_at": format_ts(soon)}).json()["key"]
+    time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.05)
     r = httpx.post(stack.stack.base_url + "/chat/completions", json=chat,
                    headers={"authorization": f"Bearer {expired}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "expired_api_key"

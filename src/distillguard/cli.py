@@ -15,19 +15,18 @@ import math
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
 import orjson
 
-from distillguard.cliparams import PORT, positive, positive_problem, within
+from distillguard.cliparams import PORT, positive, within
 from distillguard.components import check_tier, known_tiers
 from distillguard.config import Settings, load_settings
-from distillguard.errors import ConfigError, DistillguardError
-from distillguard.exchange import parse_ts
+from distillguard.errors import ConfigError, DistillguardError, InvalidRecord
 from distillguard.store import StateStore, all_accounts, open_state_store
-from distillguard.store.models import Account
+from distillguard.store.models import Account, key_expiry
 from distillguard.traceio import FormatError, read_accounts, write_accounts
 
 T = TypeVar("T")
@@ -362,9 +361,6 @@ def keys() -> None:
 
 
 # A key lives at most this long (a hundred years: beyond it datetime overflows soon).
-MAX_KEY_DAYS = 36_500
-
-
 @keys.command("create")
 @click.argument("account_id")
 @click.option("--name")
@@ -378,17 +374,11 @@ def keys_create(ctx: Context, account_id: str, name: str | None,
                 expires_in_days: float | None, expires_at: str | None, rpm: int | None,
                 tpm: int | None, tpd: int | None) -> None:
     """Create a key. The secret is printed once, here, and never stored."""
-    expiry = None
-    if expires_at:
-        try:
-            expiry = parse_ts(expires_at)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--expires-at") from None
-    elif expires_in_days is not None:
-        problem = positive_problem(expires_in_days, MAX_KEY_DAYS, "days")
-        if problem:
-            raise click.BadParameter(problem, param_hint="--expires-in-days")
-        expiry = datetime.now(UTC) + timedelta(days=expires_in_days)
+    try:
+        expiry = key_expiry(expires_at, expires_in_days, now=datetime.now(UTC))
+    except InvalidRecord as exc:
+        hint = "--expires-at" if expires_at is not None else "--expires-in-days"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     limits: dict[str, int | None] = {
         k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
                           ("tokens_per_day", tpd)) if v is not None}

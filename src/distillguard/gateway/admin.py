@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -44,10 +44,9 @@ from distillguard.errors import (
     StoreError,
     Unprocessable,
 )
-from distillguard.exchange import parse_ts
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
-from distillguard.store.models import Account
+from distillguard.store.models import Account, key_expiry
 
 if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
@@ -216,14 +215,12 @@ class AdminAPI:
             raise Unprocessable("Send a JSON object.")
         if data.get("name") is not None and not isinstance(data["name"], str):
             raise Unprocessable("'name' must be a string.", param="name")
-        expires_at = None
         try:
-            if data.get("expires_at"):
-                expires_at = parse_ts(data["expires_at"])
-            elif data.get("expires_in_days"):
-                expires_at = datetime.now(UTC) + timedelta(days=float(data["expires_in_days"]))
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise Unprocessable(f"bad expiry: {exc}", param="expires_at") from None
+            expires_at = key_expiry(data.get("expires_at"), data.get("expires_in_days"),
+                                    now=datetime.now(UTC))
+        except InvalidRecord as exc:
+            field = "expires_at" if data.get("expires_at") is not None else "expires_in_days"
+            raise Unprocessable(str(exc), param=field) from None
         limits = data.get("limits") or {}
         if not isinstance(limits, dict):
             raise Unprocessable("'limits' must be an object.", param="limits")

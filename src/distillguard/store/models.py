@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -14,6 +15,8 @@ from distillguard.errors import InvalidRecord
 from distillguard.exchange import format_ts, parse_ts
 
 KEY_PREFIX = "sk-dg-"
+# The longest a new key may be given to live (about a century).
+MAX_KEY_DAYS = 36_500
 ACCOUNT_FIELDS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
                   "country", "tier")
 
@@ -180,6 +183,37 @@ class ApiKey:
             "revoked_at": format_ts(self.revoked_at) if self.revoked_at else None,
             "limits": dict(self.limits),
         }
+
+
+def key_expiry(expires_at: Any = None, expires_in_days: Any = None, *,
+               now: datetime) -> datetime | None:
+    """When a new key expires, from an RFC 3339 time after ``now`` or a number of days
+    in (0, MAX_KEY_DAYS]; None (never) when neither is given. A time already past is
+    refused rather than stored: a key created expired is a typo (a year, a sign), and
+    its holder would only learn so from a 401."""
+    if expires_at is not None and expires_in_days is not None:
+        raise InvalidRecord("give a key's expiry as a time or as days from now, not both")
+    if expires_at is not None:
+        try:
+            when = parse_ts(expires_at)
+        except ValueError as exc:
+            raise InvalidRecord(str(exc)) from None
+        if when <= now:
+            raise InvalidRecord(f"a key's expiry must be in the future: {format_ts(when)} "
+                                f"is not (now {format_ts(now)})")
+        return when
+    if expires_in_days is None:
+        return None
+    days = expires_in_days
+    if isinstance(days, str):           # "30", as a form or a shell would send it
+        with contextlib.suppress(ValueError):
+            days = float(days)
+    # NaN compares false, so it is refused with the rest
+    if isinstance(days, bool) or not isinstance(days, int | float) or not (
+            0 < days <= MAX_KEY_DAYS):
+        raise InvalidRecord(f"the days until a key expires must be a number in "
+                            f"(0, {MAX_KEY_DAYS}], not {expires_in_days!r}")
+    return now + timedelta(days=float(days))
 
 
 def new_key_material() -> tuple[str, str]:
