@@ -124,6 +124,7 @@ def test_unknown_items_and_limits_are_named_plainly(cfg: str) -> None:
     the handling of KeyError's quoting); a limit below 1 is refused before the query
     (PostgreSQL refuses a negative LIMIT with an error of its own)."""
     assert "error: no review item 'nope'\n" in run(cfg, "review", "confirm", "nope", code=2)
+    assert "error: no review item 'nope'\n" in run(cfg, "review", "show", "nope", code=2)
     for args in (["review", "list", "--limit", "-1"], ["policy", "audit", "--limit", "0"],
                  ["policy", "actions", "--limit", "-5"], ["accounts", "list", "--limit", "0"]):
         assert "is not in the range x>=1" in run(cfg, *args, code=2)

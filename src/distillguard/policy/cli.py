@@ -324,9 +324,11 @@ def review_list(ctx: click.Context, status: str, limit: int, as_json: bool) -> N
 @click.argument("item_id")
 @click.pass_context
 def review_show(ctx: click.Context, item_id: str) -> None:
+    """ITEM_ID in full, as JSON: its subject, risk, evidence, proposed action, status and
+    the decision taken on it."""
     item = _with_ops(ctx, lambda ops: ops.get_item(item_id))
     if item is None:
-        click.echo(f"error: no review item {item_id}", err=True)
+        click.echo(f"error: no review item {item_id!r}", err=True)
         sys.exit(2)
     _echo(item.to_json())
 
