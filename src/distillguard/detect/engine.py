@@ -51,6 +51,9 @@ MIN_OWN_EXCHANGES = 10
 # volume has grown by this share, or once this long has passed (see Detector.evaluate).
 DUE_GROWTH = 0.25
 DUE_SECONDS = 3_600.0
+# At the end of a trace, how many evaluations at the same instant may follow the last one
+# to apply the group co-start links it found (see Detector.finish).
+FINISH_ROUNDS = 3
 
 
 def new_campaign_id(now: float, flagged: list[str], taken: Container[str]) -> str:
@@ -199,14 +202,18 @@ class Detector:
         """Evaluate what came after the last evaluation (end of a trace).
 
         Links the group co-start test finds in an evaluation are applied at the next one
-        (:meth:`LinkIndex.group_costarts`). At the end there is no next tick, so when that
-        evaluation found some, one more at the same instant applies them. It sees no new
-        traffic, so it is not a second look for the young-account hold (which needs
-        evaluations at two times, see :meth:`_apply`)."""
+        (:meth:`LinkIndex.group_costarts`). At the end there is no next tick, so while an
+        evaluation found some, another at the same instant applies them (at most
+        FINISH_ROUNDS more: an account those links bring into a community has its quiet
+        partners tested again, which may find a few more). These see no new traffic, so
+        they are not a second look for the young-account hold (which needs evaluations
+        at two times, see :meth:`_apply`)."""
         if not self.dirty:
             return None
         changes = self.evaluate(self.last_ts, everyone=True)
-        if self.links.links_pending:
+        for _ in range(FINISH_ROUNDS):
+            if not self.links.links_pending:
+                break
             changes = changes.then(self.evaluate(self.last_ts, everyone=True))
         return changes
 
