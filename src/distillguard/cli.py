@@ -360,7 +360,6 @@ def keys() -> None:
     """Create, list and revoke API keys."""
 
 
-# A key lives at most this long (a hundred years: beyond it datetime overflows soon).
 @keys.command("create")
 @click.argument("account_id")
 @click.option("--name")

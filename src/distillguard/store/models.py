@@ -15,7 +15,8 @@ from distillguard.errors import InvalidRecord
 from distillguard.exchange import format_ts, parse_ts
 
 KEY_PREFIX = "sk-dg-"
-# The longest a new key may be given to live (about a century).
+# The longest a new key may be given to live: a hundred years (beyond it datetime soon
+# overflows).
 MAX_KEY_DAYS = 36_500
 ACCOUNT_FIELDS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
                   "country", "tier")
