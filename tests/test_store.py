@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import pytest
 from distillguard.errors import InvalidRecord, NotFound, StoreError
 from distillguard.store import open_state_store
 from distillguard.store.migrations import MIGRATIONS
-from distillguard.store.models import Account, AccountStatus, key_id_of, key_matches
+from distillguard.store.models import (
+    Account,
+    AccountStatus,
+    key_expiry,
+    key_id_of,
+    key_matches,
+)
 from tests.factories import make_account
 
 
@@ -101,3 +108,36 @@ async def test_records_the_store_will_not_keep(store) -> None:  # type: ignore[n
         await store.create_key("acct_v", limits={"requests_per_minute": -5})
     assert await store.list_keys("acct_v") == []
     assert issubclass(InvalidRecord, StoreError) and issubclass(InvalidRecord, ValueError)
+
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("at", "days", "expected"), [
+    (None, None, None),
+    ("2026-03-02T00:00:00Z", None, NOW + timedelta(days=1)),
+    (None, 30, NOW + timedelta(days=30)),
+    (None, "30", NOW + timedelta(days=30)),      # as a form or a shell sends it
+    (None, 0.5, NOW + timedelta(hours=12)),
+])
+def test_a_new_keys_expiry(at: object, days: object, expected: datetime | None) -> None:
+    assert key_expiry(at, days, now=NOW) == expected
+
+
+@pytest.mark.parametrize(("at", "days", "says"), [
+    ("2026-03-01T00:00:00Z", None, "must be in the future"),    # now is not the future
+    ("2020-01-01T00:00:00Z", None, "must be in the future"),
+    ("March", None, "not an RFC 3339 time"),
+    (5, None, "RFC 3339"),
+    (None, 0, "(0, 36500]"),
+    (None, -1, "(0, 36500]"),
+    (None, float("nan"), "(0, 36500]"),
+    (None, 36_501, "(0, 36500]"),
+    (None, True, "(0, 36500]"),
+    (None, "soon", "(0, 36500]"),
+    ("2027-01-01T00:00:00Z", 3, "not both"),
+])
+def test_a_new_key_is_not_created_expired_or_out_of_range(at: object, days: object,
+                                                          says: str) -> None:
+    with pytest.raises(InvalidRecord, match=re.escape(says)):
+        key_expiry(at, days, now=NOW)
