@@ -263,10 +263,8 @@ def _replay_starts(events: list[tuple[str, float]], days: int, rng: Any, *,
             links.update(states[a])
         changed = links.refresh(states)
         if group:
-            grouped = set(graph.of)
-            moved = graph.update(links.edges, changed)
-            links.retest_partners(sorted(a for a in moved if a in graph.of
-                                         and a not in grouped), states)
+            graph.update(links.edges, changed)
+            links.retest_partners(sorted(graph.joined), states)
             links.group_costarts(states, graph.of)
     return links, states, graph
 

@@ -254,11 +254,8 @@ class Detector:
             self.links.update(state)
             self.vectors[aid] = account_vector(state, self.facts.get(aid))
         changed = self.links.refresh(self.states)
-        grouped = set(self.graph.of)
-        moved = self.graph.update(self.links.edges, changed)
-        touched = set(dirty) | moved
-        self.links.retest_partners(sorted(a for a in moved if a in self.graph.of
-                                          and a not in grouped), self.states)
+        touched = set(dirty) | self.graph.update(self.links.edges, changed)
+        self.links.retest_partners(sorted(self.graph.joined), self.states)
         self.links.group_costarts(self.states, self.graph.of)
         for aid in dirty:
             community = self.graph.of.get(aid)

@@ -237,6 +237,8 @@ class AccountGraph:
     _next_label: int = 0
     _previous: dict[str, int] = field(default_factory=dict)
     _neighbours: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    # The accounts the last update put into a community that were in none before.
+    joined: set[str] = field(default_factory=set)
 
     @property
     def communities(self) -> list[Community]:
@@ -247,7 +249,9 @@ class AccountGraph:
         """Apply the changed pairs; returns the accounts whose community changed (joined,
         left, or other members or link kinds). Louvain and the re-placement run over each
         connected component a changed pair touches, but an account whose community came
-        out as it was is not returned, so nothing downstream re-scores it."""
+        out as it was is not returned, so nothing downstream re-scores it. Those of them
+        that were in no community before are :attr:`joined`."""
+        self.joined = set()
         graph = self.graph
         adjacency = graph._adj
         touched: set[str] = set()
@@ -318,6 +322,8 @@ class AccountGraph:
                 self.of.pop(node, None)
             if after != before:     # a Community compares by members and kinds
                 moved.add(node)
+                if before is None:
+                    self.joined.add(node)
         return moved
 
     def _partition(self, graph: nx.Graph, nodes: set[str], moves: int) -> dict[str, int]:
