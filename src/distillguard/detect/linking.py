@@ -82,9 +82,10 @@ GROUP_COSTART_SAMPLE = 16
 # fewer measured windows than that would be noise.
 GROUP_COSTART_BURST = 4.0
 # A quiet account's group test is passed at alpha over the share of the accounts outside
-# the community carrying one of its frames when it carries one too (LinkIndex.group_costarts); a share
-# below this counts as this, so the timing alone must still reach 100 x the alpha and a
-# rare frame cannot link an account on a couple of chance co-starts.
+# the community carrying one of its frames when it carries one too
+# (LinkIndex.group_costarts); a share below this counts as this, so the timing alone must
+# still reach 100 x the alpha and a rare frame cannot link an account on a couple of
+# chance co-starts.
 FRAME_SHARE_FLOOR = 0.01
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
@@ -496,11 +497,11 @@ class LinkIndex:
         frames (its frame sketch holds it at all, :meth:`_carries_frame_of`) is tested at
         ``group_costart_alpha`` over the share of the accounts outside the community
         whose sketches hold one of them (:meth:`community_frames`, at least
-        FRAME_SHARE_FLOOR): an account
-        unrelated to the community would co-start so *and* carry one of its frames with
-        the product of the two chances. A scheduler's accounts of two to five exchanges
-        send the operator's frame in some prompts, as an ordinary user of a public
-        instruction format may, but too rarely for a frame of their own."""
+        FRAME_SHARE_FLOOR): an account unrelated to the community would co-start so
+        *and* carry one of its frames with the product of the two chances. A scheduler's
+        accounts of two to five exchanges send the operator's frame in some prompts, as
+        an ordinary user of a public instruction format may, but too rarely for a frame
+        of their own."""
         tested = sorted(self._group_tested)
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S

@@ -156,7 +156,8 @@ def parse_checkpoint(note: str) -> tuple[Checkpoint, list[tuple[str, bytes, byte
     if len(lines) < 3 or any(not line for line in lines):
         raise CheckpointError("a checkpoint has origin, tree size and root hash lines")
     origin, size_text, root_text = lines[:3]
-    if not (size_text.isascii() and size_text.isdigit()) or (size_text != "0" and size_text.startswith("0")):
+    if not (size_text.isascii() and size_text.isdigit()) or (
+            size_text != "0" and size_text.startswith("0")):
         raise CheckpointError(f"tree size {size_text!r} is not a decimal number")
     try:
         root = base64.b64decode(root_text, validate=True)
