@@ -88,6 +88,12 @@ def test_accounts_format(tmp_path: Path) -> None:
      r"0, or null; not 'lots'"),
     ({"account_id": "a1", "country": "Deutschland"},
      r"a\.jsonl:1: account 'country' must be an ISO 3166-1 alpha-2 code such as DE"),
+    ({"account_id": "a1", "org": ["Acme", "Ltd"]},
+     r"a\.jsonl:1: account 'org' must be a string, not an array$"),
+    ({"account_id": "a1", "payment_fingerprint": True},
+     r"a\.jsonl:1: account 'payment_fingerprint' must be a string, not a boolean$"),
+    ({"account_id": "a1", "email_domain": {"host": "x.com"}},
+     r"a\.jsonl:1: account 'email_domain' must be a string, not an object$"),
 ])
 def test_a_bad_account_field_is_named(tmp_path: Path, record: dict[str, object],
                                       message: str) -> None:
@@ -107,6 +113,34 @@ def test_a_bad_trace_time_is_named(tmp_path: Path) -> None:
     bad.write_bytes(orjson.dumps({**DESIGN_LINE, "ts": 1772000000}) + b"\n")
     with pytest.raises(FormatError, match=r":1: expected an RFC 3339 time string, got int"):
         list(read_trace(bad))
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("account_id", {"x": 1}, "'account_id' must be a string, not an object"),
+    ("account_id", 17, "'account_id' must be a string, not a number"),
+    ("key_id", ["k1"], "'key_id' must be a string, not an array"),
+    ("user_agent", True, "'user_agent' must be a string, not a boolean"),
+    ("client_ip", 3.5, "'client_ip' must be a string, not a number"),
+    ("exchange_id", {"id": 1}, "'exchange_id' must be a string, not an object"),
+    ("model", 4, "'model' must be a string, not a number"),
+])
+def test_a_trace_text_field_that_is_not_text_is_named(tmp_path: Path, field: str,
+                                                       value: object, says: str) -> None:
+    """str() of an object or a boolean made ids such as "{'x': 1}" or "True": accounts in
+    the verdicts that no accounts file could name, and two lines with `true` for a key
+    one key."""
+    bad = tmp_path / "t.jsonl"
+    bad.write_bytes(orjson.dumps(DESIGN_LINE) + b"\n"
+                    + orjson.dumps({**DESIGN_LINE, field: value}) + b"\n")
+    with pytest.raises(FormatError, match=f":2: {re.escape(says)}$"):
+        list(read_trace(bad))
+    request = {**DESIGN_LINE["request"], "model": ["m"]}
+    bad.write_bytes(orjson.dumps({**DESIGN_LINE, "request": request}) + b"\n")
+    with pytest.raises(FormatError, match=":1: 'model' must be a string, not an array$"):
+        list(read_trace(bad))
+    bad.write_bytes(orjson.dumps({**DESIGN_LINE, field: "x1"}) + b"\n")
+    (good,) = read_trace(bad)
+    assert getattr(good, "id" if field == "exchange_id" else field) == "x1"
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [

@@ -376,7 +376,7 @@ def keys_create(ctx: Context, account_id: str, name: str | None,
     try:
         expiry = key_expiry(expires_at, expires_in_days, now=datetime.now(UTC))
     except InvalidRecord as exc:
-        hint = "--expires-at" if expires_at is not None else "--expires-in-days"
+        hint = "--" + (exc.field or "expires_at").replace("_", "-")
         raise click.BadParameter(str(exc), param_hint=hint) from None
     limits: dict[str, int | None] = {
         k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),

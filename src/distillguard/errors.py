@@ -48,7 +48,13 @@ class NotFound(StoreError):
 
 class InvalidRecord(StoreError, ValueError):
     """The state store will not keep this account or key as given; the message names the
-    field and what it takes. A ValueError too, for callers that parse records."""
+    field and what it takes, and ``field`` names it for an API's error (None where the
+    check that refused it does not know one). A ValueError too, for callers that parse
+    records."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class APIError(DistillguardError):

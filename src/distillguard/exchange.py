@@ -257,20 +257,20 @@ class Exchange:
         usage = Usage.from_body(response.get("usage")) if isinstance(response, dict) else None
         if usage is None:
             usage = Usage.from_body(line.get("usage"))
-        model = line.get("model")
+        model = text_field(line, "model")
         if model is None and isinstance(request, dict):
-            model = request.get("model")
+            model = text_field(request, "model")
         stream = bool(request.get("stream")) if isinstance(request, dict) else False
         latency = _trace_number(line, "latency_ms", "a number of milliseconds", float)
         ex = cls(
-            id=str(line.get("exchange_id") or new_exchange_id()),
+            id=text_field(line, "exchange_id") or new_exchange_id(),
             ts=parse_ts(line["ts"]),
-            endpoint=str(line.get("endpoint") or "/v1/chat/completions"),
-            account_id=_opt_str(line.get("account_id")),
-            key_id=_opt_str(line.get("key_id")),
-            client_ip=_opt_str(line.get("client_ip")),
-            user_agent=_opt_str(line.get("user_agent")),
-            model=_opt_str(model),
+            endpoint=text_field(line, "endpoint") or "/v1/chat/completions",
+            account_id=text_field(line, "account_id"),
+            key_id=text_field(line, "key_id"),
+            client_ip=text_field(line, "client_ip"),
+            user_agent=text_field(line, "user_agent"),
+            model=model,
             stream=stream,
             request=request,
             response=response,
@@ -314,8 +314,20 @@ def _trace_number(line: dict[str, Any], name: str, what: str, kind: type[N]) -> 
     return number
 
 
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+_JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number",
+               float: "a number"}
+
+
+def text_field(record: dict[str, Any], name: str) -> str | None:
+    """A record's text field (None when absent or null), or ValueError naming the field.
+    The formats (docs/formats.md) give ids, addresses and fingerprints as strings; taking
+    ``str()`` of anything else made ids such as ``"{'x': 1}"`` or ``"True"``, which no
+    other record shares, or which two unrelated records share by accident."""
+    value = record.get(name)
+    if value is None or type(value) is str:
+        return value
+    what = _JSON_TYPES.get(type(value), type(value).__name__)
+    raise ValueError(f"'{name}' must be a string, not {what}")
 
 
 def content_text(content: Any) -> str:

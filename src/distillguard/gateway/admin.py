@@ -110,7 +110,7 @@ class AdminAPI:
             except NotFound as exc:
                 raise NotFoundError(str(exc)) from None
             except InvalidRecord as exc:      # a field that cannot be right, named
-                raise Unprocessable(str(exc)) from None
+                raise Unprocessable(str(exc), param=exc.field) from None
             except StoreError as exc:
                 raise Unprocessable(str(exc), code="conflict") from None
 
@@ -153,7 +153,8 @@ class AdminAPI:
         try:
             account = Account.from_public(data)
         except (ValueError, TypeError) as exc:
-            raise Unprocessable(str(exc), code="invalid_account") from None
+            raise Unprocessable(str(exc), code="invalid_account",
+                                param=getattr(exc, "field", None)) from None
         self._check_tier(account.tier, account.account_id)
         await self.gateway.store.put_account(account)
         return json_response(account.to_public(), 201)
@@ -196,6 +197,8 @@ class AdminAPI:
         try:
             account = await self.gateway.store.update_account(
                 request.path_params["account_id"], **data)
+        except InvalidRecord as exc:
+            raise Unprocessable(str(exc), param=exc.field) from None
         except ValueError as exc:
             raise Unprocessable(str(exc)) from None
         self.gateway.auth.forget()
@@ -215,12 +218,8 @@ class AdminAPI:
             raise Unprocessable("Send a JSON object.")
         if data.get("name") is not None and not isinstance(data["name"], str):
             raise Unprocessable("'name' must be a string.", param="name")
-        try:
-            expires_at = key_expiry(data.get("expires_at"), data.get("expires_in_days"),
-                                    now=datetime.now(UTC))
-        except InvalidRecord as exc:
-            field = "expires_at" if data.get("expires_at") is not None else "expires_in_days"
-            raise Unprocessable(str(exc), param=field) from None
+        expires_at = key_expiry(data.get("expires_at"), data.get("expires_in_days"),
+                                now=datetime.now(UTC))
         limits = data.get("limits") or {}
         if not isinstance(limits, dict):
             raise Unprocessable("'limits' must be an object.", param="limits")

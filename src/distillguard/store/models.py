@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from distillguard.errors import InvalidRecord
-from distillguard.exchange import format_ts, parse_ts
+from distillguard.exchange import format_ts, parse_ts, text_field
 
 KEY_PREFIX = "sk-dg-"
 # The longest a new key may be given to live: a hundred years (beyond it datetime soon
@@ -66,23 +66,23 @@ class Account:
             raise InvalidRecord("an account must be a JSON object")
         account_id = data.get("account_id")
         if not isinstance(account_id, str) or not account_id.strip():
-            raise InvalidRecord("an account needs a non-empty string 'account_id'")
+            raise InvalidRecord("an account needs a non-empty string 'account_id'", "account_id")
         created = data.get("created_at")
         try:
             created_at = parse_ts(created) if created else datetime.now(UTC)
         except ValueError as exc:
-            raise InvalidRecord(f"account 'created_at': {exc}") from None
+            raise InvalidRecord(f"account 'created_at': {exc}", "created_at") from None
         status = data.get("status") or AccountStatus.ACTIVE
         if status not in AccountStatus.__members__.values():
             raise InvalidRecord(
-                f"account status must be one of {[s.value for s in AccountStatus]}")
+                f"account status must be one of {[s.value for s in AccountStatus]}", "status")
         known = set(ACCOUNT_FIELDS) | {"status", "limits"}
         return cls(
             account_id=account_id.strip(),
             created_at=created_at,
-            org=_s(data.get("org")),
-            email_domain=_s(data.get("email_domain")),
-            payment_fingerprint=_s(data.get("payment_fingerprint")),
+            org=_text(data, "org"),
+            email_domain=_text(data, "email_domain"),
+            payment_fingerprint=_text(data, "payment_fingerprint"),
             country=check_country(data.get("country")),
             tier=str(data.get("tier") or "standard"),
             status=AccountStatus(status),
@@ -100,11 +100,12 @@ def account_change(name: str, value: Any) -> Any:
         if name == "created_at" and isinstance(value, str):
             return parse_ts(value)
     except ValueError as exc:
-        raise InvalidRecord(f"account {name!r}: {exc}") from None
+        raise InvalidRecord(f"account {name!r}: {exc}", name) from None
     if name in ("org", "email_domain", "payment_fingerprint"):
-        return _s(value)
+        return _text({name: value}, name)
     if name == "tier" and (not isinstance(value, str) or not value.strip()):
-        raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}")
+        raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}",
+                            "tier")
     if name == "country":
         return check_country(value)
     if name == "limits":
@@ -121,7 +122,7 @@ def check_country(value: Any) -> str | None:
     code = value.strip().upper() if isinstance(value, str) else ""
     if len(code) != 2 or not ("A" <= code[0] <= "Z" and "A" <= code[1] <= "Z"):
         raise InvalidRecord(f"account 'country' must be an ISO 3166-1 alpha-2 code such as "
-                            f"DE, not {value!r}")
+                            f"DE, not {value!r}", "country")
     return code
 
 
@@ -129,7 +130,7 @@ def check_limits(limits: Any, owner: str) -> dict[str, int | None]:
     """An account's or a key's limits as stored: whole numbers of at least 0, or null
     (no override)."""
     if not isinstance(limits, dict):
-        raise InvalidRecord(f"{owner} 'limits' must be an object")
+        raise InvalidRecord(f"{owner} 'limits' must be an object", "limits")
     out: dict[str, int | None] = {}
     for name, value in limits.items():
         if value is None:
@@ -154,8 +155,13 @@ def _whole_at_least_0(value: Any) -> bool:
     return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
-def _s(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _text(data: dict[str, Any], name: str) -> str | None:
+    """An account's text field (:func:`~distillguard.exchange.text_field`), or
+    InvalidRecord naming it."""
+    try:
+        return text_field(data, name)
+    except ValueError as exc:
+        raise InvalidRecord(f"account {exc}", name) from None
 
 
 @dataclass(slots=True)
@@ -193,15 +199,16 @@ def key_expiry(expires_at: Any = None, expires_in_days: Any = None, *,
     refused rather than stored: a key created expired is a typo (a year, a sign), and
     its holder would only learn so from a 401."""
     if expires_at is not None and expires_in_days is not None:
-        raise InvalidRecord("give a key's expiry as a time or as days from now, not both")
+        raise InvalidRecord("give a key's expiry as a time or as days from now, not both",
+                            "expires_at")
     if expires_at is not None:
         try:
             when = parse_ts(expires_at)
         except ValueError as exc:
-            raise InvalidRecord(str(exc)) from None
+            raise InvalidRecord(str(exc), "expires_at") from None
         if when <= now:
             raise InvalidRecord(f"a key's expiry must be in the future: {format_ts(when)} "
-                                f"is not (now {format_ts(now)})")
+                                f"is not (now {format_ts(now)})", "expires_at")
         return when
     if expires_in_days is None:
         return None
@@ -213,7 +220,7 @@ def key_expiry(expires_at: Any = None, expires_in_days: Any = None, *,
     if isinstance(days, bool) or not isinstance(days, int | float) or not (
             0 < days <= MAX_KEY_DAYS):
         raise InvalidRecord(f"the days until a key expires must be a number in "
-                            f"(0, {MAX_KEY_DAYS}], not {expires_in_days!r}")
+                            f"(0, {MAX_KEY_DAYS}], not {expires_in_days!r}", "expires_in_days")
     return now + timedelta(days=float(days))
 
 
