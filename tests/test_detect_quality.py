@@ -18,11 +18,12 @@ from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
 from distillguard.detect.features import extract_many
-from distillguard.detect.graph import AccountGraph, edge_weight
+from distillguard.detect.graph import AccountGraph, Community, edge_weight
 from distillguard.detect.linking import (
     COSTART_MIN_SPAN_S,
     COSTART_NEIGHBOURS,
     COSTART_PAIR_TTL_S,
+    FRAME_SHARE_FLOOR,
     GROUP_COSTART_BURST,
     GROUP_COSTART_LOCAL_S,
     GROUP_COSTART_MIN,
@@ -378,13 +379,18 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
 
 def _frame_share(links: LinkIndex, states: dict[str, AccountState], members: Any
                  ) -> tuple[set[object], float] | None:
-    """A community's dominant frames and the share of the accounts seen outside it whose
-    frame sketches hold any of them, counted with one carrier more than seen, as defined
-    (None: it has no dominant frame)."""
+    """A community's dominant frames and the share of the accounts seen outside it, and
+    that never started a session beside a member's start, whose frame sketches hold any
+    of them, counted with one carrier more than seen, as defined (None: it has no
+    dominant frame)."""
     frames = {f for m in members for f in links.member_keys.get(m, {}).get("template", ())}
     if not frames:
         return None
-    outside = [st for a, st in states.items() if st.count and a not in members]
+    near = COSTART_NEIGHBOURS
+    theirs = {b for m in members for b in links._own_starts.get(m, [])}
+    outside = [st for a, st in states.items() if st.count and a not in members
+               and not any(b + d in theirs for b in links._own_starts.get(a, [])
+                           for d in range(-near, near + 1))]
     carry = sum(not frames.isdisjoint(st.templates.counts) for st in outside)
     return frames, (carry + 1) / (len(outside) + 1)
 
@@ -467,16 +473,14 @@ def test_group_chance_is_measured_so_a_schedulers_bursts_count_once() -> None:
     assert states["own"].session_starts > GROUP_COSTART_SAMPLE
 
 
-def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chance(
-        ) -> None:
+def _framed_pool(strays: int) -> tuple[LinkIndex, dict[str, AccountState], AccountGraph]:
     """A scheduler wakes 6 of its 40 accounts hourly; every prompt of theirs carries one
     frame. Two late accounts are each woken with the pool at 3 of their 3 starts, each
     time with members they have not met (so only the group test can link them); one
-    sends that frame in two of its three prompts (too few for a frame of its own), the
-    other never. Co-starting like that and carrying the frame would happen by chance
-    with the co-start tail times the share of accounts carrying it: the first account is
-    linked, the second, with the same timing evidence, is not."""
-    import math
+    ("framed") sends that frame in two of its three prompts (too few for a frame of its
+    own), the other ("plain") never. ``strays`` more accounts of the scheduler are woken
+    with the pool once each, and send the frame: one start links no account. 300
+    accounts start at random times."""
     import random
 
     rng = random.Random(0)
@@ -492,36 +496,82 @@ def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chan
             met[who].update(woken)
             events.append((who, at + rng.uniform(0, 15)))
         events += [(a, at + rng.uniform(0, 15)) for a in woken]
+        # two strays at each of the first ticks
+        events += [(f"stray{i:02d}", at + 15.0) for i in (2 * tick, 2 * tick + 1)
+                   if i < strays]
     events += [(f"free{k:03d}", T0 + rng.uniform(0, 2 * 86_400)) for k in range(300)]
 
     def frames(aid: str, n: int) -> tuple[int, ...]:
-        if aid.startswith("s") or (aid == "framed" and n < 2):
+        if aid.startswith(("s", "stray")) or (aid == "framed" and n < 2):
             return (101,)
         return (zlib.crc32(f"{aid}{n}".encode()) + 1_000,)
 
-    links, states, graph = _replay_starts(events, 2, rng, group=True, frames=frames)
+    return _replay_starts(events, 2, rng, group=True, frames=frames)
+
+
+def _framed_tail(links: LinkIndex, states: dict[str, AccountState],
+                 community: Community) -> float:
+    """The group test's tail for "framed" against the rest of its community: the larger
+    of the modelled chance over GROUP_COSTART_BURST and the measured one."""
+    import math
+
+    others = community.members - {"framed"}
+    modelled = 3 * -math.expm1(-_start_density(states, others))
+    measured = _measured_chance(links, "framed", set(others))
+    assert measured is not None
+    return poisson_tail(max(modelled / GROUP_COSTART_BURST, 3 * measured), 3)
+
+
+def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chance(
+        ) -> None:
+    """Co-starting like "framed" and carrying the frame would happen by chance with the
+    co-start tail times the share of accounts carrying it (see _framed_pool): the first
+    account is linked, the second, with the same timing evidence, is not."""
+    links, states, graph = _framed_pool(strays=0)
     community = graph.of["s00"]
     assert links.community_frames(community)[0] == {101}
     share = links.community_frames(community)[1]
     by_definition = _frame_share(links, states, community.members)
     assert by_definition is not None and share == by_definition[1] < 0.2
     # no account outside the community sends its frame: the chance is one in as many
-    # outsiders as were seen, plus one (its members, which all send it, do not count)
+    # outsiders as were seen that never started beside a member, plus one (its
+    # members, which all send it, do not count)
     outsiders = [a for a, st in states.items() if st.count and a not in community.members]
-    assert share == 1 / (len(outsiders) + 1)
+    assert share > 1 / (len(outsiders) + 1)
     assert "framed" in community.members and "plain" not in graph.of
     assert links._group_costart.get("framed") and not links._group_costart.get("plain")
     # the timing alone would not link it, at the model's or the measured chance
     alpha = links.group_costart_alpha
-    others = community.members - {"framed"}
-    modelled = 3 * -math.expm1(-_start_density(states, others))
-    measured = _measured_chance(links, "framed", set(others))
-    assert measured is not None
-    p = poisson_tail(max(modelled / GROUP_COSTART_BURST, 3 * measured), 3)
-    assert alpha < p <= alpha / share
+    p = _framed_tail(links, states, community)
+    assert alpha < p <= alpha / max(share, FRAME_SHARE_FLOOR)
     for aid in ("framed", "plain"):
         assert links._group_costart.get(aid, set()) == _group_costart_by_definition(
             links, states, graph.of, aid)
+
+
+def test_a_frames_chance_leaves_out_accounts_that_started_beside_its_community() -> None:
+    """Sixty more of the scheduler's accounts, woken with the pool once each, send its
+    frame and are in no community (see _framed_pool). Counted among the accounts that
+    could carry the frame by chance they would make it look common enough that "framed"
+    would not be linked; they started beside members, so they are not counted, and it
+    is."""
+    links, states, graph = _framed_pool(strays=60)
+    community = graph.of["s00"]
+    strays = [a for a in states if a.startswith("stray")]
+    assert len(strays) == 60 and not any(a in graph.of for a in strays)
+    share = links.community_frames(community)[1]
+    by_definition = _frame_share(links, states, community.members)
+    assert by_definition is not None and share == by_definition[1]
+    # every outsider counted: the strays carry the frame
+    outsiders = [a for a, st in states.items() if st.count and a not in community.members]
+    counted_all = (len(strays) + 1) / (len(outsiders) + 1)
+    p = _framed_tail(links, states, community)
+    alpha = links.group_costart_alpha
+    assert p <= alpha / max(share, FRAME_SHARE_FLOOR)
+    assert p > alpha / counted_all
+    assert "framed" in community.members
+    assert links._group_costart.get("framed") == _group_costart_by_definition(
+        links, states, graph.of, "framed")
 
 
 def test_a_quiet_account_is_tested_again_when_its_partners_community_forms() -> None:

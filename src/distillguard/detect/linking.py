@@ -359,11 +359,19 @@ class LinkIndex:
     def community_frames(self, community: Community) -> tuple[set[object], float]:
         """The community's dominant template frames (its members' together), and the
         chance that an account unrelated to the community carries one of them (1.0 when
-        it has none): the share of the accounts outside the community whose frame
-        sketches hold any of them at all, counted with one carrier more than seen (add
-        one: a frame no outsider has sent yet is not taken to be impossible by chance).
+        it has none): the share of the accounts outside the community, and that never
+        started a session beside a member's start, whose frame sketches hold any of them
+        at all, counted with one carrier more than seen (add one: a frame no outsider
+        has sent yet is not taken to be impossible by chance).
+
         The members are left out: the frames are theirs, so counting them would measure
-        the community's size, not coincidence."""
+        the community's size, not coincidence. So are their co-start partners: the
+        operator's accounts not yet linked into the community are among them, each
+        carrying its frames, and they made the frame look common to the very accounts
+        tested against it. Whether an unrelated account carries a frame has little to do
+        with whether it happened to start beside a member (busier accounts are somewhat
+        likelier to do both), so the accounts left are a fair sample of the ones the
+        chance is meant for."""
         members = community.members
         frames: set[object] = set()
         for m in members:
@@ -373,9 +381,12 @@ class LinkIndex:
         holders: set[str] = set()
         for key in frames:
             holders |= self._carriers.get(key, set())
-        outside = len(holders) - len(holders & members)
-        carried = self._carried
-        population = len(carried) - sum(1 for m in members if m in carried)
+        # The accounts that started a session with a member: an operator's accounts that
+        # are not in its community yet are among them, and each carries its frames.
+        partners = self._partners
+        near = set(members).union(*(partners.get(m, {}).keys() for m in members))
+        outside = len(holders - near)
+        population = len(self._carried.keys() - near)
         return frames, (outside + 1) / (population + 1)
 
     def index_starts(self, state: AccountState) -> None:
@@ -496,7 +507,8 @@ class LinkIndex:
         Such a quiet account that also carries one of the community's dominant template
         frames (its frame sketch holds it at all, :meth:`_carries_frame_of`) is tested at
         ``group_costart_alpha`` over the share of the accounts outside the community
-        whose sketches hold one of them (:meth:`community_frames`, at least
+        (and not its co-start partners) whose sketches hold one of them
+        (:meth:`community_frames`, at least
         FRAME_SHARE_FLOOR): an account unrelated to the community would co-start so
         *and* carry one of its frames with the product of the two chances. A scheduler's
         accounts of two to five exchanges send the operator's frame in some prompts, as
