@@ -101,6 +101,28 @@ def test_suspect_formats(tmp_path: Path) -> None:
     assert [(i.prompt, i.response) for i in items] == [
         ("Add\n1 2", "The sum is three."), ("p", "c"), ("hi", "hello there"), ("q", "a"),
         ("", "just a response")]
+    skipped: list[int] = []
+    assert len(list(read_suspect(path, skipped))) == 5 and skipped == [6]
+
+
+def test_skipped_suspect_lines_are_counted_and_named(world: World, tmp_path: Path) -> None:
+    """Lines with no response to look for (a number, an object without a response field,
+    an empty text) were dropped unseen: a report of 1 item read from 13 lines said
+    nothing of the other 12."""
+    trace = tmp_path / "trace.jsonl"
+    write_trace(world.exchanges[:200], trace)
+    suspect = tmp_path / "suspect.jsonl"
+    rows: list[object] = [5, {"text": 7}, {"output": ""}] * 4 + [world.suspect[0]["output"]]
+    write_jsonl(rows, suspect)  # type: ignore[arg-type]
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["provenance", str(suspect), "--trace", str(trace),
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(out.read_bytes())["suspect"]
+    assert report["items"] == 1 and report["skipped_lines"] == 12
+    assert report["skipped_examples"] == list(range(1, 11))
+    assert (f"12 lines of {suspect} had no response to look for and were skipped (lines "
+            "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...)") in result.output
 
 
 def test_simulated_campaign_harvest_attributed(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import orjson
 from distillguard.cliparams import within
 from distillguard.files import output_path, write_atomically
 from distillguard.provenance.lookup import ProvenanceIndex
-from distillguard.provenance.report import AttributionRule, build_report
+from distillguard.provenance.report import SKIPPED_EXAMPLES, AttributionRule, build_report
 from distillguard.provenance.suspect import read_suspect
 
 
@@ -46,7 +46,8 @@ def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_pat
                html_path: str | None, min_containment: float, min_items: int,
                quiet: bool) -> None:
     """Find which accounts harvested the responses in SUSPECT (JSON Lines)."""
-    items = list(read_suspect(suspect))
+    skipped: list[int] = []
+    items = list(read_suspect(suspect, skipped))
     index = ProvenanceIndex(items, min_containment=min_containment)
     if trace_path:
         from distillguard.traceio import read_trace
@@ -59,7 +60,8 @@ def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_pat
 
         source, matches, proofs = scan_ledger(ctx, index, progress=not quiet)
     report = build_report(index, matches, rule=AttributionRule(min_items=min_items),
-                          source=source, fingerprinter=_fingerprinter(ctx))
+                          source=source, fingerprinter=_fingerprinter(ctx),
+                          skipped_lines=skipped)
     if proofs is not None:
         proofs(report)
     write_atomically(out_path, orjson.dumps(report, option=orjson.OPT_INDENT_2))
@@ -70,3 +72,9 @@ def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_pat
     named = ", ".join(f"{a['account_id']} ({a['share']:.1%})" for a in report["accounts"])
     click.echo(f"{report['suspect']['matched']}/{report['suspect']['items']} items matched; "
                f"accounts named: {named or 'none'}; report: {out_path}")
+    if skipped:
+        shown = ", ".join(map(str, skipped[:SKIPPED_EXAMPLES]))
+        more = ", ..." if len(skipped) > SKIPPED_EXAMPLES else ""
+        lines = "line" if len(skipped) == 1 else "lines"
+        click.echo(f"{len(skipped)} {lines} of {suspect} had no response to look for and "
+                   f"were skipped ({lines} {shown}{more})", err=True)

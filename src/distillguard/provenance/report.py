@@ -24,6 +24,8 @@ from distillguard.countermeasures.fingerprint import Fingerprinter
 from distillguard.provenance.lookup import Match, ProvenanceIndex
 
 EVIDENCE_PER_ACCOUNT = 20
+# The suspect file's skipped lines named in the report (all are counted).
+SKIPPED_EXAMPLES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,10 @@ def best_matches(matches: Sequence[Match], tie: float) -> dict[int, list[Match]]
 
 def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
                  rule: AttributionRule | None = None, source: dict[str, Any] | None = None,
-                 fingerprinter: Fingerprinter | None = None) -> dict[str, Any]:
+                 fingerprinter: Fingerprinter | None = None,
+                 skipped_lines: Sequence[int] = ()) -> dict[str, Any]:
+    """The report (docs/provenance.md). ``skipped_lines``: the suspect file's lines that
+    had no response to look for (counted, the first few named)."""
     rule = rule or AttributionRule()
     best = best_matches(matches, rule.tie)
     credit: dict[str, float] = defaultdict(float)
@@ -91,7 +96,9 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
         "version": 1,
         "suspect": {"items": n, "matched": len(best), "unmatched": n - len(best),
                     "too_short": len(index.too_short),
-                    "matched_share": round(len(best) / n, 4) if n else 0.0},
+                    "matched_share": round(len(best) / n, 4) if n else 0.0,
+                    "skipped_lines": len(skipped_lines),
+                    "skipped_examples": list(skipped_lines[:SKIPPED_EXAMPLES])},
         "source": {**(source or {}), "exchanges_scanned": stats.exchanges,
                    "exchanges_with_text": stats.with_text,
                    "lsh_candidates": stats.candidates, "verified_matches": stats.matches},
