@@ -99,6 +99,9 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
     runner = CliRunner()
     checked = runner.invoke(main, ["traces", "check", str(trace)], catch_exceptions=False)
     assert checked.exit_code == 0 and "12 exchanges, 1 accounts" in checked.stdout
+    # times as the formats write them (RFC 3339, UTC as Z), not Python's isoformat
+    times = sorted(orjson.loads(line)["ts"] for line in trace.read_bytes().splitlines())
+    assert f"{times[0]} to {times[-1]}" in checked.stdout and "+00:00" not in checked.stdout
     done = runner.invoke(main, ["-c", str(cfg), "traces", "import", "--sort", str(trace)],
                          catch_exceptions=False)
     assert done.exit_code == 0, done.output

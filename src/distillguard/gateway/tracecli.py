@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import click
 
 from distillguard.config import Settings
-from distillguard.exchange import Exchange
+from distillguard.exchange import Exchange, format_ts
 from distillguard.pipeline import Pipeline
 from distillguard.traceio import read_trace
 
@@ -87,5 +87,5 @@ def traces_check(paths: tuple[str, ...]) -> None:
                 accounts.add(exchange.account_id)
             first = exchange.ts if first is None or exchange.ts < first else first
             last = exchange.ts if last is None or exchange.ts > last else last
-        span = f", {first.isoformat()} to {last.isoformat()}" if first and last else ""
+        span = f", {format_ts(first)} to {format_ts(last)}" if first and last else ""
         click.echo(f"{path}: {count} exchanges, {len(accounts)} accounts{span}")
