@@ -535,6 +535,12 @@ class LinkIndex:
             return densities[key]
 
         for aid in tested:
+            mine = states[aid]
+            # k is at most the account's starts: with fewer than GROUP_COSTART_MIN no
+            # group can pass (nor did one before: starts only grow), and a third of the
+            # accounts tested are such new or quiet ones.
+            if mine.session_starts < GROUP_COSTART_MIN:
+                continue
             partners = self._partners.get(aid, {})
             # Per group: the partners in it, and with each its list of this account's
             # starts it met. Only partners in a community count. A busy account has
@@ -565,7 +571,6 @@ class LinkIndex:
                                    [m for _, mates, _ in scheduled for m in mates],
                                    [bs for _, _, lists in scheduled for bs in lists]))
             linked: set[Pair] = set()
-            mine = states[aid]
             own = start_density(aid)
             # The chance is measured only for a quiet account, one whose every start
             # the measure reads (see below).
