@@ -164,16 +164,21 @@ def test_cli_trace_and_model_test(pool: list[str], tmp_path) -> None:  # type: i
     from distillguard.traceio import write_jsonl
 
     leak = tmp_path / "leak.jsonl"
-    write_jsonl(({"output": fp.mark(t, "acct_3")} for t in pool[:300]), leak)
+    write_jsonl([*({"output": fp.mark(t, "acct_3")} for t in pool[:300]), {"id": 1}, 5],
+                leak)
     config = tmp_path / "dg.yaml"
     config.write_text(f"countermeasures:\n  fingerprint:\n    secret: {SECRET}\n")
     run = CliRunner().invoke(main, ["--config", str(config), "fingerprint", "trace",
                                     str(leak), *[f"--account=acct_{i}" for i in range(20)]])
     assert run.exit_code == 0, run.output
-    assert orjson.loads(run.output)["named"] == ["acct_3"]
+    traced = orjson.loads(run.output)
+    assert traced["named"] == ["acct_3"]
+    # the two lines with no response are counted, not read as texts
+    assert traced["texts"] == 300 and traced["skipped_lines"] == 2
     run = CliRunner().invoke(main, ["--config", str(config), "fingerprint", "model-test",
                                     "--outputs", str(leak)])
     assert run.exit_code == 0 and orjson.loads(run.output)["trained_on_marked_outputs"]
+    assert orjson.loads(run.output)["skipped_lines"] == 2
     no_secret = tmp_path / "none.yaml"
     no_secret.write_text("countermeasures: {}\n")
     run = CliRunner().invoke(main, ["--config", str(no_secret), "fingerprint", "trace",

@@ -24,10 +24,13 @@ def _fingerprinter(ctx: click.Context) -> Fingerprinter:
     return fp
 
 
-def _texts(path: str) -> list[str]:
+def _texts(path: str) -> tuple[list[str], list[int]]:
+    """The responses of a suspect file, and the numbers of its lines that had none (the
+    result counts them, as the provenance report does)."""
     from distillguard.provenance.suspect import read_suspect
 
-    return [item.response for item in read_suspect(path)]
+    skipped: list[int] = []
+    return [item.response for item in read_suspect(path, skipped)], skipped
 
 
 @click.group("fingerprint")
@@ -55,9 +58,11 @@ def trace(ctx: click.Context, texts: str, accounts: tuple[str, ...],
     if not candidates:
         raise click.UsageError("give --account or --accounts-file")
     fp = _fingerprinter(ctx)
-    scores = fp.trace(_texts(texts), candidates)
+    leaked, skipped = _texts(texts)
+    scores = fp.trace(leaked, candidates)
     cut = alpha / len(candidates)
     result = {"alpha": alpha, "bonferroni_cut": cut, "candidates": len(candidates),
+              "texts": len(leaked), "skipped_lines": len(skipped),
               "named": [s.subject for s in scores if s.p_value < cut],
               "scores": [s.to_dict() for s in scores[:20]]}
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
@@ -83,8 +88,9 @@ def model_test_cmd(ctx: click.Context, outputs: str | None, base_url: str | None
     from distillguard.countermeasures.modeltest import model_test, query_model
 
     fp = _fingerprinter(ctx)
+    skipped: list[int] = []
     if outputs:
-        texts = _texts(outputs)
+        texts, skipped = _texts(outputs)
     elif base_url and model and prompts:
         from distillguard.traceio import iter_jsonl
 
@@ -93,7 +99,7 @@ def model_test_cmd(ctx: click.Context, outputs: str | None, base_url: str | None
         texts = query_model(base_url, api_key, model, [p for p in asked if p])
     else:
         raise click.UsageError("give --outputs, or --base-url, --model and --prompts")
-    result = model_test(fp, texts, alpha)
+    result = {**model_test(fp, texts, alpha), "skipped_lines": len(skipped)}
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if out_path:
         Path(out_path).write_text(text)
