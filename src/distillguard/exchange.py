@@ -323,7 +323,11 @@ def text_field(record: dict[str, Any], name: str) -> str | None:
     The formats (docs/formats.md) give ids, addresses and fingerprints as strings; taking
     ``str()`` of anything else made ids such as ``"{'x': 1}"`` or ``"True"``, which no
     other record shares, or which two unrelated records share by accident."""
-    value = record.get(name)
+    return text_value(record.get(name), name)
+
+
+def text_value(value: Any, name: str) -> str | None:
+    """``value`` of the text field ``name``, as :func:`text_field` takes it."""
     if value is None or type(value) is str:
         return value
     what = _JSON_TYPES.get(type(value), type(value).__name__)

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from distillguard.errors import InvalidRecord
-from distillguard.exchange import format_ts, parse_ts, text_field
+from distillguard.exchange import format_ts, parse_ts, text_value
 
 KEY_PREFIX = "sk-dg-"
 # The longest a new key may be given to live: a hundred years (beyond it datetime soon
@@ -80,9 +80,9 @@ class Account:
         return cls(
             account_id=account_id.strip(),
             created_at=created_at,
-            org=_text(data, "org"),
-            email_domain=_text(data, "email_domain"),
-            payment_fingerprint=_text(data, "payment_fingerprint"),
+            org=_text(data.get("org"), "org"),
+            email_domain=_text(data.get("email_domain"), "email_domain"),
+            payment_fingerprint=_text(data.get("payment_fingerprint"), "payment_fingerprint"),
             country=check_country(data.get("country")),
             tier=str(data.get("tier") or "standard"),
             status=AccountStatus(status),
@@ -102,7 +102,7 @@ def account_change(name: str, value: Any) -> Any:
     except ValueError as exc:
         raise InvalidRecord(f"account {name!r}: {exc}", name) from None
     if name in ("org", "email_domain", "payment_fingerprint"):
-        return _text({name: value}, name)
+        return _text(value, name)
     if name == "tier" and (not isinstance(value, str) or not value.strip()):
         raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}",
                             "tier")
@@ -155,11 +155,11 @@ def _whole_at_least_0(value: Any) -> bool:
     return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
-def _text(data: dict[str, Any], name: str) -> str | None:
-    """An account's text field (:func:`~distillguard.exchange.text_field`), or
+def _text(value: Any, name: str) -> str | None:
+    """An account's text field (:func:`~distillguard.exchange.text_value`), or
     InvalidRecord naming it."""
     try:
-        return text_field(data, name)
+        return text_value(value, name)
     except ValueError as exc:
         raise InvalidRecord(f"account {exc}", name) from None
 
