@@ -24,6 +24,7 @@ from distillguard.detect.linking import (
     COSTART_NEIGHBOURS,
     COSTART_PAIR_TTL_S,
     FRAME_SHARE_FLOOR,
+    FRAMED_COSTART_MIN,
     GROUP_COSTART_BURST,
     GROUP_COSTART_LOCAL_S,
     GROUP_COSTART_MIN,
@@ -365,12 +366,13 @@ def _group_costart_by_definition(links: LinkIndex, states: dict[str, AccountStat
         quiet = states[aid].count <= GROUP_COSTART_SAMPLE and len(
             links._own_starts.get(aid, [])) == starts
         local = _measured_chance(links, aid, members) if quiet and len(group) == 1 else None
-        alpha = links.group_costart_alpha
+        alpha, need = links.group_costart_alpha, GROUP_COSTART_MIN
         if quiet and len(group) == 1:
             share = _frame_share(links, states, group[0].members)
             if share is not None and not share[0].isdisjoint(states[aid].templates.counts):
-                alpha /= share[1]
-        if k >= GROUP_COSTART_MIN and (poisson_tail(chance, k) <= alpha or (
+                alpha /= max(share[1], FRAME_SHARE_FLOOR)
+                need = FRAMED_COSTART_MIN
+        if k >= need and (poisson_tail(chance, k) <= alpha or (
                 local is not None and poisson_tail(
                     max(chance / GROUP_COSTART_BURST, local * starts), k) <= alpha)):
             linked.update((min(aid, m), max(aid, m)) for m in mates)
@@ -473,12 +475,13 @@ def test_group_chance_is_measured_so_a_schedulers_bursts_count_once() -> None:
     assert states["own"].session_starts > GROUP_COSTART_SAMPLE
 
 
-def _framed_pool(strays: int) -> tuple[LinkIndex, dict[str, AccountState], AccountGraph]:
-    """A scheduler wakes 6 of its 40 accounts hourly; every prompt of theirs carries one
-    frame. Two late accounts are each woken with the pool at 3 of their 3 starts, each
-    time with members they have not met (so only the group test can link them); one
-    ("framed") sends that frame in two of its three prompts (too few for a frame of its
-    own), the other ("plain") never. ``strays`` more accounts of the scheduler are woken
+def _framed_pool(strays: int, starts: int = 3, woken: int = 6
+                 ) -> tuple[LinkIndex, dict[str, AccountState], AccountGraph]:
+    """A scheduler wakes ``woken`` of its 40 accounts hourly; every prompt of theirs
+    carries one frame. Two late accounts are each woken with the pool at all their ``starts``
+    starts, each time with members they have not met (so only the group test can link
+    them); one ("framed") sends that frame in its first two prompts (too few for a frame
+    of its own), the other ("plain") never. ``strays`` more accounts of the scheduler are woken
     with the pool once each, and send the frame: one start links no account. 300
     accounts start at random times."""
     import random
@@ -486,16 +489,17 @@ def _framed_pool(strays: int) -> tuple[LinkIndex, dict[str, AccountState], Accou
     rng = random.Random(0)
     pool = [f"s{i:02d}" for i in range(40)]
     met: dict[str, set[str]] = {"framed": set(), "plain": set()}
-    late = {40 + 2 * i: "framed" for i in range(3)} | {41 + 2 * i: "plain" for i in range(3)}
+    late = ({40 + 2 * i: "framed" for i in range(starts)}
+            | {41 + 2 * i: "plain" for i in range(starts)})
     events: list[tuple[str, float]] = []
     for tick in range(48):
         at = T0 + tick * 3_600 + rng.uniform(0, 300)
         who = late.get(tick)
-        woken = rng.sample(pool if who is None else sorted(set(pool) - met[who]), 6)
+        wake = rng.sample(pool if who is None else sorted(set(pool) - met[who]), woken)
         if who is not None:
-            met[who].update(woken)
+            met[who].update(wake)
             events.append((who, at + rng.uniform(0, 15)))
-        events += [(a, at + rng.uniform(0, 15)) for a in woken]
+        events += [(a, at + rng.uniform(0, 15)) for a in wake]
         # two strays at each of the first ticks
         events += [(f"stray{i:02d}", at + 15.0) for i in (2 * tick, 2 * tick + 1)
                    if i < strays]
@@ -544,6 +548,20 @@ def test_a_quiet_account_carrying_its_groups_frame_is_tested_at_that_frames_chan
     alpha = links.group_costart_alpha
     p = _framed_tail(links, states, community)
     assert alpha < p <= alpha / max(share, FRAME_SHARE_FLOOR)
+    for aid in ("framed", "plain"):
+        assert links._group_costart.get(aid, set()) == _group_costart_by_definition(
+            links, states, graph.of, aid)
+
+
+def test_a_quiet_account_carrying_its_groups_frame_is_linked_on_two_co_starts() -> None:
+    """"framed" and "plain" each start twice, both times with the pool, which wakes 4
+    at a time (see _framed_pool). Two co-starts and the frame would happen by chance
+    with their tail times the frame's chance, which passes the group test's alpha:
+    "framed" is linked. "plain", without the frame, needs GROUP_COSTART_MIN co-starts,
+    and is not."""
+    links, states, graph = _framed_pool(strays=0, starts=2, woken=4)
+    assert states["framed"].session_starts == states["plain"].session_starts == 2
+    assert "framed" in graph.of["s00"].members and "plain" not in graph.of
     for aid in ("framed", "plain"):
         assert links._group_costart.get(aid, set()) == _group_costart_by_definition(
             links, states, graph.of, aid)

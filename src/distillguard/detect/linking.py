@@ -72,6 +72,10 @@ COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is ke
 # together for this long, so the counts stay bounded by recent traffic.
 COSTART_PAIR_TTL_S = 3 * 86_400.0
 GROUP_COSTART_MIN = 3
+# A quiet account that carries the community's frame needs this many co-starts: the
+# frame's chance multiplies the co-start tail, so the two together are held to the same
+# alpha as GROUP_COSTART_MIN co-starts alone (LinkIndex.group_costarts).
+FRAMED_COSTART_MIN = 2
 # The group test's measured chance: how far around each of an account's starts the
 # group's starts are counted, and how many of its latest starts are measured (an account
 # of at most this many exchanges is quiet: every start of it is measured).
@@ -513,7 +517,10 @@ class LinkIndex:
         *and* carry one of its frames with the product of the two chances. A scheduler's
         accounts of two to five exchanges send the operator's frame in some prompts, as
         an ordinary user of a public instruction format may, but too rarely for a frame
-        of their own."""
+        of their own. Since the frame's chance already multiplies the tail, such an
+        account needs FRAMED_COSTART_MIN co-starts, not GROUP_COSTART_MIN: an operator's
+        account that sent two prompts, each beside its pool, has nothing else to tie it
+        to the operator."""
         tested = sorted(self._group_tested)
         self._group_tested.clear()
         window = (2 * COSTART_NEIGHBOURS + 1) * BURST_BUCKET_S
@@ -536,10 +543,10 @@ class LinkIndex:
 
         for aid in tested:
             mine = states[aid]
-            # k is at most the account's starts: with fewer than GROUP_COSTART_MIN no
-            # group can pass (nor did one before: starts only grow), and a third of the
-            # accounts tested are such new or quiet ones.
-            if mine.session_starts < GROUP_COSTART_MIN:
+            # k is at most the account's starts: with fewer than FRAMED_COSTART_MIN no
+            # group can pass (nor did one before: starts only grow), and many of the
+            # accounts tested are such new ones.
+            if mine.session_starts < FRAMED_COSTART_MIN:
                 continue
             partners = self._partners.get(aid, {})
             # Per group: the partners in it, and with each its list of this account's
@@ -583,7 +590,7 @@ class LinkIndex:
                 # even that many would not pass, the union is not worth building (nearly
                 # every test of a busy account against a group it met by chance).
                 most = min(sum(map(len, lists)), mine.session_starts)
-                if most < GROUP_COSTART_MIN:
+                if most < FRAMED_COSTART_MIN:
                     continue
                 total = sum(density(c) - (own if aid in c.members else 0.0)
                             for c in group)
@@ -596,16 +603,17 @@ class LinkIndex:
                 # A quiet account that also carries one of the community's frames would
                 # do both by chance with the co-start tail times the share of accounts
                 # that carry one of them: its test passes at alpha over that share.
-                bar = alpha
+                bar, need = alpha, GROUP_COSTART_MIN
                 if measured and self._carries_frame_of(carried, group[0]):
                     key = id(group[0])
                     if key not in group_frames:
                         group_frames[key] = self.community_frames(group[0])[1]
                     bar = alpha / max(group_frames[key], FRAME_SHARE_FLOOR)
-                if poisson_tail(floor, most) > bar:
+                    need = FRAMED_COSTART_MIN
+                if most < need or poisson_tail(floor, most) > bar:
                     continue
                 k = len(set().union(*lists))
-                if k < GROUP_COSTART_MIN or poisson_tail(floor, k) > bar:
+                if k < need or poisson_tail(floor, k) > bar:
                     continue
                 if measured and poisson_tail(chance, k) > bar:
                     key = id(group[0])
@@ -631,13 +639,13 @@ class LinkIndex:
         it or a partner starts; the partners it met may be linked into its operator's
         community only later, and the account, which starts rarely, would not be tested
         against that community. Only partners with starts enough for the test to pass
-        (GROUP_COSTART_MIN) are tested again."""
+        (FRAMED_COSTART_MIN) are tested again."""
         tested, partners = self._group_tested, self._partners
         for aid in joined:
             for other in partners.get(aid, ()):
                 st = states.get(other)
                 if (st is not None and st.count <= GROUP_COSTART_SAMPLE
-                        and st.session_starts >= GROUP_COSTART_MIN):
+                        and st.session_starts >= FRAMED_COSTART_MIN):
                     tested.add(other)
 
     @property
