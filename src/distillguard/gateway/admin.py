@@ -197,10 +197,8 @@ class AdminAPI:
         try:
             account = await self.gateway.store.update_account(
                 request.path_params["account_id"], **data)
-        except InvalidRecord as exc:
-            raise Unprocessable(str(exc), param=exc.field) from None
-        except ValueError as exc:
-            raise Unprocessable(str(exc)) from None
+        except ValueError as exc:     # InvalidRecord names its field
+            raise Unprocessable(str(exc), param=getattr(exc, "field", None)) from None
         self.gateway.auth.forget()
         return json_response(account.to_public())
 
