@@ -52,7 +52,8 @@ def test_a_trace_in_time_order_is_read_as_it_lies(tmp_path: Path,
     assert in_time_order(trace)
     lines = [x for block in iter_sorted_lines(trace, batch_rows=100) for x in block]
     assert lines == trace.read_bytes().splitlines(keepends=True)
-    by_sort = [x for block in _sorted_by_duckdb(str(trace), "1GB", None, 100) for x in block]
+    by_sort = [x for _, block in _sorted_by_duckdb(str(trace), "1GB", None, 100)
+               for x in block]
     assert [orjson.loads(x) for x in lines] == [orjson.loads(x) for x in by_sort]
 
 
@@ -205,10 +206,34 @@ def test_bad_trace_line_is_reported_by_either_reader(tmp_path: Path, reader: str
     broken = tmp_path / "broken.jsonl"
     # a line that parses as JSON but is not an exchange (no timestamp: sorted first)
     broken.write_bytes(b"\n".join([*lines[:50], b'{"id": "x", "request": {}}', *lines[50:]]))
-    with pytest.raises(FormatError, match="bad trace line near exchange 1:"):
+    with pytest.raises(FormatError, match=f"^{broken}:51: "):
         run_batch(broken, Calibration.read(), reader=reader)
     with pytest.raises(ValueError, match="reader must be one of"):
         run_batch(broken, Calibration.read(), reader="threads")
+
+
+@pytest.mark.parametrize("sorted_first", [False, True])
+@pytest.mark.parametrize("bad", [
+    b'{"ts": "2026-03-02T00:00:00Z", "exchange_id": ',        # opens like a line in order
+    b'{"ts": 5}',
+    b'{"ts": "2026-03-02T00:00:00Z", "account_id": ["a"], "request": {}}',
+    b'[1, 2]'])
+def test_a_bad_line_is_named_by_its_line_as_traces_check_names_it(
+        tmp_path: Path, world: World, bad: bytes, sorted_first: bool) -> None:
+    """Whether the trace is read as it lies or sorted first (two lines swapped, blank
+    lines that DuckDB skips), the error names the file's line, in the words of
+    ``traces check``; not the exchange's place in time order, nor DuckDB's count."""
+    lines = world[0].read_bytes().splitlines()[:40]
+    if sorted_first:
+        lines = [lines[1], lines[0], b"", *lines[2:20], b"  ", *lines[20:]]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"\n".join([*lines[:30], bad, *lines[30:]]) + b"\n")
+    checked = CliRunner().invoke(main, ["traces", "check", str(broken)])
+    assert checked.exit_code != 0
+    assert checked.output.startswith(f"error: {broken}:31: ")
+    with pytest.raises(FormatError) as raised:
+        run_batch(broken, Calibration.read(), reader="inline")
+    assert f"error: {raised.value}\n" == checked.output
 
 
 def test_verdicts_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:

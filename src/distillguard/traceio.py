@@ -28,7 +28,9 @@ class FormatError(ValueError):
 
 
 @contextmanager
-def _open(path: str | Path, mode: str) -> Iterator[IO[bytes]]:
+def open_jsonl(path: str | Path, mode: str) -> Iterator[IO[bytes]]:
+    """A JSON Lines file as bytes, ``mode`` "r" or "w": ``-`` is standard input or
+    output, a name ending in ``.gz`` is gzip-compressed."""
     if str(path) == "-":
         yield sys.stdin.buffer if "r" in mode else sys.stdout.buffer
         return
@@ -44,7 +46,7 @@ def _open(path: str | Path, mode: str) -> Iterator[IO[bytes]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    with _open(path, "r") as fh:
+    with open_jsonl(path, "r") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -72,7 +74,7 @@ def read_accounts(path: str | Path) -> Iterator[Account]:
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> int:
     count = 0
-    with _open(path, "w") as fh:
+    with open_jsonl(path, "w") as fh:
         for record in records:
             fh.write(orjson.dumps(record))
             fh.write(b"\n")

@@ -35,7 +35,7 @@ import orjson
 from distillguard.detect.features import Extractor
 from distillguard.exchange import Exchange, parse_ts
 from distillguard.geoip import GeoIP
-from distillguard.traceio import FormatError
+from distillguard.traceio import FormatError, iter_jsonl, open_jsonl
 
 BATCH_ROWS = 4_096
 # A line that opens with its timestamp, written as RFC 3339 in a form both DuckDB and
@@ -79,23 +79,35 @@ def in_time_order(trace: str | Path) -> bool:
     return True
 
 
-def _file_blocks(path: str, batch_rows: int) -> Iterator[list[bytes]]:
-    """The file's lines as they lie, in blocks."""
+def _file_blocks(path: str, batch_rows: int) -> Iterator[tuple[list[int], list[bytes]]]:
+    """The file's lines as they lie, in blocks, each line with its line number (a file in
+    time order has no blank line: see :func:`in_time_order`)."""
     with open(path, "rb") as f:
         block: list[bytes] = []
+        first = 1
         for line in f:
             block.append(line)
             if len(block) == batch_rows:
-                yield block
+                yield list(range(first, first + len(block))), block
+                first += len(block)
                 block = []
         if block:
-            yield block
+            yield list(range(first, first + len(block))), block
 
 
 def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
                       temp_dir: str | None = None, batch_rows: int = BATCH_ROWS
                       ) -> Iterator[list[bytes]]:
     """The trace's lines sorted by timestamp (ties in file order), in blocks."""
+    for _, lines in _numbered_sorted_lines(trace, memory_limit, temp_dir, batch_rows):
+        yield lines
+
+
+def _numbered_sorted_lines(trace: str | Path, memory_limit: str, temp_dir: str | None,
+                           batch_rows: int) -> Iterator[tuple[list[int], list[bytes]]]:
+    """As :func:`iter_sorted_lines`, each line with where it came from
+    (:func:`_where`): its line number in a file in time order, its place among the
+    file's JSON values in a sorted one, its ledger index in a ledger export."""
     path = str(trace)
     if not Path(path).exists():
         raise FormatError(f"{path}: no such trace file")
@@ -105,6 +117,26 @@ def iter_sorted_lines(trace: str | Path, *, memory_limit: str = "1GB",
         yield from _file_blocks(path, batch_rows)
     else:
         yield from _sorted_by_duckdb(path, memory_limit, temp_dir, batch_rows)
+
+
+def _where(trace: str | Path, number: int) -> str:
+    """How an error names the line ``number`` of :func:`_numbered_sorted_lines` came
+    from: ``trace:LINE`` (as ``traces check`` and the other readers say it), or the
+    ledger entry of an export. A sorted file's number counts its JSON values (DuckDB
+    skips blank lines), so the file is read again, on this error path only, to find the
+    line."""
+    path = str(trace)
+    if path.endswith(".parquet"):
+        return f"{path}: ledger entry {number}"
+    if in_time_order(path):
+        return f"{path}:{number}"
+    with open_jsonl(path, "r") as fh:
+        values = 0
+        for line_number, line in enumerate(fh, 1):
+            values += bool(line.strip())
+            if values == number:
+                return f"{path}:{line_number}"
+    return f"{path}: JSON value {number}"
 
 
 def check_memory_limit(memory_limit: str) -> str:
@@ -142,17 +174,26 @@ def _duckdb_batches(path: str, query: str, memory_limit: str, temp_dir: str | No
 
 
 def _sorted_by_duckdb(path: str, memory_limit: str, temp_dir: str | None, batch_rows: int
-                      ) -> Iterator[list[bytes]]:
+                      ) -> Iterator[tuple[list[int], list[bytes]]]:
     query = ("SELECT json::VARCHAR AS line, "
              " try_cast(json_extract_string(json, '$.ts') AS TIMESTAMPTZ) AS ts, "
              " row_number() OVER () AS n "
              "FROM read_ndjson_objects($path) ORDER BY ts NULLS FIRST, n")
-    for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
-        yield [v.encode() for v in batch.column(0).to_pylist()]
+    try:
+        for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
+            yield (batch.column(2).to_pylist(),
+                   [v.encode() for v in batch.column(0).to_pylist()])
+    except FormatError:
+        # DuckDB's message for a line that is not JSON counts lines its own way; name
+        # the line as every other reader does (the sort reads the whole file before its
+        # first row, so nothing was detected yet)
+        for _ in iter_jsonl(path):
+            pass
+        raise
 
 
 def _ledger_export_lines(path: str, memory_limit: str, temp_dir: str | None,
-                         batch_rows: int) -> Iterator[list[bytes]]:
+                         batch_rows: int) -> Iterator[tuple[list[int], list[bytes]]]:
     """A ledger's Parquet export (``ledger export``, docs/ledger.md): its exchange entries
     as trace lines, sorted by time, ties in ledger order (as ``detect --ledger`` reads the
     ledger itself)."""
@@ -163,7 +204,7 @@ def _ledger_export_lines(path: str, memory_limit: str, temp_dir: str | None,
              "ORDER BY try_cast(ts AS TIMESTAMPTZ) NULLS FIRST, idx")
     for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
         columns = batch.to_pydict()
-        yield [orjson.dumps(trace_of(*entry)) for entry in zip(
+        yield columns["idx"], [orjson.dumps(trace_of(*entry)) for entry in zip(
             columns["leaf"], columns["request"], columns["response"], columns["idx"],
             strict=True)]
 
@@ -173,17 +214,17 @@ def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | N
                        ) -> Generator[list[tuple[Any, ...]], None, None]:
     """The trace's features in time order, block by block, as plain tuples
     (:meth:`~distillguard.detect.features.Extractor.take_rows`)."""
-    count = 0
     block = Extractor(geoip)
-    for lines in iter_sorted_lines(trace, memory_limit=memory_limit, temp_dir=temp_dir):
-        for line in lines:
+    for numbers, lines in _numbered_sorted_lines(trace, memory_limit, temp_dir, BATCH_ROWS):
+        for number, line in zip(numbers, lines, strict=True):
             try:
                 exchange = Exchange.from_trace(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise FormatError(f"{_where(trace, number)}: not valid JSON ({exc.msg})"
+                                  ) from None
             except (ValueError, TypeError, KeyError) as exc:
-                raise FormatError(f"{trace}: bad trace line near exchange {count + 1}: "
-                                  f"{exc}") from None
+                raise FormatError(f"{_where(trace, number)}: {exc}") from None
             block.add(exchange)   # keeps what features need; the parsed line goes now
-            count += 1
         yield block.take_rows()
 
 
