@@ -86,10 +86,13 @@ def test_commands_and_standalone_verifier(tmp_path: Path) -> None:
                          "--end", "20"], "before --start 30"),
                        # an index SQLite cannot hold raised OverflowError; "²" is a digit
                        # to str.isdigit() and not to int()
-                       (["show", "99999999999999999999"], "no ledger entry 99999999999999999999"),
+                       (["show", "99999999999999999999"],
+                        "no ledger entry '99999999999999999999'"),
                        (["prove", "99999999999999999999"], "no ledger entry"),
-                       (["show", "²"], "no ledger entry ²"),
-                       (["show", "50"], "no ledger entry 50")):
+                       (["show", "²"], "no ledger entry '²'"),
+                       (["show", "50"], "no ledger entry '50'"),
+                       (["show", ""], "no ledger entry ''"),
+                       (["prove", ""], "no ledger entry ''")):
         result = CliRunner().invoke(main, ["-c", c, "ledger", *args])
         assert result.exit_code == 2 and says in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit)

@@ -127,7 +127,7 @@ def test_dashboard_ledger_page_on_the_real_ledger(stack: StackThread, admin: htt
         csrf = login(client)
         page = client.get("/ledger", params={"exchange_id": exchange_id}).text
         assert "proof checks out" in page and checkpoint["root_hash"] in page
-        assert "no ledger entry ex_missing" in client.get(
+        assert "no ledger entry &#39;ex_missing&#39;" in client.get(
             "/ledger", params={"exchange_id": "ex_missing"}).text
         client.post("/ledger/verify", data={"csrf": csrf})
         deadline = time.monotonic() + 20

@@ -105,7 +105,7 @@ def prove(ctx: click.Context, ref: str, tree_size: int | None, out: str | None) 
         try:
             proof = lg.inclusion(ref, tree_size, sign_if_needed=True)
         except LookupError:
-            raise click.UsageError(f"no ledger entry {ref}") from None
+            raise click.UsageError(f"no ledger entry {ref!r}") from None
         except ProofError as exc:         # a tree size the entry is not in
             raise click.UsageError(str(exc)) from None
         _emit(proof, out)
@@ -269,7 +269,7 @@ def show(ctx: click.Context, ref: str) -> None:
     try:
         row = lg.find(ref)
         if row is None:
-            raise click.UsageError(f"no ledger entry {ref}")
+            raise click.UsageError(f"no ledger entry {ref!r}")
         _emit(entry_json(row), None)
     finally:
         lg.close()

@@ -114,7 +114,7 @@ class Ledger:
         checkpoint if ``sign_if_needed`` and the key is at hand, else the current size)."""
         row = self.find(ref)
         if row is None:
-            raise LookupError(f"no ledger entry {ref}")
+            raise LookupError(f"no ledger entry {ref!r}")
         self.refresh()
         note = None
         if size is None:
