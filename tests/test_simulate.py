@@ -104,3 +104,7 @@ def test_cli_simulate(tmp_path: Path) -> None:
                                         value])
         assert bad.exit_code != 0
         assert f"{option} must be a positive number" in bad.output, bad.output
+    # a span whose end no timestamp can write said "year 1021077 is out of range"
+    bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "bad"), "--days",
+                                    "1e9"])
+    assert bad.exit_code == 2 and "--days must be at most 3653 (ten years)" in bad.output

@@ -27,6 +27,9 @@ from distillguard.traceio import write_accounts, write_jsonl
 
 DEFAULT_START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 LABELS_VERSION = 1
+# Longer spans are refused: ten years of a preset's traffic is beyond any disk, and far
+# longer ones would carry timestamps past what RFC 3339 can write.
+MAX_DAYS = 3653.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,8 @@ def make_world(preset: str, seed: int, days: float | None,
     span = float(days if days is not None else p.days)
     if not 0 < span < math.inf:           # false for NaN too
         raise ValueError("--days must be a positive number")
+    if span > MAX_DAYS:
+        raise ValueError(f"--days must be at most {MAX_DAYS:g} (ten years)")
     world = World(seed=seed, start=start.timestamp(), days=span, split=p.split,
                   timing=timing_model(), net=NetworkAllocator(random.Random(rng.random())),
                   rng=rng)
