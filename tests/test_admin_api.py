@@ -21,6 +21,22 @@ def test_admin_requires_its_own_credential(stack: StackThread,
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
 
 
+def test_an_unknown_route_or_method_is_an_api_error(stack: StackThread,
+                                                     admin: httpx.Client) -> None:
+    """The admin API answers a route it does not have, or a method a route does not
+    take, in its own error format, not the router's plain text."""
+    r = admin.get("/admin/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"] == {
+        "message": "Unknown endpoint GET /admin/v1/nothing.",
+        "type": "invalid_request_error", "param": None, "code": "unknown_url"}
+    r = admin.put("/admin/v1/accounts")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "GET" in r.headers["allow"]
+    # the public API keeps its catch-all (OpenAI's 404 for a method it does not serve)
+    r = httpx.delete(stack.stack.base_url + "/v1/chat/completions")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+
+
 def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -> None:
     r = admin.post("/admin/v1/accounts", json={
         "account_id": "acct_17", "created_at": "2026-02-20T09:00:00Z", "org": "Acme Ltd",

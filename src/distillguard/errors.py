@@ -13,6 +13,7 @@ requests the gateway cannot serve and for infrastructure faults. The tree::
           ├── AuthenticationFailed   401 missing, unknown, revoked or expired key
           ├── PermissionDenied       403 policy denial, suspended account
           ├── NotFoundError          404 unknown model or route
+          ├── MethodNotAllowed       405 a route that does not take this method
           ├── PayloadTooLarge        413 request body over the configured limit
           ├── RateLimited            429 rate limit or quota (carries Retry-After)
           ├── UpstreamError          502 upstream 5xx, refused or dropped connection
@@ -116,6 +117,12 @@ class NotFoundError(APIError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(APIError):

@@ -2,7 +2,8 @@
 
 Every :class:`~distillguard.errors.APIError` becomes its OpenAI-format body and status;
 a policy :class:`~distillguard.pipeline.Denied` value is turned into the matching APIError
-here too. Anything else is a bug: it is logged with its traceback and the client gets a
+here too, and so is a route the router cannot match (Starlette's 404 and 405, plain text
+of their own) on the admin API and any other app without a catch-all. Anything else is a bug: it is logged with its traceback and the client gets a
 500 in the same format, without internal details.
 """
 
@@ -11,10 +12,18 @@ from __future__ import annotations
 import logging
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from distillguard.errors import APIError, PermissionDenied, RateLimited
+from distillguard.errors import (
+    APIError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFoundError,
+    PermissionDenied,
+    RateLimited,
+)
 from distillguard.pipeline import Denied
 
 log = logging.getLogger("distillguard.gateway")
@@ -50,6 +59,23 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def handle_http_error(request: Request, exc: Exception) -> Response:
+    """The router's own errors in the API's format: an unknown route, a method the route
+    does not take (with its ``Allow`` header)."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    headers = dict(exc.headers or {})
+    err: APIError
+    if exc.status_code == 404:
+        err = NotFoundError(f"Unknown endpoint {where}.", code="unknown_url")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"Method not allowed: {where}.", headers=headers)
+    else:
+        err = InvalidRequest(str(exc.detail), headers=headers)
+        err.status = exc.status_code
+    return error_response(err)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     body = {"error": {"message": "The gateway hit an internal error.", "type": "api_error",
@@ -57,4 +83,5 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return Response(orjson.dumps(body), status_code=500, media_type="application/json")
 
 
-EXCEPTION_HANDLERS = {APIError: handle_api_error, Exception: handle_unexpected}
+EXCEPTION_HANDLERS = {APIError: handle_api_error, HTTPException: handle_http_error,
+                      Exception: handle_unexpected}
