@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from distillguard.dashboard import charts, dashboard_extension, graph, queries
-from distillguard.dashboard.index import create_schema, row_of, write_rows
+from distillguard.dashboard.index import (
+    INDEX_TEXT_MAX,
+    IndexStage,
+    create_schema,
+    row_of,
+    write_rows,
+)
 from distillguard.errors import ConfigError
 from distillguard.serve import StackThread
 from distillguard.store import open_state_store
@@ -210,6 +216,30 @@ async def test_index_rollups_and_keyset_pages(state_url: str) -> None:
     assert [(r["account_id"], int(r["total"])) for r in busiest] == [("acct_0", 77),
                                                                     ("acct_1", 77)]
     assert await queries.latest_minute(engine) == datetime(2026, 3, 1, 12, 3, tzinfo=UTC)
+    await store.close()
+
+
+async def test_a_row_the_database_refuses_loses_only_itself(state_url: str) -> None:
+    """A client names the model it asks for: a NUL in that name (which PostgreSQL cannot
+    keep in text) made the index drop its whole batch of exchanges. Names are now kept
+    with U+FFFD and cut short; and a row the database refuses for any other reason is
+    retried alone, so the rest of its batch is indexed."""
+    store = await _engine(state_url)
+    engine = store.engine  # type: ignore[attr-defined]
+    stage = IndexStage(lambda: engine, batch=1000)
+    plain = [make_exchange(f"q {i}", account_id="acct_n") for i in range(20)]
+    odd = make_exchange("odd", account_id="acct_n", model="demo\x00chat" + "x" * 1000)
+    for ex in [*plain[:10], odd, *plain[10:]]:
+        await stage.on_exchange(ex)
+    poison = {**row_of(make_exchange("poison")), "status": None}    # NOT NULL
+    stage._rows.insert(5, poison)
+    await stage.flush()
+    assert (await queries.totals(engine))["exchanges"] == 21
+    page = await queries.exchanges_page(engine, column="account_id", values=["acct_n"],
+                                        before=None, limit=50)
+    assert {r["exchange_id"] for r in page} == {ex.id for ex in [*plain, odd]}
+    [kept] = [r["model"] for r in page if r["exchange_id"] == odd.id]
+    assert kept == ("demo\ufffdchat" + "x" * 1000)[:INDEX_TEXT_MAX]
     await store.close()
 
 

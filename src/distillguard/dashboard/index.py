@@ -134,18 +134,33 @@ def capability_of(exchange: Exchange) -> str:
     return "chat" if prompt else "other"
 
 
+# An index text field is cut to this many characters: a client names the model it asks
+# for, and a name of megabytes (refused, but recorded) would be kept in every row.
+INDEX_TEXT_MAX = 256
+
+
+def index_text(value: str | None) -> str | None:
+    """A text field as the index keeps it: NUL characters, which PostgreSQL cannot
+    store in text (a request naming the model ``"a\\u0000b"`` made the insert of its
+    whole batch fail), become U+FFFD; at most :data:`INDEX_TEXT_MAX` characters. The
+    ledger keeps the request as sent."""
+    if value is None:
+        return None
+    return value[:INDEX_TEXT_MAX].replace("\x00", "\ufffd")
+
+
 def row_of(exchange: Exchange) -> dict[str, Any]:
     usage = exchange.usage
     return {
         "exchange_id": exchange.id, "ts": format_ts(exchange.ts),
-        "account_id": exchange.account_id, "key_id": exchange.key_id,
-        "client_ip": exchange.client_ip, "status": int(exchange.status),
-        "model": exchange.model, "endpoint": exchange.endpoint,
+        "account_id": index_text(exchange.account_id), "key_id": index_text(exchange.key_id),
+        "client_ip": index_text(exchange.client_ip), "status": int(exchange.status),
+        "model": index_text(exchange.model), "endpoint": index_text(exchange.endpoint),
         "capability": capability_of(exchange),
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
-        "latency_ms": exchange.latency_ms, "error_code": exchange.error_code,
-        "denied_by": exchange.annotations.get("denied_by"),
+        "latency_ms": exchange.latency_ms, "error_code": index_text(exchange.error_code),
+        "denied_by": index_text(exchange.annotations.get("denied_by")),
     }
 
 
@@ -264,7 +279,22 @@ class IndexStage:
                 try:
                     await write_rows(self._engine(), rows)
                 except Exception:
-                    log.exception("dashboard: could not index %d exchanges", len(rows))
+                    await self._write_one_by_one(rows)
+
+    async def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        """After a batch failed: each row in a transaction of its own, so that a row the
+        database refuses loses only itself, not the exchanges batched with it."""
+        lost = 0
+        for row in rows:
+            try:
+                await write_rows(self._engine(), [row])
+            except Exception:
+                lost += 1
+                if lost == 1:
+                    log.exception("dashboard: could not index exchange %s",
+                                  row["exchange_id"])
+        if lost:
+            log.error("dashboard: could not index %d of %d exchanges", lost, len(rows))
 
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():
