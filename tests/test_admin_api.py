@@ -144,6 +144,13 @@ def test_a_tier_not_configured_or_a_field_of_the_wrong_type_is_refused(
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     refused(admin.post("/admin/v1/accounts/t4/keys", json={"name": 5}), "name",
             "'name' must be a string")
+    # a NUL, which PostgreSQL cannot keep in text (a 500 there), is refused on every store
+    refused(admin.post("/admin/v1/accounts", json={"account_id": "t6\x00"}), "account_id",
+            "account 'account_id' must not contain the NUL character")
+    refused(admin.post("/admin/v1/accounts/t4/keys", json={"name": "lap\x00top"}), "name",
+            "key 'name' must not contain the NUL character")
+    assert admin.get("/admin/v1/accounts/t6%00").status_code == 404
+    assert admin.get("/admin/v1/accounts", params={"query": "t\x00"}).json()["data"] == []
     refused(admin.patch("/admin/v1/accounts/t4", json={"limits": {"tokens_per_day": "²"}}),
             None, "must be a whole number of at least 0")     # was int()'s own message
     r = admin.post("/admin/v1/accounts/t4/keys", json={"limits": {"tokens_per_day": -1}})

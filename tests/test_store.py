@@ -110,6 +110,37 @@ async def test_records_the_store_will_not_keep(store) -> None:  # type: ignore[n
     assert issubclass(InvalidRecord, StoreError) and issubclass(InvalidRecord, ValueError)
 
 
+async def test_text_with_a_nul_is_refused_and_never_found(store) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL cannot keep a NUL in text: an account or key name holding one was a
+    500 from the admin API there, and kept as given on SQLite. Both stores now refuse
+    it with the field named, and a look-up by such an id finds nothing on both."""
+    await store.put_account(make_account("acct_n"))
+    for field in ("org", "email_domain", "payment_fingerprint", "tier"):
+        with pytest.raises(InvalidRecord) as raised:
+            await store.update_account("acct_n", **{field: "a\x00b"})
+        assert raised.value.field == field and "NUL" in str(raised.value)
+        with pytest.raises(InvalidRecord):
+            Account.from_public({"account_id": "acct_w", field: "a\x00b"})
+    with pytest.raises(InvalidRecord) as raised:
+        Account.from_public({"account_id": "acct\x00w"})
+    assert raised.value.field == "account_id"
+    with pytest.raises(InvalidRecord) as raised:
+        await store.create_key("acct_n", name="lap\x00top")
+    assert raised.value.field == "name"
+    assert await store.list_keys("acct_n") == []
+    with pytest.raises(NotFound):
+        await store.get_account("acct\x00n")
+    with pytest.raises(NotFound):
+        await store.update_account("acct\x00n", org="x")
+    with pytest.raises(NotFound):
+        await store.revoke_key("key\x00")
+    assert await store.get_key("key\x00") is None
+    assert await store.list_keys("acct\x00n") == []
+    assert await store.list_accounts(query="acct\x00") == []
+    assert [a.account_id for a in await store.list_accounts(query="acct_n")] == ["acct_n"]
+    assert (await store.get_account("acct_n")).org == make_account("acct_n").org
+
+
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 
 

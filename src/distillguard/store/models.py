@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from distillguard.errors import InvalidRecord
 from distillguard.exchange import format_ts, parse_ts, text_value
@@ -67,6 +67,7 @@ class Account:
         account_id = data.get("account_id")
         if not isinstance(account_id, str) or not account_id.strip():
             raise InvalidRecord("an account needs a non-empty string 'account_id'", "account_id")
+        no_nul(account_id, "account 'account_id'", "account_id")
         created = data.get("created_at")
         try:
             created_at = parse_ts(created) if created else datetime.now(UTC)
@@ -84,7 +85,7 @@ class Account:
             email_domain=_text(data.get("email_domain"), "email_domain"),
             payment_fingerprint=_text(data.get("payment_fingerprint"), "payment_fingerprint"),
             country=check_country(data.get("country")),
-            tier=str(data.get("tier") or "standard"),
+            tier=no_nul(str(data.get("tier") or "standard"), "account 'tier'", "tier"),
             status=AccountStatus(status),
             limits=check_limits(data.get("limits") or {}, "account"),
             extra={k: v for k, v in data.items() if k not in known},
@@ -106,6 +107,8 @@ def account_change(name: str, value: Any) -> Any:
     if name == "tier" and (not isinstance(value, str) or not value.strip()):
         raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}",
                             "tier")
+    if name == "tier":
+        no_nul(value, "account 'tier'", "tier")
     if name == "country":
         return check_country(value)
     if name == "limits":
@@ -155,13 +158,26 @@ def _whole_at_least_0(value: Any) -> bool:
     return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
 
 
+_Text = TypeVar("_Text", bound=str | None)
+
+
 def _text(value: Any, name: str) -> str | None:
     """An account's text field (:func:`~distillguard.exchange.text_value`), or
     InvalidRecord naming it."""
     try:
-        return text_value(value, name)
+        text = text_value(value, name)
     except ValueError as exc:
         raise InvalidRecord(f"account {exc}", name) from None
+    return no_nul(text, f"account {name!r}", name)
+
+
+def no_nul(value: _Text, what: str, field: str) -> _Text:
+    """``value``, or InvalidRecord if it holds the NUL character: PostgreSQL cannot keep
+    one in text, so the state store would fail on it; SQLite would keep it. Refused on
+    either, so an account or key means the same on both."""
+    if value is not None and "\x00" in value:
+        raise InvalidRecord(f"{what} must not contain the NUL character", field)
+    return value
 
 
 @dataclass(slots=True)

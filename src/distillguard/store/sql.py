@@ -27,6 +27,7 @@ from distillguard.store.models import (
     check_limits,
     hash_key,
     new_key_material,
+    no_nul,
 )
 
 _ACCOUNT_COLUMNS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
@@ -173,6 +174,8 @@ class SQLStateStore:
         return len(rows)
 
     async def get_account(self, account_id: str) -> Account:
+        if "\x00" in account_id:   # never stored (models.no_nul); PostgreSQL would fail
+            raise NotFound(f"no account {account_id!r}")
         async with self.engine.connect() as conn:
             row = (await conn.execute(
                 text("SELECT * FROM accounts WHERE account_id = :a"), {"a": account_id}
@@ -186,6 +189,8 @@ class SQLStateStore:
     ) -> list[Account]:
         sql = "SELECT * FROM accounts"
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if query and "\x00" in query:
+            return []
         if query:
             sql += (" WHERE account_id LIKE :q OR org LIKE :q OR email_domain LIKE :q"
                     " OR payment_fingerprint LIKE :q")
@@ -236,7 +241,7 @@ class SQLStateStore:
         await self.get_account(account_id)
         key_id, secret = new_key_material()
         key = ApiKey(key_id=key_id, account_id=account_id, key_hash=hash_key(secret),
-                     name=name, expires_at=expires_at, limits=check_limits(limits or {}, "key"))
+                     name=no_nul(name, "key 'name'", "name"), expires_at=expires_at, limits=check_limits(limits or {}, "key"))
         async with self.engine.begin() as conn:
             await conn.execute(
                 text("INSERT INTO api_keys (key_id, account_id, key_hash, name, created_at,"
@@ -247,6 +252,8 @@ class SQLStateStore:
         return key, secret
 
     async def get_key(self, key_id: str) -> ApiKey | None:
+        if "\x00" in key_id:
+            return None
         async with self.engine.connect() as conn:
             row = (await conn.execute(
                 text("SELECT * FROM api_keys WHERE key_id = :k"), {"k": key_id}
@@ -256,6 +263,8 @@ class SQLStateStore:
     async def list_keys(self, account_id: str | None = None) -> list[ApiKey]:
         sql = "SELECT * FROM api_keys"
         params: dict[str, Any] = {}
+        if account_id is not None and "\x00" in account_id:
+            return []
         if account_id is not None:
             sql += " WHERE account_id = :a"
             params["a"] = account_id
