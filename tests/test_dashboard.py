@@ -122,6 +122,8 @@ def test_action_forms_need_csrf_same_origin_and_a_reason(
     assert client.post("/actions", data={**form, "csrf": csrf, "reason": ""}).status_code == 400
     assert client.post("/actions", data={**form, "csrf": csrf, "action": "nuke"}
                        ).status_code == 400
+    r = client.post("/actions", data={**form, "csrf": csrf, "target": "acct_nobody"})
+    assert r.status_code == 404 and "There is no account &#39;acct_nobody&#39;." in r.text
     assert admin.get("/admin/v1/accounts/acct_x").json()["status"] == "active"
     r = client.post("/actions", data={**form, "csrf": csrf})
     assert r.status_code == 303 and r.headers["location"].startswith(
@@ -144,6 +146,32 @@ def test_unknown_things_are_404_pages(dash: tuple[StackThread, httpx.Client]) ->
     for path in ("/accounts/nobody", "/campaigns/c-none", "/exchanges/ex_nothing"):
         r = client.get(path)
         assert r.status_code == 404 and "<h1>404</h1>" in r.text
+
+
+def test_a_failing_page_is_a_500_page_and_the_connection_lives_on(
+        dash: tuple[StackThread, httpx.Client], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A page that fails answers the 500 page once; the keep-alive connection it came on
+    stays usable (it was dropped, so the client's next request failed)."""
+    _, client = dash
+    csrf = login(client)
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(queries, "search_accounts", broken)
+    with caplog.at_level("ERROR"):
+        for _ in range(3):
+            r = client.get("/accounts", params={"q": "x"})
+            assert r.status_code == 500 and "This page failed" in r.text
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "dashboard page /dashboard/accounts failed"] * 3
+    assert client.get("/accounts/nobody").status_code == 404
+    # a NUL, which PostgreSQL fails on in a query, is a 400 page before any query runs
+    for r in (client.get("/accounts/a%00b"), client.get("/audit", params={"subject": "\x00"}),
+              client.post("/actions", data={"csrf": csrf, "kind": "account", "target": "a",
+                                            "action": "suspend", "reason": "a\x00b"})):
+        assert r.status_code == 400 and "NUL character" in r.text, r.text
 
 
 # -- index, queries, graph, charts ----------------------------------------------------------

@@ -84,6 +84,12 @@ def test_actions_verdicts_screening_and_review(cfg: str, tmp_path: Path) -> None
     assert "suspend acct_b until" in out
     assert orjson.loads(run(cfg, "accounts", "show", "acct_b"))["status"] == "suspended"
     run(cfg, "policy", "apply", "acct_b", "--action", "nuke", "--reason", "x", code=2)
+    # a mistyped account made an action for no one and printed it as applied
+    out = run(cfg, "policy", "apply", "acct_b", "acct_zz", "--action", "flag", "--reason",
+              "typo", code=2)
+    assert "error: no account 'acct_zz'" in out
+    assert orjson.loads(run(cfg, "policy", "actions")) == [
+        a for a in orjson.loads(run(cfg, "policy", "actions")) if a["action"] == "suspend"]
     run(cfg, "policy", "revoke", "acct_b", "--reason", "appeal upheld", "--actor", "ana")
     assert orjson.loads(run(cfg, "accounts", "show", "acct_b"))["status"] == "active"
     verdicts = {"version": 1,

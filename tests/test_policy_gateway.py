@@ -214,6 +214,13 @@ def test_suspended_account_is_blocked_without_retries(running: StackThread,
     assert names[:3] == ["admin:account:reinstate", "admin:account:revoke",
                          "admin:account:suspend"]
     assert events[2]["reason"] == "abuse report 12"
+    r = admin.post("/admin/v1/policy/actions", json={
+        "account_ids": [account_id, "acct_nobody"], "action": "flag", "reason": "typo"})
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["message"] == "no account 'acct_nobody'"
+    assert not [a for a in admin.get("/admin/v1/policy/actions",
+                                      params={"account": account_id}).json()["data"]
+                if a["action"] == "flag"]
     client.close()
 
 

@@ -66,7 +66,8 @@ class PolicySource(Protocol):
     async def apply(self, kind: str, target: str, action: str, reason: str, actor: str,
                     accounts: list[str]) -> str:
         """Apply ``action`` to an account or campaign; returns a message for the analyst;
-        raises ValueError for an action it refuses. Must record an audit event."""
+        raises ValueError for an action it refuses, LookupError for an account the state
+        store does not know. Must record an audit event."""
         ...
 
     async def audit(self, subject: str | None = None,

@@ -15,10 +15,12 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distillguard.config import Settings
 from distillguard.dashboard.security import (
@@ -104,6 +106,7 @@ class Dashboard:
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return self.redirect(f"{self.base}/login?next={quote(target)}")
             request.scope["dg_session"] = session
+            values = [*request.path_params.values(), *request.query_params.values()]
             if request.method == "POST":
                 form = await request.form()
                 token = form.get("csrf")
@@ -111,6 +114,11 @@ class Dashboard:
                         session, token if isinstance(token, str) else None):
                     raise HTTPException(403, "The form token is missing or stale; reload the "
                                              "page and try again.")
+                values += form.values()
+            if any(isinstance(v, str) and "\x00" in v for v in values):
+                # nothing kept can hold NUL, and PostgreSQL fails on it in a query
+                raise HTTPException(400, "A value in this address or form holds the NUL "
+                                         "character; no account, campaign or reason can.")
             await self.sources.open()
             await self.sources.refresh()
             await self.sources.index.flush()  # show what the gateway has just served
@@ -168,8 +176,7 @@ class Dashboard:
         return self.render(request, "error.html", status_code=exc.status_code, title="Error",
                            message=exc.detail, status=exc.status_code)
 
-    async def _server_error(self, request: Request, exc: Exception) -> Response:
-        log.exception("dashboard page %s failed", request.url.path, exc_info=exc)
+    def server_error(self, request: Request) -> Response:
         return self.render(request, "error.html", status_code=500, title="Error", status=500,
                            message="This page failed; the error is in the gateway log.")
 
@@ -184,8 +191,38 @@ class Dashboard:
         ]
         for path, handler, methods in views.ROUTES:
             routes.append(Route(path, self.page(handler), methods=methods))
-        return Starlette(routes=routes, exception_handlers={
-            HTTPException: self._http_error, Exception: self._server_error})
+        return Starlette(routes=routes, middleware=[Middleware(ServerErrors, dashboard=self)],
+                         exception_handlers={HTTPException: self._http_error})
+
+
+class ServerErrors:
+    """A page's unexpected exception, logged once and answered with the dashboard's 500
+    page, here. (A handler for Exception on the Starlette app answers and then raises
+    again; the gateway's app around the dashboard, finding the answer already sent, made
+    the server drop the connection, so a keep-alive client's next request failed.)"""
+
+    def __init__(self, app: ASGIApp, dashboard: Dashboard) -> None:
+        self.app = app
+        self.dashboard = dashboard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if started:        # nothing can be said any more: the server ends the answer
+                raise
+            log.exception("dashboard page %s failed", scope.get("path"))
+            await self.dashboard.server_error(Request(scope))(scope, receive, send)
 
 
 def _safe_next(value: str | None, base: str) -> str:

@@ -78,7 +78,9 @@ class PolicyAdmin:
             except ValueError as exc:
                 raise Unprocessable(str(exc)) from None
             except LookupError as exc:
-                raise NotFoundError(str(exc).strip("'\"")) from None
+                # a KeyError's str() quotes its message; other messages may end in one
+                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                raise NotFoundError(str(message)) from None
         return guarded
 
     def routes(self) -> list[BaseRoute]:

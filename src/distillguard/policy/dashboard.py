@@ -40,7 +40,8 @@ class DashboardPolicy:
         else:
             caused = f"campaign:{target}" if kind == "campaign" else f"analyst:{actor}"
             done = await self.ops.apply(accounts, action, reason=reason, actor=actor,
-                                        channel="dashboard", caused_by=caused)
+                                        channel="dashboard", caused_by=caused,
+                                        unknown_ok=kind == "campaign")
             skipped = len(accounts) - len(done)
             message = f"{action} applied to {len(done)} account(s)" + (
                 f" ({skipped} already had it)" if skipped else "")

@@ -37,13 +37,21 @@ class PolicyOps:
 
     async def apply(self, account_ids: list[str], action: str, *, reason: str, actor: str,
                     channel: str, caused_by: str | None = None, expires_in: Any = "default",
-                    detail: dict[str, Any] | None = None,
-                    source: str = "analyst") -> list[ladder.Action]:
+                    detail: dict[str, Any] | None = None, source: str = "analyst",
+                    unknown_ok: bool = False) -> list[ladder.Action]:
         """Apply a ladder action to accounts by hand (``channel``: dashboard, admin, cli).
 
-        ``expires_in`` is a duration (``24h``), ``never``/None, or ``default``."""
+        ``expires_in`` is a duration (``24h``), ``never``/None, or ``default``. An account
+        the state store does not know is a LookupError, before anything is applied (a
+        mistyped id made an action for no one and said it was applied), unless
+        ``unknown_ok`` (a campaign's members, as detection named them)."""
         if action not in LADDER:
             raise ValueError(f"unknown action {action!r}; the ladder is {', '.join(LADDER)}")
+        if not unknown_ok:
+            missing = await self.unknown_accounts(account_ids)
+            if missing:
+                raise LookupError(f"no account {missing[0]!r}" + (
+                    f" (and {len(missing) - 1} more unknown)" if len(missing) > 1 else ""))
         expiry = (self.policy.default_expiry_s if expires_in == "default"
                   else parse_duration(expires_in))
         detail = dict(detail or {})
@@ -64,6 +72,21 @@ class PolicyOps:
             if made is not None:
                 done.append(made)
         return done
+
+    async def unknown_accounts(self, account_ids: list[str]) -> list[str]:
+        """Those of ``account_ids`` the state store has no account for, in their order."""
+        # an id holding NUL is no account (nor can PostgreSQL take it in a query)
+        asked = sorted({a for a in account_ids if "\x00" not in a})
+        known: set[str] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(asked), 500):
+                chunk = asked[start:start + 500]
+                marks = ", ".join(f":a{i}" for i in range(len(chunk)))
+                rows = await conn.execute(text(
+                    f"SELECT account_id FROM accounts WHERE account_id IN ({marks})"),
+                    {f"a{i}": v for i, v in enumerate(chunk)})
+                known.update(r[0] for r in rows)
+        return [a for a in dict.fromkeys(account_ids) if a not in known]
 
     async def lift(self, account_ids: list[str], *, actions: list[str] | None, reason: str,
                    actor: str, channel: str) -> list[ladder.Action]:

@@ -46,6 +46,8 @@ async def apply(dash: Dashboard, request: Request) -> Response:
                                      accounts)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
+    except LookupError as exc:          # an account the state store does not know
+        raise HTTPException(404, f"There is {exc.args[0]}.") from None
     return dash.redirect(nxt, done=message)
 
 
