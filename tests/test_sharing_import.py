@@ -125,6 +125,12 @@ def _bad_bundles(good: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
                 "the limit is 200000"),
         "pattern": (variant(last_bad_pattern), "invalid object"),
         "not-bundle": (b'{"type": "report"}', "not a STIX bundle"),
+        # PostgreSQL cannot keep NUL in text: the import failed there with a traceback
+        "nul": (variant(lambda b: next(o for o in b["objects"] if o["type"] == "indicator")
+                        .update(name="a\x00b")), "name holds the NUL character"),
+        "nul-deep": (variant(lambda b: b["objects"][1].update(
+            external_references=[{"source_name": "x", "description": "\x00"}])),
+            "external_references[0].description holds the NUL character"),
     }
 
 

@@ -4,8 +4,9 @@
 objects) refuse, with one clear message: content over ``sharing.max_bundle_bytes``, bytes
 that are not JSON, a document that is not a STIX bundle, a STIX 2.0 bundle or objects of
 another ``spec_version``, object types STIX 2.1 does not define (custom object types
-included), and objects the ``stix2`` library rejects (missing or malformed properties,
-invalid patterns). Nothing is stored unless everything passes.
+included), objects the ``stix2`` library rejects (missing or malformed properties,
+invalid patterns), and text holding the NUL character (which PostgreSQL cannot store:
+the import failed with a traceback there). Nothing is stored unless everything passes.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def _check(obj: Any) -> str | None:
         return "no \"type\""
     if kind not in KNOWN_TYPES:
         return f"unknown object type {kind!r} (not defined by STIX 2.1)"
+    nul = _nul_at(obj, "")
+    if nul is not None:
+        return f"{nul or 'a property name'} holds the NUL character"
     version = obj.get("spec_version")
     if version is None and kind not in SCO:
         return "no \"spec_version\" (STIX 2.1 objects carry \"spec_version\": \"2.1\")"
@@ -118,4 +122,24 @@ def _check(obj: Any) -> str | None:
         stix2.parse(obj, allow_custom=True, version="2.1")
     except (stix2.exceptions.STIXError, ValueError, TypeError) as exc:
         return str(exc).splitlines()[0][:300]
+    return None
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """Where in ``value`` (a parsed JSON value at ``path``) a string or a property name
+    holds the NUL character, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path
+            found = _nul_at(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _nul_at(item, f"{path}[{i}]")
+            if found is not None:
+                return found
     return None
