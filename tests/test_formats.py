@@ -123,6 +123,11 @@ def test_a_bad_trace_time_is_named(tmp_path: Path) -> None:
     ("client_ip", 3.5, "'client_ip' must be a string, not a number"),
     ("exchange_id", {"id": 1}, "'exchange_id' must be a string, not an object"),
     ("model", 4, "'model' must be a string, not a number"),
+    # PostgreSQL cannot keep NUL: the ledger's append failed, and every verdict write
+    # naming the account
+    ("account_id", "a\x00b", "'account_id' must not contain the NUL character"),
+    ("key_id", "\x00", "'key_id' must not contain the NUL character"),
+    ("exchange_id", "ex\x00", "'exchange_id' must not contain the NUL character"),
 ])
 def test_a_trace_text_field_that_is_not_text_is_named(tmp_path: Path, field: str,
                                                        value: object, says: str) -> None:

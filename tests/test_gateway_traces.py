@@ -110,6 +110,21 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
     bad.write_text('{"ts": "2026-03-01T00:00:00Z"}\n{"account_id": "x"}\n')
     failed = runner.invoke(main, ["traces", "check", str(bad)])
     assert failed.exit_code == 2 and f"{bad}:2" in failed.stderr
+    # a bad line refuses the whole import, before its first exchange: lines before it
+    # were imported, and importing the mended file again recorded them twice
+    good = trace.read_bytes().splitlines(keepends=True)
+    for name, line in (("nul", b'{"ts": "2026-03-01T00:00:00Z", "exchange_id": "e\\u0000"}\n'),
+                       ("no-ts", b'{"account_id": "x"}\n')):
+        partial = tmp_path / f"{name}.jsonl"
+        partial.write_bytes(b"".join(good[:5]) + line + b"".join(good[5:]))
+        for sort in ([], ["--sort"]):
+            refused = runner.invoke(main, ["-c", str(cfg), "traces", "import", *sort,
+                                           str(partial)])
+            assert refused.exit_code == 2 and f"{partial}:6: " in refused.stderr, (
+                refused.output)
+    verified = runner.invoke(main, ["-c", str(cfg), "ledger", "verify"])
+    assert verified.exit_code == 0 and verified.stdout.startswith("12 entries"), (
+        verified.output)
 
 
 class CountingStore:

@@ -263,11 +263,11 @@ class Exchange:
         stream = bool(request.get("stream")) if isinstance(request, dict) else False
         latency = _trace_number(line, "latency_ms", "a number of milliseconds", float)
         ex = cls(
-            id=text_field(line, "exchange_id") or new_exchange_id(),
+            id=id_field(line, "exchange_id") or new_exchange_id(),
             ts=parse_ts(line["ts"]),
             endpoint=text_field(line, "endpoint") or "/v1/chat/completions",
-            account_id=text_field(line, "account_id"),
-            key_id=text_field(line, "key_id"),
+            account_id=id_field(line, "account_id"),
+            key_id=id_field(line, "key_id"),
             client_ip=text_field(line, "client_ip"),
             user_agent=text_field(line, "user_agent"),
             model=model,
@@ -324,6 +324,17 @@ def text_field(record: dict[str, Any], name: str) -> str | None:
     ``str()`` of anything else made ids such as ``"{'x': 1}"`` or ``"True"``, which no
     other record shares, or which two unrelated records share by accident."""
     return text_value(record.get(name), name)
+
+
+def id_field(record: dict[str, Any], name: str) -> str | None:
+    """A record's id (:func:`text_field`), which must not hold the NUL character: the
+    gateway never makes such an id (accounts refuse one), and PostgreSQL cannot keep it,
+    so one imported from a trace failed the ledger's append and every verdict write that
+    named the account. The text a client chose (``model``) may hold one; it is kept."""
+    value = text_field(record, name)
+    if value is not None and "\x00" in value:
+        raise ValueError(f"'{name}' must not contain the NUL character")
+    return value
 
 
 def text_value(value: Any, name: str) -> str | None:

@@ -4,7 +4,8 @@
 ``pipeline.trace_path``, or from another gateway's logs) into the stages of the configured
 components, exactly as if they had just passed through the gateway: the ledger, the
 detectors and the dashboard index see them; the upstream is not called and no rate limit
-is charged. ``traces check`` validates a file without importing it.
+is charged. A file with a bad line is refused before anything of it is imported.
+``traces check`` validates a file without importing it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,20 @@ def traces() -> None:
 
 
 def _exchanges(paths: Iterable[str], sort: bool) -> Iterator[Exchange]:
-    if not sort:
-        for path in paths:
-            yield from read_trace(path)
-        return
-    everything = [ex for path in paths for ex in read_trace(path)]
-    everything.sort(key=lambda ex: ex.ts)
-    yield from everything
+    """The exchanges of ``paths`` in the order to replay them. Every line of every file
+    is read and checked before this returns, so a bad line stops the import before its
+    first exchange: a partial import, run again once the line is mended, would record
+    the lines before it twice. Files are read twice (checked, then streamed); standard
+    input, and everything under ``sort``, once into memory."""
+    if sort or "-" in paths:
+        everything = [ex for path in paths for ex in read_trace(path)]
+        if sort:
+            everything.sort(key=lambda ex: ex.ts)
+        return iter(everything)
+    for path in paths:
+        for _ in read_trace(path):
+            pass
+    return (ex for path in paths for ex in read_trace(path))
 
 
 async def import_traces(settings: Settings, exchanges: Iterable[Exchange]
