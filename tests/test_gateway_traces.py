@@ -82,8 +82,8 @@ async def test_import_replays_into_stages_in_order(tmp_path: Path,
                         lambda settings: [Extension(stages=[recorder])])
     exchanges = [make_exchange(f"q{i}", account_id=f"a{i % 3}") for i in range(20)]
     settings = make_settings(tmp_path, pipeline={"retention": "hash"})
-    count, errors = await import_traces(settings, iter(exchanges))
-    assert count == 20 and errors == {}
+    result = await import_traces(settings, iter(exchanges))
+    assert result.imported == 20 and result.stage_errors == {}
     assert [ex.id for ex in recorder.exchanges] == [ex.id for ex in exchanges]
     assert all(ex.retention is Retention.HASH and ex.request_sha256
                for ex in recorder.exchanges)
@@ -122,8 +122,15 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
                                            str(partial)])
             assert refused.exit_code == 2 and f"{partial}:6: " in refused.stderr, (
                 refused.output)
+    # the file imported again (with one new line): only the new line is recorded
+    again = tmp_path / "again.jsonl"
+    again.write_bytes(trace.read_bytes() + orjson.dumps(make_exchange("new").to_trace())
+                      + b"\n")
+    done = runner.invoke(main, ["-c", str(cfg), "traces", "import", str(again)])
+    assert done.exit_code == 0 and (
+        "imported 1 exchanges (12 already in the ledger were skipped)" in done.stderr)
     verified = runner.invoke(main, ["-c", str(cfg), "ledger", "verify"])
-    assert verified.exit_code == 0 and verified.stdout.startswith("12 entries"), (
+    assert verified.exit_code == 0 and verified.stdout.startswith("13 entries"), (
         verified.output)
 
 

@@ -4,7 +4,9 @@
 ``pipeline.trace_path``, or from another gateway's logs) into the stages of the configured
 components, exactly as if they had just passed through the gateway: the ledger, the
 detectors and the dashboard index see them; the upstream is not called and no rate limit
-is charged. A file with a bad line is refused before anything of it is imported.
+is charged. A file with a bad line is refused before anything of it is imported, and an
+exchange the ledger already holds (by exchange id) is skipped, so an import run twice
+records each exchange once.
 ``traces check`` validates a file without importing it.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import click
 
@@ -43,26 +46,41 @@ def _exchanges(paths: Iterable[str], sort: bool) -> Iterator[Exchange]:
     return (ex for path in paths for ex in read_trace(path))
 
 
-async def import_traces(settings: Settings, exchanges: Iterable[Exchange]
-                        ) -> tuple[int, dict[str, int]]:
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    imported: int
+    already_in_ledger: int
+    stage_errors: dict[str, int]
+
+
+async def import_traces(settings: Settings, exchanges: Iterable[Exchange]) -> ImportResult:
     """Feed ``exchanges`` through the stages of the configured components, in order.
 
-    Returns how many were imported and the count of stage failures by stage name.
+    An exchange whose id the ledger already holds is skipped, by every stage: importing a
+    file again (after a failure, or by mistake) recorded each exchange twice in the
+    ledger and counted it twice in detection. Returns how many were imported, how many
+    were skipped so, and the count of stage failures by stage name.
     """
     from distillguard.components import load_extensions
+    from distillguard.ledger.stage import LedgerStage
 
     stages = [s for e in load_extensions(settings) for s in e.stages]
+    writers = [s.writer for s in stages if isinstance(s, LedgerStage)]
     pipeline = Pipeline(stages, queue_size=settings.pipeline.queue_size)
     await pipeline.start()
-    count = 0
+    count = already = 0
     try:
+        ledger = writers[0].ledger if writers else None
         for exchange in exchanges:
+            if ledger is not None and ledger.store.find(exchange.id) is not None:
+                already += 1
+                continue
             exchange.retention = settings.pipeline.retention
             await pipeline.submit(exchange)
             count += 1
     finally:
         await pipeline.close()
-    return count, dict(pipeline.stage_errors)
+    return ImportResult(count, already, dict(pipeline.stage_errors))
 
 
 @traces.command("import")
@@ -73,10 +91,12 @@ async def import_traces(settings: Settings, exchanges: Iterable[Exchange]
 def traces_import(ctx: click.Context, paths: tuple[str, ...], sort: bool) -> None:
     """Replay trace files into the pipeline stages (ledger, detection, dashboard)."""
     settings = ctx.obj.settings
-    count, errors = asyncio.run(import_traces(settings, _exchanges(paths, sort)))
-    click.echo(f"imported {count} exchanges", err=True)
-    if errors:
-        detail = ", ".join(f"{name}: {n}" for name, n in sorted(errors.items()))
+    result = asyncio.run(import_traces(settings, _exchanges(paths, sort)))
+    click.echo(f"imported {result.imported} exchanges" + (
+        f" ({result.already_in_ledger} already in the ledger were skipped)"
+        if result.already_in_ledger else ""), err=True)
+    if result.stage_errors:
+        detail = ", ".join(f"{name}: {n}" for name, n in sorted(result.stage_errors.items()))
         click.echo(f"error: stage failures ({detail}); see the log", err=True)
         ctx.exit(1)
 
