@@ -128,6 +128,8 @@ def test_a_bad_trace_time_is_named(tmp_path: Path) -> None:
     ("account_id", "a\x00b", "'account_id' must not contain the NUL character"),
     ("key_id", "\x00", "'key_id' must not contain the NUL character"),
     ("exchange_id", "ex\x00", "'exchange_id' must not contain the NUL character"),
+    # PostgreSQL's index entries hold at most 2,704 bytes
+    ("account_id", "a" * 257, "'account_id' is 257 characters long; ids are at most 256"),
 ])
 def test_a_trace_text_field_that_is_not_text_is_named(tmp_path: Path, field: str,
                                                        value: object, says: str) -> None:

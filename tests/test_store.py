@@ -137,6 +137,19 @@ async def test_text_with_a_nul_is_refused_and_never_found(store) -> None:  # typ
     assert await store.get_key("key\x00") is None
     assert await store.list_keys("acct\x00n") == []
     assert await store.list_accounts(query="acct\x00") == []
+    # PostgreSQL keeps at most 2,704 bytes in an index entry: ids and orgs are indexed
+    for fields, field in (({"account_id": "x" * 257}, "account_id"),
+                          ({"account_id": "acct_l", "org": "o" * 501}, "org"),
+                          ({"account_id": "acct_l", "payment_fingerprint": "p" * 257},
+                           "payment_fingerprint")):
+        with pytest.raises(InvalidRecord) as raised:
+            Account.from_public(fields)
+        assert raised.value.field == field and "characters long" in str(raised.value)
+    with pytest.raises(InvalidRecord):
+        await store.create_key("acct_n", name="k" * 257)
+    await store.put_account(Account.from_public({"account_id": "é" * 256,
+                                                 "org": "😀" * 500}))
+    assert (await store.get_account("é" * 256)).org == "😀" * 500
     assert [a.account_id for a in await store.list_accounts(query="acct_n")] == ["acct_n"]
     assert (await store.get_account("acct_n")).org == make_account("acct_n").org
 

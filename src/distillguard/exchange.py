@@ -326,14 +326,24 @@ def text_field(record: dict[str, Any], name: str) -> str | None:
     return text_value(record.get(name), name)
 
 
+# The longest id (exchange, account, key) a trace line may carry: ids are indexed where
+# they are kept, and PostgreSQL keeps at most 2,704 bytes in an index entry.
+MAX_ID_CHARS = 256
+
+
 def id_field(record: dict[str, Any], name: str) -> str | None:
-    """A record's id (:func:`text_field`), which must not hold the NUL character: the
-    gateway never makes such an id (accounts refuse one), and PostgreSQL cannot keep it,
-    so one imported from a trace failed the ledger's append and every verdict write that
-    named the account. The text a client chose (``model``) may hold one; it is kept."""
+    """A record's id (:func:`text_field`), which must not hold the NUL character nor be
+    longer than MAX_ID_CHARS: the gateway never makes such an id (accounts refuse one),
+    and PostgreSQL cannot keep it, so one imported from a trace failed the ledger's
+    append and every verdict write that named the account. The text a client chose
+    (``model``) may hold one; it is kept."""
     value = text_field(record, name)
-    if value is not None and "\x00" in value:
-        raise ValueError(f"'{name}' must not contain the NUL character")
+    if value is not None:
+        if "\x00" in value:
+            raise ValueError(f"'{name}' must not contain the NUL character")
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(f"'{name}' is {len(value)} characters long; ids are at most "
+                             f"{MAX_ID_CHARS}")
     return value
 
 

@@ -67,7 +67,7 @@ class Account:
         account_id = data.get("account_id")
         if not isinstance(account_id, str) or not account_id.strip():
             raise InvalidRecord("an account needs a non-empty string 'account_id'", "account_id")
-        no_nul(account_id, "account 'account_id'", "account_id")
+        stored_text(account_id.strip(), "account 'account_id'", "account_id")
         created = data.get("created_at")
         try:
             created_at = parse_ts(created) if created else datetime.now(UTC)
@@ -85,7 +85,7 @@ class Account:
             email_domain=_text(data.get("email_domain"), "email_domain"),
             payment_fingerprint=_text(data.get("payment_fingerprint"), "payment_fingerprint"),
             country=check_country(data.get("country")),
-            tier=no_nul(str(data.get("tier") or "standard"), "account 'tier'", "tier"),
+            tier=stored_text(str(data.get("tier") or "standard"), "account 'tier'", "tier"),
             status=AccountStatus(status),
             limits=check_limits(data.get("limits") or {}, "account"),
             extra={k: v for k, v in data.items() if k not in known},
@@ -108,7 +108,7 @@ def account_change(name: str, value: Any) -> Any:
         raise InvalidRecord(f"account 'tier' must be a non-empty string, not {value!r}",
                             "tier")
     if name == "tier":
-        no_nul(value, "account 'tier'", "tier")
+        stored_text(value, "account 'tier'", "tier")
     if name == "country":
         return check_country(value)
     if name == "limits":
@@ -168,15 +168,29 @@ def _text(value: Any, name: str) -> str | None:
         text = text_value(value, name)
     except ValueError as exc:
         raise InvalidRecord(f"account {exc}", name) from None
-    return no_nul(text, f"account {name!r}", name)
+    return stored_text(text, f"account {name!r}", name,
+                       MAX_ORG_CHARS if name == "org" else MAX_ID_CHARS)
 
 
-def no_nul(value: _Text, what: str, field: str) -> _Text:
-    """``value``, or InvalidRecord if it holds the NUL character: PostgreSQL cannot keep
-    one in text, so the state store would fail on it; SQLite would keep it. Refused on
-    either, so an account or key means the same on both."""
-    if value is not None and "\x00" in value:
-        raise InvalidRecord(f"{what} must not contain the NUL character", field)
+# The longest text an account (its id, e-mail domain, payment fingerprint, tier) or a
+# key's name may hold, and an org's name. PostgreSQL keeps at most 2,704 bytes in an
+# index entry (ids, orgs and fingerprints are indexed): a 4,000-character id was a
+# database error there. 500 characters of 4-byte UTF-8 stay below that.
+MAX_ID_CHARS = 256
+MAX_ORG_CHARS = 500
+
+
+def stored_text(value: _Text, what: str, field: str, limit: int = MAX_ID_CHARS) -> _Text:
+    """``value``, or InvalidRecord naming ``field`` if it holds the NUL character
+    (PostgreSQL cannot keep one in text, so the state store would fail on it; SQLite
+    would keep it) or is longer than ``limit`` characters. Refused on either store, so an
+    account or key means the same on both."""
+    if value is not None:
+        if "\x00" in value:
+            raise InvalidRecord(f"{what} must not contain the NUL character", field)
+        if len(value) > limit:
+            raise InvalidRecord(f"{what} is {len(value)} characters long; at most {limit} "
+                                "are kept", field)
     return value
 
 

@@ -27,7 +27,7 @@ from distillguard.store.models import (
     check_limits,
     hash_key,
     new_key_material,
-    no_nul,
+    stored_text,
 )
 
 _ACCOUNT_COLUMNS = ("account_id", "created_at", "org", "email_domain", "payment_fingerprint",
@@ -174,7 +174,7 @@ class SQLStateStore:
         return len(rows)
 
     async def get_account(self, account_id: str) -> Account:
-        if "\x00" in account_id:   # never stored (models.no_nul); PostgreSQL would fail
+        if "\x00" in account_id:   # never stored (stored_text); PostgreSQL would fail
             raise NotFound(f"no account {account_id!r}")
         async with self.engine.connect() as conn:
             row = (await conn.execute(
@@ -241,7 +241,8 @@ class SQLStateStore:
         await self.get_account(account_id)
         key_id, secret = new_key_material()
         key = ApiKey(key_id=key_id, account_id=account_id, key_hash=hash_key(secret),
-                     name=no_nul(name, "key 'name'", "name"), expires_at=expires_at, limits=check_limits(limits or {}, "key"))
+                     name=stored_text(name, "key 'name'", "name"), expires_at=expires_at,
+                     limits=check_limits(limits or {}, "key"))
         async with self.engine.begin() as conn:
             await conn.execute(
                 text("INSERT INTO api_keys (key_id, account_id, key_hash, name, created_at,"
