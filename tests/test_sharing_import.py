@@ -126,6 +126,11 @@ def _bad_bundles(good: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
         "pattern": (variant(last_bad_pattern), "invalid object"),
         "not-bundle": (b'{"type": "report"}', "not a STIX bundle"),
         # PostgreSQL cannot keep NUL in text: the import failed there with a traceback
+        # any text after bundle-- was kept; thousands of characters failed PostgreSQL
+        "bundle-id": (variant(lambda b: b.update(id="bundle--" + "x" * 4000)),
+                      "no valid \"id\" (bundle--<uuid>)"),
+        "bundle-id-braces": (variant(lambda b: b.update(
+            id="bundle--{" + b["id"][len("bundle--"):] + "}")), "no valid \"id\""),
         "nul": (variant(lambda b: next(o for o in b["objects"] if o["type"] == "indicator")
                         .update(name="a\x00b")), "name holds the NUL character"),
         "nul-deep": (variant(lambda b: b["objects"][1].update(
