@@ -3,8 +3,9 @@
 Every :class:`~distillguard.errors.APIError` becomes its OpenAI-format body and status;
 a policy :class:`~distillguard.pipeline.Denied` value is turned into the matching APIError
 here too, and so is a route the router cannot match (Starlette's 404 and 405, plain text
-of their own) on the admin API and any other app without a catch-all. Anything else is a bug: it is logged with its traceback and the client gets a
-500 in the same format, without internal details.
+of their own) on the admin API and any other app without a catch-all. Anything else is
+a bug: it is logged with its traceback and the client gets a 500 in the same format,
+without internal details.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ async def import_traces(settings: Settings, exchanges: Iterable[Exchange]) -> Im
     try:
         ledger = writers[0].ledger if writers else None
         for exchange in exchanges:
+            # by entry id (Ledger.find would read an id of digits as an index)
             if ledger is not None and ledger.store.find(exchange.id) is not None:
                 already += 1
                 continue

@@ -126,7 +126,8 @@ def _check(obj: Any) -> str | None:
         return f"unknown object type {kind!r} (not defined by STIX 2.1)"
     nul = _nul_at(obj, "")
     if nul is not None:
-        return f"{nul or 'a property name'} holds the NUL character"
+        where = nul or "a property name"
+        return f"{where[:120]}{'…' if len(where) > 120 else ''} holds the NUL character"
     version = obj.get("spec_version")
     if version is None and kind not in SCO:
         return "no \"spec_version\" (STIX 2.1 objects carry \"spec_version\": \"2.1\")"
@@ -141,19 +142,19 @@ def _check(obj: Any) -> str | None:
 
 def _nul_at(value: Any, path: str) -> str | None:
     """Where in ``value`` (a parsed JSON value at ``path``) a string or a property name
-    holds the NUL character, or None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                return path
-            found = _nul_at(item, f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _nul_at(item, f"{path}[{i}]")
-            if found is not None:
-                return found
+    holds the NUL character, or None. Iterative: JSON nested as deep as the parser
+    allows (1,024) would exceed Python's recursion limit."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return where
+        elif isinstance(item, dict):
+            for key in reversed(item):     # first property first
+                if "\x00" in key:
+                    return where
+                stack.append((item[key], f"{where}.{key}" if where else key))
+        elif isinstance(item, list):
+            stack.extend((item[i], f"{where}[{i}]") for i in reversed(range(len(item))))
     return None

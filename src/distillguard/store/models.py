@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from distillguard.errors import InvalidRecord
-from distillguard.exchange import format_ts, parse_ts, text_value
+from distillguard.exchange import MAX_ID_CHARS, format_ts, parse_ts, text_value
 
 KEY_PREFIX = "sk-dg-"
 # The longest a new key may be given to live: a hundred years (beyond it datetime soon
@@ -173,10 +173,10 @@ def _text(value: Any, name: str) -> str | None:
 
 
 # The longest text an account (its id, e-mail domain, payment fingerprint, tier) or a
-# key's name may hold, and an org's name. PostgreSQL keeps at most 2,704 bytes in an
-# index entry (ids, orgs and fingerprints are indexed): a 4,000-character id was a
-# database error there. 500 characters of 4-byte UTF-8 stay below that.
-MAX_ID_CHARS = 256
+# key's name may hold is MAX_ID_CHARS, as a trace's ids; an org's name may be longer.
+# PostgreSQL keeps at most 2,704 bytes in an index entry (ids, orgs and fingerprints are
+# indexed): a 4,000-character id was a database error there. 500 characters of 4-byte
+# UTF-8 stay below that.
 MAX_ORG_CHARS = 500
 
 
