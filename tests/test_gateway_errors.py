@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,34 @@ def test_request_errors(faulty: tuple[StackThread, Recorder, str]) -> None:
     _error(_post(stack, key, chat(padding="x" * 20_000)), 413, "request_too_large")
     r = httpx.get(stack.stack.base_url + "/files", headers={"authorization": f"Bearer {key}"})
     _error(r, 404, "unknown_url")
+
+
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_a_body_nested_deeper_than_the_record_can_be_is_refused(
+        faulty: tuple[StackThread, Recorder, str]) -> None:
+    """A request nested 300 levels deep was answered by the upstream and then recorded
+    nowhere (orjson writes 254 levels at most): the ledger and detection never saw it.
+    Now it is refused before the upstream; one of 60 levels is served and recorded."""
+    stack, recorder, key = faulty
+    before = len(recorder.exchanges)
+    content = orjson.dumps(chat(metadata=_nested(60)))
+    deep = content.replace(b'"x"', orjson.dumps(_nested(240))[:-1] + b"}", 1)
+    err = _error(_post(stack, key, deep), 400, "body_too_deep")
+    assert "more than 64 levels" in err["message"]
+    assert _post(stack, key, content).status_code == 200
+    deadline = time.monotonic() + 10
+    while len(recorder.exchanges) < before + 2:
+        assert time.monotonic() < deadline, recorder.exchanges[before:]
+        time.sleep(0.05)
+    refused, served = recorder.exchanges[before:before + 2]
+    assert refused.status == 400 and served.status == 200
+    assert served.request is not None and served.request["metadata"] == _nested(60)
 
 
 def test_upstream_failures(faulty: tuple[StackThread, Recorder, str]) -> None:

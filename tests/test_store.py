@@ -147,6 +147,11 @@ async def test_text_with_a_nul_is_refused_and_never_found(store) -> None:  # typ
         assert raised.value.field == field and "characters long" in str(raised.value)
     with pytest.raises(InvalidRecord):
         await store.create_key("acct_n", name="k" * 257)
+    deep: object = {}
+    for _ in range(300):     # kept as JSON that orjson writes (254 levels at most)
+        deep = {"a": deep}
+    with pytest.raises(InvalidRecord, match="more than 64 levels deep"):
+        Account.from_public({"account_id": "acct_d", "x": deep})
     await store.put_account(Account.from_public({"account_id": "é" * 256,
                                                  "org": "😀" * 500}))
     assert (await store.get_account("é" * 256)).org == "😀" * 500

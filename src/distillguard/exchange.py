@@ -64,6 +64,31 @@ def canonical_json(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+# The deepest a request body may nest objects and arrays. Its canonical form (the ledger's
+# record, the body hash) is written by orjson, which writes at most 254 levels: a request
+# nested 300 levels deep was answered by the upstream and then recorded nowhere (ledger,
+# detection, dashboard). Structured outputs nest a schema 5 to 10 levels; 64 leaves room
+# for any real request.
+MAX_JSON_DEPTH = 64
+
+
+def nested_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed JSON value nests objects and arrays more than ``limit`` levels
+    (a scalar is level 0, ``{}`` level 1). Iterative: a value as deep as the parser
+    allows would exceed Python's recursion limit."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in item)
+    return False
+
+
 def new_exchange_id(now_ns: int | None = None) -> str:
     """Time-ordered unique id: 13 hex digits of milliseconds, then 10 random hex digits."""
     ms = (now_ns or time.time_ns()) // 1_000_000
@@ -254,6 +279,10 @@ class Exchange:
             raise ValueError("a trace line needs 'ts'")
         request = line.get("request")
         response = line.get("response")
+        for name, body in (("request", request), ("response", response)):
+            if nested_deeper_than(body):
+                raise ValueError(f"'{name}' nests objects and arrays more than "
+                                 f"{MAX_JSON_DEPTH} levels deep")
         usage = Usage.from_body(response.get("usage")) if isinstance(response, dict) else None
         if usage is None:
             usage = Usage.from_body(line.get("usage"))

@@ -44,6 +44,7 @@ from distillguard.errors import (
     StoreError,
     Unprocessable,
 )
+from distillguard.exchange import MAX_JSON_DEPTH, nested_deeper_than
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, key_expiry
@@ -61,9 +62,13 @@ def json_response(data: Any, status: int = 200) -> Response:
 async def json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if nested_deeper_than(body):    # the store writes it back with orjson (254 levels)
+        raise InvalidRequest(f"The request body nests objects and arrays more than "
+                             f"{MAX_JSON_DEPTH} levels deep.", code="body_too_deep")
+    return body
 
 
 def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:

@@ -26,7 +26,7 @@ from distillguard.errors import (
     Unprocessable,
     UpstreamError,
 )
-from distillguard.exchange import Exchange, Usage
+from distillguard.exchange import MAX_JSON_DEPTH, Exchange, Usage, nested_deeper_than
 from distillguard.gateway.errors import denied_error, error_response, sse_error_event
 from distillguard.gateway.streaming import SSERelay
 from distillguard.pipeline import Denied, StreamFilter
@@ -73,6 +73,9 @@ def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
             f"(line {exc.lineno}, column {exc.colno}).", code="invalid_json") from None
     if not isinstance(body, dict):
         raise Unprocessable("The request body must be a JSON object.", code="invalid_body")
+    if nested_deeper_than(body):
+        raise InvalidRequest(f"The request body nests objects and arrays more than "
+                             f"{MAX_JSON_DEPTH} levels deep.", code="body_too_deep")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise Unprocessable("You must provide a model parameter (a string).", param="model",

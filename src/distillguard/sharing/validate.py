@@ -5,8 +5,9 @@ objects) refuse, with one clear message: content over ``sharing.max_bundle_bytes
 that are not JSON, a document that is not a STIX bundle, a STIX 2.0 bundle or objects of
 another ``spec_version``, object types STIX 2.1 does not define (custom object types
 included), objects the ``stix2`` library rejects (missing or malformed properties,
-invalid patterns), and text holding the NUL character (which PostgreSQL cannot store:
-the import failed with a traceback there). Nothing is stored unless everything passes.
+invalid patterns), text holding the NUL character (which PostgreSQL cannot store: the
+import failed with a traceback there) and objects nested more than MAX_JSON_DEPTH levels
+(they are stored as JSON that orjson writes, at most 254 levels). Nothing is stored unless everything passes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import stix2
 import stix2.exceptions
 
 from distillguard.errors import DistillguardError
+from distillguard.exchange import MAX_JSON_DEPTH, nested_deeper_than
 
 SDO = {"attack-pattern", "campaign", "course-of-action", "grouping", "identity", "incident",
        "indicator", "infrastructure", "intrusion-set", "location", "malware",
@@ -124,6 +126,8 @@ def _check(obj: Any) -> str | None:
         return "no \"type\""
     if kind not in KNOWN_TYPES:
         return f"unknown object type {kind!r} (not defined by STIX 2.1)"
+    if nested_deeper_than(obj):      # stored as JSON written by orjson (254 levels)
+        return f"nests objects and arrays more than {MAX_JSON_DEPTH} levels deep"
     nul = _nul_at(obj, "")
     if nul is not None:
         where = nul or "a property name"

@@ -12,7 +12,14 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from distillguard.errors import InvalidRecord
-from distillguard.exchange import MAX_ID_CHARS, format_ts, parse_ts, text_value
+from distillguard.exchange import (
+    MAX_ID_CHARS,
+    MAX_JSON_DEPTH,
+    format_ts,
+    nested_deeper_than,
+    parse_ts,
+    text_value,
+)
 
 KEY_PREFIX = "sk-dg-"
 # The longest a new key may be given to live: a hundred years (beyond it datetime soon
@@ -78,6 +85,9 @@ class Account:
             raise InvalidRecord(
                 f"account status must be one of {[s.value for s in AccountStatus]}", "status")
         known = set(ACCOUNT_FIELDS) | {"status", "limits"}
+        if nested_deeper_than(data):     # kept as JSON written by orjson (254 levels)
+            raise InvalidRecord(f"an account nests objects and arrays more than "
+                                f"{MAX_JSON_DEPTH} levels deep")
         return cls(
             account_id=account_id.strip(),
             created_at=created_at,
