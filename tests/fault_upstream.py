@@ -11,7 +11,8 @@ import uvicorn
 
 from distillguard.serve import free_port
 
-MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400"]
+MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
+          "deep-json"]
 
 _CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
           "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
@@ -43,6 +44,9 @@ class FaultyUpstream:
             await self._send(send, 200, orjson.dumps(_OK))
         elif model == "bad-json":
             await self._send(send, 200, b"<html>oops</html>")
+        elif model == "deep-json":       # an answer nested deeper than orjson writes
+            await self._send(send, 200, orjson.dumps(_OK)[:-1] + b', "x_deep": '
+                             + b'{"a":' * 300 + b"1" + b"}" * 300 + b"}")
         elif model == "reject-400":
             await self._send(send, 400, orjson.dumps({"error": {
                 "message": "max_tokens too large", "type": "invalid_request_error",

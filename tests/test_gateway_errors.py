@@ -108,6 +108,15 @@ def test_a_body_nested_deeper_than_the_record_can_be_is_refused(
     refused, served = recorder.exchanges[before:before + 2]
     assert refused.status == 400 and served.status == 200
     assert served.request is not None and served.request["metadata"] == _nested(60)
+    # an upstream's answer that deep is passed on, and recorded without that body
+    r = _post(stack, key, chat("deep-json"))
+    assert r.status_code == 200 and r.content.count(b'{"a":') == 300
+    while len(recorder.exchanges) < before + 3:
+        assert time.monotonic() < deadline, recorder.exchanges[before:]
+        time.sleep(0.05)
+    answered = recorder.exchanges[before + 2]
+    assert answered.status == 200 and answered.response is None
+    assert answered.request_sha256 and "response" in answered.annotations["bodies_dropped"]
 
 
 def test_upstream_failures(faulty: tuple[StackThread, Recorder, str]) -> None:

@@ -224,13 +224,25 @@ class Exchange:
         return self.timings.latency_ms
 
     def seal_bodies(self) -> None:
-        """Compute body hashes (always) once the exchange is complete."""
+        """Compute body hashes (always) once the exchange is complete. A body that cannot
+        be written as JSON (an upstream's answer nested deeper than orjson writes; a
+        client's request that deep is refused before it is sent) is dropped and named in
+        ``annotations["bodies_dropped"]``, so that the exchange is still recorded rather
+        than lost with the error."""
         if self.request is not None and self.request_sha256 is None:
-            self.request_json = canonical_json(self.request)
-            self.request_sha256 = hashlib.sha256(self.request_json).hexdigest()
+            try:
+                self.request_json = canonical_json(self.request)
+                self.request_sha256 = hashlib.sha256(self.request_json).hexdigest()
+            except (orjson.JSONEncodeError, TypeError) as exc:
+                self.request = None
+                self.annotations.setdefault("bodies_dropped", {})["request"] = str(exc)
         if self.response is not None and self.response_sha256 is None:
-            self.response_json = canonical_json(self.response)
-            self.response_sha256 = hashlib.sha256(self.response_json).hexdigest()
+            try:
+                self.response_json = canonical_json(self.response)
+                self.response_sha256 = hashlib.sha256(self.response_json).hexdigest()
+            except (orjson.JSONEncodeError, TypeError) as exc:
+                self.response = None
+                self.annotations.setdefault("bodies_dropped", {})["response"] = str(exc)
 
     def to_trace(self, retention: Retention | None = None) -> dict[str, Any]:
         """This exchange as one object of the trace format (see docs/formats.md)."""

@@ -180,6 +180,9 @@ class Pipeline:
     async def submit(self, exchange: Exchange) -> None:
         """Queue a finished exchange. Waits only when the queue is full (back-pressure)."""
         exchange.seal_bodies()
+        if "bodies_dropped" in exchange.annotations:
+            log.warning("exchange %s is recorded without a body that cannot be written as "
+                        "JSON: %s", exchange.id, exchange.annotations["bodies_dropped"])
         for stage in self._inline:
             await self._run_stage(stage, exchange)
         if self._worker is None:
