@@ -140,6 +140,16 @@ class Usage:
         except (TypeError, ValueError):
             return None
 
+    @classmethod
+    def estimate(cls, request: Any, response: Any) -> Usage:
+        """A stand-in for usage the upstream did not report: characters over
+        CHARS_PER_TOKEN, rounded up, of the prompt and of what was generated (content,
+        reasoning, tool-call arguments)."""
+        prompt = request_text(request)
+        generated = _generated_text(response)
+        return cls(prompt_tokens=-(-len(prompt) // CHARS_PER_TOKEN),
+                   completion_tokens=-(-len(generated) // CHARS_PER_TOKEN))
+
 
 @dataclass(slots=True)
 class Timings:
@@ -222,6 +232,17 @@ class Exchange:
         if self.latency_ms_override is not None:
             return self.latency_ms_override
         return self.timings.latency_ms
+
+    def settle_usage(self, reported: Any) -> None:
+        """The exchange's usage from the upstream's report; when there is none (an
+        upstream that does not report it, or a stream the client closed after the last
+        token and before the usage event), an estimate (:meth:`Usage.estimate`), marked
+        ``annotations["usage_estimated"]``: quotas are charged either way. A client that
+        closed its stream at ``finish_reason`` otherwise used tokens for free."""
+        self.usage = Usage.from_body(reported)
+        if self.usage is None and (self.request is not None or self.response is not None):
+            self.usage = Usage.estimate(self.request, self.response)
+            self.annotations["usage_estimated"] = True
 
     def seal_bodies(self) -> None:
         """Compute body hashes (always) once the exchange is complete. A body that cannot
@@ -407,6 +428,34 @@ def content_text(content: Any) -> str:
                 parts.append(part["text"])
         return "\n".join(parts)
     return ""
+
+
+# Characters per token when usage must be estimated: OpenAI's rule of thumb for English.
+CHARS_PER_TOKEN = 4
+
+
+def _generated_text(response: Any) -> str:
+    """Everything a response's choices generated: content, reasoning, tool-call
+    arguments, completion text."""
+    if not isinstance(response, dict):
+        return ""
+    out = []
+    for choice in response.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):
+            out.append(choice["text"])
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            continue
+        out.append(content_text(message.get("content")))
+        if isinstance(message.get("reasoning_content"), str):
+            out.append(message["reasoning_content"])
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                out.append(function["arguments"])
+    return "".join(out)
 
 
 def request_text(request: Any) -> str:

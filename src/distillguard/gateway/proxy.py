@@ -199,7 +199,10 @@ def _finish_plain(gateway: Gateway, exchange: Exchange, status: int,
             parsed, payload = filtered, orjson.dumps(filtered)
     exchange.response = parsed
     if isinstance(parsed, dict):
-        exchange.usage = Usage.from_body(parsed.get("usage"))
+        if status < 400:
+            exchange.settle_usage(parsed.get("usage"))
+        else:
+            exchange.usage = Usage.from_body(parsed.get("usage"))
         if status >= 400 and isinstance(parsed.get("error"), dict):
             exchange.error_code = str(parsed["error"].get("code") or "upstream_client_error")
     exchange.timings.finished = time.perf_counter()
@@ -300,7 +303,7 @@ async def _relay_stream(gateway: Gateway, exchange: Exchange, upstream: Any,
         if delivered is not None:
             delivered.usage = relay.usage
         exchange.response = (delivered or relay).assembled()
-        exchange.usage = Usage.from_body(relay.usage)
+        exchange.settle_usage(relay.usage)
         exchange.timings.finished = time.perf_counter()
         if exchange.error_code is None and not relay.done:
             exchange.error_code = "client_disconnected"
