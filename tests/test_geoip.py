@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from distillguard.geoip import GeoIP, NetworkInfo, client_prefix, default_geoip
+from distillguard.gateway.clientip import ClientIPResolver
+from distillguard.geoip import GeoIP, NetworkInfo, canonical_ip, client_prefix, default_geoip
 
 
 class FixedDatabase:
@@ -43,3 +44,19 @@ def test_client_prefix() -> None:
     assert client_prefix("203.0.113.77") == "203.0.113.0/24"
     assert client_prefix("2001:db8:1:2::5") == "2001:db8:1::/48"
     assert client_prefix("x") is None
+
+
+def test_an_ipv4_address_mapped_into_ipv6_is_the_ipv4_address() -> None:
+    """A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d: looked up as
+    written it had no country, and every such client shared the prefix ::/48."""
+    assert canonical_ip("::ffff:175.45.176.1") == "175.45.176.1"
+    assert canonical_ip("::FFFF:AF2D:B001") == "175.45.176.1"
+    assert canonical_ip("2001:DB8::0001") == "2001:db8::1"
+    assert canonical_ip("not an address") == "not an address"
+    info = default_geoip().lookup("::ffff:175.45.176.1")
+    assert (info.ip, info.country, info.prefix) == ("175.45.176.1", "KP", "175.45.176.0/24")
+    assert client_prefix("::ffff:198.51.100.9") == "198.51.100.0/24"
+    # the peer of a dual-stack socket is a trusted IPv4 proxy; its X-Forwarded-For counts
+    resolver = ClientIPResolver(["127.0.0.0/8"])
+    assert resolver.resolve("::ffff:127.0.0.1", "::ffff:175.45.176.1") == "175.45.176.1"
+    assert ClientIPResolver([]).resolve("::ffff:203.0.113.7", "1.2.3.4") == "203.0.113.7"

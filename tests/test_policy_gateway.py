@@ -135,8 +135,14 @@ def test_denied_country_through_trusted_proxy(running: StackThread, admin: httpx
     assert blocked.sent == 1, "the client retried a deliberate block"
     ok = Counting(running, key, ip="81.2.69.142")          # GB
     assert ok.chat().choices[0].message.content
+    # the same address as a dual-stack socket or a proxy may write it had no country
+    mapped = Counting(running, key, ip="::ffff:175.45.176.1")
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        mapped.chat()
+    assert "KP is not permitted" in str(err.value.body)
     blocked.close()
     ok.close()
+    mapped.close()
 
 
 def test_declared_country_counts_too(running: StackThread, admin: httpx.Client) -> None:

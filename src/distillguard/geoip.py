@@ -70,10 +70,25 @@ class GeoIPDatabase(Protocol):
         ...
 
 
+def canonical_ip(ip: str) -> str:
+    """``ip`` as one address is always written: an IPv4 address mapped into IPv6
+    (``::ffff:203.0.113.7``, what a dual-stack socket or some proxies report) as the IPv4
+    address, any other in its compressed lower-case form; text that is no address as
+    given. Looked up as written, a mapped address had no country (an embargo rule never
+    matched it) and every such client shared the prefix ``::/48``."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
 def client_prefix(ip: str) -> str | None:
     """The /24 of an IPv4 address or the /48 of an IPv6 address, as a network string."""
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = ipaddress.ip_address(canonical_ip(ip))
     except ValueError:
         return None
     bits = 24 if addr.version == 4 else 48
@@ -199,6 +214,7 @@ class GeoIP:
         return any(k in name for k in self.hosting_keywords)
 
     def _lookup(self, ip: str) -> NetworkInfo:
+        ip = canonical_ip(ip)
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

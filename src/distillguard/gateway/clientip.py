@@ -12,6 +12,8 @@ import ipaddress
 from collections.abc import Sequence
 from functools import lru_cache
 
+from distillguard.geoip import canonical_ip
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -28,11 +30,16 @@ class ClientIPResolver:
         return any(ip in net for net in self.networks)
 
     def resolve(self, peer: str | None, forwarded_for: str | None) -> str | None:
+        """The client's address, in canonical form (:func:`~distillguard.geoip.
+        canonical_ip`: a dual-stack socket reports an IPv4 client as ``::ffff:a.b.c.d``,
+        which no IPv4 trusted proxy, country or prefix matched)."""
+        if peer is not None:
+            peer = canonical_ip(peer)
         if not self.networks or peer is None or not self._trusted(peer):
             return peer
         if not forwarded_for:
             return peer
-        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        hops = [canonical_ip(h.strip()) for h in forwarded_for.split(",") if h.strip()]
         client = peer
         for hop in reversed(hops):
             client = hop

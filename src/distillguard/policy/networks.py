@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from distillguard.errors import ConfigError
-from distillguard.geoip import GeoIP, NetworkInfo
+from distillguard.geoip import GeoIP, NetworkInfo, canonical_ip
 
 
 class NetworkSet:
@@ -120,6 +120,7 @@ class NetworkFacts:
     def _lookup(self, ip: str | None) -> ClientNetwork:
         if not ip:
             return ClientNetwork(NetworkInfo(ip=""), False)
+        ip = canonical_ip(ip)       # ::ffff:a.b.c.d is an IPv4 client
         info = self.geoip.lookup(ip)
         try:
             addr = ipaddress.ip_address(ip)
