@@ -34,6 +34,10 @@ def lists() -> ScreeningList:
     ("Rosoboronexport JSC", "a4"),
     ("Rosoboronéxport", "a4"),                       # an accent
     ("Beijing Zhongguancun Nanotech", "a5"),         # words run together
+    # look-alike letters of other scripts each became a word break, and matched nothing
+    ("R\u043es\u043eb\u043er\u043en\u0435\u0445p\u043ert", "a4"),   # Cyrillic о, е, х
+    ("\u041d\u0443aw\u0435i T\u0435chn\u043el\u043egi\u0435s", "a1"),  # Н, у, е, о
+    ("S\u0435rg\u0435\u0456 \u0406v\u0430n\u03bfv", "a2"),         # Cyrillic, Greek ο
 ])
 def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
     found = lists.match(name, threshold=90)
@@ -81,4 +85,5 @@ def test_json_formats_and_errors() -> None:
 
 def test_normalise() -> None:
     assert normalise("  The Ürümqi Trading Co., Ltd. ") == "urumqi trading"
+    assert normalise("R\u043es\u043eb\u043er\u043en\u0435\u0445p\u043ert") == "rosoboronexport"
     assert normalise("OOO «Romashka»") == "romashka"

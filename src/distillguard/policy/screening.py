@@ -10,7 +10,8 @@ A list is CSV or JSON (documented in docs/policy.md, "Screening lists"):
   "country", "programs", "type"}]}``, a bare list of such entries, or the Consolidated
   Screening List API answer (``{"results": [{"name", "alt_names", ...}]}``).
 
-Matching uses ``rapidfuzz``: names are normalised (case, punctuation, accents, and legal
+Matching uses ``rapidfuzz``: names are normalised (letters of other scripts that imitate
+Latin ones, by Unicode's confusables list; case, punctuation, accents, and legal
 forms such as *Ltd*, *LLC*, *GmbH*, *OOO*, *Co.* are dropped), then compared with
 ``token_sort_ratio`` so word order and small spelling or transliteration differences
 (*Sergey*/*Sergei*) still match; names are also compared with spaces removed
@@ -28,10 +29,12 @@ import io
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import orjson
+from confusable_homoglyphs import confusables
 from rapidfuzz import fuzz, process
 
 from distillguard.errors import ConfigError
@@ -46,8 +49,27 @@ LEGAL_FORMS = frozenset([
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
 
+@lru_cache(maxsize=8192)
+def _latin_lookalike(ch: str) -> str:
+    """A character of another script that looks like a Latin letter or digit (Cyrillic
+    о, а, е, х, Greek ο: Unicode's confusables, UTS #39, as ``confusable_homoglyphs``
+    ships them) as that letter; any other character as it is."""
+    if ch.isascii():
+        return ch
+    found = confusables.is_confusable(ch, preferred_aliases=["latin"], greedy=False)
+    if found:
+        for glyph in found[0]["homoglyphs"]:
+            if glyph["c"].isascii() and glyph["c"].isalnum():
+                return str(glyph["c"])
+    return ch
+
+
 def normalise(name: str) -> str:
-    """Lower case, accents folded, punctuation and legal forms removed."""
+    """Look-alike letters of other scripts as the Latin ones they imitate, lower case,
+    accents folded, punctuation and legal forms removed. Without the first step a name
+    spelt with a few Cyrillic letters (``Rоsоbоrоnехpоrt``) matched nothing: each one
+    became a word break."""
+    name = "".join(_latin_lookalike(ch) for ch in name)
     folded = unicodedata.normalize("NFKD", name)
     folded = "".join(c for c in folded if not unicodedata.combining(c)).lower()
     words = [w for w in _NON_WORD.sub(" ", folded).split() if w not in LEGAL_FORMS]
