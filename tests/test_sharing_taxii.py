@@ -171,6 +171,28 @@ def test_authentication_permissions_and_error_bodies(served: tuple[StackThread, 
     broken = httpx.post(inbound, auth=("acme", SECRET["acme"]), content=b"{not json",
                         headers={"accept": MEDIA, "content-type": MEDIA})
     assert broken.status_code == 400
+    # a NUL in a filter or an id was a 500 on PostgreSQL, in the admin API's body
+    for url in (objects + "?match[id]=%00", objects + "?match[type]=indicator%00",
+                objects + "x%00/", f"{root}status/%00/"):
+        nul = get(url)
+        assert nul.status_code == 400 and "NUL" in nul.json()["description"], url
+        assert nul.headers["content-type"] == MEDIA
+
+
+def test_an_unexpected_failure_is_a_taxii_error(served: tuple[StackThread, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TAXII client reads TAXII error bodies; a failure inside the server answered the
+    admin API's OpenAI-style body."""
+    running, _ = served
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr("distillguard.sharing.taxiistore.query", broken)
+    r = httpx.get(f"{_root(running)}collections/{OUT}/objects/",
+                  auth=("globex", SECRET["globex"]), headers={"accept": MEDIA})
+    assert r.status_code == 500 and r.headers["content-type"] == MEDIA
+    assert r.json()["http_status"] == "500" and "error" not in r.json()
 
 
 # -- our client against OASIS medallion ---------------------------------------------------

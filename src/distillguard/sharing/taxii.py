@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from distillguard.sharing.validate import BundleError, parse_envelope
 
 MEDIA_TAXII = "application/taxii+json;version=2.1"
 Handler = Callable[[Request], Awaitable[Response]]
+log = logging.getLogger("distillguard.sharing")
 
 
 class TaxiiError(Exception):
@@ -109,12 +111,21 @@ class TaxiiServer:
                 if not _accepts(request):
                     raise TaxiiError(406, "Not Acceptable",
                                      f"this server answers in {MEDIA_TAXII}")
+                if any("\x00" in v for v in (*request.path_params.values(),
+                                               *request.query_params.values())):
+                    # no id or type holds NUL, and PostgreSQL fails on it in a query
+                    raise TaxiiError(400, "Bad Request",
+                                     "a path or query parameter holds the NUL character")
                 api_root = request.path_params.get("api_root")
                 if api_root is not None and api_root != self.taxii.api_root:
                     raise TaxiiError(404, "Not Found", f"no API root {api_root!r}")
                 return await handler(request, partner)
             except TaxiiError as exc:
                 return _error_response(exc)
+            except Exception:   # a TAXII client reads TAXII errors, not the admin API's
+                log.exception("TAXII %s %s failed", request.method, request.url.path)
+                return _error_response(TaxiiError(500, "Internal Server Error",
+                                                  "the server hit an internal error"))
         return endpoint
 
     def authenticate(self, request: Request) -> str:
