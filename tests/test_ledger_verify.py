@@ -307,3 +307,28 @@ def test_a_checkpoint_row_rewritten_beside_its_signed_note(ledger: Ledger,
     bad = CliRunner().invoke(main, ["-c", str(config), "ledger", "verify"])
     assert bad.exit_code == 1
     assert bad.output.splitlines()[-1] == "TAMPERED: the checkpoints (no entry named)"
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"path": 5}, "the proof's 'path' must be a list of hex strings"),
+    ({"path": ["zz"]}, "the proof's 'path' holds a value that is not hex"),
+    ({"path": None}, "the proof's 'path' must be a list of hex strings"),
+    ({"tree_size": "40"}, "the proof's 'tree_size' must be a whole number, not '40'"),
+    ({"leaf_index": 3.0}, "the proof's 'leaf_index' must be a whole number, not 3.0"),
+    ({"leaf": "!!"}, "the proof's 'leaf' is not base64"),
+])
+def test_a_malformed_proof_is_invalid_not_a_traceback(ledger: Ledger, tmp_path: Path,
+                                                     change: dict[str, object],
+                                                     says: str) -> None:
+    """verify-proof checks proofs that come from elsewhere: a path that was a number was
+    a TypeError traceback, a missing one "INVALID: 'path'", a size of "40" accepted."""
+    proof = ledger.inclusion(3, sign_if_needed=True)
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(orjson.dumps({**proof, **change}))
+    pub = tmp_path / "l" / "ledger.key.pub"
+    result = CliRunner().invoke(main, ["ledger", "verify-proof", str(bad), "--key", str(pub)])
+    assert result.exit_code == 1 and result.output == f"INVALID: {says}\n", result.output
+    good = tmp_path / "good.json"
+    good.write_bytes(orjson.dumps(proof))
+    assert CliRunner().invoke(main, ["ledger", "verify-proof", str(good), "--key",
+                                     str(pub)]).output.startswith("ok ")

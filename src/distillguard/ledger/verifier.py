@@ -22,8 +22,26 @@ class VerificationFailed(ValueError):
     pass
 
 
-def _hex(values: list[str]) -> list[bytes]:
-    return [bytes.fromhex(v) for v in values]
+def _whole(proof: dict[str, Any], name: str) -> int:
+    """The proof's field ``name``, a whole number (a proof from elsewhere is checked
+    field by field: a wrong one is a clear INVALID, not a traceback)."""
+    value = proof.get(name)
+    if type(value) is not int:
+        raise VerificationFailed(f"the proof's {name!r} must be a whole number, not "
+                                 f"{value!r}")
+    return value
+
+
+def _hex_list(proof: dict[str, Any], name: str) -> list[bytes]:
+    """The proof's field ``name``, a list of hex strings, as bytes."""
+    value = proof.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise VerificationFailed(f"the proof's {name!r} must be a list of hex strings")
+    try:
+        return [bytes.fromhex(v) for v in value]
+    except ValueError:
+        raise VerificationFailed(f"the proof's {name!r} holds a value that is not hex"
+                                 ) from None
 
 
 def _signed(note: str | None, key: VerifierKey, what: str) -> Checkpoint:
@@ -39,19 +57,28 @@ def verify_inclusion_bundle(proof: dict[str, Any], key: VerifierKey,
                             checkpoint: str | None = None) -> dict[str, Any]:
     """Check an inclusion proof bundle against its (or the given) signed checkpoint."""
     cp = _signed(checkpoint or proof.get("checkpoint"), key, "inclusion proof")
-    size, index = int(proof["tree_size"]), int(proof["leaf_index"])
+    size, index = _whole(proof, "tree_size"), _whole(proof, "leaf_index")
     if size != cp.tree_size:
         raise VerificationFailed(f"the proof is for tree size {size}, the checkpoint for "
                                  f"{cp.tree_size}")
-    leaf = base64.b64decode(proof["leaf"])
+    try:
+        leaf = base64.b64decode(proof.get("leaf") or "", validate=True)
+    except (ValueError, TypeError):
+        raise VerificationFailed("the proof's 'leaf' is not base64") from None
     lh = merkle.leaf_hash(leaf)
-    if proof.get("leaf_hash") and bytes.fromhex(proof["leaf_hash"]) != lh:
+    stated = proof.get("leaf_hash")
+    if stated is not None and _hex_list({"leaf_hash": [stated]}, "leaf_hash") != [lh]:
         raise VerificationFailed("the leaf hash is not the hash of the leaf")
-    entry = orjson.loads(leaf)
+    try:
+        entry = orjson.loads(leaf)
+    except orjson.JSONDecodeError:
+        entry = None
+    if not isinstance(entry, dict):
+        raise VerificationFailed("the proof's leaf is not a ledger entry")
     if entry.get("idx") != index:
         raise VerificationFailed(f"the leaf names index {entry.get('idx')}, not {index}")
     try:
-        merkle.verify_inclusion(index, size, lh, _hex(proof["path"]), cp.root_hash)
+        merkle.verify_inclusion(index, size, lh, _hex_list(proof, "path"), cp.root_hash)
     except merkle.ProofError as exc:
         raise VerificationFailed(str(exc)) from None
     return {"ok": True, "type": "inclusion", "leaf_index": index, "tree_size": size,
@@ -62,11 +89,12 @@ def verify_consistency_bundle(proof: dict[str, Any], key: VerifierKey,
                               old_checkpoint: str | None = None) -> dict[str, Any]:
     new = _signed(proof.get("new_checkpoint"), key, "consistency proof")
     old = _signed(old_checkpoint or proof.get("old_checkpoint"), key, "consistency proof")
-    if (old.tree_size, new.tree_size) != (int(proof["old_size"]), int(proof["new_size"])):
+    if (old.tree_size, new.tree_size) != (_whole(proof, "old_size"),
+                                          _whole(proof, "new_size")):
         raise VerificationFailed("the proof's sizes are not those of the checkpoints")
     try:
         merkle.verify_consistency(old.tree_size, new.tree_size, old.root_hash,
-                                  new.root_hash, _hex(proof["path"]))
+                                  new.root_hash, _hex_list(proof, "path"))
     except merkle.ProofError as exc:
         raise VerificationFailed(str(exc)) from None
     return {"ok": True, "type": "consistency", "old_size": old.tree_size,
@@ -120,6 +148,8 @@ def verify_file(path: Path, key: VerifierKey, *, checkpoint: str | None = None
     if data[:4] == b"PAR1":
         return verify_export(path, key)
     proof = orjson.loads(data)
+    if not isinstance(proof, dict):
+        raise VerificationFailed(f"{path}: not a ledger proof (not a JSON object)")
     kind = proof.get("type")
     if kind == "inclusion":
         return verify_inclusion_bundle(proof, key, checkpoint)
