@@ -227,6 +227,25 @@ def test_suspended_account_is_blocked_without_retries(running: StackThread,
     assert not [a for a in admin.get("/admin/v1/policy/actions",
                                       params={"account": account_id}).json()["data"]
                 if a["action"] == "flag"]
+    # a duration past what a date holds was a 500; a string of actions was matched as
+    # text; a limit's error was pydantic's message of several lines with a URL
+    for body, says in (({"action": "flag", "expires_in": "99999999999d"},
+                        "longer than 100 years"),
+                       ({"action": "throttle", "limits": {"requests_per_minute": -1}},
+                        "throttle limits: requests_per_minute: Input should be greater "
+                        "than or equal to 0")):
+        r = admin.post("/admin/v1/policy/actions",
+                       json={"account_id": account_id, "reason": "a reason", **body})
+        assert r.status_code == 422 and says in r.json()["error"]["message"], r.text
+        assert "\n" not in r.json()["error"]["message"]
+    admin.post("/admin/v1/policy/actions", json={
+        "account_id": account_id, "action": "flag", "reason": "kept"}).raise_for_status()
+    for names in ("l", "flag", [1], []):
+        r = admin.post("/admin/v1/policy/actions/revoke",
+                       json={"account_id": account_id, "reason": "abc", "actions": names})
+        assert r.status_code == 422 and "'actions' must be a list" in r.text, (names, r.text)
+    assert [a["action"] for a in admin.get("/admin/v1/policy/actions", params={
+        "account": account_id, "active": "1"}).json()["data"]] == ["flag"]
     client.close()
 
 

@@ -9,6 +9,9 @@ benchmark, policy, sharing and the dashboard read it. Version 1::
      "campaigns": [{"campaign_id", "accounts", "risk", "detected_at", "evidence"}]}
 
 Every account of the input appears once in ``accounts``. Extra fields are preserved.
+Fields are read as the format gives them (a risk is a number in [0, 1], ``flagged`` a
+boolean, ids strings, lists lists): a document written elsewhere with ``"flagged":
+"false"`` was read as flagged, a risk of 2 as a risk; now the entry and field are named.
 """
 
 from __future__ import annotations
@@ -47,18 +50,23 @@ class AccountVerdict:
                 "reasons": list(self.reasons)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AccountVerdict:
+    def from_json(cls, data: Any) -> AccountVerdict:
         known = {"account_id", "risk", "flagged", "campaign_id", "first_flagged_at",
                  "exchanges_before_flag", "reasons"}
-        if not isinstance(data.get("account_id"), str):
+        if not isinstance(data, dict) or not isinstance(data.get("account_id"), str):
             raise ValueError("an account verdict needs a string 'account_id'")
-        first = data.get("first_flagged_at")
+        where = f"account {data['account_id']!r}"
+        flagged = data.get("flagged", False)
+        if type(flagged) is not bool:
+            raise ValueError(f"{where}: 'flagged' must be true or false, not {flagged!r}")
         ebf = data.get("exchanges_before_flag")
-        return cls(account_id=data["account_id"], risk=float(data.get("risk") or 0.0),
-                   flagged=bool(data.get("flagged")), campaign_id=data.get("campaign_id"),
-                   first_flagged_at=parse_ts(first) if first else None,
-                   exchanges_before_flag=None if ebf is None else int(ebf),
-                   reasons=[str(r) for r in data.get("reasons") or []],
+        if ebf is not None and (type(ebf) is not int or ebf < 0):
+            raise ValueError(f"{where}: 'exchanges_before_flag' must be a whole number of "
+                             f"at least 0, not {ebf!r}")
+        return cls(account_id=data["account_id"], risk=_risk(data, where),
+                   flagged=flagged, campaign_id=_text(data, "campaign_id", where),
+                   first_flagged_at=_time(data, "first_flagged_at", where),
+                   exchanges_before_flag=ebf, reasons=_texts(data, "reasons", where),
                    extra={k: v for k, v in data.items() if k not in known})
 
 
@@ -79,17 +87,51 @@ class CampaignVerdict:
                 "evidence": list(self.evidence)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CampaignVerdict:
+    def from_json(cls, data: Any) -> CampaignVerdict:
         known = {"campaign_id", "accounts", "risk", "detected_at", "evidence"}
-        if not isinstance(data.get("campaign_id"), str):
+        if not isinstance(data, dict) or not isinstance(data.get("campaign_id"), str):
             raise ValueError("a campaign needs a string 'campaign_id'")
-        detected = data.get("detected_at")
+        where = f"campaign {data['campaign_id']!r}"
         return cls(campaign_id=data["campaign_id"],
-                   accounts=[str(a) for a in data.get("accounts") or []],
-                   risk=float(data.get("risk") or 0.0),
-                   detected_at=parse_ts(detected) if detected else None,
-                   evidence=[str(e) for e in data.get("evidence") or []],
+                   accounts=_texts(data, "accounts", where), risk=_risk(data, where),
+                   detected_at=_time(data, "detected_at", where),
+                   evidence=_texts(data, "evidence", where),
                    extra={k: v for k, v in data.items() if k not in known})
+
+
+def _risk(data: dict[str, Any], where: str) -> float:
+    value = data.get("risk", 0.0)
+    if value is None:
+        return 0.0
+    if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: 'risk' must be a number from 0 to 1, not {value!r}")
+    return float(value)
+
+
+def _text(data: dict[str, Any], name: str, where: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: {name!r} must be a string or null, not {value!r}")
+    return value
+
+
+def _texts(data: dict[str, Any], name: str, where: str) -> list[str]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: {name!r} must be a list of strings")
+    return list(value)
+
+
+def _time(data: dict[str, Any], name: str, where: str) -> datetime | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_ts(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {name!r}: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -111,6 +153,9 @@ class Verdicts:
         if version != VERDICTS_VERSION:
             raise ValueError(f"unsupported verdicts version {version!r} "
                              f"(this build reads version {VERDICTS_VERSION})")
+        for name in ("accounts", "campaigns"):
+            if not isinstance(data.get(name, []), list):
+                raise ValueError(f"a verdicts document's {name!r} must be a list")
         return cls(accounts=[AccountVerdict.from_json(a) for a in data.get("accounts") or []],
                    campaigns=[CampaignVerdict.from_json(c) for c in data.get("campaigns") or []],
                    extra={k: v for k, v in data.items()

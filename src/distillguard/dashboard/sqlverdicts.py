@@ -117,6 +117,8 @@ class SQLVerdicts:
             data = _record(row, self.account_cols)
             if isinstance(data.get("first_flagged_at"), datetime):
                 data["first_flagged_at"] = format_ts(data["first_flagged_at"])
+            if isinstance(data.get("flagged"), int):     # a 0/1 column
+                data["flagged"] = bool(data["flagged"])
             out.append(AccountVerdict.from_json(data).to_json())
         return out
 

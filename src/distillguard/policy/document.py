@@ -22,6 +22,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
+# The longest duration taken: a key's expiry is bounded alike (36,500 days). Far longer
+# ones ("99999999999d") overflowed the expiry date: a 500 from the admin API.
+MAX_DURATION_S = 36_500 * 86_400.0
+
+
 def parse_duration(value: Any) -> float | None:
     """``90``, ``"45s"``, ``"30m"``, ``"24h"``, ``"7d"``, ``"2w"`` -> seconds; None = never."""
     if value is None or value == "never":
@@ -33,8 +38,13 @@ def parse_duration(value: Any) -> float | None:
         if match is None:
             raise ValueError(f"{value!r} is not a duration (use 45s, 30m, 24h, 7d or never)")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds != seconds:     # NaN, as YAML's .nan
+        raise ValueError(f"{value!r} is not a duration (use 45s, 30m, 24h, 7d or never)")
     if seconds <= 0:
         raise ValueError("a duration must be positive (or 'never')")
+    if not seconds <= MAX_DURATION_S:      # NaN too; longer ones overflowed a date
+        raise ValueError(f"{value!r} is longer than 100 years; use 'never' for an action "
+                         "that does not expire")
     return seconds
 
 

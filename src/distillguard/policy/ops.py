@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -60,7 +61,11 @@ class PolicyOps:
 
             try:
                 detail["limits"] = LimitSet(**detail["limits"]).model_dump()
-            except (TypeError, ValueError) as exc:
+            except ValidationError as exc:     # its own message runs over lines, with a URL
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"]) or "limits"
+                raise ValueError(f"throttle limits: {where}: {first['msg']}") from None
+            except TypeError as exc:
                 raise ValueError(f"throttle limits: {exc}") from None
         done = []
         for account_id in account_ids:
@@ -91,6 +96,11 @@ class PolicyOps:
     async def lift(self, account_ids: list[str], *, actions: list[str] | None, reason: str,
                    actor: str, channel: str) -> list[ladder.Action]:
         """Revoke the named active actions (None: all of them, i.e. reinstate)."""
+        if actions is not None and (not isinstance(actions, list) or not actions or any(
+                a not in LADDER for a in actions)):
+            # a string was matched as text ("actions": "l" lifted flag and throttle)
+            raise ValueError(f"'actions' must be a list of actions of the ladder "
+                             f"({', '.join(LADDER)}), not {actions!r}")
         out = []
         for account_id in account_ids:
             out += await ladder.revoke(
