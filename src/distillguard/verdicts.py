@@ -103,7 +103,8 @@ def _risk(data: dict[str, Any], where: str) -> float:
     value = data.get("risk", 0.0)
     if value is None:
         return 0.0
-    if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+    # compared as written, to 6 decimals: a mean of risks may end a rounding step past 1
+    if type(value) not in (int, float) or not 0.0 <= round(value, 6) <= 1.0:
         raise ValueError(f"{where}: 'risk' must be a number from 0 to 1, not {value!r}")
     return float(value)
 
