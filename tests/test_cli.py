@@ -66,10 +66,15 @@ def test_errors_are_one_clear_line(cfg: str, tmp_path: Path) -> None:
 
 def test_check_config_masks_secrets(tmp_path: Path) -> None:
     path = tmp_path / "dg.yaml"
-    path.write_text(yaml.safe_dump({"admin": {"token": "super-secret"},
+    path.write_text(yaml.safe_dump({"admin": {"token": "super-secret-admin-token"},
                                     "upstream": {"base_url": "http://x/v1", "api_key": "k"}}))
     out = run(str(path), "check-config")
     assert "super-secret" not in out and '"***"' in out
+    # a short admin token opened the admin API and the dashboard to guessing
+    path.write_text(yaml.safe_dump({"admin": {"token": "x"}}))
+    result = CliRunner().invoke(main, ["-c", str(path), "check-config"])
+    assert result.exit_code != 0 and "at least 16 characters" in result.output
+    assert "'x'" not in result.output and '"x"' not in result.output   # no secret echoed
 
 
 def test_check_config_checks_every_component_section(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("upstream:\n  base_url: http://a/v1\n  timeout_s: 10\n")
     s = load_settings(path, environ={"DISTILLGUARD_UPSTREAM__TIMEOUT_S": "3",
-                                     "DISTILLGUARD_ADMIN_TOKEN": "t",
+                                     "DISTILLGUARD_ADMIN_TOKEN": "t" * 16,
                                      "DISTILLGUARD_SERVER__TRUSTED_PROXIES": '["10.0.0.0/8"]'})
     assert s.upstream.base_url == "http://a/v1" and s.upstream.timeout_s == 3
-    assert s.admin.token == "t" and s.server.trusted_proxies == ["10.0.0.0/8"]
+    assert s.admin.token == "t" * 16 and s.server.trusted_proxies == ["10.0.0.0/8"]
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -29,6 +29,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     ("counters:\n  backend: memcached\n", "counters.backend"),
     ("server:\n  prot: 1\n", "server.prot"),
     ("- a list\n", "mapping"),
+    ("admin:\n  token: short\n", "admin.token"),
 ])
 def test_bad_settings_fail_at_start_with_the_option_named(tmp_path: Path, text: str,
                                                            problem: str) -> None:

@@ -54,8 +54,22 @@ class ServerSettings(_Section):
         return value
 
 
+# The shortest admin token taken. It opens the admin API and the dashboard, and the
+# admin API does not slow down guessing: a token such as "x" was accepted.
+ADMIN_TOKEN_MIN_CHARS = 16
+
+
 class AdminSettings(_Section):
     token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: str | None) -> str | None:
+        if value is not None and len(value.strip()) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"the admin token must be at least {ADMIN_TOKEN_MIN_CHARS} characters (make "
+                "one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
 
 
 class UpstreamSettings(_Section):
