@@ -129,8 +129,16 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
     done = runner.invoke(main, ["-c", str(cfg), "traces", "import", str(again)])
     assert done.exit_code == 0 and (
         "imported 1 exchanges (12 already in the ledger were skipped)" in done.stderr)
+    # a request nested deeper than the ledger's JSON can be written: recorded without it
+    line = orjson.loads(orjson.dumps(make_exchange("deep").to_trace()))
+    deep = orjson.dumps(line).replace(b'"messages":', b'"x":' + b"[" * 300 + b"]" * 300
+                                      + b',"messages":', 1)
+    (tmp_path / "deep.jsonl").write_bytes(deep + b"\n")
+    done = runner.invoke(main, ["-c", str(cfg), "traces", "import",
+                                str(tmp_path / "deep.jsonl")])
+    assert done.exit_code == 0 and "imported 1 exchanges" in done.stderr, done.output
     verified = runner.invoke(main, ["-c", str(cfg), "ledger", "verify"])
-    assert verified.exit_code == 0 and verified.stdout.startswith("13 entries"), (
+    assert verified.exit_code == 0 and verified.stdout.startswith("14 entries"), (
         verified.output)
 
 
