@@ -75,7 +75,7 @@ MAX_JSON_DEPTH = 64
 def nested_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether a parsed JSON value nests objects and arrays more than ``limit`` levels
     (a scalar is level 0, ``{}`` level 1). Level by level, holding only containers: it
-    runs on every trace line a reader takes, and a value as deep as the parser allows
+    runs on every request the gateway takes, and a value as deep as the parser allows
     would exceed Python's recursion limit."""
     level = [value] if type(value) is dict or type(value) is list else []
     depth = 0

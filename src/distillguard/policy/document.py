@@ -42,7 +42,7 @@ def parse_duration(value: Any) -> float | None:
         raise ValueError(f"{value!r} is not a duration (use 45s, 30m, 24h, 7d or never)")
     if seconds <= 0:
         raise ValueError("a duration must be positive (or 'never')")
-    if not seconds <= MAX_DURATION_S:      # NaN too; longer ones overflowed a date
+    if seconds > MAX_DURATION_S:           # longer ones overflowed the expiry date
         raise ValueError(f"{value!r} is longer than 100 years; use 'never' for an action "
                          "that does not expire")
     return seconds

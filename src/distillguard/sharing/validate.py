@@ -7,7 +7,8 @@ another ``spec_version``, object types STIX 2.1 does not define (custom object t
 included), objects the ``stix2`` library rejects (missing or malformed properties,
 invalid patterns), text holding the NUL character (which PostgreSQL cannot store: the
 import failed with a traceback there) and objects nested more than MAX_JSON_DEPTH levels
-(they are stored as JSON that orjson writes, at most 254 levels). Nothing is stored unless everything passes.
+(they are stored as JSON that orjson writes, at most 254 levels). Nothing is stored
+unless everything passes.
 """
 
 from __future__ import annotations
