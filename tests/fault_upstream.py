@@ -12,7 +12,7 @@ import uvicorn
 from distillguard.serve import free_port
 
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
-          "deep-json", "late-usage"]
+          "deep-json", "no-usage"]
 
 _CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
           "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
@@ -51,17 +51,14 @@ class FaultyUpstream:
             await self._send(send, 400, orjson.dumps({"error": {
                 "message": "max_tokens too large", "type": "invalid_request_error",
                 "param": "max_tokens", "code": None}}))
-        elif model == "late-usage":      # the usage event comes well after the last token
+        elif model == "no-usage":        # a stream that never reports its usage
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
             done = {**_CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
             for chunk in (_CHUNK, _CHUNK, done):
                 await send({"type": "http.response.body", "more_body": True,
                             "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
-            await asyncio.sleep(0.5)
-            usage = {**_CHUNK, "choices": [], "usage": _OK["usage"]}
-            await send({"type": "http.response.body",
-                        "body": b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         elif model in ("drop-stream", "no-done"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})

@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -254,19 +255,27 @@ class Exchange:
         ``annotations["bodies_dropped"]``, so that the exchange is still recorded rather
         than lost with the error."""
         if self.request is not None and self.request_sha256 is None:
-            try:
-                self.request_json = canonical_json(self.request)
-                self.request_sha256 = hashlib.sha256(self.request_json).hexdigest()
-            except (orjson.JSONEncodeError, TypeError) as exc:
+            sealed = self._sealed("request", self.request)
+            if sealed is None:
                 self.request = None
-                self.annotations.setdefault("bodies_dropped", {})["request"] = str(exc)
+            else:
+                self.request_json, self.request_sha256 = sealed
         if self.response is not None and self.response_sha256 is None:
-            try:
-                self.response_json = canonical_json(self.response)
-                self.response_sha256 = hashlib.sha256(self.response_json).hexdigest()
-            except (orjson.JSONEncodeError, TypeError) as exc:
+            sealed = self._sealed("response", self.response)
+            if sealed is None:
                 self.response = None
-                self.annotations.setdefault("bodies_dropped", {})["response"] = str(exc)
+            else:
+                self.response_json, self.response_sha256 = sealed
+
+    def _sealed(self, name: str, body: Any) -> tuple[bytes, str] | None:
+        """A body's canonical JSON and its hash; None (and the body named in
+        ``annotations["bodies_dropped"]``) when it cannot be written."""
+        try:
+            raw = canonical_json(body)
+        except (orjson.JSONEncodeError, TypeError) as exc:
+            self.annotations.setdefault("bodies_dropped", {})[name] = str(exc)
+            return None
+        return raw, hashlib.sha256(raw).hexdigest()
 
     def to_trace(self, retention: Retention | None = None) -> dict[str, Any]:
         """This exchange as one object of the trace format (see docs/formats.md)."""
@@ -433,19 +442,24 @@ def content_text(content: Any) -> str:
 CHARS_PER_TOKEN = 4
 
 
+def _choices(response: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """A response's choices, each with its message (None for a completion's text)."""
+    if not isinstance(response, dict):
+        return
+    for choice in response.get("choices") or []:
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            yield choice, message if isinstance(message, dict) else None
+
+
 def _generated_text(response: Any) -> str:
     """Everything a response's choices generated: content, reasoning, tool-call
     arguments, completion text."""
-    if not isinstance(response, dict):
-        return ""
     out = []
-    for choice in response.get("choices") or []:
-        if not isinstance(choice, dict):
-            continue
+    for choice, message in _choices(response):
         if isinstance(choice.get("text"), str):
             out.append(choice["text"])
-        message = choice.get("message")
-        if not isinstance(message, dict):
+        if message is None:
             continue
         out.append(content_text(message.get("content")))
         if isinstance(message.get("reasoning_content"), str):
@@ -477,14 +491,9 @@ def request_text(request: Any) -> str:
 
 
 def response_text(response: Any) -> str:
-    if not isinstance(response, dict):
-        return ""
     out = []
-    for choice in response.get("choices") or []:
-        if not isinstance(choice, dict):
-            continue
-        message = choice.get("message")
-        if isinstance(message, dict):
+    for choice, message in _choices(response):
+        if message is not None:
             out.append(content_text(message.get("content")))
         elif isinstance(choice.get("text"), str):
             out.append(choice["text"])
