@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import orjson
 
 from distillguard.exchange import format_ts
 from distillguard.serve import StackThread
+from tests.factories import ADMIN_TOKEN, make_settings, start_stack
 
 
 def test_admin_requires_its_own_credential(stack: StackThread,
@@ -19,6 +21,32 @@ def test_admin_requires_its_own_credential(stack: StackThread,
     _, api_key = account_key
     r = httpx.get(url, headers={"authorization": f"Bearer {api_key}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
+
+
+ADMIN_ROUTES = ("/admin/v1/accounts", "/admin/v1/policy", "/admin/v1/ledger/key")
+
+
+def test_every_admin_surface_checks_the_one_credential(stack: StackThread,
+                                                       tmp_path: Path) -> None:
+    """Accounts, policy and the ledger each had a copy of the credential check; one
+    function serves them all now, with the same answers."""
+    for path in ADMIN_ROUTES:
+        url = stack.stack.admin_url + path
+        for headers in ({}, {"authorization": "Bearer not-the-admin-token-at-all"},
+                        {"authorization": f"Basic {ADMIN_TOKEN}"}):
+            r = httpx.get(url, headers=headers)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_admin_token"
+        assert httpx.get(url, headers={"authorization": f"bearer {ADMIN_TOKEN}"}
+                         ).status_code == 200
+    off = start_stack(make_settings(tmp_path / "off", admin={"token": None}))
+    try:
+        for path in ADMIN_ROUTES:
+            r = httpx.get(off.stack.admin_url + path,
+                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    finally:
+        off.stop()
 
 
 def test_an_unknown_route_or_method_is_an_api_error(stack: StackThread,

@@ -21,7 +21,6 @@ Other components add their routes through :attr:`AdminAPI.routes` before the app
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -35,16 +34,15 @@ from starlette.routing import BaseRoute, Route
 from distillguard.components import check_tier, known_tiers
 from distillguard.errors import (
     APIError,
-    AuthenticationFailed,
     InvalidRecord,
     InvalidRequest,
     NotFound,
     NotFoundError,
-    PermissionDenied,
     StoreError,
     Unprocessable,
 )
 from distillguard.exchange import MAX_JSON_DEPTH, nested_deeper_than
+from distillguard.gateway.adminauth import check_admin
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, key_expiry
@@ -122,15 +120,7 @@ class AdminAPI:
         return guarded
 
     def authenticate(self, request: Request) -> None:
-        token = self.gateway.settings.admin.token
-        if not token:
-            raise PermissionDenied("The admin API is disabled: no admin token is configured.",
-                                   code="admin_disabled")
-        presented = request.headers.get("authorization", "")
-        scheme, _, value = presented.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 token.encode()):
-            raise AuthenticationFailed("Invalid admin credential.", code="invalid_admin_token")
+        check_admin(request, self.gateway.settings.admin.token)
 
     def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
         return Starlette(routes=[*self.routes, *(extra_routes or [])],

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from functools import partial
 from typing import Any
 
@@ -25,11 +24,10 @@ from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
 from distillguard.errors import (
-    AuthenticationFailed,
     InvalidRequest,
     NotFoundError,
-    PermissionDenied,
 )
+from distillguard.gateway.adminauth import check_admin
 from distillguard.ledger import entry
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.merkle import ProofError
@@ -61,15 +59,7 @@ def _int(request: Request, name: str) -> int | None:
 
 def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
     def authenticate(request: Request) -> None:
-        token = settings.admin.token
-        if not token:
-            raise PermissionDenied("The admin API is disabled: no admin token is "
-                                   "configured.", code="admin_disabled")
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 token.encode()):
-            raise AuthenticationFailed("Invalid admin credential.",
-                                       code="invalid_admin_token")
+        check_admin(request, settings.admin.token)
 
     async def ledger() -> Ledger:
         return writer.ledger or await writer.start()

@@ -21,7 +21,6 @@ recorded with every action and decision.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,8 +29,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
-from distillguard.errors import AuthenticationFailed, NotFoundError, PermissionDenied, Unprocessable
+from distillguard.errors import NotFoundError, Unprocessable
 from distillguard.gateway.admin import json_body, json_response
+from distillguard.gateway.adminauth import check_admin
 from distillguard.policy import audit
 from distillguard.policy.actions import list_actions
 from distillguard.policy.review import list_items
@@ -64,15 +64,7 @@ class PolicyAdmin:
 
     def guard(self, handler: Handler) -> Handler:
         async def guarded(request: Request) -> Response:
-            token = self.settings.admin.token
-            if not token:
-                raise PermissionDenied("The admin API is disabled: no admin token is "
-                                       "configured.", code="admin_disabled")
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    value.strip().encode(), token.encode()):
-                raise AuthenticationFailed("Invalid admin credential.",
-                                           code="invalid_admin_token")
+            check_admin(request, self.settings.admin.token)
             try:
                 return await handler(request)
             except ValueError as exc:
