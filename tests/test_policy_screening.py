@@ -38,6 +38,10 @@ def lists() -> ScreeningList:
     ("R\u043es\u043eb\u043er\u043en\u0435\u0445p\u043ert", "a4"),   # Cyrillic о, е, х
     ("\u041d\u0443aw\u0435i T\u0435chn\u043el\u043egi\u0435s", "a1"),  # Н, у, е, о
     ("S\u0435rg\u0435\u0456 \u0406v\u0430n\u03bfv", "a2"),         # Cyrillic, Greek ο
+    # a name written wholly in Cyrillic normalised to nothing and was never compared
+    ("ОАО «Рособоронэкспорт»", "a4"),
+    ("Сергей Петрович Иванов", "a2"),
+    ("Иванов Сергей", "a2"),
 ])
 def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
     found = lists.match(name, threshold=90)
@@ -53,6 +57,7 @@ def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
     "Sergei Ivanova Bakery",
     "Hitachi Ltd",
     "Technologies Co Ltd",                           # only legal form and generic words
+    "ООО «Ромашка»",                                 # Cyrillic, unlisted
     "",
 ])
 def test_non_matches(lists: ScreeningList, name: str) -> None:
@@ -86,4 +91,5 @@ def test_json_formats_and_errors() -> None:
 def test_normalise() -> None:
     assert normalise("  The Ürümqi Trading Co., Ltd. ") == "urumqi trading"
     assert normalise("R\u043es\u043eb\u043er\u043en\u0435\u0445p\u043ert") == "rosoboronexport"
+    assert normalise("Рособоронэкспорт") == "rosoboroneksport"
     assert normalise("OOO «Romashka»") == "romashka"

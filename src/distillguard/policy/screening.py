@@ -11,7 +11,8 @@ A list is CSV or JSON (documented in docs/policy.md, "Screening lists"):
   Screening List API answer (``{"results": [{"name", "alt_names", ...}]}``).
 
 Matching uses ``rapidfuzz``: names are normalised (letters of other scripts that imitate
-Latin ones, by Unicode's confusables list; case, punctuation, accents, and legal
+Latin ones, by Unicode's confusables list, and words wholly in another script
+transliterated; case, punctuation, accents, and legal
 forms such as *Ltd*, *LLC*, *GmbH*, *OOO*, *Co.* are dropped), then compared with
 ``token_sort_ratio`` so word order and small spelling or transliteration differences
 (*Sergey*/*Sergei*) still match; names are also compared with spaces removed
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from anyascii import anyascii
 from confusable_homoglyphs import confusables
 from rapidfuzz import fuzz, process
 
@@ -64,12 +66,25 @@ def _latin_lookalike(ch: str) -> str:
     return ch
 
 
+_WORD = re.compile(r"\w+")
+
+
+def _in_latin(word: str) -> str:
+    """A word as Latin letters: one that holds Latin letters keeps them, its look-alike
+    letters of other scripts read as the Latin ones they imitate (a spoof such as
+    ``Rоsоbоrоnехpоrt``); a word wholly in another script is transliterated
+    (``anyascii``: ``Рособоронэкспорт`` -> ``Rosoboroneksport``)."""
+    if any(c.isascii() and c.isalpha() for c in word):
+        return "".join(_latin_lookalike(c) for c in word)
+    return str(anyascii(word))
+
+
 def normalise(name: str) -> str:
-    """Look-alike letters of other scripts as the Latin ones they imitate, lower case,
-    accents folded, punctuation and legal forms removed. Without the first step a name
-    spelt with a few Cyrillic letters (``Rоsоbоrоnехpоrt``) matched nothing: each one
-    became a word break."""
-    name = "".join(_latin_lookalike(ch) for ch in name)
+    """Words in Latin letters (:func:`_in_latin`), lower case, accents folded,
+    punctuation and legal forms removed. Before the first step a name spelt with a few
+    Cyrillic letters (``Rоsоbоrоnехpоrt``) matched nothing, each one a word break, and a
+    name written in Cyrillic or Chinese normalised to nothing at all."""
+    name = _WORD.sub(lambda m: _in_latin(m.group(0)), name)
     folded = unicodedata.normalize("NFKD", name)
     folded = "".join(c for c in folded if not unicodedata.combining(c)).lower()
     words = [w for w in _NON_WORD.sub(" ", folded).split() if w not in LEGAL_FORMS]
