@@ -37,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.exchange import Exchange, format_ts
+from distillguard.store.sql import in_chunks
 
 log = logging.getLogger("distillguard.dashboard")
 
@@ -226,12 +227,10 @@ async def write_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> int
     async with engine.begin() as conn:
         ids = [r["exchange_id"] for r in rows]
         known: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ", ".join(f":i{i}" for i in range(len(chunk)))
+        for marks, chunk in in_chunks(ids):
             found = await conn.execute(
                 text(f"SELECT exchange_id FROM dashboard_exchanges WHERE exchange_id IN ({marks})"),
-                {f"i{i}": v for i, v in enumerate(chunk)})
+                chunk)
             known.update(r[0] for r in found)
         fresh = [r for r in rows if r["exchange_id"] not in known]
         fresh = list({r["exchange_id"]: r for r in fresh}.values())

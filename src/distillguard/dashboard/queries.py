@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.exchange import parse_ts
+from distillguard.store.sql import in_chunks
 
 # range name -> (span, bucket width, characters of the RFC 3339 minute kept as bucket key)
 RANGES: dict[str, tuple[timedelta, timedelta, int]] = {
@@ -222,15 +223,6 @@ async def exchange_row(engine: AsyncEngine, exchange_id: str) -> dict[str, Any] 
     return None if row is None else dict(row._mapping)
 
 
-def _chunks(ids: Sequence[str], size: int = 500) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for start in range(0, len(ids), size):
-        chunk = ids[start:start + size]
-        out.append((", ".join(f":a{i}" for i in range(len(chunk))),
-                    {f"a{i}": v for i, v in enumerate(chunk)}))
-    return out
-
-
 async def group_stats(engine: AsyncEngine, account_ids: Sequence[str], b: Bucketing,
                       range_name: str) -> dict[str, Any]:
     """Traffic per bucket, capability and model mix for a set of accounts (a campaign).
@@ -252,7 +244,7 @@ async def group_stats(engine: AsyncEngine, account_ids: Sequence[str], b: Bucket
         sql = (f"SELECT {_bucket_sql('ts', range_name)}, COUNT(*) FROM dashboard_exchanges "
                f"WHERE account_id IN ({{marks}}) AND ts >= :lo GROUP BY 1")
     async with engine.connect() as conn:
-        for marks, p in _chunks(account_ids):
+        for marks, p in in_chunks(account_ids):
             for key, n in await conn.execute(text(sql.format(marks=marks)), {**p, "lo": lo}):
                 i = where.get(key)
                 if i is not None:
@@ -274,7 +266,7 @@ async def group_examples(engine: AsyncEngine, account_ids: Sequence[str], last: 
     since = (last - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
     rows: list[dict[str, Any]] = []
     async with engine.connect() as conn:
-        for marks, p in _chunks(account_ids):
+        for marks, p in in_chunks(account_ids):
             rows += [dict(r._mapping) for r in await conn.execute(text(
                 f"SELECT * FROM dashboard_exchanges WHERE account_id IN ({marks})"
                 f" AND ts >= :since ORDER BY ts DESC LIMIT :limit"),
@@ -286,7 +278,7 @@ async def group_examples(engine: AsyncEngine, account_ids: Sequence[str], last: 
 async def group_ips(engine: AsyncEngine, account_ids: Sequence[str]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     async with engine.connect() as conn:
-        for marks, p in _chunks(account_ids):
+        for marks, p in in_chunks(account_ids):
             for a, ip in await conn.execute(text(
                     f"SELECT account_id, client_ip FROM dashboard_account_ips"
                     f" WHERE account_id IN ({marks})"), p):
@@ -299,7 +291,7 @@ async def group_seconds(engine: AsyncEngine, account_ids: Sequence[str],
     """The seconds each account had traffic in since ``since`` (lockstep comparison)."""
     out: dict[str, set[str]] = {}
     async with engine.connect() as conn:
-        for marks, p in _chunks(account_ids):
+        for marks, p in in_chunks(account_ids):
             for a, sec in await conn.execute(text(
                     f"SELECT DISTINCT account_id, substr(ts, 1, 19) FROM dashboard_exchanges"
                     f" WHERE account_id IN ({marks}) AND ts >= :since"), {**p, "since": since}):
@@ -311,7 +303,7 @@ async def group_last_hour(engine: AsyncEngine, account_ids: Sequence[str]) -> da
     """The end of the last hour in which any of the accounts had traffic."""
     best: str | None = None
     async with engine.connect() as conn:
-        for marks, p in _chunks(account_ids):
+        for marks, p in in_chunks(account_ids):
             value = (await conn.execute(text(
                 f"SELECT MAX(hour) FROM dashboard_account_hours WHERE account_id IN ({marks})"),
                 p)).scalar()
@@ -323,12 +315,10 @@ async def group_last_hour(engine: AsyncEngine, account_ids: Sequence[str]) -> da
 async def accounts_by_id(engine: AsyncEngine, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     async with engine.connect() as conn:
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ", ".join(f":a{i}" for i in range(len(chunk)))
+        for marks, params in in_chunks(ids):
             for r in await conn.execute(text(
                     f"SELECT account_id, created_at, org, email_domain, payment_fingerprint,"
                     f" country, tier, status FROM accounts WHERE account_id IN ({marks})"),
-                    {f"a{i}": v for i, v in enumerate(chunk)}):
+                    params):
                 out[r[0]] = dict(r._mapping)
     return out

@@ -25,6 +25,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.exchange import format_ts, parse_ts
+from distillguard.store.sql import in_chunks
 from distillguard.verdicts import AccountVerdict, CampaignVerdict
 
 DOC_COLUMNS = ("document", "data", "doc", "verdict")
@@ -126,13 +127,10 @@ class SQLVerdicts:
         if "flagged" not in self.account_cols:
             return set()
         out: set[str] = set()
-        listed = sorted(ids)
-        for start in range(0, len(listed), 500):
-            chunk = listed[start:start + 500]
-            marks = ", ".join(f":a{i}" for i in range(len(chunk)))
+        for marks, params in in_chunks(sorted(ids)):
             rows = await self._rows(
                 f"SELECT DISTINCT account_id FROM account_verdicts WHERE account_id IN ({marks})"
-                f" AND flagged = :t", {**{f"a{i}": v for i, v in enumerate(chunk)}, "t": True})
+                f" AND flagged = :t", {**params, "t": True})
             out.update(r["account_id"] for r in rows)
         return out
 

@@ -23,6 +23,7 @@ from distillguard.policy.compiled import CompiledPolicy
 from distillguard.policy.document import LADDER, parse_duration
 from distillguard.policy.review import ReviewItem, decide_item, get_item, open_item
 from distillguard.policy.schema import ensure_schema, now_ts
+from distillguard.store.sql import in_chunks
 
 log = logging.getLogger("distillguard.policy")
 
@@ -84,12 +85,9 @@ class PolicyOps:
         asked = sorted({a for a in account_ids if "\x00" not in a})
         known: set[str] = set()
         async with self.engine.connect() as conn:
-            for start in range(0, len(asked), 500):
-                chunk = asked[start:start + 500]
-                marks = ", ".join(f":a{i}" for i in range(len(chunk)))
+            for marks, params in in_chunks(asked):
                 rows = await conn.execute(text(
-                    f"SELECT account_id FROM accounts WHERE account_id IN ({marks})"),
-                    {f"a{i}": v for i, v in enumerate(chunk)})
+                    f"SELECT account_id FROM accounts WHERE account_id IN ({marks})"), params)
                 known.update(r[0] for r in rows)
         return [a for a in dict.fromkeys(account_ids) if a not in known]
 

@@ -6,7 +6,7 @@ stored as RFC 3339 UTC text (which sorts in time order) and JSON as text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,19 @@ def _ts(dt: datetime | None) -> str | None:
 
 def _dt(value: str | None) -> datetime | None:
     return None if value is None else parse_ts(value)
+
+
+def in_chunks(values: Sequence[str], size: int = 500
+              ) -> list[tuple[str, dict[str, Any]]]:
+    """``values`` for ``... IN (<marks>)`` queries, ``size`` at a time: each chunk's
+    placeholder list (``:a0, :a1, ...``) and its parameters (a statement with thousands of
+    parameters is refused by SQLite and slow on PostgreSQL)."""
+    out = []
+    for start in range(0, len(values), size):
+        chunk = values[start:start + size]
+        out.append((", ".join(f":a{i}" for i in range(len(chunk))),
+                    {f"a{i}": v for i, v in enumerate(chunk)}))
+    return out
 
 
 def _json(value: Any) -> str:
