@@ -316,6 +316,7 @@ def test_a_checkpoint_row_rewritten_beside_its_signed_note(ledger: Ledger,
     ({"tree_size": "40"}, "the proof's 'tree_size' must be a whole number, not '40'"),
     ({"leaf_index": 3.0}, "the proof's 'leaf_index' must be a whole number, not 3.0"),
     ({"leaf": "!!"}, "the proof's 'leaf' is not base64"),
+    ({"leaf_hash": 5}, "the proof's 'leaf_hash' must be a hex string, not 5"),
 ])
 def test_a_malformed_proof_is_invalid_not_a_traceback(ledger: Ledger, tmp_path: Path,
                                                      change: dict[str, object],

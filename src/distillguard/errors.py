@@ -58,6 +58,14 @@ class InvalidRecord(StoreError, ValueError):
         self.field = field
 
 
+def message_of(exc: BaseException) -> str:
+    """An exception's message as a person reads it: ``str()`` of a KeyError quotes its
+    message (other messages may end in a quote of their own, so none is stripped)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
 class APIError(DistillguardError):
     status: int = 500
     type: str = "api_error"

@@ -44,6 +44,17 @@ def _hex_list(proof: dict[str, Any], name: str) -> list[bytes]:
                                  ) from None
 
 
+def _hex_field(proof: dict[str, Any], name: str) -> bytes:
+    """The proof's field ``name``, a hex string, as bytes."""
+    value = proof.get(name)
+    if not isinstance(value, str):
+        raise VerificationFailed(f"the proof's {name!r} must be a hex string, not {value!r}")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise VerificationFailed(f"the proof's {name!r} is not hex") from None
+
+
 def _signed(note: str | None, key: VerifierKey, what: str) -> Checkpoint:
     if not note:
         raise VerificationFailed(f"{what}: no signed checkpoint to check against")
@@ -66,8 +77,7 @@ def verify_inclusion_bundle(proof: dict[str, Any], key: VerifierKey,
     except (ValueError, TypeError):
         raise VerificationFailed("the proof's 'leaf' is not base64") from None
     lh = merkle.leaf_hash(leaf)
-    stated = proof.get("leaf_hash")
-    if stated is not None and _hex_list({"leaf_hash": [stated]}, "leaf_hash") != [lh]:
+    if proof.get("leaf_hash") is not None and _hex_field(proof, "leaf_hash") != lh:
         raise VerificationFailed("the leaf hash is not the hash of the leaf")
     try:
         entry = orjson.loads(leaf)

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
-from distillguard.errors import NotFoundError, Unprocessable
+from distillguard.errors import NotFoundError, Unprocessable, message_of
 from distillguard.gateway.admin import json_body, json_response
 from distillguard.gateway.adminauth import check_admin
 from distillguard.policy import audit
@@ -70,9 +70,7 @@ class PolicyAdmin:
             except ValueError as exc:
                 raise Unprocessable(str(exc)) from None
             except LookupError as exc:
-                # a KeyError's str() quotes its message; other messages may end in one
-                message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-                raise NotFoundError(str(message)) from None
+                raise NotFoundError(message_of(exc)) from None
         return guarded
 
     def routes(self) -> list[BaseRoute]:

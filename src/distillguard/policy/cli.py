@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from distillguard.errors import ConfigError
+from distillguard.errors import ConfigError, message_of
 
 T = TypeVar("T")
 
@@ -52,9 +52,7 @@ def _with_ops(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())
     except (ValueError, LookupError) as exc:
-        # A KeyError's str() quotes its message; other errors' messages may end in a quote.
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        click.echo(f"error: {message}", err=True)
+        click.echo(f"error: {message_of(exc)}", err=True)
         sys.exit(2)
 
 
