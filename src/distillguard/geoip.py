@@ -70,29 +70,39 @@ class GeoIPDatabase(Protocol):
         ...
 
 
-def canonical_ip(ip: str) -> str:
-    """``ip`` as one address is always written: an IPv4 address mapped into IPv6
-    (``::ffff:203.0.113.7``, what a dual-stack socket or some proxies report) as the IPv4
-    address, any other in its compressed lower-case form; text that is no address as
-    given. Looked up as written, a mapped address had no country (an embargo rule never
-    matched it) and every such client shared the prefix ``::/48``."""
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical_address(ip: str) -> Address | None:
+    """``ip`` parsed, an IPv4 address mapped into IPv6 (``::ffff:203.0.113.7``, what a
+    dual-stack socket or some proxies report) as the IPv4 address; None for text that is
+    no address. Looked up as written, a mapped address had no country (an embargo rule
+    never matched it) and every such client shared the prefix ``::/48``."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        return ip
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+        return addr.ipv4_mapped
+    return addr
+
+
+def canonical_ip(ip: str) -> str:
+    """``ip`` as one address is always written (:func:`canonical_address`, in its
+    compressed lower-case form); text that is no address as given."""
+    addr = canonical_address(ip)
+    return ip if addr is None else str(addr)
+
+
+def _prefix(addr: Address) -> str:
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
 def client_prefix(ip: str) -> str | None:
     """The /24 of an IPv4 address or the /48 of an IPv6 address, as a network string."""
-    try:
-        addr = ipaddress.ip_address(canonical_ip(ip))
-    except ValueError:
-        return None
-    bits = 24 if addr.version == 4 else 48
-    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
+    addr = canonical_address(ip)
+    return None if addr is None else _prefix(addr)
 
 
 class Geoip2FastDatabase:
@@ -214,18 +224,17 @@ class GeoIP:
         return any(k in name for k in self.hosting_keywords)
 
     def _lookup(self, ip: str) -> NetworkInfo:
-        ip = canonical_ip(ip)
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = canonical_address(ip)
+        if addr is None:
             return NetworkInfo(ip=ip)
+        ip = str(addr)
         if not addr.is_global:
-            return NetworkInfo(ip=ip, prefix=client_prefix(ip), private=True)
+            return NetworkInfo(ip=ip, prefix=_prefix(addr), private=True)
         asn_name, asn_network = self.database.asn(ip)
         hosting = self.is_hosting_name(asn_name) or any(
             addr in net for net in self.hosting_networks if net.version == addr.version)
         return NetworkInfo(ip=ip, country=self.database.country(ip), asn_name=asn_name,
-                           asn_network=asn_network, prefix=client_prefix(ip),
+                           asn_network=asn_network, prefix=_prefix(addr),
                            hosting=hosting)
 
 
