@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from distillguard.exchange import format_ts
 from distillguard.serve import StackThread
@@ -47,6 +48,54 @@ def test_every_admin_surface_checks_the_one_credential(stack: StackThread,
             assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
     finally:
         off.stop()
+
+
+def test_failed_admin_authentications_are_throttled_per_address(tmp_path: Path) -> None:
+    """Guessing the admin token is slowed down: after ``failed_auth_per_minute``
+    failures an address is refused with a 429, on every admin route and even with the
+    right token (a guesser must not tell a hit from the status); others are not."""
+    stack = start_stack(make_settings(tmp_path, admin={"token": ADMIN_TOKEN,
+                                                       "failed_auth_per_minute": 3}))
+    good = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        url = stack.stack.admin_url
+        for path in ADMIN_ROUTES:
+            r = httpx.get(url + path, headers={"authorization": "Bearer guess-guess-guess"})
+            assert r.status_code == 401, r.text
+        for path in (*ADMIN_ROUTES, "/admin/v1/accounts"):
+            r = httpx.get(url + path, headers=good)
+            assert r.status_code == 429, (path, r.text)
+            assert r.json()["error"]["code"] == "too_many_failed_authentications"
+            assert 1 <= int(r.headers["retry-after"]) <= 60
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        with other:
+            assert other.get(url + "/admin/v1/accounts", headers=good).status_code == 200
+    finally:
+        stack.stop()
+
+
+def test_failed_auth_throttle_counts_by_network_and_forgets_the_oldest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillguard.gateway import adminauth
+    from distillguard.gateway.adminauth import FailedAuthThrottle, client_key
+
+    assert client_key("2001:db8:1:2:3:4:5:6") == client_key("2001:db8:1:2::9") \
+        == "2001:db8:1:2::/64"
+    assert client_key("::ffff:203.0.113.9") == "203.0.113.9" == client_key("203.0.113.9")
+    assert client_key(None) == "?"
+    monkeypatch.setattr(adminauth, "MAX_ADDRESSES", 3)
+    throttle = FailedAuthThrottle(2)
+    throttle.failed("a")
+    throttle.failed("a")
+    for who in ("b", "c"):
+        throttle.failed(who)
+    assert throttle.blocked("a")
+    throttle.failed("d")   # a spray of new addresses forgets the oldest, not everyone
+    assert not throttle.blocked("a")
+    throttle.failed("b")
+    assert throttle.blocked("b") and throttle.retry_after_s("b") >= 59
+    throttle.succeeded("b")
+    assert not throttle.blocked("b") and throttle.retry_after_s("b") == 0
 
 
 def test_an_unknown_route_or_method_is_an_api_error(stack: StackThread,

@@ -336,9 +336,9 @@ def test_open_over_time_counts_intervals() -> None:
 
 
 def test_login_throttle_is_per_address() -> None:
-    from distillguard.dashboard.security import LoginThrottle
+    from distillguard.gateway.adminauth import FailedAuthThrottle
 
-    throttle = LoginThrottle(2)
+    throttle = FailedAuthThrottle(2)
     throttle.failed("1.1.1.1")
     throttle.failed("1.1.1.1")
     assert throttle.blocked("1.1.1.1") and not throttle.blocked("2.2.2.2")

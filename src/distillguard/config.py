@@ -61,6 +61,9 @@ ADMIN_TOKEN_MIN_CHARS = 16
 
 class AdminSettings(_Section):
     token: str | None = None
+    # failed authentications per client address and minute before the admin API answers
+    # 429 (gateway/adminauth.py); the dashboard's log-in form has a setting of its own
+    failed_auth_per_minute: int = Field(10, ge=1)
 
     @field_validator("token")
     @classmethod

@@ -25,13 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from distillguard.config import Settings
 from distillguard.dashboard.security import (
     HEADERS,
-    LoginThrottle,
     Sessions,
     same_origin,
     token_matches,
 )
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
+from distillguard.gateway.adminauth import FailedAuthThrottle, client_key
 
 log = logging.getLogger("distillguard.dashboard")
 HERE = Path(__file__).parent
@@ -69,7 +69,7 @@ class Dashboard:
         token = settings.admin.token or ""
         self.sessions = Sessions(options.signing_key(token), max_age_s=options.session_max_age_s,
                                  secure=options.cookie_secure)
-        self.throttle = LoginThrottle(options.login_attempts_per_minute)
+        self.throttle = FailedAuthThrottle(options.login_attempts_per_minute)
         self.sources = Sources(settings)
         self.lifecycle = Lifecycle(self.sources)
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
@@ -135,7 +135,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
-        who = request.client.host if request.client else "?"
+        who = client_key(request.client.host if request.client else None)
         nxt = _safe_next(str(form.get("next") or ""), self.base)
 
         def again(message: str, status: int) -> Response:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
@@ -102,32 +100,6 @@ def same_origin(request: Request) -> bool:
         return True
     host = request.headers.get("host", "")
     return origin.split("://", 1)[-1] == host
-
-
-class LoginThrottle:
-    """At most ``per_minute`` failed log-ins per client address in any 60 s."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
-
-    def _window(self, who: str) -> deque[float]:
-        window = self._failures[who]
-        cutoff = time.monotonic() - 60.0
-        while window and window[0] < cutoff:
-            window.popleft()
-        return window
-
-    def blocked(self, who: str) -> bool:
-        return len(self._window(who)) >= self.per_minute
-
-    def failed(self, who: str) -> None:
-        self._window(who).append(time.monotonic())
-        if len(self._failures) > 10_000:  # bound memory under a spray of addresses
-            self._failures.clear()
-
-    def succeeded(self, who: str) -> None:
-        self._failures.pop(who, None)
 
 
 def token_matches(presented: str, admin_token: str | None) -> bool:

@@ -42,7 +42,7 @@ from distillguard.errors import (
     Unprocessable,
 )
 from distillguard.exchange import MAX_JSON_DEPTH, nested_deeper_than
-from distillguard.gateway.adminauth import check_admin
+from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, key_expiry
@@ -123,8 +123,12 @@ class AdminAPI:
         check_admin(request, self.gateway.settings.admin.token)
 
     def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
-        return Starlette(routes=[*self.routes, *(extra_routes or [])],
-                         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+        app = Starlette(routes=[*self.routes, *(extra_routes or [])],
+                        exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+        # one count of failed authentications for every route of this app (check_admin)
+        app.state.failed_auth = FailedAuthThrottle(
+            self.gateway.settings.admin.failed_auth_per_minute)
+        return app
 
     # -- accounts -----------------------------------------------------------------------
 

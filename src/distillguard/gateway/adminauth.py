@@ -1,24 +1,115 @@
 """The admin credential, checked in one place for every admin route (accounts and keys,
 policy, the ledger): ``Authorization: Bearer <admin.token>``, compared in constant time.
-The token is at least 16 characters (:class:`~distillguard.config.AdminSettings`); the
-dashboard's log-in form takes the same token and slows down guessing on its own."""
+The token is at least 16 characters (:class:`~distillguard.config.AdminSettings`).
+
+Guessing is slowed down per client address: the admin app keeps a
+:class:`FailedAuthThrottle` in ``app.state.failed_auth`` (see
+:meth:`~distillguard.gateway.admin.AdminAPI.app`), and an address that failed
+``admin.failed_auth_per_minute`` times in the last 60 s is refused with a 429 until the
+oldest failure leaves the window, even when it then presents the right token (otherwise a
+guesser could tell a hit from the status). The dashboard's log-in form keeps a throttle of
+its own with the same class. Each process counts on its own: N replicas allow N times the
+rate, which a 16-character token still makes hopeless to guess.
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
+import time
+from collections import OrderedDict, deque
 
 from starlette.requests import Request
 
-from distillguard.errors import AuthenticationFailed, PermissionDenied
+from distillguard.errors import AuthenticationFailed, PermissionDenied, RateLimited
+
+log = logging.getLogger("distillguard.gateway")
+
+WINDOW_S = 60.0
+MAX_ADDRESSES = 10_000
+
+
+def client_key(host: str | None) -> str:
+    """Who a failure is counted against: the address, or its /64 for IPv6 (one host
+    commonly holds a whole /64, so counting single IPv6 addresses is no throttle)."""
+    if not host:
+        return "?"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class FailedAuthThrottle:
+    """At most ``per_minute`` failed authentications per client in any 60 s.
+
+    Memory is bounded: past :data:`MAX_ADDRESSES` clients the one that failed longest ago
+    is forgotten (not everyone at once, which a spray of addresses could use to reset a
+    guesser's count)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _window(self, who: str, now: float) -> deque[float]:
+        window = self._failures.get(who)
+        if window is None:
+            return deque()
+        while window and window[0] <= now - WINDOW_S:
+            window.popleft()
+        if not window:
+            del self._failures[who]
+        return window
+
+    def blocked(self, who: str) -> bool:
+        return len(self._window(who, time.monotonic())) >= self.per_minute
+
+    def retry_after_s(self, who: str) -> int:
+        """Seconds until ``who`` may try again (0 when not blocked)."""
+        now = time.monotonic()
+        window = self._window(who, now)
+        if len(window) < self.per_minute:
+            return 0
+        return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+
+    def failed(self, who: str) -> None:
+        now = time.monotonic()
+        window = self._failures.setdefault(who, deque())
+        window.append(now)
+        while len(window) > self.per_minute:   # older failures cannot matter any more
+            window.popleft()
+        self._failures.move_to_end(who)
+        while len(self._failures) > MAX_ADDRESSES:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, who: str) -> None:
+        self._failures.pop(who, None)
 
 
 def check_admin(request: Request, token: str | None) -> None:
     """Return if ``request`` carries the admin token; otherwise PermissionDenied (no
-    token is configured: the admin API is off) or AuthenticationFailed."""
+    token is configured: the admin API is off), RateLimited (this client failed too
+    often of late) or AuthenticationFailed."""
     if not token:
         raise PermissionDenied("The admin API is disabled: no admin token is configured.",
                                code="admin_disabled")
+    throttle: FailedAuthThrottle | None = getattr(request.app.state, "failed_auth", None)
+    who = client_key(request.client.host if request.client else None)
+    if throttle is not None and throttle.blocked(who):
+        wait = throttle.retry_after_s(who)
+        raise RateLimited(f"Too many failed admin authentications from this address; try "
+                          f"again in {wait} s.", code="too_many_failed_authentications",
+                          headers={"retry-after": str(wait)})
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
                                                              token.encode()):
+        if throttle is not None:
+            throttle.failed(who)
+        log.warning("admin API: failed authentication from %s", who)
         raise AuthenticationFailed("Invalid admin credential.", code="invalid_admin_token")
