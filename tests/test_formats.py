@@ -40,6 +40,22 @@ def test_trace_line_from_design_round_trips(tmp_path: Path) -> None:
         assert out[field] == value, field
 
 
+def test_a_line_without_an_id_is_named_by_its_content() -> None:
+    """A trace line of the public format (no exchange_id) got a random id at every
+    reading: importing it twice recorded it twice, and each run of detect named other
+    example exchanges, none of them findable."""
+    first, again = Exchange.from_trace(DESIGN_LINE), Exchange.from_trace(dict(DESIGN_LINE))
+    assert first.id == again.id
+    assert first.id[:16] == f"ex_{int(first.ts.timestamp() * 1000):013x}"
+    other = Exchange.from_trace({**DESIGN_LINE, "latency_ms": 813})
+    assert other.id != first.id and other.id[:16] == first.id[:16]
+    assert Exchange.from_trace({**DESIGN_LINE, "exchange_id": "ex_mine"}).id == "ex_mine"
+    deep: list[object] = []
+    for _ in range(300):   # too deep to write again: still read, with an id of its own
+        deep = [deep]
+    assert Exchange.from_trace({**DESIGN_LINE, "x": deep}).id.startswith("ex_")
+
+
 def test_hash_retention_drops_bodies_keeps_hashes() -> None:
     ex = Exchange.from_trace(DESIGN_LINE)
     line = ex.to_trace(Retention.HASH)

@@ -129,6 +129,16 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
     done = runner.invoke(main, ["-c", str(cfg), "traces", "import", str(again)])
     assert done.exit_code == 0 and (
         "imported 1 exchanges (12 already in the ledger were skipped)" in done.stderr)
+    # lines of the public format carry no exchange_id: they are named by their content,
+    # so a second import of such a file records nothing again
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(b"".join(orjson.dumps({k: v for k, v in orjson.loads(line).items()
+                                             if k != "exchange_id"}) + b"\n"
+                               for line in (good[0], good[1], good[2])))
+    for expected in ("imported 3 exchanges\n",
+                     "imported 0 exchanges (3 already in the ledger were skipped)"):
+        done = runner.invoke(main, ["-c", str(cfg), "traces", "import", str(plain)])
+        assert done.exit_code == 0 and expected in done.stderr, done.output
     # a request nested deeper than the ledger's JSON can be written: recorded without it
     line = orjson.loads(orjson.dumps(make_exchange("deep").to_trace()))
     deep = orjson.dumps(line).replace(b'"messages":', b'"x":' + b"[" * 300 + b"]" * 300
@@ -138,7 +148,7 @@ def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> 
                                 str(tmp_path / "deep.jsonl")])
     assert done.exit_code == 0 and "imported 1 exchanges" in done.stderr, done.output
     verified = runner.invoke(main, ["-c", str(cfg), "ledger", "verify"])
-    assert verified.exit_code == 0 and verified.stdout.startswith("14 entries"), (
+    assert verified.exit_code == 0 and verified.stdout.startswith("17 entries"), (
         verified.output)
 
 

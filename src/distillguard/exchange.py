@@ -99,6 +99,21 @@ def new_exchange_id(now_ns: int | None = None) -> str:
     return f"ex_{ms:013x}{os.urandom(5).hex()}"
 
 
+def trace_line_id(line: dict[str, Any], ts: datetime) -> str:
+    """The id of a trace line that carries no ``exchange_id``: ``ex_``, 13 hex digits of
+    its own time in milliseconds, then 10 hex digits of the BLAKE2b of its content in
+    canonical JSON. The same line is the same exchange whenever it is read: importing a
+    file twice skips what the ledger holds, and two runs of ``detect`` name the same
+    example exchanges. Only a line too deep to write again (its bodies are dropped when
+    recorded, see :func:`seal_bodies`) gets a random id."""
+    ms = max(0, int(ts.timestamp() * 1000))
+    try:
+        content = orjson.dumps(line, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return f"ex_{ms:013x}{os.urandom(5).hex()}"
+    return f"ex_{ms:013x}{hashlib.blake2b(content, digest_size=5).hexdigest()}"
+
+
 def parse_ts(value: str | datetime) -> datetime:
     """Parse an RFC 3339 timestamp (``Z`` or offset) into an aware UTC datetime."""
     if isinstance(value, datetime):
@@ -332,9 +347,10 @@ class Exchange:
             model = text_field(request, "model")
         stream = bool(request.get("stream")) if isinstance(request, dict) else False
         latency = _trace_number(line, "latency_ms", "a number of milliseconds", float)
+        ts = parse_ts(line["ts"])
         ex = cls(
-            id=id_field(line, "exchange_id") or new_exchange_id(),
-            ts=parse_ts(line["ts"]),
+            id=id_field(line, "exchange_id") or trace_line_id(line, ts),
+            ts=ts,
             endpoint=text_field(line, "endpoint") or "/v1/chat/completions",
             account_id=id_field(line, "account_id"),
             key_id=id_field(line, "key_id"),
