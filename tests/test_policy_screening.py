@@ -42,6 +42,10 @@ def lists() -> ScreeningList:
     ("ОАО «Рособоронэкспорт»", "a4"),
     ("Сергей Петрович Иванов", "a2"),
     ("Иванов Сергей", "a2"),
+    # a word wholly in letters that imitate Latin ones was transliterated (НІТ as "nit")
+    ("\u041d\u0406\u0422", "a3"),                                   # Cyrillic Н, І, Т
+    ("\u041d\u057d\u0430\u051d\u0435\u0456 \u0422\u0435\u0441\u04bb\u043e\u04cf\u043e\u0261\u0456\u0435\u0455",
+     "a1"),                                                         # no Latin letter
 ])
 def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
     found = lists.match(name, threshold=90)

@@ -12,7 +12,8 @@ A list is CSV or JSON (documented in docs/policy.md, "Screening lists"):
 
 Matching uses ``rapidfuzz``: names are normalised (letters of other scripts that imitate
 Latin ones, by Unicode's confusables list, and words wholly in another script
-transliterated; case, punctuation, accents, and legal
+transliterated, and also, when every letter of such a word imitates a Latin one, read as
+that Latin; case, punctuation, accents, and legal
 forms such as *Ltd*, *LLC*, *GmbH*, *OOO*, *Co.* are dropped), then compared with
 ``token_sort_ratio`` so word order and small spelling or transliteration differences
 (*Sergey*/*Sergei*) still match; names are also compared with spaces removed
@@ -62,33 +63,54 @@ def _latin_lookalike(ch: str) -> str:
     if found:
         for glyph in found[0]["homoglyphs"]:
             if glyph["c"].isascii() and glyph["c"].isalnum():
-                return str(glyph["c"])
+                # the confusables fold I into l; a capital that looks like l is an I
+                return "I" if glyph["c"] == "l" and ch.isupper() else str(glyph["c"])
     return ch
+
+
+def _is_latin(ch: str) -> bool:
+    return ch.isascii() or unicodedata.name(ch, "").startswith("LATIN ")
 
 
 _WORD = re.compile(r"\w+")
 
 
-def _in_latin(word: str) -> str:
+def _in_latin(word: str, lookalikes: bool = False) -> str:
     """A word as Latin letters: one that holds Latin letters keeps them, its look-alike
     letters of other scripts read as the Latin ones they imitate (a spoof such as
     ``Rоsоbоrоnехpоrt``); a word wholly in another script is transliterated
-    (``anyascii``: ``Рособоронэкспорт`` -> ``Rosoboroneksport``)."""
+    (``anyascii``: ``Рособоронэкспорт`` -> ``Rosoboroneksport``). With ``lookalikes``, a
+    word wholly in another script whose every letter imitates a Latin one is read as
+    those (``АВС``, all Cyrillic, as ``ABC``; transliterated it is ``AVS``)."""
     if any(c.isascii() and c.isalpha() for c in word):
         return "".join(_latin_lookalike(c) for c in word)
+    if lookalikes:
+        read = "".join(_latin_lookalike(c) for c in word)
+        if all(_is_latin(c) for c in read):     # Latin letters beyond ASCII (ɡ) folded
+            return str(anyascii(read))
     return str(anyascii(word))
 
 
-def normalise(name: str) -> str:
+def normalise(name: str, *, lookalikes: bool = False) -> str:
     """Words in Latin letters (:func:`_in_latin`), lower case, accents folded,
     punctuation and legal forms removed. Before the first step a name spelt with a few
     Cyrillic letters (``Rоsоbоrоnехpоrt``) matched nothing, each one a word break, and a
     name written in Cyrillic or Chinese normalised to nothing at all."""
-    name = _WORD.sub(lambda m: _in_latin(m.group(0)), name)
+    name = _WORD.sub(lambda m: _in_latin(m.group(0), lookalikes), name)
     folded = unicodedata.normalize("NFKD", name)
     folded = "".join(c for c in folded if not unicodedata.combining(c)).lower()
     words = [w for w in _NON_WORD.sub(" ", folded).split() if w not in LEGAL_FORMS]
     return " ".join(words)
+
+
+def readings(name: str) -> list[str]:
+    """The ways ``name`` is compared: normalised, and, when it holds a word wholly in
+    look-alike letters of another script, also with that word read as the Latin it
+    imitates. A name is either Russian (``Сосо``, *Soso*) or a spoof of a Latin one
+    (*Coco*); screening cannot tell which, so it compares both."""
+    first = normalise(name)
+    second = normalise(name, lookalikes=True)
+    return [first] if second == first else [first, second]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,22 +159,25 @@ class ScreeningList:
 
     def match(self, value: str, *, threshold: float, field: str = "name") -> list[Match]:
         """Entries whose name or alias matches ``value`` at ``threshold`` or above."""
-        norm = normalise(value or "")
-        if not norm or not self._names:
-            return []
-        found = process.extract(norm, self._names, scorer=fuzz.token_sort_ratio,
-                                processor=None, score_cutoff=threshold, limit=10)
-        # Spacing differs between transliterations (Zhongguancun / Zhong Guan Cun).
-        found += process.extract(norm.replace(" ", ""), self._compact, scorer=fuzz.ratio,
-                                 processor=None, score_cutoff=threshold, limit=10)
         out: dict[str, Match] = {}
-        for _name, score, index in found:
-            entry, raw = self._owners[index]
-            if len(norm) < 5 and score < 100:      # short names: exact only
+        if not self._names:
+            return []
+        for norm in readings(value or ""):
+            if not norm:
                 continue
-            best = out.get(entry.entry_id)
-            if best is None or score > best.score:
-                out[entry.entry_id] = Match(value, field, entry, raw, float(score))
+            found = process.extract(norm, self._names, scorer=fuzz.token_sort_ratio,
+                                    processor=None, score_cutoff=threshold, limit=10)
+            # Spacing differs between transliterations (Zhongguancun / Zhong Guan Cun).
+            found += process.extract(norm.replace(" ", ""), self._compact,
+                                     scorer=fuzz.ratio, processor=None,
+                                     score_cutoff=threshold, limit=10)
+            for _name, score, index in found:
+                entry, raw = self._owners[index]
+                if len(norm) < 5 and score < 100:      # short names: exact only
+                    continue
+                best = out.get(entry.entry_id)
+                if best is None or score > best.score:
+                    out[entry.entry_id] = Match(value, field, entry, raw, float(score))
         return sorted(out.values(), key=lambda m: -m.score)
 
 
