@@ -104,8 +104,18 @@ def test_a_bad_line_is_a_format_error(spark: object, world: tuple[Path, Path],
     bad = tmp_path / "bad.jsonl"
     lines = trace.read_bytes().splitlines()[:50]
     bad.write_bytes(b"\n".join([*lines[:20], b'{"ts": "not a time"', *lines[20:]]) + b"\n")
-    with pytest.raises(FormatError, match="bad trace line 21"):
+    with pytest.raises(FormatError, match=f"^{bad}:21: "):
         run_spark(spark, bad, Calibration.read())  # type: ignore[arg-type]
+    # The line is named in its file, not as "line 31 of input split 2": in a glob of
+    # two files, each cut into several splits, with a blank line before it
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    late = folder / "b.jsonl"
+    late.write_bytes(b"\n".join([*lines[:40], b"", b"{oops", *lines[40:]]) + b"\n")
+    with pytest.raises(FormatError, match=f"^{late}:42: not valid JSON"):
+        run_spark(spark, str(folder / "*.jsonl"), Calibration.read(),  # type: ignore[arg-type]
+                  partitions=6)
     with pytest.raises(FormatError, match="cannot read trace"):
         run_spark(spark, tmp_path / "missing.jsonl", Calibration.read())  # type: ignore[arg-type]
 

@@ -56,8 +56,11 @@ def _block(part: int, block: list[tuple[bytes, int]]) -> Iterator[Row]:
     for raw, n in block:
         try:
             exchange = Exchange.from_trace(orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            yield (_BAD, part, n), f"not valid JSON ({exc.msg})"
+            continue
         except (ValueError, TypeError, KeyError) as exc:
-            yield (_BAD, part, n), f"bad trace line {n + 1} of input split {part}: {exc}"
+            yield (_BAD, part, n), str(exc)
             continue
         extractor.add(exchange)
         positions.append(n)
@@ -126,6 +129,30 @@ def _input(spark: SparkSession, path: str, partitions: int | None
     return lines, extract_partition
 
 
+def _where(source: RDD[Any], path: str, part: int, n: int) -> str:
+    """How an error names record ``n`` of input split ``part``: ``FILE:LINE`` as the
+    DuckDB path and ``traces check`` say it, or the ledger entry of an export. A split of
+    a text file starts anywhere in the file, so on this error path only the lines of the
+    file's earlier splits are counted (one more pass over them)."""
+    if path.endswith(".parquet"):
+        return f"{path}: ledger entry {n}"
+    try:   # the Hadoop file splits behind sc.textFile, through the JVM
+        splits = source._jrdd.rdd().partitions()
+        files = [str(splits[i].inputSplit().value().getPath().toString())
+                 for i in range(part + 1)]
+    except Exception:   # not file splits: the split and its line is all there is
+        return f"{path}: line {n + 1} of input split {part}"
+    earlier = {i for i in range(part) if files[i] == files[part]}
+
+    def count(i: int, lines: Iterable[Any]) -> Iterator[int]:
+        if i in earlier:
+            yield sum(1 for _ in lines)
+
+    before = sum(source.mapPartitionsWithIndex(count).collect()) if earlier else 0
+    name = files[part].removeprefix("file:")
+    return f"{name}:{before + n + 1}"
+
+
 def sorted_features(spark: SparkSession, trace: str | Path, *,
                     partitions: int | None = None) -> Iterator[ExchangeFeatures | None]:
     """Every exchange's features (None for exchanges without an account), sorted by
@@ -143,9 +170,9 @@ def sorted_features(spark: SparkSession, trace: str | Path, *,
             StorageLevel.DISK_ONLY)
         try:
             ordered: RDD[Row] = extracted.sortByKey(ascending=True, numPartitions=parts)
-            for (ts, _, _), value in ordered.toLocalIterator(prefetchPartitions=True):
+            for (ts, part, n), value in ordered.toLocalIterator(prefetchPartitions=True):
                 if ts == _BAD:
-                    raise FormatError(f"{path}: {value}")
+                    raise FormatError(f"{_where(source, path, part, n)}: {value}")
                 yield value
         finally:
             extracted.unpersist()
