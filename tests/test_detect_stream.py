@@ -130,3 +130,57 @@ def test_a_failed_renewal_does_not_end_the_follower_s_renewals(
         assert asyncio.run(go()) and calls >= 4
     assert any("renewing the follower's lease failed" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.redis
+def test_a_follower_says_what_the_stream_trimmed_before_it_read_it(
+        tmp_path: Path, redis_url: str, redis_prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A follower more than ``max_length`` entries behind lost the entries trimmed
+    before it read them without a word: its verdicts missed that traffic and nothing
+    said so. It now counts them (exactly) and says it once per loss."""
+    from distillguard.detect.settings import DetectSettings, StreamSettings
+    from distillguard.detect.stream import Follower, _client
+
+    name = f"{redis_prefix}:features"
+    stream = StreamSettings(url=redis_url, name=name, max_length=1_000)
+    follower = Follower(f"sqlite:///{tmp_path}/state.sqlite",
+                        DetectSettings(runs_in="follower", stream=stream))
+    taking = follower._take
+    first_taken, resume = asyncio.Event(), asyncio.Event()
+
+    async def slow_take(entry_id: bytes, entry: dict[bytes, bytes]) -> None:
+        await taking(entry_id, entry)
+        if not first_taken.is_set():
+            first_taken.set()
+            await resume.wait()     # stalls here while the replicas go on adding
+
+    follower._take = slow_take  # type: ignore[method-assign]
+
+    async def add(redis: object, start: int, n: int) -> None:
+        for i in range(start, start + n):
+            await redis.xadd(name, encode(make_features(f"acct_{i % 7}", 1.0 + i)),  # type: ignore[attr-defined]
+                             maxlen=1_000, approximate=True)
+
+    async def go() -> tuple[int, int]:
+        redis = _client(redis_url)
+        try:
+            await add(redis, 0, 50)      # the stream kept all of these before it started
+            following = asyncio.create_task(follower.run(idle_exit_s=1.0))
+            await first_taken.wait()
+            await add(redis, 50, 5_000)
+            kept = await redis.xlen(name)
+            resume.set()
+            await following
+            return kept, follower.read
+        finally:
+            await redis.delete(name, f"{name}:leader")
+            await redis.aclose()
+
+    with caplog.at_level("WARNING", logger="distillguard.detect"):
+        kept, read = asyncio.run(go())
+    # it read the 50 it had taken and the `kept` newest; all between are gone
+    assert follower.missed == 5_050 - 50 - kept > 3_000
+    assert read == 50 + kept and follower.bad == 0
+    warned = [r.getMessage() for r in caplog.records if "trimmed past" in r.getMessage()]
+    assert len(warned) == 1 and f"{follower.missed} entries it had not read" in warned[0]

@@ -231,7 +231,8 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
 
     def progress(f: Follower) -> None:
         stats = f.stage.runner.stats
-        click.echo(f"followed {f.read:,} exchanges ({f.bad} bad entries skipped); "
+        missed = f", {f.missed:,} trimmed before it read them" if f.missed else ""
+        click.echo(f"followed {f.read:,} exchanges ({f.bad} bad entries skipped{missed}); "
                    f"{stats.get('evaluations', 0):,} evaluations, {stats.get('accounts', 0):,} "
                    f"accounts; {f.stage.written:,} verdict rows written"
                    f"{'' if f.leading else ' (not writing: it does not hold the lease)'}",

@@ -315,6 +315,10 @@ class FollowerMetrics(Collector):
         yield CounterMetricFamily("distillguard_detector_stream_bad_entries",
                                   "Stream entries skipped because they did not decode",
                                   value=f.bad)
+        yield CounterMetricFamily("distillguard_detector_stream_missed",
+                                  "Stream entries trimmed away before the follower read "
+                                  "them (its verdicts miss those exchanges)",
+                                  value=f.missed)
         yield GaugeMetricFamily("distillguard_detector_stream_lag_seconds",
                                 "How far the stream's newest entry is ahead of the last "
                                 "one read (0: caught up)", value=f.lag_s)
@@ -353,6 +357,11 @@ class Follower:
         self._was_leading: bool | None = None
         self.read = 0
         self.bad = 0
+        # Entries trimmed before this follower read them (see _count_missed), and how
+        # many of the stream's entries were never this follower's to read (None: this
+        # Redis does not say how many entries it was ever given, before 7.0).
+        self.missed = 0
+        self._not_ours: int | None = None
         self.last_id = b"0-0"
         self.lag_s = 0.0
         self.stop = asyncio.Event()
@@ -427,9 +436,13 @@ class Follower:
                 try:
                     if not started:
                         self.last_id = await self._start_id(redis)
+                        self._not_ours = await self._entries_not_ours(redis)
                         started = True
+                    consumed = self.read + self.bad
                     reply = await redis.xread({self.stream.name: self.last_id},
                                               count=READ_COUNT, block=READ_BLOCK_MS)
+                    if reply:
+                        await self._count_missed(redis, consumed)
                 except (RedisError, OSError) as exc:
                     if not failing:
                         log.error("cannot read the detector stream %s (%s); waiting for it",
@@ -466,6 +479,55 @@ class Follower:
                 await lease
             await leadership.release()
             await redis.aclose()
+
+    async def _added_and_kept(self, redis: Any) -> tuple[int, int] | None:
+        """How many entries the stream was ever given, and how many it keeps (None:
+        Redis before 7.0 does not count the first)."""
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await redis.xinfo_stream(self.stream.name)
+        except ResponseError as exc:   # no stream yet; a failed connection is raised
+            if "no such key" in str(exc).lower():
+                return (0, 0)
+            return None
+        added = info.get("entries-added")
+        return None if added is None else (int(added), int(info["length"]))
+
+    async def _entries_not_ours(self, redis: Any) -> int | None:
+        """At the start: the entries this follower will never read, and must not count
+        as missed (trimmed before it started; with ``--from-now``, all there are)."""
+        counts = await self._added_and_kept(redis)
+        if counts is None:
+            log.info("this Redis does not count the entries a stream was given (7.0 "
+                     "does): entries trimmed before this follower reads them will not "
+                     "be counted")
+            return None
+        added, kept = counts
+        return added if not self.from_start else added - kept
+
+    async def _count_missed(self, redis: Any, consumed: int) -> None:
+        """After a read that returned entries: were entries trimmed away between the
+        last one read before it and the first one it returned? Trimming removes the
+        oldest first, so when any unread entry is gone, every one read before is gone
+        too, and the unread ones gone are all the stream lost but those read before and
+        those that were never this follower's. A follower more than
+        ``detect.stream.max_length`` entries behind (stopped, or slower than the
+        replicas) loses traffic its verdicts will not see; said once per loss."""
+        if self._not_ours is None:
+            return
+        counts = await self._added_and_kept(redis)
+        if counts is None:
+            return
+        added, kept = counts
+        gone_unread = (added - kept) - self._not_ours - consumed
+        if gone_unread > self.missed:
+            log.warning("the detector stream %s was trimmed past this follower: %d "
+                        "entries it had not read are gone (%d in all), and its verdicts "
+                        "miss those exchanges; it fell more than detect.stream.max_length "
+                        "(%d) entries behind", self.stream.name, gone_unread - self.missed,
+                        gone_unread, self.stream.max_length)
+            self.missed = gone_unread
 
     async def _lag(self, redis: Any) -> float:
         """How far the newest entry is ahead of the last one read, in seconds (stream ids
