@@ -152,6 +152,7 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
 def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
            exports: tuple[str, ...], as_json: bool) -> None:
     """Check every entry and checkpoint; exit 1 naming the first bad entry."""
+    from distillguard.ledger.spool import Spool
     from distillguard.ledger.store import open_store
     from distillguard.ledger.verifier import VerificationFailed, verified_rows
     from distillguard.ledger.verify import verify_ledger
@@ -181,6 +182,11 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
                    f"after the last checkpoint, {doc['redacted_bodies']} bodies redacted")
         for p in doc["problems"]:
             click.echo(f"  {p['kind']}: {p['message']}")
+        waiting = Spool(config.spool_dir).held if config.spool_dir is not None else 0
+        if waiting:
+            click.echo(f"{waiting} exchanges wait in the spool {config.spool_dir} (served "
+                       "while the store could not be written; the gateway writes them "
+                       "when it reaches the store)", err=True)
         if report.ok:
             click.echo("ok")
         else:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from distillguard.ledger.store import (
     COLUMNS,
@@ -25,6 +26,9 @@ from distillguard.ledger.store import (
 )
 
 LOCK_KEY = 0x6C656467  # "ledg"
+# libpq connection parameters the ledger sets unless its URL does (seconds)
+CONNECT_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                    "keepalives_interval": 5, "keepalives_count": 3}
 COPY_TYPES = ["int8", "text", "text", "text", "text", "bytea", "bytea", "bytea", "bytea"]
 
 PG_SCHEMA = [
@@ -48,7 +52,12 @@ class PostgresStore(SQLStore):
         super().__init__(self.url, durability)
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
-        conn = psycopg.connect(self.url, autocommit=True)
+        # A store behind a network that drops packets (rather than refusing) must not
+        # hold the writer for minutes: bounded connect, and keepalives on the socket,
+        # unless the URL sets them. The entries meanwhile go to the spool.
+        given = conninfo_to_dict(self.url)
+        options = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+        conn = psycopg.connect(make_conninfo(self.url, **options), autocommit=True)
         sync = "on" if self.durability == "fsync" else "local"
         conn.execute(f"SET synchronous_commit = {sync}")
         return conn

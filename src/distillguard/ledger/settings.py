@@ -24,6 +24,8 @@ class LedgerSection(BaseModel):
     max_batch: int = Field(8192, gt=0, le=1_000_000)
     checkpoint_interval_s: float = Field(60.0, ge=0)
     retention: Retention | None = None
+    spool: bool = True
+    spool_path: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -53,6 +55,9 @@ class LedgerConfig:
     checkpoint_interval_s: float = 60.0
     retention: Retention = Retention.FULL
     enabled: bool = True
+    # where exchanges wait while the store cannot be written (ledger/spool.py); None: they
+    # are not kept, and an append that fails is an error for its caller
+    spool_dir: Path | None = None
 
 
 def default_dir(settings: Settings) -> Path:
@@ -74,4 +79,6 @@ def parse_settings(settings: Settings) -> LedgerConfig:
                         durability=section.durability, max_batch=section.max_batch,
                         checkpoint_interval_s=section.checkpoint_interval_s,
                         retention=section.retention or settings.pipeline.retention,
-                        enabled=section.enabled)
+                        enabled=section.enabled,
+                        spool_dir=(Path(section.spool_path) if section.spool_path
+                                   else base / "spool") if section.spool else None)

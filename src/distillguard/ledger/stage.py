@@ -2,7 +2,8 @@
 
 The stage is inline: :meth:`LedgerStage.on_exchange` returns once the exchange is durable
 (group commit, see :mod:`distillguard.ledger.writer`), after the client already has its
-response. It annotates the exchange with ``annotations["ledger"] = {"index": N}``.
+response. It annotates the exchange with ``annotations["ledger"] = {"index": N}``, or
+``{"spooled": True}`` while the store cannot be written (:mod:`~distillguard.ledger.spool`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class LedgerStage:
 
     async def on_exchange(self, exchange: Exchange) -> None:
         index = await self.writer.append_exchange(exchange)
-        exchange.annotations["ledger"] = {"index": index}
+        # None: the store could not be written and the entry waits in the spool
+        exchange.annotations["ledger"] = {"index": index} if index is not None \
+            else {"spooled": True}
 
 
 def component(settings: Settings) -> Extension | None:

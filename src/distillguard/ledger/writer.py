@@ -26,18 +26,26 @@ from distillguard.exchange import Exchange, Retention
 from distillguard.ledger import entry
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig, parse_settings
+from distillguard.ledger.spool import Spool
 
 log = logging.getLogger("distillguard.ledger")
 
-_Item = tuple[entry.Pending, "asyncio.Future[int]", asyncio.AbstractEventLoop]
+# An entry, its waiter, the waiter's loop, and whether it may be spooled (exchanges; an
+# audit event's caller keeps its own outbox and needs the index, see append_event).
+_Item = tuple[entry.Pending, "asyncio.Future[int | None]", asyncio.AbstractEventLoop, bool]
 _STOP = object()
+# While the spool holds entries, how soon the writer tries the store again (seconds):
+# the first wait, doubled after each failure up to the last.
+RETRY_FIRST_S = 0.5
+RETRY_MOST_S = 5.0
 
 
 class LedgerClosed(RuntimeError):
     """The writer was closed while an entry waited."""
 
 
-def _resolve(done: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:
+def _resolve(done: list[tuple[asyncio.Future[int | None], int | None | BaseException]]
+             ) -> None:
     for fut, value in done:
         if fut.done():
             continue
@@ -59,6 +67,10 @@ class LedgerWriter:
         self.batches = 0
         self.appended = 0
         self.errors = 0
+        self.spool = Spool(config.spool_dir, sync=config.durability == "fsync") \
+            if config.spool_dir is not None else None
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST_S
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -92,6 +104,12 @@ class LedgerWriter:
                     leftovers.append(item)
             if leftovers and self.ledger is not None:
                 self._write(leftovers)
+            if self.spool is not None and self.spool.held and self.ledger is not None:
+                self._drain_spool()      # the store may be back by now: one last try
+            if self.spool is not None and self.spool.held:
+                log.warning("%d ledger entries remain spooled in %s: the ledger's store "
+                            "could not be written; they are written when it next starts",
+                            self.spool.held, self.spool.folder)
             if self.ledger is not None:
                 self.ledger.close()
                 self.ledger = None
@@ -102,23 +120,30 @@ class LedgerWriter:
     # -- appending ------------------------------------------------------------------------
 
     async def append_exchange(self, exchange: Exchange, retention: Retention | None = None
-                              ) -> int:
-        """Append an exchange; returns its leaf index once it is durable."""
+                              ) -> int | None:
+        """Append an exchange; returns its leaf index once it is durable, or None once
+        it is durable in the spool (the store cannot be written now; it gets its index
+        when the store answers again, see :mod:`~distillguard.ledger.spool`)."""
         return await self._submit(entry.from_exchange(exchange,
-                                                      retention or self.config.retention))
+                                                      retention or self.config.retention),
+                                  spoolable=True)
 
     async def append_event(self, name: str, subject: str, actor: str | None,
                            reason: str | None, detail: dict[str, Any]) -> int:
         """Append a typed audit event (``source:subject:action``); returns its leaf index
-        once it is durable."""
-        return await self._submit(entry.from_event(name, subject, actor, reason, detail))
+        once it is durable. Events are not spooled: when the store fails this raises,
+        and the caller keeps the event to try again (policy's audit table does)."""
+        index = await self._submit(entry.from_event(name, subject, actor, reason, detail),
+                                   spoolable=False)
+        assert index is not None
+        return index
 
-    async def _submit(self, pending: entry.Pending) -> int:
+    async def _submit(self, pending: entry.Pending, *, spoolable: bool) -> int | None:
         if self._thread is None or self.ledger is None:
             await self.start()
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        self._queue.put((pending, fut, loop))
+        fut: asyncio.Future[int | None] = loop.create_future()
+        self._queue.put((pending, fut, loop, spoolable and self.spool is not None))
         return await fut
 
     # -- the writer thread ----------------------------------------------------------------
@@ -128,9 +153,15 @@ class LedgerWriter:
         next_checkpoint = time.monotonic() + interval if interval > 0 else None
         stopping = False
         while not stopping:
+            if self.spool is not None and self.spool.held \
+                    and time.monotonic() >= self._retry_at:
+                self._drain_spool()
             timeout = None
             if next_checkpoint is not None:
                 timeout = max(0.0, next_checkpoint - time.monotonic())
+            if self.spool is not None and self.spool.held:
+                wait = max(0.0, self._retry_at - time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             try:
                 first = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -156,24 +187,69 @@ class LedgerWriter:
                 next_checkpoint = time.monotonic() + interval
 
     def _write(self, batch: list[_Item]) -> None:
+        """Append ``batch`` in one transaction. While the spool holds entries, or when
+        the store fails, the entries that may be spooled are spooled instead (resolved
+        with None), so they keep their order behind the ones spooled before; the others
+        go to the store, and learn its error."""
         assert self.ledger is not None
-        results: list[int | BaseException]
-        try:
-            rows = self.ledger.append([p for p, _, _ in batch])
-            results = [r.idx for r in rows]
-            self.batches += 1
-            self.appended += len(rows)
-        except Exception as exc:  # the store failed: every waiter learns it
-            log.exception("ledger append of %d entries failed", len(batch))
-            self.errors += 1
-            results = [exc] * len(batch)
+        results: dict[int, int | None | BaseException] = {}
+        spooling = self.spool is not None and self.spool.held > 0
+        direct = [i for i, item in enumerate(batch) if not (spooling and item[3])]
+        to_spool = [i for i in range(len(batch)) if spooling and batch[i][3]]
+        if direct:
+            try:
+                rows = self.ledger.append([batch[i][0] for i in direct])
+                results.update(zip(direct, (r.idx for r in rows), strict=True))
+                self.batches += 1
+                self.appended += len(rows)
+            except Exception as exc:  # the store failed
+                self.errors += 1
+                spoolable = [i for i in direct if batch[i][3]]
+                if spoolable:
+                    log.error("ledger append of %d entries failed (%s: %s); spooling "
+                              "exchanges to %s until the store answers", len(direct),
+                              type(exc).__name__, exc, self.spool and self.spool.folder)
+                else:
+                    log.exception("ledger append of %d entries failed", len(direct))
+                results.update((i, exc) for i in direct if not batch[i][3])
+                to_spool = sorted([*to_spool, *spoolable])
+                self._retry_at = time.monotonic() + self._retry_wait
+        if to_spool:
+            assert self.spool is not None
+            try:
+                self.spool.add([batch[i][0] for i in to_spool])
+                results.update((i, None) for i in to_spool)
+            except OSError as exc:   # nowhere to keep them: the waiters learn it
+                log.exception("spooling %d ledger entries to %s failed", len(to_spool),
+                              self.spool.folder)
+                results.update((i, exc) for i in to_spool)
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for (_, fut, loop), value in zip(batch, results, strict=True):
-            by_loop.setdefault(loop, []).append((fut, value))
+        for i, (_, fut, loop, _) in enumerate(batch):
+            by_loop.setdefault(loop, []).append((fut, results[i]))
         for loop, done in by_loop.items():
             # a closed loop has nobody waiting any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, done)
+
+    def _drain_spool(self) -> None:
+        """Write what the spool holds to the store, oldest first; on a failure try again
+        later, waiting longer each time (up to RETRY_MOST_S)."""
+        assert self.spool is not None and self.ledger is not None
+        ledger = self.ledger
+        try:
+            written = self.spool.drain(ledger.append,
+                                       lambda entry_id: ledger.store.find(entry_id) is not None)
+        except Exception as exc:
+            self._retry_wait = min(RETRY_MOST_S, self._retry_wait * 2)
+            self._retry_at = time.monotonic() + self._retry_wait
+            log.warning("the ledger's store still cannot be written (%s); %d entries wait "
+                        "in %s", type(exc).__name__, self.spool.held, self.spool.folder)
+            return
+        self.appended += written
+        self._retry_wait = RETRY_FIRST_S
+        if written:
+            log.warning("the ledger's store answers again: %d spooled entries written",
+                        written)
 
     def _checkpoint(self) -> None:
         assert self.ledger is not None

@@ -1,0 +1,170 @@
+"""The ledger's spool: exchanges kept on local disk while the store cannot be written,
+and written to it, whole and once, when it answers again (ledger/spool.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from distillguard.exchange import Retention
+from distillguard.ledger import entry
+from distillguard.ledger.core import Ledger
+from distillguard.ledger.settings import LedgerConfig
+from distillguard.ledger.spool import Spool
+from distillguard.ledger.verify import verify_ledger
+from distillguard.ledger.writer import LedgerWriter
+from tests.factories import ADMIN_TOKEN, make_exchange, make_settings, start_recorded_stack
+from tests.tcp_proxy import CuttableProxy
+
+CHAT = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5}
+
+
+def _config(tmp_path: Path) -> LedgerConfig:
+    return LedgerConfig(url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+                        key_path=tmp_path / "ledger.key", spool_dir=tmp_path / "spool")
+
+
+def test_spooled_entries_are_written_at_start_whole_and_once(tmp_path: Path) -> None:
+    """Segments left by a process that could not reach its store are written when the
+    writer next starts, oldest first, with the leaves they would have had; a segment
+    already committed (the process died before removing it) is not written twice."""
+    config = _config(tmp_path)
+    first = [entry.from_exchange(make_exchange(f"p{i}", body_size=300), Retention.FULL)
+             for i in range(3)]
+    second = [entry.from_exchange(make_exchange(f"q{i}"), Retention.HASH) for i in range(4)]
+    spool = Spool(config.spool_dir)  # type: ignore[arg-type]
+    spool.add(first)
+    spool.add(second)
+    assert Spool(config.spool_dir).held == 7  # type: ignore[arg-type]
+    lg = Ledger(config)
+    lg.append(second)     # committed, then the process died before removing the segment
+    lg.close()
+
+    writer = LedgerWriter(config)
+
+    async def go() -> None:
+        await writer.start()
+        deadline = time.monotonic() + 10
+        while writer.spool is not None and writer.spool.held:
+            assert time.monotonic() < deadline, "the spool was not drained"
+            await asyncio.sleep(0.05)
+        await writer.close()
+
+    asyncio.run(go())
+    assert list((tmp_path / "spool").iterdir()) == []
+    lg = Ledger(config)
+    try:
+        rows = list(lg.store.iter_rows())
+        assert [r.entry_id for r in rows] == [p.entry_id for p in [*second, *first]]
+        for row, p in zip(rows[4:], first, strict=True):
+            assert row.leaf == p.leaf(row.idx) and row.request == p.request
+        report = verify_ledger(lg.store, lg.verifier, workers=1)
+        assert report.ok and report.entries == 7, report.to_json()
+    finally:
+        lg.close()
+
+
+def test_an_exchange_is_spooled_only_when_the_store_fails(tmp_path: Path) -> None:
+    """Without a spool an append that fails is the caller's error, as before; a writer
+    whose segment cannot be written either tells its waiters."""
+    config = _config(tmp_path)
+    writer = LedgerWriter(config)
+
+    async def go() -> tuple[int | None, int | None]:
+        index = await writer.append_exchange(make_exchange("fine"))
+        assert writer.ledger is not None
+        real = writer.ledger.append
+
+        def broken(pending: object) -> object:
+            raise OSError("the store is gone")
+
+        writer.ledger.append = broken  # type: ignore[method-assign]
+        spooled = await writer.append_exchange(make_exchange("while away"))
+        with pytest.raises(OSError):    # events are not spooled: their caller retries
+            await writer.append_event("test:x:y", "x", None, None, {})
+        writer.ledger.append = real  # type: ignore[method-assign]
+        deadline = time.monotonic() + 10
+        while writer.spool is not None and writer.spool.held:
+            assert time.monotonic() < deadline, "the spool was not drained"
+            await asyncio.sleep(0.05)
+        after = await writer.append_exchange(make_exchange("back"))
+        await writer.close()
+        return index, spooled if spooled is not None else after
+
+    index, later = asyncio.run(go())
+    assert index == 0 and later == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
+        tmp_path: Path, pg_url: str) -> None:
+    """The ledger on PostgreSQL, its connection cut: the gateway goes on answering, and
+    every exchange it answered meanwhile is in the ledger once the store is back (before,
+    6 of 10 were in no record: those served while it was away and the first after)."""
+    pg = CuttableProxy(5432).start()
+    settings = make_settings(tmp_path, ledger={
+        "url": pg_url.replace(":5432/", f":{pg.port}/"), "checkpoint_interval_s": 0})
+    stack, recorder = start_recorded_stack(settings)
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "s1"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/s1/keys", json={}).json()["key"]
+
+        def call() -> int:
+            return httpx.post(stack.stack.base_url + "/chat/completions", json=CHAT,
+                              headers={"authorization": f"Bearer {key}"},
+                              timeout=30).status_code
+
+        assert [call() for _ in range(3)] == [200] * 3
+        pg.cut()
+        assert [call() for _ in range(5)] == [200] * 5
+        pg.restore()
+        assert [call() for _ in range(2)] == [200] * 2
+        stack.call(stack.stack.gateway.settle())
+        from distillguard.ledger.writer import writer_for
+
+        writer = writer_for(settings)
+        deadline = time.monotonic() + 20
+        while writer.spool is not None and writer.spool.held:
+            assert time.monotonic() < deadline, "the spool was not drained"
+            time.sleep(0.1)
+        served = [e.id for e in recorder.exchanges]
+        assert len(served) == 10
+        assert sum(1 for e in recorder.exchanges
+                   if e.annotations.get("ledger") == {"spooled": True}) >= 5
+    finally:
+        stack.stop()
+        pg.close()
+    lg = Ledger(LedgerConfig(url=pg_url, key_path=tmp_path / "ledger" / "ledger.key"))
+    try:
+        stored = [r.entry_id for r in lg.store.iter_rows(bodies=False)
+                  if r.kind == entry.KIND_EXCHANGE]
+        assert sorted(stored) == sorted(served)
+        report = verify_ledger(lg.store, lg.verifier, workers=1)
+        assert report.ok, report.to_json()
+    finally:
+        lg.close()
+
+
+def test_ledger_verify_says_what_waits_in_the_spool(tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from distillguard.cli import main
+
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
+                                   "ledger": {"path": str(tmp_path / "ledger")}}))
+    Spool(tmp_path / "ledger" / "spool").add(
+        [entry.from_exchange(make_exchange(f"w{i}"), Retention.FULL) for i in range(2)])
+    assert CliRunner().invoke(main, ["-c", str(cfg), "ledger", "keygen"]).exit_code == 0
+    done = CliRunner().invoke(main, ["-c", str(cfg), "ledger", "verify"])
+    assert done.exit_code == 0, done.output
+    assert f"2 exchanges wait in the spool {tmp_path / 'ledger' / 'spool'}" in done.stderr
