@@ -286,3 +286,26 @@ def test_our_client_pushes_to_and_polls_medallion(medallion: str, tmp_path: Path
                                       "--partner", "acme", "--user", "peer",
                                       "--password", "nope"])
     assert wrong.exit_code == 2 and "401" in wrong.output
+
+
+def test_failed_partner_credentials_are_throttled(tmp_path: Path) -> None:
+    """Partner secrets are guessed at the same admin port as the admin token, and count
+    against the same throttle: past the limit a client gets TAXII's 429, even with a
+    right secret, and its failures at the admin API count too."""
+    settings = make_settings(tmp_path, sharing=world.sharing_section(),
+                             admin={"failed_auth_per_minute": 3})
+    running = start_stack(settings)
+    try:
+        objects = f"{_root(running)}collections/{OUT}/objects/"
+        right = ("globex", SECRET["globex"])
+        assert httpx.get(objects, auth=right, headers={"accept": MEDIA}).status_code == 200
+        for _ in range(2):
+            r = httpx.get(objects, auth=("globex", "not-the-secret-at-all"),
+                          headers={"accept": MEDIA})
+            assert r.status_code == 401
+        assert httpx.get(running.stack.admin_url + "/admin/v1/accounts").status_code == 401
+        r = httpx.get(objects, auth=right, headers={"accept": MEDIA})
+        assert r.status_code == 429 and r.headers["content-type"] == MEDIA
+        assert r.json()["http_status"] == "429" and 1 <= int(r.headers["retry-after"]) <= 60
+    finally:
+        running.stop()

@@ -92,6 +92,14 @@ class FailedAuthThrottle:
         self._failures.pop(who, None)
 
 
+def throttle_of(request: Request) -> tuple[FailedAuthThrottle | None, str]:
+    """The admin app's count of failed authentications (None outside it), and who this
+    request's failures count against. The TAXII server's partner credentials, served on
+    the same port, count against the same throttle."""
+    throttle = getattr(request.app.state, "failed_auth", None)
+    return throttle, client_key(request.client.host if request.client else None)
+
+
 def check_admin(request: Request, token: str | None) -> None:
     """Return if ``request`` carries the admin token; otherwise PermissionDenied (no
     token is configured: the admin API is off), RateLimited (this client failed too
@@ -99,8 +107,7 @@ def check_admin(request: Request, token: str | None) -> None:
     if not token:
         raise PermissionDenied("The admin API is disabled: no admin token is configured.",
                                code="admin_disabled")
-    throttle: FailedAuthThrottle | None = getattr(request.app.state, "failed_auth", None)
-    who = client_key(request.client.host if request.client else None)
+    throttle, who = throttle_of(request)
     if throttle is not None and throttle.blocked(who):
         wait = throttle.retry_after_s(who)
         raise RateLimited(f"Too many failed admin authentications from this address; try "

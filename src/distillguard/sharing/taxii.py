@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from distillguard.gateway.adminauth import throttle_of
 from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
 from distillguard.sharing.store import SharingStore, ts
@@ -129,6 +130,14 @@ class TaxiiServer:
         return endpoint
 
     def authenticate(self, request: Request) -> str:
+        """The partner a request's credential names; a client that failed too often of
+        late is refused first (the admin port's one throttle, gateway/adminauth.py)."""
+        throttle, who = throttle_of(request)
+        if throttle is not None and throttle.blocked(who):
+            wait = throttle.retry_after_s(who)
+            raise TaxiiError(429, "Too Many Requests", "too many failed authentications "
+                             f"from this address; try again in {wait} s",
+                             {"Retry-After": str(wait)})
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         name: str | None = None
@@ -142,6 +151,8 @@ class TaxiiServer:
             for partner_name, partner in self.options.partners.items():
                 if (name is None or name == partner_name) and partner.accepts(secret):
                     return partner_name
+        if throttle is not None:
+            throttle.failed(who)
         raise TaxiiError(401, "Unauthorized", "a partner credential is required",
                          {"WWW-Authenticate": 'Basic realm="distillguard TAXII"'})
 
