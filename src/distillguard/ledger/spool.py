@@ -158,4 +158,7 @@ class Spool:
                 self._sync_folder()
             appended += len(fresh)
             self.held = max(0, self.held - len(entries))
+        # what is left on disk (segments another process is draining, or spooled by one
+        # that shares the folder): the count is this process's only until then
+        self.held = sum(self._lines(path) for path in self.segments())
         return appended
