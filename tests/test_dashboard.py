@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -269,6 +271,38 @@ async def test_a_row_the_database_refuses_loses_only_itself(state_url: str) -> N
     [kept] = [r["model"] for r in page if r["exchange_id"] == odd.id]
     assert kept == ("demo\ufffdchat" + "x" * 1000)[:INDEX_TEXT_MAX]
     await store.close()
+
+
+@pytest.mark.postgres
+async def test_exchanges_wait_while_the_database_is_away(pg_url: str) -> None:
+    """The state database cut off: the index dropped every exchange of the outage (each
+    row retried alone, each failing). Rows now wait in memory and are written, by the
+    stage's own retries, once the database answers."""
+    from tests.tcp_proxy import CuttableProxy
+
+    pg = CuttableProxy(5432).start()
+    store = await _engine(pg_url.replace(":5432/", f":{pg.port}/"))
+    engine = store.engine  # type: ignore[attr-defined]
+    stage = IndexStage(lambda: engine, batch=1000, flush_s=0.05)
+    try:
+        for i in range(3):
+            await stage.on_exchange(make_exchange(f"before {i}", account_id="acct_w"))
+        await stage.flush()
+        pg.cut()
+        for i in range(5):
+            await stage.on_exchange(make_exchange(f"away {i}", account_id="acct_w"))
+        await stage.flush()
+        assert stage.waiting_since is not None and len(stage._rows) == 5
+        pg.restore()
+        deadline = time.monotonic() + 20
+        while stage._rows or stage.waiting_since is not None:
+            assert time.monotonic() < deadline, "the waiting rows were not written"
+            await asyncio.sleep(0.05)
+        assert (await queries.totals(engine))["exchanges"] == 8 and stage.dropped == 0
+    finally:
+        await stage.close()
+        await store.close()
+        pg.close()
 
 
 async def test_account_search_by_ip_and_key(state_url: str) -> None:

@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -245,8 +247,25 @@ async def write_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> int
     return len(fresh)
 
 
+# Rows the index keeps while the database cannot be reached, at most; beyond that the
+# oldest are dropped, counted and logged (``distillguard dashboard index`` of the trace
+# or a ledger export fills the gap later).
+MAX_WAITING_ROWS = 100_000
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a failed write says the database could not be reached or was busy
+    (connection refused or lost, SQLite locked), rather than refusing the rows."""
+    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError
+                      | sa_exc.DisconnectionError | OSError | TimeoutError)
+
+
 class IndexStage:
-    """Background stage: index each exchange, written in batches of up to ``batch``."""
+    """Background stage: index each exchange, written in batches of up to ``batch``.
+
+    While the database cannot be reached, rows wait in memory (up to
+    :data:`MAX_WAITING_ROWS`) and go with the next flush; a row the database refuses
+    is retried alone, so it loses only itself."""
 
     name = "dashboard_index"
 
@@ -257,6 +276,8 @@ class IndexStage:
         self._rows: list[dict[str, Any]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.waiting_since: float | None = None   # the database away since (monotonic)
+        self.dropped = 0
 
     async def on_exchange(self, exchange: Exchange) -> None:
         if exchange.status == 0:
@@ -270,15 +291,48 @@ class IndexStage:
     async def _later(self) -> None:
         await asyncio.sleep(self.flush_s)
         await asyncio.shield(self.flush())
+        wait = self.flush_s
+        while self.waiting_since is not None and self._rows:   # the database is away
+            wait = min(5.0, wait * 2)
+            await asyncio.sleep(wait)
+            await asyncio.shield(self.flush())
 
     async def flush(self) -> None:
         async with self._lock:
             rows, self._rows = self._rows, []
-            if rows:
-                try:
-                    await write_rows(self._engine(), rows)
-                except Exception:
-                    await self._write_one_by_one(rows)
+            if not rows:
+                return
+            try:
+                await write_rows(self._engine(), rows)
+            except Exception as exc:
+                if unreachable(exc):
+                    self._keep(rows, exc)
+                    return
+                await self._write_one_by_one(rows)
+            if self.waiting_since is not None:
+                log.warning("dashboard: the database answers again after %.0f s; the "
+                            "exchanges that waited are indexed",
+                            time.monotonic() - self.waiting_since)
+                self.waiting_since = None
+
+    def _keep(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        """The database could not be reached: the rows wait, ahead of newer ones, and
+        the next exchange (or the flush timer) tries again."""
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+            log.error("dashboard: cannot write the index (%s); exchanges wait in memory "
+                      "(up to %d) until the database answers", type(error).__name__,
+                      MAX_WAITING_ROWS)
+        self._rows = rows + self._rows
+        over = len(self._rows) - MAX_WAITING_ROWS
+        if over > 0:
+            del self._rows[:over]
+            self.dropped += over
+            log.error("dashboard: %d exchanges not indexed (the database has been away "
+                      "too long; `distillguard dashboard index` of a trace fills the gap)",
+                      over)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._later())
 
     async def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
         """After a batch failed: each row in a transaction of its own, so that a row the
@@ -299,3 +353,7 @@ class IndexStage:
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()  # a flush under way is shielded and finishes
         await self.flush()
+        if self._rows:
+            log.error("dashboard: %d exchanges not indexed: the database could not be "
+                      "reached before the gateway stopped (`distillguard dashboard index` "
+                      "of a trace fills the gap)", len(self._rows))
