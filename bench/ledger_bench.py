@@ -163,7 +163,8 @@ async def _drive(append: Any, exchanges: list[Exchange], producers: int) -> floa
 
 async def appends_ledger(directory: Path, exchanges: list[Exchange], producers: int) -> float:
     writer = LedgerWriter(LedgerConfig(url=f"sqlite:///{directory / 'ledger.sqlite'}",
-                                       key_path=directory / "ledger.key"))
+                                       key_path=directory / "ledger.key",
+                                       spool_dir=directory / "spool"))  # as the gateway
     await writer.start()
     try:
         return await _drive(writer.append_exchange, exchanges, producers)
