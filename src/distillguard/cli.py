@@ -226,6 +226,7 @@ def check_config(ctx: Context) -> None:
     for section in check_sections(ctx.settings):
         click.echo(f"warning: no component reads the section {section!r} (misspelt?)",
                    err=True)
+    ctx.settings.server.tls_context()     # the certificate and key, read as serve will
     data = ctx.settings.model_dump(mode="json")
     for section, option in (("admin", "token"), ("upstream", "api_key")):
         if data[section].get(option):

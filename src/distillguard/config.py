@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distillguard.errors import ConfigError
 from distillguard.exchange import Retention
@@ -42,6 +50,49 @@ class ServerSettings(_Section):
     trusted_proxies: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     replica_id: str | None = None
+    # HTTPS on both ports: a PEM certificate (chain) and its unencrypted PEM key; the CA
+    # file is what this project's own commands trust when they call the admin API (a
+    # self-signed certificate is its own CA; none: the system's trust store)
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together: "
+                             "set both for HTTPS, or neither")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None without TLS; ConfigError naming the files
+        when the certificate or key cannot be read or do not belong together."""
+        if not self.tls_cert_file or not self.tls_key_file:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError(f"cannot serve HTTPS with server.tls_cert_file "
+                              f"{self.tls_cert_file} and server.tls_key_file "
+                              f"{self.tls_key_file}: {reason}") from None
+        return context
+
+    def admin_verify(self) -> ssl.SSLContext | bool:
+        """What a client of the admin API in this project trusts (httpx's ``verify``):
+        ``tls_ca_file``, or the system's trust store."""
+        if not self.tls_ca_file:
+            return True
+        try:
+            return ssl.create_default_context(cafile=self.tls_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot read server.tls_ca_file {self.tls_ca_file}: "
+                              f"{exc}") from None
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -54,8 +105,8 @@ class ServerSettings(_Section):
         return value
 
 
-# The shortest admin token taken. It opens the admin API and the dashboard, and the
-# admin API does not slow down guessing: a token such as "x" was accepted.
+# The shortest admin token taken. It opens the admin API and the dashboard; guessing is
+# slowed down per address (gateway/adminauth.py), but a token such as "x" was accepted.
 ADMIN_TOKEN_MIN_CHARS = 16
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import uvicorn
 from starlette.routing import BaseRoute
 
-from distillguard.config import Settings
+from distillguard.config import ServerSettings, Settings
 from distillguard.demo_upstream import create_demo_upstream
 from distillguard.errors import ConfigError
 from distillguard.gateway.admin import AdminAPI
@@ -61,12 +61,37 @@ def listen(host: str, port: int, what: str) -> socket.socket:
                           f"{exc.strerror or exc}") from None
 
 
+def _http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (the one ``http="auto"`` picks), except that at shutdown
+    an idle TLS connection is aborted rather than closed. Closing it sends TLS
+    close_notify and waits for the peer's, up to 30 s (asyncio's SSL shutdown timeout),
+    and a client that keeps the connection in its pool never answers: with HTTPS the
+    gateway took 30 s to stop. A connection with a response under way finishes it."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        def shutdown(self) -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.transport.get_extra_info("ssl_object") is not None:
+                self.transport.abort()
+                return
+            super().shutdown()
+
+    return HTTPProtocol
+
+
 def _server(app: Any, host: str, port: int, *,
-            lifespan: Literal["auto", "on", "off"]) -> uvicorn.Server:
+            lifespan: Literal["auto", "on", "off"],
+            tls: ServerSettings | None = None) -> uvicorn.Server:
+    """A uvicorn server for ``app``; HTTPS with ``tls``'s certificate and key when it
+    names them."""
+    ssl_files: dict[str, Any] = {}
+    if tls is not None and tls.tls_cert_file:
+        ssl_files = {"ssl_certfile": tls.tls_cert_file, "ssl_keyfile": tls.tls_key_file}
     config = uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level="warning",
                             access_log=False, proxy_headers=False, server_header=False,
-                            date_header=False, loop="none", http="auto",
-                            timeout_keep_alive=30)
+                            date_header=False, loop="none", http=_http_protocol(),
+                            timeout_keep_alive=30, **ssl_files)
     server = uvicorn.Server(config)
     return server
 
@@ -99,14 +124,17 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.settings.server.host}:{self.settings.server.port}/v1"
+        server = self.settings.server
+        return f"{server.scheme}://{server.host}:{server.port}/v1"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.settings.server.admin_host}:{self.settings.server.admin_port}"
+        server = self.settings.server
+        return f"{server.scheme}://{server.admin_host}:{server.admin_port}"
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server_cfg = self.settings.server
+        server_cfg.tls_context()   # a certificate that cannot serve is one clear error, first
         # Every address is taken before any server starts: one that cannot be had is one
         # clear error, and a port of 0 becomes the one the system gave.
         sockets: list[socket.socket] = []
@@ -121,10 +149,11 @@ class Stack:
             raise
         server_cfg.port = int(sockets[0].getsockname()[1])
         server_cfg.admin_port = int(sockets[1].getsockname()[1])
-        main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on")
+        main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on",
+                       tls=server_cfg)
         admin_app = self.admin.app([r for e in self.extensions for r in e.admin_routes])
         admin = _server(admin_app, server_cfg.admin_host, server_cfg.admin_port,
-                        lifespan="off")
+                        lifespan="off", tls=server_cfg)
         self.servers += [main, admin]
         if self.demo_port is not None:
             self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,

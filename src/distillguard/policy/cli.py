@@ -278,10 +278,12 @@ def reload(ctx: click.Context) -> None:
     settings = _settings(ctx)
     if not settings.admin.token:
         raise ConfigError("admin.token is not set: cannot reach the admin API")
-    url = f"http://{settings.server.admin_host}:{settings.server.admin_port}"
+    server = settings.server
+    url = f"{server.scheme}://{server.admin_host}:{server.admin_port}"
     try:
         r = httpx.post(url + "/admin/v1/policy/reload", timeout=30,
-                       headers={"authorization": f"Bearer {settings.admin.token}"})
+                       headers={"authorization": f"Bearer {settings.admin.token}"},
+                       verify=server.admin_verify())
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the admin API at {url}: {exc}") from None
     if r.status_code != 200:
