@@ -14,7 +14,10 @@ Measured side by side in one run, alternating, medians of --runs:
 Peak memory: the process's peak RSS after the first distillguard pass, next to the RSS
 before it (the leak scenario and the interpreter); the trace is streamed, never held.
 
-    python -m bench.provenance_bench --n 1000000 --runs 3
+    python -m bench.provenance_bench --n 1000000 --runs 3 [--workers 2]
+
+With ``--workers N`` each run also scans in N processes (ProvenanceIndex.scan's
+``workers``) and checks that the report names the same accounts.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def trace_lines(world: World, n: int, seed: int = 1) -> Iterator[Exchange]:
             "status": 200})
 
 
-def run_distillguard(world: World, n: int) -> tuple[float, int, dict]:
+def run_distillguard(world: World, n: int, workers: int = 1) -> tuple[float, int, dict]:
     items = [parse_item(i + 1, o) for i, o in enumerate(world.suspect)]
     t = time.perf_counter()
     index = ProvenanceIndex([i for i in items if i is not None])
-    matches = index.scan(trace_lines(world, n), total=n, progress=False)
+    matches = index.scan(trace_lines(world, n), total=n, progress=False, workers=workers)
     report = build_report(index, matches)
     elapsed = time.perf_counter() - t
     return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, report
@@ -95,10 +98,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--brute-sample", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Also time the scan in this many processes (0: none)")
     args = parser.parse_args()
     world = build_world()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    dg, exact, brute, peaks = [], [], [], []
+    dg, exact, brute, peaks, spread = [], [], [], [], []
     report: dict = {}
     exact_found = 0
     for run in range(args.runs):
@@ -108,8 +113,14 @@ def main() -> None:
         te, exact_found = run_exact(world, args.n)
         exact.append(te)
         brute.append(run_brute(world, args.brute_sample) * args.n / args.brute_sample)
+        also = ""
+        if args.workers > 1:
+            tw, _, spread_report = run_distillguard(world, args.n, args.workers)
+            assert spread_report["accounts"] == report["accounts"], "workers changed the report"
+            spread.append(tw)
+            also = f", distillguard in {args.workers} processes {tw:.1f}s"
         print(f"run {run + 1}: distillguard {t:.1f}s, exact-hash {te:.1f}s, "
-              f"brute-force (extrapolated) {brute[-1]:.0f}s", flush=True)
+              f"brute-force (extrapolated) {brute[-1]:.0f}s{also}", flush=True)
     truth = sum(1 for s in world.suspect if s["_account"])
     named = sorted(a["account_id"] for a in report["accounts"])
     med = statistics.median
@@ -121,6 +132,10 @@ def main() -> None:
           f"items found {exact_found}/{truth} "
           f"(recall ratio distillguard/exact = {report['suspect']['matched'] / max(exact_found, 1):.2f})")
     print(f"brute-force baseline: time ratio brute/distillguard = {med(brute) / med(dg):.0f}x")
+    if spread:
+        print(f"in {args.workers} processes: median {med(spread):.1f}s, "
+              f"{args.n / med(spread):,.0f} exchanges/s; time ratio one process / "
+              f"{args.workers} processes = {med(dg) / med(spread):.2f} (same report)")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ def test_campaign_accounts_named_and_no_benign_account(world: World) -> None:
         assert row["evidence"] and row["evidence"][0]["exchange_id"].startswith("ex_")
 
 
+def test_a_scan_in_worker_processes_finds_what_one_process_finds(world: World) -> None:
+    """The look-up of batches spread over processes gives the same matches, in the same
+    order, and the same counts; batches of 50 make the leak world 26 of them, more than
+    the two batches per worker that wait at a time."""
+    items = [i for i in (parse_item(n + 1, o) for n, o in enumerate(world.suspect)) if i]
+    alone, spread = ProvenanceIndex(items), ProvenanceIndex(items)
+    one = alone.scan(world.exchanges, progress=False, batch_size=50)
+    three = spread.scan(world.exchanges, progress=False, batch_size=50, workers=3)
+    assert one == three and len(one) > 100
+    assert alone.stats == spread.stats and spread.stats.exchanges == len(world.exchanges)
+
+
 def test_matching_survives_reformat_and_excerpt_not_unrelated(world: World) -> None:
     report = _report(world)
     matched_lines = {it["line"] for it in report["items"]}

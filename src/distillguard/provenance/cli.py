@@ -10,7 +10,7 @@ import orjson
 
 from distillguard.cliparams import within
 from distillguard.files import output_path, write_atomically
-from distillguard.provenance.lookup import ProvenanceIndex
+from distillguard.provenance.lookup import ProvenanceIndex, default_workers
 from distillguard.provenance.report import SKIPPED_EXAMPLES, AttributionRule, build_report
 from distillguard.provenance.suspect import read_suspect
 
@@ -40,11 +40,13 @@ def _fingerprinter(ctx: click.Context) -> Any:
               help="Share of an item's shingles that must occur in the exchange.")
 @click.option("--min-items", default=3, show_default=True, type=click.IntRange(min=1),
               help="Items an account must be credited with to be named.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes that look answers up (default: one per core).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_path: str,
                html_path: str | None, min_containment: float, min_items: int,
-               quiet: bool) -> None:
+               workers: int | None, quiet: bool) -> None:
     """Find which accounts harvested the responses in SUSPECT (JSON Lines)."""
     skipped: list[int] = []
     items = list(read_suspect(suspect, skipped))
@@ -53,12 +55,14 @@ def provenance(ctx: click.Context, suspect: str, trace_path: str | None, out_pat
         from distillguard.traceio import read_trace
 
         source: dict[str, Any] = {"kind": "trace", "path": trace_path}
-        matches = index.scan(read_trace(trace_path), progress=not quiet)
+        matches = index.scan(read_trace(trace_path), progress=not quiet,
+                             workers=workers or default_workers())
         proofs = None
     else:
         from distillguard.provenance.ledgersource import scan_ledger
 
-        source, matches, proofs = scan_ledger(ctx, index, progress=not quiet)
+        source, matches, proofs = scan_ledger(ctx, index, progress=not quiet,
+                                              workers=workers or default_workers())
     report = build_report(index, matches, rule=AttributionRule(min_items=min_items),
                           source=source, fingerprinter=_fingerprinter(ctx),
                           skipped_lines=skipped)

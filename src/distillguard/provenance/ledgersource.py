@@ -21,7 +21,8 @@ def _public_location(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//", url)
 
 
-def scan_ledger(ctx: click.Context, index: ProvenanceIndex, *, progress: bool
+def scan_ledger(ctx: click.Context, index: ProvenanceIndex, *, progress: bool,
+                workers: int = 1
                 ) -> tuple[dict[str, Any], list[Match], Callable[[dict[str, Any]], None] | None]:
     from distillguard.ledger.core import Ledger
     from distillguard.ledger.settings import parse_settings
@@ -34,7 +35,8 @@ def scan_ledger(ctx: click.Context, index: ProvenanceIndex, *, progress: bool
     ledger = Ledger(config, create_key=False)
     ledger.refresh()
     try:
-        matches = index.scan(iter_exchanges(ledger), total=ledger.size, progress=progress)
+        matches = index.scan(iter_exchanges(ledger), total=ledger.size, progress=progress,
+                             workers=workers)
     except BaseException:
         ledger.close()
         raise
