@@ -89,6 +89,31 @@ async def test_import_replays_into_stages_in_order(tmp_path: Path,
                for ex in recorder.exchanges)
 
 
+async def test_an_import_shares_ledger_commits_and_keeps_the_order(tmp_path: Path) -> None:
+    """Each exchange of an import waited for its own ledger commit (one disk sync per
+    line: 10,000 lines took 13 s). Batches now share one, and the ledger and the
+    stages after it still see the file's order; a line repeated within a batch is
+    recorded once."""
+    from distillguard.components import load_extensions
+    from distillguard.ledger.writer import writer_for
+
+    settings = make_settings(tmp_path)
+    recorder = Recorder()
+    extensions = [*load_extensions(settings), Extension(stages=[recorder])]
+    writer = writer_for(settings)
+    exchanges = [make_exchange(f"q{i}", account_id=f"a{i % 5}") for i in range(1200)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("distillguard.components.load_extensions", lambda s: extensions)
+        result = await import_traces(settings, iter([*exchanges[:600], exchanges[599],
+                                                     *exchanges[600:]]))
+    assert result.imported == 1200 and result.already_in_ledger == 1
+    assert result.stage_errors == {}
+    assert writer.batches <= 10, writer.batches      # was 1,200: one commit per exchange
+    assert [ex.id for ex in recorder.exchanges] == [ex.id for ex in exchanges]
+    assert [ex.annotations["ledger"]["index"] for ex in recorder.exchanges] == list(
+        range(1200))
+
+
 def test_traces_cli_check_and_import_with_default_components(tmp_path: Path) -> None:
     trace = tmp_path / "in.jsonl"
     trace.write_bytes(b"".join(orjson.dumps(make_exchange(f"p{i}").to_trace()) + b"\n"

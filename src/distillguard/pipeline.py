@@ -19,7 +19,9 @@ declares ``inline = True``. Inline stages run first, in order, inside
 :meth:`Pipeline.submit`, which the gateway awaits once the response has been sent to the
 client, so the client never waits for them but the gateway knows the record is safe before
 it moves on; how long that takes is the stage's own durability policy. Every other stage
-runs later on the background queue.
+runs later on the background queue. An inline stage that can take several exchanges at
+once declares ``concurrent = True`` (the ledger does): :meth:`Pipeline.submit_many`, used
+to replay files, then hands it a whole batch, its calls started in order.
 
 **Response filters** (:class:`ResponseFilter`) change what the client receives (reasoning
 protection, per-account fingerprinting). They run on the request path, after upstream
@@ -179,16 +181,31 @@ class Pipeline:
 
     async def submit(self, exchange: Exchange) -> None:
         """Queue a finished exchange. Waits only when the queue is full (back-pressure)."""
-        exchange.seal_bodies()
-        if "bodies_dropped" in exchange.annotations:
-            log.warning("exchange %s is recorded without a body that cannot be written as "
-                        "JSON: %s", exchange.id, exchange.annotations["bodies_dropped"])
+        await self.submit_many([exchange])
+
+    async def submit_many(self, exchanges: Sequence[Exchange]) -> None:
+        """:meth:`submit` for a batch read from a file (``traces import``), in order. An
+        inline stage that declares ``concurrent = True`` sees the batch's exchanges at
+        once, its calls started in order: the ledger then writes the batch in one group
+        commit instead of one commit (one fsync) per exchange. Other inline stages see
+        them one by one; background stages receive them in order as ever."""
+        for exchange in exchanges:
+            exchange.seal_bodies()
+            if "bodies_dropped" in exchange.annotations:
+                log.warning("exchange %s is recorded without a body that cannot be "
+                            "written as JSON: %s", exchange.id,
+                            exchange.annotations["bodies_dropped"])
         for stage in self._inline:
-            await self._run_stage(stage, exchange)
-        if self._worker is None:
-            await self._process(exchange)
-            return
-        await self._queue.put(exchange)
+            if getattr(stage, "concurrent", False):
+                await asyncio.gather(*(self._run_stage(stage, ex) for ex in exchanges))
+            else:
+                for exchange in exchanges:
+                    await self._run_stage(stage, exchange)
+        for exchange in exchanges:
+            if self._worker is None:
+                await self._process(exchange)
+            else:
+                await self._queue.put(exchange)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has gone through every stage."""

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class LedgerStage:
     name = "ledger"
     inline = True
+    # several exchanges at once share a group commit (Pipeline.submit_many); the writer
+    # numbers them in the order their appends started
+    concurrent = True
 
     def __init__(self, writer: LedgerWriter) -> None:
         self.writer = writer
