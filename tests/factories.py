@@ -80,6 +80,18 @@ def start_stack(settings: Settings, **kwargs: Any) -> StackThread:
     return StackThread(Stack(settings, **kwargs)).start()
 
 
+def new_api_key(stack: StackThread, account_id: str, verify: Any = True) -> str:
+    """An account made through the running stack's admin API, and a key of it."""
+    import httpx
+
+    with httpx.Client(base_url=stack.stack.admin_url, timeout=10, verify=verify,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": account_id}).raise_for_status()
+        reply = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={})
+        reply.raise_for_status()
+        return str(reply.json()["key"])
+
+
 class Recorder:
     """A pipeline stage that keeps every exchange it sees, for assertions."""
 

@@ -293,6 +293,11 @@ async def test_exchanges_wait_while_the_database_is_away(pg_url: str) -> None:
             await stage.on_exchange(make_exchange(f"away {i}", account_id="acct_w"))
         await stage.flush()
         assert stage.waiting_since is not None and len(stage._rows) == 5
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        registry = CollectorRegistry()
+        registry.register(stage.metrics)
+        assert b"distillguard_dashboard_index_waiting 5.0" in generate_latest(registry)
         pg.restore()
         deadline = time.monotonic() + 20
         while stage._rows or stage.waiting_since is not None:

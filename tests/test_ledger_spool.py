@@ -17,7 +17,7 @@ from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.spool import Spool
 from distillguard.ledger.verify import verify_ledger
 from distillguard.ledger.writer import LedgerWriter
-from tests.factories import ADMIN_TOKEN, make_exchange, make_settings, start_recorded_stack
+from tests.factories import make_exchange, make_settings, new_api_key, start_recorded_stack
 from tests.tcp_proxy import CuttableProxy
 
 CHAT = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}],
@@ -112,10 +112,7 @@ def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
         "url": pg_url.replace(":5432/", f":{pg.port}/"), "checkpoint_interval_s": 0})
     stack, recorder = start_recorded_stack(settings)
     try:
-        admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
-                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
-        admin.post("/admin/v1/accounts", json={"account_id": "s1"}).raise_for_status()
-        key = admin.post("/admin/v1/accounts/s1/keys", json={}).json()["key"]
+        key = new_api_key(stack, "s1")
 
         def call() -> int:
             return httpx.post(stack.stack.base_url + "/chat/completions", json=CHAT,
@@ -125,6 +122,10 @@ def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
         assert [call() for _ in range(3)] == [200] * 3
         pg.cut()
         assert [call() for _ in range(5)] == [200] * 5
+        metrics = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/metrics").text
+        spooled = [line for line in metrics.splitlines()
+                   if line.startswith("distillguard_ledger_spooled ")]
+        assert spooled and float(spooled[0].split()[1]) >= 4, spooled
         pg.restore()
         assert [call() for _ in range(2)] == [200] * 2
         stack.call(stack.stack.gateway.settle())
@@ -135,6 +136,9 @@ def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
         while writer.spool is not None and writer.spool.held:
             assert time.monotonic() < deadline, "the spool was not drained"
             time.sleep(0.1)
+        metrics = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/metrics").text
+        assert "distillguard_ledger_spooled 0.0" in metrics
+        assert "distillguard_ledger_appended_total 10.0" in metrics
         served = [e.id for e in recorder.exchanges]
         assert len(served) == 10
         assert sum(1 for e in recorder.exchanges

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.factories import ADMIN_TOKEN, make_settings, start_recorded_stack
+from tests.factories import ADMIN_TOKEN, make_settings, new_api_key, start_recorded_stack
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -76,11 +76,7 @@ def test_postgres_outage_fail_closed_refuses(tmp_path: Path, pg_url: str) -> Non
                                               "on_failure": "closed"})
     stack, _ = start_recorded_stack(settings)
     try:
-        admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
-                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
-        admin.post("/admin/v1/accounts", json={"account_id": "c1"}).raise_for_status()
-        key = admin.post("/admin/v1/accounts/c1/keys", json={}).json()["key"]
-        auth = {"authorization": f"Bearer {key}"}
+        auth = {"authorization": f"Bearer {new_api_key(stack, 'c1')}"}
         url = stack.stack.base_url + "/chat/completions"
         assert httpx.post(url, json=CHAT, headers=auth).status_code == 200
         pg.cut()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from distillguard.cli import main
-from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.factories import ADMIN_TOKEN, make_settings, new_api_key, start_stack
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -57,11 +57,8 @@ def test_both_ports_serve_https(tmp_path: Path, certificate: tuple[Path, Path]) 
         "tls_cert_file": str(cert), "tls_key_file": str(key)}))
     try:
         assert stack.stack.base_url.startswith("https://127.0.0.1:")
-        admin = httpx.Client(base_url=stack.stack.admin_url, verify=trust, timeout=10,
-                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
         assert stack.stack.admin_url.startswith("https://")
-        admin.post("/admin/v1/accounts", json={"account_id": "t1"}).raise_for_status()
-        api_key = admin.post("/admin/v1/accounts/t1/keys", json={}).json()["key"]
+        api_key = new_api_key(stack, "t1", verify=trust)
         client = openai.OpenAI(base_url=stack.stack.base_url, api_key=api_key,
                                http_client=httpx.Client(verify=trust))
         answer = client.chat.completions.create(

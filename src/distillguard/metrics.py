@@ -5,7 +5,8 @@
 ``distillguard_upstream_errors_total{kind}``, ``distillguard_rate_limited_total{limit}``,
 ``distillguard_denied_total{check}``, ``distillguard_tokens_total{kind}`` and
 ``distillguard_pipeline_backlog``. A stage with metrics of its own (:class:`HasMetrics`:
-the online detector's, ``distillguard_detector_*``) is served beside them. Each gateway app
+the online detector's, ``distillguard_detector_*``; the ledger's, ``distillguard_ledger_*``;
+the dashboard index's, ``distillguard_dashboard_index_*``) is served beside them. Each gateway app
 has its own registry, so several apps (replicas in one test process) do not collide.
 """
 

@@ -31,9 +31,11 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -260,6 +262,21 @@ def unreachable(error: BaseException) -> bool:
                       | sa_exc.DisconnectionError | OSError | TimeoutError)
 
 
+class IndexMetrics(Collector):
+    """The index stage's counts at the gateway's ``/metrics``."""
+
+    def __init__(self, stage: IndexStage) -> None:
+        self.stage = stage
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("distillguard_dashboard_index_waiting",
+                                "Exchanges waiting to be indexed (many: the database "
+                                "cannot be reached)", value=len(self.stage._rows))
+        yield CounterMetricFamily("distillguard_dashboard_index_dropped",
+                                  "Exchanges not indexed: the database was away too long",
+                                  value=self.stage.dropped)
+
+
 class IndexStage:
     """Background stage: index each exchange, written in batches of up to ``batch``.
 
@@ -278,6 +295,7 @@ class IndexStage:
         self._lock = asyncio.Lock()
         self.waiting_since: float | None = None   # the database away since (monotonic)
         self.dropped = 0
+        self.metrics = IndexMetrics(self)
 
     async def on_exchange(self, exchange: Exchange) -> None:
         if exchange.status == 0:

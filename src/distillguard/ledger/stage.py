@@ -8,7 +8,11 @@ response. It annotates the exchange with ``annotations["ledger"] = {"index": N}`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from distillguard.config import Settings
 from distillguard.exchange import Exchange
@@ -17,6 +21,25 @@ from distillguard.ledger.writer import LedgerWriter, writer_for
 
 if TYPE_CHECKING:
     from distillguard.serve import Extension
+
+
+class LedgerMetrics(Collector):
+    """The writer's counts at the gateway's ``/metrics``."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.writer
+        yield CounterMetricFamily("distillguard_ledger_appended",
+                                  "Entries committed to the ledger's store", value=w.appended)
+        yield CounterMetricFamily("distillguard_ledger_write_errors",
+                                  "Failed writes to the ledger's store (their exchanges go "
+                                  "to the spool)", value=w.errors)
+        yield GaugeMetricFamily("distillguard_ledger_spooled",
+                                "Exchanges waiting in the spool for the store to answer "
+                                "(above zero: the store cannot be written)",
+                                value=w.spool.held if w.spool is not None else 0)
 
 
 class LedgerStage:
@@ -28,6 +51,7 @@ class LedgerStage:
 
     def __init__(self, writer: LedgerWriter) -> None:
         self.writer = writer
+        self.metrics = LedgerMetrics(writer)
 
     async def start(self) -> None:
         await self.writer.start()
