@@ -4,6 +4,7 @@ and written to it, whole and once, when it answers again (ledger/spool.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -40,7 +41,15 @@ def test_spooled_entries_are_written_at_start_whole_and_once(tmp_path: Path) -> 
     spool = Spool(config.spool_dir)  # type: ignore[arg-type]
     spool.add(first)
     spool.add(second)
+    # a segment a process died writing (never renamed, never acknowledged) is removed;
+    # one a live process is writing is left alone
+    dead = tmp_path / "spool" / f".{time.time_ns():020d}-{2**22 + 7}-000000.jsonl.tmp"
+    alive = tmp_path / "spool" / f".{time.time_ns():020d}-{os.getpid()}-000009.jsonl.tmp"
+    dead.write_bytes(b'{"half": ')
+    alive.write_bytes(b'{"half": ')
     assert Spool(config.spool_dir).held == 7  # type: ignore[arg-type]
+    assert not dead.exists() and alive.exists()
+    alive.unlink()
     lg = Ledger(config)
     lg.append(second)     # committed, then the process died before removing the segment
     lg.close()

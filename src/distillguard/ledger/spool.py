@@ -64,8 +64,25 @@ class Spool:
         self.folder = folder
         self.sync = sync
         self._count = itertools.count()
+        self._remove_stale_parts()
         # entries this process spooled and not yet drained, plus what it found at start
         self.held = sum(self._lines(path) for path in self.segments())
+
+    def _remove_stale_parts(self) -> None:
+        """Remove segments a process began and never finished (it died before the
+        rename: nothing in them was acknowledged), once that process is gone."""
+        try:
+            parts = [e for e in os.scandir(self.folder) if e.name.endswith(".tmp")]
+        except FileNotFoundError:
+            return
+        for part in parts:
+            try:
+                pid = int(part.name.split("-")[1])
+                os.kill(pid, 0)          # alive (or not ours to signal): still writing
+            except ProcessLookupError:
+                Path(part.path).unlink(missing_ok=True)
+            except (ValueError, IndexError, PermissionError):
+                continue
 
     @staticmethod
     def _lines(path: Path) -> int:
