@@ -47,6 +47,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / "key.pem").write_bytes(_key_pem(key))
     (folder / "other-key.pem").write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1())))
+    (folder / "locked-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret passphrase")))
     return folder / "cert.pem", folder / "key.pem"
 
 
@@ -93,6 +96,9 @@ def test_a_certificate_that_cannot_serve_is_one_clear_error(
              "cannot serve HTTPS with server.tls_cert_file"),
             ({"tls_cert_file": str(cert), "tls_key_file": str(tmp_path / "missing.pem")},
              "No such file or directory"),
+            # an encrypted key: refused, not asked for at a prompt a service never sees
+            ({"tls_cert_file": str(cert), "tls_key_file": str(key.parent / "locked-key.pem")},
+             "cannot serve HTTPS with server.tls_cert_file"),
             ({"tls_cert_file": str(cert)}, "go together")):
         config = tmp_path / "dg.yaml"
         config.write_text(yaml.safe_dump({"server": server, "admin": {"token": ADMIN_TOKEN},
@@ -101,3 +107,46 @@ def test_a_certificate_that_cannot_serve_is_one_clear_error(
             done = runner.invoke(main, ["-c", str(config), *command])
             assert done.exit_code == 2 and message in done.output, (command, done.output)
             assert "Traceback" not in done.output
+
+
+def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path: Path,
+                                                      certificate: tuple[Path, Path]) -> None:
+    """OpenSSL asks for a key's passphrase on the terminal: started from one, the
+    gateway would wait at "Enter PEM pass phrase:" for an answer a service never gets."""
+    import os
+    import pty
+    import select
+    import sys
+
+    cert, key = certificate
+    config = tmp_path / "dg.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"tls_cert_file": str(cert),
+                   "tls_key_file": str(key.parent / "locked-key.pem")},
+        "admin": {"token": ADMIN_TOKEN}, "state": {"url": f"sqlite:///{tmp_path}/s.db"}}))
+    pid, terminal = pty.fork()
+    if pid == 0:   # the child, on a terminal of its own
+        os.execv(sys.executable, [sys.executable, "-m", "distillguard.cli", "-c",
+                                  str(config), "check-config"])
+    said = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 0.5)
+            if not ready:
+                if b"pass phrase" in said:
+                    break          # waiting at the prompt
+                continue
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:        # the child closed its terminal: it ended
+                break
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        if b"pass phrase" in said or time.monotonic() >= deadline:
+            os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+    assert b"pass phrase" not in said, said
+    assert b"cannot serve HTTPS" in said and os.waitstatus_to_exitcode(status) == 2, said

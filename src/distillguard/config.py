@@ -75,7 +75,9 @@ class ServerSettings(_Section):
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            # an encrypted key is refused here, not asked for at a prompt no one sees
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file,
+                                    password=lambda: b"")
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ConfigError(f"cannot serve HTTPS with server.tls_cert_file "
