@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
@@ -135,6 +136,15 @@ def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
         spooled = [line for line in metrics.splitlines()
                    if line.startswith("distillguard_ledger_spooled ")]
         assert spooled and float(spooled[0].split()[1]) >= 4, spooled
+        # the dashboard's ledger page says so (it was a 500: the store cannot be read)
+        from tests.test_dashboard import login
+
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+            login(client)
+            page = client.get("/ledger")
+        assert page.status_code == 200, page.text[:300]
+        assert "The ledger's store cannot be read now" in page.text
+        assert re.search(r"\d+ exchanges wait in the spool", page.text)
         pg.restore()
         assert [call() for _ in range(2)] == [200] * 2
         stack.call(stack.stack.gateway.settle())

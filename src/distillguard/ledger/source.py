@@ -34,6 +34,11 @@ class LedgerView:
     async def _ledger(self) -> Ledger:
         return self.writer.ledger or await self.writer.start()
 
+    @property
+    def spooled(self) -> int:
+        """Exchanges waiting in this process's spool for the store to answer."""
+        return self.writer.spool.held if self.writer.spool is not None else 0
+
     async def checkpoint(self) -> dict[str, Any] | None:
         lg = await self._ledger()
         cp = await asyncio.to_thread(lg.store.latest_checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -10,6 +11,8 @@ from starlette.responses import Response
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
+
+log = logging.getLogger("distillguard.dashboard")
 
 _LAST_VERIFY: dict[int, dict[str, Any]] = {}
 _RUNNING: dict[int, asyncio.Task[Any]] = {}
@@ -20,17 +23,24 @@ async def page(dash: Dashboard, request: Request) -> Response:
     exchange_id = request.query_params.get("exchange_id", "").strip()[:100]
     checkpoint = proof = None
     error = None
+    unreadable = None
     if ledger is not None:
-        checkpoint = await ledger.checkpoint()
-        if exchange_id:
-            try:
-                proof = await ledger.proof(exchange_id)
-            except LookupError as exc:
-                error = str(exc)
+        try:
+            checkpoint = await ledger.checkpoint()
+            if exchange_id:
+                try:
+                    proof = await ledger.proof(exchange_id)
+                except LookupError as exc:
+                    error = str(exc)
+        except Exception as exc:   # the store is away: say so, with what waits
+            log.warning("dashboard: the ledger's store cannot be read (%s: %s)",
+                        type(exc).__name__, exc)
+            unreadable = type(exc).__name__
     running = id(dash) in _RUNNING and not _RUNNING[id(dash)].done()
     return dash.render(request, "ledger.html", title="Ledger", section="ledger",
                        available=ledger is not None, checkpoint=checkpoint, proof=proof,
-                       exchange_id=exchange_id, error=error,
+                       exchange_id=exchange_id, error=error, unreadable=unreadable,
+                       spooled=ledger.spooled if ledger is not None else 0,
                        verification=_LAST_VERIFY.get(id(dash)), running=running)
 
 
