@@ -494,6 +494,8 @@ class ReviewQueueDouble:
 
 
 class LedgerDouble:
+    spooled = 0
+
     async def checkpoint(self) -> dict:
         return {"tree_size": 230, "root_hash": "ab" * 32, "timestamp": "2026-03-01T12:00:00Z"}
 
