@@ -191,3 +191,25 @@ def test_ledger_verify_says_what_waits_in_the_spool(tmp_path: Path) -> None:
     done = CliRunner().invoke(main, ["-c", str(cfg), "ledger", "verify"])
     assert done.exit_code == 0, done.output
     assert f"2 exchanges wait in the spool {tmp_path / 'ledger' / 'spool'}" in done.stderr
+
+
+def test_a_spool_folder_that_cannot_be_used_is_said_at_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool is first needed when the store is away: a folder it cannot write to
+    would lose those exchanges then, so the writer says so when it starts."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    config = LedgerConfig(url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+                          key_path=tmp_path / "ledger.key", spool_dir=blocked / "spool")
+    writer = LedgerWriter(config)
+    with caplog.at_level("ERROR", logger="distillguard.ledger"):
+        writer.open()
+        writer.close_sync()
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"spool folder {blocked / 'spool'} cannot be used" in m for m in said), said
+    fine = LedgerWriter(_config(tmp_path / "fine"))
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="distillguard.ledger"):
+        fine.open()
+        fine.close_sync()
+    assert not caplog.records

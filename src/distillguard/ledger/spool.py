@@ -68,12 +68,23 @@ class Spool:
         # entries this process spooled and not yet drained, plus what it found at start
         self.held = sum(self._lines(path) for path in self.segments())
 
+    def usable(self) -> str | None:
+        """Why segments could not be written here (None: they can): checked when the
+        writer starts, since the first time it matters is when the store is away."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            return "not writable"
+        return None
+
     def _remove_stale_parts(self) -> None:
         """Remove segments a process began and never finished (it died before the
         rename: nothing in them was acknowledged), once that process is gone."""
         try:
             parts = [e for e in os.scandir(self.folder) if e.name.endswith(".tmp")]
-        except FileNotFoundError:
+        except OSError:       # no folder yet, or none can be (said at start: usable)
             return
         for part in parts:
             try:
@@ -97,7 +108,7 @@ class Spool:
         try:
             names = sorted(e.name for e in os.scandir(self.folder)
                            if e.name.endswith(SUFFIX) and e.is_file())
-        except FileNotFoundError:
+        except OSError:       # no folder yet, or none can be (said at start: usable)
             return []
         return [self.folder / name for name in names]
 

@@ -79,6 +79,11 @@ class LedgerWriter:
         with self._start_lock:
             if self.ledger is None:
                 self.ledger = Ledger(self.config)
+                problem = self.spool.usable() if self.spool is not None else None
+                if problem and self.spool is not None:
+                    log.error("the ledger's spool folder %s cannot be used (%s): exchanges "
+                              "served while the store cannot be written would be in no "
+                              "record; set ledger.spool_path", self.spool.folder, problem)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="distillguard-ledger")
