@@ -196,7 +196,7 @@ class Pipeline:
                             "written as JSON: %s", exchange.id,
                             exchange.annotations["bodies_dropped"])
         for stage in self._inline:
-            if getattr(stage, "concurrent", False):
+            if len(exchanges) > 1 and getattr(stage, "concurrent", False):
                 await asyncio.gather(*(self._run_stage(stage, ex) for ex in exchanges))
             else:
                 for exchange in exchanges:
