@@ -27,11 +27,10 @@ from distillguard.dashboard.security import (
     HEADERS,
     Sessions,
     same_origin,
-    token_matches,
 )
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
-from distillguard.gateway.adminauth import FailedAuthThrottle, client_key
+from distillguard.gateway.adminauth import FailedAuthThrottle, client_key, token_matches
 
 log = logging.getLogger("distillguard.dashboard")
 HERE = Path(__file__).parent

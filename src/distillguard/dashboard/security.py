@@ -100,9 +100,3 @@ def same_origin(request: Request) -> bool:
         return True
     host = request.headers.get("host", "")
     return origin.split("://", 1)[-1] == host
-
-
-def token_matches(presented: str, admin_token: str | None) -> bool:
-    if not admin_token or not presented:
-        return False
-    return hmac.compare_digest(presented.strip().encode(), admin_token.encode())

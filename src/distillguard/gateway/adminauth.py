@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from starlette.requests import Request
 
 from distillguard.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from distillguard.geoip import canonical_address
 
 log = logging.getLogger("distillguard.gateway")
 
@@ -31,19 +32,24 @@ MAX_ADDRESSES = 10_000
 
 
 def client_key(host: str | None) -> str:
-    """Who a failure is counted against: the address, or its /64 for IPv6 (one host
+    """Who a failure is counted against: the address (an IPv4-mapped one as IPv4,
+    :func:`~distillguard.geoip.canonical_address`), or its /64 for IPv6 (one host
     commonly holds a whole /64, so counting single IPv6 addresses is no throttle)."""
     if not host:
         return "?"
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
+    addr = canonical_address(host)
+    if addr is None:
         return host
     if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
+
+
+def token_matches(presented: str, token: str | None) -> bool:
+    """Whether ``presented`` is the admin token (constant-time comparison)."""
+    if not token or not presented:
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
 class FailedAuthThrottle:
@@ -67,16 +73,16 @@ class FailedAuthThrottle:
             del self._failures[who]
         return window
 
-    def blocked(self, who: str) -> bool:
-        return len(self._window(who, time.monotonic())) >= self.per_minute
-
     def retry_after_s(self, who: str) -> int:
-        """Seconds until ``who`` may try again (0 when not blocked)."""
+        """Seconds until ``who`` may try again; 0 when it is not blocked."""
         now = time.monotonic()
         window = self._window(who, now)
         if len(window) < self.per_minute:
             return 0
         return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+
+    def blocked(self, who: str) -> bool:
+        return self.retry_after_s(who) > 0
 
     def failed(self, who: str) -> None:
         now = time.monotonic()
@@ -108,14 +114,12 @@ def check_admin(request: Request, token: str | None) -> None:
         raise PermissionDenied("The admin API is disabled: no admin token is configured.",
                                code="admin_disabled")
     throttle, who = throttle_of(request)
-    if throttle is not None and throttle.blocked(who):
-        wait = throttle.retry_after_s(who)
+    if throttle is not None and (wait := throttle.retry_after_s(who)):
         raise RateLimited(f"Too many failed admin authentications from this address; try "
                           f"again in {wait} s.", code="too_many_failed_authentications",
                           headers={"retry-after": str(wait)})
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                             token.encode()):
+    if scheme.lower() != "bearer" or not token_matches(value, token):
         if throttle is not None:
             throttle.failed(who)
         log.warning("admin API: failed authentication from %s", who)

@@ -133,8 +133,7 @@ class TaxiiServer:
         """The partner a request's credential names; a client that failed too often of
         late is refused first (the admin port's one throttle, gateway/adminauth.py)."""
         throttle, who = throttle_of(request)
-        if throttle is not None and throttle.blocked(who):
-            wait = throttle.retry_after_s(who)
+        if throttle is not None and (wait := throttle.retry_after_s(who)):
             raise TaxiiError(429, "Too Many Requests", "too many failed authentications "
                              f"from this address; try again in {wait} s",
                              {"Retry-After": str(wait)})
