@@ -37,7 +37,7 @@ class LedgerView:
     @property
     def spooled(self) -> int:
         """Exchanges waiting in this process's spool for the store to answer."""
-        return self.writer.spool.held if self.writer.spool is not None else 0
+        return self.writer.spooled
 
     async def checkpoint(self) -> dict[str, Any] | None:
         lg = await self._ledger()

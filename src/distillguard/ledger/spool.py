@@ -142,9 +142,9 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _locked(self) -> Iterator[tuple[Path, list[Pending], int]]:
-        """Each segment another process is not draining, locked while the caller works
-        on it: (path, entries, file descriptor holding the lock)."""
+    def _locked(self) -> Iterator[tuple[Path, list[Pending]]]:
+        """Each segment another process is not draining, with its entries, locked while
+        the caller works on it."""
         for path in self.segments():
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -162,7 +162,7 @@ class Spool:
                     continue
                 with open(path, "rb") as fh:
                     entries = [_pending(line) for line in fh if line.strip()]
-                yield path, entries, fd
+                yield path, entries
             finally:
                 os.close(fd)
 
@@ -173,7 +173,7 @@ class Spool:
         segment once its entries are committed. Returns how many were appended. A
         failure of ``append`` is raised, and its segment and the later ones stay."""
         appended = 0
-        for path, entries, _fd in self._locked():
+        for path, entries in self._locked():
             # A segment is appended in one transaction, so it is in the store whole or
             # not at all: only a segment whose first entry is there needs each looked up.
             fresh = entries

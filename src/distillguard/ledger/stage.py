@@ -39,7 +39,7 @@ class LedgerMetrics(Collector):
         yield GaugeMetricFamily("distillguard_ledger_spooled",
                                 "Exchanges waiting in the spool for the store to answer "
                                 "(above zero: the store cannot be written)",
-                                value=w.spool.held if w.spool is not None else 0)
+                                value=w.spooled)
 
 
 class LedgerStage:

@@ -72,6 +72,11 @@ class LedgerWriter:
         self._retry_at = 0.0
         self._retry_wait = RETRY_FIRST_S
 
+    @property
+    def spooled(self) -> int:
+        """Exchanges waiting in the spool for the store to answer (0 without a spool)."""
+        return self.spool.held if self.spool is not None else 0
+
     # -- life cycle -----------------------------------------------------------------------
 
     def open(self) -> Ledger:
@@ -109,9 +114,9 @@ class LedgerWriter:
                     leftovers.append(item)
             if leftovers and self.ledger is not None:
                 self._write(leftovers)
-            if self.spool is not None and self.spool.held and self.ledger is not None:
+            if self.spooled and self.ledger is not None:
                 self._drain_spool()      # the store may be back by now: one last try
-            if self.spool is not None and self.spool.held:
+            if self.spool is not None and self.spooled:
                 log.warning("%d ledger entries remain spooled in %s: the ledger's store "
                             "could not be written; they are written when it next starts",
                             self.spool.held, self.spool.folder)
@@ -158,13 +163,12 @@ class LedgerWriter:
         next_checkpoint = time.monotonic() + interval if interval > 0 else None
         stopping = False
         while not stopping:
-            if self.spool is not None and self.spool.held \
-                    and time.monotonic() >= self._retry_at:
+            if self.spooled and time.monotonic() >= self._retry_at:
                 self._drain_spool()
             timeout = None
             if next_checkpoint is not None:
                 timeout = max(0.0, next_checkpoint - time.monotonic())
-            if self.spool is not None and self.spool.held:
+            if self.spooled:
                 wait = max(0.0, self._retry_at - time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
             try:
@@ -198,7 +202,7 @@ class LedgerWriter:
         go to the store, and learn its error."""
         assert self.ledger is not None
         results: dict[int, int | None | BaseException] = {}
-        spooling = self.spool is not None and self.spool.held > 0
+        spooling = self.spooled > 0
         direct = [i for i, item in enumerate(batch) if not (spooling and item[3])]
         to_spool = [i for i in range(len(batch)) if spooling and batch[i][3]]
         if direct:
