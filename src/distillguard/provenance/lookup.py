@@ -21,6 +21,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass
+from datetime import datetime
 from itertools import islice
 from multiprocessing.pool import AsyncResult
 from typing import Any
@@ -56,14 +57,14 @@ class ScanStats:
 
 
 # What the look-up needs of an exchange: its id, account, time and answer text ("" when
-# it has none, or its status was not a success).
-Answer = tuple[str, str | None, str, str]
+# it has none, or its status was not a success). The time is formatted for matches only.
+Answer = tuple[str, str | None, datetime, str]
 
 
 def _answers(it: Iterable[Exchange], size: int) -> Iterator[list[Answer]]:
     source = iter(it)
     while batch := list(islice(source, size)):
-        yield [(e.id, e.account_id, format_ts(e.ts),
+        yield [(e.id, e.account_id, e.ts,
                 e.response_text() if e.status in (0, 200) else "") for e in batch]
 
 
@@ -177,7 +178,7 @@ class ProvenanceIndex:
                 c, j = containment(self.sets[i], sets[k])
                 if c >= self.min_containment:
                     exact, _ = containment(self._exact(int(i)), shingles(texts[k], fold=False))
-                    out.append(Match(int(i), exchange_id, account_id, ts,
+                    out.append(Match(int(i), exchange_id, account_id, format_ts(ts),
                                      round(c, 4), round(j, 4), round(exact, 4)))
         stats.matches += len(out)
         return out
