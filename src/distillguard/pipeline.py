@@ -23,6 +23,15 @@ runs later on the background queue. An inline stage that can take several exchan
 once declares ``concurrent = True`` (the ledger does): :meth:`Pipeline.submit_many`, used
 to replay files, then hands it a whole batch, its calls started in order.
 
+A background stage whose per-exchange work is cheaper done for many exchanges at once
+(online detection: a numpy pass over many texts, one message to the detector instead
+of one each) may implement ``async prepare(exchanges)``. The queue's worker takes what
+waits (up to :data:`BACKGROUND_BATCH`), calls ``prepare`` with all of it, then
+``on_exchange`` for each exchange in order, as ever: ``prepare`` does only work that
+``on_exchange`` would otherwise do itself, so a ``prepare`` that fails is logged and the
+exchanges are handled one by one as if it had not run (one bad exchange costs only
+itself). An idle gateway's batches are of one exchange; under load they grow.
+
 **Response filters** (:class:`ResponseFilter`) change what the client receives (reasoning
 protection, per-account fingerprinting). They run on the request path, after upstream
 answered: :meth:`ResponseFilter.filter_body` on a non-streaming JSON body, and for a
@@ -50,6 +59,10 @@ from typing import Any, Protocol, runtime_checkable
 from distillguard.exchange import Exchange
 
 log = logging.getLogger("distillguard.pipeline")
+
+# At most this many waiting exchanges go through the background stages together (see
+# the module's docstring, ``prepare``).
+BACKGROUND_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,17 @@ class Stage(Protocol):
     name: str
 
     async def on_exchange(self, exchange: Exchange) -> None: ...
+
+
+@runtime_checkable
+class PreparingStage(Stage, Protocol):
+    """A background stage that does part of its work for a batch at once."""
+
+    async def prepare(self, exchanges: Sequence[Exchange]) -> None:
+        """Do ahead, for all of ``exchanges``, what :meth:`on_exchange` would do for each
+        (it is called next, for each in order). Must not act on any of them: if it
+        raises, the exchanges are handled one by one as if it had not run."""
+        ...
 
 
 class StreamFilter(Protocol):
@@ -201,11 +225,12 @@ class Pipeline:
             else:
                 for exchange in exchanges:
                     await self._run_stage(stage, exchange)
+        if self._worker is None:
+            for start in range(0, len(exchanges), BACKGROUND_BATCH):
+                await self._process_many(list(exchanges[start:start + BACKGROUND_BATCH]))
+            return
         for exchange in exchanges:
-            if self._worker is None:
-                await self._process(exchange)
-            else:
-                await self._queue.put(exchange)
+            await self._queue.put(exchange)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has gone through every stage."""
@@ -216,19 +241,33 @@ class Pipeline:
         return self._queue.qsize()
 
     async def _run(self) -> None:
+        queue = self._queue
         while True:
-            exchange = await self._queue.get()
+            batch = [await queue.get()]
+            while len(batch) < BACKGROUND_BATCH and batch[-1] is not None and not queue.empty():
+                batch.append(queue.get_nowait())
+            exchanges = [ex for ex in batch if ex is not None]
             try:
-                if exchange is None:
-                    return
-                await self._process(exchange)
+                if exchanges:
+                    await self._process_many(exchanges)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    queue.task_done()
+            if batch[-1] is None:
+                return
 
-    async def _process(self, exchange: Exchange) -> None:
+    async def _process_many(self, exchanges: list[Exchange]) -> None:
         for stage in self._background:
-            await self._run_stage(stage, exchange)
-        self.processed += 1
+            if isinstance(stage, PreparingStage):
+                try:
+                    await stage.prepare(exchanges)
+                except Exception:  # each exchange is then handled (and fails) alone
+                    log.warning("stage %s could not prepare a batch of %d exchanges; "
+                                "handling them one by one", stage.name, len(exchanges),
+                                exc_info=True)
+            for exchange in exchanges:
+                await self._run_stage(stage, exchange)
+        self.processed += len(exchanges)
 
     async def _run_stage(self, stage: Stage, exchange: Exchange) -> None:
         try:
