@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,17 +86,20 @@ def test_failed_auth_throttle_counts_by_network_and_forgets_the_oldest(
     assert client_key(None) == "?"
     monkeypatch.setattr(adminauth, "MAX_ADDRESSES", 3)
     throttle = FailedAuthThrottle(2)
-    throttle.failed("a")
-    throttle.failed("a")
-    for who in ("b", "c"):
-        throttle.failed(who)
-    assert throttle.blocked("a")
-    throttle.failed("d")   # a spray of new addresses forgets the oldest, not everyone
-    assert not throttle.blocked("a")
-    throttle.failed("b")
-    assert throttle.blocked("b") and throttle.retry_after_s("b") >= 59
-    throttle.succeeded("b")
-    assert not throttle.blocked("b") and throttle.retry_after_s("b") == 0
+
+    async def go() -> None:
+        await throttle.failed("a")
+        await throttle.failed("a")
+        for who in ("b", "c"):
+            await throttle.failed(who)
+        assert await throttle.blocked("a")
+        await throttle.failed("d")   # a spray of new addresses forgets the oldest
+        assert not await throttle.blocked("a")
+        await throttle.failed("b")
+        assert await throttle.blocked("b") and await throttle.retry_after_s("b") >= 59
+        throttle.succeeded("b")
+        assert not await throttle.blocked("b") and await throttle.retry_after_s("b") == 0
+    asyncio.run(go())
 
 
 def test_an_unknown_route_or_method_is_an_api_error(stack: StackThread,
@@ -233,3 +237,52 @@ def test_a_tier_not_configured_or_a_field_of_the_wrong_type_is_refused(
     r = admin.post("/admin/v1/accounts/t4/keys", json={"limits": {"tokens_per_day": -1}})
     assert r.json()["error"]["code"] == "unprocessable_request"
     assert admin.get("/admin/v1/accounts/t4/keys").json()["data"] == []
+
+
+@pytest.mark.redis
+def test_failed_admin_authentications_are_counted_across_replicas(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """With the counters in Redis, a guesser that spreads its tries over two replicas
+    is refused after the rate of one; an address that failed nowhere is not."""
+    stacks = [start_stack(make_settings(
+        tmp_path / name, admin={"token": ADMIN_TOKEN, "failed_auth_per_minute": 4},
+        counters={"backend": "redis", "redis_url": redis_url, "prefix": redis_prefix}))
+        for name in ("a", "b")]
+    good = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        urls = [s.stack.admin_url + "/admin/v1/accounts" for s in stacks]
+        for url in (*urls, *urls):        # two failures on each replica
+            r = httpx.get(url, headers={"authorization": "Bearer guess-guess-guess"})
+            assert r.status_code == 401, r.text
+        for url in urls:
+            r = httpx.get(url, headers=good)
+            assert r.status_code == 429, r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 120
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        with other:
+            assert other.get(urls[0], headers=good).status_code == 200
+    finally:
+        for s in stacks:
+            s.stop()
+
+
+def test_failed_auth_throttle_counts_locally_while_the_shared_counters_are_away(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from distillguard.config import CounterSettings
+    from distillguard.gateway.adminauth import FailedAuthThrottle
+    from distillguard.ratelimit import RedisCounterStore
+    from distillguard.serve import free_port
+
+    away = RedisCounterStore(CounterSettings(backend="redis",
+                                             redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    throttle = FailedAuthThrottle(2, away)
+
+    async def go() -> None:
+        assert not await throttle.blocked("a")
+        await throttle.failed("a")
+        await throttle.failed("a")
+        assert await throttle.blocked("a") and not await throttle.blocked("b")
+        await away.close()
+    with caplog.at_level("WARNING", logger="distillguard.gateway"):
+        asyncio.run(go())
+    assert caplog.text.count("shared counters cannot be reached") == 1

@@ -378,9 +378,12 @@ def test_login_throttle_is_per_address() -> None:
     from distillguard.gateway.adminauth import FailedAuthThrottle
 
     throttle = FailedAuthThrottle(2)
-    throttle.failed("1.1.1.1")
-    throttle.failed("1.1.1.1")
-    assert throttle.blocked("1.1.1.1") and not throttle.blocked("2.2.2.2")
+
+    async def go() -> None:
+        await throttle.failed("1.1.1.1")
+        await throttle.failed("1.1.1.1")
+        assert await throttle.blocked("1.1.1.1") and not await throttle.blocked("2.2.2.2")
+    asyncio.run(go())
 
 
 def test_cli_indexes_trace_files_once(tmp_path: Path) -> None:

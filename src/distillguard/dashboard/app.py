@@ -31,6 +31,7 @@ from distillguard.dashboard.security import (
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
 from distillguard.gateway.adminauth import FailedAuthThrottle, client_key, token_matches
+from distillguard.ratelimit import CounterStore, open_counter_store
 
 log = logging.getLogger("distillguard.dashboard")
 HERE = Path(__file__).parent
@@ -41,12 +42,14 @@ Page = Callable[["Dashboard", Request], Awaitable[Response]]
 
 
 class Lifecycle:
-    """A do-nothing pipeline stage whose start/close open and close the data sources."""
+    """A do-nothing pipeline stage whose start/close open and close the data sources
+    (and the shared counters of the log-in throttle)."""
 
     name = "dashboard"
 
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, counters: CounterStore | None = None) -> None:
         self.sources = sources
+        self.counters = counters
 
     async def start(self) -> None:
         try:
@@ -59,6 +62,8 @@ class Lifecycle:
 
     async def close(self) -> None:
         await self.sources.close()
+        if self.counters is not None:
+            await self.counters.close()
 
 
 class Dashboard:
@@ -68,9 +73,13 @@ class Dashboard:
         token = settings.admin.token or ""
         self.sessions = Sessions(options.signing_key(token), max_age_s=options.session_max_age_s,
                                  secure=options.cookie_secure)
-        self.throttle = FailedAuthThrottle(options.login_attempts_per_minute)
+        # failed log-ins are counted across replicas where the rate limits are
+        counters = (open_counter_store(settings.counters)
+                    if settings.counters.backend == "redis" else None)
+        self.throttle = FailedAuthThrottle(options.login_attempts_per_minute, counters,
+                                           "dashboard-login")
         self.sources = Sources(settings)
-        self.lifecycle = Lifecycle(self.sources)
+        self.lifecycle = Lifecycle(self.sources, counters)
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
                                lstrip_blocks=True)
@@ -144,12 +153,12 @@ class Dashboard:
         if not same_origin(request) or not self.sessions.login_token_ok(
                 str(form.get("login_token") or "")):
             return again("The log-in form expired; try again.", 403)
-        if self.throttle.blocked(who):
+        if await self.throttle.blocked(who):
             return again("Too many failed attempts; wait a minute.", 429)
         if not self.settings.admin.token:
             return again("The dashboard is disabled: no admin token is configured.", 403)
         if not token_matches(str(form.get("token") or ""), self.settings.admin.token):
-            self.throttle.failed(who)
+            await self.throttle.failed(who)
             log.warning("dashboard: failed log-in from %s", who)
             return again("That is not the admin token.", 401)
         self.throttle.succeeded(who)

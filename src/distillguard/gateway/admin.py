@@ -107,7 +107,7 @@ class AdminAPI:
         """Require the admin credential; map store errors to API errors."""
 
         async def guarded(request: Request) -> Response:
-            self.authenticate(request)
+            await self.authenticate(request)
             try:
                 return await handler(request)
             except NotFound as exc:
@@ -119,15 +119,16 @@ class AdminAPI:
 
         return guarded
 
-    def authenticate(self, request: Request) -> None:
-        check_admin(request, self.gateway.settings.admin.token)
+    async def authenticate(self, request: Request) -> None:
+        await check_admin(request, self.gateway.settings.admin.token)
 
     def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
         app = Starlette(routes=[*self.routes, *(extra_routes or [])],
                         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
         # one count of failed authentications for every route of this app (check_admin)
         app.state.failed_auth = FailedAuthThrottle(
-            self.gateway.settings.admin.failed_auth_per_minute)
+            self.gateway.settings.admin.failed_auth_per_minute, self.gateway.counters,
+            "admin-auth")
         return app
 
     # -- accounts -----------------------------------------------------------------------

@@ -8,8 +8,9 @@ Guessing is slowed down per client address: the admin app keeps a
 ``admin.failed_auth_per_minute`` times in the last 60 s is refused with a 429 until the
 oldest failure leaves the window, even when it then presents the right token (otherwise a
 guesser could tell a hit from the status). The dashboard's log-in form keeps a throttle of
-its own with the same class. Each process counts on its own: N replicas allow N times the
-rate, which a 16-character token still makes hopeless to guess.
+its own with the same class. Where the rate-limit counters are shared (``counters.backend:
+redis``), failures are also counted there, so a guesser spreading tries over N replicas
+gets the rate of one; with Redis away each process still counts its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 
@@ -24,6 +26,7 @@ from starlette.requests import Request
 
 from distillguard.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from distillguard.geoip import canonical_address
+from distillguard.ratelimit import CounterRequest, CounterStore, MemoryCounterStore
 
 log = logging.getLogger("distillguard.gateway")
 
@@ -55,13 +58,21 @@ def token_matches(presented: str, token: str | None) -> bool:
 class FailedAuthThrottle:
     """At most ``per_minute`` failed authentications per client in any 60 s.
 
-    Memory is bounded: past :data:`MAX_ADDRESSES` clients the one that failed longest ago
-    is forgotten (not everyone at once, which a spray of addresses could use to reset a
-    guesser's count)."""
+    Counted in this process, exactly, and, given a ``shared`` counter store (Redis: every
+    replica's), there too under ``<name>:<client>``: a client is refused when either
+    count is full. A shared store that does not answer is logged (once per outage) and
+    the local count alone decides. Memory is bounded: past :data:`MAX_ADDRESSES` clients
+    the one that failed longest ago is forgotten (not everyone at once, which a spray of
+    addresses could use to reset a guesser's count)."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, shared: CounterStore | None = None,
+                 name: str = "failed-auth") -> None:
         self.per_minute = per_minute
+        # an in-process store would only count the same failures twice
+        self.shared = None if isinstance(shared, MemoryCounterStore) else shared
+        self.name = name
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._shared_failing = False
 
     def _window(self, who: str, now: float) -> deque[float]:
         window = self._failures.get(who)
@@ -73,18 +84,38 @@ class FailedAuthThrottle:
             del self._failures[who]
         return window
 
-    def retry_after_s(self, who: str) -> int:
+    def _counter(self, who: str, cost: int) -> CounterRequest:
+        return CounterRequest(f"{self.name}:{who}", self.per_minute, int(WINDOW_S), cost)
+
+    def _shared_answered(self, error: Exception | None) -> None:
+        if error is not None and not self._shared_failing:
+            log.warning("%s: the shared counters cannot be reached (%s); failed "
+                        "authentications are counted in this process only until they "
+                        "can", self.name, type(error).__name__)
+        elif error is None and self._shared_failing:
+            log.info("%s: the shared counters answer again", self.name)
+        self._shared_failing = error is not None
+
+    async def retry_after_s(self, who: str) -> int:
         """Seconds until ``who`` may try again; 0 when it is not blocked."""
         now = time.monotonic()
         window = self._window(who, now)
-        if len(window) < self.per_minute:
+        if len(window) >= self.per_minute:
+            return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+        if self.shared is None:
             return 0
-        return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+        try:
+            result = await self.shared.acquire([self._counter(who, 0)], time.time())
+        except Exception as exc:  # Redis away: the local count decides
+            self._shared_answered(exc)
+            return 0
+        self._shared_answered(None)
+        return 0 if result.admitted else max(1, math.ceil(result.states[0].reset_s))
 
-    def blocked(self, who: str) -> bool:
-        return self.retry_after_s(who) > 0
+    async def blocked(self, who: str) -> bool:
+        return await self.retry_after_s(who) > 0
 
-    def failed(self, who: str) -> None:
+    async def failed(self, who: str) -> None:
         now = time.monotonic()
         window = self._failures.setdefault(who, deque())
         window.append(now)
@@ -93,8 +124,17 @@ class FailedAuthThrottle:
         self._failures.move_to_end(who)
         while len(self._failures) > MAX_ADDRESSES:
             self._failures.popitem(last=False)
+        if self.shared is not None:
+            try:
+                await self.shared.add([self._counter(who, 1)], time.time())
+            except Exception as exc:
+                self._shared_answered(exc)
+            else:
+                self._shared_answered(None)
 
     def succeeded(self, who: str) -> None:
+        """Forget ``who``'s failures in this process (the shared count runs out by
+        itself: another replica may be counting the same guesser)."""
         self._failures.pop(who, None)
 
 
@@ -106,7 +146,7 @@ def throttle_of(request: Request) -> tuple[FailedAuthThrottle | None, str]:
     return throttle, client_key(request.client.host if request.client else None)
 
 
-def check_admin(request: Request, token: str | None) -> None:
+async def check_admin(request: Request, token: str | None) -> None:
     """Return if ``request`` carries the admin token; otherwise PermissionDenied (no
     token is configured: the admin API is off), RateLimited (this client failed too
     often of late) or AuthenticationFailed."""
@@ -114,13 +154,13 @@ def check_admin(request: Request, token: str | None) -> None:
         raise PermissionDenied("The admin API is disabled: no admin token is configured.",
                                code="admin_disabled")
     throttle, who = throttle_of(request)
-    if throttle is not None and (wait := throttle.retry_after_s(who)):
+    if throttle is not None and (wait := await throttle.retry_after_s(who)):
         raise RateLimited(f"Too many failed admin authentications from this address; try "
                           f"again in {wait} s.", code="too_many_failed_authentications",
                           headers={"retry-after": str(wait)})
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token_matches(value, token):
         if throttle is not None:
-            throttle.failed(who)
+            await throttle.failed(who)
         log.warning("admin API: failed authentication from %s", who)
         raise AuthenticationFailed("Invalid admin credential.", code="invalid_admin_token")

@@ -58,14 +58,14 @@ def _int(request: Request, name: str) -> int | None:
 
 
 def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
-    def authenticate(request: Request) -> None:
-        check_admin(request, settings.admin.token)
+    async def authenticate(request: Request) -> None:
+        await check_admin(request, settings.admin.token)
 
     async def ledger() -> Ledger:
         return writer.ledger or await writer.start()
 
     async def get_checkpoint(request: Request) -> Response:
-        authenticate(request)
+        await authenticate(request)
         lg = await ledger()
         if request.method == "POST" or request.query_params.get("sign") in ("1", "true"):
             cp = await asyncio.to_thread(lg.checkpoint)
@@ -76,14 +76,14 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
         return JSONResponse(checkpoint_json(cp))
 
     async def get_key(request: Request) -> Response:
-        authenticate(request)
+        await authenticate(request)
         key = (await ledger()).verifier
         if key is None:
             raise NotFoundError("The ledger has no key.", code="no_key")
         return PlainTextResponse(key.encode() + "\n")
 
     async def get_proof(request: Request) -> Response:
-        authenticate(request)
+        await authenticate(request)
         lg = await ledger()
         ref = request.path_params["ref"]
         try:
@@ -97,7 +97,7 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
         return JSONResponse(proof)
 
     async def get_consistency(request: Request) -> Response:
-        authenticate(request)
+        await authenticate(request)
         old = _int(request, "old")
         if old is None:
             raise InvalidRequest("old (a tree size) is required.", param="old")
@@ -111,7 +111,7 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
         return JSONResponse(proof)
 
     async def get_entry(request: Request) -> Response:
-        authenticate(request)
+        await authenticate(request)
         lg = await ledger()
         ref = request.path_params["ref"]
         row = await asyncio.to_thread(lg.find, ref)

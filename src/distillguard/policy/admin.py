@@ -64,7 +64,7 @@ class PolicyAdmin:
 
     def guard(self, handler: Handler) -> Handler:
         async def guarded(request: Request) -> Response:
-            check_admin(request, self.settings.admin.token)
+            await check_admin(request, self.settings.admin.token)
             try:
                 return await handler(request)
             except ValueError as exc:

@@ -108,7 +108,7 @@ class TaxiiServer:
     def _wrap(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
         async def endpoint(request: Request) -> Response:
             try:
-                partner = self.authenticate(request)
+                partner = await self.authenticate(request)
                 if not _accepts(request):
                     raise TaxiiError(406, "Not Acceptable",
                                      f"this server answers in {MEDIA_TAXII}")
@@ -129,11 +129,11 @@ class TaxiiServer:
                                                   "the server hit an internal error"))
         return endpoint
 
-    def authenticate(self, request: Request) -> str:
+    async def authenticate(self, request: Request) -> str:
         """The partner a request's credential names; a client that failed too often of
         late is refused first (the admin port's one throttle, gateway/adminauth.py)."""
         throttle, who = throttle_of(request)
-        if throttle is not None and (wait := throttle.retry_after_s(who)):
+        if throttle is not None and (wait := await throttle.retry_after_s(who)):
             raise TaxiiError(429, "Too Many Requests", "too many failed authentications "
                              f"from this address; try again in {wait} s",
                              {"Retry-After": str(wait)})
@@ -151,7 +151,7 @@ class TaxiiServer:
                 if (name is None or name == partner_name) and partner.accepts(secret):
                     return partner_name
         if throttle is not None:
-            throttle.failed(who)
+            await throttle.failed(who)
         raise TaxiiError(401, "Unauthorized", "a partner credential is required",
                          {"WWW-Authenticate": 'Basic realm="distillguard TAXII"'})
 
