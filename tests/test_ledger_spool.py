@@ -79,6 +79,19 @@ def test_spooled_entries_are_written_at_start_whole_and_once(tmp_path: Path) -> 
         lg.close()
 
 
+def test_a_waiting_entry_is_found_by_its_id(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", sync=False)
+    first, second = make_exchange("first"), make_exchange("second")
+    pendings = [entry.from_exchange(ex, Retention.FULL) for ex in (first, second)]
+    spool.add(pendings[:1])
+    spool.add(pendings[1:])
+    found = spool.find(second.id)
+    assert found is not None and found.leaf(7) == pendings[1].leaf(7)
+    assert found.request == pendings[1].request
+    assert spool.find("ex_not_there") is None
+    assert Spool(tmp_path / "none").find(first.id) is None
+
+
 def test_an_exchange_is_spooled_only_when_the_store_fails(tmp_path: Path) -> None:
     """Without a spool an append that fails is the caller's error, as before; a writer
     whose segment cannot be written either tells its waiters."""
@@ -145,6 +158,19 @@ def test_exchanges_served_while_postgres_is_away_reach_the_ledger(
         assert page.status_code == 200, page.text[:300]
         assert "The ledger's store cannot be read now" in page.text
         assert re.search(r"\d+ exchanges wait in the spool", page.text)
+        # an exchange page: one still in the spool shows its bodies from there; one
+        # stored before the cut says the store cannot be read (it was a 500)
+        stack.call(stack.stack.gateway.settle())
+        first, last = recorder.exchanges[0].id, recorder.exchanges[-1].id
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+            login(client)
+            waiting, stored = (client.get(f"/exchanges/{i}") for i in (last, first))
+        assert waiting.status_code == 200, waiting.text[:300]
+        assert "waits in the gateway's spool" in waiting.text
+        assert "<h2>Request</h2>" in waiting.text and "max_tokens" in waiting.text
+        assert "Inclusion proof" not in waiting.text
+        assert stored.status_code == 200, stored.text[:300]
+        assert "The ledger's store cannot be read now" in stored.text
         pg.restore()
         assert [call() for _ in range(2)] == [200] * 2
         stack.call(stack.stack.gateway.settle())

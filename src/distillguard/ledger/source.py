@@ -91,11 +91,28 @@ class LedgerView:
                 "signed": bool(proof.get("checkpoint"))}
 
     async def exchange(self, exchange_id: str) -> dict[str, Any] | None:
-        lg = await self._ledger()
-        row = await asyncio.to_thread(lg.store.find, exchange_id)
-        if row is None or row.kind != entry.KIND_EXCHANGE:
-            return None
-        return entry.to_trace(row)
+        """The stored exchange in the trace format; one still waiting in the spool (the
+        store away, or not written yet) with ``ledger_index`` None and ``spooled`` true.
+        Raises what the store raised when it cannot be read and the spool has no such
+        exchange."""
+        failure: Exception | None = None
+        try:
+            lg = await self._ledger()
+            row = await asyncio.to_thread(lg.store.find, exchange_id)
+        except Exception as exc:
+            failure, row = exc, None
+        if row is not None:
+            return entry.to_trace(row) if row.kind == entry.KIND_EXCHANGE else None
+        spool = self.writer.spool
+        waiting = None if spool is None else await asyncio.to_thread(spool.find, exchange_id)
+        if waiting is not None and waiting.kind == entry.KIND_EXCHANGE:
+            out = entry.trace_of(waiting.leaf(0), waiting.request, waiting.response, 0)
+            out["ledger_index"] = None
+            out["spooled"] = True
+            return out
+        if failure is not None:
+            raise failure
+        return None
 
 
 def open_source(settings: Settings) -> LedgerView | None:

@@ -112,6 +112,22 @@ class Spool:
             return []
         return [self.folder / name for name in names]
 
+    def find(self, entry_id: str) -> Pending | None:
+        """The waiting entry with this id, if a segment holds it (a scan of every
+        segment: for looking one up while the store is away, not for bulk reads)."""
+        needle = orjson.dumps(entry_id)
+        for path in self.segments():
+            try:
+                with open(path, "rb") as fh:
+                    for line in fh:
+                        if needle in line:   # cheap test before the parse
+                            pending = _pending(line)
+                            if pending.entry_id == entry_id:
+                                return pending
+            except FileNotFoundError:        # written to the store meanwhile
+                continue
+        return None
+
     def add(self, entries: Sequence[Pending]) -> Path:
         """Write ``entries`` as one segment; returns once it is whole on disk (raises
         OSError when it cannot be: the disk is full, the folder cannot be made)."""

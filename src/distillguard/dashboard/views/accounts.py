@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -15,6 +16,8 @@ from distillguard.errors import NotFound
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
+
+log = logging.getLogger("distillguard.dashboard")
 
 
 async def search_page(dash: Dashboard, request: Request) -> Response:
@@ -76,10 +79,16 @@ async def exchange_page(dash: Dashboard, request: Request) -> Response:
     exchange_id = request.path_params["exchange_id"]
     row = await queries.exchange_row(dash.sources.engine, exchange_id)
     record = None
+    unreadable = None
     ledger = dash.sources.ledger
     if ledger is not None:
-        record = await ledger.exchange(exchange_id)
-    if row is None and record is None:
+        try:
+            record = await ledger.exchange(exchange_id)
+        except Exception as exc:   # the store is away and the spool does not hold it
+            log.warning("dashboard: the ledger's store cannot be read (%s: %s)",
+                        type(exc).__name__, exc)
+            unreadable = type(exc).__name__
+    if row is None and record is None and unreadable is None:
         raise HTTPException(404, f"There is no exchange {exchange_id!r}.")
     bodies = None
     if record is not None and (record.get("request") is not None
@@ -88,4 +97,5 @@ async def exchange_page(dash: Dashboard, request: Request) -> Response:
                   "response": _pretty(record.get("response"))}
     return dash.render(request, "exchange.html", title=f"Exchange {exchange_id}",
                        section="accounts", x=row or record, record=record, bodies=bodies,
-                       exchange_id=exchange_id, ledger=ledger is not None)
+                       exchange_id=exchange_id, ledger=ledger is not None,
+                       unreadable=unreadable)
