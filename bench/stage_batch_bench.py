@@ -1,0 +1,131 @@
+"""The online detection stage behind the pipeline's queue: one exchange at a time (an
+idle gateway: each exchange has gone through before the next arrives) against what
+waited on the queue (a backlog, ``traces import``: the stage's ``prepare`` extracts up
+to ``BACKGROUND_BATCH`` exchanges in one pass).
+
+    python3 -m bench.stage_batch_bench --trace l1/trace.jsonl [--limit 20000] [--runs 3] \
+        [--baseline-src OLD/src]
+
+Each measurement runs in a fresh process (cold feature caches), the two modes
+alternating run by run, on the first ``--limit`` exchanges of the trace in time order
+(parsed before timing). The stage runs as the gateway runs it by default, its detector
+in a process of its own, so the CPU time of the measuring process is what the stage
+costs the gateway's process: features, the hand-over to the detector, the account
+look-ups. Wall-clock time is given beside it; medians and the ratio one-at-a-time /
+queued are printed. With ``--baseline-src`` (the ``src`` folder of another checkout)
+the queued mode also runs on that code, alternating, and the ratio baseline / this is
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+MODES = ("one_at_a_time", "queued")
+
+
+def _worker(mode: str, trace: str, limit: int) -> dict[str, Any]:
+    from distillguard.detect.calibration import Calibration
+    from distillguard.detect.online import DetectionStage
+    from distillguard.detect.reader import iter_sorted_lines
+    from distillguard.exchange import Exchange
+    from distillguard.geoip import default_geoip
+    from distillguard.pipeline import Pipeline
+
+    exchanges: list[Exchange] = []
+    for lines in iter_sorted_lines(trace):
+        exchanges += [Exchange.from_trace(orjson.loads(line)) for line in lines]
+        if len(exchanges) >= limit:
+            break
+    del exchanges[limit:]
+
+    async def go(folder: str) -> tuple[float, float]:
+        stage = DetectionStage(f"sqlite:///{folder}/state.sqlite", Calibration.read(),
+                               geoip=default_geoip(), runs_in="process")
+        pipeline = Pipeline([stage])
+        await pipeline.start()
+        began, cpu = time.perf_counter(), time.process_time()
+        if mode == "one_at_a_time":
+            for ex in exchanges:
+                await pipeline.submit(ex)
+                await pipeline.drain()
+        else:
+            await pipeline.submit_many(exchanges)
+            await pipeline.drain()
+        seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
+        assert stage.fed == sum(1 for ex in exchanges if ex.account_id and ex.status)
+        await pipeline.close()
+        return seconds, cpu_seconds
+
+    with tempfile.TemporaryDirectory() as folder:
+        seconds, cpu_seconds = asyncio.run(go(folder))
+    return {"exchanges": len(exchanges), "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def _run(mode: str, trace: str, limit: int, src: Path | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    out = subprocess.run([sys.executable, "-m", "bench.stage_batch_bench", "--worker", mode,
+                          "--trace", trace, "--limit", str(limit)], check=True, env=env,
+                         capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    return orjson.loads(out.stdout.splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--limit", type=int, default=20_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline-src", type=Path, default=None)
+    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(orjson.dumps(_worker(args.worker, args.trace, args.limit)).decode())
+        return
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    plan: dict[str, tuple[str, Path | None]] = {mode: (mode, None) for mode in MODES}
+    if args.baseline_src is not None:
+        plan["baseline queued"] = ("queued", args.baseline_src.resolve())
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
+    for i in range(args.runs):
+        for name, (mode, src) in plan.items():
+            runs[name].append(_run(mode, args.trace, args.limit, src))
+            print(f"run {i + 1}/{args.runs} {name}: {runs[name][-1]['cpu_seconds']:.2f} s "
+                  "CPU", file=sys.stderr)
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"trace {args.trace}, first {args.limit:,} exchanges, {args.runs} alternating "
+          f"runs, load average before {load_before}, after {load_after}\n")
+    print("| mode | median CPU s (runs) | CPU us per exchange | median wall s |")
+    print("|---|---|---|---|")
+    medians = {}
+    for mode, results in runs.items():
+        cpu = statistics.median(r["cpu_seconds"] for r in results)
+        wall = statistics.median(r["seconds"] for r in results)
+        medians[mode] = cpu
+        runs_text = ", ".join(f"{r['cpu_seconds']:.2f}" for r in results)
+        print(f"| {mode} | {cpu:.2f} ({runs_text}) | "
+              f"{cpu / results[0]['exchanges'] * 1e6:.0f} | {wall:.2f} |")
+    print()
+    for slow in ("one_at_a_time", "baseline queued"):
+        if slow in runs:
+            per_run = [a["cpu_seconds"] / b["cpu_seconds"]
+                       for a, b in zip(runs[slow], runs["queued"], strict=True)]
+            print(f"CPU {slow} / queued: {medians[slow] / medians['queued']:.2f} x "
+                  f"(per run: {', '.join(f'{r:.2f}' for r in per_run)})")
+
+
+if __name__ == "__main__":
+    main()
