@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from distillguard.detect import online
 from distillguard.detect.calibration import Calibration
@@ -164,3 +165,47 @@ def test_the_detection_stage_extracts_one_by_one_when_a_batch_fails(
     pipeline = asyncio.run(go())
     assert not pipeline.stage_errors and stage.fed == 4
     assert all("features" in ex.annotations for ex in exchanges)
+
+
+def test_the_detection_stage_reads_a_batch_of_new_accounts_in_one_query(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillguard.detect.scoring import AccountFacts
+    from tests.detectworld import import_accounts
+
+    accounts = tmp_path / "accounts.jsonl"
+    accounts.write_text(
+        '{"account_id": "acct_a", "created_at": "2026-02-01T00:00:00Z", "org": "Org A",'
+        ' "payment_fingerprint": "pay_1", "email_domain": "a.example"}\n'
+        '{"account_id": "acct_b", "created_at": null, "org": null,'
+        ' "payment_fingerprint": "pay_2", "email_domain": null}\n')
+    stage = _detection_stage(tmp_path)
+    asyncio.run(import_accounts(stage.state_url, accounts))
+    looked_up: list[set[str]] = []
+    real = DetectionStage._look_up_accounts
+
+    async def counted(self: DetectionStage, ids: set[str]) -> None:
+        looked_up.append(set(ids))
+        await real(self, ids)
+    monkeypatch.setattr(DetectionStage, "_look_up_accounts", counted)
+    queries: list[str] = []
+    exchanges = [make_exchange(f"q{i}", account_id=a)
+                 for i, a in enumerate(["acct_a", "acct_b", "acct_none", "acct_a"])]
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "FROM accounts" in statement:
+            queries.append(statement)
+
+    async def go() -> None:
+        await stage.start()
+        assert stage.engine is not None
+        event.listen(stage.engine.sync_engine, "before_cursor_execute", seen)
+        await Pipeline([stage]).submit_many(exchanges)
+        await stage.close()
+    asyncio.run(go())
+    assert looked_up == [{"acct_a", "acct_b", "acct_none"}]
+    assert len(queries) == 1 and " IN (" in queries[0]   # no look-up per account
+    detector = stage.detector
+    assert detector is not None
+    assert detector.facts["acct_a"] == AccountFacts(
+        created_at=1769904000.0, org="Org A", payment="pay_1", email_domain="a.example")
+    assert detector.facts["acct_b"].payment == "pay_2" and "acct_none" not in detector.facts

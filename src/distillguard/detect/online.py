@@ -49,10 +49,13 @@ from distillguard.detect.stream import StreamPublisher
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange, format_ts, parse_ts
 from distillguard.geoip import GeoIP, default_geoip
-from distillguard.store.sql import async_url
+from distillguard.store.sql import async_url, in_chunks
 from distillguard.verdicts import AccountVerdict, CampaignVerdict
 
 log = logging.getLogger("distillguard.detect")
+
+# What the detector reads of an account record (AccountFacts).
+_ACCOUNT_COLUMNS = "created_at, org, payment_fingerprint, email_domain"
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS campaigns (
@@ -318,6 +321,7 @@ class DetectionStage:
         # Features computed ahead for the batch on its way through (see prepare), by
         # the exchange's identity.
         self._prepared: dict[int, tuple[Exchange, ExchangeFeatures]] = {}
+        self._prepared_facts: dict[str, Any] = {}    # account -> its record (None: none)
         self.fed = 0
         self.written_accounts = 0
         self.written_campaigns = 0
@@ -354,22 +358,44 @@ class DetectionStage:
 
     async def _facts(self, account_id: str) -> None:
         self._known.add(account_id)
+        if account_id in self._prepared_facts:        # looked up with its batch
+            row = self._prepared_facts.pop(account_id)
+        else:
+            assert self.engine is not None
+            try:
+                async with self.engine.connect() as conn:
+                    row = (await conn.execute(text(
+                        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = :a"),
+                        {"a": account_id})).mappings().first()
+            except Exception:  # no accounts table (a bare database): behaviour only
+                log.debug("no account record for %s", account_id, exc_info=True)
+                return
+        if row is not None:
+            created = row["created_at"]
+            facts = AccountFacts(created_at=parse_ts(created).timestamp() if created else None,
+                                 org=row["org"], payment=row["payment_fingerprint"],
+                                 email_domain=row["email_domain"])
+            await self.runner.add_account(account_id, facts)
+
+    async def _look_up_accounts(self, account_ids: set[str]) -> None:
+        """The account records of a batch's accounts not seen before, in one query per 500
+        (:meth:`_facts` takes them from here); one that fails leaves them to be looked up
+        one by one."""
+        if self.engine is None:
+            await self.start()
         assert self.engine is not None
+        found: dict[str, Any] = dict.fromkeys(account_ids)
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.execute(text(
-                    "SELECT created_at, org, payment_fingerprint, email_domain FROM accounts"
-                    " WHERE account_id = :a"), {"a": account_id})).first()
-        except Exception:  # no accounts table (a bare database): behaviour only
-            log.debug("no account record for %s", account_id, exc_info=True)
+                for marks, params in in_chunks(sorted(account_ids)):
+                    rows = await conn.execute(text(
+                        f"SELECT account_id, {_ACCOUNT_COLUMNS} FROM accounts"
+                        f" WHERE account_id IN ({marks})"), params)
+                    found.update((r["account_id"], r) for r in rows.mappings())
+        except Exception:
+            log.debug("account records of a batch not read; one by one", exc_info=True)
             return
-        if row is not None:
-            m = row._mapping
-            created = m["created_at"]
-            facts = AccountFacts(created_at=parse_ts(created).timestamp() if created else None,
-                                 org=m["org"], payment=m["payment_fingerprint"],
-                                 email_domain=m["email_domain"])
-            await self.runner.add_account(account_id, facts)
+        self._prepared_facts = found
 
     @staticmethod
     def _detectable(exchange: Exchange) -> bool:
@@ -386,12 +412,16 @@ class DetectionStage:
     async def prepare(self, exchanges: Sequence[Exchange]) -> None:
         """The features of a batch of exchanges in one pass (:func:`extract_many`: each
         distinct text once, SimHashes in one numpy pass, about half the work of one
-        exchange at a time); :meth:`on_exchange` takes them from here."""
+        exchange at a time), and the records of its new accounts in one query;
+        :meth:`on_exchange` takes them from here."""
         todo = [ex for ex in exchanges if self._detectable(ex)]
-        self._prepared = {}
+        self._prepared, self._prepared_facts = {}, {}
         if len(todo) > 1:
             features = extract_many(todo, await self._geoip())
             self._prepared = {id(ex): (ex, f) for ex, f in zip(todo, features, strict=True)}
+            unknown = {f.account_id for f in features} - self._known
+            if self.runner.needs_accounts and len(unknown) > 1:
+                await self._look_up_accounts(unknown)
 
     async def on_exchange(self, exchange: Exchange) -> None:
         if not self._detectable(exchange):
