@@ -24,13 +24,14 @@ once declares ``concurrent = True`` (the ledger does): :meth:`Pipeline.submit_ma
 to replay files, then hands it a whole batch, its calls started in order.
 
 A background stage whose per-exchange work is cheaper done for many exchanges at once
-(online detection: a numpy pass over many texts, one message to the detector instead
-of one each) may implement ``async prepare(exchanges)``. The queue's worker takes what
+(online detection: one numpy pass over many texts, one query for many account records)
+may implement ``async prepare(exchanges)``. The queue's worker takes what
 waits (up to :data:`BACKGROUND_BATCH`), calls ``prepare`` with all of it, then
 ``on_exchange`` for each exchange in order, as ever: ``prepare`` does only work that
 ``on_exchange`` would otherwise do itself, so a ``prepare`` that fails is logged and the
 exchanges are handled one by one as if it had not run (one bad exchange costs only
-itself). An idle gateway's batches are of one exchange; under load they grow.
+itself). Batches are as large as what waited: one exchange when the worker keeps up
+(as it does in a gateway serving at full speed), more for a backlog or a replayed file.
 
 **Response filters** (:class:`ResponseFilter`) change what the client receives (reasoning
 protection, per-account fingerprinting). They run on the request path, after upstream
