@@ -38,15 +38,32 @@ MODES = ("one_by_one", "blocks", "end_to_end")
 _HERE = Path(__file__).resolve().parents[1] / "src"
 
 
+def first_exchanges(trace: str, limit: int) -> list[Any]:
+    """The trace's first ``limit`` exchanges in time order, parsed (also used by
+    ``bench.stage_batch_bench``; works with the code of older checkouts)."""
+    try:
+        from distillguard.detect.reader import iter_sorted_lines
+    except ImportError:      # code from before the reader had a module of its own
+        from distillguard.detect.batch import iter_sorted_lines  # type: ignore[attr-defined,no-redef]
+    from distillguard.exchange import Exchange
+
+    exchanges: list[Exchange] = []
+    for lines in iter_sorted_lines(trace):
+        exchanges += [Exchange.from_trace(orjson.loads(line)) for line in lines]
+        if len(exchanges) >= limit:
+            break
+    del exchanges[limit:]
+    return exchanges
+
+
 def _worker(mode: str, trace: str, limit: int) -> dict[str, Any]:
     """Run one measurement in this process (the code PYTHONPATH points at)."""
     from distillguard.detect.batch import _trace_features
     try:
-        from distillguard.detect.reader import BATCH_ROWS, iter_sorted_lines
+        from distillguard.detect.reader import BATCH_ROWS
     except ImportError:      # code from before the reader had a module of its own
-        from distillguard.detect.batch import BATCH_ROWS, iter_sorted_lines  # type: ignore[attr-defined,no-redef]
+        from distillguard.detect.batch import BATCH_ROWS  # type: ignore[attr-defined,no-redef]
     from distillguard.detect.features import extract, extract_many
-    from distillguard.exchange import Exchange
     from distillguard.geoip import default_geoip
 
     default_geoip()  # load the database before timing
@@ -55,12 +72,7 @@ def _worker(mode: str, trace: str, limit: int) -> dict[str, Any]:
         count = sum(1 for _ in _trace_features(trace, memory_limit="1GB", geoip=None,
                                                on_block=None))
     else:
-        exchanges: list[Exchange] = []
-        for lines in iter_sorted_lines(trace):
-            exchanges += [Exchange.from_trace(orjson.loads(line)) for line in lines]
-            if len(exchanges) >= limit:
-                break
-        del exchanges[limit:]
+        exchanges = first_exchanges(trace, limit)
         count = len(exchanges)
         began, cpu = time.perf_counter(), time.process_time()
         if mode == "one_by_one":

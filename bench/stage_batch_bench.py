@@ -37,19 +37,13 @@ MODES = ("one_at_a_time", "queued")
 
 
 def _worker(mode: str, trace: str, limit: int, accounts: str | None) -> dict[str, Any]:
+    from bench.features_bench import first_exchanges
     from distillguard.detect.calibration import Calibration
     from distillguard.detect.online import DetectionStage
-    from distillguard.detect.reader import iter_sorted_lines
-    from distillguard.exchange import Exchange
     from distillguard.geoip import default_geoip
     from distillguard.pipeline import Pipeline
 
-    exchanges: list[Exchange] = []
-    for lines in iter_sorted_lines(trace):
-        exchanges += [Exchange.from_trace(orjson.loads(line)) for line in lines]
-        if len(exchanges) >= limit:
-            break
-    del exchanges[limit:]
+    exchanges = first_exchanges(trace, limit)
 
     async def go(folder: str) -> tuple[float, float]:
         url = f"sqlite:///{folder}/state.sqlite"
