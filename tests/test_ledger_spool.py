@@ -79,6 +79,33 @@ def test_spooled_entries_are_written_at_start_whole_and_once(tmp_path: Path) -> 
         lg.close()
 
 
+def test_segments_written_before_a_failure_are_counted(tmp_path: Path) -> None:
+    """The appended count (distillguard_ledger_appended_total) grows as each spooled
+    segment commits: one written before a later one failed was not counted before."""
+    config = _config(tmp_path)
+    spool = Spool(config.spool_dir)  # type: ignore[arg-type]
+    spool.add([entry.from_exchange(make_exchange(f"a{i}"), Retention.FULL) for i in range(2)])
+    spool.add([entry.from_exchange(make_exchange(f"b{i}"), Retention.FULL) for i in range(3)])
+    writer = LedgerWriter(config)
+    writer.ledger = Ledger(config)
+    real = writer.ledger.append
+    calls = 0
+
+    def second_fails(pending: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError("the store went away again")
+        return real(pending)  # type: ignore[arg-type]
+    writer.ledger.append = second_fails  # type: ignore[method-assign]
+    writer._drain_spool()
+    assert writer.appended == 2 and writer.spooled == 3
+    writer.ledger.append = real  # type: ignore[method-assign]
+    writer._drain_spool()
+    assert writer.appended == 5 and writer.spooled == 0
+    writer.ledger.close()
+
+
 def test_a_waiting_entry_is_found_by_its_id(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", sync=False)
     first, second = make_exchange("first"), make_exchange("second")

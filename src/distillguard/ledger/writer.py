@@ -245,8 +245,16 @@ class LedgerWriter:
         later, waiting longer each time (up to RETRY_MOST_S)."""
         assert self.spool is not None and self.ledger is not None
         ledger = self.ledger
+
+        def append(entries: list[entry.Pending]) -> None:
+            ledger.append(entries)
+            # counted as each segment commits, before the spool's count drops, so the
+            # two never add up to less than what was served, even when a later segment
+            # fails
+            self.appended += len(entries)
+
         try:
-            written = self.spool.drain(ledger.append,
+            written = self.spool.drain(append,
                                        lambda entry_id: ledger.store.find(entry_id) is not None)
         except Exception as exc:
             self._retry_wait = min(RETRY_MOST_S, self._retry_wait * 2)
@@ -254,7 +262,6 @@ class LedgerWriter:
             log.warning("the ledger's store still cannot be written (%s); %d entries wait "
                         "in %s", type(exc).__name__, self.spool.held, self.spool.folder)
             return
-        self.appended += written
         self._retry_wait = RETRY_FIRST_S
         if written:
             log.warning("the ledger's store answers again: %d spooled entries written",
