@@ -45,3 +45,15 @@ def test_the_demo_upstream_refuses_a_bad_token_limit_as_the_api_does(
         assert client.completions.create(model="demo-chat-1", prompt=prompt, max_tokens=2)
     out = client.chat.completions.create(**chat, max_completion_tokens=3)  # type: ignore[call-overload]
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+
+
+def test_the_demo_upstream_keeps_idle_connections_longer_than_the_gateway(
+        stack: StackThread) -> None:
+    """The gateway's pool gives up an idle upstream connection before the demo upstream
+    closes it: with the two equal, a request sent as the upstream closed the connection
+    failed with a 502 now and again."""
+    from distillguard import upstream
+
+    demo = stack.stack.servers[-1]
+    assert demo.config.port == stack.stack.demo_port
+    assert demo.config.timeout_keep_alive > upstream.KEEPALIVE_S

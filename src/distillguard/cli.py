@@ -176,9 +176,11 @@ def demo_upstream(host: str, port: int, chunk_delay_ms: float) -> None:
     import uvicorn
 
     from distillguard.demo_upstream import create_demo_upstream
+    from distillguard.serve import DEMO_UPSTREAM_KEEPALIVE_S
 
     uvicorn.run(create_demo_upstream(chunk_delay_ms / 1000), host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False,
+                timeout_keep_alive=DEMO_UPSTREAM_KEEPALIVE_S)
 
 
 @main.command()

@@ -80,9 +80,16 @@ def _http_protocol() -> type[asyncio.Protocol]:
     return HTTPProtocol
 
 
+# The demo upstream keeps an idle connection longer than the gateway's pool does
+# (upstream.KEEPALIVE_S): with the two equal, a request sent on a connection just as the
+# upstream closed it failed with a 502 now and again (a test sending after a wait of up
+# to a minute saw it).
+DEMO_UPSTREAM_KEEPALIVE_S = 75
+
+
 def _server(app: Any, host: str, port: int, *,
             lifespan: Literal["auto", "on", "off"],
-            tls: ServerSettings | None = None) -> uvicorn.Server:
+            tls: ServerSettings | None = None, keepalive_s: int = 30) -> uvicorn.Server:
     """A uvicorn server for ``app``; HTTPS with ``tls``'s certificate and key when it
     names them."""
     ssl_files: dict[str, Any] = {}
@@ -91,7 +98,7 @@ def _server(app: Any, host: str, port: int, *,
     config = uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level="warning",
                             access_log=False, proxy_headers=False, server_header=False,
                             date_header=False, loop="none", http=_http_protocol(),
-                            timeout_keep_alive=30, **ssl_files)
+                            timeout_keep_alive=keepalive_s, **ssl_files)
     server = uvicorn.Server(config)
     return server
 
@@ -157,7 +164,7 @@ class Stack:
         self.servers += [main, admin]
         if self.demo_port is not None:
             self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
-                                        lifespan="off"))
+                                        lifespan="off", keepalive_s=DEMO_UPSTREAM_KEEPALIVE_S))
         tasks = [asyncio.create_task(s.serve(sockets=[sock]))
                  for s, sock in zip(self.servers, sockets, strict=True)]
         try:

@@ -69,6 +69,13 @@ class UpstreamTransport(Protocol):
     async def close(self) -> None: ...
 
 
+# How long an idle pooled connection to the upstream is kept. A server that closes idle
+# connections sooner is fine (the close arrives while the connection idles); one that
+# closes them at the same moment races the next request on it, which then fails with a
+# 502, so the built-in demo upstream keeps them longer (serve.DEMO_UPSTREAM_KEEPALIVE_S).
+KEEPALIVE_S = 30
+
+
 class HttpUpstream:
     """An OpenAI-compatible server at ``base_url`` (which includes ``/v1``)."""
 
@@ -83,7 +90,7 @@ class HttpUpstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
-                                         keepalive_timeout=30, ttl_dns_cache=300)
+                                         keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
