@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import openai
 import pytest
 
-from distillguard.serve import StackThread
+from distillguard.errors import ConfigError
+from distillguard.serve import Stack, StackThread
+from tests.factories import make_settings
 
 
 def test_chat_completion_through_gateway_with_openai_client(
@@ -57,3 +62,36 @@ def test_the_demo_upstream_keeps_idle_connections_longer_than_the_gateway(
     demo = stack.stack.servers[-1]
     assert demo.config.port == stack.stack.demo_port
     assert demo.config.timeout_keep_alive > upstream.KEEPALIVE_S
+
+
+def test_the_demo_upstream_port_is_held_from_the_start(tmp_path: Path) -> None:
+    """The demo upstream's port is bound when the stack is made, not only when it starts
+    serving: a port picked early and bound later was sometimes taken in between."""
+    stack = Stack(make_settings(tmp_path))
+    assert stack.demo_port is not None
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", stack.demo_port))
+    running = StackThread(stack).start()
+    try:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="sk-none", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        assert running.stack.servers[-1].started
+    finally:
+        running.stop()
+
+
+def test_a_stack_that_cannot_be_made_lets_its_demo_port_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillguard import serve
+
+    made: list[socket.socket] = []
+    real = serve.listen
+
+    def recorded(host: str, port: int, what: str) -> socket.socket:
+        made.append(real(host, port, what))
+        return made[-1]
+    monkeypatch.setattr(serve, "listen", recorded)
+    with pytest.raises(ConfigError):
+        Stack(make_settings(tmp_path, policy={"colour": "red"}))
+    assert len(made) == 1 and made[0].fileno() == -1      # closed

@@ -111,21 +111,31 @@ class Stack:
         self.settings = settings
         self.demo_port: int | None = None
         upstream_url = None
+        # The demo upstream's socket is bound here and kept until serve(): a port only
+        # picked here and bound there could be taken in between (another process's
+        # outgoing connection is given it now and again).
+        self._demo_socket: socket.socket | None = None
         if settings.upstream.is_demo:
-            self.demo_port = free_port()
+            self._demo_socket = listen("127.0.0.1", 0, "demo upstream")
+            self.demo_port = int(self._demo_socket.getsockname()[1])
             upstream_url = f"http://127.0.0.1:{self.demo_port}/v1"
-        if extensions is None:
-            from distillguard.components import load_extensions
+        try:
+            if extensions is None:
+                from distillguard.components import load_extensions
 
-            extensions = load_extensions(settings)
-        self.extensions = extensions
-        self.gateway = Gateway.create(
-            settings,
-            upstream_url=upstream_url,
-            stages=[s for e in extensions for s in e.stages],
-            checks=[c for e in extensions for c in e.checks],
-            response_filters=[f for e in extensions for f in e.response_filters],
-        )
+                extensions = load_extensions(settings)
+            self.extensions = extensions
+            self.gateway = Gateway.create(
+                settings,
+                upstream_url=upstream_url,
+                stages=[s for e in extensions for s in e.stages],
+                checks=[c for e in extensions for c in e.checks],
+                response_filters=[f for e in extensions for f in e.response_filters],
+            )
+        except BaseException:
+            if self._demo_socket is not None:
+                self._demo_socket.close()
+            raise
         self.admin = AdminAPI(self.gateway)
         self.servers: list[uvicorn.Server] = []
 
@@ -141,19 +151,22 @@ class Stack:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server_cfg = self.settings.server
-        server_cfg.tls_context()   # a certificate that cannot serve is one clear error, first
         # Every address is taken before any server starts: one that cannot be had is one
         # clear error, and a port of 0 becomes the one the system gave.
         sockets: list[socket.socket] = []
         try:
+            server_cfg.tls_context()   # a certificate that cannot serve: one clear error
             sockets.append(listen(server_cfg.host, server_cfg.port, "public API"))
             sockets.append(listen(server_cfg.admin_host, server_cfg.admin_port, "admin API"))
-            if self.demo_port is not None:
-                sockets.append(listen("127.0.0.1", self.demo_port, "demo upstream"))
-        except ConfigError:
+        except BaseException:
             for sock in sockets:
                 sock.close()
+            if self._demo_socket is not None:
+                self._demo_socket.close()
             raise
+        if self._demo_socket is not None:
+            sockets.append(self._demo_socket)
+            self._demo_socket = None      # the demo upstream's server owns it now
         server_cfg.port = int(sockets[0].getsockname()[1])
         server_cfg.admin_port = int(sockets[1].getsockname()[1])
         main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on",
