@@ -103,6 +103,14 @@ def test_segments_written_before_a_failure_are_counted(tmp_path: Path) -> None:
     writer.ledger.append = real  # type: ignore[method-assign]
     writer._drain_spool()
     assert writer.appended == 5 and writer.spooled == 0
+    # a commit that went through but whose answer was lost: the entry was spooled too,
+    # and the drain finds it stored; it is in the store, so it counts
+    lost = [entry.from_exchange(make_exchange("lost"), Retention.FULL)]
+    writer.ledger.append(lost)
+    spool.add(lost)
+    writer.spool = Spool(config.spool_dir)  # type: ignore[arg-type]
+    writer._drain_spool()
+    assert writer.appended == 6 and writer.spooled == 0
     writer.ledger.close()
 
 

@@ -183,11 +183,15 @@ class Spool:
                 os.close(fd)
 
     def drain(self, append: Callable[[list[Pending]], object],
-              stored: Callable[[str], bool]) -> int:
+              stored: Callable[[str], bool],
+              committed: Callable[[int], None] | None = None) -> int:
         """Append every segment's entries (``append``: one transaction per segment),
         oldest first, leaving out those ``stored`` says the store holds; remove each
         segment once its entries are committed. Returns how many were appended. A
-        failure of ``append`` is raised, and its segment and the later ones stay."""
+        failure of ``append`` is raised, and its segment and the later ones stay.
+        ``committed`` is told, after each segment and before :attr:`held` drops, how
+        many of its entries the store now holds (all of them: those appended and those
+        a commit whose answer was lost had written already)."""
         appended = 0
         for path, entries in self._locked():
             # A segment is appended in one transaction, so it is in the store whole or
@@ -197,6 +201,8 @@ class Spool:
                 fresh = [p for p in entries if not stored(p.entry_id)]
             if fresh:
                 append(fresh)
+            if committed is not None:
+                committed(len(entries))
             path.unlink(missing_ok=True)
             if self.sync:
                 self._sync_folder()

@@ -246,16 +246,17 @@ class LedgerWriter:
         assert self.spool is not None and self.ledger is not None
         ledger = self.ledger
 
-        def append(entries: list[entry.Pending]) -> None:
-            ledger.append(entries)
-            # counted as each segment commits, before the spool's count drops, so the
-            # two never add up to less than what was served, even when a later segment
-            # fails
-            self.appended += len(entries)
+        def committed(entries: int) -> None:
+            # counted as each segment is done, before the spool's count drops, so the
+            # two never add up to less than what was served: a segment written before a
+            # later one failed counts, and so does an entry whose first commit went
+            # through but whose answer was lost (the store went away mid-commit)
+            self.appended += entries
 
         try:
-            written = self.spool.drain(append,
-                                       lambda entry_id: ledger.store.find(entry_id) is not None)
+            written = self.spool.drain(ledger.append,
+                                       lambda entry_id: ledger.store.find(entry_id) is not None,
+                                       committed)
         except Exception as exc:
             self._retry_wait = min(RETRY_MOST_S, self._retry_wait * 2)
             self._retry_at = time.monotonic() + self._retry_wait
