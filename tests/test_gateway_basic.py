@@ -57,11 +57,9 @@ def test_the_demo_upstream_keeps_idle_connections_longer_than_the_gateway(
     """The gateway's pool gives up an idle upstream connection before the demo upstream
     closes it: with the two equal, a request sent as the upstream closed the connection
     failed with a 502 now and again."""
-    from distillguard import upstream
-
     demo = stack.stack.servers[-1]
     assert demo.config.port == stack.stack.demo_port
-    assert demo.config.timeout_keep_alive > upstream.KEEPALIVE_S
+    assert demo.config.timeout_keep_alive > stack.stack.settings.upstream.keepalive_s
 
 
 def test_the_demo_upstream_port_is_held_from_the_start(tmp_path: Path) -> None:

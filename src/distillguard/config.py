@@ -134,6 +134,9 @@ class UpstreamSettings(_Section):
     timeout_s: float = Field(120.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(512, gt=0)
+    # How long an idle pooled connection is kept: under the upstream's own idle timeout,
+    # or a request sent as the upstream closes the connection fails (see docs).
+    keepalive_s: float = Field(4.0, gt=0)
     models: list[str] = Field(default_factory=list)
 
     @property

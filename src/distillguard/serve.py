@@ -80,10 +80,10 @@ def _http_protocol() -> type[asyncio.Protocol]:
     return HTTPProtocol
 
 
-# The demo upstream keeps an idle connection longer than the gateway's pool does
-# (upstream.KEEPALIVE_S): with the two equal, a request sent on a connection just as the
-# upstream closed it failed with a 502 now and again (a test sending after a wait of up
-# to a minute saw it).
+# The demo upstream keeps an idle connection much longer than the gateway's pool does by
+# default (upstream.keepalive_s): with the two equal, a request sent on a connection just
+# as the upstream closed it failed with a 502 now and again (a test sending after a wait
+# of up to a minute saw it). 75 s is also nginx's default.
 DEMO_UPSTREAM_KEEPALIVE_S = 75
 
 

@@ -69,13 +69,6 @@ class UpstreamTransport(Protocol):
     async def close(self) -> None: ...
 
 
-# How long an idle pooled connection to the upstream is kept. A server that closes idle
-# connections sooner is fine (the close arrives while the connection idles); one that
-# closes them at the same moment races the next request on it, which then fails with a
-# 502, so the built-in demo upstream keeps them longer (serve.DEMO_UPSTREAM_KEEPALIVE_S).
-KEEPALIVE_S = 30
-
-
 class HttpUpstream:
     """An OpenAI-compatible server at ``base_url`` (which includes ``/v1``)."""
 
@@ -89,8 +82,14 @@ class HttpUpstream:
         self._headers = headers
 
     async def start(self) -> None:
+        # An idle connection is given up after upstream.keepalive_s. A server that closes
+        # idle connections itself races the next request sent on one as it closes it: the
+        # request fails, and a POST is not retried (aiohttp retries idempotent methods
+        # only, RFC 9112 section 9.3.1), so the client gets a 502. Giving the connection up
+        # first, under the server's idle timeout, leaves no such moment.
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
-                                         keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300)
+                                         keepalive_timeout=self.settings.keepalive_s,
+                                         ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
