@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
+import subprocess
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from distillguard.config import Settings, load_settings
 from distillguard.detect.features import ExchangeFeatures
@@ -112,3 +116,49 @@ def start_recorded_stack(settings: Settings) -> tuple[StackThread, Recorder]:
     recorder = Recorder()
     extensions = [*load_extensions(settings), Extension(stages=[recorder])]
     return StackThread(Stack(settings, extensions=extensions)).start(), recorder
+
+
+class StderrLines:
+    """What a subprocess writes to its stderr (opened as text), read line by line by a
+    thread as it comes: a test can wait for a line that announces something (the port a
+    server took) and still read everything once the process has ended, and the process
+    never stalls on a full pipe."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.proc = proc
+        self.lines: list[str] = []
+        self._arrived = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._arrived:
+                self.lines.append(line)
+                self._arrived.notify_all()
+        with self._arrived:
+            self._arrived.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """The first line's match of ``pattern``; fails when the process ends or the
+        time runs out first."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._arrived:
+            while True:
+                for line in self.lines[seen:]:
+                    if (match := re.search(pattern, line)) is not None:
+                        return match
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout} s:"
+                                         f"\n{''.join(self.lines)}")
+                self._arrived.wait(left)
+
+    def text(self, timeout: float = 60.0) -> str:
+        """Everything it wrote, once it has ended."""
+        self.proc.wait(timeout)
+        self._thread.join(timeout)
+        return "".join(self.lines)

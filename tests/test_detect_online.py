@@ -34,11 +34,11 @@ from distillguard.detect.settings import DetectSettings, StreamSettings
 from distillguard.detect.stream import Follower, decode
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
-from distillguard.serve import StackThread, free_port
+from distillguard.serve import StackThread
 from distillguard.store.sql import async_url
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 from tests.detectworld import TICK, World, batch_verdicts, import_accounts, make_world, samples
-from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.factories import ADMIN_TOKEN, StderrLines, make_settings, start_stack
 from tests.tcp_proxy import CuttableProxy
 
 
@@ -259,10 +259,10 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         "state": {"url": url},
         "detect": {"runs_in": "follower", "tick_seconds": TICK,
                    "stream": {"url": redis_url, "name": stream.name}}}).decode())
-    port = free_port()
     follower = subprocess.Popen(
         [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
-         "--metrics-port", str(port)], stderr=subprocess.PIPE, text=True)
+         "--metrics-port", "0"], stderr=subprocess.PIPE, text=True)
+    output = StderrLines(follower)
 
     async def publish() -> int:
         await import_accounts(url, world[1])
@@ -274,10 +274,11 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
 
     client = redis_sync.Redis.from_url(redis_url)
     try:
+        metrics = output.wait_for(r"metrics on (http://\S+)")[1]
         fed = asyncio.run(publish())
         value: dict[tuple[str, tuple[str, ...]], float] = {}
         for _ in range(300):
-            value = _metrics_of(port)
+            value = _metrics_of(metrics)
             if value.get(("distillguard_detector_exchanges_total", ())) == fed:
                 break
             time.sleep(0.1)
@@ -288,10 +289,11 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         assert value["distillguard_detector_evaluations_total", ()] > 0
         assert value["distillguard_detector_follower_leading", ()] == 1
         follower.send_signal(signal.SIGTERM)
-        _, err = follower.communicate(timeout=60)
+        err = output.text(timeout=60)
     finally:
         if follower.poll() is None:
             follower.kill()
+            output.text()
         client.delete(stream.name)
         client.close()
     assert follower.returncode == 0, err
@@ -319,18 +321,17 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
         "state": {"url": url},
         "detect": {"runs_in": "follower", "tick_seconds": TICK,
                    "stream": stream.model_dump()}}).decode())
-    port = free_port()
     client = redis_sync.Redis.from_url(redis_url)
 
-    async def go(leader: subprocess.Popen[str]) -> tuple[Follower, int, int, int]:
+    async def go(metrics: str) -> tuple[Follower, int, int, int]:
         await import_accounts(url, world[1])
         replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
         for line in lines[:half]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
         first = replica.fed
-        await _until(lambda: _metrics_of(port).get(
+        await _until(lambda: _metrics_of(metrics).get(
             ("distillguard_detector_stream_read_total", ())) == first)
-        assert _metrics_of(port)["distillguard_detector_follower_leading", ()] == 1
+        assert _metrics_of(metrics)["distillguard_detector_follower_leading", ()] == 1
         standby = Follower(url, DetectSettings(runs_in="follower", tick_seconds=TICK,
                                                stream=stream))
         following = asyncio.create_task(standby.run())
@@ -354,14 +355,16 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
 
     leader = subprocess.Popen(
         [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
-         "--metrics-port", str(port)], stderr=subprocess.PIPE, text=True)
+         "--metrics-port", "0"], stderr=subprocess.PIPE, text=True)
+    output = StderrLines(leader)
     try:
+        metrics = output.wait_for(r"metrics on (http://\S+)")[1]
         with caplog.at_level("INFO", logger="distillguard.detect"):
-            standby, fed, by_leader, by_standby = asyncio.run(go(leader))
+            standby, fed, by_leader, by_standby = asyncio.run(go(metrics))
     finally:
         if leader.poll() is None:
             leader.kill()
-        leader.communicate(timeout=10)
+        output.text(timeout=10)
         client.delete(stream.name, f"{stream.name}:leader")
         client.close()
     assert standby.read == fed and by_leader > 0 and by_standby > 0

@@ -208,7 +208,7 @@ def write_verdicts(result: BatchResult, out: str, elapsed: float) -> None:
                    "(default: follow until stopped).")
 @click.option("--metrics-port", type=PORT,
               help="Serve Prometheus metrics (the detector's and the stream's) on this "
-                   "port.")
+                   "port (0: one the system picks; the address is printed).")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.pass_context
 def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
@@ -258,6 +258,8 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
         except OSError as exc:
             raise click.UsageError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
                                    f"{exc.strerror}") from None
+        host = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+        click.echo(f"metrics on http://{host}:{server.server_port}/metrics", err=True)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
