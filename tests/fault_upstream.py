@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from distillguard.serve import free_port
+from distillguard.serve import listen
 
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
           "deep-json", "no-usage"]
@@ -81,11 +81,13 @@ class FaultyUpstream:
 
 class FaultyUpstreamThread:
     def __init__(self) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(FaultyUpstream(), host="127.0.0.1", port=self.port,
-                                log_level="critical", lifespan="off")
+        # Bound now, so that no other process can take the port before it serves.
+        self.socket = listen("127.0.0.1", 0, "faulty upstream")
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(FaultyUpstream(), log_level="critical", lifespan="off")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, args=([self.socket],),
+                                       daemon=True)
 
     @property
     def url(self) -> str:
@@ -100,3 +102,4 @@ class FaultyUpstreamThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.socket.close()

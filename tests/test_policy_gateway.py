@@ -545,20 +545,19 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
 
     import yaml
 
-    from distillguard.serve import free_port
+    from tests.factories import StderrLines
 
     policy = write_policy(tmp_path)
-    port, admin_port = free_port(), free_port()
     cfg = tmp_path / "dg.yaml"
     cfg.write_text(yaml.safe_dump({
-        "server": {"port": port, "admin_port": admin_port},
+        "server": {"port": 0, "admin_port": 0},
         "admin": {"token": ADMIN_TOKEN}, "upstream": {"base_url": "demo"},
         "state": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"},
         "ledger": {"path": str(tmp_path / "ledger")}, "policy": {"file": str(policy)}}))
     proc = subprocess.Popen([sys.executable, "-m", "distillguard.cli", "-c", str(cfg), "serve"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    admin = httpx.Client(base_url=f"http://127.0.0.1:{admin_port}",
-                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    output = StderrLines(proc)
+    admin = httpx.Client(headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
 
     def generation() -> int:
         try:
@@ -568,6 +567,7 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
         return int(status["generation"]) if status["passes"] else 0   # runtime started
 
     try:
+        admin.base_url = httpx.URL(output.wait_for(r" admin on (http://\S+)")[1])
         until(lambda: generation() == 1, 30.0)
         policy.write_text(POLICY.replace("name: embargo", "name: embargo-v2"))
         os.kill(proc.pid, signal.SIGHUP)
@@ -581,6 +581,4 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
     finally:
         admin.close()
         proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
+        output.text(timeout=30)
