@@ -128,6 +128,7 @@ class StderrLines:
         assert proc.stderr is not None
         self.proc = proc
         self.lines: list[str] = []
+        self._ended = False
         self._arrived = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
         self._thread.start()
@@ -138,6 +139,7 @@ class StderrLines:
                 self.lines.append(line)
                 self._arrived.notify_all()
         with self._arrived:
+            self._ended = True
             self._arrived.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
@@ -152,7 +154,7 @@ class StderrLines:
                         return match
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or self._ended:
                     raise AssertionError(f"no line matching {pattern!r} within {timeout} s:"
                                          f"\n{''.join(self.lines)}")
                 self._arrived.wait(left)
