@@ -69,6 +69,8 @@ def test_session_starts_are_indexed_at_every_tick_due_or_not() -> None:
     assert detector._evaluated["a"][0] == 1, "a was evaluated again: not the case tested"
     assert "lockstep" in detector.links.edges.get(("a", "b"), {})
     assert detector.graph.of["a"] is detector.graph.of["b"]
+    # a and b co-start; c started alone, after both
+    assert detector.stats()["costart_pairs"] == detector.links.costart_pairs == 1
 
 
 def _flagging_calibration() -> Calibration:

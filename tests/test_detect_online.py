@@ -808,6 +808,7 @@ def test_gateway_runs_the_detection_stage(stack: StackThread,
     assert value["distillguard_detector_exchanges_total", ()] == 2
     assert value["distillguard_detector_evaluations_total", ()] >= 1
     assert value["distillguard_detector_accounts", ()] == 1
+    assert value["distillguard_detector_costart_pairs", ()] == 0   # one account alone
     assert value["distillguard_detector_restarts_total", ()] == 0
     assert value["distillguard_detector_write_errors_total", ()] == 0
     assert value["distillguard_detector_queued_bytes", ()] == 0

@@ -430,7 +430,8 @@ class Detector:
     def stats(self) -> dict[str, int]:
         """What the detector holds and has done (logs, metrics)."""
         return {"exchanges": self.exchanges, "accounts": len(self.states),
-                "records": len(self.facts), "evaluations": self.evaluations}
+                "records": len(self.facts), "evaluations": self.evaluations,
+                "costart_pairs": self.links.costart_pairs}
 
     def verdicts(self, account_ids: list[str] | None = None) -> Verdicts:
         """The verdicts document: every account seen (and every listed one) once."""

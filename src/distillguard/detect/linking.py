@@ -649,6 +649,16 @@ class LinkIndex:
                     tested.add(other)
 
     @property
+    def costart_pairs(self) -> int:
+        """Pairs of accounts whose co-started sessions are being counted. Every session
+        start is paired with every other start within COSTART_NEIGHBOURS buckets, so the
+        count grows with the square of the accounts active at once (pairs unseen for
+        COSTART_PAIR_TTL_S and not linked are forgotten); with about 6,000 accounts
+        active in a day their structures were already a third of the detector's memory
+        (docs/benchmarks.md, "Detector memory and pace as the population grows")."""
+        return len(self._costarts)
+
+    @property
     def links_pending(self) -> bool:
         """Whether :meth:`group_costarts` found links that the next :meth:`refresh` has
         yet to apply."""

@@ -270,6 +270,11 @@ class DetectorMetrics(Collector):
         yield GaugeMetricFamily("distillguard_detector_accounts",
                                 "Accounts whose behaviour the detector keeps",
                                 value=stats.get("accounts", 0))
+        yield GaugeMetricFamily("distillguard_detector_costart_pairs",
+                                "Pairs of accounts whose co-started sessions the detector "
+                                "counts (grows with the square of the accounts active at "
+                                "once)",
+                                value=stats.get("costart_pairs", 0))
         rows = CounterMetricFamily("distillguard_detector_verdict_rows",
                                    "Verdict rows written, by table", labels=["table"])
         rows.add_metric(["account_verdicts"], stage.written_accounts)
