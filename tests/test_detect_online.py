@@ -259,13 +259,15 @@ def test_a_follower_serves_metrics_and_stops_on_sigterm(
         "state": {"url": url},
         "detect": {"runs_in": "follower", "tick_seconds": TICK,
                    "stream": {"url": redis_url, "name": stream.name}}}).decode())
+    # The store is set up before the follower starts, as in a deployment (two processes
+    # creating one SQLite file at the same moment can find it locked).
+    asyncio.run(import_accounts(url, world[1]))
     follower = subprocess.Popen(
         [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
          "--metrics-port", "0"], stderr=subprocess.PIPE, text=True)
     output = StderrLines(follower)
 
     async def publish() -> int:
-        await import_accounts(url, world[1])
         replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
         for line in lines:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
@@ -324,7 +326,6 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
     client = redis_sync.Redis.from_url(redis_url)
 
     async def go(metrics: str) -> tuple[Follower, int, int, int]:
-        await import_accounts(url, world[1])
         replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
         for line in lines[:half]:
             await replica.on_exchange(Exchange.from_trace(orjson.loads(line)))
@@ -353,6 +354,7 @@ def test_a_standby_follower_takes_over_when_the_leader_dies(
         await following
         return standby, replica.fed, written_by_leader, standby.stage.written
 
+    asyncio.run(import_accounts(url, world[1]))      # the store first, as in a deployment
     leader = subprocess.Popen(
         [sys.executable, "-m", "distillguard.cli", "-c", str(config), "detect", "follow",
          "--metrics-port", "0"], stderr=subprocess.PIPE, text=True)
