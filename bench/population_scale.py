@@ -40,14 +40,6 @@ def child(trace: str, accounts: str) -> None:
                       "flagged": sum(v.flagged for v in result.verdicts.accounts)}))
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in (proc, *proc.children(recursive=True)):
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
 def measure(trace: Path, accounts: Path) -> dict[str, Any]:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bench.population_scale", "--child",
@@ -55,11 +47,17 @@ def measure(trace: Path, accounts: Path) -> dict[str, Any]:
     watched = psutil.Process(proc.pid)
     peak, cpu = 0, {}
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(watched))
+        # one walk of the process tree per sample: each process's RSS and CPU time
+        tree: list[psutil.Process] = []
         with contextlib.suppress(psutil.Error):
-            for p in (watched, *watched.children(recursive=True)):
+            tree = [watched, *watched.children(recursive=True)]
+        rss = 0
+        for p in tree:
+            with contextlib.suppress(psutil.Error), p.oneshot():
+                rss += p.memory_info().rss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
+        peak = max(peak, rss)
         time.sleep(0.2)
     out, _ = proc.communicate()
     if proc.returncode:
