@@ -8,7 +8,7 @@ import pytest
 
 from distillguard.errors import ConfigError
 from distillguard.serve import Stack, StackThread
-from tests.factories import make_settings
+from tests.factories import make_settings, new_api_key
 
 
 def test_chat_completion_through_gateway_with_openai_client(
@@ -93,3 +93,31 @@ def test_a_stack_that_cannot_be_made_lets_its_demo_port_go(
     with pytest.raises(ConfigError):
         Stack(make_settings(tmp_path, policy={"colour": "red"}))
     assert len(made) == 1 and made[0].fileno() == -1      # closed
+
+
+def test_a_gateway_on_an_ipv6_address_gives_urls_a_client_can_use(tmp_path: Path) -> None:
+    """Unbracketed, ``http://::1:8080/v1`` is not a URL a client can connect to: the
+    port reads as one more group of the address."""
+    settings = make_settings(tmp_path, server={"host": "::1", "admin_host": "::1"})
+    running = StackThread(Stack(settings)).start()
+    try:
+        stack = running.stack
+        port, admin_port = settings.server.port, settings.server.admin_port
+        assert stack.base_url == f"http://[::1]:{port}/v1"
+        assert stack.admin_url == f"http://[::1]:{admin_port}"
+        key = new_api_key(running, "acct_v6")
+        client = openai.OpenAI(base_url=stack.base_url, api_key=key, max_retries=0)
+        out = client.chat.completions.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        assert out.choices[0].message.content
+    finally:
+        running.stop()
+
+
+def test_an_address_that_cannot_be_had_is_named_as_a_url_would_name_it() -> None:
+    from distillguard.serve import listen
+
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"on \[::1\]:{port}: "):
+            listen("::1", port, "public API")

@@ -27,6 +27,7 @@ from pydantic import (
 
 from distillguard.errors import ConfigError
 from distillguard.exchange import Retention
+from distillguard.netaddr import authority
 
 ENV_PREFIX = "DISTILLGUARD_"
 SectionT = TypeVar("SectionT", bound=BaseModel)
@@ -67,6 +68,15 @@ class ServerSettings(_Section):
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert_file else "http"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's URL, ``/v1`` included."""
+        return f"{self.scheme}://{authority(self.host, self.port)}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"{self.scheme}://{authority(self.admin_host, self.admin_port)}"
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None without TLS; ConfigError naming the files

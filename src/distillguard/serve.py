@@ -23,6 +23,7 @@ from distillguard.demo_upstream import create_demo_upstream
 from distillguard.errors import ConfigError
 from distillguard.gateway.admin import AdminAPI
 from distillguard.gateway.app import Gateway
+from distillguard.netaddr import authority
 from distillguard.pipeline import RequestCheck, ResponseFilter, Stage
 
 log = logging.getLogger("distillguard.serve")
@@ -57,7 +58,7 @@ def listen(host: str, port: int, what: str) -> socket.socket:
                                     flags=socket.AI_PASSIVE)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise ConfigError(f"cannot listen for the {what} on {host}:{port}: "
+        raise ConfigError(f"cannot listen for the {what} on {authority(host, port)}: "
                           f"{exc.strerror or exc}") from None
 
 
@@ -141,13 +142,11 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        server = self.settings.server
-        return f"{server.scheme}://{server.host}:{server.port}/v1"
+        return self.settings.server.base_url
 
     @property
     def admin_url(self) -> str:
-        server = self.settings.server
-        return f"{server.scheme}://{server.admin_host}:{server.admin_port}"
+        return self.settings.server.admin_url
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server_cfg = self.settings.server

@@ -38,6 +38,7 @@ from distillguard.detect.calibration import Calibration
 from distillguard.detect.reader import check_memory_limit
 from distillguard.detect.settings import MAX_TICK_SECONDS
 from distillguard.files import output_path
+from distillguard.netaddr import authority
 
 
 def exit_on_sigterm() -> None:
@@ -256,10 +257,10 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
         try:
             server, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
         except OSError as exc:
-            raise click.UsageError(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
+            raise click.UsageError(f"cannot serve metrics on {authority(metrics_host, metrics_port)}: "
                                    f"{exc.strerror}") from None
-        host = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
-        click.echo(f"metrics on http://{host}:{server.server_port}/metrics", err=True)
+        click.echo(f"metrics on http://{authority(metrics_host, server.server_port)}/metrics",
+                   err=True)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -279,7 +279,7 @@ def reload(ctx: click.Context) -> None:
     if not settings.admin.token:
         raise ConfigError("admin.token is not set: cannot reach the admin API")
     server = settings.server
-    url = f"{server.scheme}://{server.admin_host}:{server.admin_port}"
+    url = server.admin_url
     try:
         r = httpx.post(url + "/admin/v1/policy/reload", timeout=30,
                        headers={"authorization": f"Bearer {settings.admin.token}"},

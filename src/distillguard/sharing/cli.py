@@ -17,6 +17,7 @@ import orjson
 
 from distillguard.cliparams import PORT, within
 from distillguard.errors import DistillguardError
+from distillguard.netaddr import authority
 from distillguard.sharing.settings import SharingSettings, parse_sharing_settings
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ def serve_cmd(ctx: Context, host: str, port: int) -> None:
 
     app = Starlette(routes=list(TaxiiServer(options, lambda: engine).routes()),
                     lifespan=lifespan)
-    click.echo(f"TAXII 2.1 server on http://{host}:{port}/taxii2/", err=True)
+    click.echo(f"TAXII 2.1 server on http://{authority(host, port)}/taxii2/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
