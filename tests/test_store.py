@@ -190,3 +190,66 @@ def test_a_new_key_is_not_created_expired_or_out_of_range(at: object, days: obje
                                                           says: str) -> None:
     with pytest.raises(InvalidRecord, match=re.escape(says)):
         key_expiry(at, days, now=NOW)
+
+
+def _migrate_at_once(url: str, barrier: object, results: object) -> None:
+    import asyncio
+
+    async def run() -> None:
+        store = open_state_store(url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+    try:
+        barrier.wait()  # type: ignore[attr-defined]
+        asyncio.run(run())
+        results.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_processes_starting_at_once_on_a_new_sqlite_file_all_come_up(
+        tmp_path: Path) -> None:
+    """``serve`` and ``detect follow`` started together on a fresh SQLite file each
+    migrated it: both saw nothing applied, and one failed on "table accounts already
+    exists" (about one process in seven, six at a time)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    outcomes: list[str] = []
+    for attempt in range(4):
+        url = f"sqlite:///{tmp_path / f'{attempt}.sqlite'}"
+        barrier, results = context.Barrier(6), context.Queue()
+        workers = [context.Process(target=_migrate_at_once, args=(url, barrier, results))
+                   for _ in range(6)]
+        for w in workers:
+            w.start()
+        outcomes += [results.get(timeout=120) for _ in workers]
+        for w in workers:
+            w.join(timeout=60)
+    assert outcomes == ["ok"] * len(outcomes)
+
+
+async def test_a_migration_that_fails_midway_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillguard.store import sql
+
+    broken = [(1, "two tables, the second bad",
+               ["CREATE TABLE first_half (x INTEGER)", "CREATE TABLE (no name)"])]
+    monkeypatch.setattr(sql, "pending", lambda applied: broken)
+    url = f"sqlite:///{tmp_path / 's.sqlite'}"
+    store = open_state_store(url)
+    with pytest.raises(StoreError, match="migration failed"):
+        await store.migrate()
+    await store.close()
+    monkeypatch.undo()
+    store = open_state_store(url)
+    try:
+        assert await store.migrate() == [m[0] for m in MIGRATIONS]
+        async with store.engine.connect() as conn:  # type: ignore[attr-defined]
+            tables = {r[0] for r in await conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "first_half" not in tables
+    finally:
+        await store.close()

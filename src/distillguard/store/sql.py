@@ -102,6 +102,13 @@ class SQLStateStore:
         done: list[int] = []
         try:
             async with self.engine.begin() as conn:
+                if self.is_sqlite:
+                    # Take the write lock first. The driver would begin a transaction
+                    # only at the first INSERT: each CREATE ran on its own, a second
+                    # process starting at once saw no migration applied and failed on
+                    # "table accounts already exists", and a failure midway left half a
+                    # schema. Now a second process waits, then finds them applied.
+                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
                 await conn.execute(text(
                     "CREATE TABLE IF NOT EXISTS distillguard_migrations ("
                     " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
