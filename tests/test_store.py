@@ -97,6 +97,9 @@ async def test_records_the_store_will_not_keep(store) -> None:  # type: ignore[n
         assert (next(iter(bad[field])) if field == "limits" else field) in str(raised.value)
         with pytest.raises(ValueError):
             Account.from_public({"account_id": "acct_w", **bad})
+    for when in (None, 5):       # a 500 (the column's NOT NULL) on the admin API
+        with pytest.raises(InvalidRecord, match="'created_at'"):
+            await store.update_account("acct_v", created_at=when)
     assert (await store.get_account("acct_v")).country == "DE"
     updated = await store.update_account("acct_v", country="de",
                                          limits={"requests_per_minute": "60",
@@ -108,6 +111,31 @@ async def test_records_the_store_will_not_keep(store) -> None:  # type: ignore[n
         await store.create_key("acct_v", limits={"requests_per_minute": -5})
     assert await store.list_keys("acct_v") == []
     assert issubclass(InvalidRecord, StoreError) and issubclass(InvalidRecord, ValueError)
+
+
+async def test_an_update_changes_only_its_own_fields(store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An update wrote back the whole account as read a moment before: the detector's
+    suspension landing in between (policy actions set the status alone) was undone by
+    an analyst's change of tier."""
+    from sqlalchemy import text
+
+    await store.put_account(make_account("acct_r"))
+    read = store.get_account
+
+    async def read_then_suspended(account_id: str):  # type: ignore[no-untyped-def]
+        account = await read(account_id)
+        async with store.engine.begin() as conn:
+            await conn.execute(text("UPDATE accounts SET status = 'suspended' "
+                                    "WHERE account_id = :a"), {"a": account_id})
+        return account
+    monkeypatch.setattr(store, "get_account", read_then_suspended)
+    await store.update_account("acct_r", tier="verified")
+    monkeypatch.undo()
+    got = await store.get_account("acct_r")
+    assert got.tier == "verified" and got.status is AccountStatus.SUSPENDED
+    assert (await store.update_account("acct_r")).tier == "verified"   # nothing to change
+    with pytest.raises(NotFound):
+        await store.update_account("acct_none", tier="verified")
 
 
 async def test_text_with_a_nul_is_refused_and_never_found(store) -> None:  # type: ignore[no-untyped-def]

@@ -112,6 +112,9 @@ def account_change(name: str, value: Any) -> Any:
             return parse_ts(value)
     except ValueError as exc:
         raise InvalidRecord(f"account {name!r}: {exc}", name) from None
+    if name == "created_at" and not isinstance(value, datetime):
+        raise InvalidRecord(f"account 'created_at' must be an ISO 8601 time, not {value!r}",
+                            name)
     if name in ("org", "email_domain", "payment_fingerprint"):
         return _text(value, name)
     if name == "tier" and (not isinstance(value, str) or not value.strip()):

@@ -74,6 +74,17 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _account_column(name: str, value: Any) -> Any:
+    """One field of an account as its column holds it."""
+    if name == "created_at":
+        return _ts(value)
+    if name == "status":
+        return str(value)
+    if name in ("limits", "extra"):
+        return _json(value)
+    return value
+
+
 class SQLStateStore:
     """:class:`~distillguard.store.StateStore` on SQLite or PostgreSQL."""
 
@@ -135,18 +146,7 @@ class SQLStateStore:
 
     @staticmethod
     def _account_row(account: Account) -> dict[str, Any]:
-        return {
-            "account_id": account.account_id,
-            "created_at": _ts(account.created_at),
-            "org": account.org,
-            "email_domain": account.email_domain,
-            "payment_fingerprint": account.payment_fingerprint,
-            "country": account.country,
-            "tier": account.tier,
-            "status": str(account.status),
-            "limits": _json(account.limits),
-            "extra": _json(account.extra),
-        }
+        return {c: _account_column(c, getattr(account, c)) for c in _ACCOUNT_COLUMNS}
 
     @staticmethod
     def _account(row: Any) -> Account:
@@ -228,11 +228,17 @@ class SQLStateStore:
         unknown = set(changes) - _UPDATABLE
         if unknown:
             raise StoreError(f"cannot update account fields {sorted(unknown)}")
-        account = await self.get_account(account_id)
-        for name, value in changes.items():
-            setattr(account, name, account_change(name, value))
-        await self.put_account(account, replace=True)
-        return account
+        values = {name: _account_column(name, account_change(name, value))
+                  for name, value in sorted(changes.items())}
+        if values and "\x00" not in account_id:
+            # Only the fields changed: writing back a whole account read a moment before
+            # undid a change made in between (the detector suspending it as an analyst
+            # sets its tier).
+            sets = ", ".join(f"{name} = :{name}" for name in values)
+            async with self.engine.begin() as conn:
+                await conn.execute(text(f"UPDATE accounts SET {sets} WHERE account_id = :id"),
+                                   {**values, "id": account_id})
+        return await self.get_account(account_id)
 
     # -- keys ---------------------------------------------------------------------------
 
