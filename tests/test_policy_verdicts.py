@@ -83,3 +83,35 @@ async def test_campaign_rows_and_rules(engine) -> None:  # type: ignore[no-untyp
             " ORDER BY account_id"))).all()
     assert [tuple(r) for r in rows] == [("a1", "suspend", "campaign:c-1", None),
                                        ("a2", "suspend", "campaign:c-1", None)]
+
+
+async def test_actions_at_once_on_one_account_apply_one_at_a_time(engine) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite the reads of a ladder change ran outside its transaction: changes at
+    once each found no active action and each inserted one, and a reinstatement could
+    set the status active beside a suspension it had not seen."""
+    import asyncio
+
+    from distillguard.policy.actions import apply_action, list_actions, revoke
+
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO accounts (account_id, created_at, tier, status, limits, extra)"
+            " VALUES ('acct_x', '2026-03-01T00:00:00+00:00', 'standard', 'active',"
+            " '{}', '{}')"))
+
+    def suspend() -> Any:
+        return apply_action(engine, account_id="acct_x", action="suspend", reason="burst",
+                            source="detector", caused_by="verdict", actor="detector",
+                            expires_in_s=None)
+    made = await asyncio.gather(*(suspend() for _ in range(12)))
+    assert sum(a is not None for a in made) == 1
+    assert len(await list_actions(engine, "acct_x", active_only=True)) == 1
+    for _ in range(5):
+        await asyncio.gather(*(revoke(engine, "acct_x", actions=None, by="analyst",
+                                      reason="checked") if i % 3 == 0 else suspend()
+                               for i in range(9)))
+        active = await list_actions(engine, "acct_x", active_only=True)
+        async with engine.connect() as conn:
+            status = (await conn.execute(text(
+                "SELECT status FROM accounts WHERE account_id = 'acct_x'"))).scalar_one()
+        assert len(active) <= 1 and status == ("suspended" if active else "active")
