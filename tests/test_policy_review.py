@@ -58,3 +58,39 @@ async def test_decisions_need_reasons_and_are_audited(engine) -> None:  # type: 
     assert names == ["review:item:open", "review:item:dismiss", "review:item:escalate",
                      "review:item:open"]
     assert [i.item_id for i in await list_items(engine, status="dismissed")] == [item_id]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def either_engine(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from distillguard.store.sql import async_url
+
+    url = (f"sqlite:///{tmp_path / 'r.sqlite'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    eng = create_async_engine(async_url(url))
+    yield eng
+    await eng.dispose()
+
+
+async def test_items_raised_and_decided_at_once_are_one_item_and_one_decision(
+        either_engine) -> None:  # type: ignore[no-untyped-def]
+    """Both stores read first and wrote after: raised at once, a subject got several
+    open items; decided at once, an item took every decision and audited each."""
+    import asyncio
+
+    engine = either_engine
+    await open_item(engine, kind="account", subject="acct_0", risk=None, evidence=[],
+                    source="screening")         # the schema, made before the race
+    ids = await asyncio.gather(*(
+        open_item(engine, kind="account", subject="acct_3", risk=0.1 * i,
+                  evidence=[f"e{i}"], source="verdicts") for i in range(8)))
+    assert len(set(ids)) == 1
+    item = await get_item(engine, ids[0])
+    assert item is not None and sorted(item.evidence) == [f"e{i}" for i in range(8)]
+    outcomes = await asyncio.gather(*(
+        decide_item(engine, ids[0], decision, "checked twice", f"analyst{i}@x")
+        for i, decision in enumerate(["confirm", "dismiss"] * 3)), return_exceptions=True)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert all(isinstance(o, ValueError) and "already" in str(o)
+               for o in outcomes if isinstance(o, BaseException))
+    names = [e["name"] for e in await audit.query(engine, "account:acct_3")]
+    assert len([n for n in names if n in ("review:item:confirm", "review:item:dismiss")]) == 1

@@ -29,6 +29,7 @@ from distillguard.exchange import parse_ts
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.document import LADDER
 from distillguard.policy.schema import ensure_schema, new_id, now_ts, reading
+from distillguard.store.sql import lock_for_change
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +63,11 @@ class Action:
 
 
 async def _lock(conn: AsyncConnection, account_id: str) -> None:
-    """Serialise ladder changes to one account: on PostgreSQL across replicas, with an
-    advisory lock on the account; on SQLite with the database's write lock, taken now.
-    The first statement of the transaction: the SQLite driver begins one only at the
-    first write, so the reads before it were outside it, and two changes at once each
-    found no active action and both inserted one (or a revoke set the status active
-    beside a suspension it had not seen)."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:a))"),
-                           {"a": "policy:" + account_id})
-    elif conn.dialect.name == "sqlite":
-        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+    """Serialise ladder changes to one account (on PostgreSQL across replicas). Without
+    it on SQLite, changes at once each found no active action and each inserted one,
+    and a reinstatement could set the status active beside a suspension it had not
+    read."""
+    await lock_for_change(conn, "policy:" + account_id)
 
 
 async def _set_status(conn: AsyncConnection, account_id: str, status: str) -> None:

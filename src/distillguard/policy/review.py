@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.schema import ensure_schema, new_id, now_ts
+from distillguard.store.sql import lock_for_change
 
 DECISIONS = ("confirm", "dismiss", "escalate")
 STATUSES = ("open", "escalated", "confirmed", "dismissed")
@@ -83,6 +84,8 @@ async def open_item(engine: AsyncEngine, *, kind: str, subject: str, risk: float
     evidence = [str(e) for e in evidence][:MAX_EVIDENCE]
     now = now_ts()
     async with engine.begin() as conn:
+        # One item per subject and source: two raised at once each found none open.
+        await lock_for_change(conn, f"review:{kind}:{subject}:{source}")
         existing = (await conn.execute(text(
             "SELECT item_id, risk, evidence FROM policy_review WHERE kind = :k AND"
             " subject = :s AND source = :src AND status IN ('open', 'escalated')"
@@ -172,6 +175,9 @@ async def decide_item(engine: AsyncEngine, item_id: str, decision: str, reason: 
     await ensure_schema(engine)
     now = now_ts()
     async with engine.begin() as conn:
+        # Two analysts deciding at once each found the item open, and both decisions
+        # were recorded.
+        await lock_for_change(conn, "review-item:" + item_id)
         row = (await conn.execute(text("SELECT * FROM policy_review WHERE item_id = :i"),
                                   {"i": item_id})).first()
         if row is None:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from distillguard.errors import NotFound, StoreError
 from distillguard.exchange import parse_ts
@@ -72,6 +72,18 @@ def in_chunks(values: Sequence[str], size: int = 500
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+async def lock_for_change(conn: AsyncConnection, key: str) -> None:
+    """Make the transaction on ``conn`` the only one changing ``key`` until it ends, for
+    a change that reads first and writes what it read: on PostgreSQL an advisory lock on
+    the key (across replicas), on SQLite the database's write lock, taken now. Call it
+    as the transaction's first statement: the SQLite driver begins a transaction only at
+    the first write, so reads before it would fall outside the transaction."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+    elif conn.dialect.name == "sqlite":
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _account_column(name: str, value: Any) -> Any:
