@@ -283,3 +283,33 @@ def test_small_commands(tmp_path: Path) -> None:
     assert purge.exit_code == 0 and "deleted 0 expired" in purge.output
     unknown = _cli(config, "import", str(path), "--partner", "nobody")
     assert unknown.exit_code == 2 and "unknown partner 'nobody'" in unknown.output
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_matches_of_one_account_at_once_all_count(backend: str, tmp_path: Path,
+                                                  request: pytest.FixtureRequest) -> None:
+    """Each match read the account's risk and wrote its own sum: on PostgreSQL, matches
+    at once (the account's requests on several replicas) kept one indicator's risk of
+    several, and the first match of one indicator twice over raised the risk twice."""
+    url = (f"sqlite:///{tmp_path / 's.sqlite'}" if backend == "sqlite"
+           else request.getfixturevalue("pg_url"))
+
+    async def go() -> None:
+        store = open_state_store(url)
+        engine = store.engine  # type: ignore[attr-defined]
+        await create_schema(engine)
+        sharing = SharingStore(engine, ttl=timedelta(days=30))
+        when = datetime(2026, 3, 2, tzinfo=UTC)
+
+        def match(indicator: str) -> Any:
+            return sharing.record_match(account_id="a1", partner="acme",
+                                        indicator_id=indicator, kind="ip",
+                                        value="198.51.100.0/24", when=when, risk=0.1)
+        firsts = await asyncio.gather(*(match(f"indicator--{i}") for i in range(6)),
+                                      *(match("indicator--0") for _ in range(4)))
+        assert sum(firsts) == 6
+        assert await sharing.risk() == {"a1": pytest.approx(0.6)}
+        hits = {m["indicator_id"]: m["hits"] for m in await sharing.matches("a1")}
+        assert hits == {f"indicator--{i}": 5 if i == 0 else 1 for i in range(6)}
+        await store.close()
+    asyncio.run(go())

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from distillguard.exchange import parse_ts
 from distillguard.sharing.indicators import IndicatorInput, indicator_inputs
+from distillguard.store.sql import lock_for_change
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sharing_bundles (
@@ -204,6 +205,9 @@ class SharingStore:
         fingerprint); True when this account matched this indicator for the first time
         (its risk was then raised by ``risk``)."""
         async with self.engine.begin() as conn:
+            # Matches of one account at once (its requests on several replicas) each
+            # found no match row, and each read the account's risk and wrote its own sum.
+            await lock_for_change(conn, "sharing-match:" + account_id)
             updated = await conn.execute(text(
                 "UPDATE sharing_matches SET hits = hits + :n, last_seen = CASE WHEN :n > 0"
                 " THEN :t ELSE last_seen END"
