@@ -286,3 +286,47 @@ def test_failed_auth_throttle_counts_locally_while_the_shared_counters_are_away(
     with caplog.at_level("WARNING", logger="distillguard.gateway"):
         asyncio.run(go())
     assert caplog.text.count("shared counters cannot be reached") == 1
+
+
+@pytest.mark.parametrize("shared", ["memory", "redis"])
+def test_guesses_sent_at_once_are_counted_one_by_one(shared: str, request: pytest.FixtureRequest
+                                                     ) -> None:
+    """The limit was checked (with Redis, awaited) before a failure was counted, so a
+    burst of guesses all passed the check: with Redis counters 90 of 90 wrong tokens sent
+    at once were answered 401, each one a guess tried. The right token among a burst
+    past the limit is refused like the rest."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from distillguard.config import CounterSettings
+    from distillguard.errors import DistillguardError
+    from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
+    from distillguard.ratelimit import MemoryCounterStore, RedisCounterStore
+
+    store = (MemoryCounterStore() if shared == "memory" else RedisCounterStore(
+        CounterSettings(backend="redis", redis_url=request.getfixturevalue("redis_url"),
+                        prefix=request.getfixturevalue("redis_prefix"))))
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        try:
+            await check_admin(request, ADMIN_TOKEN)
+        except DistillguardError as exc:
+            return PlainTextResponse(type(exc).__name__, status_code=exc.status)
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/admin", endpoint)])
+    app.state.failed_auth = FailedAuthThrottle(10, store)
+
+    async def go() -> list[int]:
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            tokens = [f"guess-{i:06d}-xxxxxxxxxxxx" for i in range(90)]
+            tokens[60] = ADMIN_TOKEN
+            replies = await asyncio.gather(*(client.get(
+                "/admin", headers={"authorization": f"Bearer {t}"}) for t in tokens))
+        await store.close()
+        return [r.status_code for r in replies]
+    codes = asyncio.run(go())
+    assert codes.count(401) == 10 and codes.count(429) == 80 and codes[60] == 429

@@ -153,12 +153,12 @@ class Dashboard:
         if not same_origin(request) or not self.sessions.login_token_ok(
                 str(form.get("login_token") or "")):
             return again("The log-in form expired; try again.", 403)
-        if await self.throttle.blocked(who):
-            return again("Too many failed attempts; wait a minute.", 429)
         if not self.settings.admin.token:
             return again("The dashboard is disabled: no admin token is configured.", 403)
-        if not token_matches(str(form.get("token") or ""), self.settings.admin.token):
-            await self.throttle.failed(who)
+        matches = token_matches(str(form.get("token") or ""), self.settings.admin.token)
+        if await self.throttle.refusal(who, succeeded=matches):
+            return again("Too many failed attempts; wait a minute.", 429)
+        if not matches:
             log.warning("dashboard: failed log-in from %s", who)
             return again("That is not the admin token.", 401)
         self.throttle.succeeded(who)

@@ -84,6 +84,10 @@ class FailedAuthThrottle:
             del self._failures[who]
         return window
 
+    def _wait(self, window: deque[float], now: float) -> int:
+        """Seconds until a full window's oldest counted failure leaves it."""
+        return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+
     def _counter(self, who: str, cost: int) -> CounterRequest:
         return CounterRequest(f"{self.name}:{who}", self.per_minute, int(WINDOW_S), cost)
 
@@ -101,7 +105,7 @@ class FailedAuthThrottle:
         now = time.monotonic()
         window = self._window(who, now)
         if len(window) >= self.per_minute:
-            return max(1, int(window[-self.per_minute] + WINDOW_S - now + 0.999))
+            return self._wait(window, now)
         if self.shared is None:
             return 0
         try:
@@ -115,22 +119,38 @@ class FailedAuthThrottle:
     async def blocked(self, who: str) -> bool:
         return await self.retry_after_s(who) > 0
 
-    async def failed(self, who: str) -> None:
+    async def failed(self, who: str) -> int:
+        """Count a failed authentication of ``who``; returns the seconds it must wait
+        (0: the failure is within its allowance and is answered as a failure). Counted
+        here before anything is awaited, and in the shared store by one atomic
+        acquire: guesses sent at once are counted one by one, where a check awaited
+        before counting let every guess of a burst through it."""
         now = time.monotonic()
-        window = self._failures.setdefault(who, deque())
+        window = self._window(who, now)
+        if len(window) >= self.per_minute:     # refused already: not counted again
+            return self._wait(window, now)
         window.append(now)
-        while len(window) > self.per_minute:   # older failures cannot matter any more
-            window.popleft()
+        self._failures[who] = window
         self._failures.move_to_end(who)
         while len(self._failures) > MAX_ADDRESSES:
             self._failures.popitem(last=False)
-        if self.shared is not None:
-            try:
-                await self.shared.add([self._counter(who, 1)], time.time())
-            except Exception as exc:
-                self._shared_answered(exc)
-            else:
-                self._shared_answered(None)
+        if self.shared is None:
+            return 0
+        try:
+            result = await self.shared.acquire([self._counter(who, 1)], time.time())
+        except Exception as exc:
+            self._shared_answered(exc)
+            return 0
+        self._shared_answered(None)
+        return 0 if result.admitted else max(1, math.ceil(result.states[0].reset_s))
+
+    async def refusal(self, who: str, *, succeeded: bool) -> int:
+        """After a credential was checked: the seconds ``who`` must wait when it is
+        refused, whether the credential was right or not (a guesser must not tell a hit
+        from the status), else 0. A wrong credential is counted (:meth:`failed`)."""
+        if succeeded:
+            return await self.retry_after_s(who)
+        return await self.failed(who)
 
     def succeeded(self, who: str) -> None:
         """Forget ``who``'s failures in this process (the shared count runs out by
@@ -154,13 +174,12 @@ async def check_admin(request: Request, token: str | None) -> None:
         raise PermissionDenied("The admin API is disabled: no admin token is configured.",
                                code="admin_disabled")
     throttle, who = throttle_of(request)
-    if throttle is not None and (wait := await throttle.retry_after_s(who)):
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    matches = scheme.lower() == "bearer" and token_matches(value, token)
+    if throttle is not None and (wait := await throttle.refusal(who, succeeded=matches)):
         raise RateLimited(f"Too many failed admin authentications from this address; try "
                           f"again in {wait} s.", code="too_many_failed_authentications",
                           headers={"retry-after": str(wait)})
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token_matches(value, token):
-        if throttle is not None:
-            await throttle.failed(who)
+    if not matches:
         log.warning("admin API: failed authentication from %s", who)
         raise AuthenticationFailed("Invalid admin credential.", code="invalid_admin_token")

@@ -133,10 +133,6 @@ class TaxiiServer:
         """The partner a request's credential names; a client that failed too often of
         late is refused first (the admin port's one throttle, gateway/adminauth.py)."""
         throttle, who = throttle_of(request)
-        if throttle is not None and (wait := await throttle.retry_after_s(who)):
-            raise TaxiiError(429, "Too Many Requests", "too many failed authentications "
-                             f"from this address; try again in {wait} s",
-                             {"Retry-After": str(wait)})
         header = request.headers.get("authorization", "")
         scheme, _, credential = header.partition(" ")
         name: str | None = None
@@ -146,12 +142,19 @@ class TaxiiServer:
                 name, _, secret = base64.b64decode(secret).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 secret = ""
+        found: str | None = None
         if secret and scheme.lower() in ("basic", "bearer", "token"):
             for partner_name, partner in self.options.partners.items():
                 if (name is None or name == partner_name) and partner.accepts(secret):
-                    return partner_name
-        if throttle is not None:
-            await throttle.failed(who)
+                    found = partner_name
+                    break
+        if throttle is not None and (
+                wait := await throttle.refusal(who, succeeded=found is not None)):
+            raise TaxiiError(429, "Too Many Requests", "too many failed authentications "
+                             f"from this address; try again in {wait} s",
+                             {"Retry-After": str(wait)})
+        if found is not None:
+            return found
         raise TaxiiError(401, "Unauthorized", "a partner credential is required",
                          {"WWW-Authenticate": 'Basic realm="distillguard TAXII"'})
 
