@@ -41,6 +41,20 @@ async def test_request_window_admits_exactly_the_limit(counters) -> None:  # typ
     assert denied.blocking == 0 and denied.states[0].reset_s == pytest.approx(52)
 
 
+async def test_a_burst_past_the_connection_pool_is_counted_not_failed(counters) -> None:  # type: ignore[no-untyped-def]
+    """Redis's client raised MaxConnectionsError past 100 look-ups at once, and a
+    counter store that fails admits the request uncounted (``on_failure: open``): of
+    300 requests at once, 200 went through unchecked. They now wait for a connection."""
+    import asyncio
+
+    req = [CounterRequest("account:burst:rpm:60", 10, 60, 1)]
+    results = await asyncio.gather(*(counters.acquire(req, 2_000_010.0) for _ in range(300)),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:1]
+    assert sum(r.admitted for r in results) == 10
+
+
 async def test_sliding_window_weights_previous_window(counters) -> None:  # type: ignore[no-untyped-def]
     req = [CounterRequest("account:b:rpm:60", 10, 60, 1)]
     start = 6_000_000.0  # start of a window

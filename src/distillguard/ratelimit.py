@@ -184,6 +184,10 @@ return out
 """
 
 
+# Connections to Redis one process keeps at most; a counter look-up is one round trip.
+REDIS_CONNECTIONS = 64
+
+
 class RedisCounterStore:
     """Counters in Redis, shared by every gateway replica."""
 
@@ -191,8 +195,13 @@ class RedisCounterStore:
         import redis.asyncio as redis
 
         self.prefix = settings.prefix
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0,
-                                           socket_connect_timeout=1.0)
+        # A request past the pool's connections waits for one (up to a second). The
+        # client's own pool raised MaxConnectionsError past 100 at once instead, and a
+        # counter store that fails admits the request uncounted (on_failure: open).
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=1.0,
+            socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.client = redis.Redis.from_pool(pool)
         self._script = self.client.register_script(_ACQUIRE_LUA)
 
     def _keys(self, req: CounterRequest, now: float) -> tuple[str, str]:
