@@ -313,3 +313,47 @@ def test_matches_of_one_account_at_once_all_count(backend: str, tmp_path: Path,
         assert hits == {f"indicator--{i}": 5 if i == 0 else 1 for i in range(6)}
         await store.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_imports_at_once_keep_the_newer_object_and_see_a_repeated_bundle(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two imports of one partner each read an object's stored version before either
+    wrote: the older copy of an indicator replaced its revision about half the time (the
+    revoked indicator active again), and the same bundle twice at once failed on its id
+    instead of counting as a duplicate."""
+    url = (f"sqlite:///{tmp_path / 's.sqlite'}" if backend == "sqlite"
+           else request.getfixturevalue("pg_url"))
+
+    def indicator(oid: str, modified: str, revoked: bool) -> dict[str, Any]:
+        return {"type": "indicator", "spec_version": "2.1", "id": oid,
+                "created": "2026-01-01T00:00:00.000Z", "modified": modified,
+                "pattern": "[ipv4-addr:value = '203.0.113.7']", "pattern_type": "stix",
+                "valid_from": "2026-01-01T00:00:00Z", "revoked": revoked}
+
+    async def go() -> None:
+        store = open_state_store(url)
+        engine = store.engine  # type: ignore[attr-defined]
+        await store.migrate()
+        sharing = SharingStore(engine, ttl=timedelta(days=30))
+        await sharing.start()
+        for trial in range(8):
+            oid = f"indicator--{trial:08d}-1b1b-4c3c-8d8d-9e9e9e9e9e9e"
+            revision = indicator(oid, "2026-03-02T00:00:00.000Z", revoked=True)
+            older = indicator(oid, "2026-03-01T00:00:00.000Z", revoked=False)
+            await asyncio.gather(*(sharing.import_bundle(
+                partner="acme", bundle_id=f"bundle--{trial}-{n}", objects=[obj],
+                source="test", sha256=None) for n, obj in enumerate((revision, older))))
+            async with engine.connect() as conn:
+                modified = (await conn.execute(text(
+                    "SELECT modified FROM sharing_objects WHERE object_id = :o"),
+                    {"o": oid})).scalar_one()
+            assert modified == "2026-03-02T00:00:00.000Z", trial
+        same = [indicator("indicator--00000099-1b1b-4c3c-8d8d-9e9e9e9e9e9e",
+                          "2026-03-01T00:00:00.000Z", False)]
+        summaries = await asyncio.gather(*(sharing.import_bundle(
+            partner="acme", bundle_id="bundle--same", objects=same, source="test",
+            sha256="ab" * 32) for _ in range(2)))
+        assert sorted(s.duplicate for s in summaries) == [False, True]
+        await store.close()
+    asyncio.run(go())

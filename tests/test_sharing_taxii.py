@@ -126,6 +126,29 @@ def test_taxii2_client_writes_and_partner_objects_become_indicators(
     assert all(p["source"] == "taxii:inbound" and p["partner"] == "acme" for p in prov)
 
 
+def test_envelopes_sent_at_once_are_each_complete(served: tuple[StackThread, Path],
+                                                 tmp_path: Path) -> None:
+    """An object version was looked for, then inserted, with nothing held between: two
+    envelopes carrying the same version at once (a client retrying after a timeout) made
+    the second a 500, with every other object of it rolled back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    running, config = served
+    objects = _export(config, tmp_path)["objects"]
+    inbound = f"{_root(running)}collections/{IN}/objects/"
+
+    def post(extra: dict[str, Any]) -> httpx.Response:
+        return httpx.post(inbound, auth=("acme", SECRET["acme"]), timeout=30,
+                          json={"objects": [objects[0], extra]},
+                          headers={"accept": MEDIA, "content-type": MEDIA})
+    envelopes = [dict(objects[0], id=f"{objects[0]['type']}--{n:08d}-1c1c-4d4d-8e8e-"
+                      "9f9f9f9f9f9f") for n in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(post, envelopes))
+    assert [r.status_code for r in replies] == [202] * 12, replies[-1].text
+    assert sorted(r.json()["failure_count"] for r in replies) == [0] + [1] * 11
+
+
 def test_authentication_permissions_and_error_bodies(served: tuple[StackThread, Path]
                                                      ) -> None:
     running, _ = served

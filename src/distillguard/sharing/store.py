@@ -107,7 +107,11 @@ class SharingStore:
                              sha256: str | None, now: datetime | None = None
                              ) -> ImportSummary:
         """Store a validated bundle's objects and indicators, inside the caller's
-        transaction (all or nothing)."""
+        transaction (all or nothing). One import per partner at a time: two at once each
+        read an object's stored version before either wrote, and an older copy could
+        replace a newer one (a revoked indicator active again), or the same bundle
+        twice failed on its id instead of being a duplicate."""
+        await lock_for_change(conn, "sharing-import:" + partner)
         now = now or datetime.now(UTC)
         summary = ImportSummary(partner=partner, bundle_id=bundle_id, objects=len(objects))
         seen = (await conn.execute(text(

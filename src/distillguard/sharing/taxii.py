@@ -37,6 +37,7 @@ from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
 from distillguard.sharing.store import SharingStore, ts
 from distillguard.sharing.validate import BundleError, parse_envelope
+from distillguard.store.sql import lock_for_change
 
 MEDIA_TAXII = "application/taxii+json;version=2.1"
 Handler = Callable[[Request], Awaitable[Response]]
@@ -325,6 +326,10 @@ class TaxiiServer:
         status_id = str(uuid.uuid4())
         engine = self._engine()
         async with engine.begin() as conn:
+            # One envelope per collection at a time: objects are stamped date_added as
+            # they are added, and stamped outside this order they would commit behind
+            # a later stamp that a client polling added_after has already passed.
+            await lock_for_change(conn, "taxii-collection:" + c.id)
             ok, failed = await taxiistore.add_objects(conn, c.id, objects, partner)
             await self.store().import_objects(
                 conn, partner=partner, bundle_id=f"taxii-status--{status_id}",

@@ -77,13 +77,16 @@ def _json(value: Any) -> str:
 async def lock_for_change(conn: AsyncConnection, key: str) -> None:
     """Make the transaction on ``conn`` the only one changing ``key`` until it ends, for
     a change that reads first and writes what it read: on PostgreSQL an advisory lock on
-    the key (across replicas), on SQLite the database's write lock, taken now. Call it
-    as the transaction's first statement: the SQLite driver begins a transaction only at
-    the first write, so reads before it would fall outside the transaction."""
+    the key (across replicas), on SQLite the database's write lock. Call it before the
+    transaction's reads: the SQLite driver begins a transaction only at the first write,
+    so reads before it fall outside the transaction. On SQLite a transaction that has
+    begun holds the write lock already, and a second call is a no-op."""
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
     elif conn.dialect.name == "sqlite":
-        await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        raw = await conn.get_raw_connection()
+        if not raw.driver_connection.in_transaction:  # type: ignore[union-attr]
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _account_column(name: str, value: Any) -> Any:
