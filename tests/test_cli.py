@@ -111,7 +111,7 @@ def test_every_component_has_a_settings_check() -> None:
 @pytest.mark.parametrize(("args", "says"), [
     (["accounts", "create", "acct_x", "--country", "ZZZ"], "ISO 3166-1 alpha-2"),
     (["accounts", "create", "acct_x", "--created-at", "notatime"], "not an RFC 3339 time"),
-    (["accounts", "update", "acct_1", "--rpm", "-3"], "at least 0"),
+    (["accounts", "update", "acct_1", "--rpm", "-3"], "from 0 to"),
     (["keys", "create", "acct_1", "--expires-in-days", "-1"], "must be a number in (0, 36500]"),
     (["keys", "create", "acct_1", "--expires-in-days", "nan"], "must be a number in (0, 36500]"),
     (["keys", "create", "acct_1", "--expires-in-days", "inf"], "must be a number in (0, 36500]"),
@@ -120,7 +120,7 @@ def test_every_component_has_a_settings_check() -> None:
      "a key's expiry must be in the future: 2020-01-01T00:00:00"),
     (["keys", "create", "acct_1", "--expires-at", "2999-01-01T00:00:00Z",
       "--expires-in-days", "3"], "not both"),
-    (["keys", "create", "acct_1", "--tpm", "-1"], "at least 0"),
+    (["keys", "create", "acct_1", "--tpm", "-1"], "from 0 to"),
     (["accounts", "create", "acct_x", "--tier", "gold"],
      "account 'acct_x': unknown tier 'gold' (tiers of limits.tiers and the policy file: "
      "standard, trusted, unverified, verified)"),

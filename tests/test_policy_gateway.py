@@ -582,3 +582,12 @@ def test_sighup_reloads_a_running_server(tmp_path: Path) -> None:
         admin.close()
         proc.terminate()
         output.text(timeout=30)
+
+
+def test_screening_now_takes_an_object_or_no_body(admin: httpx.Client) -> None:
+    """A body that was JSON but not an object ([1]) was a 500."""
+    for body in ([1], "force", 5):
+        r = admin.post("/admin/v1/policy/screen", json=body)
+        assert r.status_code == 422 and "JSON object" in r.json()["error"]["message"], r.text
+    assert admin.post("/admin/v1/policy/screen").status_code == 200
+    assert admin.post("/admin/v1/policy/screen", json={"force": True}).status_code == 200

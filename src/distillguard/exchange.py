@@ -130,7 +130,10 @@ def parse_ts(value: str | datetime) -> datetime:
                          f"{value[:40]!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError:      # 9999-12-31T23:59:59-01:00 is past the last year in UTC
+        raise ValueError(f"a time out of range in UTC: {value[:40]!r}") from None
 
 
 def format_ts(dt: datetime) -> str:

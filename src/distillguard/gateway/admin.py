@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]
+# The largest list offset taken: JSON's exact integers (one past 64 bits was a 500).
+MAX_OFFSET = 2**53 - 1
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -140,8 +142,9 @@ class AdminAPI:
             offset = int(q.get("offset", 0))
         except ValueError:
             raise InvalidRequest("limit and offset must be integers.") from None
-        if offset < 0:   # PostgreSQL refuses a negative OFFSET (SQLite ignores it)
-            raise InvalidRequest("offset must be at least 0.", param="offset")
+        if not 0 <= offset <= MAX_OFFSET:  # PostgreSQL refuses a negative OFFSET (SQLite
+            # ignores it), and both fail on one past 64 bits
+            raise InvalidRequest(f"offset must be from 0 to {MAX_OFFSET}.", param="offset")
         accounts = await self.gateway.store.list_accounts(query=q.get("query"), limit=limit,
                                                           offset=offset)
         return json_response({"object": "list",

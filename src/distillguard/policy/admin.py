@@ -148,6 +148,8 @@ class PolicyAdmin:
     async def screen(self, request: Request) -> Response:
         raw = await request.body()
         data = await json_body(request) if raw.strip() else {}
+        if not isinstance(data, dict):
+            raise Unprocessable("Send a JSON object, or no body.")
         stats = await self.runtime.ops().screen_accounts(force=bool(data.get("force")))
         return json_response(stats)
 

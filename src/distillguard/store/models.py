@@ -126,6 +126,9 @@ def account_change(name: str, value: Any) -> Any:
         return check_country(value)
     if name == "limits":
         return check_limits(value, "account")
+    if name == "extra" and not isinstance(value, dict):
+        # kept as given, the account could no longer be shown: every listing was a 500
+        raise InvalidRecord(f"account 'extra' must be an object, not {value!r:.40}", name)
     return value
 
 
@@ -142,20 +145,30 @@ def check_country(value: Any) -> str | None:
     return code
 
 
+# The limits an account or a key may set (config.LimitSet's fields), and the largest
+# value one may hold: JSON's exact integers, which the stores' 64-bit columns keep too.
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
+MAX_LIMIT = 2**53 - 1
+
+
 def check_limits(limits: Any, owner: str) -> dict[str, int | None]:
-    """An account's or a key's limits as stored: whole numbers of at least 0, or null
-    (no override)."""
+    """An account's or a key's limits as stored: whole numbers from 0 to MAX_LIMIT, or
+    null (no override), under the names of LIMIT_NAMES (a misspelt one would be kept
+    and never applied)."""
     if not isinstance(limits, dict):
         raise InvalidRecord(f"{owner} 'limits' must be an object", "limits")
     out: dict[str, int | None] = {}
     for name, value in limits.items():
+        if name not in LIMIT_NAMES:
+            raise InvalidRecord(f"{owner} limit {str(name)[:40]!r} is not one of "
+                                f"{', '.join(LIMIT_NAMES)}", "limits")
         if value is None:
             out[name] = None
-        elif _whole_at_least_0(value):
+        elif _whole_at_least_0(value) and int(value) <= MAX_LIMIT:
             out[name] = int(value)
         else:
-            raise InvalidRecord(f"{owner} limit {name!r} must be a whole number of at "
-                                f"least 0, or null; not {value!r}")
+            raise InvalidRecord(f"{owner} limit {name!r} must be a whole number from 0 to "
+                                f"{MAX_LIMIT}, or null; not {value!r:.40}", "limits")
     return out
 
 
