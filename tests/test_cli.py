@@ -77,6 +77,25 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
     assert "'x'" not in result.output and '"x"' not in result.output   # no secret echoed
 
 
+def test_check_config_masks_every_secret_and_url_password(tmp_path: Path) -> None:
+    """Only the admin token and the upstream key were masked: the database and Redis
+    passwords in their URLs, the fingerprint and session secrets and every sharing
+    partner's token were printed as they are."""
+    secrets = ["pgsecretpw", "redissecretpw", "fingerprint-secret-0123456789",
+               "session-secret-0123456789abc", "partner-token-secret-0123"]
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": {"url": f"postgresql://dg:{secrets[0]}@127.0.0.1:5432/test"},
+        "counters": {"backend": "redis", "redis_url": f"redis://:{secrets[1]}@127.0.0.1/0"},
+        "ledger": {"url": f"postgresql://dg:{secrets[0]}@db/ledger"},
+        "countermeasures": {"fingerprint": {"secret": secrets[2]}},
+        "dashboard": {"session_secret": secrets[3]},
+        "sharing": {"partners": {"acme": {"token": secrets[4]}}}}))
+    out = run(str(path), "check-config")
+    assert not [s for s in secrets if s in out]
+    assert "postgresql://dg:***@127.0.0.1:5432/test" in out and "redis://:***@127.0.0.1/0" in out
+
+
 def test_check_config_checks_every_component_section(tmp_path: Path) -> None:
     """check-config validates the components' sections too, as they would be at start-up,
     and names a section that no component reads (a misspelt one is otherwise ignored)."""

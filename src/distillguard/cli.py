@@ -13,6 +13,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -229,11 +230,26 @@ def check_config(ctx: Context) -> None:
         click.echo(f"warning: no component reads the section {section!r} (misspelt?)",
                    err=True)
     ctx.settings.server.tls_context()     # the certificate and key, read as serve will
-    data = ctx.settings.model_dump(mode="json")
-    for section, option in (("admin", "token"), ("upstream", "api_key")):
-        if data[section].get(option):
-            data[section][option] = "***"
+    data = masked(ctx.settings.model_dump(mode="json"))
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+# Options that hold a secret, in any section (a component's too: the fingerprint secret,
+# the dashboard's session secret, a sharing partner's token).
+SECRET_OPTIONS = ("token", "api_key", "secret", "session_secret", "password")
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+
+
+def masked(data: Any) -> Any:
+    """Settings as printed: each secret option's value as ``***``, and the password in a
+    URL's user part (``postgresql://dg:***@db/dg``, ``redis://:***@cache:6379/0``)."""
+    if isinstance(data, dict):
+        return {k: "***" if k in SECRET_OPTIONS and v else masked(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    if isinstance(data, str):
+        return _URL_PASSWORD.sub(r"\1:***@", data)
+    return data
 
 
 # -- accounts -----------------------------------------------------------------------------
