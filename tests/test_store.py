@@ -281,3 +281,21 @@ async def test_a_migration_that_fails_midway_leaves_nothing(
         assert "first_half" not in tables
     finally:
         await store.close()
+
+
+async def test_limits_changed_at_once_are_all_kept(store) -> None:  # type: ignore[no-untyped-def]
+    """``accounts update --rpm`` and ``--tpd`` run at once each wrote back the limits
+    as read before the other's change: one was lost in about half the runs."""
+    import asyncio
+
+    await store.put_account(make_account("acct_l", limits={"tokens_per_minute": 7}))
+    names = ["requests_per_minute", "tokens_per_day"] * 4
+    await asyncio.gather(*(store.merge_limits("acct_l", {name: 10 + i})
+                           for i, name in enumerate(names)))
+    limits = (await store.get_account("acct_l")).limits
+    assert limits["tokens_per_minute"] == 7
+    assert limits.keys() == {"tokens_per_minute", *names}
+    with pytest.raises(InvalidRecord):
+        await store.merge_limits("acct_l", {"requests_per_minute": -1})
+    with pytest.raises(NotFound):
+        await store.merge_limits("acct_none", {"requests_per_minute": 1})

@@ -330,17 +330,19 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
     if "tier" in changes:
         check_tier(changes["tier"], known_tiers(ctx.settings), account_id)
 
+    limits = {option: value for option, value in (
+        ("requests_per_minute", rpm), ("tokens_per_minute", tpm), ("tokens_per_day", tpd))
+        if value is not None}
+    if not changes and not limits:
+        fail("nothing to change")
+
     async def go(store: StateStore) -> Account:
-        if rpm is not None or tpm is not None or tpd is not None:
-            current = (await store.get_account(account_id)).limits
-            for option, value in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
-                                  ("tokens_per_day", tpd)):
-                if value is not None:
-                    current[option] = value
-            changes["limits"] = current
-        if not changes:
-            fail("nothing to change")
-        return await store.update_account(account_id, **changes)
+        account = None
+        if limits:
+            account = await store.merge_limits(account_id, limits)
+        if changes or account is None:
+            account = await store.update_account(account_id, **changes)
+        return account
 
     click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
 

@@ -33,6 +33,10 @@ class StateStore(Protocol):
 
     async def update_account(self, account_id: str, **changes: Any) -> Account: ...
 
+    async def merge_limits(self, account_id: str, limits: dict[str, Any]) -> Account:
+        """Set the named limits of the account, keeping the others."""
+        ...
+
     async def count_accounts(self) -> int: ...
 
     async def create_key(

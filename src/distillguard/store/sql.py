@@ -255,6 +255,24 @@ class SQLStateStore:
                                    {**values, "id": account_id})
         return await self.get_account(account_id)
 
+    async def merge_limits(self, account_id: str, limits: dict[str, Any]) -> Account:
+        """Set the named limits of the account, keeping the others, in one transaction
+        that holds the account: two changes of different limits at once each wrote back
+        the limits as read before the other's, and one was lost."""
+        changes = check_limits(limits, "account")
+        if "\x00" not in account_id:
+            async with self.engine.begin() as conn:
+                await lock_for_change(conn, "account:" + account_id)
+                row = (await conn.execute(text(
+                    "SELECT limits FROM accounts WHERE account_id = :id"),
+                    {"id": account_id})).first()
+                if row is not None:
+                    merged = {**orjson.loads(row[0]), **changes}
+                    await conn.execute(text(
+                        "UPDATE accounts SET limits = :l WHERE account_id = :id"),
+                        {"l": _json(merged), "id": account_id})
+        return await self.get_account(account_id)
+
     # -- keys ---------------------------------------------------------------------------
 
     @staticmethod
