@@ -212,6 +212,8 @@ def test_a_new_keys_expiry(at: object, days: object, expected: datetime | None) 
     (None, 36_501, "(0, 36500]"),
     (None, True, "(0, 36500]"),
     (None, "soon", "(0, 36500]"),
+    (None, 1e-300, "(0, 36500]"),       # no time at all: a key created expired
+    ("9999-12-31T23:59:59-01:00", None, "out of range"),
     ("2027-01-01T00:00:00Z", 3, "not both"),
 ])
 def test_a_new_key_is_not_created_expired_or_out_of_range(at: object, days: object,

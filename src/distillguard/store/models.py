@@ -272,11 +272,13 @@ def key_expiry(expires_at: Any = None, expires_in_days: Any = None, *,
     if isinstance(days, str):           # "30", as a form or a shell would send it
         with contextlib.suppress(ValueError):
             days = float(days)
-    # NaN compares false, so it is refused with the rest
+    # NaN compares false, so it is refused with the rest; so is a number of days too
+    # small to move the time at all (1e-300), which would make a key created expired
     if isinstance(days, bool) or not isinstance(days, int | float) or not (
-            0 < days <= MAX_KEY_DAYS):
+            0 < days <= MAX_KEY_DAYS) or now + timedelta(days=float(days)) <= now:
         raise InvalidRecord(f"the days until a key expires must be a number in "
-                            f"(0, {MAX_KEY_DAYS}], not {expires_in_days!r}", "expires_in_days")
+                            f"(0, {MAX_KEY_DAYS}], not {expires_in_days!r:.40}",
+                            "expires_in_days")
     return now + timedelta(days=float(days))
 
 
