@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from distillguard.files import write_atomically
 
 ALG_ED25519 = 0x01
 SIG_PREFIX = "\u2014 "
@@ -200,17 +203,31 @@ def open_checkpoint(note: str, key: VerifierKey) -> Checkpoint:
 
 def load_or_create_key(path: Path, name: str, *, create: bool = True) -> SignerKey:
     """The signer key at ``path`` (created with mode 0600, its verifier key next to it as
-    ``<path>.pub``, when missing and ``create``)."""
+    ``<path>.pub``, when missing and ``create``).
+
+    Processes opening a new ledger at once (two replicas on a shared volume) all get the
+    one key: each writes a key of its own to a temporary file, complete and on disk, and
+    links it into place; a process that finds the place taken reads the key there, which
+    is whole because it was linked only once written."""
     if path.exists():
         return SignerKey.parse(path.read_text())
     if not create:
         raise CheckpointError(f"no ledger signing key at {path} (run distillguard ledger keygen)")
     key = SignerKey.generate(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key.encode() + "\n")
-    public_path(path).write_text(key.verifier.encode() + "\n")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(key.encode() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return SignerKey.parse(path.read_text())
+    finally:
+        os.unlink(temporary)
+    write_atomically(public_path(path), (key.verifier.encode() + "\n").encode())
     return key
 
 
