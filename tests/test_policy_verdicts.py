@@ -115,3 +115,48 @@ async def test_actions_at_once_on_one_account_apply_one_at_a_time(engine) -> Non
             status = (await conn.execute(text(
                 "SELECT status FROM accounts WHERE account_id = 'acct_x'"))).scalar_one()
         assert len(active) <= 1 and status == ("suspended" if active else "active")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def replicas(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two replicas' engines on one state store."""
+    url = (f"sqlite:///{tmp_path / 'v.sqlite'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    stores = [open_state_store(url) for _ in range(2)]
+    await stores[0].migrate()
+    for store in stores:
+        await ensure_schema(store.engine)  # type: ignore[attr-defined]
+    yield [store.engine for store in stores]  # type: ignore[attr-defined]
+    for store in stores:
+        await store.close()
+
+
+async def test_replicas_expiring_the_same_actions_lift_each_once(replicas) -> None:  # type: ignore[no-untyped-def]
+    """Every replica's policy pass expires the actions whose time ran out: each replica
+    lifted them, audited "policy:account:expire" (and sent it to the ledger) and reported
+    them lifted, so ten expiring actions gave nineteen events."""
+    import asyncio
+
+    from distillguard.policy.actions import apply_action, expire_due
+
+    engine = replicas[0]
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO accounts (account_id, created_at, tier, status, limits, extra)"
+            " VALUES (:a, '2026-03-01T00:00:00+00:00', 'standard', 'active', '{}', '{}')"),
+            [{"a": f"acct_{i}"} for i in range(10)])
+    made = [await apply_action(engine, account_id=f"acct_{i}",
+                               action="suspend" if i % 2 else "throttle", reason="burst",
+                               source="analyst", caused_by="t", actor="analyst",
+                               expires_in_s=0.001) for i in range(10)]
+    await asyncio.sleep(0.05)
+    lifted = await asyncio.gather(*(expire_due(e) for e in replicas))
+    reported = [a.action_id for done in lifted for a in done]
+    async with engine.connect() as conn:
+        events = (await conn.execute(text(
+            "SELECT COUNT(*) FROM policy_audit WHERE name = 'policy:account:expire'"
+        ))).scalar_one()
+        statuses = {r[0] for r in await conn.execute(text("SELECT status FROM accounts"))}
+    assert (events, len(reported)) == (10, 10)
+    assert sorted(reported) == sorted(a.action_id for a in made if a is not None)
+    assert statuses == {"active"}

@@ -131,11 +131,15 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
 
 
 async def _lift(conn: AsyncConnection, item: Action, *, by: str, reason: str, at: str,
-                event: str, set_status: bool) -> None:
-    await conn.execute(text(
+                event: str, set_status: bool) -> bool:
+    """Lift ``item``; False, with nothing changed or audited, when it was already lifted
+    (another replica's expiry pass, read before this one's change)."""
+    changed = await conn.execute(text(
         "UPDATE policy_actions SET revoked_at = :t, revoked_by = :b, revoke_reason = :r,"
         " updated_at = :u WHERE action_id = :i AND revoked_at IS NULL"),
         {"t": at, "b": by, "r": reason, "u": now_ts(), "i": item.action_id})
+    if not changed.rowcount:
+        return False
     if item.action == "suspend" and set_status:
         still = (await conn.execute(text(
             "SELECT COUNT(*) FROM policy_actions WHERE account_id = :a AND action = 'suspend'"
@@ -147,6 +151,7 @@ async def _lift(conn: AsyncConnection, item: Action, *, by: str, reason: str, at
         name=event, subject=f"account:{item.account_id}", actor=by, reason=reason,
         detail={"action_id": item.action_id, "action": item.action,
                 "caused_by": item.caused_by}))
+    return True
 
 
 async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | None,
@@ -162,11 +167,13 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
         rows = (await conn.execute(text(
             "SELECT * FROM policy_actions WHERE account_id = :a AND revoked_at IS NULL"),
             {"a": account_id})).all()
-        lifted = [a for a in (Action.from_row(r) for r in rows)
-                  if a.active_at(now) and (actions is None or a.action in actions)]
-        for item in lifted:
-            await _lift(conn, item, by=by, reason=reason, at=now,
-                        event=f"{event_source}:account:revoke", set_status=set_status)
+        lifted: list[Action] = []
+        for item in (Action.from_row(r) for r in rows):
+            if not item.active_at(now) or (actions is not None and item.action not in actions):
+                continue
+            if await _lift(conn, item, by=by, reason=reason, at=now,
+                           event=f"{event_source}:account:revoke", set_status=set_status):
+                lifted.append(item)
         if actions is None:
             if set_status:
                 await _set_status(conn, account_id, "active")
@@ -191,10 +198,10 @@ async def expire_due(engine: AsyncEngine, *, set_status: bool = True,
     for item in (Action.from_row(r) for r in rows):
         async with engine.begin() as conn:
             await _lock(conn, item.account_id)
-            await _lift(conn, item, by="expiry", reason=f"{item.action} expired",
-                        at=item.expires_at or now, event="policy:account:expire",
-                        set_status=set_status)
-        done.append(item)
+            if await _lift(conn, item, by="expiry", reason=f"{item.action} expired",
+                           at=item.expires_at or now, event="policy:account:expire",
+                           set_status=set_status):
+                done.append(item)
     return done
 
 
