@@ -38,10 +38,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from distillguard.exchange import Exchange, format_ts
-from distillguard.store.sql import in_chunks
 
 log = logging.getLogger("distillguard.dashboard")
 
@@ -182,7 +181,7 @@ def _minute_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         m["limited"] += status == 429
         m["errors"] += status >= 400 and status not in (401, 403, 429)
         m["tokens"] += (row["prompt_tokens"] or 0) + (row["completion_tokens"] or 0)
-    return list(out.values())
+    return [out[k] for k in sorted(out)]
 
 
 def _account_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -209,8 +208,8 @@ def _account_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                 "last_ts": row["ts"]})
             i["n"] += 1
             i["last_ts"] = max(i["last_ts"], row["ts"])
-    return {"hours": list(hours.values()), "mix": list(mix.values()),
-            "ips": list(ips.values())}
+    return {"hours": [hours[k] for k in sorted(hours)], "mix": [mix[k] for k in sorted(mix)],
+            "ips": [ips[k] for k in sorted(ips)]}
 
 
 async def create_schema(engine: AsyncEngine) -> None:
@@ -222,26 +221,45 @@ async def create_schema(engine: AsyncEngine) -> None:
             await conn.execute(text(statement))
 
 
+# Index rows one INSERT writes: 14 parameters each, far below the number of parameters
+# SQLite and PostgreSQL take in one statement.
+INSERT_ROWS = 200
+
+
+async def _insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert the rows not indexed yet; returns the ids of those this transaction
+    inserted. A row another writer holds (committed, or inserted by a transaction still
+    open: this one waits for it) is skipped, so a writer beside another on the same
+    exchanges neither fails nor counts them again."""
+    cols = ", ".join(COLUMNS)
+    inserted: set[str] = set()
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk = rows[start:start + INSERT_ROWS]
+        values = ", ".join("(" + ", ".join(f":{c}_{n}" for c in COLUMNS) + ")"
+                           for n in range(len(chunk)))
+        params = {f"{c}_{n}": row[c] for n, row in enumerate(chunk) for c in COLUMNS}
+        found = await conn.execute(text(
+            f"INSERT INTO dashboard_exchanges ({cols}) VALUES {values}"
+            " ON CONFLICT (exchange_id) DO NOTHING RETURNING exchange_id"), params)
+        inserted.update(r[0] for r in found)
+    return inserted
+
+
 async def write_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert index rows (ignoring ones already indexed) and add them to the roll-ups."""
+    """Insert index rows (skipping ones already indexed, by this writer or another at
+    the same time) and add those inserted to the roll-ups; returns how many were.
+
+    Rows, and then each roll-up's rows, are written in the order of their keys, so that
+    writers at once on PostgreSQL wait for each other and never deadlock."""
     if not rows:
         return 0
-    cols = ", ".join(COLUMNS)
-    params = ", ".join(":" + c for c in COLUMNS)
+    unique = {r["exchange_id"]: r for r in rows}
+    ordered = [unique[i] for i in sorted(unique)]
     async with engine.begin() as conn:
-        ids = [r["exchange_id"] for r in rows]
-        known: set[str] = set()
-        for marks, chunk in in_chunks(ids):
-            found = await conn.execute(
-                text(f"SELECT exchange_id FROM dashboard_exchanges WHERE exchange_id IN ({marks})"),
-                chunk)
-            known.update(r[0] for r in found)
-        fresh = [r for r in rows if r["exchange_id"] not in known]
-        fresh = list({r["exchange_id"]: r for r in fresh}.values())
+        inserted = await _insert_new(conn, ordered)
+        fresh = [r for r in ordered if r["exchange_id"] in inserted]
         if not fresh:
             return 0
-        await conn.execute(text(f"INSERT INTO dashboard_exchanges ({cols}) VALUES ({params})"),
-                           fresh)
         batches = {"minutes": _minute_rows(fresh), **_account_rows(fresh)}
         for name, values in batches.items():
             if values:
