@@ -12,7 +12,13 @@ import orjson
 import pytest
 
 from distillguard.serve import StackThread
-from tests.factories import ADMIN_TOKEN, Recorder, make_settings, start_recorded_stack
+from tests.factories import (
+    ADMIN_TOKEN,
+    Recorder,
+    make_settings,
+    new_api_key,
+    start_recorded_stack,
+)
 from tests.fault_upstream import FaultyUpstreamThread
 
 
@@ -200,3 +206,35 @@ def test_exchange_record_and_trusted_proxy_ip(faulty: tuple[StackThread, Recorde
     line = ex.to_trace()
     assert key not in orjson.dumps(line).decode()
     assert line["request"]["model"] == "ok-1" and line["status"] == 200
+
+
+def test_a_client_that_stops_sending_is_disconnected_but_a_slow_answer_is_not(
+        tmp_path: Path) -> None:
+    """uvicorn waited for ever for the rest of a request: a connection that sent part
+    of its headers or body, or nothing, and then nothing more, held its socket open (45
+    s and counting); thousands of them (slowloris) would hold as many. With
+    server.read_timeout_s such a client is disconnected, while an answer that takes
+    longer than the timeout (the upstream's 'slow' model, 3 s) is still given."""
+    import socket
+
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(tmp_path, upstream={"base_url": upstream.url},
+                                 server={"read_timeout_s": 1.0})
+        stack, _ = start_recorded_stack(settings)
+        try:
+            key = new_api_key(stack, "acct_t")
+            ports = {settings.server.port: (b"/v1/chat/completions", key),
+                     settings.server.admin_port: (b"/admin/v1/accounts", ADMIN_TOKEN)}
+            for port, (path, token) in ports.items():
+                head = (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                        + f"Authorization: Bearer {token}\r\n".encode())
+                for sent in (b"", head, head + b"Content-Length: 100\r\n\r\n{\"a\": "):
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                        conn.sendall(sent)
+                        began = time.monotonic()
+                        assert conn.recv(1024) == b"", (port, sent)   # closed by the gateway
+                        assert time.monotonic() - began < 5
+            r = _post(stack, key, chat("slow"))
+            assert r.status_code == 200, r.text
+        finally:
+            stack.stop()

@@ -50,6 +50,9 @@ class ServerSettings(_Section):
     admin_port: int = Field(8081, ge=0, le=65535)
     trusted_proxies: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # A client that sends nothing of an unfinished request (headers or body) for this
+    # long is disconnected (serve._http_protocol).
+    read_timeout_s: float = Field(30.0, gt=0)
     replica_id: str | None = None
     # HTTPS on both ports: a PEM certificate (chain) and its unencrypted PEM key; the CA
     # file is what this project's own commands trust when they call the admin API (a

@@ -62,15 +62,62 @@ def listen(host: str, port: int, what: str) -> socket.socket:
                           f"{exc.strerror or exc}") from None
 
 
-def _http_protocol() -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol (the one ``http="auto"`` picks), except that at shutdown
-    an idle TLS connection is aborted rather than closed. Closing it sends TLS
-    close_notify and waits for the peer's, up to 30 s (asyncio's SSL shutdown timeout),
-    and a client that keeps the connection in its pool never answers: with HTTPS the
-    gateway took 30 s to stop. A connection with a response under way finishes it."""
+def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (the one ``http="auto"`` picks), with two changes.
+
+    A client that leaves a request unfinished, sending none of it or part of its headers
+    or body and then nothing for ``read_timeout_s``, is disconnected (nginx's
+    client_header_timeout and client_body_timeout). uvicorn waits for it for ever: a
+    few thousand such connections (slowloris) hold as many sockets and requests open. A
+    request whose body has arrived is never timed out here, however long its answer
+    takes; nor is an idle connection between requests (``timeout_keep_alive`` closes it).
+
+    At shutdown an idle TLS connection is aborted rather than closed. Closing it sends
+    TLS close_notify and waits for the peer's, up to 30 s (asyncio's SSL shutdown
+    timeout), and a client that keeps the connection in its pool never answers: with
+    HTTPS the gateway took 30 s to stop. A connection with a response under way
+    finishes it."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        _last_read = 0.0
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._await_client()
+
+        def data_received(self, data: bytes) -> None:
+            self._await_client()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_client(self) -> None:
+            self._last_read = self.loop.time()
+            if self._read_timer is None:
+                self._read_timer = self.loop.call_later(read_timeout_s, self._check_client)
+
+        def _check_client(self) -> None:
+            self._read_timer = None
+            cycle = self.cycle
+            between = cycle is None or cycle.response_complete
+            sending = cycle is not None and cycle.more_body and not cycle.response_started
+            if self.transport.is_closing() or not (between or sending):
+                return                 # the request is whole: its answer may take long
+            left = self._last_read + read_timeout_s - self.loop.time()
+            if self.flow.read_paused:  # the app has not taken the body yet: ours to wait
+                left = read_timeout_s
+            if left > 0:
+                self._read_timer = self.loop.call_later(left, self._check_client)
+            elif between and cycle is not None and self.timeout_keep_alive_task is not None:
+                return                 # idle between requests: the keep-alive timer's
+            else:
+                self.transport.close()
+
         def shutdown(self) -> None:
             idle = self.cycle is None or self.cycle.response_complete
             if idle and self.transport.get_extra_info("ssl_object") is not None:
@@ -90,7 +137,8 @@ DEMO_UPSTREAM_KEEPALIVE_S = 75
 
 def _server(app: Any, host: str, port: int, *,
             lifespan: Literal["auto", "on", "off"],
-            tls: ServerSettings | None = None, keepalive_s: int = 30) -> uvicorn.Server:
+            tls: ServerSettings | None = None, keepalive_s: int = 30,
+            read_timeout_s: float = 30.0) -> uvicorn.Server:
     """A uvicorn server for ``app``; HTTPS with ``tls``'s certificate and key when it
     names them."""
     ssl_files: dict[str, Any] = {}
@@ -98,7 +146,7 @@ def _server(app: Any, host: str, port: int, *,
         ssl_files = {"ssl_certfile": tls.tls_cert_file, "ssl_keyfile": tls.tls_key_file}
     config = uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level="warning",
                             access_log=False, proxy_headers=False, server_header=False,
-                            date_header=False, loop="none", http=_http_protocol(),
+                            date_header=False, loop="none", http=_http_protocol(read_timeout_s),
                             timeout_keep_alive=keepalive_s, **ssl_files)
     server = uvicorn.Server(config)
     return server
@@ -169,10 +217,10 @@ class Stack:
         server_cfg.port = int(sockets[0].getsockname()[1])
         server_cfg.admin_port = int(sockets[1].getsockname()[1])
         main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on",
-                       tls=server_cfg)
+                       tls=server_cfg, read_timeout_s=server_cfg.read_timeout_s)
         admin_app = self.admin.app([r for e in self.extensions for r in e.admin_routes])
         admin = _server(admin_app, server_cfg.admin_host, server_cfg.admin_port,
-                        lifespan="off", tls=server_cfg)
+                        lifespan="off", tls=server_cfg, read_timeout_s=server_cfg.read_timeout_s)
         self.servers += [main, admin]
         if self.demo_port is not None:
             self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
