@@ -11,15 +11,32 @@ import uvicorn
 
 from distillguard.serve import listen
 
-MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
-          "deep-json", "no-usage"]
-
 _CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
           "choices": [{"index": 0, "delta": {"content": "partial "}, "finish_reason": None}]}
 _OK = {"id": "c1", "object": "chat.completion", "created": 1, "model": "ok-1",
        "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
                     "finish_reason": "stop"}],
        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+def _chunk(choices: list[Any], **fields: Any) -> dict[str, Any]:
+    return {**_CHUNK, "choices": choices, **fields}
+
+
+# Answers sent whole: model -> (status, content type, body).
+PLAIN: dict[str, tuple[int, str, bytes]] = {
+    "usage-huge": (200, "application/json", orjson.dumps(
+        {**_OK, "usage": {"prompt_tokens": 1e300, "completion_tokens": 1}})),
+    "usage-negative": (200, "application/json", orjson.dumps(
+        {**_OK, "usage": {"prompt_tokens": -1_000_000, "completion_tokens": 1}})),
+}
+# Streams: model -> the chunks sent as SSE events, then [DONE].
+STREAMS: dict[str, list[dict[str, Any]]] = {
+    "usage-huge-stream": [_CHUNK, _chunk([], usage={"prompt_tokens": 1e300,
+                                                    "completion_tokens": 1})],
+}
+MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
+          "deep-json", "no-usage", *PLAIN, *STREAMS]
 
 
 class FaultyUpstream:
@@ -37,7 +54,19 @@ class FaultyUpstream:
             await self._send(send, 200, orjson.dumps(data))
             return
         model = orjson.loads(body).get("model")
-        if model == "fail-500":
+        if model in PLAIN:
+            status, content_type, payload = PLAIN[model]
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", content_type.encode())]})
+            await send({"type": "http.response.body", "body": payload})
+        elif model in STREAMS:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for chunk in STREAMS[model]:
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        elif model == "fail-500":
             await self._send(send, 500, b'{"error": {"message": "boom"}}')
         elif model == "slow":
             await asyncio.sleep(3)

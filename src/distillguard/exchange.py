@@ -141,6 +141,24 @@ def format_ts(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+# A usage count above this is not believed: no answer uses 2**53 tokens, every store and
+# JSON reader keeps a count below it exactly, and the ledger and the counters take it.
+MAX_USAGE_TOKENS = 2**53 - 1
+
+
+def usage_count(value: Any) -> int | None:
+    """A usage count as reported: absent or null is 0; a whole number from 0 to
+    MAX_USAGE_TOKENS (``12.0`` included) is itself; anything else (a string, a boolean,
+    a fraction, a negative or larger number) is None."""
+    if value is None:
+        return 0
+    if type(value) is int:
+        return value if 0 <= value <= MAX_USAGE_TOKENS else None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_USAGE_TOKENS:
+        return int(value)
+    return None
+
+
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int = 0
@@ -152,15 +170,17 @@ class Usage:
 
     @classmethod
     def from_body(cls, usage: Any) -> Usage | None:
+        """The usage an upstream (or a trace line) reported; None when there is none or
+        when a count is not a :func:`usage_count` (``1e300``, ``-5``, ``"12"``): a count
+        past what the ledger and the counters keep failed the exchange's ledger entry and
+        charged the account that many tokens, and a negative one credited it."""
         if not isinstance(usage, dict):
             return None
-        try:
-            return cls(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-            )
-        except (TypeError, ValueError):
+        prompt = usage_count(usage.get("prompt_tokens"))
+        completion = usage_count(usage.get("completion_tokens"))
+        if prompt is None or completion is None:
             return None
+        return cls(prompt_tokens=prompt, completion_tokens=completion)
 
     @classmethod
     def estimate(cls, request: Any, response: Any) -> Usage:
@@ -260,8 +280,12 @@ class Exchange:
         upstream that does not report it, or a stream the client closed after the last
         token and before the usage event), an estimate (:meth:`Usage.estimate`), marked
         ``annotations["usage_estimated"]``: quotas are charged either way. A client that
-        closed its stream at ``finish_reason`` otherwise used tokens for free."""
+        closed its stream at ``finish_reason`` otherwise used tokens for free. A report
+        whose counts are not believed (:meth:`Usage.from_body`) is estimated the same way
+        and marked ``annotations["usage_invalid"]``; the response keeps it as sent."""
         self.usage = Usage.from_body(reported)
+        if self.usage is None and isinstance(reported, dict):
+            self.annotations["usage_invalid"] = True
         if self.usage is None and (self.request is not None or self.response is not None):
             self.usage = Usage.estimate(self.request, self.response)
             self.annotations["usage_estimated"] = True

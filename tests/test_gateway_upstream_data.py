@@ -1,0 +1,105 @@
+"""What an upstream sends is not trusted: usage counts out of range still end as one
+recorded exchange, and the client still gets the answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from distillguard.exchange import Exchange
+from distillguard.serve import StackThread
+from tests.factories import ADMIN_TOKEN, Recorder, make_settings, new_api_key, start_recorded_stack
+from tests.fault_upstream import FaultyUpstreamThread
+
+
+class Upstreamed:
+    """A running gateway in front of the faulty upstream, its recorder and admin API, and
+    a key of account ``acct_u``."""
+
+    def __init__(self, stack: StackThread, recorder: Recorder, key: str) -> None:
+        self.stack, self.recorder, self.key = stack, recorder, key
+        self.admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
+                                  headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    def post(self, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(self.stack.stack.base_url + "/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {self.key}"}, timeout=10)
+
+    def stream(self, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
+        with httpx.stream("POST", self.stack.stack.base_url + "/chat/completions",
+                          json={**body, "stream": True}, timeout=10,
+                          headers={"authorization": f"Bearer {self.key}"}) as r:
+            return r, r.read()
+
+    def recorded(self, exchange_id: str) -> Exchange:
+        deadline = time.monotonic() + 10
+        while True:
+            for ex in self.recorder.exchanges:
+                if ex.id == exchange_id:
+                    return ex
+            assert time.monotonic() < deadline, f"{exchange_id} was never recorded"
+            time.sleep(0.02)
+
+    def ledger_entry(self, exchange_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while True:
+            r = self.admin.get(f"/admin/v1/ledger/entries/{exchange_id}")
+            if r.status_code == 200:
+                return r.json()["entry"]  # type: ignore[no-any-return]
+            assert r.status_code == 404, r.text
+            assert time.monotonic() < deadline, f"{exchange_id} never reached the ledger"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(tmp_path, upstream={"base_url": upstream.url})
+        stack, recorder = start_recorded_stack(settings)
+        try:
+            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_u"))
+            yield gateway
+            gateway.admin.close()
+        finally:
+            stack.stop()
+
+
+def chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_usage_counts_out_of_range_are_not_believed(upstreamed: Upstreamed) -> None:
+    """An upstream that reported ``usage.prompt_tokens: 1e300`` (streamed or not) got its
+    exchange refused by the ledger ("Integer exceeds 64-bit range"), so it was missing
+    from the tamper-evident record, and the account was charged 1e300 tokens: every later
+    request was a 429 quoting a 300-digit count. A count that is not a whole number from
+    0 to 2**53 - 1 is now not believed: the exchange is charged the estimate, as one
+    without usage is, marked ``usage_invalid``, and recorded."""
+    gw = upstreamed
+    plain = gw.post(chat("usage-huge"))
+    assert plain.status_code == 200 and plain.json()["usage"]["prompt_tokens"] == 1e300
+    streamed, data = gw.stream(chat("usage-huge-stream"))
+    assert streamed.status_code == 200 and data.endswith(b"data: [DONE]\n\n")
+    negative = gw.post(chat("usage-negative"))
+    assert negative.status_code == 200
+    for r in (plain, streamed, negative):
+        exchange_id = r.headers["x-distillguard-exchange-id"]
+        ex = gw.recorded(exchange_id)
+        assert ex.usage is not None and ex.annotations.get("usage_invalid"), ex.annotations
+        assert ex.annotations["usage_estimated"]
+        # "hi" is 1 token by the estimate; "fine" 1, "partial " 2
+        assert ex.usage.prompt_tokens == 1 and ex.usage.completion_tokens in (1, 2)
+        entry = gw.ledger_entry(exchange_id)
+        assert entry["usage"]["prompt_tokens"] == 1 and entry["status"] == 200
+    # the account was charged a few tokens, not 1e300: it is not locked out
+    client = openai.OpenAI(base_url=gw.stack.stack.base_url, api_key=gw.key, max_retries=0)
+    answer = client.chat.completions.create(model="ok-1", messages=[{"role": "user",
+                                                                     "content": "x"}])
+    assert answer.choices[0].message.content == "fine"
+
