@@ -23,6 +23,10 @@ def _chunk(choices: list[Any], **fields: Any) -> dict[str, Any]:
     return {**_CHUNK, "choices": choices, **fields}
 
 
+def _delta(index: Any = 0, **delta: Any) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "finish_reason": None}
+
+
 # Answers sent whole: model -> (status, content type, body).
 PLAIN: dict[str, tuple[int, str, bytes]] = {
     "usage-huge": (200, "application/json", orjson.dumps(
@@ -34,6 +38,13 @@ PLAIN: dict[str, tuple[int, str, bytes]] = {
 STREAMS: dict[str, list[dict[str, Any]]] = {
     "usage-huge-stream": [_CHUNK, _chunk([], usage={"prompt_tokens": 1e300,
                                                     "completion_tokens": 1})],
+    "index-mixed": [_chunk([_delta(0, content="a")]), _chunk([_delta("1", content="b")])],
+    "index-list": [_chunk([_delta([0], content="a")]), _CHUNK],
+    "tools-not-list": [_CHUNK, _chunk([_delta(0, tool_calls=5)])],
+    "function-not-object": [_CHUNK, _chunk([_delta(0, tool_calls=[
+        {"index": 0, "function": "f"}])])],
+    "tool-index-mixed": [_CHUNK, _chunk([_delta(0, tool_calls=[
+        {"index": 0, "function": {"name": "a"}}, {"index": "x", "function": {"name": "b"}}])])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
           "deep-json", "no-usage", *PLAIN, *STREAMS]

@@ -1,5 +1,5 @@
-"""What an upstream sends is not trusted: usage counts out of range still end as one
-recorded exchange, and the client still gets the answer."""
+"""What an upstream sends is not trusted: usage counts out of range and stream chunks of
+odd shapes still end as one recorded exchange, and the client still gets the answer."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from tests.factories import ADMIN_TOKEN, Recorder, make_settings, new_api_key, start_recorded_stack
-from tests.fault_upstream import FaultyUpstreamThread
+from tests.fault_upstream import STREAMS, FaultyUpstreamThread
 
 
 class Upstreamed:
@@ -103,3 +104,33 @@ def test_usage_counts_out_of_range_are_not_believed(upstreamed: Upstreamed) -> N
                                                                      "content": "x"}])
     assert answer.choices[0].message.content == "fine"
 
+
+def _events(data: bytes) -> list[bytes]:
+    return [line[6:] for line in data.split(b"\n") if line.startswith(b"data: ")]
+
+
+@pytest.mark.parametrize("model", ["index-mixed", "index-list", "tools-not-list",
+                                   "function-not-object", "tool-index-mixed"])
+def test_a_stream_of_odd_chunks_is_relayed_and_recorded(upstreamed: Upstreamed,
+                                                        model: str) -> None:
+    """A stream whose chunks mixed ``choices[].index`` 0 and "1" (or tool-call indexes 0
+    and "x", an index ``[0]``, ``tool_calls: 5``, ``function: "f"``) made reassembling
+    the completion raise: the client's stream was cut without an error event or [DONE],
+    and the exchange was never recorded, so the ledger lost it. The client now gets the
+    upstream's events as sent, and the exchange is recorded with what could be read."""
+    gw = upstreamed
+    r, data = gw.stream(chat(model))
+    assert r.status_code == 200
+    events = _events(data)
+    assert events[-1] == b"[DONE]", data
+    # every upstream event passes unchanged, and the gateway adds no error event
+    sent = [orjson.loads(e) for e in events[:-1]]
+    assert sent[:len(STREAMS[model])] == STREAMS[model]
+    assert all("error" not in e for e in sent)
+    exchange_id = r.headers["x-distillguard-exchange-id"]
+    ex = gw.recorded(exchange_id)
+    assert ex.status == 200 and ex.error_code is None
+    assert isinstance(ex.response, dict) and ex.response["choices"]
+    assert ex.annotations["stream_items_skipped"] == 1    # the odd item, left out
+    entry = gw.ledger_entry(exchange_id)
+    assert entry["status"] == 200 and entry["response_sha256"] == ex.response_sha256

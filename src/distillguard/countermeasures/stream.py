@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class _ChoiceState:
-    def __init__(self, answer: AnswerFilter) -> None:
+    def __init__(self, index: Any, answer: AnswerFilter) -> None:
+        self.index = index
         self.answer = answer
         self.think = ThinkSplitter()
         self.reasoning: list[str] = []
@@ -37,14 +38,20 @@ class CountermeasureStream:
         self.owner = owner
         self.exchange = exchange
         self.plan = plan
-        self.states: dict[int, _ChoiceState] = {}
+        self.states: dict[tuple[bool, int | str], _ChoiceState] = {}
         self.meta: dict[str, Any] = {}
         self.chat = True
 
-    def _state(self, index: int) -> _ChoiceState:
-        state = self.states.get(index)
+    def _state(self, index: Any) -> _ChoiceState:
+        """The state of the choice ``index``. An index that is not a whole number (``"1"``,
+        ``[0]``: not the OpenAI format, but an upstream sent them) is a choice of its own,
+        filtered like any other and sent with the index it came with; ``int()`` of a list
+        raised and cut the stream."""
+        key: tuple[bool, int | str] = ((False, index) if type(index) is int
+                                       else (True, repr(index)))
+        state = self.states.get(key)
         if state is None:
-            state = self.states[index] = _ChoiceState(self.owner.answer_filter(self.plan))
+            state = self.states[key] = _ChoiceState(index, self.owner.answer_filter(self.plan))
         return state
 
     def on_event(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
@@ -69,7 +76,7 @@ class CountermeasureStream:
         return original if choice == original else choice
 
     def _rewrite(self, choice: dict[str, Any]) -> dict[str, Any] | None:
-        state = self._state(int(choice.get("index", 0)))
+        state = self._state(choice.get("index", 0))
         choice = dict(choice)
         finish = choice.get("finish_reason")
         if not self.chat:
@@ -127,13 +134,13 @@ class CountermeasureStream:
     def flush(self) -> list[dict[str, Any]]:
         """Anything still held for choices that never sent a finish_reason."""
         out = []
-        for index, state in sorted(self.states.items()):
+        for _, state in sorted(self.states.items()):
             if state.finished:
                 continue
             text = self._finish(state)
             if not text:
                 continue
-            piece: dict[str, Any] = {"index": index, "finish_reason": None}
+            piece: dict[str, Any] = {"index": state.index, "finish_reason": None}
             piece.update({"delta": {"content": text}} if self.chat else {"text": text})
             out.append({**self.meta, "choices": [piece]})
         self._record()

@@ -261,6 +261,20 @@ def _run_filters(chunk: dict[str, Any], filters: list[StreamFilter],
     return [b"data: " + orjson.dumps(current) + b"\n\n"]
 
 
+def _assembled(exchange: Exchange, relay: SSERelay) -> dict[str, Any] | None:
+    """The completion a stream delivered, for the record. It is assembled in the stream's
+    ``finally``: an error there cut the client's stream and lost the exchange from the
+    ledger, so one is logged and the exchange recorded without its response."""
+    if relay.skipped:
+        exchange.annotations["stream_items_skipped"] = relay.skipped
+    try:
+        return relay.assembled()
+    except Exception as exc:
+        log.exception("could not assemble the stream of exchange %s", exchange.id)
+        exchange.annotations["bodies_dropped"] = {"response": repr(exc)[:200]}
+        return None
+
+
 async def _relay_stream(gateway: Gateway, exchange: Exchange, upstream: Any,
                         relay: SSERelay, filters: list[StreamFilter] | None = None
                         ) -> AsyncIterator[bytes]:
@@ -302,7 +316,7 @@ async def _relay_stream(gateway: Gateway, exchange: Exchange, upstream: Any,
         upstream.close()
         if delivered is not None:
             delivered.usage = relay.usage
-        exchange.response = (delivered or relay).assembled()
+        exchange.response = _assembled(exchange, delivered or relay)
         exchange.settle_usage(relay.usage)
         exchange.timings.finished = time.perf_counter()
         if exchange.error_code is None and not relay.done:

@@ -25,6 +25,7 @@ class SSERelay:
         self.meta: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self.events = 0
+        self.skipped = 0    # choices and tool calls left out of the completion
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes from upstream; return the complete events to forward, in order."""
@@ -84,7 +85,16 @@ class SSERelay:
         return True
 
     def _merge_choice(self, choice: dict[str, Any]) -> None:
+        """Add one chunk's choice to the completion. What the OpenAI format does not allow
+        there (an index that is not a whole number, ``tool_calls`` that is not an array,
+        a ``function`` that is not an object) is left out of the completion and counted
+        in ``skipped``; the event itself is forwarded as it came. An index ``"1"`` beside
+        an index 0 made the completion fail to assemble, and the exchange went
+        unrecorded."""
         index = choice.get("index", 0)
+        if type(index) is not int:
+            self.skipped += 1
+            return
         acc = self._choices.setdefault(index, {"index": index, "content": [], "reasoning": [],
                                                "text": [], "tool_calls": {}, "role": None,
                                                "finish_reason": None})
@@ -102,14 +112,24 @@ class SSERelay:
         for field in ("reasoning_content", "reasoning"):
             if isinstance(delta.get(field), str):
                 acc["reasoning"].append(delta[field])
-        for call in delta.get("tool_calls") or []:
-            if not isinstance(call, dict):
+        calls = delta.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            self.skipped += 1
+            return
+        for call in calls or []:
+            call_index = call.get("index", 0) if isinstance(call, dict) else None
+            if type(call_index) is not int:
+                self.skipped += 1
                 continue
-            slot = acc["tool_calls"].setdefault(call.get("index", 0), {
+            slot = acc["tool_calls"].setdefault(call_index, {
                 "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
             if call.get("id"):
                 slot["id"] = call["id"]
-            fn = call.get("function") or {}
+            fn = call.get("function")
+            if fn is not None and not isinstance(fn, dict):
+                self.skipped += 1
+                continue
+            fn = fn or {}
             if isinstance(fn.get("name"), str):
                 slot["function"]["name"] += fn["name"]
             if isinstance(fn.get("arguments"), str):
