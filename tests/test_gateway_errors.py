@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,34 @@ def test_mid_stream_failure_sends_sse_error_then_closes(
     last = recorder.exchanges[-1]
     assert last.error_code == code
     assert last.response["choices"][0]["message"]["content"] == "partial partial "
+
+
+def test_a_request_whose_client_left_before_its_body_is_recorded(
+        faulty: tuple[StackThread, Recorder, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A client that sent its key and then closed the connection before the whole body
+    arrived (a timeout, a killed process) left two tracebacks in the log per request and
+    no record at all: the authenticated attempt was missing from the trace and the
+    ledger. It is now recorded as nginx logs it, status 499 (client closed request),
+    error code client_disconnected, and nothing is logged as an error."""
+    stack, recorder, key = faulty
+    before = len(recorder.exchanges)
+    body = orjson.dumps(chat())
+    address = httpx.URL(stack.stack.base_url)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((address.host, address.port)) as conn:
+        conn.sendall(head + body[:10])
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while len(recorder.exchanges) < before + 1:
+        assert time.monotonic() < deadline, "the request was never recorded"
+        time.sleep(0.05)
+    left = recorder.exchanges[before]
+    assert (left.status, left.error_code) == (499, "client_disconnected")
+    assert left.account_id == "acct_f" and left.key_id and left.request is None
+    stack.call(stack.stack.gateway.settle())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_exchange_record_and_trusted_proxy_ip(faulty: tuple[StackThread, Recorder, str]

@@ -15,6 +15,8 @@ requests the gateway cannot serve and for infrastructure faults. The tree::
           ├── NotFoundError          404 unknown model or route
           ├── MethodNotAllowed       405 a route that does not take this method
           ├── PayloadTooLarge        413 request body over the configured limit
+          ├── ClientClosedRequest    499 the client left before its request was read
+          │                              (nginx's code; recorded, nothing is sent)
           ├── RateLimited            429 rate limit or quota (carries Retry-After)
           ├── UpstreamError          502 upstream 5xx, refused or dropped connection
           ├── ServiceUnavailable     503 a shared service (Redis, database) is down and
@@ -137,6 +139,16 @@ class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class ClientClosedRequest(APIError):
+    """The client closed the connection before its request body arrived. No one reads the
+    answer; the status (nginx's 499) is for the record, which an authenticated attempt
+    must not be missing from."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class RateLimited(APIError):

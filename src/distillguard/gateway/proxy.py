@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from distillguard.errors import (
     APIError,
+    ClientClosedRequest,
     InvalidRequest,
     NotFoundError,
     PayloadTooLarge,
@@ -53,11 +54,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidRequest("Content-Length is not a number.") from None
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"Request body is larger than the limit of {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosedRequest(f"The client closed the connection after {size} bytes "
+                                  "of the request body.") from None
     return b"".join(chunks)
 
 
