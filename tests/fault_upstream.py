@@ -33,6 +33,13 @@ PLAIN: dict[str, tuple[int, str, bytes]] = {
         {**_OK, "usage": {"prompt_tokens": 1e300, "completion_tokens": 1}})),
     "usage-negative": (200, "application/json", orjson.dumps(
         {**_OK, "usage": {"prompt_tokens": -1_000_000, "completion_tokens": 1}})),
+    "vllm-400": (400, "application/json", orjson.dumps(
+        {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError",
+         "param": None, "code": 400})),
+    "text-404": (404, "text/plain", b"Not Found"),
+    "html-429": (429, "text/html", b"<html><body>slow down</body></html>"),
+    "empty-400": (400, "application/json", b""),
+    "long-400": (400, "text/plain", b"bad request: " + b"x" * 5000),
 }
 # Streams: model -> the chunks sent as SSE events, then [DONE].
 STREAMS: dict[str, list[dict[str, Any]]] = {
@@ -47,7 +54,7 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         {"index": 0, "function": {"name": "a"}}, {"index": "x", "function": {"name": "b"}}])])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
-          "deep-json", "no-usage", *PLAIN, *STREAMS]
+          "deep-json", "no-usage", "key-401", *PLAIN, *STREAMS]
 
 
 class FaultyUpstream:
@@ -65,7 +72,12 @@ class FaultyUpstream:
             await self._send(send, 200, orjson.dumps(data))
             return
         model = orjson.loads(body).get("model")
-        if model in PLAIN:
+        if model == "key-401":           # an upstream that quotes the key it was sent
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"Unknown key in " + auth})
+        elif model in PLAIN:
             status, content_type, payload = PLAIN[model]
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", content_type.encode())]})

@@ -23,13 +23,16 @@ from tests.factories import (
 )
 from tests.fault_upstream import FaultyUpstreamThread
 
+UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
+
 
 @pytest.fixture
 def faulty(tmp_path: Path) -> Iterator[tuple[StackThread, Recorder, str]]:
     with FaultyUpstreamThread() as upstream:
         settings = make_settings(
             tmp_path,
-            upstream={"base_url": upstream.url, "timeout_s": 0.5},
+            upstream={"base_url": upstream.url, "timeout_s": 0.5,
+                      "api_key": UPSTREAM_KEY},
             server={"max_body_bytes": 10_000, "trusted_proxies": ["127.0.0.0/8"]},
             limits={"tiers": {"standard": {"requests_per_minute": 1000}}},
         )
@@ -168,6 +171,41 @@ def test_upstream_failures(faulty: tuple[StackThread, Recorder, str]) -> None:
     stack.call(stack.stack.gateway.settle())
     codes = [e.error_code for e in recorder.exchanges]
     assert "upstream_timeout" in codes and "upstream_status_error" in codes
+
+
+@pytest.mark.parametrize("model,status,message", [
+    ("vllm-400", 400, "max_tokens is too large"),
+    ("text-404", 404, "Not Found"),
+    ("html-429", 429, "The model server answered 429 Too Many Requests."),
+    ("empty-400", 400, "The model server answered 400 Bad Request."),
+    ("long-400", 400, "bad request: xxx"),
+    ("key-401", 401, "Unknown key in Bearer [redacted]"),
+])
+def test_an_upstream_error_not_in_openai_format_is_put_in_it(
+        faulty: tuple[StackThread, Recorder, str], model: str, status: int,
+        message: str) -> None:
+    """An upstream 4xx whose body was not OpenAI's error object (vLLM's
+    {"object": "error", "message": ...}, a text/plain "Not Found", an HTML 429, an empty
+    400) reached clients as it came: the openai client's error carried no message and
+    code, and one that quoted the gateway's upstream key passed the key on. Such a body
+    is now wrapped in {"error": {"message", "type", "param", "code"}} with the upstream's
+    status, its message text kept (cut at 500 characters) and the upstream key redacted."""
+    stack, recorder, key = faulty
+    r = _post(stack, key, chat(model))
+    err = _error(r, status, "upstream_client_error")
+    assert r.headers["content-type"] == "application/json"
+    assert err["message"].startswith(message) and len(err["message"]) <= 500
+    assert UPSTREAM_KEY not in r.text
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=model, messages=[{"role": "user",
+                                                              "content": "x"}])
+    assert info.value.status_code == status and info.value.code == "upstream_client_error"
+    assert isinstance(info.value.body, dict) and info.value.body["message"] == err["message"]
+    stack.call(stack.stack.gateway.settle())
+    last = recorder.exchanges[-1]
+    assert (last.status, last.error_code) == (status, "upstream_client_error")
+    assert UPSTREAM_KEY not in orjson.dumps(last.to_trace()).decode()
 
 
 @pytest.mark.parametrize("model,code", [("drop-stream", "upstream_error"),

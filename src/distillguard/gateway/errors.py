@@ -3,14 +3,17 @@
 Every :class:`~distillguard.errors.APIError` becomes its OpenAI-format body and status;
 a policy :class:`~distillguard.pipeline.Denied` value is turned into the matching APIError
 here too, and so is a route the router cannot match (Starlette's 404 and 405, plain text
-of their own) on the admin API and any other app without a catch-all. Anything else is
-a bug: it is logged with its traceback and the client gets a 500 in the same format,
-without internal details.
+of their own) on the admin API and any other app without a catch-all, and so is an
+upstream 4xx whose body is not in OpenAI's format (:func:`upstream_client_error`).
+Anything else is a bug: it is logged with its traceback and the client gets a 500 in the
+same format, without internal details.
 """
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -48,6 +51,65 @@ def denied_error(decision: Denied) -> APIError:
     err = cls(decision.reason, code=decision.code, headers=headers)
     err.status = decision.status
     return err
+
+
+# The most of an upstream's own error message a wrapped error keeps.
+UPSTREAM_MESSAGE_MAX = 500
+# The OpenAI error type of an upstream 4xx, by status (others: invalid_request_error).
+_UPSTREAM_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
+                         429: "rate_limit_error"}
+
+
+def is_openai_error(body: Any) -> bool:
+    """Whether ``body`` is OpenAI's error object: ``{"error": {"message": <string>,
+    "type", "param", "code"}}``."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return (isinstance(error, dict) and isinstance(error.get("message"), str)
+            and {"type", "param", "code"} <= error.keys())
+
+
+def upstream_client_error(status: int, content_type: str, payload: bytes, parsed: Any
+                          ) -> APIError:
+    """An upstream 4xx whose body is not OpenAI's error object, as one that is, with the
+    upstream's status: vLLM's ``{"object": "error", "message": ...}``, a text/plain
+    ``Not Found``, an HTML page or nothing reached clients as it came, and the openai
+    client's error then had no message or code. The upstream's message text is kept where
+    there is one (cut at UPSTREAM_MESSAGE_MAX characters); the caller removes secrets
+    from ``payload`` first."""
+    message = _upstream_message(content_type, payload, parsed)
+    if not message:
+        message = f"The model server answered {_status_line(status)}."
+    elif len(message) > UPSTREAM_MESSAGE_MAX:
+        message = message[:UPSTREAM_MESSAGE_MAX - 1] + "\u2026"
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    fields = error if isinstance(error, dict) else parsed if isinstance(parsed, dict) else {}
+    param = fields.get("param")
+    err = APIError(message, code="upstream_client_error",
+                   param=param if isinstance(param, str) else None)
+    err.status = status
+    err.type = _UPSTREAM_ERROR_TYPES.get(status, "invalid_request_error")
+    return err
+
+
+def _upstream_message(content_type: str, payload: bytes, parsed: Any) -> str:
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        for holder, name in ((error, "message"), (parsed, "error"), (parsed, "message"),
+                             (parsed, "detail")):
+            if isinstance(holder, dict) and isinstance(holder.get(name), str):
+                return " ".join(holder[name].split())
+        return ""
+    if parsed is None and content_type.split(";")[0].strip().lower() == "text/plain":
+        return " ".join(payload[:4 * UPSTREAM_MESSAGE_MAX].decode("utf-8", "replace").split())
+    return ""
+
+
+def _status_line(status: int) -> str:
+    """``429 Too Many Requests``; the number alone for a status without a name."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
 
 
 def sse_error_event(exc: APIError) -> bytes:

@@ -28,7 +28,13 @@ from distillguard.errors import (
     UpstreamError,
 )
 from distillguard.exchange import MAX_JSON_DEPTH, Exchange, Usage, nested_deeper_than
-from distillguard.gateway.errors import denied_error, error_response, sse_error_event
+from distillguard.gateway.errors import (
+    denied_error,
+    error_response,
+    is_openai_error,
+    sse_error_event,
+    upstream_client_error,
+)
 from distillguard.gateway.streaming import SSERelay
 from distillguard.pipeline import Denied, StreamFilter
 
@@ -192,10 +198,19 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
 def _finish_plain(gateway: Gateway, exchange: Exchange, status: int,
                   headers: dict[str, str], payload: bytes) -> Response:
     exchange.status = status
+    upstream_key = gateway.settings.upstream.api_key
+    if status >= 400 and upstream_key and upstream_key.encode() in payload:
+        payload = payload.replace(upstream_key.encode(), b"[redacted]")
     try:
         parsed = orjson.loads(payload) if payload else None
     except orjson.JSONDecodeError:
         parsed = None
+    if status >= 400 and not is_openai_error(parsed):
+        error = upstream_client_error(status, headers.get("content-type", ""), payload,
+                                      parsed)
+        error.headers.update(_response_headers(exchange, headers))
+        exchange.response = error.body()
+        raise error
     if status == 200 and not isinstance(parsed, dict):
         raise UpstreamError("The model server sent a response that is not JSON.",
                             code="upstream_bad_response")
