@@ -54,7 +54,7 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         {"index": 0, "function": {"name": "a"}}, {"index": "x", "function": {"name": "b"}}])])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
-          "deep-json", "no-usage", "key-401", *PLAIN, *STREAMS]
+          "deep-json", "no-usage", "key-401", "key-500", *PLAIN, *STREAMS]
 
 
 class FaultyUpstream:
@@ -72,9 +72,9 @@ class FaultyUpstream:
             await self._send(send, 200, orjson.dumps(data))
             return
         model = orjson.loads(body).get("model")
-        if model == "key-401":           # an upstream that quotes the key it was sent
+        if model in ("key-401", "key-500"):   # an upstream that quotes the key it was sent
             auth = dict(scope["headers"]).get(b"authorization", b"")
-            await send({"type": "http.response.start", "status": 401,
+            await send({"type": "http.response.start", "status": int(model[-3:]),
                         "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"Unknown key in " + auth})
         elif model in PLAIN:

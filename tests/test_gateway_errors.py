@@ -228,6 +228,18 @@ def test_mid_stream_failure_sends_sse_error_then_closes(
     assert last.response["choices"][0]["message"]["content"] == "partial partial "
 
 
+def test_an_upstream_5xx_that_quotes_its_key_is_logged_without_it(
+        faulty: tuple[StackThread, Recorder, str], caplog: pytest.LogCaptureFixture) -> None:
+    """The warning for an upstream 5xx logged the first 200 bytes of its body as they
+    came, the gateway's upstream key included when the upstream quoted it."""
+    stack, _, key = faulty
+    with caplog.at_level(logging.WARNING, logger="distillguard.gateway"):
+        _error(_post(stack, key, chat("key-500")), 502, "upstream_status_error")
+    logged = [r.getMessage() for r in caplog.records if "upstream answered 500" in
+              r.getMessage()]
+    assert logged and all(UPSTREAM_KEY not in m and "[redacted]" in m for m in logged)
+
+
 def test_a_request_whose_client_left_before_its_body_is_recorded(
         faulty: tuple[StackThread, Recorder, str], caplog: pytest.LogCaptureFixture) -> None:
     """A client that sent its key and then closed the connection before the whole body

@@ -174,7 +174,8 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
                                            stream=exchange.stream)
     exchange.timings.first_byte = time.perf_counter()
     if upstream.status >= 500:
-        detail = (await upstream.read())[:200].decode("utf-8", "replace")
+        detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
+            "utf-8", "replace")
         log.warning("upstream answered %s on %s: %s", upstream.status, exchange.endpoint,
                     detail)
         raise UpstreamError(f"The model server returned an error (status {upstream.status}).",
@@ -195,12 +196,21 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
     )
 
 
+def _without_upstream_key(gateway: Gateway, payload: bytes) -> bytes:
+    """An upstream's error body with the key the gateway sent it replaced by
+    ``[redacted]``: an upstream that quotes the key it was given ("unknown key sk-...")
+    would hand it to the client, the record and the log."""
+    key = gateway.settings.upstream.api_key
+    if key and key.encode() in payload:
+        return payload.replace(key.encode(), b"[redacted]")
+    return payload
+
+
 def _finish_plain(gateway: Gateway, exchange: Exchange, status: int,
                   headers: dict[str, str], payload: bytes) -> Response:
     exchange.status = status
-    upstream_key = gateway.settings.upstream.api_key
-    if status >= 400 and upstream_key and upstream_key.encode() in payload:
-        payload = payload.replace(upstream_key.encode(), b"[redacted]")
+    if status >= 400:
+        payload = _without_upstream_key(gateway, payload)
     try:
         parsed = orjson.loads(payload) if payload else None
     except orjson.JSONDecodeError:
