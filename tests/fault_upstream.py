@@ -52,6 +52,8 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         {"index": 0, "function": "f"}])])],
     "tool-index-mixed": [_CHUNK, _chunk([_delta(0, tool_calls=[
         {"index": 0, "function": {"name": "a"}}, {"index": "x", "function": {"name": "b"}}])])],
+    "delta-text": [_CHUNK, _chunk([{"index": 0, "delta": "b", "finish_reason": None}])],
+    "delta-list": [_CHUNK, _chunk([{"index": 0, "delta": [1], "finish_reason": None}])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
           "deep-json", "no-usage", "key-401", "key-500", *PLAIN, *STREAMS]

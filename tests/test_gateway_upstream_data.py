@@ -110,11 +110,13 @@ def _events(data: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("model", ["index-mixed", "index-list", "tools-not-list",
-                                   "function-not-object", "tool-index-mixed"])
+                                   "function-not-object", "tool-index-mixed",
+                                   "delta-text", "delta-list"])
 def test_a_stream_of_odd_chunks_is_relayed_and_recorded(upstreamed: Upstreamed,
                                                         model: str) -> None:
     """A stream whose chunks mixed ``choices[].index`` 0 and "1" (or tool-call indexes 0
-    and "x", an index ``[0]``, ``tool_calls: 5``, ``function: "f"``) made reassembling
+    and "x", an index ``[0]``, ``tool_calls: 5``, ``function: "f"``, a delta ``"b"`` or
+    ``[1]``, which also broke the countermeasures' stream filter) made reassembling
     the completion raise: the client's stream was cut without an error event or [DONE],
     and the exchange was never recorded, so the ledger lost it. The client now gets the
     upstream's events as sent, and the exchange is recorded with what could be read."""

@@ -87,7 +87,10 @@ class CountermeasureStream:
                 state.finished = True
             choice["text"] = text
             return choice if text or finish else None
-        delta = dict(choice.get("delta") or {})
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            return choice      # not a delta this filter can read ("b", [1]): passed on
+        delta = dict(delta)
         visible = self._delta_text(state, delta)
         if finish:
             visible += self._finish(state)

@@ -104,6 +104,8 @@ class SSERelay:
             acc["text"].append(choice["text"])
         delta = choice.get("delta")
         if not isinstance(delta, dict):
+            if delta is not None:        # "b", [1]: not a delta
+                self.skipped += 1
             return
         if delta.get("role"):
             acc["role"] = delta["role"]
