@@ -61,6 +61,10 @@ async def test_import_is_all_or_nothing_and_upserts(store) -> None:  # type: ign
     await store.import_accounts([make_account("a1", org="Changed")])
     assert await store.count_accounts() == 50
     assert (await store.get_account("a1")).org == "Changed"
+    # given twice, an account is one account (it was reported as two), the last record
+    twice = [make_account("a60", org="First"), make_account("a60", org="Second")]
+    assert await store.import_accounts(twice) == 1
+    assert (await store.get_account("a60")).org == "Second"
 
 
 async def test_keys_hashed_revocable_expiring(store) -> None:  # type: ignore[no-untyped-def]

@@ -195,7 +195,8 @@ class SQLStateStore:
         return account
 
     async def import_accounts(self, accounts: Iterable[Account]) -> int:
-        """Insert or replace many accounts in one transaction (all or nothing)."""
+        """Insert or replace many accounts in one transaction (all or nothing); returns
+        how many accounts that is (one given twice counts once)."""
         rows = [self._account_row(a) for a in accounts]
         if not rows:
             return 0
@@ -206,7 +207,8 @@ class SQLStateStore:
                f"ON CONFLICT (account_id) DO UPDATE SET {updates}")
         async with self.engine.begin() as conn:
             await conn.execute(text(sql), rows)
-        return len(rows)
+        # An account given twice is stored once, as its last record says.
+        return len({row["account_id"] for row in rows})
 
     async def get_account(self, account_id: str) -> Account:
         if "\x00" in account_id:   # never stored (stored_text); PostgreSQL would fail
