@@ -108,6 +108,33 @@ def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) 
         assert r.headers["location"] == "/dashboard/"
 
 
+def test_every_dashboard_response_has_the_security_headers(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """/dashboard/api/traffic (the overview's numbers as JSON) came without the
+    dashboard's headers: no Cache-Control: no-store, so a browser or proxy could keep the
+    logged-in answer, and no nosniff, CSP or X-Frame-Options."""
+    _, client = dash
+
+    def check(r: httpx.Response) -> None:
+        assert r.headers.get("cache-control") == "no-store", r.url
+        assert r.headers.get("x-content-type-options") == "nosniff", r.url
+        assert r.headers.get("x-frame-options") == "DENY", r.url
+        assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), r.url
+        assert r.headers.get("referrer-policy") == "same-origin", r.url
+
+    login(client)
+    r = client.get("/api/traffic?range=1h")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    check(r)
+    check(client.get("/static/dashboard.css"))
+    for path in ("/", "/accounts/nobody", "/no-such-page"):
+        check(client.get(path))
+    check(client.get("/logout"))                # 405
+    client.headers.pop("cookie")
+    check(client.get("/api/traffic"))           # the redirect to log in
+    check(client.get("/login"))
+
+
 def test_action_forms_need_csrf_same_origin_and_a_reason(
         dash: tuple[StackThread, httpx.Client]) -> None:
     stack, client = dash

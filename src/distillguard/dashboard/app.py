@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distillguard.config import Settings
 from distillguard.dashboard.security import (
-    HEADERS,
+    SecurityHeaders,
     Sessions,
     same_origin,
 )
@@ -94,12 +94,12 @@ class Dashboard:
         flashes = [("ok", flash[:200])] if flash else []
         html = self.env.get_template(template).render(
             base=self.base, session=session, nav=NAV, flashes=flashes, **context)
-        return HTMLResponse(html, status_code=status_code, headers=HEADERS)
+        return HTMLResponse(html, status_code=status_code)
 
     def redirect(self, url: str, done: str | None = None) -> RedirectResponse:
         if done:
             url += ("&" if "?" in url else "?") + "done=" + quote(done)
-        return RedirectResponse(url, status_code=303, headers=HEADERS)
+        return RedirectResponse(url, status_code=303)
 
     # -- guards ------------------------------------------------------------------------
 
@@ -199,7 +199,9 @@ class Dashboard:
         ]
         for path, handler, methods in views.ROUTES:
             routes.append(Route(path, self.page(handler), methods=methods))
-        return Starlette(routes=routes, middleware=[Middleware(ServerErrors, dashboard=self)],
+        return Starlette(routes=routes,
+                         middleware=[Middleware(SecurityHeaders),
+                                     Middleware(ServerErrors, dashboard=self)],
                          exception_handlers={HTTPException: self._http_error})
 
 

@@ -6,6 +6,7 @@ over a key derived from the session secret and the admin token; see
 ``Secure`` (configurable) and scoped to ``/dashboard``. Every state-changing form carries
 the session's CSRF token; the log-in form carries a short-lived signed token of its own.
 POSTs whose ``Origin`` names another site are refused whatever the token.
+:class:`SecurityHeaders` puts :data:`HEADERS` on every response the dashboard sends.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import secrets
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE = "dg_session"
 COOKIE_PATH = "/dashboard"
@@ -100,3 +103,25 @@ def same_origin(request: Request) -> bool:
         return True
     host = request.headers.get("host", "")
     return origin.split("://", 1)[-1] == host
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: :data:`HEADERS` on every response of the app it wraps (pages,
+    redirects, JSON, static files, error pages), unless the response set one itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, sending)
