@@ -108,6 +108,41 @@ def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) 
         assert r.headers["location"] == "/dashboard/"
 
 
+def test_login_next_cannot_climb_out_of_the_dashboard(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """next=/dashboard/../../admin/v1/accounts passed the check for "starts with
+    /dashboard/", so the analyst, just logged in, was sent wherever the dot segments
+    led once the browser resolved them (%2e%2e too); an action form's next= the same."""
+    stack, client = dash
+    form = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+    outside = ("/dashboard/../../admin/v1/accounts", "/dashboard/%2e%2e/admin/v1/accounts",
+               "/dashboard/.%2E/admin", "/dashboard/accounts/../../admin", "/dashboard/..",
+               "/dashboard/%2E%2E", "/dashboard/\t/evil", "/dashboard/x/..//evil.example",
+               "/dashboard/\\evil.example")
+    for target in outside:
+        r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token,
+                                        "next": target})
+        assert r.headers["location"] == "/dashboard/", target
+    r = client.get("/login", params={"next": "/dashboard/../admin/v1/accounts"})
+    assert 'name="next" value="/dashboard/"' in r.text
+    inside = {"/dashboard/accounts/../campaigns?x=1": "/dashboard/campaigns?x=1",
+              "/dashboard/./accounts/acct%20a": "/dashboard/accounts/acct%20a",
+              "/dashboard/accounts?q=a/../b": "/dashboard/accounts?q=a/../b"}
+    for target, expected in inside.items():
+        r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token,
+                                        "next": target})
+        assert r.headers["location"] == expected, target
+    csrf = login(client)
+    with httpx.Client(base_url=stack.stack.admin_url,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_n"}).raise_for_status()
+    r = client.post("/actions", data={"kind": "account", "target": "acct_n",
+                                      "action": "suspend", "reason": "dots", "csrf": csrf,
+                                      "next": "/dashboard/%2e%2e/admin/v1/accounts"})
+    assert r.status_code == 303 and r.headers["location"].split("?")[0] == "/dashboard/"
+
+
 def test_every_dashboard_response_has_the_security_headers(
         dash: tuple[StackThread, httpx.Client]) -> None:
     """/dashboard/api/traffic (the overview's numbers as JSON) came without the

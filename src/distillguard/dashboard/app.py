@@ -26,6 +26,7 @@ from distillguard.config import Settings
 from distillguard.dashboard.security import (
     SecurityHeaders,
     Sessions,
+    safe_next,
     same_origin,
 )
 from distillguard.dashboard.settings import DashboardSettings
@@ -137,14 +138,14 @@ class Dashboard:
     # -- log-in ------------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
-        nxt = _safe_next(request.query_params.get("next"), self.base)
+        nxt = safe_next(request.query_params.get("next"), self.base)
         return self.render(request, "login.html", title="Log in", next=nxt,
                            login_token=self.sessions.login_token(), error=None)
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
         who = client_key(request.client.host if request.client else None)
-        nxt = _safe_next(str(form.get("next") or ""), self.base)
+        nxt = safe_next(str(form.get("next") or ""), self.base)
 
         def again(message: str, status: int) -> Response:
             return self.render(request, "login.html", status_code=status, title="Log in", next=nxt,
@@ -234,10 +235,3 @@ class ServerErrors:
             log.exception("dashboard page %s failed", scope.get("path"))
             await self.dashboard.server_error(Request(scope))(scope, receive, send)
 
-
-def _safe_next(value: str | None, base: str) -> str:
-    """Only local dashboard paths, so the log-in page is not an open redirect."""
-    if value and value.startswith(base + "/") and not value.startswith("//") \
-            and "\\" not in value and "//" not in value[1:]:
-        return value
-    return base + "/"

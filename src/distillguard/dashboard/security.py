@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from starlette.datastructures import MutableHeaders
@@ -94,6 +95,35 @@ class Sessions:
         except (BadSignature, SignatureExpired):
             return False
         return True
+
+
+def safe_next(value: str | None, base: str) -> str:
+    """Where to send the browser after log-in or an action: ``value`` when it is a path
+    under ``base + "/"`` once its dot segments are resolved as a browser resolves them
+    (``%2e`` is a dot there too), else ``base + "/"``, so neither is an open redirect.
+    The query is kept; the fragment is dropped."""
+    home = base + "/"
+    if not value or not value.startswith("/") or any(ord(c) < 0x20 or ord(c) == 0x7F
+                                                     for c in value):
+        return home             # browsers drop tabs and newlines
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc or "\\" in parts.path:   # a path's \ is a / to them
+        return home
+    segments: list[str] = []
+    raw = parts.path.split("/")[1:]
+    for n, segment in enumerate(raw):
+        dots = unquote(segment)
+        if dots in (".", ".."):
+            if dots == ".." and segments:
+                segments.pop()
+            if n == len(raw) - 1:
+                segments.append("")
+        else:
+            segments.append(segment)
+    path = "/" + "/".join(segments)
+    if not path.startswith(home) or "//" in path:
+        return home
+    return path + (f"?{parts.query}" if parts.query else "")
 
 
 def same_origin(request: Request) -> bool:

@@ -8,14 +8,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from distillguard.dashboard.security import safe_next
 from distillguard.dashboard.views.common import actor
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
-
-
-def _safe_next(value: str, dash: Dashboard) -> str:
-    return value if value.startswith(dash.base + "/") and "//" not in value else dash.base + "/"
 
 
 async def apply(dash: Dashboard, request: Request) -> Response:
@@ -24,7 +21,7 @@ async def apply(dash: Dashboard, request: Request) -> Response:
     target = str(form.get("target") or "").strip()
     action = str(form.get("action") or "")
     reason = str(form.get("reason") or "").strip()
-    nxt = _safe_next(str(form.get("next") or ""), dash)
+    nxt = safe_next(str(form.get("next") or ""), dash.base)
     policy = dash.sources.policy
     if kind not in ("account", "campaign") or not target:
         raise HTTPException(400, "The form names no account or campaign.")
