@@ -108,6 +108,34 @@ def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) 
         assert r.headers["location"] == "/dashboard/"
 
 
+def test_status_banner_shows_only_the_dashboards_own_messages(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """Any text in ?done= was shown as the green status banner, on the log-in page too,
+    so a link could greet an analyst with "The dashboard moved: log in at
+    https://evil.example" in the dashboard's own voice."""
+    stack, client = dash
+    lure = "The dashboard moved: log in at https://evil.example"
+    banner = 'class="flash ok"'
+    for page in (client.get("/login", params={"done": lure}).text,
+                 client.get("/login?done=verification+finished").text):
+        assert banner not in page and "evil.example" not in page
+    csrf = login(client)
+    page = client.get("/accounts", params={"done": lure}).text
+    assert banner not in page and "evil.example" not in page
+    with httpx.Client(base_url=stack.stack.admin_url,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_z"}).raise_for_status()
+    r = client.post("/actions", data={"kind": "account", "target": "acct_z",
+                                      "action": "suspend", "reason": "abuse report 9",
+                                      "csrf": csrf, "next": "/dashboard/accounts/acct_z"})
+    assert r.status_code == 303
+    page = client.get(r.headers["location"].removeprefix("/dashboard")).text
+    assert f'<p {banner} role="status">suspend applied to 1 account(s)</p>' in page
+    # the message is for the session whose action it reports, not for a link's reader
+    login(client)
+    assert banner not in client.get(r.headers["location"].removeprefix("/dashboard")).text
+
+
 def test_login_next_cannot_climb_out_of_the_dashboard(
         dash: tuple[StackThread, httpx.Client]) -> None:
     """next=/dashboard/../../admin/v1/accounts passed the check for "starts with

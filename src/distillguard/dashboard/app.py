@@ -91,16 +91,23 @@ class Dashboard:
     def render(self, request: Request, template: str, status_code: int = 200,
                **context: Any) -> HTMLResponse:
         session = request.scope.get("dg_session")
-        flash = request.query_params.get("done")
-        flashes = [("ok", flash[:200])] if flash else []
+        done = self.sessions.done_message(session, request.query_params.get("done"))
+        flashes = [("ok", done)] if done else []
         html = self.env.get_template(template).render(
             base=self.base, session=session, nav=NAV, flashes=flashes, **context)
         return HTMLResponse(html, status_code=status_code)
 
-    def redirect(self, url: str, done: str | None = None) -> RedirectResponse:
-        if done:
-            url += ("&" if "?" in url else "?") + "done=" + quote(done)
+    def redirect(self, url: str) -> RedirectResponse:
         return RedirectResponse(url, status_code=303)
+
+    def done(self, request: Request, url: str, message: str) -> RedirectResponse:
+        """Redirect to ``url``, which shows ``message`` as its status banner to this
+        session only (signed into ``?done=``; text put there by anyone else is not shown)."""
+        session = request.scope.get("dg_session")
+        if session is not None:
+            url += (("&" if "?" in url else "?") + "done="
+                    + quote(self.sessions.done_token(session, message), safe=""))
+        return self.redirect(url)
 
     # -- guards ------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ over a key derived from the session secret and the admin token; see
 :meth:`DashboardSettings.signing_key`). The cookie is ``HttpOnly``, ``SameSite=Strict``,
 ``Secure`` (configurable) and scoped to ``/dashboard``. Every state-changing form carries
 the session's CSRF token; the log-in form carries a short-lived signed token of its own.
+The status banner after an action (``?done=``) shows only a message the dashboard signed
+for the session whose action it reports, never text from the address.
 POSTs whose ``Origin`` names another site are refused whatever the token.
 :class:`SecurityHeaders` puts :data:`HEADERS` on every response the dashboard sends.
 """
@@ -25,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 COOKIE = "dg_session"
 COOKIE_PATH = "/dashboard"
 LOGIN_TOKEN_MAX_AGE_S = 3600
+DONE_MAX_AGE_S = 600
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -49,6 +52,7 @@ class Sessions:
     def __init__(self, key: bytes, *, max_age_s: int, secure: bool) -> None:
         self._cookies = URLSafeTimedSerializer(key, salt="dashboard-session")
         self._login = URLSafeTimedSerializer(key, salt="dashboard-login")
+        self._done = URLSafeTimedSerializer(key, salt="dashboard-done")
         self.max_age_s = max_age_s
         self.secure = secure
 
@@ -83,6 +87,24 @@ class Sessions:
         if session is None or not presented:
             return False
         return hmac.compare_digest(session.csrf.encode(), presented.encode())
+
+    def done_token(self, session: Session, message: str) -> str:
+        """``message`` signed for ``session``: the value of ``?done=`` after an action."""
+        return str(self._done.dumps([session.sid, message[:200]]))
+
+    def done_message(self, session: Session | None, presented: str | None) -> str | None:
+        """The message of a ``?done=`` value signed for ``session`` in the last ten
+        minutes; None for anything else (text, another session's, no session)."""
+        if session is None or not presented:
+            return None
+        try:
+            data = self._done.loads(presented, max_age=DONE_MAX_AGE_S)
+        except (BadSignature, SignatureExpired):
+            return None
+        if not (isinstance(data, list) and len(data) == 2 and data[0] == session.sid
+                and isinstance(data[1], str)):
+            return None
+        return data[1]
 
     def login_token(self) -> str:
         return str(self._login.dumps(secrets.token_urlsafe(8)))

@@ -45,7 +45,7 @@ async def apply(dash: Dashboard, request: Request) -> Response:
         raise HTTPException(400, str(exc)) from None
     except LookupError as exc:          # an account the state store does not know
         raise HTTPException(404, f"There is {exc.args[0]}.") from None
-    return dash.redirect(nxt, done=message)
+    return dash.done(request, nxt, message)
 
 
 async def audit_page(dash: Dashboard, request: Request) -> Response:

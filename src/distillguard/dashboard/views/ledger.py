@@ -54,6 +54,6 @@ async def verify(dash: Dashboard, request: Request) -> Response:
 
         _RUNNING[key] = asyncio.create_task(run())
         await asyncio.wait({_RUNNING[key]}, timeout=2.0)
-    return dash.redirect(f"{dash.base}/ledger", done="verification started"
-                         if key in _RUNNING and not _RUNNING[key].done() else
-                         "verification finished")
+    return dash.done(request, f"{dash.base}/ledger", "verification started"
+                     if key in _RUNNING and not _RUNNING[key].done() else
+                     "verification finished")

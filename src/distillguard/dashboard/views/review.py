@@ -45,4 +45,4 @@ async def decide(dash: Dashboard, request: Request) -> Response:
                                                    reason[:500], actor(request))
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    return dash.redirect(f"{dash.base}/review", done=message)
+    return dash.done(request, f"{dash.base}/review", message)
