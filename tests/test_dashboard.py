@@ -108,6 +108,91 @@ def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) 
         assert r.headers["location"] == "/dashboard/"
 
 
+def test_logout_ends_the_session_for_a_copied_cookie(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """Logging out only deleted the browser's cookie: a copy of it (another browser, a
+    proxy's log, a stolen laptop's profile) still opened every page and still suspended
+    accounts with the old form token, for the rest of the 8 hours."""
+    stack, client = dash
+    csrf = login(client)
+    copied = client.headers["cookie"]
+    with httpx.Client(base_url=stack.stack.admin_url,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_y"}).raise_for_status()
+        assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard",
+                          headers={"cookie": copied}) as copy:
+            for path in ("/", "/accounts", "/api/traffic"):
+                r = copy.get(path)
+                assert r.status_code == 303, path
+                assert r.headers["location"].startswith("/dashboard/login?next=")
+            r = copy.post("/actions", data={"kind": "account", "target": "acct_y",
+                                            "action": "suspend", "reason": "after log-out",
+                                            "csrf": csrf})
+            assert r.status_code == 403
+        assert admin.get("/admin/v1/accounts/acct_y").json()["status"] == "active"
+    # logging in again makes a new session that works
+    login(client)
+    assert client.get("/").status_code == 200
+
+
+@pytest.mark.postgres
+def test_logout_ends_the_session_on_every_replica(tmp_path: Path, pg_url: str) -> None:
+    """A session logged out through one gateway replica went on working on the others
+    sharing the state store."""
+    replicas = [start_stack(make_settings(tmp_path / name, state={"url": pg_url}))
+                for name in ("a", "b")]
+    try:
+        with httpx.Client(base_url=replicas[0].stack.admin_url + "/dashboard") as here, \
+                httpx.Client(base_url=replicas[1].stack.admin_url + "/dashboard") as there:
+            csrf = login(here)
+            there.headers["cookie"] = here.headers["cookie"]
+            assert there.get("/").status_code == 200   # one session, any replica
+            assert here.post("/logout", data={"csrf": csrf}).status_code == 303
+            assert here.get("/").status_code == 303
+            deadline = time.monotonic() + 1.0
+            while there.get("/").status_code == 200:
+                assert time.monotonic() < deadline, "the other replica still takes it"
+                time.sleep(0.05)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_a_session_left_unused_ends(dash: tuple[StackThread, httpx.Client]) -> None:
+    """A dashboard left logged in on an unattended screen stayed usable for the whole
+    8 hours. Now a session unused for session_idle_s (30 minutes) ends; using it keeps it
+    going (its cookie is signed again), up to session_max_age_s from log-in."""
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    from distillguard.dashboard import DashboardSettings
+
+    _, client = dash
+    login(client)
+    key = DashboardSettings().signing_key(ADMIN_TOKEN)
+    cookie = client.headers["cookie"].removeprefix("dg_session=")
+    data = URLSafeTimedSerializer(key, salt="dashboard-session").loads(cookie)
+
+    def signed(payload: dict[str, object], ago: int) -> str:
+        class Earlier(TimestampSigner):
+            def get_timestamp(self) -> int:
+                return int(time.time()) - ago
+
+        return "dg_session=" + str(URLSafeTimedSerializer(
+            key, salt="dashboard-session", signer=Earlier).dumps(payload))
+
+    r = client.get("/", headers={"cookie": signed(data, 31 * 60)})
+    assert r.status_code == 303 and r.headers["location"].startswith("/dashboard/login")
+    r = client.get("/", headers={"cookie": signed(data, 29 * 60)})
+    assert r.status_code == 200 and "dg_session=" in r.headers["set-cookie"]  # signed anew
+    assert client.get("/").status_code == 200   # signed just now: no new cookie needed
+    assert "set-cookie" not in client.get("/").headers
+    old = {**data, "iat": int(time.time()) - 8 * 3600 - 5}
+    assert client.get("/", headers={"cookie": signed(old, 0)}).status_code == 303
+    assert client.get("/", headers={"cookie": signed({"sid": data["sid"], "csrf": data["csrf"]},
+                                                     0)}).status_code == 303
+
+
 def test_status_banner_shows_only_the_dashboards_own_messages(
         dash: tuple[StackThread, httpx.Client]) -> None:
     """Any text in ?done= was shown as the green status banner, on the log-in page too,

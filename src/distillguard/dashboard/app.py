@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distillguard.config import Settings
 from distillguard.dashboard.security import (
+    EndedSessions,
     SecurityHeaders,
     Sessions,
     safe_next,
@@ -72,19 +74,24 @@ class Dashboard:
         self.settings = settings
         self.options = options
         token = settings.admin.token or ""
+        self.sources = Sources(settings)
         self.sessions = Sessions(options.signing_key(token), max_age_s=options.session_max_age_s,
-                                 secure=options.cookie_secure)
+                                 idle_s=options.session_idle_s, secure=options.cookie_secure,
+                                 ended=EndedSessions(self._engine))
         # failed log-ins are counted across replicas where the rate limits are
         counters = (open_counter_store(settings.counters)
                     if settings.counters.backend == "redis" else None)
         self.throttle = FailedAuthThrottle(options.login_attempts_per_minute, counters,
                                            "dashboard-login")
-        self.sources = Sources(settings)
         self.lifecycle = Lifecycle(self.sources, counters)
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
                                lstrip_blocks=True)
         self.base = "/dashboard"
+
+    async def _engine(self) -> AsyncEngine:
+        await self.sources.open()
+        return self.sources.engine
 
     # -- rendering -------------------------------------------------------------------
 
@@ -115,7 +122,7 @@ class Dashboard:
         """Require a session; for POST also the CSRF token and a same-origin request."""
 
         async def endpoint(request: Request) -> Response:
-            session = self.sessions.load(request)
+            session = await self.sessions.load(request)
             if session is None:
                 if request.method != "GET":
                     raise HTTPException(403, "Your session has expired; log in again.")
@@ -138,7 +145,9 @@ class Dashboard:
             await self.sources.open()
             await self.sources.refresh()
             await self.sources.index.flush()  # show what the gateway has just served
-            return await handler(self, request)
+            response = await handler(self, request)
+            self.sessions.keep_alive(response, session)
+            return response
 
         return endpoint
 
@@ -175,12 +184,14 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        session = self.sessions.load(request)
+        session = await self.sessions.load(request)
         form = await request.form()
         token = form.get("csrf")
         if session is not None and not self.sessions.csrf_ok(
                 session, token if isinstance(token, str) else None):
             raise HTTPException(403, "The form token is missing or stale.")
+        if session is not None:         # ended for every copy of the cookie, everywhere
+            await self.sessions.end(session)
         response = self.redirect(f"{self.base}/login")
         self.sessions.clear_cookie(response)
         return response

@@ -212,12 +212,12 @@ def _account_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
             "ips": [ips[k] for k in sorted(ips)]}
 
 
-async def create_schema(engine: AsyncEngine) -> None:
+async def create_schema(engine: AsyncEngine, statements: Sequence[str] = SCHEMA) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # replicas starting together: CREATE ... IF NOT EXISTS is not atomic there
             await conn.execute(text("SELECT pg_advisory_xact_lock(72707370)"))
-        for statement in SCHEMA:
+        for statement in statements:
             await conn.execute(text(statement))
 
 

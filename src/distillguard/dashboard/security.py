@@ -1,9 +1,14 @@
 """Log-in sessions, CSRF tokens and response headers for the dashboard.
 
-A session is a cookie holding ``{"sid", "csrf"}`` signed with itsdangerous (HMAC-SHA1
-over a key derived from the session secret and the admin token; see
-:meth:`DashboardSettings.signing_key`). The cookie is ``HttpOnly``, ``SameSite=Strict``,
-``Secure`` (configurable) and scoped to ``/dashboard``. Every state-changing form carries
+A session is a cookie holding ``{"sid", "csrf", "iat"}`` (a random session id, the CSRF
+token, the log-in time) signed with itsdangerous (HMAC-SHA1 over a key derived from the
+session secret and the admin token; see :meth:`DashboardSettings.signing_key`). The
+cookie is ``HttpOnly``, ``SameSite=Strict``, ``Secure`` (configurable) and scoped to
+``/dashboard``. A session ends ``session_max_age_s`` after log-in, after
+``session_idle_s`` without a request (the cookie is signed again, at most once a minute,
+as it is used), or at log-out: the session id goes into :class:`EndedSessions`, a table
+in the state store that every replica reads before it accepts a cookie. Every
+state-changing form carries
 the session's CSRF token; the log-in form carries a short-lived signed token of its own.
 The status banner after an action (``?done=``) shows only a message the dashboard signed
 for the session whose action it reports, never text from the address.
@@ -15,10 +20,14 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,6 +37,8 @@ COOKIE = "dg_session"
 COOKIE_PATH = "/dashboard"
 LOGIN_TOKEN_MAX_AGE_S = 3600
 DONE_MAX_AGE_S = 600
+# a session's cookie is signed again (its idle clock reset) at most this often
+RESIGN_AFTER_S = 60
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -40,43 +51,105 @@ HEADERS = {
 }
 
 
+SESSION_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS dashboard_sessions_ended (
+        sid TEXT PRIMARY KEY, expires_at BIGINT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS dashboard_sessions_ended_expires ON dashboard_sessions_ended "
+    "(expires_at)",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     sid: str
     csrf: str
+    issued: int          # log-in time (Unix seconds): the session ends max_age_s after it
+    signed: float = 0.0  # when its cookie was last signed (Unix seconds)
+
+
+class EndedSessions:
+    """Sessions logged out before their time, in the state store's
+    ``dashboard_sessions_ended (sid, expires_at)`` so that every replica refuses them. A
+    row is kept until the session would have expired anyway, then pruned at a later
+    log-out. Each check is one primary-key lookup, made for every request with a valid
+    cookie, so a logged-out session stops working on every replica at once."""
+
+    def __init__(self, engine: Callable[[], Awaitable[AsyncEngine]]) -> None:
+        self._engine = engine
+
+    async def end(self, sid: str, expires_at: int) -> None:
+        engine = await self._engine()
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM dashboard_sessions_ended "
+                                    "WHERE expires_at < :now"), {"now": int(time.time())})
+            await conn.execute(text(
+                "INSERT INTO dashboard_sessions_ended (sid, expires_at) VALUES (:sid, :exp) "
+                "ON CONFLICT (sid) DO NOTHING"), {"sid": sid, "exp": expires_at})
+
+    async def ended(self, sid: str) -> bool:
+        engine = await self._engine()
+        async with engine.connect() as conn:
+            row = (await conn.execute(text(
+                "SELECT 1 FROM dashboard_sessions_ended WHERE sid = :sid"), {"sid": sid})
+                   ).first()
+        return row is not None
 
 
 class Sessions:
-    """Issues and checks session cookies and CSRF tokens."""
+    """Issues and checks session cookies and CSRF tokens; ends sessions at log-out."""
 
-    def __init__(self, key: bytes, *, max_age_s: int, secure: bool) -> None:
+    def __init__(self, key: bytes, *, max_age_s: int, idle_s: int, secure: bool,
+                 ended: EndedSessions) -> None:
         self._cookies = URLSafeTimedSerializer(key, salt="dashboard-session")
         self._login = URLSafeTimedSerializer(key, salt="dashboard-login")
         self._done = URLSafeTimedSerializer(key, salt="dashboard-done")
         self.max_age_s = max_age_s
+        self.idle_s = idle_s
         self.secure = secure
+        self.ended = ended
 
     def new(self) -> Session:
-        return Session(sid=secrets.token_urlsafe(16), csrf=secrets.token_urlsafe(24))
+        return Session(sid=secrets.token_urlsafe(16), csrf=secrets.token_urlsafe(24),
+                       issued=int(time.time()))
 
-    def load(self, request: Request) -> Session | None:
+    async def load(self, request: Request) -> Session | None:
+        """The request's session, or None: no cookie, a bad signature, idle for more than
+        ``idle_s``, older than ``max_age_s``, or logged out (on any replica)."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
         try:
-            data = self._cookies.loads(raw, max_age=self.max_age_s)
+            data, signed = self._cookies.loads(raw, max_age=self.idle_s, return_timestamp=True)
         except (BadSignature, SignatureExpired):
             return None
         if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
                                                  for k in ("sid", "csrf")):
             return None
-        return Session(sid=data["sid"], csrf=data["csrf"])
+        issued = data.get("iat")
+        if type(issued) is not int or time.time() - issued > self.max_age_s:
+            return None
+        if await self.ended.ended(data["sid"]):
+            return None
+        return Session(sid=data["sid"], csrf=data["csrf"], issued=issued,
+                       signed=signed.timestamp())
+
+    async def end(self, session: Session) -> None:
+        """Log ``session`` out on every replica."""
+        await self.ended.end(session.sid, session.issued + self.max_age_s + 1)
 
     def set_cookie(self, response: Response, session: Session) -> None:
+        left = session.issued + self.max_age_s - int(time.time())
         response.set_cookie(COOKIE, self._cookies.dumps({"sid": session.sid,
-                                                         "csrf": session.csrf}),
-                            max_age=self.max_age_s, path=COOKIE_PATH, secure=self.secure,
+                                                         "csrf": session.csrf,
+                                                         "iat": session.issued}),
+                            max_age=max(left, 1), path=COOKIE_PATH, secure=self.secure,
                             httponly=True, samesite="strict")
+
+    def keep_alive(self, response: Response, session: Session) -> None:
+        """Sign the cookie again (so ``idle_s`` counts from now) unless it was signed in
+        the last minute."""
+        if time.time() - session.signed >= RESIGN_AFTER_S:
+            self.set_cookie(response, session)
 
     def clear_cookie(self, response: Response) -> None:
         response.delete_cookie(COOKIE, path=COOKIE_PATH, secure=self.secure, httponly=True,

@@ -22,6 +22,8 @@ class DashboardSettings(BaseModel):
     # token ends every session.
     session_secret: str | None = Field(None, min_length=16)
     session_max_age_s: int = Field(8 * 3600, gt=0)
+    # A session not used for this long ends (whatever session_max_age_s says).
+    session_idle_s: int = Field(30 * 60, gt=0)
     # Secure cookies need HTTPS, or a loopback address (browsers treat 127.0.0.1 and
     # localhost as secure). Switch off only behind a TLS-terminating proxy that speaks
     # plain HTTP to the admin port on another host.

@@ -1,8 +1,9 @@
 """Where the dashboard reads from, opened once when the gateway starts.
 
 * the state store (accounts, keys) through its own :class:`StateStore` on ``state.url``;
-* the dashboard's exchange index and roll-ups (:mod:`distillguard.dashboard.index`), in
-  the same database;
+* the dashboard's exchange index and roll-ups (:mod:`distillguard.dashboard.index`), and
+  the sessions ended at log-out (:mod:`distillguard.dashboard.security`), in the same
+  database;
 * detection verdicts and campaigns, policy actions and the review queue, the ledger: each
   through an adapter in :mod:`distillguard.dashboard.adapters`, present only when that
   component is installed and enabled; pages say so when one is missing.
@@ -18,7 +19,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.config import Settings
-from distillguard.dashboard.index import IndexStage, create_schema
+from distillguard.dashboard.index import SCHEMA, IndexStage, create_schema
+from distillguard.dashboard.security import SESSION_SCHEMA
 from distillguard.store import StateStore, open_state_store
 
 log = logging.getLogger("distillguard.dashboard")
@@ -50,7 +52,7 @@ class Sources:
                 return
             self.state = open_state_store(self.settings.state.url)
             await self.state.migrate()
-            await create_schema(self.engine)
+            await create_schema(self.engine, [*SCHEMA, *SESSION_SCHEMA])
             from distillguard.dashboard import adapters
 
             self.verdicts = await adapters.open_verdicts(self.settings, self.engine)
