@@ -60,3 +60,31 @@ def test_an_ipv4_address_mapped_into_ipv6_is_the_ipv4_address() -> None:
     resolver = ClientIPResolver(["127.0.0.0/8"])
     assert resolver.resolve("::ffff:127.0.0.1", "::ffff:175.45.176.1") == "175.45.176.1"
     assert ClientIPResolver([]).resolve("::ffff:203.0.113.7", "1.2.3.4") == "203.0.113.7"
+
+
+def test_ipv6_clients_have_a_country_and_a_network() -> None:
+    """The shipped reader loaded the IPv4-only file: every IPv6 client had no country,
+    so jurisdiction rules on client addresses let it through."""
+    geo = default_geoip()
+    assert geo.lookup("2a01:5ec0::1").country == "IR"
+    yandex = geo.lookup("2a02:6b8::1")
+    assert yandex.country == "RU" and "yandex" in (yandex.asn_name or "").lower()
+    assert geo.lookup("5.160.0.1").country == "IR"          # IPv4 as before
+
+
+def test_forwarded_hops_on_several_lines_with_ports_or_unknown() -> None:
+    """Only the first X-Forwarded-For line was read: behind a proxy that adds a line of
+    its own, the client's own line (any address it liked) decided. A hop with a port, or
+    one that is no address, fell back to the proxy's address, which matched no rule."""
+    from distillguard.gateway.clientip import forwarded_for
+
+    resolver = ClientIPResolver(["127.0.0.0/8", "10.0.0.0/8"])
+    both = forwarded_for(["8.8.8.8", "5.160.0.1"])
+    assert resolver.resolve("127.0.0.1", both) == "5.160.0.1"
+    assert resolver.resolve("127.0.0.1", forwarded_for(["5.160.0.1", "10.1.1.1"])) == \
+        "5.160.0.1"
+    assert resolver.resolve("127.0.0.1", "5.160.0.1:4711") == "5.160.0.1"
+    assert resolver.resolve("127.0.0.1", "[2A01:5EC0::1]:443") == "2a01:5ec0::1"
+    assert resolver.resolve("127.0.0.1", "unknown") is None
+    assert resolver.resolve("127.0.0.1", "1.2.3.4, unknown, 10.0.0.5") is None
+    assert forwarded_for([]) is None

@@ -145,6 +145,25 @@ def test_denied_country_through_trusted_proxy(running: StackThread, admin: httpx
     mapped.close()
 
 
+def test_a_denied_country_is_denied_over_ipv6_and_behind_a_second_proxy_line(
+        running: StackThread, admin: httpx.Client) -> None:
+    """An IPv6 client had no country (the geo-IP reader loaded IPv4 only) and was
+    served from a denied country; and of two X-Forwarded-For lines (a proxy that adds
+    its own) only the first, the client's own, was read."""
+    _, key = new_account(admin)
+    ipv6 = Counting(running, key, ip="2a01:5ec0::1")       # an Iranian IPv6 address
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        ipv6.chat()
+    assert "IR is not permitted" in str(err.value.body)
+    ipv6.close()
+    url = running.stack.base_url + "/chat/completions"
+    body = {"model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]}
+    lines = [("authorization", f"Bearer {key}"), ("x-forwarded-for", "81.2.69.142"),
+             ("x-forwarded-for", "175.45.176.1")]
+    r = httpx.post(url, json=body, headers=httpx.Headers(lines))
+    assert r.status_code == 403 and "KP is not permitted" in r.text, r.text
+
+
 def test_declared_country_counts_too(running: StackThread, admin: httpx.Client) -> None:
     _, key = new_account(admin, country="IR")
     client = Counting(running, key)

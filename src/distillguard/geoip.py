@@ -113,9 +113,12 @@ class Geoip2FastDatabase:
         from geoip2fast import GeoIP2Fast
 
         folder = os.path.dirname(str(geoip2fast.__file__))
-        # The ASN file carries countries as well; one reader serves both questions.
+        # The ASN file carries countries as well; one reader serves both questions. The
+        # -ipv6 file covers IPv4 and IPv6 (the other one IPv4 only: every IPv6 client had
+        # no country, and jurisdiction rules on client addresses let it through).
         self._reader = GeoIP2Fast(
-            geoip2fast_data_file=os.path.join(folder, "geoip2fast-asn.dat.gz"), verbose=False)
+            geoip2fast_data_file=os.path.join(folder, "geoip2fast-asn-ipv6.dat.gz"),
+            verbose=False)
         self._lock = threading.Lock()
 
     def _lookup(self, ip: str) -> Any:

@@ -26,7 +26,7 @@ from distillguard.auth import Authenticator
 from distillguard.config import Settings
 from distillguard.errors import ConfigError, NotFoundError, UpstreamError
 from distillguard.exchange import Exchange
-from distillguard.gateway.clientip import ClientIPResolver
+from distillguard.gateway.clientip import ClientIPResolver, forwarded_for
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.gateway.proxy import proxy_endpoint
 from distillguard.gateway.tracelog import TraceLog, trace_path_for
@@ -194,7 +194,8 @@ class Gateway:
 
     def client_ip(self, request: Request) -> str | None:
         peer = request.client.host if request.client else None
-        return self._client_ip.resolve(peer, request.headers.get("x-forwarded-for"))
+        return self._client_ip.resolve(
+            peer, forwarded_for(request.headers.getlist("x-forwarded-for")))
 
     def record(self, exchange: Exchange) -> None:
         """Hand a finished exchange to the pipeline without delaying the response."""

@@ -32,21 +32,43 @@ class ClientIPResolver:
     def resolve(self, peer: str | None, forwarded_for: str | None) -> str | None:
         """The client's address, in canonical form (:func:`~distillguard.geoip.
         canonical_ip`: a dual-stack socket reports an IPv4 client as ``::ffff:a.b.c.d``,
-        which no IPv4 trusted proxy, country or prefix matched)."""
+        which no IPv4 trusted proxy, country or prefix matched). ``forwarded_for`` is
+        every ``X-Forwarded-For`` line joined in order with commas (:func:`forwarded_for`).
+        A hop written with a port (``5.160.0.1:4711``, ``[2a01:5ec0::1]:443``, as some
+        proxies add) is its address; a hop that is no address (``unknown``) makes the
+        client unknown (None): the proxy's own address in its place matched no rule."""
         if peer is not None:
             peer = canonical_ip(peer)
         if not self.networks or peer is None or not self._trusted(peer):
             return peer
         if not forwarded_for:
             return peer
-        hops = [canonical_ip(h.strip()) for h in forwarded_for.split(",") if h.strip()]
-        client = peer
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        client: str | None = peer
         for hop in reversed(hops):
-            client = hop
-            if not self._trusted(hop):
+            client = hop_address(hop)
+            if client is None or not self._trusted(client):
                 break
-        try:
-            ipaddress.ip_address(client)
-        except ValueError:
-            return peer
         return client
+
+
+def hop_address(hop: str) -> str | None:
+    """One ``X-Forwarded-For`` hop as an address in canonical form, a port stripped;
+    None when it is no address."""
+    text = hop
+    if text.startswith("["):                       # [v6] or [v6]:port
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:                     # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return canonical_ip(text)
+
+
+def forwarded_for(lines: Sequence[str]) -> str | None:
+    """Every ``X-Forwarded-For`` line of a request as one list, in order (RFC 9110
+    §5.3: lines of one field are its values joined with commas). Only the first line was
+    read, so behind a proxy that adds a line of its own the client's own line decided."""
+    return ", ".join(lines) if lines else None
