@@ -87,6 +87,12 @@ def test_request_errors(faulty: tuple[StackThread, Recorder, str]) -> None:
     # The gateway adds include_usage to a stream's options: a string there was a 500.
     _error(_post(stack, key, chat(stream=True, stream_options="x")), 422,
            "invalid_stream_options")
+    # "false" read as true, so usage was not asked for, and an upstream that parses it
+    # leniently sent none: the stream was charged an estimate of a quarter of its text
+    for value in ("false", 0, 1.0, [True]):
+        err = _error(_post(stack, key, chat(stream=True, stream_options={
+            "include_usage": value})), 422, "invalid_stream_options")
+        assert err["param"] == "stream_options.include_usage"
     _error(_post(stack, key, chat("no-such-model")), 404, "model_not_found")
     _error(_post(stack, key, chat(padding="x" * 20_000)), 413, "request_too_large")
     r = httpx.get(stack.stack.base_url + "/files", headers={"authorization": f"Bearer {key}"})

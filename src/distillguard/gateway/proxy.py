@@ -114,6 +114,14 @@ def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
     if options is not None and not isinstance(options, dict):
         raise Unprocessable("'stream_options' must be an object.", param="stream_options",
                             code="invalid_stream_options")
+    # A string such as "false" read as true here, so usage was not asked for, while an
+    # upstream that parses it leniently read it as false and sent none: the stream was
+    # charged a characters-over-four estimate of its text.
+    usage = None if options is None else options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise Unprocessable("'stream_options.include_usage' must be a boolean.",
+                            param="stream_options.include_usage",
+                            code="invalid_stream_options")
     return body
 
 
@@ -163,7 +171,7 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
     inject_usage = False
     if exchange.stream and kind != "embeddings":
         options = body.get("stream_options")
-        if not (isinstance(options, dict) and options.get("include_usage")):
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
             inject_usage = True
             upstream_body = dict(body)
             upstream_body["stream_options"] = {**(options or {}), "include_usage": True}
