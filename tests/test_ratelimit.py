@@ -117,6 +117,15 @@ def test_gateway_429_with_headers_and_quota(tmp_path: Path) -> None:
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(**body)
 
+        # An account limit of null is no override, the tier's limit: it lifted the limit.
+        admin.post("/admin/v1/accounts", json={"account_id": "a3", "limits": {
+            "requests_per_minute": None}}).raise_for_status()
+        key3 = admin.post("/admin/v1/accounts/a3/keys", json={}).json()["key"]
+        codes = [httpx.post(stack.stack.base_url + "/chat/completions", json=body,
+                            headers={"authorization": f"Bearer {key3}"}).status_code
+                 for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+
         # A daily token quota on a key: once spent, the key is refused with insufficient_quota.
         admin.post("/admin/v1/accounts", json={"account_id": "a2"}).raise_for_status()
         key2 = admin.post("/admin/v1/accounts/a2/keys",

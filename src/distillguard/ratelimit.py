@@ -292,7 +292,8 @@ class RateLimiter:
         tier: LimitSet = self.settings.limits_for_tier(account.tier)
         values = {option: getattr(tier, option) for option in _OPTIONS}
         for option, value in account.limits.items():
-            if option in values:
+            # null is no override (the tier's limit), as documented; it lifted the limit
+            if option in values and value is not None:
                 values[option] = value
         sets = [("account", account.account_id, values)]
         if principal.key.limits:
