@@ -186,6 +186,8 @@ return out
 
 # Connections to Redis one process keeps at most; a counter look-up is one round trip.
 REDIS_CONNECTIONS = 64
+# How long a look-up waits for one of them.
+POOL_WAIT_S = 30.0
 
 
 class RedisCounterStore:
@@ -195,11 +197,13 @@ class RedisCounterStore:
         import redis.asyncio as redis
 
         self.prefix = settings.prefix
-        # A request past the pool's connections waits for one (up to a second). The
-        # client's own pool raised MaxConnectionsError past 100 at once instead, and a
-        # counter store that fails admits the request uncounted (on_failure: open).
+        # A request past the pool's connections waits for one. The client's own pool
+        # raised MaxConnectionsError past 100 at once instead, and a counter store that
+        # fails admits the request uncounted (on_failure: open). The wait is this
+        # process's own backlog (a second was too short for a burst of a thousand); a
+        # Redis that does not answer still fails each look-up after socket_timeout.
         pool = redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=1.0,
+            settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=POOL_WAIT_S,
             socket_timeout=1.0, socket_connect_timeout=1.0)
         self.client = redis.Redis.from_pool(pool)
         self._script = self.client.register_script(_ACQUIRE_LUA)
