@@ -119,6 +119,12 @@ def test_tier_models_and_reasoning_capability() -> None:
     assert ex.annotations["degrade"]["reasoning"] == "summarise"
     _, ex = judge(policy, tier="trusted", model="demo-reasoner-1")
     assert "degrade" not in ex.annotations
+    # a tier tier_order does not list (one only limits.tiers names) ranks lowest and has
+    # the lowest tier's gates: it had none, every model open to it
+    decision, ex = judge(policy, tier="free", model="demo-reasoner-1")
+    assert code(decision) == "model_not_permitted"
+    _, ex = judge(policy, tier="free", model="demo-chat-2")
+    assert ex.annotations["degrade"]["reasoning"] == "strip"
 
 
 def test_degrade_rules_accumulate_the_strictest() -> None:

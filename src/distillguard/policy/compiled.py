@@ -70,6 +70,11 @@ class CompiledPolicy:
         return self.ranks.get(tier or "", 0)
 
     def tier(self, name: str | None) -> CompiledTier | None:
+        """The gates of tier ``name``; a tier not in ``tier_order`` (one only
+        ``limits.tiers`` names) has the lowest tier's, as it has its rank: it had none,
+        every model and capability open to it."""
+        if (name or "") not in self.ranks and self.document.tier_order:
+            name = self.document.tier_order[0]
         return self.tiers.get(name or "")
 
     def judge(self, model: str, endpoint: str, tier: str, declared_country: str | None,
