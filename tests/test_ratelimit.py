@@ -15,7 +15,8 @@ from distillguard.ratelimit import (
     RedisCounterStore,
     _fmt_duration,
 )
-from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from distillguard.serve import StackThread
+from tests.factories import ADMIN_TOKEN, make_settings, new_api_key, start_stack
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -187,3 +188,45 @@ def test_counter_store_down_fails_open_or_closed(tmp_path: Path, mode: str, stat
             assert r.json()["error"]["code"] == "service_unavailable"
     finally:
         stack.stop()
+
+
+def test_a_token_quota_holds_what_requests_may_use_while_they_run(tmp_path: Path) -> None:
+    """Only the usage already charged was checked, so requests admitted at once each ran
+    past a token quota (40 at once spent 9,420 tokens of a 3,000-a-minute limit). A
+    request now holds its prompt and the completion it allows (max_tokens times n)
+    against its token windows while it runs, and gives back what it did not use."""
+    import asyncio
+
+    from tests.fault_upstream import FaultyUpstreamThread
+
+    async def run(stack: StackThread, key: str) -> None:
+        client = openai.AsyncOpenAI(base_url=stack.stack.base_url, api_key=key,
+                                    max_retries=0)
+
+        async def ask(max_tokens: int, n: int = 1) -> object:
+            try:        # "slow": every answer takes 3 s, so all ten are checked at once
+                return await client.chat.completions.create(
+                    model="slow", max_tokens=max_tokens, n=n,
+                    messages=[{"role": "user", "content": "Explain recursion."}])
+            except openai.RateLimitError as exc:
+                return exc
+        outcomes = await asyncio.gather(*(ask(300) for _ in range(10)))
+        served = [o for o in outcomes if not isinstance(o, Exception)]
+        assert len(served) == 3, outcomes            # 3 x (300 + prompt) fit in 1,000
+        assert sum(isinstance(o, openai.RateLimitError) for o in outcomes) == 7
+        stack.call(stack.stack.gateway.settle())
+        # what the three did not use is given back: another 300 fits again
+        assert not isinstance(await ask(300), Exception)
+        # a request allowing more than the whole window is refused before it runs
+        assert isinstance(await ask(400, n=3), openai.RateLimitError)
+        await client.close()
+
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(tmp_path, upstream={"base_url": upstream.url}, limits={
+            "tiers": {"standard": {"requests_per_minute": 1000, "tokens_per_minute": 1000,
+                                   "tokens_per_day": None}}})
+        stack = start_stack(settings)
+        try:
+            asyncio.run(run(stack, new_api_key(stack, "acct_q")))
+        finally:
+            stack.stop()

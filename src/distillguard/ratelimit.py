@@ -18,11 +18,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distillguard.config import CounterSettings, LimitSet, Settings
 from distillguard.errors import ServiceUnavailable
-from distillguard.exchange import Exchange
+from distillguard.exchange import MAX_USAGE_TOKENS, Exchange, Usage
 from distillguard.pipeline import Allowed, Decision, Denied
 
 if TYPE_CHECKING:
@@ -270,6 +270,24 @@ _LIMIT_KINDS = (
 _OPTIONS = tuple(option for option, *_ in _LIMIT_KINDS)
 
 
+def tokens_to_reserve(request: Any) -> int:
+    """Tokens a request may use, held against its token windows from the moment it is
+    admitted until its usage is known: its prompt (characters over four, as
+    :meth:`~distillguard.exchange.Usage.estimate` counts) and the completion it allows
+    (``max_completion_tokens`` or ``max_tokens``, times ``n``), when it sets one. Only
+    the usage already charged was checked: requests admitted at once, or one with a long
+    prompt and a large limit, each ran past a token quota."""
+    if not isinstance(request, dict):
+        return 0
+    prompt = Usage.estimate(request, None).prompt_tokens
+    limit = request.get("max_completion_tokens", request.get("max_tokens"))
+    n = request.get("n", 1)
+    if type(n) is not int or n < 1:
+        n = 1
+    completion = limit * n if type(limit) is int and limit > 0 else 0
+    return min(prompt + completion, MAX_USAGE_TOKENS)
+
+
 class RateLimiter:
     """Request check (admission) and inline stage (token accounting) in one.
 
@@ -305,7 +323,11 @@ class RateLimiter:
                          {option: principal.key.limits.get(option) for option in _OPTIONS}))
         return sets
 
-    def _requests(self, principal: Principal, tokens: int | None) -> list[CounterRequest]:
+    def _requests(self, principal: Principal, tokens: int | None, reserve: int = 0
+                  ) -> list[CounterRequest]:
+        """The counters of a request: with ``tokens`` None, the check before it is
+        served (one request on each request window, ``reserve`` tokens on each token
+        window); else ``tokens`` more (or, negative, fewer) on each token window."""
         out = []
         for scope, subject, limits in self._limit_sets(principal):
             for option, short, window, sliding in _LIMIT_KINDS:
@@ -317,7 +339,7 @@ class RateLimiter:
                         continue
                     cost = 1
                 else:
-                    cost = 0 if tokens is None else tokens
+                    cost = reserve if tokens is None else tokens
                 out.append(CounterRequest(f"{scope}:{subject}:{short}:{window}", limit,
                                           window, cost, sliding))
         return out
@@ -326,7 +348,8 @@ class RateLimiter:
         principal = exchange.principal
         if principal is None:
             return Allowed()
-        reqs = self._requests(principal, None)
+        reserve = tokens_to_reserve(exchange.request)
+        reqs = self._requests(principal, None, reserve)
         if not reqs:
             return Allowed()
         now = time.time()
@@ -344,6 +367,8 @@ class RateLimiter:
             ) from None
         exchange.annotations["ratelimit_headers"] = self._headers(reqs, result.states)
         if result.admitted:
+            if reserve and any(r.key.split(":")[2] != "rpm" for r in reqs):
+                exchange.annotations["tokens_reserved"] = reserve
             return Allowed()
         blocking = reqs[result.blocking or 0]
         state = result.states[result.blocking or 0]
@@ -363,11 +388,16 @@ class RateLimiter:
         )
 
     async def on_exchange(self, exchange: Exchange) -> None:
-        """Charge the tokens the exchange used to its token windows."""
+        """Charge the tokens the exchange used to its token windows, less those reserved
+        for it when it was admitted (given back when it used fewer, or none)."""
         principal = exchange.principal
-        if principal is None or exchange.usage is None or not exchange.usage.total_tokens:
+        if principal is None:
             return
-        reqs = self._requests(principal, exchange.usage.total_tokens)
+        used = exchange.usage.total_tokens if exchange.usage is not None else 0
+        delta = used - int(exchange.annotations.get("tokens_reserved", 0))
+        if not delta:
+            return
+        reqs = self._requests(principal, delta)
         if reqs:
             try:
                 await self.counters.add(reqs, time.time())
