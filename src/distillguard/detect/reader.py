@@ -196,17 +196,30 @@ def _ledger_export_lines(path: str, memory_limit: str, temp_dir: str | None,
                          batch_rows: int) -> Iterator[tuple[list[int], list[bytes]]]:
     """A ledger's Parquet export (``ledger export``, docs/ledger.md): its exchange entries
     as trace lines, sorted by time, ties in ledger order (as ``detect --ledger`` reads the
-    ledger itself)."""
-    from distillguard.ledger.entry import trace_of
+    ledger itself). Kind and time are the leaf's, not the ``kind`` and ``ts`` columns; a
+    retained body that does not have the hash its leaf commits to stops the read. Whether
+    the leaves are the ledger's is for ``ledger verify-proof FILE.parquet --key``."""
+    from distillguard.ledger.entry import export_trace_line
 
-    query = ("SELECT leaf, request, response, idx FROM read_parquet($path) "
-             "WHERE kind = 'exchange' "
-             "ORDER BY try_cast(ts AS TIMESTAMPTZ) NULLS FIRST, idx")
+    leaf = "json(decode(leaf))"
+    query = (f"SELECT leaf, request, response, idx FROM read_parquet($path) "
+             f"WHERE json_extract_string({leaf}, '$.kind') = 'exchange' "
+             f"ORDER BY try_cast(json_extract_string({leaf}, '$.ts') AS TIMESTAMPTZ) "
+             "NULLS FIRST, idx")
     for batch in _duckdb_batches(path, query, memory_limit, temp_dir, batch_rows):
         columns = batch.to_pydict()
-        yield columns["idx"], [orjson.dumps(trace_of(*entry)) for entry in zip(
-            columns["leaf"], columns["request"], columns["response"], columns["idx"],
-            strict=True)]
+        numbers: list[int] = []
+        lines: list[bytes] = []
+        for entry in zip(columns["leaf"], columns["request"], columns["response"],
+                         columns["idx"], strict=True):
+            try:
+                line = export_trace_line(*entry)
+            except ValueError as exc:
+                raise FormatError(f"{path}: ledger entry {entry[3]}: {exc}") from None
+            if line is not None:
+                numbers.append(entry[3])
+                lines.append(line)
+        yield numbers, lines
 
 
 def trace_feature_rows(trace: str | Path, *, memory_limit: str, geoip: GeoIP | None,

@@ -90,13 +90,28 @@ def extract_partition(part: int, lines: Iterable[str]) -> Iterator[Row]:
 
 
 def extract_ledger_partition(part: int, rows: Iterable[Any]) -> Iterator[Row]:
-    """Rows of a ledger's Parquet export (exchange entries) -> ((ts, 0, ledger index),
-    features | None | error message): ties in the timestamp keep ledger order, as
-    ``detect --ledger`` and the DuckDB path's reading of the export do."""
-    from distillguard.ledger.entry import trace_of
+    """Rows of a ledger's Parquet export -> ((ts, 0, ledger index), features | None |
+    error message) for its exchange entries (by their leaves, not the ``kind`` column):
+    ties in the timestamp keep ledger order, as ``detect --ledger`` and the DuckDB path's
+    reading of the export do. A body that does not have the hash its leaf commits to is
+    an error, as a line that is not JSON is."""
+    from distillguard.ledger.entry import export_trace_line
 
-    return _in_blocks(0, ((orjson.dumps(trace_of(bytes(row.leaf), row.request, row.response,
-                                                 row.idx)), row.idx) for row in rows))
+    errors: list[Row] = []
+
+    def lines() -> Iterator[tuple[bytes, int]]:
+        for row in rows:
+            try:
+                line = export_trace_line(bytes(row.leaf), row.request, row.response,
+                                         row.idx)
+            except ValueError as exc:
+                errors.append(((_BAD, 0, row.idx), str(exc)))
+                continue
+            if line is not None:
+                yield line, row.idx
+
+    yield from _in_blocks(0, lines())
+    yield from errors
 
 
 def session(master: str | None = None, *, app_name: str = "distillguard-detect",
@@ -120,7 +135,7 @@ def _input(spark: SparkSession, path: str, partitions: int | None
     lines of a JSON Lines trace, or the exchange entries of a ledger's Parquet export (a
     path ending in ``.parquet``, docs/ledger.md)."""
     if path.endswith(".parquet"):
-        rows: RDD[Any] = spark.read.parquet(path).where("kind = 'exchange'").select(
+        rows: RDD[Any] = spark.read.parquet(path).select(
             "leaf", "request", "response", "idx").rdd
         return (rows.repartition(partitions) if partitions else rows), \
             extract_ledger_partition

@@ -167,6 +167,24 @@ def to_trace(row: Row) -> dict[str, Any]:
     return trace_of(row.leaf, row.request, row.response, row.idx)
 
 
+def export_trace_line(leaf_bytes: bytes, request_json: str | None,
+                      response_json: str | None, index: int) -> bytes | None:
+    """A row of a Parquet export (``ledger export``) as a trace line, from its leaf: None
+    for an entry that is not an exchange (whatever its ``kind`` column says). ValueError
+    when a body does not have the hash the leaf commits to. The leaf itself is not checked
+    against the export's signed checkpoint here: ``ledger verify-proof FILE.parquet
+    --key`` does that (docs/ledger.md)."""
+    from distillguard.ledger.verifier import body_mismatch
+
+    leaf = decode_leaf(leaf_bytes)
+    if leaf.get("kind") != KIND_EXCHANGE:
+        return None
+    wrong = body_mismatch(leaf, request_json, response_json)
+    if wrong is not None:
+        raise ValueError(wrong)
+    return orjson.dumps(trace_of(leaf_bytes, request_json, response_json, index))
+
+
 def trace_of(leaf_bytes: bytes, request_json: bytes | str | None,
              response_json: bytes | str | None, index: int) -> dict[str, Any]:
     """:func:`to_trace` from an entry's parts: the leaf, the retained bodies (canonical

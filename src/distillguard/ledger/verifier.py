@@ -8,6 +8,7 @@ Parquet exports) and uses only :mod:`distillguard.ledger.merkle` and
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,44 +112,163 @@ def verify_consistency_bundle(proof: dict[str, Any], key: VerifierKey,
             "new_size": new.tree_size}
 
 
-def _export_checkpoint(path: Path, key: VerifierKey) -> Checkpoint:
+# The export's columns (docs/ledger.md, Parquet export): those a leaf holds, by the leaf's
+# name for them, and those that carry the leaf, its proof and the retained bodies.
+LEAF_COLUMNS = {"kind": "kind", "entry_id": "id", "ts": "ts", "account_id": "account_id",
+                "key_id": "key_id", "client_ip": "client_ip", "model": "model",
+                "status": "status", "prompt_tokens": "prompt_tokens",
+                "completion_tokens": "completion_tokens", "latency_ms": "latency_ms"}
+BODY_COLUMNS = ("request", "response")
+EXPORT_COLUMNS = ("idx", *LEAF_COLUMNS, *BODY_COLUMNS, "leaf", "leaf_hash",
+                  "inclusion_path")
+
+
+def body_mismatch(leaf: dict[str, Any], request: str | bytes | None,
+                  response: str | bytes | None) -> str | None:
+    """What is wrong with the bodies given beside ``leaf`` (None: nothing): a body whose
+    SHA-256 is not the one the leaf commits to, or a body beside an event. A missing body
+    is fine (not retained, or redacted)."""
+    for name, body in zip(BODY_COLUMNS, (request, response), strict=True):
+        if body is None:
+            continue
+        if leaf.get("kind") != "exchange":
+            return f"its {name} is set, but an {leaf.get('kind')} has no bodies"
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        if hashlib.sha256(raw).hexdigest() != leaf.get(f"{name}_sha256"):
+            return f"its {name} does not match the hash its leaf commits to"
+    return None
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """A column's value is the leaf's: equal, and of the same JSON type (a Parquet
+    float64 column holds a leaf's whole number of milliseconds as 812.0)."""
+    if value is None or expected is None or isinstance(value, bool | str) \
+            or isinstance(expected, bool | str):
+        return type(value) is type(expected) and value == expected
+    return isinstance(value, int | float) and isinstance(expected, int | float) \
+        and value == expected
+
+
+def _export_header(path: Path, key: VerifierKey) -> tuple[Checkpoint, int, int]:
+    """The export's signed checkpoint and its declared range ``[start, end)``, checked;
+    also that the file has exactly the export format's columns."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(b"distillguard.ledger")
+    schema = pq.read_schema(path)
+    raw = (schema.metadata or {}).get(b"distillguard.ledger")
     if raw is None:
         raise VerificationFailed(f"{path} is not a ledger export")
-    header = orjson.loads(raw)
-    return _signed(header.get("checkpoint"), key, str(path))
+    try:
+        header = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict):
+        raise VerificationFailed(f"{path}: its ledger header is not a JSON object")
+    cp = _signed(header.get("checkpoint"), key, str(path))
+    start, end = header.get("start"), header.get("end")
+    if type(start) is not int or type(end) is not int or start < 0 \
+            or end > cp.tree_size:
+        raise VerificationFailed(f"{path}: its range [{start}, {end}) is not within the "
+                                 f"{cp.tree_size} entries of its checkpoint")
+    if header.get("origin") != cp.origin:
+        raise VerificationFailed(f"{path}: its header names the ledger "
+                                 f"{header.get('origin')!r}, its checkpoint {cp.origin!r}")
+    for name in schema.names:
+        if name not in EXPORT_COLUMNS:
+            raise VerificationFailed(f"{path}: column {name!r} is not part of the export "
+                                     "format")
+    for name in EXPORT_COLUMNS:
+        if name not in schema.names:
+            raise VerificationFailed(f"{path}: column {name!r} is missing")
+    return cp, start, max(start, end)
+
+
+def _out_of_sequence(path: Path, position: int, got: Any, expected: int, start: int,
+                     end: int) -> str:
+    """Why the row at ``position`` (``got``) is not entry ``expected``, the next of the
+    declared range: reads the file's indices once more (on this failure path only) to
+    tell a reordered row from missing ones."""
+    import pyarrow.parquet as pq
+
+    span = f"the export's range [{start}, {end})"
+    if type(got) is not int:
+        return f"row {position + 1} of the file (after entry {expected - 1}): its idx is " \
+               f"{got!r}, not a whole number"
+    if not start <= got < end:
+        return f"row {got}: outside {span}"
+    if got < expected:
+        return f"row {got}: a second row for entry {got}"
+    later = pq.read_table(path, columns=["idx"]).column("idx").to_pylist()[position + 1:]
+    if expected in later:
+        return f"row {got}: out of order (row {expected} expected)"
+    present = min([i for i in later if isinstance(i, int) and expected < i] + [got])
+    return f"row {got}: rows {expected} to {present - 1} of {span} are missing"
+
+
+def _check_row(row: dict[str, Any], cp: Checkpoint) -> tuple[bytes, str | None]:
+    """One row whose index is in sequence: its leaf hash, and what is wrong (None: it
+    checks)."""
+    idx = row["idx"]
+    leaf_raw, stored, nodes = row["leaf"], row["leaf_hash"], row["inclusion_path"]
+    for name, value in (("leaf", leaf_raw), ("leaf_hash", stored)):
+        if type(value) is not bytes:
+            return b"", f"its {name} is {'null' if value is None else 'not binary'}"
+    if not isinstance(nodes, list) or not all(type(n) is bytes for n in nodes):
+        return b"", ("its inclusion_path is null" if nodes is None
+                     else "its inclusion_path is not a list of hashes")
+    lh = merkle.leaf_hash(leaf_raw)
+    if lh != stored:
+        return lh, "leaf hash does not match its leaf"
+    try:
+        merkle.verify_inclusion(idx, cp.tree_size, lh, nodes, cp.root_hash)
+    except merkle.ProofError as exc:
+        return lh, str(exc)
+    try:
+        leaf = orjson.loads(leaf_raw)
+    except orjson.JSONDecodeError:
+        leaf = None
+    if not isinstance(leaf, dict):
+        return lh, "its leaf is not a ledger entry"
+    if leaf.get("idx") != idx:
+        return lh, f"its leaf names index {leaf.get('idx')!r}"
+    for column, name in LEAF_COLUMNS.items():
+        if not _same(row[column], leaf.get(name)):
+            return lh, f"its {column} is {row[column]!r}, its leaf says {leaf.get(name)!r}"
+    return lh, body_mismatch(leaf, row["request"], row["response"])
 
 
 def verified_rows(path: Path, key: VerifierKey) -> Iterator[tuple[int, bytes]]:
     """``(index, leaf hash)`` of every row of a Parquet export, each checked first: its
-    leaf, hash and inclusion path against the signed checkpoint in the file's metadata.
-    Raises :class:`VerificationFailed` at the first row that does not check."""
+    leaf, hash and inclusion path against the signed checkpoint in the file's metadata,
+    every other column against what the leaf says (the bodies against the hashes it
+    commits to), and the rows one per entry, in order, filling the range the header
+    declares. Raises :class:`VerificationFailed` at the first row that does not check."""
     import pyarrow.parquet as pq
 
-    cp = _export_checkpoint(path, key)
-    table = pq.ParquetFile(path)
-    for batch in table.iter_batches(columns=["idx", "leaf", "leaf_hash", "inclusion_path"]):
-        cols = batch.to_pydict()
-        for idx, leaf, stored, path_nodes in zip(cols["idx"], cols["leaf"], cols["leaf_hash"],
-                                                 cols["inclusion_path"], strict=True):
-            lh = merkle.leaf_hash(leaf)
-            if lh != stored:
-                raise VerificationFailed(f"row {idx}: leaf hash does not match its leaf")
-            try:
-                merkle.verify_inclusion(idx, cp.tree_size, lh, path_nodes, cp.root_hash)
-            except merkle.ProofError as exc:
-                raise VerificationFailed(f"row {idx}: {exc}") from None
+    cp, start, end = _export_header(path, key)
+    expected = start
+    for batch in pq.ParquetFile(path).iter_batches(columns=list(EXPORT_COLUMNS)):
+        for row in batch.to_pylist():
+            idx = row["idx"]
+            if idx != expected or type(idx) is not int or idx >= end:
+                raise VerificationFailed(_out_of_sequence(path, expected - start, idx,
+                                                          expected, start, end))
+            lh, wrong = _check_row(row, cp)
+            if wrong is not None:
+                raise VerificationFailed(f"row {idx}: {wrong}")
+            expected += 1
             yield idx, lh
+    if expected < end:
+        raise VerificationFailed(f"rows {expected} to {end - 1} of the export's range "
+                                 f"[{start}, {end}) are missing")
 
 
 def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
     """Check every row of a Parquet export (see :func:`verified_rows`)."""
-    cp = _export_checkpoint(path, key)
+    cp, start, end = _export_header(path, key)
     rows = sum(1 for _ in verified_rows(path, key))
-    return {"ok": True, "type": "export", "rows": rows, "tree_size": cp.tree_size}
+    return {"ok": True, "type": "export", "rows": rows, "start": start, "end": end,
+            "tree_size": cp.tree_size}
 
 
 def verify_file(path: Path, key: VerifierKey, *, checkpoint: str | None = None
