@@ -147,3 +147,30 @@ def test_detect_reads_an_export_by_its_leaves(export: Path, tmp_path: Path) -> N
     with pytest.raises(FormatError, match="ledger entry 7: its request does not match the "
                                           "hash its leaf commits to"):
         list(iter_sorted_lines(forged))
+
+
+def test_verify_with_an_export_catches_entries_cut_off_the_end(ledger: Ledger,
+                                                               tmp_path: Path) -> None:
+    """ledger verify --export used the export's signed checkpoint only to check the
+    export's rows: with the last 5 of 30 entries deleted, and the stored checkpoint that
+    covered them, it printed ok, although the export kept elsewhere proved 30 entries."""
+    import sqlite3
+
+    kept = tmp_path / "kept.parquet"
+    export_parquet(ledger, kept, start=0, end=10)   # its checkpoint covers all 30
+    whole = tmp_path / "whole.parquet"
+    export_parquet(ledger, whole)
+    db = sqlite3.connect(ledger.config.url[len("sqlite:///"):], isolation_level=None)
+    db.execute("DELETE FROM ledger_entries WHERE idx >= 25")
+    db.execute("DELETE FROM ledger_checkpoints")
+    db.close()
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"ledger:\n  path: {tmp_path / 'l'}\n")
+    for export in (kept, whole):
+        result = CliRunner().invoke(main, ["-c", str(config), "ledger", "verify",
+                                           "--export", str(export), "--json"])
+        assert result.exit_code == 1, result.output
+        doc = orjson.loads(result.output)
+        assert doc["first_bad"] == 25
+        assert doc["first_bad_problem"]["kind"] == "deleted"
+        assert f"the checkpoint of {export}" in doc["first_bad_problem"]["message"]

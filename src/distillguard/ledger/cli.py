@@ -154,15 +154,23 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
     """Check every entry and checkpoint; exit 1 naming the first bad entry."""
     from distillguard.ledger.spool import Spool
     from distillguard.ledger.store import open_store
-    from distillguard.ledger.verifier import VerificationFailed, verified_rows
+    from distillguard.ledger.verifier import (
+        VerificationFailed,
+        export_checkpoint,
+        verified_rows,
+    )
     from distillguard.ledger.verify import verify_ledger
 
     config = _config(ctx)
     key = _key(key_path, ctx)
     reference: dict[int, bytes] = {}
+    # an export's signed checkpoint is a checkpoint kept elsewhere, as --checkpoint is
+    labelled: list[tuple[str, str]] = []
     for export in exports:
         try:
             reference.update(verified_rows(Path(export), key))
+            labelled.append((f"the checkpoint of {export}",
+                             export_checkpoint(Path(export), key)))
         except VerificationFailed as exc:
             raise click.ClickException(f"{export} does not verify: {exc}") from None
     store = open_store(config.url, durability=config.durability)
@@ -170,7 +178,7 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
         store.migrate()
         report = verify_ledger(store, key,
                                extra_checkpoints=[Path(p).read_text() for p in extra],
-                               reference=reference)
+                               labelled_checkpoints=labelled, reference=reference)
     finally:
         store.close()
     doc = report.to_json()

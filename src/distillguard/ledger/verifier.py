@@ -149,6 +149,17 @@ def _same(value: Any, expected: Any) -> bool:
         and value == expected
 
 
+def export_checkpoint(path: Path, key: VerifierKey) -> str:
+    """The signed checkpoint in an export's header (its note), once the header checks:
+    ``ledger verify --export`` checks the ledger against it too."""
+    _export_header(path, key)
+    import pyarrow.parquet as pq
+
+    note: str = orjson.loads(pq.read_schema(path).metadata[b"distillguard.ledger"])[
+        "checkpoint"]
+    return note
+
+
 def _export_header(path: Path, key: VerifierKey) -> tuple[Checkpoint, int, int]:
     """The export's signed checkpoint and its declared range ``[start, end)``, checked;
     also that the file has exactly the export format's columns."""

@@ -226,20 +226,25 @@ def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
 
 def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
                   extra_checkpoints: Sequence[str] = (), workers: int | None = None,
-                  reference: Mapping[int, bytes] | None = None) -> Report:
+                  reference: Mapping[int, bytes] | None = None,
+                  labelled_checkpoints: Sequence[tuple[str, str]] = ()) -> Report:
     """Check a whole ledger; see the module docstring. Reads every entry once; large
     ledgers are read by ``workers`` processes (default: one per CPU), each a range.
 
     ``reference`` maps leaf indices to leaf hashes known independently of the store (the
     rows of a Parquet export checked against its signed checkpoint,
     :func:`~distillguard.ledger.verifier.verified_rows`): an entry whose rebuilt leaf hash
-    differs is ``modified`` even when its stored hash was rewritten to match."""
+    differs is ``modified`` even when its stored hash was rewritten to match, and one it
+    holds beyond the stored entries is ``deleted``. ``labelled_checkpoints`` are more
+    checkpoints kept elsewhere, each ``(label, note)`` (the label names it in problems):
+    the signed checkpoints of those exports, for one."""
     report = Report()
     # -- checkpoints: signatures first; each valid one becomes a (size, root, label) target
     targets: dict[int, list[tuple[bytes, str]]] = {}
     stored = {f"checkpoint #{c.seq}": c for c in store.checkpoints()}
     notes = [(label, c.note) for label, c in stored.items()]
     notes += [(f"supplied checkpoint {i + 1}", n) for i, n in enumerate(extra_checkpoints)]
+    notes += labelled_checkpoints
     report.checkpoints = len(notes)
     for label, note in notes:
         if key is None:
@@ -296,6 +301,11 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
             report.add("deleted", tree.size, f"{label} covers {want} entries but only "
                                              f"{tree.size} are stored")
         want = next(next_size, None)
+    if reference and max(reference) >= tree.size:
+        missing = min(i for i in reference if i >= tree.size)
+        report.add("deleted", missing, f"entry {missing} is in an export verified against "
+                                       f"a signed checkpoint, but only {tree.size} entries "
+                                       "are stored")
     _classify(report, positions)
     _report_mismatches(report, mismatches)
     return report
