@@ -174,3 +174,33 @@ def test_verify_with_an_export_catches_entries_cut_off_the_end(ledger: Ledger,
         assert doc["first_bad"] == 25
         assert doc["first_bad_problem"]["kind"] == "deleted"
         assert f"the checkpoint of {export}" in doc["first_bad_problem"]["message"]
+
+
+NULLS: list[tuple[str, Callable[[Rows], Rows], str]] = [
+    ("inclusion_path", _set(2, inclusion_path=None), "INVALID: row 7: its inclusion_path "
+                                                     "is null"),
+    ("leaf", _set(2, leaf=None), "INVALID: row 7: its leaf is null"),
+    ("leaf_hash", _set(2, leaf_hash=None), "INVALID: row 7: its leaf_hash is null"),
+    ("idx", _set(2, idx=None), "INVALID: row 3 of the file (after entry 6): its idx is None, "
+                               "not a whole number"),
+]
+
+
+@pytest.mark.parametrize(("column", "change", "says"), NULLS, ids=[t[0] for t in NULLS])
+def test_a_null_column_is_invalid_not_a_traceback(export: Path, tmp_path: Path,
+                                                  column: str, change: Callable[[Rows], Rows],
+                                                  says: str) -> None:
+    """A row with a null inclusion_path made verify-proof end in a TypeError traceback
+    (object of type 'NoneType' has no len()) instead of saying which row is bad."""
+    bad = _rewrite(export, tmp_path / "bad.parquet", change)
+    code, out = _verify_proof(bad, tmp_path)
+    assert (code, out) == (1, says + "\n"), out
+
+
+def test_a_missing_column_is_invalid_not_a_traceback(export: Path, tmp_path: Path) -> None:
+    table = pq.read_table(export)
+    meta = table.schema.metadata
+    pq.write_table(table.drop_columns(["inclusion_path"]).replace_schema_metadata(meta),
+                   tmp_path / "bad.parquet")
+    code, out = _verify_proof(tmp_path / "bad.parquet", tmp_path)
+    assert code == 1 and "column 'inclusion_path' is missing" in out, out
