@@ -42,6 +42,28 @@ def _emit(value: Any, out: str | None) -> None:
         sys.stdout.write(data.decode())
 
 
+BESIDE = "beside the signing key"
+
+
+def _key_source(path: str | None, ctx: click.Context) -> tuple[str, str]:
+    """The public key ``ledger verify`` uses and where it comes from: ``--key``, else
+    ``ledger.verifier_key``, else the one the ledger keeps beside its signing key."""
+    if path is not None:
+        return path, "--key"
+    config = _config(ctx)
+    if config.verifier_key is not None:
+        return str(config.verifier_key), "ledger.verifier_key"
+    return str(public_path(config.key_path)), BESIDE
+
+
+def _beside_note(path: str) -> str:
+    return (f"the public key used, {path}, is the one kept beside the ledger's signing key: "
+            "whoever can rewrite the ledger can replace it too, and a ledger rewritten and "
+            "signed again with a new key verifies with it. Only --key with a copy of the "
+            "public key kept elsewhere (or ledger.verifier_key naming one) shows the ledger "
+            "untouched.")
+
+
 def _key(path: str | None, ctx: click.Context | None) -> VerifierKey:
     if path is None:
         if ctx is None:
@@ -141,7 +163,8 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
 
 @ledger.command()
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
-              help="Public key (default: the one next to the signing key).")
+              help="Public key, a copy kept apart from the ledger (default: "
+                   "ledger.verifier_key, else the one next to the signing key).")
 @click.option("--checkpoint", "extra", multiple=True, type=click.Path(exists=True),
               help="Also check against a checkpoint kept elsewhere (repeatable).")
 @click.option("--export", "exports", multiple=True, type=click.Path(exists=True),
@@ -162,7 +185,8 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
     from distillguard.ledger.verify import verify_ledger
 
     config = _config(ctx)
-    key = _key(key_path, ctx)
+    used, source = _key_source(key_path, ctx)
+    key = _key(used, ctx)
     reference: dict[int, bytes] = {}
     # an export's signed checkpoint is a checkpoint kept elsewhere, as --checkpoint is
     labelled: list[tuple[str, str]] = []
@@ -182,6 +206,9 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
     finally:
         store.close()
     doc = report.to_json()
+    doc["key"] = {"path": used, "source": source}
+    if source == BESIDE:
+        doc["key"]["note"] = _beside_note(used)
     if as_json:
         _emit(doc, None)
     else:
@@ -195,6 +222,8 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
             click.echo(f"{waiting} exchanges wait in the spool {config.spool_dir} (served "
                        "while the store could not be written; the gateway writes them "
                        "when it reaches the store)", err=True)
+        if source == BESIDE:
+            click.echo("note: " + _beside_note(used))
         if report.ok:
             click.echo("ok")
         else:

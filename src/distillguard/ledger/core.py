@@ -51,6 +51,14 @@ class Ledger:
 
     @property
     def verifier(self) -> VerifierKey | None:
+        """The public key checkpoints are checked with: ``ledger.verifier_key`` when the
+        settings name one (a copy kept apart from the ledger), else the signing key's."""
+        if self.config.verifier_key is not None:
+            try:
+                return VerifierKey.parse(self.config.verifier_key.read_text())
+            except (OSError, UnicodeDecodeError, CheckpointError) as exc:
+                raise CheckpointError(f"ledger.verifier_key {self.config.verifier_key}: "
+                                      f"{exc}") from None
         if self.key is not None:
             return self.key.verifier
         pub = public_path(self.config.key_path)

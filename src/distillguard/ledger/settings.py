@@ -19,6 +19,7 @@ class LedgerSection(BaseModel):
     path: str | None = None
     url: str | None = None
     key_path: str | None = None
+    verifier_key: str | None = None
     origin: str = "distillguard/ledger"
     durability: Literal["fsync", "process"] = "fsync"
     max_batch: int = Field(8192, gt=0, le=1_000_000)
@@ -58,6 +59,8 @@ class LedgerConfig:
     # where exchanges wait while the store cannot be written (ledger/spool.py); None: they
     # are not kept, and an append that fails is an error for its caller
     spool_dir: Path | None = None
+    # a copy of the public key kept apart from the ledger; None: the one beside key_path
+    verifier_key: Path | None = None
 
 
 def default_dir(settings: Settings) -> Path:
@@ -80,5 +83,7 @@ def parse_settings(settings: Settings) -> LedgerConfig:
                         checkpoint_interval_s=section.checkpoint_interval_s,
                         retention=section.retention or settings.pipeline.retention,
                         enabled=section.enabled,
+                        verifier_key=(Path(section.verifier_key) if section.verifier_key
+                                      else None),
                         spool_dir=(Path(section.spool_path) if section.spool_path
                                    else base / "spool") if section.spool else None)
