@@ -333,3 +333,29 @@ def test_a_malformed_proof_is_invalid_not_a_traceback(ledger: Ledger, tmp_path: 
     good.write_bytes(orjson.dumps(proof))
     assert CliRunner().invoke(main, ["ledger", "verify-proof", str(good), "--key",
                                      str(pub)]).output.startswith("ok ")
+
+
+@pytest.mark.parametrize("moved_to", [10**9, 2**62 - 1])
+def test_an_entry_moved_to_a_huge_index_is_reported_not_a_memory_error(
+        ledger: Ledger, moved_to: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify planned one range of 100,000 indices for every range up to the largest
+    stored index: one entry moved to index 2^62 - 1 made it build a list of 4.6e13 ranges
+    and end in MemoryError; at 10^9 it read 10,000 empty ranges. The work is now bounded
+    by the rows stored."""
+    db = _db(ledger)
+    db.execute("UPDATE ledger_entries SET idx = ? WHERE idx = 39", (moved_to,))
+    reads = 0
+    iter_tuples = ledger.store.iter_tuples
+
+    def counted(lo: int, hi: int, batch: int = 20_000) -> Iterator[tuple[object, ...]]:
+        nonlocal reads
+        reads += 1
+        assert reads <= 10, "verification reads more ranges than the rows can fill"
+        return iter_tuples(lo, hi, batch)
+
+    monkeypatch.setattr(ledger.store, "iter_tuples", counted)
+    report = verify_ledger(ledger.store, ledger.verifier, workers=1)
+    assert report.entries == N
+    kinds = {(p.kind, p.index) for p in report.problems}
+    assert ("deleted", 39) in kinds
+    assert report.first_bad == 39

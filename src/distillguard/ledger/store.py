@@ -67,7 +67,14 @@ class LedgerStore(Protocol):
         """In one transaction: lock, ``make_rows(next index)``, insert, commit durably."""
         ...
 
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """One past the largest stored index (the ledger's size when nothing was
+        removed or moved)."""
+        ...
+
+    def count(self) -> int:
+        """How many entries are stored."""
+        ...
 
     def leaf_hashes(self, lo: int, hi: int) -> list[bytes]: ...
 
@@ -177,6 +184,9 @@ class SQLStore:
     def size(self) -> int:
         top = self._execute("SELECT max(idx) FROM ledger_entries").fetchone()
         return 0 if top is None or top[0] is None else int(top[0]) + 1
+
+    def count(self) -> int:
+        return int(self._execute("SELECT count(*) FROM ledger_entries").fetchone()[0])
 
     def leaf_hashes(self, lo: int, hi: int) -> list[bytes]:
         cur = self._execute(

@@ -204,12 +204,25 @@ def _check_stored_range(location: str, lo: int, hi: int) -> RangeResult:
         store.close()
 
 
-def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
-    top = store.size()
-    bounds = [(lo, min(top, lo + RANGE)) for lo in range(0, top, RANGE)]
+def _bounds(top: int, stored: int) -> list[tuple[int, int]]:
+    """The index ranges to read: ``RANGE`` indices each up to one range past the number
+    of rows ``stored``, then one range up to ``top`` (one past the largest index) for
+    rows moved far beyond the others. A ledger's rows fill ``[0, stored)``; a row moved
+    to index 2^62 would otherwise plan 4.6e13 ranges. The first range also takes rows
+    moved to negative indices."""
+    limit = min(top, stored + RANGE)
+    bounds = [(lo, min(limit, lo + RANGE)) for lo in range(0, limit, RANGE)]
+    if top > limit:
+        bounds.append((limit, top))
     if bounds:
-        bounds[0] = (-(2**62), bounds[0][1])  # rows moved to negative indices, if any
-    if workers <= 1 or top < PARALLEL_MIN:
+        bounds[0] = (-(2**62), bounds[0][1])
+    return bounds
+
+
+def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
+    top, stored = store.size(), store.count()
+    bounds = _bounds(top, stored)
+    if workers <= 1 or stored < PARALLEL_MIN:
         for lo, hi in bounds:
             yield check_range(store.iter_tuples(lo, hi), max(lo, 0), hi)
         return
