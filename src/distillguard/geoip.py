@@ -106,24 +106,35 @@ def client_prefix(ip: str) -> str | None:
 
 
 class Geoip2FastDatabase:
-    """The country and ASN files shipped inside the ``geoip2fast`` package."""
+    """The country and ASN files shipped inside the ``geoip2fast`` package: the IPv4 file
+    for IPv4 addresses and, loaded at the first IPv6 address, the file that covers IPv6.
+    Only the IPv4 file was read, so every IPv6 client had no country and jurisdiction
+    rules on client addresses let it through. The IPv6 file also names the AS of more
+    IPv4 addresses, but IPv4 keeps its own file: hosting and network features, and the
+    simulator's choice of addresses, stay what detection was calibrated on."""
 
     def __init__(self) -> None:
         import geoip2fast
+
+        self._folder = os.path.dirname(str(geoip2fast.__file__))
+        # The ASN files carry countries as well; one reader serves both questions.
+        self._v4 = self._open("geoip2fast-asn.dat.gz")
+        self._v6: Any = None
+        self._lock = threading.Lock()
+
+    def _open(self, name: str) -> Any:
         from geoip2fast import GeoIP2Fast
 
-        folder = os.path.dirname(str(geoip2fast.__file__))
-        # The ASN file carries countries as well; one reader serves both questions. The
-        # -ipv6 file covers IPv4 and IPv6 (the other one IPv4 only: every IPv6 client had
-        # no country, and jurisdiction rules on client addresses let it through).
-        self._reader = GeoIP2Fast(
-            geoip2fast_data_file=os.path.join(folder, "geoip2fast-asn-ipv6.dat.gz"),
-            verbose=False)
-        self._lock = threading.Lock()
+        return GeoIP2Fast(geoip2fast_data_file=os.path.join(self._folder, name),
+                          verbose=False)
 
     def _lookup(self, ip: str) -> Any:
         with self._lock:
-            return self._reader.lookup(ip)
+            if ":" not in ip:
+                return self._v4.lookup(ip)
+            if self._v6 is None:
+                self._v6 = self._open("geoip2fast-asn-ipv6.dat.gz")
+            return self._v6.lookup(ip)
 
     def country(self, ip: str) -> str | None:
         code = getattr(self._lookup(ip), "country_code", "") or ""
