@@ -80,6 +80,31 @@ def make_account(account_id: str = "acct_1", **fields: Any) -> Account:
                                 **fields})
 
 
+def make_ledger(folder: Path, entries: int, *, checkpoint_every: int | None = None) -> Any:
+    """A SQLite ledger in ``folder`` of ``entries`` entries: every seventh from the fourth
+    a policy event, the others exchanges of five accounts with their bodies kept; signed
+    every ``checkpoint_every`` entries, else once at the end."""
+    from distillguard.exchange import Retention
+    from distillguard.ledger import entry
+    from distillguard.ledger.core import Ledger
+    from distillguard.ledger.settings import LedgerConfig
+
+    ledger = Ledger(LedgerConfig(url=f"sqlite:///{folder / 'ledger.sqlite'}",
+                                 key_path=folder / "ledger.key"))
+    for i in range(entries):
+        if i % 7 == 3:
+            ledger.append([entry.from_event("policy:account:suspend", f"account:a{i}", "ana",
+                                            "test", {"i": i})])
+        else:
+            ledger.append([entry.from_exchange(
+                make_exchange(f"prompt {i}", account_id=f"a{i % 5}"), Retention.FULL)])
+        if checkpoint_every and (i + 1) % checkpoint_every == 0:
+            ledger.checkpoint()
+    if not checkpoint_every:
+        ledger.checkpoint()
+    return ledger
+
+
 def start_stack(settings: Settings, **kwargs: Any) -> StackThread:
     return StackThread(Stack(settings, **kwargs)).start()
 

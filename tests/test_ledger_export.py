@@ -15,12 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from distillguard.cli import main
-from distillguard.exchange import Retention
-from distillguard.ledger import entry
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.export import export_parquet
-from distillguard.ledger.settings import LedgerConfig
-from tests.factories import make_exchange
+from tests.factories import make_ledger
 
 N = 30
 
@@ -29,17 +26,7 @@ Rows = list[dict[str, Any]]
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    config = LedgerConfig(url=f"sqlite:///{tmp_path / 'l' / 'ledger.sqlite'}",
-                          key_path=tmp_path / "l" / "ledger.key")
-    lg = Ledger(config)
-    for i in range(N):
-        if i % 7 == 3:
-            lg.append([entry.from_event("policy:account:suspend", f"account:a{i}", "ana",
-                                        "test", {"i": i})])
-        else:
-            lg.append([entry.from_exchange(make_exchange(f"prompt {i}", account_id=f"a{i % 5}"),
-                                           Retention.FULL)])
-    lg.checkpoint()
+    lg = make_ledger(tmp_path / "l", N)
     yield lg
     lg.close()
 

@@ -16,27 +16,15 @@ from distillguard.exchange import Retention
 from distillguard.ledger import entry, merkle
 from distillguard.ledger.checkpoint import Checkpoint, SignerKey
 from distillguard.ledger.core import Ledger
-from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.verify import Report, verify_ledger
-from tests.factories import make_exchange
+from tests.factories import make_exchange, make_ledger
 
 N = 40
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    config = LedgerConfig(url=f"sqlite:///{tmp_path / 'l' / 'ledger.sqlite'}",
-                          key_path=tmp_path / "l" / "ledger.key")
-    lg = Ledger(config)
-    for i in range(N):
-        if i % 7 == 3:
-            lg.append([entry.from_event("policy:account:suspend", f"account:a{i}", "ana",
-                                        "test", {"i": i})])
-        else:
-            lg.append([entry.from_exchange(make_exchange(f"prompt {i}", account_id=f"a{i % 5}"),
-                                           Retention.FULL)])
-        if (i + 1) % 10 == 0:
-            lg.checkpoint()
+    lg = make_ledger(tmp_path / "l", N, checkpoint_every=10)
     yield lg
     lg.close()
 
