@@ -16,6 +16,7 @@ from distillguard.exchange import Retention
 from distillguard.ledger import entry, merkle
 from distillguard.ledger.checkpoint import Checkpoint, SignerKey
 from distillguard.ledger.core import Ledger
+from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.verify import Report, verify_ledger
 from tests.factories import make_exchange, make_ledger
 
@@ -347,3 +348,30 @@ def test_an_entry_moved_to_a_huge_index_is_reported_not_a_memory_error(
     kinds = {(p.kind, p.index) for p in report.problems}
     assert ("deleted", 39) in kinds
     assert report.first_bad == 39
+
+
+def test_a_ledger_whose_entries_were_removed_or_changed_is_not_signed(tmp_path: Path) -> None:
+    """The signer signed whatever tree it built from the store: with entry 5 deleted
+    the tree counted the last entry twice and signed that, and with entry 5 rewritten
+    (its hash recomputed) it signed the new history. A ledger opened on such a store
+    now refuses to sign and says why."""
+    import sqlite3
+
+    from distillguard.ledger.checkpoint import CheckpointError
+
+    for change in ("DELETE FROM ledger_entries WHERE idx = 5",
+                   "UPDATE ledger_entries SET leaf_hash = zeroblob(32) WHERE idx = 5",
+                   "DELETE FROM ledger_entries WHERE idx >= 25"):
+        folder = tmp_path / change.split()[0] / str(len(change))
+        make_ledger(folder, 30).close()
+        with sqlite3.connect(folder / "ledger.sqlite") as db:
+            db.execute(change)
+        reopened = Ledger(LedgerConfig(url=f"sqlite:///{folder / 'ledger.sqlite'}",
+                                       key_path=folder / "ledger.key"))
+        with pytest.raises(CheckpointError, match="not signing: .*(removed|changed)"):
+            reopened.checkpoint()
+        assert reopened.refusal is not None
+        reopened.close()
+    intact = make_ledger(tmp_path / "intact", 30)
+    assert intact.refusal is None and intact.checkpoint() is not None
+    intact.close()

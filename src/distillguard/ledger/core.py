@@ -8,6 +8,7 @@ the dashboard all go through it. Appending with group commit lives in
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_store
 from distillguard.ledger.tree import MerkleTree
 
+log = logging.getLogger("distillguard.ledger")
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -41,6 +43,11 @@ class Ledger:
         self.lock = threading.RLock()
         self.tree = MerkleTree(self.store.leaf_hashes)
         self.tree.extend(self.store.iter_leaf_hashes())
+        # Why this process will not sign (None: it will): see _check_store.
+        self.refusal: str | None = self._check_store()
+        if self.refusal is not None:
+            log.error("ledger: %s; no checkpoint will be signed until it is repaired "
+                      "(distillguard ledger verify says where)", self.refusal)
         self.key: SignerKey | None = None
         if create_key or config.key_path.exists():
             self.key = load_or_create_key(config.key_path, config.origin, create=create_key)
@@ -63,6 +70,27 @@ class Ledger:
             return self.key.verifier
         pub = public_path(self.config.key_path)
         return VerifierKey.parse(pub.read_text()) if pub.exists() else None
+
+    def _check_store(self) -> str | None:
+        """What is wrong with the stored entries as this process found them, or None.
+        The signer signs the tree it builds from the store: with an entry deleted, the
+        tree counted the last one twice and signed that, and with one rewritten, the
+        new history. So the entries must be numbered without a gap, and give the root
+        the last signed checkpoint says."""
+        size, count = self.store.size(), self.store.count()
+        if count != size or self.tree.size != size:
+            return (f"the store holds {count} entries numbered up to {size - 1}: entries "
+                    "were removed or moved")
+        last = self.store.latest_checkpoint()
+        if last is None:
+            return None
+        if last.tree_size > size:
+            return (f"the last signed checkpoint covers {last.tree_size} entries, the store "
+                    f"holds {size}: entries were removed")
+        if self.tree.root(last.tree_size) != last.root_hash:
+            return (f"the first {last.tree_size} entries do not give the root of the last "
+                    "signed checkpoint: entries were changed")
+        return None
 
     def refresh(self) -> int:
         """Catch up with entries other processes appended."""
@@ -97,6 +125,8 @@ class Ledger:
         """Sign and store a checkpoint of the tree as it is now."""
         if self.key is None:
             raise CheckpointError(f"no signing key at {self.config.key_path}")
+        if self.refusal is not None:
+            raise CheckpointError(f"not signing: {self.refusal}")
         with self.lock:
             size = self.tree.size
             root = self.tree.root(size)

@@ -271,7 +271,8 @@ class LedgerWriter:
     def _checkpoint(self) -> None:
         assert self.ledger is not None
         try:
-            if self.ledger.key is not None:
+            # a ledger that refuses to sign said why when it was opened
+            if self.ledger.key is not None and self.ledger.refusal is None:
                 self.ledger.checkpoint(only_if_grown=True)
         except Exception:
             log.exception("ledger checkpoint failed")
