@@ -71,6 +71,11 @@ def canonical_json(value: Any) -> bytes:
 # detection, dashboard). Structured outputs nest a schema 5 to 10 levels; 64 leaves room
 # for any real request.
 MAX_JSON_DEPTH = 64
+# The largest whole number taken from a client, an upstream or a record (a usage count, a
+# limit, a list offset): JSON readers keep every integer up to it exactly, and the
+# stores' 64-bit columns and the counters take it; one past 64 bits failed in the
+# stores' drivers.
+MAX_JSON_INT = 2**53 - 1
 
 
 def nested_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -141,20 +146,15 @@ def format_ts(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-# A usage count above this is not believed: no answer uses 2**53 tokens, every store and
-# JSON reader keeps a count below it exactly, and the ledger and the counters take it.
-MAX_USAGE_TOKENS = 2**53 - 1
-
-
 def usage_count(value: Any) -> int | None:
     """A usage count as reported: absent or null is 0; a whole number from 0 to
-    MAX_USAGE_TOKENS (``12.0`` included) is itself; anything else (a string, a boolean,
-    a fraction, a negative or larger number) is None."""
+    MAX_JSON_INT (``12.0`` included) is itself; anything else (a string, a boolean, a
+    fraction, a negative or larger number: no answer uses 2**53 tokens) is None."""
     if value is None:
         return 0
     if type(value) is int:
-        return value if 0 <= value <= MAX_USAGE_TOKENS else None
-    if type(value) is float and value.is_integer() and 0 <= value <= MAX_USAGE_TOKENS:
+        return value if 0 <= value <= MAX_JSON_INT else None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_JSON_INT:
         return int(value)
     return None
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from distillguard.config import CounterSettings, LimitSet, Settings
 from distillguard.errors import ServiceUnavailable
-from distillguard.exchange import MAX_USAGE_TOKENS, Exchange, Usage
+from distillguard.exchange import MAX_JSON_INT, Exchange, Usage
 from distillguard.pipeline import Allowed, Decision, Denied
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ def tokens_to_reserve(request: Any) -> int:
     if type(n) is not int or n < 1:
         n = 1
     completion = limit * n if type(limit) is int and limit > 0 else 0
-    return min(prompt + completion, MAX_USAGE_TOKENS)
+    return min(prompt + completion, MAX_JSON_INT)
 
 
 class RateLimiter:

@@ -41,7 +41,7 @@ from distillguard.errors import (
     StoreError,
     Unprocessable,
 )
-from distillguard.exchange import MAX_JSON_DEPTH, nested_deeper_than
+from distillguard.exchange import MAX_JSON_DEPTH, MAX_JSON_INT, nested_deeper_than
 from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]
-# The largest list offset taken: JSON's exact integers (one past 64 bits was a 500).
-MAX_OFFSET = 2**53 - 1
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -142,9 +140,9 @@ class AdminAPI:
             offset = int(q.get("offset", 0))
         except ValueError:
             raise InvalidRequest("limit and offset must be integers.") from None
-        if not 0 <= offset <= MAX_OFFSET:  # PostgreSQL refuses a negative OFFSET (SQLite
+        if not 0 <= offset <= MAX_JSON_INT:  # PostgreSQL refuses a negative OFFSET (SQLite
             # ignores it), and both fail on one past 64 bits
-            raise InvalidRequest(f"offset must be from 0 to {MAX_OFFSET}.", param="offset")
+            raise InvalidRequest(f"offset must be from 0 to {MAX_JSON_INT}.", param="offset")
         accounts = await self.gateway.store.list_accounts(query=q.get("query"), limit=limit,
                                                           offset=offset)
         return json_response({"object": "list",

@@ -11,10 +11,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from distillguard.config import LimitSet
 from distillguard.errors import InvalidRecord
 from distillguard.exchange import (
     MAX_ID_CHARS,
     MAX_JSON_DEPTH,
+    MAX_JSON_INT,
     format_ts,
     nested_deeper_than,
     parse_ts,
@@ -145,14 +147,12 @@ def check_country(value: Any) -> str | None:
     return code
 
 
-# The limits an account or a key may set (config.LimitSet's fields), and the largest
-# value one may hold: JSON's exact integers, which the stores' 64-bit columns keep too.
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
-MAX_LIMIT = 2**53 - 1
+# The limits an account or a key may set: those a tier sets.
+LIMIT_NAMES = tuple(LimitSet.model_fields)
 
 
 def check_limits(limits: Any, owner: str) -> dict[str, int | None]:
-    """An account's or a key's limits as stored: whole numbers from 0 to MAX_LIMIT, or
+    """An account's or a key's limits as stored: whole numbers from 0 to MAX_JSON_INT, or
     null (no override), under the names of LIMIT_NAMES (a misspelt one would be kept
     and never applied)."""
     if not isinstance(limits, dict):
@@ -164,11 +164,11 @@ def check_limits(limits: Any, owner: str) -> dict[str, int | None]:
                                 f"{', '.join(LIMIT_NAMES)}", "limits")
         if value is None:
             out[name] = None
-        elif _whole_at_least_0(value) and int(value) <= MAX_LIMIT:
+        elif _whole_at_least_0(value) and int(value) <= MAX_JSON_INT:
             out[name] = int(value)
         else:
             raise InvalidRecord(f"{owner} limit {name!r} must be a whole number from 0 to "
-                                f"{MAX_LIMIT}, or null; not {value!r:.40}", "limits")
+                                f"{MAX_JSON_INT}, or null; not {value!r:.40}", "limits")
     return out
 
 
