@@ -134,7 +134,7 @@ class SQLStateStore:
                     # process starting at once saw no migration applied and failed on
                     # "table accounts already exists", and a failure midway left half a
                     # schema. Now a second process waits, then finds them applied.
-                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    await lock_for_change(conn, "migrations")
                 await conn.execute(text(
                     "CREATE TABLE IF NOT EXISTS distillguard_migrations ("
                     " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
