@@ -9,11 +9,18 @@ import openai
 import pytest
 
 from distillguard.config import CounterSettings
+from distillguard.exchange import (
+    IMAGE_TOKENS,
+    IMAGE_TOKENS_LOW,
+    Usage,
+    prompt_token_estimate,
+)
 from distillguard.ratelimit import (
     CounterRequest,
     MemoryCounterStore,
     RedisCounterStore,
     _fmt_duration,
+    tokens_to_reserve,
 )
 from distillguard.serve import StackThread
 from tests.factories import ADMIN_TOKEN, make_settings, new_api_key, start_stack
@@ -230,3 +237,38 @@ def test_a_token_quota_holds_what_requests_may_use_while_they_run(tmp_path: Path
             asyncio.run(run(stack, new_api_key(stack, "acct_q")))
         finally:
             stack.stop()
+
+
+def test_a_prompt_estimate_counts_what_the_model_reads() -> None:
+    """The estimate behind the token reservation (and the usage charged when the
+    upstream reports none) counted only message text: an 80,000-character tool schema
+    was 76 tokens, a prompt of token ids or an image nothing."""
+    schema = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "description": "x" * 80_000}}}
+    text_only = {"messages": [{"role": "user", "content": "hello there"}]}
+    assert prompt_token_estimate(text_only) == 3              # 11 characters / 4, up
+    with_tools = {**text_only, "tools": [schema]}
+    assert prompt_token_estimate(with_tools) >= 20_000
+    assert tokens_to_reserve({**with_tools, "max_tokens": 10}) == (
+        prompt_token_estimate(with_tools) + 10)
+    # a completion prompt of token ids: one token each, in one list or several
+    assert prompt_token_estimate({"prompt": list(range(5000))}) == 5000
+    assert prompt_token_estimate({"prompt": [[1, 2, 3], [4, 5]]}) == 5
+    assert prompt_token_estimate({"input": [[7] * 40]}) == 40
+    assert prompt_token_estimate({"input": ["abcd", "efgh"]}) == 2
+    # images: a fixed count per image, less at low detail
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "abcd"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]}]}
+    assert prompt_token_estimate(image) == 1 + IMAGE_TOKENS + IMAGE_TOKENS_LOW
+    # earlier tool calls and their results are read too
+    calls = {"messages": [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type":
+         "function", "function": {"name": "f", "arguments": "y" * 4000}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    assert prompt_token_estimate(calls) > 1000
+    # odd bodies are not an error: what can be read is counted
+    assert prompt_token_estimate({"messages": "x", "tools": 5, "prompt": [1, "a"]}) == 1
+    assert prompt_token_estimate(None) == prompt_token_estimate([1, 2]) == 0
+    assert Usage.estimate(with_tools, None).prompt_tokens == prompt_token_estimate(with_tools)

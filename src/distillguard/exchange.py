@@ -184,12 +184,11 @@ class Usage:
 
     @classmethod
     def estimate(cls, request: Any, response: Any) -> Usage:
-        """A stand-in for usage the upstream did not report: characters over
-        CHARS_PER_TOKEN, rounded up, of the prompt and of what was generated (content,
-        reasoning, tool-call arguments)."""
-        prompt = request_text(request)
+        """A stand-in for usage the upstream did not report: the prompt as
+        :func:`prompt_token_estimate` counts it, and characters over CHARS_PER_TOKEN,
+        rounded up, of what was generated (content, reasoning, tool-call arguments)."""
         generated = _generated_text(response)
-        return cls(prompt_tokens=-(-len(prompt) // CHARS_PER_TOKEN),
+        return cls(prompt_tokens=prompt_token_estimate(request),
                    completion_tokens=-(-len(generated) // CHARS_PER_TOKEN))
 
 
@@ -483,6 +482,84 @@ def content_text(content: Any) -> str:
 
 # Characters per token when usage must be estimated: OpenAI's rule of thumb for English.
 CHARS_PER_TOKEN = 4
+# Tokens an image in a prompt is counted as when usage must be estimated: OpenAI's price
+# of a 1024 x 1024 image at high detail (85 + 4 tiles of 170), and of any image at low
+# detail. An estimate cannot see the image's size; a larger one costs more upstream.
+IMAGE_TOKENS = 765
+IMAGE_TOKENS_LOW = 85
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _token_ids(value: Any) -> int | None:
+    """Tokens of a prompt or input given as token ids (a list of integers, or a list of
+    such lists); None for any other form."""
+    if not isinstance(value, list) or not value:
+        return None
+    if _is_token_ids(value):
+        return len(value)
+    if all(_is_token_ids(v) for v in value):
+        return sum(len(v) for v in value)
+    return None
+
+
+def _image_tokens(content: Any) -> int:
+    if not isinstance(content, list):
+        return 0
+    tokens = 0
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            image = part.get("image_url")
+            low = isinstance(image, dict) and image.get("detail") == "low"
+            tokens += IMAGE_TOKENS_LOW if low else IMAGE_TOKENS
+    return tokens
+
+
+def _json_chars(value: Any) -> int:
+    try:
+        return len(orjson.dumps(value))
+    except (TypeError, orjson.JSONEncodeError):
+        return 0
+
+
+def prompt_token_estimate(request: Any) -> int:
+    """Tokens a request's prompt is counted as when they must be estimated (before the
+    upstream answers, and when it reports no usage): characters over CHARS_PER_TOKEN,
+    rounded up, of everything the model reads as text (message contents and names,
+    earlier tool calls, the tool and function definitions, a response format's schema),
+    plus one token per token id of a prompt given as ids and IMAGE_TOKENS per image.
+    Counting the message text alone charged 76 tokens for an 80,000-character tool
+    schema, and nothing for a prompt of token ids or for images. Audio parts are not
+    counted."""
+    if not isinstance(request, dict):
+        return 0
+    chars = len(request_text(request))
+    tokens = 0
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            tokens += _image_tokens(message.get("content"))
+            for name in ("name", "tool_call_id"):
+                if isinstance(message.get(name), str):
+                    chars += len(message[name])
+            for field_name in ("tool_calls", "function_call"):
+                if message.get(field_name):
+                    chars += _json_chars(message[field_name])
+    else:
+        for name in ("prompt", "input"):
+            ids = _token_ids(request.get(name))
+            if ids is not None:
+                tokens += ids
+            elif name == "input" and isinstance(request.get(name), list):
+                chars += sum(len(p) for p in request[name] if isinstance(p, str))
+    for name in ("tools", "functions", "response_format"):
+        if request.get(name):
+            chars += _json_chars(request[name])
+    return min(tokens + -(-chars // CHARS_PER_TOKEN), MAX_JSON_INT)
 
 
 def _choices(response: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from distillguard.config import CounterSettings, LimitSet, Settings
 from distillguard.errors import ServiceUnavailable
-from distillguard.exchange import MAX_JSON_INT, Exchange, Usage
+from distillguard.exchange import MAX_JSON_INT, Exchange, prompt_token_estimate
 from distillguard.pipeline import Allowed, Decision, Denied
 
 if TYPE_CHECKING:
@@ -272,14 +272,14 @@ _OPTIONS = tuple(option for option, *_ in _LIMIT_KINDS)
 
 def tokens_to_reserve(request: Any) -> int:
     """Tokens a request may use, held against its token windows from the moment it is
-    admitted until its usage is known: its prompt (characters over four, as
-    :meth:`~distillguard.exchange.Usage.estimate` counts) and the completion it allows
+    admitted until its usage is known: its prompt (as
+    :func:`~distillguard.exchange.prompt_token_estimate` counts it) and the completion it allows
     (``max_completion_tokens`` or ``max_tokens``, times ``n``), when it sets one. Only
     the usage already charged was checked: requests admitted at once, or one with a long
     prompt and a large limit, each ran past a token quota."""
     if not isinstance(request, dict):
         return 0
-    prompt = Usage.estimate(request, None).prompt_tokens
+    prompt = prompt_token_estimate(request)
     limit = request.get("max_completion_tokens", request.get("max_tokens"))
     n = request.get("n", 1)
     if type(n) is not int or n < 1:
