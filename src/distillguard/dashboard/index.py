@@ -36,8 +36,9 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy import Column, Float, Integer, MetaData, Table, Text, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from distillguard.exchange import Exchange, format_ts
@@ -106,6 +107,7 @@ _UPSERTS = {
 COLUMNS = ("exchange_id", "ts", "account_id", "key_id", "client_ip", "status", "model",
            "endpoint", "capability", "prompt_tokens", "completion_tokens", "latency_ms",
            "error_code", "denied_by")
+_INTEGER_COLUMNS = ("status", "prompt_tokens", "completion_tokens")
 
 # A coarse label of what a prompt asks for, used when detection did not annotate one.
 _CAPABILITIES = [
@@ -221,28 +223,33 @@ async def create_schema(engine: AsyncEngine, statements: Sequence[str] = SCHEMA)
             await conn.execute(text(statement))
 
 
-# Index rows one INSERT writes: 14 parameters each, far below the number of parameters
-# SQLite and PostgreSQL take in one statement.
-INSERT_ROWS = 200
+# The index table's columns as SQLAlchemy Core sees them, for the one insert that needs
+# Core: :func:`_insert_new` (the schema itself is SCHEMA's).
+_EXCHANGES = Table(
+    "dashboard_exchanges", MetaData(), Column("exchange_id", Text, primary_key=True),
+    *(Column(c, Integer if c in _INTEGER_COLUMNS else Float if c == "latency_ms" else Text)
+      for c in COLUMNS[1:]))
+
+
+def _insert_statement(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(_EXCHANGES).on_conflict_do_nothing(
+        index_elements=["exchange_id"]).returning(_EXCHANGES.c.exchange_id)
 
 
 async def _insert_new(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert the rows not indexed yet; returns the ids of those this transaction
     inserted. A row another writer holds (committed, or inserted by a transaction still
     open: this one waits for it) is skipped, so a writer beside another on the same
-    exchanges neither fails nor counts them again."""
-    cols = ", ".join(COLUMNS)
-    inserted: set[str] = set()
-    for start in range(0, len(rows), INSERT_ROWS):
-        chunk = rows[start:start + INSERT_ROWS]
-        values = ", ".join("(" + ", ".join(f":{c}_{n}" for c in COLUMNS) + ")"
-                           for n in range(len(chunk)))
-        params = {f"{c}_{n}": row[c] for n, row in enumerate(chunk) for c in COLUMNS}
-        found = await conn.execute(text(
-            f"INSERT INTO dashboard_exchanges ({cols}) VALUES {values}"
-            " ON CONFLICT (exchange_id) DO NOTHING RETURNING exchange_id"), params)
-        inserted.update(r[0] for r in found)
-    return inserted
+    exchanges neither fails nor counts them again.
+
+    One statement for all rows, which SQLAlchemy sends as multi-row INSERTs ("insert
+    many values") from a statement it compiled once. A ``text()`` of 200 rows' bind
+    parameters built anew for each batch took about 20 ms of the event loop per 200 rows
+    and held every request behind it: a 2,000-row flush stalled the gateway for 200 ms
+    or more (p99 at 500 requests/s went from about 7 ms to 260 ms)."""
+    found = await conn.execute(_insert_statement(conn.dialect.name), list(rows))
+    return {r[0] for r in found}
 
 
 async def write_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> int:
