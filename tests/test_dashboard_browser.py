@@ -245,6 +245,24 @@ def test_review_queue_and_ledger_by_keyboard(env: dict[str, Any], page: Any) -> 
     shot(page, "ledger-proof")
 
 
+def test_links_to_odd_account_ids(env: dict[str, Any], page: Any) -> None:
+    """Account ids are almost any text; the browser's link to each opens its own page
+    (it resolved "/accounts/.." to the overview, and "a?x=1#y" to account "a")."""
+    odd = ["..", ".", "x/..", "a?x=1#y", "a b/c", "%2e%2e"]
+    for account_id in ["a", *odd]:
+        env["admin"].post("/admin/v1/accounts", json={"account_id": account_id,
+                                                      "org": "Odd Ids Ltd"}).raise_for_status()
+    search = env["url"] + "/accounts?q=Odd+Ids+Ltd"
+    page.goto(search)
+    names = page.locator("table tbody tr td:first-child a").all_inner_texts()
+    assert sorted(names) == sorted(["a", *odd])
+    for n, name in enumerate(names):
+        page.goto(search)
+        with page.expect_navigation():
+            page.locator("table tbody tr td:first-child a").nth(n).click()
+        assert page.locator("h1").inner_text() == f"Account {name} active", page.url
+
+
 def test_nothing_loaded_from_elsewhere(env: dict[str, Any]) -> None:
     origin = env["url"].removesuffix("/dashboard")
     seen = env["requests"]

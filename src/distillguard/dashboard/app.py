@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +34,7 @@ from distillguard.dashboard.security import (
 )
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
+from distillguard.dashboard.urls import id_fields, page_url, request_target
 from distillguard.gateway.adminauth import FailedAuthThrottle, client_key, token_matches
 from distillguard.ratelimit import CounterStore, open_counter_store
 
@@ -84,10 +86,12 @@ class Dashboard:
         self.throttle = FailedAuthThrottle(options.login_attempts_per_minute, counters,
                                            "dashboard-login")
         self.lifecycle = Lifecycle(self.sources, counters)
+        self.base = "/dashboard"
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
                                lstrip_blocks=True)
-        self.base = "/dashboard"
+        # every link to a page is made by page_url, which encodes the ids it holds
+        self.env.globals.update(page_url=partial(page_url, self.base), id_fields=id_fields)
 
     async def _engine(self) -> AsyncEngine:
         await self.sources.open()
@@ -126,8 +130,8 @@ class Dashboard:
             if session is None:
                 if request.method != "GET":
                     raise HTTPException(403, "Your session has expired; log in again.")
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                return self.redirect(f"{self.base}/login?next={quote(target)}")
+                return self.redirect(page_url(self.base, "login",
+                                              next=request_target(request)))
             request.scope["dg_session"] = session
             values = [*request.path_params.values(), *request.query_params.values()]
             if request.method == "POST":
@@ -192,7 +196,7 @@ class Dashboard:
             raise HTTPException(403, "The form token is missing or stale.")
         if session is not None:         # ended for every copy of the cookie, everywhere
             await self.sessions.end(session)
-        response = self.redirect(f"{self.base}/login")
+        response = self.redirect(page_url(self.base, "login"))
         self.sessions.clear_cookie(response)
         return response
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from distillguard.dashboard import charts, queries
+from distillguard.dashboard.urls import object_id, page_url
 from distillguard.dashboard.views.common import links
 from distillguard.errors import NotFound
 
@@ -36,7 +37,9 @@ def _before(request: Request) -> tuple[str, str] | None:
 
 
 async def detail_page(dash: Dashboard, request: Request) -> Response:
-    account_id = request.path_params["account_id"]
+    account_id = object_id(request, "account_id")
+    if account_id is None:              # /dashboard/accounts/: the search page
+        return dash.redirect(page_url(dash.base, "accounts"))
     state = dash.sources.state
     assert state is not None
     try:
@@ -68,7 +71,7 @@ async def detail_page(dash: Dashboard, request: Request) -> Response:
                                   ident="caps"),
         history=await verdicts.account_history(account_id),
         campaigns=campaigns, ladder=policy.ladder, audit=audit,
-        next=f"{dash.base}/accounts/{account_id}")
+        next=page_url(dash.base, "accounts", account_id))
 
 
 def _pretty(body: Any) -> str:
@@ -76,7 +79,9 @@ def _pretty(body: Any) -> str:
 
 
 async def exchange_page(dash: Dashboard, request: Request) -> Response:
-    exchange_id = request.path_params["exchange_id"]
+    exchange_id = object_id(request, "exchange_id")
+    if exchange_id is None:
+        raise HTTPException(404, "This address names no exchange.")
     row = await queries.exchange_row(dash.sources.engine, exchange_id)
     record = None
     unreadable = None

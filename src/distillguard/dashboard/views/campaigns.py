@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from distillguard.dashboard import charts, graph, queries
+from distillguard.dashboard.urls import object_id, page_url
 from distillguard.dashboard.views.common import links, range_param
 from distillguard.exchange import format_ts
 
@@ -51,7 +52,9 @@ def _asn_lookup() -> Any:
 
 
 async def detail_page(dash: Dashboard, request: Request) -> Response:
-    campaign_id = request.path_params["campaign_id"]
+    campaign_id = object_id(request, "campaign_id")
+    if campaign_id is None:             # /dashboard/campaigns/: the list
+        return dash.redirect(page_url(dash.base, "campaigns"))
     campaign = await dash.sources.verdicts.campaign(campaign_id)
     if campaign is None:
         raise HTTPException(404, f"There is no campaign {campaign_id!r}.")
@@ -67,7 +70,8 @@ async def detail_page(dash: Dashboard, request: Request) -> Response:
     g = graph.build_graph([info.get(a) or {"account_id": a} for a in shown], ips, seconds,
                           detected=campaign.extra.get("edges") or [], asn_of=_asn_lookup(),
                           total=len(members))
-    svg = graph.render_svg(g, flagged=flagged, href=lambda a: f"{dash.base}/accounts/{a}")
+    svg = graph.render_svg(g, flagged=flagged,
+                           href=lambda a: page_url(dash.base, "accounts", a))
     range_name = range_param(request, "7d")
     end = last or datetime.now(UTC)
     b = queries.bucketing(end, range_name)
@@ -88,7 +92,7 @@ async def detail_page(dash: Dashboard, request: Request) -> Response:
         models=stats["models"], examples=examples, range_name=range_name,
         ranges=list(queries.RANGES), members=sorted(members), info=info, flagged=flagged,
         ladder=policy.ladder, audit=await policy.actions(subject),
-        next=f"{dash.base}/campaigns/{campaign_id}")
+        next=page_url(dash.base, "campaigns", campaign_id))
 
 
 def _hub_members(g: graph.AccountGraph) -> list[tuple[str, str, list[str]]]:

@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 
 from distillguard.dashboard.queries import RANGES
+from distillguard.dashboard.urls import request_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +23,7 @@ def links(request: Request, rows: list[dict[str, Any]], limit: int,
     """Keyset links: ``next`` carries the last row's key, ``first`` drops it."""
     params = {k: v for k, v in request.query_params.items()
               if k not in ("after", "before_ts", "before_id", "done")}
-    path = request.url.path
+    path = request_target(request).split("?", 1)[0]   # as sent: an id's %2F stays one
     current = set(request.query_params) & {"after", "before_ts", "before_id"}
     first = f"{path}?{urlencode(params)}" if current else None
     nxt = None

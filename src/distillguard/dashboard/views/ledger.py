@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from distillguard.dashboard.urls import page_url
+
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
 
@@ -54,6 +56,6 @@ async def verify(dash: Dashboard, request: Request) -> Response:
 
         _RUNNING[key] = asyncio.create_task(run())
         await asyncio.wait({_RUNNING[key]}, timeout=2.0)
-    return dash.done(request, f"{dash.base}/ledger", "verification started"
+    return dash.done(request, page_url(dash.base, "ledger"), "verification started"
                      if key in _RUNNING and not _RUNNING[key].done() else
                      "verification finished")

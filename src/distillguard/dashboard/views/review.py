@@ -8,6 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from distillguard.dashboard.urls import object_id, page_url
 from distillguard.dashboard.views.common import actor, links
 
 if TYPE_CHECKING:
@@ -36,13 +37,16 @@ async def decide(dash: Dashboard, request: Request) -> Response:
     form = await request.form()
     decision = str(form.get("decision") or "")
     reason = str(form.get("reason") or "").strip()
+    item_id = object_id(request, "item_id")
+    if item_id is None:
+        raise HTTPException(404, "This address names no review item.")
     if decision not in DECISIONS:
         raise HTTPException(400, f"Unknown decision {decision!r}.")
     if len(reason) < 3:
         raise HTTPException(400, "Give a reason (at least 3 characters).")
     try:
-        message = await dash.sources.policy.decide(request.path_params["item_id"], decision,
-                                                   reason[:500], actor(request))
+        message = await dash.sources.policy.decide(item_id, decision, reason[:500],
+                                                   actor(request))
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
-    return dash.done(request, f"{dash.base}/review", message)
+    return dash.done(request, page_url(dash.base, "review"), message)
