@@ -317,6 +317,32 @@ def test_action_forms_need_csrf_same_origin_and_a_reason(
     admin.close()
 
 
+def test_redirects_stay_on_the_dashboards_own_site(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """GET /dashboard (no final slash) was answered by Starlette with a redirect to an
+    absolute address built from the request's Host header: a forged Host sent the browser,
+    or a cache between it and the gateway, to another site. So did /dashboard/campaigns/
+    and every other page's address with a final slash."""
+    stack, client = dash
+    forged = {"host": "evil.example"}
+    r = httpx.get(stack.stack.admin_url + "/dashboard", headers=forged)
+    assert r.status_code == 307 and r.headers["location"] == "/dashboard/"
+    assert r.headers["cache-control"] == "no-store"
+    assert httpx.get(stack.stack.admin_url + "/dashboard?x=1", headers=forged,
+                     follow_redirects=True).url.path == "/dashboard/login"
+    paths = ("/campaigns/", "/accounts/", "/ledger/", "/login/", "/api/traffic/", "/audit/")
+    for logged_in in (False, True):
+        if logged_in:
+            login(client)
+        for path in paths:
+            r = client.get(path, headers=forged)
+            location = r.headers.get("location", "")
+            assert "evil.example" not in location and r.status_code != 307, (path, location)
+            assert not location or location.startswith("/dashboard/"), (path, location)
+    r = client.get("/campaigns/", headers=forged)
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/campaigns"
+
+
 def test_unknown_things_are_404_pages(dash: tuple[StackThread, httpx.Client]) -> None:
     _, client = dash
     login(client)

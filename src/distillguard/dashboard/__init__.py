@@ -30,8 +30,6 @@ __all__ = ["DashboardSettings", "dashboard_extension"]
 
 
 def dashboard_extension(settings: Settings) -> Extension | None:
-    from starlette.routing import Mount
-
     from distillguard.dashboard.app import Dashboard
     from distillguard.serve import Extension
 
@@ -40,4 +38,4 @@ def dashboard_extension(settings: Settings) -> Extension | None:
         return None
     dashboard = Dashboard(settings, options)
     return Extension(stages=[dashboard.sources.index, dashboard.lifecycle],
-                     admin_routes=[Mount("/dashboard", app=dashboard.app())])
+                     admin_routes=dashboard.routes())

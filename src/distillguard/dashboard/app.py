@@ -20,12 +20,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distillguard.config import Settings
 from distillguard.dashboard.security import (
+    HEADERS,
     EndedSessions,
     SecurityHeaders,
     Sessions,
@@ -211,6 +212,21 @@ class Dashboard:
         return self.render(request, "error.html", status_code=500, title="Error", status=500,
                            message="This page failed; the error is in the gateway log.")
 
+    def routes(self) -> list[BaseRoute]:
+        """The dashboard's routes on the admin app: its pages under ``/dashboard/``, and
+        ``/dashboard`` itself, sent there."""
+        return [Route(self.base, self.to_home, methods=["GET"]),
+                Mount(self.base, app=self.app())]
+
+    async def to_home(self, request: Request) -> Response:
+        """``/dashboard`` to ``/dashboard/``, by a relative address. (Starlette's own
+        redirect to the path with a slash is absolute, with the host taken from the
+        request's Host header: a forged Host made it send the browser, or a cache in
+        between, to another site.)"""
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        return RedirectResponse(self.base + "/" + (f"?{query}" if query else ""),
+                                status_code=307, headers=HEADERS)
+
     def app(self) -> Starlette:
         from distillguard.dashboard import views
 
@@ -222,10 +238,15 @@ class Dashboard:
         ]
         for path, handler, methods in views.ROUTES:
             routes.append(Route(path, self.page(handler), methods=methods))
-        return Starlette(routes=routes,
-                         middleware=[Middleware(SecurityHeaders),
-                                     Middleware(ServerErrors, dashboard=self)],
-                         exception_handlers={HTTPException: self._http_error})
+        app = Starlette(routes=routes,
+                        middleware=[Middleware(SecurityHeaders),
+                                    Middleware(ServerErrors, dashboard=self)],
+                        exception_handlers={HTTPException: self._http_error})
+        # No redirect to the address with or without a final slash: Starlette builds
+        # it from the Host header (see to_home). A detail page's address without an id
+        # (/dashboard/accounts/) sends the browser to its list itself.
+        app.router.redirect_slashes = False
+        return app
 
 
 class ServerErrors:
