@@ -317,6 +317,82 @@ def test_action_forms_need_csrf_same_origin_and_a_reason(
     admin.close()
 
 
+def test_forms_take_only_the_dashboards_own_origin(
+        dash: tuple[StackThread, httpx.Client]) -> None:
+    """The Origin check compared only the host and port: a form from https://host:port
+    (another origin: another scheme) was taken by the plain-HTTP admin port."""
+    stack, client = dash
+    csrf = login(client)
+    own = stack.stack.admin_url
+    host, port = own.removeprefix("http://").rsplit(":", 1)
+    with httpx.Client(base_url=own, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_o"}).raise_for_status()
+        form = {"kind": "account", "target": "acct_o", "action": "suspend",
+                "reason": "origin test", "csrf": csrf}
+        other = ["https://" + own.removeprefix("http://"), f"http://{host}:{int(port) + 1}",
+                 f"http://{host}", f"http://localhost:{port}", "http://evil.example",
+                 f"http://{host}:{port}.evil.example", f"{own}/", f"http://u@{host}:{port}",
+                 "null", ""]
+        for origin in other:
+            r = client.post("/actions", data=form, headers={"origin": origin})
+            assert r.status_code == 403, origin
+        # X-Forwarded-Proto is believed only from server.trusted_proxies (none here)
+        r = client.post("/actions", data=form, headers={"origin": other[0],
+                                                        "x-forwarded-proto": "https"})
+        assert r.status_code == 403
+        assert admin.get("/admin/v1/accounts/acct_o").json()["status"] == "active"
+        # the dashboard's own origin, and no Origin at all (the CSRF token decides)
+        for origin, action in ((own, "suspend"), (None, "reinstate")):
+            r = client.post("/actions", data={**form, "action": action},
+                            headers={"origin": origin} if origin else {})
+            assert r.status_code == 303, origin
+        assert admin.get("/admin/v1/accounts/acct_o").json()["status"] == "active"
+        assert "dashboard:account:suspend" in client.get("/audit").text
+    # the log-in form is checked the same way
+    client.headers.pop("cookie")
+    page = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    for origin, status in ((other[0], 403), (own, 303)):
+        r = client.post("/login", data={"token": ADMIN_TOKEN, "login_token": token},
+                        headers={"origin": origin})
+        assert r.status_code == status, origin
+
+
+def test_behind_a_tls_proxy_the_dashboards_origin_is_https() -> None:
+    """A TLS-terminating proxy speaking HTTP to the admin port: the browser's origin is
+    https://..., which the proxy says in X-Forwarded-Proto; that header is believed from a
+    proxy in server.trusted_proxies and from no one else."""
+    from starlette.requests import Request
+
+    from distillguard.dashboard.security import OwnOrigin
+
+    def same(peer: str, origin: str, proto: str | None = None, scheme: str = "http",
+             host: str = "dash.example") -> bool:
+        headers = [(b"host", host.encode()), (b"origin", origin.encode())]
+        if proto is not None:
+            headers.append((b"x-forwarded-proto", proto.encode()))
+        return OwnOrigin(["10.0.0.0/8"]).same(Request({
+            "type": "http", "method": "POST", "scheme": scheme, "path": "/dashboard/actions",
+            "query_string": b"", "headers": headers, "client": (peer, 50000)}))
+
+    assert same("10.1.2.3", "https://dash.example", "https")
+    assert same("::ffff:10.1.2.3", "https://dash.example", "HTTPS, http")
+    assert not same("10.1.2.3", "http://dash.example", "https")
+    assert not same("10.1.2.3", "https://evil.example", "https")
+    assert same("10.1.2.3", "http://dash.example", "gopher")     # not a scheme: the socket's
+    assert not same("192.0.2.1", "https://dash.example", "https")   # not a trusted proxy
+    assert same("192.0.2.1", "http://dash.example", "https")
+    # HTTPS on the admin port itself (server.tls_cert_file)
+    assert same("192.0.2.1", "https://dash.example", scheme="https")
+    assert same("192.0.2.1", "https://dash.example", scheme="https", host="dash.example:443")
+    assert not same("192.0.2.1", "http://dash.example", scheme="https")
+    assert same("192.0.2.1", "https://dash.example:8443", scheme="https",
+                host="dash.example:8443")
+    assert not same("192.0.2.1", "https://dash.example", scheme="https",
+                    host="dash.example:8443")
+    assert not same("192.0.2.1", "https://dash.example", scheme="https", host="")
+
+
 def test_redirects_stay_on_the_dashboards_own_site(
         dash: tuple[StackThread, httpx.Client]) -> None:
     """GET /dashboard (no final slash) was answered by Starlette with a redirect to an

@@ -28,10 +28,10 @@ from distillguard.config import Settings
 from distillguard.dashboard.security import (
     HEADERS,
     EndedSessions,
+    OwnOrigin,
     SecurityHeaders,
     Sessions,
     safe_next,
-    same_origin,
 )
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
@@ -87,6 +87,7 @@ class Dashboard:
         self.throttle = FailedAuthThrottle(options.login_attempts_per_minute, counters,
                                            "dashboard-login")
         self.lifecycle = Lifecycle(self.sources, counters)
+        self.origin = OwnOrigin(settings.server.trusted_proxies)
         self.base = "/dashboard"
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
@@ -138,7 +139,7 @@ class Dashboard:
             if request.method == "POST":
                 form = await request.form()
                 token = form.get("csrf")
-                if not same_origin(request) or not self.sessions.csrf_ok(
+                if not self.origin.same(request) or not self.sessions.csrf_ok(
                         session, token if isinstance(token, str) else None):
                     raise HTTPException(403, "The form token is missing or stale; reload the "
                                              "page and try again.")
@@ -172,7 +173,7 @@ class Dashboard:
             return self.render(request, "login.html", status_code=status, title="Log in", next=nxt,
                                login_token=self.sessions.login_token(), error=message)
 
-        if not same_origin(request) or not self.sessions.login_token_ok(
+        if not self.origin.same(request) or not self.sessions.login_token_ok(
                 str(form.get("login_token") or "")):
             return again("The log-in form expired; try again.", 403)
         if not self.settings.admin.token:

@@ -12,7 +12,8 @@ state-changing form carries
 the session's CSRF token; the log-in form carries a short-lived signed token of its own.
 The status banner after an action (``?done=``) shows only a message the dashboard signed
 for the session whose action it reports, never text from the address.
-POSTs whose ``Origin`` names another site are refused whatever the token.
+POSTs whose ``Origin`` names another origin than the dashboard's own (:class:`OwnOrigin`:
+scheme, host and port) are refused whatever the token.
 :class:`SecurityHeaders` puts :data:`HEADERS` on every response the dashboard sends.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -32,6 +33,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from distillguard.gateway.clientip import ClientIPResolver
 
 COOKIE = "dg_session"
 COOKIE_PATH = "/dashboard"
@@ -221,13 +224,63 @@ def safe_next(value: str | None, base: str) -> str:
     return path + (f"?{parts.query}" if parts.query else "")
 
 
-def same_origin(request: Request) -> bool:
-    """False when the browser says the request comes from another origin."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+DEFAULT_PORTS = {"http": 80, "https": 443}
+Origin = tuple[str, str, int]       # scheme, host (lower case, IPv6 without brackets), port
+
+
+def parse_origin(value: str) -> Origin | None:
+    """``scheme://host[:port]`` (an ``Origin`` header, as browsers write it) as
+    ``(scheme, host, port)``, the port filled in from the scheme; None for ``null``, another
+    scheme, a path, a user name or anything else."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if (scheme not in DEFAULT_PORTS or not host or "@" in parts.netloc or "\\" in value
+            or parts.path or parts.query or parts.fragment or value.endswith(("?", "#"))):
+        return None
+    return scheme, host, DEFAULT_PORTS[scheme] if port is None else port
+
+
+class OwnOrigin:
+    """The origin (scheme, host, port) a request reached the dashboard at, as the browser
+    names it, and whether the request's ``Origin`` is that one.
+
+    Host and port are the request's ``Host``. The scheme is the connection's (``https``
+    when the admin port serves TLS, ``server.tls_cert_file``), or, when the TCP peer is
+    one of ``server.trusted_proxies``, the first value of its ``X-Forwarded-Proto``: a
+    TLS-terminating proxy that speaks HTTP to the admin port says ``https`` there. A
+    browser cannot add that header to a cross-site form, and it is not believed from any
+    other client."""
+
+    def __init__(self, trusted_proxies: Sequence[str]) -> None:
+        self._proxies = ClientIPResolver(trusted_proxies)
+
+    def of(self, request: Request) -> Origin | None:
+        scheme = str(request.scope.get("scheme") or "http")
+        forwarded = request.headers.get("x-forwarded-proto")
+        if forwarded and self._proxies.trusts(request.client.host if request.client else None):
+            proto = forwarded.split(",", 1)[0].strip().lower()
+            if proto in DEFAULT_PORTS:
+                scheme = proto
+        host = request.headers.get("host")
+        if not host or any(c in host for c in "/?#@\\"):
+            return None
+        return parse_origin(f"{scheme}://{host}")
+
+    def same(self, request: Request) -> bool:
+        """False when the browser says the request comes from another origin than the
+        dashboard's: another site, or the same host by another scheme or port (``null``,
+        from a sandboxed frame or a redirect across sites, is another origin too). A
+        request without ``Origin`` (a script, an older browser) is not refused here; its
+        CSRF token still has to match."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        own = self.of(request)
+        return own is not None and parse_origin(origin) == own
 
 
 class SecurityHeaders:

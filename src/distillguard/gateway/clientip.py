@@ -29,6 +29,10 @@ class ClientIPResolver:
             return False
         return any(ip in net for net in self.networks)
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether ``peer`` (a TCP peer's address) is one of the trusted proxies."""
+        return peer is not None and bool(self.networks) and self._trusted(canonical_ip(peer))
+
     def resolve(self, peer: str | None, forwarded_for: str | None) -> str | None:
         """The client's address, in canonical form (:func:`~distillguard.geoip.
         canonical_ip`: a dual-stack socket reports an IPv4 client as ``::ffff:a.b.c.d``,
