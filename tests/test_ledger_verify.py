@@ -149,11 +149,13 @@ def test_bad_checkpoint_signature(ledger: Ledger) -> None:
     report = _verify(ledger)
     assert not report.ok
     assert [p.kind for p in report.problems] == ["checkpoint-signature"]
-    # a checkpoint signed by another key does not count either
+    # a checkpoint signed by another key does not count either: it cannot be checked
     other = SignerKey.generate("distillguard/ledger")
     fake = Checkpoint("distillguard/ledger", 20, ledger.root(20)).sign(other)
     db.execute("UPDATE ledger_checkpoints SET note = ? WHERE tree_size = 20", (fake,))
-    assert [p.kind for p in _verify(ledger).problems] == ["checkpoint-signature"]
+    report = _verify(ledger)
+    assert [p.kind for p in report.problems] == ["checkpoint-unknown-key"]
+    assert report.verdict == "unverified" and report.checkpoints_matched == 3
 
 
 def test_checkpoint_not_matching(ledger: Ledger) -> None:

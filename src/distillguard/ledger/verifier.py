@@ -1,8 +1,11 @@
 """The standalone verifier: checks proofs and exports with nothing but the public key.
 
 It reads the public formats of docs/ledger.md (proof bundles as JSON, signed checkpoints,
-Parquet exports) and uses only :mod:`distillguard.ledger.merkle` and
-:mod:`distillguard.ledger.checkpoint`: no store, no settings, no network.
+Parquet exports) and uses only :mod:`distillguard.ledger.merkle`,
+:mod:`distillguard.ledger.checkpoint` and :mod:`distillguard.ledger.keyring`: no store,
+no settings, no network. Where a function takes ``key``, a
+:class:`~distillguard.ledger.keyring.KeyRing` of current and retired keys does too: a
+checkpoint signed before a rotation of the signing key checks with the retired key.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import Any
 import orjson
 
 from distillguard.ledger import merkle
-from distillguard.ledger.checkpoint import Checkpoint, CheckpointError, VerifierKey, open_checkpoint
+from distillguard.ledger.checkpoint import Checkpoint, CheckpointError, VerifierKey
+from distillguard.ledger.keyring import KeyRing, as_ring
+
+Keys = VerifierKey | KeyRing
 
 
 class VerificationFailed(ValueError):
@@ -56,16 +62,16 @@ def _hex_field(proof: dict[str, Any], name: str) -> bytes:
         raise VerificationFailed(f"the proof's {name!r} is not hex") from None
 
 
-def _signed(note: str | None, key: VerifierKey, what: str) -> Checkpoint:
+def _signed(note: str | None, key: Keys, what: str) -> Checkpoint:
     if not note:
         raise VerificationFailed(f"{what}: no signed checkpoint to check against")
     try:
-        return open_checkpoint(note, key)
+        return as_ring(key).open(note)[0]
     except CheckpointError as exc:
         raise VerificationFailed(f"{what}: {exc}") from None
 
 
-def verify_inclusion_bundle(proof: dict[str, Any], key: VerifierKey,
+def verify_inclusion_bundle(proof: dict[str, Any], key: Keys,
                             checkpoint: str | None = None) -> dict[str, Any]:
     """Check an inclusion proof bundle against its (or the given) signed checkpoint."""
     cp = _signed(checkpoint or proof.get("checkpoint"), key, "inclusion proof")
@@ -96,7 +102,7 @@ def verify_inclusion_bundle(proof: dict[str, Any], key: VerifierKey,
             "entry": entry}
 
 
-def verify_consistency_bundle(proof: dict[str, Any], key: VerifierKey,
+def verify_consistency_bundle(proof: dict[str, Any], key: Keys,
                               old_checkpoint: str | None = None) -> dict[str, Any]:
     new = _signed(proof.get("new_checkpoint"), key, "consistency proof")
     old = _signed(old_checkpoint or proof.get("old_checkpoint"), key, "consistency proof")
@@ -149,7 +155,7 @@ def _same(value: Any, expected: Any) -> bool:
         and value == expected
 
 
-def export_checkpoint(path: Path, key: VerifierKey) -> str:
+def export_checkpoint(path: Path, key: Keys) -> str:
     """The signed checkpoint in an export's header (its note), once the header checks:
     ``ledger verify --export`` checks the ledger against it too."""
     _export_header(path, key)
@@ -160,7 +166,7 @@ def export_checkpoint(path: Path, key: VerifierKey) -> str:
     return note
 
 
-def _export_header(path: Path, key: VerifierKey) -> tuple[Checkpoint, int, int]:
+def _export_header(path: Path, key: Keys) -> tuple[Checkpoint, int, int]:
     """The export's signed checkpoint and its declared range ``[start, end)``, checked;
     also that the file has exactly the export format's columns."""
     import pyarrow.parquet as pq
@@ -248,7 +254,7 @@ def _check_row(row: dict[str, Any], cp: Checkpoint) -> tuple[bytes, str | None]:
     return lh, body_mismatch(leaf, row["request"], row["response"])
 
 
-def verified_rows(path: Path, key: VerifierKey) -> Iterator[tuple[int, bytes]]:
+def verified_rows(path: Path, key: Keys) -> Iterator[tuple[int, bytes]]:
     """``(index, leaf hash)`` of every row of a Parquet export, each checked first: its
     leaf, hash and inclusion path against the signed checkpoint in the file's metadata,
     every other column against what the leaf says (the bodies against the hashes it
@@ -274,7 +280,7 @@ def verified_rows(path: Path, key: VerifierKey) -> Iterator[tuple[int, bytes]]:
                                  f"[{start}, {end}) are missing")
 
 
-def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
+def verify_export(path: Path, key: Keys) -> dict[str, Any]:
     """Check every row of a Parquet export (see :func:`verified_rows`)."""
     cp, start, end = _export_header(path, key)
     rows = sum(1 for _ in verified_rows(path, key))
@@ -282,7 +288,7 @@ def verify_export(path: Path, key: VerifierKey) -> dict[str, Any]:
             "tree_size": cp.tree_size}
 
 
-def verify_file(path: Path, key: VerifierKey, *, checkpoint: str | None = None
+def verify_file(path: Path, key: Keys, *, checkpoint: str | None = None
                 ) -> dict[str, Any]:
     """A proof bundle (JSON) or a Parquet export, by content."""
     data = path.read_bytes()

@@ -14,8 +14,11 @@ What each problem means, and the entry it names as the first bad one:
 * ``reordered``: an entry stored at another index than the one its leaf names;
 * ``inserted``: an entry whose index is already taken by the leaf of another (the later
   entries were renumbered to make room);
-* ``checkpoint-signature``: a checkpoint whose signature does not verify, or whose stored
-  size or root differ from the ones its signed note holds;
+* ``checkpoint-signature``: a checkpoint whose signature does not verify, signed by a
+  retired key for a tree larger than the key's retirement size, or whose stored size or
+  root differ from the ones its signed note holds;
+* ``checkpoint-unknown-key``: a checkpoint signed by a key that is neither current nor
+  retired: it cannot be checked (not evidence of tampering by itself, but not verified);
 * ``checkpoint-mismatch``: a checkpoint whose root differs from the tree rebuilt from the
   stored entries. An attacker who rewrote an entry *and* its stored hash is caught here;
   the bad entry lies between the last matching checkpoint and this one, and is named
@@ -33,13 +36,15 @@ from typing import Any
 import orjson
 
 from distillguard.ledger import merkle
-from distillguard.ledger.checkpoint import CheckpointError, VerifierKey, open_checkpoint
+from distillguard.ledger.checkpoint import CheckpointError, VerifierKey
+from distillguard.ledger.keyring import KeyRing, UnknownKeyError, as_ring
 from distillguard.ledger.store import LedgerStore, open_store
 from distillguard.ledger.tree import MerkleTree
 
 MAX_PROBLEMS = 100
 RANGE = 100_000  # entries per worker task
 PARALLEL_MIN = 200_000  # smaller ledgers are checked in this process
+UNKNOWN_KEY = "checkpoint-unknown-key"
 
 
 @dataclass(slots=True)
@@ -61,10 +66,24 @@ class Report:
     redacted_bodies: int = 0
     problems: list[Problem] = field(default_factory=list)
     more_problems: int = 0
+    # checkpoints that verified with a retired key: key (name+id) -> [retired at, count]
+    retired_signers: dict[str, list[int]] = field(default_factory=dict)
+    kinds: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def tampered(self) -> bool:
+        """A problem other than checkpoints that could not be checked (unknown key)."""
+        return bool(self.kinds - {UNKNOWN_KEY})
+
+    @property
+    def verdict(self) -> str:
+        """``ok``; ``tampered``; or ``unverified``: the only problems are checkpoints
+        signed by a key not given, so they were not checked."""
+        return "ok" if self.ok else "tampered" if self.tampered else "unverified"
 
     @property
     def first_bad(self) -> int | None:
@@ -72,6 +91,7 @@ class Report:
         return min(found) if found else None
 
     def add(self, kind: str, index: int | None, message: str) -> None:
+        self.kinds.add(kind)
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(Problem(kind, index, message))
         else:
@@ -80,12 +100,15 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         first = self.first_bad
         out: dict[str, Any] = {
-            "ok": self.ok, "entries": self.entries, "checkpoints": self.checkpoints,
+            "ok": self.ok, "verdict": self.verdict, "entries": self.entries, "checkpoints": self.checkpoints,
             "checkpoints_matched": self.checkpoints_matched,
             "covered_by_checkpoint": self.covered,
             "uncovered": max(0, self.entries - self.covered),
             "redacted_bodies": self.redacted_bodies,
             "problems": [p.to_json() for p in self.problems],
+            "signed_by_retired_key": [
+                {"key": key, "retired_at_size": size, "checkpoints": count}
+                for key, (size, count) in self.retired_signers.items()],
         }
         if self.more_problems:
             out["more_problems"] = self.more_problems
@@ -237,12 +260,17 @@ def _ranges(store: LedgerStore, workers: int) -> Iterator[RangeResult]:
             yield fut.result()
 
 
-def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
+def verify_ledger(store: LedgerStore, key: VerifierKey | KeyRing | None, *,
                   extra_checkpoints: Sequence[str] = (), workers: int | None = None,
                   reference: Mapping[int, bytes] | None = None,
                   labelled_checkpoints: Sequence[tuple[str, str]] = ()) -> Report:
     """Check a whole ledger; see the module docstring. Reads every entry once; large
     ledgers are read by ``workers`` processes (default: one per CPU), each a range.
+
+    ``key`` is the public key checkpoints are checked with, or a
+    :class:`~distillguard.ledger.keyring.KeyRing` of the current and retired keys (after
+    a rotation of the signing key); each checkpoint is checked with the key its
+    signature line names.
 
     ``reference`` maps leaf indices to leaf hashes known independently of the store (the
     rows of a Parquet export checked against its signed checkpoint,
@@ -259,16 +287,24 @@ def verify_ledger(store: LedgerStore, key: VerifierKey | None, *,
     notes += [(f"supplied checkpoint {i + 1}", n) for i, n in enumerate(extra_checkpoints)]
     notes += labelled_checkpoints
     report.checkpoints = len(notes)
+    ring = None if key is None else as_ring(key)
     for label, note in notes:
-        if key is None:
+        if ring is None:
             report.add("checkpoint-signature", None,
                        f"{label}: no public key to check its signature with")
             continue
         try:
-            cp = open_checkpoint(note, key)
+            cp, signer = ring.open(note)
+        except UnknownKeyError as exc:
+            report.add(UNKNOWN_KEY, None, f"{label}: {exc}")
+            continue
         except CheckpointError as exc:
             report.add("checkpoint-signature", None, f"{label}: {exc}")
             continue
+        if signer.retired_at_size is not None:
+            counted = report.retired_signers.setdefault(signer.describe(),
+                                                        [signer.retired_at_size, 0])
+            counted[1] += 1
         row = stored.get(label)
         if row is not None and (row.tree_size != cp.tree_size
                                 or row.root_hash != cp.root_hash):
