@@ -92,7 +92,8 @@ def test_the_settings_can_name_the_expected_key(tmp_path: Path) -> None:
     _rewrite_and_sign_again(config, tmp_path / "unused.pub")
     bad = runner.invoke(main, ["-c", str(settings), "ledger", "verify"])
     assert bad.exit_code == 1, bad.output
-    assert "checkpoint-unknown-key" in bad.output
+    assert "checkpoint-unknown-key" in bad.output and "TAMPERED" not in bad.output
+    assert bad.output.splitlines()[-1].startswith("UNVERIFIED: ")
     from distillguard.ledger.settings import LedgerConfig as Config
 
     lg = Ledger(Config(url=config.url, key_path=config.key_path, verifier_key=kept),

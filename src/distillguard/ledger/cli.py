@@ -20,6 +20,12 @@ from distillguard.ledger.checkpoint import (
     load_or_create_key,
     public_path,
 )
+from distillguard.ledger.keyring import (
+    KeyRing,
+    RetiredKey,
+    read_retired_keys,
+    retired_keys_path,
+)
 from distillguard.ledger.merkle import ProofError
 from distillguard.ledger.settings import LedgerConfig, parse_settings
 
@@ -45,11 +51,9 @@ def _emit(value: Any, out: str | None) -> None:
 BESIDE = "beside the signing key"
 
 
-def _key_source(path: str | None, ctx: click.Context) -> tuple[str, str]:
-    """The public key ``ledger verify`` uses and where it comes from: ``--key``, else
+def _key_source(ctx: click.Context) -> tuple[str, str]:
+    """The public key ``ledger verify`` uses without ``--key`` and where it comes from:
     ``ledger.verifier_key``, else the one the ledger keeps beside its signing key."""
-    if path is not None:
-        return path, "--key"
     config = _config(ctx)
     if config.verifier_key is not None:
         return str(config.verifier_key), "ledger.verifier_key"
@@ -64,18 +68,68 @@ def _beside_note(path: str) -> str:
             "untouched.")
 
 
-def _key(path: str | None, ctx: click.Context | None) -> VerifierKey:
-    if path is None:
-        if ctx is None:
+def _retired(path: str) -> list[RetiredKey]:
+    try:
+        return read_retired_keys(Path(path))
+    except OSError as exc:
+        raise click.UsageError(f"cannot read retired keys {path}: {exc.strerror}") from None
+    except CheckpointError as exc:
+        raise click.UsageError(f"{path} is not a retired-keys file: {exc}") from None
+
+
+def _ring(key_paths: tuple[str, ...], retired_path: str | None,
+          ctx: click.Context | None) -> tuple[KeyRing, dict[str, Any]]:
+    """The keys ``ledger verify`` and ``verify-proof`` check checkpoints with, and where
+    they come from. Every ``--key`` is a current key (valid for any tree size); retired
+    keys, each valid up to its retirement size, come from ``--retired-keys``, else (in
+    ``ledger verify`` without ``--key``) from ``ledger.retired_keys``, else from the file
+    beside the signing key when the current key is the one beside it too."""
+    if key_paths:
+        paths, source = list(key_paths), "--key"
+    elif ctx is None:             # verify-proof: no settings to fall back on
+        if retired_path is None:
             raise click.UsageError("pass --key PUBLIC_KEY_FILE")
-        path = str(public_path(_config(ctx).key_path))
+        paths, source = [], "--key"
+    else:
+        used, source = _key_source(ctx)
+        paths = [used]
+    current = [_key(p) for p in paths]
+    info: dict[str, Any] = {"path": paths[0] if paths else None, "source": source}
+    if len(paths) > 1:
+        info["also"] = paths[1:]
+    where: tuple[str, str] | None = None
+    if retired_path is not None:
+        where = (retired_path, "--retired-keys")
+    elif ctx is not None and not key_paths:
+        config = _config(ctx)
+        if config.retired_keys is not None:
+            where = (str(config.retired_keys), "ledger.retired_keys")
+        elif source == BESIDE and retired_keys_path(config.key_path).exists():
+            where = (str(retired_keys_path(config.key_path)), BESIDE)
+    retired = _retired(where[0]) if where else []
+    if where:
+        info["retired_keys"] = {"path": where[0], "source": where[1], "keys": len(retired)}
+    return KeyRing(current, retired), info
+
+
+def _key(path: str) -> VerifierKey:
     try:
         return VerifierKey.parse(Path(path).read_text())
     except OSError as exc:
         raise click.UsageError(f"cannot read public key {path}: {exc.strerror}") from None
     except (CheckpointError, UnicodeDecodeError) as exc:
+        if _is_retired_keys(path):
+            raise click.UsageError(f"{path} is a retired-keys file, not a public key: pass "
+                                   "it with --retired-keys") from None
         raise click.UsageError(f"{path} is not a ledger public key ({exc}); the ledger "
                                "writes its own beside its private key, as .pub") from None
+
+
+def _is_retired_keys(path: str) -> bool:
+    try:
+        return bool(read_retired_keys(Path(path)))
+    except (OSError, CheckpointError):
+        return False
 
 
 @click.group("ledger")
@@ -162,9 +216,15 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
 
 
 @ledger.command()
-@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+@click.option("--key", "key_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Public key, a copy kept apart from the ledger (default: "
-                   "ledger.verifier_key, else the one next to the signing key).")
+                   "ledger.verifier_key, else the one next to the signing key). Repeatable: "
+                   "each key given is trusted for every tree size.")
+@click.option("--retired-keys", "retired_path", type=click.Path(exists=True, dir_okay=False),
+              help="Retired-keys file (a copy of <key>.retired.pub): checkpoints signed by a "
+                   "retired key count up to the tree size it was retired at (default: "
+                   "ledger.retired_keys, else, without --key and ledger.verifier_key, the "
+                   "file beside the signing key).")
 @click.option("--checkpoint", "extra", multiple=True, type=click.Path(exists=True),
               help="Also check against a checkpoint kept elsewhere (repeatable).")
 @click.option("--export", "exports", multiple=True, type=click.Path(exists=True),
@@ -172,9 +232,10 @@ def consistency(ctx: click.Context, old_size: int, new_size: int | None,
                    "once the export checks against its signed checkpoint (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
-           exports: tuple[str, ...], as_json: bool) -> None:
-    """Check every entry and checkpoint; exit 1 naming the first bad entry."""
+def verify(ctx: click.Context, key_paths: tuple[str, ...], retired_path: str | None,
+           extra: tuple[str, ...], exports: tuple[str, ...], as_json: bool) -> None:
+    """Check every entry and checkpoint; exit 1 naming the first bad entry (TAMPERED), or
+    the checkpoints signed by a key not given (UNVERIFIED)."""
     from distillguard.ledger.spool import Spool
     from distillguard.ledger.store import open_store
     from distillguard.ledger.verifier import (
@@ -185,8 +246,8 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
     from distillguard.ledger.verify import verify_ledger
 
     config = _config(ctx)
-    used, source = _key_source(key_path, ctx)
-    key = _key(used, ctx)
+    key, key_info = _ring(key_paths, retired_path, ctx)
+    used, source = key_info["path"], key_info["source"]
     reference: dict[int, bytes] = {}
     # an export's signed checkpoint is a checkpoint kept elsewhere, as --checkpoint is
     labelled: list[tuple[str, str]] = []
@@ -206,7 +267,7 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
     finally:
         store.close()
     doc = report.to_json()
-    doc["key"] = {"path": used, "source": source}
+    doc["key"] = key_info
     if source == BESIDE:
         doc["key"]["note"] = _beside_note(used)
     if as_json:
@@ -215,6 +276,9 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
         click.echo(f"{doc['entries']} entries, {doc['checkpoints']} checkpoints "
                    f"({doc['checkpoints_matched']} matched), {doc['uncovered']} entries "
                    f"after the last checkpoint, {doc['redacted_bodies']} bodies redacted")
+        for signer in doc["signed_by_retired_key"]:
+            click.echo(f"  {signer['checkpoints']} checkpoint(s) signed by retired key "
+                       f"{signer['key']} (retired at tree size {signer['retired_at_size']})")
         for p in doc["problems"]:
             click.echo(f"  {p['kind']}: {p['message']}")
         waiting = Spool(config.spool_dir).held if config.spool_dir is not None else 0
@@ -226,26 +290,35 @@ def verify(ctx: click.Context, key_path: str | None, extra: tuple[str, ...],
             click.echo("note: " + _beside_note(used))
         if report.ok:
             click.echo("ok")
-        else:
+        elif report.tampered:
             first = doc.get("first_bad")
             click.echo("TAMPERED: " + (f"first bad entry {first}" if first is not None
                                        else "the checkpoints (no entry named)"))
+        else:
+            click.echo("UNVERIFIED: checkpoints signed by a key not given (above) could not "
+                       "be checked; unless that key is one of this ledger's, they are forged")
     sys.exit(0 if report.ok else 1)
 
 
 @ledger.command("verify-proof")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
-              required=True, help="The ledger's public key.")
+@click.option("--key", "key_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="The ledger's public key (repeatable: a proof whose checkpoints were "
+                   "signed before and after a key rotation).")
+@click.option("--retired-keys", "retired_path", type=click.Path(exists=True, dir_okay=False),
+              help="The ledger's retired-keys file: checkpoints signed by a retired key "
+                   "count up to the tree size it was retired at.")
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False),
               help="A signed checkpoint you trust (inclusion: the one to prove against; "
                    "consistency: your old one).")
-def verify_proof(file: str, key_path: str, checkpoint_path: str | None) -> None:
+def verify_proof(file: str, key_paths: tuple[str, ...], retired_path: str | None,
+                 checkpoint_path: str | None) -> None:
     """Check FILE (an inclusion or consistency proof, or a Parquet export) with only the
     public key; exit 1 if it does not verify."""
     from distillguard.ledger.verifier import VerificationFailed, verify_file
 
-    key = _key(key_path, None)
+    key, _info = _ring(key_paths, retired_path, None)
     try:
         note = Path(checkpoint_path).read_text() if checkpoint_path else None
     except UnicodeDecodeError:

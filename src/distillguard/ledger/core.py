@@ -24,6 +24,7 @@ from distillguard.ledger.checkpoint import (
     public_path,
 )
 from distillguard.ledger.entry import Pending
+from distillguard.ledger.keyring import KeyRing, read_retired_keys, retired_keys_path
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_store
 from distillguard.ledger.tree import MerkleTree
@@ -70,6 +71,26 @@ class Ledger:
             return self.key.verifier
         pub = public_path(self.config.key_path)
         return VerifierKey.parse(pub.read_text()) if pub.exists() else None
+
+    @property
+    def keyring(self) -> KeyRing | None:
+        """The keys the checkpoints in the store are checked with: :attr:`verifier` as the
+        current key, and the retired keys of ``ledger.retired_keys`` when the settings
+        name that file, else, when the verifier is the one beside the signing key, those
+        of the retired-keys file beside it (a verifier key kept apart is not paired with
+        retired keys that lie with the ledger). None: no key at all."""
+        current = self.verifier
+        retired = []
+        if self.config.retired_keys is not None:
+            if not self.config.retired_keys.exists():
+                raise CheckpointError(f"ledger.retired_keys {self.config.retired_keys}: "
+                                      "no such file")
+            retired = read_retired_keys(self.config.retired_keys)
+        elif self.config.verifier_key is None:
+            retired = read_retired_keys(retired_keys_path(self.config.key_path))
+        if current is None and not retired:
+            return None
+        return KeyRing([current] if current is not None else [], retired)
 
     def _check_store(self) -> str | None:
         """What is wrong with the stored entries as this process found them, or None.

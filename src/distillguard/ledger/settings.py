@@ -20,6 +20,7 @@ class LedgerSection(BaseModel):
     url: str | None = None
     key_path: str | None = None
     verifier_key: str | None = None
+    retired_keys: str | None = None
     origin: str = "distillguard/ledger"
     durability: Literal["fsync", "process"] = "fsync"
     max_batch: int = Field(8192, gt=0, le=1_000_000)
@@ -61,6 +62,9 @@ class LedgerConfig:
     spool_dir: Path | None = None
     # a copy of the public key kept apart from the ledger; None: the one beside key_path
     verifier_key: Path | None = None
+    # a copy of the retired-keys file kept apart (ledger/keyring.py); None: the one beside
+    # key_path, read only when verifier_key is None (both then lie with the ledger)
+    retired_keys: Path | None = None
 
 
 def default_dir(settings: Settings) -> Path:
@@ -84,6 +88,8 @@ def parse_settings(settings: Settings) -> LedgerConfig:
                         retention=section.retention or settings.pipeline.retention,
                         enabled=section.enabled,
                         verifier_key=(Path(section.verifier_key) if section.verifier_key
+                                      else None),
+                        retired_keys=(Path(section.retired_keys) if section.retired_keys
                                       else None),
                         spool_dir=(Path(section.spool_path) if section.spool_path
                                    else base / "spool") if section.spool else None)

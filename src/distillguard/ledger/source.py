@@ -17,7 +17,7 @@ import orjson
 from distillguard.config import Settings
 from distillguard.exchange import Exchange, format_ts
 from distillguard.ledger import entry
-from distillguard.ledger.checkpoint import CheckpointError, open_checkpoint
+from distillguard.ledger.checkpoint import CheckpointError
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import parse_settings
 from distillguard.ledger.verifier import VerificationFailed, verify_inclusion_bundle
@@ -46,12 +46,14 @@ class LedgerView:
             return None
         key = lg.verifier
         status = "no public key"
-        if key is not None:
-            try:
-                open_checkpoint(cp.note, key)
-                status = "valid"
-            except CheckpointError as exc:
-                status = f"INVALID: {exc}"
+        try:
+            ring = lg.keyring
+            if ring is not None:
+                _, signer = ring.open(cp.note)
+                status = (f"valid (retired key {signer.describe()})" if signer.retired
+                          else "valid")
+        except CheckpointError as exc:
+            status = f"INVALID: {exc}"
         return {"tree_size": cp.tree_size, "root_hash": cp.root_hash.hex(),
                 "time": cp.ts, "origin": lg.config.origin,
                 "key_id": key.key_id.hex() if key else None, "signature": status,
@@ -59,7 +61,7 @@ class LedgerView:
 
     async def verify(self) -> dict[str, Any]:
         lg = await self._ledger()
-        report = await asyncio.to_thread(verify_ledger, lg.store, lg.verifier)
+        report = await asyncio.to_thread(verify_ledger, lg.store, lg.keyring)
         doc = report.to_json()
         out: dict[str, Any] = {
             "ok": report.ok, "checked_at": format_ts(datetime.now(UTC)),
@@ -78,7 +80,7 @@ class LedgerView:
         proof = await asyncio.to_thread(partial(lg.inclusion, exchange_id,
                                                 sign_if_needed=True))
         valid = False
-        key = lg.verifier
+        key = lg.keyring
         if key is not None and proof.get("checkpoint"):
             try:
                 verify_inclusion_bundle(proof, key)
