@@ -215,13 +215,8 @@ def load_or_create_key(path: Path, name: str, *, create: bool = True) -> SignerK
         raise CheckpointError(f"no ledger signing key at {path} (run distillguard ledger keygen)")
     key = SignerKey.generate(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    temporary = _write_private(path, key)
     try:
-        with os.fdopen(fd, "w") as out:
-            out.write(key.encode() + "\n")
-            out.flush()
-            os.fsync(out.fileno())
         os.link(temporary, path)
     except FileExistsError:
         return SignerKey.parse(path.read_text())
@@ -229,6 +224,37 @@ def load_or_create_key(path: Path, name: str, *, create: bool = True) -> SignerK
         os.unlink(temporary)
     write_atomically(public_path(path), (key.verifier.encode() + "\n").encode())
     return key
+
+
+def replace_key(path: Path, name: str) -> SignerKey:
+    """A new signer key at ``path`` in place of the one there (renamed over it, so a
+    reader finds the old key or the new one, whole), its verifier key at ``<path>.pub``.
+    Keeping the old public key is the caller's part (:mod:`distillguard.ledger.rotation`)."""
+    key = SignerKey.generate(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _write_private(path, key)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    write_atomically(public_path(path), (key.verifier.encode() + "\n").encode())
+    return key
+
+
+def _write_private(path: Path, key: SignerKey) -> Path:
+    """A new file beside ``path``, mode 0600, holding ``key``, complete and on disk."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(key.encode() + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
 
 
 def public_path(key_path: Path) -> Path:

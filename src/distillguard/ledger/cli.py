@@ -138,20 +138,57 @@ def ledger() -> None:
 
 
 @ledger.command()
-@click.option("--force", is_flag=True, help="Replace an existing key (old checkpoints then "
-              "verify only with the old public key).")
+@click.option("--force", is_flag=True,
+              help="Rotate: replace an existing key. The old public key is kept in the "
+                   "retired-keys file beside it (<key>.retired.pub) with the ledger's tree "
+                   "size, up to which its checkpoints keep verifying, and the new key signs "
+                   "a checkpoint of the ledger as it is now.")
 @click.pass_context
 def keygen(ctx: click.Context, force: bool) -> None:
-    """Create the checkpoint signing key; print the public (verifier) key."""
+    """Create the checkpoint signing key; print the public (verifier) key.
+
+    With --force, rotate the key (docs/ledger.md, "Rotating the signing key"): the old
+    private key is deleted, its public key is kept as a retired key, and `ledger verify`
+    accepts its checkpoints up to the tree size recorded with it. Give auditors the new
+    public key and the retired-keys file. A running gateway signs its next checkpoint
+    with the new key."""
+    from distillguard.ledger.rotation import rotate_key
+
     config = _config(ctx)
-    if config.key_path.exists():
-        if not force:
-            raise click.UsageError(f"{config.key_path} exists (--force replaces it)")
-        config.key_path.unlink()
-    key = load_or_create_key(config.key_path, config.origin)
-    click.echo(key.verifier.encode())
-    click.echo(f"signing key: {config.key_path}\npublic key:  {public_path(config.key_path)}",
-               err=True)
+    if not config.key_path.exists():
+        key = load_or_create_key(config.key_path, config.origin)
+        click.echo(key.verifier.encode())
+        click.echo(f"signing key: {config.key_path}\npublic key:  "
+                   f"{public_path(config.key_path)}", err=True)
+        return
+    if not force:
+        raise click.UsageError(f"{config.key_path} exists (--force rotates it: see "
+                               "docs/ledger.md, \"Rotating the signing key\")")
+    try:
+        rotation = rotate_key(config)
+    except CheckpointError as exc:
+        raise click.ClickException(f"key not rotated: {exc}") from None
+    click.echo(rotation.key.verifier.encode())
+    click.echo(f"signing key: {config.key_path}\npublic key:  "
+               f"{public_path(config.key_path)}", err=True)
+    if rotation.retired is None:
+        click.echo("the old key could not be read: no retired key recorded, and "
+                   "checkpoints it signed verify only with its public key passed as --key",
+                   err=True)
+    else:
+        click.echo(f"retired key: {rotation.retired.key.encode()}, its checkpoints count up "
+                   f"to tree size {rotation.retired.tree_size} (kept in "
+                   f"{rotation.retired_keys})", err=True)
+    if rotation.checkpoint is not None:
+        click.echo(f"checkpoint of tree size {rotation.checkpoint.tree_size} signed with the "
+                   "new key", err=True)
+    else:
+        click.echo(f"no checkpoint signed now ({rotation.not_signed})", err=True)
+    if config.verifier_key is not None or config.retired_keys is not None:
+        click.echo(f"the settings name copies kept apart from the ledger "
+                   f"(ledger.verifier_key: {config.verifier_key}, ledger.retired_keys: "
+                   f"{config.retired_keys}): put the new public key in the first and a copy "
+                   f"of {rotation.retired_keys} in the second", err=True)
 
 
 @ledger.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from distillguard.ledger.checkpoint import (
     public_path,
 )
 from distillguard.ledger.entry import Pending
-from distillguard.ledger.keyring import KeyRing, read_retired_keys, retired_keys_path
+from distillguard.ledger.keyring import KeyRing, read_retired_keys, retired_keys_path, signer_ids
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_store
 from distillguard.ledger.tree import MerkleTree
@@ -49,13 +50,36 @@ class Ledger:
         if self.refusal is not None:
             log.error("ledger: %s; no checkpoint will be signed until it is repaired "
                       "(distillguard ledger verify says where)", self.refusal)
-        self.key: SignerKey | None = None
+        # the key as read, and its file's stamp taken before reading it (see key)
+        self._key_stamp = _stamp(config.key_path)
+        self._key: SignerKey | None = None
         if create_key or config.key_path.exists():
-            self.key = load_or_create_key(config.key_path, config.origin, create=create_key)
+            self._key = load_or_create_key(config.key_path, config.origin, create=create_key)
 
     @property
     def size(self) -> int:
         return self.tree.size
+
+    @property
+    def key(self) -> SignerKey | None:
+        """The checkpoint signing key, read again when its file was replaced (``ledger
+        keygen --force`` rotates it): a running gateway signs its next checkpoint with
+        the new key, not with the retired one, whose checkpoints count only up to the
+        tree size it was retired at."""
+        stamp = _stamp(self.config.key_path)
+        if stamp is not None and stamp != self._key_stamp:
+            try:
+                key = SignerKey.parse(self.config.key_path.read_text())
+            except (OSError, UnicodeDecodeError, CheckpointError) as exc:
+                log.error("ledger: cannot read the signing key %s (%s); still signing "
+                          "with the one read before", self.config.key_path, exc)
+            else:
+                if self._key is not None and key != self._key:
+                    log.info("ledger: the signing key %s was replaced (ledger keygen "
+                             "--force); signing with the new key %s", self.config.key_path,
+                             key.verifier.key_id.hex())
+                self._key, self._key_stamp = key, stamp
+        return self._key
 
     @property
     def verifier(self) -> VerifierKey | None:
@@ -91,6 +115,13 @@ class Ledger:
         if current is None and not retired:
             return None
         return KeyRing([current] if current is not None else [], retired)
+
+    def signed_by_key(self, cp: StoredCheckpoint) -> bool:
+        """Whether the current signing key signed ``cp`` (a checkpoint signed before a
+        key rotation was not): proofs and exports handed out carry a checkpoint that the
+        current public key checks."""
+        key = self.key
+        return key is not None and key.verifier.key_id in signer_ids(cp.note)
 
     def _check_store(self) -> str | None:
         """What is wrong with the stored entries as this process found them, or None.
@@ -144,7 +175,8 @@ class Ledger:
 
     def checkpoint(self, *, only_if_grown: bool = False) -> StoredCheckpoint | None:
         """Sign and store a checkpoint of the tree as it is now."""
-        if self.key is None:
+        key = self.key
+        if key is None:
             raise CheckpointError(f"no signing key at {self.config.key_path}")
         if self.refusal is not None:
             raise CheckpointError(f"not signing: {self.refusal}")
@@ -155,7 +187,7 @@ class Ledger:
             last = self.store.latest_checkpoint()
             if last is not None and last.tree_size >= size:
                 return None
-        note = Checkpoint(self.config.origin, size, root).sign(self.key)
+        note = Checkpoint(self.config.origin, size, root).sign(key)
         ts = format_ts(datetime.now(UTC))
         self.store.add_checkpoint(size, root, ts, note)
         return self.store.latest_checkpoint()
@@ -178,7 +210,8 @@ class Ledger:
         note = None
         if size is None:
             last = self.store.latest_checkpoint()
-            if (last is None or last.tree_size <= row.idx) and sign_if_needed and self.key:
+            if (last is None or last.tree_size <= row.idx or not self.signed_by_key(last)) \
+                    and sign_if_needed and self.key:
                 last = self.checkpoint()
             if last is not None and last.tree_size > row.idx:
                 size, note = last.tree_size, last.note
@@ -225,3 +258,12 @@ class Ledger:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _stamp(path: os.PathLike[str]) -> tuple[int, int, int] | None:
+    """What tells a replaced file from the one read before (None: no file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

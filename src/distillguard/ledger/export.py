@@ -38,11 +38,12 @@ _META = ("key_id", "client_ip", "model", "status", "prompt_tokens", "completion_
 def export_parquet(ledger: Ledger, out: Path, *, start: int = 0, end: int | None = None,
                    batch: int = 20_000) -> dict[str, Any]:
     """Write entries ``[start, end)`` (default: up to the latest checkpoint, signing one
-    when the range is not covered yet) to ``out``; returns the header."""
+    when the range is not covered yet, or when the latest was signed by a key since
+    retired) to ``out``; returns the header."""
     ledger.refresh()
     cp = ledger.store.latest_checkpoint()
     want = ledger.size if end is None else end
-    if cp is None or cp.tree_size < want:
+    if cp is None or cp.tree_size < want or not ledger.signed_by_key(cp):
         cp = ledger.checkpoint()
     assert cp is not None
     end = min(want, cp.tree_size)

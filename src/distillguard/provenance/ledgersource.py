@@ -41,7 +41,8 @@ def scan_ledger(ctx: click.Context, index: ProvenanceIndex, *, progress: bool,
         ledger.close()
         raise
     cp = ledger.store.latest_checkpoint()
-    if ledger.key is not None and (cp is None or cp.tree_size < ledger.size):
+    if ledger.key is not None and (cp is None or cp.tree_size < ledger.size
+                                   or not ledger.signed_by_key(cp)):
         cp = ledger.checkpoint()
     source: dict[str, Any] = {"kind": "ledger", "location": _public_location(config.url),
                               "entries": ledger.size,
