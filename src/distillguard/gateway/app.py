@@ -172,6 +172,7 @@ class Gateway:
         except UpstreamError as exc:
             log.warning("model list not available yet: %s", exc.message)
         self.started = True
+        self.metrics.loop_lag.start()
 
     async def close(self) -> None:
         if self._pending:
@@ -180,6 +181,7 @@ class Gateway:
         await self.upstream.close()
         await self.counters.close()
         await self.store.close()
+        await self.metrics.loop_lag.stop()
         self.started = False
 
     @contextlib.asynccontextmanager
