@@ -100,6 +100,30 @@ def _account_column(name: str, value: Any) -> Any:
     return value
 
 
+def account_columns(changes: dict[str, Any]) -> dict[str, Any]:
+    """An account update's fields as their columns hold them: StoreError naming a field
+    that cannot be changed, InvalidRecord for a value the account cannot take."""
+    unknown = set(changes) - _UPDATABLE
+    if unknown:
+        raise StoreError(f"cannot update account fields {sorted(unknown)}")
+    return {name: _account_column(name, account_change(name, value))
+            for name, value in sorted(changes.items())}
+
+
+async def write_account(conn: AsyncConnection, account_id: str, values: dict[str, Any]
+                        ) -> bool:
+    """Write the columns ``values`` (:func:`account_columns`, not empty) of one account in the
+    transaction on ``conn``; False when there is no such account. Only the fields changed:
+    writing back a whole account read a moment before undid a change made in between (the
+    detector suspending it as an analyst sets its tier)."""
+    if "\x00" in account_id:   # never stored (stored_text); PostgreSQL would fail
+        return False
+    sets = ", ".join(f"{name} = :{name}" for name in values)
+    changed = await conn.execute(text(f"UPDATE accounts SET {sets} WHERE account_id = :id"),
+                                 {**values, "id": account_id})
+    return bool(changed.rowcount)
+
+
 class SQLStateStore:
     """:class:`~distillguard.store.StateStore` on SQLite or PostgreSQL."""
 
@@ -242,19 +266,10 @@ class SQLStateStore:
             return int((await conn.execute(text("SELECT COUNT(*) FROM accounts"))).scalar_one())
 
     async def update_account(self, account_id: str, **changes: Any) -> Account:
-        unknown = set(changes) - _UPDATABLE
-        if unknown:
-            raise StoreError(f"cannot update account fields {sorted(unknown)}")
-        values = {name: _account_column(name, account_change(name, value))
-                  for name, value in sorted(changes.items())}
+        values = account_columns(changes)
         if values and "\x00" not in account_id:
-            # Only the fields changed: writing back a whole account read a moment before
-            # undid a change made in between (the detector suspending it as an analyst
-            # sets its tier).
-            sets = ", ".join(f"{name} = :{name}" for name in values)
             async with self.engine.begin() as conn:
-                await conn.execute(text(f"UPDATE accounts SET {sets} WHERE account_id = :id"),
-                                   {**values, "id": account_id})
+                await write_account(conn, account_id, values)
         return await self.get_account(account_id)
 
     async def merge_limits(self, account_id: str, limits: dict[str, Any]) -> Account:
