@@ -10,6 +10,12 @@ audit event in the same transaction. ``suspend`` also sets the account's status 
 account on every replica within ``state.key_cache_ttl_s``; lifting the last active
 suspension (revoke, reinstate or expiry) sets it back to ``active``.
 
+So that lifting never undoes a suspension made outside the ladder, a suspension the
+ladder finds already in the status with no active suspend action (an import, an update of
+the account, a version before this one) is recorded by :func:`apply_action` as one by
+hand (``caused_by`` ``account-status``, no expiry) when it applies a ``suspend``. It stays
+until a person lifts it: ``revoke`` of ``suspend`` or of everything.
+
 The request check never reads this table: :class:`ActiveActions` mirrors the active rows
 in memory and is refreshed in the background from the ``updated_at`` cursor.
 """
@@ -30,6 +36,9 @@ from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.document import LADDER
 from distillguard.policy.schema import ensure_schema, new_id, now_ts, reading
 from distillguard.store.sql import lock_for_change
+
+# ``caused_by`` of a suspension the ladder found set outside it (:func:`apply_action`).
+OUTSIDE_LADDER = "account-status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,11 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
     automatic actions) when ``unless_revoked_after`` is given and an analyst lifted this
     action on this account after that time: a decision by a person is not overridden by
     the verdict that preceded it.
+
+    A ``suspend`` that finds the account's status ``suspended`` with no active suspend
+    action (set outside the ladder) records that suspension too, as one by hand without
+    expiry (``caused_by`` :data:`OUTSIDE_LADDER`), so lifting this one does not reactivate
+    the account.
     """
     if action not in LADDER:
         raise ValueError(f"unknown action {action!r}; the ladder is {', '.join(LADDER)}")
@@ -112,22 +126,47 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
                       reason=reason.strip(), source=source, caused_by=caused_by, actor=actor,
                       created_at=now, expires_at=expires, detail=dict(detail or {}),
                       updated_at=now)
-        await conn.execute(text(
-            "INSERT INTO policy_actions (action_id, account_id, action, reason, source,"
-            " caused_by, actor, created_at, expires_at, revoked_at, revoked_by,"
-            " revoke_reason, detail, updated_at) VALUES (:i, :a, :x, :r, :s, :c, :actor,"
-            " :t, :e, NULL, NULL, NULL, :d, :t)"),
-            {"i": item.action_id, "a": account_id, "x": action, "r": item.reason,
-             "s": source, "c": caused_by, "actor": actor, "t": now, "e": expires,
-             "d": orjson.dumps(item.detail).decode()})
         if action == "suspend" and set_status:
+            if not any(a.active_at(now) for a in existing) and \
+                    await _status(conn, account_id) == "suspended":
+                await _record(conn, _outside_suspension(item), event_source)
             await _set_status(conn, account_id, "suspended")
-        await record_in(conn, AuditEvent(
-            name=f"{event_source}:account:{action}", subject=f"account:{account_id}",
-            actor=actor, reason=item.reason,
-            detail={"action_id": item.action_id, "source": source, "caused_by": caused_by,
-                    "expires_at": expires, **item.detail}))
+        await _record(conn, item, event_source)
     return item
+
+
+async def _record(conn: AsyncConnection, item: Action, event_source: str) -> None:
+    """Insert ``item`` and its audit event (``<event_source>:account:<action>``)."""
+    await conn.execute(text(
+        "INSERT INTO policy_actions (action_id, account_id, action, reason, source,"
+        " caused_by, actor, created_at, expires_at, revoked_at, revoked_by,"
+        " revoke_reason, detail, updated_at) VALUES (:i, :a, :x, :r, :s, :c, :actor,"
+        " :t, :e, NULL, NULL, NULL, :d, :t)"),
+        {"i": item.action_id, "a": item.account_id, "x": item.action, "r": item.reason,
+         "s": item.source, "c": item.caused_by, "actor": item.actor, "t": item.created_at,
+         "e": item.expires_at, "d": orjson.dumps(item.detail).decode()})
+    await record_in(conn, AuditEvent(
+        name=f"{event_source}:account:{item.action}", subject=f"account:{item.account_id}",
+        actor=item.actor, reason=item.reason,
+        detail={"action_id": item.action_id, "source": item.source,
+                "caused_by": item.caused_by, "expires_at": item.expires_at, **item.detail}))
+
+
+async def _status(conn: AsyncConnection, account_id: str) -> str | None:
+    return (await conn.execute(text("SELECT status FROM accounts WHERE account_id = :a"),
+                               {"a": account_id})).scalar()
+
+
+def _outside_suspension(found_by: Action) -> Action:
+    """The suspension ``found_by`` met: the account was ``suspended`` with no active
+    suspend action, set outside the ladder (an import, an older version). Recorded as a
+    suspension by hand without expiry, so lifting ``found_by`` does not reactivate the
+    account: only a person lifting suspensions does."""
+    return Action(action_id=new_id("act"), account_id=found_by.account_id, action="suspend",
+                  reason="the account was suspended outside the action ladder",
+                  source="analyst", caused_by=OUTSIDE_LADDER, actor="unknown",
+                  created_at=found_by.created_at, expires_at=None,
+                  detail={"found_by": found_by.action_id}, updated_at=found_by.updated_at)
 
 
 async def _lift(conn: AsyncConnection, item: Action, *, by: str, reason: str, at: str,
