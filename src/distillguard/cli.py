@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import importlib
 import logging
 import math
@@ -79,6 +80,16 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def actor_name(value: str | None) -> str:
+    """Who runs a command that records its actor: ``--actor``, else the login name."""
+    if value:
+        return value
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
 
 
 class _Group(click.Group):

@@ -69,6 +69,12 @@ async def json_body(request: Request) -> Any:
     return body
 
 
+def admin_actor(request: Request) -> str:
+    """Who sent an admin request: the ``x-distillguard-actor`` header (default ``admin``),
+    recorded with what it changes."""
+    return (request.headers.get("x-distillguard-actor") or "admin").strip()[:100]
+
+
 def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:
     """Parse JSON Lines, naming the first bad line; blank lines are skipped."""
     out = []
@@ -233,4 +239,4 @@ class AdminAPI:
         return json_response(key.to_public())
 
 
-__all__ = ["AdminAPI", "APIError", "json_response", "json_body", "parse_jsonl"]
+__all__ = ["AdminAPI", "APIError", "admin_actor", "json_response", "json_body", "parse_jsonl"]

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
 from distillguard.errors import NotFoundError, Unprocessable, message_of
-from distillguard.gateway.admin import json_body, json_response
+from distillguard.gateway.admin import admin_actor, json_body, json_response
 from distillguard.gateway.adminauth import check_admin
 from distillguard.policy import audit
 from distillguard.policy.actions import list_actions
@@ -91,7 +91,7 @@ class PolicyAdmin:
 
     @staticmethod
     def actor(request: Request) -> str:
-        return (request.headers.get("x-distillguard-actor") or "admin").strip()[:100]
+        return admin_actor(request)
 
     async def status(self, request: Request) -> Response:
         return json_response(self.runtime.status())

@@ -10,7 +10,6 @@ running gateway.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
+from distillguard.cli import actor_name
 from distillguard.errors import ConfigError, message_of
 
 T = TypeVar("T")
@@ -58,15 +58,6 @@ def _with_ops(ctx: click.Context, fn: Callable[[Any], Awaitable[T]]) -> T:
 
 def _echo(data: Any) -> None:
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode())
-
-
-def _actor(value: str | None) -> str:
-    if value:
-        return value
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
 
 
 actor_option = click.option("--actor", help="Who decides (default: the login name); "
@@ -172,7 +163,7 @@ def apply(ctx: click.Context, accounts: tuple[str, ...], action: str, reason: st
           expires: str, actor: str | None) -> None:
     """Apply an action of the ladder to ACCOUNTS."""
     done = _with_ops(ctx, lambda ops: ops.apply(list(accounts), action, reason=reason,
-                                                actor=_actor(actor), channel="cli",
+                                                actor=actor_name(actor), channel="cli",
                                                 expires_in=expires))
     for a in done:
         click.echo(f"{a.action_id} {a.action} {a.account_id} until {a.expires_at or 'revoked'}")
@@ -191,7 +182,7 @@ def revoke(ctx: click.Context, accounts: tuple[str, ...], names: tuple[str, ...]
            actor: str | None) -> None:
     """Lift actions from ACCOUNTS."""
     done = _with_ops(ctx, lambda ops: ops.lift(list(accounts), actions=list(names) or None,
-                                               reason=reason, actor=_actor(actor),
+                                               reason=reason, actor=actor_name(actor),
                                                channel="cli"))
     click.echo(f"lifted {len(done)} action(s)")
 
@@ -340,8 +331,8 @@ def _decide(decision: str) -> Any:
     @actor_option
     @click.pass_context
     def command(ctx: click.Context, item_id: str, reason: str, actor: str | None) -> None:
-        item, applied = _with_ops(ctx, lambda ops: ops.decide(item_id, decision, reason,
-                                                              _actor(actor), channel="cli"))
+        item, applied = _with_ops(ctx, lambda ops: ops.decide(
+            item_id, decision, reason, actor_name(actor), channel="cli"))
         click.echo(f"{item.item_id}: {item.status}")
         for a in applied:
             click.echo(f"  {a.action} applied to {a.account_id} ({a.action_id})")
