@@ -1,24 +1,49 @@
-"""The action ladder and an account's status: a suspension made outside the ladder (an
-import) is not undone when the ladder lifts its own suspensions, and a person's
-reinstatement still reactivates."""
+"""The action ladder and an account's status: a suspension made outside the ladder (the
+admin API's PATCH, ``accounts update --status``, an import) is not undone when the
+ladder lifts its own suspensions, and a person's reinstatement still reactivates."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from distillguard.cli import main
 from distillguard.policy.actions import apply_action, expire_due, list_actions, revoke
+from distillguard.serve import StackThread
 from distillguard.store import open_state_store
-from tests.factories import make_account
+from tests.factories import ADMIN_TOKEN, make_account, make_settings, start_stack
+
+# The verdict feed suspends a risky account for EXPIRES_S, as a detector's verdict would.
+EXPIRES_S = 3
+POLICY = {
+    "version": 1,
+    "verdicts": {"poll_interval_s": 0.1, "rules": [
+        {"name": "risky", "when": {"risk_at_least": 0.9}, "action": "suspend",
+         "expires_in": f"{EXPIRES_S}s"}]},
+    "refresh_s": 0.1,
+}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return (f"sqlite:///{tmp_path / 'state.sqlite'}" if request.param == "sqlite"
             else str(request.getfixturevalue("pg_url")))
+
+
+def write_policy(folder: Path, **changes: Any) -> str:
+    path = folder / "policy.yaml"
+    path.write_text(yaml.safe_dump({**POLICY, **changes}))
+    return str(path)
 
 
 def on_store(url: str, work: Any) -> Any:
@@ -32,6 +57,181 @@ def on_store(url: str, work: Any) -> Any:
             await store.close()
 
     return asyncio.run(go())
+
+
+def until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+# -- the admin API, with the verdict feed of a running gateway ------------------------------
+
+
+@pytest.fixture
+def admin(state_url: str, tmp_path: Path) -> Iterator[tuple[StackThread, httpx.Client]]:
+    settings = make_settings(tmp_path, policy={"file": write_policy(tmp_path)},
+                             state={"url": state_url})
+    stack = start_stack(settings)
+    client = httpx.Client(base_url=stack.stack.admin_url,
+                          headers={"authorization": f"Bearer {ADMIN_TOKEN}",
+                                   "x-distillguard-actor": "ana"})
+    try:
+        yield stack, client
+    finally:
+        client.close()
+        stack.stop()
+
+
+def verdict(url: str, account_id: str) -> None:
+    from sqlalchemy import text
+
+    from distillguard.policy.schema import now_ts
+
+    async def insert(store: Any) -> None:
+        async with store.engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO account_verdicts VALUES (:a, 0.97, 1, NULL, NULL, 3, '[]', :t)"),
+                {"a": account_id, "t": now_ts()})
+
+    on_store(url, insert)
+
+
+def actions(client: httpx.Client, account_id: str) -> list[dict[str, Any]]:
+    reply = client.get("/admin/v1/policy/actions", params={"account": account_id})
+    return list(reply.raise_for_status().json()["data"])
+
+
+def from_verdicts(client: httpx.Client, account_id: str) -> dict[str, Any] | None:
+    return next((a for a in actions(client, account_id) if a["source"] == "verdicts"), None)
+
+
+def status(client: httpx.Client, account_id: str) -> str:
+    return str(client.get(f"/admin/v1/accounts/{account_id}").raise_for_status()
+               .json()["status"])
+
+
+def test_a_patched_suspension_outlives_the_verdict_suspension_beside_it(
+        admin: tuple[StackThread, httpx.Client], state_url: str) -> None:
+    """Suspended by PATCH before or while the verdict feed suspended the account for a
+    while: when that suspension expired, the account was set active again."""
+    _, client = admin
+    first, then = "acct_" + uuid.uuid4().hex[:8], "acct_" + uuid.uuid4().hex[:8]
+    for account_id in (first, then):
+        client.post("/admin/v1/accounts", json={"account_id": account_id}).raise_for_status()
+    # first: the analyst suspends, then the verdict feed does for EXPIRES_S
+    r = client.patch(f"/admin/v1/accounts/{first}", json={"status": "suspended"})
+    assert r.status_code == 200 and r.json()["status"] == "suspended", r.text
+    verdict(state_url, first)
+    # then: the verdict feed suspends, then the analyst (the column is suspended already)
+    verdict(state_url, then)
+    until(lambda: from_verdicts(client, then) is not None)
+    client.patch(f"/admin/v1/accounts/{then}", json={"status": "suspended"}).raise_for_status()
+    patched = time.time()
+    for account_id in (first, then):
+        until(lambda a=account_id: (from_verdicts(client, a) or {}).get("revoked_by")
+              == "expiry", EXPIRES_S + 15)
+    timed = from_verdicts(client, then)
+    assert timed is not None and timed["revoked_at"] > _ts(patched), \
+        "the verdict's suspension ran out before the PATCH: the order was not tested"
+    assert status(client, first) == status(client, then) == "suspended"
+    for account_id in (first, then):
+        by_hand = [a for a in actions(client, account_id) if a["source"] == "analyst"]
+        assert [(a["actor"], a["reason"], a["expires_at"], a["revoked_at"])
+                for a in by_hand] == [("ana", "status set to suspended by ana", None, None)]
+
+    # The analyst's reinstatement reactivates: by PATCH, or by the ladder's revoke.
+    r = client.patch(f"/admin/v1/accounts/{first}",
+                     json={"status": "active", "reason": "appeal upheld"})
+    assert r.status_code == 200 and r.json()["status"] == "active", r.text
+    r = client.post("/admin/v1/policy/actions/revoke",
+                    json={"account_id": then, "reason": "appeal upheld"})
+    assert [a["action"] for a in r.raise_for_status().json()["data"]] == ["suspend"]
+    assert status(client, first) == status(client, then) == "active"
+    assert not [a for a in actions(client, first) + actions(client, then)
+                if a["revoked_at"] is None]
+    events = client.get("/admin/v1/policy/audit",
+                        params={"subject": f"account:{first}"}).json()["data"]
+    assert [(e["name"], e["actor"]) for e in events[:2]] == [
+        ("admin:account:reinstate", "ana"), ("admin:account:revoke", "ana")]
+    assert "admin:account:suspend" in [e["name"] for e in events]
+    assert {a["revoke_reason"] for a in actions(client, first)
+            if a["source"] == "analyst"} == {"appeal upheld"}
+    # Other fields change beside the status, in the same write; errors change nothing.
+    r = client.patch(f"/admin/v1/accounts/{first}", json={
+        "status": "suspended", "country": "FR", "reason": "chargeback ring"})
+    assert (r.json()["status"], r.json()["country"]) == ("suspended", "FR"), r.text
+    assert [a["reason"] for a in actions(client, first) if a["revoked_at"] is None] == [
+        "chargeback ring"]
+    r = client.patch(f"/admin/v1/accounts/{first}", json={"status": "active",
+                                                          "country": "France"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "country", r.text
+    assert status(client, first) == "suspended"
+    r = client.patch(f"/admin/v1/accounts/{first}", json={"reason": "no status"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "reason", r.text
+    r = client.patch("/admin/v1/accounts/acct_nobody", json={"status": "suspended"})
+    assert r.status_code == 404, r.text
+    assert actions(client, "acct_nobody") == []
+
+
+def _ts(epoch: float) -> str:
+    from datetime import UTC, datetime
+
+    from distillguard.policy.schema import now_ts
+
+    return now_ts(datetime.fromtimestamp(epoch, UTC))
+
+
+# -- the command line, and suspensions the ladder finds in the status ----------------------
+
+
+def run(cfg: str, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(main, ["-c", cfg, *args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def suspend_for_a_moment(url: str, account_id: str) -> None:
+    """A suspension by the verdict feed that expires at once, and the expiry pass."""
+    async def work(store: Any) -> None:
+        made = await apply_action(store.engine, account_id=account_id, action="suspend",
+                                  reason="risky", source="verdicts",
+                                  caused_by=f"verdict:{account_id}", actor="policy",
+                                  expires_in_s=0.05)
+        assert made is not None
+        await asyncio.sleep(0.1)
+        assert made.action_id in [a.action_id for a in await expire_due(store.engine)]
+
+    on_store(url, work)
+
+
+def test_a_suspension_by_the_command_line_outlives_the_ladders(state_url: str,
+                                                                tmp_path: Path) -> None:
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {"url": state_url},
+                                   "policy": {"file": write_policy(tmp_path)}}))
+
+    def show(account_id: str) -> str:
+        return str(orjson.loads(run(str(cfg), "accounts", "show", account_id))["status"])
+
+    run(str(cfg), "accounts", "create", "acct_a")
+    run(str(cfg), "accounts", "update", "acct_a", "--status", "suspended")
+    suspend_for_a_moment(state_url, "acct_a")
+    assert show("acct_a") == "suspended"
+    run(str(cfg), "accounts", "update", "acct_a", "--status", "active", "--reason",
+        "appeal upheld", "--actor", "ana")
+    assert show("acct_a") == "active"
+    suspend_for_a_moment(state_url, "acct_a")
+    assert show("acct_a") == "active"
+    by_hand = [a for a in orjson.loads(run(str(cfg), "policy", "actions", "--account",
+                                           "acct_a")) if a["source"] == "analyst"]
+    assert len(by_hand) == 1 and by_hand[0]["revoked_by"] == "ana"
+    assert by_hand[0]["revoke_reason"] == "appeal upheld"
+    out = run(str(cfg), "accounts", "update", "acct_a", "--reason", "why", code=2)
+    assert "--reason and --actor go with --status" in out
 
 
 def test_a_suspension_found_in_the_status_is_kept(state_url: str) -> None:
@@ -58,3 +258,26 @@ def test_a_suspension_found_in_the_status_is_kept(state_url: str) -> None:
         return str((await store.get_account("acct_i")).status)
 
     assert on_store(state_url, work) == "active"
+
+
+async def test_without_the_ladder_keeping_it_a_status_is_only_written(tmp_path: Path) -> None:
+    """With the policy component off, or its suspensions leaving the status alone, a
+    status by hand is the column alone, as before."""
+    from distillguard.components import update_account
+
+    path = write_policy(tmp_path, actions={"suspend_sets_account_status": False})
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    store = open_state_store(url)
+    await store.migrate()
+    try:
+        for account_id, policy in (("acct_off", {"enabled": False}),
+                                   ("acct_apart", {"file": path})):
+            await store.put_account(make_account(account_id))
+            settings = make_settings(tmp_path, policy=policy, state={"url": url})
+            account = await update_account(settings, store, account_id,
+                                           {"status": "suspended"}, actor="ana",
+                                           reason=None, channel="admin")
+            assert str(account.status) == "suspended"
+            assert not await list_actions(store.engine, account_id)  # type: ignore[attr-defined]
+    finally:
+        await store.close()

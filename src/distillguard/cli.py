@@ -24,7 +24,7 @@ import click
 import orjson
 
 from distillguard.cliparams import PORT, positive, within
-from distillguard.components import check_tier, known_tiers
+from distillguard.components import check_tier, known_tiers, update_account
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError, InvalidRecord
 from distillguard.store import StateStore, all_accounts, open_state_store
@@ -326,7 +326,11 @@ def accounts_show(ctx: Context, account_id: str) -> None:
 @accounts.command("update")
 @click.argument("account_id")
 @click.option("--tier")
-@click.option("--status", type=click.Choice(["active", "suspended"]))
+@click.option("--status", type=click.Choice(["active", "suspended"]),
+              help="With the policy component on, recorded on its action ladder: "
+                   "suspended until set active (or the suspension revoked).")
+@click.option("--reason", help="Why the status changes (recorded with it).")
+@click.option("--actor", help="Who changes the status (default: the login name).")
 @click.option("--country")
 @click.option("--org")
 @click.option("--payment-fingerprint")
@@ -335,9 +339,12 @@ def accounts_show(ctx: Context, account_id: str) -> None:
 @click.option("--tpd", type=int, help="Tokens per day (overrides the tier).")
 @pass_ctx
 def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | None,
-                    tpd: int | None, **fields: Any) -> None:
+                    tpd: int | None, reason: str | None, actor: str | None,
+                    **fields: Any) -> None:
     """Change an account's fields or limits."""
     changes = {k: v for k, v in fields.items() if v is not None}
+    if (reason is not None or actor is not None) and "status" not in changes:
+        fail("--reason and --actor go with --status")
     if "tier" in changes:
         check_tier(changes["tier"], known_tiers(ctx.settings), account_id)
 
@@ -352,7 +359,9 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
         if limits:
             account = await store.merge_limits(account_id, limits)
         if changes or account is None:
-            account = await store.update_account(account_id, **changes)
+            account = await update_account(ctx.settings, store, account_id, changes,
+                                           actor=actor_name(actor), reason=reason,
+                                           channel="cli")
         return account
 
     click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())

@@ -10,13 +10,14 @@ section and raise :class:`~distillguard.errors.ConfigError` at start-up.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distillguard.errors import InvalidRecord
 
 if TYPE_CHECKING:
     from distillguard.config import Settings
     from distillguard.serve import Extension
+    from distillguard.store import Account, StateStore
 
 DEFAULT_COMPONENTS: list[tuple[str, str]] = [
     ("ledger", "distillguard.ledger.stage:component"),
@@ -81,6 +82,50 @@ def check_tier(tier: object, known: frozenset[str], account_id: str | None = Non
     whose = f"account {account_id!r}" if account_id else "account"
     raise InvalidRecord(f"{whose}: unknown tier {tier!r} (tiers of limits.tiers and the "
                         f"policy file: {', '.join(sorted(known))})")
+
+
+# Components that keep a record of an account's status changes besides the status itself
+# (``module:function`` taking the Settings, returning a :class:`StatusKeeper`, or None
+# when the component is off or leaves the status alone): the policy component's action
+# ladder, which sets an account's status when it suspends and lifts, and so must know
+# of a suspension by hand not to lift it.
+STATUS_KEEPERS: list[tuple[str, str]] = [
+    ("policy", "distillguard.policy.component:status_keeper"),
+]
+
+
+class StatusKeeper(Protocol):
+    """Applies an account update ``changes`` that holds ``status`` (and maybe other
+    fields), recording who changed the status (``actor``), why (``reason``, None for a
+    default) and where (``channel``: ``admin``, ``cli``). Raises as
+    :meth:`~distillguard.store.StateStore.update_account` does for an unknown account or
+    field, or a value the account cannot take, with nothing changed."""
+
+    async def __call__(self, store: StateStore, account_id: str, changes: dict[str, Any], *,
+                       actor: str, reason: str | None, channel: str) -> None: ...
+
+
+def status_keeper(settings: Settings) -> StatusKeeper | None:
+    """The :data:`STATUS_KEEPERS` entry that keeps the status under these settings."""
+    for _section, target in STATUS_KEEPERS:
+        module, _, attr = target.partition(":")
+        keeper: StatusKeeper | None = getattr(importlib.import_module(module), attr)(settings)
+        if keeper is not None:
+            return keeper
+    return None
+
+
+async def update_account(settings: Settings, store: StateStore, account_id: str,
+                         changes: dict[str, Any], *, actor: str, reason: str | None,
+                         channel: str) -> Account:
+    """An account update from an operator (admin API, command line): a change of
+    ``status`` goes through the :func:`status_keeper` when there is one, the rest (and
+    everything when there is none) straight to the store."""
+    keeper = status_keeper(settings) if "status" in changes else None
+    if keeper is None:
+        return await store.update_account(account_id, **changes)
+    await keeper(store, account_id, changes, actor=actor, reason=reason, channel=channel)
+    return await store.get_account(account_id)
 
 
 def load_extensions(settings: Settings) -> list[Extension]:

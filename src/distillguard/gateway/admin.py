@@ -12,6 +12,7 @@ Routes (documented in docs/admin-api.md)::
     GET    /admin/v1/accounts/export                   export accounts JSON Lines
     GET    /admin/v1/accounts/{id}                     one account
     PATCH  /admin/v1/accounts/{id}                     change tier, status, country, limits...
+                                                       (status: components.update_account)
     GET    /admin/v1/accounts/{id}/keys                the account's keys (never secrets)
     POST   /admin/v1/accounts/{id}/keys                new key; the secret is in this answer only
     DELETE /admin/v1/keys/{key_id}                     revoke a key
@@ -31,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from distillguard.components import check_tier, known_tiers
+from distillguard.components import check_tier, known_tiers, update_account
 from distillguard.errors import (
     APIError,
     InvalidRecord,
@@ -199,11 +200,16 @@ class AdminAPI:
         if not isinstance(data, dict) or not data:
             raise Unprocessable("Send a JSON object with the fields to change.")
         data.pop("account_id", None)
+        reason = data.pop("reason", None)
+        if reason is not None and (not isinstance(reason, str) or "status" not in data):
+            raise Unprocessable("'reason' is a string, given with a change of 'status'.",
+                                param="reason")
         if "tier" in data:
             self._check_tier(data["tier"], request.path_params["account_id"])
         try:
-            account = await self.gateway.store.update_account(
-                request.path_params["account_id"], **data)
+            account = await update_account(
+                self.gateway.settings, self.gateway.store, request.path_params["account_id"],
+                data, actor=admin_actor(request), reason=reason, channel="admin")
         except ValueError as exc:     # InvalidRecord names its field
             raise Unprocessable(str(exc), param=getattr(exc, "field", None)) from None
         self.gateway.auth.forget()

@@ -10,11 +10,14 @@ audit event in the same transaction. ``suspend`` also sets the account's status 
 account on every replica within ``state.key_cache_ttl_s``; lifting the last active
 suspension (revoke, reinstate or expiry) sets it back to ``active``.
 
-So that lifting never undoes a suspension made outside the ladder, a suspension the
-ladder finds already in the status with no active suspend action (an import, an update of
-the account, a version before this one) is recorded by :func:`apply_action` as one by
-hand (``caused_by`` ``account-status``, no expiry) when it applies a ``suspend``. It stays
-until a person lifts it: ``revoke`` of ``suspend`` or of everything.
+So that lifting never undoes a suspension made outside the ladder, every suspension is on
+the ladder. A status set by hand (``PATCH /admin/v1/accounts/{id}``, ``distillguard
+accounts update --status``) goes through :func:`update_account`: ``suspended`` records a
+suspension by hand without expiry, ``active`` lifts every suspension. A suspension the
+ladder finds already in the status with no active suspend action (an import, a version
+before this one) is recorded by :func:`apply_action` as one by hand (``caused_by``
+``account-status``, no expiry) when it applies a ``suspend``. Either stays until a person
+lifts it: ``revoke`` of ``suspend`` or of everything, or the status set ``active``.
 
 The request check never reads this table: :class:`ActiveActions` mirrors the active rows
 in memory and is refreshed in the background from the ``updated_at`` cursor.
@@ -31,11 +34,13 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from distillguard.errors import NotFound
 from distillguard.exchange import parse_ts
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.document import LADDER
 from distillguard.policy.schema import ensure_schema, new_id, now_ts, reading
-from distillguard.store.sql import lock_for_change
+from distillguard.store.models import stored_text
+from distillguard.store.sql import account_columns, lock_for_change, write_account
 
 # ``caused_by`` of a suspension the ladder found set outside it (:func:`apply_action`).
 OUTSIDE_LADDER = "account-status"
@@ -221,6 +226,60 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
                 actor=by, reason=reason,
                 detail={"lifted": [a.action_id for a in lifted]}))
     return lifted
+
+
+async def update_account(engine: AsyncEngine, account_id: str, changes: dict[str, Any], *,
+                         by: str, reason: str | None, event_source: str) -> list[Action]:
+    """Apply an account update that sets its ``status`` by hand (``PATCH
+    /admin/v1/accounts/{id}``, ``distillguard accounts update --status``), with the other
+    fields of ``changes``, in one transaction with what it records on the ladder; returns
+    the actions recorded or lifted.
+
+    ``suspended`` records a suspension by hand without expiry (source ``analyst``, none
+    when one is active already), so the end of a suspension from verdicts or review does
+    not reactivate the account. ``active`` lifts every active suspension (other actions
+    stay) and audits ``<event_source>:account:reinstate``. NotFound for an unknown account,
+    with nothing written; InvalidRecord or StoreError for a field the account cannot
+    take, before anything is written."""
+    values = account_columns(changes)
+    status = values.get("status")
+    if status not in ("active", "suspended"):
+        raise ValueError("update_account changes the status: give 'status'")
+    if "\x00" in account_id:   # never stored; PostgreSQL would refuse it in a query
+        raise NotFound(f"no account {account_id!r}")
+    reason = stored_text((reason or "").strip(), "'reason'", "reason", limit=1000) or \
+        f"status set to {status} by {by}"
+    await ensure_schema(engine)
+    now = now_ts()
+    async with engine.begin() as conn:
+        await _lock(conn, account_id)
+        before = await _status(conn, account_id)
+        if before is None:
+            raise NotFound(f"no account {account_id!r}")
+        await write_account(conn, account_id, values)
+        rows = (await conn.execute(text(
+            "SELECT * FROM policy_actions WHERE account_id = :a AND action = 'suspend'"
+            " AND revoked_at IS NULL"), {"a": account_id})).all()
+        active = [a for a in (Action.from_row(r) for r in rows) if a.active_at(now)]
+        if status == "suspended":
+            if any(a.source == "analyst" and a.expires_at is None for a in active):
+                return []
+            item = Action(action_id=new_id("act"), account_id=account_id, action="suspend",
+                          reason=reason, source="analyst", caused_by=f"analyst:{by}",
+                          actor=by, created_at=now, expires_at=None, updated_at=now)
+            await _record(conn, item, event_source)
+            return [item]
+        lifted = []
+        for item in active:
+            if await _lift(conn, item, by=by, reason=reason, at=now,
+                           event=f"{event_source}:account:revoke", set_status=False):
+                lifted.append(item)
+        if lifted or before != "active":
+            await record_in(conn, AuditEvent(
+                name=f"{event_source}:account:reinstate", subject=f"account:{account_id}",
+                actor=by, reason=reason,
+                detail={"lifted": [a.action_id for a in lifted], "status": "active"}))
+        return lifted
 
 
 async def expire_due(engine: AsyncEngine, *, set_status: bool = True,

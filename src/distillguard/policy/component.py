@@ -17,8 +17,10 @@ from distillguard.config import validate_section
 from distillguard.errors import ConfigError
 
 if TYPE_CHECKING:
+    from distillguard.components import StatusKeeper
     from distillguard.config import Settings
     from distillguard.serve import Extension
+    from distillguard.store import StateStore
 
 
 class PolicySettings(BaseModel):
@@ -43,6 +45,30 @@ def policy_tiers(settings: Settings) -> list[str]:
         return load_document(ps.file).tier_order if ps.enabled else []
     except ConfigError:
         return []
+
+
+def status_keeper(settings: Settings) -> StatusKeeper | None:
+    """For :data:`distillguard.components.STATUS_KEEPERS`: the action ladder keeps an
+    account's status when the component is on and its suspensions set the status
+    (``actions.suspend_sets_account_status``), as the running policy says (the process's
+    :func:`~distillguard.policy.compiled.shared_holder`, read from the file in a command)."""
+    from distillguard.policy.compiled import shared_holder
+
+    ps = parse_settings(settings.extensions.get("policy"))
+    if not ps.enabled or not \
+            shared_holder(ps.file).current.document.actions.suspend_sets_account_status:
+        return None
+    return keep_status
+
+
+async def keep_status(store: StateStore, account_id: str, changes: dict[str, Any], *,
+                      actor: str, reason: str | None, channel: str) -> None:
+    """A :class:`~distillguard.components.StatusKeeper`: the status by hand on the ladder
+    (:func:`distillguard.policy.actions.update_account`)."""
+    from distillguard.policy.actions import update_account
+
+    await update_account(store.engine,  # type: ignore[attr-defined]
+                         account_id, changes, by=actor, reason=reason, event_source=channel)
 
 
 def component(settings: Settings) -> Extension | None:
