@@ -20,6 +20,7 @@ from tests.factories import (
     make_settings,
     new_api_key,
     start_recorded_stack,
+    start_stack,
 )
 from tests.fault_upstream import FaultyUpstreamThread
 
@@ -324,3 +325,50 @@ def test_a_client_that_stops_sending_is_disconnected_but_a_slow_answer_is_not(
             assert r.status_code == 200, r.text
         finally:
             stack.stop()
+
+
+def _trickle(port: int, first: bytes, line: bytes, every_s: float, limit_s: float
+             ) -> tuple[float, bytes]:
+    """Send ``first``, then ``line`` every ``every_s`` until the gateway closes the
+    connection or ``limit_s`` passes; returns how long it stayed open and what came."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=every_s) as conn:
+        conn.sendall(first)
+        began = time.monotonic()
+        got = b""
+        while time.monotonic() - began < limit_s:
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                try:
+                    conn.sendall(line)
+                except OSError:        # closed meanwhile
+                    break
+                continue
+            if not data:
+                break
+            got += data
+        return time.monotonic() - began, got
+
+
+def test_a_request_head_that_trickles_in_is_cut_off(tmp_path: Path) -> None:
+    """Slowloris proper: a partial request head, then a header line every few seconds.
+    Each line re-armed the read timeout, so such a connection stayed open as long as
+    the lines came (20 s and counting, with a timeout of 1 s). A head must now come whole
+    within server.read_timeout_s of its first byte, pipelined behind a request or not."""
+    settings = make_settings(tmp_path, server={"read_timeout_s": 1.0})
+    stack = start_stack(settings)
+    try:
+        port = settings.server.port
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        open_s, got = _trickle(port, head, b"X-a: b\r\n", 0.3, 20)
+        assert open_s < 5 and got == b"", (open_s, got)
+        # behind a whole request on the same connection: that one is answered first
+        open_s, got = _trickle(port, head + b"\r\n" + head, b"X-a: b\r\n", 0.3, 20)
+        assert open_s < 5 and got.count(b"HTTP/1.1 200") == 1, (open_s, got)
+        # a head that comes whole in time, line by line, is served
+        open_s, got = _trickle(port, head, b"\r\n", 0.3, 2)
+        assert got.startswith(b"HTTP/1.1 200"), got
+    finally:
+        stack.stop()

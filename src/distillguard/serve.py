@@ -65,12 +65,14 @@ def listen(host: str, port: int, what: str) -> socket.socket:
 def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (the one ``http="auto"`` picks), with two changes.
 
-    A client that leaves a request unfinished, sending none of it or part of its headers
-    or body and then nothing for ``read_timeout_s``, is disconnected (nginx's
-    client_header_timeout and client_body_timeout). uvicorn waits for it for ever: a
-    few thousand such connections (slowloris) hold as many sockets and requests open. A
-    request whose body has arrived is never timed out here, however long its answer
-    takes; nor is an idle connection between requests (``timeout_keep_alive`` closes it).
+    A client that is slow to send a request is disconnected, as nginx does: a request's
+    head (request line and headers) must arrive whole within ``read_timeout_s`` of its
+    first byte (client_header_timeout), and its body must not pause for
+    ``read_timeout_s`` (client_body_timeout). uvicorn waits for ever: a few thousand
+    connections that send part of a request and then nothing, or a header line every few
+    seconds (slowloris), hold as many sockets and requests open. A request whose body
+    has arrived is never timed out here, however long its answer takes; nor is an idle
+    connection between requests (``timeout_keep_alive`` closes it).
 
     At shutdown an idle TLS connection is aborted rather than closed. Closing it sends
     TLS close_notify and waits for the peer's, up to 30 s (asyncio's SSL shutdown
@@ -81,6 +83,9 @@ def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
 
     class HTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
         _last_read = 0.0
+        # When the head of the request now arriving began (None: no head is arriving).
+        # uvicorn makes a new cycle when a head is whole, pipelined ones included.
+        _head_began: float | None = None
         _read_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,7 +94,12 @@ def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
 
         def data_received(self, data: bytes) -> None:
             self._await_client()
+            cycle = self.cycle
+            if self._head_began is None and (cycle is None or cycle.response_complete):
+                self._head_began = self._last_read
             super().data_received(data)
+            if self.cycle is not cycle:          # a head came whole
+                self._head_began = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._read_timer is not None:
@@ -108,12 +118,16 @@ def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
             sending = cycle is not None and cycle.more_body and not cycle.response_started
             if self.transport.is_closing() or not (between or sending):
                 return                 # the request is whole: its answer may take long
-            left = self._last_read + read_timeout_s - self.loop.time()
+            now = self.loop.time()
+            left = self._last_read + read_timeout_s - now
             if self.flow.read_paused:  # the app has not taken the body yet: ours to wait
                 left = read_timeout_s
+            if between and self._head_began is not None:   # a head, however it trickles
+                left = min(left, self._head_began + read_timeout_s - now)
             if left > 0:
                 self._read_timer = self.loop.call_later(left, self._check_client)
-            elif between and cycle is not None and self.timeout_keep_alive_task is not None:
+            elif (between and self._head_began is None and cycle is not None
+                  and self.timeout_keep_alive_task is not None):
                 return                 # idle between requests: the keep-alive timer's
             else:
                 self.transport.close()
