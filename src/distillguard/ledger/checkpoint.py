@@ -19,6 +19,7 @@ use the signed-note encodings: the verifier (public) key is
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
@@ -213,31 +214,30 @@ def load_or_create_key(path: Path, name: str, *, create: bool = True) -> SignerK
         return SignerKey.parse(path.read_text())
     if not create:
         raise CheckpointError(f"no ledger signing key at {path} (run distillguard ledger keygen)")
-    key = SignerKey.generate(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _write_private(path, key)
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        return SignerKey.parse(path.read_text())
-    finally:
-        os.unlink(temporary)
-    write_atomically(public_path(path), (key.verifier.encode() + "\n").encode())
-    return key
+    return _install_new_key(path, name, replace=False)
 
 
 def replace_key(path: Path, name: str) -> SignerKey:
     """A new signer key at ``path`` in place of the one there (renamed over it, so a
     reader finds the old key or the new one, whole), its verifier key at ``<path>.pub``.
     Keeping the old public key is the caller's part (:mod:`distillguard.ledger.rotation`)."""
+    return _install_new_key(path, name, replace=True)
+
+
+def _install_new_key(path: Path, name: str, *, replace: bool) -> SignerKey:
+    """A new signer key, written whole to a temporary file and then put at ``path``:
+    renamed over what is there (``replace``), or linked into place only if the place is
+    free (else the key already there is returned); its verifier key at ``<path>.pub``."""
     key = SignerKey.generate(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _write_private(path, key)
     try:
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        (os.replace if replace else os.link)(temporary, path)
+    except FileExistsError:          # linking only: another process's key is in place
+        return SignerKey.parse(path.read_text())
+    finally:
+        with contextlib.suppress(FileNotFoundError):    # renamed away: nothing left
+            os.unlink(temporary)
     write_atomically(public_path(path), (key.verifier.encode() + "\n").encode())
     return key
 
