@@ -105,6 +105,30 @@ def make_ledger(folder: Path, entries: int, *, checkpoint_every: int | None = No
     return ledger
 
 
+def read_leaf(db: Any, idx: int) -> dict[str, Any]:
+    """Ledger entry ``idx``'s leaf, from a sqlite3 connection to a SQLite ledger."""
+    import orjson
+
+    (raw,) = db.execute("SELECT leaf FROM ledger_entries WHERE idx = ?", (idx,)).fetchone()
+    leaf: dict[str, Any] = orjson.loads(raw)
+    return leaf
+
+
+def forge_leaf(db: Any, idx: int, leaf: dict[str, Any], *, rehash: bool = True) -> None:
+    """Overwrite entry ``idx``'s leaf as someone with write access to the database would:
+    with its hash recomputed (``rehash``), or leaving the old hash beside it."""
+    import orjson
+
+    from distillguard.ledger import merkle
+
+    raw = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
+    if rehash:
+        db.execute("UPDATE ledger_entries SET leaf = ?, leaf_hash = ? WHERE idx = ?",
+                   (raw, merkle.leaf_hash(raw), idx))
+    else:
+        db.execute("UPDATE ledger_entries SET leaf = ? WHERE idx = ?", (raw, idx))
+
+
 def start_stack(settings: Settings, **kwargs: Any) -> StackThread:
     return StackThread(Stack(settings, **kwargs)).start()
 

@@ -27,7 +27,7 @@ from distillguard.ledger.checkpoint import (
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.verify import verify_ledger
-from tests.factories import make_exchange, make_ledger
+from tests.factories import forge_leaf, make_exchange, make_ledger, read_leaf
 
 ORIGIN = "distillguard/ledger"
 N = 30  # entries before the rotation, signed every 10
@@ -173,18 +173,9 @@ def test_a_checkpoint_by_an_unknown_key_is_its_own_problem(world: World) -> None
 def test_tampering_after_a_rotation_is_still_tampering(world: World) -> None:
     db = world.db()
     # an entry the retired key's checkpoints cover, rewritten with its hash: mismatch
-    (raw,) = db.execute("SELECT leaf FROM ledger_entries WHERE idx = 15").fetchone()
-    leaf = orjson.loads(raw)
-    leaf["model"] = "forged"
-    raw = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
-    db.execute("UPDATE ledger_entries SET leaf = ?, leaf_hash = ? WHERE idx = 15",
-               (raw, merkle.leaf_hash(raw)))
+    forge_leaf(db, 15, {**read_leaf(db, 15), "model": "forged"})
     # an entry only the new key's checkpoint covers, changed without its hash
-    (raw,) = db.execute("SELECT leaf FROM ledger_entries WHERE idx = 35").fetchone()
-    leaf = orjson.loads(raw)
-    leaf["status"] = 500
-    db.execute("UPDATE ledger_entries SET leaf = ? WHERE idx = 35",
-               (orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS),))
+    forge_leaf(db, 35, {**read_leaf(db, 35), "status": 500}, rehash=False)
     db.close()
     result = world.verify("--json")
     assert result.exit_code == 1

@@ -16,7 +16,7 @@ from distillguard.ledger import entry, merkle
 from distillguard.ledger.checkpoint import Checkpoint, load_or_create_key
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig
-from tests.factories import make_exchange
+from tests.factories import forge_leaf, make_exchange, read_leaf
 
 WARNING = "is the one kept beside the ledger's signing key"
 
@@ -40,12 +40,7 @@ def _rewrite_and_sign_again(config: LedgerConfig, kept: Path) -> None:
     db = sqlite3.connect(config.url[len("sqlite:///"):], isolation_level=None)
     db.execute("DELETE FROM ledger_entries WHERE idx >= 10")
     db.execute("DELETE FROM ledger_checkpoints")
-    (raw,) = db.execute("SELECT leaf FROM ledger_entries WHERE idx = 5").fetchone()
-    leaf = orjson.loads(raw)
-    leaf["model"] = "evil"
-    raw = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
-    db.execute("UPDATE ledger_entries SET leaf = ?, leaf_hash = ? WHERE idx = 5",
-               (raw, merkle.leaf_hash(raw)))
+    forge_leaf(db, 5, {**read_leaf(db, 5), "model": "evil"})
     config.key_path.unlink()
     config.key_path.with_name("ledger.key.pub").unlink()
     key = load_or_create_key(config.key_path, "distillguard/ledger")

@@ -18,7 +18,7 @@ from distillguard.ledger.checkpoint import Checkpoint, SignerKey
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.verify import Report, verify_ledger
-from tests.factories import make_exchange, make_ledger
+from tests.factories import forge_leaf, make_exchange, make_ledger, read_leaf
 
 N = 40
 
@@ -36,20 +36,6 @@ def _db(lg: Ledger) -> sqlite3.Connection:
 
 def _verify(lg: Ledger) -> Report:
     return verify_ledger(lg.store, lg.verifier)
-
-
-def _leaf(db: sqlite3.Connection, idx: int) -> dict:
-    (raw,) = db.execute("SELECT leaf FROM ledger_entries WHERE idx = ?", (idx,)).fetchone()
-    return orjson.loads(raw)
-
-
-def _put(db: sqlite3.Connection, idx: int, leaf: dict, *, rehash: bool = True) -> None:
-    raw = orjson.dumps(leaf, option=orjson.OPT_SORT_KEYS)
-    if rehash:
-        db.execute("UPDATE ledger_entries SET leaf = ?, leaf_hash = ? WHERE idx = ?",
-                   (raw, merkle.leaf_hash(raw), idx))
-    else:
-        db.execute("UPDATE ledger_entries SET leaf = ? WHERE idx = ?", (raw, idx))
 
 
 def _problem(report: Report) -> tuple[str, int | None]:
@@ -73,18 +59,18 @@ def test_honest_ledger_verifies_with_and_without_bodies(ledger: Ledger) -> None:
 
 def test_modified_entry(ledger: Ledger) -> None:
     db = _db(ledger)
-    leaf = _leaf(db, 12)
+    leaf = read_leaf(db, 12)
     leaf["account_id"] = "someone_else"
-    _put(db, 12, leaf, rehash=False)
+    forge_leaf(db, 12, leaf, rehash=False)
     assert _problem(_verify(ledger)) == ("modified", 12)
 
 
 def test_modified_entry_with_its_hash_recomputed(ledger: Ledger) -> None:
     """Rewriting the stored hash too only moves the evidence to the checkpoints."""
     db = _db(ledger)
-    leaf = _leaf(db, 25)
+    leaf = read_leaf(db, 25)
     leaf["status"] = 403
-    _put(db, 25, leaf)
+    forge_leaf(db, 25, leaf)
     report = _verify(ledger)
     kind, first = _problem(report)
     assert kind == "checkpoint-mismatch" and first == 20  # between checkpoints 20 and 30
@@ -181,9 +167,9 @@ def test_cli_verify_names_the_first_bad_entry(ledger: Ledger, tmp_path: Path) ->
     assert ok.exit_code == 0 and "ok" in ok.output, ok.output
     # an attacker who also drops the stored checkpoints is caught by the one kept apart
     db = _db(ledger)
-    leaf = _leaf(db, 31)
+    leaf = read_leaf(db, 31)
     leaf["client_ip"] = "198.51.100.1"
-    _put(db, 31, leaf)
+    forge_leaf(db, 31, leaf)
     db.execute("DELETE FROM ledger_checkpoints")
     bad = runner.invoke(main, ["-c", str(config), "ledger", "verify",
                                "--checkpoint", str(saved), "--json"])
@@ -228,9 +214,9 @@ def test_an_export_names_an_entry_rewritten_with_its_hash(ledger: Ledger,
     export = tmp_path / "kept.parquet"
     export_parquet(ledger, export, start=10, end=40)
     db = _db(ledger)
-    leaf = _leaf(db, 25)
+    leaf = read_leaf(db, 25)
     leaf["status"] = 403
-    _put(db, 25, leaf)
+    forge_leaf(db, 25, leaf)
     assert ledger.verifier is not None
     reference = dict(verified_rows(export, ledger.verifier))
     assert sorted(reference) == list(range(10, 40))
