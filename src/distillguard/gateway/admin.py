@@ -17,6 +17,9 @@ Routes (documented in docs/admin-api.md)::
     POST   /admin/v1/accounts/{id}/keys                new key; the secret is in this answer only
     DELETE /admin/v1/keys/{key_id}                     revoke a key
 
+An ``{id}`` is one percent-encoded path segment, ``quote(id, safe="")``: an account id may
+hold ``/``, so these routes match the path as the client sent it (:mod:`.adminpaths`).
+
 Other components add their routes through :attr:`AdminAPI.routes` before the app is built.
 """
 
@@ -44,6 +47,7 @@ from distillguard.errors import (
 )
 from distillguard.exchange import MAX_JSON_DEPTH, MAX_JSON_INT, nested_deeper_than
 from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
+from distillguard.gateway.adminpaths import IdRoute
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, key_expiry
@@ -99,15 +103,16 @@ class AdminAPI:
                   methods=["POST"]),
             Route("/admin/v1/accounts/export", self.guard(self.export_accounts),
                   methods=["GET"]),
-            Route("/admin/v1/accounts/{account_id}", self.guard(self.get_account),
-                  methods=["GET"]),
-            Route("/admin/v1/accounts/{account_id}", self.guard(self.update_account),
-                  methods=["PATCH"]),
-            Route("/admin/v1/accounts/{account_id}/keys", self.guard(self.list_keys),
-                  methods=["GET"]),
-            Route("/admin/v1/accounts/{account_id}/keys", self.guard(self.create_key),
-                  methods=["POST"]),
-            Route("/admin/v1/keys/{key_id}", self.guard(self.revoke_key), methods=["DELETE"]),
+            IdRoute("/admin/v1/accounts/{account_id}", self.guard(self.get_account),
+                    methods=["GET"]),
+            IdRoute("/admin/v1/accounts/{account_id}", self.guard(self.update_account),
+                    methods=["PATCH"]),
+            IdRoute("/admin/v1/accounts/{account_id}/keys", self.guard(self.list_keys),
+                    methods=["GET"]),
+            IdRoute("/admin/v1/accounts/{account_id}/keys", self.guard(self.create_key),
+                    methods=["POST"]),
+            IdRoute("/admin/v1/keys/{key_id}", self.guard(self.revoke_key),
+                    methods=["DELETE"]),
         ]
 
     def guard(self, handler: Handler) -> Handler:

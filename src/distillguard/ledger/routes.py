@@ -28,6 +28,7 @@ from distillguard.errors import (
     NotFoundError,
 )
 from distillguard.gateway.adminauth import check_admin
+from distillguard.gateway.adminpaths import IdRoute
 from distillguard.ledger import entry
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.merkle import ProofError
@@ -122,7 +123,7 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
     return [
         Route(f"{PREFIX}/checkpoint", get_checkpoint, methods=["GET", "POST"]),
         Route(f"{PREFIX}/key", get_key, methods=["GET"]),
-        Route(f"{PREFIX}/proof/{{ref}}", get_proof, methods=["GET"]),
+        IdRoute(f"{PREFIX}/proof/{{ref}}", get_proof, methods=["GET"]),
         Route(f"{PREFIX}/consistency", get_consistency, methods=["GET"]),
-        Route(f"{PREFIX}/entries/{{ref}}", get_entry, methods=["GET"]),
+        IdRoute(f"{PREFIX}/entries/{{ref}}", get_entry, methods=["GET"]),
     ]

@@ -32,6 +32,7 @@ from distillguard.config import Settings
 from distillguard.errors import NotFoundError, Unprocessable, message_of
 from distillguard.gateway.admin import admin_actor, json_body, json_response
 from distillguard.gateway.adminauth import check_admin
+from distillguard.gateway.adminpaths import IdRoute
 from distillguard.policy import audit
 from distillguard.policy.actions import list_actions
 from distillguard.policy.review import list_items
@@ -85,8 +86,8 @@ class PolicyAdmin:
             Route("/admin/v1/policy/screen", g(self.screen), methods=["POST"]),
             Route("/admin/v1/policy/audit", g(self.audit), methods=["GET"]),
             Route("/admin/v1/review", g(self.review_list), methods=["GET"]),
-            Route("/admin/v1/review/{item_id}", g(self.review_get), methods=["GET"]),
-            Route("/admin/v1/review/{item_id}", g(self.review_decide), methods=["POST"]),
+            IdRoute("/admin/v1/review/{item_id}", g(self.review_get), methods=["GET"]),
+            IdRoute("/admin/v1/review/{item_id}", g(self.review_decide), methods=["POST"]),
         ]
 
     @staticmethod
