@@ -25,6 +25,7 @@ import openai
 import yaml
 
 from distillguard.config import load_settings
+from distillguard.gateway.adminpaths import id_segment
 from distillguard.serve import Stack, StackThread
 
 # (title, "module:function"): each step is called with the running StackThread, the demo
@@ -104,12 +105,13 @@ def run_demo(workdir: str, *, minutes: float = 1.0, seed: int = 7,
         keys: dict[str, str] = {}
         for i in range(5):
             account_id = f"demo_{i}"
-            r = admin.get(f"/admin/v1/accounts/{account_id}")
+            r = admin.get(f"/admin/v1/accounts/{id_segment(account_id)}")
             if r.status_code == 404:
                 admin.post("/admin/v1/accounts", json={
                     "account_id": account_id, "org": f"Demo Org {i}", "country": "DE",
                     "tier": "standard", "payment_fingerprint": f"pf_demo{i}"}).raise_for_status()
-            r = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "demo"})
+            r = admin.post(f"/admin/v1/accounts/{id_segment(account_id)}/keys",
+                           json={"name": "demo"})
             r.raise_for_status()
             keys[account_id] = r.json()["key"]
         rng = random.Random(seed)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 import orjson
 
+from distillguard.gateway.adminpaths import id_segment
 from distillguard.ledger.checkpoint import VerifierKey
 from distillguard.ledger.verifier import verify_inclusion_bundle
 from distillguard.ledger.verify import verify_ledger
@@ -26,7 +27,7 @@ def step(stack: StackThread, folder: Path, context: dict[str, Any]) -> None:
     (folder / "ledger.pub").write_text(key.encode() + "\n")
     last = admin.get(f"/admin/v1/ledger/entries/{checkpoint['tree_size'] - 1}").json()
     ref = last["entry"].get("exchange_id") or last["entry"].get("id")
-    proof = admin.get(f"/admin/v1/ledger/proof/{ref}").json()
+    proof = admin.get(f"/admin/v1/ledger/proof/{id_segment(ref)}").json()
     (folder / "proof.json").write_bytes(orjson.dumps(proof, option=orjson.OPT_INDENT_2))
     verify_inclusion_bundle(proof, key)
     click.echo(f"inclusion proof of {ref} (leaf {proof['leaf_index']}, "

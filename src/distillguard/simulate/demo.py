@@ -31,6 +31,7 @@ import httpx
 import openai
 import orjson
 
+from distillguard.gateway.adminpaths import id_segment
 from distillguard.serve import StackThread
 from distillguard.simulate import simulate
 from distillguard.traceio import iter_jsonl
@@ -110,7 +111,8 @@ def step(stack: StackThread, folder: Path, context: dict[str, Any]) -> None:
     admin.post("/admin/v1/accounts/import", content=accounts.read_bytes()).raise_for_status()
     keys = {}
     for account_id in population:
-        r = admin.post(f"/admin/v1/accounts/{account_id}/keys", json={"name": "replay"})
+        r = admin.post(f"/admin/v1/accounts/{id_segment(account_id)}/keys",
+                       json={"name": "replay"})
         r.raise_for_status()
         keys[account_id] = r.json()["key"]
     statuses = _replay(stack, trace, keys, population)
