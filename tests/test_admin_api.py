@@ -118,6 +118,37 @@ def test_an_unknown_route_or_method_is_an_api_error(stack: StackThread,
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
 
 
+SLASH_VARIANTS = ("/admin/v1/accounts/", "/admin/v1/accounts/a/", "/admin/v1/accounts/a/keys/",
+                  "/admin/v1/keys/k/", "/admin/v1/policy/", "/admin/v1/review/",
+                  "/admin/v1/ledger/key/", "/admin/v1/accounts/export/", "/admin/v1/")
+
+
+def test_no_redirect_takes_its_host_from_the_host_header(stack: StackThread,
+                                                         admin: httpx.Client) -> None:
+    """GET /admin/v1/accounts/ was answered by Starlette's router with a 307 to
+    http://<Host>/admin/v1/accounts, the Host header's value: a forged Host redirected
+    the client to another site. A path with a final slash too many or too few is an
+    unknown path, in the API's error format; the public API (a catch-all route) never
+    redirected and does not now."""
+    admin.post("/admin/v1/accounts", json={"account_id": "a"}).raise_for_status()
+    forged = {"host": "evil.example"}
+    for path in SLASH_VARIANTS:
+        for method in ("GET", "POST", "PATCH", "DELETE"):
+            r = admin.request(method, path, headers=forged)
+            assert "location" not in r.headers and r.status_code == 404, (method, path, r.text)
+            assert r.json()["error"]["code"] == "unknown_url", (method, path, r.text)
+    for path in ("/v1/models/", "/v1/chat/completions/", "/v1/embeddings/", "/health/",
+                 "/metrics/", "/ready/", "/v1/"):
+        for method in ("GET", "POST"):
+            r = httpx.request(method, stack.stack.base_url.removesuffix("/v1") + path,
+                              headers=forged)
+            assert "location" not in r.headers and r.status_code in (401, 404), (
+                method, path, r.text)
+    # the routes themselves are unchanged
+    assert admin.get("/admin/v1/accounts", headers=forged).status_code == 200
+    assert admin.get("/admin/v1/accounts/a/keys", headers=forged).status_code == 200
+
+
 def test_accounts_and_keys_life_cycle(stack: StackThread, admin: httpx.Client) -> None:
     r = admin.post("/admin/v1/accounts", json={
         "account_id": "acct_17", "created_at": "2026-02-20T09:00:00Z", "org": "Acme Ltd",

@@ -19,6 +19,7 @@ Routes (documented in docs/admin-api.md)::
 
 An ``{id}`` is one percent-encoded path segment, ``quote(id, safe="")``: an account id may
 hold ``/``, so these routes match the path as the client sent it (:mod:`.adminpaths`).
+No route redirects, not even to the same path with or without a final slash.
 
 Other components add their routes through :attr:`AdminAPI.routes` before the app is built.
 """
@@ -137,6 +138,10 @@ class AdminAPI:
     def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
         app = Starlette(routes=[*self.routes, *(extra_routes or [])],
                         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
+        # No redirect to the path with or without a final slash: Starlette builds its
+        # address from the request's Host header, so a forged Host redirected to another
+        # site. Such a path is an unknown one (404, unknown_url), as on the public API.
+        app.router.redirect_slashes = False
         # one count of failed authentications for every route of this app (check_admin)
         app.state.failed_auth = FailedAuthThrottle(
             self.gateway.settings.admin.failed_auth_per_minute, self.gateway.counters,
