@@ -202,6 +202,35 @@ def test_authentication_permissions_and_error_bodies(served: tuple[StackThread, 
         assert nul.headers["content-type"] == MEDIA
 
 
+def test_no_redirect_takes_its_host_from_the_host_header(served: tuple[StackThread, Path]
+                                                         ) -> None:
+    """An address without its final slash (/taxii2, /taxii2/distillguard) was answered by
+    Starlette with a 307 to http://<Host>/taxii2/..., the Host header's value: a forged
+    Host redirected the client to another site, on the admin port and with ``share
+    serve``. Every TAXII address ends with "/"; one without it is a 404, no redirect."""
+    from starlette.testclient import TestClient
+
+    from distillguard.sharing.settings import parse_sharing_settings
+    from distillguard.sharing.taxii import TaxiiServer
+
+    running, _ = served
+    forged = {"host": "evil.example", "accept": MEDIA}
+    paths = ("/taxii2", "/taxii2/distillguard", "/taxii2/distillguard/collections",
+             f"/taxii2/distillguard/collections/{OUT}/objects")
+    for path in paths:
+        r = httpx.get(running.stack.admin_url + path, headers=forged,
+                      auth=("globex", SECRET["globex"]))
+        assert r.status_code == 404 and "location" not in r.headers, (path, r.text)
+    alone = TaxiiServer(parse_sharing_settings(world.sharing_section()), lambda: None)
+    with TestClient(alone.app(), base_url="http://evil.example") as client:
+        for path in paths:
+            r = client.get(path, follow_redirects=False, auth=("globex", SECRET["globex"]))
+            assert r.status_code == 404 and "location" not in r.headers, (path, r.text)
+    r = httpx.get(running.stack.admin_url + "/taxii2/", headers=forged,
+                  auth=("globex", SECRET["globex"]))
+    assert r.status_code == 200 and r.json()["api_roots"]
+
+
 def test_an_unexpected_failure_is_a_taxii_error(served: tuple[StackThread, Path],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A TAXII client reads TAXII error bodies; a failure inside the server answered the

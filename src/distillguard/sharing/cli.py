@@ -284,8 +284,7 @@ def serve_cmd(ctx: Context, host: str, port: int) -> None:
         yield
         await state.close()
 
-    app = Starlette(routes=list(TaxiiServer(options, lambda: engine).routes()),
-                    lifespan=lifespan)
+    app = TaxiiServer(options, lambda: engine).app(lifespan)
     click.echo(f"TAXII 2.1 server on http://{authority(host, port)}/taxii2/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

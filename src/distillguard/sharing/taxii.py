@@ -30,7 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
+from starlette.types import Lifespan
 
 from distillguard.gateway.adminauth import throttle_of
 from distillguard.sharing import taxiistore
@@ -88,9 +89,12 @@ class TaxiiServer:
     # -- plumbing -------------------------------------------------------------------------
 
     def routes(self) -> list[Mount]:
+        """The server under ``/taxii2``. Every TAXII address ends with "/"; one without
+        it is not redirected there, as Starlette would by an address built from the
+        request's Host header (a forged Host redirected to another site)."""
         root = "/{api_root}"
         col = root + "/collections/{collection_id}"
-        return [Mount("/taxii2", routes=[
+        return [Mount("/taxii2", app=Router(redirect_slashes=False, routes=[
             Route("/", self._wrap(self.discovery)),
             Route(root + "/", self._wrap(self.api_root)),
             Route(root + "/status/{status_id}/", self._wrap(self.status)),
@@ -101,10 +105,13 @@ class TaxiiServer:
             Route(col + "/objects/", self._wrap(self.add_objects), methods=["POST"]),
             Route(col + "/objects/{object_id}/", self._wrap(self.get_object)),
             Route(col + "/objects/{object_id}/versions/", self._wrap(self.versions)),
-        ])]
+        ]))]
 
-    def app(self) -> Starlette:
-        return Starlette(routes=list(self.routes()))
+    def app(self, lifespan: Lifespan[Starlette] | None = None) -> Starlette:
+        """The TAXII server alone (``distillguard share serve``)."""
+        app = Starlette(routes=list(self.routes()), lifespan=lifespan)
+        app.router.redirect_slashes = False  # /taxii2 is not sent to <Host>/taxii2/
+        return app
 
     def _wrap(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
         async def endpoint(request: Request) -> Response:
