@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from click.testing import CliRunner, Result
@@ -25,9 +26,20 @@ from distillguard.ledger.checkpoint import (
     open_checkpoint,
 )
 from distillguard.ledger.core import Ledger
-from distillguard.ledger.settings import LedgerConfig
+from distillguard.ledger.keyring import parse_retired_keys
+from distillguard.ledger.rotation import rotate_key
+from distillguard.ledger.settings import LedgerConfig, parse_settings
 from distillguard.ledger.verify import verify_ledger
-from tests.factories import forge_leaf, make_exchange, make_ledger, read_leaf
+from distillguard.ledger.writer import writer_for
+from tests.factories import (
+    ADMIN_TOKEN,
+    forge_leaf,
+    make_exchange,
+    make_ledger,
+    make_settings,
+    read_leaf,
+    start_stack,
+)
 
 ORIGIN = "distillguard/ledger"
 N = 30  # entries before the rotation, signed every 10
@@ -322,3 +334,58 @@ def test_keygen_without_a_ledger_and_the_retired_keys_format(tmp_path: Path) -> 
                       ("x+y+z 3", "line 1: verifier key")):
         with pytest.raises(ValueError, match=says):
             parse_retired_keys(bad)
+
+
+def test_the_gateway_serves_the_retired_keys(tmp_path: Path) -> None:
+    """The admin API served only the current public key: an auditor who took the keys
+    from the gateway could not check the checkpoints signed before a rotation. It serves
+    the retired keys too, as the retired-keys file ``--retired-keys`` reads and as JSON."""
+    settings = make_settings(tmp_path)
+    stack = start_stack(settings)
+    try:
+        with httpx.Client(base_url=stack.stack.admin_url,
+                          headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+            writer = writer_for(settings)
+            for i in range(3):
+                stack.call(writer.append_event("policy:account:suspend", f"account:a{i}",
+                                               "ana", "test", {"i": i}))
+            assert admin.post("/admin/v1/ledger/checkpoint").json()["tree_size"] == 3
+            old = VerifierKey.parse(admin.get("/admin/v1/ledger/key").text)
+            empty = admin.get("/admin/v1/ledger/key/retired")
+            assert empty.status_code == 200 and parse_retired_keys(empty.text) == []
+            rotation = rotate_key(parse_settings(settings))   # ledger keygen --force
+            assert rotation.retired is not None and rotation.retired.key == old
+            stack.call(writer.append_event("policy:account:suspend", "account:a3", "ana",
+                                           "test", {"i": 3}))
+            assert admin.post("/admin/v1/ledger/checkpoint").json()["tree_size"] == 4
+            current = admin.get("/admin/v1/ledger/key")
+            retired = admin.get("/admin/v1/ledger/key/retired")
+            keys = admin.get("/admin/v1/ledger/keys")
+    finally:
+        stack.stop()
+    new = VerifierKey.parse(current.text)
+    assert new == rotation.key.verifier != old
+    assert retired.status_code == 200, retired.text
+    assert retired.headers["content-type"].startswith("text/plain")
+    assert retired.text.startswith("# ")
+    assert parse_retired_keys(retired.text) == [rotation.retired]
+    assert keys.status_code == 200, keys.text
+    assert keys.json() == {
+        "current": {"key": new.encode(), "name": ORIGIN, "key_id": new.key_id.hex()},
+        "retired": [{"key": old.encode(), "name": ORIGIN, "key_id": old.key_id.hex(),
+                     "tree_size": 3, "retired_at": rotation.retired.retired_at}]}
+    # the auditor, with what the gateway served and nothing else
+    current_pub, retired_pub = tmp_path / "current.pub", tmp_path / "retired.pub"
+    current_pub.write_text(current.text)
+    retired_pub.write_text(retired.text)
+    config = tmp_path / "dg.yaml"
+    config.write_text(f"ledger:\n  path: {tmp_path / 'ledger'}\n")
+    verify = ["-c", str(config), "ledger", "verify", "--key", str(current_pub), "--json"]
+    result = CliRunner().invoke(main, [*verify, "--retired-keys", str(retired_pub)])
+    assert result.exit_code == 0, result.output
+    doc = orjson.loads(result.output)
+    assert doc["verdict"] == "ok" and doc["checkpoints_matched"] == 3
+    assert doc["signed_by_retired_key"] == [
+        {"key": f"{ORIGIN}+{old.key_id.hex()}", "retired_at_size": 3, "checkpoints": 1}]
+    alone = orjson.loads(CliRunner().invoke(main, verify).output)
+    assert alone["verdict"] == "unverified"   # the old key's checkpoint, without it

@@ -25,7 +25,13 @@ from distillguard.ledger.checkpoint import (
     public_path,
 )
 from distillguard.ledger.entry import Pending
-from distillguard.ledger.keyring import KeyRing, read_retired_keys, retired_keys_path, signer_ids
+from distillguard.ledger.keyring import (
+    KeyRing,
+    RetiredKey,
+    read_retired_keys,
+    retired_keys_path,
+    signer_ids,
+)
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_store
 from distillguard.ledger.tree import MerkleTree
@@ -97,21 +103,27 @@ class Ledger:
         return VerifierKey.parse(pub.read_text()) if pub.exists() else None
 
     @property
-    def keyring(self) -> KeyRing | None:
-        """The keys the checkpoints in the store are checked with: :attr:`verifier` as the
-        current key, and the retired keys of ``ledger.retired_keys`` when the settings
-        name that file, else, when the verifier is the one beside the signing key, those
-        of the retired-keys file beside it (a verifier key kept apart is not paired with
-        retired keys that lie with the ledger). None: no key at all."""
-        current = self.verifier
-        retired = []
+    def retired_keys(self) -> list[RetiredKey]:
+        """The retired keys checkpoints are checked with, in the order of their file: those
+        of ``ledger.retired_keys`` when the settings name that file, else, when the
+        verifier is the one beside the signing key, those of the retired-keys file beside
+        it (a verifier key kept apart is not paired with retired keys that lie with the
+        ledger), else none."""
         if self.config.retired_keys is not None:
             if not self.config.retired_keys.exists():
                 raise CheckpointError(f"ledger.retired_keys {self.config.retired_keys}: "
                                       "no such file")
-            retired = read_retired_keys(self.config.retired_keys)
-        elif self.config.verifier_key is None:
-            retired = read_retired_keys(retired_keys_path(self.config.key_path))
+            return read_retired_keys(self.config.retired_keys)
+        if self.config.verifier_key is None:
+            return read_retired_keys(retired_keys_path(self.config.key_path))
+        return []
+
+    @property
+    def keyring(self) -> KeyRing | None:
+        """The keys the checkpoints in the store are checked with: :attr:`verifier` as the
+        current key and :attr:`retired_keys`. None: no key at all."""
+        current = self.verifier
+        retired = self.retired_keys
         if current is None and not retired:
             return None
         return KeyRing([current] if current is not None else [], retired)

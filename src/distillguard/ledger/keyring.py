@@ -96,12 +96,17 @@ def read_retired_keys(path: Path) -> list[RetiredKey]:
     return parse_retired_keys(text, str(path))
 
 
+def format_retired_keys(keys: Iterable[RetiredKey]) -> str:
+    """The text of a retired-keys file holding ``keys``, in that order (the header alone
+    when there are none): what :func:`parse_retired_keys` reads."""
+    return RETIRED_HEADER + "".join(r.encode() + "\n" for r in keys)
+
+
 def add_retired_key(path: Path, retired: RetiredKey) -> None:
     """Record ``retired`` in the retired-keys file at ``path`` (written whole, atomically);
     a record of the same key already there is replaced."""
     kept = [r for r in read_retired_keys(path) if r.key != retired.key]
-    lines = [r.encode() for r in [*kept, retired]]
-    write_atomically(path, (RETIRED_HEADER + "\n".join(lines) + "\n").encode())
+    write_atomically(path, format_retired_keys([*kept, retired]).encode())
 
 
 @dataclass(frozen=True)

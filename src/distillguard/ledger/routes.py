@@ -4,6 +4,9 @@
 ``GET  /admin/v1/ledger/checkpoint``     latest signed checkpoint (``?sign=1`` signs one)
 ``POST /admin/v1/ledger/checkpoint``     sign a checkpoint of the current tree now
 ``GET  /admin/v1/ledger/key``            the verifier (public) key, signed-note encoding
+``GET  /admin/v1/ledger/key/retired``    the retired keys, as a retired-keys file (what
+                                         ``ledger verify --retired-keys`` reads)
+``GET  /admin/v1/ledger/keys``           the current and the retired keys, JSON
 ``GET  /admin/v1/ledger/proof/{ref}``    inclusion proof of an entry (id or index) with
                                          a checkpoint that covers it (signed now if
                                          needed); ``?tree_size=N`` for an older tree
@@ -24,13 +27,16 @@ from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
 from distillguard.errors import (
+    APIError,
     InvalidRequest,
     NotFoundError,
 )
 from distillguard.gateway.adminauth import check_admin
 from distillguard.gateway.adminpaths import IdRoute
 from distillguard.ledger import entry
+from distillguard.ledger.checkpoint import CheckpointError, VerifierKey
 from distillguard.ledger.core import Ledger
+from distillguard.ledger.keyring import RetiredKey, format_retired_keys
 from distillguard.ledger.merkle import ProofError
 from distillguard.ledger.writer import LedgerWriter
 
@@ -46,6 +52,25 @@ def entry_json(row: Any) -> dict[str, Any]:
     if row.kind == entry.KIND_EXCHANGE:
         return {"kind": row.kind, "index": row.idx, "entry": entry.to_trace(row)}
     return {"kind": row.kind, "index": row.idx, "entry": entry.decode_leaf(row.leaf)}
+
+
+def key_json(key: VerifierKey) -> dict[str, Any]:
+    return {"key": key.encode(), "name": key.name, "key_id": key.key_id.hex()}
+
+
+def retired_key_json(retired: RetiredKey) -> dict[str, Any]:
+    return {**key_json(retired.key), "tree_size": retired.tree_size,
+            "retired_at": retired.retired_at or None}
+
+
+def _retired_keys(lg: Ledger) -> list[RetiredKey]:
+    """The retired keys the ledger's checkpoints are checked with (:attr:`Ledger.
+    retired_keys`); a file that cannot be read is the server's fault, named."""
+    try:
+        return lg.retired_keys
+    except (OSError, CheckpointError) as exc:
+        raise APIError(f"The ledger's retired keys cannot be read: {exc}",
+                       code="retired_keys_unreadable") from None
 
 
 def _int(request: Request, name: str) -> int | None:
@@ -82,6 +107,19 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
         if key is None:
             raise NotFoundError("The ledger has no key.", code="no_key")
         return PlainTextResponse(key.encode() + "\n")
+
+    async def get_retired(request: Request) -> Response:
+        await authenticate(request)
+        retired = await asyncio.to_thread(_retired_keys, await ledger())
+        return PlainTextResponse(format_retired_keys(retired))
+
+    async def get_keys(request: Request) -> Response:
+        await authenticate(request)
+        lg = await ledger()
+        current = await asyncio.to_thread(lambda: lg.verifier)
+        retired = await asyncio.to_thread(_retired_keys, lg)
+        return JSONResponse({"current": None if current is None else key_json(current),
+                             "retired": [retired_key_json(r) for r in retired]})
 
     async def get_proof(request: Request) -> Response:
         await authenticate(request)
@@ -123,6 +161,8 @@ def ledger_routes(writer: LedgerWriter, settings: Settings) -> list[BaseRoute]:
     return [
         Route(f"{PREFIX}/checkpoint", get_checkpoint, methods=["GET", "POST"]),
         Route(f"{PREFIX}/key", get_key, methods=["GET"]),
+        Route(f"{PREFIX}/key/retired", get_retired, methods=["GET"]),
+        Route(f"{PREFIX}/keys", get_keys, methods=["GET"]),
         IdRoute(f"{PREFIX}/proof/{{ref}}", get_proof, methods=["GET"]),
         Route(f"{PREFIX}/consistency", get_consistency, methods=["GET"]),
         IdRoute(f"{PREFIX}/entries/{{ref}}", get_entry, methods=["GET"]),
