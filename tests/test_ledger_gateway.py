@@ -107,6 +107,7 @@ def test_audit_events_share_the_gateway_ledger(stack: StackThread, admin: httpx.
     assert stack.call(view.exchange(exchange_id))["exchange_id"] == exchange_id
     checkpoint = stack.call(view.checkpoint())
     assert checkpoint["signature"] == "valid"
+    assert checkpoint["signed_by"] == f"{checkpoint['current_key']} (the current key)"
     verified = stack.call(view.verify())
     assert verified["ok"] and verified["entries"] >= 2, orjson.dumps(verified)
 

@@ -5,6 +5,7 @@ each checkpoint with the key its signature line names; real tampering is still c
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -24,9 +25,10 @@ from distillguard.ledger.checkpoint import (
     SignerKey,
     VerifierKey,
     open_checkpoint,
+    replace_key,
 )
 from distillguard.ledger.core import Ledger
-from distillguard.ledger.keyring import parse_retired_keys
+from distillguard.ledger.keyring import RetiredKey, add_retired_key, parse_retired_keys
 from distillguard.ledger.rotation import rotate_key
 from distillguard.ledger.settings import LedgerConfig, parse_settings
 from distillguard.ledger.verify import verify_ledger
@@ -389,3 +391,36 @@ def test_the_gateway_serves_the_retired_keys(tmp_path: Path) -> None:
         {"key": f"{ORIGIN}+{old.key_id.hex()}", "retired_at_size": 3, "checkpoints": 1}]
     alone = orjson.loads(CliRunner().invoke(main, verify).output)
     assert alone["verdict"] == "unverified"   # the old key's checkpoint, without it
+
+
+def test_the_dashboard_names_the_key_that_signed_the_checkpoint(tmp_path: Path) -> None:
+    """The ledger page showed the current key's id as the checkpoint's key even when the
+    checkpoint shown was signed by a retired key (a rotation that could not sign)."""
+    from distillguard.ledger.source import LedgerView
+    from tests.test_dashboard import login
+
+    folder = tmp_path / "ledger"
+    make_ledger(folder, 5).close()
+    old = SignerKey.parse((folder / "ledger.key").read_text()).verifier
+    add_retired_key(folder / RETIRED, RetiredKey(old, 5, "2026-03-01T00:00:00.000Z"))
+    new = replace_key(folder / "ledger.key", ORIGIN).verifier   # no checkpoint signed
+    old_id, new_id = f"{ORIGIN}+{old.key_id.hex()}", f"{ORIGIN}+{new.key_id.hex()}"
+    settings = make_settings(tmp_path)
+    stack = start_stack(settings)
+    try:
+        shown = stack.call(LedgerView(writer_for(settings)).checkpoint())
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+            login(client)
+            page = client.get("/ledger").text
+    finally:
+        stack.stop()
+    assert shown["signed_by"] == (f"{old_id} (a retired key, its checkpoints count up to "
+                                  "tree size 5)")
+    assert shown["signature"] == f"valid (retired key {old_id})"
+    assert shown["current_key"] == new_id
+    assert "key_id" not in shown
+    signed_by = re.search(r"<dt>signed by</dt><dd><code>([^<]*)</code>", page)
+    current = re.search(r"<dt>current key</dt><dd><code>([^<]*)</code>", page)
+    assert signed_by is not None and signed_by.group(1).startswith(old_id + " ")
+    assert current is not None and current.group(1) == new_id
+    assert page.count(new.key_id.hex()) == 1   # only as the current key

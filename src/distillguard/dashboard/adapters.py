@@ -91,8 +91,8 @@ class LedgerSource(Protocol):
     """What the pages need from the ledger."""
 
     async def checkpoint(self) -> dict[str, Any] | None:
-        """The latest checkpoint as display fields (tree size, root hash, time, key id,
-        signature status)."""
+        """The latest checkpoint as display fields (tree size, root hash, time, the key
+        that signed it, signature status, the current key)."""
         ...
 
     async def verify(self) -> dict[str, Any]:

@@ -17,12 +17,23 @@ import orjson
 from distillguard.config import Settings
 from distillguard.exchange import Exchange, format_ts
 from distillguard.ledger import entry
-from distillguard.ledger.checkpoint import CheckpointError
+from distillguard.ledger.checkpoint import CheckpointError, parse_checkpoint
 from distillguard.ledger.core import Ledger
+from distillguard.ledger.keyring import describe
 from distillguard.ledger.settings import parse_settings
 from distillguard.ledger.verifier import VerificationFailed, verify_inclusion_bundle
 from distillguard.ledger.verify import verify_ledger
 from distillguard.ledger.writer import LedgerWriter, writer_for
+
+
+def _signature_names(note: str) -> str:
+    """The keys a checkpoint's signature lines name (name and key id), whether or not
+    they verify."""
+    try:
+        signatures = parse_checkpoint(note)[1]
+    except CheckpointError:
+        return "unreadable signature lines"
+    return ", ".join(describe(name, key_id) for name, key_id, _ in signatures)
 
 
 class LedgerView:
@@ -45,19 +56,24 @@ class LedgerView:
         if cp is None:
             return None
         key = lg.verifier
+        current = describe(key.name, key.key_id) if key else "none (no public key)"
+        signed_by = _signature_names(cp.note)
         status = "no public key"
         try:
             ring = lg.keyring
             if ring is not None:
                 _, signer = ring.open(cp.note)
-                status = (f"valid (retired key {signer.describe()})" if signer.retired
-                          else "valid")
+                if signer.retired:
+                    signed_by = (f"{signer.describe()} (a retired key, its checkpoints "
+                                 f"count up to tree size {signer.retired_at_size})")
+                    status = f"valid (retired key {signer.describe()})"
+                else:
+                    signed_by, status = f"{signer.describe()} (the current key)", "valid"
         except CheckpointError as exc:
             status = f"INVALID: {exc}"
         return {"tree_size": cp.tree_size, "root_hash": cp.root_hash.hex(),
-                "time": cp.ts, "origin": lg.config.origin,
-                "key_id": key.key_id.hex() if key else None, "signature": status,
-                "entries_now": lg.size}
+                "time": cp.ts, "origin": lg.config.origin, "signed_by": signed_by,
+                "signature": status, "current_key": current, "entries_now": lg.size}
 
     async def verify(self) -> dict[str, Any]:
         lg = await self._ledger()
