@@ -5,6 +5,7 @@ events of other components share the ledger; the dashboard's view reads it."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Any
 
@@ -136,3 +137,34 @@ def test_dashboard_ledger_page_on_the_real_ledger(stack: StackThread, admin: htt
             assert time.monotonic() < deadline, page
             time.sleep(0.1)
         assert "FAILED" not in page
+
+
+def test_dashboard_proof_look_up_takes_the_id_as_given(stack: StackThread,
+                                                       admin: httpx.Client) -> None:
+    """The ledger page trimmed the exchange id and cut it at 100 characters: an id longer
+    than that, or with spaces around it, was not found, or the proof shown was another
+    exchange's. Ids are looked up as given, up to the longest id an exchange may have."""
+    from tests.factories import make_exchange
+    from tests.test_dashboard import login
+
+    writer = writer_for(stack.stack.settings)
+    long_id = "ex_" + "x" * 150
+    ids = [long_id[:100], long_id, "ex_padded", " ex_padded ", "ex_" + "y" * 253]
+    index = {}
+    for exchange_id in ids:
+        ex = make_exchange(f"prompt {exchange_id}")
+        ex.id = exchange_id
+        index[exchange_id] = stack.call(writer.append_exchange(ex))
+    admin.post("/admin/v1/ledger/checkpoint")
+    with httpx.Client(base_url=stack.stack.admin_url + "/dashboard") as client:
+        login(client)
+        for exchange_id in ids:
+            page = client.get("/ledger", params={"exchange_id": exchange_id}).text
+            assert "proof checks out" in page, (exchange_id, page)
+            leaf = re.search(r"<dt>leaf index</dt><dd><code>(\d+)</code>", page)
+            assert leaf is not None and int(leaf.group(1)) == index[exchange_id], exchange_id
+            assert f'value="{exchange_id}"' in page
+        too_long = client.get("/ledger", params={"exchange_id": "ex_" + "z" * 254}).text
+        assert "This exchange id is 257 characters long; exchange ids are at most 256" \
+            in too_long
+        assert "proof checks out" not in too_long

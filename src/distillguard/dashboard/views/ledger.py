@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from distillguard.dashboard.urls import page_url
+from distillguard.exchange import MAX_ID_CHARS
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
@@ -22,14 +23,19 @@ _RUNNING: dict[int, asyncio.Task[Any]] = {}
 
 async def page(dash: Dashboard, request: Request) -> Response:
     ledger = dash.sources.ledger
-    exchange_id = request.query_params.get("exchange_id", "").strip()[:100]
+    # looked up exactly as given: an id may hold spaces, and cutting or trimming it could
+    # name another exchange ("ex_a " is not "ex_a", nor " 42" entry 42)
+    exchange_id = request.query_params.get("exchange_id", "")
     checkpoint = proof = None
     error = None
     unreadable = None
+    if len(exchange_id) > MAX_ID_CHARS:
+        error = (f"This exchange id is {len(exchange_id)} characters long; exchange ids are "
+                 f"at most {MAX_ID_CHARS}, so no exchange has it.")
     if ledger is not None:
         try:
             checkpoint = await ledger.checkpoint()
-            if exchange_id:
+            if exchange_id and error is None:
                 try:
                     proof = await ledger.proof(exchange_id)
                 except LookupError as exc:
