@@ -1,6 +1,7 @@
 """The action ladder and an account's status: a suspension made outside the ladder (the
 admin API's PATCH, ``accounts update --status``, an import) is not undone when the
-ladder lifts its own suspensions, and a person's reinstatement still reactivates."""
+ladder lifts its own suspensions, and a person's reinstatement still reactivates. An
+action applied again for longer extends the active one."""
 
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ def suspend_for_a_moment(url: str, account_id: str) -> None:
                                   expires_in_s=0.05)
         assert made is not None
         await asyncio.sleep(0.1)
-        assert made.action_id in [a.action_id for a in await expire_due(store.engine)]
+        assert made.action.action_id in [a.action_id for a in await expire_due(store.engine)]
 
     on_store(url, work)
 
@@ -281,3 +282,151 @@ async def test_without_the_ladder_keeping_it_a_status_is_only_written(tmp_path: 
             assert not await list_actions(store.engine, account_id)  # type: ignore[attr-defined]
     finally:
         await store.close()
+
+
+# -- an action applied again for longer extends the active one -----------------------------
+
+
+def config(folder: Path, state_url: str) -> str:
+    cfg = folder / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {"url": state_url},
+                                   "policy": {"file": write_policy(folder)}}))
+    return str(cfg)
+
+
+def wait_past(ts: str) -> None:
+    """Until the clock is past ``ts`` (an action's expiry)."""
+    from distillguard.policy.schema import now_ts
+
+    until(lambda: now_ts() > ts, 60)
+
+
+def events(url: str, account_id: str) -> list[dict[str, Any]]:
+    from distillguard.policy import audit
+
+    return list(on_store(url, lambda store: audit.query(store.engine, f"account:{account_id}")))
+
+
+def test_a_longer_suspension_extends_the_shorter_one(state_url: str, tmp_path: Path) -> None:
+    """``policy apply A --action suspend --expires 1d``, then ``--expires 7d``: the second
+    found the first active, changed nothing, and the account was active again after a
+    day."""
+    cfg = config(tmp_path, state_url)
+
+    def apply(expires: str, reason: str = "ring confirmed") -> str:
+        return run(cfg, "policy", "apply", "acct_l", "--action", "suspend", "--reason",
+                   reason, "--expires", expires, "--actor", "ana")
+
+    def show() -> str:
+        return str(orjson.loads(run(cfg, "accounts", "show", "acct_l"))["status"])
+
+    run(cfg, "accounts", "create", "acct_l")
+    short_id, _, _, _, short_end = apply("1s", "burst").split()
+    out = apply("10m")
+    assert out.split()[:4] == [short_id, "suspend", "acct_l", "until"], out
+    assert f"(extended from {short_end})" in out
+    long_end = out.split()[4]
+    assert long_end > short_end
+    wait_past(short_end)
+    expired = on_store(state_url, lambda store: expire_due(store.engine))
+    assert [a.account_id for a in expired] == []
+    assert show() == "suspended"
+    active = orjson.loads(run(cfg, "policy", "actions", "--account", "acct_l", "--active"))
+    assert [(a["action_id"], a["expires_at"], a["reason"]) for a in active] == [
+        (short_id, long_end, "burst")]
+    extend = [e for e in events(state_url, "acct_l") if e["name"] == "cli:account:extend"]
+    assert [(e["actor"], e["reason"], e["detail"]["from"], e["detail"]["to"])
+            for e in extend] == [("ana", "ring confirmed", short_end, long_end)]
+
+    # As long or shorter again: nothing changes, nothing is audited.
+    before = events(state_url, "acct_l")
+    for expires in ("10m", "5m", "1s"):
+        out = apply(expires)
+        assert "1 account(s) already had it, for as long or longer" in out, out
+        assert short_id not in out
+    assert events(state_url, "acct_l") == before
+    # Without expiry: extended until revoked, once.
+    assert f"until revoked (extended from {long_end})" in apply("never")
+    assert "already had it" in apply("never")
+    assert [e["name"] for e in events(state_url, "acct_l")] == [
+        "cli:account:extend", "cli:account:extend", "cli:account:suspend"]
+    active = orjson.loads(run(cfg, "policy", "actions", "--account", "acct_l", "--active"))
+    assert [(a["action_id"], a["expires_at"]) for a in active] == [(short_id, None)]
+
+
+def test_a_repeated_verdict_neither_moves_nor_audits_its_action(state_url: str) -> None:
+    """The verdict feed applies its rules to every verdict detection writes, every few
+    seconds for an account it keeps flagging: only a rule with a longer expiry extends
+    the action, once; the in-memory mirror of every replica reads the extension."""
+    from distillguard.policy import audit
+    from distillguard.policy.actions import ActiveActions
+    from distillguard.policy.schema import now_ts
+
+    async def work(store: Any) -> None:
+        engine = store.engine
+        await store.put_account(make_account("acct_r"))
+
+        def again(expires_in_s: float) -> Any:
+            return apply_action(engine, account_id="acct_r", action="throttle",
+                                reason="verdict rule risky", source="verdicts",
+                                caused_by="verdict:acct_r", actor="detection",
+                                expires_in_s=expires_in_s)
+
+        first = await again(600)
+        assert first is not None and not first.extended
+        mirror = ActiveActions()
+        await mirror.refresh(engine)
+        assert [await again(s) for s in (600, 600, 300)] == [None, None, None]
+        longer = await again(3600)
+        assert longer is not None and longer.extended
+        assert (longer.action.action_id, longer.extended_from) == (
+            first.action.action_id, first.action.expires_at)
+        assert longer.action.expires_at > first.action.expires_at
+        assert [await again(s) for s in (3600, 600)] == [None, None]
+        rows = await list_actions(engine, "acct_r")
+        assert [(a.action_id, a.expires_at, a.updated_at) for a in rows] == [
+            (first.action.action_id, longer.action.expires_at, longer.action.updated_at)]
+        assert [e["name"] for e in await audit.query(engine, "account:acct_r")] == [
+            "policy:account:extend", "policy:account:throttle"]
+        await mirror.refresh(engine)
+        assert [a.expires_at for a in mirror.for_account("acct_r", now_ts())] == [
+            longer.action.expires_at]
+
+    on_store(state_url, work)
+
+
+def test_the_admin_api_says_what_it_extended_and_what_it_left(
+        admin: tuple[StackThread, httpx.Client]) -> None:
+    """``POST /admin/v1/policy/actions`` answered an empty list both when nothing changed
+    and when a longer suspension was ignored; the gateway's expiry pass then reactivated
+    the account when the shorter one ended."""
+    _, client = admin
+    account, marker = "acct_" + uuid.uuid4().hex[:8], "acct_" + uuid.uuid4().hex[:8]
+    for account_id in (account, marker):
+        client.post("/admin/v1/accounts", json={"account_id": account_id}).raise_for_status()
+
+    def apply(account_id: str, expires_in: str | None) -> dict[str, Any]:
+        r = client.post("/admin/v1/policy/actions", json={
+            "account_ids": [account_id], "action": "suspend", "reason": "ring confirmed",
+            "expires_in": expires_in})
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    short = apply(account, "1s")["data"][0]
+    assert short["extended_from"] is None
+    longer = apply(account, "10m")
+    assert longer["unchanged"] == []
+    assert [(a["action_id"], a["extended_from"]) for a in longer["data"]] == [
+        (short["action_id"], short["expires_at"])]
+    assert longer["data"][0]["expires_at"] > short["expires_at"]
+    again = apply(account, "10m")
+    assert (again["data"], again["unchanged"]) == ([], [account])
+    # A suspension of another account that ends after the first one would have: once the
+    # gateway's expiry pass lifted it, it has been past the first one's end.
+    marked = apply(marker, "1s")["data"][0]
+    assert marked["expires_at"] >= short["expires_at"]
+    until(lambda: actions(client, marker)[0]["revoked_by"] == "expiry", 60)
+    assert status(client, marker) == "active"
+    assert status(client, account) == "suspended"
+    assert [(a["action_id"], a["revoked_at"]) for a in actions(client, account)] == [
+        (short["action_id"], None)]

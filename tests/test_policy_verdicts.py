@@ -158,5 +158,5 @@ async def test_replicas_expiring_the_same_actions_lift_each_once(replicas) -> No
         ))).scalar_one()
         statuses = {r[0] for r in await conn.execute(text("SELECT status FROM accounts"))}
     assert (events, len(reported)) == (10, 10)
-    assert sorted(reported) == sorted(a.action_id for a in made if a is not None)
+    assert sorted(reported) == sorted(a.action.action_id for a in made if a is not None)
     assert statuses == {"active"}

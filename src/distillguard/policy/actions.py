@@ -5,7 +5,9 @@ Every action is a row in ``policy_actions`` with its reason, where it came from
 (``caused_by``: ``campaign:c-3``, ``verdict:acct_17@<time>``, ``review:rv_...``,
 ``analyst:<name>``), who applied it (``actor``), when it was created and when it expires.
 An action is active while it is neither revoked nor expired. Applying and lifting write an
-audit event in the same transaction. ``suspend`` also sets the account's status to
+audit event in the same transaction. One source keeps one active action of a kind on an
+account: applying it again changes nothing, unless for longer than the active one was
+applied for, which extends that one (:func:`apply_action`). ``suspend`` also sets the account's status to
 ``suspended`` (``actions.suspend_sets_account_status``), so authentication refuses the
 account on every replica within ``state.key_cache_ttl_s``; lifting the last active
 suspension (revoke, reinstate or expiry) sets it back to ``active``.
@@ -26,7 +28,7 @@ in memory and is refreshed in the background from the ``updated_at`` cursor.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -75,6 +77,35 @@ class Action:
     def to_json(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
 
+    def outlasts(self, expires_in_s: float | None) -> bool:
+        """Whether this action, active, covers the same action applied now for
+        ``expires_in_s`` (None: without expiry): it has no expiry, or it was applied for as
+        long or longer (from when it was applied to when it ends). So a repeat of the same
+        expiry (a verdict written again every few seconds) is no longer than it, and one
+        that is longer also ends later."""
+        if self.expires_at is None:
+            return True
+        if expires_in_s is None:
+            return False
+        return parse_ts(self.expires_at) - parse_ts(self.created_at) >= \
+            timedelta(seconds=expires_in_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What :func:`apply_action` did: applied ``action`` now, or, when ``extended_from`` is
+    set, extended the active ``action`` from that expiry to ``action.expires_at``."""
+
+    action: Action
+    extended_from: str | None = None
+
+    @property
+    def extended(self) -> bool:
+        return self.extended_from is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.action.to_json(), "extended_from": self.extended_from}
+
 
 async def _lock(conn: AsyncConnection, account_id: str) -> None:
     """Serialise ladder changes to one account (on PostgreSQL across replicas). Without
@@ -93,14 +124,17 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
                        source: str, caused_by: str, actor: str,
                        expires_in_s: float | None, detail: dict[str, Any] | None = None,
                        event_source: str = "policy", set_status: bool = True,
-                       unless_revoked_after: str | None = None) -> Action | None:
-    """Apply ``action`` to an account; returns it, or None when nothing changed.
+                       unless_revoked_after: str | None = None) -> Applied | None:
+    """Apply ``action`` to an account; returns what was done, or None when nothing changed.
 
-    Nothing changes when the same action from the same ``source`` is already active (a
-    verdict repeated every few seconds does not pile up rows), or (for
-    automatic actions) when ``unless_revoked_after`` is given and an analyst lifted this
-    action on this account after that time: a decision by a person is not overridden by
-    the verdict that preceded it.
+    Nothing changes when the same action from the same ``source`` is active for as long or
+    longer (:meth:`Action.outlasts`: a verdict repeated every few seconds does not pile up
+    rows, nor move the expiry), or (for automatic actions) when ``unless_revoked_after``
+    is given and an analyst lifted this action on this account after that time: a
+    decision by a person is not overridden by the verdict that preceded it. When the
+    active one is shorter (a suspension for a day, then for a week or without expiry), it
+    is extended to the new expiry, audited as ``<event_source>:account:extend``; it keeps
+    its reason and detail (a throttle its limits).
 
     A ``suspend`` that finds the account's status ``suspended`` with no active suspend
     action (set outside the ladder) records that suspension too, as one by hand without
@@ -114,6 +148,7 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
     await ensure_schema(engine)
     now_dt = datetime.now(UTC)
     now = now_ts(now_dt)
+    expires_in_s = expires_in_s or None
     expires = now_ts(now_dt + timedelta(seconds=expires_in_s)) if expires_in_s else None
     async with engine.begin() as conn:
         await _lock(conn, account_id)
@@ -121,12 +156,19 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
             "SELECT * FROM policy_actions WHERE account_id = :a AND action = :x"),
             {"a": account_id, "x": action})).all()
         existing = [Action.from_row(r) for r in rows]
-        if any(a.source == source and a.active_at(now) for a in existing):
+        same = [a for a in existing if a.source == source and a.active_at(now)]
+        if any(a.outlasts(expires_in_s) for a in same):
             return None
         if unless_revoked_after is not None and any(
                 a.revoked_at and a.revoked_by != "expiry" and a.revoked_at > unless_revoked_after
                 for a in existing):
             return None
+        if same:
+            longest = max(same, key=lambda a: a.expires_at or "")
+            if action == "suspend" and set_status:
+                await _set_status(conn, account_id, "suspended")
+            return await _extend(conn, longest, to=expires, actor=actor, reason=reason.strip(),
+                                 caused_by=caused_by, event_source=event_source)
         item = Action(action_id=new_id("act"), account_id=account_id, action=action,
                       reason=reason.strip(), source=source, caused_by=caused_by, actor=actor,
                       created_at=now, expires_at=expires, detail=dict(detail or {}),
@@ -137,7 +179,25 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
                 await _record(conn, _outside_suspension(item), event_source)
             await _set_status(conn, account_id, "suspended")
         await _record(conn, item, event_source)
-    return item
+    return Applied(item)
+
+
+async def _extend(conn: AsyncConnection, item: Action, *, to: str | None, actor: str,
+                  reason: str, caused_by: str, event_source: str) -> Applied:
+    """Extend the active ``item`` to expire at ``to`` (None: never), audited as
+    ``<event_source>:account:extend`` with who asked, why, and from when to when. The
+    new ``updated_at`` brings the change to every replica's :class:`ActiveActions`."""
+    updated = now_ts()
+    await conn.execute(text(
+        "UPDATE policy_actions SET expires_at = :e, updated_at = :u WHERE action_id = :i"),
+        {"e": to, "u": updated, "i": item.action_id})
+    await record_in(conn, AuditEvent(
+        name=f"{event_source}:account:extend", subject=f"account:{item.account_id}",
+        actor=actor, reason=reason,
+        detail={"action_id": item.action_id, "action": item.action, "source": item.source,
+                "caused_by": caused_by, "from": item.expires_at, "to": to}))
+    return Applied(replace(item, expires_at=to, updated_at=updated),
+                   extended_from=item.expires_at)
 
 
 async def _record(conn: AsyncConnection, item: Action, event_source: str) -> None:

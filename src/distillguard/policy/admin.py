@@ -6,7 +6,7 @@ Documented in docs/policy.md ("Admin API")::
     POST /admin/v1/policy/reload                   re-read the policy file (422 if invalid)
     GET  /admin/v1/policy/actions?account=&active=  actions, newest first
     POST /admin/v1/policy/actions                  {account_ids, action, reason, expires_in,
-                                                    limits}: apply an action
+                                                    limits}: apply (or extend) an action
     POST /admin/v1/policy/actions/revoke           {account_ids, actions?, reason}: lift
     POST /admin/v1/policy/verdicts                 apply a verdicts document's rules
     POST /admin/v1/policy/screen                   screen accounts now {force?}
@@ -119,12 +119,16 @@ class PolicyAdmin:
         if not isinstance(data, dict):
             raise Unprocessable("Send a JSON object.")
         detail = {"limits": data["limits"]} if isinstance(data.get("limits"), dict) else None
+        accounts = _accounts(data)
         done = await self.runtime.ops().apply(
-            _accounts(data), str(data.get("action") or ""), reason=str(data.get("reason") or ""),
+            accounts, str(data.get("action") or ""), reason=str(data.get("reason") or ""),
             actor=self.actor(request), channel="admin",
             expires_in=data.get("expires_in", "default"), detail=detail)
         await self.runtime.actions.refresh(self.runtime.engine)
-        return json_response({"object": "list", "data": [a.to_json() for a in done]}, 201)
+        acted = {a.action.account_id for a in done}
+        return json_response({"object": "list", "data": [a.to_json() for a in done],
+                              "unchanged": [a for a in dict.fromkeys(accounts)
+                                            if a not in acted]}, 201)
 
     async def revoke(self, request: Request) -> Response:
         data = await json_body(request)
@@ -144,7 +148,8 @@ class PolicyAdmin:
         applier = VerdictActions(self.runtime.engine, self.runtime.policy)
         await applier.apply_document(doc)
         await self.runtime.actions.refresh(self.runtime.engine)
-        return json_response({"actions": applier.applied, "review_items": applier.reviews})
+        return json_response({"actions": applier.applied, "extended": applier.extended,
+                              "review_items": applier.reviews})
 
     async def screen(self, request: Request) -> Response:
         raw = await request.body()

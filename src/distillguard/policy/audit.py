@@ -15,6 +15,7 @@ Names (``source`` is who decided, ``subject`` what it is about)::
     dashboard:account:<action>   ... by an analyst in the dashboard
     admin:account:<action>       ... through the admin API
     cli:account:<action>         ... from the command line
+    <source>:account:extend      an action applied again for longer extended the active one
     review:item:<decision>       open, confirm, dismiss, escalate on the review queue
     policy:file:reload           a new policy file took effect (or was refused)
 

@@ -165,10 +165,14 @@ def apply(ctx: click.Context, accounts: tuple[str, ...], action: str, reason: st
     done = _with_ops(ctx, lambda ops: ops.apply(list(accounts), action, reason=reason,
                                                 actor=actor_name(actor), channel="cli",
                                                 expires_in=expires))
-    for a in done:
-        click.echo(f"{a.action_id} {a.action} {a.account_id} until {a.expires_at or 'revoked'}")
-    if len(done) < len(accounts):
-        click.echo(f"{len(accounts) - len(done)} account(s) already had it", err=True)
+    for made in done:
+        a = made.action
+        extended = f" (extended from {made.extended_from})" if made.extended else ""
+        click.echo(f"{a.action_id} {a.action} {a.account_id} until "
+                   f"{a.expires_at or 'revoked'}{extended}")
+    unchanged = len(set(accounts)) - len(done)
+    if unchanged:
+        click.echo(f"{unchanged} account(s) already had it, for as long or longer", err=True)
 
 
 @policy.command("revoke")
@@ -221,7 +225,9 @@ def apply_verdicts(ctx: click.Context, file: str) -> None:
 
     applier = _with_ops(ctx, go)
     click.echo(f"{len(doc.accounts)} account verdict(s), {len(doc.campaigns)} campaign(s): "
-               f"{applier.applied} action(s) applied, {applier.reviews} review item(s)")
+               f"{applier.applied} action(s) applied, "
+               + (f"{applier.extended} extended, " if applier.extended else "")
+               + f"{applier.reviews} review item(s)")
 
 
 @policy.command("screen")
@@ -334,8 +340,11 @@ def _decide(decision: str) -> Any:
         item, applied = _with_ops(ctx, lambda ops: ops.decide(
             item_id, decision, reason, actor_name(actor), channel="cli"))
         click.echo(f"{item.item_id}: {item.status}")
-        for a in applied:
-            click.echo(f"  {a.action} applied to {a.account_id} ({a.action_id})")
+        for made in applied:
+            a = made.action
+            done = f"extended on {a.account_id} to {a.expires_at or 'no expiry'}" \
+                if made.extended else f"applied to {a.account_id}"
+            click.echo(f"  {a.action} {done} ({a.action_id})")
 
     command.__doc__ = {"confirm": "Confirm ITEM_ID; its proposed action is applied.",
                        "dismiss": "Dismiss ITEM_ID (a reason is required).",

@@ -42,9 +42,11 @@ class DashboardPolicy:
             done = await self.ops.apply(accounts, action, reason=reason, actor=actor,
                                         channel="dashboard", caused_by=caused,
                                         unknown_ok=kind == "campaign")
-            skipped = len(accounts) - len(done)
-            message = f"{action} applied to {len(done)} account(s)" + (
-                f" ({skipped} already had it)" if skipped else "")
+            extended = sum(made.extended for made in done)
+            skipped = len(set(accounts)) - len(done)
+            message = f"{action} applied to {len(done) - extended} account(s)" + (
+                f", extended on {extended}" if extended else "") + (
+                f" ({skipped} already had it, for as long or longer)" if skipped else "")
         if kind == "campaign":
             await audit.record(self.engine, AuditEvent(
                 name=f"dashboard:campaign:{action}", subject=f"campaign:{target}",
@@ -83,7 +85,8 @@ class DashboardPolicy:
                                                   channel="dashboard")
         except LookupError as exc:
             raise ValueError(str(exc).strip("'\"")) from None
-        extra = f"; {applied[0].action} applied to {len(applied)} account(s)" if applied else ""
+        extra = f"; {applied[0].action.action} applied to {len(applied)} account(s)" \
+            if applied else ""
         return f"{item.kind} {item.subject}: {item.status}{extra}"
 
 

@@ -40,8 +40,10 @@ class PolicyOps:
     async def apply(self, account_ids: list[str], action: str, *, reason: str, actor: str,
                     channel: str, caused_by: str | None = None, expires_in: Any = "default",
                     detail: dict[str, Any] | None = None, source: str = "analyst",
-                    unknown_ok: bool = False) -> list[ladder.Action]:
-        """Apply a ladder action to accounts by hand (``channel``: dashboard, admin, cli).
+                    unknown_ok: bool = False) -> list[ladder.Applied]:
+        """Apply a ladder action to accounts by hand (``channel``: dashboard, admin, cli);
+        returns what was applied or extended (:func:`~distillguard.policy.actions.apply_action`):
+        an account missing from it already had the action, for as long or longer.
 
         ``expires_in`` is a duration (``24h``), ``never``/None, or ``default``. An account
         the state store does not know is a LookupError, before anything is applied (a
@@ -108,11 +110,11 @@ class PolicyOps:
         return out
 
     async def decide(self, item_id: str, decision: str, reason: str, actor: str,
-                     channel: str) -> tuple[ReviewItem, list[ladder.Action]]:
+                     channel: str) -> tuple[ReviewItem, list[ladder.Applied]]:
         """Record a review decision; ``confirm`` applies the item's proposed action to the
         account (or to every account of a campaign item)."""
         item = await decide_item(self.engine, item_id, decision, reason, actor)
-        applied: list[ladder.Action] = []
+        applied: list[ladder.Applied] = []
         if decision == "confirm" and item.action:
             accounts = await self._accounts_of(item)
             applied = await self.apply(

@@ -167,9 +167,9 @@ class PolicyRuntime:
                 set_status=policy.document.actions.suspend_sets_account_status)
             if policy.document.verdicts.enabled and self.feed is not None:
                 await self.feed.poll(applier, conn=conn)
-            if not expired and not applier.applied:
+            if not expired and not applier.changed:
                 await self.actions.refresh(conn)
-        if expired or applier.applied:   # read what was just written, on a new snapshot
+        if expired or applier.changed:   # read what was just written, on a new snapshot
             await self.actions.refresh(self.engine)
         await self.flush_audit()
         now = time.monotonic()

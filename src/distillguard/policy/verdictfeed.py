@@ -12,8 +12,8 @@ campaign rule: it runs on campaign rows and acts on every account the campaign l
 (``caused_by`` = ``campaign:<id>``). The others run on account verdicts (``caused_by`` =
 ``verdict:<account>@<updated_at>``). ``action: review`` opens a review item proposing
 ``propose`` instead of acting. An automatic action is not re-applied while the same
-action from verdicts is active on the account, nor after an analyst lifted it later than
-the verdict was written.
+action from verdicts is active on the account (a rule with a longer expiry extends it),
+nor after an analyst lifted it later than the verdict was written.
 """
 
 from __future__ import annotations
@@ -105,7 +105,13 @@ class VerdictActions:
         self.engine = engine
         self.policy = policy
         self.applied = 0
+        self.extended = 0
         self.reviews = 0
+
+    @property
+    def changed(self) -> int:
+        """Actions applied or extended: what the in-memory mirror has to read again."""
+        return self.applied + self.extended
 
     async def _act(self, rule: VerdictRule, account_id: str, *, risk: float, evidence: list[str],
                    caused_by: str, since: str | None, kind: str = "account",
@@ -127,7 +133,9 @@ class VerdictActions:
             expires_in_s=self.policy.expiry_for(rule.expires_in), detail=detail,
             set_status=self.policy.document.actions.suspend_sets_account_status,
             unless_revoked_after=since)
-        if made is not None:
+        if made is not None and made.extended:
+            self.extended += 1
+        elif made is not None:
             self.applied += 1
 
     async def on_verdict(self, v: VerdictRow) -> None:
