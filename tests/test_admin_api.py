@@ -213,7 +213,7 @@ def test_import_export_accounts_jsonl(admin: httpx.Client) -> None:
     lines = [orjson.dumps({"account_id": f"imp_{i}", "country": "FR", "tier": "verified",
                            "payment_fingerprint": "pf_x", "note": i}) for i in range(20)]
     r = admin.post("/admin/v1/accounts/import", content=b"\n".join(lines))
-    assert r.json() == {"imported": 20}
+    assert r.json() == {"imported": 20, "suspended": 0, "reinstated": 0}
     bad = b"\n".join([*lines[:3], b'{"account_id": 5}'])
     r = admin.post("/admin/v1/accounts/import", content=bad)
     assert r.status_code == 422 and "line 4" in r.json()["error"]["message"]

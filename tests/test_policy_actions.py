@@ -430,3 +430,165 @@ def test_the_admin_api_says_what_it_extended_and_what_it_left(
     assert status(client, account) == "suspended"
     assert [(a["action_id"], a["revoked_at"]) for a in actions(client, account)] == [
         (short["action_id"], None)]
+
+
+# -- an import sets statuses as by hand ----------------------------------------------------
+
+
+def suspend_for(url: str, account_ids: list[str], seconds: float) -> str:
+    """Suspensions by the verdict feed for ``seconds``; returns when the last one ends."""
+    async def work(store: Any) -> str:
+        ends = []
+        for account_id in account_ids:
+            made = await apply_action(store.engine, account_id=account_id, action="suspend",
+                                      reason="risky", source="verdicts",
+                                      caused_by=f"verdict:{account_id}", actor="policy",
+                                      expires_in_s=seconds)
+            assert made is not None and made.action.expires_at is not None
+            ends.append(made.action.expires_at)
+        return max(ends)
+
+    return str(on_store(url, work))
+
+
+def test_an_import_sets_statuses_as_by_hand(state_url: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``accounts import`` wrote the status column alone: an account imported suspended
+    beside a suspension of the ladder was active again when that one ended, and one
+    imported active stayed refused by the ladder with its status active."""
+    cfg = config(tmp_path, state_url)
+    monkeypatch.setenv("LOGNAME", "ana")     # who imports, without --actor
+
+    def show(account_id: str) -> str:
+        return str(orjson.loads(run(cfg, "accounts", "show", account_id))["status"])
+
+    def active(account_id: str) -> list[tuple[str, str]]:
+        return [(a["source"], a["caused_by"]) for a in orjson.loads(run(
+            cfg, "policy", "actions", "--account", account_id, "--active"))]
+
+    for account_id in ("acct_s", "acct_a", "acct_k"):
+        run(cfg, "accounts", "create", account_id)
+    ends = suspend_for(state_url, ["acct_s", "acct_a", "acct_k"], 3)
+    assert {show(a) for a in ("acct_s", "acct_a", "acct_k")} == {"suspended"}
+    lines = [{"account_id": "acct_s", "status": "suspended", "org": "S"},
+             {"account_id": "acct_a", "status": "active", "org": "A"},
+             {"account_id": "acct_k", "org": "K"},                 # no status: kept
+             {"account_id": "acct_n", "status": "suspended"},      # new
+             {"account_id": "acct_m"}]                             # new, active
+    path = tmp_path / "accounts.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines))
+    out = run(cfg, "accounts", "import", str(path))
+    imported = events(state_url, "acct_a")
+    assert imported[0]["ts"] < ends, "the import ran after the ladder's suspensions ended"
+
+    assert [show(a) for a in ("acct_s", "acct_a", "acct_k", "acct_n", "acct_m")] == [
+        "suspended", "active", "suspended", "suspended", "active"]
+    assert orjson.loads(run(cfg, "accounts", "show", "acct_k"))["org"] == "K"
+    assert sorted(active("acct_s")) == [("analyst", "analyst:ana"),
+                                        ("verdicts", "verdict:acct_s")]
+    assert active("acct_a") == [] and active("acct_m") == []
+    assert active("acct_k") == [("verdicts", "verdict:acct_k")]
+    assert active("acct_n") == [("analyst", "analyst:ana")]
+    assert "imported 5 accounts (2 suspended, 1 reinstated)" in out, out
+    assert [(e["name"], e["actor"], e["reason"]) for e in imported[:2]] == [
+        ("import:account:reinstate", "ana", "status active in an import by ana"),
+        ("import:account:revoke", "ana", "status active in an import by ana")]
+    assert [e["name"] for e in events(state_url, "acct_s")][0] == "import:account:suspend"
+
+    # The ladder's suspensions end: only the one whose line gave no status is active.
+    wait_past(ends)
+    on_store(state_url, lambda store: expire_due(store.engine))
+    assert [show(a) for a in ("acct_s", "acct_a", "acct_k", "acct_n")] == [
+        "suspended", "active", "active", "suspended"]
+    # The same file again changes no status and records nothing.
+    before = [events(state_url, a) for a in ("acct_s", "acct_a", "acct_n")]
+    out = run(cfg, "accounts", "import", str(path))
+    assert "imported 5 accounts (0 suspended, 0 reinstated)" in out, out
+    assert [events(state_url, a) for a in ("acct_s", "acct_a", "acct_n")] == before
+    # Imported active, an account suspended by hand is reinstated.
+    path.write_bytes(orjson.dumps({"account_id": "acct_s", "status": "active"}))
+    out = run(cfg, "accounts", "import", str(path), "--actor", "bo", "--reason", "appeal")
+    assert "(0 suspended, 1 reinstated)" in out, out
+    assert show("acct_s") == "active" and active("acct_s") == []
+    assert [(e["name"], e["actor"], e["reason"]) for e in events(state_url, "acct_s")[:2]
+            ] == [("import:account:reinstate", "bo", "appeal"),
+                  ("import:account:revoke", "bo", "appeal")]
+
+
+def test_an_import_is_all_or_nothing_with_its_ladder(state_url: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accounts, their statuses and what they record on the ladder are one
+    transaction: a failure in the last step leaves nothing of the import."""
+    from distillguard.components import import_accounts
+    from distillguard.policy import actions as ladder
+    from distillguard.store.models import AccountImport
+
+    settings = make_settings(tmp_path, policy={"file": write_policy(tmp_path)},
+                             state={"url": state_url})
+
+    async def fail(*args: Any, **kwargs: Any) -> list[str]:
+        raise RuntimeError("the database went away")
+
+    async def work(store: Any) -> None:
+        await store.put_account(make_account("acct_x", org="before"))
+        batch = AccountImport.of(AccountImport.line(line) for line in (
+            {"account_id": "acct_x", "status": "suspended", "org": "after"},
+            {"account_id": "acct_y", "status": "suspended"}))
+        monkeypatch.setattr(ladder, "_reinstate_by_hand", fail)
+        with pytest.raises(RuntimeError):
+            await import_accounts(settings, store, batch, actor="ana", reason=None)
+        account = await store.get_account("acct_x")
+        assert (account.org, str(account.status)) == ("before", "active")
+        assert await store.list_accounts(query="acct_y") == []
+        assert await list_actions(store.engine) == []
+
+    on_store(state_url, work)
+
+
+def test_the_admin_api_imports_statuses_through_the_ladder(
+        admin: tuple[StackThread, httpx.Client]) -> None:
+    _, client = admin
+    kept, lifted = "acct_" + uuid.uuid4().hex[:8], "acct_" + uuid.uuid4().hex[:8]
+    for account_id in (kept, lifted):
+        client.post("/admin/v1/accounts", json={"account_id": account_id}).raise_for_status()
+        client.patch(f"/admin/v1/accounts/{account_id}",
+                     json={"status": "suspended"}).raise_for_status()
+    r = client.post("/admin/v1/accounts/import", content=b"\n".join([
+        orjson.dumps({"account_id": kept, "org": "Kept Ltd"}),
+        orjson.dumps({"account_id": lifted, "status": "active"})]))
+    assert (status(client, kept), status(client, lifted)) == ("suspended", "active")
+    assert [a["revoked_by"] for a in actions(client, lifted)] == ["ana"]
+    assert [a["revoked_at"] for a in actions(client, kept)] == [None]
+    assert r.json() == {"imported": 2, "suspended": 0, "reinstated": 1}, r.text
+    events = client.get("/admin/v1/policy/audit",
+                        params={"subject": f"account:{lifted}"}).json()["data"]
+    assert [(e["name"], e["reason"]) for e in events[:2]] == [
+        ("import:account:reinstate", "status active in an import by ana"),
+        ("import:account:revoke", "status active in an import by ana")]
+
+
+async def test_without_the_ladder_an_import_keeps_a_status_its_line_does_not_give(
+        tmp_path: Path) -> None:
+    """With the policy component off the status is only written, and a line that does not
+    give one does not reactivate a suspended account."""
+    from distillguard.components import import_accounts
+    from distillguard.store.models import AccountImport
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    settings = make_settings(tmp_path, policy={"enabled": False}, state={"url": url})
+    store = open_state_store(url)
+    await store.migrate()
+    try:
+        async def load(*lines: dict[str, Any]) -> dict[str, int]:
+            batch = AccountImport.of(AccountImport.line(line) for line in lines)
+            return await import_accounts(settings, store, batch, actor="ana", reason=None)
+
+        assert await load({"account_id": "acct_o", "status": "suspended"}) == {"imported": 1}
+        assert await load({"account_id": "acct_o", "org": "O"}) == {"imported": 1}
+        account = await store.get_account("acct_o")
+        assert (account.org, str(account.status)) == ("O", "suspended")
+        await load({"account_id": "acct_o", "status": "active"})
+        assert str((await store.get_account("acct_o")).status) == "active"
+        assert not await list_actions(store.engine, "acct_o")  # type: ignore[attr-defined]
+    finally:
+        await store.close()

@@ -24,12 +24,12 @@ import click
 import orjson
 
 from distillguard.cliparams import PORT, positive, within
-from distillguard.components import check_tier, known_tiers, update_account
+from distillguard.components import check_tier, import_accounts, known_tiers, update_account
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError, InvalidRecord
 from distillguard.store import StateStore, all_accounts, open_state_store
-from distillguard.store.models import Account, key_expiry
-from distillguard.traceio import FormatError, read_accounts, write_accounts
+from distillguard.store.models import Account, AccountImport, key_expiry
+from distillguard.traceio import FormatError, read_account_lines, write_accounts
 
 T = TypeVar("T")
 
@@ -369,18 +369,28 @@ def accounts_update(ctx: Context, account_id: str, rpm: int | None, tpm: int | N
 
 @accounts.command("import")
 @click.argument("path", type=click.Path(allow_dash=True))
+@click.option("--reason", help="Why statuses change (recorded with them).")
+@click.option("--actor", help="Who imports (default: the login name).")
 @pass_ctx
-def accounts_import(ctx: Context, path: str) -> None:
-    """Import accounts (accounts format, JSON Lines); all or nothing."""
-    records = list(read_accounts(path))
+def accounts_import(ctx: Context, path: str, reason: str | None, actor: str | None) -> None:
+    """Import accounts (accounts format, JSON Lines); all or nothing.
+
+    An existing account keeps its status unless its line gives one. With the policy
+    component on, a status given is set as by hand on its action ladder: suspended until
+    set active, and active lifting suspensions."""
+    batch = AccountImport.of(read_account_lines(path))
     known = known_tiers(ctx.settings)
-    for record in records:
+    for record in batch.accounts:
         check_tier(record.tier, known, record.account_id)
 
-    async def go(store: StateStore) -> int:
-        return await store.import_accounts(records)
+    async def go(store: StateStore) -> dict[str, int]:
+        return await import_accounts(ctx.settings, store, batch, actor=actor_name(actor),
+                                     reason=reason)
 
-    click.echo(f"imported {run(ctx.with_store(go))} accounts", err=True)
+    done = run(ctx.with_store(go))
+    ladder = f" ({done['suspended']} suspended, {done['reinstated']} reinstated)" \
+        if "suspended" in done else ""
+    click.echo(f"imported {done['imported']} accounts{ladder}", err=True)
 
 
 @accounts.command("export")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from distillguard.config import Settings
     from distillguard.serve import Extension
     from distillguard.store import Account, StateStore
+    from distillguard.store.models import AccountImport
 
 DEFAULT_COMPONENTS: list[tuple[str, str]] = [
     ("ledger", "distillguard.ledger.stage:component"),
@@ -95,14 +96,25 @@ STATUS_KEEPERS: list[tuple[str, str]] = [
 
 
 class StatusKeeper(Protocol):
-    """Applies an account update ``changes`` that holds ``status`` (and maybe other
-    fields), recording who changed the status (``actor``), why (``reason``, None for a
-    default) and where (``channel``: ``admin``, ``cli``). Raises as
-    :meth:`~distillguard.store.StateStore.update_account` does for an unknown account or
-    field, or a value the account cannot take, with nothing changed."""
+    """Sets accounts' status as an operator asks, recording who (``actor``), why
+    (``reason``, None for a default) and where (``channel``: ``admin``, ``cli``,
+    ``import``)."""
 
-    async def __call__(self, store: StateStore, account_id: str, changes: dict[str, Any], *,
-                       actor: str, reason: str | None, channel: str) -> None: ...
+    async def update_account(self, store: StateStore, account_id: str,
+                             changes: dict[str, Any], *, actor: str, reason: str | None,
+                             channel: str) -> None:
+        """Apply an account update ``changes`` that holds ``status`` (and maybe other
+        fields). Raises as :meth:`~distillguard.store.StateStore.update_account` does for
+        an unknown account or field, or a value the account cannot take, with nothing
+        changed."""
+        ...
+
+    async def import_accounts(self, store: StateStore, batch: AccountImport, *, actor: str,
+                              reason: str | None, channel: str) -> dict[str, int]:
+        """Insert or replace the accounts of ``batch``, all or nothing, setting the status
+        of each whose line gives one as :meth:`update_account` would; returns counts of
+        what it did besides (``suspended``, ``reinstated``)."""
+        ...
 
 
 def status_keeper(settings: Settings) -> StatusKeeper | None:
@@ -124,8 +136,25 @@ async def update_account(settings: Settings, store: StateStore, account_id: str,
     keeper = status_keeper(settings) if "status" in changes else None
     if keeper is None:
         return await store.update_account(account_id, **changes)
-    await keeper(store, account_id, changes, actor=actor, reason=reason, channel=channel)
+    await keeper.update_account(store, account_id, changes, actor=actor, reason=reason,
+                                channel=channel)
     return await store.get_account(account_id)
+
+
+async def import_accounts(settings: Settings, store: StateStore, batch: AccountImport, *,
+                          actor: str, reason: str | None) -> dict[str, int]:
+    """An import from an operator (admin API, command line), all or nothing: an account
+    whose line gives a status has it set through the :func:`status_keeper` when there is
+    one, as by hand (channel ``import``); an existing account whose line gives none keeps
+    its status. Returns ``{"imported": n}`` and the keeper's counts."""
+    keeper = status_keeper(settings)
+    if keeper is not None and \
+            len(batch.keep_status) < len({a.account_id for a in batch.accounts}):
+        return await keeper.import_accounts(store, batch, actor=actor, reason=reason,
+                                            channel="import")
+    imported = await store.import_accounts(batch.accounts, keep_status=batch.keep_status)
+    return {"imported": imported} if keeper is None else \
+        {"imported": imported, "suspended": 0, "reinstated": 0}
 
 
 def load_extensions(settings: Settings) -> list[Extension]:

@@ -17,7 +17,7 @@ from typing import IO, Any
 import orjson
 
 from distillguard.exchange import Exchange, Retention
-from distillguard.store.models import Account
+from distillguard.store.models import Account, AccountImport
 
 TRACE_FORMAT_VERSION = 1
 ACCOUNTS_FORMAT_VERSION = 1
@@ -65,9 +65,15 @@ def read_trace(path: str | Path) -> Iterator[Exchange]:
 
 
 def read_accounts(path: str | Path) -> Iterator[Account]:
+    for account, _status_given in read_account_lines(path):
+        yield account
+
+
+def read_account_lines(path: str | Path) -> Iterator[tuple[Account, bool]]:
+    """Each account, and whether its line gives its status (:class:`AccountImport`)."""
     for number, obj in iter_jsonl(path):
         try:
-            yield Account.from_public(obj)
+            yield AccountImport.line(obj)
         except (ValueError, TypeError) as exc:
             raise FormatError(f"{path}:{number}: {exc}") from None
 

@@ -8,7 +8,8 @@ Routes (documented in docs/admin-api.md)::
 
     GET    /admin/v1/accounts?query=&limit=&offset=    list accounts
     POST   /admin/v1/accounts                          create an account (accounts format)
-    POST   /admin/v1/accounts/import                   import accounts JSON Lines (all or none)
+    POST   /admin/v1/accounts/import                   import accounts JSON Lines (all or none;
+                                                       status: components.import_accounts)
     GET    /admin/v1/accounts/export                   export accounts JSON Lines
     GET    /admin/v1/accounts/{id}                     one account
     PATCH  /admin/v1/accounts/{id}                     change tier, status, country, limits...
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from distillguard.components import check_tier, known_tiers, update_account
+from distillguard.components import check_tier, import_accounts, known_tiers, update_account
 from distillguard.errors import (
     APIError,
     InvalidRecord,
@@ -51,7 +52,7 @@ from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
 from distillguard.gateway.adminpaths import IdRoute
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
-from distillguard.store.models import Account, key_expiry
+from distillguard.store.models import Account, AccountImport, key_expiry
 
 if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
@@ -178,12 +179,14 @@ class AdminAPI:
         return json_response(account.to_public(), 201)
 
     async def import_accounts(self, request: Request) -> Response:
-        accounts = parse_jsonl(await request.body(), Account.from_public)
+        batch = AccountImport.of(parse_jsonl(await request.body(), AccountImport.line))
         known = known_tiers(self.gateway.settings)
-        for account in accounts:
+        for account in batch.accounts:
             self._check_tier(account.tier, account.account_id, known=known)
-        count = await self.gateway.store.import_accounts(accounts)
-        return json_response({"imported": count})
+        done = await import_accounts(self.gateway.settings, self.gateway.store, batch,
+                                     actor=admin_actor(request), reason=None)
+        self.gateway.auth.forget()
+        return json_response(done)
 
     async def export_accounts(self, request: Request) -> Response:
         lines = [orjson.dumps(a.to_public())

@@ -63,11 +63,11 @@ def _row(event: AuditEvent) -> dict[str, Any]:
             "detail": orjson.dumps(event.detail, default=str).decode(), "count": event.count}
 
 
-async def record_in(conn: AsyncConnection, event: AuditEvent) -> str:
-    """Record ``event`` inside the caller's transaction (so it commits with the change)."""
-    row = _row(event)
-    await conn.execute(_INSERT, row)
-    return str(row["id"])
+async def record_in(conn: AsyncConnection, *events: AuditEvent) -> None:
+    """Record ``events`` inside the caller's transaction (so they commit with the change),
+    in one statement."""
+    if events:
+        await conn.execute(_INSERT, [_row(e) for e in events])
 
 
 async def record(engine: AsyncEngine, *events: AuditEvent) -> None:

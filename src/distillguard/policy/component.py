@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from distillguard.config import Settings
     from distillguard.serve import Extension
     from distillguard.store import StateStore
+    from distillguard.store.models import AccountImport
 
 
 class PolicySettings(BaseModel):
@@ -58,17 +59,32 @@ def status_keeper(settings: Settings) -> StatusKeeper | None:
     if not ps.enabled or not \
             shared_holder(ps.file).current.document.actions.suspend_sets_account_status:
         return None
-    return keep_status
+    return LADDER_KEEPS_STATUS
 
 
-async def keep_status(store: StateStore, account_id: str, changes: dict[str, Any], *,
-                      actor: str, reason: str | None, channel: str) -> None:
+class LadderKeepsStatus:
     """A :class:`~distillguard.components.StatusKeeper`: the status by hand on the ladder
-    (:func:`distillguard.policy.actions.update_account`)."""
-    from distillguard.policy.actions import update_account
+    (:func:`distillguard.policy.actions.update_account` and
+    :func:`~distillguard.policy.actions.import_accounts`)."""
 
-    await update_account(store.engine,  # type: ignore[attr-defined]
-                         account_id, changes, by=actor, reason=reason, event_source=channel)
+    async def update_account(self, store: StateStore, account_id: str,
+                             changes: dict[str, Any], *, actor: str, reason: str | None,
+                             channel: str) -> None:
+        from distillguard.policy.actions import update_account
+
+        await update_account(store.engine,  # type: ignore[attr-defined]
+                             account_id, changes, by=actor, reason=reason,
+                             event_source=channel)
+
+    async def import_accounts(self, store: StateStore, batch: AccountImport, *, actor: str,
+                              reason: str | None, channel: str) -> dict[str, int]:
+        from distillguard.policy.actions import import_accounts
+
+        return await import_accounts(store.engine,  # type: ignore[attr-defined]
+                                     batch, by=actor, reason=reason, event_source=channel)
+
+
+LADDER_KEEPS_STATUS = LadderKeepsStatus()
 
 
 def component(settings: Settings) -> Extension | None:

@@ -7,7 +7,7 @@ implements it on SQLite (default) and PostgreSQL through SQLAlchemy Core. Open o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -54,7 +54,11 @@ class StateStore(Protocol):
 
     async def revoke_key(self, key_id: str) -> ApiKey: ...
 
-    async def import_accounts(self, accounts: Iterable[Account]) -> int: ...
+    async def import_accounts(self, accounts: Iterable[Account], *,
+                              keep_status: Collection[str] = ()) -> int:
+        """Insert or replace accounts, all or nothing; those of ``keep_status`` that exist
+        keep their stored status."""
+        ...
 
 
 async def all_accounts(store: StateStore, *, page: int = 1000) -> list[Account]:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -102,6 +103,31 @@ class Account:
             limits=check_limits(data.get("limits") or {}, "account"),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AccountImport:
+    """The accounts of an import (``accounts import``, ``POST /admin/v1/accounts/import``),
+    each as its last line says, and those whose last line gives no ``status``: an existing
+    one keeps its stored status (a file from a system that knows nothing of suspensions
+    does not reactivate suspended accounts); a new one is active."""
+
+    accounts: list[Account]
+    keep_status: frozenset[str]
+
+    @staticmethod
+    def line(data: Any) -> tuple[Account, bool]:
+        """One line: the account, and whether the line gives its status."""
+        return Account.from_public(data), data.get("status") is not None
+
+    @classmethod
+    def of(cls, lines: Iterable[tuple[Account, bool]]) -> AccountImport:
+        accounts: list[Account] = []
+        given: dict[str, bool] = {}
+        for account, status_given in lines:
+            accounts.append(account)
+            given[account.account_id] = status_given
+        return cls(accounts, frozenset(a for a, status in given.items() if not status))
 
 
 def account_change(name: str, value: Any) -> Any:

@@ -6,7 +6,7 @@ stored as RFC 3339 UTC text (which sorts in time order) and JSON as text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,15 +74,27 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-async def lock_for_change(conn: AsyncConnection, key: str) -> None:
+async def lock_for_change(conn: AsyncConnection, key: str, *,
+                          within: str | None = None) -> None:
     """Make the transaction on ``conn`` the only one changing ``key`` until it ends, for
     a change that reads first and writes what it read: on PostgreSQL an advisory lock on
     the key (across replicas), on SQLite the database's write lock. Call it before the
     transaction's reads: the SQLite driver begins a transaction only at the first write,
     so reads before it fall outside the transaction. On SQLite a transaction that has
-    begun holds the write lock already, and a second call is a no-op."""
+    begun holds the write lock already, and a second call is a no-op.
+
+    ``within`` names a wider key the change holds shared beside ``key``: a transaction
+    that locks the wider key itself (``lock_for_change(conn, within)``, an import that
+    changes many keys at once) waits for every change within it, and they for it. The
+    holder of the wider key must lock no narrower one (the order of the two locks here
+    then cannot deadlock)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+        if within is None:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+        else:
+            await conn.execute(text("SELECT pg_advisory_xact_lock_shared(hashtext(:w)),"
+                                    " pg_advisory_xact_lock(hashtext(:k))"),
+                               {"w": within, "k": key})
     elif conn.dialect.name == "sqlite":
         raw = await conn.get_raw_connection()
         if not raw.driver_connection.in_transaction:  # type: ignore[union-attr]
@@ -98,6 +110,31 @@ def _account_column(name: str, value: Any) -> Any:
     if name in ("limits", "extra"):
         return _json(value)
     return value
+
+
+def account_row(account: Account) -> dict[str, Any]:
+    """An account as its row holds it."""
+    return {c: _account_column(c, getattr(account, c)) for c in _ACCOUNT_COLUMNS}
+
+
+async def upsert_accounts(conn: AsyncConnection, accounts: Iterable[Account], *,
+                          keep_status: Collection[str] = ()) -> int:
+    """Insert or replace ``accounts`` in the transaction on ``conn``; returns how many
+    accounts that is (one given twice is stored once, as its last record says). Those of
+    ``keep_status`` that exist keep their stored status (a new one takes its record's)."""
+    rows = {a.account_id: account_row(a) for a in accounts}
+    cols = ", ".join(_ACCOUNT_COLUMNS)
+    params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
+    for keep in (False, True):
+        batch = [row for account_id, row in rows.items()
+                 if (account_id in keep_status) == keep]
+        if not batch:
+            continue
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:]
+                            if not (keep and c == "status"))
+        await conn.execute(text(f"INSERT INTO accounts ({cols}) VALUES ({params}) "
+                                f"ON CONFLICT (account_id) DO UPDATE SET {updates}"), batch)
+    return len(rows)
 
 
 def account_columns(changes: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +221,6 @@ class SQLStateStore:
     # -- accounts -----------------------------------------------------------------------
 
     @staticmethod
-    def _account_row(account: Account) -> dict[str, Any]:
-        return {c: _account_column(c, getattr(account, c)) for c in _ACCOUNT_COLUMNS}
-
-    @staticmethod
     def _account(row: Any) -> Account:
         m = row._mapping
         return Account(
@@ -204,7 +237,7 @@ class SQLStateStore:
         )
 
     async def put_account(self, account: Account, *, replace: bool = False) -> Account:
-        row = self._account_row(account)
+        row = account_row(account)
         cols = ", ".join(_ACCOUNT_COLUMNS)
         params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
         sql = f"INSERT INTO accounts ({cols}) VALUES ({params})"
@@ -218,21 +251,16 @@ class SQLStateStore:
             raise StoreError(f"account {account.account_id!r} already exists") from exc
         return account
 
-    async def import_accounts(self, accounts: Iterable[Account]) -> int:
+    async def import_accounts(self, accounts: Iterable[Account], *,
+                              keep_status: Collection[str] = ()) -> int:
         """Insert or replace many accounts in one transaction (all or nothing); returns
-        how many accounts that is (one given twice counts once)."""
-        rows = [self._account_row(a) for a in accounts]
-        if not rows:
+        how many accounts that is (one given twice counts once). Those of ``keep_status``
+        that exist keep their stored status."""
+        accounts = list(accounts)
+        if not accounts:
             return 0
-        cols = ", ".join(_ACCOUNT_COLUMNS)
-        params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:])
-        sql = (f"INSERT INTO accounts ({cols}) VALUES ({params}) "
-               f"ON CONFLICT (account_id) DO UPDATE SET {updates}")
         async with self.engine.begin() as conn:
-            await conn.execute(text(sql), rows)
-        # An account given twice is stored once, as its last record says.
-        return len({row["account_id"] for row in rows})
+            return await upsert_accounts(conn, accounts, keep_status=keep_status)
 
     async def get_account(self, account_id: str) -> Account:
         if "\x00" in account_id:   # never stored (stored_text); PostgreSQL would fail
