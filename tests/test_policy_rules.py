@@ -149,6 +149,19 @@ def test_action_ladder_in_the_check() -> None:
     decision, _ = judge({}, actions=[_action("suspend", expires_at="2999-01-01T00:00:00Z")])
     assert code(decision) == "account_suspended" and decision.retry is False
     assert "until 2999-01-01 00:00 UTC" in decision.reason and "act_suspend" in decision.reason
+    # Of several suspensions, the message names the one that lasts longest: "until"
+    # the shortest told a client suspended by hand without expiry when to come back.
+    for order in (1, -1):
+        suspensions = [_action("suspend", action_id="act_verdict",
+                               expires_at="2999-01-01T00:00:00Z"),
+                       _action("suspend", action_id="act_by_hand", source="analyst"),
+                       _action("suspend", action_id="act_review", source="review",
+                               expires_at="2999-06-01T00:00:00Z")][::order]
+        decision, _ = judge({}, actions=suspensions)
+        assert "suspended following" in decision.reason, decision.reason
+        assert "act_by_hand" in decision.reason
+        decision, _ = judge({}, actions=[a for a in suspensions if a.expires_at])
+        assert "until 2999-06-01 00:00 UTC" in decision.reason, decision.reason
     # An expired suspension no longer applies, even before housekeeping marks it.
     expired = _action("suspend", expires_at="2000-01-01T00:00:00.000000Z")
     assert code(judge({}, actions=[expired])[0]) == "allowed"

@@ -104,8 +104,11 @@ class PolicyCheck:
         tier = account.tier if account is not None else ""
         active = self.actions.for_account(exchange.account_id, _now())
         by_kind: dict[str, Action] = {}
-        for item in active:
-            by_kind.setdefault(item.action, item)
+        for item in active:   # of several of a kind, the one that lasts longest
+            held = by_kind.get(item.action)
+            if held is None or (held.expires_at is not None and (
+                    item.expires_at is None or item.expires_at > held.expires_at)):
+                by_kind[item.action] = item
         notes: dict[str, Any] = {"tier": tier, "actions": sorted(by_kind)}
         contact = policy.contact
         suspended = by_kind.get("suspend")
