@@ -47,15 +47,21 @@ def lines(count: int, status: str | None) -> AccountImport:
 
 
 @asynccontextmanager
+async def _opened(url: str) -> AsyncIterator[StateStore]:
+    store = open_state_store(url)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
 async def fresh_store(kind: str, pg: str | None) -> AsyncIterator[StateStore]:
     if kind == "sqlite":
         with tempfile.TemporaryDirectory() as folder:
-            store = open_state_store(f"sqlite:///{Path(folder) / 'state.sqlite'}")
-            await store.migrate()
-            try:
+            async with _opened(f"sqlite:///{Path(folder) / 'state.sqlite'}") as store:
                 yield store
-            finally:
-                await store.close()
         return
     import psycopg
 
@@ -64,12 +70,8 @@ async def fresh_store(kind: str, pg: str | None) -> AsyncIterator[StateStore]:
     with psycopg.connect(pg + "/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        store = open_state_store(f"{pg}/{name}")
-        await store.migrate()
-        try:
+        async with _opened(f"{pg}/{name}") as store:
             yield store
-        finally:
-            await store.close()
     finally:
         with psycopg.connect(pg + "/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
