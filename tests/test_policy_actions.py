@@ -261,6 +261,37 @@ def test_a_suspension_found_in_the_status_is_kept(state_url: str) -> None:
     assert on_store(state_url, work) == "active"
 
 
+def test_a_suspension_that_ran_out_before_the_expiry_pass_is_not_taken_for_one_by_hand(
+        state_url: str) -> None:
+    """The verdict feed suspends again an account whose earlier suspension ran out before
+    the expiry pass lifted it: the status still says suspended, but the ladder set it.
+    Taking it for a suspension by hand recorded one without expiry, and the account
+    stayed suspended for good after the new one ended."""
+    async def work(store: Any) -> str:
+        await store.import_accounts([make_account("acct_k", status="active")])
+        engine = store.engine
+
+        async def suspend(seconds: float) -> Any:
+            made = await apply_action(engine, account_id="acct_k", action="suspend",
+                                      reason="risky", source="verdicts",
+                                      caused_by="verdict:acct_k", actor="policy",
+                                      expires_in_s=seconds)
+            assert made is not None
+            return made.action
+
+        first = await suspend(0.05)
+        wait_past(first.expires_at)         # ran out; no expiry pass has lifted it
+        assert str((await store.get_account("acct_k")).status) == "suspended"
+        second = await suspend(0.05)
+        assert [a.source for a in await list_actions(engine, "acct_k", active_only=True)
+                ] == ["verdicts"]
+        wait_past(second.expires_at)
+        await expire_due(engine)
+        return str((await store.get_account("acct_k")).status)
+
+    assert on_store(state_url, work) == "active"
+
+
 async def test_without_the_ladder_keeping_it_a_status_is_only_written(tmp_path: Path) -> None:
     """With the policy component off, or its suspensions leaving the status alone, a
     status by hand is the column alone, as before."""

@@ -147,8 +147,8 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
     is extended to the new expiry, audited as ``<event_source>:account:extend``; it keeps
     its reason and detail (a throttle its limits).
 
-    A ``suspend`` that finds the account's status ``suspended`` with no active suspend
-    action (set outside the ladder) records that suspension too, as one by hand without
+    A ``suspend`` that finds the account's status ``suspended`` with no suspend action
+    that is not lifted yet (set outside the ladder) records that suspension too, as one by hand without
     expiry (``caused_by`` :data:`OUTSIDE_LADDER`), so lifting this one does not reactivate
     the account.
     """
@@ -185,7 +185,9 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
                       created_at=now, expires_at=expires, detail=dict(detail or {}),
                       updated_at=now)
         if action == "suspend" and set_status:
-            if not any(a.active_at(now) for a in existing) and \
+            # A suspension not lifted yet, even one that ran out before the expiry pass
+            # came, set the status: only with none is it a suspension from outside.
+            if not any(a.revoked_at is None for a in existing) and \
                     await _status(conn, account_id) == "suspended":
                 await _record(conn, event_source, _outside_suspension(item))
             await _set_status(conn, account_id, "suspended")
