@@ -363,3 +363,23 @@ def test_a_ledger_whose_entries_were_removed_or_changed_is_not_signed(tmp_path: 
     intact = make_ledger(tmp_path / "intact", 30)
     assert intact.refusal is None and intact.checkpoint() is not None
     intact.close()
+
+
+def test_an_entry_is_found_by_its_id_before_its_index(tmp_path: Path) -> None:
+    """A trace may give an exchange the id ``42``: looking it up found the entry at
+    index 42 instead, and its proof was handed out for the exchange."""
+    lg = make_ledger(tmp_path, 10)
+    numeric = make_exchange("numbered")
+    numeric.id = "3"
+    lg.append([entry.from_exchange(numeric, Retention.FULL)])
+    found = lg.find("3")
+    assert found is not None and found.idx == 10 and found.entry_id == "3"
+    at_three = lg.find("index:3")
+    assert at_three is not None and at_three.idx == 3 and at_three.entry_id != "3"
+    # digits that are no entry's id still name an index; an int is always one
+    five = lg.find("5")
+    assert five is not None and five.idx == 5
+    assert lg.find(3) == at_three
+    assert lg.find("index:11") is None and lg.find("index:x") is None
+    assert lg.find("99999999999999999999") is None
+    lg.close()

@@ -37,6 +37,8 @@ from distillguard.ledger.store import LedgerStore, Row, StoredCheckpoint, open_s
 from distillguard.ledger.tree import MerkleTree
 
 log = logging.getLogger("distillguard.ledger")
+# ``index:N`` names the entry at index N, whatever ids the entries have (Ledger.find).
+INDEX_PREFIX = "index:"
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -258,18 +260,32 @@ class Ledger:
                     "path": [p.hex() for p in path]}
 
     def find(self, ref: str | int) -> Row | None:
-        """The entry at index ``ref`` (digits), or with that entry id; None when there
-        is none. An index past the ledger is none, rather than a number the database
-        cannot hold (a 20-digit index raised OverflowError in SQLite)."""
-        if isinstance(ref, int) or (ref.isascii() and ref.isdigit()):
-            idx = int(ref)
-            if not 0 <= idx < self.store.size():
-                return None
-            return next(iter(self.store.iter_rows(idx, idx + 1)), None)
-        return self.store.find(ref)
+        """The entry ``ref`` names; None when there is none. ``ref`` is an entry id (an
+        exchange's or an event's), an index (an int, or ``index:N``), or digits: the entry
+        with that id when there is one (a trace may give an exchange the id ``42``),
+        else the index. An index past the ledger is none, rather than a number the
+        database cannot hold (a 20-digit index raised OverflowError in SQLite)."""
+        if isinstance(ref, int):
+            return self._at(ref)
+        if ref.startswith(INDEX_PREFIX):
+            number = ref[len(INDEX_PREFIX):]
+            return self._at(int(number)) if _digits(number) else None
+        found = self.store.find(ref)
+        if found is None and _digits(ref):
+            return self._at(int(ref))
+        return found
+
+    def _at(self, idx: int) -> Row | None:
+        if not 0 <= idx < self.store.size():
+            return None
+        return next(iter(self.store.iter_rows(idx, idx + 1)), None)
 
     def close(self) -> None:
         self.store.close()
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _stamp(path: os.PathLike[str]) -> tuple[int, int, int] | None:
