@@ -305,3 +305,20 @@ async def test_limits_changed_at_once_are_all_kept(store) -> None:  # type: igno
         await store.merge_limits("acct_l", {"requests_per_minute": -1})
     with pytest.raises(NotFound):
         await store.merge_limits("acct_none", {"requests_per_minute": 1})
+
+
+async def test_an_account_search_matches_its_text_literally_and_case_blind(store) -> None:  # type: ignore[no-untyped-def]
+    """The search was a LIKE of the raw text: ``a_b`` also found ``axb`` and ``%`` every
+    account; and SQLite's LIKE ignores case where PostgreSQL's does not, so ``acme``
+    found the Acme account on one store and not on the other."""
+    await store.import_accounts([
+        make_account("a_b", org="Acme Corp"), make_account("axb", org="Other"),
+        make_account("pct", org="100% Real"), make_account("back", org="C:\\dir")])
+
+    async def found(query: str) -> list[str]:
+        return [a.account_id for a in await store.list_accounts(query=query)]
+
+    assert await found("a_b") == ["a_b"]
+    assert await found("%") == ["pct"]
+    assert await found("\\") == ["back"]
+    assert await found("acme") == await found("ACME CORP") == ["a_b"]

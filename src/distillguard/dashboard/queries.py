@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.exchange import parse_ts
-from distillguard.store.sql import in_chunks
+from distillguard.store.sql import containing, in_chunks, like_pattern
 
 # range name -> (span, bucket width, characters of the RFC 3339 minute kept as bucket key)
 RANGES: dict[str, tuple[timedelta, timedelta, int]] = {
@@ -141,14 +141,14 @@ async def search_accounts(engine: AsyncEngine, q: str, *, after: str | None,
     params: dict[str, Any] = {"after": after or "", "limit": limit}
     where = ["a.account_id > :after"]
     if q:
-        params.update(q=q, like=f"%{q}%")
+        params.update(q=q, like=like_pattern(q))
         ip_match = "client_ip = :q"
         if q.endswith((".", ":")):
             params["hi"] = q + "\uffff"
             ip_match = "client_ip >= :q AND client_ip < :hi"
         where.append(
-            "(a.account_id LIKE :like OR a.org LIKE :like OR a.email_domain LIKE :like"
-            " OR a.payment_fingerprint LIKE :like"
+            "(" + " OR ".join(containing(f"a.{column}", "like") for column in (
+                "account_id", "org", "email_domain", "payment_fingerprint")) +
             " OR a.account_id IN (SELECT account_id FROM api_keys WHERE key_id = :q)"
             f" OR a.account_id IN (SELECT account_id FROM dashboard_account_ips"
             f" WHERE {ip_match}))")

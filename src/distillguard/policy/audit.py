@@ -39,6 +39,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from distillguard.policy.schema import ensure_schema, new_id, now_ts
+from distillguard.store.sql import like_pattern
 
 log = logging.getLogger("distillguard.policy")
 
@@ -89,8 +90,8 @@ async def query(engine: AsyncEngine, subject: str | None = None, *, limit: int =
         where.append("subject = :s")
         params["s"] = subject
     if name_prefix:
-        where.append("name LIKE :n")
-        params["n"] = name_prefix + "%"
+        where.append("name LIKE :n ESCAPE '\\'")
+        params["n"] = like_pattern(name_prefix, prefix=True)
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY ts DESC, event_id DESC LIMIT :limit"

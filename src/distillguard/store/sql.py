@@ -70,6 +70,21 @@ def in_chunks(values: Sequence[str], size: int = 500
     return out
 
 
+def containing(column: str, param: str) -> str:
+    """SQL that is true when ``column`` holds the text of ``:param`` (given as
+    :func:`like_pattern` makes it), ignoring case, alike on SQLite and PostgreSQL (whose
+    LIKE is case-blind on one and not the other)."""
+    return f"lower({column}) LIKE lower(:{param}) ESCAPE '\\'"
+
+
+def like_pattern(text: str, *, prefix: bool = False) -> str:
+    """``text`` as a LIKE pattern that matches it literally (its ``%``, ``_`` and ``\\``
+    escaped, for ``ESCAPE '\\'``): anywhere in a value, or at its start (``prefix``).
+    Unescaped, a search for ``a_b`` also found ``axb``, and one for ``%`` everything."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%" if prefix else f"%{escaped}%"
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -281,9 +296,9 @@ class SQLStateStore:
         if query and "\x00" in query:
             return []
         if query:
-            sql += (" WHERE account_id LIKE :q OR org LIKE :q OR email_domain LIKE :q"
-                    " OR payment_fingerprint LIKE :q")
-            params["q"] = f"%{query}%"
+            sql += " WHERE " + " OR ".join(containing(column, "q") for column in (
+                "account_id", "org", "email_domain", "payment_fingerprint"))
+            params["q"] = like_pattern(query)
         sql += " ORDER BY account_id LIMIT :limit OFFSET :offset"
         async with self.engine.connect() as conn:
             rows = (await conn.execute(text(sql), params)).all()
