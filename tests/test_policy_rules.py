@@ -226,3 +226,37 @@ def test_denials_are_counted_per_account_rule_and_code() -> None:
     assert events["account:a"].count == 3 and events["account:a"].detail["models"] == ["m1"]
     assert events["account:-"].detail["rule"] == "overflow"   # bounded memory
     assert len(agg) == 0
+
+
+def test_several_throttles_hold_an_account_to_the_tightest_of_each_limit(
+        tmp_path: Path) -> None:
+    """An account under two throttles at once (one from verdicts with the policy's limits,
+    one from an analyst with limits of their own) was held to whichever its replica
+    listed first: the order the actions were read in."""
+    from distillguard.config import LimitSet
+    from distillguard.policy.limits import PolicyLimiter, tightest
+    from distillguard.ratelimit import MemoryCounterStore
+    from tests.factories import make_settings
+
+    compiled = compile_policy(parse_document(
+        {"actions": {"throttle": {"limits": {"requests_per_minute": 2,
+                                             "tokens_per_minute": 50_000}}}}))
+    verdicts = _action("throttle", action_id="act_v")
+    analyst = _action("throttle", action_id="act_a", source="analyst",
+                      detail={"limits": {"requests_per_minute": 10, "tokens_per_minute": 900,
+                                         "tokens_per_day": 5000}})
+    account = Account(account_id="acct_t")
+    principal = Principal(account, ApiKey("key_000000000001", "acct_t", "h"))
+    seen = []
+    for order in ([verdicts, analyst], [analyst, verdicts]):
+        active = ActiveActions()
+        for item in order:
+            active.apply(item)
+        limiter = PolicyLimiter(make_settings(tmp_path), MemoryCounterStore(),
+                                PolicyHolder(None, compiled), active, DenialAggregator())
+        seen.append({scope: dict(limits) for scope, _, limits in
+                     limiter._limit_sets(principal)})
+    assert seen[0] == seen[1]
+    assert seen[0]["throttle"] == {"requests_per_minute": 2, "tokens_per_minute": 900,
+                                   "tokens_per_day": 5000}
+    assert tightest([LimitSet(), LimitSet()]) == dict(LimitSet().model_dump())

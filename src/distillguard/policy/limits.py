@@ -7,7 +7,8 @@ and charges tokens the same way (as an inline stage). Its counters are separate
 (``throttle:<account>:...`` and ``policytier:<account>:...``): they apply on top of the
 tier's ordinary limits, so the effective limit is the tighter of the two. Limits of a
 ``throttle`` action come from the action's ``detail.limits`` if an analyst set them, else
-``actions.throttle.limits`` in the policy file.
+``actions.throttle.limits`` in the policy file; under several throttles at once, each
+limit is the lowest of theirs (:func:`tightest`).
 
 A throttled client is rate limited, not blocked: the 429 carries ``Retry-After`` and
 clients may retry after it.
@@ -34,14 +35,28 @@ class _Limits(dict[str, int | None]):
     """A limit set readable both as a mapping and by attribute, as the rate limiter's
     ``_requests`` reads it."""
 
-    def __init__(self, limits: LimitSet) -> None:
-        super().__init__(limits.model_dump())
+    def __init__(self, limits: dict[str, int | None]) -> None:
+        super().__init__(limits)
 
     def __getattr__(self, name: str) -> int | None:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def tightest(limit_sets: list[LimitSet]) -> dict[str, int | None]:
+    """Each limit at its lowest over ``limit_sets`` (None: no set has it). An account under
+    several throttles at once (from verdicts, and from an analyst with limits of their
+    own) was held to whichever its replica happened to list first."""
+    out: dict[str, int | None] = {}
+    for limits in limit_sets:
+        for name, value in limits.model_dump().items():
+            if value is not None and (out.get(name) is None or value < out[name]):
+                out[name] = value
+            else:
+                out.setdefault(name, None)
+    return out
 
 
 class PolicyLimiter(RateLimiter):
@@ -68,14 +83,16 @@ class PolicyLimiter(RateLimiter):
         sets: list[tuple[str, str, Any]] = []
         tier = policy.tier(account.tier)
         if tier is not None and tier.limits is not None:
-            sets.append(("policytier", account.account_id, _Limits(tier.limits)))
+            sets.append(("policytier", account.account_id,
+                         _Limits(tier.limits.model_dump())))
+        throttles: list[LimitSet] = []
         for item in self.actions.for_account(account.account_id, _now()):
             if item.action == "throttle":
                 custom = item.detail.get("limits")
-                limits = (LimitSet(**custom) if isinstance(custom, dict)
-                          else policy.document.actions.throttle.limits)
-                sets.append(("throttle", account.account_id, _Limits(limits)))
-                break
+                throttles.append(LimitSet(**custom) if isinstance(custom, dict)
+                                 else policy.document.actions.throttle.limits)
+        if throttles:
+            sets.append(("throttle", account.account_id, _Limits(tightest(throttles))))
         return sets
 
     async def check(self, exchange: Exchange) -> Decision:
