@@ -574,7 +574,7 @@ def test_an_import_is_all_or_nothing_with_its_ladder(state_url: str, tmp_path: P
     """The accounts, their statuses and what they record on the ladder are one
     transaction: a failure in the last step leaves nothing of the import."""
     from distillguard.components import import_accounts
-    from distillguard.policy import actions as ladder
+    from distillguard.policy import byhand
     from distillguard.store.models import AccountImport
 
     settings = make_settings(tmp_path, policy={"file": write_policy(tmp_path)},
@@ -588,7 +588,7 @@ def test_an_import_is_all_or_nothing_with_its_ladder(state_url: str, tmp_path: P
         batch = AccountImport.of(AccountImport.line(line) for line in (
             {"account_id": "acct_x", "status": "suspended", "org": "after"},
             {"account_id": "acct_y", "status": "suspended"}))
-        monkeypatch.setattr(ladder, "_reinstate_by_hand", fail)
+        monkeypatch.setattr(byhand, "_reinstate_by_hand", fail)
         with pytest.raises(RuntimeError):
             await import_accounts(settings, store, batch, actor="ana", reason=None)
         account = await store.get_account("acct_x")

@@ -14,7 +14,7 @@ suspension (revoke, reinstate or expiry) sets it back to ``active``.
 
 So that lifting never undoes a suspension made outside the ladder, every suspension is on
 the ladder. A status set by hand (``PATCH /admin/v1/accounts/{id}``, ``distillguard
-accounts update --status``) goes through :func:`update_account`: ``suspended`` records a
+accounts update --status``, an import) goes through :mod:`.byhand`: ``suspended`` records a
 suspension by hand without expiry, ``active`` lifts every suspension. A suspension the
 ladder finds already in the status with no active suspend action (an import, a version
 before this one) is recorded by :func:`apply_action` as one by hand (``caused_by``
@@ -36,18 +36,12 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from distillguard.errors import NotFound
 from distillguard.exchange import parse_ts
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.document import LADDER
 from distillguard.policy.schema import ensure_schema, new_id, now_ts, reading
-from distillguard.store.models import AccountImport, stored_text
 from distillguard.store.sql import (
-    account_columns,
-    in_chunks,
     lock_for_change,
-    upsert_accounts,
-    write_account,
 )
 
 # ``caused_by`` of a suspension the ladder found set outside it (:func:`apply_action`).
@@ -115,15 +109,15 @@ class Applied:
 
 # The key every ladder change holds shared beside its account's, and an import, which
 # sets the status of many accounts at once, holds alone (lock_for_change's ``within``).
-_EVERY_ACCOUNT = "policy"
+EVERY_ACCOUNT = "policy"
 
 
-async def _lock(conn: AsyncConnection, account_id: str) -> None:
+async def lock_account(conn: AsyncConnection, account_id: str) -> None:
     """Serialise ladder changes to one account (on PostgreSQL across replicas), and
     with imports. Without it on SQLite, changes at once each found no active action and
     each inserted one, and a reinstatement could set the status active beside a
     suspension it had not read."""
-    await lock_for_change(conn, "policy:" + account_id, within=_EVERY_ACCOUNT)
+    await lock_for_change(conn, "policy:" + account_id, within=EVERY_ACCOUNT)
 
 
 async def _set_status(conn: AsyncConnection, account_id: str, status: str) -> None:
@@ -162,7 +156,7 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
     expires_in_s = expires_in_s or None
     expires = now_ts(now_dt + timedelta(seconds=expires_in_s)) if expires_in_s else None
     async with engine.begin() as conn:
-        await _lock(conn, account_id)
+        await lock_account(conn, account_id)
         rows = (await conn.execute(text(
             "SELECT * FROM policy_actions WHERE account_id = :a AND action = :x"),
             {"a": account_id, "x": action})).all()
@@ -188,10 +182,10 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
             # A suspension not lifted yet, even one that ran out before the expiry pass
             # came, set the status: only with none is it a suspension from outside.
             if not any(a.revoked_at is None for a in existing) and \
-                    await _status(conn, account_id) == "suspended":
-                await _record(conn, event_source, _outside_suspension(item))
+                    await account_status(conn, account_id) == "suspended":
+                await record_actions(conn, event_source, _outside_suspension(item))
             await _set_status(conn, account_id, "suspended")
-        await _record(conn, event_source, item)
+        await record_actions(conn, event_source, item)
     return Applied(item)
 
 
@@ -213,7 +207,7 @@ async def _extend(conn: AsyncConnection, item: Action, *, to: str | None, actor:
                    extended_from=item.expires_at)
 
 
-async def _record(conn: AsyncConnection, event_source: str, *items: Action) -> None:
+async def record_actions(conn: AsyncConnection, event_source: str, *items: Action) -> None:
     """Insert ``items`` and their audit events (``<event_source>:account:<action>``), a
     statement for each table (an import records thousands)."""
     if not items:
@@ -234,7 +228,7 @@ async def _record(conn: AsyncConnection, event_source: str, *items: Action) -> N
         for item in items))
 
 
-async def _status(conn: AsyncConnection, account_id: str) -> str | None:
+async def account_status(conn: AsyncConnection, account_id: str) -> str | None:
     return (await conn.execute(text("SELECT status FROM accounts WHERE account_id = :a"),
                                {"a": account_id})).scalar()
 
@@ -284,7 +278,7 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
     await ensure_schema(engine)
     now = now_ts()
     async with engine.begin() as conn:
-        await _lock(conn, account_id)
+        await lock_account(conn, account_id)
         rows = (await conn.execute(text(
             "SELECT * FROM policy_actions WHERE account_id = :a AND revoked_at IS NULL"),
             {"a": account_id})).all()
@@ -305,159 +299,6 @@ async def revoke(engine: AsyncEngine, account_id: str, *, actions: list[str] | N
     return lifted
 
 
-async def update_account(engine: AsyncEngine, account_id: str, changes: dict[str, Any], *,
-                         by: str, reason: str | None, event_source: str) -> list[Action]:
-    """Apply an account update that sets its ``status`` by hand (``PATCH
-    /admin/v1/accounts/{id}``, ``distillguard accounts update --status``), with the other
-    fields of ``changes``, in one transaction with what it records on the ladder; returns
-    the actions recorded or lifted.
-
-    ``suspended`` records a suspension by hand without expiry (source ``analyst``, none
-    when one is active already), so the end of a suspension from verdicts or review does
-    not reactivate the account. ``active`` lifts every active suspension (other actions
-    stay) and audits ``<event_source>:account:reinstate``. NotFound for an unknown account,
-    with nothing written; InvalidRecord or StoreError for a field the account cannot
-    take, before anything is written."""
-    values = account_columns(changes)
-    status = values.get("status")
-    if status not in ("active", "suspended"):
-        raise ValueError("update_account changes the status: give 'status'")
-    if "\x00" in account_id:   # never stored; PostgreSQL would refuse it in a query
-        raise NotFound(f"no account {account_id!r}")
-    reason = stored_text((reason or "").strip(), "'reason'", "reason", limit=1000) or \
-        f"status set to {status} by {by}"
-    await ensure_schema(engine)
-    now = now_ts()
-    async with engine.begin() as conn:
-        await _lock(conn, account_id)
-        before = await _status(conn, account_id)
-        if before is None:
-            raise NotFound(f"no account {account_id!r}")
-        await write_account(conn, account_id, values)
-        active = (await _suspensions(conn, [account_id], now)).get(account_id, [])
-        if status == "suspended":
-            item = _suspension_by_hand(account_id, active, by=by, reason=reason, now=now)
-            if item is None:
-                return []
-            await _record(conn, event_source, item)
-            return [item]
-        await _reinstate_by_hand(conn, {account_id: before}, {account_id: active}, by=by,
-                                 reason=reason, event_source=event_source, now=now)
-        return active
-
-
-def _suspension_by_hand(account_id: str, active: list[Action], *, by: str, reason: str,
-                        now: str) -> Action | None:
-    """The suspension the status set ``suspended`` by hand records, beside the account's
-    ``active`` suspensions: none when one by hand without expiry is among them."""
-    if any(a.source == "analyst" and a.expires_at is None for a in active):
-        return None
-    return Action(action_id=new_id("act"), account_id=account_id, action="suspend",
-                  reason=reason, source="analyst", caused_by=f"analyst:{by}", actor=by,
-                  created_at=now, expires_at=None, updated_at=now)
-
-
-async def _reinstate_by_hand(conn: AsyncConnection, before: dict[str, str],
-                             active: dict[str, list[Action]], *, by: str, reason: str,
-                             event_source: str, now: str) -> list[str]:
-    """The status set ``active`` by hand on the accounts of ``before`` (each one's status
-    before it was written), in the transaction on ``conn`` that holds them and wrote it:
-    lifts their ``active`` suspensions (read under that hold, so no other change lifts
-    them meanwhile) and, for each that had any or was suspended, audits a reinstatement.
-    Returns the accounts reinstated."""
-    lifted = [item for account_id in before for item in active.get(account_id, [])]
-    if lifted:
-        await conn.execute(text(
-            "UPDATE policy_actions SET revoked_at = :t, revoked_by = :b, revoke_reason = :r,"
-            " updated_at = :u WHERE action_id = :i AND revoked_at IS NULL"),
-            [{"t": now, "b": by, "r": reason, "u": now_ts(), "i": item.action_id}
-             for item in lifted])
-        await record_in(conn, *(AuditEvent(
-            name=f"{event_source}:account:revoke", subject=f"account:{item.account_id}",
-            actor=by, reason=reason, detail={"action_id": item.action_id,
-                                             "action": item.action,
-                                             "caused_by": item.caused_by})
-            for item in lifted))
-    # after the revocations' statement: their events come first in time
-    reinstated = [a for a, status in before.items() if active.get(a) or status != "active"]
-    await record_in(conn, *(AuditEvent(
-        name=f"{event_source}:account:reinstate", subject=f"account:{account_id}",
-        actor=by, reason=reason,
-        detail={"lifted": [a.action_id for a in active.get(account_id, [])],
-                "status": "active"}) for account_id in reinstated))
-    return reinstated
-
-
-async def _suspensions(conn: AsyncConnection, account_ids: list[str], now: str
-                       ) -> dict[str, list[Action]]:
-    """The active suspensions of these accounts, by account."""
-    out: dict[str, list[Action]] = {}
-    for marks, params in in_chunks(account_ids):
-        rows = (await conn.execute(text(
-            f"SELECT * FROM policy_actions WHERE account_id IN ({marks})"
-            " AND action = 'suspend' AND revoked_at IS NULL"), params)).all()
-        for item in (Action.from_row(r) for r in rows):
-            if item.active_at(now):
-                out.setdefault(item.account_id, []).append(item)
-    return out
-
-
-async def import_accounts(engine: AsyncEngine, batch: AccountImport, *, by: str,
-                          reason: str | None, event_source: str = "import"
-                          ) -> dict[str, int]:
-    """Insert or replace the accounts of an import (``accounts import``, ``POST
-    /admin/v1/accounts/import``) in one transaction with what their status records on
-    the ladder: all or nothing. Returns ``{"imported", "suspended", "reinstated"}``.
-
-    An account whose line gives its status has it set as by hand (:func:`update_account`,
-    audited ``<event_source>:account:...``): ``suspended`` records a suspension without
-    expiry unless one is active, a new account's too; ``active`` lifts every active
-    suspension of an existing account and, if there were any or the account was
-    suspended, reinstates it. An existing account whose line gives no status
-    (``batch.keep_status``) keeps its status and its suspensions. The transaction holds the ladder of every account (on PostgreSQL
-    the key every ladder change holds shared; on SQLite the write lock), so no change of
-    one falls between what the import read and what it wrote."""
-    reason = stored_text((reason or "").strip(), "'reason'", "reason", limit=1000)
-    await ensure_schema(engine)
-    latest = {a.account_id: a for a in batch.accounts}
-    given = {i: str(a.status) for i, a in latest.items() if i not in batch.keep_status}
-    now = now_ts()
-    async with engine.begin() as conn:
-        await lock_for_change(conn, _EVERY_ACCOUNT)
-        if conn.dialect.name == "postgresql":
-            # The reads below are alike statements of 500 parameters: past the fifth,
-            # PostgreSQL planned them once for any values, a scan of policy_actions each
-            # (a second for an import of 10,000 accounts).
-            await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-        stored: dict[str, str] = {}
-        for marks, params in in_chunks(list(latest)):
-            rows = await conn.execute(text(
-                f"SELECT account_id, status FROM accounts WHERE account_id IN ({marks})"),
-                params)
-            stored.update((r[0], r[1]) for r in rows)
-        active = await _suspensions(conn, list(given), now)
-        await upsert_accounts(conn, latest.values(), keep_status=stored.keys())
-        changed = [{"a": i, "s": status} for i, status in given.items()
-                   if stored.get(i, status) != status]
-        if changed:
-            await conn.execute(text("UPDATE accounts SET status = :s WHERE account_id = :a"),
-                               changed)
-        suspensions = [item for item in (
-            _suspension_by_hand(account_id, active.get(account_id, []), by=by,
-                                reason=reason or f"status suspended in an import by {by}",
-                                now=now)
-            for account_id, status in given.items() if status == "suspended")
-            if item is not None]
-        await _record(conn, event_source, *suspensions)
-        reinstated = await _reinstate_by_hand(   # a new account is created, not reinstated
-            conn, {i: stored[i] for i, status in given.items()
-                   if status == "active" and i in stored}, active, by=by,
-            reason=reason or f"status active in an import by {by}",
-            event_source=event_source, now=now)
-    return {"imported": len(latest), "suspended": len(suspensions),
-            "reinstated": len(reinstated)}
-
-
 async def expire_due(engine: AsyncEngine, *, set_status: bool = True,
                      conn: AsyncConnection | None = None) -> list[Action]:
     """Mark actions whose time ran out (``policy:account:expire``); lifts suspensions.
@@ -471,7 +312,7 @@ async def expire_due(engine: AsyncEngine, *, set_status: bool = True,
     done = []
     for item in (Action.from_row(r) for r in rows):
         async with engine.begin() as conn:
-            await _lock(conn, item.account_id)
+            await lock_account(conn, item.account_id)
             if await _lift(conn, item, by="expiry", reason=f"{item.action} expired",
                            at=item.expires_at or now, event="policy:account:expire",
                            set_status=set_status):

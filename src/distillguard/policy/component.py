@@ -64,13 +64,13 @@ def status_keeper(settings: Settings) -> StatusKeeper | None:
 
 class LadderKeepsStatus:
     """A :class:`~distillguard.components.StatusKeeper`: the status by hand on the ladder
-    (:func:`distillguard.policy.actions.update_account` and
-    :func:`~distillguard.policy.actions.import_accounts`)."""
+    (:func:`distillguard.policy.byhand.update_account` and
+    :func:`~distillguard.policy.byhand.import_accounts`)."""
 
     async def update_account(self, store: StateStore, account_id: str,
                              changes: dict[str, Any], *, actor: str, reason: str | None,
                              channel: str) -> None:
-        from distillguard.policy.actions import update_account
+        from distillguard.policy.byhand import update_account
 
         await update_account(store.engine,  # type: ignore[attr-defined]
                              account_id, changes, by=actor, reason=reason,
@@ -78,7 +78,7 @@ class LadderKeepsStatus:
 
     async def import_accounts(self, store: StateStore, batch: AccountImport, *, actor: str,
                               reason: str | None, channel: str) -> dict[str, int]:
-        from distillguard.policy.actions import import_accounts
+        from distillguard.policy.byhand import import_accounts
 
         return await import_accounts(store.engine,  # type: ignore[attr-defined]
                                      batch, by=actor, reason=reason, event_source=channel)
