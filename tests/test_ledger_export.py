@@ -191,3 +191,32 @@ def test_a_missing_column_is_invalid_not_a_traceback(export: Path, tmp_path: Pat
                    tmp_path / "bad.parquet")
     code, out = _verify_proof(tmp_path / "bad.parquet", tmp_path)
     assert code == 1 and "column 'inclusion_path' is missing" in out, out
+
+
+def test_detect_verifies_an_export_first_when_given_the_key(export: Path,
+                                                            tmp_path: Path) -> None:
+    """detect --trace FILE.parquet checked that bodies have the hashes their leaves
+    commit to, but not the signed checkpoint nor whether rows were missing: an export
+    with an entry cut out was detected as if whole. With --key it is verified first."""
+    key = str(tmp_path / "l" / "ledger.key.pub")
+    runner = CliRunner()
+
+    def detect(trace: Path, *extra: str) -> Any:
+        out = tmp_path / f"{trace.stem}-verdicts.json"
+        result = runner.invoke(main, ["detect", "--trace", str(trace), "--out", str(out),
+                                      *extra])
+        return result, out
+
+    result, out = detect(export, "--key", key)
+    assert result.exit_code == 0 and out.exists(), result.output
+    assert f"{export}: verified, 25 entries" in result.output
+    result, out = detect(export)
+    assert result.exit_code == 0 and "was not verified" in result.output
+    gap = _rewrite(export, tmp_path / "gap.parquet", lambda rows: rows[:3] + rows[4:])
+    result, out = detect(gap, "--key", key)
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert "does not verify" in result.output and "nothing was detected" in result.output
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("")
+    result, _ = detect(trace, "--key", key)
+    assert result.exit_code == 2 and "--key verifies a ledger export" in result.output

@@ -70,6 +70,10 @@ def memory_limit_of(_ctx: click.Context, _param: click.Parameter, value: str) ->
                    "trace file (account records from the state store unless --accounts).")
 @click.option("--accounts", type=click.Path(exists=True, dir_okay=False),
               help="Accounts file (JSON Lines): sign-up time, payment fingerprint, org.")
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False),
+              help="With a ledger export as --trace: the ledger's public key. The export "
+                   "is verified first (its signed checkpoint, every row, no gap), and "
+                   "nothing is detected if it does not verify.")
 @click.option("--out", type=click.Path(dir_okay=False), callback=output_path,
               help="Verdicts file to write.")
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
@@ -89,8 +93,9 @@ def memory_limit_of(_ctx: click.Context, _param: click.Parameter, value: str) ->
                    "Verdicts are the same.")
 @click.pass_context
 def detect(ctx: click.Context, trace: str | None, from_ledger: bool, accounts: str | None,
-           out: str | None, calibration_path: str | None, tick_seconds: float,
-           memory_limit: str, progress_log: str | None, reader: str) -> None:
+           key_path: str | None, out: str | None, calibration_path: str | None,
+           tick_seconds: float, memory_limit: str, progress_log: str | None,
+           reader: str) -> None:
     """Find distillation campaigns in a trace (or the ledger) and write verdicts with
     evidence."""
     if ctx.invoked_subcommand is not None:
@@ -98,7 +103,16 @@ def detect(ctx: click.Context, trace: str | None, from_ledger: bool, accounts: s
     if not out or bool(trace) == from_ledger:
         raise click.UsageError("--out and one of --trace or --ledger are required (or use "
                                "a sub-command)")
+    is_export = bool(trace) and str(trace).endswith(".parquet")
+    if key_path is not None and not is_export:
+        raise click.UsageError("--key verifies a ledger export: give it with "
+                               "--trace FILE.parquet")
     calibration = Calibration.read(calibration_path)
+    if key_path is not None:
+        check_export(str(trace), key_path)
+    elif is_export:
+        click.echo(f"note: {trace} was not verified (its signatures and whether rows are "
+                   "missing); pass --key LEDGER_PUBLIC_KEY to verify it first", err=True)
     began = time.perf_counter()
     exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="distillguard-detect-") as spill:
@@ -110,6 +124,23 @@ def detect(ctx: click.Context, trace: str | None, from_ledger: bool, accounts: s
                                   tick_seconds=tick_seconds, memory_limit=memory_limit,
                                   on_progress=progress, reader=reader)
     write_verdicts(result, out, time.perf_counter() - began)
+
+
+def check_export(export: str, key_path: str) -> None:
+    """Verify a ledger's Parquet export with its public key (``ledger verify-proof``'s
+    check: the signed checkpoint, every row against it, the declared range whole) before
+    detection reads it; ClickException when it does not verify. Detection itself checks
+    only that bodies have the hashes their leaves commit to."""
+    from distillguard.ledger.cli import read_public_key
+    from distillguard.ledger.verifier import VerificationFailed, verify_export
+
+    try:
+        checked = verify_export(Path(export), read_public_key(key_path))
+    except VerificationFailed as exc:
+        raise click.ClickException(f"{export} does not verify with {key_path}: {exc}; "
+                                   "nothing was detected") from None
+    click.echo(f"{export}: verified, {checked['rows']} entries (indexes {checked['start']} "
+               f"up to {checked['end']}) of a signed tree of {checked['tree_size']}", err=True)
 
 
 def ledger_trace(ctx: click.Context, into: Path, accounts: str | None

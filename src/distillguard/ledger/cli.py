@@ -93,7 +93,7 @@ def _ring(key_paths: tuple[str, ...], retired_path: str | None,
     else:
         used, source = _key_source(ctx)
         paths = [used]
-    current = [_key(p) for p in paths]
+    current = [read_public_key(p) for p in paths]
     info: dict[str, Any] = {"path": paths[0] if paths else None, "source": source}
     if len(paths) > 1:
         info["also"] = paths[1:]
@@ -112,7 +112,8 @@ def _ring(key_paths: tuple[str, ...], retired_path: str | None,
     return KeyRing(current, retired), info
 
 
-def _key(path: str) -> VerifierKey:
+def read_public_key(path: str) -> VerifierKey:
+    """The ledger public key in the file ``path``; UsageError naming what is wrong."""
     try:
         return VerifierKey.parse(Path(path).read_text())
     except OSError as exc:
