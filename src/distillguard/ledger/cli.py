@@ -278,7 +278,7 @@ def verify(ctx: click.Context, key_paths: tuple[str, ...], retired_path: str | N
     from distillguard.ledger.store import open_store
     from distillguard.ledger.verifier import (
         VerificationFailed,
-        export_checkpoint,
+        export_header,
         verified_rows,
     )
     from distillguard.ledger.verify import verify_ledger
@@ -291,9 +291,9 @@ def verify(ctx: click.Context, key_paths: tuple[str, ...], retired_path: str | N
     labelled: list[tuple[str, str]] = []
     for export in exports:
         try:
-            reference.update(verified_rows(Path(export), key))
-            labelled.append((f"the checkpoint of {export}",
-                             export_checkpoint(Path(export), key)))
+            header = export_header(Path(export), key)
+            reference.update(verified_rows(Path(export), key, header=header))
+            labelled.append((f"the checkpoint of {export}", header.note))
         except VerificationFailed as exc:
             raise click.ClickException(f"{export} does not verify: {exc}") from None
     store = open_store(config.url, durability=config.durability)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +156,21 @@ def _same(value: Any, expected: Any) -> bool:
         and value == expected
 
 
-def export_checkpoint(path: Path, key: Keys) -> str:
-    """The signed checkpoint in an export's header (its note), once the header checks:
-    ``ledger verify --export`` checks the ledger against it too."""
-    _export_header(path, key)
-    import pyarrow.parquet as pq
+@dataclass(frozen=True, slots=True)
+class ExportHeader:
+    """An export's header, checked: its signed checkpoint (parsed, and as the note it
+    came as) and the range of entries ``[start, end)`` it declares."""
 
-    note: str = orjson.loads(pq.read_schema(path).metadata[b"distillguard.ledger"])[
-        "checkpoint"]
-    return note
+    checkpoint: Checkpoint
+    note: str
+    start: int
+    end: int
 
 
-def _export_header(path: Path, key: Keys) -> tuple[Checkpoint, int, int]:
-    """The export's signed checkpoint and its declared range ``[start, end)``, checked;
-    also that the file has exactly the export format's columns."""
+def export_header(path: Path, key: Keys) -> ExportHeader:
+    """The export's header, checked: the signed checkpoint, the declared range within
+    it, and that the file has exactly the export format's columns. ``ledger verify
+    --export`` checks the ledger against its checkpoint too."""
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
@@ -181,7 +183,8 @@ def _export_header(path: Path, key: Keys) -> tuple[Checkpoint, int, int]:
         header = None
     if not isinstance(header, dict):
         raise VerificationFailed(f"{path}: its ledger header is not a JSON object")
-    cp = _signed(header.get("checkpoint"), key, str(path))
+    note = header.get("checkpoint")
+    cp = _signed(note, key, str(path))
     start, end = header.get("start"), header.get("end")
     if type(start) is not int or type(end) is not int or start < 0 \
             or end > cp.tree_size:
@@ -197,7 +200,7 @@ def _export_header(path: Path, key: Keys) -> tuple[Checkpoint, int, int]:
     for name in EXPORT_COLUMNS:
         if name not in schema.names:
             raise VerificationFailed(f"{path}: column {name!r} is missing")
-    return cp, start, max(start, end)
+    return ExportHeader(cp, str(note), start, max(start, end))
 
 
 def _out_of_sequence(path: Path, position: int, got: Any, expected: int, start: int,
@@ -254,15 +257,19 @@ def _check_row(row: dict[str, Any], cp: Checkpoint) -> tuple[bytes, str | None]:
     return lh, body_mismatch(leaf, row["request"], row["response"])
 
 
-def verified_rows(path: Path, key: Keys) -> Iterator[tuple[int, bytes]]:
+def verified_rows(path: Path, key: Keys, *, header: ExportHeader | None = None
+                  ) -> Iterator[tuple[int, bytes]]:
     """``(index, leaf hash)`` of every row of a Parquet export, each checked first: its
     leaf, hash and inclusion path against the signed checkpoint in the file's metadata,
     every other column against what the leaf says (the bodies against the hashes it
     commits to), and the rows one per entry, in order, filling the range the header
-    declares. Raises :class:`VerificationFailed` at the first row that does not check."""
+    declares. Raises :class:`VerificationFailed` at the first row that does not check.
+    ``header``: the export's, when the caller has read it (:func:`export_header`)."""
     import pyarrow.parquet as pq
 
-    cp, start, end = _export_header(path, key)
+    if header is None:
+        header = export_header(path, key)
+    cp, start, end = header.checkpoint, header.start, header.end
     expected = start
     for batch in pq.ParquetFile(path).iter_batches(columns=list(EXPORT_COLUMNS)):
         for row in batch.to_pylist():
@@ -282,10 +289,10 @@ def verified_rows(path: Path, key: Keys) -> Iterator[tuple[int, bytes]]:
 
 def verify_export(path: Path, key: Keys) -> dict[str, Any]:
     """Check every row of a Parquet export (see :func:`verified_rows`)."""
-    cp, start, end = _export_header(path, key)
-    rows = sum(1 for _ in verified_rows(path, key))
-    return {"ok": True, "type": "export", "rows": rows, "start": start, "end": end,
-            "tree_size": cp.tree_size}
+    header = export_header(path, key)
+    rows = sum(1 for _ in verified_rows(path, key, header=header))
+    return {"ok": True, "type": "export", "rows": rows, "start": header.start,
+            "end": header.end, "tree_size": header.checkpoint.tree_size}
 
 
 def verify_file(path: Path, key: Keys, *, checkpoint: str | None = None
