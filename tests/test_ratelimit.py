@@ -148,6 +148,19 @@ def test_gateway_429_with_headers_and_quota(tmp_path: Path) -> None:
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(**body)
 
+        # An account id may hold ':' (org:team:7), as the counter keys do around it: the
+        # limit kind was read from the key's third part, so such an account had no
+        # x-ratelimit-* headers and its refusal was a 500 instead of a 429.
+        admin.post("/admin/v1/accounts", json={"account_id": "org:team:7"}
+                   ).raise_for_status()
+        colon = admin.post("/admin/v1/accounts/org:team:7/keys", json={}).json()["key"]
+        answers = [httpx.post(stack.stack.base_url + "/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {colon}"})
+                   for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
+        assert "requests per minute" in answers[3].json()["error"]["message"]
+
         # An account limit of null is no override, the tier's limit: it lifted the limit.
         admin.post("/admin/v1/accounts", json={"account_id": "a3", "limits": {
             "requests_per_minute": None}}).raise_for_status()

@@ -44,6 +44,18 @@ class CounterRequest:
     cost: int
     sliding: bool = True
 
+    @property
+    def scope(self) -> str:
+        """The key's first part (``account``, ``key``, ``throttle``...), of a limit's key
+        ``{scope}:{subject}:{kind}:{window}``."""
+        return self.key.split(":", 1)[0]
+
+    @property
+    def kind(self) -> str:
+        """The limit's kind (``rpm``, ``tpm``, ``tpd``): the key's last part but one, read
+        from the right, since the subject (an account id) may itself hold ``:``."""
+        return self.key.rsplit(":", 2)[1]
+
 
 @dataclass(frozen=True, slots=True)
 class CounterState:
@@ -367,12 +379,12 @@ class RateLimiter:
             ) from None
         exchange.annotations["ratelimit_headers"] = self._headers(reqs, result.states)
         if result.admitted:
-            if reserve and any(r.key.split(":")[2] != "rpm" for r in reqs):
+            if reserve and any(r.kind != "rpm" for r in reqs):
                 exchange.annotations["tokens_reserved"] = reserve
             return Allowed()
         blocking = reqs[result.blocking or 0]
         state = result.states[result.blocking or 0]
-        scope, subject, short, _ = blocking.key.split(":", 3)
+        scope, short = blocking.scope, blocking.kind
         what = {"rpm": "requests per minute", "tpm": "tokens per minute",
                 "tpd": "tokens per day"}[short]
         retry_after = max(1, math.ceil(state.reset_s))
@@ -412,7 +424,7 @@ class RateLimiter:
         for kind, shorts in (("requests", ("rpm",)), ("tokens", ("tpm", "tpd"))):
             best: tuple[float, CounterRequest, CounterState] | None = None
             for req, state in zip(reqs, states, strict=True):
-                if req.key.split(":")[2] in shorts:
+                if req.kind in shorts:
                     remaining = req.limit - state.usage
                     if best is None or remaining < best[0]:
                         best = (remaining, req, state)
