@@ -120,7 +120,6 @@ class LoopLag:
                                    "How late the event loop ran a timer (every request "
                                    "waits while it is held)", buckets=_LAG_BUCKETS,
                                    registry=registry)
-        self.worst = 0.0
         self._stalls = 0
         self._warned_at = -LOOP_STALL_WARN_EVERY_S
         self._task: asyncio.Task[None] | None = None
@@ -138,7 +137,6 @@ class LoopLag:
 
     def observe(self, lag: float) -> None:
         self.histogram.observe(lag)
-        self.worst = max(self.worst, lag)
         if lag < LOOP_STALL_WARN_S:
             return
         self._stalls += 1
