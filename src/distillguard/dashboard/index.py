@@ -28,6 +28,7 @@ sends thousands of requests an hour.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -231,6 +232,7 @@ _EXCHANGES = Table(
       for c in COLUMNS[1:]))
 
 
+@functools.cache
 def _insert_statement(dialect: str) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return insert(_EXCHANGES).on_conflict_do_nothing(
