@@ -229,3 +229,22 @@ def test_template_fingerprint_follows_its_definition() -> None:
     assert len(set(same)) == 1
     assert template_fingerprint({"prompt": "abc"}) == reference("", "abc")
     assert template_fingerprint({"messages": []}) is None
+
+
+@pytest.mark.parametrize(("partner", "changes"), [
+    ("acme", {}), ("acme", {"share_exact_ips": True}), ("initech", {})],
+    ids=["default", "exact-ips", "not-pseudonymised"])
+def test_bundle_passes_the_oasis_stix_validator(tmp_path: Path, partner: str,
+                                                changes: dict[str, Any]) -> None:
+    """The OASIS validator finds no error (its warnings remain: custom properties
+    rather than extension definitions, and ids that are UUIDv5, derived from content, so
+    a re-export updates the same objects)."""
+    from stix2validator import ValidationOptions, validate_instance
+
+    bundle = _export(tmp_path, partner, **changes)
+    result = validate_instance(bundle, ValidationOptions(version="2.1"))
+    assert result.is_valid, [str(e) for e in result.errors]
+    for indicator in _by_type(bundle, "indicator"):
+        assert indicator["description"].endswith("were the campaign's.")
+        assert str(indicator["x_distillguard_campaign_exchanges"]) in (
+            indicator["description"].replace(",", ""))

@@ -36,6 +36,16 @@ KIND_LABEL = {"ip": "client network", "asn": "autonomous system", "user_agent": 
               "template": "prompt template", "payment": "payment fingerprint"}
 
 
+def _indicator_description(kind: str, stats: ValueStats) -> str:
+    """What a partner's analyst reads first: how much of the campaign, and how little
+    else, used the value (the figures of the ``x_distillguard_*`` counts)."""
+    label = KIND_LABEL[kind]
+    article = "An" if label[0] in "aeiou" else "A"
+    return (f"{article} {label} seen in {stats.campaign:,} exchanges of a model "
+            f"distillation campaign, from {len(stats.accounts):,} of its accounts; "
+            f"{stats.specificity:.0%} of all exchanges seen with it were the campaign's.")
+
+
 def quote(value: str) -> str:
     """A STIX pattern string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -174,6 +184,7 @@ class BundleBuilder:
         return stix2.Indicator(
             id=self._id("indicator", cid, kind, shown if kind != "payment" else value),
             name=f"{KIND_LABEL[kind]} of distillation campaign {cid}",
+            description=_indicator_description(kind, stats),
             indicator_types=["malicious-activity"],
             pattern=pattern_for(kind, shown), pattern_type="stix",
             valid_from=stats.first or first,
