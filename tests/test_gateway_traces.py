@@ -217,3 +217,47 @@ async def test_concurrent_requests_share_one_key_lookup(tmp_path: Path) -> None:
         assert store.key_lookups == 2
     finally:
         await inner.close()
+
+
+def test_several_choices_reach_the_client_and_the_record_whole(tmp_path: Path) -> None:
+    """``n`` and prompt arrays, through the gateway with the official client: every
+    choice reaches the client, streamed or not, and the exchange record holds each one
+    under its own index (streamed choices arrive interleaved)."""
+    import openai
+
+    settings = make_settings(tmp_path, pipeline={"trace_path": str(tmp_path / "t.jsonl")})
+    stack = start_stack(settings)
+    try:
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        admin.post("/admin/v1/accounts", json={"account_id": "nn"}).raise_for_status()
+        key = admin.post("/admin/v1/accounts/nn/keys", json={}).json()["key"]
+        client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+        messages: Any = [{"role": "user", "content": "Name three primes."}]
+        one = client.chat.completions.create(model="demo-chat-1", messages=messages)
+        three = client.chat.completions.create(model="demo-chat-1", messages=messages, n=3)
+        texts = [c.message.content for c in three.choices]
+        assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) == 3
+        assert texts[0] == one.choices[0].message.content
+        streamed: dict[int, str] = {}
+        usage = None
+        for chunk in client.chat.completions.create(
+                model="demo-chat-1", messages=messages, n=3, stream=True,
+                stream_options={"include_usage": True}):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+            usage = chunk.usage or usage
+        assert [streamed[i] for i in range(3)] == texts
+        assert usage is not None and usage.completion_tokens == three.usage.completion_tokens  # type: ignore[union-attr]
+        listed = client.completions.create(model="demo-instruct-1", prompt=["a", "b"], n=2)
+        assert [c.index for c in listed.choices] == [0, 1, 2, 3]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="demo-chat-1", messages=messages, n=129)
+        assert refused.value.code == "integer_above_max_value"
+    finally:
+        stack.stop()
+    records = list(read_trace(tmp_path / "t.jsonl"))
+    assert [r.status for r in records] == [200, 200, 200, 200, 400]
+    stream = records[2].response
+    assert [c["message"]["content"] for c in stream["choices"]] == texts
+    assert len(records[3].response["choices"]) == 4

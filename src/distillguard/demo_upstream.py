@@ -4,7 +4,9 @@ It is not a model: the answer to a prompt is derived from the prompt's hash, so 
 request always gets the same answer, with lengths like real chat answers (a log-normal
 spread around ~150 tokens, capped by ``max_tokens``). It serves ``/v1/models``,
 ``/v1/chat/completions`` (streaming, ``stream_options.include_usage``), ``/v1/completions``
-and ``/v1/embeddings``. The model ``demo-reasoner-1`` also returns ``reasoning_content``,
+and ``/v1/embeddings``, with ``n`` choices (1 to 128, as the OpenAI API allows; the
+first is the answer a request without ``n`` gets) and, for completions, one choice per
+prompt of a prompt array. The model ``demo-reasoner-1`` also returns ``reasoning_content``,
 as reasoning models served by vLLM or DeepSeek's API do.
 
 Run it alone with ``distillguard demo-upstream --port 9000``.
@@ -35,6 +37,7 @@ COMPLETION_MODELS = ("demo-instruct-1",)
 EMBEDDING_MODELS = ("demo-embed-1",)
 ALL_MODELS = CHAT_MODELS + COMPLETION_MODELS + EMBEDDING_MODELS
 CREATED = 1_767_225_600  # 2026-01-01
+MAX_CHOICES = 128
 
 _WORDS = ["the", "model", "answer", "considers", "each", "step", "carefully", "and", "explains", "why", "result", "follows", "from", "given", "data", "first", "we", "define", "terms", "then", "compute", "value", "check", "edge", "cases", "finally", "summarise", "code", "function", "returns", "list", "of", "items", "sorted", "by", "key", "using", "a", "loop", "over", "input", "values", "while", "tracking", "state", "this", "approach", "runs", "in", "linear", "time", "memory", "stays", "constant", "example", "shows", "output", "for", "small", "case", "note", "that", "error", "handling", "matters", "when", "input", "is", "empty", "or", "invalid"]
 
@@ -55,6 +58,10 @@ def answer_tokens(prompt: str, model: str, max_tokens: int | None) -> list[str]:
     if max_tokens is not None:
         length = max(1, min(length, int(max_tokens)))
     return [rng.choice(_WORDS) for _ in range(length)]
+
+
+def _finish(limit: int | None, tokens: list[str]) -> str:
+    return "length" if limit == len(tokens) else "stop"
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -82,6 +89,38 @@ def _token_limit(body: dict[str, Any], *names: str) -> int | None | Response:
                           name)
         return value
     return None
+
+
+def _choice_count(body: dict[str, Any]) -> int | Response:
+    """``n``: how many choices to generate for each prompt (1 to 128), or the 400 answer
+    the OpenAI API gives a bad one."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool):
+        return _error(f"Invalid type for 'n': expected an integer, but got "
+                      f"{type(n).__name__}.", 400, "invalid_type", "n")
+    if not 1 <= n <= MAX_CHOICES:
+        return _error(f"Invalid 'n': integer {'below minimum' if n < 1 else 'above maximum'} "
+                      f"value. Expected a value {'>= 1' if n < 1 else f'<= {MAX_CHOICES}'}, "
+                      f"but got {n} instead.", 400,
+                      "integer_below_min_value" if n < 1 else "integer_above_max_value", "n")
+    return n
+
+
+def _answers(prompt: str, model: str, limit: int | None, n: int) -> list[list[str]]:
+    """``n`` answers to one prompt: the first is the answer to a request without ``n``."""
+    return [answer_tokens(prompt if i == 0 else f"{prompt}\x00choice {i}", model, limit)
+            for i in range(n)]
+
+
+def _prompts(body: dict[str, Any]) -> list[str]:
+    """The completions API's prompts: an array of strings or of token arrays is several
+    prompts, each answered on its own; a string or one token array is one."""
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return [p if isinstance(p, str) else request_text({"prompt": p}) for p in prompt]
+    return [request_text(body)]
 
 
 def _is_prompt(prompt: Any) -> bool:
@@ -140,56 +179,68 @@ class DemoUpstream:
         limit = _token_limit(body, "max_completion_tokens", "max_tokens")
         if isinstance(limit, Response):
             return limit
+        n = _choice_count(body)
+        if isinstance(n, Response):
+            return n
         prompt = request_text(body)
-        tokens = answer_tokens(prompt, model, limit)
+        answers = _answers(prompt, model, limit, n)
         reasoning = None
         if model == "demo-reasoner-1":
             reasoning = " ".join(answer_tokens("reason:" + prompt, model, 60))
-        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": len(tokens),
-                 "total_tokens": count_tokens(prompt) + len(tokens)}
+        completion = sum(map(len, answers))
+        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": completion,
+                 "total_tokens": count_tokens(prompt) + completion}
         ident = "chatcmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24]
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._chat_stream(ident, model, tokens, reasoning, usage, include_usage),
+                self._chat_stream(ident, model, answers, limit, reasoning, usage,
+                                  include_usage),
                 media_type="text/event-stream",
             )
-        message: dict[str, Any] = {"role": "assistant", "content": " ".join(tokens)}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
+        choices = []
+        for index, tokens in enumerate(answers):
+            message: dict[str, Any] = {"role": "assistant", "content": " ".join(tokens)}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": _finish(limit, tokens)})
         return _json({
             "id": ident, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": "fp_demo",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "length" if limit == len(tokens)
-                         else "stop"}],
+            "model": model, "system_fingerprint": "fp_demo", "choices": choices,
             "usage": usage,
         })
 
     async def _chat_stream(
-        self, ident: str, model: str, tokens: list[str], reasoning: str | None,
-        usage: dict[str, int], include_usage: bool,
+        self, ident: str, model: str, answers: list[list[str]], limit: int | None,
+        reasoning: str | None, usage: dict[str, int], include_usage: bool,
     ) -> AsyncIterator[bytes]:
+        """The choices' chunks interleaved, as the OpenAI API sends them for ``n`` > 1."""
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
             data = {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": model, "system_fingerprint": "fp_demo",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None,
                                  "finish_reason": finish}]}
             if include_usage:
                 data["usage"] = None
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        if reasoning is not None:
-            yield chunk({"reasoning_content": reasoning})
-        for i in range(0, len(tokens), 4):
+        for index in range(len(answers)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+            if reasoning is not None:
+                yield chunk(index, {"reasoning_content": reasoning})
+        longest = max(map(len, answers))
+        for i in range(0, longest, 4):
             if self.chunk_delay_s:
                 await asyncio.sleep(self.chunk_delay_s)
-            piece = " ".join(tokens[i:i + 4])
-            yield chunk({"content": piece if i == 0 else " " + piece})
-        yield chunk({}, "stop")
+            for index, tokens in enumerate(answers):
+                if i < len(tokens):
+                    piece = " ".join(tokens[i:i + 4])
+                    yield chunk(index, {"content": piece if i == 0 else " " + piece})
+        for index, tokens in enumerate(answers):
+            yield chunk(index, {}, _finish(limit, tokens))
         if include_usage:
             yield b"data: " + orjson.dumps({
                 "id": ident, "object": "chat.completion.chunk", "created": created,
@@ -210,23 +261,34 @@ class DemoUpstream:
         limit = _token_limit(body, "max_tokens")
         if isinstance(limit, Response):
             return limit
-        prompt = request_text(body)
-        tokens = answer_tokens(prompt, model, 16 if limit is None else limit)
-        text = " " + " ".join(tokens)
-        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": len(tokens),
-                 "total_tokens": count_tokens(prompt) + len(tokens)}
-        ident = "cmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:24]
+        n = _choice_count(body)
+        if isinstance(n, Response):
+            return n
+        prompts = _prompts(body)
+        # One choice per prompt and answer, numbered prompt by prompt.
+        cap = 16 if limit is None else limit
+        answers = [tokens for p in prompts for tokens in _answers(p, model, cap, n)]
+        prompt_tokens = sum(count_tokens(p) for p in prompts)
+        completion = sum(map(len, answers))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion}
+        ident = "cmpl-" + hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:24]
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
             async def gen() -> AsyncIterator[bytes]:
-                for i in range(0, len(tokens), 4):
-                    piece = " " + " ".join(tokens[i:i + 4])
-                    yield b"data: " + orjson.dumps({
-                        "id": ident, "object": "text_completion", "created": CREATED,
-                        "model": model, "choices": [{"index": 0, "text": piece,
-                                                     "logprobs": None, "finish_reason": None}],
-                    }) + b"\n\n"
+                for i in range(0, max(map(len, answers)), 4):
+                    for index, tokens in enumerate(answers):
+                        if i >= len(tokens):
+                            continue
+                        piece = " " + " ".join(tokens[i:i + 4])
+                        yield b"data: " + orjson.dumps({
+                            "id": ident, "object": "text_completion", "created": CREATED,
+                            "model": model, "choices": [{
+                                "index": index, "text": piece, "logprobs": None,
+                                "finish_reason": _finish(cap, tokens)
+                                if i + 4 >= len(tokens) else None}],
+                        }) + b"\n\n"
                 if include_usage:
                     yield b"data: " + orjson.dumps({
                         "id": ident, "object": "text_completion", "created": CREATED,
@@ -237,7 +299,9 @@ class DemoUpstream:
         return _json({
             "id": ident, "object": "text_completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
+            "choices": [{"index": index, "text": " " + " ".join(tokens), "logprobs": None,
+                         "finish_reason": _finish(cap, tokens)}
+                        for index, tokens in enumerate(answers)],
             "usage": usage,
         })
 
