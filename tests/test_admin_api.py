@@ -388,3 +388,28 @@ def test_values_no_store_could_keep_are_refused_not_kept(admin: httpx.Client) ->
                                           ] == ["acct_x"]
     assert admin.patch("/admin/v1/accounts/acct_x", json={"limits": {
         "tokens_per_day": 2**53 - 1}}).json()["limits"] == {"tokens_per_day": 2**53 - 1}
+
+
+def test_fields_that_would_be_dropped_are_refused(stack: StackThread,
+                                                  admin: httpx.Client) -> None:
+    """A new key's misspelt expiry made a key that never expires, and a PATCH naming
+    another account id changed this account as if the id had not been given; both are
+    422 now, naming the field, and nothing is written."""
+    admin.post("/admin/v1/accounts", json={"account_id": "fd"}).raise_for_status()
+    for bad, param in (({"expires_in": 30}, "expires_in"),
+                       ({"name": "ci", "expire_at": "2030-01-01T00:00:00Z"}, "expire_at")):
+        r = admin.post("/admin/v1/accounts/fd/keys", json=bad)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param and "expires_at" in r.json()[
+            "error"]["message"]
+    assert admin.get("/admin/v1/accounts/fd/keys").json()["data"] == []
+    r = admin.patch("/admin/v1/accounts/fd", json={"account_id": "other", "org": "Renamed"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "account_id"
+    assert admin.get("/admin/v1/accounts/fd").json()["org"] is None
+    assert admin.get("/admin/v1/accounts/other").status_code == 404
+    # the same id is no change, and an unknown field names itself and what can change
+    r = admin.patch("/admin/v1/accounts/fd", json={"account_id": "fd", "org": "Kept"})
+    assert r.status_code == 200 and r.json()["org"] == "Kept"
+    r = admin.patch("/admin/v1/accounts/fd", json={"orgg": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "orgg"
+    assert "payment_fingerprint" in r.json()["error"]["message"]

@@ -54,6 +54,9 @@ from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, AccountImport, key_expiry
 
+# What POST /admin/v1/accounts/{id}/keys takes.
+_KEY_FIELDS = frozenset({"name", "expires_at", "expires_in_days", "limits"})
+
 if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
 
@@ -212,17 +215,22 @@ class AdminAPI:
         data = await json_body(request)
         if not isinstance(data, dict) or not data:
             raise Unprocessable("Send a JSON object with the fields to change.")
+        account_id = request.path_params["account_id"]
+        if data.get("account_id", account_id) != account_id:
+            # A PATCH that named another id was applied to this account as if it had not.
+            raise Unprocessable("An account's id cannot be changed: create the account "
+                                "under the new id.", param="account_id")
         data.pop("account_id", None)
         reason = data.pop("reason", None)
         if reason is not None and (not isinstance(reason, str) or "status" not in data):
             raise Unprocessable("'reason' is a string, given with a change of 'status'.",
                                 param="reason")
         if "tier" in data:
-            self._check_tier(data["tier"], request.path_params["account_id"])
+            self._check_tier(data["tier"], account_id)
         try:
             account = await update_account(
-                self.gateway.settings, self.gateway.store, request.path_params["account_id"],
-                data, actor=admin_actor(request), reason=reason, channel="admin")
+                self.gateway.settings, self.gateway.store, account_id, data,
+                actor=admin_actor(request), reason=reason, channel="admin")
         except ValueError as exc:     # InvalidRecord names its field
             raise Unprocessable(str(exc), param=getattr(exc, "field", None)) from None
         self.gateway.auth.forget()
@@ -240,6 +248,11 @@ class AdminAPI:
         data = await json_body(request) if (await request.body()).strip() else {}
         if not isinstance(data, dict):
             raise Unprocessable("Send a JSON object.")
+        unknown = sorted(set(data) - _KEY_FIELDS)
+        if unknown:
+            # A misspelt expiry ("expires_in") made a key that never expires.
+            raise Unprocessable(f"Unknown field(s) {unknown} for a new key; it takes "
+                                f"{', '.join(sorted(_KEY_FIELDS))}.", param=unknown[0])
         if data.get("name") is not None and not isinstance(data["name"], str):
             raise Unprocessable("'name' must be a string.", param="name")
         expires_at = key_expiry(data.get("expires_at"), data.get("expires_in_days"),

@@ -16,7 +16,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from distillguard.errors import NotFound, StoreError
+from distillguard.errors import InvalidRecord, NotFound, StoreError
 from distillguard.exchange import parse_ts
 from distillguard.store.migrations import pending
 from distillguard.store.models import (
@@ -154,10 +154,12 @@ async def upsert_accounts(conn: AsyncConnection, accounts: Iterable[Account], *,
 
 def account_columns(changes: dict[str, Any]) -> dict[str, Any]:
     """An account update's fields as their columns hold them: StoreError naming a field
-    that cannot be changed, InvalidRecord for a value the account cannot take."""
-    unknown = set(changes) - _UPDATABLE
+    that cannot be changed or a value the account cannot take."""
+    unknown = sorted(set(changes) - _UPDATABLE)
     if unknown:
-        raise StoreError(f"cannot update account fields {sorted(unknown)}")
+        raise InvalidRecord(f"cannot update account fields {unknown}; an account's "
+                            f"fields that can change: {', '.join(sorted(_UPDATABLE))}",
+                            unknown[0])
     return {name: _account_column(name, account_change(name, value))
             for name, value in sorted(changes.items())}
 
