@@ -265,6 +265,20 @@ def test_suspended_account_is_blocked_without_retries(running: StackThread,
         assert r.status_code == 422 and "'actions' must be a list" in r.text, (names, r.text)
     assert [a["action"] for a in admin.get("/admin/v1/policy/actions", params={
         "account": account_id, "active": "1"}).json()["data"]] == ["flag"]
+    # a misspelt field gave the default expiry (a week) to an action meant for an hour,
+    # and limits that were not an object gave a throttle at the policy's own limits
+    for path, body, param in (
+            ("/admin/v1/policy/actions", {"action": "suspend", "expire_in": "1h"},
+             "expire_in"),
+            ("/admin/v1/policy/actions", {"action": "throttle", "limits": "5/min"},
+             "limits"),
+            ("/admin/v1/policy/actions", {"action": "flag", "account_ids": [account_id]},
+             "account_id"),
+            ("/admin/v1/policy/actions/revoke", {"action": "flag"}, "action")):
+        r = admin.post(path, json={"account_id": account_id, "reason": "a reason", **body})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    assert [a["action"] for a in admin.get("/admin/v1/policy/actions", params={
+        "account": account_id, "active": "1"}).json()["data"]] == ["flag"]
     client.close()
 
 
@@ -413,6 +427,9 @@ def test_screening_matches_go_to_review(running: StackThread, admin: httpx.Clien
     # A match is not a block: the account keeps working until an analyst confirms.
     client = Counting(running, hit_key)
     assert _ok(client)
+    r = admin.post(f"/admin/v1/review/{found[person]['item_id']}",
+                   json={"decision": "dismiss", "reasons": "different person"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "reasons", r.text
     r = admin.post(f"/admin/v1/review/{found[person]['item_id']}",
                    json={"decision": "dismiss", "reason": "different person, DOB differs"})
     assert r.json()["status"] == "dismissed" and r.json()["applied"] == []
@@ -610,3 +627,5 @@ def test_screening_now_takes_an_object_or_no_body(admin: httpx.Client) -> None:
         assert r.status_code == 422 and "JSON object" in r.json()["error"]["message"], r.text
     assert admin.post("/admin/v1/policy/screen").status_code == 200
     assert admin.post("/admin/v1/policy/screen", json={"force": True}).status_code == 200
+    r = admin.post("/admin/v1/policy/screen", json={"forced": True})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "forced"

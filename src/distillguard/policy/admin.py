@@ -51,6 +51,29 @@ def _accounts(data: dict[str, Any]) -> list[str]:
     return ids
 
 
+def _object(data: Any, fields: frozenset[str]) -> dict[str, Any]:
+    """A request body that is a JSON object of ``fields`` only. A misspelt field was
+    dropped without a word: ``expire_in`` gave the default expiry (a week) to an action
+    meant to last an hour."""
+    if not isinstance(data, dict):
+        raise Unprocessable(f"Send a JSON object with {', '.join(sorted(fields))}.")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise Unprocessable(f"Unknown field(s) {unknown}; this request takes "
+                            f"{', '.join(sorted(fields))}.", param=unknown[0])
+    if "account_id" in data and "account_ids" in data:
+        raise Unprocessable("Name the accounts one way: 'account_ids' or 'account_id'.",
+                            param="account_id")
+    return data
+
+
+_APPLY_FIELDS = frozenset({"account_id", "account_ids", "action", "reason", "expires_in",
+                           "limits"})
+_REVOKE_FIELDS = frozenset({"account_id", "account_ids", "actions", "reason"})
+_DECIDE_FIELDS = frozenset({"decision", "reason"})
+_SCREEN_FIELDS = frozenset({"force"})
+
+
 def _int(request: Request, name: str, default: int, top: int = 1000) -> int:
     try:
         return max(1, min(top, int(request.query_params.get(name, default))))
@@ -115,10 +138,12 @@ class PolicyAdmin:
         return json_response({"object": "list", "data": [a.to_json() for a in rows]})
 
     async def apply(self, request: Request) -> Response:
-        data = await json_body(request)
-        if not isinstance(data, dict):
-            raise Unprocessable("Send a JSON object.")
-        detail = {"limits": data["limits"]} if isinstance(data.get("limits"), dict) else None
+        data = _object(await json_body(request), _APPLY_FIELDS)
+        limits = data.get("limits")
+        if limits is not None and not isinstance(limits, dict):
+            raise Unprocessable("'limits' must be an object of limit names and numbers.",
+                                param="limits")
+        detail = {"limits": limits} if limits is not None else None
         accounts = _accounts(data)
         done = await self.runtime.ops().apply(
             accounts, str(data.get("action") or ""), reason=str(data.get("reason") or ""),
@@ -131,9 +156,7 @@ class PolicyAdmin:
                                             if a not in acted]}, 201)
 
     async def revoke(self, request: Request) -> Response:
-        data = await json_body(request)
-        if not isinstance(data, dict):
-            raise Unprocessable("Send a JSON object.")
+        data = _object(await json_body(request), _REVOKE_FIELDS)
         reason = str(data.get("reason") or "").strip()
         if len(reason) < 3:
             raise Unprocessable("Give a reason (at least 3 characters).", param="reason")
@@ -153,9 +176,7 @@ class PolicyAdmin:
 
     async def screen(self, request: Request) -> Response:
         raw = await request.body()
-        data = await json_body(request) if raw.strip() else {}
-        if not isinstance(data, dict):
-            raise Unprocessable("Send a JSON object, or no body.")
+        data = _object(await json_body(request), _SCREEN_FIELDS) if raw.strip() else {}
         stats = await self.runtime.ops().screen_accounts(force=bool(data.get("force")))
         return json_response(stats)
 
@@ -178,9 +199,7 @@ class PolicyAdmin:
         return json_response(item.to_json())
 
     async def review_decide(self, request: Request) -> Response:
-        data = await json_body(request)
-        if not isinstance(data, dict):
-            raise Unprocessable("Send a JSON object with 'decision' and 'reason'.")
+        data = _object(await json_body(request), _DECIDE_FIELDS)
         item, applied = await self.runtime.ops().decide(
             request.path_params["item_id"], str(data.get("decision") or ""),
             str(data.get("reason") or ""), self.actor(request), channel="admin")
