@@ -62,3 +62,39 @@ def test_an_output_in_a_missing_directory_is_refused_before_the_work(
     assert result.exit_code == 2, result.output
     assert "does not exist" in result.output and "Traceback" not in result.output
     assert not out.parent.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_output_problem_tries_a_file_where_permissions_do_not_tell() -> None:
+    """Permission bits pass a read-only file system, /proc, and every directory for
+    root: ``detect --out /proc/v.json`` ran the whole detection and then failed with a
+    traceback. The check now makes (and removes) a file where the output would go."""
+    assert output_problem("/proc/v.json") == (
+        "cannot create a file in /proc: No such file or directory")
+
+
+def test_an_output_directory_is_made_and_checked_before_the_work(tmp_path: Path) -> None:
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["simulate", "--out", str(blocker / "sim"),
+                                       "--preset", "smoke", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "cannot create directory" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "new" / "sim"),
+                                       "--preset", "smoke", "--quiet", "--days", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "new" / "sim" / "trace.jsonl").is_file()
+
+
+def test_a_file_error_inside_a_command_is_one_clear_line(tmp_path: Path) -> None:
+    """A file or directory a command cannot use, found past its options' checks (here
+    the ledger's folder under a regular file), is an error line, not a traceback."""
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(f"state: {{url: 'sqlite:///{tmp_path / 's.sqlite'}'}}\n"
+                   f"ledger: {{path: '{blocker / 'ledger'}'}}\n")
+    result = CliRunner().invoke(main, ["-c", str(cfg), "ledger", "checkpoint"])
+    assert result.exit_code == 2, result.output
+    assert "Not a directory" in result.stderr and "Traceback" not in result.output
+    assert not isinstance(result.exception, OSError)

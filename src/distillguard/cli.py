@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import getpass
 import importlib
 import logging
@@ -113,6 +114,22 @@ class _Group(click.Group):
             fail(str(exc))
         except DistillguardError as exc:
             fail(str(exc))
+        except OSError as exc:
+            if not _file_error(exc):
+                raise
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror
+                 else str(exc))
+
+
+def _file_error(exc: OSError) -> bool:
+    """Whether ``exc`` is about a file the user named or the disk it is on (a traceback
+    says nothing more to them), not a fault of the program or a connection."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return False
+    return (isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError
+                       | NotADirectoryError | FileExistsError)
+            or exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+            or exc.filename is not None)
 
 
 @click.group(cls=_Group)

@@ -19,7 +19,7 @@ import click
 
 def output_problem(path: str | Path) -> str | None:
     """Why a file could not be written at ``path`` (None: it can, as far as one can tell
-    without writing it)."""
+    without writing the file itself)."""
     target = Path(path)
     parent = target.parent
     if target.is_dir():
@@ -30,6 +30,15 @@ def output_problem(path: str | Path) -> str | None:
         return f"directory {parent} is not writable"
     if target.exists() and not os.access(target, os.W_OK):
         return f"{target} is not writable"
+    # The permission bits do not say everything (a read-only mount, /proc, and for root
+    # every directory passes): make the file the write would make first, and remove it.
+    probe = parent / f".{target.name}.{secrets.token_hex(6)}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        return f"cannot create a file in {parent}: {exc.strerror}"
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
     return None
 
 
@@ -40,6 +49,23 @@ def output_path(ctx: click.Context, param: click.Parameter, value: str | Path | 
     if value is None or str(value) == "-":
         return value
     problem = output_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+def output_directory(ctx: click.Context, param: click.Parameter, value: str | None
+                     ) -> str | None:
+    """Click callback for an output directory option: made (with its parents) and
+    checked for a file to be written in it, before any work."""
+    if value is None:
+        return value
+    try:
+        Path(value).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create directory {value}: {exc.strerror}",
+                                 ctx=ctx, param=param) from None
+    problem = output_problem(Path(value) / "output")
     if problem is not None:
         raise click.BadParameter(problem, ctx=ctx, param=param)
     return value

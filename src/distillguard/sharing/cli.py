@@ -17,6 +17,7 @@ import orjson
 
 from distillguard.cliparams import PORT, within
 from distillguard.errors import DistillguardError
+from distillguard.files import output_path, write_atomically
 from distillguard.netaddr import authority
 from distillguard.sharing.settings import SharingSettings, parse_sharing_settings
 
@@ -66,7 +67,8 @@ def share() -> None:
 
 @share.command("export")
 @click.option("--partner", required=True, help="Who the bundle is for (sharing.partners).")
-@click.option("--out", default="-", show_default=True, help="Bundle file, - for stdout.")
+@click.option("--out", default="-", show_default=True, callback=output_path,
+              help="Bundle file, - for stdout.")
 @click.option("--verdicts", type=click.Path(dir_okay=False),
               help="Verdicts file; without it, campaigns come from the state store.")
 @click.option("--trace", type=click.Path(dir_okay=False), help="Trace file (JSON Lines).")
@@ -105,7 +107,7 @@ def export_cmd(ctx: Context, partner: str, out: str, verdicts: str | None,
     if out == "-":
         click.echo(text)
     else:
-        Path(out).write_text(text + "\n")
+        write_atomically(out, (text + "\n").encode())
     if collection:
         objects = orjson.loads(text)["objects"]
         run(ctx.with_store(lambda store: _publish(ctx, store, collection, objects)))

@@ -6,13 +6,14 @@ import time
 
 import click
 
+from distillguard.files import output_directory
 from distillguard.simulate.engine import run
 from distillguard.simulate.presets import PRESETS
 
 
 @click.command("simulate")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for trace.jsonl, accounts.jsonl and labels.jsonl.")
+              callback=output_directory, help="Folder for trace.jsonl, accounts.jsonl and labels.jsonl.")
 @click.option("--preset", default="smoke", show_default=True, type=click.Choice(list(PRESETS)),
               help="smoke (seconds), tune (development), heldout (held-out), large (scale).")
 @click.option("--seed", default=0, show_default=True, type=int)
