@@ -237,8 +237,14 @@ def test_a_token_quota_holds_what_requests_may_use_while_they_run(tmp_path: Path
         stack.call(stack.stack.gateway.settle())
         # what the three did not use is given back: another 300 fits again
         assert not isinstance(await ask(300), Exception)
-        # a request allowing more than the whole window is refused before it runs
-        assert isinstance(await ask(400, n=3), openai.RateLimitError)
+        # a request allowing more than the whole window is refused before it runs, as
+        # one no wait admits: it said "retry after" the window's reset, and the official
+        # client retried it
+        too_large = await ask(400, n=3)
+        assert isinstance(too_large, openai.RateLimitError)
+        assert too_large.code == "request_too_large" and "1000" in too_large.message
+        assert too_large.response.headers["x-should-retry"] == "false"
+        assert "retry-after" not in too_large.response.headers
         await client.close()
 
     with FaultyUpstreamThread() as upstream:

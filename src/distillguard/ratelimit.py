@@ -280,6 +280,7 @@ _LIMIT_KINDS = (
     ("tokens_per_day", "tpd", DAY, False),
 )
 _OPTIONS = tuple(option for option, *_ in _LIMIT_KINDS)
+_WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day"}
 
 
 def tokens_to_reserve(request: Any) -> int:
@@ -364,6 +365,9 @@ class RateLimiter:
         reqs = self._requests(principal, None, reserve)
         if not reqs:
             return Allowed()
+        too_large = next((r for r in reqs if r.kind != "rpm" and r.cost > r.limit), None)
+        if too_large is not None:
+            return self._too_large(exchange, too_large)
         now = time.time()
         try:
             result = await self.counters.acquire(reqs, now)
@@ -385,8 +389,7 @@ class RateLimiter:
         blocking = reqs[result.blocking or 0]
         state = result.states[result.blocking or 0]
         scope, short = blocking.scope, blocking.kind
-        what = {"rpm": "requests per minute", "tpm": "tokens per minute",
-                "tpd": "tokens per day"}[short]
+        what = _WHAT[short]
         retry_after = max(1, math.ceil(state.reset_s))
         exchange.annotations["ratelimited"] = f"{scope}:{short}"
         return Denied(
@@ -398,6 +401,21 @@ class RateLimiter:
             retry_after_s=retry_after,
             headers=exchange.annotations["ratelimit_headers"],
         )
+
+    @staticmethod
+    def _too_large(exchange: Exchange, req: CounterRequest) -> Denied:
+        """A request whose own token reservation is more than a token window holds: no
+        wait admits it, so it is refused without a Retry-After and with
+        ``x-should-retry: false``. It was a 429 saying "retry after" the window's reset
+        (hours for a large ``max_tokens``), which the official clients obeyed twice, to
+        be refused again."""
+        what = _WHAT[req.kind]
+        exchange.annotations["ratelimited"] = f"{req.scope}:{req.kind}"
+        return Denied(
+            reason=(f"Request too large for the {what} limit of this {req.scope}: limit "
+                    f"{req.limit}, and the request may use {req.cost} tokens (its prompt, "
+                    f"and max_tokens times n). Lower max_tokens, n or the prompt."),
+            code="request_too_large", status=429, retry=False)
 
     async def on_exchange(self, exchange: Exchange) -> None:
         """Charge the tokens the exchange used to its token windows, less those reserved
