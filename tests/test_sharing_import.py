@@ -136,6 +136,21 @@ def _bad_bundles(good: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
         "nul-deep": (variant(lambda b: b["objects"][1].update(
             external_references=[{"source_name": "x", "description": "\x00"}])),
             "external_references[0].description holds the NUL character"),
+        # stix2 fills in a missing id, created and modified: the import then failed on
+        # the object's id with a traceback (a TAXII 500)
+        "no-id": (variant(lambda b: next(o for o in b["objects"] if o["type"] == "indicator")
+                          .pop("id")), "no \"id\""),
+        "no-modified": (variant(lambda b: next(o for o in b["objects"]
+                                                if o["type"] == "campaign").pop("modified")),
+                        "no \"modified\""),
+        "no-sco-id": (variant(lambda b: next(o for o in b["objects"]
+                                              if o["type"] == "ipv4-addr").pop("id")),
+                      "no \"id\""),
+        # the pattern parser recursed past Python's limit: RecursionError, a traceback
+        "deep-pattern": (variant(lambda b: next(o for o in b["objects"]
+                                                 if o["type"] == "indicator").update(
+            pattern="(" * 1000 + "[ipv4-addr:value = '1.2.3.4']" + ")" * 1000)),
+            "nested too deeply"),
     }
 
 

@@ -5,7 +5,9 @@ objects) refuse, with one clear message: content over ``sharing.max_bundle_bytes
 that are not JSON, a document that is not a STIX bundle, a STIX 2.0 bundle or objects of
 another ``spec_version``, object types STIX 2.1 does not define (custom object types
 included), objects the ``stix2`` library rejects (missing or malformed properties,
-invalid patterns), text holding the NUL character (which PostgreSQL cannot store: the
+invalid patterns, patterns nested too deeply for the parser), objects without an
+``id`` or the ``created`` / ``modified`` STIX 2.1 requires (``stix2`` fills them in on its
+copy), text holding the NUL character (which PostgreSQL cannot store: the
 import failed with a traceback there) and objects nested more than MAX_JSON_DEPTH levels
 (they are stored as JSON that orjson writes, at most 254 levels). Nothing is stored
 unless everything passes.
@@ -36,6 +38,9 @@ SCO = {"artifact", "autonomous-system", "directory", "domain-name", "email-addr"
        "windows-registry-key", "x509-certificate"}
 META = {"marking-definition", "language-content", "extension-definition"}
 KNOWN_TYPES = SDO | SRO | SCO | META
+# Properties STIX 2.1 requires that stix2.parse fills in when they are missing (a random
+# id, the current time), on a copy: the object as sent still lacks them.
+FILLED_IN = ("id", "created", "modified")
 MAX_ERRORS_SHOWN = 5
 
 
@@ -138,11 +143,27 @@ def _check(obj: Any) -> str | None:
         return "no \"spec_version\" (STIX 2.1 objects carry \"spec_version\": \"2.1\")"
     if version is not None and version != "2.1":
         return f"spec_version {version!r}; only \"2.1\" is accepted"
+    for name in _required(kind):
+        if name not in obj:
+            return f"no \"{name}\" (STIX 2.1 requires it of a {kind})"
     try:
         stix2.parse(obj, allow_custom=True, version="2.1")
     except (stix2.exceptions.STIXError, ValueError, TypeError) as exc:
         return str(exc).splitlines()[0][:300]
+    except RecursionError:      # the pattern parser recurses once per parenthesis
+        return "nested too deeply to be checked (a pattern's parentheses or operators)"
     return None
+
+
+def _required(kind: str) -> tuple[str, ...]:
+    """Of FILLED_IN, what STIX 2.1 requires of ``kind``: an id of every object, created
+    and modified of SDOs and SROs, language-content and extension-definition; a
+    marking-definition has no modified, an SCO neither."""
+    if kind in SCO:
+        return ("id",)
+    if kind == "marking-definition":
+        return ("id", "created")
+    return FILLED_IN
 
 
 def _nul_at(value: Any, path: str) -> str | None:
