@@ -174,6 +174,13 @@ def test_authentication_permissions_and_error_bodies(served: tuple[StackThread, 
     assert get(objects, accept="application/json").status_code == 406
     assert get(objects + "?added_after=yesterday").status_code == 400
     assert get(objects + "?next=garbage").status_code == 400
+    # a time that is out of range once moved to UTC was a 500
+    for query in ("added_after=0001-01-01T00:00:00%2B01:00",
+                  "added_after=9999-12-31T23:59:59-01:00",
+                  "match[version]=0001-01-01T00:00:00%2B01:00"):
+        out_of_range = get(objects + "?" + query)
+        assert out_of_range.status_code == 400, (query, out_of_range.text)
+        assert "out of range" in out_of_range.json()["description"]
     assert get(f"{root}collections/").json() == {"collections": [
         {"id": OUT, "title": "Our campaigns", "can_read": True, "can_write": False,
          "media_types": ["application/stix+json;version=2.1"], "alias": "outbound"}]}

@@ -33,6 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 from starlette.types import Lifespan
 
+from distillguard.exchange import parse_ts
 from distillguard.gateway.adminauth import throttle_of
 from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
@@ -244,11 +245,11 @@ class TaxiiServer:
             if limit < 1:
                 raise ValueError
             added_after = q.get("added_after")
-            if added_after:
-                ts(datetime.fromisoformat(added_after.replace("Z", "+00:00")))
+            if added_after:   # parse_ts: also a time out of range once in UTC
+                ts(parse_ts(added_after))
             for v in many("version") or []:
                 if v not in ("first", "last", "all"):
-                    datetime.fromisoformat(v.replace("Z", "+00:00"))
+                    ts(parse_ts(v))
             if q.get("next"):
                 taxiistore.decode_next(q["next"])
         except ValueError as exc:
