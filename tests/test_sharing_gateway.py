@@ -164,3 +164,56 @@ def test_expired_indicators_stop_acting(tmp_path: Path) -> None:
 
     now, after, purged = asyncio.run(go())
     assert now == 5 and after == 0 and purged == 5
+
+
+def _indicator(n: int, pattern: str) -> dict[str, Any]:
+    return {"type": "indicator", "spec_version": "2.1", "pattern_type": "stix",
+            "id": f"indicator--{n:08d}-1c1c-4d4d-8e8e-9f9f9f9f9f9f", "pattern": pattern,
+            "created": "2026-01-01T00:00:00Z", "modified": "2026-01-01T00:00:00Z",
+            "valid_from": "2026-01-01T00:00:00Z"}
+
+
+def test_a_partner_indicator_cannot_stall_or_match_every_request(tmp_path: Path) -> None:
+    """A partner's User-Agent regex ran with Python's backtracking engine on every
+    request, on the event loop: ``(a+)+$`` against an agent of 27 a's held the gateway
+    for seconds, twice as long with each further a. And an indicator for 0.0.0.0/0, ::/0 or a regex matching the empty
+    string acted on every request (with ``block``, every one was refused)."""
+    from distillguard.exchange import Exchange
+    from distillguard.sharing.matcher import IndicatorMatcher
+
+    ua = "[network-traffic:extensions.'http-request-ext'.request_header.'User-Agent' "
+    objects = [_indicator(1, ua + "MATCHES '(a+)+$']"),
+               _indicator(2, "[ipv4-addr:value ISSUBSET '0.0.0.0/0']"),
+               _indicator(3, "[ipv6-addr:value ISSUBSET '::/0']"),
+               _indicator(4, ua + "MATCHES '.*']"),
+               _indicator(5, "[ipv4-addr:value ISSUBSET '81.0.0.0/8']"),
+               _indicator(6, ua + "MATCHES '^curl/']"),
+               _indicator(7, "[ipv4-addr:value ISSUBSET '5.9.0.0/16']")]
+
+    async def go() -> list[tuple[str, float, list[str]]]:
+        store = open_state_store(f"sqlite:///{tmp_path}/state.sqlite")
+        await store.migrate()
+        engine = store.engine  # type: ignore[attr-defined]
+        await create_schema(engine)
+        summary = await SharingStore(engine, ttl=timedelta(days=30)).import_bundle(
+            partner="acme", bundle_id="bundle--1f6e3b0a-1c1c-4d4d-8e8e-9f9f9f9f9f9f",
+            objects=objects, source="test", sha256=None)
+        assert summary.active == {"user_agent": 2, "ip": 1} and summary.inactive == 4
+        options = parse_sharing_settings(world.sharing_section())
+        matcher = IndicatorMatcher(options, lambda: engine)
+        await matcher.refresh()
+        out = []
+        for ip, agent in (("81.2.69.9", "a" * 27 + "!"), ("2001:db8::1", "OpenAI/Python"),
+                          ("5.9.10.11", "curl/8.1")):
+            exchange = Exchange(id="r", ts=datetime.now(UTC), endpoint="/v1/chat/completions",
+                                account_id="acct_x", client_ip=ip, user_agent=agent)
+            started = time.perf_counter()
+            hits = matcher.match(exchange)
+            out.append((agent, time.perf_counter() - started, [h.value for h in hits]))
+        await store.close()
+        return out
+
+    (slow, dur, hits), (_, _, none), (_, _, curl) = asyncio.run(go())
+    assert dur < 0.5 and hits == [], (slow, dur)
+    assert none == []
+    assert sorted(curl) == ["5.9.0.0/16", "^curl/"]

@@ -3,7 +3,7 @@
 :class:`IndicatorMatcher` keeps the active (unexpired) indicators in memory, reloaded
 from the state store every ``sharing.refresh_s`` seconds in the background, so the
 request check answers from memory: client networks (prefix tables per length), AS names
-(:mod:`distillguard.geoip`), user agents (exact or regular expression), prompt-template
+(:mod:`distillguard.geoip`), user agents (exact or RE2 regular expression), prompt-template
 fingerprints, and accounts whose payment fingerprint hashes to a shared salted hash.
 
 :class:`SharingCheck` annotates a matching exchange (``exchange.annotations["sharing"]``)
@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from distillguard.exchange import Exchange
 from distillguard.geoip import GeoIP, default_geoip
 from distillguard.pipeline import Allowed, Decision, Denied
+from distillguard.sharing.indicators import network, user_agent_regex
 from distillguard.sharing.pseudonym import salted_hash
 from distillguard.sharing.settings import Action, SharingSettings
 from distillguard.sharing.store import SharingStore
@@ -70,8 +69,8 @@ class Snapshot:
     networks: dict[tuple[int, int], dict[int, list[Hit]]] = field(default_factory=dict)
     asn: dict[str, list[Hit]] = field(default_factory=dict)
     ua_exact: dict[str, list[Hit]] = field(default_factory=dict)
-    ua_regex: list[tuple[re.Pattern[str], Hit]] = field(default_factory=list)
-    ua_any: re.Pattern[str] | None = None   # all regexes in one, for the common miss
+    ua_regex: list[tuple[Any, Hit]] = field(default_factory=list)   # RE2 regexes
+    ua_any: Any | None = None   # all regexes in one, for the common miss
     ua_cache: dict[str, list[Hit]] = field(default_factory=dict)
     template: dict[str, list[Hit]] = field(default_factory=dict)
     accounts: dict[str, list[Hit]] = field(default_factory=dict)
@@ -149,14 +148,18 @@ class IndicatorMatcher:
         for row in rows:
             hit = Hit(row["partner"], row["indicator_id"], row["kind"], row["value"])
             kind, value = row["kind"], row["value"]
+            # rows stored before a guard of indicators.py existed are held to it too
             if kind == "ip":
-                net = ipaddress.ip_network(value, strict=False)
+                net = network(value)
+                if net is None:
+                    continue
                 table = snap.networks.setdefault((net.version, net.prefixlen), {})
                 table.setdefault(int(net.network_address), []).append(hit)
             elif kind == "asn":
                 snap.asn.setdefault(value, []).append(hit)
             elif kind == "user_agent" and row["op"] == "MATCHES":
-                snap.ua_regex.append((re.compile(value), hit))
+                if (rx := user_agent_regex(value)) is not None:
+                    snap.ua_regex.append((rx, hit))
             elif kind == "user_agent":
                 snap.ua_exact.setdefault(value, []).append(hit)
             elif kind == "template":
@@ -175,7 +178,8 @@ class IndicatorMatcher:
                         snap.accounts.setdefault(account_id, []).append(hit)
                         payment_hits.append((account_id, hit))
         if snap.ua_regex:
-            snap.ua_any = re.compile("|".join(f"(?:{rx.pattern})" for rx, _ in snap.ua_regex))
+            snap.ua_any = user_agent_regex("|".join(f"(?:{rx.pattern})"
+                                                    for rx, _ in snap.ua_regex))
         if snap.asn:
             await asyncio.to_thread(self.geoip)  # load the database off the loop
         snap.risk = await store.risk()
