@@ -368,3 +368,23 @@ def test_failed_partner_credentials_are_throttled(tmp_path: Path) -> None:
         assert r.json()["http_status"] == "429" and 1 <= int(r.headers["retry-after"]) <= 60
     finally:
         running.stop()
+
+
+def test_share_serve_throttles_failed_partner_credentials(tmp_path: Path) -> None:
+    """``share serve`` runs the TAXII server alone, without the admin app and its count
+    of failed authentications: there, partner secrets could be guessed without limit."""
+    from starlette.testclient import TestClient
+
+    from distillguard.sharing.settings import parse_sharing_settings
+    from distillguard.sharing.taxii import TaxiiServer
+
+    alone = TaxiiServer(parse_sharing_settings(world.sharing_section()), lambda: None)
+    with TestClient(alone.app(failed_auth_per_minute=3)) as client:
+        right = ("globex", SECRET["globex"])
+        assert client.get("/taxii2/", auth=right).status_code == 200
+        for _ in range(3):
+            assert client.get("/taxii2/", auth=("globex", "guess-0123456789")
+                              ).status_code == 401
+        r = client.get("/taxii2/", auth=right)
+        assert r.status_code == 429 and r.headers["content-type"] == MEDIA
+        assert 1 <= int(r.headers["retry-after"]) <= 60

@@ -286,7 +286,8 @@ def serve_cmd(ctx: Context, host: str, port: int) -> None:
         yield
         await state.close()
 
-    app = TaxiiServer(options, lambda: engine).app(lifespan)
+    app = TaxiiServer(options, lambda: engine).app(
+        lifespan, failed_auth_per_minute=ctx.settings.admin.failed_auth_per_minute)
     click.echo(f"TAXII 2.1 server on http://{authority(host, port)}/taxii2/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

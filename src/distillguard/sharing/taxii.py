@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route, Router
 from starlette.types import Lifespan
 
 from distillguard.exchange import parse_ts
-from distillguard.gateway.adminauth import throttle_of
+from distillguard.gateway.adminauth import FailedAuthThrottle, throttle_of
 from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
 from distillguard.sharing.store import SharingStore, ts
@@ -108,10 +108,15 @@ class TaxiiServer:
             Route(col + "/objects/{object_id}/versions/", self._wrap(self.versions)),
         ]))]
 
-    def app(self, lifespan: Lifespan[Starlette] | None = None) -> Starlette:
-        """The TAXII server alone (``distillguard share serve``)."""
+    def app(self, lifespan: Lifespan[Starlette] | None = None, *,
+            failed_auth_per_minute: int = 10) -> Starlette:
+        """The TAXII server alone (``distillguard share serve``). Without the admin app
+        it keeps its own count of failed authentications (in this process), else
+        partner secrets could be guessed without limit."""
         app = Starlette(routes=list(self.routes()), lifespan=lifespan)
         app.router.redirect_slashes = False  # /taxii2 is not sent to <Host>/taxii2/
+        app.state.failed_auth = FailedAuthThrottle(failed_auth_per_minute,
+                                                   name="taxii-auth")
         return app
 
     def _wrap(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
