@@ -388,3 +388,62 @@ def test_share_serve_throttles_failed_partner_credentials(tmp_path: Path) -> Non
         r = client.get("/taxii2/", auth=right)
         assert r.status_code == 429 and r.headers["content-type"] == MEDIA
         assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+def test_an_envelope_is_read_up_to_the_limit_and_checked_off_the_event_loop(
+        served: tuple[StackThread, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body without Content-Length (chunked) was read whole into memory before its
+    size was looked at; and a large envelope's validation (stix2 and the pattern parser,
+    seconds for megabytes) ran on the event loop, holding every other request of the
+    port, the gateway's included."""
+    import asyncio
+
+    from distillguard.sharing import taxii
+    from distillguard.sharing.settings import parse_sharing_settings
+
+    alone = taxii.TaxiiServer(parse_sharing_settings(world.sharing_section(
+        max_bundle_bytes=5_000_000)), lambda: None).app()
+    chunks = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal chunks
+        chunks += 1
+        if chunks > 50:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b" " * 1_000_000, "more_body": True}
+
+    answer: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answer.append(message)
+
+    auth = "Bearer " + SECRET["acme"]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "server": ("127.0.0.1", 8443),
+             "client": ("127.0.0.1", 5000), "root_path": "", "query_string": b"",
+             "path": f"/taxii2/distillguard/collections/{IN}/objects/",
+             "headers": [(b"authorization", auth.encode()), (b"accept", MEDIA.encode()),
+                         (b"content-type", MEDIA.encode()),
+                         (b"transfer-encoding", b"chunked")]}
+    asyncio.run(alone(scope, receive, send))  # type: ignore[arg-type]
+    assert answer[0]["status"] == 413 and chunks <= 6, (answer[0], chunks)
+
+    where: list[str] = []
+    real = taxii.parse_envelope
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(taxii, "parse_envelope", spy)
+    running, config = served
+    objects = _export(config, tmp_path)["objects"]
+    r = httpx.post(f"{_root(running)}collections/{IN}/objects/", timeout=30,
+                   auth=("acme", SECRET["acme"]), json={"objects": objects},
+                   headers={"accept": MEDIA, "content-type": MEDIA})
+    assert r.status_code == 202 and where == ["worker thread"]
