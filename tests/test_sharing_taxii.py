@@ -447,3 +447,83 @@ def test_an_envelope_is_read_up_to_the_limit_and_checked_off_the_event_loop(
                    auth=("acme", SECRET["acme"]), json={"objects": objects},
                    headers={"accept": MEDIA, "content-type": MEDIA})
     assert r.status_code == 202 and where == ["worker thread"]
+
+
+# -- our client against a hostile server ---------------------------------------------------
+
+
+@pytest.fixture
+def hostile() -> Iterator[tuple[str, dict[str, Any]]]:
+    """A TAXII server whose manifest never ends (``more`` always true) and whose object
+    page is as large as ``behaviour["object_bytes"]``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    behaviour: dict[str, Any] = {"requests": 0, "object_bytes": 100, "endless": True}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            behaviour["requests"] += 1
+            path = self.path.split("?")[0]
+            if path.endswith("/manifest/"):
+                body: Any = {"more": behaviour["endless"]
+                             and behaviour["requests"] < 3000, "next": "again",
+                             "objects": [{"id": "note--1", "date_added":
+                                          "2026-01-01T00:00:00.000Z", "version": "1"}]}
+            elif path.endswith("/objects/"):
+                pad = "x" * behaviour["object_bytes"]
+                body = {"more": False, "objects": [{
+                    "type": "note", "spec_version": "2.1", "content": pad,
+                    "id": "note--1f6e3b0a-1c1c-4d4d-8e8e-9f9f9f9f9f9f",
+                    "created": "2026-01-01T00:00:00Z", "modified": "2026-01-01T00:00:00Z",
+                    "object_refs": ["note--1f6e3b0a-1c1c-4d4d-8e8e-9f9f9f9f9f9f"]}]}
+            else:
+                body = {"id": MED_COLLECTION, "title": "c", "can_read": True,
+                        "can_write": False, "media_types": [MEDIA]}
+            raw = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", MEDIA)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/api/", behaviour
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hostile_server_cannot_keep_a_poll_reading(
+        hostile: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    """A partner's server that always answered ``more: true`` kept ``share poll`` reading
+    pages without end, and an answer of any size was read whole into memory."""
+    url, behaviour = hostile
+    config = _config_file(tmp_path, max_bundle_bytes=200_000)
+
+    def poll() -> Any:
+        return CliRunner().invoke(main, ["--config", str(config), "share", "poll",
+                                         "--server", url, "--collection", MED_COLLECTION,
+                                         "--partner", "acme", "--token", "t" * 20])
+
+    endless = poll()
+    assert endless.exit_code == 2 and "again" in endless.output, endless.output
+    assert behaviour["requests"] < 10
+    behaviour.update(endless=False, object_bytes=300_000, requests=0)
+    huge = poll()
+    assert huge.exit_code == 2 and "200000" in huge.output, huge.output
+    behaviour.update(object_bytes=100)
+    assert json.loads(poll().output)["objects"] == 1
+
+
+def _config_file(tmp_path: Path, **changes: Any) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"state": {"url": f"sqlite:///{tmp_path}/state.sqlite"},
+                                  "sharing": world.sharing_section(**changes)}))
+    return config

@@ -203,12 +203,12 @@ def purge_cmd(ctx: Context) -> None:
     click.echo(f"deleted {run(ctx.with_store(go))} expired indicator input(s)", err=True)
 
 
-def _remote(server: str, collection: str, user: str | None, password: str | None,
-            token: str | None) -> Any:
+def _remote(ctx: Context, server: str, collection: str, user: str | None,
+            password: str | None, token: str | None) -> Any:
     from distillguard.sharing.client import Remote
 
     return Remote(url=server, collection=collection, user=user, password=password,
-                  token=token)
+                  token=token, max_bytes=_options(ctx).max_bundle_bytes)
 
 
 _remote_options = [
@@ -237,7 +237,7 @@ def push_cmd(ctx: Context, bundle: str, server: str, collection: str, user: str 
     from distillguard.sharing.validate import parse_bundle
 
     parsed = parse_bundle(_read(bundle), max_bytes=_options(ctx).max_bundle_bytes)
-    _echo(push_objects(_remote(server, collection, user, password, token), parsed.objects))
+    _echo(push_objects(_remote(ctx, server, collection, user, password, token), parsed.objects))
 
 
 @share.command("poll")
@@ -251,7 +251,7 @@ def poll_cmd(ctx: Context, server: str, collection: str, user: str | None,
     from distillguard.sharing.client import poll
 
     _options(ctx).partner(partner)
-    remote = _remote(server, collection, user, password, token)
+    remote = _remote(ctx, server, collection, user, password, token)
 
     async def go(store: Any) -> Any:
         sharing = await _sharing_store(ctx, store)

@@ -5,16 +5,26 @@
 (the last ``date_added`` of the remote manifest, kept in ``sharing_cursors``), validates
 everything like a bundle import and imports it as the named partner's indicators, in one
 transaction with the new cursor.
+
+A partner's server is not trusted to be well-behaved: every request has a timeout
+(TIMEOUT_S), no answer is read past ``sharing.max_bundle_bytes``, a poll takes in at most
+that many bytes of objects and MAX_PAGES pages of each listing, and a server that sends
+the same ``next`` token twice is refused. Redirects to another host or from https to
+http lose the credential (``requests`` drops the Authorization header).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from taxii2client.common import TokenAuth
+import orjson
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
+from taxii2client.common import TokenAuth, _HTTPConnection
 from taxii2client.exceptions import TAXIIServiceException
 from taxii2client.v21 import ApiRoot, Collection, Server, as_pages
 
@@ -27,6 +37,32 @@ class TaxiiClientError(DistillguardError):
     """The remote TAXII server refused or answered something unusable."""
 
 
+TIMEOUT_S = 60.0   # to connect, and between two reads of an answer
+MAX_PAGES = 1000
+
+
+class _Bounded(HTTPAdapter):
+    """Every request with a timeout; no answer read past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def send(self, request: PreparedRequest, **kwargs: Any  # type: ignore[override]
+             ) -> Response:
+        kwargs["timeout"] = kwargs.get("timeout") or TIMEOUT_S
+        kwargs["stream"] = True
+        response = super().send(request, **kwargs)
+        body = response.raw.read(self.max_bytes + 1, decode_content=True)
+        response.close()
+        if len(body) > self.max_bytes:
+            raise TaxiiClientError(f"an answer of more than {self.max_bytes} bytes "
+                                   "(sharing.max_bundle_bytes)")
+        response._content = body   # what requests would have read, now read
+        response._content_consumed = True
+        return response
+
+
 @dataclass(frozen=True, slots=True)
 class Remote:
     url: str
@@ -34,11 +70,15 @@ class Remote:
     user: str | None = None
     password: str | None = None
     token: str | None = None
+    max_bytes: int = 10_000_000
 
     def _auth(self) -> dict[str, Any]:
-        if self.token:
-            return {"auth": TokenAuth(self.token)}
-        return {"user": self.user, "password": self.password}
+        auth: dict[str, Any] = {"auth": TokenAuth(self.token)} if self.token else {
+            "user": self.user, "password": self.password}
+        conn = _HTTPConnection(**auth, version="2.1")
+        for scheme in ("http://", "https://"):
+            conn.session.mount(scheme, _Bounded(self.max_bytes))
+        return {"conn": conn}
 
     def open(self) -> Collection:
         """The remote collection; ``url`` is a discovery URL or an API root URL."""
@@ -79,16 +119,40 @@ def fetch(remote: Remote, added_after: str | None, page_size: int
     filters: dict[str, Any] = {"added_after": added_after} if added_after else {}
     try:
         newest = added_after
-        for page in as_pages(collection.get_manifest, per_request=page_size, **filters):
+        for page in _pages(collection.get_manifest, page_size, filters):
             for item in page.get("objects", []):
                 if newest is None or item["date_added"] > newest:
                     newest = item["date_added"]
         objects: list[dict[str, Any]] = []
-        for page in as_pages(collection.get_objects, per_request=page_size, **filters):
-            objects.extend(page.get("objects", []))
+        size = 0
+        for page in _pages(collection.get_objects, page_size, filters):
+            found = page.get("objects", [])
+            size += len(orjson.dumps(found))
+            if size > remote.max_bytes:
+                raise TaxiiClientError(
+                    f"the collection holds more than {remote.max_bytes} bytes of objects "
+                    "since the last poll (sharing.max_bundle_bytes)")
+            objects.extend(found)
     except Exception as exc:
         raise TaxiiClientError(f"poll {remote.url}: {exc}") from None
     return objects, newest
+
+
+def _pages(method: Callable[..., Any], page_size: int, filters: dict[str, Any]
+           ) -> Iterator[dict[str, Any]]:
+    """The pages of a listing; at most MAX_PAGES, and no ``next`` token twice (a server
+    answering ``more`` without end would keep a poll reading)."""
+    seen: set[str] = set()
+    for number, page in enumerate(as_pages(method, per_request=page_size, **filters)):
+        yield page
+        token = str(page.get("next", ""))
+        if not page.get("more"):
+            return
+        if token in seen:
+            raise TaxiiClientError(f"the server sent the next token {token[:40]!r} twice")
+        if number + 1 >= MAX_PAGES:
+            raise TaxiiClientError(f"more than {MAX_PAGES} pages")
+        seen.add(token)
 
 
 async def poll(remote: Remote, store: SharingStore, *, partner: str, page_size: int = 100,
