@@ -81,7 +81,9 @@ class Snapshot:
         found = self.ua_cache.get(ua)
         if found is None:
             found = list(self.ua_exact.get(ua, []))
-            if self.ua_any is not None and self.ua_any.search(ua):
+            # ua_any is None when the regexes did not compile as one (RE2 bounds a
+            # program's memory): each is tried then, rather than none
+            if self.ua_regex and (self.ua_any is None or self.ua_any.search(ua)):
                 found += [hit for rx, hit in self.ua_regex if rx.search(ua)]
             if len(self.ua_cache) >= UA_CACHE_SIZE:
                 self.ua_cache.clear()
