@@ -435,6 +435,61 @@ def test_a_repeated_verdict_neither_moves_nor_audits_its_action(state_url: str) 
     on_store(state_url, work)
 
 
+def test_a_throttle_with_other_limits_is_an_action_of_its_own(state_url: str) -> None:
+    """Applied again with other limits, a throttle extended the active one, which kept
+    its limits, or (for as long or shorter) changed nothing: the new limits and the new
+    reason were dropped. The same limits, however given, and a verdict's own detail (its
+    risk) still make it the same throttle."""
+    from distillguard.policy import audit
+
+    async def work(store: Any) -> None:
+        engine = store.engine
+        await store.put_account(make_account("acct_t"))
+
+        def throttle(limits: dict[str, Any] | None, expires_in_s: float, reason: str,
+                     source: str = "analyst", **detail: Any) -> Any:
+            if limits is not None:
+                detail["limits"] = limits
+            return apply_action(engine, account_id="acct_t", action="throttle",
+                                reason=reason, source=source, caused_by=f"{source}:ana",
+                                actor="ana", expires_in_s=expires_in_s, detail=detail,
+                                event_source="cli")
+
+        first = await throttle({"requests_per_minute": 60}, 600, "bursty")
+        longer = await throttle({"requests_per_minute": 5}, 3600, "ring confirmed")
+        shorter = await throttle({"tokens_per_day": 1000}, 60, "token harvest")
+        default = await throttle(None, 600, "the policy's limits")
+        made = [first, longer, shorter, default]
+        assert all(m is not None and not m.extended for m in made), made
+        assert len({m.action.action_id for m in made}) == 4
+        # The same limits, with those not given as None: the same throttle.
+        assert await throttle({"requests_per_minute": 5, "tokens_per_day": None}, 3600,
+                              "again") is None
+        extended = await throttle({"requests_per_minute": 60}, 7200, "still bursty")
+        assert extended is not None and extended.action.action_id == first.action.action_id
+        # A verdict's detail tells why; it repeats with another risk, as the same throttle.
+        verdict = await throttle(None, 600, "verdict", source="verdicts", risk=0.91)
+        assert verdict is not None
+        assert await throttle(None, 600, "verdict", source="verdicts", risk=0.95) is None
+
+        active = await list_actions(engine, "acct_t", active_only=True)
+        assert sorted((a.source, str(a.detail.get("limits")), a.reason) for a in active) == [
+            ("analyst", "None", "the policy's limits"),
+            ("analyst", "{'requests_per_minute': 5}", "ring confirmed"),
+            ("analyst", "{'requests_per_minute': 60}", "bursty"),
+            ("analyst", "{'tokens_per_day': 1000}", "token harvest"),
+            ("verdicts", "None", "verdict")]
+        assert [(e["name"], e["reason"]) for e in await audit.query(engine, "account:acct_t")
+                ] == [("cli:account:throttle", "verdict"),
+                      ("cli:account:extend", "still bursty"),
+                      ("cli:account:throttle", "the policy's limits"),
+                      ("cli:account:throttle", "token harvest"),
+                      ("cli:account:throttle", "ring confirmed"),
+                      ("cli:account:throttle", "bursty")]
+
+    on_store(state_url, work)
+
+
 def test_the_admin_api_says_what_it_extended_and_what_it_left(
         admin: tuple[StackThread, httpx.Client]) -> None:
     """``POST /admin/v1/policy/actions`` answered an empty list both when nothing changed

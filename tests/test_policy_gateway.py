@@ -315,6 +315,56 @@ def test_throttle_tightens_limits(running: StackThread, admin: httpx.Client) -> 
                                       messages=[{"role": "user", "content": "hi"}])
 
 
+def test_a_throttle_with_other_limits_is_enforced_beside_the_active_one(
+        running: StackThread, admin: httpx.Client) -> None:
+    """A throttle applied again with other limits extended the active throttle (or, for
+    as long or shorter, changed nothing) and kept that one's limits: the account was
+    served at 40 requests a minute after an analyst throttled it to 5."""
+    account_id, key = new_account(admin)
+    client = openai.OpenAI(base_url=running.stack.base_url, api_key=key, max_retries=0)
+
+    def throttle(rpm: int, expires_in: str, reason: str) -> dict[str, Any]:
+        r = admin.post("/admin/v1/policy/actions", json={
+            "account_ids": [account_id], "action": "throttle", "reason": reason,
+            "expires_in": expires_in, "limits": {"requests_per_minute": rpm}})
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def limit() -> str:
+        reply = client.chat.completions.with_raw_response.create(
+            model="demo-chat-1", messages=[{"role": "user", "content": "hi"}])
+        return str(reply.headers["x-ratelimit-limit-requests"])
+
+    loose = throttle(40, "1h", "bursty")["data"][0]
+    assert limit() == "40"
+    tight = throttle(5, "2h", "ring confirmed")
+    assert [(a["extended_from"], a["detail"]["limits"]["requests_per_minute"], a["reason"])
+            for a in tight["data"]] == [(None, 5, "ring confirmed")], tight
+    assert tight["data"][0]["action_id"] != loose["action_id"]
+    assert limit() == "5"
+    # Looser again, for longer: applied too, and the tighter one still holds.
+    assert throttle(20, "4h", "appeal pending")["data"][0]["extended_from"] is None
+    assert limit() == "5"
+    # The same limits again: for longer extends that throttle, for as long changes nothing.
+    again = throttle(5, "8h", "ring still active")["data"]
+    assert [(a["action_id"], a["extended_from"]) for a in again] == [
+        (tight["data"][0]["action_id"], tight["data"][0]["expires_at"])]
+    assert throttle(5, "1h", "ring still active")["unchanged"] == [account_id]
+    active = admin.get("/admin/v1/policy/actions", params={
+        "account": account_id, "active": "1"}).json()["data"]
+    assert sorted((a["detail"]["limits"]["requests_per_minute"], a["reason"])
+                  for a in active) == [(5, "ring confirmed"), (20, "appeal pending"),
+                                       (40, "bursty")]
+    events = admin.get("/admin/v1/policy/audit",
+                       params={"subject": f"account:{account_id}"}).json()["data"]
+    assert [(e["name"], e["reason"],
+             e["detail"].get("limits", {}).get("requests_per_minute")) for e in events] == [
+        ("admin:account:extend", "ring still active", None),
+        ("admin:account:throttle", "appeal pending", 20),
+        ("admin:account:throttle", "ring confirmed", 5),
+        ("admin:account:throttle", "bursty", 40)]
+
+
 def test_tier_limits_apply_on_top_of_the_settings(running: StackThread,
                                                   admin: httpx.Client) -> None:
     _, key = new_account(admin, tier="unverified")

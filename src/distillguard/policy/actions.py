@@ -5,12 +5,14 @@ Every action is a row in ``policy_actions`` with its reason, where it came from
 (``caused_by``: ``campaign:c-3``, ``verdict:acct_17@<time>``, ``review:rv_...``,
 ``analyst:<name>``), who applied it (``actor``), when it was created and when it expires.
 An action is active while it is neither revoked nor expired. Applying and lifting write an
-audit event in the same transaction. One source keeps one active action of a kind on an
-account: applying it again changes nothing, unless for longer than the active one was
-applied for, which extends that one (:func:`apply_action`). ``suspend`` also sets the account's status to
-``suspended`` (``actions.suspend_sets_account_status``), so authentication refuses the
-account on every replica within ``state.key_cache_ttl_s``; lifting the last active
-suspension (revoke, reinstate or expiry) sets it back to ``active``.
+audit event in the same transaction. One source keeps one active action of a kind and
+terms (:meth:`Action.enforces`: a throttle's limits) on an account: applying it again
+changes nothing, unless for longer than the active one was applied for, which extends
+that one (:func:`apply_action`); with other terms it is an action of its own beside it.
+``suspend`` also sets the account's status to ``suspended``
+(``actions.suspend_sets_account_status``), so authentication refuses the account on every
+replica within ``state.key_cache_ttl_s``; lifting the last active suspension (revoke,
+reinstate or expiry) sets it back to ``active``.
 
 So that lifting never undoes a suspension made outside the ladder, every suspension is on
 the ladder. A status set by hand (``PATCH /admin/v1/accounts/{id}``, ``distillguard
@@ -77,6 +79,16 @@ class Action:
     def to_json(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}  # type: ignore[attr-defined]
 
+    def enforces(self, action: str, detail: dict[str, Any]) -> bool:
+        """Whether this action enforces what ``action`` applied now with ``detail`` would:
+        the same kind and, for a throttle, the same limits (a limit given as None is one not
+        given; none at all follows the policy file's ``actions.throttle.limits``). The rest of
+        a detail, such as a verdict rule's name and risk, says why, not what is enforced."""
+        if self.action != action:
+            return False
+        return action != "throttle" or \
+            _limits_given(self.detail) == _limits_given(detail)
+
     def outlasts(self, expires_in_s: float | None) -> bool:
         """Whether this action, active, covers the same action applied now for
         ``expires_in_s`` (None: without expiry): it has no expiry, or it was applied for as
@@ -89,6 +101,14 @@ class Action:
             return False
         return parse_ts(self.expires_at) - parse_ts(self.created_at) >= \
             timedelta(seconds=expires_in_s)
+
+
+def _limits_given(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """A throttle's own limits in its ``detail``, those given as None left out."""
+    limits = detail.get("limits")
+    if not isinstance(limits, dict):
+        return None
+    return {name: value for name, value in limits.items() if value is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +152,18 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
                        unless_revoked_after: str | None = None) -> Applied | None:
     """Apply ``action`` to an account; returns what was done, or None when nothing changed.
 
-    Nothing changes when the same action from the same ``source`` is active for as long or
-    longer (:meth:`Action.outlasts`: a verdict repeated every few seconds does not pile up
-    rows, nor move the expiry), or (for automatic actions) when ``unless_revoked_after``
-    is given and an analyst lifted this action on this account after that time: a
-    decision by a person is not overridden by the verdict that preceded it. When the
-    active one is shorter (a suspension for a day, then for a week or without expiry), it
-    is extended to the new expiry, audited as ``<event_source>:account:extend``; it keeps
-    its reason and detail (a throttle its limits).
+    Nothing changes when the same action from the same ``source``, enforcing the same
+    (:meth:`Action.enforces`), is active for as long or longer (:meth:`Action.outlasts`: a
+    verdict repeated every few seconds does not pile up rows, nor move the expiry), or
+    (for automatic actions) when ``unless_revoked_after`` is given and an analyst lifted
+    this action on this account after that time: a decision by a person is not overridden
+    by the verdict that preceded it. When the active one is shorter (a suspension for a
+    day, then for a week or without expiry), it is extended to the new expiry, audited as
+    ``<event_source>:account:extend`` with the new reason; the row keeps its own. A
+    throttle with other limits than the active one's is applied as a throttle of its own,
+    whatever its expiry: under both, each limit is the lower of theirs
+    (:func:`distillguard.policy.limits.tightest`), and neither application's limits are
+    dropped.
 
     A ``suspend`` that finds the account's status ``suspended`` with no suspend action
     that is not lifted yet (set outside the ladder) records that suspension too, as one by hand without
@@ -161,7 +185,8 @@ async def apply_action(engine: AsyncEngine, *, account_id: str, action: str, rea
             "SELECT * FROM policy_actions WHERE account_id = :a AND action = :x"),
             {"a": account_id, "x": action})).all()
         existing = [Action.from_row(r) for r in rows]
-        same = [a for a in existing if a.source == source and a.active_at(now)]
+        same = [a for a in existing if a.source == source and a.active_at(now)
+                and a.enforces(action, detail or {})]
         if any(a.outlasts(expires_in_s) for a in same):
             return None
         if unless_revoked_after is not None and any(
