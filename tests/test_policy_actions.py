@@ -178,6 +178,63 @@ def test_a_patched_suspension_outlives_the_verdict_suspension_beside_it(
     assert actions(client, "acct_nobody") == []
 
 
+def test_an_account_created_suspended_is_suspended_by_hand_at_once(
+        admin: tuple[StackThread, httpx.Client], state_url: str) -> None:
+    """``POST /admin/v1/accounts`` with ``status: suspended`` wrote the column alone: the
+    account's actions were empty, no one was audited as suspending it, and the ladder
+    recorded the suspension (as by ``unknown``) only when it applied one of its own."""
+    _, client = admin
+    account = "acct_" + uuid.uuid4().hex[:8]
+    r = client.post("/admin/v1/accounts", json={"account_id": account, "status": "suspended"})
+    assert r.status_code == 201 and r.json()["status"] == "suspended", r.text
+    assert status(client, account) == "suspended"
+    by_hand = [(a["action"], a["source"], a["caused_by"], a["actor"], a["reason"],
+                a["expires_at"], a["revoked_at"]) for a in actions(client, account)]
+    assert by_hand == [("suspend", "analyst", "analyst:ana", "ana",
+                        "account created suspended by ana", None, None)]
+    events = client.get("/admin/v1/policy/audit",
+                        params={"subject": f"account:{account}"}).json()["data"]
+    assert [(e["name"], e["actor"]) for e in events] == [("admin:account:suspend", "ana")]
+    # Created again, it is refused, and nothing more is recorded.
+    r = client.post("/admin/v1/accounts", json={"account_id": account, "status": "suspended"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "conflict", r.text
+    assert len(actions(client, account)) == 1
+    # A suspension of the verdict feed's beside it ends: the account stays suspended, and
+    # the ladder finds nothing outside it to record.
+    verdict(state_url, account)
+    until(lambda: (from_verdicts(client, account) or {}).get("revoked_by") == "expiry",
+          EXPIRES_S + 15)
+    assert status(client, account) == "suspended"
+    assert [(a["source"], a["caused_by"]) for a in actions(client, account)
+            if a["revoked_at"] is None] == [("analyst", "analyst:ana")]
+    # Created active, nothing is recorded.
+    other = "acct_" + uuid.uuid4().hex[:8]
+    client.post("/admin/v1/accounts", json={"account_id": other}).raise_for_status()
+    assert actions(client, other) == []
+
+
+def test_an_account_created_suspended_is_one_transaction_with_its_suspension(
+        state_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillguard.components import create_account
+    from distillguard.policy import byhand
+
+    settings = make_settings(tmp_path, policy={"file": write_policy(tmp_path)},
+                             state={"url": state_url})
+
+    async def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the database went away")
+
+    async def work(store: Any) -> None:
+        monkeypatch.setattr(byhand, "record_actions", fail)
+        with pytest.raises(RuntimeError):
+            await create_account(settings, store, make_account("acct_c", status="suspended"),
+                                 actor="ana", reason="chargebacks", channel="cli")
+        assert await store.list_accounts(query="acct_c") == []
+        assert await list_actions(store.engine) == []
+
+    on_store(state_url, work)
+
+
 def _ts(epoch: float) -> str:
     from datetime import UTC, datetime
 
@@ -294,8 +351,9 @@ def test_a_suspension_that_ran_out_before_the_expiry_pass_is_not_taken_for_one_b
 
 async def test_without_the_ladder_keeping_it_a_status_is_only_written(tmp_path: Path) -> None:
     """With the policy component off, or its suspensions leaving the status alone, a
-    status by hand is the column alone, as before."""
-    from distillguard.components import update_account
+    status by hand is the column alone, as before, and so is one an account is created
+    with."""
+    from distillguard.components import create_account, update_account
 
     path = write_policy(tmp_path, actions={"suspend_sets_account_status": False})
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
@@ -311,6 +369,13 @@ async def test_without_the_ladder_keeping_it_a_status_is_only_written(tmp_path: 
                                            reason=None, channel="admin")
             assert str(account.status) == "suspended"
             assert not await list_actions(store.engine, account_id)  # type: ignore[attr-defined]
+            created = await create_account(settings, store,
+                                           make_account(account_id + "_new",
+                                                        status="suspended"),
+                                           actor="ana", reason=None, channel="admin")
+            assert str((await store.get_account(created.account_id)).status) == "suspended"
+            assert not await list_actions(store.engine,  # type: ignore[attr-defined]
+                                          created.account_id)
     finally:
         await store.close()
 

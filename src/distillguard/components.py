@@ -100,6 +100,13 @@ class StatusKeeper(Protocol):
     (``reason``, None for a default) and where (``channel``: ``admin``, ``cli``,
     ``import``)."""
 
+    async def create_account(self, store: StateStore, account: Account, *, actor: str,
+                             reason: str | None, channel: str) -> None:
+        """Create ``account`` with the status it gives, as :meth:`update_account` would
+        set it. Raises as :meth:`~distillguard.store.StateStore.put_account` does for an
+        account that exists, with nothing changed."""
+        ...
+
     async def update_account(self, store: StateStore, account_id: str,
                              changes: dict[str, Any], *, actor: str, reason: str | None,
                              channel: str) -> None:
@@ -125,6 +132,19 @@ def status_keeper(settings: Settings) -> StatusKeeper | None:
         if keeper is not None:
             return keeper
     return None
+
+
+async def create_account(settings: Settings, store: StateStore, account: Account, *,
+                         actor: str, reason: str | None, channel: str) -> Account:
+    """A new account from an operator (admin API, command line): created ``suspended``, it
+    goes through the :func:`status_keeper` when there is one, as a status set by hand
+    would; otherwise (and ``active``) straight to the store."""
+    keeper = status_keeper(settings) if account.status == "suspended" else None
+    if keeper is None:
+        return await store.put_account(account)
+    await keeper.create_account(store, account, actor=actor, reason=reason,
+                                channel=channel)
+    return account
 
 
 async def update_account(settings: Settings, store: StateStore, account_id: str,

@@ -7,7 +7,8 @@ refuses every request. Errors use the same OpenAI-format bodies as the public AP
 Routes (documented in docs/admin-api.md)::
 
     GET    /admin/v1/accounts?query=&limit=&offset=    list accounts
-    POST   /admin/v1/accounts                          create an account (accounts format)
+    POST   /admin/v1/accounts                          create an account (accounts format;
+                                                       status: components.create_account)
     POST   /admin/v1/accounts/import                   import accounts JSON Lines (all or none;
                                                        status: components.import_accounts)
     GET    /admin/v1/accounts/export                   export accounts JSON Lines
@@ -37,7 +38,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from distillguard.components import check_tier, import_accounts, known_tiers, update_account
+from distillguard.components import (
+    check_tier,
+    create_account,
+    import_accounts,
+    known_tiers,
+    update_account,
+)
 from distillguard.errors import (
     APIError,
     InvalidRecord,
@@ -178,7 +185,8 @@ class AdminAPI:
             raise Unprocessable(str(exc), code="invalid_account",
                                 param=getattr(exc, "field", None)) from None
         self._check_tier(account.tier, account.account_id)
-        await self.gateway.store.put_account(account)
+        await create_account(self.gateway.settings, self.gateway.store, account,
+                             actor=admin_actor(request), reason=None, channel="admin")
         return json_response(account.to_public(), 201)
 
     async def import_accounts(self, request: Request) -> Response:

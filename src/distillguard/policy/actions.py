@@ -16,12 +16,13 @@ reinstate or expiry) sets it back to ``active``.
 
 So that lifting never undoes a suspension made outside the ladder, every suspension is on
 the ladder. A status set by hand (``PATCH /admin/v1/accounts/{id}``, ``distillguard
-accounts update --status``, an import) goes through :mod:`.byhand`: ``suspended`` records a
-suspension by hand without expiry, ``active`` lifts every suspension. A suspension the
-ladder finds already in the status with no active suspend action (an import, a version
-before this one) is recorded by :func:`apply_action` as one by hand (``caused_by``
-``account-status``, no expiry) when it applies a ``suspend``. Either stays until a person
-lifts it: ``revoke`` of ``suspend`` or of everything, or the status set ``active``.
+accounts update --status``, an account created with it, an import) goes through
+:mod:`.byhand`: ``suspended`` records a suspension by hand without expiry, ``active``
+lifts every suspension. A suspension the ladder finds already in the status with no
+active suspend action (written with the component off, a version before this one) is
+recorded by :func:`apply_action` as one by hand (``caused_by`` ``account-status``, no
+expiry) when it applies a ``suspend``. Either stays until a person lifts it: ``revoke``
+of ``suspend`` or of everything, or the status set ``active``.
 
 The request check never reads this table: :class:`ActiveActions` mirrors the active rows
 in memory and is refreshed in the background from the ``updated_at`` cursor.

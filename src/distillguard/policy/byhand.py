@@ -1,13 +1,15 @@
 """Statuses set by hand, through the action ladder.
 
 An analyst sets an account's status with ``PATCH /admin/v1/accounts/{id}`` or
-``distillguard accounts update --status``, and an import sets many
+``distillguard accounts update --status``, creates an account with one (``POST
+/admin/v1/accounts``, ``distillguard accounts create --status``), and an import sets many
 (``distillguard accounts import``, ``POST /admin/v1/accounts/import``). With the policy
 component on, each goes through the ladder (:mod:`.actions`) in one transaction with the
 status, so that no suspension of the ladder's, when it ends, undoes one made by hand:
 ``suspended`` records a suspension by hand without expiry, ``active`` lifts every active
 suspension and audits a reinstatement. The core reaches these through
-:func:`distillguard.components.update_account` and ``import_accounts``.
+:func:`distillguard.components.create_account`, ``update_account`` and
+``import_accounts``.
 """
 
 from __future__ import annotations
@@ -27,14 +29,46 @@ from distillguard.policy.actions import (
 )
 from distillguard.policy.audit import AuditEvent, record_in
 from distillguard.policy.schema import ensure_schema, new_id, now_ts
-from distillguard.store.models import AccountImport, stored_text
+from distillguard.store.models import Account, AccountImport, AccountStatus, stored_text
 from distillguard.store.sql import (
     account_columns,
     in_chunks,
+    insert_account,
     lock_for_change,
     upsert_accounts,
     write_account,
 )
+
+
+async def create_account(engine: AsyncEngine, account: Account, *, by: str,
+                         reason: str | None, event_source: str) -> list[Action]:
+    """Create ``account`` (``POST /admin/v1/accounts``, ``distillguard accounts create``)
+    in one transaction with what its status records on the ladder; returns the actions
+    recorded.
+
+    ``suspended`` records a suspension by hand without expiry, as :func:`update_account`
+    does (none when such a suspension is on the ladder already: an action may name an id
+    before its account exists), audited ``<event_source>:account:suspend``: the account's actions show it at once,
+    and a suspension from verdicts or review that ends later does not reactivate the
+    account. ``active`` records nothing. StoreError when the account exists, with nothing
+    written."""
+    reason = stored_text((reason or "").strip(), "'reason'", "reason", limit=1000) or \
+        f"account created suspended by {by}"
+    await ensure_schema(engine)
+    now = now_ts()
+    async with engine.begin() as conn:
+        await lock_account(conn, account.account_id)
+        await insert_account(conn, account)
+        if account.status is not AccountStatus.SUSPENDED:
+            return []
+        active = (await _suspensions(conn, [account.account_id], now)).get(
+            account.account_id, [])
+        item = _suspension_by_hand(account.account_id, active, by=by, reason=reason,
+                                   now=now)
+        if item is None:
+            return []
+        await record_actions(conn, event_source, item)
+        return [item]
 
 
 async def update_account(engine: AsyncEngine, account_id: str, changes: dict[str, Any], *,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from distillguard.components import StatusKeeper
     from distillguard.config import Settings
     from distillguard.serve import Extension
-    from distillguard.store import StateStore
+    from distillguard.store import Account, StateStore
     from distillguard.store.models import AccountImport
 
 
@@ -64,8 +64,16 @@ def status_keeper(settings: Settings) -> StatusKeeper | None:
 
 class LadderKeepsStatus:
     """A :class:`~distillguard.components.StatusKeeper`: the status by hand on the ladder
-    (:func:`distillguard.policy.byhand.update_account` and
+    (:func:`distillguard.policy.byhand.create_account`,
+    :func:`~distillguard.policy.byhand.update_account` and
     :func:`~distillguard.policy.byhand.import_accounts`)."""
+
+    async def create_account(self, store: StateStore, account: Account, *, actor: str,
+                             reason: str | None, channel: str) -> None:
+        from distillguard.policy.byhand import create_account
+
+        await create_account(store.engine,  # type: ignore[attr-defined]
+                             account, by=actor, reason=reason, event_source=channel)
 
     async def update_account(self, store: StateStore, account_id: str,
                              changes: dict[str, Any], *, actor: str, reason: str | None,

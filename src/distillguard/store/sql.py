@@ -152,6 +152,22 @@ async def upsert_accounts(conn: AsyncConnection, accounts: Iterable[Account], *,
     return len(rows)
 
 
+async def insert_account(conn: AsyncConnection, account: Account, *,
+                         replace: bool = False) -> None:
+    """Insert ``account`` in the transaction on ``conn`` (``replace``: or replace the one
+    stored); StoreError when it exists."""
+    cols = ", ".join(_ACCOUNT_COLUMNS)
+    params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
+    sql = f"INSERT INTO accounts ({cols}) VALUES ({params})"
+    if replace:
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:])
+        sql += f" ON CONFLICT (account_id) DO UPDATE SET {updates}"
+    try:
+        await conn.execute(text(sql), account_row(account))
+    except IntegrityError as exc:
+        raise StoreError(f"account {account.account_id!r} already exists") from exc
+
+
 def account_columns(changes: dict[str, Any]) -> dict[str, Any]:
     """An account update's fields as their columns hold them: StoreError naming a field
     that cannot be changed or a value the account cannot take."""
@@ -254,18 +270,8 @@ class SQLStateStore:
         )
 
     async def put_account(self, account: Account, *, replace: bool = False) -> Account:
-        row = account_row(account)
-        cols = ", ".join(_ACCOUNT_COLUMNS)
-        params = ", ".join(":" + c for c in _ACCOUNT_COLUMNS)
-        sql = f"INSERT INTO accounts ({cols}) VALUES ({params})"
-        if replace:
-            updates = ", ".join(f"{c} = excluded.{c}" for c in _ACCOUNT_COLUMNS[1:])
-            sql += f" ON CONFLICT (account_id) DO UPDATE SET {updates}"
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(text(sql), row)
-        except IntegrityError as exc:
-            raise StoreError(f"account {account.account_id!r} already exists") from exc
+        async with self.engine.begin() as conn:
+            await insert_account(conn, account, replace=replace)
         return account
 
     async def import_accounts(self, accounts: Iterable[Account], *,
