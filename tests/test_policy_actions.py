@@ -292,6 +292,27 @@ def test_a_suspension_by_the_command_line_outlives_the_ladders(state_url: str,
     assert "--reason and --actor go with --status" in out
 
 
+def test_an_account_created_suspended_by_the_command_line_is_on_the_ladder(
+        state_url: str, tmp_path: Path) -> None:
+    """``accounts create`` made only active accounts: one meant to start suspended was
+    suspended afterwards, or imported, and there was no way to create it suspended."""
+    cfg = config(tmp_path, state_url)
+    out = run(cfg, "accounts", "create", "acct_cs", "--status", "suspended", "--reason",
+              "chargebacks", "--actor", "ana")
+    assert orjson.loads(out)["status"] == "suspended"
+    by_hand = orjson.loads(run(cfg, "policy", "actions", "--account", "acct_cs"))
+    assert [(a["action"], a["source"], a["actor"], a["reason"], a["expires_at"])
+            for a in by_hand] == [("suspend", "analyst", "ana", "chargebacks", None)]
+    assert [(e["name"], e["actor"]) for e in events(state_url, "acct_cs")] == [
+        ("cli:account:suspend", "ana")]
+    suspend_for_a_moment(state_url, "acct_cs")
+    assert orjson.loads(run(cfg, "accounts", "show", "acct_cs"))["status"] == "suspended"
+    out = run(cfg, "accounts", "create", "acct_ca", "--reason", "why", code=2)
+    assert "--reason and --actor go with --status suspended" in out
+    assert orjson.loads(run(cfg, "accounts", "create", "acct_ca"))["status"] == "active"
+    assert orjson.loads(run(cfg, "policy", "actions", "--account", "acct_ca")) == []
+
+
 def test_a_suspension_found_in_the_status_is_kept(state_url: str) -> None:
     """An account imported suspended (or suspended by an older version) has no suspend
     action: the ladder's own suspension, lifted, set it active."""

@@ -25,7 +25,13 @@ import click
 import orjson
 
 from distillguard.cliparams import PORT, positive, within
-from distillguard.components import check_tier, import_accounts, known_tiers, update_account
+from distillguard.components import (
+    check_tier,
+    create_account,
+    import_accounts,
+    known_tiers,
+    update_account,
+)
 from distillguard.config import Settings, load_settings
 from distillguard.errors import ConfigError, DistillguardError, InvalidRecord
 from distillguard.store import StateStore, all_accounts, open_state_store
@@ -297,19 +303,29 @@ def accounts() -> None:
               help="Verification tier (unverified, standard, verified, trusted, ...).")
 @click.option("--payment-fingerprint")
 @click.option("--created-at", help="RFC 3339 time; default now.")
+@click.option("--status", type=click.Choice(["active", "suspended"]), default="active",
+              show_default=True,
+              help="With the policy component on, suspended is recorded on its action "
+                   "ladder: suspended until set active (or the suspension revoked).")
+@click.option("--reason", help="Why the account is created suspended (recorded with it).")
+@click.option("--actor", help="Who suspends it (default: the login name).")
 @pass_ctx
 def accounts_create(ctx: Context, account_id: str, org: str | None, email_domain: str | None,
                     country: str | None, tier: str, payment_fingerprint: str | None,
-                    created_at: str | None) -> None:
+                    created_at: str | None, status: str, reason: str | None,
+                    actor: str | None) -> None:
     """Create one account."""
+    if (reason is not None or actor is not None) and status != "suspended":
+        fail("--reason and --actor go with --status suspended")
     account = Account.from_public({
         "account_id": account_id, "org": org, "email_domain": email_domain,
         "country": country, "tier": tier, "payment_fingerprint": payment_fingerprint,
-        "created_at": created_at})
+        "created_at": created_at, "status": status})
     check_tier(account.tier, known_tiers(ctx.settings), account.account_id)
 
     async def go(store: StateStore) -> Account:
-        return await store.put_account(account)
+        return await create_account(ctx.settings, store, account, actor=actor_name(actor),
+                                    reason=reason, channel="cli")
 
     click.echo(orjson.dumps(run(ctx.with_store(go)).to_public()).decode())
 
