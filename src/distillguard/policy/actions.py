@@ -30,6 +30,7 @@ in memory and is refreshed in the background from the ``updated_at`` cursor.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -379,6 +380,7 @@ class ActiveActions:
         self.cursor = ""
         self.loaded = False
         self._moved_at = 0.0
+        self._refreshing = asyncio.Lock()
 
     def for_account(self, account_id: str | None, now: str) -> list[Action]:
         if not account_id:
@@ -401,7 +403,15 @@ class ActiveActions:
             bucket[item.action_id] = item
 
     async def refresh(self, source: AsyncEngine | AsyncConnection) -> int:
-        """Read rows changed since the cursor; returns how many were read."""
+        """Read rows changed since the cursor; returns how many were read.
+
+        One refresh at a time: the background pass and an admin request both refresh, and
+        rows read before a change, applied after the rows read since, brought back an
+        action the change had lifted (until the next pass)."""
+        async with self._refreshing:
+            return await self._refresh(source)
+
+    async def _refresh(self, source: AsyncEngine | AsyncConnection) -> int:
         if not self.loaded:
             sql = ("SELECT * FROM policy_actions WHERE revoked_at IS NULL AND"
                    " (expires_at IS NULL OR expires_at > :c)")
