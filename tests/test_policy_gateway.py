@@ -679,3 +679,73 @@ def test_screening_now_takes_an_object_or_no_body(admin: httpx.Client) -> None:
     assert admin.post("/admin/v1/policy/screen", json={"force": True}).status_code == 200
     r = admin.post("/admin/v1/policy/screen", json={"forced": True})
     assert r.status_code == 422 and r.json()["error"]["param"] == "forced"
+
+
+
+@pytest.fixture(scope="module")
+def slow_refresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
+    """A gateway whose background pass is a minute away (refresh_s and the verdict poll
+    bound it), so only what an admin request does itself takes effect at once."""
+    folder = tmp_path_factory.mktemp("slow")
+    body = POLICY.replace("refresh_s: 0.2", "refresh_s: 60").replace(
+        "poll_interval_s: 0.2", "poll_interval_s: 60")
+    stack = start_stack(make_settings(folder, policy={"file": str(write_policy(folder, body))},
+                                      state={"key_cache_ttl_s": 1.0}))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+
+@pytest.mark.parametrize("way", ["patch", "import", "revoke"])
+def test_an_admin_change_holds_on_this_replica_before_it_answers(
+        slow_refresh: StackThread, way: str) -> None:
+    """A suspension lifted through the admin API, by setting the status or revoking it,
+    holds for the next request to the replica that answered, not from its next refresh
+    (the mirror of actions) or the end of its key cache (which held the status); a
+    suspension set that way holds at once too."""
+    admin = httpx.Client(base_url=slow_refresh.stack.admin_url,
+                         headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    account_id, key = new_account(admin)
+    public = httpx.Client(base_url=slow_refresh.stack.base_url,
+                          headers={"authorization": f"Bearer {key}"})
+
+    def answer() -> str:
+        r = public.post("chat/completions", json={
+            "model": "demo-chat-1", "messages": [{"role": "user", "content": "hi"}]})
+        return "served" if r.status_code == 200 else str(r.json()["error"]["code"])
+
+    def change(status: str) -> None:
+        if way == "patch":
+            r = admin.patch(f"/admin/v1/accounts/{account_id}",
+                            json={"status": status, "reason": "abuse report 12"})
+        elif way == "import":
+            r = admin.post("/admin/v1/accounts/import", content=orjson.dumps(
+                {"account_id": account_id, "country": "DE", "status": status}))
+        elif status == "suspended":
+            r = admin.post("/admin/v1/policy/actions", json={
+                "account_id": account_id, "action": "suspend", "reason": "abuse report 12"})
+        else:
+            r = admin.post("/admin/v1/policy/actions/revoke",
+                           json={"account_id": account_id, "reason": "appeal upheld"})
+        r.raise_for_status()
+
+    try:
+        assert answer() == "served"
+        admin.post("/admin/v1/policy/actions", json={
+            "account_id": account_id, "action": "suspend", "reason": "abuse report 11"}
+        ).raise_for_status()
+        assert answer() == "account_suspended"
+        time.sleep(1.1)     # past the key cache, which holds the suspended status now
+        assert answer() == "account_suspended"
+        change("active")
+        assert answer() == "served"
+        change("suspended")
+        assert answer() == "account_suspended"
+        time.sleep(1.1)
+        change("active")
+        assert answer() == "served"
+    finally:
+        public.close()
+        admin.close()

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 from distillguard.config import ServerSettings, Settings
 from distillguard.demo_upstream import create_demo_upstream
 from distillguard.errors import ConfigError
-from distillguard.gateway.admin import AdminAPI
+from distillguard.gateway.admin import AccountsChanged, AdminAPI
 from distillguard.gateway.app import Gateway
 from distillguard.netaddr import authority
 from distillguard.pipeline import RequestCheck, ResponseFilter, Stage
@@ -31,12 +31,17 @@ log = logging.getLogger("distillguard.serve")
 
 @dataclass
 class Extension:
-    """What one component adds to a running gateway."""
+    """What one component adds to a running gateway.
+
+    ``on_accounts_changed`` are awaited after an admin request changed accounts (their
+    status or actions), before it answers: each brings what the component holds of them
+    in memory up to date on this replica (:meth:`AdminAPI.accounts_changed`)."""
 
     stages: list[Stage] = field(default_factory=list)
     checks: list[RequestCheck] = field(default_factory=list)
     admin_routes: list[BaseRoute] = field(default_factory=list)
     response_filters: list[ResponseFilter] = field(default_factory=list)
+    on_accounts_changed: list[AccountsChanged] = field(default_factory=list)
 
 
 ExtensionFactory = Callable[[Settings], "Extension | None"]
@@ -199,7 +204,8 @@ class Stack:
             if self._demo_socket is not None:
                 self._demo_socket.close()
             raise
-        self.admin = AdminAPI(self.gateway)
+        self.admin = AdminAPI(self.gateway, on_accounts_changed=[
+            hook for e in extensions for hook in e.on_accounts_changed])
         self.servers: list[uvicorn.Server] = []
 
     @property

@@ -24,11 +24,18 @@ hold ``/``, so these routes match the path as the client sent it (:mod:`.adminpa
 No route redirects, not even to the same path with or without a final slash.
 
 Other components add their routes through :attr:`AdminAPI.routes` before the app is built.
+
+A request that changes accounts (their status, an import, a component's actions) brings
+what this replica holds of them in memory up to date before it answers
+(:meth:`AdminAPI.accounts_changed`; a component's route calls :func:`accounts_changed`), so
+the next request this replica serves is judged on the change. Other replicas learn of it
+within ``state.key_cache_ttl_s`` and their components' own refresh intervals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +75,10 @@ if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
 
 Handler = Callable[[Request], Awaitable[Response]]
+# What a component brings up to date after accounts changed (Extension.on_accounts_changed).
+AccountsChanged = Callable[[], Awaitable[None]]
+
+log = logging.getLogger("distillguard.gateway")
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -92,6 +103,15 @@ def admin_actor(request: Request) -> str:
     return (request.headers.get("x-distillguard-actor") or "admin").strip()[:100]
 
 
+async def accounts_changed(request: Request) -> None:
+    """For a component's admin route that changed accounts (an action applied or lifted):
+    :meth:`AdminAPI.accounts_changed` of the admin app serving ``request``, before it
+    answers. An app built otherwise holds nothing of accounts to bring up to date."""
+    changed = getattr(request.app.state, "accounts_changed", None)
+    if changed is not None:
+        await changed()
+
+
 def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:
     """Parse JSON Lines, naming the first bad line; blank lines are skipped."""
     out = []
@@ -106,8 +126,10 @@ def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:
 
 
 class AdminAPI:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *,
+                 on_accounts_changed: Sequence[AccountsChanged] = ()) -> None:
         self.gateway = gateway
+        self.on_accounts_changed = list(on_accounts_changed)
         self.routes: list[BaseRoute] = [
             Route("/admin/v1/accounts", self.guard(self.list_accounts), methods=["GET"]),
             Route("/admin/v1/accounts", self.guard(self.create_account), methods=["POST"]),
@@ -146,6 +168,20 @@ class AdminAPI:
     async def authenticate(self, request: Request) -> None:
         await check_admin(request, self.gateway.settings.admin.token)
 
+    async def accounts_changed(self) -> None:
+        """After an admin request changed accounts, before it answers: drop this replica's
+        cached key look-ups (which hold the accounts' status) and have every component
+        bring what it holds of accounts up to date (``Extension.on_accounts_changed``: the
+        policy component's mirror of active actions). The change is stored already: a
+        component that fails here is logged and catches up at its next refresh."""
+        self.gateway.auth.forget()
+        for hook in self.on_accounts_changed:
+            try:
+                await hook()
+            except Exception:
+                log.exception("admin: an account change is not in memory until the next "
+                              "refresh")
+
     def app(self, extra_routes: list[BaseRoute] | None = None) -> Starlette:
         app = Starlette(routes=[*self.routes, *(extra_routes or [])],
                         exception_handlers=EXCEPTION_HANDLERS)  # type: ignore[arg-type]
@@ -157,6 +193,7 @@ class AdminAPI:
         app.state.failed_auth = FailedAuthThrottle(
             self.gateway.settings.admin.failed_auth_per_minute, self.gateway.counters,
             "admin-auth")
+        app.state.accounts_changed = self.accounts_changed
         return app
 
     # -- accounts -----------------------------------------------------------------------
@@ -196,7 +233,7 @@ class AdminAPI:
             self._check_tier(account.tier, account.account_id, known=known)
         done = await import_accounts(self.gateway.settings, self.gateway.store, batch,
                                      actor=admin_actor(request), reason=None)
-        self.gateway.auth.forget()
+        await self.accounts_changed()
         return json_response(done)
 
     async def export_accounts(self, request: Request) -> Response:
@@ -241,7 +278,7 @@ class AdminAPI:
                 actor=admin_actor(request), reason=reason, channel="admin")
         except ValueError as exc:     # InvalidRecord names its field
             raise Unprocessable(str(exc), param=getattr(exc, "field", None)) from None
-        self.gateway.auth.forget()
+        await self.accounts_changed()
         return json_response(account.to_public())
 
     # -- keys ---------------------------------------------------------------------------
@@ -279,4 +316,5 @@ class AdminAPI:
         return json_response(key.to_public())
 
 
-__all__ = ["AdminAPI", "APIError", "admin_actor", "json_response", "json_body", "parse_jsonl"]
+__all__ = ["AccountsChanged", "AdminAPI", "APIError", "accounts_changed", "admin_actor",
+           "json_response", "json_body", "parse_jsonl"]

@@ -16,7 +16,9 @@ Documented in docs/policy.md ("Admin API")::
     POST /admin/v1/review/{item_id}                {decision, reason}: confirm/dismiss/escalate
 
 The analyst is named by the ``x-distillguard-actor`` header (default ``admin``); it is
-recorded with every action and decision.
+recorded with every action and decision. A route that applies or lifts actions has this
+replica hold the change before it answers
+(:func:`distillguard.gateway.admin.accounts_changed`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
 from distillguard.errors import NotFoundError, Unprocessable, message_of
-from distillguard.gateway.admin import admin_actor, json_body, json_response
+from distillguard.gateway.admin import accounts_changed, admin_actor, json_body, json_response
 from distillguard.gateway.adminauth import check_admin
 from distillguard.gateway.adminpaths import IdRoute
 from distillguard.policy import audit
@@ -149,7 +151,7 @@ class PolicyAdmin:
             accounts, str(data.get("action") or ""), reason=str(data.get("reason") or ""),
             actor=self.actor(request), channel="admin",
             expires_in=data.get("expires_in", "default"), detail=detail)
-        await self.runtime.actions.refresh(self.runtime.engine)
+        await accounts_changed(request)
         acted = {a.action.account_id for a in done}
         return json_response({"object": "list", "data": [a.to_json() for a in done],
                               "unchanged": [a for a in dict.fromkeys(accounts)
@@ -163,14 +165,14 @@ class PolicyAdmin:
         names = data.get("actions")
         done = await self.runtime.ops().lift(_accounts(data), actions=names, reason=reason,
                                              actor=self.actor(request), channel="admin")
-        await self.runtime.actions.refresh(self.runtime.engine)
+        await accounts_changed(request)
         return json_response({"object": "list", "data": [a.to_json() for a in done]})
 
     async def verdicts(self, request: Request) -> Response:
         doc = Verdicts.from_json(await json_body(request))
         applier = VerdictActions(self.runtime.engine, self.runtime.policy)
         await applier.apply_document(doc)
-        await self.runtime.actions.refresh(self.runtime.engine)
+        await accounts_changed(request)
         return json_response({"actions": applier.applied, "extended": applier.extended,
                               "review_items": applier.reviews})
 
@@ -203,5 +205,5 @@ class PolicyAdmin:
         item, applied = await self.runtime.ops().decide(
             request.path_params["item_id"], str(data.get("decision") or ""),
             str(data.get("reason") or ""), self.actor(request), channel="admin")
-        await self.runtime.actions.refresh(self.runtime.engine)
+        await accounts_changed(request)
         return json_response({**item.to_json(), "applied": [a.to_json() for a in applied]})

@@ -115,6 +115,7 @@ def component(settings: Settings) -> Extension | None:
     limiter = PolicyLimiter(settings, open_counter_store(settings.counters), holder,
                             runtime.actions, runtime.denials)
     extension = Extension(checks=[check, limiter], stages=[limiter],
-                          admin_routes=PolicyAdmin(settings, runtime).routes())
+                          admin_routes=PolicyAdmin(settings, runtime).routes(),
+                          on_accounts_changed=[runtime.refresh_actions])
     extension.runtime = runtime  # type: ignore[attr-defined]
     return extension

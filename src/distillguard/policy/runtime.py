@@ -12,6 +12,10 @@ Every ``refresh_s`` (default 1 s) the loop, off the request path:
   unsent audit events to the ledger when the ledger component is installed;
 * every ``screening.interval_s`` screens accounts not yet screened against the lists.
 
+An admin request that changes actions or statuses on this replica does not wait for the
+next pass: it reads them into :class:`ActiveActions` before it answers
+(:meth:`PolicyRuntime.refresh_actions`).
+
 A failing pass is logged and retried on the next one; requests keep being judged on the
 last good state. ``reload`` swaps the compiled policy (admin endpoint, SIGHUP).
 """
@@ -134,6 +138,14 @@ class PolicyRuntime:
                     "screening_entries": len(fresh.screening), "channel": channel}))
         self._last_screen = 0.0
         return fresh
+
+    async def refresh_actions(self) -> None:
+        """Read changed actions into the mirror now, not at the next pass: an admin
+        request that changed accounts' actions or status does before it answers
+        (``Extension.on_accounts_changed``). Before start-up has read the mirror there is
+        nothing to bring up to date: that first read sees the change."""
+        if self.store is not None and self.actions.loaded:
+            await self.actions.refresh(self.engine)
 
     async def flush_audit(self, *, force: bool = False) -> None:
         now = time.monotonic()
