@@ -274,13 +274,18 @@ def _fmt_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-_LIMIT_KINDS = (
-    ("requests_per_minute", "rpm", MINUTE, True),
-    ("tokens_per_minute", "tpm", MINUTE, True),
-    ("tokens_per_day", "tpd", DAY, False),
-)
-_OPTIONS = tuple(option for option, *_ in _LIMIT_KINDS)
-_WHAT = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day"}
+# How each limit is counted: its kind in counter keys, its window, whether the window
+# slides. Which limits there are, and their order, is config.LimitSet's fields: a field
+# added there and not here stops this import with a KeyError naming it.
+_COUNTING = {
+    "requests_per_minute": ("rpm", MINUTE, True),
+    "tokens_per_minute": ("tpm", MINUTE, True),
+    "tokens_per_day": ("tpd", DAY, False),
+}
+_OPTIONS = tuple(LimitSet.model_fields)
+_LIMIT_KINDS = tuple((option, *_COUNTING[option]) for option in _OPTIONS)
+# "requests per minute" for "rpm", in messages
+_WHAT = {short: option.replace("_", " ") for option, short, *_ in _LIMIT_KINDS}
 
 
 def tokens_to_reserve(request: Any) -> int:
