@@ -459,7 +459,8 @@ def hostile() -> Iterator[tuple[str, dict[str, Any]]]:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    behaviour: dict[str, Any] = {"requests": 0, "object_bytes": 100, "endless": True}
+    behaviour: dict[str, Any] = {"requests": 0, "object_bytes": 100, "endless": True,
+                                 "hosts": []}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -467,9 +468,14 @@ def hostile() -> Iterator[tuple[str, dict[str, Any]]]:
 
         def do_GET(self) -> None:  # noqa: N802
             behaviour["requests"] += 1
+            behaviour["hosts"].append(self.headers.get("Host"))
             path = self.path.split("?")[0]
-            if path.endswith("/manifest/"):
-                body: Any = {"more": behaviour["endless"]
+            port = self.server.server_address[1]
+            if path == "/taxii2/":    # discovery naming an API root on another origin
+                body: Any = {"title": "t", "default": f"http://localhost:{port}/api/",
+                             "api_roots": [f"http://localhost:{port}/api/"]}
+            elif path.endswith("/manifest/"):
+                body = {"more": behaviour["endless"]
                              and behaviour["requests"] < 3000, "next": "again",
                              "objects": [{"id": "note--1", "date_added":
                                           "2026-01-01T00:00:00.000Z", "version": "1"}]}
@@ -527,3 +533,20 @@ def _config_file(tmp_path: Path, **changes: Any) -> Path:
     config.write_text(json.dumps({"state": {"url": f"sqlite:///{tmp_path}/state.sqlite"},
                                   "sharing": world.sharing_section(**changes)}))
     return config
+
+
+def test_a_discovery_cannot_send_our_credentials_to_another_origin(
+        hostile: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
+    """``share poll`` sent the partner's credentials to whatever API root a discovery
+    answer named; a server (or anyone on the path of a plain-HTTP URL) could name its
+    own. An API root on another origin than the discovery URL is refused."""
+    url, behaviour = hostile
+    config = _config_file(tmp_path)
+    discovery = url.replace("/api/", "/taxii2/")
+    result = CliRunner().invoke(main, ["--config", str(config), "share", "poll",
+                                       "--server", discovery, "--collection",
+                                       MED_COLLECTION, "--partner", "acme",
+                                       "--token", "t" * 20])
+    assert result.exit_code == 2 and "another origin" in result.output, result.output
+    assert all(host.startswith("127.0.0.1:") for host in behaviour["hosts"]), behaviour
+    assert "localhost" in result.output

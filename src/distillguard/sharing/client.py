@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from requests import PreparedRequest, Response
@@ -63,6 +64,13 @@ class _Bounded(HTTPAdapter):
         return response
 
 
+def _origin(url: str) -> str:
+    """scheme://host:port of ``url`` (the port spelt out), what a credential is bound to."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Remote:
     url: str
@@ -90,10 +98,19 @@ class Remote:
                                               else None)
                 if api_root is None:
                     raise TaxiiClientError(f"{self.url} lists no API root")
+                if _origin(api_root.url) != _origin(root_url):
+                    # Our credentials go with every request to the API root: a discovery
+                    # answer (a partner's server, or anyone in the way of a plain-HTTP
+                    # URL) could send them anywhere.
+                    raise TaxiiClientError(
+                        f"{self.url}: its discovery names an API root on another origin, "
+                        f"{_origin(api_root.url)}; give that API root's URL to trust it")
                 root_url = api_root.url
             root = ApiRoot(root_url, **self._auth())
             return Collection(f"{root.url}collections/{self.collection}/",
                               conn=root._conn)
+        except TaxiiClientError:
+            raise
         except (TAXIIServiceException, OSError) as exc:
             raise TaxiiClientError(f"{self.url}: {exc}") from None
         except Exception as exc:  # requests' HTTPError and friends
