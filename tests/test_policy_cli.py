@@ -134,3 +134,22 @@ def test_unknown_items_and_limits_are_named_plainly(cfg: str) -> None:
     for args in (["review", "list", "--limit", "-1"], ["policy", "audit", "--limit", "0"],
                  ["policy", "actions", "--limit", "-5"], ["accounts", "list", "--limit", "0"]):
         assert "is not in the range x>=1" in run(cfg, *args, code=2)
+
+
+def test_a_throttle_by_hand_takes_its_own_limits(cfg: str) -> None:
+    """The command line could throttle only at the policy file's limits; the admin API
+    took others. --rpm, --tpm and --tpd give the throttle its own, and belong to a
+    throttle only."""
+    run(cfg, "accounts", "create", "acct_t")
+    run(cfg, "policy", "apply", "acct_t", "--action", "throttle", "--reason", "bursty",
+        "--rpm", "5", "--tpd", "20000", "--expires", "1h")
+    (throttle,) = [a for a in orjson.loads(run(cfg, "policy", "actions"))
+                   if a["account_id"] == "acct_t"]
+    assert {k: v for k, v in throttle["detail"]["limits"].items() if v is not None} == {
+        "requests_per_minute": 5, "tokens_per_day": 20000}
+    out = run(cfg, "policy", "apply", "acct_t", "--action", "flag", "--reason", "x y z",
+              "--rpm", "5", code=2)
+    assert "limits of a throttle" in out
+    assert "Invalid value for '--tpm'" in run(cfg, "policy", "apply", "acct_t", "--action",
+                                              "throttle", "--reason", "abc", "--tpm", "-1",
+                                              code=2)

@@ -157,14 +157,26 @@ def explain(ctx: click.Context, model: str, ip: str | None, tier: str,
 @click.option("--reason", required=True)
 @click.option("--expires", default="default", show_default=True,
               help="Duration (24h, 7d), 'never', or 'default' (actions.default_expiry).")
+@click.option("--rpm", type=click.IntRange(min=0),
+              help="throttle: requests per minute (default: the policy's throttle limits).")
+@click.option("--tpm", type=click.IntRange(min=0), help="throttle: tokens per minute.")
+@click.option("--tpd", type=click.IntRange(min=0), help="throttle: tokens per day.")
 @actor_option
 @click.pass_context
 def apply(ctx: click.Context, accounts: tuple[str, ...], action: str, reason: str,
-          expires: str, actor: str | None) -> None:
-    """Apply an action of the ladder to ACCOUNTS."""
+          expires: str, rpm: int | None, tpm: int | None, tpd: int | None,
+          actor: str | None) -> None:
+    """Apply an action of the ladder to ACCOUNTS. A throttle takes the policy file's
+    throttle limits, or its own with --rpm/--tpm/--tpd (as the admin API's ``limits``)."""
+    limits = {name: value for name, value in (("requests_per_minute", rpm),
+                                              ("tokens_per_minute", tpm),
+                                              ("tokens_per_day", tpd)) if value is not None}
+    if limits and action != "throttle":
+        raise click.UsageError("--rpm, --tpm and --tpd are limits of a throttle")
+    detail = {"limits": limits} if limits else None
     done = _with_ops(ctx, lambda ops: ops.apply(list(accounts), action, reason=reason,
                                                 actor=actor_name(actor), channel="cli",
-                                                expires_in=expires))
+                                                expires_in=expires, detail=detail))
     for made in done:
         a = made.action
         extended = f" (extended from {made.extended_from})" if made.extended else ""
