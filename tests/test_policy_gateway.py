@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from distillguard.errors import ConfigError
 from distillguard.serve import Stack, StackThread
 from tests.factories import ADMIN_TOKEN, make_settings, start_stack
+from tests.test_dashboard import login
 
 POLICY = """
 version: 1
@@ -698,11 +699,12 @@ def slow_refresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThre
 
 
 
-@pytest.mark.parametrize("way", ["patch", "import", "revoke"])
+@pytest.mark.parametrize("way", ["patch", "import", "revoke", "dashboard"])
 def test_an_admin_change_holds_on_this_replica_before_it_answers(
         slow_refresh: StackThread, way: str) -> None:
-    """A suspension lifted through the admin API, by setting the status or revoking it,
-    holds for the next request to the replica that answered, not from its next refresh
+    """A suspension lifted through the admin API (by setting the status or revoking it)
+    or the dashboard holds for the next request to the replica that answered, not from
+    its next refresh
     (the mirror of actions) or the end of its key cache (which held the status); a
     suspension set that way holds at once too."""
     admin = httpx.Client(base_url=slow_refresh.stack.admin_url,
@@ -710,6 +712,8 @@ def test_an_admin_change_holds_on_this_replica_before_it_answers(
     account_id, key = new_account(admin)
     public = httpx.Client(base_url=slow_refresh.stack.base_url,
                           headers={"authorization": f"Bearer {key}"})
+    dashboard = httpx.Client(base_url=slow_refresh.stack.admin_url + "/dashboard")
+    csrf = login(dashboard) if way == "dashboard" else ""
 
     def answer() -> str:
         r = public.post("chat/completions", json={
@@ -723,6 +727,13 @@ def test_an_admin_change_holds_on_this_replica_before_it_answers(
         elif way == "import":
             r = admin.post("/admin/v1/accounts/import", content=orjson.dumps(
                 {"account_id": account_id, "country": "DE", "status": status}))
+        elif way == "dashboard":
+            r = dashboard.post("/actions", data={
+                "kind": "account", "target": account_id, "csrf": csrf,
+                "action": "suspend" if status == "suspended" else "reinstate",
+                "reason": "abuse report 12", "next": "/dashboard/accounts"})
+            assert r.status_code == 303, r.text
+            return
         elif status == "suspended":
             r = admin.post("/admin/v1/policy/actions", json={
                 "account_id": account_id, "action": "suspend", "reason": "abuse report 12"})
@@ -749,3 +760,4 @@ def test_an_admin_change_holds_on_this_replica_before_it_answers(
     finally:
         public.close()
         admin.close()
+        dashboard.close()

@@ -43,7 +43,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from distillguard.components import (
     check_tier,
@@ -194,6 +194,11 @@ class AdminAPI:
             self.gateway.settings.admin.failed_auth_per_minute, self.gateway.counters,
             "admin-auth")
         app.state.accounts_changed = self.accounts_changed
+        # An app a component mounts here (the dashboard) is the request's app in its
+        # routes, so it is given the same hook.
+        for route in app.routes:
+            if isinstance(route, Mount) and isinstance(route.app, Starlette):
+                route.app.state.accounts_changed = self.accounts_changed
         return app
 
     # -- accounts -----------------------------------------------------------------------

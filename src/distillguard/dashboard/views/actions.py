@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from distillguard.dashboard.security import safe_next
 from distillguard.dashboard.views.common import actor
+from distillguard.gateway.admin import accounts_changed
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
@@ -45,6 +46,7 @@ async def apply(dash: Dashboard, request: Request) -> Response:
         raise HTTPException(400, str(exc)) from None
     except LookupError as exc:          # an account the state store does not know
         raise HTTPException(404, f"There is {exc.args[0]}.") from None
+    await accounts_changed(request)     # this replica judges the next request on it
     return dash.done(request, nxt, message)
 
 

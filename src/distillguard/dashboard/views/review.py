@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from distillguard.dashboard.urls import object_id, page_url
 from distillguard.dashboard.views.common import actor, links
+from distillguard.gateway.admin import accounts_changed
 
 if TYPE_CHECKING:
     from distillguard.dashboard.app import Dashboard
@@ -49,4 +50,5 @@ async def decide(dash: Dashboard, request: Request) -> Response:
                                                    actor(request))
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
+    await accounts_changed(request)     # a confirmed item may have applied an action
     return dash.done(request, page_url(dash.base, "review"), message)
