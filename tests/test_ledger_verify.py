@@ -17,6 +17,11 @@ from distillguard.ledger import entry, merkle
 from distillguard.ledger.checkpoint import Checkpoint, SignerKey
 from distillguard.ledger.core import Ledger
 from distillguard.ledger.settings import LedgerConfig
+from distillguard.ledger.verifier import (
+    VerificationFailed,
+    verify_consistency_bundle,
+    verify_inclusion_bundle,
+)
 from distillguard.ledger.verify import Report, verify_ledger
 from tests.factories import forge_leaf, make_exchange, make_ledger, read_leaf
 
@@ -383,3 +388,51 @@ def test_an_entry_is_found_by_its_id_before_its_index(tmp_path: Path) -> None:
     assert lg.find("index:11") is None and lg.find("index:x") is None
     assert lg.find("99999999999999999999") is None
     lg.close()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("entry_id", "ex_someone_else"),
+    ("origin", "another/ledger"),
+    ("root_hash", "00" * 32),
+])
+def test_an_inclusion_proof_claims_only_what_it_proves(ledger: Ledger, tmp_path: Path,
+                                                       field: str, value: str) -> None:
+    """The bundle's entry_id, origin and root_hash were not compared with the leaf and
+    checkpoint that verified: a proof of one entry relabelled with another exchange's id
+    verified as ok, so it 'proved' an exchange the ledger may not hold."""
+    proof = ledger.inclusion(3, sign_if_needed=True)
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(orjson.dumps({**proof, field: value}))
+    pub = tmp_path / "l" / "ledger.key.pub"
+    result = CliRunner().invoke(main, ["ledger", "verify-proof", str(bad), "--key", str(pub)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"INVALID: the proof's {field!r} is {value!r}")
+    good = tmp_path / "good.json"
+    good.write_bytes(orjson.dumps({**proof, "root_hash": proof["root_hash"].upper()}))
+    result = CliRunner().invoke(main, ["ledger", "verify-proof", str(good), "--key",
+                                       str(pub)])
+    assert result.exit_code == 0
+    assert orjson.loads(result.output[3:])["entry_id"] == read_leaf(_db(ledger), 3)["id"]
+
+
+def test_a_proof_of_an_entry_whose_id_column_was_rewritten_does_not_verify(
+        ledger: Ledger) -> None:
+    """``prove ID`` finds the entry by its entry_id column: with that column of another
+    entry rewritten to ID, the proof handed out for ID carried that other entry's leaf,
+    and verified."""
+    db = _db(ledger)
+    db.execute("UPDATE ledger_entries SET entry_id = 'ex_never_served' WHERE idx = 5")
+    proof = ledger.inclusion("ex_never_served", sign_if_needed=True)
+    assert proof["entry_id"] == "ex_never_served"
+    with pytest.raises(VerificationFailed, match="'entry_id' is 'ex_never_served'"):
+        verify_inclusion_bundle(proof, ledger.verifier)
+
+
+@pytest.mark.parametrize("field", ["old_root", "new_root", "origin"])
+def test_a_consistency_proof_claims_only_what_it_proves(ledger: Ledger,
+                                                        field: str) -> None:
+    proof = ledger.consistency(10, 40)
+    proof["old_checkpoint"], proof["new_checkpoint"] = ledger.note_at(10), ledger.note_at(40)
+    verify_consistency_bundle(proof, ledger.verifier)
+    with pytest.raises(VerificationFailed, match=f"the proof's {field!r} is"):
+        verify_consistency_bundle({**proof, field: "ab" * 32}, ledger.verifier)

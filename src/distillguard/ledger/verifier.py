@@ -63,6 +63,21 @@ def _hex_field(proof: dict[str, Any], name: str) -> bytes:
         raise VerificationFailed(f"the proof's {name!r} is not hex") from None
 
 
+def _claim(proof: dict[str, Any], name: str, verified: str | bytes | None) -> None:
+    """A bundle field that only repeats what was verified (the entry's id, the log, a
+    root) must say the same: a proof of one entry labelled with another's id, or with a
+    root that is not its checkpoint's, does not prove what it claims. A field the bundle
+    leaves out claims nothing; hex fields are compared as bytes."""
+    value = proof.get(name)
+    if value is None:
+        return
+    claimed = _hex_field(proof, name) if isinstance(verified, bytes) else value
+    if claimed != verified:
+        shown = verified.hex() if isinstance(verified, bytes) else verified
+        raise VerificationFailed(f"the proof's {name!r} is {value!r}, but what it proves "
+                                 f"has {shown!r}")
+
+
 def _signed(note: str | None, key: Keys, what: str) -> Checkpoint:
     if not note:
         raise VerificationFailed(f"{what}: no signed checkpoint to check against")
@@ -74,12 +89,17 @@ def _signed(note: str | None, key: Keys, what: str) -> Checkpoint:
 
 def verify_inclusion_bundle(proof: dict[str, Any], key: Keys,
                             checkpoint: str | None = None) -> dict[str, Any]:
-    """Check an inclusion proof bundle against its (or the given) signed checkpoint."""
+    """Check an inclusion proof bundle against its (or the given) signed checkpoint.
+    The fields that repeat what is verified (``origin``, ``root_hash``, ``leaf_hash``,
+    ``entry_id``) must agree with the checkpoint and the leaf; the result names the
+    entry proven by the leaf's own id (``entry_id``)."""
     cp = _signed(checkpoint or proof.get("checkpoint"), key, "inclusion proof")
     size, index = _whole(proof, "tree_size"), _whole(proof, "leaf_index")
     if size != cp.tree_size:
         raise VerificationFailed(f"the proof is for tree size {size}, the checkpoint for "
                                  f"{cp.tree_size}")
+    _claim(proof, "origin", cp.origin)
+    _claim(proof, "root_hash", cp.root_hash)
     try:
         leaf = base64.b64decode(proof.get("leaf") or "", validate=True)
     except (ValueError, TypeError):
@@ -95,12 +115,14 @@ def verify_inclusion_bundle(proof: dict[str, Any], key: Keys,
         raise VerificationFailed("the proof's leaf is not a ledger entry")
     if entry.get("idx") != index:
         raise VerificationFailed(f"the leaf names index {entry.get('idx')}, not {index}")
+    entry_id = entry.get("id")
+    _claim(proof, "entry_id", entry_id if isinstance(entry_id, str) else None)
     try:
         merkle.verify_inclusion(index, size, lh, _hex_list(proof, "path"), cp.root_hash)
     except merkle.ProofError as exc:
         raise VerificationFailed(str(exc)) from None
     return {"ok": True, "type": "inclusion", "leaf_index": index, "tree_size": size,
-            "entry": entry}
+            "entry_id": entry_id, "entry": entry}
 
 
 def verify_consistency_bundle(proof: dict[str, Any], key: Keys,
@@ -110,6 +132,12 @@ def verify_consistency_bundle(proof: dict[str, Any], key: Keys,
     if (old.tree_size, new.tree_size) != (_whole(proof, "old_size"),
                                           _whole(proof, "new_size")):
         raise VerificationFailed("the proof's sizes are not those of the checkpoints")
+    if old.origin != new.origin:
+        raise VerificationFailed(f"the checkpoints are of two logs, {old.origin!r} and "
+                                 f"{new.origin!r}")
+    _claim(proof, "origin", new.origin)
+    _claim(proof, "old_root", old.root_hash)
+    _claim(proof, "new_root", new.root_hash)
     try:
         merkle.verify_consistency(old.tree_size, new.tree_size, old.root_hash,
                                   new.root_hash, _hex_list(proof, "path"))
