@@ -436,3 +436,22 @@ def test_a_consistency_proof_claims_only_what_it_proves(ledger: Ledger,
     verify_consistency_bundle(proof, ledger.verifier)
     with pytest.raises(VerificationFailed, match=f"the proof's {field!r} is"):
         verify_consistency_bundle({**proof, field: "ab" * 32}, ledger.verifier)
+
+
+@pytest.mark.parametrize("note", [
+    "blob",
+    "distillguard/ledger\n" + "1" * 5000 + "\n" + "A" * 43 + "=\n\n\u2014 distillguard/ledger "
+    "AAAAAAAA\n",
+], ids=["blob", "5000-digit-size"])
+def test_a_hostile_checkpoint_row_is_reported_not_a_crash(ledger: Ledger, note: str) -> None:
+    """Someone who can write the database can put anything in ledger_checkpoints: a note
+    stored as a BLOB made verify end in TypeError, and a tree size of 5000 digits in
+    ValueError (Python's limit on int()), instead of a report."""
+    cp = ledger.store.latest_checkpoint()
+    assert cp is not None
+    stored: object = cp.note.encode() if note == "blob" else note
+    _db(ledger).execute("INSERT INTO ledger_checkpoints (tree_size, root_hash, ts, note) "
+                        "VALUES (?, ?, ?, ?)", (cp.tree_size, cp.root_hash, cp.ts, stored))
+    report = _verify(ledger)
+    assert [p.kind for p in report.problems] == ["checkpoint-signature"]
+    assert report.checkpoints_matched == 4

@@ -152,7 +152,11 @@ class Checkpoint:
 
 
 def parse_checkpoint(note: str) -> tuple[Checkpoint, list[tuple[str, bytes, bytes]]]:
-    """Split a signed note into its checkpoint and (key name, key id, signature) lines."""
+    """Split a signed note into its checkpoint and (key name, key id, signature) lines.
+    Anything else is :class:`CheckpointError`, whatever a store's column held: a
+    checkpoint read from a database is as untrusted as one handed over."""
+    if not isinstance(note, str):
+        raise CheckpointError(f"a signed checkpoint is text, not {type(note).__name__}")
     text, sep, sigs = note.partition("\n\n")
     if not sep:
         raise CheckpointError("a signed checkpoint has a blank line before its signatures")
@@ -163,6 +167,9 @@ def parse_checkpoint(note: str) -> tuple[Checkpoint, list[tuple[str, bytes, byte
     if not (size_text.isascii() and size_text.isdigit()) or (
             size_text != "0" and size_text.startswith("0")):
         raise CheckpointError(f"tree size {size_text!r} is not a decimal number")
+    # a uint64 (C2SP tlog-checkpoint); a longer one raised ValueError from int()
+    if len(size_text) > 20 or int(size_text) >= 2**64:
+        raise CheckpointError(f"tree size {size_text[:24]}... is beyond 2^64 - 1")
     try:
         root = base64.b64decode(root_text, validate=True)
     except ValueError as exc:
