@@ -282,3 +282,52 @@ def test_a_spool_folder_that_cannot_be_used_is_said_at_start(
         fine.open()
         fine.close_sync()
     assert not caplog.records
+
+
+def test_segments_keep_their_order_when_the_clock_steps_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments were named by the wall clock alone: one spooled after the clock was set
+    back (NTP) sorted before those spooled earlier, and its exchanges took indices before
+    theirs."""
+    from distillguard.ledger import spool as spool_module
+
+    earlier = [entry.from_exchange(make_exchange("earlier"), Retention.FULL)]
+    later = [entry.from_exchange(make_exchange("later"), Retention.FULL)]
+    spool = Spool(tmp_path / "spool", sync=False)
+    now = time.time_ns()
+    monkeypatch.setattr(spool_module.time, "time_ns", lambda: now)
+    spool.add(earlier)
+    monkeypatch.setattr(spool_module.time, "time_ns", lambda: now - 10**9)  # set back
+    spool.add(later)
+    monkeypatch.undo()
+    order: list[str] = []
+    spool.drain(lambda pending: order.extend(p.entry_id for p in pending),
+                lambda entry_id: False)
+    assert order == [earlier[0].entry_id, later[0].entry_id]
+
+
+def test_a_segment_another_process_drains_is_not_overtaken(tmp_path: Path) -> None:
+    """A drain skipped a segment another process held locked (it was draining it) and
+    appended the later segments at once: they took indices before the skipped one's
+    entries, and the ledger verified with the exchanges out of order."""
+    import fcntl
+
+    spool = Spool(tmp_path / "spool", sync=False)
+    first = [entry.from_exchange(make_exchange("first"), Retention.FULL)]
+    second = [entry.from_exchange(make_exchange("second"), Retention.FULL)]
+    spool.add(first)
+    spool.add(second)
+    order: list[str] = []
+
+    def append(pending: list[entry.Pending]) -> None:
+        order.extend(p.entry_id for p in pending)
+
+    held = os.open(spool.segments()[0], os.O_RDONLY)   # as another process's drain
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert spool.drain(append, lambda entry_id: False) == 0
+        assert order == [] and spool.blocked and spool.held == 2
+    finally:
+        os.close(held)
+    assert spool.drain(append, lambda entry_id: False) == 2
+    assert order == [first[0].entry_id, second[0].entry_id] and not spool.blocked

@@ -15,10 +15,13 @@ it would have been stored: the canonical JSON of its leaf on either side of ``"i
 (:class:`~distillguard.ledger.entry.Pending`) and its retained bodies, so the leaf
 written later is byte for byte the one that would have been written then.
 
-Draining takes the segments in name order (time, then process and count), each under an
-exclusive ``flock`` (several processes may share the folder), appends its entries in one
-transaction, and removes the segment. A segment whose first entry the store already holds
-(a process died between the commit and removing it) is left out entry by entry.
+Draining takes the segments in name order (time, then process and count; a process
+never names a segment before one it wrote earlier, even when the clock steps back), each
+under an exclusive ``flock`` (several processes may share the folder), appends its
+entries in one transaction, and removes the segment. A segment another process is
+draining ends the drain: the later ones wait for the next, rather than take indices
+before it. A segment whose first entry the store already holds (a process died between
+the commit and removing it) is left out entry by entry.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class Spool:
         self.folder = folder
         self.sync = sync
         self._count = itertools.count()
+        self._last_ns = 0     # the time in the last segment name this process chose
+        # whether the last drain stopped at a segment another process was draining
+        self.blocked = False
         self._remove_stale_parts()
         # entries this process spooled and not yet drained, plus what it found at start
         self.held = sum(self._lines(path) for path in self.segments())
@@ -132,7 +138,10 @@ class Spool:
         """Write ``entries`` as one segment; returns once it is whole on disk (raises
         OSError when it cannot be: the disk is full, the folder cannot be made)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._count):06d}{SUFFIX}"
+        # names sort in the order segments are drained: after the ones written before,
+        # even when the wall clock was set back in between
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        name = f"{self._last_ns:020d}-{os.getpid()}-{next(self._count):06d}{SUFFIX}"
         final = self.folder / name
         temporary = self.folder / f".{name}.tmp"
         data = b"".join(_record(p) + b"\n" for p in entries)
@@ -159,8 +168,10 @@ class Spool:
             os.close(fd)
 
     def _locked(self) -> Iterator[tuple[Path, list[Pending]]]:
-        """Each segment another process is not draining, with its entries, locked while
-        the caller works on it."""
+        """Each segment in order, with its entries, locked while the caller works on it,
+        up to one another process is draining (:attr:`blocked`): a later segment
+        appended meanwhile would take indices before that one's entries."""
+        self.blocked = False
         for path in self.segments():
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -170,7 +181,8 @@ class Spool:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue
+                    self.blocked = True
+                    return
                 try:   # drained and removed by another process while we waited
                     if os.fstat(fd).st_ino != os.stat(path).st_ino:
                         continue

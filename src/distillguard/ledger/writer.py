@@ -264,6 +264,8 @@ class LedgerWriter:
                         "in %s", type(exc).__name__, self.spool.held, self.spool.folder)
             return
         self._retry_wait = RETRY_FIRST_S
+        if self.spool.blocked:   # another process drains the rest: look again soon
+            self._retry_at = time.monotonic() + RETRY_FIRST_S
         if written:
             log.warning("the ledger's store answers again: %d spooled entries written",
                         written)
