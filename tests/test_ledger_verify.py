@@ -455,3 +455,26 @@ def test_a_hostile_checkpoint_row_is_reported_not_a_crash(ledger: Ledger, note: 
     report = _verify(ledger)
     assert [p.kind for p in report.problems] == ["checkpoint-signature"]
     assert report.checkpoints_matched == 4
+
+
+def test_verify_proof_does_not_read_a_file_whole(ledger: Ledger, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify-proof read the whole file into memory to look at its first four bytes: a
+    Parquet export of millions of entries (gigabytes) was held in memory before being
+    streamed, and a file of any size handed over as a proof was read whole."""
+    from distillguard.ledger.export import export_parquet
+    from distillguard.ledger.verifier import verify_file
+
+    export = tmp_path / "part.parquet"
+    export_parquet(ledger, export)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:        # sparse: no disk is used
+        fh.truncate(65 << 20)
+
+    def whole(self: Path) -> bytes:
+        raise MemoryError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    assert verify_file(export, ledger.verifier)["rows"] == N
+    with pytest.raises(VerificationFailed, match="too large for a ledger proof"):
+        verify_file(huge, ledger.verifier)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,12 +324,26 @@ def verify_export(path: Path, key: Keys) -> dict[str, Any]:
             "end": header.end, "tree_size": header.checkpoint.tree_size}
 
 
+# A proof bundle holds a leaf, at most 64 hashes and two checkpoints: kilobytes. A file
+# larger than this is not read whole into memory to find out.
+MAX_PROOF_BYTES = 64 << 20
+
+
 def verify_file(path: Path, key: Keys, *, checkpoint: str | None = None
                 ) -> dict[str, Any]:
-    """A proof bundle (JSON) or a Parquet export, by content."""
-    data = path.read_bytes()
-    if data[:4] == b"PAR1":
-        return verify_export(path, key)
+    """A proof bundle (JSON) or a Parquet export, by content. An export is streamed
+    (never read whole); a bundle larger than ``MAX_PROOF_BYTES`` is refused unread."""
+    with open(path, "rb") as fh:
+        if fh.read(4) == b"PAR1":
+            return verify_export(path, key)
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_PROOF_BYTES:
+            raise VerificationFailed(f"{path}: {size} bytes is too large for a ledger proof "
+                                     f"(at most {MAX_PROOF_BYTES}) and not a Parquet export")
+        fh.seek(0)
+        data = fh.read(MAX_PROOF_BYTES + 1)
+    if len(data) > MAX_PROOF_BYTES:
+        raise VerificationFailed(f"{path}: too large for a ledger proof")
     proof = orjson.loads(data)
     if not isinstance(proof, dict):
         raise VerificationFailed(f"{path}: not a ledger proof (not a JSON object)")
