@@ -424,3 +424,22 @@ def test_the_dashboard_names_the_key_that_signed_the_checkpoint(tmp_path: Path) 
     assert signed_by is not None and signed_by.group(1).startswith(old_id + " ")
     assert current is not None and current.group(1) == new_id
     assert page.count(new.key_id.hex()) == 1   # only as the current key
+
+
+def test_the_retirement_size_is_what_the_old_key_signed(tmp_path: Path) -> None:
+    """The retirement size was the larger of the entries stored and the latest stored
+    checkpoint's tree_size column, which nothing signs: whoever could write the database
+    set it to 10^15 before a rotation, and the retired key then vouched for checkpoints
+    of any size, as if never retired."""
+    from distillguard.ledger.rotation import rotate_key
+
+    lg = make_ledger(tmp_path / "l", 12, checkpoint_every=5)
+    config = lg.config
+    lg.close()
+    db = sqlite3.connect(tmp_path / "l" / "ledger.sqlite", isolation_level=None)
+    db.execute("UPDATE ledger_checkpoints SET tree_size = 1000000000000000")
+    db.execute("INSERT INTO ledger_checkpoints (tree_size, root_hash, ts, note) "
+               "VALUES (2000000000000000, X'00', '2026-03-02T00:00:00.000Z', 'forged')")
+    db.close()
+    rotation = rotate_key(config)
+    assert rotation.retired is not None and rotation.retired.tree_size == 12

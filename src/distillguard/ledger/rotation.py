@@ -28,7 +28,12 @@ from distillguard.ledger.checkpoint import (
     replace_key,
 )
 from distillguard.ledger.core import Ledger
-from distillguard.ledger.keyring import RetiredKey, add_retired_key, retired_keys_path
+from distillguard.ledger.keyring import (
+    KeyRing,
+    RetiredKey,
+    add_retired_key,
+    retired_keys_path,
+)
 from distillguard.ledger.settings import LedgerConfig
 from distillguard.ledger.store import StoredCheckpoint
 
@@ -62,13 +67,22 @@ def _ledger_exists(config: LedgerConfig) -> bool:
     return True
 
 
-def _signed_size(ledger: Ledger | None) -> int:
+def _signed_size(ledger: Ledger | None, old: VerifierKey) -> int:
     """The size up to which the old key may have signed: the entries stored, or the
-    largest stored checkpoint if it is larger (entries were removed; verify says so)."""
+    largest tree a stored checkpoint the old key signed covers, if larger (entries were
+    removed; verify says so). Only signed notes count: the ``tree_size`` column beside
+    a note is whatever the database says, and someone who can write it could otherwise
+    stretch the retired key's reach to any size."""
     if ledger is None:
         return 0
-    last = ledger.store.latest_checkpoint()
-    return max(ledger.refresh(), last.tree_size if last is not None else 0)
+    ring = KeyRing([old])
+    signed = 0
+    for cp in ledger.store.checkpoints():
+        try:
+            signed = max(signed, ring.open(cp.note)[0].tree_size)
+        except CheckpointError:
+            continue
+    return max(ledger.refresh(), signed)
 
 
 def rotate_key(config: LedgerConfig) -> Rotation:
@@ -81,11 +95,11 @@ def rotate_key(config: LedgerConfig) -> Rotation:
         path = retired_keys_path(config.key_path)
         retired = None
         if old is not None:
-            retired = RetiredKey(old, _signed_size(ledger), format_ts(datetime.now(UTC)))
+            retired = RetiredKey(old, _signed_size(ledger, old), format_ts(datetime.now(UTC)))
             add_retired_key(path, retired)
         key = replace_key(config.key_path, config.origin)
         if old is not None and ledger is not None:
-            retired = RetiredKey(old, _signed_size(ledger), format_ts(datetime.now(UTC)))
+            retired = RetiredKey(old, _signed_size(ledger, old), format_ts(datetime.now(UTC)))
             add_retired_key(path, retired)
         if ledger is None:
             return Rotation(key, retired, path, None,
