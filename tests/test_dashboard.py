@@ -108,6 +108,45 @@ def test_login_never_redirects_off_site(dash: tuple[StackThread, httpx.Client]) 
         assert r.headers["location"] == "/dashboard/"
 
 
+
+def test_a_form_body_is_refused_past_its_limit(dash: tuple[StackThread, httpx.Client]) -> None:
+    """The log-in form, which anyone who reaches the admin port can post, read the whole
+    body before checking anything: up to a thousand fields of 1 MB each into the gateway's
+    memory, or a multipart file of any size to disk. A body longer than any dashboard
+    form is now refused with a 413 as soon as it is read past the limit."""
+    from distillguard.dashboard.security import MAX_FORM_BYTES
+
+    stack, client = dash
+    form = client.get("/login").text
+    token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+    pad = "x" * MAX_FORM_BYTES
+    r = client.post("/login", data={"token": "nope", "login_token": token, "pad": pad})
+    assert r.status_code == 413 and "larger than any" in r.text
+    assert r.headers["cache-control"] == "no-store"
+
+    def chunks() -> Iterator[bytes]:   # no Content-Length: counted as it arrives
+        yield f"token=nope&login_token={token}&pad=".encode()
+        for _ in range(MAX_FORM_BYTES // 1024 + 1):
+            yield b"x" * 1024
+
+    r = client.post("/login", content=chunks(),
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
+    r = client.post("/login", data={"token": "nope", "login_token": token},
+                    files={"f": ("f.bin", b"x" * (MAX_FORM_BYTES + 1))})
+    assert r.status_code == 413
+    # forms of any ordinary size still work, the longest reason included
+    csrf = login(client)
+    with httpx.Client(base_url=stack.stack.admin_url,
+                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as admin:
+        admin.post("/admin/v1/accounts", json={"account_id": "acct_l"}).raise_for_status()
+        form = {"kind": "account", "target": "acct_l", "action": "suspend", "csrf": csrf}
+        r = client.post("/actions", data={**form, "reason": "\u00e9" * 500})
+        assert r.status_code == 303
+        r = client.post("/actions", data={**form, "action": "reinstate", "reason": pad})
+        assert r.status_code == 413
+        assert admin.get("/admin/v1/accounts/acct_l").json()["status"] == "suspended"
+
 def test_logout_ends_the_session_for_a_copied_cookie(
         dash: tuple[StackThread, httpx.Client]) -> None:
     """Logging out only deleted the browser's cookie: a copy of it (another browser, a

@@ -28,6 +28,7 @@ from distillguard.config import Settings
 from distillguard.dashboard.security import (
     HEADERS,
     EndedSessions,
+    FormSizeLimit,
     OwnOrigin,
     SecurityHeaders,
     Sessions,
@@ -241,7 +242,8 @@ class Dashboard:
             routes.append(Route(path, self.page(handler), methods=methods))
         app = Starlette(routes=routes,
                         middleware=[Middleware(SecurityHeaders),
-                                    Middleware(ServerErrors, dashboard=self)],
+                                    Middleware(ServerErrors, dashboard=self),
+                                    Middleware(FormSizeLimit)],
                         exception_handlers={HTTPException: self._http_error})
         # No redirect to the address with or without a final slash: Starlette builds
         # it from the Host header (see to_home). A detail page's address without an id

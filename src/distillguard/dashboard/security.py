@@ -14,7 +14,8 @@ The status banner after an action (``?done=``) shows only a message the dashboar
 for the session whose action it reports, never text from the address.
 POSTs whose ``Origin`` names another origin than the dashboard's own (:class:`OwnOrigin`:
 scheme, host and port) are refused whatever the token.
-:class:`SecurityHeaders` puts :data:`HEADERS` on every response the dashboard sends.
+:class:`SecurityHeaders` puts :data:`HEADERS` on every response the dashboard sends;
+:class:`FormSizeLimit` refuses a request body longer than :data:`MAX_FORM_BYTES`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from urllib.parse import unquote, urlsplit
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +44,8 @@ LOGIN_TOKEN_MAX_AGE_S = 3600
 DONE_MAX_AGE_S = 600
 # a session's cookie is signed again (its idle clock reset) at most this often
 RESIGN_AFTER_S = 60
+# the longest body a dashboard form sends (its longest field, a reason, is 500 characters)
+MAX_FORM_BYTES = 64 * 1024
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -303,3 +307,35 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+class FormSizeLimit:
+    """Pure ASGI middleware: a request body longer than :data:`MAX_FORM_BYTES` is refused
+    with a 413 as soon as the app reads past the limit (at once when ``Content-Length``
+    says so), before it is held. Starlette's form parser takes up to a thousand fields
+    of 1 MB each into memory, and a multipart file of any size to disk; the log-in form
+    reads its body before anything is checked, for anyone who reaches the admin port."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_FORM_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        declared = int(length) if length.isascii() and length.isdigit() else 0
+        seen = 0
+
+        async def receiving() -> Message:
+            nonlocal seen
+            if declared <= self.limit and seen <= self.limit:
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                if seen <= self.limit:
+                    return message
+            raise HTTPException(413, "This form is larger than any the dashboard sends.")
+
+        await self.app(scope, receiving, send)
