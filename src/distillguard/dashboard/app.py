@@ -38,6 +38,7 @@ from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
 from distillguard.dashboard.urls import id_fields, page_url, request_target
 from distillguard.gateway.adminauth import FailedAuthThrottle, client_key, token_matches
+from distillguard.gateway.clientip import ClientIPResolver, forwarded_for
 from distillguard.ratelimit import CounterStore, open_counter_store
 
 log = logging.getLogger("distillguard.dashboard")
@@ -89,6 +90,9 @@ class Dashboard:
                                            "dashboard-login")
         self.lifecycle = Lifecycle(self.sources, counters)
         self.origin = OwnOrigin(settings.server.trusted_proxies)
+        # failed log-ins count against the browser's address, read through the trusted
+        # proxies as the gateway reads it (not against the proxy, shared by everyone)
+        self.client_ip = ClientIPResolver(settings.server.trusted_proxies)
         self.base = "/dashboard"
         self.env = Environment(loader=FileSystemLoader(HERE / "templates"),
                                autoescape=select_autoescape(["html"]), trim_blocks=True,
@@ -167,7 +171,9 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
-        who = client_key(request.client.host if request.client else None)
+        who = client_key(self.client_ip.resolve(
+            request.client.host if request.client else None,
+            forwarded_for(request.headers.getlist("x-forwarded-for"))))
         nxt = safe_next(str(form.get("next") or ""), self.base)
 
         def again(message: str, status: int) -> Response:
