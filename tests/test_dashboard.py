@@ -72,6 +72,38 @@ def test_pages_need_a_session(dash: tuple[StackThread, httpx.Client]) -> None:
     assert client.get("/", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 303
 
 
+
+def test_without_an_admin_token_no_cookie_opens_the_dashboard(tmp_path: Path) -> None:
+    """With no admin token configured the log-in form refuses everyone, but the pages
+    took any cookie signed with the key derived from the empty token, which anyone can
+    compute from the source: a forged cookie opened every page and its form token
+    (chosen by the forger) applied actions."""
+    from itsdangerous import URLSafeTimedSerializer
+
+    from distillguard.dashboard import DashboardSettings
+
+    stack = start_stack(make_settings(tmp_path, admin={"token": None}))
+    try:
+        key = DashboardSettings().signing_key("")
+        forged = URLSafeTimedSerializer(key, salt="dashboard-session").dumps(
+            {"sid": "forged", "csrf": "chosen", "iat": int(time.time())})
+        with httpx.Client(base_url=stack.stack.admin_url + "/dashboard",
+                          headers={"cookie": f"dg_session={forged}"}) as client:
+            for path in ("/", "/accounts", "/audit", "/api/traffic"):
+                r = client.get(path)
+                assert r.status_code == 303, path
+                assert r.headers["location"].startswith("/dashboard/login")
+            r = client.post("/actions", data={"csrf": "chosen", "kind": "account",
+                                              "target": "acct_1", "action": "suspend",
+                                              "reason": "forged"})
+            assert r.status_code == 403
+            form = client.get("/login").text
+            token = re.search(r'name="login_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+            r = client.post("/login", data={"token": "x" * 20, "login_token": token})
+            assert r.status_code == 403 and "no admin token is configured" in r.text
+    finally:
+        stack.stop()
+
 def test_login_logout_and_headers(dash: tuple[StackThread, httpx.Client]) -> None:
     _, client = dash
     csrf = login(client)

@@ -133,7 +133,10 @@ class Dashboard:
         """Require a session; for POST also the CSRF token and a same-origin request."""
 
         async def endpoint(request: Request) -> Response:
-            session = await self.sessions.load(request)
+            # without an admin token nobody can log in, and the cookies' signing key
+            # (derived from the token) is one anyone can compute: no cookie is a session
+            session = (await self.sessions.load(request) if self.settings.admin.token
+                       else None)
             if session is None:
                 if request.method != "GET":
                     raise HTTPException(403, "Your session has expired; log in again.")
