@@ -75,6 +75,30 @@ def test_failed_admin_authentications_are_throttled_per_address(tmp_path: Path) 
         stack.stop()
 
 
+def test_behind_a_proxy_failed_admin_authentications_count_against_the_client(
+        tmp_path: Path) -> None:
+    """Counted against the TCP peer, failures behind a trusted proxy were the proxy's:
+    three wrong tokens from anyone refused every operator. They count against the
+    address the proxy forwards now, believed from a trusted proxy only."""
+    stack = start_stack(make_settings(tmp_path, admin={"token": ADMIN_TOKEN,
+                                                       "failed_auth_per_minute": 3},
+                                      server={"trusted_proxies": ["127.0.0.1/32"]}))
+    url = stack.stack.admin_url + "/admin/v1/accounts"
+    good = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        guesser = {"x-forwarded-for": "192.0.2.66"}
+        for _ in range(3):
+            r = httpx.get(url, headers={**guesser, "authorization": "Bearer guess-guess"})
+            assert r.status_code == 401, r.text
+        assert httpx.get(url, headers={**guesser, **good}).status_code == 429
+        spoofed = {"x-forwarded-for": "203.0.113.9, 192.0.2.66"}
+        assert httpx.get(url, headers={**spoofed, **good}).status_code == 429
+        operator = {"x-forwarded-for": "198.51.100.5"}
+        assert httpx.get(url, headers={**operator, **good}).status_code == 200
+    finally:
+        stack.stop()
+
+
 def test_failed_auth_throttle_counts_by_network_and_forgets_the_oldest(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from distillguard.gateway import adminauth

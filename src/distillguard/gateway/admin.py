@@ -64,6 +64,7 @@ from distillguard.errors import (
 from distillguard.exchange import MAX_JSON_DEPTH, MAX_JSON_INT, nested_deeper_than
 from distillguard.gateway.adminauth import FailedAuthThrottle, check_admin
 from distillguard.gateway.adminpaths import IdRoute
+from distillguard.gateway.clientip import ClientIPResolver
 from distillguard.gateway.errors import EXCEPTION_HANDLERS
 from distillguard.store import all_accounts
 from distillguard.store.models import Account, AccountImport, key_expiry
@@ -194,6 +195,7 @@ class AdminAPI:
             self.gateway.settings.admin.failed_auth_per_minute, self.gateway.counters,
             "admin-auth")
         app.state.accounts_changed = self.accounts_changed
+        app.state.client_ip = ClientIPResolver(self.gateway.settings.server.trusted_proxies)
         # An app a component mounts here (the dashboard) is the request's app in its
         # routes, so it is given the same hook.
         for route in app.routes:

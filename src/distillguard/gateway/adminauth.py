@@ -25,6 +25,7 @@ from collections import OrderedDict, deque
 from starlette.requests import Request
 
 from distillguard.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from distillguard.gateway.clientip import ClientIPResolver, forwarded_for
 from distillguard.geoip import canonical_address
 from distillguard.ratelimit import CounterRequest, CounterStore, MemoryCounterStore
 
@@ -160,10 +161,17 @@ class FailedAuthThrottle:
 
 def throttle_of(request: Request) -> tuple[FailedAuthThrottle | None, str]:
     """The admin app's count of failed authentications (None outside it), and who this
-    request's failures count against. The TAXII server's partner credentials, served on
-    the same port, count against the same throttle."""
+    request's failures count against (read through ``server.trusted_proxies`` where the
+    app holds a resolver as ``client_ip``). The TAXII server's partner credentials, served
+    on the same port, count against the same throttle."""
     throttle = getattr(request.app.state, "failed_auth", None)
-    return throttle, client_key(request.client.host if request.client else None)
+    peer = request.client.host if request.client else None
+    # Behind a trusted proxy, the client's address as the proxy forwards it: counted
+    # against the proxy, ten wrong tokens a minute from anyone locked every operator out.
+    resolver: ClientIPResolver | None = getattr(request.app.state, "client_ip", None)
+    if resolver is not None:
+        peer = resolver.resolve(peer, forwarded_for(request.headers.getlist("x-forwarded-for")))
+    return throttle, client_key(peer)
 
 
 async def check_admin(request: Request, token: str | None) -> None:

@@ -287,7 +287,8 @@ def serve_cmd(ctx: Context, host: str, port: int) -> None:
         await state.close()
 
     app = TaxiiServer(options, lambda: engine).app(
-        lifespan, failed_auth_per_minute=ctx.settings.admin.failed_auth_per_minute)
+        lifespan, failed_auth_per_minute=ctx.settings.admin.failed_auth_per_minute,
+        trusted_proxies=ctx.settings.server.trusted_proxies)
     click.echo(f"TAXII 2.1 server on http://{authority(host, port)}/taxii2/", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

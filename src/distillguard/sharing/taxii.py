@@ -22,7 +22,7 @@ import base64
 import binascii
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ from starlette.types import Lifespan
 
 from distillguard.exchange import parse_ts
 from distillguard.gateway.adminauth import FailedAuthThrottle, throttle_of
+from distillguard.gateway.clientip import ClientIPResolver
 from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
 from distillguard.sharing.store import SharingStore, ts
@@ -124,7 +125,8 @@ class TaxiiServer:
         ]))]
 
     def app(self, lifespan: Lifespan[Starlette] | None = None, *,
-            failed_auth_per_minute: int = 10) -> Starlette:
+            failed_auth_per_minute: int = 10,
+            trusted_proxies: Sequence[str] = ()) -> Starlette:
         """The TAXII server alone (``distillguard share serve``). Without the admin app
         it keeps its own count of failed authentications (in this process), else
         partner secrets could be guessed without limit."""
@@ -132,6 +134,7 @@ class TaxiiServer:
         app.router.redirect_slashes = False  # /taxii2 is not sent to <Host>/taxii2/
         app.state.failed_auth = FailedAuthThrottle(failed_auth_per_minute,
                                                    name="taxii-auth")
+        app.state.client_ip = ClientIPResolver(trusted_proxies)   # see throttle_of
         return app
 
     def _wrap(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
