@@ -56,10 +56,18 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
     "delta-list": [_CHUNK, _chunk([{"index": 0, "delta": [1], "finish_reason": None}])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
-          "deep-json", "no-usage", "key-401", "key-500", *PLAIN, *STREAMS]
+          "deep-json", "no-usage", "key-401", "key-500", "slow-stream", "redirect-307",
+          "redirect-302", "huge-body", "huge-event", *PLAIN, *STREAMS]
+# What a redirect of the upstream points at: something the gateway's host can reach and
+# its clients must not.
+INTERNAL = {"object": "internal", "secret": "only-for-the-gateway-host"}
 
 
 class FaultyUpstream:
+    def __init__(self) -> None:
+        # (path, headers, body) of every request received, in order
+        self.received: list[tuple[str, dict[bytes, bytes], bytes]] = []
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -69,6 +77,10 @@ class FaultyUpstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        self.received.append((scope["path"], dict(scope["headers"]), body))
+        if scope["path"] == "/internal":
+            await self._send(send, 200, orjson.dumps(INTERNAL))
+            return
         if scope["path"] == "/v1/models":
             data = {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
             await self._send(send, 200, orjson.dumps(data))
@@ -88,6 +100,38 @@ class FaultyUpstream:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream")]})
             for chunk in STREAMS[model]:
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        elif model in ("redirect-307", "redirect-302"):
+            host = dict(scope["headers"]).get(b"host", b"")
+            await send({"type": "http.response.start", "status": int(model[-3:]),
+                        "headers": [(b"location", b"http://" + host + b"/internal"),
+                                    (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b"{}"})
+        elif model == "huge-body":       # 4 MiB of answer, sent in pieces
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": orjson.dumps(_OK)[:-1] + b', "x": "'})
+            for _ in range(64):
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"y" * 65536})
+            await send({"type": "http.response.body", "body": b'"}'})
+        elif model == "huge-event":      # an SSE event that never ends: no blank line
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + orjson.dumps(_CHUNK) + b"\n\n"})
+            for _ in range(64):
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + b"y" * 65536 + b"\n"})
+            await send({"type": "http.response.body", "body": b"\ndata: [DONE]\n\n"})
+        elif model == "slow-stream":     # a stream whose first byte takes a second
+            await asyncio.sleep(1)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for chunk in (_CHUNK, _chunk([], usage=_OK["usage"])):
                 await send({"type": "http.response.body", "more_body": True,
                             "body": b"data: " + orjson.dumps(chunk) + b"\n\n"})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
@@ -138,7 +182,8 @@ class FaultyUpstreamThread:
         # Bound now, so that no other process can take the port before it serves.
         self.socket = listen("127.0.0.1", 0, "faulty upstream")
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(FaultyUpstream(), log_level="critical", lifespan="off")
+        self.app = FaultyUpstream()
+        config = uvicorn.Config(self.app, log_level="critical", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, args=([self.socket],),
                                        daemon=True)

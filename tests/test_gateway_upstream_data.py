@@ -23,14 +23,18 @@ class Upstreamed:
     """A running gateway in front of the faulty upstream, its recorder and admin API, and
     a key of account ``acct_u``."""
 
-    def __init__(self, stack: StackThread, recorder: Recorder, key: str) -> None:
+    def __init__(self, stack: StackThread, recorder: Recorder, key: str,
+                 upstream: FaultyUpstreamThread) -> None:
         self.stack, self.recorder, self.key = stack, recorder, key
+        self.upstream = upstream
         self.admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
                                   headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
 
-    def post(self, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(self.stack.stack.base_url + "/chat/completions", json=body,
-                          headers={"authorization": f"Bearer {self.key}"}, timeout=10)
+    def post(self, body: dict[str, Any] | bytes) -> httpx.Response:
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        return httpx.post(self.stack.stack.base_url + "/chat/completions", content=content,
+                          headers={"authorization": f"Bearer {self.key}",
+                                   "content-type": "application/json"}, timeout=10)
 
     def stream(self, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
         with httpx.stream("POST", self.stack.stack.base_url + "/chat/completions",
@@ -64,7 +68,7 @@ def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
         settings = make_settings(tmp_path, upstream={"base_url": upstream.url})
         stack, recorder = start_recorded_stack(settings)
         try:
-            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_u"))
+            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_u"), upstream)
             yield gateway
             gateway.admin.close()
         finally:

@@ -1,8 +1,9 @@
 """Forwarding of the OpenAI endpoints: authenticate, check, forward, record.
 
 :func:`proxy_endpoint` serves ``/v1/chat/completions``, ``/v1/completions`` and
-``/v1/embeddings``. The request body goes upstream byte for byte unless the gateway has a
-reason to change it (today: asking a stream for its usage so it can be metered), and the
+``/v1/embeddings``. The request body goes upstream as the gateway parsed it (the same
+JSON, written again: what was checked is what is sent), changed only where the gateway
+has a reason (today: asking a stream for its usage so it can be metered), and the
 response comes back unchanged; every request, refused or not, ends as one Exchange handed
 to the pipeline.
 """
@@ -168,6 +169,11 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
     if isinstance(decision, Denied):
         raise denied_error(decision)
 
+    # The upstream gets the body as the gateway read it, not the client's bytes: with two
+    # "max_tokens" (or "model") keys, or a number past 64 bits, the client's bytes could
+    # mean one thing to the gateway's parser (which checked, reserved and recorded it)
+    # and another to the upstream's.
+    upstream_body = body
     inject_usage = False
     if exchange.stream and kind != "embeddings":
         options = body.get("stream_options")
@@ -175,7 +181,7 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
             inject_usage = True
             upstream_body = dict(body)
             upstream_body["stream_options"] = {**(options or {}), "include_usage": True}
-            raw = orjson.dumps(upstream_body)
+    raw = orjson.dumps(upstream_body)
 
     exchange.timings.upstream_sent = time.perf_counter()
     upstream = await gateway.upstream.send(exchange.endpoint[len("/v1"):], raw,

@@ -1,0 +1,62 @@
+"""What a client sends is not trusted either: the upstream gets the request the gateway
+checked, metered and recorded, and nothing the gateway did not read."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.factories import make_settings, new_api_key, start_recorded_stack
+from tests.fault_upstream import FaultyUpstreamThread
+from tests.test_gateway_upstream_data import Upstreamed
+
+
+@pytest.fixture
+def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(
+            tmp_path, upstream={"base_url": upstream.url},
+            limits={"tiers": {"standard": {"requests_per_minute": 1000,
+                                           "tokens_per_minute": 2000}}})
+        stack, recorder = start_recorded_stack(settings)
+        try:
+            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_r"), upstream)
+            yield gateway
+            gateway.admin.close()
+        finally:
+            stack.stop()
+
+
+def _sent_upstream(gw: Upstreamed) -> bytes:
+    return next(body for path, _, body in reversed(gw.upstream.app.received)
+                if path == "/v1/chat/completions")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), keys
+    return dict(pairs)
+
+
+def test_the_upstream_gets_the_body_the_gateway_read(upstreamed: Upstreamed) -> None:
+    """The client's bytes went upstream as they came while the gateway checked and
+    recorded its own reading of them. A body with a key twice (``"max_tokens": 5,
+    "max_tokens": 1800``), or a number past 64 bits, meant what the gateway read only
+    if the upstream's JSON parser read it the same way: one that keeps the first of two
+    keys (or fails on them, or reads a large integer exactly) was given a request that
+    no check, reservation or ledger entry saw. The upstream now gets the gateway's
+    reading, written again."""
+    gw = upstreamed
+    raw = (b'{"model": "ok-1", "messages": [{"role": "user", "content": "hi"}], '
+           b'"max_tokens": 5, "seed": 123456789012345678901234567890, "max_tokens": 1800}')
+    r = gw.post(raw)
+    assert r.status_code == 200, r.text
+    sent = json.loads(_sent_upstream(gw), object_pairs_hook=_no_duplicate_keys)
+    recorded = gw.recorded(r.headers["x-distillguard-exchange-id"]).request
+    assert sent == recorded and sent["max_tokens"] == 1800
+    assert sent["seed"] == recorded["seed"]
+
