@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from tests.factories import make_settings, new_api_key, start_recorded_stack
@@ -60,3 +61,42 @@ def test_the_upstream_gets_the_body_the_gateway_read(upstreamed: Upstreamed) -> 
     assert sent == recorded and sent["max_tokens"] == 1800
     assert sent["seed"] == recorded["seed"]
 
+
+def test_a_completion_limit_the_gateway_cannot_read_is_refused(upstreamed: Upstreamed
+                                                                ) -> None:
+    """``"max_tokens": "5000"`` (or ``5000.0``, or ``true``) reserved no completion
+    tokens, and the detector saw no large max_tokens, while an upstream that reads it
+    leniently (pydantic's lax mode, as in vLLM) generated up to 5000. It is refused as
+    OpenAI refuses it: 400, ``invalid_type``, naming the field."""
+    gw = upstreamed
+    client = openai.OpenAI(base_url=gw.stack.stack.base_url, api_key=gw.key, max_retries=0)
+    chat = {"model": "ok-1", "messages": [{"role": "user", "content": "hi"}]}
+    for param, value in [("max_tokens", "5000"), ("max_completion_tokens", 5000.0),
+                         ("n", "4"), ("max_tokens", True)]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**chat, extra_body={param: value})  # type: ignore[call-overload]
+        assert refused.value.code == "invalid_type", (param, value)
+        assert isinstance(refused.value.body, dict) and refused.value.body["param"] == param
+    ok = client.chat.completions.create(**chat, extra_body={"max_tokens": None})  # type: ignore[call-overload]
+    assert ok.choices[0].message.content == "fine"
+
+
+def test_every_completion_limit_of_a_request_is_reserved(upstreamed: Upstreamed) -> None:
+    """Only ``max_completion_tokens`` was reserved when the key was there, even null or
+    0, while vLLM generates ``max_completion_tokens or max_tokens``; and ``best_of``
+    completions, all generated upstream, were reserved as ``n``. Each of these now
+    holds more than the 2,000 tokens a minute of the account, and is refused before it
+    is sent."""
+    gw = upstreamed
+    client = openai.OpenAI(base_url=gw.stack.stack.base_url, api_key=gw.key, max_retries=0)
+    chat = {"model": "ok-1", "messages": [{"role": "user", "content": "hi"}]}
+    for extra in ({"max_completion_tokens": None, "max_tokens": 5000},
+                  {"max_completion_tokens": 0, "max_tokens": 5000},
+                  {"max_completion_tokens": 10, "max_tokens": 5000}):
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(**chat, extra_body=extra)  # type: ignore[call-overload]
+        assert refused.value.code == "request_too_large", extra
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.completions.create(model="ok-1", prompt="hi", max_tokens=1000, best_of=3)
+    assert refused.value.code == "request_too_large"
+    assert client.completions.create(model="ok-1", prompt="hi", max_tokens=500, best_of=3)

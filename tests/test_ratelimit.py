@@ -258,6 +258,22 @@ def test_a_token_quota_holds_what_requests_may_use_while_they_run(tmp_path: Path
             stack.stop()
 
 
+def test_a_reservation_takes_the_largest_limit_and_sample_count() -> None:
+    """Upstreams differ on which of two limits wins (vLLM: ``max_completion_tokens or
+    max_tokens``); a null or 0 ``max_completion_tokens`` beside a large ``max_tokens``
+    reserved nothing. ``best_of`` samples are all generated."""
+    hi = {"messages": [{"role": "user", "content": "abcd"}]}      # 1 token
+    assert tokens_to_reserve({**hi, "max_completion_tokens": None, "max_tokens": 900}) == 901
+    assert tokens_to_reserve({**hi, "max_completion_tokens": 0, "max_tokens": 900}) == 901
+    assert tokens_to_reserve({**hi, "max_completion_tokens": 90, "max_tokens": 900}) == 901
+    assert tokens_to_reserve({**hi, "max_completion_tokens": 900, "max_tokens": 90}) == 901
+    assert tokens_to_reserve({"prompt": "abcd", "max_tokens": 10, "n": 2, "best_of": 5}) == 51
+    assert tokens_to_reserve({**hi, "max_tokens": 10, "n": 3}) == 31
+    assert tokens_to_reserve({**hi, "max_tokens": 10, "n": 0}) == 11
+    assert tokens_to_reserve({**hi, "max_tokens": -10}) == 1
+    assert tokens_to_reserve(hi) == 1
+
+
 def test_a_prompt_estimate_counts_what_the_model_reads() -> None:
     """The estimate behind the token reservation (and the usage charged when the
     upstream reports none) counted only message text: an 80,000-character tool schema

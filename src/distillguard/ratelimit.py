@@ -292,17 +292,21 @@ def tokens_to_reserve(request: Any) -> int:
     """Tokens a request may use, held against its token windows from the moment it is
     admitted until its usage is known: its prompt (as
     :func:`~distillguard.exchange.prompt_token_estimate` counts it) and the completion it allows
-    (``max_completion_tokens`` or ``max_tokens``, times ``n``), when it sets one. Only
-    the usage already charged was checked: requests admitted at once, or one with a long
-    prompt and a large limit, each ran past a token quota."""
+    (the larger of ``max_completion_tokens`` and ``max_tokens``, times the larger of
+    ``n`` and ``best_of``), when it sets one. Only the usage already charged was
+    checked: requests admitted at once, or one with a long prompt and a large limit,
+    each ran past a token quota. Upstreams differ on which limit wins (vLLM takes
+    ``max_completion_tokens or max_tokens``): ``"max_completion_tokens": null`` or ``0``
+    beside a large ``max_tokens`` reserved nothing here while the upstream used the
+    large one. ``best_of`` completions are all generated, though ``n`` are returned."""
     if not isinstance(request, dict):
         return 0
     prompt = prompt_token_estimate(request)
-    limit = request.get("max_completion_tokens", request.get("max_tokens"))
-    n = request.get("n", 1)
-    if type(n) is not int or n < 1:
-        n = 1
-    completion = limit * n if type(limit) is int and limit > 0 else 0
+    limit = max((v for v in (request.get("max_completion_tokens"), request.get("max_tokens"))
+                 if type(v) is int), default=0)
+    n = max((v for v in (request.get("n"), request.get("best_of")) if type(v) is int),
+            default=1)
+    completion = limit * max(n, 1) if limit > 0 else 0
     return min(prompt + completion, MAX_JSON_INT)
 
 

@@ -47,6 +47,8 @@ log = logging.getLogger("distillguard.gateway")
 # Upstream response headers passed to the client; everything else is the gateway's own.
 _PASS_HEADERS = ("content-type", "openai-model", "openai-processing-ms", "openai-version",
                  "x-request-id")
+# Request fields that size the completion, read by the rate limiter's reservation.
+_METERED_INTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
 _ENDPOINT_KIND = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                   "/v1/embeddings": "embeddings"}
 
@@ -110,6 +112,15 @@ def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
     if stream is not None and not isinstance(stream, bool):
         raise Unprocessable("'stream' must be a boolean.", param="stream",
                             code="invalid_stream")
+    # The fields tokens are reserved by (RateLimiter): a whole number or null. An
+    # upstream that reads "8000" or 8000.0 as 8000 (pydantic's lax mode, as vLLM's
+    # request models use) generated 8000 tokens the gateway had reserved nothing for,
+    # and the detector did not see a large max_tokens either.
+    for name in _METERED_INTS:
+        value = body.get(name)
+        if value is not None and type(value) is not int:
+            raise InvalidRequest(f"Invalid type for '{name}': expected an integer.",
+                                 param=name, code="invalid_type")
     # The gateway adds include_usage to a stream's options (to meter it), so it reads them.
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
