@@ -140,3 +140,21 @@ def test_a_stream_of_odd_chunks_is_relayed_and_recorded(upstreamed: Upstreamed,
     assert ex.annotations["stream_items_skipped"] == 1    # the odd item, left out
     entry = gw.ledger_entry(exchange_id)
     assert entry["status"] == 200 and entry["response_sha256"] == ex.response_sha256
+
+
+@pytest.mark.parametrize("model", ["redirect-307", "redirect-302"])
+def test_a_redirect_of_the_upstream_is_not_followed(upstreamed: Upstreamed,
+                                                    model: str) -> None:
+    """The upstream client followed redirects: an upstream answering 307 (or 302) with a
+    ``Location`` of its choosing had the gateway send the request (with the upstream's
+    credentials) there, and whatever answered, an internal address only the gateway's
+    host can reach, went back to the client as the model's answer. A redirect is now a
+    502 ``upstream_redirect``, recorded, and nothing is fetched from its target."""
+    gw = upstreamed
+    r = gw.post(chat(model))
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_redirect"
+    assert "only-for-the-gateway-host" not in r.text
+    assert all(path != "/internal" for path, _, _ in gw.upstream.app.received)
+    ex = gw.recorded(r.headers["x-distillguard-exchange-id"])
+    assert ex.status == 502 and ex.error_code == "upstream_redirect"

@@ -110,7 +110,12 @@ class HttpUpstream:
             sock_read=self.settings.timeout_s,
         )
         try:
-            resp = await self.session.post(self.base_url + path, data=body, timeout=timeout)
+            # A redirect is not followed: the gateway's upstream credentials and the
+            # client's request would go where the upstream says, and whatever answered
+            # there (an internal service the gateway's host can reach) went back to the
+            # client. The proxy turns a 3xx into a 502.
+            resp = await self.session.post(self.base_url + path, data=body, timeout=timeout,
+                                           allow_redirects=False)
         except TimeoutError as exc:
             raise UpstreamTimeout("The model server did not answer in time.") from exc
         except aiohttp.ClientError as exc:
@@ -124,7 +129,8 @@ class HttpUpstream:
     async def list_models(self) -> list[dict[str, Any]]:
         timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
         try:
-            async with self.session.get(self.base_url + "/models", timeout=timeout) as resp:
+            async with self.session.get(self.base_url + "/models", timeout=timeout,
+                                        allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"The model server answered {resp.status} to /models.")
                 data = orjson.loads(await resp.read())

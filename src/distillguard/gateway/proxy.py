@@ -198,6 +198,14 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
     upstream = await gateway.upstream.send(exchange.endpoint[len("/v1"):], raw,
                                            stream=exchange.stream)
     exchange.timings.first_byte = time.perf_counter()
+    if 300 <= upstream.status < 400:
+        location = upstream.headers.get("location", "")
+        upstream.close()
+        log.warning("upstream answered %s on %s, redirecting to %s; not followed",
+                    upstream.status, exchange.endpoint, location[:200])
+        raise UpstreamError(f"The model server redirected the request (status "
+                            f"{upstream.status}); redirects are not followed.",
+                            code="upstream_redirect")
     if upstream.status >= 500:
         detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
             "utf-8", "replace")
