@@ -27,6 +27,24 @@ def _delta(index: Any = 0, **delta: Any) -> dict[str, Any]:
     return {"index": index, "delta": delta, "finish_reason": None}
 
 
+# A reasoning model's answer with log probabilities, which cover every generated token,
+# the reasoning's included (as vLLM's do).
+REASONING = "The user asks about the sky. Rayleigh scattering favours short wavelengths."
+ANSWER = "It is blue because air scatters blue light the most."
+
+
+def _logprobs(text: str) -> dict[str, Any]:
+    return {"content": [{"token": t, "logprob": -0.1, "bytes": list(t.encode()),
+                         "top_logprobs": [{"token": t, "logprob": -0.1,
+                                           "bytes": list(t.encode())}]}
+                        for t in text.split(" ")]}
+
+
+_REASONED = {**_OK, "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": ANSWER,
+                                             "reasoning_content": REASONING},
+                                 "logprobs": _logprobs(REASONING + " " + ANSWER)}]}
+
 # Answers sent whole: model -> (status, content type, body).
 PLAIN: dict[str, tuple[int, str, bytes]] = {
     "usage-huge": (200, "application/json", orjson.dumps(
@@ -40,6 +58,7 @@ PLAIN: dict[str, tuple[int, str, bytes]] = {
     "html-429": (429, "text/html", b"<html><body>slow down</body></html>"),
     "empty-400": (400, "application/json", b""),
     "long-400": (400, "text/plain", b"bad request: " + b"x" * 5000),
+    "reasoner-logprobs": (200, "application/json", orjson.dumps(_REASONED)),
 }
 # Streams: model -> the chunks sent as SSE events, then [DONE].
 STREAMS: dict[str, list[dict[str, Any]]] = {
@@ -54,6 +73,13 @@ STREAMS: dict[str, list[dict[str, Any]]] = {
         {"index": 0, "function": {"name": "a"}}, {"index": "x", "function": {"name": "b"}}])])],
     "delta-text": [_CHUNK, _chunk([{"index": 0, "delta": "b", "finish_reason": None}])],
     "delta-list": [_CHUNK, _chunk([{"index": 0, "delta": [1], "finish_reason": None}])],
+    "reasoner-logprobs-stream": [
+        *(_chunk([{**_delta(0, reasoning_content=w + " "), "logprobs": _logprobs(w)}])
+          for w in REASONING.split(" ")),
+        *(_chunk([{**_delta(0, content=w + " "), "logprobs": _logprobs(w)}])
+          for w in ANSWER.split(" ")),
+        _chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        _chunk([], usage=_OK["usage"])],
 }
 MODELS = ["ok-1", "fail-500", "slow", "drop-stream", "no-done", "bad-json", "reject-400",
           "deep-json", "no-usage", "key-401", "key-500", "slow-stream", "redirect-307",

@@ -135,3 +135,52 @@ def test_model_test_through_an_openai_compatible_api(
     assert results["marked"]["slots"] >= 20, results
     assert results["marked"]["trained_on_marked_outputs"], results
     assert not results["unmarked"]["trained_on_marked_outputs"], results
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_log_probabilities_do_not_give_back_what_countermeasures_took(
+        tmp_path: Path, stream: bool) -> None:
+    """Log probabilities list every generated token, the reasoning's included (vLLM's
+    do), in the words the model chose: with ``logprobs: true`` a client whose reasoning
+    was stripped read it back from them, token by token, and one whose answers were
+    fingerprinted read the unmarked wording. When countermeasures change an answer its
+    ``logprobs`` are now left out (null), streamed or not; an account they leave alone
+    keeps them."""
+    from tests.fault_upstream import ANSWER, REASONING, FaultyUpstreamThread
+
+    with FaultyUpstreamThread() as upstream:
+        settings = make_settings(tmp_path, upstream={"base_url": upstream.url},
+                                 countermeasures={"fingerprint": {"secret": SECRET}})
+        stack, _ = start_recorded_stack(settings)
+        admin = httpx.Client(base_url=stack.stack.admin_url,
+                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+        try:
+            model = "reasoner-logprobs-stream" if stream else "reasoner-logprobs"
+
+            def tokens(client: openai.OpenAI) -> tuple[str, str]:
+                """The answer as received, and the text its logprobs spell."""
+                kw = {"model": model, "messages": MESSAGES, "logprobs": True,
+                      "top_logprobs": 1}
+                if not stream:
+                    out = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+                    lp = out.choices[0].logprobs
+                    return (out.choices[0].message.content or "",
+                            " ".join(t.token for t in (lp.content if lp else None) or []))
+                content, spelt = [], []
+                for chunk in client.chat.completions.create(**kw, stream=True):  # type: ignore[call-overload]
+                    for choice in chunk.choices:
+                        content.append(choice.delta.content or "")
+                        if choice.logprobs is not None:
+                            spelt += [t.token for t in choice.logprobs.content or []]
+                return "".join(content), " ".join(spelt)
+
+            _, standard = _client(stack, admin, "standard")
+            answer, spelt = tokens(standard)
+            assert "Rayleigh" not in spelt and spelt == "", spelt
+            assert answer.strip()
+            _, trusted = _client(stack, admin, "trusted")
+            settings_trusted_untouched = tokens(trusted)
+            assert settings_trusted_untouched[1] == f"{REASONING} {ANSWER}"
+        finally:
+            admin.close()
+            stack.stop()

@@ -40,6 +40,22 @@ class Plan:
         return (self.reasoning is ReasoningMode.PASS and self.leak is LeakAction.OFF
                 and self.fingerprint_key is None)
 
+    @property
+    def rewrites(self) -> bool:
+        """Whether the answer the client gets may differ from what was generated. Its
+        log probabilities then go (:func:`drop_logprobs`): they list every generated
+        token, reasoning included, in the words the model chose, so a client that asked
+        for them read back stripped reasoning and the wording under a fingerprint."""
+        return (self.reasoning is not ReasoningMode.PASS or self.fingerprint_key is not None
+                or self.leak is LeakAction.STRIP)
+
+
+def drop_logprobs(plan: Plan, choice: dict[str, Any]) -> None:
+    """Null a choice's ``logprobs`` when ``plan`` rewrites answers (:attr:`Plan.rewrites`);
+    the key stays, as OpenAI sends it when none were asked for."""
+    if plan.rewrites and choice.get("logprobs") is not None:
+        choice["logprobs"] = None
+
 
 class AnswerFilter:
     """One choice's visible answer, unit by unit: leak check, then fingerprint."""
@@ -124,6 +140,7 @@ class CountermeasureFilter:
 
     def _filter_choice(self, plan: Plan, choice: dict[str, Any]) -> dict[str, Any]:
         answer = self.answer_filter(plan)
+        drop_logprobs(plan, choice)
         message = choice.get("message")
         if not isinstance(message, dict):
             if isinstance(choice.get("text"), str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from distillguard.countermeasures.filter import drop_logprobs
 from distillguard.countermeasures.reasoning import (
     REASONING_FIELDS,
     ReasoningMode,
@@ -78,6 +79,7 @@ class CountermeasureStream:
     def _rewrite(self, choice: dict[str, Any]) -> dict[str, Any] | None:
         state = self._state(choice.get("index", 0))
         choice = dict(choice)
+        drop_logprobs(self.plan, choice)
         finish = choice.get("finish_reason")
         if not self.chat:
             text = choice.get("text")
