@@ -65,7 +65,8 @@ class Upstreamed:
 @pytest.fixture
 def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
     with FaultyUpstreamThread() as upstream:
-        settings = make_settings(tmp_path, upstream={"base_url": upstream.url})
+        settings = make_settings(tmp_path, upstream={"base_url": upstream.url,
+                                                     "max_response_bytes": 1024 * 1024})
         stack, recorder = start_recorded_stack(settings)
         try:
             gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_u"), upstream)
@@ -158,3 +159,45 @@ def test_a_redirect_of_the_upstream_is_not_followed(upstreamed: Upstreamed,
     assert all(path != "/internal" for path, _, _ in gw.upstream.app.received)
     ex = gw.recorded(r.headers["x-distillguard-exchange-id"])
     assert ex.status == 502 and ex.error_code == "upstream_redirect"
+
+
+def test_an_answer_larger_than_the_limit_is_cut_off(upstreamed: Upstreamed) -> None:
+    """The gateway read an upstream's answer whole, however long (and a stream's event
+    until its blank line, however long): an upstream sending without end filled the
+    gateway's memory. Past ``upstream.max_response_bytes`` (1 MiB here; the upstream
+    sends 4) a plain answer is a 502 and a stream ends with an error event, both
+    ``upstream_response_too_large`` and recorded."""
+    gw = upstreamed
+    plain = gw.post(chat("huge-body"))
+    assert plain.status_code == 502, plain.status_code
+    assert plain.json()["error"]["code"] == "upstream_response_too_large"
+    ex = gw.recorded(plain.headers["x-distillguard-exchange-id"])
+    assert ex.status == 502 and ex.error_code == "upstream_response_too_large"
+    streamed, data = gw.stream(chat("huge-event"))
+    assert streamed.status_code == 200 and len(data) < 1024 * 1024
+    last = orjson.loads(_events(data)[-1])
+    assert last["error"]["code"] == "upstream_response_too_large"
+    ex = gw.recorded(streamed.headers["x-distillguard-exchange-id"])
+    assert ex.error_code == "upstream_response_too_large"
+
+
+def test_events_split_anywhere_are_cut_where_they_end() -> None:
+    """However the upstream's reads split a stream (a separator ``\\r\\n\\r\\n`` or
+    ``\\n\\n`` across two reads included), the relay hands out the same events."""
+    from distillguard.gateway.streaming import SSERelay
+
+    stream = (b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+              b': keep-alive\r\n\r\n'
+              b'data: {"choices": [{"index": 0, "delta": {"content": "b"}}]}\r\n\r\n'
+              b'data: {"choices": [], "usage": {"prompt_tokens": 1}}\n\n'
+              b"data: [DONE]\n\n")
+    whole = SSERelay(drop_usage_event=False)
+    expected = whole.feed(stream)
+    assert len(expected) == 5 and b"".join(expected) == stream
+    for size in (1, 2, 3, 5, 7):
+        relay = SSERelay(drop_usage_event=False)
+        got = []
+        for i in range(0, len(stream), size):
+            got += relay.feed(stream[i:i + size])
+        assert got == expected and relay.flush() == b"", size
+        assert relay.done and relay.assembled() == whole.assembled()

@@ -150,6 +150,9 @@ class UpstreamSettings(_Section):
     # How long an idle pooled connection is kept: under the upstream's own idle timeout,
     # or a request sent as the upstream closes the connection fails (see docs).
     keepalive_s: float = Field(4.0, gt=0)
+    # The most the gateway reads of one answer (a whole body, or a whole stream): an
+    # upstream that sends without end would otherwise fill the gateway's memory.
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
     models: list[str] = Field(default_factory=list)
 
     @property

@@ -23,15 +23,30 @@ _DROP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "cont
                           "content-encoding", "server", "date"}
 
 
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(f"The model server's answer is larger than the limit of {limit} "
+                         "bytes.", code="upstream_response_too_large")
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
     headers: dict[str, str]
     _response: aiohttp.ClientResponse
+    # The most read of the body (upstream.max_response_bytes), streamed or not: aiohttp
+    # reads a body whole, as long as it is (decompressed, when it came compressed).
+    max_bytes: int = 64 * 1024 * 1024
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()
+            chunks = []
+            size = 0
+            async for chunk in self._response.content.iter_any():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _too_large(self.max_bytes)
+                chunks.append(chunk)
+            return b"".join(chunks)
         except TimeoutError as exc:
             raise UpstreamTimeout("The model server did not answer in time.") from exc
         except aiohttp.ClientError as exc:
@@ -43,8 +58,12 @@ class UpstreamResponse:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive. Raises UpstreamError / UpstreamTimeout mid-stream."""
+        size = 0
         try:
             async for chunk in self._response.content.iter_any():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _too_large(self.max_bytes)
                 yield chunk
         except TimeoutError as exc:
             raise UpstreamTimeout("The model server stopped sending mid-stream.") from exc
@@ -124,7 +143,7 @@ class HttpUpstream:
             ) from exc
         headers = {k.lower(): v for k, v in resp.headers.items()
                    if k.lower() not in _DROP_RESPONSE_HEADERS}
-        return UpstreamResponse(resp.status, headers, resp)
+        return UpstreamResponse(resp.status, headers, resp, self.settings.max_response_bytes)
 
     async def list_models(self) -> list[dict[str, Any]]:
         timeout = aiohttp.ClientTimeout(total=self.settings.connect_timeout_s + 5)
@@ -133,7 +152,9 @@ class HttpUpstream:
                                         allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"The model server answered {resp.status} to /models.")
-                data = orjson.loads(await resp.read())
+                listing = UpstreamResponse(resp.status, {}, resp,
+                                           self.settings.max_response_bytes)
+                data = orjson.loads(await listing.read())
         except TimeoutError as exc:
             raise UpstreamTimeout("The model server did not list its models in time.") from exc
         except (aiohttp.ClientError, orjson.JSONDecodeError) as exc:

@@ -19,7 +19,8 @@ _SEPARATORS = (b"\r\n\r\n", b"\n\n")
 class SSERelay:
     def __init__(self, *, drop_usage_event: bool) -> None:
         self.drop_usage_event = drop_usage_event
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0       # bytes of _buffer already searched for a separator
         self.done = False
         self.usage: dict[str, Any] | None = None
         self.meta: dict[str, Any] = {}
@@ -28,27 +29,40 @@ class SSERelay:
         self.skipped = 0    # choices and tool calls left out of the completion
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes from upstream; return the complete events to forward, in order."""
+        """Add bytes from upstream; return the complete events to forward, in order.
+
+        Each byte is searched for a separator once (a separator split across two reads
+        is found from the last 3 bytes already searched), and the buffer grows in place:
+        an event arriving in many small reads was copied and searched from its start on
+        each read, which took time quadratic in its length on the event loop."""
         self._buffer += data
         out: list[bytes] = []
+        start = 0
         while True:
             cut = -1
             sep_len = 0
+            scan_from = max(start, self._scanned - 3)
             for sep in _SEPARATORS:
-                i = self._buffer.find(sep)
+                i = self._buffer.find(sep, scan_from)
                 if i >= 0 and (cut < 0 or i < cut):
                     cut, sep_len = i, len(sep)
             if cut < 0:
                 break
-            event = self._buffer[: cut + sep_len]
-            self._buffer = self._buffer[cut + sep_len:]
+            event = bytes(self._buffer[start:cut + sep_len])
+            start = cut + sep_len
+            self._scanned = start
             if self._consume(event):
                 out.append(event)
+        if start:
+            del self._buffer[:start]
+        self._scanned = len(self._buffer)
         return out
 
     def flush(self) -> bytes:
         """Whatever is left when upstream closes (an unterminated last event)."""
-        rest, self._buffer = self._buffer, b""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
         if rest.strip():
             self._consume(rest)
         return rest
