@@ -105,6 +105,22 @@ def test_harvest_depth_and_client() -> None:
     assert not extract(make_exchange("hi", client_ip="73.1.2.3")).hosting
 
 
+def test_harvest_reads_the_larger_limit_and_sample_count() -> None:
+    """``max_tokens or max_completion_tokens`` read a small max_tokens beside a large
+    max_completion_tokens (the upstream generates the larger) as no harvest, and best_of
+    samples were not counted; an infinite limit made extraction fail."""
+    ex = make_exchange("Explain recursion.", max_tokens=16)
+    ex.request["max_completion_tokens"] = 8000
+    f = extract(ex)
+    assert f.max_tokens == 8000 and f.harvest
+    ex = make_exchange("Explain recursion.")
+    ex.request.update(best_of=5, n=1)
+    assert extract(ex).n == 5 and extract(ex).harvest
+    ex = make_exchange("Explain recursion.")
+    ex.request["max_tokens"] = float("inf")
+    assert extract(ex).max_tokens == 0
+
+
 def test_account_state_is_bounded() -> None:
     topk = TopK(4)
     for i in range(1000):

@@ -146,7 +146,7 @@ def _text_features_many(texts: list[str]) -> list[TextFeatures]:
 def _int(value: Any, default: int) -> int:
     try:
         return int(value) if value is not None else default
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):     # OverflowError: an infinite float
         return default
 
 
@@ -186,8 +186,12 @@ class Extractor:
         self._rows.append((
             text, prompt, system, depth, bool(req.get("tools") or req.get("functions")),
             ex.id, ex.account_id or "", ex.ts.timestamp(),
-            _int(req.get("max_tokens") or req.get("max_completion_tokens"), 0),
-            _int(req.get("n"), 1), bool(req.get("logprobs")), _float(req.get("temperature")),
+            # the larger limit and sample count, as the upstream generates and the token
+            # reservation holds them (a small max_tokens beside a large
+            # max_completion_tokens, or best_of beside n, hid a harvest)
+            max(_int(req.get("max_tokens"), 0), _int(req.get("max_completion_tokens"), 0)),
+            max(_int(req.get("n"), 1), _int(req.get("best_of"), 1)),
+            bool(req.get("logprobs")), _float(req.get("temperature")),
             usage.prompt_tokens if usage else None, usage.completion_tokens if usage else 0,
             ex.model or "", ex.user_agent or "",
             info.prefix if info and not info.private else None,
