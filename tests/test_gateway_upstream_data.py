@@ -201,3 +201,27 @@ def test_events_split_anywhere_are_cut_where_they_end() -> None:
             got += relay.feed(stream[i:i + size])
         assert got == expected and relay.flush() == b"", size
         assert relay.done and relay.assembled() == whole.assembled()
+
+
+@pytest.mark.parametrize("ends", [[b"\r\r"] * 5, [b"\n\r\n", b"\r\n\n", b"\r\r\n", b"\n\r",
+                                                   b"\r\r\n"]])
+def test_events_that_end_in_carriage_returns_are_cut_too(ends: list[bytes]) -> None:
+    """The standard ends an SSE line with CRLF, LF or CR, mixed as a server likes; events
+    ended by CR CR or LF CRLF were never cut, so the stream was held whole and its usage
+    never read (the answer went out only when the upstream closed)."""
+    from distillguard.gateway.streaming import SSERelay
+
+    events = [b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}', b": ping",
+              b'data: {"choices": [{"index": 0, "delta": {"content": "b"}}]}',
+              b'data: {"choices": [], "usage": {"prompt_tokens": 1}}', b"data: [DONE]"]
+    stream = b"".join(e + end for e, end in zip(events, ends, strict=True))
+    for size in (1, 2, 3, 7, len(stream)):
+        relay = SSERelay(drop_usage_event=False)
+        got: list[bytes] = []
+        for i in range(0, len(stream), size):
+            got += relay.feed(stream[i:i + size])
+        # a CR last in the stream may be half of a CRLF until the upstream closes
+        got += [rest] if (rest := relay.flush()) else []
+        assert len(got) == 5 and b"".join(got) == stream, size
+        assert relay.usage == {"prompt_tokens": 1} and relay.done
+        assert relay.assembled()["choices"][0]["message"]["content"] == "ab"

@@ -9,11 +9,15 @@ not), the usage-only event is consumed here and not forwarded.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
-_SEPARATORS = (b"\r\n\r\n", b"\n\n")
+# An event ends at a blank line: two line ends in a row, each CRLF, LF or CR (the SSE
+# standard allows all three, and mixed). A CR followed by LF is one line end, not two, so
+# a CR last in the buffer waits for the next byte.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?=[^\n]))")
 
 
 class SSERelay:
@@ -31,25 +35,19 @@ class SSERelay:
     def feed(self, data: bytes) -> list[bytes]:
         """Add bytes from upstream; return the complete events to forward, in order.
 
-        Each byte is searched for a separator once (a separator split across two reads
-        is found from the last 3 bytes already searched), and the buffer grows in place:
+        Each byte is searched for an event's end once (an end split across two reads is
+        found from the last 4 bytes already searched), and the buffer grows in place:
         an event arriving in many small reads was copied and searched from its start on
         each read, which took time quadratic in its length on the event loop."""
         self._buffer += data
         out: list[bytes] = []
         start = 0
         while True:
-            cut = -1
-            sep_len = 0
-            scan_from = max(start, self._scanned - 3)
-            for sep in _SEPARATORS:
-                i = self._buffer.find(sep, scan_from)
-                if i >= 0 and (cut < 0 or i < cut):
-                    cut, sep_len = i, len(sep)
-            if cut < 0:
+            found = _EVENT_END.search(self._buffer, max(start, self._scanned - 4))
+            if found is None:
                 break
-            event = bytes(self._buffer[start:cut + sep_len])
-            start = cut + sep_len
+            event = bytes(self._buffer[start:found.end()])
+            start = found.end()
             self._scanned = start
             if self._consume(event):
                 out.append(event)
