@@ -186,7 +186,6 @@ def test_upstream_failures(faulty: tuple[StackThread, Recorder, str]) -> None:
     ("html-429", 429, "The model server answered 429 Too Many Requests."),
     ("empty-400", 400, "The model server answered 400 Bad Request."),
     ("long-400", 400, "bad request: xxx"),
-    ("key-401", 401, "Unknown key in Bearer [redacted]"),
 ])
 def test_an_upstream_error_not_in_openai_format_is_put_in_it(
         faulty: tuple[StackThread, Recorder, str], model: str, status: int,
@@ -212,6 +211,27 @@ def test_an_upstream_error_not_in_openai_format_is_put_in_it(
     stack.call(stack.stack.gateway.settle())
     last = recorder.exchanges[-1]
     assert (last.status, last.error_code) == (status, "upstream_client_error")
+    assert UPSTREAM_KEY not in orjson.dumps(last.to_trace()).decode()
+
+
+def test_an_upstream_that_refuses_the_gateways_key_is_a_502(
+        faulty: tuple[StackThread, Recorder, str]) -> None:
+    """An upstream 401 (its key for the gateway is wrong or revoked) reached the client
+    as a 401: the openai library raised AuthenticationError and its user looked for the
+    fault in their own key, and the upstream's message could quote part of the upstream
+    key. It is a 502, upstream_unauthorized, with a message of the gateway's own."""
+    stack, recorder, key = faulty
+    client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="key-401", messages=[{"role": "user",
+                                                                  "content": "x"}])
+    assert not isinstance(info.value, openai.AuthenticationError)
+    assert info.value.status_code == 502 and info.value.code == "upstream_unauthorized"
+    assert "not a problem with your API key" in info.value.message
+    assert "Unknown key" not in info.value.message
+    stack.call(stack.stack.gateway.settle())
+    last = recorder.exchanges[-1]
+    assert (last.status, last.error_code) == (502, "upstream_unauthorized")
     assert UPSTREAM_KEY not in orjson.dumps(last.to_trace()).decode()
 
 

@@ -213,6 +213,16 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
                     detail)
         raise UpstreamError(f"The model server returned an error (status {upstream.status}).",
                             code="upstream_status_error")
+    if upstream.status in (401, 403):
+        # The upstream refused the gateway's own credential: passed on, the client's
+        # openai library raised AuthenticationError and its user looked for a fault in
+        # their key; and the message may quote part of the upstream key ("sk-...abcd").
+        detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
+            "utf-8", "replace")
+        log.warning("upstream refused the gateway's credential (%s) on %s: %s",
+                    upstream.status, exchange.endpoint, detail)
+        raise UpstreamError("The model server refused the gateway's own credential; this is "
+                            "not a problem with your API key.", code="upstream_unauthorized")
     content_type = upstream.headers.get("content-type", "")
     if not exchange.stream or upstream.status != 200 or "event-stream" not in content_type:
         payload = await upstream.read()
