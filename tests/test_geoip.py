@@ -88,3 +88,18 @@ def test_forwarded_hops_on_several_lines_with_ports_or_unknown() -> None:
     assert resolver.resolve("127.0.0.1", "unknown") is None
     assert resolver.resolve("127.0.0.1", "1.2.3.4, unknown, 10.0.0.5") is None
     assert forwarded_for([]) is None
+
+
+def test_transition_addresses_are_placed_by_the_ipv4_they_carry() -> None:
+    """6to4, Teredo and NAT64 (64:ff9b::/96) addresses are looked up at the IPv4
+    address they carry; the address and its prefix stay as written."""
+    geo = default_geoip()
+    for address in ("2002:af2d:b001::1", "2001:0:4136:e378:8000:63bf:50d2:4ffe",
+                    "64:ff9b::af2d:b001"):
+        info = geo.lookup(address)
+        assert (info.ip, info.country, info.private) == (address, "KP", False)
+    assert geo.lookup("2002:af2d:b001::1").prefix == "2002:af2d:b001::/48"
+    # one that carries a private address is private
+    assert geo.lookup("2002:a00:1::1").private
+    listed = GeoIP(FixedDatabase("Deutsche Telekom AG"), hosting_networks=["51.1.0.0/16"])
+    assert listed.lookup("64:ff9b::3301:203").hosting

@@ -260,3 +260,26 @@ def test_several_throttles_hold_an_account_to_the_tightest_of_each_limit(
     assert seen[0]["throttle"] == {"requests_per_minute": 2, "tokens_per_minute": 900,
                                    "tokens_per_day": 5000}
     assert tightest([LimitSet(), LimitSet()]) == dict(LimitSet().model_dump())
+
+
+@pytest.mark.parametrize("address", [
+    "2002:af2d:b001::1",                        # 6to4 of 175.45.176.1
+    "2001:0:4136:e378:8000:63bf:50d2:4ffe",     # Teredo, client 175.45.176.1 inverted
+    "64:ff9b::175.45.176.1",                    # NAT64 / SIIT well-known prefix
+])
+def test_ipv6_transition_addresses_are_judged_by_the_ipv4_they_carry(address: str) -> None:
+    """6to4, Teredo and NAT64 addresses carry the client's IPv4 address: looked up as
+    written they had no country (Teredo even counted as private), so a client from an
+    embargoed country that declared another one passed the embargo."""
+    embargo = rule("embargo", {"country": ["KP"]})
+    assert code(judge(embargo, ip=address, country="DE")[0]) == "access_denied"
+    assert code(judge(rule("eu", {"ip_country_not": ["DE", "GB"]}), ip=address)[0]) \
+        == "access_denied"
+    assert code(judge(rule("net", {"networks": ["175.45.176.0/22"]}), ip=address)[0]) \
+        == "access_denied"
+    anon = {**rule("anon", {"anonymizer": True}),
+            "networks": {"anonymizer_cidrs": ["175.45.176.1/32"]}}
+    assert code(judge(anon, ip=address)[0]) == "access_denied"
+    # a rule on the address as written still matches it
+    assert code(judge(rule("v6", {"networks": [address + "/128"]}), ip=address)[0]) \
+        == "access_denied"

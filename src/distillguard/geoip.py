@@ -87,6 +87,29 @@ def canonical_address(ip: str) -> Address | None:
     return addr
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(addr: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 transition address carries, where the client is: 6to4
+    (``2002:AABB:CCDD::/48``, RFC 3056: the site's IPv4), Teredo (``2001::/32``, RFC 4380:
+    the client's public IPv4, stored inverted) and NAT64's well-known prefix
+    (``64:ff9b::/96``, RFC 6052: the IPv4 client an SIIT or NAT46 translator put there);
+    None for any other address. The geo-IP databases do not place these prefixes, so
+    looked up as written a client from an embargoed country had no country (6to4,
+    NAT64) or was taken for a private address (Teredo) and judged by its declared country
+    alone."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return None
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFF_FFFF)
+    return None
+
+
 def canonical_ip(ip: str) -> str:
     """``ip`` as one address is always written (:func:`canonical_address`, in its
     compressed lower-case form); text that is no address as given."""
@@ -242,13 +265,14 @@ class GeoIP:
         if addr is None:
             return NetworkInfo(ip=ip)
         ip = str(addr)
-        if not addr.is_global:
+        place = embedded_ipv4(addr) or addr     # where a transition address's client is
+        if not place.is_global:
             return NetworkInfo(ip=ip, prefix=_prefix(addr), private=True)
-        asn_name, asn_network = self.database.asn(ip)
+        asn_name, asn_network = self.database.asn(str(place))
         hosting = self.is_hosting_name(asn_name) or any(
-            addr in net for net in self.hosting_networks if net.version == addr.version)
-        return NetworkInfo(ip=ip, country=self.database.country(ip), asn_name=asn_name,
-                           asn_network=asn_network, prefix=_prefix(addr),
+            place in net for net in self.hosting_networks if net.version == place.version)
+        return NetworkInfo(ip=ip, country=self.database.country(str(place)),
+                           asn_name=asn_name, asn_network=asn_network, prefix=_prefix(addr),
                            hosting=hosting)
 
 

@@ -128,8 +128,7 @@ class CompiledRule:
             return False
         if self.anonymizer is not None and f.network.anonymizer != self.anonymizer:
             return False
-        if self.networks is not None and not self.networks.contains(f.network.version,
-                                                                    f.network.value):
+        if self.networks is not None and not f.network.within(self.networks):
             return False
         if self.asn_name is not None:
             name = (f.network.info.asn_name or "").lower()

@@ -13,12 +13,12 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from distillguard.errors import ConfigError
-from distillguard.geoip import GeoIP, NetworkInfo, canonical_ip
+from distillguard.geoip import GeoIP, NetworkInfo, canonical_ip, embedded_ipv4
 
 
 class NetworkSet:
@@ -93,6 +93,12 @@ class ClientNetwork:
     anonymizer: bool
     version: int = 0     # the address parsed once: IP version and integer value
     value: int = -1
+    inner: int = -1      # the IPv4 a 6to4, Teredo or NAT64 address carries, as an integer
+
+    def within(self, networks: NetworkSet) -> bool:
+        """Whether the address, or the IPv4 address it carries, is in ``networks``."""
+        return networks.contains(self.version, self.value) or (
+            self.inner >= 0 and networks.contains(4, self.inner))
 
 
 class NetworkFacts:
@@ -126,8 +132,10 @@ class NetworkFacts:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return ClientNetwork(info, False)
-        version, value = addr.version, int(addr)
-        anonymous = self.anonymizers.contains(version, value)
+        inner = embedded_ipv4(addr)
+        client = ClientNetwork(info, False, addr.version, int(addr),
+                               -1 if inner is None else int(inner))
+        anonymous = client.within(self.anonymizers)
         if not anonymous and self._anon_db is not None and not info.private:
-            anonymous = bool(self._anon_db(ip))
-        return ClientNetwork(info, anonymous, version, value)
+            anonymous = any(self._anon_db(str(a)) for a in (addr, inner) if a is not None)
+        return replace(client, anonymizer=anonymous)
