@@ -188,6 +188,8 @@ def test_validation_names_the_option(tmp_path: Path) -> None:
         ({"screening": {"lists": ["nope.csv"]}}, "screening.lists: cannot read"),
         ({"version": 2}, "version"),
         ({"rulez": []}, "rulez"),
+        ({"networks": {"hosting_cidrs": ["10.0.0.0/8", "not-a-cidr"]}},
+         "networks.hosting_cidrs: 'not-a-cidr' is not an IP address or network"),
     ]
     for doc, needle in cases:
         path = tmp_path / "p.yaml"
@@ -283,3 +285,16 @@ def test_ipv6_transition_addresses_are_judged_by_the_ipv4_they_carry(address: st
     # a rule on the address as written still matches it
     assert code(judge(rule("v6", {"networks": [address + "/128"]}), ip=address)[0]) \
         == "access_denied"
+
+
+def test_a_reload_with_a_bad_hosting_network_keeps_the_running_policy(tmp_path: Path) -> None:
+    """Hosting networks were parsed only when the database opened: a bad one passed
+    validation, and a reload failed with a ValueError the caller did not report."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(rule("embargo", {"country": ["KP"]})))
+    holder = PolicyHolder(path)
+    running = holder.current
+    path.write_text(yaml.safe_dump({"networks": {"hosting_cidrs": ["not-a-cidr"]}}))
+    with pytest.raises(ConfigError, match="hosting_cidrs"):
+        holder.reload()
+    assert holder.current is running and holder.generation == 1

@@ -5,6 +5,7 @@ immutable value the request check reads. The format is documented in docs/policy
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,15 @@ def _countries(value: list[str]) -> list[str]:
     return out
 
 
+def _cidrs(value: list[str]) -> list[str]:
+    for item in value:
+        try:
+            ipaddress.ip_network(str(item).strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return value
+
+
 class Messages(_Model):
     contact: str = "your account manager"
     verification_url: str | None = None
@@ -79,6 +89,11 @@ class Networks(_Model):
     maxmind_country_db: str | None = None
     maxmind_asn_db: str | None = None
     maxmind_anonymous_db: str | None = None
+
+    # Checked here: the hosting networks were parsed only when the geo-IP database
+    # opened, so a bad one passed `policy check` and failed the start or a reload.
+    _nets = field_validator("hosting_cidrs", "anonymizer_cidrs")(
+        classmethod(lambda cls, v: _cidrs(v)))
 
 
 class Condition(_Model):
