@@ -13,6 +13,8 @@ a2,Specially Designated Nationals (SDN) - Treasury Department,7001,Individual,RU
 a3,Entity List (EL) - Bureau of Industry and Security,,Entity,,Harbin Institute of Technology,,,HIT; Harbin Polytechnic University
 a4,Specially Designated Nationals (SDN) - Treasury Department,7002,Entity,RUSSIA-EO14024,"JOINT STOCK COMPANY ROSOBORONEXPORT",,,"ROSOBORONEXPORT OAO; OJSC ROSOBORONEXPORT"
 a5,Nonproliferation Sanctions (ISN) - State Department,,Entity,,"Beijing Zhong Guan Cun Nanotech Ltd.",,,
+a6,Specially Designated Nationals (SDN) - Treasury Department,7003,Entity,RUSSIA-EO14024,"LIMITED LIABILITY COMPANY SKY SHIELD",,,
+a7,Specially Designated Nationals (SDN) - Treasury Department,7004,Entity,RUSSIA-EO14024,"PUBLIC JOINT STOCK COMPANY NORTH PIPE",,,
 '''
 
 
@@ -44,6 +46,15 @@ def lists() -> ScreeningList:
     ("Иванов Сергей", "a2"),
     # a word wholly in letters that imitate Latin ones was transliterated (НІТ as "nit")
     ("\u041d\u0406\u0422", "a3"),                                   # Cyrillic Н, І, Т
+    # legal forms of several words, or written with dots, stayed in the name
+    ("Sky Shield LLC", "a6"),
+    ("OOO Sky Shield", "a6"),
+    ("Sky Shield L.L.C.", "a6"),
+    ("North Pipe", "a7"),
+    ("North Pipe PJSC", "a7"),
+    ("Rosoboronexport Limited Liability Company", "a4"),
+    ("Rosoboronexport Sp. z o.o.", "a4"),
+    ("Rosoboronexport Gesellschaft mit beschränkter Haftung", "a4"),
     ("\u041d\u057d\u0430\u051d\u0435\u0456 \u0422\u0435\u0441\u04bb\u043e\u04cf\u043e\u0261\u0456\u0435\u0455",
      "a1"),                                                         # no Latin letter
 ])
@@ -62,6 +73,9 @@ def test_variants_match(lists: ScreeningList, name: str, entry: str) -> None:
     "Hitachi Ltd",
     "Technologies Co Ltd",                           # only legal form and generic words
     "ООО «Ромашка»",                                 # Cyrillic, unlisted
+    "Open Sky LLC",
+    "North Star Pipe Fitting Public Company",
+    "Shield Limited Liability Company",
     "",
 ])
 def test_non_matches(lists: ScreeningList, name: str) -> None:
@@ -97,3 +111,6 @@ def test_normalise() -> None:
     assert normalise("R\u043es\u043eb\u043er\u043en\u0435\u0445p\u043ert") == "rosoboronexport"
     assert normalise("Рособоронэкспорт") == "rosoboroneksport"
     assert normalise("OOO «Romashka»") == "romashka"
+    assert normalise("Limited Liability Company Sky-Shield") == "sky shield"
+    assert normalise("Sky Shield L.L.C.") == normalise("S K Y Shield") == "sky shield"
+    assert normalise("Public Library Ltd") == "public library"

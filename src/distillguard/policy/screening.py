@@ -14,7 +14,8 @@ Matching uses ``rapidfuzz``: names are normalised (letters of other scripts that
 Latin ones, by Unicode's confusables list, and words wholly in another script
 transliterated, and also, when every letter of such a word imitates a Latin one, read as
 that Latin; case, punctuation, accents, and legal
-forms such as *Ltd*, *LLC*, *GmbH*, *OOO*, *Co.* are dropped), then compared with
+forms such as *Ltd*, *LLC* or *L.L.C.*, *GmbH*, *OOO*, *Co.*, *Limited Liability Company*
+are dropped), then compared with
 ``token_sort_ratio`` so word order and small spelling or transliteration differences
 (*Sergey*/*Sergei*) still match; names are also compared with spaces removed
 (*Zhongguancun* / *Zhong Guan Cun*). A person listed with a middle name or patronymic also
@@ -48,7 +49,21 @@ LEGAL_FORMS = frozenset([
     "joint", "stock",
     "bv", "nv", "srl", "spa", "pte", "pvt", "llp", "lp", "sarl", "sas", "kg", "ug", "oy",
     "ab", "as", "aps", "kk", "the", "of", "and", "group", "holding", "holdings",
+    "ao", "tov", "ou", "ltda", "pty", "mbh", "aktiengesellschaft", "sro", "doo", "kft",
+    "zrt", "fze", "fzc", "fzco", "fzllc", "bhd", "sdn",
 ])
+# Legal forms of several words whose words are not legal forms alone (a name may hold
+# "open", "public" or "state"). Lists name many entities "LIMITED LIABILITY COMPANY X"
+# or "PUBLIC JOINT STOCK COMPANY X"; "liability" or "public" left in the name kept
+# "X LLC" under the threshold.
+LEGAL_PHRASES: tuple[tuple[str, ...], ...] = (
+    ("gesellschaft", "mit", "beschrankter", "haftung"),
+    ("federal", "state", "unitary", "enterprise"), ("state", "unitary", "enterprise"),
+    ("open", "joint", "stock"), ("closed", "joint", "stock"), ("public", "joint", "stock"),
+    ("private", "joint", "stock"), ("limited", "liability"), ("public", "limited"),
+    ("private", "limited"), ("societe", "anonyme"), ("sociedad", "anonima"),
+    ("sociedade", "anonima"), ("sp", "zoo"),
+)
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
 
@@ -99,8 +114,40 @@ def normalise(name: str, *, lookalikes: bool = False) -> str:
     name = _WORD.sub(lambda m: _in_latin(m.group(0), lookalikes), name)
     folded = unicodedata.normalize("NFKD", name)
     folded = "".join(c for c in folded if not unicodedata.combining(c)).lower()
-    words = [w for w in _NON_WORD.sub(" ", folded).split() if w not in LEGAL_FORMS]
-    return " ".join(words)
+    words = _drop_phrases(_join_letters(_NON_WORD.sub(" ", folded).split()))
+    return " ".join(w for w in words if w not in LEGAL_FORMS)
+
+
+def _join_letters(words: list[str]) -> list[str]:
+    """Runs of two or more one-letter words as one word: an abbreviation written with
+    dots (``L.L.C.``, ``S.A.``, ``O.O.O.``) is the legal form it spells, and a name
+    spelt out letter by letter (``R o s o b o r o n e x p o r t``) the name."""
+    out: list[str] = []
+    run: list[str] = []
+    for word in [*words, ""]:
+        if len(word) == 1:
+            run.append(word)
+            continue
+        out += ["".join(run)] if len(run) > 1 else run
+        run = []
+        if word:
+            out.append(word)
+    return out
+
+
+def _drop_phrases(words: list[str]) -> list[str]:
+    """``words`` without the legal forms of :data:`LEGAL_PHRASES`."""
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        for phrase in LEGAL_PHRASES:
+            if tuple(words[i:i + len(phrase)]) == phrase:
+                i += len(phrase)
+                break
+        else:
+            out.append(words[i])
+            i += 1
+    return out
 
 
 def readings(name: str) -> list[str]:
