@@ -153,3 +153,27 @@ def test_a_throttle_by_hand_takes_its_own_limits(cfg: str) -> None:
     assert "Invalid value for '--tpm'" in run(cfg, "policy", "apply", "acct_t", "--action",
                                               "throttle", "--reason", "abc", "--tpm", "-1",
                                               code=2)
+
+
+def test_a_dismissed_screening_match_is_not_reopened_when_the_lists_change(
+        cfg: str, tmp_path: Path) -> None:
+    """Every change of the lists (a daily download) screens every account again: each
+    match an analyst had dismissed opened a new item, the same false positives again."""
+    run(cfg, "accounts", "create", "acct_a", "--org", "Rosoboronexport")
+    run(cfg, "accounts", "create", "acct_b", "--org", "Acme Robotics")
+    assert "1 review item(s)" in run(cfg, "policy", "screen")
+    item = orjson.loads(run(cfg, "review", "list", "--json"))[0]
+    run(cfg, "review", "dismiss", item["item_id"], "--reason", "a namesake in Tula")
+    grown = {**LIST, "entries": [*LIST["entries"],
+                                 {"id": "x3", "name": "Example Arms Ltd", "source": "EL"}]}
+    (tmp_path / "list.json").write_bytes(orjson.dumps(grown))
+    assert "screened 2 account(s): 1 match(es), 0 review item(s)" in run(
+        cfg, "policy", "screen")
+    assert orjson.loads(run(cfg, "review", "list", "--json")) == []
+    # a new match of the same account is reviewed, with only the new evidence
+    grown["entries"].append({"id": "x4", "name": "Rosoboronexport", "source": "EL"})
+    (tmp_path / "list.json").write_bytes(orjson.dumps(grown))
+    assert "1 review item(s)" in run(cfg, "policy", "screen")
+    [fresh] = orjson.loads(run(cfg, "review", "list", "--json"))
+    assert fresh["subject"] == "acct_a" and len(fresh["evidence"]) == 1
+    assert "entry x4" in fresh["evidence"][0]

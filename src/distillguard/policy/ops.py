@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from distillguard.policy import actions as ladder
 from distillguard.policy.compiled import CompiledPolicy
 from distillguard.policy.document import LADDER, parse_duration
-from distillguard.policy.review import ReviewItem, decide_item, get_item, open_item
+from distillguard.policy.review import (
+    ReviewItem,
+    decide_item,
+    dismissed_evidence,
+    get_item,
+    open_item,
+)
 from distillguard.policy.schema import ensure_schema, now_ts
 from distillguard.store.sql import in_chunks
 
@@ -171,8 +177,14 @@ class PolicyOps:
                 for field, value in names:
                     matches += lists.match(value, threshold=cfg.threshold, field=field)
                 stats["screened"] += 1
+                stats["matches"] += len(matches)
                 if matches:
-                    stats["matches"] += len(matches)
+                    # A match dismissed before is not put to an analyst again each time
+                    # the lists change; a new entry, name or score is.
+                    seen = await dismissed_evidence(self.engine, kind="account",
+                                                    subject=account_id, source="screening")
+                    matches = [m for m in matches if m.evidence() not in seen]
+                if matches:
                     await open_item(self.engine, kind="account", subject=account_id,
                                     risk=max(m.score for m in matches) / 100.0,
                                     evidence=[m.evidence() for m in matches],

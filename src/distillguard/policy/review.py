@@ -116,6 +116,19 @@ async def open_item(engine: AsyncEngine, *, kind: str, subject: str, risk: float
     return item_id
 
 
+async def dismissed_evidence(engine: AsyncEngine, *, kind: str, subject: str,
+                             source: str) -> set[str]:
+    """Every piece of evidence of the dismissed items of ``(kind, subject, source)``: what
+    an analyst has already looked at and found to be nothing."""
+    await ensure_schema(engine)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT evidence FROM policy_review WHERE kind = :k AND subject = :s AND"
+            " source = :src AND status = 'dismissed'"),
+            {"k": kind, "s": subject, "src": source})).all()
+    return {str(e) for (raw,) in rows for e in orjson.loads(raw or "[]")}
+
+
 async def get_item(engine: AsyncEngine, item_id: str) -> ReviewItem | None:
     await ensure_schema(engine)
     async with engine.connect() as conn:
