@@ -298,3 +298,18 @@ def test_a_reload_with_a_bad_hosting_network_keeps_the_running_policy(tmp_path: 
     with pytest.raises(ConfigError, match="hosting_cidrs"):
         holder.reload()
     assert holder.current is running and holder.generation == 1
+
+
+def test_an_empty_policy_file_is_refused_and_a_reload_keeps_the_rules(tmp_path: Path) -> None:
+    """A file caught empty while it was being written again was read as the defaults:
+    a reload at that moment dropped every rule, the embargo included."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(rule("embargo", {"country": ["KP"]})))
+    holder = PolicyHolder(path)
+    for empty in ("", "# being rewritten\n"):
+        path.write_text(empty)
+        with pytest.raises(ConfigError, match="is empty"):
+            holder.reload()
+        assert [r.name for r in holder.current.rules] == ["embargo"]
+    path.write_text("version: 1\n")
+    assert holder.reload().rules == ()

@@ -288,4 +288,9 @@ def load_document(path: str | Path | None) -> PolicyDocument:
         raise ConfigError(f"policy.file: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"policy file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        # A file caught empty (an editor or a deployment truncating it before writing it
+        # again) was read as the defaults, and a reload then dropped every rule.
+        raise ConfigError(f"policy file {path} is empty; write 'version: 1' for the "
+                          "defaults, or leave policy.file unset") from None
     return parse_document(raw, f"policy file {path}")
