@@ -177,3 +177,16 @@ def test_a_dismissed_screening_match_is_not_reopened_when_the_lists_change(
     [fresh] = orjson.loads(run(cfg, "review", "list", "--json"))
     assert fresh["subject"] == "acct_a" and len(fresh["evidence"]) == 1
     assert "entry x4" in fresh["evidence"][0]
+
+
+def test_a_change_of_the_matching_screens_accounts_again(
+        cfg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accounts were screened again only when their names or the lists changed, so
+    better matching never reached the accounts already screened."""
+    from distillguard.policy import screening
+
+    run(cfg, "accounts", "create", "acct_a", "--org", "Acme Robotics")
+    assert "screened 1 account(s)" in run(cfg, "policy", "screen")
+    assert "screened 0 account(s)" in run(cfg, "policy", "screen")
+    monkeypatch.setattr(screening, "MATCHING_VERSION", screening.MATCHING_VERSION + 1)
+    assert "screened 1 account(s)" in run(cfg, "policy", "screen")

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from distillguard.policy import actions as ladder
+from distillguard.policy import screening as matching
 from distillguard.policy.compiled import CompiledPolicy
 from distillguard.policy.document import LADDER, parse_duration
 from distillguard.policy.review import (
@@ -170,7 +171,8 @@ class PolicyOps:
                 values = {"org": org, **{k: v for k, v in extra.items() if isinstance(v, str)}}
                 names = [(f, str(values[f])) for f in cfg.fields if values.get(f)]
                 digest = hashlib.sha256(orjson.dumps(
-                    [lists.digest, cfg.threshold, names])).hexdigest()[:24]
+                    [lists.digest, cfg.threshold, names, matching.MATCHING_VERSION])
+                ).hexdigest()[:24]
                 if digest == old_digest and not force:
                     continue
                 matches = []

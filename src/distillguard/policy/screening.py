@@ -65,6 +65,9 @@ LEGAL_PHRASES: tuple[tuple[str, ...], ...] = (
     ("sociedade", "anonima"), ("sp", "zoo"),
 )
 _NON_WORD = re.compile(r"[^0-9a-z]+")
+# Changed whenever normalising or scoring changes what matches: accounts screened before
+# are screened again with the new matching (their digest in policy_screened holds it).
+MATCHING_VERSION = 2
 
 
 @lru_cache(maxsize=8192)
