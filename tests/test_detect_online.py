@@ -31,14 +31,14 @@ from distillguard.detect.calibration import Calibration
 from distillguard.detect.online import DetectionStage, create_tables, write_verdicts
 from distillguard.detect.reader import iter_sorted_lines
 from distillguard.detect.settings import DetectSettings, StreamSettings
-from distillguard.detect.stream import Follower, decode
+from distillguard.detect.stream import Follower, decode, encode
 from distillguard.detect.worker import DetectorProcess
 from distillguard.exchange import Exchange
 from distillguard.serve import StackThread
 from distillguard.store.sql import async_url
 from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 from tests.detectworld import TICK, World, batch_verdicts, import_accounts, make_world, samples
-from tests.factories import ADMIN_TOKEN, StderrLines, make_settings, start_stack
+from tests.factories import ADMIN_TOKEN, StderrLines, make_features, make_settings, start_stack
 from tests.tcp_proxy import CuttableProxy
 
 
@@ -171,7 +171,10 @@ def test_one_follower_detects_over_every_replica(
     """Two replicas' stages (runs_in: follower) take alternate exchanges and add their
     features to the Redis stream; `distillguard detect follow` reads it and writes the
     verdicts the batch path gives on the whole trace. An entry that is not one of theirs
-    (here a pickle) is skipped and logged, not run."""
+    (here a pickle) is skipped and logged, not run; so are entries with a time the
+    detector must not take: before 1970 (it ended the detector process, whose sketches
+    started again empty), or an hour ahead of when Redis added them (the detector's
+    clock would have jumped, and no evaluation come until the end)."""
     url = f"sqlite:///{tmp_path / 'state.sqlite'}"
     stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
     lines = [x for block in iter_sorted_lines(world[0]) for x in block]
@@ -183,8 +186,11 @@ def test_one_follower_detects_over_every_replica(
         for n, line in enumerate(lines):
             await replicas[n % 2].on_exchange(Exchange.from_trace(orjson.loads(line)))
             if n == len(lines) // 2:
-                await replicas[0].runner.redis.xadd(    # type: ignore[attr-defined]
-                    stream.name, {"v": b"1", "f": __import__("pickle").dumps(object)})
+                redis = replicas[0].runner.redis    # type: ignore[attr-defined]
+                await redis.xadd(stream.name,
+                                 {"v": b"1", "f": __import__("pickle").dumps(object)})
+                for ts in (time.time() + 3_600, -60.0):
+                    await redis.xadd(stream.name, encode(make_features("acct_forged", ts)))
         for replica in replicas:
             await replica.close()
         return replicas
@@ -192,7 +198,7 @@ def test_one_follower_detects_over_every_replica(
     replicas = asyncio.run(publish())
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        assert client.xlen(stream.name) == sum(r.fed for r in replicas) + 1
+        assert client.xlen(stream.name) == sum(r.fed for r in replicas) + 3
         assert all(r.fed > 0 and r.runner.dropped == 0 for r in replicas)
         assert all(r.runner.stats == {} and r.written == 0 for r in replicas)
         config = tmp_path / "follower.yaml"
@@ -204,7 +210,7 @@ def test_one_follower_detects_over_every_replica(
             result = CliRunner().invoke(main, ["-c", str(config), "detect", "follow",
                                                "--idle-exit", "1"])
         assert result.exit_code == 0, result.output
-        assert f"followed {sum(r.fed for r in replicas):,} exchanges (1 bad" in result.output
+        assert f"followed {sum(r.fed for r in replicas):,} exchanges (3 bad" in result.output
         assert any("skipped detector stream entry" in r.getMessage() for r in caplog.records)
     finally:
         client.delete(stream.name)

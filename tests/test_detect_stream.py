@@ -36,6 +36,8 @@ def _entry(values: list[object]) -> dict[bytes, bytes]:
     (lambda e: {**e, b"f": b"{}"}, "expected a list"),
     (lambda e: _entry(orjson.loads(e[b"f"])[:-1]), "expected a list"),
     (lambda e: _entry(["x", "acct_a", "noon", *orjson.loads(e[b"f"])[3:]]), "bad ts"),
+    (lambda e: _entry(["x", "acct_a", -1.0, *orjson.loads(e[b"f"])[3:]]), "bad ts"),
+    (lambda e: _entry(["x", "acct_a", 1e300, *orjson.loads(e[b"f"])[3:]]), "bad ts"),
     (lambda e: _entry([*orjson.loads(e[b"f"])[:3], [-1], *orjson.loads(e[b"f"])[4:]]),
      "bad template_keys"),
     (lambda e: _entry([*orjson.loads(e[b"f"])[:5], 1, *orjson.loads(e[b"f"])[6:]]),

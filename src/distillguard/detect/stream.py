@@ -12,7 +12,9 @@ the verdicts to the state store that every replica's policy reads.
 Entries are JSON, ``{"v": "1", "f": "[...]"}`` with the fields of
 :class:`~distillguard.detect.features.ExchangeFeatures` in order, never pickles: whoever
 can write to the stream must not be able to run code in the follower. An entry that does
-not decode is skipped, logged and counted.
+not decode is skipped, logged and counted, and so is one whose exchange time is more than
+``MAX_AHEAD_S`` ahead of the moment Redis added it (its entry id): the detector's clock
+is the data's, and one such entry would hold back every evaluation until that time.
 
 The follower starts from the oldest entry the stream keeps (or, with ``--from-now``,
 after the newest), so a follower started again rebuilds its sketches from the traffic
@@ -68,6 +70,15 @@ STREAM_RETRY_S = 1.0
 # runs out in Redis only later, so a follower that can no longer reach Redis stops
 # writing before any other can take over, whatever the delays on the way.
 LEASE_TRUST = 0.8
+# The times an entry's exchange may have: from the epoch to the last second
+# datetime (and so the verdict tables' timestamps) can hold. The detector takes nothing
+# else (a negative time ended its process).
+MAX_TS = 253_402_300_799.0
+# How far an exchange's time may be ahead of the moment Redis added its entry (the
+# entry id's milliseconds), seconds. The detector's clock is the data's: one entry from
+# a replica whose clock runs far ahead, or forged, would move its next evaluation (and
+# every later one) that far into the future, and the verdict tables' times with it.
+MAX_AHEAD_S = 60.0
 
 _FIELDS = fields(ExchangeFeatures)
 
@@ -82,6 +93,10 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _is_ts(value: object) -> bool:
+    return _is_number(value) and 0.0 <= value <= MAX_TS  # type: ignore[operator]
 
 
 def _is_str(value: object) -> bool:
@@ -102,7 +117,7 @@ def _is_keys(value: object) -> bool:
 
 # What each field of an entry must be, in the dataclass's order.
 _CHECKS: dict[str, Callable[[object], bool]] = {
-    "exchange_id": _is_str, "account_id": _is_str, "ts": _is_number,
+    "exchange_id": _is_str, "account_id": _is_str, "ts": _is_ts,
     "template_keys": _is_keys, "simhash": _is_u64, "reasoning": _is_bool,
     "rubric": _is_bool, "tool_use": _is_bool, "category": _is_int, "depth": _is_int,
     "max_tokens": _is_int, "n": _is_int, "logprobs": _is_bool,
@@ -313,7 +328,8 @@ class FollowerMetrics(Collector):
         yield CounterMetricFamily("distillguard_detector_stream_read",
                                   "Stream entries the follower has read", value=f.read + f.bad)
         yield CounterMetricFamily("distillguard_detector_stream_bad_entries",
-                                  "Stream entries skipped because they did not decode",
+                                  "Stream entries skipped because they did not decode "
+                                  "or their time was ahead of when Redis added them",
                                   value=f.bad)
         yield CounterMetricFamily("distillguard_detector_stream_missed",
                                   "Stream entries trimmed away before the follower read "
@@ -548,6 +564,13 @@ class Follower:
         except ValueError as exc:
             self.bad += 1
             log.warning("skipped detector stream entry %s: %s", entry_id.decode(), exc)
+            return
+        ahead = features.ts - _id_ms(entry_id) / 1000.0
+        if ahead > MAX_AHEAD_S:
+            self.bad += 1
+            log.warning("skipped detector stream entry %s: its exchange's time is %.0f s "
+                        "ahead of when Redis added it (a replica's clock, or a forged "
+                        "entry)", entry_id.decode(), ahead)
             return
         self.read += 1
         await self.stage.on_features(features)
