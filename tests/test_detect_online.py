@@ -744,6 +744,34 @@ def test_changes_that_could_not_be_written_wait_for_the_next_write(
     _assert_batch_verdicts(*asyncio.run(_tables_verdicts(url, batch)), batch)
 
 
+async def _a_stale_campaign_write(url: str) -> tuple[float, str]:
+    """A campaign written at one evaluation, then its row of an earlier evaluation (a
+    follower whose lease ran out during its write, or a standby behind the stream that
+    takes over): the risk and time the table keeps."""
+    stage = DetectionStage(url, Calibration.read())
+    await stage.start()
+    assert stage.engine is not None
+    at = 1_772_000_000.0
+    campaign = CampaignVerdict("c-1", accounts=["acct_a", "acct_b"], risk=0.9,
+                               evidence=["2 linked accounts"],
+                               detected_at=datetime.fromtimestamp(at, UTC))
+    older = CampaignVerdict("c-1", accounts=["acct_a"], risk=0.6, evidence=["earlier"],
+                            detected_at=datetime.fromtimestamp(at, UTC))
+    await write_verdicts(stage.engine, [], [(campaign, at + 600)])
+    await write_verdicts(stage.engine, [], [(older, at)])
+    async with stage.engine.connect() as conn:
+        row = (await conn.execute(text(
+            "SELECT risk, updated_at FROM campaigns WHERE campaign_id = 'c-1'"))).one()
+    await stage.close()
+    return round(float(row[0]), 6), str(row[1])
+
+
+def test_a_campaign_row_is_not_set_back_by_an_older_evaluation(tmp_path: Path) -> None:
+    risk, updated_at = asyncio.run(_a_stale_campaign_write(
+        f"sqlite:///{tmp_path / 'state.sqlite'}"))
+    assert (risk, updated_at) == (0.9, "2026-02-25T06:23:20.000Z")
+
+
 @pytest.mark.postgres
 def test_verdict_tables_on_postgres(pg_url: str) -> None:
     async def go() -> None:
@@ -770,9 +798,12 @@ def test_verdict_tables_on_postgres(pg_url: str) -> None:
         assert campaign is not None and campaign.accounts == ["acct_a"]
         assert campaign.extra.get("status") == "open"
         assert (await reader.campaigns(after=None, limit=10))[0]["campaign_id"] == "c-1"
+        async with stage.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM campaigns WHERE campaign_id = 'c-1'"))
         await stage.close()
 
     asyncio.run(go())
+    assert asyncio.run(_a_stale_campaign_write(pg_url)) == (0.9, "2026-02-25T06:23:20.000Z")
 
 
 def test_gateway_runs_the_detection_stage(stack: StackThread,

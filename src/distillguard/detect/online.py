@@ -13,8 +13,8 @@ changed is written to the state store's database (SQLite or PostgreSQL, the engi
 :mod:`distillguard.store`) in two tables that policy and the dashboard read:
 
 * ``campaigns(campaign_id PK, risk, detected_at, evidence JSON, accounts JSON, status,
-  updated_at)``: one row per campaign, updated in place (``status`` is set to ``open``
-  when the campaign is created and then left to analysts);
+  updated_at)``: one row per campaign, updated in place by later evaluations only
+  (``status`` is set to ``open`` when the campaign is created and then left to analysts);
 * ``account_verdicts(account_id, risk, flagged, campaign_id, first_flagged_at,
   exchanges_before_flag, reasons JSON, updated_at, PK (account_id, updated_at))``: a row
   each time an account's verdict changes; the latest row is current.
@@ -77,12 +77,15 @@ _UPSERT_ACCOUNT = text(
     " flagged = excluded.flagged, campaign_id = excluded.campaign_id,"
     " first_flagged_at = excluded.first_flagged_at,"
     " exchanges_before_flag = excluded.exchanges_before_flag, reasons = excluded.reasons")
+# A campaign has one row: a write of an earlier evaluation's (a follower whose lease ran
+# out while it wrote, a standby still behind the stream when it takes over) leaves a
+# later one as it is. Timestamps of one format compare as text.
 _UPSERT_CAMPAIGN = text(
     "INSERT INTO campaigns (campaign_id, risk, detected_at, evidence, accounts, status,"
     " updated_at) VALUES (:campaign_id, :risk, :detected_at, :evidence, :accounts, 'open',"
     " :updated_at) ON CONFLICT (campaign_id) DO UPDATE SET risk = excluded.risk,"
     " evidence = excluded.evidence, accounts = excluded.accounts,"
-    " updated_at = excluded.updated_at")
+    " updated_at = excluded.updated_at WHERE campaigns.updated_at <= excluded.updated_at")
 
 
 def _json(value: Any) -> str:
