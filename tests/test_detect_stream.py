@@ -186,3 +186,52 @@ def test_a_follower_says_what_the_stream_trimmed_before_it_read_it(
     assert read == 50 + kept and follower.bad == 0
     warned = [r.getMessage() for r in caplog.records if "trimmed past" in r.getMessage()]
     assert len(warned) == 1 and f"{follower.missed} entries it had not read" in warned[0]
+
+
+@pytest.mark.redis
+def test_an_entry_added_again_after_a_lost_reply_is_taken_once(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """Redis adds a replica's entry but its reply does not come back in time: the
+    replica keeps the entry and adds it again with the next one. The follower takes
+    each exchange once and counts the copy."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from distillguard.detect.calibration import Calibration
+    from distillguard.detect.online import DetectionStage
+    from distillguard.detect.settings import DetectSettings, StreamSettings
+    from distillguard.detect.stream import Follower
+
+    url = f"sqlite:///{tmp_path / 'state.sqlite'}"
+    stream = StreamSettings(url=redis_url, name=f"{redis_prefix}:features")
+
+    async def go() -> Follower:
+        replica = DetectionStage(url, Calibration.read(), runs_in="follower", stream=stream)
+        redis = replica.runner.redis      # type: ignore[attr-defined]
+        xadd = redis.xadd
+
+        async def added_but_no_reply(*args: object, **kwargs: object) -> object:
+            await xadd(*args, **kwargs)
+            redis.xadd = xadd
+            raise RedisTimeout("Timeout reading from socket")
+
+        redis.xadd = added_but_no_reply
+        await replica.on_features(make_features("acct_a", 1_772_000_000.0))
+        assert len(replica.runner.waiting) == 1      # type: ignore[attr-defined]
+        replica.runner._retry_at = 0.0                # type: ignore[attr-defined]
+        await replica.on_features(make_features("acct_a", 1_772_000_001.0))
+        await replica.close()
+        follower = Follower(url, DetectSettings(runs_in="follower", stream=stream))
+        await follower.run(idle_exit_s=0.5)
+        return follower
+
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        follower = asyncio.run(go())
+        assert client.xlen(stream.name) == 3
+    finally:
+        client.delete(stream.name, f"{stream.name}:leader")
+        client.close()
+    assert follower.stage.fed == 2 and follower.bad == 0
+    assert (follower.read, follower.duplicates) == (2, 1)

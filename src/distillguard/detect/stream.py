@@ -10,7 +10,9 @@ exchange's features as before but add them to a Redis stream (``XADD``, trimmed 
 the verdicts to the state store that every replica's policy reads.
 
 Entries are JSON, ``{"v": "1", "f": "[...]"}`` with the fields of
-:class:`~distillguard.detect.features.ExchangeFeatures` in order, never pickles: whoever
+:class:`~distillguard.detect.features.ExchangeFeatures` in order (and ``p``, ``s``: the
+replica's publisher id and the entry's number there, by which the follower skips an
+entry a replica added again after a lost reply), never pickles: whoever
 can write to the stream must not be able to run code in the follower. An entry that does
 not decode is skipped, logged and counted, and so is one whose exchange time is more than
 ``MAX_AHEAD_S`` ahead of the moment Redis added it (its entry id): the detector's clock
@@ -41,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -179,6 +182,10 @@ class StreamPublisher:
         assert settings.url, "parse_settings makes sure of it"
         self.settings = settings
         self.redis = _client(settings.url)
+        # Each entry says which publisher added it and its number there, so the follower
+        # skips the second copy of an entry this publisher sent again (see _send).
+        self.publisher_id = os.urandom(8).hex().encode()
+        self.sequence = 0
         self.published = 0
         self.dropped = 0
         self.waiting: deque[dict[str, bytes]] = deque()
@@ -197,7 +204,9 @@ class StreamPublisher:
         """Not sent: the follower reads account records from the state store."""
 
     async def observe(self, features: ExchangeFeatures) -> None:
-        self.waiting.append(encode(features))
+        self.sequence += 1
+        self.waiting.append({**encode(features), "p": self.publisher_id,
+                             "s": str(self.sequence).encode()})
         if len(self.waiting) > self.settings.buffer:
             self.waiting.popleft()
             self.dropped += 1
@@ -206,7 +215,9 @@ class StreamPublisher:
         await self._send()
 
     async def _send(self) -> None:
-        """Add every waiting entry, in order, in one round trip."""
+        """Add every waiting entry, in order, in one round trip. A failure may come after
+        Redis added some or all of them (a reply lost or too late): they are sent again,
+        and the follower skips the copies by their publisher and number."""
         from redis.exceptions import RedisError
 
         entries = list(self.waiting)
@@ -331,6 +342,10 @@ class FollowerMetrics(Collector):
                                   "Stream entries skipped because they did not decode "
                                   "or their time was ahead of when Redis added them",
                                   value=f.bad)
+        yield CounterMetricFamily("distillguard_detector_stream_duplicates",
+                                  "Copies of stream entries skipped (a replica added again "
+                                  "what Redis had taken, its reply lost)",
+                                  value=f.duplicates)
         yield CounterMetricFamily("distillguard_detector_stream_missed",
                                   "Stream entries trimmed away before the follower read "
                                   "them (its verdicts miss those exchanges)",
@@ -373,6 +388,10 @@ class Follower:
         self._was_leading: bool | None = None
         self.read = 0
         self.bad = 0
+        # Copies of entries skipped (a replica sent again what Redis had added, its reply
+        # lost), and each publisher's last entry number read.
+        self.duplicates = 0
+        self._sequences: dict[bytes, int] = {}
         # Entries trimmed before this follower read them (see _count_missed), and how
         # many of the stream's entries were never this follower's to read (None: this
         # Redis does not say how many entries it was ever given, before 7.0).
@@ -572,5 +591,11 @@ class Follower:
                         "ahead of when Redis added it (a replica's clock, or a forged "
                         "entry)", entry_id.decode(), ahead)
             return
+        publisher, number = entry.get(b"p"), entry.get(b"s")
+        if publisher is not None and number is not None and number.isdigit():
+            if int(number) <= self._sequences.get(publisher, 0):
+                self.duplicates += 1
+                return
+            self._sequences[publisher] = int(number)
         self.read += 1
         await self.stage.on_features(features)
