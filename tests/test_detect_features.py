@@ -121,6 +121,22 @@ def test_harvest_reads_the_larger_limit_and_sample_count() -> None:
     assert extract(ex).max_tokens == 0
 
 
+def test_a_huge_model_name_or_user_agent_is_held_bounded() -> None:
+    """A request's model and user agent went whole into sketches and onto the feature
+    stream: a megabyte of either per request, queued while Redis is away, could fill a
+    replica's memory. A long one is its start plus a digest of the whole, so two
+    different long strings stay apart and a normal one is as it was."""
+    ex = make_exchange("hi")
+    ex.model = "m" * 1_000_000
+    ex.user_agent = "ua/" + "x" * 1_000_000
+    other = make_exchange("hi")
+    other.model = "m" * 999_999 + "n"
+    f, g = extract(ex), extract(other)
+    assert len(f.model) <= 256 and len(f.user_agent) <= 256
+    assert f.model != g.model and f.model.startswith("mmm")
+    assert extract(make_exchange("hi")).user_agent == make_exchange("hi").user_agent
+
+
 def test_account_state_is_bounded() -> None:
     topk = TopK(4)
     for i in range(1000):

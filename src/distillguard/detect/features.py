@@ -27,6 +27,7 @@ What is computed:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,19 @@ def _text_features_many(texts: list[str]) -> list[TextFeatures]:
     return [text_features(t) for t in texts]
 
 
+# A client's model name and user agent are kept in sketches and sent on the feature
+# stream; a longer one is cut to its start plus a digest of the whole (still one value
+# per distinct string), so a request cannot make either hold megabytes.
+MAX_LABEL_CHARS = 256
+
+
+def bounded(text: str) -> str:
+    if len(text) <= MAX_LABEL_CHARS:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8)
+    return f"{text[:MAX_LABEL_CHARS - 20]}...#{digest.hexdigest()}"
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value) if value is not None else default
@@ -193,7 +207,7 @@ class Extractor:
             max(_int(req.get("n"), 1), _int(req.get("best_of"), 1)),
             bool(req.get("logprobs")), _float(req.get("temperature")),
             usage.prompt_tokens if usage else None, usage.completion_tokens if usage else 0,
-            ex.model or "", ex.user_agent or "",
+            bounded(ex.model or ""), bounded(ex.user_agent or ""),
             info.prefix if info and not info.private else None,
             info.asn_name if info else None, bool(info and info.hosting), ex.status))
 
