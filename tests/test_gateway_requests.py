@@ -11,25 +11,14 @@ from typing import Any
 import openai
 import pytest
 
-from tests.factories import make_settings, new_api_key, start_recorded_stack
-from tests.fault_upstream import FaultyUpstreamThread
 from tests.test_gateway_upstream_data import Upstreamed
 
 
 @pytest.fixture
 def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
-    with FaultyUpstreamThread() as upstream:
-        settings = make_settings(
-            tmp_path, upstream={"base_url": upstream.url},
-            limits={"tiers": {"standard": {"requests_per_minute": 1000,
-                                           "tokens_per_minute": 2000}}})
-        stack, recorder = start_recorded_stack(settings)
-        try:
-            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_r"), upstream)
-            yield gateway
-            gateway.admin.close()
-        finally:
-            stack.stop()
+    with Upstreamed.running(tmp_path, "acct_r", limits={"tiers": {"standard": {
+            "requests_per_minute": 1000, "tokens_per_minute": 2000}}}) as gateway:
+        yield gateway
 
 
 def _sent_upstream(gw: Upstreamed) -> bytes:

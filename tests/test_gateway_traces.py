@@ -27,6 +27,7 @@ from tests.factories import (
     make_account,
     make_exchange,
     make_settings,
+    new_api_key,
     start_stack,
 )
 
@@ -225,14 +226,11 @@ def test_several_choices_reach_the_client_and_the_record_whole(tmp_path: Path) -
     under its own index (streamed choices arrive interleaved)."""
     import openai
 
-    settings = make_settings(tmp_path, pipeline={"trace_path": str(tmp_path / "t.jsonl")})
-    stack = start_stack(settings)
+    stack = start_stack(make_settings(tmp_path, pipeline={
+        "trace_path": str(tmp_path / "t.jsonl")}))
     try:
-        admin = httpx.Client(base_url=stack.stack.admin_url,
-                             headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
-        admin.post("/admin/v1/accounts", json={"account_id": "nn"}).raise_for_status()
-        key = admin.post("/admin/v1/accounts/nn/keys", json={}).json()["key"]
-        client = openai.OpenAI(base_url=stack.stack.base_url, api_key=key, max_retries=0)
+        client = openai.OpenAI(base_url=stack.stack.base_url,
+                               api_key=new_api_key(stack, "nn"), max_retries=0)
         messages: Any = [{"role": "user", "content": "Name three primes."}]
         one = client.chat.completions.create(model="demo-chat-1", messages=messages)
         three = client.chat.completions.create(model="demo-chat-1", messages=messages, n=3)

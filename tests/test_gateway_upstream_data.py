@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,23 @@ class Upstreamed:
         self.upstream = upstream
         self.admin = httpx.Client(base_url=stack.stack.admin_url, timeout=10,
                                   headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    @classmethod
+    @contextmanager
+    def running(cls, tmp_path: Path, account_id: str, **settings: Any
+                ) -> Iterator[Upstreamed]:
+        """A gateway with ``settings`` in front of a faulty upstream, and a key of
+        ``account_id``, for the duration of the block."""
+        with FaultyUpstreamThread() as upstream:
+            options = make_settings(tmp_path, upstream={
+                "base_url": upstream.url, **settings.pop("upstream", {})}, **settings)
+            stack, recorder = start_recorded_stack(options)
+            try:
+                gateway = cls(stack, recorder, new_api_key(stack, account_id), upstream)
+                yield gateway
+                gateway.admin.close()
+            finally:
+                stack.stop()
 
     def post(self, body: dict[str, Any] | bytes) -> httpx.Response:
         content = body if isinstance(body, bytes) else orjson.dumps(body)
@@ -64,16 +82,9 @@ class Upstreamed:
 
 @pytest.fixture
 def upstreamed(tmp_path: Path) -> Iterator[Upstreamed]:
-    with FaultyUpstreamThread() as upstream:
-        settings = make_settings(tmp_path, upstream={"base_url": upstream.url,
-                                                     "max_response_bytes": 1024 * 1024})
-        stack, recorder = start_recorded_stack(settings)
-        try:
-            gateway = Upstreamed(stack, recorder, new_api_key(stack, "acct_u"), upstream)
-            yield gateway
-            gateway.admin.close()
-        finally:
-            stack.stop()
+    with Upstreamed.running(tmp_path, "acct_u",
+                            upstream={"max_response_bytes": 1024 * 1024}) as gateway:
+        yield gateway
 
 
 def chat(model: str) -> dict[str, Any]:
