@@ -178,6 +178,14 @@ def test_validation_names_the_option(tmp_path: Path) -> None:
     cases = [
         ({"rules": [{"name": "a", "when": {"country": ["XXX"]}, "deny": "x"}]},
          "rules.0.when.country"),
+        # two letters no country has were taken and never matched: "UK" for GB left the
+        # United Kingdom out of a rule that named it
+        ({"rules": [{"name": "a", "when": {"country": ["IR", "UK"]}, "deny": "x"}]},
+         "'UK' is not an ISO 3166-1 alpha-2 country code (the United Kingdom is GB)"),
+        ({"rules": [{"name": "a", "when": {"ip_country_not": ["EU"]}, "deny": "x"}]},
+         "rules.0.when.ip_country_not"),
+        ({"rules": [{"name": "a", "when": {"declared_country": ["QQ"]}, "deny": "x"}]},
+         "no country has it"),
         ({"rules": [{"name": "a", "deny": "x", "require_tier": "verified"}]},
          "give exactly one of deny, require_tier or degrade"),
         ({"rules": [{"name": "a", "require_tier": "gold"}]}, "unknown tier 'gold'"),

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import pycountry
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -53,12 +54,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# ISO 3166-1 alpha-2 (pycountry's copy of the standard), and XK, which the geo-IP
+# databases give Kosovo. Other two letters were taken and never matched: "UK" (the
+# databases say GB) left the United Kingdom out of a rule that named it.
+COUNTRY_CODES = frozenset(c.alpha_2 for c in pycountry.countries) | {"XK"}
+_NOT_CODES = {"UK": "the United Kingdom is GB", "EL": "Greece is GR",
+              "EU": "the European Union is no country; list its members' codes"}
+
+
 def _countries(value: list[str]) -> list[str]:
     out = []
     for code in value:
         if not isinstance(code, str) or not re.fullmatch(r"[A-Za-z]{2}", code):
             raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-2 country code")
-        out.append(code.upper())
+        upper = code.upper()
+        if upper not in COUNTRY_CODES:
+            hint = _NOT_CODES.get(upper, "no country has it")
+            raise ValueError(f"{code!r} is not an ISO 3166-1 alpha-2 country code ({hint})")
+        out.append(upper)
     return out
 
 
