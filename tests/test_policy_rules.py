@@ -88,6 +88,11 @@ def test_network_rules_hosting_asn_cidr_and_anonymizers(tmp_path: Path) -> None:
     assert code(judge(anon, ip=RU, base=tmp_path)[0]) == "access_denied"
     assert code(judge(anon, ip="185.220.101.77", base=tmp_path)[0]) == "access_denied"
     assert code(judge(anon, ip=GB, base=tmp_path)[0]) == "allowed"
+    # an empty list (a download caught half-way) switched the rule off without a word
+    for text in ("", "# Tor bulk exit list\nExitNode 0011BD2485AD45D984EC4159C88F\n"):
+        (tmp_path / "tor.txt").write_text(text)
+        with pytest.raises(ConfigError, match="tor.txt lists no address"):
+            judge(anon, ip=RU, base=tmp_path)
 
 
 def test_model_tier_and_require_tier_rules() -> None:

@@ -84,6 +84,10 @@ def read_network_file(path: str) -> list[str]:
             raise ConfigError(f"networks.anonymizer_files: {path} line {number}: "
                               f"{line!r} is not an IP address or network") from None
         out.append(line)
+    if not out:
+        # a list caught half-written (a cron download of the Tor exits) would switch the
+        # anonymizer rules off without a word; the running policy is kept on a reload
+        raise ConfigError(f"networks.anonymizer_files: {path} lists no address")
     return out
 
 
