@@ -550,3 +550,21 @@ def test_a_discovery_cannot_send_our_credentials_to_another_origin(
     assert result.exit_code == 2 and "another origin" in result.output, result.output
     assert all(host.startswith("127.0.0.1:") for host in behaviour["hosts"]), behaviour
     assert "localhost" in result.output
+
+
+def test_unknown_addresses_and_methods_get_taxii_errors(served: tuple[StackThread, Path]
+                                                        ) -> None:
+    """Starlette answered an unknown address under /taxii2 or a method a resource does
+    not take in plain text, which a TAXII client cannot read; both are TAXII error
+    bodies now, after authentication as everything else."""
+    running, _ = served
+    objects = f"{_root(running)}collections/{OUT}/objects/"
+    auth = ("globex", SECRET["globex"])
+    headers = {"accept": MEDIA}
+    r = httpx.get(f"{_root(running)}nothing-here/", auth=auth, headers=headers)
+    assert r.status_code == 404 and r.headers["content-type"].startswith(MEDIA), r.text
+    assert r.json()["http_status"] == "404"
+    r = httpx.delete(objects, auth=auth, headers=headers)
+    assert r.status_code == 405 and r.headers["content-type"].startswith(MEDIA), r.text
+    assert r.json()["http_status"] == "405" and "POST" in r.headers["allow"]
+    assert httpx.delete(objects, headers=headers).status_code == 401

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route, Router
+from starlette.routing import Match, Mount, Route, Router
 from starlette.types import Lifespan
 
 from distillguard.exchange import parse_ts
@@ -46,6 +46,9 @@ from distillguard.store.sql import lock_for_change
 MEDIA_TAXII = "application/taxii+json;version=2.1"
 Handler = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("distillguard.sharing")
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class TaxiiError(Exception):
@@ -111,7 +114,7 @@ class TaxiiServer:
         request's Host header (a forged Host redirected to another site)."""
         root = "/{api_root}"
         col = root + "/collections/{collection_id}"
-        return [Mount("/taxii2", app=Router(redirect_slashes=False, routes=[
+        self._served = [
             Route("/", self._wrap(self.discovery)),
             Route(root + "/", self._wrap(self.api_root)),
             Route(root + "/status/{status_id}/", self._wrap(self.status)),
@@ -122,7 +125,22 @@ class TaxiiServer:
             Route(col + "/objects/", self._wrap(self.add_objects), methods=["POST"]),
             Route(col + "/objects/{object_id}/", self._wrap(self.get_object)),
             Route(col + "/objects/{object_id}/versions/", self._wrap(self.versions)),
-        ]))]
+        ]
+        # Anything else under /taxii2 gets a TAXII error too (Starlette's own 404 and 405
+        # were plain text, which a TAXII client cannot read), after authentication.
+        unknown = Route("/{rest:path}", self._wrap(self.unknown), methods=list(_METHODS))
+        return [Mount("/taxii2", app=Router(redirect_slashes=False,
+                                            routes=[*self._served, unknown]))]
+
+    async def unknown(self, request: Request, partner: str) -> Response:
+        allowed = sorted({method for route in self._served
+                          if route.matches(request.scope)[0] is not Match.NONE
+                          for method in route.methods or ()})
+        if allowed:
+            raise TaxiiError(405, "Method Not Allowed",
+                             f"{request.method} is not served here; {', '.join(allowed)} is",
+                             headers={"allow": ", ".join(allowed)})
+        raise TaxiiError(404, "Not Found", "there is no TAXII resource at this address")
 
     def app(self, lifespan: Lifespan[Starlette] | None = None, *,
             failed_auth_per_minute: int = 10,
