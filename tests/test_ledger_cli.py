@@ -168,3 +168,19 @@ def test_provenance_reads_the_ledger_with_proofs(tmp_path: Path) -> None:
             assert result["entry"]["account_id"] == account["account_id"]
             checked += 1
     assert checked >= 3
+
+
+def test_verify_says_when_no_checkpoint_covers_anything(tmp_path: Path) -> None:
+    """With no signed checkpoint, every entry checked against the chain alone: `ok`
+    said nothing of the fact that a rewrite of every entry would verify as well."""
+    config, lc = _setup(tmp_path)
+    c = str(config)
+    assert _run("-c", c, "ledger", "keygen")[0] == 0
+    lg = Ledger(lc)
+    lg.append([entry.from_exchange(make_exchange("question"), Retention.FULL)])
+    lg.close()
+    code, out = _run("-c", c, "ledger", "verify")
+    assert code == 0 and "no signed checkpoint covers any entry" in out, out
+    assert _run("-c", c, "ledger", "checkpoint")[0] == 0
+    code, out = _run("-c", c, "ledger", "verify")
+    assert code == 0 and "no signed checkpoint" not in out, out

@@ -326,6 +326,11 @@ def verify(ctx: click.Context, key_paths: tuple[str, ...], retired_path: str | N
                        "when it reaches the store)", err=True)
         if source == BESIDE:
             click.echo("note: " + _beside_note(used))
+        if doc["entries"] and not doc["covered_by_checkpoint"]:
+            click.echo("note: no signed checkpoint covers any entry, so nothing here is "
+                       "protected yet: a rewrite of every entry would verify as well. Sign "
+                       "one (ledger checkpoint) and keep copies of checkpoints elsewhere "
+                       "(--checkpoint).")
         if report.ok:
             click.echo("ok")
         elif report.tampered:
