@@ -326,3 +326,29 @@ def test_an_empty_policy_file_is_refused_and_a_reload_keeps_the_rules(tmp_path: 
         assert [r.name for r in holder.current.rules] == ["embargo"]
     path.write_text("version: 1\n")
     assert holder.reload().rules == ()
+
+
+def test_a_rule_can_refuse_addresses_the_database_cannot_place() -> None:
+    """A public address the geo-IP database cannot place passes a deny-list of
+    countries (it is in none of them); ip_country_unknown names such addresses, so an
+    export rule can refuse them too. Private addresses and placed ones are not unknown."""
+    from distillguard.geoip import NetworkInfo
+    from distillguard.policy.jurisdiction import CompiledRule, RequestFacts
+    from distillguard.policy.networks import ClientNetwork
+
+    doc = parse_document({"rules": [{"name": "unplaced", "when": {"ip_country_unknown": True},
+                                     "deny": "We cannot tell where you are."}]})
+    (rule,) = [CompiledRule.build(r, {}) for r in doc.rules]
+
+    def facts(info: NetworkInfo) -> RequestFacts:
+        return RequestFacts(model="m", endpoint="/v1/chat/completions", tier="standard",
+                            tier_rank=1, declared_country="DE",
+                            network=ClientNetwork(info, anonymizer=False))
+
+    assert rule.matches(facts(NetworkInfo(ip="198.18.0.1")))          # public, unplaced
+    assert not rule.matches(facts(NetworkInfo(ip="81.2.69.142", country="GB")))
+    assert not rule.matches(facts(NetworkInfo(ip="10.0.0.1", private=True)))
+    placed = parse_document({"rules": [{"name": "p", "when": {"ip_country_unknown": False},
+                                        "deny": "x"}]})
+    assert CompiledRule.build(placed.rules[0], {}).matches(
+        facts(NetworkInfo(ip="81.2.69.142", country="GB")))

@@ -120,6 +120,8 @@ class Condition(_Model):
     ip_country_not: list[str] | None = None
     declared_country: list[str] | None = None
     declared_country_not: list[str] | None = None
+    # a public client address the geo-IP database cannot place (true), or can (false)
+    ip_country_unknown: bool | None = None
     hosting: bool | None = None
     anonymizer: bool | None = None
     networks: list[str] | None = None

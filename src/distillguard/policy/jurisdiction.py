@@ -70,6 +70,7 @@ class CompiledRule:
     ip_country_not: frozenset[str] | None
     declared_country: frozenset[str] | None
     declared_country_not: frozenset[str] | None
+    ip_country_unknown: bool | None
     hosting: bool | None
     anonymizer: bool | None
     networks: NetworkSet | None
@@ -93,6 +94,7 @@ class CompiledRule:
             ip_country=fs(w.ip_country), ip_country_not=fs(w.ip_country_not),
             declared_country=fs(w.declared_country),
             declared_country_not=fs(w.declared_country_not),
+            ip_country_unknown=w.ip_country_unknown,
             hosting=w.hosting, anonymizer=w.anonymizer,
             networks=NetworkSet(w.networks) if w.networks is not None else None,
             asn_name=tuple(a.lower() for a in w.asn_name) if w.asn_name is not None else None,
@@ -123,6 +125,9 @@ class CompiledRule:
             return False
         if self.declared_country_not is not None and not _outside(
                 f.declared_country, self.declared_country_not):
+            return False
+        if self.ip_country_unknown is not None and self.ip_country_unknown != (
+                not f.ip_private and f.ip_country is None):
             return False
         if self.hosting is not None and f.network.info.hosting != self.hosting:
             return False
