@@ -183,3 +183,20 @@ def test_simulated_campaign_harvest_attributed(tmp_path: Path) -> None:
     right = [suspect[line - 1][0] in {m["account_id"] for m in it["matches"]}
              for line, it in matched.items() if suspect[line - 1][0]]
     assert sum(right) >= 0.95 * len(right)
+
+
+def test_every_fingerprint_variant_is_folded_for_matching() -> None:
+    # Two accounts' copies of one answer differ only in their variant forms; the
+    # look-up must see them as one text, multi-word pairs ("for example" / "for
+    # instance") included, or containment and the tie between accounts depend on marks.
+    from distillguard.countermeasures.variants import PAIRS
+    from distillguard.provenance.minhash import shingles, words
+
+    for a, b, _guarded in PAIRS:
+        assert words(f"and {a} here") == words(f"and {b} here"), (a, b)
+    fp = Fingerprinter(SECRET)
+    text = ("For example, we often use lots of salt so as to cure it, rather than sugar. "
+            "It is usually done in order to keep it, for instance in winter. ") * 3
+    copies = {fp.mark(text, f"acct_{k}") for k in range(12)}
+    assert len(copies) > 1
+    assert len({shingles(c).tobytes() for c in copies}) == 1

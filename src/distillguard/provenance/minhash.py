@@ -35,16 +35,28 @@ _WORD_IDS: dict[str, int] = {}
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # List markers a reformatter adds or removes at line starts ("1)", "2.", "-", "*", "(3)")
 _LIST_MARKERS = re.compile(r"(?m)^[ \t]*(?:(?:[-*+\u2022]|\(?\d{1,3}[.)])[ \t]+)+")
+# Contractions with the apostrophe lost fold too ("dont"), except where that spelling is
+# a word of another form: "were" is not "we're" ("were not" / "weren't" must agree).
+_FORM_WORDS = {w for form in FORMS for w in form.split()}
 _FOLD = {form.replace("'", ""): PAIRS[pair][0] for form, (pair, _i) in FORMS.items()
-         if " " not in form}
+         if " " not in form and form.replace("'", "") not in _FORM_WORDS}
 _FOLD.update({form: PAIRS[pair][0] for form, (pair, _i) in FORMS.items() if " " not in form})
+# Second forms of several words ("for instance", "so as to", "lots of"), matched on the
+# words joined by single spaces after the one-word folding above.
+_PHRASES = {b: a for a, b, _g in PAIRS if " " in b}
+_PHRASE_RE = re.compile(
+    r"(?<!\S)(?:" + "|".join(re.escape(f) for f in sorted(_PHRASES, key=len, reverse=True))
+    + r")(?!\S)")
 _EMPTY = np.zeros(0, dtype=np.uint64)
 
 
 def words(text: str, *, fold: bool = True) -> list[str]:
     text = _LIST_MARKERS.sub("", text)
     raw = _WORD.findall(text.lower().replace("\u2019", "'"))
-    return " ".join(_FOLD.get(w, w) for w in raw).split() if fold else raw
+    if not fold:
+        return raw
+    joined = " ".join(_FOLD.get(w, w) for w in raw)
+    return _PHRASE_RE.sub(lambda m: _PHRASES[m.group(0)], joined).split()
 
 
 def _word_ids(w: list[str]) -> np.ndarray:
