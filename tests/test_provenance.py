@@ -19,6 +19,7 @@ from distillguard.traceio import write_jsonl, write_trace
 from tests.leakworld import (
     SECRET,
     World,
+    answer_pool,
     build_world,
     excerpt,
     paraphrase,
@@ -200,3 +201,24 @@ def test_every_fingerprint_variant_is_folded_for_matching() -> None:
     copies = {fp.mark(text, f"acct_{k}") for k in range(12)}
     assert len(copies) > 1
     assert len({shingles(c).tobytes() for c in copies}) == 1
+
+
+def test_fingerprint_score_is_not_chosen_by_the_wording_it_tests() -> None:
+    # Two accounts asked the same questions; the leak is the answers as generated (it went
+    # through neither). The wording tie-break hands each account the items whose wording
+    # happens to agree with its copy: scoring the fingerprint on just those items would
+    # confirm whichever account it picked. Scored on every item the account matched as
+    # well as anyone else, the key is a coin flip again.
+    from distillguard.provenance.suspect import SuspectItem
+    from tests.factories import make_exchange
+
+    fp = Fingerprinter(SECRET)
+    pool = [a for _, a in answer_pool()][:300]
+    exchanges = [make_exchange(account_id=acct, answer=fp.mark(t, acct))
+                 for acct in ("acct_a", "acct_b") for t in pool]
+    index = ProvenanceIndex([SuspectItem(i + 1, "", t) for i, t in enumerate(pool)])
+    report = build_report(index, index.scan(exchanges, progress=False), fingerprinter=fp)
+    scores = {r["account_id"]: r["fingerprint"] for r in report["accounts"]}
+    assert scores  # both are named on wording ties: see docs/provenance.md
+    for score in scores.values():
+        assert score["slots"] > 60 and score["p_value"] > 0.05

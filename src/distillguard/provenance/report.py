@@ -7,8 +7,9 @@ least ``min_items`` items are explained by that account alone: one coincidental 
 never names an account, nor does receiving the same answers as a harvesting account (an
 evaluation runner asking the same benchmark questions). Every other account with
 matches is listed under ``incidental`` with its (shared) share. When a fingerprint key is given,
-each named account also gets the fingerprint score of the items credited to it: an
-independent check that the text was delivered to that account.
+each named account also gets the fingerprint score of the items it matched as well as any
+other account (before the wording tie-break, which would select items for agreeing with
+that account's marks): an independent check that the text was delivered to that account.
 
 Report format (version 1): see docs/provenance.md.
 """
@@ -34,14 +35,22 @@ class AttributionRule:
     tie: float = 0.05
 
 
-def best_matches(matches: Sequence[Match], tie: float) -> dict[int, list[Match]]:
+def near_matches(matches: Sequence[Match], tie: float) -> dict[int, list[Match]]:
+    """Each item's matches within ``tie`` of its best containment. Containment is taken
+    on folded text, so which accounts are here does not depend on fingerprint wording."""
     by_item: dict[int, list[Match]] = defaultdict(list)
     for m in matches:
         by_item[m.item].append(m)
     out = {}
     for item, ms in by_item.items():
         top = max(m.containment for m in ms)
-        near = [m for m in ms if m.containment >= top - tie]
+        out[item] = [m for m in ms if m.containment >= top - tie]
+    return out
+
+
+def best_matches(matches: Sequence[Match], tie: float) -> dict[int, list[Match]]:
+    out = {}
+    for item, near in near_matches(matches, tie).items():
         # Copies of one answer delivered to several accounts differ in their fingerprint
         # variants: the copy whose exact wording the item carries wins.
         top_exact = max(m.exact for m in near)
@@ -58,15 +67,20 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
     had no response to look for (counted, the first few named)."""
     rule = rule or AttributionRule()
     best = best_matches(matches, rule.tie)
+    # The fingerprint is scored on every item an account matched as well as any other,
+    # before the wording tie-break: the items the tie-break credits were picked because
+    # their wording agrees with that account's copy, which is what the score measures.
+    scored_items: dict[str, list[int]] = defaultdict(list)
+    for item, ms in near_matches(matches, rule.tie).items():
+        for account in sorted({m.account_id or "(unknown)" for m in ms}):
+            scored_items[account].append(item)
     credit: dict[str, float] = defaultdict(float)
     evidence: dict[str, list[Match]] = defaultdict(list)
-    credited_items: dict[str, list[int]] = defaultdict(list)
     unique: dict[str, int] = defaultdict(int)
-    for item, ms in best.items():
+    for ms in best.values():
         accounts = sorted({m.account_id or "(unknown)" for m in ms})
         for account in accounts:
             credit[account] += 1 / len(accounts)
-            credited_items[account].append(item)
         if len(accounts) == 1:
             unique[accounts[0]] += 1
         for m in ms:
@@ -88,8 +102,9 @@ def build_report(index: ProvenanceIndex, matches: Sequence[Match], *,
             continue
         row["evidence"] = [_match_dict(index, m) for m in evidence[account][:EVIDENCE_PER_ACCOUNT]]
         if fingerprinter is not None:
-            texts = [index.items[i].response for i in credited_items[account]]
-            row["fingerprint"] = fingerprinter.score_account(texts, account).to_dict()
+            texts = [index.items[i].response for i in scored_items[account]]
+            row["fingerprint"] = {**fingerprinter.score_account(texts, account).to_dict(),
+                                  "items": len(texts)}
         named.append(row)
     stats = index.stats
     return {
