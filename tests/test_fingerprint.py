@@ -3,6 +3,7 @@ and the model test against simulated students. Texts are real answers (shared/da
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import defaultdict
 
@@ -184,3 +185,28 @@ def test_cli_trace_and_model_test(pool: list[str], tmp_path) -> None:  # type: i
     run = CliRunner().invoke(main, ["--config", str(no_secret), "fingerprint", "trace",
                                     str(leak), "--account=a"], env={})
     assert run.exit_code != 0 and "no fingerprint secret" in run.output
+
+
+def test_structured_output_is_never_fingerprinted() -> None:
+    # A JSON answer's values can be enum members or exact strings: "large" must not
+    # become "big" whatever the key says, asked for with response_format or not.
+    from distillguard.countermeasures.filter import CountermeasureFilter
+    from distillguard.countermeasures.settings import parse_settings
+    from tests.factories import make_exchange
+
+    flt = CountermeasureFilter(parse_settings({"reasoning": {"default": "pass"}}), fp)
+    answer = ('{\n  "size": "large",\n  "note": "It is often used. We do not know why",\n'
+              '  "tags": ["usually", "for example"]\n}')
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": "stop"}]}
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        for k in range(16):
+            ex = make_exchange(account_id=f"acct_{k}", response_format=fmt)
+            ex.annotations["degrade"] = {"fingerprint": True}
+            assert flt.plan(ex).fingerprint_key is None
+            out = flt.filter_body(ex, copy.deepcopy(body))
+            assert out["choices"][0]["message"]["content"] == answer
+    # the same JSON written into an ordinary answer: its members are left alone too
+    for k in range(16):
+        assert '"size": "large",' in fp.mark(answer, f"acct_{k}")

@@ -50,6 +50,14 @@ class Plan:
                 or self.leak is LeakAction.STRIP)
 
 
+def asks_for_json(request: Any) -> bool:
+    """Whether the request asked for structured output (``response_format`` JSON): the
+    answer is data, whose strings may be enum members or exact values, and is never
+    fingerprinted."""
+    fmt = request.get("response_format") if isinstance(request, dict) else None
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+
+
 def drop_logprobs(plan: Plan, choice: dict[str, Any]) -> None:
     """Null a choice's ``logprobs`` when ``plan`` rewrites answers (:attr:`Plan.rewrites`);
     the key stays, as OpenAI sends it when none were asked for."""
@@ -116,7 +124,7 @@ class CountermeasureFilter:
         fs = self.settings.fingerprint
         forced = isinstance(degrade, dict) and bool(degrade.get("fingerprint"))
         if (self.fingerprinter is not None and exchange.account_id
-                and (tier in fs.tiers or forced)):
+                and (tier in fs.tiers or forced) and not asks_for_json(exchange.request)):
             key = self.fingerprinter.account_key(exchange.account_id)
         return Plan(mode, rs.leak_action, key)
 

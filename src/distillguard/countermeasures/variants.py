@@ -80,7 +80,8 @@ _WORD = re.compile(r"[A-Za-z]+")
 UNIT_END = re.compile(r"\n|(?<=[.!?])[ \t]")
 _CODE_CHARS = re.compile(
     r"[;{}\[\]`\\]|\w_\w|\w\(|==|:=|=>|->|//|/\*|</|/>|^\s*(?:def|import|return|class|#include)\b"
-    r"|^(?: {4}|\t)")
+    r"|^(?: {4}|\t)"
+    r'|^\s*"[^"\n]*"\s*:')  # a JSON member: "key": value
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
