@@ -210,3 +210,15 @@ def test_structured_output_is_never_fingerprinted() -> None:
     # the same JSON written into an ordinary answer: its members are left alone too
     for k in range(16):
         assert '"size": "large",' in fp.mark(answer, f"acct_{k}")
+
+
+def test_identifiers_in_prose_are_not_slots() -> None:
+    # A module path, a command-line flag or a file name mentioned in prose (no backticks)
+    # names something exact: "scipy.optimize" is not "scipy.optimise".
+    text = ("Call scipy.optimize to fit it, or pass --optimize to the tool. "
+            "See summarize.py and utils/analyze for the code, then set mode=compute.\n")
+    for k in range(32):
+        marked = fp.mark(text, f"acct_{k}")
+        for name in ("scipy.optimize", "--optimize", "summarize.py", "utils/analyze",
+                     "mode=compute"):
+            assert name in marked, (name, marked)

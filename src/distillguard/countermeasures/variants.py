@@ -74,7 +74,10 @@ def _form_pattern(form: str) -> str:
 # contrasting conjunction, never "for a while".
 _COMMA_PAIR = FORMS["whereas"][0]
 _ALTERNATION = "|".join(_form_pattern(f) for f in sorted(FORMS, key=len, reverse=True))
-SLOT_RE = re.compile(rf"(?<![\w'\u2019])(?:{_ALTERNATION})(?![\w'\u2019])", re.IGNORECASE)
+# A form glued to a word by ".", "-", "/" or "=" is part of a name ("scipy.optimize",
+# "--optimize", "summarize.py", "mode=compute"), not prose: no slot.
+SLOT_RE = re.compile(rf"(?<![\w'\u2019.\-/=])(?:{_ALTERNATION})(?![\w'\u2019]|[.\-/=]\w)",
+                     re.IGNORECASE)
 _NEXT_WORD = re.compile(r"[ \t]+[A-Za-z0-9]")
 _WORD = re.compile(r"[A-Za-z]+")
 UNIT_END = re.compile(r"\n|(?<=[.!?])[ \t]")
