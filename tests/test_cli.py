@@ -96,6 +96,21 @@ def test_check_config_masks_every_secret_and_url_password(tmp_path: Path) -> Non
     assert "postgresql://dg:***@127.0.0.1:5432/test" in out and "redis://:***@127.0.0.1/0" in out
 
 
+def test_check_config_masks_the_sharing_pseudonym_keys(tmp_path: Path) -> None:
+    """The sharing master key and a partner's own pseudonym key were printed as they are:
+    whoever holds one can turn the pseudonyms in every bundle shared back into account ids."""
+    secrets = ["master-pseudonym-key-0123", "partner-pseudonym-key-456"]
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({"sharing": {
+        "pseudonym_key": secrets[0],
+        "partners": {"acme": {"token_sha256": "0" * 64, "pseudonym_key": secrets[1]}}}}))
+    out = run(str(path), "check-config")
+    assert not [s for s in secrets if s in out]
+    sharing = orjson.loads(out)["extensions"]["sharing"]
+    assert sharing["pseudonym_key"] == "***"
+    assert sharing["partners"]["acme"]["pseudonym_key"] == "***"
+
+
 def test_check_config_checks_every_component_section(tmp_path: Path) -> None:
     """check-config validates the components' sections too, as they would be at start-up,
     and names a section that no component reads (a misspelt one is otherwise ignored)."""

@@ -269,8 +269,9 @@ def check_config(ctx: Context) -> None:
 
 
 # Options that hold a secret, in any section (a component's too: the fingerprint secret,
-# the dashboard's session secret, a sharing partner's token).
-SECRET_OPTIONS = ("token", "api_key", "secret", "session_secret", "password")
+# the dashboard's session secret, a sharing partner's token, the sharing pseudonym keys).
+SECRET_OPTIONS = ("token", "api_key", "secret", "session_secret", "password",
+                  "pseudonym_key")
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
 
 
