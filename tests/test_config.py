@@ -47,3 +47,26 @@ def test_every_core_option_is_documented() -> None:
         sub = model.annotation
         for option in sub.model_fields:  # type: ignore[union-attr]
             assert f"`{section}.{option}`" in text, f"{section}.{option} missing from docs"
+
+
+def test_a_default_tier_without_limits_is_refused(tmp_path: Path) -> None:
+    """``limits.tiers`` replaces the default tiers. Given without the default tier (the
+    reference's own example listed only ``unverified``), every account of a tier without an
+    entry, ``standard`` included, was served without any limit."""
+    path = tmp_path / "c.yaml"
+    path.write_text("limits:\n  tiers:\n    unverified: {requests_per_minute: 60}\n")
+    with pytest.raises(ConfigError, match=r"limits\.default_tier: .*'standard'"):
+        load_settings(path, environ={})
+    path.write_text("limits:\n  default_tier: unverified\n"
+                    "  tiers:\n    unverified: {requests_per_minute: 60}\n")
+    settings = load_settings(path, environ={})
+    assert settings.limits_for_tier("standard").requests_per_minute == 60
+
+
+def test_the_reference_example_is_valid() -> None:
+    """The example settings file at the top of the reference loads as it is."""
+    import yaml
+
+    example = DOCS.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    settings = load_settings(overrides=yaml.safe_load(example), environ={})
+    assert settings.limits.default_tier in settings.limits.tiers

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -204,7 +205,21 @@ def _default_tiers() -> dict[str, LimitSet]:
 
 class LimitSettings(_Section):
     tiers: dict[str, LimitSet] = Field(default_factory=_default_tiers)
-    default_tier: str = "standard"
+    # checked even when not given: ``tiers`` given without "standard" leaves it unlimited
+    default_tier: str = Field("standard", validate_default=True)
+
+    @field_validator("default_tier")
+    @classmethod
+    def _has_limits(cls, value: str, info: ValidationInfo) -> str:
+        # Accounts of a tier without an entry get the default tier's limits; without an
+        # entry of its own they were served with no limit at all.
+        tiers = info.data.get("tiers")
+        if tiers is not None and value not in tiers:
+            raise ValueError(f"{value!r} has no entry in limits.tiers "
+                             f"({', '.join(sorted(tiers)) or 'none'}): accounts of a tier "
+                             "without one would have no limits; add it there or name "
+                             "one of those")
+        return value
 
 
 class PipelineSettings(_Section):
