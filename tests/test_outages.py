@@ -8,7 +8,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.factories import ADMIN_TOKEN, make_settings, new_api_key, start_recorded_stack
+from distillguard.serve import free_port
+from tests.factories import (
+    ADMIN_TOKEN,
+    make_settings,
+    new_api_key,
+    start_recorded_stack,
+    start_stack,
+)
 from tests.tcp_proxy import CuttableProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
@@ -87,3 +94,30 @@ def test_postgres_outage_fail_closed_refuses(tmp_path: Path, pg_url: str) -> Non
     finally:
         stack.stop()
         pg.close()
+
+
+@pytest.mark.parametrize("on_failure", ["closed", "open"])
+def test_ready_says_whether_requests_can_pass_the_counters(tmp_path: Path,
+                                                           on_failure: str) -> None:
+    """/ready did not look at Redis: with ``counters.on_failure: closed`` and Redis away,
+    every request was refused with 503 while /ready answered 200, so a load balancer kept
+    sending traffic to a replica that could serve none of it. With ``open`` requests
+    pass (unlimited), so the replica stays ready; the check says Redis is away."""
+    settings = make_settings(tmp_path, counters={
+        "backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+        "on_failure": on_failure})
+    stack = start_stack(settings)
+    try:
+        key = new_api_key(stack, "r1")
+        served = httpx.post(stack.stack.base_url + "/chat/completions", json=CHAT,
+                            headers={"authorization": f"Bearer {key}"}, timeout=15)
+        ready = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/ready", timeout=15)
+        assert ready.json()["checks"]["counters"] is False
+        if on_failure == "closed":
+            assert served.status_code == 503
+            assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+        else:
+            assert served.status_code == 200
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    finally:
+        stack.stop()

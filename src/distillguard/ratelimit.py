@@ -76,6 +76,10 @@ class CounterStore(Protocol):
 
     async def add(self, requests: Sequence[CounterRequest], now: float) -> None: ...
 
+    async def ping(self) -> None:
+        """Return when the store answers; raise when it cannot be reached (``/ready``)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -150,6 +154,9 @@ class MemoryCounterStore:
             if req.cost:
                 name = f"{req.key}:{int(now // req.window_s)}"
                 self._counts[name] = self._counts.get(name, 0.0) + req.cost
+
+    async def ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -251,6 +258,9 @@ class RedisCounterStore:
                 pipe.incrby(key, req.cost)
                 pipe.expire(key, req.window_s * 2 + 1)
         await pipe.execute()
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     async def close(self) -> None:
         await self.client.aclose()

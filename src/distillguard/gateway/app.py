@@ -243,6 +243,16 @@ class Gateway:
             except Exception:
                 checks["state_store"] = False
             ok = all(checks.values())
+            if self.settings.counters.backend == "redis":
+                try:
+                    await self.counters.ping()
+                    checks["counters"] = True
+                except Exception:
+                    checks["counters"] = False
+                # counters away: ``closed`` refuses every request, ``open`` serves them
+                # unlimited, so only the first makes this replica unable to serve
+                ok = ok and (checks["counters"]
+                             or self.settings.counters.on_failure == "open")
             return _json({"status": "ready" if ok else "not_ready", "checks": checks},
                          200 if ok else 503)
 
