@@ -96,6 +96,16 @@ def test_check_config_masks_every_secret_and_url_password(tmp_path: Path) -> Non
     assert "postgresql://dg:***@127.0.0.1:5432/test" in out and "redis://:***@127.0.0.1/0" in out
 
 
+def test_check_config_masks_a_url_password_with_a_slash(tmp_path: Path) -> None:
+    """SQLAlchemy takes a password with a ``/`` in it as written (``dg:pg/secret@db``),
+    and check-config printed such a password in clear."""
+    path = tmp_path / "dg.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": {"url": "postgresql://dg:pg/secret:pw@db.internal:5432/dg"}}))
+    out = run(str(path), "check-config")
+    assert "secret" not in out
+    assert "postgresql://dg:***@db.internal:5432/dg" in out
+
 def test_check_config_masks_the_sharing_pseudonym_keys(tmp_path: Path) -> None:
     """The sharing master key and a partner's own pseudonym key were printed as they are:
     whoever holds one can turn the pseudonyms in every bundle shared back into account ids."""

@@ -272,7 +272,8 @@ def check_config(ctx: Context) -> None:
 # the dashboard's session secret, a sharing partner's token, the sharing pseudonym keys).
 SECRET_OPTIONS = ("token", "api_key", "secret", "session_secret", "password",
                   "pseudonym_key")
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+# The password runs to the first "@", "/" included: SQLAlchemy takes "dg:a/b@db" as written.
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^@]*@", re.IGNORECASE)
 
 
 def masked(data: Any) -> Any:
