@@ -331,3 +331,20 @@ def test_a_segment_another_process_drains_is_not_overtaken(tmp_path: Path) -> No
         os.close(held)
     assert spool.drain(append, lambda entry_id: False) == 2
     assert order == [first[0].entry_id, second[0].entry_id] and not spool.blocked
+
+
+def test_the_ledger_and_spool_folders_are_the_owners_only(tmp_path: Path) -> None:
+    """Both hold prompts and answers in full; made with the umask's 0755 they were
+    readable by every user of the machine."""
+    before = os.umask(0o022)
+    try:
+        config = LedgerConfig(url=f"sqlite:///{tmp_path / 'ledger' / 'ledger.sqlite'}",
+                              key_path=tmp_path / "ledger" / "ledger.key",
+                              spool_dir=tmp_path / "ledger" / "spool")
+        Ledger(config).close()
+        Spool(config.spool_dir).add(  # type: ignore[arg-type]
+            [entry.from_exchange(make_exchange("a"), Retention.FULL)])
+    finally:
+        os.umask(before)
+    for folder in (tmp_path / "ledger", tmp_path / "ledger" / "spool"):
+        assert folder.stat().st_mode & 0o077 == 0, (folder, oct(folder.stat().st_mode))

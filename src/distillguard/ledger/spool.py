@@ -78,7 +78,7 @@ class Spool:
         """Why segments could not be written here (None: they can): checked when the
         writer starts, since the first time it matters is when the store is away."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             return exc.strerror or str(exc)
         if not os.access(self.folder, os.W_OK | os.X_OK):
@@ -137,7 +137,7 @@ class Spool:
     def add(self, entries: Sequence[Pending]) -> Path:
         """Write ``entries`` as one segment; returns once it is whole on disk (raises
         OSError when it cannot be: the disk is full, the folder cannot be made)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # names sort in the order segments are drained: after the ones written before,
         # even when the wall clock was set back in between
         self._last_ns = max(time.time_ns(), self._last_ns + 1)

@@ -271,7 +271,9 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: str | Path, *, durability: Durability = "fsync") -> None:
         self.path = Path(path)
         super().__init__(f"sqlite:///{self.path}", durability)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The entries hold prompts and answers in full (retention "full"): a folder made
+        # here is the owner's only, whatever the umask would give it.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
