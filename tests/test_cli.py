@@ -249,6 +249,26 @@ def test_serve_on_a_taken_port_is_one_clear_error(cfg: str) -> None:
     assert "Traceback" not in result.output and "gateway on" not in result.output
 
 
+def test_serve_with_its_database_down_is_one_clear_error(tmp_path: Path) -> None:
+    """The gateway's start-up failed inside uvicorn with about 150 lines of traceback,
+    the cause near the middle; now one line names the store (password masked) and why."""
+    import socket
+
+    with socket.socket() as probe:      # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = tmp_path / "dg.yaml"
+    cfg.write_text(yaml.safe_dump({"state": {
+        "url": f"postgresql://dg:hunter2-secret@127.0.0.1:{port}/dg"}}))
+    result = CliRunner().invoke(main, ["-c", str(cfg), "serve", "--port", "0",
+                                       "--admin-port", "0"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot use the state store postgresql://dg:***@127.0.0.1:"
+                           f"{port}/dg: "), last
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+
+
 def test_a_tier_the_policy_file_names_is_a_tier(tmp_path: Path) -> None:
     """A tier of the policy's tier_order that has no entry in limits.tiers is legitimate:
     its accounts get the default tier's limits and the policy ranks them."""

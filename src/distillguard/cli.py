@@ -173,6 +173,7 @@ def serve(ctx: Context, host: str | None, port: int | None, admin_port: int | No
         settings.server.admin_port = admin_port
     if not settings.admin.token:
         click.echo("warning: no admin token configured; the admin API is disabled", err=True)
+    _check_state_store(settings)
     stack = Stack(settings)
 
     async def run() -> None:
@@ -190,6 +191,27 @@ def serve(ctx: Context, host: str | None, port: int | None, admin_port: int | No
     _install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+def _check_state_store(settings: Settings) -> None:
+    """One clear line, before any server starts, when the state store cannot be used (a
+    database that is down or refuses the credentials): the gateway's start-up failed
+    with about 150 lines of traceback in which the cause was hard to find."""
+
+    async def migrate() -> None:
+        store = open_state_store(settings.state.url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(migrate())
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else ""
+        fail(f"cannot use the state store {masked(settings.state.url)}: "
+             f"{type(getattr(exc, 'orig', None) or exc).__name__}"
+             + (f": {masked(reason)}" if reason else ""))
 
 
 def _install_uvloop() -> None:
