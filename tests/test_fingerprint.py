@@ -185,6 +185,13 @@ def test_cli_trace_and_model_test(pool: list[str], tmp_path) -> None:  # type: i
     run = CliRunner().invoke(main, ["--config", str(no_secret), "fingerprint", "trace",
                                     str(leak), "--account=a"], env={})
     assert run.exit_code != 0 and "no fingerprint secret" in run.output
+    # a prompt file without a prompt asked nothing and answered "not trained"
+    empty = tmp_path / "prompts.jsonl"
+    write_jsonl([{"id": 1}, ""], empty)
+    run = CliRunner().invoke(main, ["--config", str(config), "fingerprint", "model-test",
+                                    "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                                    "--prompts", str(empty)])
+    assert run.exit_code == 2 and "holds no prompt" in run.output, run.output
 
 
 def test_structured_output_is_never_fingerprinted() -> None:

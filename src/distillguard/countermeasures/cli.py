@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import orjson
 
 from distillguard.cliparams import within
 from distillguard.countermeasures.fingerprint import Fingerprinter
-from distillguard.files import output_path
+from distillguard.files import output_path, write_atomically
 
 
 def _fingerprinter(ctx: click.Context) -> Fingerprinter:
@@ -96,11 +94,15 @@ def model_test_cmd(ctx: click.Context, outputs: str | None, base_url: str | None
 
         asked = [o if isinstance(o, str) else str(o.get("prompt") or o.get("question") or "")
                  for _, o in iter_jsonl(prompts)]
+        if not any(asked):
+            # no prompt, no slot: the test answered "not trained" as if it had tested
+            raise click.UsageError(f"{prompts} holds no prompt (lines that are strings, or "
+                                   "objects with a 'prompt' or 'question' field)")
         texts = query_model(base_url, api_key, model, [p for p in asked if p])
     else:
         raise click.UsageError("give --outputs, or --base-url, --model and --prompts")
     result = {**model_test(fp, texts, alpha), "skipped_lines": len(skipped)}
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if out_path:
-        Path(out_path).write_text(text)
+        write_atomically(out_path, text.encode())
     click.echo(text)
