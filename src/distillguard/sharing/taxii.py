@@ -34,9 +34,11 @@ from starlette.responses import Response
 from starlette.routing import Match, Mount, Route, Router
 from starlette.types import Lifespan
 
+from distillguard.errors import InvalidRequest, PayloadTooLarge
 from distillguard.exchange import parse_ts
 from distillguard.gateway.adminauth import FailedAuthThrottle, throttle_of
 from distillguard.gateway.clientip import ClientIPResolver
+from distillguard.gateway.proxy import read_body
 from distillguard.sharing import taxiistore
 from distillguard.sharing.settings import CollectionSettings, PartnerSettings, SharingSettings
 from distillguard.sharing.store import SharingStore, ts
@@ -82,20 +84,6 @@ def _accepts(request: Request) -> bool:
             if not version or version[0].replace(" ", "") == "version=2.1":
                 return True
     return False
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    """The request's body, read no further than ``limit`` bytes: a chunked body has no
-    Content-Length to refuse it by before it is read."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TaxiiError(413, "Payload Too Large",
-                             f"the envelope is more than {limit} bytes, the limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class TaxiiServer:
@@ -360,11 +348,12 @@ class TaxiiServer:
             raise TaxiiError(415, "Unsupported Media Type",
                              f"send the envelope as {MEDIA_TAXII}")
         limit = self.options.max_bundle_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
-            raise TaxiiError(413, "Payload Too Large",
-                             f"the envelope is {declared} bytes; the limit is {limit}")
-        raw = await _body(request, limit)
+        try:    # refused by Content-Length, or once past the limit: never held whole
+            raw = await read_body(request, limit)
+        except PayloadTooLarge as exc:
+            raise TaxiiError(413, "Payload Too Large", str(exc)) from None
+        except InvalidRequest as exc:
+            raise TaxiiError(400, "Bad Request", str(exc)) from None
         try:   # seconds for megabytes (stix2, the pattern parser): not on the event loop
             objects = await asyncio.to_thread(parse_envelope, raw, max_bytes=limit)
         except BundleError as exc:
