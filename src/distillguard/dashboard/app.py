@@ -37,8 +37,8 @@ from distillguard.dashboard.security import (
 from distillguard.dashboard.settings import DashboardSettings
 from distillguard.dashboard.sources import Sources
 from distillguard.dashboard.urls import id_fields, page_url, request_target
-from distillguard.gateway.adminauth import FailedAuthThrottle, client_key, token_matches
-from distillguard.gateway.clientip import ClientIPResolver, forwarded_for
+from distillguard.gateway.adminauth import FailedAuthThrottle, failing_client, token_matches
+from distillguard.gateway.clientip import ClientIPResolver
 from distillguard.ratelimit import CounterStore, open_counter_store
 
 log = logging.getLogger("distillguard.dashboard")
@@ -174,9 +174,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
-        who = client_key(self.client_ip.resolve(
-            request.client.host if request.client else None,
-            forwarded_for(request.headers.getlist("x-forwarded-for"))))
+        who = failing_client(request, self.client_ip)
         nxt = safe_next(str(form.get("next") or ""), self.base)
 
         def again(message: str, status: int) -> Response:

@@ -165,13 +165,17 @@ def throttle_of(request: Request) -> tuple[FailedAuthThrottle | None, str]:
     app holds a resolver as ``client_ip``). The TAXII server's partner credentials, served
     on the same port, count against the same throttle."""
     throttle = getattr(request.app.state, "failed_auth", None)
+    return throttle, failing_client(request, getattr(request.app.state, "client_ip", None))
+
+
+def failing_client(request: Request, resolver: ClientIPResolver | None) -> str:
+    """Who a request's failed credentials count against (:func:`client_key`): behind a
+    trusted proxy of ``resolver``, the client's address as the proxy forwards it. Counted
+    against the proxy, ten wrong tokens a minute from anyone locked every operator out."""
     peer = request.client.host if request.client else None
-    # Behind a trusted proxy, the client's address as the proxy forwards it: counted
-    # against the proxy, ten wrong tokens a minute from anyone locked every operator out.
-    resolver: ClientIPResolver | None = getattr(request.app.state, "client_ip", None)
     if resolver is not None:
         peer = resolver.resolve(peer, forwarded_for(request.headers.getlist("x-forwarded-for")))
-    return throttle, client_key(peer)
+    return client_key(peer)
 
 
 async def check_admin(request: Request, token: str | None) -> None:
