@@ -38,6 +38,7 @@ from distillguard.gateway.errors import (
 )
 from distillguard.gateway.streaming import SSERelay
 from distillguard.pipeline import Denied, StreamFilter
+from distillguard.upstream import UpstreamResponse
 
 if TYPE_CHECKING:
     from distillguard.gateway.app import Gateway
@@ -207,20 +208,14 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
                             f"{upstream.status}); redirects are not followed.",
                             code="upstream_redirect")
     if upstream.status >= 500:
-        detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
-            "utf-8", "replace")
-        log.warning("upstream answered %s on %s: %s", upstream.status, exchange.endpoint,
-                    detail)
+        await _log_refusal(gateway, exchange, upstream, "answered")
         raise UpstreamError(f"The model server returned an error (status {upstream.status}).",
                             code="upstream_status_error")
     if upstream.status in (401, 403):
         # The upstream refused the gateway's own credential: passed on, the client's
         # openai library raised AuthenticationError and its user looked for a fault in
         # their key; and the message may quote part of the upstream key ("sk-...abcd").
-        detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
-            "utf-8", "replace")
-        log.warning("upstream refused the gateway's credential (%s) on %s: %s",
-                    upstream.status, exchange.endpoint, detail)
+        await _log_refusal(gateway, exchange, upstream, "refused the gateway's credential:")
         raise UpstreamError("The model server refused the gateway's own credential; this is "
                             "not a problem with your API key.", code="upstream_unauthorized")
     content_type = upstream.headers.get("content-type", "")
@@ -237,6 +232,15 @@ async def _proxy(gateway: Gateway, request: Request, exchange: Exchange, kind: s
         headers={**_response_headers(exchange, upstream.headers),
                  "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
+
+
+async def _log_refusal(gateway: Gateway, exchange: Exchange, upstream: UpstreamResponse,
+                       what: str) -> None:
+    """Log the start of an upstream answer the client will not see (the upstream key
+    taken out): the operator's only view of why the model server refused."""
+    detail = _without_upstream_key(gateway, await upstream.read())[:200].decode(
+        "utf-8", "replace")
+    log.warning("upstream %s %s on %s: %s", what, upstream.status, exchange.endpoint, detail)
 
 
 def _without_upstream_key(gateway: Gateway, payload: bytes) -> bytes:
