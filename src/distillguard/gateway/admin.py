@@ -113,6 +113,19 @@ async def accounts_changed(request: Request) -> None:
         await changed()
 
 
+def fields_only(data: Any, fields: frozenset[str]) -> dict[str, Any]:
+    """A request body that is a JSON object of ``fields`` only; Unprocessable naming the
+    first other field. A misspelt field was dropped without a word: ``expires_in`` made a
+    key that never expires, ``expire_in`` gave an action the default expiry."""
+    if not isinstance(data, dict):
+        raise Unprocessable(f"Send a JSON object with {', '.join(sorted(fields))}.")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise Unprocessable(f"Unknown field(s) {unknown}; this request takes "
+                            f"{', '.join(sorted(fields))}.", param=unknown[0])
+    return data
+
+
 def parse_jsonl(raw: bytes, parse: Callable[[Any], Any]) -> list[Any]:
     """Parse JSON Lines, naming the first bad line; blank lines are skipped."""
     out = []
@@ -297,14 +310,8 @@ class AdminAPI:
         return json_response({"object": "list", "data": [k.to_public() for k in keys]})
 
     async def create_key(self, request: Request) -> Response:
-        data = await json_body(request) if (await request.body()).strip() else {}
-        if not isinstance(data, dict):
-            raise Unprocessable("Send a JSON object.")
-        unknown = sorted(set(data) - _KEY_FIELDS)
-        if unknown:
-            # A misspelt expiry ("expires_in") made a key that never expires.
-            raise Unprocessable(f"Unknown field(s) {unknown} for a new key; it takes "
-                                f"{', '.join(sorted(_KEY_FIELDS))}.", param=unknown[0])
+        data = fields_only(await json_body(request) if (await request.body()).strip()
+                           else {}, _KEY_FIELDS)
         if data.get("name") is not None and not isinstance(data["name"], str):
             raise Unprocessable("'name' must be a string.", param="name")
         expires_at = key_expiry(data.get("expires_at"), data.get("expires_in_days"),
@@ -324,4 +331,4 @@ class AdminAPI:
 
 
 __all__ = ["AccountsChanged", "AdminAPI", "APIError", "accounts_changed", "admin_actor",
-           "json_response", "json_body", "parse_jsonl"]
+           "fields_only", "json_response", "json_body", "parse_jsonl"]

@@ -32,7 +32,13 @@ from starlette.routing import BaseRoute, Route
 
 from distillguard.config import Settings
 from distillguard.errors import NotFoundError, Unprocessable, message_of
-from distillguard.gateway.admin import accounts_changed, admin_actor, json_body, json_response
+from distillguard.gateway.admin import (
+    accounts_changed,
+    admin_actor,
+    fields_only,
+    json_body,
+    json_response,
+)
 from distillguard.gateway.adminauth import check_admin
 from distillguard.gateway.adminpaths import IdRoute
 from distillguard.policy import audit
@@ -54,15 +60,9 @@ def _accounts(data: dict[str, Any]) -> list[str]:
 
 
 def _object(data: Any, fields: frozenset[str]) -> dict[str, Any]:
-    """A request body that is a JSON object of ``fields`` only. A misspelt field was
-    dropped without a word: ``expire_in`` gave the default expiry (a week) to an action
-    meant to last an hour."""
-    if not isinstance(data, dict):
-        raise Unprocessable(f"Send a JSON object with {', '.join(sorted(fields))}.")
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise Unprocessable(f"Unknown field(s) {unknown}; this request takes "
-                            f"{', '.join(sorted(fields))}.", param=unknown[0])
+    """A request body of ``fields`` only (:func:`fields_only`), naming its accounts one
+    way."""
+    data = fields_only(data, fields)
     if "account_id" in data and "account_ids" in data:
         raise Unprocessable("Name the accounts one way: 'account_ids' or 'account_id'.",
                             param="account_id")
