@@ -99,6 +99,8 @@ def main() -> None:
                         help="a simulate --out folder (trace, accounts, labels)")
     parser.add_argument("--work", type=Path, required=True, help="folder for the runs")
     parser.add_argument("--seed", type=int, default=7, help="for the rewritten dates")
+    parser.add_argument("--calibration", type=Path,
+                        help="calibration file (default: the shipped one)")
     args = parser.parse_args()
     trace, labels_path = args.sim / "trace.jsonl", args.sim / "labels.jsonl"
     labels = {r["account_id"]: r for r in map(orjson.loads,
@@ -120,7 +122,9 @@ def main() -> None:
         print(f"{name}: detecting ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "--trace",
                         str(trace), "--accounts", str(accounts), "--out",
-                        str(verdicts_path)], check=True, stdout=subprocess.DEVNULL)
+                        str(verdicts_path),
+                        *(("--calibration", str(args.calibration)) if args.calibration
+                          else ())], check=True, stdout=subprocess.DEVNULL)
         scores = score(trace, accounts, labels_path, Verdicts.read(verdicts_path))
         overall, benign = scores.overall, scores.benign
         hard = [b for b in benign.values() if b["hard_negative"]]

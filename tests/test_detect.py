@@ -495,3 +495,47 @@ def test_detect_over_the_ledger_gives_the_trace_verdicts(
     both = runner.invoke(main, ["-c", str(config), "detect", "--ledger", "--trace",
                                 str(world[0]), "--out", str(out)])
     assert both.exit_code == 2 and "one of --trace or --ledger" in both.output
+
+
+def test_the_fit_keeps_each_bounded_weight_to_its_sign() -> None:
+    """Unbounded, the fit is scikit-learn's balanced logistic regression; a feature of
+    SIGNS whose chance correlation points the other way is held at zero."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from distillguard.detect.calibration import fit_model
+    from distillguard.detect.scoring import SIGNS, standardise
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(800, 3))
+    labels = (rows @ np.array([1.5, -2.0, 0.4]) + rng.normal(size=800) > 1.0).astype(int)
+    free = fit_model(rows, labels, ("a", "b", "c"))
+    scaler = StandardScaler().fit(rows)
+    reference = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(
+        standardise(rows, scaler.mean_, scaler.scale_), labels)
+    assert free.coef == pytest.approx(reference.coef_[0], abs=5e-3)
+    assert free.intercept == pytest.approx(reference.intercept_[0], abs=5e-3)
+    assert SIGNS["tool_share"] == 1 and SIGNS["multi_turn_share"] == -1
+    bounded = fit_model(rows, labels, ("multi_turn_share", "tool_share", "c"))
+    assert free.coef[1] < -1.0 and bounded.coef[1] == 0.0
+    assert free.coef[0] > 1.0 and bounded.coef[0] == 0.0
+    assert bounded.coef[2] > 0.0
+    with pytest.raises(ValueError, match="feature columns"):
+        fit_model(rows, labels, ("a", "b"))
+
+
+def test_an_organisation_on_record_changes_no_verdict(tmp_path: Path, world: World) -> None:
+    """The organisation is typed in at sign-up: giving every account one, or each its
+    own, leaves every verdict as it was."""
+    trace, accounts, _ = world
+    records = [orjson.loads(line) for line in accounts.read_bytes().splitlines()]
+    results = []
+    for name, org in (("none", lambda i: None), ("one", lambda i: "Acme Ltd"),
+                      ("each", lambda i: f"Company {i}")):
+        path = tmp_path / f"accounts-{name}.jsonl"
+        path.write_bytes(b"".join(orjson.dumps({**r, "org": org(i)}) + b"\n"
+                                  for i, r in enumerate(records)))
+        result, _ = run_batch(trace, Calibration.read(), accounts=path, tick_seconds=TICK)
+        results.append(result.verdicts.to_json())
+    assert any(a["flagged"] for a in results[0]["accounts"])
+    assert results[0]["accounts"] == results[1]["accounts"] == results[2]["accounts"]

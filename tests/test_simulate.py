@@ -108,3 +108,48 @@ def test_cli_simulate(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "bad"), "--days",
                                     "1e9"])
     assert bad.exit_code == 2 and "--days must be at most 3653 (ten years)" in bad.output
+
+
+def test_account_records_and_networks_overlap_between_honest_and_attack(
+        tmp_path: Path) -> None:
+    """What an account record or an address says does not give the population away: some
+    campaign accounts are aged and name an organisation (one for the campaign, or one
+    each), some honest organisations are new or left the field blank, and strangers
+    share carrier NAT, VPN and residential-proxy /24s."""
+    from datetime import datetime
+
+    trace, accounts, labels = simulate(tmp_path, preset="heldout", seed=3, days=0.5)
+    lab = _labels(labels)
+    records = {a.account_id: a for a in read_accounts(accounts)}
+    start = datetime.fromisoformat("2026-03-02T00:00:00+00:00")
+
+    def age(aid: str) -> float:
+        created = records[aid].created_at
+        assert created is not None
+        return (start - created).total_seconds() / 86_400
+
+    attack = [a for a, r in lab.items() if r["population"] == "attack"]
+    hard = [a for a, r in lab.items() if r["hard_negative"]]
+    aged = sum(age(a) > 30 for a in attack) / len(attack)
+    assert 0.1 < aged < 0.9
+    orgs: dict[object, set[str | None]] = defaultdict(set)
+    for a in attack:
+        orgs[lab[a]["campaign_id"]].add(records[a].org)
+    sizes = {c: sum(lab[a]["campaign_id"] == c for a in attack) for c in orgs}
+    assert any(len(o) == 1 and None not in o and sizes[c] > 2 for c, o in orgs.items())
+    assert any(len(o) == sizes[c] > 2 and None not in o for c, o in orgs.items())
+    assert any(o == {None} for o in orgs.values())
+    assert any(age(a) < 14 for a in hard) and any(age(a) > 30 for a in hard)
+    assert any(records[a].org is None for a in hard) and any(records[a].org for a in hard)
+
+    users: dict[str, set[str]] = defaultdict(set)
+    for ex in read_trace(trace):
+        users[ex.client_ip.rsplit(".", 1)[0]].add(ex.account_id)
+    casual_shared = [s for s in users.values()
+                     if sum(lab[a]["population"] == "casual" for a in s) >= 3]
+    assert casual_shared, "no carrier or VPN /24 shared by consumers"
+    assert any(any(lab[a]["campaign_type"] == "tool_harvest" for a in s)
+               and any(lab[a]["population"] == "casual" for a in s) for s in users.values())
+    hosting = [default_geoip().lookup(f"{s}.1").hosting for s, accts in users.items()
+               if sum(lab[a]["population"] == "casual" for a in accts) >= 3]
+    assert any(hosting) and not all(hosting)     # a VPN's exits, and carrier NAT

@@ -29,7 +29,7 @@ from distillguard.detect.calibration import Calibration, file_sha256, fit_model,
 from distillguard.detect.engine import DUE_GROWTH, Detector
 from distillguard.detect.features import ExchangeFeatures
 from distillguard.detect.reader import check_memory_limit, receive, trace_feature_rows
-from distillguard.detect.scoring import AccountFacts
+from distillguard.detect.scoring import COMMUNITY_FEATURES, AccountFacts
 from distillguard.geoip import GeoIP
 from distillguard.traceio import FormatError, read_accounts
 from distillguard.verdicts import Verdicts
@@ -57,7 +57,7 @@ def facts_from_accounts(path: str | Path) -> Iterator[tuple[str, AccountFacts]]:
     for account in read_accounts(path):
         yield account.account_id, AccountFacts(
             created_at=account.created_at.timestamp() if account.created_at else None,
-            org=account.org, payment=account.payment_fingerprint,
+            payment=account.payment_fingerprint,
             email_domain=account.email_domain)
 
 
@@ -338,7 +338,8 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
                                                        if m in attack)]
             if len({y for _, y in kept_groups}) == 2:
                 community = fit_model(np.vstack([r for r, _ in kept_groups]),
-                                      np.array([y for _, y in kept_groups], dtype=int))
+                                      np.array([y for _, y in kept_groups], dtype=int),
+                                      COMMUNITY_FEATURES)
         return Calibration(model=model, threshold=1.01, target_fpr=target_fpr,
                            community=community)
 

@@ -2,7 +2,8 @@
 
 ``distillguard detect calibrate`` replays a labelled trace through the detector, takes a
 snapshot of every account's features at each evaluation, fits the logistic model
-(scikit-learn, fixed solver and regularisation, so the fit is reproducible), and sets the
+(fixed solver and regularisation, so the fit is reproducible; some weights kept to the
+sign their feature's meaning gives, :data:`~.scoring.SIGNS`), and sets the
 flag threshold from a target false-positive rate: the lowest risk at which at most
 ``target_fpr`` of the benign accounts would ever have been flagged during the replay.
 Nothing is hand-picked; the file records what it was fitted on.
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, Model, standardise
+from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, SIGNS, Model, standardise
 from distillguard.errors import ConfigError
 from distillguard.files import write_atomically
 
@@ -133,18 +134,42 @@ def threshold_for(benign_max: np.ndarray, target_fpr: float) -> tuple[float, int
     return threshold, int((benign_max >= threshold).sum())
 
 
-def fit_model(rows: np.ndarray, labels: np.ndarray) -> Model:
-    """Fit the logistic model on feature snapshots (``rows``), labelled 1 for attack."""
-    from sklearn.linear_model import LogisticRegression
+def fit_model(rows: np.ndarray, labels: np.ndarray,
+              features: tuple[str, ...] = FEATURES) -> Model:
+    """Fit the logistic model on feature snapshots (``rows``), labelled 1 for attack.
+
+    L2-regularised logistic regression with balanced class weights (scikit-learn's
+    ``LogisticRegression(C=1, class_weight="balanced")`` objective), solved with
+    L-BFGS-B so that each feature of :data:`~.scoring.SIGNS` keeps its stated
+    direction (its weight bounded at zero)."""
+    from scipy.optimize import minimize
     from sklearn.preprocessing import StandardScaler
 
+    if len(features) != rows.shape[1]:
+        raise ValueError(f"{rows.shape[1]} feature columns for {len(features)} features")
     if len(set(labels.tolist())) < 2:
         raise ValueError("calibration needs both benign and attack accounts in the trace")
     scaler = StandardScaler().fit(rows)
     scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
     z = standardise(rows, scaler.mean_, scale)
-    clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000, solver="lbfgs")
-    clf.fit(z, labels)
+    y = np.where(labels == 1, 1.0, -1.0)
+    counts = np.bincount(labels.astype(int), minlength=2)
+    weight = np.where(labels == 1, len(labels) / (2 * counts[1]), len(labels) / (2 * counts[0]))
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:-1], theta[-1]
+        margin = y * (z @ w + b)
+        value = float(weight @ np.logaddexp(0.0, -margin) + 0.5 * w @ w)
+        g = -weight * y * _sigmoid(-margin)
+        return value, np.concatenate([z.T @ g + w, [g.sum()]])
+
+    bounds = [(0.0, None) if SIGNS.get(f) == 1 else (None, 0.0) if SIGNS.get(f) == -1
+              else (None, None) for f in features] + [(None, None)]
+    fit = minimize(loss, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B",
+                   bounds=bounds, options={"maxiter": 15_000, "gtol": 1e-8, "ftol": 1e-14})
     return Model(mean=np.asarray(scaler.mean_, dtype=float), scale=np.asarray(scale),
-                 coef=np.asarray(clf.coef_[0], dtype=float),
-                 intercept=float(clf.intercept_[0]))
+                 coef=np.asarray(fit.x[:-1], dtype=float), intercept=float(fit.x[-1]))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * x)))

@@ -273,7 +273,7 @@ class Detector:
             key = id(community)
             keys.append(key)
             if key not in community_rows:
-                crow = community_vector(community, self.vectors, self.states, self.facts)
+                crow = community_vector(community, self.vectors, self.states)
                 community_rows[key] = crow
                 community_risk[key] = float(group_model.risk(crow[None, :])[0]) if (
                     group_model is not None and community is not None) else 0.0

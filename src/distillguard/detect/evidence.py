@@ -46,7 +46,6 @@ _TEXT = {
     "prefix_linked": lambda v: f"{_pct(v)} of its group share client /24 networks",
     "signup_linked": lambda v: f"{_pct(v)} of its group signed up in the same window",
     "log_member_volume": lambda v: f"group members send {math.expm1(v):.0f} exchanges each on average",
-    "same_org": lambda v: f"{_pct(v)} of its group in one organisation",
     "same_asn": lambda v: f"{_pct(v)} of its group on one network (AS)",
 }
 

@@ -38,10 +38,30 @@ _MEAN_OF = ("template_reuse", "concentration", "reasoning_share", "rubric_share"
 # the model outside the range it was fitted on.
 COMMUNITY_FEATURES = (
     "group_size", "template_linked", "lockstep_linked", "payment_linked", "prefix_linked",
-    "signup_linked", "log_member_volume", "same_org", "same_asn",
+    "signup_linked", "log_member_volume", "same_asn",
     *(f"mean_{name}" for name in _MEAN_OF),
 )
 FEATURES = ACCOUNT_FEATURES + COMMUNITY_FEATURES
+
+# The direction some features may push the risk, whatever the calibration traffic says.
+# Elicitation content and shared infrastructure are evidence of harvesting by what they
+# mean (+1: the weight is never negative); conversation and an account's age are evidence
+# of ordinary use (-1: never positive). Without these bounds, a signal that no attack in
+# the calibration traffic showed (tool-use prompts, say) gets whatever weight its
+# accidental correlation with benign traffic gives it, and a campaign of a new kind that
+# shows it mostly would be let off by it. Unlisted features are unconstrained.
+#
+# What an account record says that costs an adversary nothing to type in (the
+# organisation, the mail domain) is not a feature at all: a name shared by a group's
+# members would otherwise be read as a company and let a campaign off.
+SIGNS: dict[str, int] = {
+    **dict.fromkeys(("reasoning_share", "rubric_share", "tool_share", "harvest_share",
+                     "template_linked", "lockstep_linked", "payment_linked", "prefix_linked",
+                     "signup_linked", "mean_reasoning_share", "mean_rubric_share",
+                     "mean_tool_share", "mean_harvest_share"), 1),
+    **dict.fromkeys(("multi_turn_share", "mean_multi_turn_share", "log_age_days",
+                     "mean_log_age_days"), -1),
+}
 _NO_AGE_DAYS = 30.0
 
 
@@ -50,7 +70,6 @@ class AccountFacts:
     """What the account record says (accounts file or state store)."""
 
     created_at: float | None = None
-    org: str | None = None
     payment: str | None = None
     email_domain: str | None = None
 
@@ -73,8 +92,7 @@ _MEAN_INDEX = [ACCOUNT_FEATURES.index(n) for n in _MEAN_OF]
 
 
 def community_vector(community: Community | None, vectors: Mapping[str, np.ndarray],
-                     states: Mapping[str, AccountState],
-                     facts: Mapping[str, AccountFacts]) -> np.ndarray:
+                     states: Mapping[str, AccountState]) -> np.ndarray:
     """Community features; a singleton (``None``) is its own community of one."""
     if community is None:
         return np.zeros(len(COMMUNITY_FEATURES))
@@ -84,11 +102,9 @@ def community_vector(community: Community | None, vectors: Mapping[str, np.ndarr
     linked = [community.kinds.get(k, 0) / size
               for k in ("template", "lockstep", "payment", "prefix", "signup")]
     volume = sum(states[m].count for m in members)
-    orgs = [facts[m].org if m in facts else None for m in members]
-    same_org = max((orgs.count(o) for o in set(orgs) if o), default=0) / size
     asns = [states[m].top_asn for m in members]
     same_asn = max((asns.count(a) for a in set(asns) if a), default=0) / size
-    return np.array([1.0 - 1.0 / size, *linked, math.log1p(volume / size), same_org, same_asn,
+    return np.array([1.0 - 1.0 / size, *linked, math.log1p(volume / size), same_asn,
                      *rows[:, _MEAN_INDEX].mean(axis=0)], dtype=float)
 
 

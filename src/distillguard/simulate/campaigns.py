@@ -3,6 +3,12 @@
 Each campaign registers its accounts (labels carry ``campaign_id`` and ``campaign_type``)
 and yields its exchanges in time order. See docs/simulator.md for what each type models
 and which signals link its accounts.
+
+What the account records say is the operator's choice, so it varies by campaign: about
+half the operators buy some or all of their accounts aged (opened months or years
+before), and some type an organisation in at sign-up, one invented company for all
+their accounts or one per account. About half the operators send one set of wrappers
+from every account; the rest write two to six variants and give each account one.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ from typing import Any
 
 from distillguard.simulate.harness import Harness
 from distillguard.simulate.network import Block, NetworkAllocator
-from distillguard.simulate.populations import FOLLOW_UPS, chat_sessions, pick_country
+from distillguard.simulate.populations import (
+    FOLLOW_UPS,
+    chat_sessions,
+    company_name,
+    pick_country,
+)
 from distillguard.simulate.prompts import Item, pool, selfinstruct_prompt
 from distillguard.simulate.variation import Variation, add_noise, shuffle_sentences
 from distillguard.simulate.world import (
@@ -34,6 +45,19 @@ from distillguard.simulate.world import (
 )
 
 Event = tuple[float, dict[str, Any]]
+# Share of operators that buy aged accounts (each then buys 20-100 % of its accounts
+# aged), and how old those are, in days before the trace starts.
+AGED_OPERATOR_SHARE = 0.5
+AGED_DAYS = (30.0, 900.0)
+# How operators fill in the organisation: not at all, one invented company for every
+# account, or a different one per account.
+ORG_MODE_WEIGHTS = (0.4, 0.3, 0.3)
+# Share of operators whose script gives each account one of a few variants of its
+# wrappers, and how many variants such a script has.
+HARNESS_PER_ACCOUNT_SHARE = 0.5
+HARNESS_VARIANTS = (2, 6)
+# The slowest a scheduler may spread the accounts it wakes at one tick, in seconds.
+SCHEDULER_SPREAD_S = (20.0, 300.0)
 
 
 class Campaign:
@@ -50,19 +74,36 @@ class Campaign:
         self.variation = Variation(paraphrase=rng.uniform(0.3, 0.7),
                                    reorder=rng.uniform(0.1, 0.4), noise=rng.uniform(0.2, 0.5))
         self.harness = Harness.draw(rng)
+        self.harnesses: dict[str, Harness] = {}
+        self.harness_per_account = rng.random() < HARNESS_PER_ACCOUNT_SHARE
+        self.variants = [Harness.draw(rng) for _ in range(rng.randint(*HARNESS_VARIANTS))]
+        self.aged_share = rng.uniform(0.2, 1.0) if rng.random() < AGED_OPERATOR_SHARE else 0.0
+        self.org_mode = rng.choices(("none", "shared", "each"), weights=ORG_MODE_WEIGHTS)[0]
+        self.org = company_name(rng, world)[0] if self.org_mode == "shared" else None
 
     def account(self, **kw: Any) -> Client:
+        rng = self.rng
         kw.setdefault("created_days_before", (self.world.start - self.start) / DAY
-                      + self.rng.uniform(0.5, 10))
+                      + rng.uniform(0.5, 10))
+        if rng.random() < self.aged_share:
+            kw["created_days_before"] = rng.uniform(*AGED_DAYS)
+        if self.org_mode != "none":
+            kw.setdefault("org", self.org or company_name(rng, self.world)[0])
         client = self.world.add_account("attack", campaign_id=self.campaign_id,
                                         campaign_type=self.kind, **kw)
         self.clients.append(client)
+        if self.harness_per_account:
+            self.harnesses[client.account_id] = rng.choice(self.variants)
         return client
 
-    def harvest_messages(self, item: Item) -> list[dict[str, str]]:
-        text = self.harness.frame(self.variation.apply(self.rng, item.text, item.input))
+    def harness_of(self, client: Client) -> Harness:
+        return self.harnesses.get(client.account_id, self.harness)
+
+    def harvest_messages(self, item: Item, client: Client) -> list[dict[str, str]]:
+        harness = self.harness_of(client)
+        text = harness.frame(self.variation.apply(self.rng, item.text, item.input))
         # One request in ten goes through a code path that sets no system prompt.
-        system = self.harness.system if self.rng.random() < 0.9 else ""
+        system = harness.system if self.rng.random() < 0.9 else ""
         if not system:
             return [{"role": "user", "content": text}]
         return [{"role": "system", "content": system}, {"role": "user", "content": text}]
@@ -86,7 +127,7 @@ class Campaign:
             messages, reference = self.selfinstruct_messages(), ""
         else:
             item = rng.choice(items)
-            messages, reference = self.harvest_messages(item), item.reference
+            messages, reference = self.harvest_messages(item, client), item.reference
         return exchange(self.world, rng, t, client, model, messages,
                         completion_tokens=self.world.timing.conv.completion_tokens(rng, 0.3),
                         reference=reference, max_tokens=rng.choice((2048, 4096)),
@@ -189,7 +230,8 @@ class HeavySingle(Campaign):
 class SlowLow(Campaign):
     """Many small residential accounts, each as quiet as a casual user, with distinct
     payment methods and mail domains. One scheduler drives them: at each tick a few
-    accounts send within seconds of each other, from the same instruction family."""
+    accounts send within seconds to minutes of each other (the operator's spread, 20-300
+    s), from the same instruction family."""
 
     kind = "slow_low"
 
@@ -203,6 +245,7 @@ class SlowLow(Campaign):
                              + rng.uniform(1, 40))
             c.ip = world.net.residential(country).address(rng)
         self.ticks_per_day = ticks_per_day
+        self.spread = rng.uniform(*SCHEDULER_SPREAD_S)
 
     def events(self) -> Iterator[Event]:
         items = pool("code", self.world.split) + pool("seed", self.world.split)
@@ -211,7 +254,7 @@ class SlowLow(Campaign):
         for tick in renewal(rng, self.world.timing.conv, self.start, self.world.end,
                             self.ticks_per_day):
             k = min(len(self.clients), rng.randint(2, 5))
-            offsets = sorted(rng.uniform(0, 20) for _ in range(k))
+            offsets = sorted(rng.uniform(0, self.spread) for _ in range(k))
             for client, off in zip(rng.sample(self.clients, k), offsets, strict=True):
                 t = max(last, tick + off)
                 if t >= self.world.end:
@@ -240,12 +283,12 @@ class CotElicitation(Campaign):
         rng = self.rng
         items = pool("math", self.world.split)
         for t in renewal(rng, self.world.timing.conv, self.start, self.world.end, self.per_day):
-            item = rng.choice(items)
-            text = rng.choice(self.harness.cot).format(q=item.text)
+            item, client = rng.choice(items), rng.choice(self.clients)
+            text = rng.choice(self.harness_of(client).cot).format(q=item.text)
             if rng.random() < self.variation.noise:
                 text = add_noise(rng, text)
             model = REASONER if rng.random() < 0.5 else OLD_MODEL
-            yield exchange(self.world, rng, t, rng.choice(self.clients), model,
+            yield exchange(self.world, rng, t, client, model,
                            [{"role": "user", "content": text}],
                            completion_tokens=self.world.timing.conv.completion_tokens(rng, 0.6),
                            reference=item.reference, max_tokens=4096, temperature=0.0,
@@ -280,14 +323,15 @@ class RubricGrading(Campaign):
         items = pool("code", self.world.split) + pool("math", self.world.split)
         code = self.world.timing.code
         for t in renewal(rng, self.world.timing.conv, self.start, self.world.end, self.per_day):
-            item = rng.choice(items)
+            item, client = rng.choice(items), rng.choice(self.clients)
             question = f"{item.text}\n{item.input}".strip()
-            text = rng.choice(self.harness.rubric).format(q=question, a=self._candidate(item),
-                                                       b=self._candidate(rng.choice(items)))
+            rubric = rng.choice(self.harness_of(client).rubric)
+            text = rubric.format(q=question, a=self._candidate(item),
+                                 b=self._candidate(rng.choice(items)))
             if rng.random() < self.variation.noise:
                 text = add_noise(rng, text)
             score = rng.randint(1, 10)
-            yield exchange(self.world, rng, t, rng.choice(self.clients), OLD_MODEL,
+            yield exchange(self.world, rng, t, client, OLD_MODEL,
                            [{"role": "user", "content": text}],
                            completion_tokens=code.completion_tokens(rng) + 25,
                            reference=f'{{"score": {score}, "rationale": "', max_tokens=300,
@@ -332,8 +376,11 @@ class ToolHarvest(Campaign):
     def __init__(self, world: World, rng: random.Random, accounts: int,
                  per_account_day: float, start_frac: float = 0.0) -> None:
         super().__init__(world, rng, start_frac)
-        self.exits: list[Block] = [world.net.residential(c)
-                                   for c in NetworkAllocator.countries() for _ in range(5)]
+        # A residential proxy network's exits are consumers' devices: its own /24s and
+        # the carrier NAT ranges every phone of a country shares.
+        self.exits: list[Block] = [block for c in NetworkAllocator.countries()
+                                   for block in (world.net.residential(c), world.net.residential(c),
+                                                 *world.net.carrier(c))]
         for _ in range(accounts):
             country = pick_country(rng)
             c = self.account(country=country, email_domain=rng.choice(CONSUMER_DOMAINS))
@@ -348,7 +395,7 @@ class ToolHarvest(Campaign):
             client.user_agent = rng.choice(SDK_AGENTS)
             if rng.random() < 0.1:
                 item = rng.choice(items)
-                messages = [*self.harvest_messages(item),
+                messages = [*self.harvest_messages(item, client),
                             {"role": "assistant", "content": item.reference},
                             {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
                 yield exchange(w, rng, t, client, OLD_MODEL, messages,

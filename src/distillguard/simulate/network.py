@@ -7,6 +7,11 @@ Media, Sky, Orange, Telefonica, Telecom Italia, Swisscom, Claro). Every /24 hand
 is looked up with :func:`distillguard.geoip.default_geoip` and kept only if detection's
 look-up classifies it as intended (hosting or not, and the expected operator), so the
 simulator and the detector agree on what a "datacenter IP" is.
+
+Most /24s belong to one actor, but two kinds are shared by strangers, as on the real
+Internet: a mobile carrier's NAT ranges (a few per country, behind which every phone of
+the country appears) and a commercial VPN's exits (hosting ranges that many unrelated
+consumers use). Residential proxy networks exit through the same carrier ranges.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ class Block:
         return str(self.network[1 + rng.randrange(254)])
 
 
+# /24s of a mobile carrier's NAT per country, and of the VPN service's exits.
+CARRIER_BLOCKS_PER_COUNTRY = 3
+VPN_BLOCKS = 6
+
+
 class NetworkAllocator:
     """Hands out checked /24 blocks; deterministic for a given random generator."""
 
@@ -58,6 +68,8 @@ class NetworkAllocator:
         self.rng = rng
         self.geoip = geoip or default_geoip()
         self._used: set[str] = set()
+        self._carrier: dict[str, list[Block]] = {}
+        self._vpn: list[Block] = []
 
     def _pick(self, network: str, want_hosting: bool, fragment: str) -> Block | None:
         net = ipaddress.IPv4Network(network)
@@ -95,6 +107,19 @@ class NetworkAllocator:
             if block is not None:
                 return block
         raise RuntimeError("no residential network passed the geo-IP check")
+
+    def carrier(self, country: str) -> list[Block]:
+        """The carrier NAT /24s of ``country``, the same blocks for every caller."""
+        if country not in self._carrier:
+            self._carrier[country] = [self.residential(country)
+                                      for _ in range(CARRIER_BLOCKS_PER_COUNTRY)]
+        return self._carrier[country]
+
+    def vpn(self) -> list[Block]:
+        """The exits of the one commercial VPN service consumers use (hosting ranges)."""
+        if not self._vpn:
+            self._vpn = [self.datacenter() for _ in range(VPN_BLOCKS)]
+        return self._vpn
 
     @staticmethod
     def countries() -> tuple[str, ...]:

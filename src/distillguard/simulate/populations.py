@@ -7,6 +7,11 @@ a benchmark's worth of single-turn GSM8K questions asking for worked solutions i
 burst (like chain-of-thought harvesting) and move to a new model on release day; companies
 run many accounts from one office range with one payment method, created on one day
 (like a hydra cluster).
+
+What an account record says overlaps between honest and attack accounts, as it does for
+a real provider: some honest organisations signed up days ago (a start-up, a new
+integration) and some never typed in an organisation; consumers share their carrier's
+NAT ranges and a VPN service's hosting ranges with strangers (see :mod:`.network`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ FOLLOW_UPS = (
 )
 # Share of consumer accounts opened in the two weeks before the trace starts.
 NEW_SIGNUP_SHARE = 0.12
+# Share of organisations (SaaS, evaluation runners, companies) that signed up in the two
+# weeks before the trace starts, and share that left the organisation field empty.
+NEW_ORG_SHARE = 0.25
+NO_ORG_SHARE = 0.3
+# Shares of consumers who use only their phone (behind the carrier's NAT), and who send
+# most of their sessions through a commercial VPN (hosting addresses).
+MOBILE_ONLY_SHARE = 0.25
+VPN_SHARE = 0.05
 COUNTRY_WEIGHTS = {"US": 40, "GB": 10, "DE": 12, "FR": 9, "ES": 6, "IT": 6, "CH": 2, "BR": 8}
 COMPANY_WORDS = ("Acme", "Northwind", "Globex", "Initech", "Umbrella", "Stark", "Wayne",
                  "Hooli", "Vandelay", "Tyrell", "Cyberdyne", "Soylent", "Wonka", "Aperture")
@@ -72,6 +85,18 @@ EVAL_TEMPLATE = ("Solve the following grade-school math problem. Show your work,
 
 def pick_country(rng: random.Random) -> str:
     return rng.choices(list(COUNTRY_WEIGHTS), weights=list(COUNTRY_WEIGHTS.values()))[0]
+
+
+def org_age(rng: random.Random, low: float, high: float) -> float:
+    """Days since an organisation's sign-up: ``low``-``high``, or within the last two
+    weeks for the share that is new."""
+    return rng.uniform(0.5, 14) if rng.random() < NEW_ORG_SHARE else rng.uniform(low, high)
+
+
+def org_on_record(rng: random.Random, org: str) -> str | None:
+    """The organisation as the account record has it: empty for the share that left the
+    field blank at sign-up."""
+    return None if rng.random() < NO_ORG_SHARE else org
 
 
 def company_name(rng: random.Random, world: World) -> tuple[str, str]:
@@ -124,8 +149,16 @@ class Casual:
         age = rng.uniform(0.2, 14) if rng.random() < NEW_SIGNUP_SHARE else rng.uniform(1, 400)
         self.client = world.add_account("casual", country=self.country,
                                         created_days_before=age)
-        home, mobile = world.net.residential(self.country), world.net.residential(self.country)
-        self.ips = [home.address(rng), mobile.address(rng)]
+        carrier = world.net.carrier(self.country)
+        phone = [rng.choice(carrier).address(rng) for _ in range(3)]
+        roll = rng.random()
+        if roll < MOBILE_ONLY_SHARE:
+            self.ips = phone
+        elif roll < MOBILE_ONLY_SHARE + VPN_SHARE:
+            self.ips = [rng.choice(world.net.vpn()).address(rng),
+                        world.net.residential(self.country).address(rng)]
+        else:
+            self.ips = [world.net.residential(self.country).address(rng), *phone]
         self.client.ip = self.ips[0]
         self.sessions_per_day = min(40.0, rng.lognormvariate(math.log(0.8), 1.1))
         self.stream = rng.random() < 0.6   # chat front-ends stream their answers
@@ -143,9 +176,10 @@ class Saas:
         self.world, self.rng, self.per_day = world, rng, per_day
         org, domain = company_name(rng, world)
         self.country = pick_country(rng)
-        self.client = world.add_account("saas", hard_negative=True, org=org,
-                                        email_domain=domain, country=self.country,
-                                        tier="verified", created_days_before=rng.uniform(60, 700))
+        self.client = world.add_account("saas", hard_negative=True,
+                                        org=org_on_record(rng, org), email_domain=domain,
+                                        country=self.country, tier="verified",
+                                        created_days_before=org_age(rng, 60, 700))
         block = world.net.datacenter()
         self.ips = [block.address(rng) for _ in range(rng.randint(1, 3))]
         self.client.ip, self.client.user_agent = self.ips[0], rng.choice(SCRIPT_AGENTS[:3])
@@ -172,9 +206,9 @@ class EvalRunner:
     def __init__(self, world: World, rng: random.Random, questions: int) -> None:
         self.world, self.rng = world, rng
         org, domain = company_name(rng, world)
-        self.client = world.add_account("eval_runner", hard_negative=True, org=org,
-                                        email_domain=domain, tier="verified",
-                                        created_days_before=rng.uniform(30, 400))
+        self.client = world.add_account("eval_runner", hard_negative=True,
+                                        org=org_on_record(rng, org), email_domain=domain,
+                                        tier="verified", created_days_before=org_age(rng, 30, 400))
         block: Block = world.net.datacenter()
         self.client.ip, self.client.user_agent = block.address(rng), SCRIPT_AGENTS[2]
         items = pool("math", world.split)
@@ -222,10 +256,13 @@ class Company:
         payment = world.new_id("pf_", 8)
         office = world.net.residential(self.country)
         self.nat = [office.address(rng) for _ in range(rng.randint(1, 3))]
-        opened = rng.uniform(20, 300)
+        opened = org_age(rng, 20, 300)
+        recorded = org_on_record(rng, org)
         self.staff: list[tuple[Client, float]] = []
         for _ in range(employees):
-            client = world.add_account("company", hard_negative=True, org=org,
+            # Where the company gave its name, a few staff still leave the field blank.
+            client = world.add_account("company", hard_negative=True,
+                                       org=recorded if rng.random() < 0.9 else None,
                                        email_domain=domain, payment=payment,
                                        country=self.country, tier="verified",
                                        created_days_before=opened - rng.uniform(0, 0.2))

@@ -1,9 +1,11 @@
-"""Named configurations: ``smoke``, ``tune``, ``heldout`` and ``large``.
+"""Named configurations: ``smoke``, ``tune``, ``heldout``, ``test`` and ``large``.
 
 A preset says how many actors of each kind to build (before ``--scale``), for how many
 days, from which half of the prompt pools, and which campaign types to include.
 ``heldout`` draws from the other half of every pool, uses its own seed stream and adds
-the ``tool_harvest`` campaign, which no other preset contains.
+the ``tool_harvest`` campaign, which ``tune`` does not contain. ``test`` is ``heldout``
+on a seed stream of its own: detection's constants are chosen on ``tune`` and
+``heldout``, and ``test`` is scored once they are fixed, for the reported figures.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ PRESETS: dict[str, Preset] = {
                       saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
                       company_size=15, campaign_size=25, per_account_day=120,
                       campaigns=(*ALL_TUNE, "tool_harvest"), campaign_copies=2),
+    "test": Preset("test", days=7.0, split="heldout", seed_salt=4, casual=600, saas=8,
+                   saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
+                   company_size=15, campaign_size=25, per_account_day=120,
+                   campaigns=(*ALL_TUNE, "tool_harvest"), campaign_copies=2),
     "large": Preset("large", days=14.0, split="all", seed_salt=3, casual=6000, saas=60,
                     saas_per_day=3000, eval_runners=20, eval_questions=500, companies=60,
                     company_size=20, campaign_size=60, per_account_day=200,
