@@ -5,6 +5,7 @@ not share, risk that an unseen feature value cannot decide alone)."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -722,13 +723,14 @@ def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None
     """The shipped calibration on a smoke world it was not fitted on: no consumer and no
     company account flagged, most campaign accounts caught early, campaigns attributed.
     Integrations and evaluation runners whose records no longer set them apart are the
-    known shortfall (docs/benchmarks.md, Campaign detection): all four `saas` accounts
-    and one of two evaluation runners of this world are flagged; no more may be."""
+    known shortfall (docs/benchmarks.md, Campaign detection): one of the four `saas`
+    accounts and one of the two evaluation runners of this world are flagged (all four
+    and one before the answer-length features); no more may be."""
     overall, benign = scored["overall"], scored["benign"]
     assert isinstance(overall, dict) and isinstance(benign, dict)
     assert overall["benign_accounts"] > 20
     assert benign["casual"]["flagged"] == 0 and benign["company"]["flagged"] == 0
-    assert overall["benign_flagged"] <= 5
+    assert overall["benign_flagged"] <= 2
     assert overall["recall"] >= 0.8
     assert overall["ari"] >= 0.6
     assert overall["campaigns_detected"] >= overall["campaigns"] - 2
@@ -764,3 +766,27 @@ def test_costart_counts_of_unlinked_pairs_are_forgotten() -> None:
     newest = links._newest_start
     assert 0 < len(links._own_starts["clock"]) < states["clock"].session_starts
     assert min(links._own_starts["clock"]) >= newest - COSTART_PAIR_TTL_S // BURST_BUCKET_S - 360
+
+
+def test_a_request_without_a_completion_limit_counts_as_uncapped() -> None:
+    """Leaving max_tokens out gets the longest answer the model gives: it counts as the
+    uncapped limit, not as asking for none, so omitting it cannot look like an
+    integration that asks for short answers."""
+    from distillguard.detect.scoring import ACCOUNT_FEATURES, account_vector
+    from distillguard.detect.sketches import UNCAPPED_COMPLETION_LIMIT
+
+    limit = ACCOUNT_FEATURES.index("log_completion_limit")
+    answers = ACCOUNT_FEATURES.index("log_completion_tokens")
+    capped, uncapped = AccountState("capped"), AccountState("uncapped")
+    for n in range(4):
+        ts = datetime(2026, 3, 2, 10, n, tzinfo=UTC)
+        for state, max_tokens in ((capped, 256), (uncapped, None)):
+            ex = make_exchange("Classify this ticket.", account_id=state.account_id, ts=ts)
+            ex.request.pop("max_tokens", None)
+            if max_tokens is not None:
+                ex.request["max_tokens"] = max_tokens
+            state.update(extract_many([ex])[0])
+    low, high = account_vector(capped, None), account_vector(uncapped, None)
+    assert low[limit] == pytest.approx(math.log1p(256))
+    assert high[limit] == pytest.approx(math.log1p(UNCAPPED_COMPLETION_LIMIT))
+    assert low[answers] == high[answers] > 0.0

@@ -28,7 +28,8 @@ ACCOUNT_FEATURES = (
     "log_volume", "log_rate", "template_reuse", "diversity", "concentration",
     "reasoning_share", "rubric_share", "tool_share", "harvest_share", "multi_turn_share",
     "log_output_ratio", "timing_regularity", "diurnal_entropy", "hosting_share",
-    "model_switch_rate", "log_age_days", "error_share",
+    "model_switch_rate", "log_age_days", "error_share", "log_completion_limit",
+    "log_completion_tokens",
 )
 _MEAN_OF = ("template_reuse", "concentration", "reasoning_share", "rubric_share",
             "tool_share", "harvest_share", "multi_turn_share", "hosting_share",
@@ -85,6 +86,7 @@ def account_vector(state: AccountState, facts: AccountFacts | None) -> np.ndarra
         state.tool_use / c, state.harvest / c, state.multi_turn / c,
         state.log_ratio_sum / c, state.timing_regularity, state.diurnal_entropy,
         state.hosting / c, state.model_switches / c, math.log1p(age), state.errors / c,
+        math.log1p(state.completion_limit_sum / c), math.log1p(state.completion_sum / c),
     ], dtype=float)
 
 

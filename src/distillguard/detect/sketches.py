@@ -2,7 +2,8 @@
 
 Each account keeps an :class:`AccountState` whose size does not grow with its traffic:
 
-* counters (volume, reasoning, rubric, tool use, harvest, multi-turn, hosting, errors);
+* counters (volume, reasoning, rubric, tool use, harvest, multi-turn, hosting, errors) and
+  sums of the completion limits asked for and the answer lengths received;
 * a capability histogram over the fixed categories;
 * heavy hitters (Space-Saving, :class:`TopK`) of its template keys, SimHash LSH keys,
   models, user agents, IP prefixes and AS names: template reuse and concentration;
@@ -161,6 +162,11 @@ def _minhash() -> MinHash:
                    scheme=_ACTIVITY_HASH.scheme)
 
 
+# The completion limit counted for a request that sets none: it gets as long an answer as
+# the model gives, so leaving the limit out must not look like asking for short answers.
+UNCAPPED_COMPLETION_LIMIT = 4096
+
+
 @dataclass(slots=True)
 class AccountState:
     """Everything detection remembers of one account (a few KB, whatever its volume)."""
@@ -180,7 +186,8 @@ class AccountState:
     model_switches: int = 0
     last_model: str = ""
     log_ratio_sum: float = 0.0
-    max_tokens_sum: float = 0.0
+    completion_limit_sum: float = 0.0
+    completion_sum: float = 0.0
     # Plain lists: a numpy element's += costs several times a list's, at every exchange.
     categories: list[int] = field(default_factory=lambda: [0] * len(CATEGORIES))
     hours: list[int] = field(default_factory=lambda: [0] * 24)
@@ -230,7 +237,9 @@ class AccountState:
             self.model_switches += 1
         self.last_model = f.model
         self.log_ratio_sum += math.log1p(f.output_ratio)
-        self.max_tokens_sum += min(f.max_tokens, 32_768)
+        self.completion_limit_sum += (min(f.max_tokens, 32_768) if f.max_tokens > 0
+                                      else UNCAPPED_COMPLETION_LIMIT)
+        self.completion_sum += min(f.completion_tokens, 32_768)
         self.categories[f.category] += 1
         self.hours[int(f.ts // 3600) % 24] += 1
         if f.depth == 0:
