@@ -720,17 +720,13 @@ def test_every_edge_agrees_with_its_accounts_frames(
 
 
 def test_shipped_calibration_on_a_small_world(scored: dict[str, object]) -> None:
-    """The shipped calibration on a smoke world it was not fitted on: no consumer and no
-    company account flagged, most campaign accounts caught early, campaigns attributed.
-    Integrations and evaluation runners whose records no longer set them apart are the
-    known shortfall (docs/benchmarks.md, Campaign detection): one of the four `saas`
-    accounts and one of the two evaluation runners of this world are flagged (all four
-    and one before the answer-length features); no more may be."""
-    overall, benign = scored["overall"], scored["benign"]
-    assert isinstance(overall, dict) and isinstance(benign, dict)
-    assert overall["benign_accounts"] > 20
-    assert benign["casual"]["flagged"] == 0 and benign["company"]["flagged"] == 0
-    assert overall["benign_flagged"] <= 2
+    """The shipped calibration on a smoke world it was not fitted on: no benign account
+    flagged, most campaign accounts caught early, campaigns attributed. (The calibration
+    fitted before the calibration traffic held integrations of every size flags one of
+    this world's evaluation runners.)"""
+    overall = scored["overall"]
+    assert isinstance(overall, dict)
+    assert overall["benign_accounts"] > 20 and overall["benign_flagged"] == 0
     assert overall["recall"] >= 0.8
     assert overall["ari"] >= 0.6
     assert overall["campaigns_detected"] >= overall["campaigns"] - 2

@@ -173,7 +173,10 @@ class Saas:
     """An integration sending templated prompts all day from a few datacenter addresses."""
 
     def __init__(self, world: World, rng: random.Random, per_day: float) -> None:
-        self.world, self.rng, self.per_day = world, rng, per_day
+        self.world, self.rng = world, rng
+        # Integrations come in every size: ``per_day`` is a typical one's volume, and each
+        # sends from a thirtieth of it to three times it.
+        self.per_day = per_day * min(3.0, max(1 / 30, rng.lognormvariate(0.0, 1.0)))
         org, domain = company_name(rng, world)
         self.country = pick_country(rng)
         self.client = world.add_account("saas", hard_negative=True,
