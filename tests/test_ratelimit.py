@@ -307,3 +307,32 @@ def test_a_prompt_estimate_counts_what_the_model_reads() -> None:
     assert prompt_token_estimate({"messages": "x", "tools": 5, "prompt": [1, "a"]}) == 1
     assert prompt_token_estimate(None) == prompt_token_estimate([1, 2]) == 0
     assert Usage.estimate(with_tools, None).prompt_tokens == prompt_token_estimate(with_tools)
+
+
+def test_the_reservation_and_detection_read_one_completion_allowance() -> None:
+    """The token reservation and detection's harvest features read a request's
+    completion limit and sample count in one place, as a lenient upstream reads them."""
+    from distillguard.detect.features import extract
+    from distillguard.exchange import requested_completion
+    from tests.factories import make_exchange
+
+    cases = [
+        ({"max_tokens": 90, "max_completion_tokens": 900, "n": 2, "best_of": 5}, (900, 5)),
+        ({"max_tokens": "8000"}, (8000, 1)),
+        ({"max_completion_tokens": 8000.0, "n": 3.0}, (8000, 3)),
+        ({"max_tokens": -10, "n": -3}, (0, 1)),
+        ({"max_tokens": True, "n": "many", "best_of": None}, (0, 1)),
+        ({}, (0, 1)),
+    ]
+    for fields, expected in cases:
+        assert requested_completion(fields) == expected, fields
+        request = {"messages": [{"role": "user", "content": "abcd"}], **fields}
+        limit, samples = expected
+        assert tokens_to_reserve(request) == tokens_to_reserve(
+            {"messages": request["messages"]}) + limit * samples
+        ex = make_exchange("abcd")
+        ex.request.pop("max_tokens", None)
+        ex.request.update(fields)
+        features = extract(ex)
+        assert (features.max_tokens, features.n) == expected, fields
+    assert requested_completion(["not", "a", "request"]) == (0, 1)

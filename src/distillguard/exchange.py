@@ -524,6 +524,38 @@ def _json_chars(value: Any) -> int:
         return 0
 
 
+def _lax_int(value: Any) -> int | None:
+    """A whole number as a lenient upstream reads one (pydantic's lax mode, as vLLM's
+    request models use): an int, a float with no fraction, or a string of digits; a
+    boolean or anything else is no number."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def requested_completion(request: Any) -> tuple[int, int]:
+    """What a request lets the upstream generate: the larger of ``max_tokens`` and
+    ``max_completion_tokens`` (0 when neither is a positive number) and the larger of
+    ``n`` and ``best_of`` (at least 1). Upstreams differ on which of a pair wins (vLLM
+    takes ``max_completion_tokens or max_tokens``), and ``best_of`` completions are all
+    generated though ``n`` are returned, so the larger of each is what may be generated.
+    The token reservation and detection's harvest features both read it here."""
+    if not isinstance(request, dict):
+        return 0, 1
+    limits = [_lax_int(request.get(k)) for k in ("max_tokens", "max_completion_tokens")]
+    samples = [_lax_int(request.get(k)) for k in ("n", "best_of")]
+    limit = max((v for v in limits if v is not None), default=0)
+    count = max((v for v in samples if v is not None), default=1)
+    return min(max(limit, 0), MAX_JSON_INT), min(max(count, 1), MAX_JSON_INT)
+
+
 def prompt_token_estimate(request: Any) -> int:
     """Tokens a request's prompt is counted as when they must be estimated (before the
     upstream answers, and when it reports no usage): characters over CHARS_PER_TOKEN,

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from distillguard.config import CounterSettings, LimitSet, Settings
 from distillguard.errors import ServiceUnavailable
-from distillguard.exchange import MAX_JSON_INT, Exchange, prompt_token_estimate
+from distillguard.exchange import (
+    MAX_JSON_INT,
+    Exchange,
+    prompt_token_estimate,
+    requested_completion,
+)
 from distillguard.pipeline import Allowed, Decision, Denied
 
 if TYPE_CHECKING:
@@ -302,22 +307,15 @@ def tokens_to_reserve(request: Any) -> int:
     """Tokens a request may use, held against its token windows from the moment it is
     admitted until its usage is known: its prompt (as
     :func:`~distillguard.exchange.prompt_token_estimate` counts it) and the completion it allows
-    (the larger of ``max_completion_tokens`` and ``max_tokens``, times the larger of
-    ``n`` and ``best_of``), when it sets one. Only the usage already charged was
+    (:func:`~distillguard.exchange.requested_completion`: the larger completion limit
+    times the larger sample count), when it sets one. Only the usage already charged was
     checked: requests admitted at once, or one with a long prompt and a large limit,
-    each ran past a token quota. Upstreams differ on which limit wins (vLLM takes
-    ``max_completion_tokens or max_tokens``): ``"max_completion_tokens": null`` or ``0``
-    beside a large ``max_tokens`` reserved nothing here while the upstream used the
-    large one. ``best_of`` completions are all generated, though ``n`` are returned."""
+    each ran past a token quota; and ``"max_completion_tokens": null`` or ``0`` beside a
+    large ``max_tokens`` had reserved nothing while the upstream used the large one."""
     if not isinstance(request, dict):
         return 0
-    prompt = prompt_token_estimate(request)
-    limit = max((v for v in (request.get("max_completion_tokens"), request.get("max_tokens"))
-                 if type(v) is int), default=0)
-    n = max((v for v in (request.get("n"), request.get("best_of")) if type(v) is int),
-            default=1)
-    completion = limit * max(n, 1) if limit > 0 else 0
-    return min(prompt + completion, MAX_JSON_INT)
+    limit, samples = requested_completion(request)
+    return min(prompt_token_estimate(request) + limit * samples, MAX_JSON_INT)
 
 
 class RateLimiter:

@@ -43,7 +43,7 @@ from distillguard.detect.prompts import (
     text_features,
 )
 from distillguard.detect.textcache import TextCache
-from distillguard.exchange import Exchange
+from distillguard.exchange import Exchange, requested_completion
 from distillguard.geoip import GeoIP, default_geoip
 
 CATEGORIES = ("other", "code", "math", "tool_use", "writing", "translation", "knowledge")
@@ -157,13 +157,6 @@ def bounded(text: str) -> str:
     return f"{text[:MAX_LABEL_CHARS - 20]}...#{digest.hexdigest()}"
 
 
-def _int(value: Any, default: int) -> int:
-    try:
-        return int(value) if value is not None else default
-    except (TypeError, ValueError, OverflowError):     # OverflowError: an infinite float
-        return default
-
-
 def _float(value: Any) -> float | None:
     try:
         return float(value) if value is not None else None
@@ -203,8 +196,7 @@ class Extractor:
             # the larger limit and sample count, as the upstream generates and the token
             # reservation holds them (a small max_tokens beside a large
             # max_completion_tokens, or best_of beside n, hid a harvest)
-            max(_int(req.get("max_tokens"), 0), _int(req.get("max_completion_tokens"), 0)),
-            max(_int(req.get("n"), 1), _int(req.get("best_of"), 1)),
+            *requested_completion(req),
             bool(req.get("logprobs")), _float(req.get("temperature")),
             usage.prompt_tokens if usage else None, usage.completion_tokens if usage else 0,
             bounded(ex.model or ""), bounded(ex.user_agent or ""),
