@@ -68,8 +68,9 @@ def _variants(start: datetime) -> dict[str, Callable[[Record, Label, random.Rand
     def young(record: Record, label: Label, rng: random.Random,
               opened: dict[str, float]) -> None:
         if label["hard_negative"]:
-            # a company's staff open their accounts within hours of each other
-            key = record.get("org") or record["account_id"]
+            # a company's staff open their accounts within hours of each other (by the mail
+            # domain they share: the organisation field is blank on some records)
+            key = record.get("email_domain") or record["account_id"]
             days = opened.setdefault(key, rng.uniform(0.5, 10)) + rng.uniform(0, 0.1)
             record["created_at"] = format_ts(start - timedelta(days=days))
 
