@@ -140,6 +140,30 @@ def test_one_harness_on_several_rings_stays_one_community() -> None:
     assert _communities(links) == {frozenset(states)}
 
 
+def test_a_prefix_links_only_the_accounts_that_mostly_send_from_it() -> None:
+    """A rotating proxy sends each request from another exit, consumers' /24s among them.
+    Whichever /24 it used most so far is not where the account lives, and linking it to
+    the consumers there put harvesters and strangers in one community. Two consumers who
+    send from one /24 are still linked by it."""
+    links, states = LinkIndex(), {}
+    prefixes = {"home1": ["10.0.1.0/24"] * 8, "home2": ["10.0.1.0/24"] * 7 + ["10.9.9.0/24"],
+                "proxied": ["10.0.1.0/24"] * 3 + [f"10.0.{n}.0/24" for n in range(2, 7)]}
+    for aid, seen in prefixes.items():
+        state = states[aid] = AccountState(aid)
+        links.set_static(aid, None, None)
+        for n, prefix in enumerate(seen):
+            state.update(make_features(aid, T0 + 60 * n, template_keys=(hash(aid),),
+                                       ip_prefix=prefix))
+        state.flush()
+        links.update(state)
+    links.refresh(states)
+    assert states["proxied"].top_prefix == "10.0.1.0/24"
+    assert states["proxied"].home_prefix is None
+    assert states["home2"].home_prefix == "10.0.1.0/24"
+    assert {pair for pair, kinds in links.edges.items() if "prefix" in kinds} == {
+        ("home1", "home2")}
+
+
 def test_template_strength_follows_frames_on_every_link() -> None:
     """x and y share a /24 and a frame group of twelve accounts. When x takes on frames of
     its own, its template similarity to y falls below the bar, and the pair's edge must

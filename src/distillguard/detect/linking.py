@@ -11,8 +11,10 @@ the number of accounts, not of exchanges:
   with datasketch's :class:`~datasketch.MinHashLSH`, well above what two independent
   accounts as busy would share by chance; or they started sessions within seconds of
   each other more often than their session counts make likely (*co-start*, below);
-* **infrastructure**: the same payment fingerprint, the same client /24, or the same
-  sign-up window;
+* **infrastructure**: the same payment fingerprint, the same home /24 (the client /24
+  at least half of each account's exchanges came from: an account whose requests rotate
+  through a proxy network's exits has none, or it would be linked to the strangers on
+  whichever exit it used most), or the same sign-up window;
 * the account records' sign-up window counts only together with another link kind.
 
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
@@ -326,7 +328,7 @@ class LinkIndex:
             self._frames_moved.add(aid)
         self._set_keys("lsh", aid, [k for k, _ in state.dominant_keys(
             share, count, frames=False, bands=True)])
-        prefix = state.top_prefix
+        prefix = state.home_prefix
         self._set_keys("prefix", aid, [prefix] if prefix else [])
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False

@@ -356,6 +356,14 @@ class AccountState:
         return None if top is None else str(top)
 
     @property
+    def home_prefix(self) -> str | None:
+        """The client /24 most of the account's exchanges came from, if one did."""
+        top = self.prefixes.first()
+        if top is None or 2 * self.prefixes.guaranteed(top) < self.count:
+            return None
+        return str(top)
+
+    @property
     def top_user_agent(self) -> str | None:
         top = self.user_agents.first()
         return None if top is None else str(top)
