@@ -243,3 +243,38 @@ def test_a_campaign_counts_the_accounts_it_holds_that_are_no_longer_linked() -> 
         "longer linked", "3 of 2 ..."]
     campaign.accounts = ["a", "b"]
     assert campaign.verdict().evidence[0] == "3 linked accounts, 2 flagged"
+
+
+def test_an_account_sending_a_flagged_groups_frames_is_flagged_with_it() -> None:
+    """Four busy accounts and a quiet one send the same template frames from one /24; a
+    fifth, quiet too, shares only the /24. The model scores volume alone, so the quiet
+    accounts are far under the threshold on their own. The one that sends the group's
+    frames is flagged when most of its template group is over (after two looks: it is
+    young); the one that only shares the network is in the community, not the group."""
+    cal = Calibration.neutral()
+    cal.model.coef[0], cal.model.intercept, cal.threshold = 4.0, -10.0, 0.9   # log_volume
+    detector = Detector(cal, tick_seconds=60.0, due_growth=0.0)
+    t0 = 1_700_000_000.0
+    net = "10.0.0.0/24"
+    for minute in range(40):
+        at = t0 + minute * 60.0
+        for i in range(4):
+            detector.observe(make_features(f"busy{i}", at + i, ip_prefix=net))
+        if minute % 8 == 0:
+            detector.observe(make_features("quiet", at + 5, ip_prefix=net))
+            detector.observe(make_features("neighbour", at + 6, ip_prefix=net,
+                                           template_keys=(7, 8, 9), simhash=2**64 - 1))
+    detector.finish()
+    community = detector.graph.of["quiet"]
+    assert community is detector.graph.of["neighbour"] is detector.graph.of["busy0"]
+    assert detector.graph.linked_within("quiet", "template") == {
+        "quiet", "busy0", "busy1", "busy2", "busy3"}
+    assert detector.graph.linked_within("neighbour", "template") == frozenset()
+    quiet, neighbour = detector.status["quiet"], detector.status["neighbour"]
+    assert quiet.own < 0.1 and neighbour.own < 0.1
+    assert all(detector.status[f"busy{i}"].flagged for i in range(4))
+    # Its frames are dominant from its third exchange; flagged at the second look after.
+    assert quiet.flagged and quiet.exchanges_before_flag == 3 and quiet.risk > 0.9
+    assert quiet.reasons[0].startswith("sends the template frames of 4 linked accounts "
+                                       "whose median risk is 0.9")
+    assert not neighbour.flagged and neighbour.risk < 0.1

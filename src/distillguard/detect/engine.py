@@ -5,7 +5,8 @@ order. Each updates the account's sketches; whenever the trace clock passes the 
 evaluation time (every ``tick_seconds``), the detector *evaluates*: it refreshes the
 cross-account links of the accounts that moved, updates the account graph and its
 communities, scores every affected account, and flags those whose risk reaches the
-calibrated threshold. An evaluation sees only exchanges that came before it, so
+calibrated threshold, or whose template group's median risk does
+(:meth:`Detector._template_group_risks`). An evaluation sees only exchanges that came before it, so
 ``first_flagged_at`` (the time of the exchange that triggered the evaluation) and
 ``exchanges_before_flag`` (the account's exchanges seen by then) say honestly how early a
 campaign was caught. Flags are sticky; risk and campaign membership are kept up to date.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from collections import Counter
 from collections.abc import Container
 from dataclasses import dataclass, field
@@ -79,6 +81,9 @@ class AccountStatus:
     risk: float = 0.0
     peak: float = 0.0
     peak_group: float = 0.0
+    # Its own risk at its latest evaluation, whatever route flagged it: what the median of
+    # its template group reads for it (Detector._template_group_risks).
+    own: float = 0.0
     reported: float = 0.0      # the risk of the last verdict handed out (online rows)
     # Whether the evaluation behind the last verdict handed out found it over a threshold.
     reported_over: bool = False
@@ -284,9 +289,43 @@ class Detector:
                             np.vstack([community_rows[key] for key in keys])])
         risks = self.calibration.model.risk(matrix)
         group_risks = np.array([community_risk[key] for key in keys])
+        template_groups = self._template_group_risks(ids, risks)
         if self.collect:
             self._snapshot(ids, matrix)
-        return self._apply(now, ids, matrix, risks, group_risks)
+        return self._apply(now, ids, matrix, risks, group_risks, template_groups)
+
+    def _template_group_risks(self, ids: list[str], risks: np.ndarray
+                              ) -> list[tuple[float, int]]:
+        """For each account, its template group's median risk and size ((0, 0) without
+        one). The group is the members of its community it reaches through template
+        links: the accounts that send its operator's frames. Each member counts with its
+        risk of this evaluation or, if it was not evaluated now, of its latest one.
+
+        An account is also flagged when this median reaches the account threshold: when
+        most of the accounts sending the same frames would be flagged on their own, the
+        rest are the same campaign, however little traffic each has sent. Template links
+        only: a community also holds accounts joined to it by a shared /24, a sign-up
+        window or one chance co-start, and a benign integration that shares a cloud /24
+        with a campaign is not one of its accounts."""
+        latest = dict(zip(ids, risks.tolist(), strict=True))
+        group_of: dict[str, frozenset[str]] = {}
+        medians: dict[frozenset[str], float] = {}
+        out: list[tuple[float, int]] = []
+        for aid in ids:
+            group = group_of.get(aid)
+            if group is None:
+                group = self.graph.linked_within(aid, "template")
+                group_of.update(dict.fromkeys(group, group))
+            if not group:
+                out.append((0.0, 0))
+                continue
+            median = medians.get(group)
+            if median is None:
+                median = medians[group] = statistics.median(
+                    [latest[m] if m in latest else self.status[m].own
+                     for m in group if m in latest or m in self.status])
+            out.append((median, len(group)))
+        return out
 
     def _group_snapshot(self, members: frozenset[str], row: np.ndarray) -> None:
         """A community's row, once per distinct membership."""
@@ -305,21 +344,27 @@ class Detector:
                 self._marks[aid] = count * 2 if count < 50 else count + 50
 
     def _apply(self, now: float, ids: list[str], matrix: np.ndarray, risks: np.ndarray,
-               group_risks: np.ndarray) -> Changes:
+               group_risks: np.ndarray, template_groups: list[tuple[float, int]]
+               ) -> Changes:
         changes = Changes(now)
         cal = self.calibration
         changed: set[str] = set()
-        for aid, row, risk, group in zip(ids, matrix, risks, group_risks, strict=True):
+        for aid, row, risk, group, (crew, crew_size) in zip(
+                ids, matrix, risks, group_risks, template_groups, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
             young = self.states[aid].count < MIN_OWN_EXCHANGES
             # An unlinked account is judged on its own traffic only once there is enough of
             # it: a few single-turn prompts from a new account are how many people start.
             own = float(risk) if (aid in self.graph.of or not young) else 0.0
             g = float(group)
-            st.peak = max(st.peak, own)
+            st.own = float(risk)
+            # The peak is what the account threshold was compared with, so calibration
+            # sets it from benign accounts' template groups too.
+            st.peak = max(st.peak, own, crew)
             st.peak_group = max(st.peak_group, g)
-            r = max(own, g)
-            over = own >= cal.threshold or g >= cal.community_threshold
+            r = max(own, g, crew)
+            by_crew = crew >= cal.threshold > own
+            over = own >= cal.threshold or by_crew or g >= cal.community_threshold
             # A young account is flagged only when evaluations in a row at two times find
             # it over: a chance link to a campaign in someone's first few exchanges rarely
             # lasts.
@@ -337,6 +382,10 @@ class Detector:
                     not st.reasons or over != st.reported_over)):
                 st.reported, st.reported_over = r, over
                 st.reasons = account_reasons(cal.model, row, aid in self.graph.of)
+                if by_crew:
+                    st.reasons = [f"sends the template frames of {crew_size - 1} linked "
+                                  f"accounts whose median risk is {crew:.2f}",
+                                  *st.reasons][:6]
                 if cal.community is not None and g >= cal.community_threshold:
                     st.reasons = [f"its linked group scores {g:.2f} as a campaign",
                                   *group_reasons(cal.community, row[len(ACCOUNT_FEATURES):]),

@@ -385,6 +385,22 @@ class AccountGraph:
             pending = rest
         return out
 
+    def linked_within(self, account_id: str, kind: str) -> frozenset[str]:
+        """The members of the account's community it reaches through links of ``kind``
+        among them, itself included; empty when it has no such link."""
+        community = self.of.get(account_id)
+        by_node = self._neighbours.get(kind, {})
+        if community is None or account_id not in by_node:
+            return frozenset()
+        members = community.members
+        reached, pending = {account_id}, [account_id]
+        while pending:
+            for other in by_node.get(pending.pop(), ()):
+                if other in members and other not in reached:
+                    reached.add(other)
+                    pending.append(other)
+        return frozenset(reached) if len(reached) > 1 else frozenset()
+
     def _index_kinds(self, a: str, b: str, before: Set[str], after: Set[str]) -> None:
         """Keep ``_neighbours`` (kind -> account -> accounts it is linked to by that kind)
         in step with one pair's kinds."""
