@@ -14,6 +14,7 @@ from distillguard.detect.engine import (
     Detector,
     new_campaign_id,
 )
+from distillguard.detect.scoring import FEATURES, AccountFacts
 from tests.factories import make_features
 
 
@@ -278,3 +279,35 @@ def test_an_account_sending_a_flagged_groups_frames_is_flagged_with_it() -> None
     assert quiet.reasons[0].startswith("sends the template frames of 4 linked accounts "
                                        "whose median risk is 0.9")
     assert not neighbour.flagged and neighbour.risk < 0.1
+
+
+def test_a_young_account_sharing_only_a_network_with_a_campaign_is_judged_alone() -> None:
+    """The model scores the community's volume per member alone. A young account that
+    shares the campaign's /24 (a carrier NAT, a VPN) is in its community but not tied to
+    its evidence, and is judged as an unlinked young account: not at all. One that pays
+    with the campaign's card is tied to it, and is flagged with it."""
+    cal = Calibration.neutral()
+    cal.model.coef[FEATURES.index("log_member_volume")] = 4.0
+    cal.model.intercept, cal.threshold = -10.0, 0.9
+    detector = Detector(cal, tick_seconds=60.0, due_growth=0.0)
+    for aid in ("busy0", "busy1", "busy2", "cardholder"):
+        detector.add_account(aid, AccountFacts(payment="card-1"))
+    t0 = 1_700_000_000.0
+    for minute in range(40):
+        at = t0 + minute * 60.0
+        for i in range(3):
+            detector.observe(make_features(f"busy{i}", at + i, ip_prefix="10.0.0.0/24"))
+        if minute % 10 == 5:
+            detector.observe(make_features("stranger", at + 5, ip_prefix="10.0.0.0/24",
+                                           template_keys=(7, 8, 9), simhash=2**64 - 1))
+            detector.observe(make_features("cardholder", at + 6, ip_prefix="10.9.9.0/24",
+                                           template_keys=(4, 5, 6), simhash=2**63))
+    detector.finish()
+    community = detector.graph.of["busy0"]
+    assert detector.graph.of["stranger"] is community is detector.graph.of["cardholder"]
+    stranger, cardholder = detector.status["stranger"], detector.status["cardholder"]
+    assert stranger.own > 0.9 and cardholder.own > 0.9, "not the case tested"
+    assert not stranger.flagged and stranger.risk == 0.0
+    assert cardholder.flagged
+    assert not detector.graph.has_link_within("stranger", ("template", "lockstep",
+                                                           "payment"))

@@ -49,6 +49,10 @@ from distillguard.verdicts import AccountVerdict, CampaignVerdict, Verdicts
 SIGNUP_WINDOW_S = 3_600
 RISK_STEP = 0.05
 MIN_OWN_EXCHANGES = 10
+# The links that tie a young account to its community's evidence: what it sends, when,
+# and what it pays with. A shared /24 (a carrier's NAT, a VPN) or sign-up window is as
+# likely a stranger's; a young account joined by those alone is judged as an unlinked one.
+TIE_KINDS = ("template", "lockstep", "payment")
 # An account that sent exchanges since it was last evaluated is evaluated again once its
 # volume has grown by this share, or once this long has passed (see Detector.evaluate).
 DUE_GROWTH = 0.25
@@ -355,7 +359,9 @@ class Detector:
             young = self.states[aid].count < MIN_OWN_EXCHANGES
             # An unlinked account is judged on its own traffic only once there is enough of
             # it: a few single-turn prompts from a new account are how many people start.
-            own = float(risk) if (aid in self.graph.of or not young) else 0.0
+            # So is a young one linked by a shared /24 or sign-up window only (TIE_KINDS).
+            tied = not young or self.graph.has_link_within(aid, TIE_KINDS)
+            own = float(risk) if tied else 0.0
             g = float(group)
             st.own = float(risk)
             # The peak is what the account threshold was compared with, so calibration

@@ -14,7 +14,7 @@ change keeps its partition, so Louvain runs only where the graph moved.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -384,6 +384,18 @@ class AccountGraph:
                 break
             pending = rest
         return out
+
+    def has_link_within(self, account_id: str, kinds: Iterable[str]) -> bool:
+        """Whether the account has a link of one of ``kinds`` to another member of its
+        community."""
+        community = self.of.get(account_id)
+        if community is None:
+            return False
+        for kind in kinds:
+            mine = self._neighbours.get(kind, {}).get(account_id)
+            if mine is not None and not mine.isdisjoint(community.members):
+                return True
+        return False
 
     def linked_within(self, account_id: str, kind: str) -> frozenset[str]:
         """The members of the account's community it reaches through links of ``kind``
