@@ -157,7 +157,7 @@ def test_a_prefix_links_only_the_accounts_that_mostly_send_from_it() -> None:
         state.flush()
         links.update(state)
     links.refresh(states)
-    assert states["proxied"].top_prefix == "10.0.1.0/24"
+    assert states["proxied"].prefixes.first() == "10.0.1.0/24"
     assert states["proxied"].home_prefix is None
     assert states["home2"].home_prefix == "10.0.1.0/24"
     assert {pair for pair, kinds in links.edges.items() if "prefix" in kinds} == {

@@ -6,10 +6,11 @@ evaluation time (every ``tick_seconds``), the detector *evaluates*: it refreshes
 cross-account links of the accounts that moved, updates the account graph and its
 communities, scores every affected account, and flags those whose risk reaches the
 calibrated threshold, or whose template group's median risk does
-(:meth:`Detector._template_group_risks`). An evaluation sees only exchanges that came before it, so
-``first_flagged_at`` (the time of the exchange that triggered the evaluation) and
-``exchanges_before_flag`` (the account's exchanges seen by then) say honestly how early a
-campaign was caught. Flags are sticky; risk and campaign membership are kept up to date.
+(:meth:`Detector._template_group_risks`). An evaluation sees only exchanges that came
+before it, so ``first_flagged_at`` (the time of the exchange that triggered the
+evaluation) and ``exchanges_before_flag`` (the account's exchanges seen by then) say
+honestly how early a campaign was caught. Flags are sticky; risk and campaign
+membership are kept up to date.
 
 Evaluations are driven by the timestamps in the data, never by the wall clock, so the
 batch path and the online path give the same verdicts on the same exchanges.
@@ -353,7 +354,7 @@ class Detector:
         changes = Changes(now)
         cal = self.calibration
         changed: set[str] = set()
-        for aid, row, risk, group, (crew, crew_size) in zip(
+        for aid, row, risk, group, (template_median, template_size) in zip(
                 ids, matrix, risks, group_risks, template_groups, strict=True):
             st = self.status.setdefault(aid, AccountStatus())
             young = self.states[aid].count < MIN_OWN_EXCHANGES
@@ -366,11 +367,11 @@ class Detector:
             st.own = float(risk)
             # The peak is what the account threshold was compared with, so calibration
             # sets it from benign accounts' template groups too.
-            st.peak = max(st.peak, own, crew)
+            st.peak = max(st.peak, own, template_median)
             st.peak_group = max(st.peak_group, g)
-            r = max(own, g, crew)
-            by_crew = crew >= cal.threshold > own
-            over = own >= cal.threshold or by_crew or g >= cal.community_threshold
+            r = max(own, g, template_median)
+            by_template_group = template_median >= cal.threshold > own
+            over = own >= cal.threshold or by_template_group or g >= cal.community_threshold
             # A young account is flagged only when evaluations in a row at two times find
             # it over: a chance link to a campaign in someone's first few exchanges rarely
             # lasts.
@@ -388,9 +389,9 @@ class Detector:
                     not st.reasons or over != st.reported_over)):
                 st.reported, st.reported_over = r, over
                 st.reasons = account_reasons(cal.model, row, aid in self.graph.of)
-                if by_crew:
-                    st.reasons = [f"sends the template frames of {crew_size - 1} linked "
-                                  f"accounts whose median risk is {crew:.2f}",
+                if by_template_group:
+                    st.reasons = [f"sends the template frames of {template_size - 1} linked "
+                                  f"accounts whose median risk is {template_median:.2f}",
                                   *st.reasons][:6]
                 if cal.community is not None and g >= cal.community_threshold:
                     st.reasons = [f"its linked group scores {g:.2f} as a campaign",

@@ -351,13 +351,8 @@ class AccountState:
         return self._top_asn
 
     @property
-    def top_prefix(self) -> str | None:
-        top = self.prefixes.first()
-        return None if top is None else str(top)
-
-    @property
     def home_prefix(self) -> str | None:
-        """The client /24 most of the account's exchanges came from, if one did."""
+        """The client /24 at least half of the account's exchanges came from, if one did."""
         top = self.prefixes.first()
         if top is None or 2 * self.prefixes.guaranteed(top) < self.count:
             return None
