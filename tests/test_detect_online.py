@@ -872,3 +872,50 @@ def test_a_replica_with_a_detector_of_its_own_is_warned(
     assert extension is not None and len(extension.stages) == 1
     assert any("sees only the traffic it serves" in r.getMessage()
                for r in caplog.records) == warned
+
+
+def test_verdicts_of_a_write_under_way_count_as_unwritten_and_wait_again_if_it_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a write is under way its verdicts are not written yet: the unwritten count
+    (and its metric) keeps them. A write that fails, or is cancelled at shutdown, gives
+    them back to wait for the next one."""
+    import distillguard.detect.online as online
+    from distillguard.detect.engine import Changes
+
+    release = asyncio.Event()
+    outcome: list[BaseException | None] = [RuntimeError("the store went away")]
+
+    async def held_write(*_args: object) -> None:
+        await release.wait()
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    async def go() -> None:
+        stage = DetectionStage(f"sqlite:///{tmp_path / 'state.sqlite'}", Calibration.read())
+        await stage.start()
+        monkeypatch.setattr(online, "write_verdicts", held_write)
+        changes = Changes(1_772_000_000.0, [AccountVerdict("a", 0.99, True),
+                                            AccountVerdict("b", 0.10, False)])
+        writing = asyncio.create_task(stage._write(changes))
+        await _until(lambda: stage._write_lock.locked())
+        assert stage.unwritten_rows == 2, "a write under way counted as written"
+        stage._waiting.add(Changes(1_772_000_300.0, [AccountVerdict("b", 0.2, False)]))
+        assert stage.unwritten_rows == 2, "one account counted twice"
+        release.set()
+        await writing
+        assert stage.write_errors == 1 and stage.unwritten_rows == 2
+        release.clear()
+        writing = asyncio.create_task(stage.write_unwritten())
+        await _until(lambda: stage._write_lock.locked())
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        assert stage.unwritten_rows == 2 and stage.write_errors == 1
+        outcome[0] = None
+        release.set()
+        await stage.write_unwritten()
+        assert stage.unwritten_rows == 0 and stage.written_accounts == 2
+        monkeypatch.undo()
+        await stage.close()
+
+    asyncio.run(go())

@@ -337,6 +337,8 @@ class DetectionStage:
         # Changes not written yet (a failed write, a follower standing by), and whether
         # this stage may write them (see write_unwritten).
         self._waiting = WaitingChanges()
+        # What the write under way took from _waiting (still unwritten until it succeeds).
+        self._in_flight = WaitingChanges()
         self._write_lock = asyncio.Lock()
         self._write_failing = False
         self.may_write: Callable[[], bool] = lambda: True
@@ -472,13 +474,16 @@ class DetectionStage:
             if not self._waiting or not self.may_write():
                 return
             assert self.engine is not None
-            taken = self._waiting.take()
+            taken = self._in_flight = self._waiting.take()
             try:
                 await write_verdicts(self.engine, taken.accounts.values(),
                                      taken.campaigns.values())
-            except Exception:
-                self.write_errors += 1
+            except BaseException as exc:
+                # Failed or cancelled (shutdown): what it took waits again.
                 self._waiting.put_back(taken)
+                if not isinstance(exc, Exception):
+                    raise
+                self.write_errors += 1
                 if not self._write_failing:      # once per outage, not at every retry
                     log.exception("writing the detector's changes failed: %d account and "
                                   "%d campaign verdicts up to the evaluation at %s wait "
@@ -487,6 +492,8 @@ class DetectionStage:
                                   format_ts(datetime.fromtimestamp(taken.latest, UTC)))
                 self._write_failing = True
                 return
+            finally:
+                self._in_flight = WaitingChanges()
             if self._write_failing:
                 log.warning("the detector's changes are written again (%d failed writes "
                             "so far)", self.write_errors)
@@ -497,8 +504,13 @@ class DetectionStage:
 
     @property
     def unwritten_rows(self) -> int:
-        """Account and campaign verdicts waiting to be written."""
-        return len(self._waiting)
+        """Account and campaign verdicts waiting to be written, those of a write under
+        way included (it may fail and give them back)."""
+        waiting, flying = self._waiting, self._in_flight
+        if not flying:
+            return len(waiting)
+        return (len(waiting.accounts.keys() | flying.accounts.keys())
+                + len(waiting.campaigns.keys() | flying.campaigns.keys()))
 
     async def close(self) -> None:
         if self.engine is not None:
