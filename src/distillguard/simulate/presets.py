@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distillguard.simulate import campaigns as c
@@ -43,6 +43,10 @@ class Preset:
 
 ALL_TUNE = ("hydra", "reseller", "heavy_single", "slow_low", "cot_elicitation",
             "rubric_grading", "model_switch")
+HELDOUT = Preset("heldout", days=7.0, split="heldout", seed_salt=2, casual=600, saas=8,
+                 saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
+                 company_size=15, campaign_size=25, per_account_day=120,
+                 campaigns=(*ALL_TUNE, "tool_harvest"), campaign_copies=2)
 PRESETS: dict[str, Preset] = {
     "smoke": Preset("smoke", days=1.0, split="dev", seed_salt=0, casual=24, saas=2,
                     saas_per_day=150, eval_runners=1, eval_questions=40, companies=1,
@@ -51,14 +55,9 @@ PRESETS: dict[str, Preset] = {
                    saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
                    company_size=15, campaign_size=25, per_account_day=120,
                    campaigns=ALL_TUNE, campaign_copies=2),
-    "heldout": Preset("heldout", days=7.0, split="heldout", seed_salt=2, casual=600, saas=8,
-                      saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
-                      company_size=15, campaign_size=25, per_account_day=120,
-                      campaigns=(*ALL_TUNE, "tool_harvest"), campaign_copies=2),
-    "test": Preset("test", days=7.0, split="heldout", seed_salt=4, casual=600, saas=8,
-                   saas_per_day=1500, eval_runners=3, eval_questions=250, companies=6,
-                   company_size=15, campaign_size=25, per_account_day=120,
-                   campaigns=(*ALL_TUNE, "tool_harvest"), campaign_copies=2),
+    "heldout": HELDOUT,
+    # The same world on a seed stream of its own, for figures scored once.
+    "test": replace(HELDOUT, name="test", seed_salt=4),
     "large": Preset("large", days=14.0, split="all", seed_salt=3, casual=6000, saas=60,
                     saas_per_day=3000, eval_runners=20, eval_questions=500, companies=60,
                     company_size=20, campaign_size=60, per_account_day=200,
