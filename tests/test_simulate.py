@@ -153,3 +153,27 @@ def test_account_records_and_networks_overlap_between_honest_and_attack(
     hosting = [default_geoip().lookup(f"{s}.1").hosting for s, accts in users.items()
                if sum(lab[a]["population"] == "casual" for a in accts) >= 3]
     assert any(hosting) and not all(hosting)     # a VPN's exits, and carrier NAT
+
+
+def test_every_second_hydra_operator_sends_through_residential_proxies(tmp_path: Path) -> None:
+    """Of two ``hydra`` operators, the first sends from its datacenter ranges and the second
+    through a residential proxy network, each request from another exit: the calibration
+    world then holds the proxy pools the public record's clusters used."""
+    trace, _, labels = simulate(tmp_path, preset="smoke", seed=7, scale=2.0)
+    lab = _labels(labels)
+    geo = default_geoip()
+    hosting: dict[str, set[bool]] = defaultdict(set)
+    prefixes: dict[str, set[str]] = defaultdict(set)
+    operator: dict[str, str] = {}
+    for ex in read_trace(trace):
+        rec = lab[str(ex.account_id)]
+        if rec["campaign_type"] != "hydra":
+            continue
+        operator[str(ex.account_id)] = str(rec["campaign_id"])
+        hosting[str(rec["campaign_id"])].add(geo.lookup(str(ex.client_ip)).hosting)
+        prefixes[str(ex.account_id)].add(str(ex.client_ip).rsplit(".", 1)[0])
+    assert sorted(map(sorted, hosting.values())) == [[False], [True]]
+    proxied = next(c for c, seen in hosting.items() if seen == {False})
+    spread = sorted(len(p) for a, p in prefixes.items() if operator[a] == proxied)
+    others = sorted(len(p) for a, p in prefixes.items() if operator[a] != proxied)
+    assert spread[len(spread) // 2] >= 10 and others[-1] <= 4

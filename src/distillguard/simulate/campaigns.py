@@ -137,16 +137,29 @@ class Campaign:
         raise NotImplementedError
 
 
+def residential_exits(world: World) -> list[Block]:
+    """A residential proxy network's exits: consumers' devices, in its own /24s and in the
+    carrier NAT ranges every phone of a country shares, in every country it sells."""
+    return [block for c in NetworkAllocator.countries()
+            for block in (world.net.residential(c), world.net.residential(c),
+                          *world.net.carrier(c))]
+
+
 class Hydra(Campaign):
-    """Many accounts behind a few datacenter ranges, a few shared payment fingerprints and
-    throwaway domains, opened in batches, load-balanced round the clock."""
+    """Many accounts, a few shared payment fingerprints and throwaway domains, opened in
+    batches, load-balanced round the clock. A ``proxied`` operator buys its exits from a
+    residential proxy network and sends every request through a different one; the
+    others send from a few datacenter ranges of their own."""
 
     kind = "hydra"
 
     def __init__(self, world: World, rng: random.Random, accounts: int,
-                 per_account_day: float, start_frac: float = 0.0) -> None:
+                 per_account_day: float, start_frac: float = 0.0,
+                 proxied: bool = False) -> None:
         super().__init__(world, rng, start_frac)
-        self.blocks = [world.net.datacenter() for _ in range(rng.randint(2, 4))]
+        self.proxied = proxied
+        self.blocks = residential_exits(world) if proxied else [
+            world.net.datacenter() for _ in range(rng.randint(2, 4))]
         payments = [world.new_id("pf_", 8) for _ in range(rng.randint(2, 3))]
         domains = [f"mail{world.new_id('', 4)}.{rng.choice(('net', 'xyz', 'top'))}"
                    for _ in range(2)]
@@ -166,7 +179,7 @@ class Hydra(Campaign):
         for t in renewal(self.rng, self.world.timing.conv, self.start, self.world.end,
                          self.per_day):
             client = self.rng.choice(self.clients)
-            ip = client.ip if self.rng.random() < 0.7 else \
+            ip = client.ip if not self.proxied and self.rng.random() < 0.7 else \
                 self.rng.choice(self.blocks).address(self.rng)
             yield self.harvest(t, client, items, OLD_MODEL, ip=ip, self_instruct=0.3)
 
@@ -376,11 +389,7 @@ class ToolHarvest(Campaign):
     def __init__(self, world: World, rng: random.Random, accounts: int,
                  per_account_day: float, start_frac: float = 0.0) -> None:
         super().__init__(world, rng, start_frac)
-        # A residential proxy network's exits are consumers' devices: its own /24s and
-        # the carrier NAT ranges every phone of a country shares.
-        self.exits: list[Block] = [block for c in NetworkAllocator.countries()
-                                   for block in (world.net.residential(c), world.net.residential(c),
-                                                 *world.net.carrier(c))]
+        self.exits = residential_exits(world)
         for _ in range(accounts):
             country = pick_country(rng)
             c = self.account(country=country, email_domain=rng.choice(CONSUMER_DOMAINS))

@@ -70,11 +70,14 @@ def n(value: float, scale: float, minimum: int = 1) -> int:
 
 
 def build_campaign(kind: str, world: World, rng: random.Random, p: Preset,
-                   size: int) -> c.Campaign:
+                   size: int, copy: int = 0) -> c.Campaign:
+    """One campaign of ``kind``; ``copy`` numbers the preset's campaigns of that kind (every
+    second ``hydra`` operator sends through residential proxies)."""
     rate = p.per_account_day
     start = rng.choice((0.0, 0.0, rng.uniform(0.1, 0.4)))
     builders: dict[str, Callable[[], c.Campaign]] = {
-        "hydra": lambda: c.Hydra(world, rng, size * 2, rate * 0.35, start),
+        "hydra": lambda: c.Hydra(world, rng, size * 2, rate * 0.35, start,
+                                 proxied=copy % 2 == 1),
         "reseller": lambda: c.Reseller(world, rng, rng.randint(1, 2), max(3, size // 2),
                                        rate * 6, start),
         "heavy_single": lambda: c.HeavySingle(world, rng, rate * 25, start),
@@ -111,6 +114,6 @@ def build_actors(world: World, p: Preset, scale: float) -> list[Any]:
     copies = n(p.campaign_copies, scale)
     size = n(p.campaign_size * p.campaign_copies * scale / copies, 1.0, 2)
     for kind in p.campaigns:
-        for _ in range(copies):
-            actors.append(build_campaign(kind, world, stream(), p, size))
+        for copy in range(copies):
+            actors.append(build_campaign(kind, world, stream(), p, size, copy))
     return actors
