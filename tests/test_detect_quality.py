@@ -9,6 +9,7 @@ import math
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,14 @@ from distillguard.detect.linking import (
     chance_jaccard,
     poisson_tail,
 )
-from distillguard.detect.scoring import Z_CLIP, Model
-from distillguard.detect.sketches import BURST_BUCKET_S, AccountState
+from distillguard.detect.scoring import (
+    ACCOUNT_FEATURES,
+    FEATURES,
+    Z_CLIP,
+    Model,
+    account_vector,
+)
+from distillguard.detect.sketches import BURST_BUCKET_S, NETWORKS_CAP, AccountState
 from distillguard.simulate import simulate
 from distillguard.simulate.harness import Harness
 from tests.factories import make_exchange, make_features
@@ -698,6 +705,42 @@ def test_an_unseen_feature_value_cannot_decide_the_risk_alone() -> None:
     x = np.array([[1.0, 0.9]])
     assert model.margins(x)[0] == pytest.approx(-Z_CLIP + 2.0 * 2.0)
     assert model.contributions(x[0])[0] == pytest.approx(-Z_CLIP)
+
+
+def test_an_account_counts_the_networks_it_sends_from_up_to_a_cap() -> None:
+    """Distinct AS names per account, bounded: a proxy pool's exits count up to
+    NETWORKS_CAP, and the risk of the same traffic is higher when it comes from many
+    networks than from one (the shipped calibration weighs the count)."""
+    home, rotating = AccountState("home"), AccountState("rotating")
+    for n in range(3 * NETWORKS_CAP):
+        home.update(make_features("home", T0 + 600 * n, asn="Home ISP"))
+        rotating.update(make_features("rotating", T0 + 600 * n, asn=f"ISP {n}"))
+    assert len(home.networks) == 1 and len(rotating.networks) == NETWORKS_CAP
+    column = FEATURES.index("log_networks")
+    home_row, rotating_row = (np.hstack([account_vector(s, None),
+                                         np.zeros(len(FEATURES) - len(ACCOUNT_FEATURES))])
+                              for s in (home, rotating))
+    assert rotating_row[column] == pytest.approx(math.log1p(NETWORKS_CAP))
+    model = Calibration.read().model
+    assert model.coef[column] > 0
+    assert model.risk(rotating_row[None, :])[0] > model.risk(home_row[None, :])[0]
+
+
+def test_a_campaign_through_residential_proxy_exits_is_caught_without_its_content_in_calibration(
+        tmp_path: Path) -> None:
+    """``tool_harvest`` is a campaign type the calibration world does not hold: agentic
+    prompts, each request from another residential proxy exit. The shipped calibration
+    learnt what many networks per account mean from the calibration world's proxied
+    ``hydra`` operator, so the campaign is caught (without that feature, 6 of its 15
+    accounts on this world), and no benign account is flagged."""
+    trace, accounts, labels = simulate(tmp_path, preset="heldout", seed=3, scale=0.3,
+                                       days=1.0)
+    result, _ = run_batch(trace, Calibration.read(), accounts=accounts)
+    scored = score(trace, accounts, labels, result.verdicts, 1.0).to_json()
+    tool = scored["campaign_types"]["tool_harvest"]
+    assert tool["accounts"] == 15 and tool["recall"] >= 0.8
+    assert scored["overall"]["benign_accounts"] > 100
+    assert scored["overall"]["benign_flagged"] == 0
 
 
 def test_each_operator_writes_its_own_harness() -> None:

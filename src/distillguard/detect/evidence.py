@@ -40,6 +40,7 @@ _TEXT = {
     "log_age_days": lambda v: f"account {math.expm1(v):.1f} days old at first request",
     "log_completion_limit": lambda v: f"asks for up to {math.expm1(v):.0f} completion tokens on average",
     "log_completion_tokens": lambda v: f"answers of {math.expm1(v):.0f} tokens on average",
+    "log_networks": lambda v: f"requests from {math.expm1(v):.0f} different networks (AS)",
     "error_share": lambda v: f"{_pct(v)} of requests failed",
     "group_size": lambda v: f"member of a linked group of {1.0 / max(1e-9, 1.0 - v):.0f} accounts",
     "template_linked": lambda v: f"{_pct(v)} of its group share template frames",

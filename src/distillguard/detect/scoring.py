@@ -29,7 +29,7 @@ ACCOUNT_FEATURES = (
     "reasoning_share", "rubric_share", "tool_share", "harvest_share", "multi_turn_share",
     "log_output_ratio", "timing_regularity", "diurnal_entropy", "hosting_share",
     "model_switch_rate", "log_age_days", "error_share", "log_completion_limit",
-    "log_completion_tokens",
+    "log_completion_tokens", "log_networks",
 )
 _MEAN_OF = ("template_reuse", "concentration", "reasoning_share", "rubric_share",
             "tool_share", "harvest_share", "multi_turn_share", "hosting_share",
@@ -45,9 +45,10 @@ COMMUNITY_FEATURES = (
 FEATURES = ACCOUNT_FEATURES + COMMUNITY_FEATURES
 
 # The direction some features may push the risk, whatever the calibration traffic says.
-# Elicitation content and shared infrastructure are evidence of harvesting by what they
-# mean (+1: the weight is never negative); conversation and an account's age are evidence
-# of ordinary use (-1: never positive). Without these bounds, a signal that no attack in
+# Elicitation content, shared infrastructure and requests spread over many networks (a
+# proxy pool's exits) are evidence of harvesting by what they mean (+1: the weight is
+# never negative); conversation and an account's age are evidence of ordinary use (-1:
+# never positive). Without these bounds, a signal that no attack in
 # the calibration traffic showed (tool-use prompts, say) gets whatever weight its
 # accidental correlation with benign traffic gives it, and a campaign of a new kind that
 # shows it mostly would be let off by it. Unlisted features are unconstrained.
@@ -59,7 +60,7 @@ SIGNS: dict[str, int] = {
     **dict.fromkeys(("reasoning_share", "rubric_share", "tool_share", "harvest_share",
                      "template_linked", "lockstep_linked", "payment_linked", "prefix_linked",
                      "signup_linked", "mean_reasoning_share", "mean_rubric_share",
-                     "mean_tool_share", "mean_harvest_share"), 1),
+                     "mean_tool_share", "mean_harvest_share", "log_networks"), 1),
     **dict.fromkeys(("multi_turn_share", "mean_multi_turn_share", "log_age_days",
                      "mean_log_age_days"), -1),
 }
@@ -86,6 +87,7 @@ def account_vector(state: AccountState, facts: AccountFacts | None) -> np.ndarra
         state.log_ratio_sum / c, state.timing_regularity, state.diurnal_entropy,
         state.hosting / c, state.model_switches / c, math.log1p(age), state.errors / c,
         math.log1p(state.completion_limit_sum / c), math.log1p(state.completion_sum / c),
+        math.log1p(len(state.networks)),
     ], dtype=float)
 
 

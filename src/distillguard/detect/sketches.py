@@ -7,6 +7,9 @@ Each account keeps an :class:`AccountState` whose size does not grow with its tr
 * a capability histogram over the fixed categories;
 * heavy hitters (Space-Saving, :class:`TopK`) of its template keys, SimHash LSH keys,
   models, user agents, IP prefixes and AS names: template reuse and concentration;
+* the distinct AS names it sent from, up to NETWORKS_CAP: an account whose every request
+  leaves through another residential proxy exit spans dozens of networks, a person on a
+  home line and a phone two or three;
 * a HyperLogLog (datasketch) of distinct skeleton fingerprints: template diversity;
 * Welford mean and variance of log inter-arrival gaps: timing regularity;
 * a 24-bin hour-of-day histogram: the diurnal pattern;
@@ -32,6 +35,8 @@ SESSION_GAP_S = 1_800
 BURST_BUCKET_S = 10
 ACTIVITY_PERM = 64
 _HLL_P = 8
+# Distinct networks counted per account: past a few dozen the count says nothing more.
+NETWORKS_CAP = 32
 
 
 def _rank(item: tuple[object, int]) -> tuple[int, str]:
@@ -197,6 +202,7 @@ class AccountState:
     user_agents: TopK = field(default_factory=lambda: TopK(4))
     prefixes: TopK = field(default_factory=lambda: TopK(6))
     asns: TopK = field(default_factory=lambda: TopK(4))
+    networks: set[str] = field(default_factory=set)
     distinct: HyperLogLog = field(default_factory=_hll)
     activity: MinHash = field(default_factory=_minhash)
     active_buckets: int = 0
@@ -253,6 +259,8 @@ class AccountState:
         if f.asn:
             self.asns.add(f.asn)
             self._asn_moved = True
+            if len(self.networks) < NETWORKS_CAP:
+                self.networks.add(f.asn)
         self.distinct.update(_mix32(f.simhash))
         bucket = int(f.ts // ACTIVITY_BUCKET_S)
         if bucket != self.last_bucket:
