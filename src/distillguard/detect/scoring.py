@@ -48,10 +48,10 @@ FEATURES = ACCOUNT_FEATURES + COMMUNITY_FEATURES
 # Elicitation content, shared infrastructure and requests spread over many networks (a
 # proxy pool's exits) are evidence of harvesting by what they mean (+1: the weight is
 # never negative); conversation and an account's age are evidence of ordinary use (-1:
-# never positive). Without these bounds, a signal that no attack in
-# the calibration traffic showed (tool-use prompts, say) gets whatever weight its
-# accidental correlation with benign traffic gives it, and a campaign of a new kind that
-# shows it mostly would be let off by it. Unlisted features are unconstrained.
+# never positive). Without these bounds, a signal that no attack in the calibration
+# traffic showed (tool-use prompts, say) gets whatever weight its accidental correlation
+# with benign traffic gives it, and a campaign of a new kind that shows it mostly would
+# be let off by it. Unlisted features are unconstrained.
 #
 # What an account record says that costs an adversary nothing to type in (the
 # organisation, the mail domain) is not a feature at all: a name shared by a group's
