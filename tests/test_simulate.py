@@ -177,3 +177,16 @@ def test_every_second_hydra_operator_sends_through_residential_proxies(tmp_path:
     spread = sorted(len(p) for a, p in prefixes.items() if operator[a] == proxied)
     others = sorted(len(p) for a, p in prefixes.items() if operator[a] != proxied)
     assert spread[len(spread) // 2] >= 10 and others[-1] <= 4
+
+
+def test_a_few_consumers_travel_and_send_from_many_networks(tmp_path: Path) -> None:
+    """Some honest consumers send most of their sessions from hotels, cafés and offices:
+    more client /24s than a home line and a phone give (at most four), so that an account
+    spread over many networks is not a campaign's mark alone."""
+    trace, _, labels = simulate(tmp_path, preset="tune", seed=7, days=2.0)
+    lab = _labels(labels)
+    prefixes: dict[str, set[str]] = defaultdict(set)
+    for ex in read_trace(trace):
+        if lab[str(ex.account_id)]["population"] == "casual":
+            prefixes[str(ex.account_id)].add(str(ex.client_ip).rsplit(".", 1)[0])
+    assert sum(len(p) >= 5 for p in prefixes.values()) >= 3

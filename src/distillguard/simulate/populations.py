@@ -56,10 +56,13 @@ NEW_SIGNUP_SHARE = 0.12
 # weeks before the trace starts, and share that left the organisation field empty.
 NEW_ORG_SHARE = 0.25
 NO_ORG_SHARE = 0.3
-# Shares of consumers who use only their phone (behind the carrier's NAT), and who send
-# most of their sessions through a commercial VPN (hosting addresses).
+# Shares of consumers who use only their phone (behind the carrier's NAT), who send
+# most of their sessions through a commercial VPN (hosting addresses), and who travel:
+# most of their sessions come from hotels, cafés and offices on other networks, in other
+# countries too (an honest account spread over many networks).
 MOBILE_ONLY_SHARE = 0.25
 VPN_SHARE = 0.05
+TRAVELLER_SHARE = 0.05
 COUNTRY_WEIGHTS = {"US": 40, "GB": 10, "DE": 12, "FR": 9, "ES": 6, "IT": 6, "CH": 2, "BR": 8}
 COMPANY_WORDS = ("Acme", "Northwind", "Globex", "Initech", "Umbrella", "Stark", "Wayne",
                  "Hooli", "Vandelay", "Tyrell", "Cyberdyne", "Soylent", "Wonka", "Aperture")
@@ -109,9 +112,11 @@ def company_name(rng: random.Random, world: World) -> tuple[str, str]:
 def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[str],
                   sessions_per_day: float, offset_h: float, *, business: bool = False,
                   weekdays_only: bool = False, start: float | None = None,
-                  stream: bool = False) -> Iterator[Event]:
+                  stream: bool = False, home_share: float = 0.8) -> Iterator[Event]:
     """Interactive multi-turn sessions: diurnal session starts, follow-ups that refer to
-    the previous turns (the history is re-sent), reading and typing time between turns."""
+    the previous turns (the history is re-sent), reading and typing time between turns.
+    A session comes from ``ips[0]`` with probability ``home_share``, else from one of the
+    others."""
     items = pool("chat", world.split)
     conv = world.timing.conv
     busy_until = 0.0
@@ -119,7 +124,7 @@ def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[st
     for t in nhpp(rng, begin, world.end, sessions_per_day, offset_h, business, weekdays_only):
         if t < busy_until:
             continue
-        ip = ips[0] if len(ips) == 1 or rng.random() < 0.8 else rng.choice(ips[1:])
+        ip = ips[0] if len(ips) == 1 or rng.random() < home_share else rng.choice(ips[1:])
         history: list[dict[str, str]] = []
         turns = 1 + min(8, int(rng.expovariate(0.6)))
         max_tokens = rng.choice((None, 1024, 2048, 4096))
@@ -140,7 +145,8 @@ def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[st
 
 
 class Casual:
-    """A consumer with a home (and sometimes a mobile) residential address."""
+    """A consumer with a home (and sometimes a mobile) residential address; a few travel
+    and send from many networks."""
 
     def __init__(self, world: World, rng: random.Random) -> None:
         self.world, self.rng = world, rng
@@ -152,11 +158,17 @@ class Casual:
         carrier = world.net.carrier(self.country)
         phone = [rng.choice(carrier).address(rng) for _ in range(3)]
         roll = rng.random()
+        self.home_share = 0.8
         if roll < MOBILE_ONLY_SHARE:
             self.ips = phone
         elif roll < MOBILE_ONLY_SHARE + VPN_SHARE:
             self.ips = [rng.choice(world.net.vpn()).address(rng),
                         world.net.residential(self.country).address(rng)]
+        elif roll < MOBILE_ONLY_SHARE + VPN_SHARE + TRAVELLER_SHARE:
+            places = [world.net.residential(pick_country(rng)).address(rng)
+                      for _ in range(rng.randint(3, 8))]
+            self.ips = [world.net.residential(self.country).address(rng), *phone, *places]
+            self.home_share = 0.3
         else:
             self.ips = [world.net.residential(self.country).address(rng), *phone]
         self.client.ip = self.ips[0]
@@ -166,7 +178,7 @@ class Casual:
     def events(self) -> Iterator[Event]:
         return chat_sessions(self.world, self.rng, self.client, self.ips,
                              self.sessions_per_day, UTC_OFFSET[self.country],
-                             stream=self.stream)
+                             stream=self.stream, home_share=self.home_share)
 
 
 class Saas:
