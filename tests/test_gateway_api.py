@@ -97,7 +97,10 @@ def test_health_ready_and_metrics(stack: StackThread, account_key: tuple[str, st
         model="demo-chat-1", messages=[{"role": "user", "content": "x"}])
     httpx.post(stack.stack.base_url + "/chat/completions", json={})  # 401
     stack.call(stack.stack.gateway.settle())
-    text = httpx.get(base + "/metrics").text
+    metrics = httpx.get(base + "/metrics")
+    assert metrics.headers["x-content-type-options"] == "nosniff"
+    assert ready.headers["x-content-type-options"] == "nosniff"
+    text = metrics.text
     assert 'distillguard_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert 'status="401"' in text
     assert "distillguard_request_duration_seconds_bucket" in text

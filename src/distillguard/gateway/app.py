@@ -258,7 +258,7 @@ class Gateway:
 
         async def metrics(request: Request) -> Response:
             self.metrics.backlog.set(self.pipeline.backlog)
-            return Response(self.metrics.render(),
+            return Response(self.metrics.render(), headers=NOSNIFF,
                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
         async def not_found(request: Request) -> Response:
@@ -281,5 +281,10 @@ class Gateway:
                          lifespan=self.lifespan)
 
 
+# A browser that opens the operational endpoints must render them as what they are.
+NOSNIFF = {"x-content-type-options": "nosniff"}
+
+
 def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+    return Response(orjson.dumps(data), status_code=status, headers=NOSNIFF,
+                    media_type="application/json")
