@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from distillguard.cli import main
-from distillguard.geoip import default_geoip
+from distillguard.geoip import client_prefix, default_geoip
 from distillguard.simulate import simulate
 from distillguard.simulate.presets import ALL_TUNE
 from distillguard.traceio import iter_jsonl, read_accounts, read_trace
@@ -171,7 +171,7 @@ def test_every_second_hydra_operator_sends_through_residential_proxies(tmp_path:
             continue
         operator[str(ex.account_id)] = str(rec["campaign_id"])
         hosting[str(rec["campaign_id"])].add(geo.lookup(str(ex.client_ip)).hosting)
-        prefixes[str(ex.account_id)].add(str(ex.client_ip).rsplit(".", 1)[0])
+        prefixes[str(ex.account_id)].add(str(client_prefix(str(ex.client_ip))))
     assert sorted(map(sorted, hosting.values())) == [[False], [True]]
     proxied = next(c for c, seen in hosting.items() if seen == {False})
     spread = sorted(len(p) for a, p in prefixes.items() if operator[a] == proxied)
@@ -188,5 +188,5 @@ def test_a_few_consumers_travel_and_send_from_many_networks(tmp_path: Path) -> N
     prefixes: dict[str, set[str]] = defaultdict(set)
     for ex in read_trace(trace):
         if lab[str(ex.account_id)]["population"] == "casual":
-            prefixes[str(ex.account_id)].add(str(ex.client_ip).rsplit(".", 1)[0])
+            prefixes[str(ex.account_id)].add(str(client_prefix(str(ex.client_ip))))
     assert sum(len(p) >= 5 for p in prefixes.values()) >= 3

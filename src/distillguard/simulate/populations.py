@@ -63,6 +63,9 @@ NO_ORG_SHARE = 0.3
 MOBILE_ONLY_SHARE = 0.25
 VPN_SHARE = 0.05
 TRAVELLER_SHARE = 0.05
+# Share of a consumer's sessions sent from its first address (home); a traveller's.
+HOME_SHARE = 0.8
+TRAVELLER_HOME_SHARE = 0.3
 COUNTRY_WEIGHTS = {"US": 40, "GB": 10, "DE": 12, "FR": 9, "ES": 6, "IT": 6, "CH": 2, "BR": 8}
 COMPANY_WORDS = ("Acme", "Northwind", "Globex", "Initech", "Umbrella", "Stark", "Wayne",
                  "Hooli", "Vandelay", "Tyrell", "Cyberdyne", "Soylent", "Wonka", "Aperture")
@@ -112,7 +115,7 @@ def company_name(rng: random.Random, world: World) -> tuple[str, str]:
 def chat_sessions(world: World, rng: random.Random, client: Client, ips: list[str],
                   sessions_per_day: float, offset_h: float, *, business: bool = False,
                   weekdays_only: bool = False, start: float | None = None,
-                  stream: bool = False, home_share: float = 0.8) -> Iterator[Event]:
+                  stream: bool = False, home_share: float = HOME_SHARE) -> Iterator[Event]:
     """Interactive multi-turn sessions: diurnal session starts, follow-ups that refer to
     the previous turns (the history is re-sent), reading and typing time between turns.
     A session comes from ``ips[0]`` with probability ``home_share``, else from one of the
@@ -158,7 +161,7 @@ class Casual:
         carrier = world.net.carrier(self.country)
         phone = [rng.choice(carrier).address(rng) for _ in range(3)]
         roll = rng.random()
-        self.home_share = 0.8
+        self.home_share = HOME_SHARE
         if roll < MOBILE_ONLY_SHARE:
             self.ips = phone
         elif roll < MOBILE_ONLY_SHARE + VPN_SHARE:
@@ -168,7 +171,7 @@ class Casual:
             places = [world.net.residential(pick_country(rng)).address(rng)
                       for _ in range(rng.randint(3, 8))]
             self.ips = [world.net.residential(self.country).address(rng), *phone, *places]
-            self.home_share = 0.3
+            self.home_share = TRAVELLER_HOME_SHARE
         else:
             self.ips = [world.net.residential(self.country).address(rng), *phone]
         self.client.ip = self.ips[0]
