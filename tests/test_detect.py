@@ -371,7 +371,8 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
     shipped = Calibration.read()
     tune = tmp_path / "tune"
     subprocess.run([sys.executable, "-m", "distillguard.cli", "simulate", "--out", str(tune),
-                    "--preset", "tune", "--seed", "1", "--days", "2", "--quiet"],
+                    "--preset", "tune", "--seed", "1", "--days", "2", "--scale", "3",
+                    "--quiet"],
                    check=True, capture_output=True)
     out = tmp_path / "calibration.json"
     subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "calibrate",
