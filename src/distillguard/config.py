@@ -54,6 +54,9 @@ class ServerSettings(_Section):
     # A client that sends nothing of an unfinished request (headers or body) for this
     # long is disconnected (serve._http_protocol).
     read_timeout_s: float = Field(30.0, gt=0)
+    # On SIGTERM or SIGINT, how long the requests under way may take to be answered
+    # before they are cancelled and the process ends (serve.Stack.serve).
+    shutdown_timeout_s: int = Field(30, ge=1)
     replica_id: str | None = None
     # HTTPS on both ports: a PEM certificate (chain) and its unencrypted PEM key; the CA
     # file is what this project's own commands trust when they call the admin API (a

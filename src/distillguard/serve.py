@@ -9,9 +9,12 @@ through :data:`distillguard.components.DEFAULT_COMPONENTS`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,21 +157,52 @@ def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
 DEMO_UPSTREAM_KEEPALIVE_S = 75
 
 
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to its :class:`Stack`. Each uvicorn server
+    catches SIGTERM and SIGINT itself, and the one started last (the demo upstream)
+    caught them first: it stopped, then passed the signal on to the gateway's servers,
+    so a request the gateway had accepted but not yet forwarded was answered 502."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def _server(app: Any, host: str, port: int, *,
             lifespan: Literal["auto", "on", "off"],
             tls: ServerSettings | None = None, keepalive_s: int = 30,
-            read_timeout_s: float = 30.0) -> uvicorn.Server:
+            read_timeout_s: float = 30.0, shutdown_timeout_s: int = 30) -> uvicorn.Server:
     """A uvicorn server for ``app``; HTTPS with ``tls``'s certificate and key when it
-    names them."""
+    names them. At shutdown the requests under way get ``shutdown_timeout_s`` to be
+    answered before they are cancelled."""
     ssl_files: dict[str, Any] = {}
     if tls is not None and tls.tls_cert_file:
         ssl_files = {"ssl_certfile": tls.tls_cert_file, "ssl_keyfile": tls.tls_key_file}
     config = uvicorn.Config(app, host=host, port=port, lifespan=lifespan, log_level="warning",
                             access_log=False, proxy_headers=False, server_header=False,
                             date_header=False, loop="none", http=_http_protocol(read_timeout_s),
-                            timeout_keep_alive=keepalive_s, **ssl_files)
-    server = uvicorn.Server(config)
-    return server
+                            timeout_keep_alive=keepalive_s,
+                            timeout_graceful_shutdown=shutdown_timeout_s, **ssl_files)
+    return _Server(config)
+
+
+@contextlib.contextmanager
+def _signals_stop(stack: Stack) -> Iterator[None]:
+    """While serving in the main thread, SIGTERM and SIGINT stop ``stack`` gracefully (a
+    second SIGINT at once); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        stack.stop(force=signum == signal.SIGINT and stack.stopping)
+
+    before = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 class Stack:
@@ -207,6 +241,7 @@ class Stack:
         self.admin = AdminAPI(self.gateway, on_accounts_changed=[
             hook for e in extensions for hook in e.on_accounts_changed])
         self.servers: list[uvicorn.Server] = []
+        self.stopping = False
 
     @property
     def base_url(self) -> str:
@@ -236,32 +271,50 @@ class Stack:
             self._demo_socket = None      # the demo upstream's server owns it now
         server_cfg.port = int(sockets[0].getsockname()[1])
         server_cfg.admin_port = int(sockets[1].getsockname()[1])
+        read_s, stop_s = server_cfg.read_timeout_s, server_cfg.shutdown_timeout_s
         main = _server(self.gateway.app(), server_cfg.host, server_cfg.port, lifespan="on",
-                       tls=server_cfg, read_timeout_s=server_cfg.read_timeout_s)
+                       tls=server_cfg, read_timeout_s=read_s, shutdown_timeout_s=stop_s)
         admin_app = self.admin.app([r for e in self.extensions for r in e.admin_routes])
         admin = _server(admin_app, server_cfg.admin_host, server_cfg.admin_port,
-                        lifespan="off", tls=server_cfg, read_timeout_s=server_cfg.read_timeout_s)
+                        lifespan="off", tls=server_cfg, read_timeout_s=read_s,
+                        shutdown_timeout_s=stop_s)
         self.servers += [main, admin]
         if self.demo_port is not None:
             self.servers.append(_server(create_demo_upstream(), "127.0.0.1", self.demo_port,
-                                        lifespan="off", keepalive_s=DEMO_UPSTREAM_KEEPALIVE_S))
+                                        lifespan="off", keepalive_s=DEMO_UPSTREAM_KEEPALIVE_S,
+                                        shutdown_timeout_s=stop_s))
         tasks = [asyncio.create_task(s.serve(sockets=[sock]))
                  for s, sock in zip(self.servers, sockets, strict=True)]
+        # The gateway's two servers stop first; the demo upstream only once they have
+        # answered what they had, since those answers may still need it.
+        front, back = tasks[:2], tasks[2:]
         try:
-            while not all(s.started for s in self.servers):
-                if any(t.done() for t in tasks):
-                    break
-                await asyncio.sleep(0.01)
-            if ready is not None:
-                ready.set()
-            await asyncio.gather(*tasks)
+            with _signals_stop(self):
+                while not all(s.started for s in self.servers):
+                    if any(t.done() for t in tasks):
+                        break
+                    await asyncio.sleep(0.01)
+                if ready is not None:
+                    ready.set()
+                await asyncio.gather(*front)
+                for server in self.servers:
+                    server.should_exit = True
+                await asyncio.gather(*back)
         finally:
             for server in self.servers:
                 server.should_exit = True
 
-    def stop(self) -> None:
-        for server in self.servers:
+    def stop(self, *, force: bool = False) -> None:
+        """Stop serving: the gateway's servers stop taking connections and answer what
+        they have (up to ``server.shutdown_timeout_s``), then the demo upstream stops.
+        ``force``: cancel the requests under way at once."""
+        self.stopping = True
+        for server in self.servers[:2]:
             server.should_exit = True
+            server.force_exit = server.force_exit or force
+        if force:
+            for server in self.servers[2:]:
+                server.should_exit = server.force_exit = True
 
 
 class StackThread:
