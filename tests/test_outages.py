@@ -121,3 +121,38 @@ def test_ready_says_whether_requests_can_pass_the_counters(tmp_path: Path,
             assert ready.status_code == 200 and ready.json()["status"] == "ready"
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("on_failure", ["closed", "open"])
+def test_ready_says_whether_requests_can_pass_the_state_store(tmp_path: Path, pg_url: str,
+                                                              on_failure: str) -> None:
+    """/ready answered 503 whenever the state store was away, also with
+    ``state.on_failure: open``, where the replica goes on serving the keys it looked up
+    lately: every replica shares the store, so a load balancer took them all out and
+    served nothing. Now only ``closed`` makes the replica not ready; the check says the
+    store is away either way."""
+    pg = CuttableProxy(5432).start()
+    settings = make_settings(tmp_path, state={"url": pg_url.replace(":5432/", f":{pg.port}/"),
+                                              "on_failure": on_failure})
+    stack, _ = start_recorded_stack(settings)
+    ready_url = stack.stack.base_url.removesuffix("/v1") + "/ready"
+    try:
+        auth = {"authorization": f"Bearer {new_api_key(stack, 'r2')}"}
+        url = stack.stack.base_url + "/chat/completions"
+        assert httpx.post(url, json=CHAT, headers=auth).status_code == 200
+        assert httpx.get(ready_url, timeout=15).status_code == 200
+        pg.cut()
+        time.sleep(0.6)             # past the key cache TTL
+        served = httpx.post(url, json=CHAT, headers=auth, timeout=15)
+        ready = httpx.get(ready_url, timeout=15)
+        assert ready.json()["checks"]["state_store"] is False
+        if on_failure == "closed":
+            assert served.status_code == 503
+            assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+        else:
+            assert served.status_code == 200
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        pg.restore()
+    finally:
+        stack.stop()
+        pg.close()

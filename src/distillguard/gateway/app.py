@@ -237,12 +237,17 @@ class Gateway:
 
         async def ready(request: Request) -> Response:
             checks = {"started": self.started, "models": self.models.loaded}
+            ok = all(checks.values())
             try:
                 await self.store.get_key("key_readiness")
                 checks["state_store"] = True
             except Exception:
                 checks["state_store"] = False
-            ok = all(checks.values())
+            # state store away: ``closed`` refuses every request, ``open`` serves the keys
+            # this replica looked up lately. Every replica shares the store, so were they
+            # all to say not ready, a load balancer would send the traffic ``open``
+            # serves nowhere.
+            ok = ok and (checks["state_store"] or self.settings.state.on_failure == "open")
             if self.settings.counters.backend == "redis":
                 try:
                     await self.counters.ping()
