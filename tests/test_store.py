@@ -322,3 +322,31 @@ async def test_an_account_search_matches_its_text_literally_and_case_blind(store
     assert await found("%") == ["pct"]
     assert await found("\\") == ["back"]
     assert await found("acme") == await found("ACME CORP") == ["a_b"]
+
+
+async def test_a_new_sqlite_state_file_is_its_owners_only(tmp_path: Path) -> None:
+    """The state file holds accounts, payment fingerprints, key hashes and verdicts; it
+    was created with the umask's mode (0644: readable by every user of the machine). A
+    new file and a new folder are the owner's only now, and SQLite's write-ahead log
+    takes the file's mode; an existing file keeps the mode its owner gave it."""
+    import os
+    import stat
+
+    before = os.umask(0o022)
+    try:
+        path = tmp_path / "new" / "s.sqlite"
+        s = open_state_store(f"sqlite:///{path}")
+        await s.migrate()
+        await s.put_account(make_account("private"))
+        for made in (path, path.with_name("s.sqlite-wal")):
+            assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        await s.close()
+        shared = tmp_path / "shared.sqlite"
+        shared.touch(mode=0o640)
+        s = open_state_store(f"sqlite:///{shared}")
+        await s.migrate()
+        await s.close()
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(before)

@@ -6,6 +6,8 @@ stored as RFC 3339 UTC text (which sorts in time order) and JSON as text.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,6 +196,16 @@ async def write_account(conn: AsyncConnection, account_id: str, values: dict[str
     return bool(changed.rowcount)
 
 
+def _create_private(path: Path) -> None:
+    """Create the SQLite state file (and a missing folder) for its owner only, whatever
+    the umask would give it: it holds the accounts, their payment fingerprints, API key
+    hashes and verdicts. SQLite gives its -wal and -shm files the database file's mode.
+    An existing file keeps the mode its owner gave it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SQLStateStore:
     """:class:`~distillguard.store.StateStore` on SQLite or PostgreSQL."""
 
@@ -204,7 +216,7 @@ class SQLStateStore:
         if self.is_sqlite:
             path = url[len("sqlite:///"):]
             if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _create_private(Path(path))
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
