@@ -390,6 +390,40 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
     assert fresh.community is None and shipped.community is None
 
 
+def test_calibration_fits_several_labelled_traces_together(tmp_path: Path,
+                                                           world: World) -> None:
+    """Several traces, each with its labels and accounts, are one calibration world: each
+    is replayed on its own and the fit and the thresholds take all of them (so a
+    threshold at 0.1 % can rest on more benign accounts than one trace holds). Two
+    traces may share account ids: they count apart."""
+    from distillguard.detect.batch import calibrate
+
+    trace, accounts, labels = world
+    other = simulate(tmp_path / "other", preset="smoke", seed=6, days=0.5)
+    one = calibrate(trace, labels, accounts=accounts, tick_seconds=TICK)
+    two = calibrate(other[0], other[2], accounts=other[1], tick_seconds=TICK)
+    both = calibrate([trace, other[0]], [labels, other[2]], accounts=[accounts, other[1]],
+                     tick_seconds=TICK)
+    for part in ("benign", "attack", "snapshots", "community_snapshots"):
+        assert both.fitted_on[part] == one.fitted_on[part] + two.fitted_on[part], part
+    assert both.fitted_on["trace_sha256"] == [one.fitted_on["trace_sha256"],
+                                              two.fitted_on["trace_sha256"]]
+    assert isinstance(one.fitted_on["trace_sha256"], str)
+    # The same trace twice: its accounts count twice, not once.
+    twice = calibrate([trace, trace], [labels, labels], tick_seconds=TICK, folds=1)
+    assert twice.fitted_on["benign"] == 2 * one.fitted_on["benign"]
+
+
+def test_calibration_wants_labels_for_each_trace(tmp_path: Path, world: World) -> None:
+    trace, accounts, labels = world
+    out = tmp_path / "cal.json"
+    result = CliRunner().invoke(main, [
+        "detect", "calibrate", "--trace", str(trace), "--trace", str(trace),
+        "--labels", str(labels), "--accounts", str(accounts), "--out", str(out)])
+    assert result.exit_code == 2 and "one labels file for each trace" in result.output
+    assert not out.exists()
+
+
 def test_calibration_is_reproducible(tmp_path: Path, world: World) -> None:
     """The same labelled trace gives the same calibration file, whatever the process's
     string-hash seed (set iteration order must not reach the result)."""

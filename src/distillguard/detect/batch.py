@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,17 +286,39 @@ def _fold(account_id: str, folds: int) -> int:
     return zlib.crc32(account_id.encode()) % folds
 
 
-def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | None = None,
+PathLike = str | Path
+
+
+def _worlds(trace: PathLike | Sequence[PathLike], labels: PathLike | Sequence[PathLike],
+            accounts: PathLike | Sequence[PathLike] | None
+            ) -> list[tuple[PathLike, PathLike, PathLike | None]]:
+    """The labelled traces to calibrate on, each with its labels and accounts files."""
+    def listed(x: PathLike | Sequence[PathLike]) -> list[PathLike]:
+        return [x] if isinstance(x, str | Path) else list(x)
+
+    traces, label_files = listed(trace), listed(labels)
+    account_files: list[PathLike | None] = (
+        [None] * len(traces) if accounts is None else list(listed(accounts)))
+    if not traces or len(label_files) != len(traces) or len(account_files) != len(traces):
+        raise ValueError(f"{len(traces)} trace(s), {len(label_files)} labels file(s) and "
+                         f"{len(account_files) if accounts is not None else 0} accounts "
+                         f"file(s): give one labels file for each trace, and one accounts "
+                         f"file for each or none")
+    return list(zip(traces, label_files, account_files, strict=True))
+
+
+def calibrate(trace: PathLike | Sequence[PathLike], labels: PathLike | Sequence[PathLike], *,
+              accounts: PathLike | Sequence[PathLike] | None = None,
               target_fpr: float = 0.001, tick_seconds: float = TICK_SECONDS,
               with_community: bool = False, folds: int = 3,
               on_step: Callable[[str], None] | None = None) -> Calibration:
-    """Replays of a labelled trace. The first collects feature snapshots and fits the
-    account model and the community model (a community is an attack one when most of its
-    members are attack accounts) on all of them; it evaluates every account with new
-    exchanges at every tick, so the models see each account at more points of its growth
-    than detection's schedule would show them (on the tune preset, seed 1: 3,226 rows
-    against 2,983, and on the development traces one benign account fewer flagged by the
-    models fitted so). The thresholds are then set from every
+    """Replays of one or several labelled traces. The first collects feature snapshots
+    and fits the account model and the community model (a community is an attack one
+    when most of its members are attack accounts) on all of them; it evaluates every
+    account with new exchanges at every tick, so the models see each account at more
+    points of its growth than detection's schedule would show them (on the tune preset,
+    seed 1: 3,226 rows against 2,983, and on the development traces one benign account
+    fewer flagged by the models fitted so). The thresholds are then set from every
     benign account's peak risks as detection would see them, in replays with the models,
     first the account threshold, then the community threshold among the benign accounts
     the first leaves unflagged, within the same false-positive budget.
@@ -306,28 +328,44 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
     models fitted without that fold's benign snapshots (attack snapshots are kept in
     every fit). A model scores the benign accounts it was fitted on lower than new ones,
     so a threshold at their in-sample peaks flags more benign accounts on other traffic
-    than the target allows. ``folds=1`` is the in-sample replay."""
+    than the target allows. ``folds=1`` is the in-sample replay.
+
+    Several traces (each with its labels and, if any, accounts file) are one calibration
+    world: each is replayed by a detector of its own, their snapshots are fitted
+    together, and their benign accounts' peaks set the thresholds together."""
     if folds < 1:
         raise ValueError("folds must be at least 1")
     step = on_step or (lambda _msg: None)
-    attack = read_labels(labels)
-    step("replay 1: collecting feature snapshots")
-    _, first = run_batch(trace, Calibration.neutral(), accounts=accounts,
-                         tick_seconds=tick_seconds, collect=True, every_tick=True)
-    snaps = [(a, row) for a, row in first.snapshots if a in attack]
+    worlds = _worlds(trace, labels, accounts)
+
+    def of(i: int) -> str:
+        return f" (trace {i + 1} of {len(worlds)})" if len(worlds) > 1 else ""
+
+    # Accounts are told apart by their trace too: two traces may hold one id.
+    attack = {(i, aid): is_attack for i, (_, lab, _) in enumerate(worlds)
+              for aid, is_attack in read_labels(lab).items()}
+    snaps: list[tuple[tuple[int, str], np.ndarray]] = []
+    groups: list[tuple[frozenset[tuple[int, str]], np.ndarray, bool]] = []
+    for i, (tr, _, acc) in enumerate(worlds):
+        step(f"replay 1: collecting feature snapshots{of(i)}")
+        _, first = run_batch(tr, Calibration.neutral(), accounts=acc,
+                             tick_seconds=tick_seconds, collect=True, every_tick=True)
+        snaps += [((i, a), row) for a, row in first.snapshots if (i, a) in attack]
+        for members, row in first.group_snapshots:
+            keys = frozenset((i, m) for m in members)
+            groups.append((keys, row, sum(attack.get(k, False) for k in keys) * 2 > len(keys)))
     if not snaps:
         raise ValueError("no labelled account in the trace")
-    groups = [(members, row, sum(attack.get(m, False) for m in members) * 2 > len(members))
-              for members, row in first.group_snapshots]
     fit_community = with_community and len({y for _, _, y in groups}) == 2
 
-    fold_of = {a: _fold(a, folds) for a, is_attack in attack.items() if not is_attack}
+    fold_of = {key: _fold(key[1], folds) for key, is_attack in attack.items()
+               if not is_attack}
 
     def fit(held: int | None) -> Calibration:
         """The models fitted without fold ``held``'s benign accounts (None: on all)."""
-        def kept(aid: str) -> bool:
-            return held is None or attack[aid] or fold_of[aid] != held
-        rows = [(row, attack[a]) for a, row in snaps if kept(a)]
+        def kept(key: tuple[int, str]) -> bool:
+            return held is None or attack[key] or fold_of[key] != held
+        rows = [(row, attack[k]) for k, row in snaps if kept(k)]
         model = fit_model(np.vstack([r for r, _ in rows]),
                           np.array([y for _, y in rows], dtype=int))
         community = None
@@ -348,17 +386,18 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
     final: Calibration | None = None
     for held in ([None] if folds == 1 else range(folds)):
         name = "all accounts" if held is None else f"fold {held + 1} of {folds} held out"
-        step(f"replay {2 + (held or 0)}: peaks with the models fitted on {name}")
         models = fit(held)
         if held is None:
             final = models
-        _, replayed = run_batch(trace, models, accounts=accounts, tick_seconds=tick_seconds)
-        for i, aid in enumerate(benign):
-            if held is None or fold_of[aid] == held:
-                status = replayed.status.get(aid)
-                if status is not None:
-                    peaks[i] = status.peak
-                    group_peaks[i] = status.peak_group
+        for w, (tr, _, acc) in enumerate(worlds):
+            step(f"replay {2 + (held or 0)}: peaks with the models fitted on {name}{of(w)}")
+            _, replayed = run_batch(tr, models, accounts=acc, tick_seconds=tick_seconds)
+            for i, key in enumerate(benign):
+                if key[0] == w and (held is None or fold_of[key] == held):
+                    status = replayed.status.get(key[1])
+                    if status is not None:
+                        peaks[i] = status.peak
+                        group_peaks[i] = status.peak_group
     if final is None:
         final = fit(None)
     threshold, over = threshold_for(peaks, target_fpr)
@@ -367,11 +406,16 @@ def calibrate(trace: str | Path, labels: str | Path, *, accounts: str | Path | N
         left = np.array([g for p, g in zip(peaks, group_peaks, strict=True) if p < threshold])
         budget = max(0.0, target_fpr * len(benign) - over) / max(1, left.size)
         group_threshold, group_over = threshold_for(left, budget)
+    # One trace: its files' digests; several: lists of them, in the order given.
+    digests: dict[str, Any] = {
+        "trace_sha256": [file_sha256(tr) for tr, _, _ in worlds],
+        "labels_sha256": [file_sha256(lab) for _, lab, _ in worlds]}
+    if len(worlds) == 1:
+        digests = {k: v[0] for k, v in digests.items()}
     return Calibration(model=final.model, threshold=threshold, target_fpr=target_fpr,
                        community=final.community, community_threshold=group_threshold,
                        fitted_on={
-        "trace_sha256": file_sha256(trace), "labels_sha256": file_sha256(labels),
-        "tick_seconds": tick_seconds, "snapshots": len(snaps), "folds": folds,
+        **digests, "tick_seconds": tick_seconds, "snapshots": len(snaps), "folds": folds,
         "community_snapshots": len(groups), "benign": len(benign),
         "attack": len(attack) - len(benign),
         "benign_flagged_at_threshold": over + group_over})

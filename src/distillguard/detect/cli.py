@@ -308,10 +308,16 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
 
 
 @detect.command("calibrate")
-@click.option("--trace", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--accounts", type=click.Path(exists=True, dir_okay=False))
-@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="labels.jsonl: account_id and campaign_id (null for benign accounts).")
+@click.option("--trace", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A labelled trace; give it again for each further trace to fit on "
+                   "together.")
+@click.option("--accounts", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Its accounts file (one for each --trace, in order, or none).")
+@click.option("--labels", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="labels.jsonl: account_id and campaign_id (null for benign accounts); "
+                   "one for each --trace, in order.")
 @click.option("--target-fpr", default=0.001, show_default=True, type=float,
               help="Share of benign accounts allowed to be flagged.")
 @click.option("--tick-seconds", default=TICK_SECONDS, show_default=True, type=float,
@@ -322,16 +328,19 @@ def follow(ctx: click.Context, from_now: bool, idle_exit: float | None,
               help="Set the thresholds from benign peaks scored by models fitted without "
                    "them (cross-fitting in this many folds); 1: in-sample.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=output_path)
-def calibrate(trace: str, accounts: str | None, labels: str, target_fpr: float,
-              tick_seconds: float, community: bool, folds: int, out: str) -> None:
-    """Fit the risk model and set the threshold for a target false-positive rate."""
+def calibrate(trace: tuple[str, ...], accounts: tuple[str, ...], labels: tuple[str, ...],
+              target_fpr: float, tick_seconds: float, community: bool, folds: int,
+              out: str) -> None:
+    """Fit the risk model and set the threshold for a target false-positive rate, on one
+    labelled trace or on several together."""
     if not 0.0 <= target_fpr < 1.0:
         raise click.BadParameter("must be in [0, 1)", param_hint="--target-fpr")
     if folds < 1:
         raise click.BadParameter("must be at least 1", param_hint="--folds")
     began = time.perf_counter()
     try:
-        calibration = run_calibration(trace, labels, accounts=accounts, target_fpr=target_fpr,
+        calibration = run_calibration(list(trace), list(labels),
+                                      accounts=list(accounts) or None, target_fpr=target_fpr,
                                       tick_seconds=tick_seconds, with_community=community,
                                       folds=folds,
                                       on_step=lambda msg: click.echo(msg, err=True))
