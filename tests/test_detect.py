@@ -369,15 +369,17 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
     model was fitted on fails here until the file is refitted (a stale model's
     threshold no longer holds the target false-positive rate it says it does)."""
     shipped = Calibration.read()
-    tune = tmp_path / "tune"
-    subprocess.run([sys.executable, "-m", "distillguard.cli", "simulate", "--out", str(tune),
-                    "--preset", "tune", "--seed", "1", "--days", "2", "--scale", "3",
-                    "--quiet"],
-                   check=True, capture_output=True)
+    files = []
+    for seed in ("1", "2"):
+        tune = tmp_path / f"tune{seed}"
+        subprocess.run([sys.executable, "-m", "distillguard.cli", "simulate", "--out",
+                        str(tune), "--preset", "tune", "--seed", seed, "--days", "2",
+                        "--scale", "3", "--quiet"],
+                       check=True, capture_output=True)
+        files += ["--trace", str(tune / "trace.jsonl"), "--accounts",
+                  str(tune / "accounts.jsonl"), "--labels", str(tune / "labels.jsonl")]
     out = tmp_path / "calibration.json"
-    subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "calibrate",
-                    "--trace", str(tune / "trace.jsonl"), "--accounts",
-                    str(tune / "accounts.jsonl"), "--labels", str(tune / "labels.jsonl"),
+    subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", "calibrate", *files,
                     "--target-fpr", "0.001", "--folds", "3", "--out", str(out)],
                    check=True, capture_output=True)
     fresh = Calibration.read(out)
