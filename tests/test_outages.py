@@ -96,6 +96,20 @@ def test_postgres_outage_fail_closed_refuses(tmp_path: Path, pg_url: str) -> Non
         pg.close()
 
 
+def _ready_as_served(on_failure: str, check: str, served: httpx.Response,
+                     ready: httpx.Response) -> None:
+    """With a backing service away: ``closed`` refuses the request and the replica is
+    not ready; ``open`` serves it and stays ready. The check names the service either
+    way."""
+    assert ready.json()["checks"][check] is False
+    if on_failure == "closed":
+        assert served.status_code == 503
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+    else:
+        assert served.status_code == 200
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
 @pytest.mark.parametrize("on_failure", ["closed", "open"])
 def test_ready_says_whether_requests_can_pass_the_counters(tmp_path: Path,
                                                            on_failure: str) -> None:
@@ -112,13 +126,7 @@ def test_ready_says_whether_requests_can_pass_the_counters(tmp_path: Path,
         served = httpx.post(stack.stack.base_url + "/chat/completions", json=CHAT,
                             headers={"authorization": f"Bearer {key}"}, timeout=15)
         ready = httpx.get(stack.stack.base_url.removesuffix("/v1") + "/ready", timeout=15)
-        assert ready.json()["checks"]["counters"] is False
-        if on_failure == "closed":
-            assert served.status_code == 503
-            assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
-        else:
-            assert served.status_code == 200
-            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        _ready_as_served(on_failure, "counters", served, ready)
     finally:
         stack.stop()
 
@@ -145,13 +153,7 @@ def test_ready_says_whether_requests_can_pass_the_state_store(tmp_path: Path, pg
         time.sleep(0.6)             # past the key cache TTL
         served = httpx.post(url, json=CHAT, headers=auth, timeout=15)
         ready = httpx.get(ready_url, timeout=15)
-        assert ready.json()["checks"]["state_store"] is False
-        if on_failure == "closed":
-            assert served.status_code == 503
-            assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
-        else:
-            assert served.status_code == 200
-            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        _ready_as_served(on_failure, "state_store", served, ready)
         pg.restore()
     finally:
         stack.stop()
