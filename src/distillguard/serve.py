@@ -294,6 +294,9 @@ class Stack:
                     if any(t.done() for t in tasks):
                         break
                     await asyncio.sleep(0.01)
+                for task in back:
+                    if task.done():       # the demo upstream failed to start: its error
+                        await task
                 if ready is not None:
                     ready.set()
                 await asyncio.gather(*front)
