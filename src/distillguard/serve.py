@@ -155,6 +155,9 @@ def _http_protocol(read_timeout_s: float) -> type[asyncio.Protocol]:
 # as the upstream closed it failed with a 502 now and again (a test sending after a wait
 # of up to a minute saw it). 75 s is also nginx's default.
 DEMO_UPSTREAM_KEEPALIVE_S = 75
+# Stack.servers holds the public and the admin server first, then the demo upstream's
+# (if any): the gateway's servers stop before the upstream they may still need.
+GATEWAY_SERVERS = 2
 
 
 class _Server(uvicorn.Server):
@@ -285,9 +288,9 @@ class Stack:
                                         shutdown_timeout_s=stop_s))
         tasks = [asyncio.create_task(s.serve(sockets=[sock]))
                  for s, sock in zip(self.servers, sockets, strict=True)]
-        # The gateway's two servers stop first; the demo upstream only once they have
+        # The gateway's servers stop first; the demo upstream only once they have
         # answered what they had, since those answers may still need it.
-        front, back = tasks[:2], tasks[2:]
+        front, back = tasks[:GATEWAY_SERVERS], tasks[GATEWAY_SERVERS:]
         try:
             with _signals_stop(self):
                 while not all(s.started for s in self.servers):
@@ -300,7 +303,7 @@ class Stack:
                 if ready is not None:
                     ready.set()
                 await asyncio.gather(*front)
-                for server in self.servers:
+                for server in self.servers[GATEWAY_SERVERS:]:
                     server.should_exit = True
                 await asyncio.gather(*back)
         finally:
@@ -312,11 +315,11 @@ class Stack:
         they have (up to ``server.shutdown_timeout_s``), then the demo upstream stops.
         ``force``: cancel the requests under way at once."""
         self.stopping = True
-        for server in self.servers[:2]:
+        for server in self.servers[:GATEWAY_SERVERS]:
             server.should_exit = True
             server.force_exit = server.force_exit or force
         if force:
-            for server in self.servers[2:]:
+            for server in self.servers[GATEWAY_SERVERS:]:
                 server.should_exit = server.force_exit = True
 
 

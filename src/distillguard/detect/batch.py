@@ -286,18 +286,18 @@ def _fold(account_id: str, folds: int) -> int:
     return zlib.crc32(account_id.encode()) % folds
 
 
-PathLike = str | Path
+FileArg = str | Path
 
 
-def _worlds(trace: PathLike | Sequence[PathLike], labels: PathLike | Sequence[PathLike],
-            accounts: PathLike | Sequence[PathLike] | None
-            ) -> list[tuple[PathLike, PathLike, PathLike | None]]:
+def _worlds(trace: FileArg | Sequence[FileArg], labels: FileArg | Sequence[FileArg],
+            accounts: FileArg | Sequence[FileArg] | None
+            ) -> list[tuple[FileArg, FileArg, FileArg | None]]:
     """The labelled traces to calibrate on, each with its labels and accounts files."""
-    def listed(x: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    def listed(x: FileArg | Sequence[FileArg]) -> list[FileArg]:
         return [x] if isinstance(x, str | Path) else list(x)
 
     traces, label_files = listed(trace), listed(labels)
-    account_files: list[PathLike | None] = (
+    account_files: list[FileArg | None] = (
         [None] * len(traces) if accounts is None else list(listed(accounts)))
     if not traces or len(label_files) != len(traces) or len(account_files) != len(traces):
         raise ValueError(f"{len(traces)} trace(s), {len(label_files)} labels file(s) and "
@@ -307,8 +307,8 @@ def _worlds(trace: PathLike | Sequence[PathLike], labels: PathLike | Sequence[Pa
     return list(zip(traces, label_files, account_files, strict=True))
 
 
-def calibrate(trace: PathLike | Sequence[PathLike], labels: PathLike | Sequence[PathLike], *,
-              accounts: PathLike | Sequence[PathLike] | None = None,
+def calibrate(trace: FileArg | Sequence[FileArg], labels: FileArg | Sequence[FileArg], *,
+              accounts: FileArg | Sequence[FileArg] | None = None,
               target_fpr: float = 0.001, tick_seconds: float = TICK_SECONDS,
               with_community: bool = False, folds: int = 3,
               on_step: Callable[[str], None] | None = None) -> Calibration:
