@@ -753,6 +753,10 @@ def test_graph_links_what_accounts_share() -> None:
     accounts = [{"account_id": f"a{i}", "payment_fingerprint": "pf_1" if i < 3 else f"pf_{i}",
                  "created_at": (base + timedelta(minutes=5 * i if i < 3 else 3000 * i)
                                 ).isoformat()} for i in range(5)]
+    # a domain of their own links a3 and a4; gmail.com links no one
+    for a, domain in zip(accounts, ("gmail.com", "gmail.com", None, "mail9e62.xyz",
+                                    "Mail9e62.xyz"), strict=True):
+        a["email_domain"] = domain
     ips = {"a0": {"198.51.100.7"}, "a1": {"198.51.100.200"}, "a4": {"203.0.113.1"}}
     seconds = {a: {f"2026-03-01T10:00:0{s}" for s in range(6)} for a in ("a2", "a3")}
     g = graph.build_graph(accounts, ips, seconds, detected=[
@@ -763,7 +767,9 @@ def test_graph_links_what_accounts_share() -> None:
     assert ("a2", "a3", "lockstep") in kinds and ("a3", "a4", "template") in kinds
     signup = [e for e in g.edges if e[2] == "signup"]
     assert sorted(e[1] for e in signup) == ["a0", "a1", "a2"]
-    assert not any("a4" in (a, b) for a, b, k, _ in g.edges if k != "template")
+    assert {("org:mail9e62.xyz", m, "org") for m in ("a3", "a4")} <= kinds
+    assert not any(k == "org" and "a0" in (a, b) for a, b, k, _ in g.edges)
+    assert not any("a4" in (a, b) for a, b, k, _ in g.edges if k not in ("template", "org"))
     svg = graph.render_svg(g, flagged={"a0"}, href=lambda a: f"/dashboard/accounts/{a}")
     assert svg.count("<circle") == 5 and 'class="n flagged"' in svg
     assert 'href="/dashboard/accounts/a3"' in svg

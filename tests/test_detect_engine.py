@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import UTC, datetime
 
 from distillguard.detect.calibration import Calibration
@@ -15,6 +16,7 @@ from distillguard.detect.engine import (
     new_campaign_id,
 )
 from distillguard.detect.scoring import FEATURES, AccountFacts
+from distillguard.maildomains import operator_mail_domain
 from tests.factories import make_features
 
 
@@ -311,3 +313,35 @@ def test_a_young_account_sharing_only_a_network_with_a_campaign_is_judged_alone(
     assert cardholder.flagged
     assert not detector.graph.has_link_within("stranger", ("template", "lockstep",
                                                            "payment"))
+
+
+def test_accounts_on_a_mail_domain_of_their_own_are_linked_but_not_on_a_public_one() -> None:
+    """A mail domain outside the free-mail and disposable-address lists is held by one
+    party (an operator's throwaway domain, a company's own): its accounts are linked, in
+    any letter case. Accounts that share gmail.com or a disposable-address service are
+    strangers, and are not."""
+    detector = Detector(Calibration.neutral(), tick_seconds=60.0, due_growth=0.0)
+    domains = {"own0": "mail9e62.xyz", "own1": "MAIL9E62.xyz.", "free0": "gmail.com",
+               "free1": "gmail.com", "tmp0": "mailinator.com", "tmp1": "mailinator.com"}
+    for aid, domain in domains.items():
+        detector.add_account(aid, AccountFacts(email_domain=domain))
+    rng = random.Random(5)
+    t0 = 1_700_000_000.0
+    # nothing else in common: own times, networks, frames and SimHashes, no payment
+    sent = sorted((t0 + rng.uniform(0, 86_400.0), i, aid)
+                  for i, aid in enumerate(sorted(domains)) for _ in range(60))
+    for ts, i, aid in sent:
+        detector.observe(make_features(aid, ts, ip_prefix=f"10.{i}.0.0/24",
+                                       template_keys=(10 * i + 1, 10 * i + 2, 10 * i + 3),
+                                       simhash=(i + 1) << 50))
+    detector.finish()
+    assert detector.links.edges.get(("own0", "own1")) == {"domain": 1.0}
+    assert detector.graph.of["own0"] is detector.graph.of["own1"]
+    assert detector.graph.of["own0"].kinds == {"domain": 2}
+    assert not {"free0", "free1", "tmp0", "tmp1"} & detector.graph.of.keys()
+
+
+def test_a_mail_domain_is_a_link_key_unless_anyone_can_get_an_address_there() -> None:
+    assert operator_mail_domain(" Acme-Labs.example. ") == "acme-labs.example"
+    for public in ("gmail.com", "Proton.me", "web.de", "mailinator.com", "", None):
+        assert operator_mail_domain(public) is None

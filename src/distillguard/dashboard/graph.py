@@ -9,7 +9,8 @@ from what the state store and its exchange index hold:
 * ``asn``       accounts whose addresses map to the same autonomous system
                 (:mod:`distillguard.geoip`, when installed),
 * ``signup``    accounts created within ``SIGNUP_WINDOW`` of each other,
-* ``org``       accounts with the same e-mail domain,
+* ``org``       accounts with the same e-mail domain, unless anyone can get an address
+                there (:mod:`distillguard.maildomains`: gmail.com, a disposable service),
 * ``lockstep``  pairs of accounts active in largely the same seconds (Jaccard >= 0.5
                 over the seconds with traffic in the campaign's last hour, at least 3
                 shared),
@@ -37,6 +38,7 @@ from typing import Any
 from markupsafe import Markup
 
 from distillguard.exchange import parse_ts
+from distillguard.maildomains import operator_mail_domain
 
 MAX_NODES = 80
 SIGNUP_WINDOW = timedelta(minutes=30)
@@ -44,6 +46,7 @@ EDGE_TYPES = {
     "payment": "shared payment fingerprint", "network": "shared /24 network",
     "asn": "shared ASN", "signup": "sign-up window", "org": "shared e-mail domain",
     "lockstep": "lockstep timing", "template": "shared prompt template",
+    "domain": "shared e-mail domain",
 }
 
 
@@ -96,8 +99,9 @@ def build_graph(accounts: Sequence[dict[str, Any]], ips: dict[str, set[str]],
     for a in accounts:
         if a.get("payment_fingerprint"):
             groups[("payment", a["payment_fingerprint"])].add(a["account_id"])
-        if a.get("email_domain"):
-            groups[("org", a["email_domain"])].add(a["account_id"])
+        domain = operator_mail_domain(a.get("email_domain"))
+        if domain:
+            groups[("org", domain)].add(a["account_id"])
         for ip in ips.get(a["account_id"], ()):
             net = network_of(ip)
             if net:

@@ -57,7 +57,7 @@ def facts_from_accounts(path: str | Path) -> Iterator[tuple[str, AccountFacts]]:
     for account in read_accounts(path):
         yield account.account_id, AccountFacts(
             created_at=account.created_at.timestamp() if account.created_at else None,
-            payment=account.payment_fingerprint)
+            payment=account.payment_fingerprint, email_domain=account.email_domain)
 
 
 @contextmanager

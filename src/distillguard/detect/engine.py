@@ -188,7 +188,7 @@ class Detector:
         """Register what the account record says (before or after its first exchange)."""
         self.facts[account_id] = facts
         bucket = None if facts.created_at is None else int(facts.created_at // SIGNUP_WINDOW_S)
-        self.links.set_static(account_id, facts.payment, bucket)
+        self.links.set_static(account_id, facts.payment, bucket, facts.email_domain)
 
     def observe(self, f: ExchangeFeatures) -> Changes | None:
         """Take one exchange (in time order); returns what an evaluation it triggered

@@ -14,7 +14,9 @@ the number of accounts, not of exchanges:
 * **infrastructure**: the same payment fingerprint, the same home /24 (the client /24
   at least half of each account's exchanges came from: an account whose requests rotate
   through a proxy network's exits has none, or it would be linked to the strangers on
-  whichever exit it used most), or the same sign-up window;
+  whichever exit it used most), the same sign-up window, or the same mail domain when
+  it is not a public mail provider's (:mod:`distillguard.maildomains`: a hydra operator's
+  throwaway domains, a company's own);
 * the account records' sign-up window counts only together with another link kind.
 
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
@@ -60,8 +62,9 @@ from datasketch import MinHashLSH
 
 from distillguard.detect.graph import Community
 from distillguard.detect.sketches import ACTIVITY_BUCKET_S, BURST_BUCKET_S, AccountState
+from distillguard.maildomains import operator_mail_domain
 
-KINDS = ("template", "lockstep", "payment", "prefix", "signup")
+KINDS = ("template", "lockstep", "payment", "prefix", "signup", "domain")
 RING_NEIGHBOURS = 3
 MIN_SHARED_BANDS = 2
 # Two accounts that both have dominant frames are template-linked when at least this share
@@ -301,11 +304,13 @@ class LinkIndex:
         if not ring:
             del self._rings[group]
 
-    def set_static(self, account_id: str, payment: str | None, signup_bucket: int | None
-                   ) -> None:
+    def set_static(self, account_id: str, payment: str | None, signup_bucket: int | None,
+                   mail_domain: str | None = None) -> None:
         """Keys from the account record, set once when the account is first seen."""
         self._set_keys("payment", account_id, [payment] if payment else [])
         self._set_keys("signup", account_id, [] if signup_bucket is None else [signup_bucket])
+        domain = operator_mail_domain(mail_domain)
+        self._set_keys("domain", account_id, [domain] if domain else [])
 
     def update(self, state: AccountState) -> None:
         """Refresh the account's behavioural keys and lockstep candidates."""

@@ -55,7 +55,7 @@ from distillguard.verdicts import AccountVerdict, CampaignVerdict
 log = logging.getLogger("distillguard.detect")
 
 # What the detector reads of an account record (AccountFacts).
-_ACCOUNT_COLUMNS = "created_at, payment_fingerprint"
+_ACCOUNT_COLUMNS = "created_at, payment_fingerprint, email_domain"
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS campaigns (
@@ -383,7 +383,8 @@ class DetectionStage:
         if row is not None:
             created = row["created_at"]
             facts = AccountFacts(created_at=parse_ts(created).timestamp() if created else None,
-                                 payment=row["payment_fingerprint"])
+                                 payment=row["payment_fingerprint"],
+                                 email_domain=row["email_domain"])
             await self.runner.add_account(account_id, facts)
 
     async def _look_up_accounts(self, account_ids: set[str]) -> None:

@@ -73,6 +73,7 @@ class AccountFacts:
 
     created_at: float | None = None
     payment: str | None = None
+    email_domain: str | None = None
 
 
 def account_vector(state: AccountState, facts: AccountFacts | None) -> np.ndarray:
