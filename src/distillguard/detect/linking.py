@@ -22,9 +22,13 @@ the number of accounts, not of exchanges:
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
 says little; groups larger than ``max_group`` make no edges. Within a group each account
 links to a few neighbours on a ring rather than to every member, which keeps a group of
-*n* accounts to O(n) edges while leaving it connected. The ring is ordered by each
-account's dominant frame set first, so the sampled edges of a group two operators share
-join accounts of one harness.
+*n* accounts to O(n) edges while leaving it connected. The ring of a key strangers may
+share (a /24, a sign-up window) is ordered by each account's dominant frame set first,
+so the sampled edges of a group two operators share join accounts of one harness. The
+ring of a key one party holds (a payment fingerprint, a mail domain of its own) is
+ordered by a hash of the key and the account alone: ordered by frame set, every such ring
+of an operator whose accounts use several harness variants put the variants in the same
+blocks, and community detection cut the operator along them.
 
 **Co-start.** Accounts that each send a few exchanges a day share too few activity
 buckets for the MinHash above, but a scheduler that drives them makes several start at
@@ -51,6 +55,7 @@ community that carry one of them, the chance of carrying one by coincidence.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import zlib
 from collections import defaultdict
@@ -68,8 +73,12 @@ KINDS = ("template", "lockstep", "payment", "prefix", "signup", "domain")
 RING_NEIGHBOURS = 3
 MIN_SHARED_BANDS = 2
 # Two accounts that both have dominant frames are template-linked when at least this share
-# of the smaller frame set is common; their SimHash bands then do not link them.
-MIN_FRAME_SIMILARITY = 0.5
+# of the smaller frame set is common; their SimHash bands then do not link them. Two
+# operators that copied one public instruction share it and one or two more frames of
+# their harnesses' pools; at one half they were linked by it often enough to be merged.
+MIN_FRAME_SIMILARITY = 0.7
+# Keys only one party holds: their rings are not ordered by frame set (module docstring).
+OWNED_KINDS = ("payment", "domain")
 COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
 COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
 COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is kept
@@ -111,8 +120,15 @@ def _ring_position(group: tuple[str, object], account_id: str, signature: int = 
     accounts of one harness that share several groups get other neighbours on each ring:
     the union of their rings is well knit, where one order for all would make a long
     chain that community detection cuts into pieces."""
-    return (signature, zlib.crc32(f"{group[0]}\x00{group[1]}\x00{account_id}".encode()),
-            account_id)
+    return (signature, _mixed_hash(f"{group[0]}\x00{group[1]}\x00{account_id}"), account_id)
+
+
+def _mixed_hash(text: str) -> int:
+    """A 64-bit hash in which every input bit moves every output bit (BLAKE2b). CRC-32
+    does not do for ring orders: it is affine, so the CRCs of one account's id behind two
+    groups' keys differ by a constant XOR, and accounts whose CRCs share their high bits
+    sat side by side on every ring."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 def _signature(frames: Iterable[int]) -> int:
@@ -756,7 +772,10 @@ class LinkIndex:
         kind, key = group
         if len(self.groups[kind].get(key, ())) > self.max_group:
             return set()
-        ring = [pos[-1] for pos in self._rings.get(group, ())]
+        positions = self._rings.get(group, [])
+        if kind in OWNED_KINDS:
+            positions = sorted(positions, key=lambda pos: pos[1:])
+        ring = [pos[-1] for pos in positions]
         n = len(ring)
         out: set[Pair] = set()
         steps = range(1, min(RING_NEIGHBOURS, n - 1) + 1)
