@@ -207,5 +207,5 @@ def test_the_detection_stage_reads_a_batch_of_new_accounts_in_one_query(
     detector = stage.detector
     assert detector is not None
     assert detector.facts["acct_a"] == AccountFacts(
-        created_at=1769904000.0, payment="pay_1")
+        created_at=1769904000.0, payment="pay_1", email_domain="a.example")
     assert detector.facts["acct_b"].payment == "pay_2" and "acct_none" not in detector.facts
