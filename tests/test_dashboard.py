@@ -1002,3 +1002,23 @@ def test_pages_on_postgresql(tmp_path: Path, pg_url: str) -> None:
         admin.close()
     finally:
         stack.stop()
+
+
+def test_the_dashboard_asks_for_https_only_over_https() -> None:
+    """Strict-Transport-Security on what went out over TLS, and not over plain HTTP,
+    where a browser ignores it (the dashboard is behind a TLS-terminating proxy then,
+    whose own header it is)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from distillguard.dashboard.security import SecurityHeaders
+
+    app = SecurityHeaders(Starlette(routes=[Route("/", lambda _r: PlainTextResponse("ok"))]))
+    over_tls = TestClient(app, base_url="https://dash.example").get("/")
+    assert over_tls.headers["strict-transport-security"] == "max-age=31536000"
+    assert over_tls.headers["x-frame-options"] == "DENY"
+    plain = TestClient(app, base_url="http://dash.example").get("/")
+    assert "strict-transport-security" not in plain.headers
+    assert plain.headers["x-frame-options"] == "DENY"

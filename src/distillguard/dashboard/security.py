@@ -56,6 +56,11 @@ HEADERS = {
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
+# Sent only on responses that went out over TLS (a browser ignores it over plain HTTP):
+# once a browser has seen the dashboard over HTTPS it will not send the session cookie
+# over plain HTTP to this host for a year, whatever link it is given. Subdomains are not
+# included: other services may live under the same name.
+HSTS = {"strict-transport-security": "max-age=31536000"}
 
 
 SESSION_SCHEMA = [
@@ -289,7 +294,8 @@ class OwnOrigin:
 
 class SecurityHeaders:
     """Pure ASGI middleware: :data:`HEADERS` on every response of the app it wraps (pages,
-    redirects, JSON, static files, error pages), unless the response set one itself."""
+    redirects, JSON, static files, error pages), unless the response set one itself, and
+    :data:`HSTS` too when the connection is HTTPS."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -299,10 +305,12 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
+        extra = HSTS if scope.get("scheme") == "https" else {}
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in HEADERS.items():
+                for name, value in (*HEADERS.items(), *extra.items()):
                     headers.setdefault(name, value)
             await send(message)
 
