@@ -46,7 +46,6 @@ EDGE_TYPES = {
     "payment": "shared payment fingerprint", "network": "shared /24 network",
     "asn": "shared ASN", "signup": "sign-up window", "org": "shared e-mail domain",
     "lockstep": "lockstep timing", "template": "shared prompt template",
-    "domain": "shared e-mail domain",
 }
 
 
