@@ -200,3 +200,31 @@ def test_missed_by_volume_counts_each_missed_account_by_its_exchanges(tmp_path: 
     assert (row.flagged, row.missed) == (1, 3)
     assert dict(row.missed_by_exchanges) == {1: 1, 2: 1, 5: 1}
     assert (row.at_most_2, row.at_most_2_flagged) == (3, 1)
+
+
+def test_detect_worlds_scores_each_arm_with_its_own_calibration(tmp_path: Path) -> None:
+    """bench.detect_worlds simulates a world once, runs every arm's detector over it and
+    scores them alike: the installed tree with its shipped file catches the campaigns,
+    the same tree with a calibration that flags nothing catches none."""
+    import json
+    import subprocess
+    import sys
+
+    from distillguard.detect.calibration import Calibration
+
+    neutral = tmp_path / "neutral.json"
+    Calibration.neutral().write(neutral)
+    work = tmp_path / "work"
+    out = subprocess.run([sys.executable, "-m", "bench.detect_worlds", "--work", str(work),
+                          "--world", "smoke:5:1:0.5", "--arm", "shipped=-:-",
+                          "--arm", f"blind=-:{neutral}"],
+                         check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "| smoke-5 | shipped |" in out and "| smoke-5 | blind |" in out
+    report = json.loads((work / "detect_worlds.json").read_text())
+    assert report["worlds"] == ["smoke-5"]
+    shipped, blind = report["arms"]["shipped"], report["arms"]["blind"]
+    assert shipped["totals"]["recall_min"] > 0.8 and shipped["totals"]["benign_accounts"] > 5
+    assert blind["totals"]["recall_max"] == 0.0
+    assert blind["calibration"] == str(neutral)
+    assert (work / "worlds" / "smoke-5" / "labels.jsonl").exists()
