@@ -8,7 +8,9 @@ reuses it), detected by every arm in turn with ``distillguard detect`` run from 
 tree, and scored with this tree's ``distillguard.benchdetect`` (so every arm is judged by
 the same yardstick). Printed: per world and arm, benign accounts flagged, recall,
 precision, ARI, campaigns detected and the median of campaign exchanges before the first
-flag; then per campaign type, recall / ARI; then each arm's totals. Everything goes to
+flag; then per campaign type, recall / ARI; then each arm's totals, with the mean ARI
+over the attack accounts of every type but one (the type whose absence lifts it most is
+where attribution is lost). Everything goes to
 ``WORK/detect_worlds.json`` as well.
 
 Worlds are ``PRESET:SEED[:SCALE[:DAYS]]`` (days 2 unless given; ``smoke`` worlds take the
@@ -150,11 +152,17 @@ def totals(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     overall = [r["overall"] for r in results.values()]
     aris = [o["ari"] for o in overall if o["ari"] is not None]
     recalls = [o["recall"] for o in overall if o["recall"] is not None]
+    without: dict[str, list[float]] = {}
+    for o in overall:
+        for kind, ari in o.get("ari_without_type", {}).items():
+            without.setdefault(kind, []).append(ari)
     return {"benign_flagged": sum(o["benign_flagged"] for o in overall),
             "benign_accounts": sum(o["benign_accounts"] for o in overall),
             "recall_min": min(recalls, default=None), "recall_max": max(recalls, default=None),
             "ari_min": min(aris, default=None), "ari_max": max(aris, default=None),
-            "ari_mean": statistics.fmean(aris) if aris else None}
+            "ari_mean": statistics.fmean(aris) if aris else None,
+            # mean over the worlds of the ARI over every campaign type but one
+            "ari_mean_without_type": {k: statistics.fmean(v) for k, v in sorted(without.items())}}
 
 
 def main() -> None:
@@ -199,6 +207,8 @@ def main() -> None:
         print(f"{name}: benign {t['benign_flagged']} of {t['benign_accounts']:,}; recall "
               f"{_num(t['recall_min'])}-{_num(t['recall_max'])}; ARI {_num(t['ari_min'])}-"
               f"{_num(t['ari_max'])}, mean {_num(t['ari_mean'])}")
+        print(f"{name}: mean ARI leaving out one type: " + ", ".join(
+            f"{kind} {ari:.3f}" for kind, ari in t["ari_mean_without_type"].items()))
     (args.work / "detect_worlds.json").write_text(json.dumps(
         {"worlds": [w.name for w in worlds], "arms": {a.name: {
             "src": str(a.src) if a.src else None, "calibration": str(a.calibration_file()),

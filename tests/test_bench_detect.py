@@ -80,6 +80,29 @@ def test_perfect_verdicts_score_perfectly(world: tuple[Path, Path, Path]) -> Non
         assert row["ari"] in (1.0, None), kind
 
 
+def test_ari_without_a_type_points_at_the_type_that_loses_attribution(
+        world: tuple[Path, Path, Path]) -> None:
+    """One type's operators split into one campaign per account, every other campaign
+    right: the ARI over every type but that one is 1, and over every type but another it
+    is below 1."""
+    trace, accounts, labels = world
+    truth = read_labels(labels)
+    seen = _first_seen(trace)
+    sizes: dict[str, int] = defaultdict(int)
+    for t in truth.values():
+        if t.attack and t.account_id in seen:
+            sizes[str(t.campaign_type)] += 1
+    split = max(sorted(sizes), key=sizes.__getitem__)
+    perfect = _perfect(labels, trace)
+    for v in perfect.accounts:
+        if truth[v.account_id].campaign_type == split:
+            v.campaign_id = f"alone-{v.account_id}"
+    o = score(trace, accounts, labels, perfect).overall
+    assert o["ari"] < 1.0
+    assert o["ari_without_type"][split] == 1.0
+    assert all(ari < 1.0 for kind, ari in o["ari_without_type"].items() if kind != split)
+
+
 def test_empty_verdicts(world: tuple[Path, Path, Path]) -> None:
     trace, accounts, labels = world
     s = score(trace, accounts, labels, Verdicts())

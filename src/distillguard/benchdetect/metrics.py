@@ -288,6 +288,15 @@ def score(trace: str | Path, accounts: str | Path, labels: str | Path,
         "inactive_accounts": len(truth) - len(active),
         "trace_exchanges": sum(a.exchanges for a in judge.activity.values()),
     })
+    # Where attribution is lost: the ARI over the attack accounts of every type but one
+    # (a type whose operators are split or merged is the one whose absence lifts it).
+    without: dict[str, float] = {}
+    for kind in sorted(by_type):
+        rest = [t for t in attack if str(t.campaign_type) != kind]
+        if len(rest) >= 2:
+            without[kind] = adjusted_rand_index([str(t.campaign_id) for t in rest],
+                                                [judge.cluster(t.account_id) for t in rest])
+    overall["ari_without_type"] = without
     scores.overall = overall
     elapsed = elapsed_s
     if elapsed is None:
