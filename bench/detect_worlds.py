@@ -59,7 +59,10 @@ class World:
 
     @property
     def name(self) -> str:
-        return f"{self.preset}-{self.seed}" + (f"-x{self.scale:g}" if self.scale != 1 else "")
+        """Unique per simulation: worlds are kept in a folder of this name and reused."""
+        default_days = None if self.preset == "smoke" else 2.0
+        return (f"{self.preset}-{self.seed}" + (f"-x{self.scale:g}" if self.scale != 1 else "")
+                + (f"-d{self.days:g}" if self.days != default_days else ""))
 
 
 @dataclass(frozen=True, slots=True)

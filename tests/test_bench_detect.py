@@ -243,11 +243,11 @@ def test_detect_worlds_scores_each_arm_with_its_own_calibration(tmp_path: Path) 
                           "--arm", f"blind=-:{neutral}"],
                          check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
-    assert "| smoke-5 | shipped |" in out and "| smoke-5 | blind |" in out
+    assert "| smoke-5-d0.5 | shipped |" in out and "| smoke-5-d0.5 | blind |" in out
     report = json.loads((work / "detect_worlds.json").read_text())
-    assert report["worlds"] == ["smoke-5"]
+    assert report["worlds"] == ["smoke-5-d0.5"]
     shipped, blind = report["arms"]["shipped"], report["arms"]["blind"]
     assert shipped["totals"]["recall_min"] > 0.8 and shipped["totals"]["benign_accounts"] > 5
     assert blind["totals"]["recall_max"] == 0.0
     assert blind["calibration"] == str(neutral)
-    assert (work / "worlds" / "smoke-5" / "labels.jsonl").exists()
+    assert (work / "worlds" / "smoke-5-d0.5" / "labels.jsonl").exists()
