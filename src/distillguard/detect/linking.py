@@ -77,7 +77,8 @@ MIN_SHARED_BANDS = 2
 # operators that copied one public instruction share it and one or two more frames of
 # their harnesses' pools; at one half they were linked by it often enough to be merged.
 MIN_FRAME_SIMILARITY = 0.7
-# Keys only one party holds: their rings are not ordered by frame set (module docstring).
+# Keys only one party holds: their rings are not ordered by frame set (module docstring,
+# _ring_position).
 OWNED_KINDS = ("payment", "domain")
 COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
 COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
@@ -115,12 +116,14 @@ RingPosition = tuple[int, int, str]
 
 def _ring_position(group: tuple[str, object], account_id: str, signature: int = 0
                    ) -> RingPosition:
-    """Where an account sits on a group's ring: by its frame-set signature first, then by
-    a hash of the group and its id (ties by id). The hash differs from group to group, so
-    accounts of one harness that share several groups get other neighbours on each ring:
-    the union of their rings is well knit, where one order for all would make a long
-    chain that community detection cuts into pieces."""
-    return (signature, _mixed_hash(f"{group[0]}\x00{group[1]}\x00{account_id}"), account_id)
+    """Where an account sits on a group's ring: by its frame-set signature first (not on
+    the ring of a key one party holds, :data:`OWNED_KINDS`), then by a hash of the group
+    and its id (ties by id). The hash differs from group to group, so accounts of one
+    harness that share several groups get other neighbours on each ring: the union of
+    their rings is well knit, where one order for all would make a long chain that
+    community detection cuts into pieces."""
+    return (0 if group[0] in OWNED_KINDS else signature,
+            _mixed_hash(f"{group[0]}\x00{group[1]}\x00{account_id}"), account_id)
 
 
 def _mixed_hash(text: str) -> int:
@@ -772,10 +775,7 @@ class LinkIndex:
         kind, key = group
         if len(self.groups[kind].get(key, ())) > self.max_group:
             return set()
-        positions = self._rings.get(group, [])
-        if kind in OWNED_KINDS:
-            positions = sorted(positions, key=lambda pos: pos[1:])
-        ring = [pos[-1] for pos in positions]
+        ring = [pos[-1] for pos in self._rings.get(group, ())]
         n = len(ring)
         out: set[Pair] = set()
         steps = range(1, min(RING_NEIGHBOURS, n - 1) + 1)
