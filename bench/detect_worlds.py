@@ -93,20 +93,14 @@ class Arm:
         return Path(str(importlib.resources.files("distillguard"))) / "detect" / "calibration.json"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> None:
-    subprocess.run([sys.executable, "-c", "from distillguard.cli import main; main()", *args],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-
-
 def simulate(world: World, work: Path) -> Path:
-    """The world's folder, simulated unless it is there already."""
+    """The world's folder, simulated (by this tree's simulator) unless it is there
+    already."""
+    from distillguard.simulate import simulate as simulate_world
+
     out = work / "worlds" / world.name
     if not (out / "labels.jsonl").exists():
-        args = ["simulate", "--out", str(out), "--preset", world.preset,
-                "--seed", str(world.seed), "--scale", f"{world.scale:g}", "--quiet"]
-        if world.days is not None:
-            args += ["--days", f"{world.days:g}"]
-        _cli(*args)
+        simulate_world(out, world.preset, world.seed, scale=world.scale, days=world.days)
     return out
 
 
@@ -117,9 +111,11 @@ def detect_and_score(world_dir: Path, arm: Arm, work: Path) -> dict[str, Any]:
 
     verdicts = work / "verdicts" / arm.name / f"{world_dir.name}.json"
     verdicts.parent.mkdir(parents=True, exist_ok=True)
-    _cli("detect", "--trace", str(world_dir / "trace.jsonl"), "--accounts",
-         str(world_dir / "accounts.jsonl"), "--out", str(verdicts),
-         "--calibration", str(arm.calibration_file()), env=arm.env())
+    subprocess.run([sys.executable, "-m", "distillguard.cli", "detect",
+                    "--trace", str(world_dir / "trace.jsonl"),
+                    "--accounts", str(world_dir / "accounts.jsonl"), "--out", str(verdicts),
+                    "--calibration", str(arm.calibration_file())],
+                   check=True, env=arm.env(), stdout=subprocess.DEVNULL)
     return score(world_dir / "trace.jsonl", world_dir / "accounts.jsonl",
                  world_dir / "labels.jsonl", Verdicts.read(verdicts)).to_json()
 
