@@ -362,6 +362,7 @@ def test_shipped_calibration_loads_and_says_what_it_was_fitted_on() -> None:
     assert cal.fitted_on["trace_sha256"] and cal.fitted_on["benign"] > 100
 
 
+@pytest.mark.timeout(900)     # three worlds simulated, replayed four times each
 def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -> None:
     """The shipped calibration is refitted whenever detection changes: the documented
     commands (docs/detection.md, Calibration) run on this code give the shipped model

@@ -345,3 +345,40 @@ def test_a_mail_domain_is_a_link_key_unless_anyone_can_get_an_address_there() ->
     assert operator_mail_domain(" Acme-Labs.example. ") == "acme-labs.example"
     for public in ("gmail.com", "Proton.me", "web.de", "mailinator.com", "", None):
         assert operator_mail_domain(public) is None
+
+
+def test_a_scheduler_spread_over_minutes_joins_its_template_communities() -> None:
+    """A scheduler wakes one account of each of two harness variants at each tick, one to
+    four minutes apart: never within the seconds of a co-start, so nothing but the
+    community co-start test (LinkIndex.community_costarts) can tie the two template
+    communities together. Two other communities, busy in the same four hours of each day
+    but at their own moments, share many more five-minute buckets than two that start
+    at any hour would (the test's chance is measured on shifted copies, which keep the
+    rhythm), and stay apart."""
+    rng = random.Random(7)
+    t0 = 1_700_000_000.0
+    groups = {g: [f"{g}{i}" for i in range(6 if g in "ab" else 12)] for g in "abcd"}
+    frames = {"a": (11, 12, 13), "b": (21, 22, 23), "c": (31, 32, 33), "d": (41, 42, 43)}
+    simhash = {g: rng.getrandbits(64) for g in groups}
+    events: list[tuple[float, str, str]] = []
+    at = t0
+    for _ in range(45):               # ticks about every 64 minutes, for two days
+        at += rng.uniform(2_000.0, 5_600.0)
+        first, second = rng.choice(groups["a"]), rng.choice(groups["b"])
+        events.append((at, first, "a"))
+        events.append((at + rng.uniform(60.0, 240.0), second, "b"))
+    for g in "cd":                    # busy, in the same hours, each on its own
+        for _ in range(150):
+            day = rng.randrange(2)
+            events.append((t0 + day * 86_400.0 + rng.uniform(0.0, 4 * 3_600.0),
+                           rng.choice(groups[g]), g))
+    detector = Detector(Calibration.neutral(), tick_seconds=300.0)
+    for ts, account, g in sorted(events):
+        detector.observe(make_features(account, ts, template_keys=frames[g],
+                                       simhash=simhash[g]))
+    detector.finish()
+    of = detector.graph.of
+    assert of["a0"] is of["b0"], "the scheduler's two variants are apart"
+    assert of["a0"].members == frozenset(groups["a"] + groups["b"])
+    assert of["c0"].members == frozenset(groups["c"])
+    assert of["d0"].members == frozenset(groups["d"])

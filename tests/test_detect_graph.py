@@ -158,3 +158,35 @@ def test_links_that_move_without_growing_make_louvain_run_again() -> None:
         assert len(graph.graph) == 12
     assert {c.members for c in graph.communities} == {frozenset(t[0] + t[2]),
                                                       frozenset(t[1] + t[3])}
+
+
+def test_links_named_to_rerun_partition_their_component_again() -> None:
+    """Two fragments of one operator sit in a component of over a thousand links. A
+    dozen links joining them are far under the re-run share, so the update alone keeps
+    the partition it had and places no account anew; named as ``rerun`` (links that
+    join two communities), they make Louvain partition the component again, and the
+    fragments are one community."""
+    import copy
+
+    inside = {"prefix": 1.0, "template": 1.0}
+    a = [f"a{i}" for i in range(8)]
+    b = [f"b{i}" for i in range(8)]
+    big = [f"z{i:03d}" for i in range(120)]
+    edges = {**_clique(a, {"template": 1.0}), **_clique(b, {"template": 1.0})}
+    edges.update(((x, y), dict(inside)) for i, x in enumerate(big) for y in big[i + 1:i + 12])
+    edges[("a0", "z000")] = {"template": 0.2}
+    edges[("b0", "z001")] = {"template": 0.2}
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    assert graph.of["a1"] is not graph.of["b1"]
+    joining = {(x, y) for x, y in zip(a, b, strict=True)} | {
+        (x, y) for x, y in zip(a, b[1:] + b[:1], strict=True)}
+    for pair in joining:
+        edges[pair] = {"lockstep": 1.0}
+    assert len(joining) < 0.1 * len(graph.graph.edges)
+    kept = copy.deepcopy(graph)
+    kept.update(edges, joining)
+    assert kept.of["a1"] is not kept.of["b1"], "re-partitioned without being asked"
+    graph.update(edges, joining, rerun=joining)
+    assert graph.of["a1"] is graph.of["b1"]
+    assert graph.of["a1"].members == frozenset(a + b)

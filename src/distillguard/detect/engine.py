@@ -264,9 +264,13 @@ class Detector:
             self.links.update(state)
             self.vectors[aid] = account_vector(state, self.facts.get(aid))
         changed = self.links.refresh(self.states)
-        touched = set(dirty) | self.graph.update(self.links.edges, changed)
+        touched = set(dirty) | self.graph.update(self.links.edges, changed,
+                                                 rerun=self.links.joining)
         self.links.retest_partners(sorted(self.graph.joined), self.states)
         self.links.group_costarts(self.states, self.graph.of)
+        # At the end of a trace (everyone), communities that formed in the last hour are
+        # tested too.
+        self.links.community_costarts(self.graph.of, now=everyone)
         for aid in dirty:
             community = self.graph.of.get(aid)
             if community is not None:

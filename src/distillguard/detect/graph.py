@@ -245,12 +245,19 @@ class AccountGraph:
         return [self._communities[k] for k in sorted(self._communities)]
 
     def update(self, edges: Mapping[tuple[str, str], Mapping[str, float]],
-               changed: set[tuple[str, str]]) -> set[str]:
+               changed: set[tuple[str, str]],
+               rerun: Iterable[tuple[str, str]] = ()) -> set[str]:
         """Apply the changed pairs; returns the accounts whose community changed (joined,
         left, or other members or link kinds). Louvain and the re-placement run over each
         connected component a changed pair touches, but an account whose community came
         out as it was is not returned, so nothing downstream re-scores it. Those of them
-        that were in no community before are :attr:`joined`."""
+        that were in no community before are :attr:`joined`.
+
+        The components of the pairs in ``rerun`` are partitioned by Louvain again however
+        little they changed: links that join two communities (see
+        :meth:`.linking.LinkIndex.community_costarts`) change none of their accounts, and
+        a few dozen of them in a component of a thousand links would otherwise leave
+        the two as they were."""
         self.joined = set()
         graph = self.graph
         adjacency = graph._adj
@@ -284,6 +291,7 @@ class AccountGraph:
                 seen |= nodes
                 components.append(nodes)
         touched |= seen
+        forced = {n for pair in rerun for n in pair}
         self._previous = {}
         earlier: dict[int, Community] = {}
         for label in sorted({self._label[n] for n in touched if n in self._label}):
@@ -299,7 +307,9 @@ class AccountGraph:
             # links that appeared, went or changed kind, each counted once from each end
             # it has in the component
             moves = (sum(moved_at.get(n, 0) for n in nodes) + 1) // 2
-            for n, label in self._partition(graph, nodes, moves).items():
+            partition = self._partition(graph, nodes, moves,
+                                        rerun=not forced.isdisjoint(nodes))
+            for n, label in partition.items():
                 self._label[n] = label
                 self._members.setdefault(label, set()).add(n)
                 fresh.add(label)
@@ -326,8 +336,9 @@ class AccountGraph:
                     self.joined.add(node)
         return moved
 
-    def _partition(self, graph: nx.Graph, nodes: set[str], moves: int) -> dict[str, int]:
-        old = [self._previous[n] for n in nodes if n in self._previous]
+    def _partition(self, graph: nx.Graph, nodes: set[str], moves: int, *,
+                   rerun: bool = False) -> dict[str, int]:
+        old = [] if rerun else [self._previous[n] for n in nodes if n in self._previous]
         size = len(nodes)
         adjacency = graph._adj
         links = sum(len(adjacency[n]) for n in nodes) // 2

@@ -50,6 +50,12 @@ wakes several at once, so their densities added up overstate it). A quiet accoun
 also carries one of the community's template frames in its prompts (any count: too few
 for a frame of its own) is held to alpha over the share of the accounts outside the
 community that carry one of them, the chance of carrying one by coincidence.
+
+**Community co-start.** A scheduler that spreads each wake-up over minutes makes few
+co-starts within seconds, and its accounts, each sending a different part of the
+harness, fall into several template communities. :meth:`LinkIndex.community_costarts`
+links two communities that start sessions in the same five-minute buckets far more often
+than shifted copies of their starts do.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from datasketch import MinHashLSH
+from scipy.special import pdtrc
 
 from distillguard.detect.graph import Community
 from distillguard.detect.sketches import ACTIVITY_BUCKET_S, BURST_BUCKET_S, AccountState
@@ -109,6 +116,13 @@ FRAME_SHARE_FLOOR = 0.01
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
 COSTART_POPULATION = 1_000
+# The community co-start test (LinkIndex.community_costarts): the width of its time
+# buckets, the shifts (in those buckets, each way) whose overlaps make its chance, the
+# fewest buckets two communities must share, and how often it runs (trace time).
+COMMUNITY_COSTART_BUCKET_S = 300
+COMMUNITY_COSTART_SHIFTS = tuple(s for s in range(-12, 13) if abs(s) >= 2)
+COMMUNITY_COSTART_MIN = 6
+COMMUNITY_COSTART_EVERY_S = 3_600
 
 
 RingPosition = tuple[int, int, str]
@@ -239,6 +253,8 @@ class LinkIndex:
     # Stricter than a pair's: each account is tested against several groups, again as its
     # starts accumulate.
     group_costart_alpha: float = 1e-5
+    # The community co-start test's: for all pairs of communities of one run together.
+    community_costart_alpha: float = 1e-3
     groups: dict[str, dict[object, set[str]]] = field(
         default_factory=lambda: {k: defaultdict(set) for k in (*KINDS, "lsh")
                                  if k != "lockstep"})
@@ -283,6 +299,15 @@ class LinkIndex:
     # reads them.
     _carriers: dict[object, set[str]] = field(default_factory=dict)
     _carried: dict[str, frozenset[object]] = field(default_factory=dict)
+    # Pairs linked because their two communities started sessions together more often
+    # than shifted copies of the same starts do (community_costarts), and when that test
+    # last ran (a start bucket).
+    _community_costart: set[Pair] = field(default_factory=set)
+    _community_dirty: set[Pair] = field(default_factory=set)
+    _community_tested_at: int | None = None
+    # The community test's links the last refresh applied: their components are to be
+    # partitioned again (AccountGraph.update's ``rerun``).
+    joining: set[Pair] = field(default_factory=set)
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -658,6 +683,98 @@ class LinkIndex:
                 else:
                     del self._group_costart[aid]
 
+    def community_costarts(self, communities: Mapping[str, Community], *,
+                           now: bool = False) -> None:
+        """Link two communities whose members started sessions in the same
+        COMMUNITY_COSTART_BUCKET_S buckets far more often than a shifted copy of one
+        community's starts meets the other's (run once per COMMUNITY_COSTART_EVERY_S of
+        trace time, or ``now``: at the end of a trace; links applied at the next
+        :meth:`refresh`).
+
+        A scheduler that wakes a few of its many quiet accounts at once, spread over a
+        few minutes, makes too few co-starts within seconds for the pair and group tests,
+        and its accounts, each with a different part of the harness's frames, fall into
+        several template communities. Each of those starts sessions at the scheduler's
+        ticks, so two of them share the buckets of many ticks. Two unrelated communities
+        share buckets too, the more the busier they are and the more their activity
+        follows the same daily rhythm: the chance is therefore not modelled but measured,
+        as the mean overlap of one community's buckets with the other's shifted by 10 to
+        60 minutes either way (COMMUNITY_COSTART_SHIFTS), a shift that keeps both
+        rhythms and breaks only what happens at the same moment. A pair of communities
+        whose overlap reaches COMMUNITY_COSTART_MIN buckets, with a Poisson tail at that
+        mean of at most ``community_costart_alpha`` over the number of community pairs,
+        is linked: in each shared bucket, the first member of one that started there to
+        the first of the other, as lockstep.
+
+        Links stay once made (their communities are then one, and there is nothing left
+        to test between them) until one of the two accounts has no session start left
+        in the kept window (:meth:`_starts_kept_from`)."""
+        width = COMMUNITY_COSTART_BUCKET_S // BURST_BUCKET_S
+        newest = self._newest_start
+        if (not now and self._community_tested_at is not None
+                and newest - self._community_tested_at
+                < COMMUNITY_COSTART_EVERY_S // BURST_BUCKET_S):
+            return
+        self._community_tested_at = newest
+        own = self._own_starts
+        gone = {p for p in self._community_costart if p[0] not in own or p[1] not in own}
+        if gone:
+            self._community_costart -= gone
+            self._community_dirty |= gone
+        groups: dict[int, Community] = {}
+        for community in communities.values():
+            if community.size >= 2:
+                groups.setdefault(id(community), community)
+        ordered = sorted(groups.values(), key=lambda c: min(c.members))
+        if len(ordered) < 2:
+            return
+        # The buckets of the starts kept (those of the last COSTART_PAIR_TTL_S, and up to
+        # an hour more until the next prune).
+        first = (newest - int((COSTART_PAIR_TTL_S + 3_600) // BURST_BUCKET_S)) // width
+        span = newest // width - first + 1
+        # Per community: its buckets (a row of a 0/1 matrix), and in each bucket the
+        # first member (by id) that started there.
+        occupied = np.zeros((len(ordered), span), dtype=np.float32)
+        starter: list[dict[int, str]] = []
+        for row, community in enumerate(ordered):
+            firsts: dict[int, str] = {}
+            for m in sorted(community.members):
+                for b in own.get(m, ()):
+                    c = b // width - first
+                    if 0 <= c < span:
+                        firsts.setdefault(c, m)
+            starter.append(firsts)
+            occupied[row, list(firsts)] = 1.0
+        shared = occupied @ occupied.T
+        bar = self.community_costart_alpha / (len(ordered) * (len(ordered) - 1) / 2)
+        # The chance is taken as at least 1: a pair that would not pass even then is not
+        # worth its shifted overlaps.
+        least = COMMUNITY_COSTART_MIN
+        while pdtrc(least - 1.0, 1.0) > bar:
+            least += 1
+        rows, cols = np.nonzero(np.triu(shared, 1) >= least)
+        if not len(rows):
+            return
+        # One community's buckets against the other's shifted by s, summed over the
+        # shifts: the first's rows times the sum of the second's shifted rows.
+        moved = np.zeros_like(occupied)
+        for shift in COMMUNITY_COSTART_SHIFTS:
+            if shift > 0:
+                moved[:, shift:] += occupied[:, :-shift]
+            else:
+                moved[:, :shift] += occupied[:, -shift:]
+        shifted = np.einsum("ij,ij->i", occupied[rows], moved[cols])
+        chance = np.maximum(shifted / len(COMMUNITY_COSTART_SHIFTS), 1.0)
+        # P(X >= k) for X ~ Poisson(chance), for every pair at once
+        passed = pdtrc(shared[rows, cols] - 1.0, chance) <= bar
+        for i, j in zip(rows[passed].tolist(), cols[passed].tolist(), strict=True):
+            mine, theirs = starter[i], starter[j]
+            for c in sorted(mine.keys() & theirs.keys()):
+                pair = _pair(mine[c], theirs[c])
+                if pair not in self._community_costart:
+                    self._community_costart.add(pair)
+                    self._community_dirty.add(pair)
+
     def retest_partners(self, joined: Iterable[str], states: Mapping[str, AccountState]
                         ) -> None:
         """Have :meth:`group_costarts` test again the quiet co-start partners of accounts
@@ -686,9 +803,9 @@ class LinkIndex:
 
     @property
     def links_pending(self) -> bool:
-        """Whether :meth:`group_costarts` found links that the next :meth:`refresh` has
-        yet to apply."""
-        return bool(self._group_dirty)
+        """Whether :meth:`group_costarts` or :meth:`community_costarts` found links that
+        the next :meth:`refresh` has yet to apply."""
+        return bool(self._group_dirty or self._community_dirty)
 
     def starts_of(self, members: Iterable[str]) -> GroupStarts:
         """The recent session starts of a group's members: distinct buckets in order, and
@@ -848,6 +965,9 @@ class LinkIndex:
         self._costart_dirty.clear()
         changed |= self._group_dirty
         self._group_dirty.clear()
+        changed |= self._community_dirty
+        self.joining = self._community_dirty & self._community_costart
+        self._community_dirty = set()
         if self._dirty_pairs:
             pairs = list(self._dirty_pairs)
             sims = _jaccards(states, pairs)
@@ -870,7 +990,8 @@ class LinkIndex:
             counts = self._counts.get(pair, {})
             kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
             kinds.pop("template", None)
-            costart = pair in self._costart or self._in_group_costart(pair)
+            costart = (pair in self._costart or self._in_group_costart(pair)
+                       or pair in self._community_costart)
             # Frames give the strength of a link that current evidence makes (a shared
             # group's ring, lockstep); a pair that a ring once held and no longer does is
             # not linked by frames alone, or a public frame's group would end up complete.
