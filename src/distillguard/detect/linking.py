@@ -118,11 +118,14 @@ FRAME_SHARE_FLOOR = 0.01
 COSTART_POPULATION = 1_000
 # The community co-start test (LinkIndex.community_costarts): the width of its time
 # buckets, the shifts (in those buckets, each way) whose overlaps make its chance, the
-# fewest buckets two communities must share, and how often it runs (trace time).
+# fewest buckets two communities must share, how often it runs (trace time).
 COMMUNITY_COSTART_BUCKET_S = 300
 COMMUNITY_COSTART_SHIFTS = tuple(s for s in range(-12, 13) if abs(s) >= 2)
 COMMUNITY_COSTART_MIN = 6
 COMMUNITY_COSTART_EVERY_S = 3_600
+# The test waits until the starts kept span this many times the largest shift (four
+# hours): over less, a shift moves a large share of each community's starts off the ends.
+COMMUNITY_COSTART_HISTORY = 4
 
 
 RingPosition = tuple[int, int, str]
@@ -728,10 +731,14 @@ class LinkIndex:
         ordered = sorted(groups.values(), key=lambda c: min(c.members))
         if len(ordered) < 2:
             return
-        # The buckets of the starts kept (those of the last COSTART_PAIR_TTL_S, and up to
-        # an hour more until the next prune).
-        first = (newest - int((COSTART_PAIR_TTL_S + 3_600) // BURST_BUCKET_S)) // width
+        # The buckets from the oldest start kept (COSTART_PAIR_TTL_S back, and up to an
+        # hour more until the next prune) to the newest. Until they span
+        # COMMUNITY_COSTART_HISTORY shifts, a shift moves too much of one community's
+        # starts off the ends for its overlap to measure the chance.
+        first = min((starts[0] for starts in own.values() if starts), default=newest) // width
         span = newest // width - first + 1
+        if span < COMMUNITY_COSTART_HISTORY * max(COMMUNITY_COSTART_SHIFTS):
+            return
         # Per community: its buckets (a row of a 0/1 matrix), and in each bucket the
         # first member (by id) that started there.
         occupied = np.zeros((len(ordered), span), dtype=np.float32)
@@ -756,13 +763,16 @@ class LinkIndex:
         if not len(rows):
             return
         # One community's buckets against the other's shifted by s, summed over the
-        # shifts: the first's rows times the sum of the second's shifted rows.
+        # shifts: the first's rows times the sum of the second's shifted rows. A shift
+        # by s leaves span - |s| buckets where both have data, so its overlap counts
+        # span / (span - |s|) times.
         moved = np.zeros_like(occupied)
         for shift in COMMUNITY_COSTART_SHIFTS:
+            scale = np.float32(span / (span - abs(shift)))
             if shift > 0:
-                moved[:, shift:] += occupied[:, :-shift]
+                moved[:, shift:] += occupied[:, :-shift] * scale
             else:
-                moved[:, :shift] += occupied[:, -shift:]
+                moved[:, :shift] += occupied[:, -shift:] * scale
         shifted = np.einsum("ij,ij->i", occupied[rows], moved[cols])
         chance = np.maximum(shifted / len(COMMUNITY_COSTART_SHIFTS), 1.0)
         # P(X >= k) for X ~ Poisson(chance), for every pair at once
