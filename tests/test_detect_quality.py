@@ -6,6 +6,7 @@ not share, risk that an unseen feature value cannot decide alone)."""
 from __future__ import annotations
 
 import math
+import random
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -915,3 +916,36 @@ def test_two_busy_communities_are_not_linked_on_less_history_than_the_shifts() -
         communities.update((aid, community) for aid in aids)
     links.community_costarts(communities, now=True)
     assert not links.links_pending
+
+
+def test_beyond_the_cap_the_quietest_communities_are_tested(monkeypatch: Any) -> None:
+    """Only COMMUNITY_COSTART_MAX communities are compared in one run, those with the
+    fewest starts per member: two pieces of a scheduler's quiet accounts, which start
+    in the same buckets at forty ticks over two days, are still linked when a busy
+    community (whose ids sort first) is left out, and were not when the first by id
+    were kept."""
+    from distillguard.detect import linking
+
+    monkeypatch.setattr(linking, "COMMUNITY_COSTART_MAX", 2)
+    rng = random.Random(5)
+    links = LinkIndex()
+    span = int(2 * 86_400 // BURST_BUCKET_S)
+    ticks = sorted(rng.sample(range(0, span, 60), 40))
+    members = {"a": [f"a{i}" for i in range(3)], "q": [f"q{i}" for i in range(3)],
+               "r": [f"r{i}" for i in range(3)]}
+    starts: dict[str, set[int]] = {m: set() for ms in members.values() for m in ms}
+    for tick in ticks:
+        starts[rng.choice(members["q"])].add(tick)
+        starts[rng.choice(members["r"])].add(tick + 3)     # half a minute later
+    for m in members["a"]:
+        starts[m] = set(rng.sample(range(span), 300))
+    for m, own in starts.items():
+        links._own_starts[m] = sorted(own)
+    links._newest_start = span
+    communities = {}
+    for ms in members.values():
+        community = Community(frozenset(ms))
+        communities.update((m, community) for m in ms)
+    links.community_costarts(communities, now=True)
+    linked = links._community_costart
+    assert linked and all(a[0] == "q" and b[0] == "r" for a, b in linked)

@@ -126,6 +126,10 @@ COMMUNITY_COSTART_EVERY_S = 3_600
 # The test waits until the starts kept span this many times the largest shift (four
 # hours): over less, a shift moves a large share of each community's starts off the ends.
 COMMUNITY_COSTART_HISTORY = 4
+# At most this many communities are tested in one run (the quietest, see
+# LinkIndex.community_costarts): every pair is compared, and its matrices grow with the
+# square of their number (2,000: 16 MB, and a few tenths of a second a run here).
+COMMUNITY_COSTART_MAX = 2_000
 
 
 RingPosition = tuple[int, int, str]
@@ -711,7 +715,11 @@ class LinkIndex:
 
         Links stay once made (their communities are then one, and there is nothing left
         to test between them) until one of the two accounts has no session start left
-        in the kept window (:meth:`_starts_kept_from`)."""
+        in the kept window (:meth:`_starts_kept_from`).
+
+        Every pair of communities is compared, so a run's work and memory grow with the
+        square of their number: beyond COMMUNITY_COSTART_MAX communities only that many
+        are tested, those with the fewest starts per member."""
         width = COMMUNITY_COSTART_BUCKET_S // BURST_BUCKET_S
         newest = self._newest_start
         if (not now and self._community_tested_at is not None
@@ -729,6 +737,14 @@ class LinkIndex:
             if community.size >= 2:
                 groups.setdefault(id(community), community)
         ordered = sorted(groups.values(), key=lambda c: min(c.members))
+        if len(ordered) > COMMUNITY_COSTART_MAX:
+            # The quietest communities (fewest starts kept per member): a scheduler's
+            # pieces are made of accounts of a few exchanges a day.
+            def starts_per_member(c: Community) -> float:
+                return sum(len(own.get(m, ())) for m in c.members) / c.size
+            quiet = sorted(ordered, key=lambda c: (starts_per_member(c), min(c.members)))
+            kept = {id(c) for c in quiet[:COMMUNITY_COSTART_MAX]}
+            ordered = [c for c in ordered if id(c) in kept]
         if len(ordered) < 2:
             return
         # The buckets from the oldest start kept (COSTART_PAIR_TTL_S back, and up to an
