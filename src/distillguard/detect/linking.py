@@ -732,6 +732,14 @@ class LinkIndex:
         if gone:
             self._community_costart -= gone
             self._community_dirty |= gone
+        # The buckets from the oldest start kept (COSTART_PAIR_TTL_S back, and up to an
+        # hour more until the next prune) to the newest. Until they span
+        # COMMUNITY_COSTART_HISTORY shifts, a shift moves too much of one community's
+        # starts off the ends for its overlap to measure the chance.
+        first = min((starts[0] for starts in own.values() if starts), default=newest) // width
+        span = newest // width - first + 1
+        if span < COMMUNITY_COSTART_HISTORY * max(COMMUNITY_COSTART_SHIFTS):
+            return
         groups: dict[int, Community] = {}
         for community in communities.values():
             if community.size >= 2:
@@ -746,14 +754,6 @@ class LinkIndex:
             kept = {id(c) for c in quiet[:COMMUNITY_COSTART_MAX]}
             ordered = [c for c in ordered if id(c) in kept]
         if len(ordered) < 2:
-            return
-        # The buckets from the oldest start kept (COSTART_PAIR_TTL_S back, and up to an
-        # hour more until the next prune) to the newest. Until they span
-        # COMMUNITY_COSTART_HISTORY shifts, a shift moves too much of one community's
-        # starts off the ends for its overlap to measure the chance.
-        first = min((starts[0] for starts in own.values() if starts), default=newest) // width
-        span = newest // width - first + 1
-        if span < COMMUNITY_COSTART_HISTORY * max(COMMUNITY_COSTART_SHIFTS):
             return
         # Per community: its buckets (a row of a 0/1 matrix), and in each bucket the
         # first member (by id) that started there.
