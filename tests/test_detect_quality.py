@@ -26,6 +26,8 @@ from distillguard.detect.linking import (
     COSTART_MIN_SPAN_S,
     COSTART_NEIGHBOURS,
     COSTART_PAIR_TTL_S,
+    EXIT_MIN_DISTINCT,
+    EXIT_MIN_SHARED,
     FRAME_SHARE_FLOOR,
     FRAMED_COSTART_MIN,
     GROUP_COSTART_BURST,
@@ -35,6 +37,7 @@ from distillguard.detect.linking import (
     MIN_FRAME_SIMILARITY,
     LinkIndex,
     _pair,
+    _ring_position,
     chance_jaccard,
     poisson_tail,
 )
@@ -45,7 +48,13 @@ from distillguard.detect.scoring import (
     Model,
     account_vector,
 )
-from distillguard.detect.sketches import BURST_BUCKET_S, NETWORKS_CAP, AccountState
+from distillguard.detect.sketches import (
+    BURST_BUCKET_S,
+    EXIT_SAMPLE,
+    NETWORKS_CAP,
+    AccountState,
+    ExitSample,
+)
 from distillguard.simulate import simulate
 from distillguard.simulate.harness import Harness
 from tests.factories import make_exchange, make_features
@@ -949,3 +958,88 @@ def test_beyond_the_cap_the_quietest_communities_are_tested(monkeypatch: Any) ->
     links.community_costarts(communities, now=True)
     linked = links._community_costart
     assert linked and all(a[0] == "q" and b[0] == "r" for a, b in linked)
+
+
+def test_exit_samples_keep_the_smallest_hashes_whatever_the_order() -> None:
+    """Two accounts that used the same 200 /24s in different orders hold the same
+    EXIT_SAMPLE of them, those with the smallest CRC-32; one that used five holds all."""
+    prefixes = [f"10.{i // 250}.{i % 250}" for i in range(200)]
+    first, second, few = ExitSample(), ExitSample(), ExitSample()
+    for p in prefixes:
+        first.add(p)
+    for p in reversed(prefixes):
+        second.add(p)
+        second.add(p)
+    for p in prefixes[:5]:
+        few.add(p)
+    smallest = sorted(prefixes, key=lambda p: zlib.crc32(p.encode()))[:EXIT_SAMPLE]
+    assert set(first.hashes) == set(second.hashes) == set(smallest)
+    assert set(few.hashes) == set(prefixes[:5])
+
+
+def _rotate(links: LinkIndex, states: dict[str, AccountState], aid: str,
+            exits: list[str], keys: tuple[int, ...], at: float) -> None:
+    state = states.setdefault(aid, AccountState(aid))
+    links.set_static(aid, None, None)
+    for n, prefix in enumerate(exits):
+        state.update(make_features(aid, at + 60 * n, template_keys=keys, ip_prefix=prefix))
+    state.flush()
+    links.update(state)
+
+
+def test_accounts_rotating_through_one_pool_of_exits_are_linked_across_harness_variants(
+) -> None:
+    """Two operators each send every request through another exit of a pool of /24s of
+    their own and through five carrier NAT /24s they share with each other and with
+    consumers who live there, and every account of both sends from the two carrier /24s
+    of a country where no settled user does. Each operator gives every account one of
+    three harness variants that share no frame. The pools link each operator across its
+    variants into one community; the carrier /24s link neither operator to the other:
+    the five because settled users share them, the two because two shared exits are too
+    few (EXIT_MIN_SHARED)."""
+    rng = random.Random(5)
+    carrier = [f"100.64.{n}" for n in range(5)]
+    unsettled = ["100.65.0", "100.65.1"]
+    links, states = LinkIndex(), {}
+    operators: dict[str, set[str]] = {}
+    for op in ("a", "b"):
+        pool = [f"{op}.{n}" for n in range(30)] + carrier
+        operators[op] = set()
+        for i in range(18):
+            aid = f"{op}{i:02d}"
+            variant = i % 3
+            keys = (ord(op) * 100 + 10 * variant + 1, ord(op) * 100 + 10 * variant + 2)
+            exits = unsettled + [rng.choice(pool) for _ in range(14)]
+            _rotate(links, states, aid, exits, keys, T0 + i)
+            operators[op].add(aid)
+    for c, prefix in enumerate(carrier):
+        _rotate(links, states, f"consumer{c}", [prefix] * 6, (9000 + c,), T0 + 100 + c)
+    links.refresh(states)
+    assert all(len(states[a].exits) >= EXIT_MIN_DISTINCT for a in operators["a"])
+    crossing = [pair for pair in links.edges
+                if not any(set(pair) <= members for members in operators.values())]
+    assert crossing == []
+    assert _communities(links) == {frozenset(members) for members in operators.values()}
+
+
+def test_an_exit_a_settled_account_moves_into_stops_linking() -> None:
+    """Twelve rotating accounts send from one exit /24, and two of them, far apart on its
+    ring, from two more. The two share EXIT_MIN_SHARED exits and are linked on the small
+    rings. A consumer who then sends from the first /24 as home makes it an access
+    network others use: the two share one exit too few, and their link goes, though
+    nothing changed on the rings where they meet."""
+    assert EXIT_MIN_SHARED == 3
+    links, states = LinkIndex(), {}
+    crowded, pair_only = "172.16.0", ["172.16.1", "172.16.2"]
+    names = [f"r{i:02d}" for i in range(12)]
+    ring = sorted(names, key=lambda a: _ring_position(("exit", crowded), a))
+    a, b = sorted((ring[0], ring[6]))
+    for aid in names:
+        extra = pair_only if aid in (a, b) else []
+        _rotate(links, states, aid, [crowded, *extra] + [f"{aid}net.{n}" for n in range(7)],
+                (zlib.crc32(aid.encode()) % 1000,), T0)
+    links.refresh(states)
+    assert "exit" in links.edges.get((a, b), {})
+    _rotate(links, states, "consumer", [crowded] * 4, (4242,), T0 + 1000)
+    links.refresh(states)
+    assert "exit" not in links.edges.get((a, b), {})

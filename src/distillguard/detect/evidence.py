@@ -81,7 +81,8 @@ def group_reasons(model: Model, row: np.ndarray, limit: int = 3) -> list[str]:
 _KIND_TEXT = {"template": "share template frames", "lockstep": "act in lockstep",
               "payment": "share payment fingerprints", "prefix": "share client /24 networks",
               "signup": "signed up in the same window",
-              "domain": "share a mail domain that is no public provider's"}
+              "domain": "share a mail domain that is no public provider's",
+              "exit": "rotate through the same proxy exit /24s"}
 
 
 def campaign_headline(linked: int, flagged: int, unlinked: int) -> str:

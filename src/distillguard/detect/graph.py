@@ -26,7 +26,8 @@ from scipy.sparse.csgraph import connected_components
 # Infrastructure an operator controls (payment, addresses) outweighs shared templates,
 # which unrelated campaigns may copy from the same public source.
 KIND_WEIGHTS: dict[str, float] = {"template": 0.5, "lockstep": 1.0, "payment": 2.0,
-                                  "prefix": 1.0, "signup": 0.4, "domain": 1.0}
+                                  "prefix": 1.0, "signup": 0.4, "domain": 1.0,
+                                  "exit": 1.0}
 LOUVAIN_SEED = 20260301
 # Below 1, so that one operator whose accounts fall into a few payment or address
 # clusters stays one community (at 1.0 Louvain split such campaigns along them).

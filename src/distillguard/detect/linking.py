@@ -17,7 +17,18 @@ the number of accounts, not of exchanges:
   whichever exit it used most), the same sign-up window, or the same mail domain when
   it is not a public mail provider's (:mod:`distillguard.maildomains`: a hydra operator's
   throwaway domains, a company's own);
-* the account records' sign-up window counts only together with another link kind.
+* the account records' sign-up window counts only together with another link kind;
+* **exit**: both accounts rotate through a proxy network's exits (at least
+  EXIT_MIN_DISTINCT client /24s in their :class:`~.sketches.ExitSample`, none of them
+  home) and sent from at least EXIT_MIN_SHARED of the same /24s that no account that
+  does not rotate used. An operator that sends every request through another exit of
+  the pool it buys gives each of its accounts a few dozen of the pool's /24s, and two
+  of its accounts share many; a carrier NAT or a company /24 that settled users share
+  makes no link. An
+  operator whose script gives each account another harness has pieces that share no
+  frame, no system prompt and no schedule, and this is what they share. Two operators
+  that buy exits from the same proxy network's pool are linked too: for whoever
+  investigates, one campaign of shared infrastructure.
 
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
 says little; groups larger than ``max_group`` make no edges. Within a group each account
@@ -76,7 +87,7 @@ from distillguard.detect.graph import Community
 from distillguard.detect.sketches import ACTIVITY_BUCKET_S, BURST_BUCKET_S, AccountState
 from distillguard.maildomains import operator_mail_domain
 
-KINDS = ("template", "lockstep", "payment", "prefix", "signup", "domain")
+KINDS = ("template", "lockstep", "payment", "prefix", "signup", "domain", "exit")
 RING_NEIGHBOURS = 3
 MIN_SHARED_BANDS = 2
 # Two accounts that both have dominant frames are template-linked when at least this share
@@ -85,8 +96,24 @@ MIN_SHARED_BANDS = 2
 # their harnesses' pools; at one half they were linked by it often enough to be merged.
 MIN_FRAME_SIMILARITY = 0.7
 # Keys only one party holds: their rings are not ordered by frame set (module docstring,
-# _ring_position).
-OWNED_KINDS = ("payment", "domain")
+# _ring_position). An exit /24 that no settled account used is the pool one operator
+# buys, and ordered by frame set its ring would tie each harness variant only to itself.
+OWNED_KINDS = ("payment", "domain", "exit")
+# Exit links (module docstring): the fewest distinct client /24s an account without a
+# home /24 must have sent from to count as rotating through exits (no account of the
+# simulator's benign populations sends from more than seven), and the most accounts that
+# do not rotate that may have used an exit /24 before it counts as an access network
+# others share (a carrier NAT, a company, a campus) rather than the pool's. At one or two,
+# the carrier NAT /24s of countries with few users in a world of a thousand accounts
+# linked two operators whose pools are their own.
+EXIT_MIN_DISTINCT = 8
+EXIT_MAX_SETTLED = 0
+# Two rotating accounts on an exit /24's ring are linked when their samples share at
+# least this many such /24s. The carrier NAT /24s of a country where no settled user
+# happens to send from are shared by every operator that rotates through that country's
+# exits: one or two of them in a world of a thousand accounts, where two accounts of one
+# operator share six or more of its pool's.
+EXIT_MIN_SHARED = 3
 COSTART_NEIGHBOURS = 2          # buckets either side: starts within about 20 seconds
 COSTART_MIN_SPAN_S = 86_400.0   # starts are spread over a day at least (daily rhythms)
 COSTART_KEEP_S = 600.0          # how far behind the newest start a bucket is kept
@@ -315,6 +342,15 @@ class LinkIndex:
     # The community test's links the last refresh applied: their components are to be
     # partitioned again (AccountGraph.update's ``rerun``).
     joining: set[Pair] = field(default_factory=set)
+    # Exit links: per client /24, the accounts whose exit samples hold it (rotating or
+    # not); per account, the /24s indexed for it; the accounts that rotate.
+    _exit_holders: dict[str, set[str]] = field(default_factory=dict)
+    _exit_held: dict[str, frozenset[str]] = field(default_factory=dict)
+    _rotators: set[str] = field(default_factory=set)
+    # Exit /24s that link (no settled user) as of the last refresh, and the accounts
+    # whose exit keys changed since: every pair of theirs has a new count of shared ones.
+    _exits_linking: set[str] = field(default_factory=set)
+    _exits_moved: set[str] = field(default_factory=set)
 
     def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
         new = set(keys)
@@ -386,11 +422,59 @@ class LinkIndex:
             share, count, frames=False, bands=True)])
         prefix = state.home_prefix
         self._set_keys("prefix", aid, [prefix] if prefix else [])
+        self._index_exits(state, rotating=prefix is None
+                          and len(state.exits) >= EXIT_MIN_DISTINCT)
         if state.activity_changed and state.active_buckets >= self.lockstep_min_buckets:
             state.activity_changed = False
             self._lockstep_candidates(state)
         self._carry(aid, state.templates.counts.keys())
         self.index_starts(state)
+
+    def _index_exits(self, state: AccountState, *, rotating: bool) -> None:
+        """Index the account's exit sample; a rotating account's /24s are its exit keys.
+        Every /24 whose holders changed, or one of whose holders started or stopped
+        rotating, is re-linked: its count of settled users decides whether it links."""
+        aid = state.account_id
+        old = self._exit_held.get(aid, frozenset())
+        sample = state.exits
+        new = old
+        if sample.changed:
+            sample.changed = False
+            new = frozenset(sample.hashes)
+        if new is not old and new != old:
+            holders = self._exit_holders
+            for p in old - new:
+                mine = holders[p]
+                mine.discard(aid)
+                if not mine:
+                    del holders[p]
+                self._dirty_groups.add(("exit", p))
+            for p in new - old:
+                holders.setdefault(p, set()).add(aid)
+                self._dirty_groups.add(("exit", p))
+            self._exit_held[aid] = new
+        if rotating != (aid in self._rotators):
+            if rotating:
+                self._rotators.add(aid)
+            else:
+                self._rotators.discard(aid)
+            self._dirty_groups.update(("exit", p) for p in new)
+        keys = new if rotating else frozenset()
+        if keys != self.member_keys.get(aid, {}).get("exit", frozenset()):
+            self._exits_moved.add(aid)
+        self._set_keys("exit", aid, keys)
+
+    def _settled_on(self, prefix: object) -> int:
+        """How many accounts that do not rotate used the client /24."""
+        holders = self._exit_holders.get(str(prefix), ())
+        return len(holders) - len(self.groups["exit"].get(prefix, ()))
+
+    def _exits_shared(self, a: str, b: str) -> int:
+        """How many exit /24s that link (as of the last refresh) both accounts' samples
+        hold."""
+        ka = self.member_keys.get(a, {}).get("exit", ())
+        kb = self.member_keys.get(b, {}).get("exit", ())
+        return len(self._exits_linking.intersection(ka, kb))
 
     def _carry(self, aid: str, keys: KeysView[object]) -> None:
         """Note the template keys the account's frame sketch holds now."""
@@ -918,6 +1002,8 @@ class LinkIndex:
         kind, key = group
         if len(self.groups[kind].get(key, ())) > self.max_group:
             return set()
+        if kind == "exit" and str(key) not in self._exits_linking:
+            return set()
         ring = [pos[-1] for pos in self._rings.get(group, ())]
         n = len(ring)
         out: set[Pair] = set()
@@ -952,6 +1038,20 @@ class LinkIndex:
         really changed: appeared, went, or changed kinds or similarity (``self.edges``
         then holds ``(a, b) -> {kind: weight}``, a < b)."""
         changed: set[Pair] = set()
+        # Exit /24s that started or stopped linking change the count of shared ones of
+        # every pair of their rotating holders, on whichever ring the pair met.
+        for kind, key in self._dirty_groups:
+            if kind != "exit":
+                continue
+            prefix = str(key)
+            linking = (self._settled_on(prefix) <= EXIT_MAX_SETTLED
+                       and bool(self.groups["exit"].get(prefix)))
+            if linking != (prefix in self._exits_linking):
+                if linking:
+                    self._exits_linking.add(prefix)
+                else:
+                    self._exits_linking.discard(prefix)
+                self._exits_moved.update(self.groups["exit"].get(prefix, ()))
         # Every group and pair is handled on its own, so the order does not matter.
         for group in self._dirty_groups:
             kind, key = group
@@ -976,6 +1076,9 @@ class LinkIndex:
         for aid in self._frames_moved:
             changed.update(self._pairs_of.get(aid, ()))
         self._frames_moved.clear()
+        for aid in self._exits_moved:
+            changed.update(self._pairs_of.get(aid, ()))
+        self._exits_moved.clear()
         self._prune_starts()
         alpha = self.costart_pair_alpha()
         for pair in sorted(self._costart_dirty):
@@ -1016,6 +1119,8 @@ class LinkIndex:
             counts = self._counts.get(pair, {})
             kinds: dict[str, float] = {k: 1.0 for k in sorted(counts) if k != "lsh"}
             kinds.pop("template", None)
+            if "exit" in kinds and self._exits_shared(*pair) < EXIT_MIN_SHARED:
+                del kinds["exit"]
             costart = (pair in self._costart or self._in_group_costart(pair)
                        or pair in self._community_costart)
             # Frames give the strength of a link that current evidence makes (a shared

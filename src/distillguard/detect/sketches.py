@@ -10,6 +10,8 @@ Each account keeps an :class:`AccountState` whose size does not grow with its tr
 * the distinct AS names it sent from, up to NETWORKS_CAP: an account whose every request
   leaves through another residential proxy exit spans dozens of networks, a person on a
   home line and a phone two or three;
+* a bottom-k sample of the client /24s it sent from (:class:`ExitSample`): the exits
+  of a proxy network it rotates through, which its operator's other accounts share;
 * a HyperLogLog (datasketch) of distinct skeleton fingerprints: template diversity;
 * Welford mean and variance of log inter-arrival gaps: timing regularity;
 * a 24-bin hour-of-day histogram: the diurnal pattern;
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -37,6 +40,8 @@ ACTIVITY_PERM = 64
 _HLL_P = 8
 # Distinct networks counted per account: past a few dozen the count says nothing more.
 NETWORKS_CAP = 32
+# The most client /24s an account's ExitSample holds.
+EXIT_SAMPLE = 32
 
 
 def _rank(item: tuple[object, int]) -> tuple[int, str]:
@@ -124,6 +129,43 @@ class TopK:
         return max(map(self.guaranteed, self.counts), default=0)
 
 
+class ExitSample:
+    """The client /24s an account sent from: all of them up to ``k``, beyond that the
+    ``k`` whose CRC-32 is smallest (a bottom-k sample). Every account samples by the same
+    hash, so two accounts that used the same /24s hold the same ones in their samples
+    (coordinated sampling): a /24 two samples share is one both accounts used, and an
+    account that rotates through hundreds of proxy exits keeps ``k`` of them, not
+    hundreds."""
+
+    __slots__ = ("k", "hashes", "_largest", "changed")
+
+    def __init__(self, k: int = EXIT_SAMPLE) -> None:
+        self.k = k
+        self.hashes: dict[str, int] = {}
+        self._largest = -1          # the largest hash held, once the sample is full
+        self.changed = False
+
+    def add(self, prefix: str) -> None:
+        hashes = self.hashes
+        if prefix in hashes:
+            return
+        h = zlib.crc32(prefix.encode())
+        if len(hashes) < self.k:
+            hashes[prefix] = h
+            if len(hashes) == self.k:
+                self._largest = max(hashes.values())
+        elif h < self._largest:
+            del hashes[max(hashes, key=hashes.__getitem__)]
+            hashes[prefix] = h
+            self._largest = max(hashes.values())
+        else:
+            return
+        self.changed = True
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
 @dataclass(slots=True)
 class Welford:
     n: int = 0
@@ -201,6 +243,7 @@ class AccountState:
     lsh: TopK = field(default_factory=lambda: TopK(16))
     user_agents: TopK = field(default_factory=lambda: TopK(4))
     prefixes: TopK = field(default_factory=lambda: TopK(6))
+    exits: ExitSample = field(default_factory=ExitSample)
     asns: TopK = field(default_factory=lambda: TopK(4))
     networks: set[str] = field(default_factory=set)
     distinct: HyperLogLog = field(default_factory=_hll)
@@ -256,6 +299,7 @@ class AccountState:
         self.user_agents.add(f.user_agent)
         if f.ip_prefix:
             self.prefixes.add(f.ip_prefix)
+            self.exits.add(f.ip_prefix)
         if f.asn:
             self.asns.add(f.asn)
             self._asn_moved = True
