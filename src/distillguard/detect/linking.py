@@ -343,10 +343,9 @@ class LinkIndex:
     # partitioned again (AccountGraph.update's ``rerun``).
     joining: set[Pair] = field(default_factory=set)
     # Exit links: per client /24, the accounts whose exit samples hold it (rotating or
-    # not); per account, the /24s indexed for it; the accounts that rotate.
+    # not); per account, the /24s indexed for it.
     _exit_holders: dict[str, set[str]] = field(default_factory=dict)
     _exit_held: dict[str, frozenset[str]] = field(default_factory=dict)
-    _rotators: set[str] = field(default_factory=set)
     # Exit /24s that link (no settled user) as of the last refresh, and the accounts
     # whose exit keys changed since: every pair of theirs has a new count of shared ones.
     _exits_linking: set[str] = field(default_factory=set)
@@ -432,8 +431,9 @@ class LinkIndex:
 
     def _index_exits(self, state: AccountState, *, rotating: bool) -> None:
         """Index the account's exit sample; a rotating account's /24s are its exit keys.
-        Every /24 whose holders changed, or one of whose holders started or stopped
-        rotating, is re-linked: its count of settled users decides whether it links."""
+        A /24 whose settled users changed is re-linked when rotating accounts used it
+        (its count of settled users decides whether it links); one whose rotating
+        accounts changed is re-linked by :meth:`_set_keys`."""
         aid = state.account_id
         old = self._exit_held.get(aid, frozenset())
         sample = state.exits
@@ -442,23 +442,19 @@ class LinkIndex:
             sample.changed = False
             new = frozenset(sample.hashes)
         if new is not old and new != old:
-            holders = self._exit_holders
+            holders, rotating_on = self._exit_holders, self.groups["exit"]
             for p in old - new:
                 mine = holders[p]
                 mine.discard(aid)
                 if not mine:
                     del holders[p]
-                self._dirty_groups.add(("exit", p))
+                if rotating_on.get(p):
+                    self._dirty_groups.add(("exit", p))
             for p in new - old:
                 holders.setdefault(p, set()).add(aid)
-                self._dirty_groups.add(("exit", p))
+                if rotating_on.get(p):
+                    self._dirty_groups.add(("exit", p))
             self._exit_held[aid] = new
-        if rotating != (aid in self._rotators):
-            if rotating:
-                self._rotators.add(aid)
-            else:
-                self._rotators.discard(aid)
-            self._dirty_groups.update(("exit", p) for p in new)
         keys = new if rotating else frozenset()
         if keys != self.member_keys.get(aid, {}).get("exit", frozenset()):
             self._exits_moved.add(aid)
@@ -1076,8 +1072,11 @@ class LinkIndex:
         for aid in self._frames_moved:
             changed.update(self._pairs_of.get(aid, ()))
         self._frames_moved.clear()
+        # Only a pair that met on an exit ring can hold an exit link.
+        counts_of = self._counts
         for aid in self._exits_moved:
-            changed.update(self._pairs_of.get(aid, ()))
+            changed.update(pair for pair in self._pairs_of.get(aid, ())
+                           if "exit" in counts_of.get(pair, ()))
         self._exits_moved.clear()
         self._prune_starts()
         alpha = self.costart_pair_alpha()
