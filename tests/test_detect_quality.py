@@ -20,6 +20,7 @@ from distillguard.benchdetect import score
 from distillguard.detect.batch import run_batch
 from distillguard.detect.calibration import Calibration
 from distillguard.detect.engine import Detector
+from distillguard.detect.evidence import campaign_evidence
 from distillguard.detect.features import extract_many
 from distillguard.detect.graph import AccountGraph, Community, edge_weight
 from distillguard.detect.linking import (
@@ -1020,6 +1021,10 @@ def test_accounts_rotating_through_one_pool_of_exits_are_linked_across_harness_v
                 if not any(set(pair) <= members for members in operators.values())]
     assert crossing == []
     assert _communities(links) == {frozenset(members) for members in operators.values()}
+    graph = AccountGraph()
+    graph.update(links.edges, set(links.edges))
+    evidence = campaign_evidence(graph.of["a00"], states, [])
+    assert "18 of 18 accounts rotate through the same proxy exit /24s" in evidence
 
 
 def test_an_exit_a_settled_account_moves_into_stops_linking() -> None:
