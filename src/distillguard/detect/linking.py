@@ -24,11 +24,10 @@ the number of accounts, not of exchanges:
   does not rotate used. An operator that sends every request through another exit of
   the pool it buys gives each of its accounts a few dozen of the pool's /24s, and two
   of its accounts share many; a carrier NAT or a company /24 that settled users share
-  makes no link. An
-  operator whose script gives each account another harness has pieces that share no
-  frame, no system prompt and no schedule, and this is what they share. Two operators
-  that buy exits from the same proxy network's pool are linked too: for whoever
-  investigates, one campaign of shared infrastructure.
+  makes no link. An operator whose script gives each account another harness has
+  pieces that share no frame, no system prompt and no schedule, and this is what they
+  share. Two operators that buy exits from the same proxy network's pool are linked
+  too: for whoever investigates, one campaign of shared infrastructure.
 
 A key shared by very many accounts (a big corporate NAT, a sign-up window on launch day)
 says little; groups larger than ``max_group`` make no edges. Within a group each account
