@@ -77,6 +77,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from datasketch import MinHashLSH
@@ -159,6 +160,7 @@ COMMUNITY_COSTART_MAX = 2_000
 
 
 RingPosition = tuple[int, int, str]
+K = TypeVar("K")
 
 
 def _ring_position(group: tuple[str, object], account_id: str, signature: int = 0
@@ -260,6 +262,25 @@ def _unindex_pair(index: dict[str, set[Pair]], pair: Pair) -> None:
             del index[aid]
 
 
+def _reindex(holders: dict[K, set[str]], held: dict[str, frozenset[K]], aid: str,
+             keys: Iterable[K]) -> set[K]:
+    """Make ``keys`` the account's in a two-way index (key -> accounts, account -> keys);
+    returns the keys it gained or lost."""
+    old = held.get(aid, frozenset())
+    if keys == old:
+        return set()
+    new = frozenset(keys)
+    for key in old - new:
+        mine = holders[key]
+        mine.discard(aid)
+        if not mine:
+            del holders[key]
+    for key in new - old:
+        holders.setdefault(key, set()).add(aid)
+    held[aid] = new
+    return set(old ^ new)
+
+
 def _jaccards(states: dict[str, AccountState], pairs: list[Pair]) -> np.ndarray:
     """Estimated Jaccard similarity of each pair's activity MinHashes (the share of equal
     hash values, as :meth:`datasketch.MinHash.jaccard` computes it), in one pass."""
@@ -350,12 +371,13 @@ class LinkIndex:
     _exits_linking: set[str] = field(default_factory=set)
     _exits_moved: set[str] = field(default_factory=set)
 
-    def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> None:
+    def _set_keys(self, kind: str, account_id: str, keys: Iterable[object]) -> bool:
+        """Make ``keys`` the account's keys of ``kind``; returns whether they changed."""
         new = set(keys)
         mine = self.member_keys.setdefault(account_id, {})
         old = mine.get(kind, set())
         if new == old:
-            return
+            return False
         groups = self.groups[kind]
         active = account_id in self._active
         for key in old - new:
@@ -373,6 +395,7 @@ class LinkIndex:
                 self._ring_join((kind, key), account_id)
             self._dirty_groups.add((kind, key))
         mine[kind] = new
+        return True
 
     def _ring_join(self, group: tuple[str, object], account_id: str) -> None:
         bisect.insort(self._rings.setdefault(group, []), _ring_position(
@@ -434,30 +457,16 @@ class LinkIndex:
         (its count of settled users decides whether it links); one whose rotating
         accounts changed is re-linked by :meth:`_set_keys`."""
         aid = state.account_id
-        old = self._exit_held.get(aid, frozenset())
         sample = state.exits
-        new = old
         if sample.changed:
             sample.changed = False
-            new = frozenset(sample.hashes)
-        if new is not old and new != old:
-            holders, rotating_on = self._exit_holders, self.groups["exit"]
-            for p in old - new:
-                mine = holders[p]
-                mine.discard(aid)
-                if not mine:
-                    del holders[p]
+            rotating_on = self.groups["exit"]
+            for p in _reindex(self._exit_holders, self._exit_held, aid, sample.hashes.keys()):
                 if rotating_on.get(p):
                     self._dirty_groups.add(("exit", p))
-            for p in new - old:
-                holders.setdefault(p, set()).add(aid)
-                if rotating_on.get(p):
-                    self._dirty_groups.add(("exit", p))
-            self._exit_held[aid] = new
-        keys = new if rotating else frozenset()
-        if keys != self.member_keys.get(aid, {}).get("exit", frozenset()):
+        keys = self._exit_held.get(aid, frozenset()) if rotating else ()
+        if self._set_keys("exit", aid, keys):
             self._exits_moved.add(aid)
-        self._set_keys("exit", aid, keys)
 
     def _settled_on(self, prefix: object) -> int:
         """How many accounts that do not rotate used the client /24."""
@@ -473,18 +482,7 @@ class LinkIndex:
 
     def _carry(self, aid: str, keys: KeysView[object]) -> None:
         """Note the template keys the account's frame sketch holds now."""
-        old = self._carried.get(aid, frozenset())
-        if keys == old:
-            return
-        new = frozenset(keys)
-        for key in old - new:
-            mine = self._carriers[key]
-            mine.discard(aid)
-            if not mine:
-                del self._carriers[key]
-        for key in new - old:
-            self._carriers.setdefault(key, set()).add(aid)
-        self._carried[aid] = new
+        _reindex(self._carriers, self._carried, aid, keys)
 
     def _carries_frame_of(self, keys: Iterable[object], community: Community) -> bool:
         """Whether any of ``keys`` is a dominant frame of a member of the community (as
