@@ -190,3 +190,38 @@ def test_links_named_to_rerun_partition_their_component_again() -> None:
     graph.update(edges, joining, rerun=joining)
     assert graph.of["a1"] is graph.of["b1"]
     assert graph.of["a1"].members == frozenset(a + b)
+
+
+def _two_operators_on_one_frame(*, lockstep_between: bool) -> list[frozenset[str]]:
+    """Two operators of eight accounts, one held together by its cards, the other by its
+    proxy exits, each sending the same public frame, so that every account of one is
+    template-linked to every account of the other as strongly as to its own; and an
+    account linked by that frame alone to three of the first operator's."""
+    a = [f"a{i}" for i in range(8)]
+    b = [f"b{i}" for i in range(8)]
+    frame = {"template": 1.0}
+    edges = {**_clique(a, {"payment": 1.0, "template": 1.0}),
+             **_clique(b, {"exit": 1.0, "template": 1.0})}
+    edges.update(((x, y), dict(frame)) for x in a for y in b)
+    edges.update(((x, "c0"), dict(frame)) for x in a[:3])
+    if lockstep_between:
+        edges[("a0", "b0")] = {"lockstep": 1.0, "template": 1.0}
+    graph = AccountGraph()
+    graph.update(edges, set(edges))
+    return sorted((c.members for c in graph.communities), key=min)
+
+
+def test_operators_joined_only_by_a_public_frame_are_two_campaigns() -> None:
+    """Each operator's own infrastructure holds it together and only the frame joins
+    them: two communities, the frame-only account with the operator it is linked to.
+    Louvain alone keeps them one (the frame links weigh as much as their own)."""
+    found = _two_operators_on_one_frame(lockstep_between=False)
+    assert found == [frozenset({*(f"a{i}" for i in range(8)), "c0"}),
+                     frozenset(f"b{i}" for i in range(8))]
+
+
+def test_clusters_that_start_sessions_together_stay_one_campaign() -> None:
+    """A lockstep link between the two clusters (their accounts start sessions together,
+    as one operator's clusters of cards and exits on one schedule do): one community."""
+    found = _two_operators_on_one_frame(lockstep_between=True)
+    assert len(found) == 1 and len(found[0]) == 17

@@ -7,6 +7,11 @@ same graph always gives the same partition), run per connected
 component: a component of two or three accounts is one community as it is, and a large
 component (two campaigns sharing a hosting /24, say) is split.
 
+A community whose members' infrastructure links (payment, /24, mail domain, proxy exit)
+fall into two or more clusters of a few accounts, joined to each other by template links
+(and sign-up windows) alone, is split into them (:func:`infrastructure_parts`): operators copy the same public
+frames, not each other's cards and exits.
+
 Communities are kept between evaluations: a component whose node and edge sets did not
 change keeps its partition, so Louvain runs only where the graph moved.
 """
@@ -42,6 +47,11 @@ MIN_JOIN_SHARE = 0.15
 # The fewest accounts such a part may have (so a community is partitioned again only
 # when it holds at least two of them).
 MIN_PART = 4
+# Links of infrastructure an operator holds or shares with its own accounts: two
+# clusters of a community, each held together by such links of its own, that only
+# template links join are two campaigns (see infrastructure_parts). Timing (lockstep)
+# between them keeps them one.
+INFRASTRUCTURE_KINDS = frozenset({"payment", "prefix", "domain", "exit"})
 
 
 def edge_weight(kinds: Mapping[str, float]) -> float:
@@ -196,6 +206,85 @@ def split_apart(sub: Subgraph) -> list[set[str]]:
             apart.append(names)
             rest -= names
     return [rest, *apart] if rest else apart
+
+
+def _roots(parent: dict[str, str], node: str) -> str:
+    """Union-find: the root of ``node``, halving the path on the way."""
+    while parent[node] != node:
+        parent[node] = parent[parent[node]]
+        node = parent[node]
+    return node
+
+
+def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
+    """``group`` (a community) split into the clusters its members' infrastructure links
+    make, when two or more clusters of at least MIN_PART accounts are joined by nothing
+    but template links (and the signup windows that count only beside others); else the
+    group as it is.
+
+    Template frames come from public sources several operators copy (an instruction
+    format, a chain-of-thought prompt), while a card, a mail domain of one's own, a proxy
+    pool or a hosting /24 is the operator's. Two operators of a few dozen accounts each,
+    held together by their own cards and exits, put hundreds of template links on each
+    other when they use the same frames, as many as their own, so Louvain and
+    :func:`split_apart` keep them one community. A lockstep link between two clusters
+    (accounts that start sessions together) keeps them together: one operator's
+    clusters of cards or addresses run on one schedule. Members in no large cluster go
+    with the one their links weigh most towards, as :meth:`AccountGraph._extend` places
+    accounts."""
+    if len(group) < 2 * MIN_PART:
+        return [group]
+    adjacency = graph._adj
+    parent = {n: n for n in group}
+    for a in sorted(group):
+        for b, data in adjacency[a].items():
+            if b in group and a < b and not INFRASTRUCTURE_KINDS.isdisjoint(data["kinds"]):
+                ra, rb = _roots(parent, a), _roots(parent, b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    clusters: dict[str, set[str]] = {}
+    for n in group:
+        clusters.setdefault(_roots(parent, n), set()).add(n)
+    large = {root for root, members in clusters.items() if len(members) >= MIN_PART}
+    if len(large) < 2:
+        return [group]
+    # Large clusters that lockstep links join are one.
+    joined = {root: root for root in large}
+    for root in sorted(large):
+        for a in clusters[root]:
+            for b, data in adjacency[a].items():
+                other = _roots(parent, b) if b in group else None
+                if other in large and other != root and "lockstep" in data["kinds"]:
+                    ra, rb = _roots(joined, root), _roots(joined, other)
+                    if ra != rb:
+                        joined[max(ra, rb)] = min(ra, rb)
+    parts: dict[str, set[str]] = {}
+    for root in large:
+        parts.setdefault(_roots(joined, root), set()).update(clusters[root])
+    if len(parts) < 2:
+        return [group]
+    part_of = {n: key for key, members in parts.items() for n in members}
+    pending = sorted(n for n in group if n not in part_of)
+    while pending:
+        rest = []
+        for n in pending:
+            weights: dict[str, float] = {}
+            for b, data in adjacency[n].items():
+                key = part_of.get(b)
+                if key is not None:
+                    weights[key] = weights.get(key, 0.0) + data["weight"]
+            if weights:
+                part_of[n] = max(sorted(weights), key=weights.__getitem__)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):     # linked to no part, only to each other
+            part_of.update((n, min(parts)) for n in rest)
+            break
+        pending = rest
+    out: dict[str, set[str]] = {}
+    for n, key in part_of.items():
+        out.setdefault(key, set()).add(n)
+    return [out[key] for key in sorted(out)]
 
 
 @dataclass
@@ -360,8 +449,9 @@ class AccountGraph:
             groups = [set(nodes)]
         else:
             whole = Subgraph.of(graph, nodes)
-            groups = [part for group in whole.louvain_parts()
-                      for part in split_apart(whole.within(group))]
+            groups = [apart for group in whole.louvain_parts()
+                      for part in split_apart(whole.within(group))
+                      for apart in infrastructure_parts(graph, part)]
         out: dict[str, int] = {}
         for group in sorted(groups, key=min):
             label = self._next_label
