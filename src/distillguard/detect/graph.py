@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import networkx as nx
 import numpy as np
@@ -33,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 KIND_WEIGHTS: dict[str, float] = {"template": 0.5, "lockstep": 1.0, "payment": 2.0,
                                   "prefix": 1.0, "signup": 0.4, "domain": 1.0,
                                   "exit": 1.0}
+L = TypeVar("L", str, int)   # a part's or a community's label
 LOUVAIN_SEED = 20260301
 # Below 1, so that one operator whose accounts fall into a few payment or address
 # clusters stays one community (at 1.0 Louvain split such campaigns along them).
@@ -208,6 +210,28 @@ def split_apart(sub: Subgraph) -> list[set[str]]:
     return [rest, *apart] if rest else apart
 
 
+def place_by_weight(graph: nx.Graph, placed: dict[str, L], pending: list[str]) -> list[str]:
+    """Put each of ``pending`` (in order, round after round) with the label its links to
+    accounts already in ``placed`` weigh most towards (ties: the smallest label), adding
+    it to ``placed``; returns those linked to none of them, only to each other."""
+    while pending:
+        rest = []
+        for node in pending:
+            weights: dict[L, float] = {}
+            for nb, data in graph._adj[node].items():
+                label = placed.get(nb)
+                if label is not None:
+                    weights[label] = weights.get(label, 0.0) + data["weight"]
+            if weights:
+                placed[node] = max(sorted(weights), key=weights.__getitem__)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            return rest
+        pending = rest
+    return []
+
+
 def _roots(parent: dict[str, str], node: str) -> str:
     """Union-find: the root of ``node``, halving the path on the way."""
     while parent[node] != node:
@@ -230,8 +254,8 @@ def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     :func:`split_apart` keep them one community. A lockstep link between two clusters
     (accounts that start sessions together) keeps them together: one operator's
     clusters of cards or addresses run on one schedule. Members in no large cluster go
-    with the one their links weigh most towards, as :meth:`AccountGraph._extend` places
-    accounts."""
+    with the one their links weigh most towards (:func:`place_by_weight`, as new accounts
+    are placed between Louvain runs)."""
     if len(group) < 2 * MIN_PART:
         return [group]
     adjacency = graph._adj
@@ -264,23 +288,9 @@ def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     if len(parts) < 2:
         return [group]
     part_of = {n: key for key, members in parts.items() for n in members}
-    pending = sorted(n for n in group if n not in part_of)
-    while pending:
-        rest = []
-        for n in pending:
-            weights: dict[str, float] = {}
-            for b, data in adjacency[n].items():
-                key = part_of.get(b)
-                if key is not None:
-                    weights[key] = weights.get(key, 0.0) + data["weight"]
-            if weights:
-                part_of[n] = max(sorted(weights), key=weights.__getitem__)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):     # linked to no part, only to each other
-            part_of.update((n, min(parts)) for n in rest)
-            break
-        pending = rest
+    # Those linked to no part, only to each other, go with the first.
+    rest = place_by_weight(graph, part_of, sorted(n for n in group if n not in part_of))
+    part_of.update((n, min(parts)) for n in rest)
     out: dict[str, set[str]] = {}
     for n, key in part_of.items():
         out.setdefault(key, set()).add(n)
@@ -466,25 +476,12 @@ class AccountGraph:
         for n in sorted(nodes):
             if n in self._previous:
                 out[n] = self._previous[n]
-        pending = sorted(n for n in nodes if n not in out)
-        while pending:
-            rest = []
-            for node in pending:
-                weights: dict[int, float] = {}
-                for nb, data in graph[node].items():
-                    if nb in out:
-                        weights[out[nb]] = weights.get(out[nb], 0.0) + data["weight"]
-                if weights:
-                    out[node] = max(sorted(weights), key=weights.__getitem__)
-                else:
-                    rest.append(node)
-            if len(rest) == len(pending):
-                label = self._next_label
-                self._next_label += 1
-                self._base[label] = (len(rest), links)
-                out.update((n, label) for n in rest)
-                break
-            pending = rest
+        rest = place_by_weight(graph, out, sorted(n for n in nodes if n not in out))
+        if rest:
+            label = self._next_label
+            self._next_label += 1
+            self._base[label] = (len(rest), links)
+            out.update((n, label) for n in rest)
         return out
 
     def has_link_within(self, account_id: str, kinds: Iterable[str]) -> bool:
