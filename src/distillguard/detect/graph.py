@@ -9,8 +9,8 @@ component (two campaigns sharing a hosting /24, say) is split.
 
 A community whose members' infrastructure links (payment, /24, mail domain, proxy exit)
 fall into two or more clusters of a few accounts, joined to each other by template links
-(and sign-up windows) alone, is split into them (:func:`infrastructure_parts`): operators copy the same public
-frames, not each other's cards and exits.
+(and sign-up windows) alone, is split into them (:func:`infrastructure_parts`):
+operators copy the same public frames, not each other's cards and exits.
 
 Communities are kept between evaluations: a component whose node and edge sets did not
 change keeps its partition, so Louvain runs only where the graph moved.
@@ -29,12 +29,13 @@ import numpy as np
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
 
+L = TypeVar("L", str, int)   # a part's or a community's label
+
 # Infrastructure an operator controls (payment, addresses) outweighs shared templates,
 # which unrelated campaigns may copy from the same public source.
 KIND_WEIGHTS: dict[str, float] = {"template": 0.5, "lockstep": 1.0, "payment": 2.0,
                                   "prefix": 1.0, "signup": 0.4, "domain": 1.0,
                                   "exit": 1.0}
-L = TypeVar("L", str, int)   # a part's or a community's label
 LOUVAIN_SEED = 20260301
 # Below 1, so that one operator whose accounts fall into a few payment or address
 # clusters stays one community (at 1.0 Louvain split such campaigns along them).
@@ -243,7 +244,7 @@ def _roots(parent: dict[str, str], node: str) -> str:
 def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     """``group`` (a community) split into the clusters its members' infrastructure links
     make, when two or more clusters of at least MIN_PART accounts are joined by nothing
-    but template links (and the signup windows that count only beside others); else the
+    but template links (and the sign-up windows that count only beside others); else the
     group as it is.
 
     Template frames come from public sources several operators copy (an instruction
