@@ -233,14 +233,6 @@ def place_by_weight(graph: nx.Graph, placed: dict[str, L], pending: list[str]) -
     return []
 
 
-def _roots(parent: dict[str, str], node: str) -> str:
-    """Union-find: the root of ``node``, halving the path on the way."""
-    while parent[node] != node:
-        parent[node] = parent[parent[node]]
-        node = parent[node]
-    return node
-
-
 def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     """``group`` (a community) split into the clusters its members' infrastructure links
     make, when two or more clusters of at least MIN_PART accounts are joined by nothing
@@ -260,34 +252,25 @@ def infrastructure_parts(graph: nx.Graph, group: set[str]) -> list[set[str]]:
     if len(group) < 2 * MIN_PART:
         return [group]
     adjacency = graph._adj
-    parent = {n: n for n in group}
-    for a in sorted(group):
-        for b, data in adjacency[a].items():
-            if b in group and a < b and not INFRASTRUCTURE_KINDS.isdisjoint(data["kinds"]):
-                ra, rb = _roots(parent, a), _roots(parent, b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    clusters: dict[str, set[str]] = {}
-    for n in group:
-        clusters.setdefault(_roots(parent, n), set()).add(n)
-    large = {root for root, members in clusters.items() if len(members) >= MIN_PART}
-    if len(large) < 2:
+    held = nx.Graph()
+    held.add_nodes_from(group)
+    held.add_edges_from((a, b) for a in group for b, data in adjacency[a].items()
+                        if b in group and not INFRASTRUCTURE_KINDS.isdisjoint(data["kinds"]))
+    clusters = [c for c in nx.connected_components(held) if len(c) >= MIN_PART]
+    if len(clusters) < 2:
         return [group]
     # Large clusters that lockstep links join are one.
-    joined = {root: root for root in large}
-    for root in sorted(large):
-        for a in clusters[root]:
-            for b, data in adjacency[a].items():
-                other = _roots(parent, b) if b in group else None
-                if other in large and other != root and "lockstep" in data["kinds"]:
-                    ra, rb = _roots(joined, root), _roots(joined, other)
-                    if ra != rb:
-                        joined[max(ra, rb)] = min(ra, rb)
-    parts: dict[str, set[str]] = {}
-    for root in large:
-        parts.setdefault(_roots(joined, root), set()).update(clusters[root])
-    if len(parts) < 2:
+    cluster_of = {n: i for i, members in enumerate(clusters) for n in members}
+    timed = nx.Graph()
+    timed.add_nodes_from(range(len(clusters)))
+    timed.add_edges_from((i, cluster_of[b]) for a, i in cluster_of.items()
+                         for b, data in adjacency[a].items()
+                         if cluster_of.get(b, i) != i and "lockstep" in data["kinds"])
+    if nx.number_connected_components(timed) < 2:
         return [group]
+    # Each part is known by its first member (by id), which orders them.
+    joined = (set().union(*(clusters[i] for i in c)) for c in nx.connected_components(timed))
+    parts = {min(members): members for members in joined}
     part_of = {n: key for key, members in parts.items() for n in members}
     # Those linked to no part, only to each other, go with the first.
     rest = place_by_weight(graph, part_of, sorted(n for n in group if n not in part_of))
