@@ -368,7 +368,12 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
     commands (docs/detection.md, Calibration) run on this code give the shipped model
     and thresholds. A change to features, links or communities that moves what the
     model was fitted on fails here until the file is refitted (a stale model's
-    threshold no longer holds the target false-positive rate it says it does)."""
+    threshold no longer holds the target false-positive rate it says it does).
+
+    Equal to the solver's precision, not to the bit: numpy's, SciPy's and their BLAS's
+    releases move the L-BFGS-B optimum in its last digits (the same code and traces gave
+    the shipped threshold 6e-8 apart and a weight 2e-6 apart on another install), while
+    the last refit (b687e1e, a change to community splitting) moved the threshold by 2.8e-4."""
     shipped = Calibration.read()
     files = []
     for seed in ("1", "2", "3"):
@@ -385,11 +390,11 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
                    check=True, capture_output=True)
     fresh = Calibration.read(out)
     assert fresh.fitted_on == shipped.fitted_on
-    assert fresh.threshold == pytest.approx(shipped.threshold, abs=1e-9)
+    assert fresh.threshold == pytest.approx(shipped.threshold, abs=1e-6)
     for part in ("mean", "scale", "coef"):
         assert getattr(fresh.model, part) == pytest.approx(getattr(shipped.model, part),
-                                                           abs=1e-6), part
-    assert fresh.model.intercept == pytest.approx(shipped.model.intercept, abs=1e-6)
+                                                           abs=1e-4), part
+    assert fresh.model.intercept == pytest.approx(shipped.model.intercept, abs=1e-4)
     assert fresh.community is None and shipped.community is None
 
 
