@@ -391,9 +391,11 @@ def test_the_shipped_calibration_is_what_its_command_gives_now(tmp_path: Path) -
     fresh = Calibration.read(out)
     assert fresh.fitted_on == shipped.fitted_on
     assert fresh.threshold == pytest.approx(shipped.threshold, abs=1e-6)
-    for part in ("mean", "scale", "coef"):
+    # The standardisation is sums over the same rows; only the solver's output drifts.
+    for part in ("mean", "scale"):
         assert getattr(fresh.model, part) == pytest.approx(getattr(shipped.model, part),
-                                                           abs=1e-4), part
+                                                           abs=1e-6), part
+    assert fresh.model.coef == pytest.approx(shipped.model.coef, abs=1e-4)
     assert fresh.model.intercept == pytest.approx(shipped.model.intercept, abs=1e-4)
     assert fresh.community is None and shipped.community is None
 
