@@ -5,6 +5,7 @@ not share, risk that an unseen feature value cannot decide alone)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import zlib
@@ -44,7 +45,9 @@ from distillguard.detect.linking import (
 )
 from distillguard.detect.scoring import (
     ACCOUNT_FEATURES,
+    COMMUNITY_FEATURES,
     FEATURES,
+    OWN_EVIDENCE_PRIOR,
     Z_CLIP,
     Model,
     account_vector,
@@ -56,6 +59,7 @@ from distillguard.detect.sketches import (
     AccountState,
     ExitSample,
 )
+from distillguard.errors import ConfigError
 from distillguard.simulate import simulate
 from distillguard.simulate.harness import Harness
 from tests.factories import make_exchange, make_features
@@ -752,6 +756,65 @@ def test_an_unseen_feature_value_cannot_decide_the_risk_alone() -> None:
     x = np.array([[1.0, 0.9]])
     assert model.margins(x)[0] == pytest.approx(-Z_CLIP + 2.0 * 2.0)
     assert model.contributions(x[0])[0] == pytest.approx(-Z_CLIP)
+
+
+def test_what_one_exchange_shows_counts_a_fraction_of_what_many_show() -> None:
+    """A share measured on one exchange (multi-turn 0, template reuse 1.0) moves the
+    account model's margin OWN_EVIDENCE_PRIOR + 1 times less than the same share over
+    many exchanges. The members' means of a community are weighed by the community's
+    exchanges: three colleagues of one exchange each count 3 / (3 + prior), a campaign
+    of forty accounts of fifty exchanges nearly fully. Counts (age) are not weighed."""
+    n = len(FEATURES)
+    coef = np.zeros(n)
+    for name in ("multi_turn_share", "template_reuse", "log_age_days", "mean_harvest_share"):
+        coef[FEATURES.index(name)] = 1.0
+    model = Model(mean=np.zeros(n), scale=np.ones(n), coef=coef, intercept=0.0,
+                  features=FEATURES)
+    prior = OWN_EVIDENCE_PRIOR
+
+    def row(count: int, members: int = 1, per_member: int = 0, **values: float
+            ) -> np.ndarray:
+        x = np.zeros(n)
+        x[FEATURES.index("log_volume")] = math.log1p(count)
+        x[FEATURES.index("group_size")] = 1.0 - 1.0 / members
+        x[FEATURES.index("log_member_volume")] = math.log1p(per_member)
+        for name, value in values.items():
+            x[FEATURES.index(name)] = value
+        return x
+
+    for name in ("multi_turn_share", "template_reuse"):
+        one, many = (model.contributions(row(c, **{name: 1.0}))[FEATURES.index(name)]
+                     for c in (1, 10_000))
+        assert one == pytest.approx(1.0 / (1.0 + prior))
+        assert many == pytest.approx(1.0, abs=1e-3)
+    assert model.margins(row(1, log_age_days=1.0)[None, :])[0] == pytest.approx(1.0)
+    harvest = FEATURES.index("mean_harvest_share")
+    colleagues = model.contributions(row(1, 3, 1, mean_harvest_share=1.0))[harvest]
+    campaign = model.contributions(row(1, 40, 50, mean_harvest_share=1.0))[harvest]
+    assert colleagues == pytest.approx(3 / (3 + prior))
+    assert campaign == pytest.approx(2000 / (2000 + prior))
+    # The community model weighs its members' means the same way, and nothing else.
+    k = len(COMMUNITY_FEATURES)
+    group = Model(mean=np.zeros(k), scale=np.ones(k), coef=np.ones(k), intercept=0.0,
+                  features=COMMUNITY_FEATURES)
+    x = np.full(k, 0.5)
+    x[COMMUNITY_FEATURES.index("group_size")] = 1.0 - 1.0 / 3
+    x[COMMUNITY_FEATURES.index("log_member_volume")] = math.log1p(1)
+    means = sum(f.startswith("mean_") for f in COMMUNITY_FEATURES)
+    assert group.margins(x[None, :])[0] == pytest.approx(
+        x.sum() - 0.5 * means + 0.5 * means * 3 / (3 + prior))
+
+
+def test_a_calibration_file_of_the_earlier_version_is_refused_with_the_reason(
+        tmp_path: Path) -> None:
+    """A version 1 file was fitted without the volume weighing; read as version 2 it
+    would score every account differently from how it was fitted, so it is refused."""
+    data = Calibration.read().to_json()
+    data["version"] = 1
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="version 1 calibration file.*calibrate"):
+        Calibration.read(old)
 
 
 def test_an_account_counts_the_networks_it_sends_from_up_to_a_cap() -> None:

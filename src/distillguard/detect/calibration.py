@@ -9,9 +9,10 @@ flag threshold from a target false-positive rate: the lowest risk at which at mo
 Nothing is hand-picked; the file records what it was fitted on.
 
 The detector loads :data:`DEFAULT_CALIBRATION` (shipped with the package) unless told
-otherwise. Format (version 1)::
+otherwise. Format (version 2; version 1 files were fitted without the volume weighing of
+:func:`~.scoring.standardise` and are refused)::
 
-    {"version": 1, "features": [...], "mean": [...], "scale": [...], "coef": [...],
+    {"version": 2, "features": [...], "mean": [...], "scale": [...], "coef": [...],
      "intercept": b, "threshold": t, "target_fpr": 0.001,
      "community": {"features": [...], "mean", "scale", "coef", "intercept", "threshold"},
      "fitted_on": {"trace_sha256": ..., "accounts": n, "benign": n, "attack": n,
@@ -33,7 +34,7 @@ from distillguard.detect.scoring import COMMUNITY_FEATURES, FEATURES, SIGNS, Mod
 from distillguard.errors import ConfigError
 from distillguard.files import write_atomically
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.json")
 
 
@@ -42,11 +43,11 @@ def _model_json(model: Model) -> dict[str, Any]:
             "coef": model.coef.round(8).tolist(), "intercept": round(model.intercept, 8)}
 
 
-def _model(data: dict[str, Any]) -> Model:
+def _model(data: dict[str, Any], features: tuple[str, ...]) -> Model:
     return Model(mean=np.asarray(data["mean"], dtype=float),
                  scale=np.asarray(data["scale"], dtype=float),
                  coef=np.asarray(data["coef"], dtype=float),
-                 intercept=float(data["intercept"]))
+                 intercept=float(data["intercept"]), features=features)
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Calibration:
     @classmethod
     def from_json(cls, data: Any, source: str = "calibration") -> Calibration:
         if not isinstance(data, dict) or data.get("version") != CALIBRATION_VERSION:
+            if isinstance(data, dict) and data.get("version") == 1:
+                raise ConfigError(f"{source}: a version 1 calibration file, fitted before "
+                                  "per-exchange features were weighed by volume; run "
+                                  "`distillguard detect calibrate` again")
             raise ConfigError(f"{source}: not a version {CALIBRATION_VERSION} calibration file")
         if list(data.get("features") or []) != list(FEATURES):
             raise ConfigError(f"{source}: fitted for other features; run "
@@ -82,18 +87,18 @@ class Calibration:
         if community is not None and list(community.get("features") or []) != list(
                 COMMUNITY_FEATURES):
             raise ConfigError(f"{source}: community model fitted for other features")
-        return cls(model=_model(data), threshold=float(data["threshold"]),
+        return cls(model=_model(data, FEATURES), threshold=float(data["threshold"]),
                    target_fpr=float(data["target_fpr"]),
                    fitted_on=dict(data.get("fitted_on") or {}),
-                   community=_model(community) if community else None,
+                   community=_model(community, COMMUNITY_FEATURES) if community else None,
                    community_threshold=float(community["threshold"]) if community else 1.01)
 
     @classmethod
     def neutral(cls) -> Calibration:
         """A model that flags nothing: what calibration replays the trace with."""
         n = len(FEATURES)
-        return cls(model=Model(np.zeros(n), np.ones(n), np.zeros(n), 0.0), threshold=1.01,
-                   target_fpr=0.0)
+        return cls(model=Model(np.zeros(n), np.ones(n), np.zeros(n), 0.0, FEATURES),
+                   threshold=1.01, target_fpr=0.0)
 
     def write(self, path: str | Path) -> None:
         write_atomically(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
@@ -151,7 +156,7 @@ def fit_model(rows: np.ndarray, labels: np.ndarray,
         raise ValueError("calibration needs both benign and attack accounts in the trace")
     scaler = StandardScaler().fit(rows)
     scale = np.where(scaler.scale_ > 1e-9, scaler.scale_, 1.0)
-    z = standardise(rows, scaler.mean_, scale)
+    z = standardise(rows, scaler.mean_, scale, features)
     y = np.where(labels == 1, 1.0, -1.0)
     counts = np.bincount(labels.astype(int), minlength=2)
     weight = np.where(labels == 1, len(labels) / (2 * counts[1]), len(labels) / (2 * counts[0]))
@@ -168,7 +173,8 @@ def fit_model(rows: np.ndarray, labels: np.ndarray,
     fit = minimize(loss, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B",
                    bounds=bounds, options={"maxiter": 15_000, "gtol": 1e-8, "ftol": 1e-14})
     return Model(mean=np.asarray(scaler.mean_, dtype=float), scale=np.asarray(scale),
-                 coef=np.asarray(fit.x[:-1], dtype=float), intercept=float(fit.x[-1]))
+                 coef=np.asarray(fit.x[:-1], dtype=float), intercept=float(fit.x[-1]),
+                 features=features)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -119,8 +119,54 @@ def community_vector(community: Community | None, vectors: Mapping[str, np.ndarr
 Z_CLIP = 4.0
 
 
-def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return np.asarray(np.clip((x - mean) / scale, -Z_CLIP, Z_CLIP), dtype=float)
+# What an account's own exchanges measure as a share or a mean per exchange. Measured on a
+# handful of exchanges these say little: one exchange always shows template reuse and
+# diversity 1.0 and a multi-turn share of 0 or 1, and its completion limit is whatever
+# that one request asked for. So their standardised values count in proportion to
+# ``count / (count + OWN_EVIDENCE_PRIOR)``, as if every account had first sent
+# OWN_EVIDENCE_PRIOR exchanges of the calibration traffic's average: an account's first
+# exchange counts a fifth of its full weight, its twentieth five sixths. Volume, rate,
+# age and networks are counts, not means, and are left as they are.
+PER_EXCHANGE_FEATURES = (
+    "template_reuse", "diversity", "concentration", "reasoning_share", "rubric_share",
+    "tool_share", "harvest_share", "multi_turn_share", "log_output_ratio",
+    "timing_regularity", "diurnal_entropy", "hosting_share", "model_switch_rate",
+    "error_share", "log_completion_limit", "log_completion_tokens",
+)
+OWN_EVIDENCE_PRIOR = 4.0
+
+
+def _weighed_columns(features: tuple[str, ...]
+                     ) -> list[tuple[list[int], int, int | None]]:
+    """The columns :func:`standardise` weighs, as (columns, volume column, group size
+    column or None): the account's per-exchange features by its exchanges, and the
+    community's means over its members (``mean_*``) by the community's exchanges."""
+    out: list[tuple[list[int], int, int | None]] = []
+    own = [features.index(f) for f in PER_EXCHANGE_FEATURES if f in features]
+    if own and "log_volume" in features:
+        out.append((own, features.index("log_volume"), None))
+    means = [i for i, f in enumerate(features) if f.startswith("mean_")]
+    if means and "log_member_volume" in features and "group_size" in features:
+        out.append((means, features.index("log_member_volume"), features.index("group_size")))
+    return out
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+                features: tuple[str, ...] = ()) -> np.ndarray:
+    """Standardised features, clipped at Z_CLIP. Given the feature names, the means per
+    exchange are weighed by how many exchanges they were measured on
+    (:data:`PER_EXCHANGE_FEATURES`): an account's own by its volume, its community's
+    members' means by the community's (three colleagues of one exchange each are three
+    exchanges of evidence, a campaign of forty accounts of fifty each two thousand)."""
+    z = np.asarray(np.clip((x - mean) / scale, -Z_CLIP, Z_CLIP), dtype=float)
+    for columns, volume, group_size in _weighed_columns(features):
+        count = np.expm1(x[..., volume])
+        if group_size is not None:
+            # group_size is 1 - 1/size, log_member_volume log1p(exchanges per member);
+            # a singleton's community row is all zeros, so no evidence.
+            count = 1.0 / np.maximum(1.0 - x[..., group_size], 1e-9) * count
+        z[..., columns] *= (count / (count + OWN_EVIDENCE_PRIOR))[..., None]
+    return z
 
 
 @dataclass(slots=True)
@@ -131,9 +177,12 @@ class Model:
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
+    # The feature names (FEATURES or COMMUNITY_FEATURES): with them the per-exchange
+    # features are weighed by volume as :func:`standardise` says.
+    features: tuple[str, ...] = ()
 
     def margins(self, x: np.ndarray) -> np.ndarray:
-        z = standardise(x, self.mean, self.scale)
+        z = standardise(x, self.mean, self.scale, self.features)
         return np.asarray(z @ self.coef + self.intercept, dtype=float)
 
     def risk(self, x: np.ndarray) -> np.ndarray:
@@ -141,4 +190,5 @@ class Model:
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """Each feature's share of the margin for one row (positive: towards attack)."""
-        return np.asarray(standardise(x, self.mean, self.scale) * self.coef, dtype=float)
+        return np.asarray(standardise(x, self.mean, self.scale, self.features) * self.coef,
+                          dtype=float)
