@@ -15,6 +15,7 @@ threshold on it is set from a target false-positive rate on benign accounts.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,19 +137,27 @@ PER_EXCHANGE_FEATURES = (
 OWN_EVIDENCE_PRIOR = 4.0
 
 
+@functools.cache
 def _weighed_columns(features: tuple[str, ...]
-                     ) -> list[tuple[list[int], int, int | None]]:
+                     ) -> tuple[tuple[np.ndarray, int, int | None], ...]:
     """The columns :func:`standardise` weighs, as (columns, volume column, group size
     column or None): the account's per-exchange features by its exchanges, and the
-    community's means over its members (``mean_*``) by the community's exchanges."""
-    out: list[tuple[list[int], int, int | None]] = []
+    community's means over its members (``mean_*``) by the community's exchanges. Found
+    once per feature list: standardise runs at every evaluation."""
+    def index(columns: list[int]) -> np.ndarray:
+        out = np.array(columns, dtype=np.intp)
+        out.setflags(write=False)
+        return out
+
+    found: list[tuple[np.ndarray, int, int | None]] = []
     own = [features.index(f) for f in PER_EXCHANGE_FEATURES if f in features]
     if own and "log_volume" in features:
-        out.append((own, features.index("log_volume"), None))
+        found.append((index(own), features.index("log_volume"), None))
     means = [i for i, f in enumerate(features) if f.startswith("mean_")]
     if means and "log_member_volume" in features and "group_size" in features:
-        out.append((means, features.index("log_member_volume"), features.index("group_size")))
-    return out
+        found.append((index(means), features.index("log_member_volume"),
+                      features.index("group_size")))
+    return tuple(found)
 
 
 def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
@@ -164,7 +173,8 @@ def standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray,
         if group_size is not None:
             # group_size is 1 - 1/size, log_member_volume log1p(exchanges per member);
             # a singleton's community row is all zeros, so no evidence.
-            count = 1.0 / np.maximum(1.0 - x[..., group_size], 1e-9) * count
+            members = 1.0 / np.maximum(1.0 - x[..., group_size], 1e-9)
+            count = members * count
         z[..., columns] *= (count / (count + OWN_EVIDENCE_PRIOR))[..., None]
     return z
 
