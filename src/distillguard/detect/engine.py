@@ -264,10 +264,11 @@ class Detector:
             self.links.update(state)
             self.vectors[aid] = account_vector(state, self.facts.get(aid))
         changed = self.links.refresh(self.states)
-        touched = set(dirty) | self.graph.update(self.links.edges, changed,
-                                                 rerun=self.links.joining)
+        regrouped = self.graph.update(self.links.edges, changed, rerun=self.links.joining)
+        touched = set(dirty) | regrouped
         self.links.retest_partners(sorted(self.graph.joined), self.states)
         self.links.group_costarts(self.states, self.graph.of)
+        self.links.owned_frames(self.states, self.graph.of, regrouped)
         # At the end of a trace (everyone), communities that formed in the last hour are
         # tested too.
         self.links.community_costarts(self.graph.of, now=everyone)

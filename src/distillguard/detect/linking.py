@@ -66,6 +66,12 @@ co-starts within seconds, and its accounts, each sending a different part of the
 harness, fall into several template communities. :meth:`LinkIndex.community_costarts`
 links two communities that start sessions in the same five-minute buckets far more often
 than shifted copies of their starts do.
+
+**Owned frame.** A scheduler's accounts of one to four exchanges send the operator's frame
+in some of their prompts, too rarely for a frame of their own, and start beside its pool
+about as often as a stranger does. :meth:`LinkIndex.owned_frames` links such a quiet
+account to a community's members when it sends a frame that several of them send and no
+other account outside the community does: the operator's script, not a public format.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ import hashlib
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, KeysView, Mapping
+from collections.abc import Iterable, KeysView, Mapping, Set
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -140,6 +146,12 @@ GROUP_COSTART_BURST = 4.0
 # still reach 100 x the alpha and a rare frame cannot link an account on a couple of
 # chance co-starts.
 FRAME_SHARE_FLOOR = 0.01
+# Owned frames (LinkIndex.owned_frames): a community's dominant frame that at least
+# OWNED_FRAME_CARRIERS of its members send, and no account outside it and its co-start
+# partners, among at least OWNED_FRAME_POPULATION such accounts, links the one other
+# quiet account that sends it to those members.
+OWNED_FRAME_CARRIERS = 5
+OWNED_FRAME_POPULATION = 500
 # ``costart_alpha`` holds for a population up to this many active accounts; beyond it,
 # there are more pairs to compare, so the pair alpha shrinks with their number.
 COSTART_POPULATION = 1_000
@@ -345,6 +357,14 @@ class LinkIndex:
     _group_costart: dict[str, set[Pair]] = field(default_factory=dict)
     _group_tested: set[str] = field(default_factory=set)
     _group_dirty: set[Pair] = field(default_factory=set)
+    # Owned frames: per quiet account, its pairs with the members of a community whose
+    # own frame it sends, and the keys that made them; per key, the accounts it linked.
+    _owned: dict[str, set[Pair]] = field(default_factory=dict)
+    _owned_keys: dict[str, frozenset[object]] = field(default_factory=dict)
+    _owned_by_key: dict[object, set[str]] = field(default_factory=dict)
+    _owned_dirty: set[Pair] = field(default_factory=set)
+    # Keys carried by the accounts evaluated since the last owned-frame test.
+    _keys_moved: set[object] = field(default_factory=set)
     # Each account's session starts from :meth:`_starts_kept_from` on, for the group
     # test's measured chance.
     _own_starts: dict[str, list[int]] = field(default_factory=dict)
@@ -435,6 +455,8 @@ class LinkIndex:
         frames = [k for k, _ in state.dominant_keys(share, count, frames=True, bands=False)]
         moved = set(frames) != (before or set())
         if moved:
+            self._keys_moved.update(set(frames) ^ (before or set()))
+        if moved:
             self._move_on_rings(aid, frames)
         self._set_keys("template", aid, frames)
         if moved:
@@ -482,7 +504,7 @@ class LinkIndex:
 
     def _carry(self, aid: str, keys: KeysView[object]) -> None:
         """Note the template keys the account's frame sketch holds now."""
-        _reindex(self._carriers, self._carried, aid, keys)
+        self._keys_moved.update(_reindex(self._carriers, self._carried, aid, keys))
 
     def _carries_frame_of(self, keys: Iterable[object], community: Community) -> bool:
         """Whether any of ``keys`` is a dominant frame of a member of the community (as
@@ -767,6 +789,138 @@ class LinkIndex:
                 else:
                     del self._group_costart[aid]
 
+    def _in_owned(self, pair: Pair) -> bool:
+        a, b = pair
+        return pair in self._owned.get(a, ()) or pair in self._owned.get(b, ())
+
+    def _owners(self, key: object, communities: Mapping[str, Community]
+                ) -> list[Community]:
+        """The communities of which some member holds ``key`` as a dominant frame."""
+        found: dict[int, Community] = {}
+        for m in self.groups["template"].get(key, ()):
+            community = communities.get(m)
+            if community is not None:
+                found.setdefault(id(community), community)
+        return [found[k] for k in sorted(found, key=lambda k: min(found[k].members))]
+
+    def _core(self, community: Community, key: object, owned: Set[str]) -> set[str]:
+        """The community's members that send ``key`` on evidence of their own: every
+        member but those an owned frame alone linked to it, unless they hold ``key`` as a
+        dominant frame now (``owned``: the accounts linked by owned frames). Counted as
+        members, the accounts an owned frame linked would make the frame look owned to
+        the next outsider that sends it, and that one to the next: a frame would pull in
+        every later sender, one at a time."""
+        holders = self.groups["template"].get(key, set())
+        return {m for m in community.members if m not in owned or m in holders}
+
+    def _outsiders(self, carriers: set[str], core: set[str], community: Community,
+                   communities: Mapping[str, Community], owned: Set[str], most: int
+                   ) -> list[str]:
+        """Up to ``most + 1`` of ``carriers`` outside ``core``: those in another community
+        on evidence of their own, and those in none (or linked by an owned frame alone)
+        that never started a session beside an account of ``core``. The partners are left
+        out as :meth:`community_frames` leaves them out: the operator's accounts not
+        linked into it yet are among them. An account of another community is not: the
+        partners of a large busy community are a large share of everyone, and two
+        operators who picked the same fragment for their harnesses would each find it
+        their own."""
+        partners = self._partners
+        out: list[str] = []
+        for x in carriers - core:
+            theirs = communities.get(x)
+            if ((theirs is not None and theirs is not community and x not in owned)
+                    or all(m not in core for m in partners.get(x, ()))):
+                out.append(x)
+                if len(out) > most:
+                    break
+        return out
+
+    def owned_frames(self, states: Mapping[str, AccountState],
+                     communities: Mapping[str, Community], moved: Iterable[str]) -> None:
+        """Link a quiet account in no other community to the members of a community whose
+        own frame it sends (applied at the next :meth:`refresh`, as template links).
+
+        A frame is the community's own when at least OWNED_FRAME_CARRIERS of its members
+        send it, one of them as a dominant frame, and no account outside the community
+        and its co-start partners in no other community does, among at least
+        OWNED_FRAME_POPULATION accounts outside it: an operator's script, not a public
+        instruction format (:meth:`_outsiders`). Members linked by an owned frame alone
+        count as outside (:meth:`_core`). The one
+        account outside that sends it too, in no other community and with at most
+        GROUP_COSTART_SAMPLE exchanges, is linked to those members. A scheduler's
+        accounts of one to four exchanges send the operator's frame in some of their
+        prompts, too rarely for a dominant frame of their own, and each starts beside a
+        member about as often as a stranger does; the frame is what they share with
+        their operator. An unrelated account that happens to send the frame would need
+        no other account outside to have sent it before, and one that sends it later
+        ends the link of any account it was the only outsider for.
+
+        Tested are the carriers of the frames whose carriers or holders changed since the
+        last test, of the frames of the accounts whose community changed (``moved``), and
+        the accounts such frames linked before."""
+        keys = self._keys_moved
+        for aid in moved:
+            keys.update(self.member_keys.get(aid, {}).get("template", ()))
+        self._keys_moved = set()
+        # Every account is judged against the links as they stood before this test.
+        owned = frozenset(self._owned)
+        candidates: set[str] = set()
+        for key in keys:
+            candidates |= self._owned_by_key.get(key, set())
+            carriers = self._carriers.get(key)
+            if not carriers:
+                continue
+            for community in self._owners(key, communities):
+                core = self._core(community, key, owned)
+                if len(carriers & core) < OWNED_FRAME_CARRIERS:
+                    continue
+                outside = self._outsiders(carriers, core, community, communities,
+                                          owned, 1)
+                if len(outside) == 1:
+                    candidates.update(outside)
+                elif not outside:
+                    candidates |= carriers - core
+        population = len(self._carried)
+        for aid in sorted(candidates):
+            state = states.get(aid)
+            mine = communities.get(aid)
+            linked: set[Pair] = set()
+            used: set[object] = set()
+            if state is not None and state.count <= GROUP_COSTART_SAMPLE:
+                for key in self._carried.get(aid, ()):
+                    carriers = self._carriers[key]
+                    for community in self._owners(key, communities):
+                        # In a community already: only in the one its frame linked it to.
+                        if mine is not None and (mine is not community
+                                                 or aid not in owned):
+                            continue
+                        core = self._core(community, key, owned) - {aid}
+                        inside = carriers & core
+                        if (len(inside) < OWNED_FRAME_CARRIERS
+                                or population - len(core) < OWNED_FRAME_POPULATION
+                                or self._outsiders(carriers - {aid}, core, community,
+                                                   communities, owned, 0)):
+                            continue
+                        linked.update(_pair(aid, m) for m in inside)
+                        used.add(key)
+            old = self._owned.get(aid, set())
+            if linked != old:
+                self._owned_dirty |= linked ^ old
+            before = self._owned_keys.get(aid, frozenset())
+            for key in before - used:
+                holders = self._owned_by_key[key]
+                holders.discard(aid)
+                if not holders:
+                    del self._owned_by_key[key]
+            for key in used - before:
+                self._owned_by_key.setdefault(key, set()).add(aid)
+            if linked:
+                self._owned[aid] = linked
+                self._owned_keys[aid] = frozenset(used)
+            else:
+                self._owned.pop(aid, None)
+                self._owned_keys.pop(aid, None)
+
     def community_costarts(self, communities: Mapping[str, Community], *,
                            now: bool = False) -> None:
         """Link two communities whose members started sessions in the same
@@ -908,7 +1062,7 @@ class LinkIndex:
     def links_pending(self) -> bool:
         """Whether :meth:`group_costarts` or :meth:`community_costarts` found links that
         the next :meth:`refresh` has yet to apply."""
-        return bool(self._group_dirty or self._community_dirty)
+        return bool(self._group_dirty or self._community_dirty or self._owned_dirty)
 
     def starts_of(self, members: Iterable[str]) -> GroupStarts:
         """The recent session starts of a group's members: distinct buckets in order, and
@@ -1089,6 +1243,8 @@ class LinkIndex:
                 changed.add(pair)
         self._costart_dirty.clear()
         changed |= self._group_dirty
+        changed |= self._owned_dirty
+        self._owned_dirty.clear()
         self._group_dirty.clear()
         changed |= self._community_dirty
         self.joining = self._community_dirty & self._community_costart
@@ -1119,6 +1275,7 @@ class LinkIndex:
                 del kinds["exit"]
             costart = (pair in self._costart or self._in_group_costart(pair)
                        or pair in self._community_costart)
+            owned = self._in_owned(pair)
             # Frames give the strength of a link that current evidence makes (a shared
             # group's ring, lockstep); a pair that a ring once held and no longer does is
             # not linked by frames alone, or a public frame's group would end up complete.
@@ -1131,6 +1288,9 @@ class LinkIndex:
             # One shared 16-bit SimHash band happens by chance between unrelated accounts;
             # near copies of one prompt share several bands.
             elif counts.get("lsh", 0) >= MIN_SHARED_BANDS:
+                kinds["template"] = 1.0
+            # The quiet account sends a frame that only its partner's community sends.
+            if owned and "template" not in kinds:
                 kinds["template"] = 1.0
             if pair in self._lockstep:
                 kinds["lockstep"] = self._lockstep[pair]
