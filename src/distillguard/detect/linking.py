@@ -456,7 +456,6 @@ class LinkIndex:
         moved = set(frames) != (before or set())
         if moved:
             self._keys_moved.update(set(frames) ^ (before or set()))
-        if moved:
             self._move_on_rings(aid, frames)
         self._set_keys("template", aid, frames)
         if moved:
@@ -845,9 +844,9 @@ class LinkIndex:
         and its co-start partners in no other community does, among at least
         OWNED_FRAME_POPULATION accounts outside it: an operator's script, not a public
         instruction format (:meth:`_outsiders`). Members linked by an owned frame alone
-        count as outside (:meth:`_core`). The one
-        account outside that sends it too, in no other community and with at most
-        GROUP_COSTART_SAMPLE exchanges, is linked to those members. A scheduler's
+        count as outside (:meth:`_core`). The one account outside that sends it too, in
+        no other community and with at most GROUP_COSTART_SAMPLE exchanges when tested,
+        is linked to those members. A scheduler's
         accounts of one to four exchanges send the operator's frame in some of their
         prompts, too rarely for a dominant frame of their own, and each starts beside a
         member about as often as a stranger does; the frame is what they share with
@@ -857,7 +856,9 @@ class LinkIndex:
 
         Tested are the carriers of the frames whose carriers or holders changed since the
         last test, of the frames of the accounts whose community changed (``moved``), and
-        the accounts such frames linked before."""
+        the accounts such frames linked before. A linked account keeps its links until
+        such a test finds otherwise: one that has since sent more than
+        GROUP_COSTART_SAMPLE exchanges loses them at the next test of its frame."""
         keys = self._keys_moved
         for aid in moved:
             keys.update(self.member_keys.get(aid, {}).get("template", ()))
@@ -1060,8 +1061,9 @@ class LinkIndex:
 
     @property
     def links_pending(self) -> bool:
-        """Whether :meth:`group_costarts` or :meth:`community_costarts` found links that
-        the next :meth:`refresh` has yet to apply."""
+        """Whether :meth:`group_costarts`, :meth:`owned_frames` or
+        :meth:`community_costarts` found links that the next :meth:`refresh` has yet to
+        apply."""
         return bool(self._group_dirty or self._community_dirty or self._owned_dirty)
 
     def starts_of(self, members: Iterable[str]) -> GroupStarts:
@@ -1289,7 +1291,7 @@ class LinkIndex:
             # near copies of one prompt share several bands.
             elif counts.get("lsh", 0) >= MIN_SHARED_BANDS:
                 kinds["template"] = 1.0
-            # The quiet account sends a frame that only its partner's community sends.
+            # One of the two sends a frame that only the other's community sends.
             if owned and "template" not in kinds:
                 kinds["template"] = 1.0
             if pair in self._lockstep:
