@@ -863,16 +863,31 @@ class LinkIndex:
         for aid in moved:
             keys.update(self.member_keys.get(aid, {}).get("template", ()))
         self._keys_moved = set()
-        # Every account is judged against the links as they stood before this test.
+        # Every account is judged against the links as they stood before this test, so a
+        # key's owners and a community's core for it are the same for every account.
         owned = frozenset(self._owned)
+        owners_of: dict[object, list[Community]] = {}
+        cores: dict[tuple[object, int], set[str]] = {}
+
+        def owners(key: object) -> list[Community]:
+            if key not in owners_of:
+                owners_of[key] = self._owners(key, communities)
+            return owners_of[key]
+
+        def core_of(community: Community, key: object) -> set[str]:
+            at = (key, id(community))
+            if at not in cores:
+                cores[at] = self._core(community, key, owned)
+            return cores[at]
+
         candidates: set[str] = set()
         for key in keys:
             candidates |= self._owned_by_key.get(key, set())
             carriers = self._carriers.get(key)
             if not carriers:
                 continue
-            for community in self._owners(key, communities):
-                core = self._core(community, key, owned)
+            for community in owners(key):
+                core = core_of(community, key)
                 if len(carriers & core) < OWNED_FRAME_CARRIERS:
                     continue
                 outside = self._outsiders(carriers, core, community, communities,
@@ -890,12 +905,12 @@ class LinkIndex:
             if state is not None and state.count <= GROUP_COSTART_SAMPLE:
                 for key in self._carried.get(aid, ()):
                     carriers = self._carriers[key]
-                    for community in self._owners(key, communities):
+                    for community in owners(key):
                         # In a community already: only in the one its frame linked it to.
                         if mine is not None and (mine is not community
                                                  or aid not in owned):
                             continue
-                        core = self._core(community, key, owned) - {aid}
+                        core = core_of(community, key) - {aid}
                         inside = carriers & core
                         if (len(inside) < OWNED_FRAME_CARRIERS
                                 or population - len(core) < OWNED_FRAME_POPULATION
@@ -907,17 +922,9 @@ class LinkIndex:
             old = self._owned.get(aid, set())
             if linked != old:
                 self._owned_dirty |= linked ^ old
-            before = self._owned_keys.get(aid, frozenset())
-            for key in before - used:
-                holders = self._owned_by_key[key]
-                holders.discard(aid)
-                if not holders:
-                    del self._owned_by_key[key]
-            for key in used - before:
-                self._owned_by_key.setdefault(key, set()).add(aid)
+            _reindex(self._owned_by_key, self._owned_keys, aid, used)
             if linked:
                 self._owned[aid] = linked
-                self._owned_keys[aid] = frozenset(used)
             else:
                 self._owned.pop(aid, None)
                 self._owned_keys.pop(aid, None)
